@@ -1,0 +1,263 @@
+"""Process wiring: metrics, cluster manager, config store, admin, lifecycle and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+from filters import FilterRuntime
+from sidecar.cluster import ClusterManager
+from sidecar.errors import ConfigErrors
+from sidecar.metrics import Metrics
+from sidecar.model import Snapshot
+from sidecar.stats import StatsCache
+from sidecar.store import ConfigStore
+
+log = logging.getLogger("sidecar")
+
+
+class ParserError(RuntimeError):
+    pass
+
+
+def check_compiled_parsers() -> None:
+    """Refuse to run on pure-Python HTTP parsing: strict, fast llhttp parsing is a requirement
+    (httptools for proxied traffic, aiohttp's C parser for admin and control-plane traffic)."""
+    try:
+        import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
+    except ImportError as e:  # pragma: no cover
+        raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
+    from aiohttp import http_parser
+    cls = http_parser.HttpRequestParser
+    if getattr(cls, "__module__", "") != "aiohttp._http_parser":
+        raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
+                          "parser is in use (is AIOHTTP_NO_EXTENSIONS set, or was aiohttp "
+                          "installed without its C extensions?)")
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class App:
+    def __init__(self, snapshot: Snapshot, *, config_path: Optional[str] = None,
+                 metrics_enabled: bool = True, reuse_port: bool = False,
+                 watch_config: bool = True, worker_id: int = 0, workers: int = 1,
+                 cache_dir: Optional[str] = None):
+        self.initial = snapshot
+        self.config_path = config_path
+        self.metrics = Metrics(enabled=metrics_enabled)
+        self.stats = StatsCache(self.metrics)
+        self.clusters = ClusterManager(self.metrics)
+        self.runtime = FilterRuntime(metrics=self.metrics, clusters=self.clusters, state={},
+                                     stats=self.stats)
+        self.store = ConfigStore(self)
+        self.reuse_port = reuse_port
+        self.watch_config = watch_config
+        self.worker_id = worker_id
+        self.workers = workers
+        self.cache_dir = cache_dir
+        self.admin = None
+        self.admin_port: Optional[int] = None
+        self.healthy = True            # POST /healthcheck/fail flips this
+        self.draining = False
+        self.started_at = time.time()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload_error = ""
+        self.control_plane = None      # control_plane_client runtime, when dynamic
+        self.ready_checks: list[Callable[[], Optional[str]]] = []   # -> reason not ready or None
+        self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
+        self._tasks: list[asyncio.Task] = []
+        self._stop: Optional[asyncio.Event] = None
+        self._config_mtime = 0.0
+        self._tracing = None
+        m = self.metrics
+        if m.enabled:
+            self._g_version = m.gauge("sidecar_config_info", "Config version in force (value 1)",
+                                      ("version",))
+            self._c_reload = m.counter("sidecar_config_updates_total", "Config updates by outcome",
+                                       ("source", "outcome"))
+            self._g_last = m.gauge("sidecar_config_last_update_timestamp_seconds",
+                                   "When the config in force was applied")
+        self._last_version_label: Optional[str] = None
+
+    # ---- factories used by the config store ---------------------------------------------
+    def observer_for(self, lr):
+        from sidecar.observe import ListenerObserver
+        return ListenerObserver(self.metrics, lr.name)
+
+    def make_tracer(self, listener_config):
+        if self._tracing is None:
+            return None
+        return self._tracing.for_listener(listener_config)
+
+    def make_access_logs(self, listener_config):
+        if not listener_config.access_log:
+            return ()
+        from sidecar.access_log import make_access_logger
+        return tuple(make_access_logger(c, listener_config.name) for c in listener_config.access_log)
+
+    def on_snapshot_applied(self, snap: Snapshot) -> None:
+        if self.metrics.enabled:
+            if self._last_version_label is not None:
+                try:
+                    self._g_version.remove(self._last_version_label)
+                except KeyError:
+                    pass
+            self._g_version.labels(snap.version).set(1)
+            self._last_version_label = snap.version
+            self._g_last.set(time.time())
+        for cb in self.snapshot_listeners:
+            cb(snap)
+
+    def count_update(self, source: str, ok: bool, error: str = "") -> None:
+        if ok:
+            self.reloads_ok += 1
+        else:
+            self.reloads_failed += 1
+            self.last_reload_error = error
+        if self.metrics.enabled:
+            self._c_reload.labels(source, "accepted" if ok else "rejected").inc()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self, *, admin: bool = True) -> None:
+        snap = self.initial
+        self._setup_tracing(snap)
+        await self.store.apply(snap)
+        self.count_update("initial", True)
+        self.clusters.start()
+        if admin and self.worker_id == 0:
+            from sidecar.admin import start_admin
+            self.admin, self.admin_port = await start_admin(self, snap.admin.host, snap.admin.port)
+        if snap.control_plane is not None:
+            from control_plane_client.runtime import start_control_plane
+            self.control_plane = await start_control_plane(self, snap)
+        loop = asyncio.get_running_loop()
+        if self.config_path and self.watch_config and snap.control_plane is None:
+            try:
+                self._config_mtime = os.stat(self.config_path).st_mtime
+            except OSError:
+                pass
+            self._tasks.append(loop.create_task(self._watch_file()))
+
+    def _setup_tracing(self, snap: Snapshot) -> None:
+        t = snap.tracing
+        if t.exporter == "none" and t.sample_percent <= 0:
+            return
+        if t.exporter == "none":
+            return
+        from sidecar.tracing import Tracing
+        self._tracing = Tracing(t, self.metrics)
+
+    async def reload(self, source: str = "file") -> bool:
+        """Re-read the config file; an invalid file is refused and the old config serves on."""
+        from sidecar.loader import load_file
+        try:
+            snap = load_file(self.config_path)
+        except ConfigErrors as e:
+            msg = str(e)
+            log.error("config reload refused, keeping version %s:\n%s",
+                      self.store.snapshot.version if self.store.snapshot else "?", msg)
+            self.count_update(source, False, msg)
+            return False
+        try:
+            await self.store.apply(snap)
+        except OSError as e:
+            log.error("config reload refused (cannot bind: %s); keeping the running config", e)
+            self.count_update(source, False, str(e))
+            return False
+        log.info("config reloaded: version %s", snap.version)
+        self.count_update(source, True)
+        return True
+
+    async def _watch_file(self) -> None:
+        """Poll the config file's mtime (cheap, and works on every filesystem and in
+        Kubernetes ConfigMap symlink swaps)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                mtime = os.stat(self.config_path).st_mtime
+            except OSError:
+                continue
+            if mtime != self._config_mtime:
+                self._config_mtime = mtime
+                await self.reload("file")
+
+    def not_ready_reason(self) -> Optional[str]:
+        if self.draining:
+            return "draining"
+        if not self.healthy:
+            return "health check failed (POST /healthcheck/fail)"
+        for check in self.ready_checks:
+            r = check()
+            if r:
+                return r
+        return None
+
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, answer /ready 503, let in-flight requests finish."""
+        self.draining = True
+        lrs = list(self.store.listeners.values())
+        if timeout is None:
+            timeout = max((lr.config.drain_timeout_s for lr in lrs), default=5.0)
+        await asyncio.gather(*(lr.drain(timeout) for lr in lrs))
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run_until_stopped(self) -> None:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_term():
+            log.info("SIGTERM: draining")
+            loop.create_task(self._drain_and_stop())
+
+        def on_hup():
+            if self.config_path:
+                loop.create_task(self.reload("sighup"))
+
+        for sig, cb in ((signal.SIGTERM, on_term), (signal.SIGINT, on_term), (signal.SIGHUP, on_hup)):
+            try:
+                loop.add_signal_handler(sig, cb)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self._stop.wait()
+        await self.close()
+
+    async def _drain_and_stop(self) -> None:
+        await self.drain()
+        self.request_stop()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.control_plane is not None:
+            await self.control_plane.close()
+        for lr in self.store.listeners.values():
+            lr.close()
+        self.clusters.close()
+        if self.admin is not None:
+            await self.admin.cleanup()
+        if self._tracing is not None:
+            self._tracing.shutdown()
+
+    def listener_port(self, name: str) -> int:
+        return self.store.listeners[name].bound_port
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,490 @@
+"""Downstream HTTP/1.1: listeners, connections, the per-request observe step.
+
+A connection is an ``asyncio.Protocol`` fed to llhttp (httptools). Small requests usually
+arrive whole in one read, so the common case dispatches with a complete ``bytes`` body; larger
+bodies stream with flow control. Requests on one connection are answered in order (pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Optional
+
+import httptools
+from multidict import MultiDict
+
+from sidecar.http import BodyStream, Request, RequestContext, Response, local_reply
+from sidecar.upstream import HOP_BY_HOP
+
+log = logging.getLogger("sidecar.server")
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODYLESS = (204, 304)
+
+
+class _DateCache:
+    """RFC 9110 Date, formatted once per second."""
+    __slots__ = ("sec", "value")
+
+    def __init__(self):
+        self.sec = 0
+        self.value = ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self.sec:
+            self.sec = now
+            self.value = formatdate(now, usegmt=True)
+        return self.value
+
+
+DATE = _DateCache()
+
+
+def status_line(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} Unknown\r\n"
+    return line
+
+
+class DownstreamConnection(asyncio.Protocol):
+    __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
+                 "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
+                 "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
+                 "peer_identity", "_body_unread", "requests")
+
+    def __init__(self, lr: "ListenerRuntime"):
+        self.lr = lr
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = None
+        self._url: list[bytes] = []
+        self._headers: list = []
+        self._hsize = 0
+        self._req: Optional[Request] = None
+        self._chunks: list[bytes] = []
+        self._stream: Optional[BodyStream] = None
+        self._complete = False
+        self._queue: deque = deque()
+        self._busy = False
+        self.last_active = time.monotonic()
+        self._headers_started = 0.0
+        self._paused_writing = False
+        self._drain_waiter = None
+        self._closing = False
+        self._tls = False
+        self.peer_identity = None
+        self._body_unread = False
+        self.requests = 0
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self._tls = True
+            from sidecar.tls import peer_uri_san
+            self.peer_identity = peer_uri_san(sslobj)
+        self.lr.connections.add(self)
+        self.lr.on_connection(1)
+
+    def connection_lost(self, exc) -> None:
+        self._closing = True
+        self.lr.connections.discard(self)
+        self.lr.on_connection(-1)
+        s = self._stream
+        if s is not None and not self._complete:
+            s.feed_error(ConnectionResetError("downstream connection closed"))
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        w = self._drain_waiter
+        if w is not None:
+            self._drain_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(501, "upgrade is not supported")
+            return
+        except httptools.HttpParserError as e:
+            if self._hsize < 0:
+                self._reject(431, "request header fields too large")
+            else:
+                self._reject(400, f"bad request: {e}")
+            return
+        req = self._req
+        if req is not None:
+            # headers done in this read; dispatch now, with the body complete if it all came
+            self._req = None
+            if self._complete:
+                chunks = self._chunks
+                req.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._chunks = []
+            else:
+                s = BodyStream(self.transport.pause_reading, self.transport.resume_reading)
+                for c in self._chunks:
+                    s.feed(c)
+                self._chunks = []
+                self._stream = s
+                req.body = s
+                if req.headers.get("expect", "").lower() == "100-continue":
+                    # Envoy's default: answer 100-continue locally, strip Expect upstream
+                    self.transport.write(_CONTINUE)
+            self._enqueue(req)
+
+    def eof_received(self):
+        return False    # half-close: we close when we are done writing
+
+    # ---- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._headers = []
+        self._hsize = 0
+        self._complete = False
+        self._stream = None
+        self._headers_started = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hsize += len(name) + len(value)
+        if self._hsize > self.lr.max_header_bytes:
+            self._hsize = -1
+            raise httptools.HttpParserError("headers too large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_started = 0.0
+        headers = MultiDict()
+        for name, value in self._headers:
+            headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        raw = b"".join(self._url) if len(self._url) != 1 else self._url[0]
+        url = raw.decode("latin-1")
+        path, _, query = url.partition("?")
+        if "#" in query:
+            query = query.partition("#")[0]
+        elif "#" in path:
+            path = path.partition("#")[0]
+        p = self.parser
+        ctx = RequestContext(self.lr, self.peer, time.perf_counter())
+        ctx.tls = self._tls
+        ctx.peer_identity = self.peer_identity
+        self._req = Request(p.get_method().decode("latin-1"), path, query, headers, b"", ctx,
+                            p.get_http_version())
+
+    def on_body(self, body: bytes) -> None:
+        s = self._stream
+        if s is not None:
+            s.feed(body)
+        else:
+            self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        s = self._stream
+        if s is not None:
+            s.feed_eof()
+            self._stream = None
+
+    # ---- requests ------------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        if self._busy:
+            self._queue.append(req)
+            return
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._serve(req))
+
+    async def _serve(self, req: Request) -> None:
+        while True:
+            keep = await self._handle(req)
+            if not keep or self._closing:
+                self._close()
+                return
+            if not self._queue:
+                self._busy = False
+                return
+            req = self._queue.popleft()
+
+    async def _handle(self, req: Request) -> bool:
+        lr = self.lr
+        ctx = req.ctx
+        self.requests += 1
+        keep_alive = self.parser.should_keep_alive() and not lr.draining
+        try:
+            resp = await lr.dispatch(req)
+        except Exception:
+            log.exception("unhandled error in request chain")
+            resp = local_reply(ctx, 500, "internal error", "DPE")
+        if self._closing:
+            resp.discard()
+            lr.finish(req, resp, 0)
+            return False
+        body = resp.body
+        if not isinstance(req.body, bytes) and not req.body.at_eof:
+            keep_alive = False       # the upstream answered before our client finished sending
+        try:
+            sent = await self._write(req, resp, keep_alive)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            resp.discard()
+            lr.finish(req, resp, 0)
+            return False
+        except Exception as e:   # an upstream body that failed mid-stream
+            resp.discard()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("response body aborted: %s", e)
+            ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
+            lr.finish(req, resp, 0)
+            return False
+        lr.finish(req, resp, sent)
+        return keep_alive and (isinstance(body, bytes) or sent >= 0)
+
+    async def _write(self, req: Request, resp: Response, keep_alive: bool) -> int:
+        headers = resp.headers
+        status = resp.status
+        lr = self.lr
+        parts = [status_line(status)]
+        conn_tokens = headers.get("connection")
+        drop = HOP_BY_HOP
+        if conn_tokens:
+            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
+        head_only = req.method == "HEAD" or status in _BODYLESS or status < 200
+        body = resp.body
+        stream_len = None
+        for k, v in headers.items():
+            if k in drop or k == "server":
+                continue
+            if k == "content-length":
+                if head_only or not isinstance(body, bytes):
+                    stream_len = v     # keep the upstream's length for HEAD and streams
+                    parts.append(f"content-length: {v}\r\n")
+                continue
+            parts.append(f"{k}: {v}\r\n")
+        parts.append(lr.server_header)
+        if "date" not in headers:
+            parts.append(f"date: {DATE.get()}\r\n")
+        ctx = req.ctx
+        if ctx.upstream_duration is not None:
+            parts.append(f"x-envoy-upstream-service-time: {int(ctx.upstream_duration * 1000)}\r\n")
+        if not keep_alive:
+            parts.append("connection: close\r\n")
+        t = self.transport
+        if isinstance(body, bytes):
+            if not head_only:
+                parts.append(f"content-length: {len(body)}\r\n\r\n")
+                t.write("".join(parts).encode("latin-1") + body)
+                return len(body)
+            parts.append("\r\n")
+            t.write("".join(parts).encode("latin-1"))
+            return 0
+        if head_only:
+            parts.append("\r\n")
+            t.write("".join(parts).encode("latin-1"))
+            resp.discard()
+            return 0
+        chunked = stream_len is None
+        if chunked:
+            parts.append("transfer-encoding: chunked\r\n")
+        parts.append("\r\n")
+        t.write("".join(parts).encode("latin-1"))
+        sent = 0
+        async for chunk in body:
+            if self._closing:
+                resp.discard()
+                raise ConnectionResetError("downstream closed")
+            sent += len(chunk)
+            if chunked:
+                t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                t.write(chunk)
+            if self._paused_writing:
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+                await self._drain_waiter
+        if chunked:
+            t.write(b"0\r\n\r\n")
+        elif stream_len is not None and stream_len.isdigit() and sent != int(stream_len):
+            return -1    # short body from upstream: the connection must close
+        return sent
+
+    def _reject(self, status: int, message: str) -> None:
+        """A protocol-level error: answer and close (nothing reached the upstream)."""
+        if self._closing:
+            return
+        body = message.encode()
+        head = (f"{status_line(status)}content-length: {len(body)}\r\ncontent-type: text/plain\r\n"
+                f"{self.lr.server_header}date: {DATE.get()}\r\nconnection: close\r\n\r\n")
+        self.lr.count_protocol_error(status)
+        if not self._busy:
+            self.transport.write(head.encode("latin-1") + body)
+            self._close()
+        else:
+            self._closing = True   # finish the in-flight response, then close
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None:
+        if self._busy:
+            return
+        if self._headers_started and headers_timeout and now - self._headers_started > headers_timeout:
+            self._reject(408, "request header read timeout")
+            return
+        if idle_timeout and now - self.last_active > idle_timeout:
+            self._close()
+
+
+class ListenerRuntime:
+    """A bound listener; its routes are swapped by the config store without touching sockets."""
+
+    def __init__(self, config, app):
+        self.config = config
+        self.app = app
+        self.name = config.name
+        self.connections: set[DownstreamConnection] = set()
+        self.server: Optional[asyncio.base_events.Server] = None
+        self.draining = False
+        self.table = None             # RouteTable, swapped atomically per snapshot
+        self.snapshot = None          # ListenerSnapshot (table + observers)
+        self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.server_header = f"server: {config.server_name}\r\n"
+        self._sweeper = None
+        self.bound_port = config.port
+        self.downstream_cx_active = 0
+        self.observe = app.observer_for(self)
+
+    def update_config(self, config) -> None:
+        self.config = config
+        self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.server_header = f"server: {config.server_name}\r\n"
+
+    def on_connection(self, delta: int) -> None:
+        self.downstream_cx_active += delta
+        self.observe.connections(delta)
+
+    def count_protocol_error(self, status: int) -> None:
+        self.observe.protocol_error(status)
+
+    async def start(self, reuse_port: bool = False, sock=None) -> None:
+        loop = asyncio.get_running_loop()
+        ssl_ctx = None
+        if self.config.tls is not None:
+            from sidecar.tls import server_context
+            ssl_ctx = server_context(self.config.tls)
+        kw = dict(backlog=1024, ssl=ssl_ctx)
+        if sock is not None:
+            self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)
+        else:
+            self.server = await loop.create_server(lambda: DownstreamConnection(self),
+                                                   self.config.host, self.config.port,
+                                                   reuse_port=reuse_port or None, **kw)
+        self.bound_port = self.server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            cfg = self.config
+            for c in list(self.connections):
+                c.idle_check(now, cfg.idle_timeout_s, cfg.request_headers_timeout_s)
+
+    # ---- the request path -------------------------------------------------------------------
+    async def dispatch(self, req: Request) -> Response:
+        """Prepare headers (request id, XFF), route, run the route's chain."""
+        snap = self.snapshot
+        cfg = snap.config
+        ctx = req.ctx
+        headers = req.headers
+        if cfg.generate_request_id:
+            rid = headers.get("x-request-id")
+            if not rid:
+                rid = str(uuid.uuid4())
+                headers["x-request-id"] = rid
+            ctx.request_id = rid
+        else:
+            ctx.request_id = headers.get("x-request-id", "")
+        scheme = "https" if ctx.tls else "http"
+        if cfg.use_remote_address:
+            peer = ctx.downstream_addr
+            if peer:
+                xff = headers.get("x-forwarded-for")
+                headers["x-forwarded-for"] = f"{xff}, {peer[0]}" if xff else peer[0]
+            headers["x-forwarded-proto"] = scheme
+        elif "x-forwarded-proto" not in headers:
+            headers["x-forwarded-proto"] = scheme
+        table = snap.table
+        if table is None:
+            return local_reply(ctx, 404, "", "NR")
+        vh = table.virtual_host(req.authority)
+        route = vh.match(req.method, req.path, req.query, headers) if vh is not None else None
+        if route is None:
+            r = Response(404)
+            ctx.flags.append("NR")
+            return r
+        ctx.route = route
+        ctx.vhost = vh
+        tracer = snap.tracer
+        if tracer is not None:
+            return await tracer.server_span(req, route.handler)
+        return await route.handler(req)
+
+    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
+        """Record metrics, access log for a request that is done."""
+        self.snapshot.observe_end(req, resp, body_bytes)
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to ``timeout``), then close."""
+        await self.stop_accepting()
+        for c in list(self.connections):
+            if not c._busy:
+                c._close()
+        end = time.monotonic() + timeout
+        while self.connections and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+            for c in list(self.connections):
+                if not c._busy:
+                    c._close()
+        for c in list(self.connections):
+            c._close()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.connections):
+            c._close()
