@@ -663,28 +663,37 @@ def bootstrap(d: dict) -> Snapshot:
     return snap
 
 
-def check_references(snap: Snapshot) -> None:
-    """Every cluster a route names must exist; names must be unique."""
+def check_references(snap: Snapshot, native: bool = False) -> None:
+    """Every cluster a route names must exist; names and addresses must be unique."""
     errs = ErrorCollector()
+    base = "" if native else "static_resources."
     names: dict[str, int] = {}
     for i, c in enumerate(snap.clusters):
         if c.name in names:
-            errs.add(f"clusters[{i}].name", f"duplicate cluster name {c.name!r}")
+            errs.add(f"{base}clusters[{i}].name", f"duplicate cluster name {c.name!r}")
         names[c.name] = i
     ports: dict[tuple, int] = {}
     for li, lst in enumerate(snap.listeners):
         key = (lst.host, lst.port)
         if key in ports and lst.port != 0:
-            errs.add(f"listeners[{li}].address", f"{lst.host}:{lst.port} is already used by listeners[{ports[key]}]")
+            errs.add(f"{base}listeners[{li}].address",
+                     f"{lst.host}:{lst.port} is already used by listeners[{ports[key]}]")
         ports[key] = li
         if lst.route_config is None:
             continue
+        flat = native and isinstance(lst.source, dict) and "routes" in lst.source
         for vi, vh in enumerate(lst.route_config.virtual_hosts):
             for ri, r in enumerate(vh.routes):
                 a = r.action
                 if not isinstance(a, RouteAction):
                     continue
-                p = f"listeners[{li}].routes.virtual_hosts[{vi}].routes[{ri}].route"
+                if flat:
+                    p = f"listeners[{li}].routes[{ri}]"
+                elif native:
+                    p = f"listeners[{li}].virtual_hosts[{vi}].routes[{ri}]"
+                else:
+                    p = (f"{base}listeners[{li}].filter_chains[0].filters[0].typed_config."
+                         f"route_config.virtual_hosts[{vi}].routes[{ri}].route")
                 targets = [a.cluster] if a.cluster else [x.name for x in a.weighted_clusters]
                 targets += [m.cluster for m in a.mirrors]
                 for t in targets:

@@ -217,8 +217,11 @@ class App:
         if self._stop is not None:
             self._stop.set()
 
-    async def run_until_stopped(self) -> None:
-        self._stop = asyncio.Event()
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT drain then stop; SIGHUP reloads. Installed before any port is bound
+        so an early signal never hits the default (fatal) action."""
+        if self._stop is None:
+            self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def on_term():
@@ -234,6 +237,10 @@ class App:
                 loop.add_signal_handler(sig, cb)
             except (NotImplementedError, RuntimeError):
                 pass
+
+    async def run_until_stopped(self) -> None:
+        if self._stop is None:
+            self.install_signal_handlers()
         await self._stop.wait()
         await self.close()
 

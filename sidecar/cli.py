@@ -82,6 +82,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
               reuse_port=reuse_port, worker_id=worker_id, workers=workers)
+    app.install_signal_handlers()
     try:
         await app.start()
     except OSError as e:

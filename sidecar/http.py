@@ -158,7 +158,8 @@ class RequestContext:
 
 
 class Request:
-    __slots__ = ("method", "path", "query", "headers", "body", "ctx", "version", "authority")
+    __slots__ = ("method", "path", "query", "headers", "body", "ctx", "version", "authority",
+                 "keep_alive")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers, body: Body,
                  ctx: RequestContext, version: str = "1.1"):
@@ -170,6 +171,7 @@ class Request:
         self.ctx = ctx
         self.version = version
         self.authority = headers.get("host", "")
+        self.keep_alive = True   # the client's wish for this request (captured at parse time)
 
     @property
     def url(self) -> str:

@@ -1,19 +1,26 @@
 """Prometheus metrics on one registry per process.
 
 Metric families are created once (idempotently, by name) and the hot path holds pre-bound
-label children, so recording is an attribute call, not a label lookup.
+label children, so recording is an attribute call, not a label lookup. State that already
+lives in the data plane (connections, endpoint health, EWMA, breaker occupancy) is not
+recorded per request at all: a collector reads it when Prometheus scrapes
+(``sidecar.stats.StateCollector``).
+
+``/stats/prometheus`` answers in the Prometheus text format, or in OpenMetrics when the
+scraper asks for it (``Accept: application/openmetrics-text``).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
-# Sub-millisecond to tens of seconds (the issue's range); 17 buckets keep observe() cheap.
+# Sub-millisecond to tens of seconds (the issue's range); 16 bounds keep observe() cheap.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -24,7 +31,19 @@ class Metrics:
         self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
         self._families: dict[str, object] = {}
+        self._collectors: dict[str, object] = {}
         self.started = time.time()
+        if enabled:
+            from sidecar import __version__
+            self.gauge("sidecar_build_info", "Sidecar version (value 1)", ("version",)) \
+                .labels(__version__).set(1)
+            self.gauge("sidecar_start_time_seconds", "When the process started (unix time)") \
+                .set(self.started)
+            try:
+                from prometheus_client import ProcessCollector
+                ProcessCollector(registry=self.registry)   # process_cpu_seconds_total, RSS, fds
+            except Exception:  # pragma: no cover  (no /proc: not Linux)
+                pass
 
     # ---- family factories (idempotent by name) -------------------------------------------
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -46,6 +65,18 @@ class Metrics:
         elif not isinstance(fam, cls):
             raise ValueError(f"metric {name} already registered as {type(fam).__name__}")
         return fam
+
+    def family(self, name: str) -> Optional[object]:
+        """A family created through this object, or None (used by the dashboard)."""
+        return self._families.get(name)
+
+    def add_collector(self, key: str, collector) -> bool:
+        """Register a custom collector once per ``key``; False if already there or metrics off."""
+        if not self.enabled or key in self._collectors:
+            return False
+        self._collectors[key] = collector
+        self.registry.register(collector)
+        return True
 
     # ---- exposition ----------------------------------------------------------------------
     def render(self, accept: str = "") -> tuple[bytes, str]:

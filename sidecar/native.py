@@ -413,5 +413,5 @@ def snapshot(d: dict) -> Snapshot:
                     tracing=tracing, control_plane=control_plane, node=d.get("node"),
                     source_format="native", version=str(d.get("version", "0")))
     from control_plane_client.translate import check_references
-    check_references(snap)
+    check_references(snap, native=True)
     return snap

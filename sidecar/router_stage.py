@@ -335,6 +335,20 @@ class RouterStage:
             raise Overflow("max_requests")
         ctx.tried_hosts.append(host)
         ctx.upstream_host = host.address
+        span = ctx.span
+        client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
+        try:
+            resp = await self._attempt_on(req, cs, cstats, path, deadline, loop, host, thresholds)
+        except UpstreamError as e:
+            if client_span is not None:
+                client_span.end(None, e.flag)
+            raise
+        if client_span is not None:
+            client_span.end(resp.status, None)
+        return resp
+
+    async def _attempt_on(self, req, cs, cstats, path, deadline, loop, host, thresholds):
+        ctx = req.ctx
         pool = host.pool
         conn = pool.take_idle()
         reused = conn is not None

@@ -141,22 +141,17 @@ class DownstreamConnection(asyncio.Protocol):
             return
         req = self._req
         if req is not None:
-            # headers done in this read; dispatch now, with the body complete if it all came
+            # headers arrived in this read but the body has not finished: stream it
             self._req = None
-            if self._complete:
-                chunks = self._chunks
-                req.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-            else:
-                s = BodyStream(self.transport.pause_reading, self.transport.resume_reading)
-                for c in self._chunks:
-                    s.feed(c)
-                self._chunks = []
-                self._stream = s
-                req.body = s
-                if req.headers.get("expect", "").lower() == "100-continue":
-                    # Envoy's default: answer 100-continue locally, strip Expect upstream
-                    self.transport.write(_CONTINUE)
+            s = BodyStream(self.transport.pause_reading, self.transport.resume_reading)
+            for c in self._chunks:
+                s.feed(c)
+            self._chunks = []
+            self._stream = s
+            req.body = s
+            if req.headers.get("expect", "").lower() == "100-continue":
+                # Envoy's default: answer 100-continue locally, strip Expect upstream
+                self.transport.write(_CONTINUE)
             self._enqueue(req)
 
     def eof_received(self):
@@ -197,8 +192,9 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = RequestContext(self.lr, self.peer, time.perf_counter())
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
-        self._req = Request(p.get_method().decode("latin-1"), path, query, headers, b"", ctx,
-                            p.get_http_version())
+        req = self._req = Request(p.get_method().decode("latin-1"), path, query, headers, b"", ctx,
+                                  p.get_http_version())
+        req.keep_alive = p.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         s = self._stream
@@ -209,6 +205,16 @@ class DownstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        req = self._req
+        if req is not None:
+            # the whole request arrived in one read (the common case): a complete bytes body
+            self._req = None
+            chunks = self._chunks
+            if chunks:
+                req.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._chunks = []
+            self._enqueue(req)
+            return
         s = self._stream
         if s is not None:
             s.feed_eof()
@@ -237,7 +243,7 @@ class DownstreamConnection(asyncio.Protocol):
         lr = self.lr
         ctx = req.ctx
         self.requests += 1
-        keep_alive = self.parser.should_keep_alive() and not lr.draining
+        keep_alive = req.keep_alive and not lr.draining
         try:
             resp = await lr.dispatch(req)
         except Exception:

@@ -1,0 +1,90 @@
+"""Consistent hashing (Envoy's RING_HASH; MAGLEV is served by the same ring).
+
+The ring is built once per eligible-host change: every host gets points in proportion to its
+weight (at least one), each point the first 32 bits of ``blake2b("<address>_<i>")``, so the
+ring is the same in every sidecar and across restarts. A request's ``ctx.hash_key`` (computed
+by the router from the route's ``hash_policy``: header, cookie, query parameter or source IP)
+is mixed (murmur3's 32-bit finaliser) and looked up with a binary search: the first point at or
+after it owns the request. Adding or removing one host moves only the keys of its own points.
+
+Requests without a hash key go to a random host. A retry skips hosts this request already
+tried by walking the ring forward to the next untried host.
+
+The ring has ``LbConfig.ring_size`` points (Envoy's minimum_ring_size, default 1024), clamped to
+1..65536: more points only smooth the spread further and would make rebuilds slow in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from bisect import bisect_left
+
+from sidecar.lb import LoadBalancer
+from sidecar.model import LbConfig
+
+MAX_RING_SIZE = 65536
+
+
+def mix32(h: int) -> int:
+    """murmur3 fmix32: spread a 32-bit hash (crc32 of similar strings is not well spread)."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def point_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
+
+
+class RingHashBalancer(LoadBalancer):
+    __slots__ = ("_keys", "_owners", "size")
+
+    def __init__(self, cfg: LbConfig):
+        super().__init__(cfg)
+        self.size = min(max(cfg.ring_size, 1), MAX_RING_SIZE)
+        self._keys: list[int] = []
+        self._owners: list = []
+
+    def rebuild(self, hosts) -> None:
+        self.hosts = hosts
+        if not hosts:
+            self._keys, self._owners = [], []
+            return
+        total = sum(max(h.endpoint.weight, 1) for h in hosts)
+        points = []
+        for h in hosts:
+            n = max(1, round(self.size * max(h.endpoint.weight, 1) / total))
+            ep = h.endpoint
+            name = f"{ep.hostname}:{ep.port}" if ep.hostname else h.address
+            for i in range(n):
+                points.append((point_hash(f"{name}_{i}"), name, h))
+        points.sort(key=lambda p: (p[0], p[1]))
+        self._keys = [p[0] for p in points]
+        self._owners = [p[2] for p in points]
+
+    def pick(self, ctx, exclude=()):
+        hosts = self.hosts
+        if not hosts:
+            return None
+        key = getattr(ctx, "hash_key", None) if ctx is not None else None
+        if key is None:
+            h = random.choice(hosts)
+            return self._avoid(h, exclude) if exclude else h
+        keys = self._keys
+        i = bisect_left(keys, mix32(key))
+        if i == len(keys):
+            i = 0
+        owners = self._owners
+        h = owners[i]
+        if exclude and h in exclude:
+            n = len(owners)
+            for step in range(1, n):
+                c = owners[(i + step) % n]
+                if c not in exclude:
+                    return c
+        return h

@@ -1,0 +1,263 @@
+"""Test helpers shipped with the package (mitmproxy's ``test/tflow.py`` idea).
+
+Real sockets on 127.0.0.1 only:
+
+    async with Upstream(handler) as up:                  # a real HTTP server (aiohttp)
+        cfg = native_config(clusters={"svc": [up.address]}, routes=[{"match": {"prefix": "/"},
+                                                                      "cluster": "svc"}])
+        async with running_proxy(cfg) as proxy:          # the real sidecar, in this event loop
+            async with aiohttp.ClientSession() as s:
+                r = await s.get(proxy.url("/x"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import yaml
+from aiohttp import web
+
+from sidecar.app import App
+from sidecar.model import Snapshot
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+    time: float
+
+
+class Upstream:
+    """A real aiohttp upstream on 127.0.0.1 that records what it receives.
+
+    ``handler(request) -> web.StreamResponse`` (async); default: 200 with a JSON echo.
+    """
+
+    def __init__(self, handler: Optional[Callable[[web.Request], Awaitable[web.StreamResponse]]] = None,
+                 name: str = "upstream", port: int = 0):
+        self.handler = handler
+        self.name = name
+        self.port = port
+        self.requests: list[Recorded] = []
+        self._runner: Optional[web.AppRunner] = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body,
+                                      time.monotonic()))
+        if self.handler is not None:
+            return await self.handler(request)
+        return web.json_response({"upstream": self.name, "method": request.method,
+                                  "path": request.path_qs,
+                                  "headers": {k.lower(): v for k, v in request.headers.items()},
+                                  "body": body.decode("utf-8", "replace")})
+
+    async def start(self) -> "Upstream":
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> "Upstream":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def native_config(*, clusters: dict[str, Any] | None = None, routes: list | None = None,
+                  listener: dict | None = None, filters: list | None = None,
+                  extra_listeners: list | None = None, **top: Any) -> dict:
+    """A native config dict with one listener on an ephemeral port (port 0).
+
+    ``clusters``: name -> list of "host:port" (or a full cluster dict).
+    """
+    cl = []
+    for name, v in (clusters or {}).items():
+        if isinstance(v, dict):
+            cl.append({"name": name, **v})
+        else:
+            cl.append({"name": name, "endpoints": list(v)})
+    lst = {"name": "test", "address": "127.0.0.1", "port": 0, "routes": routes or []}
+    if filters:
+        lst["filters"] = filters
+    if listener:
+        lst.update(listener)
+    cfg = {"admin": {"address": "127.0.0.1", "port": 0}, "listeners": [lst] + (extra_listeners or []),
+           "clusters": cl}
+    cfg.update(top)
+    return cfg
+
+
+class RunningProxy:
+    def __init__(self, app: App):
+        self.app = app
+
+    def port(self, listener: Optional[str] = None) -> int:
+        lrs = self.app.store.listeners
+        if listener is None:
+            return next(iter(lrs.values())).bound_port
+        return lrs[listener].bound_port
+
+    def url(self, path: str = "/", listener: Optional[str] = None) -> str:
+        return f"http://127.0.0.1:{self.port(listener)}{path}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.app.admin_port}"
+
+    async def apply(self, cfg: dict | Snapshot) -> None:
+        await self.app.store.apply(to_snapshot(cfg))
+
+
+def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
+    if isinstance(cfg, Snapshot):
+        return cfg
+    from sidecar.loader import snapshot_from_doc
+    return snapshot_from_doc(copy.deepcopy(cfg))
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(cfg: dict | Snapshot, *, admin: bool = True, config_path: str | None = None,
+                        metrics: bool = True):
+    """Start the real sidecar in the current event loop; stop it on exit."""
+    app = App(to_snapshot(cfg), config_path=config_path, metrics_enabled=metrics,
+              watch_config=config_path is not None)
+    await app.start(admin=admin)
+    try:
+        yield RunningProxy(app)
+    finally:
+        await app.close()
+
+
+class ProxyProcess:
+    """The sidecar as a real child process (``python -m sidecar run -c FILE``): for lifecycle
+    tests (signals, drain, reload) and anything that must not share the test's event loop."""
+
+    def __init__(self, config: dict | str, tmpdir: str, args: tuple[str, ...] = (),
+                 env: dict | None = None):
+        self.tmpdir = tmpdir
+        if isinstance(config, dict):
+            self.config_path = os.path.join(tmpdir, "sidecar.yaml")
+            with open(self.config_path, "w") as f:
+                yaml.safe_dump(config, f)
+        else:
+            self.config_path = config
+        self.args = args
+        self.env = env
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = os.path.join(tmpdir, "sidecar.log")
+
+    def start(self, wait_port: int | None = None, timeout: float = 15.0) -> "ProxyProcess":
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", self.config_path,
+                                      *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        if wait_port is not None:
+            wait_for_port(wait_port, timeout, self)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, sig: int = 15, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc: Optional[ProxyProcess] = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.proc.returncode}:\n{proc.log()}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            try:
+                s.connect(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s"
+                       + (f"\n{proc.log()}" if proc is not None else ""))
+
+
+async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
+                      until_close: bool = False) -> bytes:
+    """Send raw bytes, return what comes back (one response, or everything until close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if until_close:
+            return await asyncio.wait_for(reader.read(-1), read_timeout)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), read_timeout)
+        length = 0
+        chunked = False
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v.strip())
+            if k.strip().lower() == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+        if chunked:
+            body = b""
+            while True:
+                size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), read_timeout)
+                n = int(size_line.strip().split(b";")[0], 16)
+                chunk = await asyncio.wait_for(reader.readexactly(n + 2), read_timeout)
+                if n == 0:
+                    break
+                body += chunk[:-2]
+            return head + body
+        body = await asyncio.wait_for(reader.readexactly(length), read_timeout) if length else b""
+        return head + body
+    finally:
+        writer.close()
