@@ -450,7 +450,7 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
                        "request_headers_timeout", "request_timeout", "stream_idle_timeout",
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
-                       "merge_slashes"), hp)
+                       "merge_slashes", "strip_any_host_port", "strip_matching_host_port"), hp)
     w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
     rc = None
     rds_name = ""
@@ -483,6 +483,8 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         xff_num_trusted_hops=w.integer(hcm, "xff_num_trusted_hops", hp, 0, lo=0),
         use_remote_address=w.boolean(hcm, "use_remote_address", hp, False),
         server_name=w.string(hcm, "server_name", hp, "envoy"),
+        strip_host_port="any" if w.boolean(hcm, "strip_any_host_port", hp, False)
+        else "matching" if w.boolean(hcm, "strip_matching_host_port", hp, False) else "none",
         access_log=access_logs(w.seq(hcm, "access_log", hp, []), w.join(hp, "access_log")),
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
         tls=tls,

@@ -286,6 +286,9 @@ class Listener:
     xff_num_trusted_hops: int = 0
     use_remote_address: bool = True
     server_name: str = "envoy"
+    # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
+    # the listener's port) | "none" (Envoy's default; native configs default to "any")
+    strip_host_port: str = "none"
     access_log: tuple[AccessLogConfig, ...] = ()
     tls: Optional[DownstreamTls] = None
     drain_timeout_s: float = 5.0

@@ -257,7 +257,7 @@ def _listener(d: dict, path: str) -> Listener:
                      "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
-                     "request_headers", "response_headers"), path)
+                     "request_headers", "response_headers", "strip_host_port"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -301,6 +301,7 @@ def _listener(d: dict, path: str) -> Listener:
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
         xff_num_trusted_hops=w.integer(d, "xff_num_trusted_hops", path, 0, lo=0),
         server_name=w.string(d, "server_name", path, "envoy"),
+        strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
     )

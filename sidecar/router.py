@@ -160,10 +160,13 @@ class RouteTable:
     """Virtual-host selection by Host, Envoy's order: exact, then longest ``*.suffix``, then
     longest ``prefix.*``, then ``*``."""
 
-    __slots__ = ("config", "vhosts", "_exact", "_suffix", "_prefix", "_default", "_cache")
+    __slots__ = ("config", "vhosts", "_exact", "_suffix", "_prefix", "_default", "_cache",
+                 "strip_port", "listener_port")
 
-    def __init__(self, config: RouteConfig):
+    def __init__(self, config: RouteConfig, strip_port: str = "any", listener_port: int = 0):
         self.config = config
+        self.strip_port = strip_port
+        self.listener_port = str(listener_port)
         self.vhosts = [CompiledVirtualHost(v) for v in config.virtual_hosts]
         self._exact: dict[str, CompiledVirtualHost] = {}
         suffix, prefix = [], []
@@ -192,15 +195,18 @@ class RouteTable:
         if vh is not False:
             return vh
         h = host.lower()
-        # strip the port (keep IPv6 brackets intact)
-        if h.startswith("["):
-            end = h.find("]")
-            if end != -1:
-                h = h[: end + 1]
-        else:
-            colon = h.rfind(":")
-            if colon != -1:
-                h = h[:colon]
+        strip = self.strip_port
+        if strip != "none":
+            # strip the port (keep IPv6 brackets intact)
+            if h.startswith("["):
+                end = h.find("]")
+                port = h[end + 2:] if end != -1 and h[end + 1:end + 2] == ":" else ""
+                if port and (strip == "any" or port == self.listener_port):
+                    h = h[: end + 1]
+            else:
+                colon = h.rfind(":")
+                if colon != -1 and (strip == "any" or h[colon + 1:] == self.listener_port):
+                    h = h[:colon]
         vh = self._exact.get(h)
         if vh is None:
             for suf, v in self._suffix:

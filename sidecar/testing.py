@@ -48,7 +48,8 @@ class Recorded:
 class Upstream:
     """A real aiohttp upstream on 127.0.0.1 that records what it receives.
 
-    ``handler(request) -> web.StreamResponse`` (async); default: 200 with a JSON echo.
+    ``handler(request) -> web.StreamResponse`` (async); default: 200 with a JSON echo of the
+    request. With a custom handler the body is recorded only if the handler read it.
     """
 
     def __init__(self, handler: Optional[Callable[[web.Request], Awaitable[web.StreamResponse]]] = None,
@@ -64,11 +65,18 @@ class Upstream:
         return f"127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.handler is not None:
+            # a custom handler reads the body itself (it may stream it), so record it unread;
+            # the body is recorded only if the handler has read it by the time it returns
+            rec = Recorded(request.method, request.path_qs, dict(request.headers), b"", time.monotonic())
+            self.requests.append(rec)
+            resp = await self.handler(request)
+            if request._read_bytes:
+                rec.body = request._read_bytes
+            return resp
         body = await request.read()
         self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body,
                                       time.monotonic()))
-        if self.handler is not None:
-            return await self.handler(request)
         return web.json_response({"upstream": self.name, "method": request.method,
                                   "path": request.path_qs,
                                   "headers": {k.lower(): v for k, v in request.headers.items()},
