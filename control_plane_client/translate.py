@@ -450,7 +450,8 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
                        "request_headers_timeout", "request_timeout", "stream_idle_timeout",
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
-                       "merge_slashes", "strip_any_host_port", "strip_matching_host_port"), hp)
+                       "merge_slashes", "strip_any_host_port", "strip_matching_host_port",
+                       "http_protocol_options"), hp)
     w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
     rc = None
     rds_name = ""
@@ -479,6 +480,7 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         request_headers_timeout_s=w.duration(hcm, "request_headers_timeout", hp, 10.0),
         request_timeout_s=w.duration(hcm, "request_timeout", hp, 0.0),
         max_request_headers_kb=w.integer(hcm, "max_request_headers_kb", hp, 60, lo=1, hi=8192),
+        accept_http_10=_accept_http_10(hcm, hp),
         generate_request_id=w.boolean(hcm, "generate_request_id", hp, True),
         xff_num_trusted_hops=w.integer(hcm, "xff_num_trusted_hops", hp, 0, lo=0),
         use_remote_address=w.boolean(hcm, "use_remote_address", hp, False),
@@ -490,6 +492,12 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         tls=tls,
         source=d,
     )
+
+
+def _accept_http_10(hcm: dict, hp: str) -> bool:
+    op = w.join(hp, "http_protocol_options")
+    o = w.check_keys(w.mapping(hcm, "http_protocol_options", hp, {}), ("accept_http_10",), op)
+    return w.boolean(o, "accept_http_10", op, False)
 
 
 # ---- clusters ----------------------------------------------------------------------------

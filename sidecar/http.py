@@ -159,7 +159,7 @@ class RequestContext:
 
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body", "ctx", "version", "authority",
-                 "keep_alive")
+                 "keep_alive", "chunked", "reject")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers, body: Body,
                  ctx: RequestContext, version: str = "1.1"):
@@ -172,6 +172,8 @@ class Request:
         self.version = version
         self.authority = headers.get("host", "")
         self.keep_alive = True   # the client's wish for this request (captured at parse time)
+        self.chunked = False     # the client sent the body chunked (kept upstream, as Envoy does)
+        self.reject: Optional[tuple[int, str]] = None   # set by the codec: answer locally, close
 
     @property
     def url(self) -> str:

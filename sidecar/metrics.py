@@ -34,6 +34,12 @@ class Metrics:
         self._collectors: dict[str, object] = {}
         self.started = time.time()
         if enabled:
+            # no ``*_created`` series: they double the exposition for no use Envoy users expect
+            try:
+                from prometheus_client import disable_created_metrics
+                disable_created_metrics()
+            except ImportError:  # pragma: no cover
+                pass
             from sidecar import __version__
             self.gauge("sidecar_build_info", "Sidecar version (value 1)", ("version",)) \
                 .labels(__version__).set(1)

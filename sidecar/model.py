@@ -206,8 +206,8 @@ class RouteAction:
     retry_policy: Optional[RetryPolicy] = None
     mirrors: tuple[MirrorPolicy, ...] = ()
     hash_policy: tuple[HashPolicy, ...] = ()
-    # honour x-envoy-upstream-rq-timeout-ms etc. (Envoy: respect_expected_rq_timeout / router)
-    allow_timeout_header: bool = True
+    # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
+    allow_timeout_header: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +282,7 @@ class Listener:
     request_headers_timeout_s: float = 10.0   # slow-loris guard
     request_timeout_s: float = 0.0        # whole downstream request, 0 = off
     max_request_headers_kb: int = 60
+    accept_http_10: bool = False          # Envoy answers 426 to HTTP/1.0 unless enabled
     generate_request_id: bool = True
     xff_num_trusted_hops: int = 0
     use_remote_address: bool = True

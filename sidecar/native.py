@@ -140,6 +140,7 @@ def _per_filter(d: dict, path: str) -> tuple[tuple[str, Any], ...]:
 
 _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct_response",
                "redirect", "rewrite", "timeout", "idle_timeout", "retry", "mirror", "hash",
+               "allow_timeout_header",
                "request_headers", "response_headers", "filters")
 
 
@@ -186,6 +187,7 @@ def _route(d: dict, path: str) -> Route:
             kw["host_rewrite"] = w.string(r, "host", rp, None)
             kw["auto_host_rewrite"] = w.boolean(r, "auto_host", rp, False)
         kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
+        kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
         if "idle_timeout" in d:
             kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path)
         if "retry" in d:
@@ -257,7 +259,8 @@ def _listener(d: dict, path: str) -> Listener:
                      "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
-                     "request_headers", "response_headers", "strip_host_port"), path)
+                     "request_headers", "response_headers", "strip_host_port",
+                     "accept_http_10"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -298,6 +301,7 @@ def _listener(d: dict, path: str) -> Listener:
         request_headers_timeout_s=w.duration(d, "request_headers_timeout", path, 10.0),
         request_timeout_s=w.duration(d, "request_timeout", path, 0.0),
         max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
+        accept_http_10=w.boolean(d, "accept_http_10", path, True),
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
         xff_num_trusted_hops=w.integer(d, "xff_num_trusted_hops", path, 0, lo=0),
         server_name=w.string(d, "server_name", path, "envoy"),
@@ -369,7 +373,7 @@ def snapshot(d: dict) -> Snapshot:
     errs = ErrorCollector()
     try:
         w.check_keys(d, ("admin", "listeners", "clusters", "tracing", "control_plane", "node",
-                         "version"), "")
+                         "version", "sidecar"), "")
     except ConfigError as e:
         errs.capture(e)
     admin = Admin()
@@ -396,6 +400,15 @@ def snapshot(d: dict) -> Snapshot:
 
     clusters = collect("clusters", _cluster)
     listeners = collect("listeners", _listener)
+    extra: dict = {}
+    if "sidecar" in d:     # sidecar mode: inbound + outbound listeners and the local_app cluster
+        try:
+            from sidecar.sidecar_mode import sidecar_from_native
+            extra["sidecar"], more_l, more_c = sidecar_from_native(d["sidecar"], "sidecar", d.get("clusters"))
+            listeners += more_l
+            clusters += more_c
+        except (ConfigError, ConfigErrors) as e:
+            errs.capture(e)
     tracing = TracingConfig()
     if "tracing" in d:
         try:
@@ -412,7 +425,7 @@ def snapshot(d: dict) -> Snapshot:
     errs.raise_if_any()
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     tracing=tracing, control_plane=control_plane, node=d.get("node"),
-                    source_format="native", version=str(d.get("version", "0")))
+                    source_format="native", version=str(d.get("version", "0")), extra=extra)
     from control_plane_client.translate import check_references
     check_references(snap, native=True)
     return snap

@@ -1,5 +1,9 @@
-"""The observe step: what happens when a request ends (metrics, access log) and
-per-listener connection gauges. Built once per listener snapshot."""
+"""The observe step: what happens when a request ends (metrics, server span, access log), and
+listener-level counters. Built once per listener snapshot.
+
+Gauges of live state (open connections, requests in flight) are not kept here: the scrape-time
+collector in ``sidecar.stats`` counts them from the listener when Prometheus asks.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,13 @@ from sidecar.stats import NULL
 class ListenerObserver:
     """Listener-level metrics that do not depend on the route (connections, protocol errors)."""
 
-    __slots__ = ("cx_active", "cx_total", "proto_err", "no_route")
+    __slots__ = ("cx_total", "proto_err", "no_route")
 
     def __init__(self, m: Metrics, listener: str):
         if not m.enabled:
-            self.cx_active = self.cx_total = self.no_route = NULL
+            self.cx_total = self.no_route = NULL
             self.proto_err = {}
             return
-        self.cx_active = m.gauge("sidecar_downstream_cx_active", "Open downstream connections",
-                                 ("listener",)).labels(listener)
         self.cx_total = m.counter("sidecar_downstream_cx_total", "Downstream connections accepted",
                                   ("listener",)).labels(listener)
         fam = m.counter("sidecar_downstream_rq_protocol_error_total",
@@ -31,7 +33,6 @@ class ListenerObserver:
                                   "Requests that matched no route (404 NR)", ("listener",)).labels(listener)
 
     def connections(self, delta: int) -> None:
-        self.cx_active.inc(delta)
         if delta > 0:
             self.cx_total.inc()
 
@@ -45,7 +46,7 @@ class ListenerSnapshot:
     """What one listener serves under one config snapshot: routes, tracer, access logs."""
 
     __slots__ = ("config", "table", "tracer", "access_logs", "stats", "listener_name",
-                 "observer", "filters")
+                 "observer", "filters", "unmatched", "record")
 
     def __init__(self, config, table, stats, observer, tracer=None, access_logs=(), filters=()):
         self.config = config
@@ -56,29 +57,37 @@ class ListenerSnapshot:
         self.listener_name = config.name
         self.observer = observer
         self.filters = tuple(filters)    # built filter objects, closed when retired
+        self.unmatched = stats.unmatched(config.name)
+        self.record = stats.metrics.enabled
 
     def observe_end(self, req, resp, body_bytes: int) -> None:
         ctx = req.ctx
         route = ctx.route
         duration = time.perf_counter() - ctx.start
         ctx.bytes_sent = body_bytes if body_bytes > 0 else 0
-        status = resp.status
-        if route is not None:
-            st = route.stats
-            st.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        body = req.body
+        n = len(body) if body.__class__ is bytes else getattr(body, "total", 0)
+        ctx.bytes_received = n
+        if self.record:
+            st = route.stats if route is not None else None
+            if st is None:
+                st = self.unmatched
+                if route is None:
+                    self.observer.no_route.inc()
+            status = resp.status
+            st.rq_by_class[(1 if status < 100 else 5 if status >= 500 else status // 100) - 1].inc()
             st.latency.observe(duration)
             if body_bytes > 0:
                 st.bytes_out.inc(body_bytes)
-            body = req.body
-            n = len(body) if isinstance(body, bytes) else getattr(body, "total", 0)
-            ctx.bytes_received = n
             if n:
                 st.bytes_in.inc(n)
-        else:
-            self.observer.no_route.inc()
-        if ctx.flags:
-            for f in ctx.flags:
-                self.stats.flag(self.listener_name, f).inc()
+            flags = ctx.flags
+            if flags:
+                for f in flags:
+                    st.flag(f).inc()
+        span = ctx.span
+        if span is not None:
+            span.finish(req, resp, duration)
         for al in self.access_logs:
             al.log(req, resp, duration)
 

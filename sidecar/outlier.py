@@ -1,4 +1,6 @@
-"""Outlier detection (passive health) config, Envoy ``outlier_detection`` semantics."""
+"""Outlier detection (passive health) config, Envoy ``outlier_detection`` semantics.
+
+The detector that acts on it is ``sidecar.outlier_detector``."""
 
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ def outlier_detection_from_wire(d: dict, path: str) -> OutlierDetection:
     for k, attr in _FIELDS_DURATION.items():
         if k in d:
             kw[attr] = w.duration(d, k, path)
+            if kw[attr] <= 0 and k != "max_ejection_time":
+                from sidecar.errors import ConfigError
+                raise ConfigError(w.join(path, k), "must be greater than zero")
     for k in _FIELDS_INT:
         if k in d:
             kw[k] = w.integer(d, k, path, lo=0)

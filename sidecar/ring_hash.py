@@ -1,8 +1,10 @@
 """Consistent hashing (Envoy's RING_HASH; MAGLEV is served by the same ring).
 
-The ring is built once per eligible-host change: every host gets points in proportion to its
-weight (at least one), each point the first 32 bits of ``blake2b("<address>_<i>")``, so the
-ring is the same in every sidecar and across restarts. A request's ``ctx.hash_key`` (computed
+The ring is built once per eligible-host change: every host gets ``P x weight`` points, each the
+first 32 bits of ``blake2b("<address>_<i>")``, so the ring is the same in every sidecar and
+across restarts. ``P`` is the largest power of two <= ring_size / total weight: it changes only
+when the total weight crosses a power of two, so removing a host normally moves only that
+host's keys (Envoy rescales every host's share of the ring instead, moving a few more). A request's ``ctx.hash_key`` (computed
 by the router from the route's ``hash_policy``: header, cookie, query parameter or source IP)
 is mixed (murmur3's 32-bit finaliser) and looked up with a binary search: the first point at or
 after it owns the request. Adding or removing one host moves only the keys of its own points.
@@ -10,8 +12,9 @@ after it owns the request. Adding or removing one host moves only the keys of it
 Requests without a hash key go to a random host. A retry skips hosts this request already
 tried by walking the ring forward to the next untried host.
 
-The ring has ``LbConfig.ring_size`` points (Envoy's minimum_ring_size, default 1024), clamped to
-1..65536: more points only smooth the spread further and would make rebuilds slow in Python.
+``LbConfig.ring_size`` (Envoy's minimum_ring_size, default 1024) is clamped to 1..65536: more
+points only smooth the spread further and would make rebuilds slow in Python. The ring then
+holds between ring_size/2 and ring_size points (more when weights force one point per unit).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def mix32(h: int) -> int:
     return h
 
 
+def points_per_weight(ring_size: int, total_weight: int) -> int:
+    """The largest power of two <= ring_size / total_weight (at least 1)."""
+    q = max(1, ring_size // max(total_weight, 1))
+    return 1 << (q.bit_length() - 1)
+
+
 def point_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
 
@@ -56,9 +65,10 @@ class RingHashBalancer(LoadBalancer):
             self._keys, self._owners = [], []
             return
         total = sum(max(h.endpoint.weight, 1) for h in hosts)
+        per_weight = points_per_weight(self.size, total)
         points = []
         for h in hosts:
-            n = max(1, round(self.size * max(h.endpoint.weight, 1) / total))
+            n = per_weight * max(h.endpoint.weight, 1)
             ep = h.endpoint
             name = f"{ep.hostname}:{ep.port}" if ep.hostname else h.address
             for i in range(n):

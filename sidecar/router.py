@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from typing import Any, Optional
-from urllib.parse import parse_qsl
 
 from sidecar.model import RouteConfig, RouteMatch, VirtualHost
 
@@ -56,7 +55,7 @@ class CompiledRoute:
             if not h.matches(headers):
                 return False
         if m.query_params:
-            params = dict(parse_qsl(query, keep_blank_values=True))
+            params = parse_query_first(query)
             for q in m.query_params:
                 v = params.get(q.name)
                 if v is None:
@@ -74,6 +73,18 @@ class CompiledRoute:
         if m.runtime_fraction is not None and random.random() * 100.0 >= m.runtime_fraction:
             return False
         return True
+
+
+def parse_query_first(query: str) -> dict[str, str]:
+    """Envoy's query matching: the first value of each name, compared without percent-decoding."""
+    out: dict[str, str] = {}
+    for part in query.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        if k not in out:
+            out[k] = v
+    return out
 
 
 def parse_cookies(values) -> dict[str, str]:

@@ -21,11 +21,17 @@ from typing import Optional
 from sidecar.chain import apply_request_mutation, apply_response_mutation
 from sidecar.http import BodyStream, BodyTooLarge, Request, Response, local_reply
 from sidecar.model import HeaderMutation, RouteAction
+from sidecar.circuit_breaker import (
+    close_idle_elsewhere, connection_waiters, cx_overflow_counter, hook_pools,
+)
 from sidecar.retry import (
-    IDEMPOTENT_METHODS, RetryPolicy, backoff_delay, error_is_retriable, retry_allowed,
-    status_is_retriable,
+    IDEMPOTENT_METHODS, RetryPolicy, backoff_delay, error_is_retriable, request_overrides,
+    retry_allowed, status_is_retriable,
 )
 from sidecar.upstream import HOP_BY_HOP, UpstreamError, UpstreamTimeout
+
+_COUNTS = tuple(str(i) for i in range(102))   # x-envoy-attempt-count values, made once
+_RECHECK_S = 0.05   # pending-for-connection re-check, only when pools lack the release hook
 
 RESET_BODY = "upstream connect error or disconnect/reset before headers. reset reason: "
 _NO_BODY_STATUS = (204, 304)
@@ -36,7 +42,7 @@ def local_reply_for_error(ctx, e: UpstreamError) -> Response:
     if flag == "UT":
         return local_reply(ctx, 504, "upstream request timeout", "UT")
     if flag == "UF":
-        return local_reply(ctx, 503, RESET_BODY + "connection failure", "UF")
+        return local_reply(ctx, 503, RESET_BODY + "remote connection failure", "UF")
     if flag == "UPE":
         return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE")
     if flag == "UO":
@@ -81,8 +87,15 @@ class Overflow(UpstreamError):
         super().__init__("UO", f"overflow: {what}", sent=False)
 
 
+class PendingTimeout(UpstreamTimeout):
+    """The deadline passed while waiting for a connection slot (no host was tried)."""
+
+
 class PrefixedStream:
-    """A body stream with some chunks already read (by a retry buffer that hit its limit)."""
+    """A body stream with some chunks already read (by a retry buffer that hit its limit).
+
+    Quacks like the BodyStream it wraps (``read``, ``at_eof``, iteration), so the listener
+    can still tell whether the client finished sending."""
 
     __slots__ = ("prefix", "rest")
 
@@ -90,14 +103,26 @@ class PrefixedStream:
         self.prefix = prefix
         self.rest = rest
 
+    @property
+    def at_eof(self) -> bool:
+        return not self.prefix and self.rest.at_eof
+
+    async def read(self) -> bytes:
+        if self.prefix:
+            data = b"".join(self.prefix)
+            self.prefix = []
+            return data
+        return await self.rest.read()
+
     def __aiter__(self):
         return self._iter()
 
     async def _iter(self):
-        for c in self.prefix:
-            yield c
-        async for c in self.rest:
-            yield c
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return
+            yield chunk
 
 
 class RouterStage:
@@ -172,6 +197,8 @@ class RouterStage:
         if extra_mut is not None and not extra_mut.empty:
             apply_request_mutation(extra_mut, headers)
         path = req.path
+        if self.prefix_rewrite is not None or self.regex_rewrite is not None:
+            headers["x-envoy-original-path"] = req.url
         if self.prefix_rewrite is not None:
             path = self.prefix_rewrite + path[self.prefix_len:]
             if not path.startswith("/"):
@@ -180,17 +207,21 @@ class RouterStage:
             rx, sub = self.regex_rewrite
             path = rx.sub(sub, path)
         if self.host_rewrite is not None:
+            headers["x-envoy-original-host"] = headers.get("host", "")
             headers["host"] = self.host_rewrite
         elif self.action.auto_host_rewrite:
             pass  # applied per attempt, once the endpoint is known
 
         timeout = self.timeout
-        if self.timeout_header:
-            t = headers.get("x-envoy-upstream-rq-timeout-ms")
-            if t is not None:
-                headers.popall("x-envoy-upstream-rq-timeout-ms")
-                if t.isdigit():
-                    timeout = int(t) / 1000.0
+        t = headers.get("x-envoy-upstream-rq-timeout-ms")
+        if t is not None:
+            # always consumed; honoured only where the route allows it (a client may shorten,
+            # never lengthen, the route timeout)
+            headers.popall("x-envoy-upstream-rq-timeout-ms")
+            if self.timeout_header and t.isdigit():
+                t_s = int(t) / 1000.0
+                if timeout <= 0 or 0 < t_s < timeout:
+                    timeout = t_s
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + timeout if timeout > 0 else None
@@ -222,109 +253,126 @@ class RouterStage:
         return resp
 
     async def with_retries(self, req, cs, cstats, path, deadline, policy: RetryPolicy, loop):
+        """Attempts under one route deadline: retry_on, per-try timeout, full-jitter backoff,
+        retry budget / max_retries, replay buffer limit, non-idempotent rule."""
         ctx = req.ctx
         headers = req.headers
-        num_retries = policy.num_retries
-        retry_on_policy = policy
         if policy.allow_override_headers:
-            v = headers.get("x-envoy-max-retries")
-            if v is not None and v.isdigit():
-                num_retries = int(v)
-            v = headers.get("x-envoy-retry-on")
-            if v:
-                try:
-                    from sidecar.retry import parse_retry_on
-                    extra = parse_retry_on(v, "x-envoy-retry-on")
-                    retry_on_policy = RetryPolicy(**{**{s: getattr(policy, s) for s in policy.__slots__},
-                                                     "retry_on": policy.retry_on | extra})
-                except Exception:
-                    pass
+            num_retries, on_policy, per_try = request_overrides(headers, policy)
+        else:
+            num_retries, on_policy, per_try = policy.num_retries, policy, policy.per_try_timeout_s
         # A body must be buffered to be replayed; past the limit it goes once, unretried.
-        replayable = True
-        if not isinstance(req.body, bytes):
+        body = req.body
+        limit = policy.max_buffered_body
+        if isinstance(body, bytes):
+            replayable = len(body) <= limit
+        else:
+            replayable = True
             prefix: list[bytes] = []
             size = 0
-            stream = req.body
-            while True:
-                chunk = await stream.read()
-                if not chunk:
-                    req.body = b"".join(prefix)
-                    break
-                size += len(chunk)
-                prefix.append(chunk)
-                if size > policy.max_buffered_body:
-                    req.body = PrefixedStream(prefix, stream)
-                    replayable = False
-                    break
-        idempotent = req.method in IDEMPOTENT_METHODS or policy.retry_non_idempotent
+            try:
+                while True:
+                    chunk = await body.read()
+                    if not chunk:
+                        req.body = b"".join(prefix)
+                        break
+                    size += len(chunk)
+                    prefix.append(chunk)
+                    if size > limit:
+                        req.body = PrefixedStream(prefix, body)
+                        replayable = False
+                        break
+            except Exception:
+                # the client went away (or broke framing) while sending its body
+                return local_reply(ctx, 400, "downstream request body error", "DC")
+        idempotent = policy.retry_non_idempotent or req.method in IDEMPOTENT_METHODS
         thresholds = cs.config.circuit_breakers.default
         budget = thresholds.retry_budget
-        per_try = policy.per_try_timeout_s
+        bp = budget.budget_percent if budget is not None else None
+        mrc = budget.min_retry_concurrency if budget is not None else 0
         attempt = 0
-        is_retry = False
-        while True:
-            headers["x-envoy-attempt-count"] = str(attempt + 1)
-            ctx.attempts = attempt + 1
-            try_deadline = deadline
-            if per_try > 0:
-                pt = loop.time() + per_try
-                if try_deadline is None or pt < try_deadline:
-                    try_deadline = pt
-            if is_retry:
+        holding = False          # this request holds one of the cluster's retry slots
+        try:
+            while True:
+                n = attempt + 1
+                headers["x-envoy-attempt-count"] = _COUNTS[n] if n < 102 else str(n)
+                ctx.attempts = n
+                try_deadline = deadline
+                if per_try > 0:
+                    pt = loop.time() + per_try
+                    if try_deadline is None or pt < try_deadline:
+                        try_deadline = pt
+                if try_deadline is not None:
+                    ms = int((try_deadline - loop.time()) * 1000)
+                    headers["x-envoy-expected-rq-timeout-ms"] = str(ms if ms > 0 else 1)
+                try:
+                    resp = await self.attempt(req, cs, cstats, path, try_deadline, deadline, loop)
+                    err = None
+                except UpstreamError as e:
+                    resp = None
+                    err = e
+                finally:
+                    if holding:
+                        holding = False
+                        cs.active_retries -= 1
+                # ---- decide -----------------------------------------------------------
+                if err is None:
+                    if not (status_is_retriable(on_policy, resp.status)
+                            or ("envoy-ratelimited" in on_policy.retry_on
+                                and "x-envoy-ratelimited" in resp.headers)):
+                        if attempt:
+                            cstats.rq_retry_success.inc()
+                        return resp
+                    can = idempotent
+                else:
+                    flag = err.flag
+                    if flag == "UH" or flag == "UO":
+                        return local_reply_for_error(ctx, err)
+                    if flag == "UT":
+                        if deadline is not None and (try_deadline == deadline or loop.time() >= deadline):
+                            cstats.rq_timeout.inc()     # the route timeout: no time left
+                            return local_reply_for_error(ctx, err)
+                        cstats.rq_per_try_timeout.inc()
+                    if not error_is_retriable(on_policy, flag, err.sent):
+                        return local_reply_for_error(ctx, err)
+                    # only a connect failure proves the upstream never saw the request
+                    can = idempotent or flag == "UF"
+                if not can or not replayable:
+                    return resp if err is None else local_reply_for_error(ctx, err)
+                if attempt >= num_retries:
+                    if num_retries:
+                        cstats.retry_limit_exceeded.inc()
+                    return resp if err is None else local_reply_for_error(ctx, err)
+                if not retry_allowed(cs.active_retries, cs.active_requests, thresholds.max_retries,
+                                     bp, mrc):
+                    # the retry breaker / budget: answer with what we have (Envoy's behaviour)
+                    cstats.rq_retry_overflow.inc()
+                    return resp if err is None else local_reply_for_error(ctx, err)
+                # the slot is held from now (through the backoff) until the retry completes,
+                # so a storm of simultaneous failures cannot all pass the check at once
                 cs.active_retries += 1
-            try:
-                resp = await self.attempt(req, cs, cstats, path, try_deadline, deadline, loop)
-                err = None
-            except UpstreamError as e:
-                resp = None
-                err = e
-            finally:
-                if is_retry:
-                    cs.active_retries -= 1
-            # decide
-            if err is None:
-                if not status_is_retriable(retry_on_policy, resp.status):
-                    if is_retry:
-                        cstats.rq_retry_success.inc()
-                    return resp
-                can = idempotent
-            else:
-                if err.flag in ("UH", "UO"):
-                    return local_reply_for_error(ctx, err)
-                overall_expired = deadline is not None and loop.time() >= deadline
-                if err.flag == "UT" and overall_expired:
+                holding = True
+                if resp is not None:
+                    resp.discard()          # release the discarded attempt's connection
+                delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s,
+                                      random.random())
+                if deadline is not None and loop.time() + delay >= deadline:
                     cstats.rq_timeout.inc()
-                    return local_reply_for_error(ctx, err)
-                if err.flag == "UT":
-                    cstats.rq_per_try_timeout.inc()
-                if not error_is_retriable(retry_on_policy, err.flag, err.sent):
-                    return local_reply_for_error(ctx, err)
-                # connect failures never reached the upstream: safe even for POST
-                can = idempotent or err.flag == "UF" or not err.sent
-            if not can or not replayable or attempt >= num_retries:
-                if attempt >= num_retries and attempt > 0:
-                    cstats.retry_limit_exceeded.inc()
-                return resp if err is None else local_reply_for_error(ctx, err)
-            bp = budget.budget_percent if budget is not None else None
-            mrc = budget.min_retry_concurrency if budget is not None else 0
-            if not retry_allowed(cs.active_retries, cs.active_requests, thresholds.max_retries, bp, mrc):
-                cstats.rq_retry_overflow.inc()
-                return resp if err is None else local_reply_for_error(ctx, err)
-            if resp is not None:
-                resp.discard()
-            delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s, random.random())
-            if deadline is not None and loop.time() + delay >= deadline:
-                cstats.rq_timeout.inc()
-                return local_reply(ctx, 504, "upstream request timeout", "UT")
-            cstats.rq_retry.inc()
-            attempt += 1
-            is_retry = True
-            if delay > 0:
-                await asyncio.sleep(delay)
+                    return local_reply(ctx, 504, "upstream request timeout", "UT")
+                cstats.rq_retry.inc()
+                attempt += 1
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        finally:
+            if holding:
+                cs.active_retries -= 1
 
     async def attempt(self, req: Request, cs, cstats, path: str, deadline, overall_deadline, loop):
         """One upstream attempt. Raises UpstreamError (with its response flag)."""
         ctx = req.ctx
+        if ctx.attempts == 0:          # a route without retries: its only attempt
+            ctx.attempts = 1
+            req.headers["x-envoy-attempt-count"] = "1"
         host = cs.pick(ctx)
         if host is None:
             raise NoHealthyUpstream()
@@ -352,6 +400,7 @@ class RouterStage:
         pool = host.pool
         conn = pool.take_idle()
         reused = conn is not None
+        # counted from admission (synchronously after the max_requests check in attempt)
         cs.active_requests += 1
         host.active_requests += 1
         t0 = loop.time()
@@ -359,15 +408,18 @@ class RouterStage:
         try:
             if conn is None:
                 if cs.open_connections() >= thresholds.max_connections:
-                    if cs.pending_requests >= thresholds.max_pending_requests:
-                        cs.overflow += 1
-                        cstats.rq_pending_overflow.inc()
-                        raise Overflow("max_pending_requests")
                     conn = await self._wait_for_connection(cs, host, pool, deadline, loop)
-                    reused = conn is not None and conn.requests > 0
+                    reused = conn is not None
                 if conn is None:
                     try:
-                        conn = await pool.connect()
+                        if deadline is None:
+                            conn = await pool.connect()
+                        else:
+                            # the connect timeout, cut short by the (per-try or route) deadline
+                            async with asyncio.timeout_at(deadline):
+                                conn = await pool.connect()
+                    except TimeoutError:
+                        raise UpstreamTimeout() from None
                     except UpstreamError:
                         cstats.cx_connect_fail.inc()
                         host.cx_connect_fail += 1
@@ -384,14 +436,16 @@ class RouterStage:
                     # the server closed an idle keep-alive connection as we reused it:
                     # nothing was processed, so send once more on a fresh connection
                     conn = await pool.connect()
+                    cstats.cx_total.inc()
                     resp = await conn.request(head, body, chunked, no_body, deadline)
                 else:
                     raise
         except UpstreamError as e:
             elapsed = loop.time() - t0
             if e.flag == "UT":
-                host.rq_timeout += 1
-                cs.record(host, None, elapsed, "timeout")
+                if not isinstance(e, PendingTimeout):
+                    host.rq_timeout += 1
+                    cs.record(host, None, elapsed, "timeout")
             elif e.flag not in ("UF", "UO"):
                 cstats.rq_reset.inc()
                 cs.record(host, None, elapsed, "reset")
@@ -399,6 +453,11 @@ class RouterStage:
         finally:
             cs.active_requests -= 1
             host.active_requests -= 1
+            if cs.pending_requests:
+                # this attempt's connection went back to the pool or closed: a slot may be free
+                w = cs.__dict__.get("conn_waiters")
+                if w is not None:
+                    w.wake()
         elapsed = loop.time() - t0
         ctx.upstream_duration = elapsed
         status = resp.status
@@ -408,20 +467,48 @@ class RouterStage:
         return resp
 
     async def _wait_for_connection(self, cs, host, pool, deadline, loop):
-        """At max_connections: wait (as a pending request) for a pooled connection."""
+        """The cluster is at max_connections. Returns an idle pooled connection to ``host``, or
+        None when a new connection may be opened; raises Overflow (503 UO) at once when
+        max_pending_requests are already waiting, UpstreamTimeout when the deadline passes.
+
+        Waiting parks on a future woken when a connection is released or closed: the event
+        loop is never blocked or polled."""
+        cx_overflow_counter(self.stats.metrics, cs.name).inc()
+        if close_idle_elsewhere(cs, pool):
+            return None
+        t = cs.config.circuit_breakers.default
+        if cs.pending_requests >= t.max_pending_requests:
+            cs.overflow += 1
+            self.stats.cluster(cs.name).rq_pending_overflow.inc()
+            raise Overflow("max_pending_requests")
+        waiters = connection_waiters(cs)
+        # without the pool's release hook a streamed response's release is only seen on a
+        # re-check; with it (the normal case) a waiter sleeps until it is woken
+        recheck = not hook_pools(cs, waiters)
         cs.pending_requests += 1
+        front = False
         try:
             while True:
-                await asyncio.sleep(0.001)
+                now = loop.time()
+                if deadline is not None and now >= deadline:
+                    raise PendingTimeout()
+                until = deadline
+                if recheck and (until is None or until > now + _RECHECK_S):
+                    until = now + _RECHECK_S
+                await waiters.wait(loop, until, front)
+                front = True
                 conn = pool.take_idle()
                 if conn is not None:
                     return conn
                 if cs.open_connections() < cs.config.circuit_breakers.default.max_connections:
                     return None
-                if deadline is not None and loop.time() >= deadline:
-                    raise UpstreamTimeout()
+                if close_idle_elsewhere(cs, pool):
+                    return None
         finally:
             cs.pending_requests -= 1
+            if cs.pending_requests and cs.open_connections() < \
+                    cs.config.circuit_breakers.default.max_connections:
+                waiters.wake()      # pass on a slot this waiter did not use
 
     def serialize_head(self, req: Request, path: str, host) -> tuple[bytes, bool]:
         """Request line + headers for the upstream, with our own framing and no hop-by-hop
@@ -436,14 +523,19 @@ class RouterStage:
         auto_host = self.action.auto_host_rewrite
         for k, v in headers.items():
             if k in drop or k == "content-length" or k == "expect":
-                continue
+                if k != "te" or v.lower() != "trailers":
+                    continue
             if auto_host and k == "host":
                 v = host.endpoint.hostname or host.endpoint.host
             parts.append(f"{k}: {v}\r\n")
         body = req.body
         chunked = False
         if isinstance(body, bytes):
-            if body or req.method in ("POST", "PUT", "PATCH"):
+            if req.chunked:
+                # keep the client's framing, as Envoy does (the connection frames the bytes)
+                parts.append("transfer-encoding: chunked\r\n")
+                chunked = True
+            elif body or req.method in ("POST", "PUT", "PATCH"):
                 parts.append(f"content-length: {len(body)}\r\n")
         else:
             cl = headers.get("content-length")

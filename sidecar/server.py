@@ -60,7 +60,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "_body_unread", "requests")
+                 "peer_identity", "_body_unread", "requests", "_h2c")
 
     def __init__(self, lr: "ListenerRuntime"):
         self.lr = lr
@@ -85,6 +85,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_identity = None
         self._body_unread = False
         self.requests = 0
+        self._h2c = False
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -130,12 +131,24 @@ class DownstreamConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._reject(501, "upgrade is not supported")
+        except httptools.HttpParserUpgrade as e:
+            # llhttp stops after an Upgrade/CONNECT request. h2c upgrades were stripped in
+            # on_headers_complete and are served as plain HTTP/1.1: parse on with a new
+            # parser. Anything else was answered there (403/404) and the connection closes.
+            if self._h2c:
+                self._h2c = False
+                self.parser = httptools.HttpRequestParser(self)
+                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+                if offset < len(data):
+                    self.data_received(data[offset:])
+                return
+            self.transport.pause_reading()
             return
         except httptools.HttpParserError as e:
             if self._hsize < 0:
                 self._reject(431, "request header fields too large")
+            elif "invalid `Transfer-Encoding`" in str(e) or "invalid Transfer-Encoding" in str(e):
+                self._reject(501, "Not Implemented")
             else:
                 self._reject(400, f"bad request: {e}")
             return
@@ -149,9 +162,6 @@ class DownstreamConnection(asyncio.Protocol):
             self._chunks = []
             self._stream = s
             req.body = s
-            if req.headers.get("expect", "").lower() == "100-continue":
-                # Envoy's default: answer 100-continue locally, strip Expect upstream
-                self.transport.write(_CONTINUE)
             self._enqueue(req)
 
     def eof_received(self):
@@ -183,6 +193,13 @@ class DownstreamConnection(asyncio.Protocol):
             headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
         raw = b"".join(self._url) if len(self._url) != 1 else self._url[0]
         url = raw.decode("latin-1")
+        if url[:1] != "/" and url[:4].lower() == "http":
+            # absolute-form target: its authority replaces Host (RFC 9112 3.2.2)
+            scheme, sep, rest = url.partition("://")
+            if sep:
+                authority, slash, tail = rest.partition("/")
+                headers["host"] = authority
+                url = slash + tail if slash else "/"
         path, _, query = url.partition("?")
         if "#" in query:
             query = query.partition("#")[0]
@@ -192,9 +209,26 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = RequestContext(self.lr, self.peer, time.perf_counter())
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
-        req = self._req = Request(p.get_method().decode("latin-1"), path, query, headers, b"", ctx,
-                                  p.get_http_version())
+        method = p.get_method().decode("latin-1")
+        version = p.get_http_version()
+        req = self._req = Request(method, path, query, headers, b"", ctx, version)
         req.keep_alive = p.should_keep_alive()
+        req.chunked = "transfer-encoding" in headers
+        if version != "1.1" and not (version == "1.0" and self.lr.config.accept_http_10):
+            req.reject = (426, "Upgrade Required")
+        elif version == "1.1" and "host" not in headers:
+            req.reject = (400, "")
+        elif method == "CONNECT":
+            req.reject = (404, "")
+        elif p.should_upgrade():
+            up = headers.get("upgrade", "").lower()
+            if up.startswith("h2c"):
+                self._h2c = True    # ignore the h2c upgrade offer, as Envoy does
+            else:
+                req.reject = (403, "")
+        if headers.get("expect", "").lower() == "100-continue" and req.reject is None:
+            # Envoy's default: answer 100-continue locally, strip Expect upstream
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         s = self._stream
@@ -244,6 +278,17 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = req.ctx
         self.requests += 1
         keep_alive = req.keep_alive and not lr.draining
+        if req.reject is not None:
+            status, text = req.reject
+            resp = local_reply(ctx, status, text, "DPE")
+            keep_alive = False
+            lr.observe.protocol_error(status)
+            try:
+                await self._write(req, resp, False)
+            except (ConnectionError, OSError):
+                pass
+            lr.finish(req, resp, 0)
+            return False
         try:
             resp = await lr.dispatch(req)
         except Exception:
@@ -284,6 +329,9 @@ class DownstreamConnection(asyncio.Protocol):
         head_only = req.method == "HEAD" or status in _BODYLESS or status < 200
         body = resp.body
         stream_len = None
+        te = headers.get("transfer-encoding")
+        # keep the upstream's chunked framing (Envoy does), even for a body read whole
+        up_chunked = te is not None and "chunked" in te.lower()
         for k, v in headers.items():
             if k in drop or k == "server":
                 continue
@@ -304,9 +352,20 @@ class DownstreamConnection(asyncio.Protocol):
         t = self.transport
         if isinstance(body, bytes):
             if not head_only:
+                if up_chunked:
+                    parts.append("transfer-encoding: chunked\r\n\r\n")
+                    t.write("".join(parts).encode("latin-1")
+                            + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
+                    return len(body)
                 parts.append(f"content-length: {len(body)}\r\n\r\n")
                 t.write("".join(parts).encode("latin-1") + body)
                 return len(body)
+            if stream_len is None:
+                if up_chunked:
+                    parts.append("transfer-encoding: chunked\r\n")
+                elif body and status >= 200 and status not in _BODYLESS:
+                    # HEAD of a local reply: the length of the body a GET would get
+                    parts.append(f"content-length: {len(body)}\r\n")
             parts.append("\r\n")
             t.write("".join(parts).encode("latin-1"))
             return 0

@@ -51,8 +51,8 @@ class UpstreamProtocolError(UpstreamError):
 
 
 # Headers that describe one hop (RFC 9110 7.6.1) and are rebuilt by us on each side.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "transfer-encoding", "upgrade"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te",
+                        "transfer-encoding", "upgrade", "http2-settings"})
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -257,7 +257,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = loop.call_at(deadline, self._on_timeout)
         t = self.transport
         if isinstance(body, bytes):
-            t.write(head + body if body else head)
+            if chunked:
+                t.write(head + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
+            else:
+                t.write(head + body if body else head)
         else:
             t.write(head)
             async for chunk in body:
