@@ -484,6 +484,7 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         generate_request_id=w.boolean(hcm, "generate_request_id", hp, True),
         xff_num_trusted_hops=w.integer(hcm, "xff_num_trusted_hops", hp, 0, lo=0),
         use_remote_address=w.boolean(hcm, "use_remote_address", hp, False),
+        preserve_external_request_id=w.boolean(hcm, "preserve_external_request_id", hp, False),
         server_name=w.string(hcm, "server_name", hp, "envoy"),
         strip_host_port="any" if w.boolean(hcm, "strip_any_host_port", hp, False)
         else "matching" if w.boolean(hcm, "strip_matching_host_port", hp, False) else "none",

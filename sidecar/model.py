@@ -286,6 +286,10 @@ class Listener:
     generate_request_id: bool = True
     xff_num_trusted_hops: int = 0
     use_remote_address: bool = True
+    # edge listeners: which peers are "internal" (their x-envoy-* headers and request ids are
+    # trusted). Envoy 1.40 trusts none by default; native listeners trust loopback and RFC 1918.
+    trust_private_peers: bool = False
+    preserve_external_request_id: bool = False
     server_name: str = "envoy"
     # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
     # the listener's port) | "none" (Envoy's default; native configs default to "any")

@@ -260,7 +260,7 @@ def _listener(d: dict, path: str) -> Listener:
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10"), path)
+                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -303,6 +303,8 @@ def _listener(d: dict, path: str) -> Listener:
         max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
         accept_http_10=w.boolean(d, "accept_http_10", path, True),
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
+        trust_private_peers=w.boolean(d, "trust_private_peers", path, True),
+        preserve_external_request_id=w.boolean(d, "preserve_external_request_id", path, True),
         xff_num_trusted_hops=w.integer(d, "xff_num_trusted_hops", path, 0, lo=0),
         server_name=w.string(d, "server_name", path, "envoy"),
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),

@@ -33,6 +33,12 @@ from sidecar.upstream import HOP_BY_HOP, UpstreamError, UpstreamTimeout
 _COUNTS = tuple(str(i) for i in range(102))   # x-envoy-attempt-count values, made once
 _RECHECK_S = 0.05   # pending-for-connection re-check, only when pools lack the release hook
 
+# per-request control headers the router reads and never forwards (as Envoy's router)
+ROUTER_CONSUMED = frozenset({"x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
+                             "x-envoy-upstream-rq-per-try-timeout-ms",
+                             "x-envoy-hedge-on-per-try-timeout",
+                             "x-envoy-upstream-rq-timeout-alt-response",
+                             "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names"})
 RESET_BODY = "upstream connect error or disconnect/reset before headers. reset reason: "
 _NO_BODY_STATUS = (204, 304)
 
@@ -522,7 +528,7 @@ class RouterStage:
         parts = [f"{req.method} {url} HTTP/1.1\r\n"]
         auto_host = self.action.auto_host_rewrite
         for k, v in headers.items():
-            if k in drop or k == "content-length" or k == "expect":
+            if k in drop or k == "content-length" or k == "expect" or k in ROUTER_CONSUMED:
                 if k != "te" or v.lower() != "trailers":
                     continue
             if auto_host and k == "host":

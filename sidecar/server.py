@@ -8,10 +8,11 @@ bodies stream with flow control. Requests on one connection are answered in orde
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import random
 import socket
 import time
-import uuid
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
@@ -28,6 +29,46 @@ log = logging.getLogger("sidecar.server")
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODYLESS = (204, 304)
+
+
+# x-envoy-* request headers that only a trusted (internal) peer may set; Envoy strips them from
+# external requests on an edge listener.
+EDGE_UNTRUSTED = ("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
+                  "x-envoy-downstream-service-node", "x-envoy-original-path", "x-envoy-internal",
+                  "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
+                  "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+                  "x-envoy-expected-rq-timeout-ms", "x-envoy-hedge-on-per-try-timeout",
+                  "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-ip-tags",
+                  "x-envoy-force-trace", "x-envoy-external-address",
+                  "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
+                  "x-envoy-upstream-alt-stat-name")
+
+_rand = random.getrandbits
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID string, faster than uuid.uuid4() (no os.urandom call);
+    request ids need uniqueness, not unpredictability."""
+    h = "%032x" % ((_rand(128) & ~(0xF << 76) & ~(0xC << 60)) | (0x4 << 76) | (0x8 << 60))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_PRIVATE_CACHE: dict[str, bool] = {}
+
+
+def is_private(ip: str) -> bool:
+    """Loopback or RFC 1918 / unique-local (Envoy's classic internal address set)."""
+    v = _PRIVATE_CACHE.get(ip)
+    if v is None:
+        try:
+            a = ipaddress.ip_address(ip)
+            v = a.is_loopback or a.is_private
+        except ValueError:
+            v = False
+        if len(_PRIVATE_CACHE) > 4096:
+            _PRIVATE_CACHE.clear()
+        _PRIVATE_CACHE[ip] = v
+    return v
 
 
 class _DateCache:
@@ -301,6 +342,8 @@ class DownstreamConnection(asyncio.Protocol):
         body = resp.body
         if not isinstance(req.body, bytes) and not req.body.at_eof:
             keep_alive = False       # the upstream answered before our client finished sending
+        elif not ctx.upstream_host and (req.chunked or req.headers.get("content-length", "0") != "0"):
+            keep_alive = False       # a local reply to a request with a body closes, as in Envoy
         try:
             sent = await self._write(req, resp, keep_alive)
         except (ConnectionError, OSError, asyncio.CancelledError):
@@ -489,23 +532,45 @@ class ListenerRuntime:
         cfg = snap.config
         ctx = req.ctx
         headers = req.headers
+        scheme = "https" if ctx.tls else "http"
+        external = False
+        if cfg.use_remote_address:
+            # an edge listener (Envoy's use_remote_address): the peer is the client
+            peer = ctx.downstream_addr
+            ip = peer[0] if peer else ""
+            external = not (cfg.trust_private_peers and is_private(ip))
+            if ip:
+                xff = headers.get("x-forwarded-for")
+                headers["x-forwarded-for"] = f"{xff},{ip}" if xff else ip
+            headers["x-forwarded-proto"] = scheme
+            if external:
+                for name in EDGE_UNTRUSTED:
+                    if name in headers:
+                        del headers[name]
+                if ip:
+                    headers["x-envoy-external-address"] = ip
+            else:
+                headers["x-envoy-internal"] = "true"
+        else:
+            if "x-envoy-internal" in headers:
+                del headers["x-envoy-internal"]
+            if "x-forwarded-proto" not in headers:
+                headers["x-forwarded-proto"] = scheme
         if cfg.generate_request_id:
             rid = headers.get("x-request-id")
-            if not rid:
-                rid = str(uuid.uuid4())
+            if not rid or (external and not cfg.preserve_external_request_id):
+                rid = new_request_id()
                 headers["x-request-id"] = rid
             ctx.request_id = rid
         else:
             ctx.request_id = headers.get("x-request-id", "")
-        scheme = "https" if ctx.tls else "http"
-        if cfg.use_remote_address:
-            peer = ctx.downstream_addr
-            if peer:
-                xff = headers.get("x-forwarded-for")
-                headers["x-forwarded-for"] = f"{xff}, {peer[0]}" if xff else peer[0]
-            headers["x-forwarded-proto"] = scheme
-        elif "x-forwarded-proto" not in headers:
-            headers["x-forwarded-proto"] = scheme
+        strip = cfg.strip_host_port
+        if strip != "none":
+            host = req.authority
+            if ":" in host and not host.endswith("]"):
+                h, _, port = host.rpartition(":")
+                if strip == "any" or port == str(self.bound_port):
+                    headers["host"] = h
         table = snap.table
         if table is None:
             return local_reply(ctx, 404, "", "NR")
