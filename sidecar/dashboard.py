@@ -272,9 +272,9 @@ class Sampler:
             for host in list(cs.hosts)[:MAX_ENDPOINTS]:
                 ejected = host.ejected_until > now
                 try:
-                    est, cost = endpoint_ewma(cs, host, now)
+                    ew = endpoint_ewma(cs, host, now)
                 except Exception:
-                    est, cost = host.ewma, host.ewma
+                    ew = None
                 if not host.hc_healthy:
                     health = "unhealthy"
                 elif ejected:
@@ -287,8 +287,10 @@ class Sampler:
                     "available": bool(host.hc_healthy and not ejected and not host.removed),
                     "active_hc": host.last_hc or None, "ejected": ejected,
                     "ejected_for_s": round(max(0.0, host.ejected_until - now), 1),
-                    "ejections": host.ejections, "ewma_ms": round(est * 1000, 3),
-                    "cost": round(cost * 1000, 3), "rq_active": host.active_requests,
+                    "ejections": host.ejections,
+                    "ewma_ms": round(ew[0] * 1000, 3) if ew is not None else None,
+                    "cost": round(ew[1] * 1000, 3) if ew is not None else None,
+                    "rq_active": host.active_requests,
                     "rq_total": host.rq_total, "rq_error": host.rq_error,
                     "cx_active": host.pool.active,
                 })
@@ -369,11 +371,14 @@ def _static(name: str) -> web.StreamResponse:
     return resp
 
 
+SAMPLER_KEY = web.AppKey("dashboard_sampler", Sampler)
+
+
 def add_dashboard_routes(web_app: web.Application, app) -> None:
     from sidecar.stats import install_state_collector
     install_state_collector(app)
     sampler = Sampler(app)
-    web_app["dashboard_sampler"] = sampler
+    web_app[SAMPLER_KEY] = sampler
 
     async def index(request):
         return _static("dashboard.html")

@@ -221,7 +221,7 @@ def request_overrides(headers, policy: RetryPolicy) -> tuple[int, RetryPolicy, f
     if v is not None:
         headers.popall("x-envoy-max-retries")
         v = v.strip()
-        if v.isdigit():
+        if v.isascii() and v.isdigit():
             num_retries = min(int(v), 100)
     v = headers.get("x-envoy-retry-on")
     if v is not None:
@@ -234,6 +234,6 @@ def request_overrides(headers, policy: RetryPolicy) -> tuple[int, RetryPolicy, f
     if v is not None:
         headers.popall("x-envoy-upstream-rq-per-try-timeout-ms")
         v = v.strip()
-        if v.isdigit():
+        if v.isascii() and v.isdigit():
             per_try = int(v) / 1000.0
     return num_retries, policy, per_try

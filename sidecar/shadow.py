@@ -210,23 +210,22 @@ class Shadower:
                 chosen.append(m)
         if chosen is None:
             return
-        lines = self._head_lines(req, path)
-        hash_key = req.ctx.hash_key
+        ctx = req.ctx
+        head = _Head(req, path, ctx)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = req.ctx.deadline
+        deadline = ctx.deadline
         if deadline is None:
             deadline = now + self.default_timeout
         elif deadline - now > self.max_timeout:
             deadline = now + self.max_timeout
-        method = req.method
         body = req.body
         if isinstance(body, bytes):
             for m in chosen:
                 if len(body) > self.max_body:
                     m.stats.too_large.inc()
                     continue
-                self._launch(m, method, lines, body, hash_key, deadline)
+                self._launch(m, head, body, deadline)
             return
         if not isinstance(body, BodyStream):
             # a body already partly consumed by someone else: nothing safe to copy
@@ -236,7 +235,7 @@ class Shadower:
 
         def complete(data: bytes) -> None:
             for m in chosen:
-                self._launch(m, method, lines, data, hash_key, deadline)
+                self._launch(m, head, data, deadline)
 
         def too_large() -> None:
             for m in chosen:
@@ -244,29 +243,7 @@ class Shadower:
 
         req.body = TeeStream(body, self.max_body, complete, too_large)
 
-    @staticmethod
-    def _head_lines(req, path: str) -> str:
-        """Request line and headers, minus framing and hop-by-hop headers, Host suffixed."""
-        headers = req.headers
-        conn_tokens = headers.get("connection")
-        drop = HOP_BY_HOP
-        if conn_tokens:
-            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
-        url = path + "?" + req.query if req.query else path
-        parts = [f"{req.method} {url} HTTP/1.1\r\n"]
-        saw_host = False
-        for k, v in headers.items():
-            if k in drop or k == "content-length" or k == "expect":
-                continue
-            if k == "host":
-                if saw_host:
-                    continue
-                saw_host = True
-                v = shadow_host(v)
-            parts.append(f"{k}: {v}\r\n")
-        return "".join(parts)
-
-    def _launch(self, m: _Mirror, method: str, lines: str, body: bytes, hash_key, deadline) -> None:
+    def _launch(self, m: _Mirror, head: "_Head", body: bytes, deadline: float) -> None:
         shared = self.shared
         if shared.in_flight >= self.max_in_flight:
             m.stats.overflow.inc()
@@ -275,16 +252,20 @@ class Shadower:
         if cs is None:
             m.stats.no_upstream.inc()
             return
-        if body or method in ("POST", "PUT", "PATCH"):
-            head = f"{lines}content-length: {len(body)}\r\n\r\n"
-        else:
-            head = lines + "\r\n"
+        span = None
+        if head.span_parent is not None:
+            from sidecar.tracing import shadow_span
+            try:
+                span = shadow_span(head.span_parent, head.method, m.cluster, head.path)
+            except Exception:          # tracing must never break a request
+                span = None
+        data = head.encode(body, span)
         shared.in_flight += 1
         if shared.gauge is not None:
             shared.gauge.inc()
         try:
             task = asyncio.get_running_loop().create_task(
-                self._send(cs, m, method, head.encode("latin-1"), body, hash_key, deadline))
+                self._send(cs, m, head.method, data, body, head.hash_key, deadline, span))
         except Exception:
             shared.in_flight -= 1
             if shared.gauge is not None:
@@ -295,17 +276,28 @@ class Shadower:
 
     # ---- the shadow request (its own task) ----------------------------------------------
     async def _send(self, cs, m: _Mirror, method: str, head: bytes, body: bytes, hash_key,
-                    deadline: float) -> None:
+                    deadline: float, span) -> None:
         shared = self.shared
+        status = None
+        flag = None
         try:
-            await self._exchange(cs, m, method, head, body, hash_key, deadline)
+            status, flag = await self._exchange(cs, m, method, head, body, hash_key, deadline, span)
+        except asyncio.CancelledError:
+            flag = "LR"
+            raise
         finally:
             shared.in_flight -= 1
             if shared.gauge is not None:
                 shared.gauge.dec()
+            if span is not None:
+                try:
+                    span.end(status, flag)
+                except Exception:
+                    pass
 
     async def _exchange(self, cs, m: _Mirror, method: str, head: bytes, body: bytes, hash_key,
-                        deadline: float) -> None:
+                        deadline: float, span) -> tuple[Optional[int], Optional[str]]:
+        """One shadow exchange: (status or None, response flag or None)."""
         stats = m.stats
         loop = asyncio.get_running_loop()
         host = None
@@ -316,10 +308,12 @@ class Shadower:
             host = cs.pick(_ShadowCtx(hash_key))
             if host is None:
                 stats.no_upstream.inc()
-                return
+                return None, "UH"
+            if span is not None:
+                span.set_address(host)
             if cs.active_requests >= cs.config.circuit_breakers.default.max_requests:
                 stats.overflow.inc()
-                return
+                return None, "UO"
             cs.active_requests += 1
             host.active_requests += 1
             counted = True
@@ -336,7 +330,7 @@ class Shadower:
             stats.timeout.inc()
             if host is not None:
                 cs.record(host, None, loop.time() - t0, "timeout")
-            return
+            return None, "UT"
         except UpstreamError as e:
             if e.flag == "UT":
                 stats.timeout.inc()
@@ -345,7 +339,7 @@ class Shadower:
             if host is not None:
                 err = {"UT": "timeout", "UF": "connect_failure"}.get(e.flag, "reset")
                 cs.record(host, None, loop.time() - t0, err)
-            return
+            return None, e.flag or "UC"
         except asyncio.CancelledError:
             if conn is not None:
                 conn.close()
@@ -357,15 +351,16 @@ class Shadower:
             stats.error.inc()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("shadow to %s failed: %r", m.cluster, e)
-            return
+            return None, "UC"
         finally:
             if counted:
                 cs.active_requests -= 1
                 host.active_requests -= 1
         elapsed = loop.time() - t0
-        stats.by_class[min(max(resp.status // 100, 1), 5) - 1].inc()
+        status = resp.status
+        stats.by_class[min(max(status // 100, 1), 5) - 1].inc()
         stats.latency.observe(elapsed)
-        cs.record(host, resp.status, elapsed, None)
+        cs.record(host, status, elapsed, None)
         rb = resp.body
         if isinstance(rb, BodyStream):
             # read and drop the body so the connection can go back to the pool
@@ -384,3 +379,64 @@ class Shadower:
                 raise
             except Exception:
                 resp.discard()
+        return status, None
+
+
+class _Head:
+    """The request head of the shadow copies, captured when ``mirror()`` runs (later header
+    changes of the primary, such as the attempt count, do not leak in): request line and
+    headers, minus framing and hop-by-hop headers, with the ``-shadow`` Host."""
+
+    __slots__ = ("method", "path", "hash_key", "span_parent", "_lines", "_text")
+
+    def __init__(self, req, path: str, ctx):
+        headers = req.headers
+        conn_tokens = headers.get("connection")
+        drop = HOP_BY_HOP
+        if conn_tokens:
+            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
+        url = path + "?" + req.query if req.query else path
+        lines = [("", f"{req.method} {url} HTTP/1.1\r\n")]
+        saw_host = False
+        for k, v in headers.items():
+            if k in drop or k == "content-length" or k == "expect":
+                continue
+            if k == "host":
+                if saw_host:
+                    continue
+                saw_host = True
+                v = shadow_host(v)
+            lines.append((k, f"{k}: {v}\r\n"))
+        self.method = req.method
+        self.path = path
+        self.hash_key = ctx.hash_key
+        self.span_parent = ctx if ctx.span is not None else None
+        self._lines = lines
+        self._text = "".join(line for _, line in lines)
+
+    def encode(self, body: bytes, span) -> bytes:
+        if span is None:
+            text = self._text
+        else:
+            from sidecar.tracing import TRACE_HEADERS
+            text = "".join(line for k, line in self._lines if k not in TRACE_HEADERS)
+            text += span.header_lines()
+        if body or self.method in ("POST", "PUT", "PATCH"):
+            text = f"{text}content-length: {len(body)}\r\n\r\n"
+        else:
+            text += "\r\n"
+        return text.encode("latin-1")
+
+
+def cancel_all(runtime) -> int:
+    """Cancel the shadow requests still in flight (for process shutdown); returns how many."""
+    state = getattr(runtime, "state", None)
+    shared = state.get(_STATE_KEY) if state is not None else None
+    if shared is None:
+        return 0
+    n = 0
+    for t in list(shared.tasks):
+        if not t.done():
+            t.cancel()
+            n += 1
+    return n

@@ -17,7 +17,7 @@ status class, response flag), never by request values such as paths or header va
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 from sidecar.metrics import STATUS_CLASSES, Metrics
 
@@ -209,14 +209,14 @@ def _breaker_open(cs) -> dict[str, int]:
     }
 
 
-def endpoint_ewma(cs, host, now: float) -> tuple[float, float]:
-    """(latency estimate seconds, LB cost) as the load balancer sees them right now.
-
-    Peak-EWMA balancers decay the estimate with time; others expose the raw estimate and a
-    cost of estimate x (active requests + 1)."""
+def endpoint_ewma(cs, host, now: float) -> Optional[tuple[float, float]]:
+    """(latency estimate seconds, LB cost) as a peak-EWMA balancer sees them right now (the
+    estimate decays with time), or None when the cluster's balancer keeps no EWMA."""
     lb = cs.lb
     est_fn = getattr(lb, "estimate", None)
-    est = est_fn(host, now) if est_fn is not None else host.ewma
+    if est_fn is None:
+        return None
+    est = est_fn(host, now)
     cost_fn = getattr(lb, "cost", None)
     cost = cost_fn(host, now) if cost_fn is not None else est * (host.active_requests + 1)
     return est, cost
@@ -269,9 +269,10 @@ class StateCollector:
         e_ejections = C("sidecar_upstream_endpoint_ejections_total", "Times the endpoint was ejected",
                         labels=ep_labels)
         e_ewma = G("sidecar_upstream_endpoint_ewma_seconds",
-                   "Peak-EWMA latency estimate (decayed to now)", labels=ep_labels)
-        e_cost = G("sidecar_upstream_endpoint_ewma_cost",
-                   "Load-balancer cost: EWMA estimate x (active requests + 1) / weight", labels=ep_labels)
+                   "Peak-EWMA latency estimate, decayed to now (peak_ewma clusters)", labels=ep_labels)
+        e_cost = G("sidecar_upstream_endpoint_ewma_cost_seconds",
+                   "Peak-EWMA load-balancer cost: estimate x (active requests + 1) / weight",
+                   labels=ep_labels)
         e_rq_active = G("sidecar_upstream_endpoint_rq_active", "Requests in flight to the endpoint",
                         labels=ep_labels)
         e_rq = C("sidecar_upstream_endpoint_rq_total", "Attempts sent to the endpoint", labels=ep_labels)
@@ -309,11 +310,12 @@ class StateCollector:
                 e_ejected.add_metric(lv, int(ejected))
                 e_ejections.add_metric(lv, h.ejections)
                 try:
-                    est, cost = endpoint_ewma(cs, h, now)
+                    ew = endpoint_ewma(cs, h, now)
                 except Exception:
-                    est, cost = h.ewma, h.ewma
-                e_ewma.add_metric(lv, est)
-                e_cost.add_metric(lv, cost)
+                    ew = None
+                if ew is not None:
+                    e_ewma.add_metric(lv, ew[0])
+                    e_cost.add_metric(lv, ew[1])
                 e_rq_active.add_metric(lv, h.active_requests)
                 e_rq.add_metric(lv, h.rq_total)
                 e_err.add_metric(lv, h.rq_error)

@@ -529,7 +529,8 @@ class Tracing:
         else:
             if kind == "console":
                 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-                self.exporter = ConsoleSpanExporter(service_name=config.service_name)
+                import sys
+                self.exporter = ConsoleSpanExporter(service_name=config.service_name, out=sys.stdout)
             elif kind == "otlp_http":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
                 self.exporter = OTLPSpanExporter(endpoint=otlp_traces_url(config.endpoint),
