@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from filters import FilterRuntime
 from sidecar.cluster import ClusterManager
-from sidecar.errors import ConfigErrors
+from sidecar.errors import ConfigError, ConfigErrors
 from sidecar.metrics import Metrics
 from sidecar.model import Snapshot
 from sidecar.stats import StatsCache
@@ -173,6 +173,12 @@ class App:
             return False
         try:
             await self.store.apply(snap)
+        except (ConfigError, ConfigErrors) as e:
+            # found while building the route chains (e.g. a per-route filter override that
+            # names an unknown provider): refused like any invalid file
+            log.error("config reload refused, keeping the running config:\n%s", e)
+            self.count_update(source, False, str(e))
+            return False
         except OSError as e:
             log.error("config reload refused (cannot bind: %s); keeping the running config", e)
             self.count_update(source, False, str(e))
@@ -256,6 +262,8 @@ class App:
         for lr in self.store.listeners.values():
             lr.close()
         self.clusters.close()
+        from filters.jwt_authn import close_state
+        close_state(self.runtime.state)
         if self.admin is not None:
             await self.admin.cleanup()
         if self._tracing is not None:

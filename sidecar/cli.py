@@ -83,8 +83,12 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
               reuse_port=reuse_port, worker_id=worker_id, workers=workers)
     app.install_signal_handlers()
+    from sidecar.errors import ConfigError, ConfigErrors
     try:
         await app.start()
+    except (ConfigError, ConfigErrors) as e:
+        print(f"sidecar: invalid config:\n  {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"sidecar: cannot start: {e}", file=sys.stderr)
         return 1

@@ -541,6 +541,11 @@ class ListenerRuntime:
             external = not (cfg.trust_private_peers and is_private(ip))
             if ip:
                 xff = headers.get("x-forwarded-for")
+                if xff and cfg.xff_num_trusted_hops:
+                    # the client is N hops back in XFF when N proxies in front are trusted
+                    hops = [h.strip() for h in xff.split(",")]
+                    if len(hops) >= cfg.xff_num_trusted_hops:
+                        ctx.extra["remote_ip"] = hops[-cfg.xff_num_trusted_hops]
                 headers["x-forwarded-for"] = f"{xff},{ip}" if xff else ip
             headers["x-forwarded-proto"] = scheme
             if external:
