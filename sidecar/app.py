@@ -77,6 +77,8 @@ class App:
         self.last_reload_error = ""
         self.control_plane = None      # control_plane_client runtime, when dynamic
         self.ready_checks: list[Callable[[], Optional[str]]] = []   # -> reason not ready or None
+        # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
+        self.ready_notes: list[Callable[[], Optional[str]]] = []
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
         self._tasks: list[asyncio.Task] = []
         self._stop: Optional[asyncio.Event] = None

@@ -11,7 +11,7 @@ from sidecar.errors import ConfigError, ConfigErrors
 from sidecar.model import Snapshot
 
 # keys that only an Envoy bootstrap has at its top level
-_ENVOY_KEYS = {"static_resources", "dynamic_resources", "node", "layered_runtime",
+_ENVOY_KEYS = {"static_resources", "dynamic_resources", "layered_runtime",
                "overload_manager", "stats_flush_interval"}
 
 
