@@ -5,6 +5,7 @@ round robin, least request (power of two choices on active requests) and peak EW
 
     python -m bench.lb_scenario                       # 300 req/s for 15 s per policy
     python -m bench.lb_scenario --rate 200 --duration 8 --json out.json
+    python -m bench.lb_scenario --repeat 3          # interleaved rounds, medians and ranges
 
 Setup (all on 127.0.0.1, each in its own process):
 
@@ -137,7 +138,7 @@ class _Client(asyncio.Protocol):
 
 async def run_load(port: int, rate: float, duration: float, warmup: float) -> dict:
     loop = asyncio.get_running_loop()
-    request = f"GET /work HTTP/1.1\r\nhost: svc\r\n\r\n".encode()
+    request = b"GET /work HTTP/1.1\r\nhost: svc\r\n\r\n"
     idle: list[_Client] = []
     lat: list[float] = []
     names: dict[str, int] = {}
@@ -222,7 +223,8 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def sidecar_config(listen: int, admin: int, ports: list[int], policy: str) -> str:
+def sidecar_config(listen: int, admin: int, ports: list[int], policy: str,
+                   ewma_decay: str = "") -> str:
     import yaml
     cfg = {
         "admin": {"address": "127.0.0.1", "port": admin},
@@ -231,6 +233,8 @@ def sidecar_config(listen: int, admin: int, ports: list[int], policy: str) -> st
         "clusters": [{"name": "svc", "lb": policy, "connect_timeout": "1s",
                       "endpoints": [f"127.0.0.1:{p}" for p in ports]}],
     }
+    if policy == "peak_ewma" and ewma_decay:
+        cfg["clusters"][0]["ewma"] = {"decay": ewma_decay}
     return yaml.safe_dump(cfg)
 
 
@@ -246,11 +250,12 @@ def run(args) -> list[dict]:
     tmp = tempfile.mkdtemp(prefix="lb-scenario-")
     try:
         assert up.stdout is not None and up.stdout.readline().strip() == "ready"
-        for policy in args.policies:
+        order = [p for _ in range(args.repeat) for p in args.policies]   # interleaved rounds
+        for policy in order:
             listen, admin = free_port(), free_port()
             path = os.path.join(tmp, f"{policy}.yaml")
             with open(path, "w") as f:
-                f.write(sidecar_config(listen, admin, ports, policy))
+                f.write(sidecar_config(listen, admin, ports, policy, args.ewma_decay))
             log = open(os.path.join(tmp, f"{policy}.log"), "w")
             proxy = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", path,
                                       "--log-level", "warning"], cwd=root, stdout=log,
@@ -261,7 +266,8 @@ def run(args) -> list[dict]:
             finally:
                 stop(proxy)
                 log.close()
-            r["policy"] = policy
+            r["policy"] = policy + (f" (decay {args.ewma_decay})"
+                                    if policy == "peak_ewma" and args.ewma_decay else "")
             results.append(r)
             print(f"  {policy:14} slow share {r['slow_share'] * 100:5.1f} %   "
                   f"p50 {r['p50_ms']:7.1f} ms   p99 {r['p99_ms']:7.1f} ms   "
@@ -271,14 +277,34 @@ def run(args) -> list[dict]:
     return results
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def markdown(results: list[dict], args) -> str:
     lines = [f"Three endpoints ({args.workers} workers each; service time {args.fast_ms:g} ms, "
              f"{args.fast_ms:g} ms and {args.fast_ms * args.slow_factor:g} ms), open loop at "
              f"{args.rate:g} req/s for {args.duration:g} s per policy (after {args.warmup:g} s "
              f"warm-up), latency from the intended send time.",
-             "",
-             "| policy | requests | slow endpoint share | p50 | p90 | p99 | max |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             ""]
+    if args.repeat > 1:
+        lines[0] += (f" {args.repeat} interleaved rounds: medians, with the range over the "
+                     f"rounds in brackets.")
+        lines += ["| policy | slow endpoint share | p50 | p90 | p99 |",
+                  "|---|---:|---:|---:|---:|"]
+        for policy in dict.fromkeys(r["policy"] for r in results):
+            rs = [r for r in results if r["policy"] == policy]
+            sh = [r["slow_share"] * 100 for r in rs]
+            p99 = [r["p99_ms"] for r in rs]
+            lines.append(f"| {policy} | {_median(sh):.1f} % ({min(sh):.1f}–{max(sh):.1f}) | "
+                         f"{_median([r['p50_ms'] for r in rs]):.1f} ms | "
+                         f"{_median([r['p90_ms'] for r in rs]):.1f} ms | "
+                         f"{_median(p99):.1f} ms ({min(p99):.1f}–{max(p99):.1f}) |")
+        return "\n".join(lines)
+    lines += ["| policy | requests | slow endpoint share | p50 | p90 | p99 | max |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['policy']} | {r['requests']} | {r['slow_share'] * 100:.1f} % | "
                      f"{r['p50_ms']:.1f} ms | {r['p90_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
@@ -295,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-factor", type=float, default=10.0, help="how much slower the slow one is")
     p.add_argument("--workers", type=int, default=8, help="concurrent requests per endpoint")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--ewma-decay", default="", help="peak EWMA decay (default: the sidecar's, 10s)")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (medians reported)")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--serve-upstreams", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

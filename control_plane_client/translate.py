@@ -583,8 +583,7 @@ def cluster(d: dict, path: str) -> Cluster:
         tec = w.check_keys(w.mapping(ext, "typed_extension_config", pp), ("name", "typed_config"), tp)
         body = typed(w.mapping(tec, "typed_config", tp), w.join(tp, "typed_config"), T_PEAK_EWMA)
         bp = w.join(tp, "typed_config")
-        w.check_keys(body, ("decay_time", "default_rtt", "choice_count", "failure_penalty",
-                            "aggregation_interval", "penalty_value"), bp)
+        w.check_keys(body, ("decay_time", "default_rtt", "choice_count", "failure_penalty"), bp)
         lb_kw.update(policy="peak_ewma", ewma_decay_s=w.duration(body, "decay_time", bp, 10.0),
                      ewma_default_rtt_s=w.duration(body, "default_rtt", bp, 0.030),
                      choice_count=w.integer(body, "choice_count", bp, 2, lo=2),

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -48,6 +47,7 @@ from multidict import MultiDict
 from filters import FilterSpec
 from sidecar import wire as w
 from sidecar.errors import ConfigError
+from sidecar.router_stage import weighted_point
 from sidecar.http import Filter, Request, Response, local_reply
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
@@ -237,8 +237,8 @@ def from_native(d: dict, path: str) -> FaultConfig:
                      "max_active_faults"), path)
     headers: tuple = ()
     if d.get("headers") is not None:
-        from sidecar.native import _header_matchers
-        headers = _header_matchers(d["headers"], w.join(path, "headers"))
+        from sidecar.native import header_matchers
+        headers = header_matchers(d["headers"], w.join(path, "headers"))
     nodes = w.seq(d, "downstream_nodes", path, [])
     for i, n in enumerate(nodes):
         if not isinstance(n, str):
@@ -289,14 +289,6 @@ class _Shared:
         self.gauge = metrics.gauge("sidecar_fault_active", "Requests with an active injected fault")
 
 
-def _weighted_point(request_id: str, total: int) -> Optional[int]:
-    """The router's weighted-cluster draw for this request (stable for its request id).
-    Must agree with ``sidecar.router_stage.RouterStage``; None when it is random."""
-    if not request_id:
-        return None
-    return zlib.crc32(request_id.encode()) % total
-
-
 def _cluster_check(upstream: str, route: Any) -> tuple[bool, Optional[Callable[[Request], bool]]]:
     """(applies at all, per-request check or None). Filters run before the router picks a
     cluster, so: a route that never targets ``upstream`` gets no filter; a single-cluster route
@@ -327,7 +319,7 @@ def _cluster_check(upstream: str, route: Any) -> tuple[bool, Optional[Callable[[
     ranges_t = tuple(ranges)
 
     def check(req: Request) -> bool:
-        point = _weighted_point(req.ctx.request_id, total)
+        point = weighted_point(req.ctx.request_id, total)
         if point is None:
             return False          # the router will draw at random: cannot tell, do not inject
         for lo, hi in ranges_t:

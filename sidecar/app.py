@@ -265,7 +265,9 @@ class App:
             lr.close()
         self.clusters.close()
         from filters.jwt_authn import close_state
+        from sidecar.shadow import cancel_all
         close_state(self.runtime.state)
+        cancel_all(self.runtime)
         if self.admin is not None:
             await self.admin.cleanup()
         if self._tracing is not None:

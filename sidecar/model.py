@@ -40,7 +40,7 @@ class LbConfig:
     choice_count: int = 2            # least_request / peak_ewma: power of N choices
     ewma_decay_s: float = 10.0       # peak_ewma decay time
     ewma_default_rtt_s: float = 0.030
-    ewma_failure_penalty_s: float = 0.0   # added to a failed request's RTT sample
+    ewma_failure_penalty_s: float = 0.0   # a failure counts as max(latency, penalty); 0 = default
     ring_size: int = 1024
     panic_threshold: float = 50.0    # percent healthy below which all hosts are used
 

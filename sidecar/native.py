@@ -45,7 +45,7 @@ def _matcher(v: Any, path: str) -> StringMatcher:
     return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
 
 
-def _header_matchers(v: Any, path: str) -> tuple[HeaderMatcher, ...]:
+def header_matchers(v: Any, path: str) -> tuple[HeaderMatcher, ...]:
     """``{name: value}`` (exact) or a list of ``{name, exact|prefix|regex|present, invert}``."""
     out = []
     if isinstance(v, dict):
@@ -98,7 +98,7 @@ def _route_match(d: dict, path: str) -> RouteMatch:
     cookies = tuple((name, _matcher(val, w.join(w.join(path, "cookies"), name)))
                     for name, val in w.mapping(d, "cookies", path, {}).items())
     return RouteMatch(case_sensitive=cs,
-                      headers=_header_matchers(d["headers"], w.join(path, "headers")) if "headers" in d else (),
+                      headers=header_matchers(d["headers"], w.join(path, "headers")) if "headers" in d else (),
                       query_params=tuple(q), methods=tuple(m.upper() for m in methods),
                       cookies=cookies,
                       runtime_fraction=w.number(d, "percent", path, None, lo=0, hi=100), **kw)

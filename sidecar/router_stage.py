@@ -58,6 +58,14 @@ def local_reply_for_error(ctx, e: UpstreamError) -> Response:
     return local_reply(ctx, 503, RESET_BODY + "connection termination", flag or "UC")
 
 
+def weighted_point(request_id: str, total: int) -> Optional[int]:
+    """The weighted-cluster draw: stable for a request id (retries and replays of one request
+    land on the same cluster); None when there is no id (then the draw is random)."""
+    if not request_id:
+        return None
+    return zlib.crc32(request_id.encode()) % total
+
+
 def request_hash(policies, req) -> Optional[int]:
     """Envoy's hash_policy: combine the values of the policies that apply (terminal stops)."""
     from sidecar.router import parse_cookies
@@ -91,6 +99,18 @@ class NoHealthyUpstream(UpstreamError):
 class Overflow(UpstreamError):
     def __init__(self, what: str):
         super().__init__("UO", f"overflow: {what}", sent=False)
+
+
+async def _connect(pool, deadline):
+    """A new pooled connection: the cluster's connect timeout, cut short by the (per-try or
+    route) deadline (UpstreamTimeout then)."""
+    if deadline is None:
+        return await pool.connect()
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await pool.connect()
+    except TimeoutError:
+        raise UpstreamTimeout() from None
 
 
 class PendingTimeout(UpstreamTimeout):
@@ -181,8 +201,9 @@ class RouterStage:
         if cs is None:
             if self.weighted:
                 total = self.weighted[-1][0]
-                rid = ctx.request_id
-                point = (zlib.crc32(rid.encode()) if rid else random.getrandbits(32)) % total
+                point = weighted_point(ctx.request_id, total)
+                if point is None:
+                    point = random.getrandbits(32) % total
                 for cum, state, wmut, wstats, name in self.weighted:
                     if point < cum:
                         cs, extra_mut, cstats = state, wmut, wstats
@@ -309,7 +330,8 @@ class RouterStage:
                     if try_deadline is None or pt < try_deadline:
                         try_deadline = pt
                 if try_deadline is not None:
-                    ms = int((try_deadline - loop.time()) * 1000)
+                    # Envoy: min(per-try timeout, what is left of the route timeout)
+                    ms = int((try_deadline - loop.time()) * 1000 + 0.5)
                     headers["x-envoy-expected-rq-timeout-ms"] = str(ms if ms > 0 else 1)
                 try:
                     resp = await self.attempt(req, cs, cstats, path, try_deadline, deadline, loop)
@@ -349,8 +371,8 @@ class RouterStage:
                     if num_retries:
                         cstats.retry_limit_exceeded.inc()
                     return resp if err is None else local_reply_for_error(ctx, err)
-                if not retry_allowed(cs.active_retries, cs.active_requests, thresholds.max_retries,
-                                     bp, mrc):
+                if not retry_allowed(cs.active_retries, cs.active_requests + cs.pending_requests,
+                                     thresholds.max_retries, bp, mrc):
                     # the retry breaker / budget: answer with what we have (Envoy's behaviour)
                     cstats.rq_retry_overflow.inc()
                     return resp if err is None else local_reply_for_error(ctx, err)
@@ -376,9 +398,8 @@ class RouterStage:
     async def attempt(self, req: Request, cs, cstats, path: str, deadline, overall_deadline, loop):
         """One upstream attempt. Raises UpstreamError (with its response flag)."""
         ctx = req.ctx
-        if ctx.attempts == 0:          # a route without retries: its only attempt
-            ctx.attempts = 1
-            req.headers["x-envoy-attempt-count"] = "1"
+        if ctx.attempts == 0:          # a route without retries: its only attempt (no
+            ctx.attempts = 1           # x-envoy-attempt-count there: Envoy sends none either)
         host = cs.pick(ctx)
         if host is None:
             raise NoHealthyUpstream()
@@ -418,14 +439,9 @@ class RouterStage:
                     reused = conn is not None
                 if conn is None:
                     try:
-                        if deadline is None:
-                            conn = await pool.connect()
-                        else:
-                            # the connect timeout, cut short by the (per-try or route) deadline
-                            async with asyncio.timeout_at(deadline):
-                                conn = await pool.connect()
-                    except TimeoutError:
-                        raise UpstreamTimeout() from None
+                        conn = await _connect(pool, deadline)
+                    except UpstreamTimeout:
+                        raise
                     except UpstreamError:
                         cstats.cx_connect_fail.inc()
                         host.cx_connect_fail += 1
@@ -441,7 +457,7 @@ class RouterStage:
                 if reused and not e.sent and isinstance(body, bytes) and e.flag == "UC":
                     # the server closed an idle keep-alive connection as we reused it:
                     # nothing was processed, so send once more on a fresh connection
-                    conn = await pool.connect()
+                    conn = await _connect(pool, deadline)
                     cstats.cx_total.inc()
                     resp = await conn.request(head, body, chunked, no_body, deadline)
                 else:
@@ -478,7 +494,8 @@ class RouterStage:
         max_pending_requests are already waiting, UpstreamTimeout when the deadline passes.
 
         Waiting parks on a future woken when a connection is released or closed: the event
-        loop is never blocked or polled."""
+        loop is never blocked. (Until ``ConnectionPool`` offers its ``on_free`` hook, a waiter
+        also re-checks every 50 ms, so a release at the end of a streamed body is not missed.)"""
         cx_overflow_counter(self.stats.metrics, cs.name).inc()
         if close_idle_elsewhere(cs, pool):
             return None
@@ -491,7 +508,10 @@ class RouterStage:
         # without the pool's release hook a streamed response's release is only seen on a
         # re-check; with it (the normal case) a waiter sleeps until it is woken
         recheck = not hook_pools(cs, waiters)
+        # while pending, the request counts as pending, not active (Envoy's accounting)
         cs.pending_requests += 1
+        cs.active_requests -= 1
+        host.active_requests -= 1
         front = False
         try:
             while True:
@@ -512,6 +532,8 @@ class RouterStage:
                     return None
         finally:
             cs.pending_requests -= 1
+            cs.active_requests += 1
+            host.active_requests += 1
             if cs.pending_requests and cs.open_connections() < \
                     cs.config.circuit_breakers.default.max_connections:
                 waiters.wake()      # pass on a slot this waiter did not use
