@@ -8,7 +8,8 @@
   in-memory queue; one writer thread per destination joins the queue and writes it in large
   chunks (every 50 ms, or sooner when 512 lines wait). If the destination cannot keep up and
   ``MAX_QUEUED_LINES`` wait, new lines are dropped and counted
-  (``sidecar_access_log_dropped_total``) rather than growing memory or stalling requests.
+  (``sidecar_access_log_lines_total{outcome="dropped"}``) rather than growing memory or
+  stalling requests.
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class LogSink:
         self._pending = 0          # lines taken off the queue but not yet written
         self.dropped = 0
         self.written = 0
-        self.dropped_counter = None
         self._closed = False
         self._file = None
         if path not in ("/dev/stdout", "-", "/dev/stderr"):
@@ -113,9 +113,6 @@ class LogSink:
         n = len(q)
         if n >= MAX_QUEUED_LINES:
             self.dropped += 1
-            c = self.dropped_counter
-            if c is not None:
-                c.inc()
             return
         q.append(line)
         if n == WAKE_AT_LINES:
@@ -245,11 +242,67 @@ def _trace_ids(req) -> tuple[Optional[str], Optional[str]]:
     return (t, None) if t else (None, None)
 
 
-class AccessLogger:
-    __slots__ = ("fields", "format", "_sink", "listener", "_want_trace")
+def _peer(req, resp, d):
+    peer = req.ctx.downstream_addr
+    return f"{peer[0]}:{peer[1]}" if peer else None
 
-    def __init__(self, path: str, fmt: str, fields: tuple[str, ...], listener: str,
-                 metrics=None):
+
+def _upstream_ms(req, resp, d):
+    up = req.ctx.upstream_duration
+    return round(up * 1000, 3) if up is not None else None
+
+
+# field name -> getter(req, resp, duration); the logger binds the configured ones once
+_GETTERS = {
+    "start_time": lambda req, resp, d: _TIME.format(time.time() - d),
+    "method": lambda req, resp, d: req.method,
+    "path": lambda req, resp, d: req.path,
+    "protocol": lambda req, resp, d: f"HTTP/{req.version}",
+    "status": lambda req, resp, d: resp.status,
+    "response_flags": lambda req, resp, d: ",".join(req.ctx.flags) or "-",
+    "duration_ms": lambda req, resp, d: round(d * 1000, 3),
+    "upstream_duration_ms": _upstream_ms,
+    "bytes_received": lambda req, resp, d: req.ctx.bytes_received,
+    "bytes_sent": lambda req, resp, d: req.ctx.bytes_sent,
+    "upstream_host": lambda req, resp, d: req.ctx.upstream_host or None,
+    "route": lambda req, resp, d: req.ctx.route.name if req.ctx.route is not None else None,
+    "cluster": lambda req, resp, d: req.ctx.cluster or None,
+    "upstream_cluster": lambda req, resp, d: req.ctx.cluster or None,
+    "request_id": lambda req, resp, d: req.ctx.request_id or None,
+    "trace_id": lambda req, resp, d: _trace_ids(req)[0],
+    "span_id": lambda req, resp, d: _trace_ids(req)[1],
+    "user_agent": lambda req, resp, d: req.headers.get("user-agent"),
+    "downstream_address": _peer,
+    "authority": lambda req, resp, d: req.headers.get("host"),
+    "attempts": lambda req, resp, d: req.ctx.attempts,
+    "virtual_host": lambda req, resp, d: req.ctx.vhost.name if req.ctx.vhost is not None else None,
+    "peer_identity": lambda req, resp, d: req.ctx.peer_identity,
+    "x_forwarded_for": lambda req, resp, d: req.headers.get("x-forwarded-for"),
+    "referer": lambda req, resp, d: req.headers.get("referer"),
+}
+assert set(_GETTERS) == KNOWN_FIELDS - {"listener"}
+
+
+def _getter(field: str, listener: str):
+    if field == "listener":
+        return lambda req, resp, d: listener
+    g = _GETTERS.get(field)
+    if g is not None:
+        return g
+    if field.startswith(REQUEST_HEADER):
+        name = field[len(REQUEST_HEADER):].lower()
+        return lambda req, resp, d: req.headers.get(name)
+    if field.startswith(RESPONSE_HEADER):
+        name = field[len(RESPONSE_HEADER):].lower()
+        return lambda req, resp, d: resp.headers.get(name)
+    log.warning("unknown access log field %r (logged as null)", field)
+    return lambda req, resp, d: None
+
+
+class AccessLogger:
+    __slots__ = ("fields", "format", "_sink", "listener", "_getters", "_dumps")
+
+    def __init__(self, path: str, fmt: str, fields: tuple[str, ...], listener: str):
         wanted = []
         for f in (fields or DEFAULT_FIELDS):
             for prefix in (REQUEST_HEADER, RESPONSE_HEADER):
@@ -261,57 +314,17 @@ class AccessLogger:
         self.fields = tuple(wanted)
         self.format = fmt
         self.listener = listener
-        self._sink = sink_for(path)
-        self._want_trace = "trace_id" in self.fields or "span_id" in self.fields
-        if metrics is not None and metrics.enabled and self._sink.dropped_counter is None:
-            self._sink.dropped_counter = metrics.counter(
-                "sidecar_access_log_dropped_total",
-                "Access log lines dropped because the destination could not keep up",
-                ("path",)).labels(path)
+        self._getters = tuple((f, _getter(f, listener)) for f in self.fields)
+        self._dumps = json.JSONEncoder(separators=(",", ":")).encode   # values are str/int/float/None
+        self._sink = sink_for(path)     # its counts are exported at scrape time (sidecar.stats)
 
     def record(self, req, resp, duration: float) -> dict:
-        ctx = req.ctx
-        h = req.headers
-        peer = ctx.downstream_addr
-        route = ctx.route
-        trace_id = span_id = None
-        if self._want_trace:
-            trace_id, span_id = _trace_ids(req)
-        up = ctx.upstream_duration
-        values = {
-            "start_time": _TIME.format(time.time() - duration),
-            "method": req.method, "path": req.path, "protocol": f"HTTP/{req.version}",
-            "status": resp.status, "response_flags": ",".join(ctx.flags) or "-",
-            "duration_ms": round(duration * 1000, 3),
-            "upstream_duration_ms": round(up * 1000, 3) if up is not None else None,
-            "bytes_received": ctx.bytes_received, "bytes_sent": ctx.bytes_sent,
-            "upstream_host": ctx.upstream_host or None,
-            "route": route.name if route is not None else None,
-            "cluster": ctx.cluster or None, "upstream_cluster": ctx.cluster or None,
-            "request_id": ctx.request_id or None,
-            "trace_id": trace_id, "span_id": span_id, "user_agent": h.get("user-agent"),
-            "downstream_address": f"{peer[0]}:{peer[1]}" if peer else None,
-            "authority": h.get("host"), "listener": self.listener,
-            "attempts": ctx.attempts, "virtual_host": ctx.vhost.name if ctx.vhost is not None else None,
-            "peer_identity": ctx.peer_identity, "x_forwarded_for": h.get("x-forwarded-for"),
-            "referer": h.get("referer"),
-        }
-        out = {}
-        for k in self.fields:
-            if k in values:
-                out[k] = values[k]
-            elif k.startswith(REQUEST_HEADER):
-                out[k] = h.get(k[len(REQUEST_HEADER):])
-            elif k.startswith(RESPONSE_HEADER):
-                out[k] = resp.headers.get(k[len(RESPONSE_HEADER):])
-            else:
-                out[k] = None
-        return out
+        return {name: get(req, resp, duration) for name, get in self._getters}
 
     def format_line(self, req, resp, duration: float) -> str:
         rec = self.record(req, resp, duration)
         if self.format == "json":
-            return json.dumps(rec, separators=(",", ":"), ensure_ascii=False, default=str)
+            return self._dumps(rec)
         return " ".join("-" if v is None else str(v) for v in rec.values())
 
     def log(self, req, resp, duration: float) -> None:
@@ -323,8 +336,8 @@ class AccessLogger:
         self._sink.write(line)
 
 
-def make_access_logger(cfg, listener_name: str, metrics=None):
+def make_access_logger(cfg, listener_name: str):
     if cfg.format == "dev":
         from sidecar.devlog import DevLogger
         return DevLogger(cfg.path, listener_name)
-    return AccessLogger(cfg.path, cfg.format, cfg.fields, listener_name, metrics)
+    return AccessLogger(cfg.path, cfg.format, cfg.fields, listener_name)

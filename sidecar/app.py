@@ -62,6 +62,9 @@ class App:
         self.runtime = FilterRuntime(metrics=self.metrics, clusters=self.clusters, state={},
                                      stats=self.stats)
         self.store = ConfigStore(self)
+        from sidecar import health_checker, outlier_detector
+        self.outlier_detection = outlier_detector.install(self)
+        self.health_checks = health_checker.install(self)
         self.reuse_port = reuse_port
         self.watch_config = watch_config
         self.worker_id = worker_id
@@ -263,6 +266,8 @@ class App:
             await self.control_plane.close()
         for lr in self.store.listeners.values():
             lr.close()
+        self.health_checks.close()
+        self.outlier_detection.close()
         self.clusters.close()
         from filters.jwt_authn import close_state
         from sidecar.shadow import cancel_all

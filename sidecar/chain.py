@@ -11,13 +11,11 @@ order is visible in one place (linkerd2-proxy's shape):
 from __future__ import annotations
 
 import logging
-import random
-import time
-from typing import Any, Optional
+from typing import Optional
 
 import filters as filter_registry
-from sidecar.http import Handler, Request, Response, local_reply
-from sidecar.model import DirectResponse, HeaderMutation, Redirect, RouteAction
+from sidecar.http import Handler, Request, Response
+from sidecar.model import DirectResponse, HeaderMutation, Redirect
 
 log = logging.getLogger("sidecar.chain")
 

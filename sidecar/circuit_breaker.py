@@ -147,23 +147,14 @@ def connection_waiters(cs) -> ConnectionWaiters:
     return w
 
 
-def hook_pools(cs, waiters: ConnectionWaiters) -> bool:
-    """Point every pool's release/close hook (``ConnectionPool.on_free``, when the pool has
-    one) at ``waiters``. Returns False when pools lack the hook (callers then also re-check
-    on a short timer, so a streamed response's release is never missed)."""
-    ok = True
+def hook_pools(cs, waiters: ConnectionWaiters) -> None:
+    """Point every pool's release/close hook (``ConnectionPool.on_free``) at ``waiters``."""
     hooked = waiters.hooked
     for h in cs.hosts:
         p = h.pool
-        if p in hooked:
-            continue
-        try:
+        if p not in hooked:
             p.on_free = waiters.wake
-        except AttributeError:
-            ok = False
-            continue
-        hooked.add(p)
-    return ok
+            hooked.add(p)
 
 
 def close_idle_elsewhere(cs, pool) -> bool:

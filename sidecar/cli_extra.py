@@ -14,8 +14,9 @@ and serves it with a readable (coloured on a terminal) request log. Saving the f
 an invalid file is reported with the path of every bad field and the last good config keeps
 serving. The admin port listens on 127.0.0.1 only, whatever the config says.
 
-Other commands can plug in here: every module in ``OPTIONAL_COMMANDS`` that can be imported and
-has ``add_parser(subparsers)`` adds its subcommand (e.g. ``sidecar token`` when present).
+Other commands plug in here: each ``(module, command)`` in ``OPTIONAL_COMMANDS`` whose module
+imports and has ``add_parser(subparsers)`` adds its subcommand (``sidecar token`` from
+``sidecar.jwt_tool``), unless the command is registered already.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib
-import logging
 import os
 import sys
 import time
@@ -36,8 +36,9 @@ POLL_INTERVAL_S = 0.25
 TINY_KEYS = ("port", "address", "admin_port", "routes")
 _ROUTE_OPTS = ("timeout", "retry", "rewrite", "request_headers", "response_headers", "idle_timeout",
                "filters", "mirror", "hash")
-# modules that may add subcommands: each needs add_parser(subparsers)
-OPTIONAL_COMMANDS = ("sidecar.token",)
+# (module, command): modules that add a subcommand with add_parser(subparsers), when importable
+# and when the command is not registered already
+OPTIONAL_COMMANDS = (("sidecar.jwt_tool", "token"),)
 
 STARTER = """\
 # sidecar dev config: saved changes are picked up at once (bad ones are reported, not applied)
@@ -64,7 +65,9 @@ def add_commands(sub) -> None:
                    help="proxy internals' log level (default: warning)")
     d.set_defaults(func=cmd_dev)
     certs.add_parser(sub)
-    for mod in OPTIONAL_COMMANDS:
+    for mod, command in OPTIONAL_COMMANDS:
+        if command in sub.choices:
+            continue
         try:
             m = importlib.import_module(mod)
         except ImportError:

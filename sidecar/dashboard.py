@@ -4,8 +4,10 @@ A small self-contained page (``sidecar/static/``: no CDN, works offline) polls t
 second. The JSON is computed here from two sources:
 
 * the metric families (request counts by status class and latency histograms, per route and
-  per cluster), sampled once a second into a one-minute ring, so rates, success rates and
-  latency percentiles are over the last ``WINDOW_S`` seconds, the same for every viewer;
+  per cluster), sampled once a second into a one-minute ring while someone is looking (the
+  sampler starts with the first ``/dashboard.json`` request and stops after
+  ``IDLE_STOP_S`` without one), so rates, success rates and latency percentiles are over the
+  last ``WINDOW_S`` seconds, the same for every viewer;
 * the live state of the cluster manager (endpoint health, ejection, peak-EWMA estimate,
   requests in flight, breaker occupancy) and of the config store (version, updates).
 
@@ -34,6 +36,7 @@ WINDOW_S = 10.0              # rates and percentiles over this window
 MAX_ROUTES = 50
 MAX_CLUSTERS = 100
 MAX_ENDPOINTS = 50
+IDLE_STOP_S = 120.0          # stop sampling when nobody asked for the dashboard this long
 
 _STATIC_TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html",
                  ".svg": "image/svg+xml", ".png": "image/png"}
@@ -132,6 +135,7 @@ class Sampler:
         self.interval = interval
         self.samples: collections.deque[_Sample] = collections.deque(maxlen=keep)
         self._task: Optional[asyncio.Task] = None
+        self._last_view = 0.0
 
     def read(self) -> _Sample:
         """Cumulative counts right now (not stored)."""
@@ -168,22 +172,28 @@ class Sampler:
         return s
 
     async def run(self) -> None:
-        while True:
-            try:
-                self.take()
-            except Exception:  # pragma: no cover  (never let the sampler die)
-                log.exception("dashboard sampler failed")
-            await asyncio.sleep(self.interval)
+        try:
+            while time.monotonic() - self._last_view < IDLE_STOP_S:
+                try:
+                    self.take()
+                except Exception:  # pragma: no cover  (never let the sampler die)
+                    log.exception("dashboard sampler failed")
+                await asyncio.sleep(self.interval)
+        finally:
+            self._task = None
 
     def start(self) -> None:
+        """Sample while someone is looking (costs nothing when nobody opens the dashboard)."""
+        self._last_view = time.monotonic()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        t = self._task
+        if t is not None:
+            t.cancel()
             try:
-                await self._task
+                await t
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
@@ -387,10 +397,8 @@ def add_dashboard_routes(web_app: web.Application, app) -> None:
         return _static(request.match_info["name"])
 
     async def data(request):
-        return web.json_response(sampler.view(), headers={"Cache-Control": "no-store"})
-
-    async def on_startup(_):
         sampler.start()
+        return web.json_response(sampler.view(), headers={"Cache-Control": "no-store"})
 
     async def on_cleanup(_):
         await sampler.stop()
@@ -399,5 +407,4 @@ def add_dashboard_routes(web_app: web.Application, app) -> None:
     web_app.router.add_get("/dashboard", index)
     web_app.router.add_get("/dashboard.json", data)
     web_app.router.add_get("/static/{name}", static)
-    web_app.on_startup.append(on_startup)
     web_app.on_cleanup.append(on_cleanup)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from math import gcd
-from typing import Optional, Sequence
+from typing import Sequence
 
 from sidecar.model import LbConfig
 

@@ -12,7 +12,10 @@ attempt through ``ClusterState.outcome_hooks`` and ejects a host on
   requests, when at least ``success_rate_minimum_hosts`` have that many, are ejected when their
   success rate is below ``mean - success_rate_stdev_factor * stdev``.
 
-Each kind is enforced with its ``enforcing_*`` probability (percent). An ejection lasts
+A streak is judged once, when it reaches its threshold (as Envoy does): if that ejection is
+not enforced (``enforcing_*`` probability, in percent) or would pass ``max_ejection_percent``,
+the host stays in until a new streak reaches the threshold. A threshold of 0 turns the check
+off. An ejection lasts
 ``base_ejection_time x n`` where ``n`` counts this host's ejections in a row (it goes up on each
 ejection and down by one each interval the host stays in), capped at
 ``max(base_ejection_time, max_ejection_time)``. At most ``max_ejection_percent`` of the hosts
@@ -129,7 +132,7 @@ class ClusterDetector:
         if local_error is not None:
             if cfg.split_external_local_origin_errors:
                 host.consecutive_local += 1
-                if host.consecutive_local >= cfg.consecutive_local_origin_failure > 0:
+                if host.consecutive_local == cfg.consecutive_local_origin_failure:
                     self._maybe_eject(host, "consecutive_local_origin_failure",
                                       cfg.enforcing_consecutive_local_origin_failure)
                 return
@@ -149,11 +152,11 @@ class ClusterDetector:
             host.consecutive_gateway = 0
         # the gateway check first: its enforcement is off by default, so a host that also hits
         # consecutive_5xx is then ejected for that
-        if host.consecutive_gateway >= cfg.consecutive_gateway_failure > 0:
+        if host.consecutive_gateway == cfg.consecutive_gateway_failure:
             if self._maybe_eject(host, "consecutive_gateway_failure",
                                  cfg.enforcing_consecutive_gateway_failure):
                 return
-        if host.consecutive_5xx >= cfg.consecutive_5xx > 0:
+        if host.consecutive_5xx == cfg.consecutive_5xx:
             self._maybe_eject(host, "consecutive_5xx", cfg.enforcing_consecutive_5xx)
 
     # ---- ejection -------------------------------------------------------------------------

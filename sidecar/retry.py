@@ -205,13 +205,13 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 # ---- per-request override headers (honoured only when the route allows them) ---------------
 
-OVERRIDE_HEADERS = ("x-envoy-max-retries", "x-envoy-retry-on",
+OVERRIDE_HEADERS = ("x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-retriable-status-codes",
                     "x-envoy-upstream-rq-per-try-timeout-ms")
 
 
 def request_overrides(headers, policy: RetryPolicy) -> tuple[int, RetryPolicy, float]:
-    """Apply ``x-envoy-max-retries`` / ``x-envoy-retry-on`` /
-    ``x-envoy-upstream-rq-per-try-timeout-ms`` and remove them (they are for this hop).
+    """Apply ``x-envoy-max-retries`` / ``x-envoy-retry-on`` / ``x-envoy-retriable-status-codes``
+    / ``x-envoy-upstream-rq-per-try-timeout-ms`` and remove them (they are for this hop).
 
     Returns (num_retries, policy whose retry_on/codes apply, per-try timeout). Unknown
     retry-on tokens and malformed numbers are ignored, as Envoy does."""
@@ -230,6 +230,14 @@ def request_overrides(headers, policy: RetryPolicy) -> tuple[int, RetryPolicy, f
         if not extra <= policy.retry_on:
             from dataclasses import replace
             policy = replace(policy, retry_on=policy.retry_on | extra)
+    v = headers.get("x-envoy-retriable-status-codes")
+    if v is not None:
+        headers.popall("x-envoy-retriable-status-codes")
+        codes = frozenset(int(c) for c in (x.strip() for x in v.split(","))
+                          if c.isascii() and c.isdigit() and len(c) == 3 and 100 <= int(c) <= 599)
+        if not codes <= policy.retriable_status_codes:
+            from dataclasses import replace
+            policy = replace(policy, retriable_status_codes=policy.retriable_status_codes | codes)
     v = headers.get("x-envoy-upstream-rq-per-try-timeout-ms")
     if v is not None:
         headers.popall("x-envoy-upstream-rq-per-try-timeout-ms")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import zlib
 from typing import Optional
 
 from sidecar.chain import apply_request_mutation, apply_response_mutation
-from sidecar.http import BodyStream, BodyTooLarge, Request, Response, local_reply
+from sidecar.http import BodyStream, Request, Response, local_reply
 from sidecar.model import HeaderMutation, RouteAction
 from sidecar.circuit_breaker import (
     close_idle_elsewhere, connection_waiters, cx_overflow_counter, hook_pools,
@@ -31,7 +30,6 @@ from sidecar.retry import (
 from sidecar.upstream import HOP_BY_HOP, UpstreamError, UpstreamTimeout
 
 _COUNTS = tuple(str(i) for i in range(102))   # x-envoy-attempt-count values, made once
-_RECHECK_S = 0.05   # pending-for-connection re-check, only when pools lack the release hook
 
 # per-request control headers the router reads and never forwards (as Envoy's router)
 ROUTER_CONSUMED = frozenset({"x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
@@ -245,7 +243,7 @@ class RouterStage:
             # always consumed; honoured only where the route allows it (a client may shorten,
             # never lengthen, the route timeout)
             headers.popall("x-envoy-upstream-rq-timeout-ms")
-            if self.timeout_header and t.isdigit():
+            if self.timeout_header and t.isascii() and t.isdigit():
                 t_s = int(t) / 1000.0
                 if timeout <= 0 or 0 < t_s < timeout:
                     timeout = t_s
@@ -493,9 +491,8 @@ class RouterStage:
         None when a new connection may be opened; raises Overflow (503 UO) at once when
         max_pending_requests are already waiting, UpstreamTimeout when the deadline passes.
 
-        Waiting parks on a future woken when a connection is released or closed: the event
-        loop is never blocked. (Until ``ConnectionPool`` offers its ``on_free`` hook, a waiter
-        also re-checks every 50 ms, so a release at the end of a streamed body is not missed.)"""
+        Waiting parks on a future woken (``ConnectionPool.on_free``) when a connection is
+        released or closed: the event loop is never blocked."""
         cx_overflow_counter(self.stats.metrics, cs.name).inc()
         if close_idle_elsewhere(cs, pool):
             return None
@@ -505,9 +502,7 @@ class RouterStage:
             self.stats.cluster(cs.name).rq_pending_overflow.inc()
             raise Overflow("max_pending_requests")
         waiters = connection_waiters(cs)
-        # without the pool's release hook a streamed response's release is only seen on a
-        # re-check; with it (the normal case) a waiter sleeps until it is woken
-        recheck = not hook_pools(cs, waiters)
+        hook_pools(cs, waiters)
         # while pending, the request counts as pending, not active (Envoy's accounting)
         cs.pending_requests += 1
         cs.active_requests -= 1
@@ -518,10 +513,7 @@ class RouterStage:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     raise PendingTimeout()
-                until = deadline
-                if recheck and (until is None or until > now + _RECHECK_S):
-                    until = now + _RECHECK_S
-                await waiters.wait(loop, until, front)
+                await waiters.wait(loop, deadline, front)
                 front = True
                 conn = pool.take_idle()
                 if conn is not None:
@@ -567,7 +559,7 @@ class RouterStage:
                 parts.append(f"content-length: {len(body)}\r\n")
         else:
             cl = headers.get("content-length")
-            if cl is not None and isinstance(body, BodyStream):
+            if cl is not None and isinstance(body, (BodyStream, PrefixedStream)):
                 parts.append(f"content-length: {cl}\r\n")
             else:
                 parts.append("transfer-encoding: chunked\r\n")

@@ -16,6 +16,7 @@ status class, response flag), never by request values such as paths or header va
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Optional
 
@@ -332,6 +333,16 @@ class StateCollector:
         yield from (up_rq_active, up_pending, up_retries, up_cx, breaker, members, ej_active, warm,
                     e_avail, e_hc, e_ejected, e_ejections, e_ewma, e_cost, e_rq_active, e_rq, e_err,
                     e_to, e_cf, e_cx, e_weight)
+
+        # access log sinks (process-wide, one per destination)
+        al = sys.modules.get("sidecar.access_log")
+        if al is not None:
+            lines = C("sidecar_access_log_lines_total", "Access log lines by outcome",
+                      labels=("path", "outcome"))
+            for path, sink in list(al._SINKS.items()):
+                lines.add_metric((path, "written"), sink.written)
+                lines.add_metric((path, "dropped"), sink.dropped)
+            yield lines
 
         # control plane: the version, update counters and last update time are recorded by
         # the app when an update is accepted or refused (sidecar_config_*); this adds sizes

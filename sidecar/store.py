@@ -13,7 +13,7 @@ from typing import Optional
 
 from sidecar.chain import build_route_chain
 from sidecar.model import Listener, Snapshot
-from sidecar.observe import ListenerObserver, ListenerSnapshot
+from sidecar.observe import ListenerSnapshot
 from sidecar.router import RouteTable
 from sidecar.server import ListenerRuntime
 

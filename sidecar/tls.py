@@ -361,6 +361,15 @@ def _common(ctx: dict, path: str) -> dict:
         if mv in ("TLSv1_0", "TLSv1_1"):
             raise ConfigError(w.join(tp, "tls_minimum_protocol_version"), "must be TLSv1_2 or newer")
         out["min_version"] = "TLSv1_2" if mv == "TLS_AUTO" else mv
+        xv = w.string(t, "tls_maximum_protocol_version", tp, "TLS_AUTO",
+                      choices=_TLS_VERSIONS + ("TLSv1_0", "TLSv1_1"))
+        if xv not in ("TLS_AUTO", "TLSv1_3"):
+            raise ConfigError(w.join(tp, "tls_maximum_protocol_version"),
+                              "only TLS_AUTO or TLSv1_3 is supported (no maximum below TLS 1.3)")
+    alpn = w.seq(ctx, "alpn_protocols", path, [])
+    if any(p != "http/1.1" for p in alpn):
+        raise ConfigError(w.join(path, "alpn_protocols"),
+                          "only http/1.1 is supported (the sidecar speaks HTTP/1.1)")
     return out
 
 
@@ -400,6 +409,11 @@ def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"))
+    if c.get("match_san_uris") and not c.get("ca_file"):
+        from sidecar.errors import ConfigError
+        raise ConfigError(w.join(tp, "common_tls_context.validation_context"),
+                          "SAN-based verification of peer certificates without trusted_ca is "
+                          "insecure and not allowed (as in Envoy)")
     return UpstreamTls(sni=w.string(body, "sni", tp, ""), ca_file=c.get("ca_file"),
                        cert_file=c.get("cert_file"), key_file=c.get("key_file"),
                        verify=c.get("ca_file") is not None, min_version=c.get("min_version", "TLSv1_2"),

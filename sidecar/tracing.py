@@ -5,8 +5,9 @@ Cheap by construction:
 
 * The sampling decision is made here, before the OpenTelemetry SDK is touched: a few header
   lookups and, for new traces, one random draw. An unsampled request creates no span, no
-  object, nothing; its incoming trace context (W3C or B3) passes to the upstream untouched,
-  so the trace continues through us. Sampling is parent-based: a sampled (unsampled) parent
+  object; its incoming trace context (W3C or B3) passes to the upstream untouched, so the
+  trace continues through us. A new trace we decide not to record gets a ``traceparent`` with
+  the sampled flag off, so the hops after us follow the same decision. Sampling is parent-based: a sampled (unsampled) parent
   is followed; a new trace (or a B3 parent that defers the decision) is sampled with
   probability ``sample_percent``.
 * Sampled spans go to a ``BatchSpanProcessor`` whose worker thread exports them (OTLP/HTTP
@@ -31,6 +32,8 @@ import re
 import time
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
 log = logging.getLogger("sidecar.tracing")
 
@@ -222,7 +225,6 @@ class ServerSpan:
     def _context(self):
         c = self._ctx
         if c is None:
-            from opentelemetry.trace import set_span_in_context
             c = self._ctx = set_span_in_context(self.otel)
         return c
 
@@ -237,7 +239,6 @@ class ServerSpan:
 
     def new_client(self, method: str, host, cluster: str, path: str = "", attempt_no: int = 1,
                    shadow: bool = False) -> "ClientSpan":
-        from opentelemetry.trace import SpanKind
         if isinstance(host, str):
             address = host
         else:
@@ -266,26 +267,25 @@ class ServerSpan:
         if self._ended:
             return
         self._ended = True
-        from opentelemetry.trace import Status, StatusCode
         ctx = req.ctx
         otel = self.otel
         status = resp.status
-        otel.set_attribute("http.response.status_code", status)
+        attrs: dict[str, Any] = {"http.response.status_code": status,
+                                 "sidecar.retry_count": ctx.attempts - 1 if ctx.attempts > 1 else 0}
         if ctx.flags:
-            otel.set_attribute("sidecar.response_flags", ",".join(ctx.flags))
-        retries = ctx.attempts - 1 if ctx.attempts > 1 else 0
-        otel.set_attribute("sidecar.retry_count", retries)
+            attrs["sidecar.response_flags"] = ",".join(ctx.flags)
         if ctx.cluster:
-            otel.set_attribute("sidecar.upstream.cluster", ctx.cluster)
+            attrs["sidecar.upstream.cluster"] = ctx.cluster
         if ctx.upstream_host:
-            otel.set_attribute("sidecar.upstream.address", ctx.upstream_host)
+            attrs["sidecar.upstream.address"] = ctx.upstream_host
         if ctx.bytes_sent:
-            otel.set_attribute("http.response.body.size", ctx.bytes_sent)
+            attrs["http.response.body.size"] = ctx.bytes_sent
         if ctx.bytes_received:
-            otel.set_attribute("http.request.body.size", ctx.bytes_received)
+            attrs["http.request.body.size"] = ctx.bytes_received
         if status >= 500:
-            otel.set_attribute("error.type", str(status))
+            attrs["error.type"] = str(status)
             otel.set_status(Status(StatusCode.ERROR))
+        otel.set_attributes(attrs)
         otel.end(end_time=self.start_ns + int(duration * 1e9))
 
 
@@ -342,7 +342,6 @@ class ClientSpan:
         if self._ended:
             return
         self._ended = True
-        from opentelemetry.trace import Status, StatusCode
         otel = self.otel
         if status is not None:
             otel.set_attribute("http.response.status_code", status)
@@ -375,7 +374,7 @@ def shadow_span(ctx, method: str, cluster: str, path: str = "") -> Optional[Clie
 class ListenerTracer:
     """The tracer of one listener under one config snapshot (``ListenerSnapshot.tracer``)."""
 
-    __slots__ = ("tracing", "listener", "ratio", "_routes", "_rand")
+    __slots__ = ("tracing", "listener", "ratio", "_routes", "_rand", "_randbits")
 
     def __init__(self, tracing: "Tracing", listener_config):
         self.tracing = tracing
@@ -383,6 +382,7 @@ class ListenerTracer:
         self.ratio = tracing.ratio
         self._routes: dict[Any, tuple[str, str]] = {}
         self._rand = random.random
+        self._randbits = random.getrandbits
 
     def decide(self, headers) -> tuple[bool, Optional[Incoming]]:
         """(sampled, parent context): the cheap part, no SDK involved."""
@@ -402,16 +402,21 @@ class ListenerTracer:
         """Called by the listener for a routed request: returns the awaitable of ``handler``.
 
         Not a coroutine itself, so an unsampled request costs no extra frame."""
-        sampled, inc = self.decide(req.headers)
+        headers = req.headers
+        sampled, inc = self.decide(headers)
         if sampled:
             try:
                 req.ctx.span = self._start(req, inc)
             except Exception:   # tracing must never fail a request
                 log.exception("could not start a span")
+        elif inc is None and "b3" not in headers:
+            # a new trace we decided not to record: tell the next hops, so the whole trace
+            # is consistently unsampled instead of each sidecar rolling its own dice
+            rb = self._randbits
+            headers["traceparent"] = f"00-{rb(128) or 1:032x}-{rb(64) or 1:016x}-00"
         return handler(req)
 
     def _start(self, req, inc: Optional[Incoming]) -> ServerSpan:
-        from opentelemetry.trace import SpanKind
         ctx = req.ctx
         route = ctx.route
         info = self._routes.get(route)

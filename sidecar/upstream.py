@@ -282,7 +282,7 @@ class ConnectionPool:
 
     __slots__ = ("host", "port", "idle", "active", "connect_timeout", "max_idle", "idle_timeout",
                  "buffer_limit", "ssl", "server_hostname", "connecting", "total_connects",
-                 "connect_failures", "__weakref__")
+                 "connect_failures", "on_free", "__weakref__")
 
     def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 64,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
@@ -300,6 +300,9 @@ class ConnectionPool:
         self.server_hostname = server_hostname
         self.total_connects = 0
         self.connect_failures = 0
+        # called when a connection becomes idle or closes: wakes requests waiting at the
+        # cluster's max_connections (sidecar.circuit_breaker)
+        self.on_free = None
 
     def take_idle(self) -> Optional[UpstreamConnection]:
         idle = self.idle
@@ -346,6 +349,8 @@ class ConnectionPool:
             return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
+        if self.on_free is not None:
+            self.on_free()
 
     def forget(self, conn: UpstreamConnection) -> None:
         if conn._counted_gone:
@@ -356,6 +361,8 @@ class ConnectionPool:
             self.idle.remove(conn)
         except ValueError:
             pass
+        if self.on_free is not None:
+            self.on_free()
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than the idle timeout (called about once a second)."""

@@ -39,7 +39,6 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Optional
 
 log = logging.getLogger("sidecar.workers")
 
@@ -86,13 +85,15 @@ class Supervisor:
     def spawn(self, wid: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:                                   # the worker
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                code = worker_process(self.args, self.snap, wid, self.n, self.rundir)
+                _die_with_parent(supervisor)
+                code = worker_process(self.args, self.snap, wid, self.n, self.rundir, supervisor)
             except BaseException:                      # noqa: BLE001 - report and leave
                 log.exception("worker %d failed", wid)
             finally:
@@ -158,6 +159,18 @@ class Supervisor:
         return self.rc
 
 
+def _die_with_parent(supervisor: int) -> None:
+    """Linux: SIGTERM (a drain) to this worker if the supervisor dies, e.g. SIGKILLed."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:             # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit code {code}"
 
@@ -166,16 +179,17 @@ def _describe(code: int) -> str:
 # worker
 # ================================================================================================
 
-def worker_process(args, snap, wid: int, n: int, rundir: str) -> int:
+def worker_process(args, snap, wid: int, n: int, rundir: str, supervisor: int = 0) -> int:
     from sidecar.app import install_uvloop
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [w{wid}] %(name)s: %(message)s")
     for h in logging.getLogger().handlers:
         h.setFormatter(fmt)
     uv = install_uvloop() if not getattr(args, "no_uvloop", False) else False
-    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv))
+    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, supervisor))
 
 
-async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool) -> int:
+async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
+                       supervisor: int = 0) -> int:
     from sidecar import __version__
     from sidecar.app import App
     app = App(snap, config_path=getattr(args, "config", None),
@@ -185,7 +199,8 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool) -> i
         await app.start(admin=False)
         if wid == 0:
             from sidecar.admin import make_admin_app
-            app.admin, app.admin_port = await _start_admin(app, make_admin_app(app), rundir, n)
+            app.admin, app.admin_port = await _start_admin(app, make_admin_app(app), rundir, n,
+                                                           supervisor)
     except OSError as e:
         print(f"sidecar worker {wid}: cannot start: {e}", file=sys.stderr)
         await app.close()
@@ -273,7 +288,7 @@ async def ask_all(rundir: str, n: int, method: str, path: str, skip: int = -1) -
 
 # ---- worker 0's admin: aggregation --------------------------------------------------------------
 
-async def _start_admin(app, web_app, rundir: str, n: int):
+async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
     from aiohttp import web
 
     @web.middleware
@@ -302,12 +317,15 @@ async def _start_admin(app, web_app, rundir: str, n: int):
             for wid, (status, text) in sorted((await ask_all(rundir, n, "GET", "/info", skip=0)).items()):
                 rows.append(json.loads(text) if status == 200 else
                             {"worker": wid, "ready": False, "reason": text})
-            return web.json_response({"workers": rows, "supervisor_pid": os.getppid()})
+            return web.json_response({"workers": rows, "supervisor_pid": supervisor})
         if method == "POST" and path in ("/healthcheck/fail", "/healthcheck/ok", "/drain_listeners"):
             await ask_all(rundir, n, "POST", path, skip=0)
             return await handler(request)
         if method == "POST" and path == "/quitquitquit":
-            os.kill(os.getppid(), signal.SIGTERM)        # the supervisor drains everyone
+            if supervisor and os.getppid() == supervisor:
+                os.kill(supervisor, signal.SIGTERM)      # the supervisor drains everyone
+            else:
+                asyncio.get_running_loop().call_later(0.05, app.request_stop)
             return web.Response(text="OK\n")
         return await handler(request)
 

@@ -1,0 +1,1 @@
+"""The flaky-upstream demo: ``python -m examples.flaky`` (see run.py)."""

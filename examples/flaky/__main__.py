@@ -1,0 +1,5 @@
+import sys
+
+from examples.flaky.run import main
+
+sys.exit(main())
