@@ -260,8 +260,9 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["host_rewrite"] = w.string(d, "host_rewrite_literal", path, nonempty=True)
     kw["auto_host_rewrite"] = w.boolean(d, "auto_host_rewrite", path, False)
     kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
-    if "idle_timeout" in d:
-        kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path)
+    if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
+        raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are not "
+                          "supported (only 0s, disabled); use timeout or retry_policy.per_try_timeout")
     if "retry_policy" in d:
         kw["retry_policy"] = retry_policy_from_envoy(w.mapping(d, "retry_policy", path),
                                                      w.join(path, "retry_policy"))
@@ -333,7 +334,7 @@ def route(d: dict, path: str) -> Route:
 
 def virtual_host(d: dict, path: str) -> VirtualHost:
     w.check_keys(d, ("name", "domains", "routes", "typed_per_filter_config", "retry_policy",
-                     "require_tls", *_MUTATION_KEYS), path)
+                     "require_tls", "include_request_attempt_count", *_MUTATION_KEYS), path)
     if d.get("require_tls", "NONE") != "NONE":
         raise ConfigError(w.join(path, "require_tls"), "is not supported")
     domains = w.seq(d, "domains", path)
@@ -355,6 +356,7 @@ def virtual_host(d: dict, path: str) -> VirtualHost:
                                       w.join(path, "typed_per_filter_config")),
         retry_policy=retry_policy_from_envoy(d["retry_policy"], w.join(path, "retry_policy"))
         if "retry_policy" in d else None,
+        include_attempt_count=w.boolean(d, "include_request_attempt_count", path, False),
     )
 
 

@@ -80,6 +80,7 @@ class App:
         self.last_reload_error = ""
         self.control_plane = None      # control_plane_client runtime, when dynamic
         self.ready_checks: list[Callable[[], Optional[str]]] = []   # -> reason not ready or None
+        self.outbound_drain_gate = None   # async (deadline) -> None; set by sidecar mode
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
         self.ready_notes: list[Callable[[], Optional[str]]] = []
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
@@ -141,6 +142,8 @@ class App:
         self._setup_tracing(snap)
         await self.store.apply(snap)
         self.count_update("initial", True)
+        from sidecar.sidecar_mode import attach
+        attach(self)        # sidecar mode (a no-op without a `sidecar:` section)
         self.clusters.start()
         if admin and self.worker_id == 0:
             from sidecar.admin import start_admin
@@ -217,12 +220,28 @@ class App:
         return None
 
     async def drain(self, timeout: Optional[float] = None) -> None:
-        """Stop accepting, answer /ready 503, let in-flight requests finish."""
+        """Stop accepting, answer /ready 503, let in-flight requests finish. With inbound
+        listeners (sidecar mode) those drain first and outbound ones stay open until the
+        ``outbound_drain_gate`` says the app has stopped, so the app can finish its own calls."""
         self.draining = True
         lrs = list(self.store.listeners.values())
-        if timeout is None:
-            timeout = max((lr.config.drain_timeout_s for lr in lrs), default=5.0)
-        await asyncio.gather(*(lr.drain(timeout) for lr in lrs))
+        inbound = [lr for lr in lrs if lr.config.direction == "inbound"]
+        others = [lr for lr in lrs if lr.config.direction != "inbound"]
+
+        def limit(group):
+            return max((lr.config.drain_timeout_s for lr in group), default=5.0) \
+                if timeout is None else timeout
+
+        if not inbound or not others or self.outbound_drain_gate is None:
+            await asyncio.gather(*(lr.drain(limit(lrs)) for lr in lrs))
+            return
+        start = time.monotonic()
+        log.info("draining: inbound listeners first (%s), outbound while the app runs",
+                 ", ".join(lr.name for lr in inbound))
+        await asyncio.gather(*(lr.drain(limit(inbound)) for lr in inbound))
+        deadline = start + limit(others)
+        await self.outbound_drain_gate(deadline)
+        await asyncio.gather(*(lr.drain(max(0.5, deadline - time.monotonic())) for lr in others))
 
     def request_stop(self) -> None:
         if self._stop is not None:

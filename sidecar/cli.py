@@ -60,10 +60,8 @@ def cmd_run(args) -> int:
                 print(f"  {err}", file=sys.stderr)
             return 1
     concurrency = args.concurrency
-    if concurrency is None:
-        concurrency = 1
-    if concurrency == 0:
-        concurrency = os.cpu_count() or 1
+    if concurrency is None or concurrency == 0:
+        concurrency = os.cpu_count() or 1      # Envoy's default: one worker per core
     if concurrency > 1 and snap is not None:
         from sidecar.workers import run_workers
         return run_workers(args, snap, concurrency)
@@ -112,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the proxy (no -c: an embedded demo)")
     r.add_argument("-c", "--config", help="native YAML or Envoy v3 bootstrap (YAML/JSON)")
     r.add_argument("--concurrency", type=int, default=None,
-                   help="worker processes sharing the listeners with SO_REUSEPORT (0 = one per core)")
+                   help="worker processes sharing the listeners with SO_REUSEPORT "
+                        "(default and 0: one per core)")
     r.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"))
     r.add_argument("--no-metrics", action="store_true", help="do not record metrics (benchmarking)")
     r.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")

@@ -201,8 +201,6 @@ class RouteAction:
     host_rewrite: Optional[str] = None
     auto_host_rewrite: bool = False
     timeout_s: float = 15.0                  # 0 disables (Envoy's default is 15 s)
-    idle_timeout_s: Optional[float] = None
-    max_grpc_timeout_s: Optional[float] = None
     retry_policy: Optional[RetryPolicy] = None
     mirrors: tuple[MirrorPolicy, ...] = ()
     hash_policy: tuple[HashPolicy, ...] = ()
@@ -245,6 +243,9 @@ class VirtualHost:
     headers: HeaderMutation = HeaderMutation()
     per_filter: tuple[tuple[str, Any], ...] = ()
     retry_policy: Optional[RetryPolicy] = None
+    # send x-envoy-attempt-count upstream on routes with retries (Envoy:
+    # include_request_attempt_count, off by default; native: on)
+    include_attempt_count: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,8 +188,9 @@ def _route(d: dict, path: str) -> Route:
             kw["auto_host_rewrite"] = w.boolean(r, "auto_host", rp, False)
         kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
         kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
-        if "idle_timeout" in d:
-            kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path)
+        if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
+            raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are "
+                              "not supported (only 0s); use timeout or retry.per_try_timeout")
         if "retry" in d:
             kw["retry_policy"] = retry_policy_from_native(w.mapping(d, "retry", path), w.join(path, "retry"))
         mirrors = []
@@ -235,6 +236,7 @@ def _virtual_host(d: dict, path: str) -> VirtualHost:
         headers=_header_mutation(d, path),
         per_filter=_per_filter(w.mapping(d, "filters", path, {}), w.join(path, "filters")),
         retry_policy=retry_policy_from_native(d["retry"], w.join(path, "retry")) if "retry" in d else None,
+        include_attempt_count=True,
     )
 
 

@@ -153,7 +153,7 @@ class RouterStage:
     __slots__ = ("route", "action", "mutation", "clusters", "cluster", "weighted", "timeout",
                  "retry", "listener", "stats", "shadow", "prefix_len", "cluster_stats",
                  "host_rewrite", "regex_rewrite", "prefix_rewrite", "timeout_header",
-                 "route_name", "cluster_header", "manager", "hash_policy")
+                 "route_name", "cluster_header", "manager", "hash_policy", "attempt_header")
 
     def __init__(self, route, action: RouteAction, mutation: HeaderMutation, listener, runtime,
                  clusters, vhost_config):
@@ -176,6 +176,7 @@ class RouterStage:
         self.timeout = action.timeout_s
         self.timeout_header = action.allow_timeout_header
         self.retry: Optional[RetryPolicy] = action.retry_policy or vhost_config.retry_policy
+        self.attempt_header = vhost_config.include_attempt_count
         self.prefix_rewrite = action.prefix_rewrite
         self.prefix_len = len(route.config.match.prefix or route.config.match.path or "") \
             if action.prefix_rewrite is not None else 0
@@ -320,7 +321,8 @@ class RouterStage:
         try:
             while True:
                 n = attempt + 1
-                headers["x-envoy-attempt-count"] = _COUNTS[n] if n < 102 else str(n)
+                if self.attempt_header:
+                    headers["x-envoy-attempt-count"] = _COUNTS[n] if n < 102 else str(n)
                 ctx.attempts = n
                 try_deadline = deadline
                 if per_try > 0:

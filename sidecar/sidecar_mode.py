@@ -264,30 +264,16 @@ class SidecarRuntime:
             st.rebuild()
 
     # ---- drain -------------------------------------------------------------------------------
-    async def drain(self, timeout: Optional[float] = None) -> None:
-        app = self.app
-        lrs = list(app.store.listeners.values())
-        inbound = [lr for lr in lrs if lr.config.direction == "inbound"]
-        others = [lr for lr in lrs if lr.config.direction != "inbound"]
-        if not inbound:
-            return await type(app).drain(app, timeout)
-        app.draining = True
-        start = time.monotonic()
-        log.info("draining: inbound listeners first (%s), outbound while the app runs",
-                 ", ".join(lr.name for lr in inbound) or "none")
-        await asyncio.gather(*(lr.drain(lr.config.drain_timeout_s if timeout is None else timeout)
-                               for lr in inbound))
-        if others:
-            limit = max(lr.config.drain_timeout_s for lr in others) if timeout is None else timeout
-            deadline = start + limit
-            # keep serving the app's outbound calls while it is still up (with explicit
-            # inbound/outbound listeners and no sidecar section, the app is not known: no wait)
-            while self.config is not None and time.monotonic() < deadline:
-                if await self.probe_once() is not None:
-                    log.info("app stopped: draining outbound listeners")
-                    break
-                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-            await asyncio.gather(*(lr.drain(max(0.5, deadline - time.monotonic())) for lr in others))
+    async def wait_for_app_exit(self, deadline: float) -> None:
+        """App.drain's gate between inbound and outbound: keep serving the app's outbound
+        calls while it is still up (it may be finishing its own in-flight work)."""
+        if self.config is None:
+            return     # explicit inbound/outbound listeners, no sidecar section: app unknown
+        while time.monotonic() < deadline:
+            if await self.probe_once() is not None:
+                log.info("app stopped: draining outbound listeners")
+                return
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def attach(app) -> SidecarRuntime:
@@ -300,6 +286,6 @@ def attach(app) -> SidecarRuntime:
     app.sidecar_mode = rt
     app.snapshot_listeners.append(rt.on_snapshot)
     app.ready_checks.append(rt.not_ready_reason)
-    app.drain = rt.drain
+    app.outbound_drain_gate = rt.wait_for_app_exit
     rt.on_snapshot(app.store.snapshot)
     return rt

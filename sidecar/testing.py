@@ -191,8 +191,11 @@ class ProxyProcess:
         self._log = open(self.log_path, "w")
         env = dict(os.environ)
         env.update(self.env or {})
+        args = list(self.args)
+        if "--concurrency" not in args:
+            args += ["--concurrency", "1"]     # one process unless a test asks for workers
         self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", self.config_path,
-                                      *self.args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                      *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
         if wait_port is not None:
             wait_for_port(wait_port, timeout, self)
         return self

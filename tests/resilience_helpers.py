@@ -38,7 +38,8 @@ def envoy_config(*, clusters: dict[str, dict], routes: list[dict], hcm: Optional
                        {"lb_endpoints": [{"endpoint": {"address": _sa(a)}} for a in eps]}]},
                    **spec})
     tc = {"@type": T_HCM, "stat_prefix": "ingress",
-          "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": routes}]},
+          "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": routes,
+                                             "include_request_attempt_count": True}]},
           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}]}
     tc.update(hcm or {})
     return {
