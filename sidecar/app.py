@@ -62,6 +62,8 @@ class App:
         self.runtime = FilterRuntime(metrics=self.metrics, clusters=self.clusters, state={},
                                      stats=self.stats)
         self.store = ConfigStore(self)
+        from sidecar.stats import install_state_collector
+        install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         from sidecar import health_checker, outlier_detector
         self.outlier_detection = outlier_detector.install(self)
         self.health_checks = health_checker.install(self)
@@ -295,7 +297,8 @@ class App:
         if self.admin is not None:
             await self.admin.cleanup()
         if self._tracing is not None:
-            self._tracing.shutdown()
+            # a dead collector must not block the loop while the exporter gives up
+            await asyncio.get_running_loop().run_in_executor(None, self._tracing.shutdown)
 
     def listener_port(self, name: str) -> int:
         return self.store.listeners[name].bound_port

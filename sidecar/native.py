@@ -20,6 +20,7 @@ from typing import Any
 import filters as filter_registry
 from sidecar import wire as w
 from sidecar.circuit_breaker import circuit_breakers_from_native
+from sidecar.access_log import check_fields
 from sidecar.errors import ConfigError, ConfigErrors, ErrorCollector
 from sidecar.health_check import health_check_from_native
 from sidecar.model import (
@@ -288,7 +289,7 @@ def _listener(d: dict, path: str) -> Listener:
         access_log = (AccessLogConfig(path={"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
             w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout")),
             format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
-            fields=tuple(w.seq(a, "fields", ap, []))),)
+            fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
         from sidecar.tls import downstream_tls_from_native

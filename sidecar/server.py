@@ -489,6 +489,14 @@ class ListenerRuntime:
         self.downstream_cx_active = 0
         self.observe = app.observer_for(self)
 
+    def active_requests(self) -> int:
+        """Requests being served or queued (pipelined) on this listener's connections."""
+        n = 0
+        for c in self.connections:
+            if c._busy:
+                n += 1 + len(c._queue)
+        return n
+
     def update_config(self, config) -> None:
         self.config = config
         self.max_header_bytes = config.max_request_headers_kb * 1024

@@ -189,24 +189,21 @@ def install_state_collector(app) -> bool:
 
 
 def _listener_active_requests(lr) -> int:
-    n = 0
-    for c in list(lr.connections):
-        if getattr(c, "_busy", False):
-            n += 1 + len(getattr(c, "_queue", ()))
-    return n
+    return lr.active_requests()
 
 
 def _breaker_open(cs) -> dict[str, int]:
+    from sidecar.retry import retry_limit
     t = cs.config.circuit_breakers.default
-    try:
-        open_cx = cs.open_connections()
-    except Exception:
-        open_cx = 0
+    b = t.retry_budget
+    limit = retry_limit(cs.active_requests + cs.pending_requests, t.max_retries,
+                        b.budget_percent if b is not None else None,
+                        b.min_retry_concurrency if b is not None else 0)
     return {
-        "max_connections": int(open_cx >= t.max_connections),
+        "max_connections": int(cs.open_connections() >= t.max_connections),
         "max_pending_requests": int(cs.pending_requests >= t.max_pending_requests),
         "max_requests": int(cs.active_requests >= t.max_requests),
-        "max_retries": int(cs.active_retries >= t.max_retries),
+        "max_retries": int(cs.active_retries >= limit),
     }
 
 
