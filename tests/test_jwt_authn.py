@@ -154,10 +154,23 @@ def _attack_cases():
 
 
 ATTACKS = _attack_cases()
+_fresh: dict = {}
 
 
-@pytest.mark.parametrize("name,token,status,body", ATTACKS, ids=[a[0] for a in ATTACKS])
-async def test_attack_table(std, name, token, status, body):
+def fresh_attack(name: str):
+    """The case minted again close to when it runs: time-relative cases (exp/nbf within the
+    clock skew) must not age while a long suite runs. Re-minted at most every 10 s."""
+    stamp = int(time.time() // 10)
+    if _fresh.get("stamp") != stamp:
+        _fresh.clear()
+        _fresh["stamp"] = stamp
+        _fresh.update({a[0]: a for a in _attack_cases()})
+    return _fresh[name]
+
+
+@pytest.mark.parametrize("name", [a[0] for a in ATTACKS])
+async def test_attack_table(std, name):
+    _, token, status, body = fresh_attack(name)
     f, rt = build(std)
     req = make_request("/api/x", token=token)
     resp, n = await call(f, req)
@@ -487,7 +500,7 @@ async def test_tokens_never_logged(caplog, std):
     caplog.set_level(logging.DEBUG, logger="sidecar")
     f, _ = build(std)
     secrets = []
-    for name, tok, _, _ in ATTACKS:
+    for name, tok, _, _ in _attack_cases():
         secrets.append(tok)
         await call(f, make_request("/api/x", token=tok))
     hs = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": NOW() + 60}, HS_SECRET, algorithm="HS256")
@@ -985,7 +998,8 @@ async def test_attack_table_matches_envoy(tmp_path):
             ours_base, envoy_base = proxy.url("").rstrip("/"), f"http://127.0.0.1:{port}"
             compared = 0
             diffs = []
-            for name, tok, _, _ in ATTACKS + [("missing", None, 401, None)]:
+            cases = _attack_cases()      # minted now: time-relative cases must not have aged
+            for name, tok, _, _ in cases + [("missing", None, 401, None)]:
                 if name in STRICTER_THAN_ENVOY or name in OTHER_REASON_THAN_ENVOY:
                     continue
                 theirs = await ask(envoy_base, tok)
@@ -996,7 +1010,7 @@ async def test_attack_table_matches_envoy(tmp_path):
             assert diffs == [], "\n".join(map(repr, diffs))
             assert compared >= 35
             # where we are stricter, Envoy lets the request through
-            for name, tok, status, _ in ATTACKS:
+            for name, tok, status, _ in cases:
                 if name in STRICTER_THAN_ENVOY:
                     assert (await ask(envoy_base, tok))[0] == 200, name
                     assert (await ask(ours_base, tok))[0] == 401, name
