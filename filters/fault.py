@@ -48,6 +48,7 @@ from filters import FilterSpec
 from sidecar import wire as w
 from sidecar.errors import ConfigError
 from sidecar.router_stage import weighted_point
+from sidecar.stats import NULL
 from sidecar.http import Filter, Request, Response, local_reply
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
@@ -257,17 +258,6 @@ def from_native(d: dict, path: str) -> FaultConfig:
 # the filter
 # =============================================================================================
 
-class _Null:
-    __slots__ = ()
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def dec(self, amount: float = 1) -> None:
-        pass
-
-
-_NULL = _Null()
 
 
 class _Shared:
@@ -278,7 +268,7 @@ class _Shared:
     def __init__(self, metrics: Any):
         self.active = 0
         if metrics is None or not getattr(metrics, "enabled", False):
-            self.gauge = self.delays = self.aborts = self.overflow = _NULL
+            self.gauge = self.delays = self.aborts = self.overflow = NULL
             return
         inj = metrics.counter("sidecar_fault_injected_total", "Faults injected, by kind",
                               ("kind",))

@@ -37,6 +37,7 @@ from multidict import MultiDict
 
 from filters import FilterSpec
 from sidecar import wire as w
+from sidecar.native import string_matcher as string_matcher_from_native
 from sidecar.errors import ConfigError
 from sidecar.http import Filter, Request, Response, local_reply
 from sidecar.model import StringMatcher
@@ -75,17 +76,7 @@ def string_matcher_from_envoy(d: Any, path: str) -> StringMatcher:
     return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
 
 
-def string_matcher_from_native(v: Any, path: str) -> StringMatcher:
-    """A plain string is an exact match; a mapping picks exact/prefix/suffix/contains/regex."""
-    if isinstance(v, str):
-        return StringMatcher(exact=v)
-    w.check_keys(v, ("exact", "prefix", "suffix", "contains", "regex", "ignore_case"), path)
-    kind = w.one_of(v, ("exact", "prefix", "suffix", "contains", "regex"), path)
-    if kind == "regex":
-        return StringMatcher(regex=w.compile_regex(v["regex"], w.join(path, "regex")))
-    ic = w.boolean(v, "ignore_case", path, False)
-    s = w.string(v, kind, path)
-    return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
+
 
 
 def _value_getter(name: str) -> Callable[[Request], Optional[str]]:

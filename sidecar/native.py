@@ -33,7 +33,7 @@ from sidecar.outlier import outlier_detection_from_wire
 from sidecar.retry import retry_policy_from_native
 
 
-def _matcher(v: Any, path: str) -> StringMatcher:
+def string_matcher(v: Any, path: str) -> StringMatcher:
     """A string is an exact match; a mapping picks exact/prefix/suffix/contains/regex."""
     if isinstance(v, str):
         return StringMatcher(exact=v)
@@ -51,7 +51,7 @@ def header_matchers(v: Any, path: str) -> tuple[HeaderMatcher, ...]:
     out = []
     if isinstance(v, dict):
         for name, val in v.items():
-            out.append(HeaderMatcher(name=str(name).lower(), value=_matcher(val, w.join(path, name))))
+            out.append(HeaderMatcher(name=str(name).lower(), value=string_matcher(val, w.join(path, name))))
         return tuple(out)
     if not isinstance(v, list):
         raise ConfigError(path, "must be a mapping of name: value or a list of matchers")
@@ -65,7 +65,7 @@ def header_matchers(v: Any, path: str) -> tuple[HeaderMatcher, ...]:
             out.append(HeaderMatcher(name=name, present=w.boolean(h, "present", hp), invert=invert))
             continue
         rest = {k: x for k, x in h.items() if k not in ("name", "invert")}
-        out.append(HeaderMatcher(name=name, value=_matcher(rest, hp) if rest else None, invert=invert))
+        out.append(HeaderMatcher(name=name, value=string_matcher(rest, hp) if rest else None, invert=invert))
     return tuple(out)
 
 
@@ -91,12 +91,12 @@ def _route_match(d: dict, path: str) -> RouteMatch:
         if val is True:
             q.append(QueryMatcher(name=name))
         else:
-            q.append(QueryMatcher(name=name, value=_matcher(val, qp)))
+            q.append(QueryMatcher(name=name, value=string_matcher(val, qp)))
     methods = w.seq(d, "methods", path, [])
     for i, m in enumerate(methods):
         if not isinstance(m, str) or not m.isalpha():
             raise ConfigError(w.join(w.join(path, "methods"), i), "must be an HTTP method name")
-    cookies = tuple((name, _matcher(val, w.join(w.join(path, "cookies"), name)))
+    cookies = tuple((name, string_matcher(val, w.join(w.join(path, "cookies"), name)))
                     for name, val in w.mapping(d, "cookies", path, {}).items())
     return RouteMatch(case_sensitive=cs,
                       headers=header_matchers(d["headers"], w.join(path, "headers")) if "headers" in d else (),

@@ -30,6 +30,7 @@ import logging
 import random
 from typing import Any, Optional
 
+from sidecar.stats import NULL
 from sidecar.http import BodyStream
 from sidecar.metrics import STATUS_CLASSES
 from sidecar.upstream import HOP_BY_HOP, UpstreamError
@@ -81,20 +82,6 @@ class _Shared:
         return _MirrorStats(self, cluster)
 
 
-class _Null:
-    __slots__ = ()
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def dec(self, amount: float = 1) -> None:
-        pass
-
-    def observe(self, v: float) -> None:
-        pass
-
-
-_NULL = _Null()
 
 
 class _MirrorStats:
@@ -104,9 +91,9 @@ class _MirrorStats:
     def __init__(self, shared: _Shared, cluster: str):
         c = shared._counters
         if c is None:
-            self.by_class = (_NULL,) * 5
-            self.timeout = self.error = self.overflow = self.too_large = self.no_upstream = _NULL
-            self.latency = _NULL
+            self.by_class = (NULL,) * 5
+            self.timeout = self.error = self.overflow = self.too_large = self.no_upstream = NULL
+            self.latency = NULL
             return
         self.by_class = tuple(c.labels(cluster, s) for s in STATUS_CLASSES)
         self.timeout = c.labels(cluster, "timeout")
