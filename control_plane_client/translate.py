@@ -490,6 +490,7 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         server_name=w.string(hcm, "server_name", hp, "envoy"),
         strip_host_port="any" if w.boolean(hcm, "strip_any_host_port", hp, False)
         else "matching" if w.boolean(hcm, "strip_matching_host_port", hp, False) else "none",
+        strip_host_header=True,
         access_log=access_logs(w.seq(hcm, "access_log", hp, []), w.join(hp, "access_log")),
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
         tls=tls,

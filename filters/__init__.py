@@ -37,31 +37,40 @@ class FilterSpec:
     per_route_from_native: Optional[Callable[[dict, str], Any]] = None
 
 
-def _load_specs() -> dict[str, FilterSpec]:
-    # Explicit list: adding a filter is one line here.
-    from filters import fault, jwt_authn, local_ratelimit, rbac
-
-    specs = [jwt_authn.SPEC, rbac.SPEC, local_ratelimit.SPEC, fault.SPEC]
-    table: dict[str, FilterSpec] = {}
-    for s in specs:
-        table[s.name] = s
-        table[s.short] = s
-    return table
-
-
-_SPECS: dict[str, FilterSpec] | None = None
-
-
-def registry() -> dict[str, FilterSpec]:
-    global _SPECS
-    if _SPECS is None:
-        _SPECS = _load_specs()
-    return _SPECS
+# The registry: (Envoy name, native name, module). Adding a filter is one line here. Modules
+# are imported on first use, so a config without JWT never pays for cryptography's memory.
+FILTERS = (
+    ("envoy.filters.http.jwt_authn", "jwt_authn", "filters.jwt_authn"),
+    ("envoy.filters.http.rbac", "rbac", "filters.rbac"),
+    ("envoy.filters.http.local_ratelimit", "local_ratelimit", "filters.local_ratelimit"),
+    ("envoy.filters.http.fault", "fault", "filters.fault"),
+)
+_MODULES = {name: mod for canonical, short, mod in FILTERS for name in (canonical, short)}
+_SPECS: dict[str, FilterSpec] = {}
 
 
 def lookup(name: str) -> Optional[FilterSpec]:
-    return registry().get(name)
+    spec = _SPECS.get(name)
+    if spec is None:
+        mod = _MODULES.get(name)
+        if mod is None:
+            return None
+        import importlib
+        spec = importlib.import_module(mod).SPEC
+        _SPECS[spec.name] = _SPECS[spec.short] = spec
+    return spec
+
+
+def registry() -> dict[str, FilterSpec]:
+    """Every filter's spec by both names (imports them all)."""
+    for canonical, _, _ in FILTERS:
+        lookup(canonical)
+    return dict(_SPECS)
 
 
 def known_names() -> list[str]:
-    return sorted({s.name for s in registry().values()})
+    return sorted(canonical for canonical, _, _ in FILTERS)
+
+
+def short_names() -> list[str]:
+    return sorted(short for _, short, _ in FILTERS)

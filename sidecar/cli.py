@@ -104,7 +104,12 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("run", "validate", "version")
+
+
+def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+    """``extra``: also the dev/certs/token commands (their modules pull in cryptography, which
+    a running proxy without TLS or JWT should not carry in memory)."""
     p = argparse.ArgumentParser(prog="sidecar", description="An Envoy-style L7 sidecar proxy.")
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="run the proxy (no -c: an embedded demo)")
@@ -121,16 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
-    try:
+    if extra:
         from sidecar import cli_extra
         cli_extra.add_commands(sub)
-    except ImportError:
-        pass
     return p
 
 
 def main(argv=None) -> int:
-    p = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    p = build_parser(extra=not argv or argv[0] not in CORE_COMMANDS)
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
         p.print_help()

@@ -295,6 +295,9 @@ class Listener:
     # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
     # the listener's port) | "none" (Envoy's default; native configs default to "any")
     strip_host_port: str = "none"
+    # also remove that port from the Host header sent upstream (Envoy's strip_*_host_port does;
+    # native listeners strip it only for virtual-host matching and forward Host unchanged)
+    strip_host_header: bool = False
     access_log: tuple[AccessLogConfig, ...] = ()
     tls: Optional[DownstreamTls] = None
     drain_timeout_s: float = 5.0

@@ -252,7 +252,7 @@ def _http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
         spec = filter_registry.lookup(name)
         if spec is None:
             raise ConfigError(w.join(fp, name), f"unknown filter {name!r} (known: "
-                              f"{', '.join(sorted({s.short for s in filter_registry.registry().values()}))})")
+                              f"{', '.join(filter_registry.short_names())})")
         out.append(HttpFilter(name=spec.name, config=spec.from_native(cfg or {}, w.join(fp, name))))
     return tuple(out)
 

@@ -69,11 +69,16 @@ class ListenerSnapshot:
         n = len(body) if body.__class__ is bytes else getattr(body, "total", 0)
         ctx.bytes_received = n
         if self.record:
-            st = route.stats if route is not None else None
-            if st is None:
+            if route is None:
                 st = self.unmatched
-                if route is None:
-                    self.observer.no_route.inc()
+                self.observer.no_route.inc()
+            else:
+                st = route.stats
+                if st is None:
+                    # bound on a route's first request: a 10,000-route config only pays for
+                    # the metric children of routes that see traffic
+                    st = route.stats = self.stats.route(self.listener_name, route.vhost.name,
+                                                        route.stat_name)
             status = resp.status
             st.rq_by_class[(1 if status < 100 else 5 if status >= 500 else status // 100) - 1].inc()
             st.latency.observe(duration)

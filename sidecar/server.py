@@ -578,7 +578,7 @@ class ListenerRuntime:
         else:
             ctx.request_id = headers.get("x-request-id", "")
         strip = cfg.strip_host_port
-        if strip != "none":
+        if strip != "none" and cfg.strip_host_header:
             host = req.authority
             if ":" in host and not host.endswith("]"):
                 h, _, port = host.rpartition(":")

@@ -37,7 +37,6 @@ class ConfigStore:
         if lc.route_config is not None:
             table = RouteTable(lc.route_config, lc.strip_host_port, lr.bound_port or lc.port)
             for route in table.all_routes():
-                route.stats = app.stats.route(lc.name, route.vhost.name, route.stat_name)
                 route.handler = build_route_chain(route, lc, app.runtime, app.clusters, built)
         return ListenerSnapshot(lc, table, app.stats, lr.observe,
                                 tracer=app.make_tracer(lc), access_logs=app.make_access_logs(lc),
