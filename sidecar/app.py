@@ -21,6 +21,8 @@ from sidecar.store import ConfigStore
 
 log = logging.getLogger("sidecar")
 
+LARGE_CONFIG_ROUTES = 1000
+
 
 class ParserError(RuntimeError):
     pass
@@ -118,12 +120,15 @@ class App:
         return tuple(make_access_logger(c, listener_config.name) for c in listener_config.access_log)
 
     def on_snapshot_applied(self, snap: Snapshot) -> None:
-        # The compiled config is long-lived: move it out of the collector's way so a large
-        # config (10,000 routes) does not make every full collection pause the loop. Unfreeze
-        # first so retired configs, once unreachable, are still collected.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        # A large compiled config (thousands of routes) is long-lived: move it out of the
+        # collector's way so full collections do not scan it on every pass. Unfreeze first so
+        # retired configs, once unreachable, are still collected. Small configs skip this:
+        # the collection itself is a pause.
+        if sum(len(vh.routes) for lc in snap.listeners if lc.route_config
+               for vh in lc.route_config.virtual_hosts) >= LARGE_CONFIG_ROUTES:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         if self.metrics.enabled:
             if self._last_version_label is not None:
                 try:
