@@ -101,7 +101,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "_body_unread", "requests", "_h2c")
+                 "peer_identity", "_body_unread", "requests", "_h2c", "_idle_waiter")
 
     def __init__(self, lr: "ListenerRuntime"):
         self.lr = lr
@@ -127,6 +127,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._body_unread = False
         self.requests = 0
         self._h2c = False
+        self._idle_waiter: Optional[asyncio.Future] = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -148,6 +149,11 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closing = True
+        iw = self._idle_waiter
+        if iw is not None:
+            self._idle_waiter = None
+            if not iw.done():
+                iw.set_result(None)
         self.lr.connections.discard(self)
         self.lr.on_connection(-1)
         s = self._stream
@@ -301,18 +307,31 @@ class DownstreamConnection(asyncio.Protocol):
             self._queue.append(req)
             return
         self._busy = True
+        w = self._idle_waiter
+        if w is not None:
+            # the connection's serving task is parked between requests: hand it this one
+            # (a future is cheaper than a new task per request)
+            self._idle_waiter = None
+            w.set_result(req)
+            return
         asyncio.get_running_loop().create_task(self._serve(req))
 
     async def _serve(self, req: Request) -> None:
+        """One task per connection: serves its requests in order, parks while it is idle."""
+        loop = asyncio.get_running_loop()
         while True:
             keep = await self._handle(req)
             if not keep or self._closing:
                 self._close()
                 return
-            if not self._queue:
-                self._busy = False
-                return
-            req = self._queue.popleft()
+            if self._queue:
+                req = self._queue.popleft()
+                continue
+            self._busy = False
+            w = self._idle_waiter = loop.create_future()
+            req = await w
+            if req is None:
+                return          # the connection closed while idle
 
     async def _handle(self, req: Request) -> bool:
         lr = self.lr

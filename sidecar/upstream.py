@@ -59,12 +59,13 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "_headers", "_status", "_future", "_stream",
                  "_chunks", "_complete", "_head_done", "_keep_alive", "_closed", "_timer",
                  "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "requests",
-                 "_got_bytes", "_counted_gone")
+                 "_got_bytes", "_counted_gone", "_spare_parser")
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
         self.transport: Optional[asyncio.Transport] = None
         self.parser = None
+        self._spare_parser = None    # llhttp resets itself after a complete message: reuse it
         self._future: Optional[asyncio.Future] = None
         self._stream: Optional[BodyStream] = None
         self._closed = False
@@ -173,6 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._head_done:
             return               # end of an interim 1xx message
         self._complete = True
+        self._spare_parser = self.parser
         self.parser = None
         s = self._stream
         if s is not None:
@@ -241,7 +243,12 @@ class UpstreamConnection(asyncio.Protocol):
                       deadline: Optional[float]) -> Response:
         """Send one request and wait for the response head (body may still stream)."""
         loop = asyncio.get_running_loop()
-        self.parser = httptools.HttpResponseParser(self)
+        parser = self._spare_parser
+        if parser is None or no_body_response:
+            # a fresh parser for HEAD: its response has no body for llhttp to consume
+            parser = httptools.HttpResponseParser(self)
+        self._spare_parser = None
+        self.parser = parser
         self._headers = []
         self._chunks = []
         self._status = 0
