@@ -227,6 +227,7 @@ def route_action(d: dict, path: str) -> RouteAction:
                      "cluster_not_found_response_code", "max_stream_duration",
                      "priority"), path)
     kind = w.one_of(d, ("cluster", "weighted_clusters", "cluster_header"), path)
+    w.string(d, "priority", path, "DEFAULT", choices=("DEFAULT",))   # HIGH routing: not supported
     kw: dict = {}
     if kind == "cluster":
         kw["cluster"] = w.string(d, "cluster", path, nonempty=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
+from sidecar.testing import ProxyProcess, Upstream, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {

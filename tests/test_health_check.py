@@ -164,7 +164,7 @@ async def test_interval_has_jitter():
         cfg = native_config(clusters={"svc": {"endpoints": [ua.address],
                                               "health_check": hc_native(interval="100ms", jitter="100ms")}},
                             routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
-        async with proxy(cfg) as p:
+        async with proxy(cfg):
             await wait_for(lambda: len(a.checks) >= 12, 5.0)
     gaps = [y - x for x, y in zip(a.checks, a.checks[1:])]
     assert all(0.09 <= g < 0.35 for g in gaps), gaps

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from resilience_helpers import (
-    RawServer, clusters_json, envoy_config, fetch, host_view, metric, ok_response, prometheus, proxy,
+    RawServer, clusters_json, envoy_config, fetch, host_view, metric, prometheus, proxy,
     wait_for,
 )
 from sidecar.errors import ConfigError

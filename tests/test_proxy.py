@@ -1,7 +1,6 @@
 """Core proxying over real loopback sockets: headers, bodies, framing, keep-alive, errors."""
 
 import asyncio
-import json
 
 import aiohttp
 import pytest

@@ -8,7 +8,6 @@ processes run in parallel, once per module, to keep this file fast.
 
 from __future__ import annotations
 
-import copy
 import socket
 import subprocess
 import sys
