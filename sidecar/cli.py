@@ -18,6 +18,23 @@ def _load(path: str):
     return load_file(path)
 
 
+def usable_cores() -> int:
+    """Cores this process may really use: the CPU affinity mask, capped by a cgroup v2 CPU
+    quota (a container limited to 1.5 CPUs on a 64-core node gets 2 workers, not 64)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def cmd_validate(args) -> int:
     from sidecar.errors import ConfigErrors
     try:
@@ -61,7 +78,7 @@ def cmd_run(args) -> int:
             return 1
     concurrency = args.concurrency
     if concurrency is None or concurrency == 0:
-        concurrency = os.cpu_count() or 1      # Envoy's default: one worker per core
+        concurrency = usable_cores()           # Envoy's default: one worker per core
     if concurrency > 1 and snap is not None:
         from sidecar.workers import run_workers
         return run_workers(args, snap, concurrency)
@@ -116,7 +133,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", help="native YAML or Envoy v3 bootstrap (YAML/JSON)")
     r.add_argument("--concurrency", type=int, default=None,
                    help="worker processes sharing the listeners with SO_REUSEPORT "
-                        "(default and 0: one per core)")
+                        "(default and 0: one per usable core: affinity and cgroup CPU quota)")
     r.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"))
     r.add_argument("--no-metrics", action="store_true", help="do not record metrics (benchmarking)")
     r.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
