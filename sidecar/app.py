@@ -174,13 +174,11 @@ class App:
             self._tasks.append(loop.create_task(self._watch_file()))
 
     def _setup_tracing(self, snap: Snapshot) -> None:
-        t = snap.tracing
-        if t.exporter == "none" and t.sample_percent <= 0:
-            return
-        if t.exporter == "none":
+        self._tracing = None
+        if snap.tracing.exporter == "none":
             return
         from sidecar.tracing import Tracing
-        self._tracing = Tracing(t, self.metrics)
+        self._tracing = Tracing(snap.tracing, self.metrics)
 
     async def reload(self, source: str = "file") -> bool:
         """Re-read the config file; an invalid file is refused and the old config serves on."""
@@ -193,18 +191,25 @@ class App:
                       self.store.snapshot.version if self.store.snapshot else "?", msg)
             self.count_update(source, False, msg)
             return False
+        old_tracing = self._tracing
+        tracing_changed = self.store.snapshot is None or snap.tracing != self.store.snapshot.tracing
+        if tracing_changed:
+            self._setup_tracing(snap)     # the new listener snapshots are built with it
         try:
             await self.store.apply(snap)
-        except (ConfigError, ConfigErrors) as e:
-            # found while building the route chains (e.g. a per-route filter override that
-            # names an unknown provider): refused like any invalid file
+        except (ConfigError, ConfigErrors, OSError) as e:
+            # ConfigError: found while building the route chains (e.g. a per-route filter
+            # override naming an unknown provider); OSError: a new listener cannot bind.
+            # Either way the file is refused like any invalid one.
+            if tracing_changed:
+                if self._tracing is not None:
+                    self._tracing.shutdown()
+                self._tracing = old_tracing
             log.error("config reload refused, keeping the running config:\n%s", e)
             self.count_update(source, False, str(e))
             return False
-        except OSError as e:
-            log.error("config reload refused (cannot bind: %s); keeping the running config", e)
-            self.count_update(source, False, str(e))
-            return False
+        if tracing_changed and old_tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, old_tracing.shutdown)
         log.info("config reloaded: version %s", snap.version)
         self.count_update(source, True)
         return True

@@ -344,3 +344,29 @@ def test_tracing_example_runs_in_one_command():
     assert "trace 4bf92f3577b34da6a3ce929d0e0e4736  (continues the W3C caller's trace)" in out
     assert "trace 80f198ee56343ba864fe8b2a57d3eff7  (continues the B3 caller's trace)" in out
     assert out.count("resend=1") == 3 and out.count("(shadow)") == 3 and out.count("status=503") == 3
+
+
+async def test_tracing_config_change_applies_on_reload(tmp_path):
+    """A reload that changes `tracing:` swaps the tracer; the old one is shut down."""
+    import yaml
+    from sidecar.testing import Upstream, native_config, running_proxy
+
+    async with Upstream() as up:
+        base = native_config(clusters={"svc": [up.address]},
+                             routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(base))
+        async with running_proxy(base, config_path=str(path)) as p:
+            assert p.app._tracing is None
+            lr = next(iter(p.app.store.listeners.values()))
+            assert lr.snapshot.tracer is None
+            path.write_text(yaml.safe_dump({**base, "tracing": {"exporter": "memory",
+                                                                 "sample_percent": 100}}))
+            assert await p.app.reload("test")
+            assert p.app._tracing is not None
+            assert lr.snapshot.tracer is not None
+            old = p.app._tracing
+            path.write_text(yaml.safe_dump(base))
+            assert await p.app.reload("test")
+            assert p.app._tracing is None and lr.snapshot.tracer is None
+            assert old is not None
