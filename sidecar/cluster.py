@@ -185,6 +185,19 @@ class ClusterManager:
     def get(self, name: str) -> Optional[ClusterState]:
         return self.clusters.get(name)
 
+    def subscribe(self, on_added: Callable, on_removed: Callable) -> None:
+        """``on_added(cs)`` now for every cluster and later on each create/update;
+        ``on_removed(cs)`` when a cluster goes (health checking, outlier detection use it)."""
+        self.on_cluster_added.append(on_added)
+        self.on_cluster_removed.append(on_removed)
+        for cs in list(self.clusters.values()):
+            on_added(cs)
+
+    def unsubscribe(self, on_added: Callable, on_removed: Callable) -> None:
+        for lst, cb in ((self.on_cluster_added, on_added), (self.on_cluster_removed, on_removed)):
+            if cb in lst:
+                lst.remove(cb)
+
     def apply(self, clusters: tuple[Cluster, ...]) -> None:
         seen = set()
         for c in clusters:

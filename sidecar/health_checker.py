@@ -246,11 +246,7 @@ class HealthCheckRuntime:
     def __init__(self, app):
         self.app = app
         self.checkers: dict[int, ClusterChecker] = {}     # id(ClusterState) -> checker
-        mgr = app.clusters
-        mgr.on_cluster_added.append(self.on_cluster)
-        mgr.on_cluster_removed.append(self.on_removed)
-        for cs in list(mgr.clusters.values()):
-            self.on_cluster(cs)
+        app.clusters.subscribe(self.on_cluster, self.on_removed)
 
     def on_cluster(self, cs) -> None:
         checks = cs.config.health_checks
@@ -273,12 +269,7 @@ class HealthCheckRuntime:
         for c in self.checkers.values():
             c.close(restore=False)
         self.checkers.clear()
-        mgr = self.app.clusters
-        for lst, cb in ((mgr.on_cluster_added, self.on_cluster), (mgr.on_cluster_removed, self.on_removed)):
-            try:
-                lst.remove(cb)
-            except ValueError:
-                pass
+        self.app.clusters.unsubscribe(self.on_cluster, self.on_removed)
 
 
 def install(app) -> HealthCheckRuntime:

@@ -278,11 +278,7 @@ class OutlierRuntime:
     def __init__(self, app):
         self.app = app
         self.detectors: dict[int, ClusterDetector] = {}     # id(ClusterState) -> detector
-        mgr = app.clusters
-        mgr.on_cluster_added.append(self.on_cluster)
-        mgr.on_cluster_removed.append(self.on_removed)
-        for cs in list(mgr.clusters.values()):
-            self.on_cluster(cs)
+        app.clusters.subscribe(self.on_cluster, self.on_removed)
 
     def on_cluster(self, cs) -> None:
         cfg = cs.config.outlier_detection
@@ -306,12 +302,7 @@ class OutlierRuntime:
         for d in self.detectors.values():
             d.close()
         self.detectors.clear()
-        mgr = self.app.clusters
-        for lst, cb in ((mgr.on_cluster_added, self.on_cluster), (mgr.on_cluster_removed, self.on_removed)):
-            try:
-                lst.remove(cb)
-            except ValueError:
-                pass
+        self.app.clusters.unsubscribe(self.on_cluster, self.on_removed)
 
 
 def install(app) -> OutlierRuntime:
