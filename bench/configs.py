@@ -250,13 +250,35 @@ def filter_chain(jwks_json: str) -> list[dict]:
     ]
 
 
+def add_tracing(doc: dict, collector_port: int, percent: float = 1.0) -> dict:
+    """OpenTelemetry tracing (OTLP/HTTP) sampled at `percent`, exported to a collector on
+    127.0.0.1 (the bench points it at the nginx upstream, which answers 200 to the POST)."""
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["tracing"] = {
+        "random_sampling": {"value": percent},
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "service_name": "bench",
+            "http_service": {"http_uri": {"uri": f"http://127.0.0.1:{collector_port}/v1/traces",
+                                          "cluster": "otel", "timeout": "0.25s"}}}},
+    }
+    doc["static_resources"]["clusters"].append({
+        "name": "otel", "type": "STATIC", "connect_timeout": "0.25s",
+        "load_assignment": {"cluster_name": "otel", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": collector_port}}}}]}]}})
+    return doc
+
+
 def filters_config(listen_port: int, admin_port: int, upstream_port: int) -> ProxyConfig:
     jwks, token = make_jwt_material()
     doc = envoy_bootstrap(listen_port=listen_port, admin_port=admin_port,
                           upstream_port=upstream_port, http_filters=filter_chain(jwks),
                           retry=True)
+    add_tracing(doc, upstream_port, 1.0)
     return ProxyConfig(dump(doc), headers=(("authorization", f"Bearer {token}"),),
-                       description="jwt_authn (valid token) + fault 0% + retry policy")
+                       description="jwt_authn (valid token) + fault 0% + retry policy + "
+                                   "tracing 1% (OTLP/HTTP)")
 
 
 def write_body_files(files_dir: Path, sizes: dict[str, int]) -> None:

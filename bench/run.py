@@ -389,7 +389,8 @@ class Bench:
                     self.rows.append(Row("sidecar", "metrics off",
                                          note=f"skipped: `sidecar run` has no {flag}"))
         if a.filters:
-            print("scenario filters: jwt_authn (valid token, cached key) + fault 0% + retry")
+            print("scenario filters: jwt_authn (valid token, cached key) + fault 0% + retry "
+                  "+ tracing sampled at 1% (OTLP/HTTP)")
             for t in targets:
                 if t in ("envoy", "sidecar"):
                     self.run_target(t, "filters", configs.filters_config)

@@ -454,7 +454,7 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
                        "merge_slashes", "strip_any_host_port", "strip_matching_host_port",
-                       "http_protocol_options"), hp)
+                       "http_protocol_options", "tracing"), hp)
     w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
     rc = None
     rds_name = ""
@@ -495,8 +495,40 @@ def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = 
         access_log=access_logs(w.seq(hcm, "access_log", hp, []), w.join(hp, "access_log")),
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
         tls=tls,
+        tracing=hcm_tracing(hcm["tracing"], w.join(hp, "tracing")) if "tracing" in hcm else None,
         source=d,
     )
+
+
+T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+
+
+def hcm_tracing(d: dict, path: str) -> TracingConfig:
+    """HCM ``tracing`` with the OpenTelemetry tracer over OTLP/HTTP (``http_service``)."""
+    w.check_keys(d, ("provider", "random_sampling", "client_sampling", "overall_sampling",
+                     "spawn_upstream_span"), path)
+    percent = 100.0
+    for key in ("random_sampling", "overall_sampling"):
+        if key in d:
+            sp = w.join(path, key)
+            v = w.check_keys(d[key], ("value",), sp)
+            percent = min(percent, w.number(v, "value", sp, lo=0, hi=100))
+    pp = w.join(path, "provider")
+    prov = w.check_keys(w.mapping(d, "provider", path), ("name", "typed_config"), pp)
+    tp = w.join(pp, "typed_config")
+    body = typed(w.mapping(prov, "typed_config", pp), tp, T_OTEL)
+    w.check_keys(body, ("http_service", "service_name"), tp)
+    if "http_service" not in body:
+        raise ConfigError(tp, "only http_service (OTLP/HTTP) export is supported")
+    hs = w.join(tp, "http_service")
+    svc = w.check_keys(body["http_service"], ("http_uri", "request_headers_to_add"), hs)
+    if svc.get("request_headers_to_add"):
+        raise ConfigError(w.join(hs, "request_headers_to_add"), "is not supported")
+    up = w.join(hs, "http_uri")
+    uri = w.check_keys(w.mapping(svc, "http_uri", hs), ("uri", "cluster", "timeout"), up)
+    return TracingConfig(sample_percent=percent, exporter="otlp_http",
+                         endpoint=w.string(uri, "uri", up, nonempty=True),
+                         service_name=w.string(body, "service_name", tp, "sidecar"))
 
 
 def _accept_http_10(hcm: dict, hp: str) -> bool:
@@ -669,10 +701,19 @@ def bootstrap(d: dict) -> Snapshot:
             control_plane = control_plane_from_bootstrap(d, "dynamic_resources")
         except (ConfigError, ConfigErrors) as e:
             errs.capture(e)
+    tracing = TracingConfig()
+    traced = [(i, lst.tracing) for i, lst in enumerate(listeners) if lst.tracing is not None]
+    if traced:
+        tracing = traced[0][1]
+        for i, t in traced[1:]:
+            if t != tracing:
+                errs.add(f"static_resources.listeners[{i}].filter_chains[0].filters[0]."
+                         "typed_config.tracing", "every listener must use the same tracing "
+                         "config (one tracer per process)")
     errs.raise_if_any()
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     source_format="envoy", control_plane=control_plane, node=d.get("node"),
-                    tracing=TracingConfig())
+                    tracing=tracing)
     check_references(snap)
     return snap
 

@@ -301,6 +301,7 @@ class Listener:
     access_log: tuple[AccessLogConfig, ...] = ()
     tls: Optional[DownstreamTls] = None
     drain_timeout_s: float = 5.0
+    tracing: Optional["TracingConfig"] = None   # Envoy HCM tracing (becomes Snapshot.tracing)
     source: Any = None
 
 

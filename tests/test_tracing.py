@@ -370,3 +370,57 @@ async def test_tracing_config_change_applies_on_reload(tmp_path):
             assert await p.app.reload("test")
             assert p.app._tracing is None and lr.snapshot.tracer is None
             assert old is not None
+
+
+async def test_envoy_format_hcm_tracing_exports_over_otlp_http():
+    """Envoy's HCM `tracing` with the OpenTelemetry tracer (http_service) drives the same
+    tracer: the same file Envoy 1.40 accepts (checked with `envoy --mode validate`)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    async with Receiver(port=0) as rx, Upstream() as up:
+        uhost, uport = up.address.split(":")
+
+        def sa(port):
+            return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+        def static(name, port):
+            return {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
+                    "load_assignment": {"cluster_name": name, "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": sa(port)}}]}]}}
+        hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+               "stat_prefix": "l",
+               "tracing": {"random_sampling": {"value": 100},
+                           "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+                               "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                               "service_name": "envoy-format",
+                               "http_service": {"http_uri": {"uri": rx.url, "cluster": "otel",
+                                                             "timeout": "0.25s"}}}}},
+               "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                   {"match": {"prefix": "/"}, "route": {"cluster": "svc"}}]}]},
+               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                   "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+        doc = {"admin": {"address": sa(0)},
+               "static_resources": {
+                   "listeners": [{"name": "l", "address": sa(0), "filter_chains": [{"filters": [
+                       {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
+                   "clusters": [static("svc", int(uport)), static("otel", rx.port)]}}
+        if shutil.which("envoy"):
+            import tempfile
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+                yaml.safe_dump(doc, f)
+                f.flush()
+                v = subprocess.run(["envoy", "--mode", "validate", "-c", f.name],
+                                   capture_output=True, text=True)
+                assert v.returncode == 0, v.stdout + v.stderr
+        async with running_proxy(doc) as p:
+            assert p.app.store.snapshot.tracing.exporter == "otlp_http"
+            async with aiohttp.ClientSession() as s:
+                async with s.get(p.url("/x"), headers={"traceparent": f"00-{TID}-{PSID}-01"}) as r:
+                    assert r.status == 200
+            assert await rx.wait_for(lambda sp: len(sp) >= 2, timeout=10)
+    spans = [s for s in rx.spans if s.trace_id == TID]
+    assert {s.kind for s in spans} == {"SERVER", "CLIENT"}
+    assert all(s.service == "envoy-format" for s in spans)
