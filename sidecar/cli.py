@@ -35,10 +35,29 @@ def usable_cores() -> int:
     return max(1, n)
 
 
+async def _dry_compile(snap) -> None:
+    """Build every route chain as `run` would, binding nothing: errors only found while
+    building (a per-route filter override naming an unknown provider) surface here too."""
+    from sidecar.app import App
+    from sidecar.server import ListenerRuntime
+    app = App(snap, metrics_enabled=False, watch_config=False)
+    try:
+        app.clusters.apply(snap.clusters)
+        for lc in snap.listeners:
+            app.store.compile_listener(lc, ListenerRuntime(lc, app))
+    finally:
+        await app.close()
+
+
 def cmd_validate(args) -> int:
-    from sidecar.errors import ConfigErrors
+    from sidecar.errors import ConfigError, ConfigErrors
     try:
         snap = _load(args.config)
+        asyncio.run(_dry_compile(snap))
+    except ConfigError as e:
+        print(f"{args.config}: 1 error(s)", file=sys.stderr)
+        print(f"  {e}", file=sys.stderr)
+        return 1
     except ConfigErrors as e:
         print(f"{args.config}: {len(e.errors)} error(s)", file=sys.stderr)
         for err in e.errors:

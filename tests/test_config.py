@@ -121,3 +121,34 @@ def test_cli_run_with_invalid_config_exits_before_binding(tmp_path):
                        text=True, timeout=30)
     assert r.returncode == 1
     assert "unknown cluster 'nope'" in r.stderr
+
+
+def test_validate_builds_route_chains_too(tmp_path):
+    """Errors only found while building a route's filters (a per-route JWT override naming a
+    requirement that does not exist) fail `validate`, as they would fail `run`."""
+    import base64
+    import copy
+    import json
+    from filters.jwt_authn import PER_ROUTE_TYPE_URL, TYPE_URL
+    doc = copy.deepcopy(ENVOY)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": TYPE_URL, "providers": {"p": {"issuer": "https://issuer.test",
+                                               "local_jwks": {"inline_string": json.dumps({"keys": [
+            {"kty": "oct", "alg": "HS256", "kid": "k",
+             "k": base64.urlsafe_b64encode(b"s" * 32).rstrip(b"=").decode()}]})}}},
+        "requirement_map": {"need_p": {"provider_name": "p"}}}})
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    route["typed_per_filter_config"] = {"envoy.filters.http.jwt_authn": {
+        "@type": PER_ROUTE_TYPE_URL, "requirement_name": "missing"}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "not in requirement_map: 'missing'" in r.stderr
+    route["typed_per_filter_config"]["envoy.filters.http.jwt_authn"]["requirement_name"] = "need_p"
+    bad.write_text(yaml.safe_dump(doc))
+    ok = subprocess.run([sys.executable, "-m", "sidecar", "validate", "-c", str(bad)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
