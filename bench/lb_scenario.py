@@ -29,19 +29,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+
+from sidecar.testing import free_port, wait_for_port
 
 POLICIES = ("round_robin", "least_request", "peak_ewma")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- upstreams (child process) ----------------------------------------------------------------
@@ -198,21 +192,6 @@ async def run_load(port: int, rate: float, duration: float, warmup: float) -> di
 
 # ---- orchestration ----------------------------------------------------------------------------
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"child exited with {proc.returncode}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            try:
-                s.connect(("127.0.0.1", port))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -261,7 +240,7 @@ def run(args) -> list[dict]:
                                       "--log-level", "warning"], cwd=root, stdout=log,
                                      stderr=subprocess.STDOUT)
             try:
-                wait_port(listen, proxy)
+                wait_for_port(listen, 20.0, proxy)
                 r = asyncio.run(run_load(listen, args.rate, args.duration, args.warmup))
             finally:
                 stop(proxy)

@@ -37,6 +37,9 @@ ROUTER_CONSUMED = frozenset({"x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-env
                              "x-envoy-hedge-on-per-try-timeout",
                              "x-envoy-upstream-rq-timeout-alt-response",
                              "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names"})
+# request headers never copied upstream as they are: hop-by-hop ones, the framing we redo,
+# Expect (answered locally) and the router's control headers (te: trailers is let through)
+NOT_FORWARDED = HOP_BY_HOP | {"content-length", "expect"} | ROUTER_CONSUMED
 RESET_BODY = "upstream connect error or disconnect/reset before headers. reset reason: "
 _NO_BODY_STATUS = (204, 304)
 
@@ -153,7 +156,7 @@ class RouterStage:
     __slots__ = ("route", "action", "mutation", "clusters", "cluster", "weighted", "timeout",
                  "retry", "listener", "stats", "shadow", "prefix_len", "cluster_stats",
                  "host_rewrite", "regex_rewrite", "prefix_rewrite", "timeout_header",
-                 "route_name", "cluster_header", "manager", "hash_policy", "attempt_header")
+                 "route_name", "cluster_header", "manager", "hash_policy", "attempt_header", "timeout_ms")
 
     def __init__(self, route, action: RouteAction, mutation: HeaderMutation, listener, runtime,
                  clusters, vhost_config):
@@ -174,6 +177,7 @@ class RouterStage:
             weighted.append((cum, clusters.get(wc.name), wc.headers, stats.cluster(wc.name), wc.name))
         self.weighted = tuple(weighted)
         self.timeout = action.timeout_s
+        self.timeout_ms = str(int(action.timeout_s * 1000))   # x-envoy-expected-rq-timeout-ms
         self.timeout_header = action.allow_timeout_header
         self.retry: Optional[RetryPolicy] = action.retry_policy or vhost_config.retry_policy
         self.attempt_header = vhost_config.include_attempt_count
@@ -253,7 +257,8 @@ class RouterStage:
         deadline = now + timeout if timeout > 0 else None
         ctx.deadline = deadline
         if timeout > 0 and not self.action.retry_policy:
-            headers["x-envoy-expected-rq-timeout-ms"] = str(int(timeout * 1000))
+            headers["x-envoy-expected-rq-timeout-ms"] = (
+                self.timeout_ms if timeout == self.timeout else str(int(timeout * 1000)))
 
         if self.hash_policy:
             ctx.hash_key = request_hash(self.hash_policy, req)
@@ -537,14 +542,14 @@ class RouterStage:
         headers (RFC 9110 7.6.1, plus those named in Connection)."""
         headers = req.headers
         conn_tokens = headers.get("connection")
-        drop = HOP_BY_HOP
+        drop = NOT_FORWARDED
         if conn_tokens:
-            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
+            drop = NOT_FORWARDED | {t.strip().lower() for t in conn_tokens.split(",")}
         url = path + "?" + req.query if req.query else path
         parts = [f"{req.method} {url} HTTP/1.1\r\n"]
         auto_host = self.action.auto_host_rewrite
         for k, v in headers.items():
-            if k in drop or k == "content-length" or k == "expect" or k in ROUTER_CONSUMED:
+            if k in drop:
                 if k != "te" or v.lower() != "trailers":
                     continue
             if auto_host and k == "host":

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,15 +208,9 @@ class ProxyProcess:
     def stop(self, sig: int = 15, timeout: float = 15.0) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc, sig, timeout)
         self._log.close()
-        return self.proc.returncode
+        return rc
 
     def __enter__(self):
         return self
@@ -224,11 +219,27 @@ class ProxyProcess:
         self.stop()
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc: Optional[ProxyProcess] = None) -> None:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    """Signal a child, wait up to ``timeout``, then kill it; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc=None) -> None:
+    """Wait until 127.0.0.1:port accepts. ``proc`` (a ProxyProcess or a Popen) failing
+    first raises at once, with its log when it has one."""
+    popen = getattr(proc, "proc", proc)
+    log = proc.log if hasattr(proc, "log") else (lambda: "")
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {proc.proc.returncode}:\n{proc.log()}")
+        if popen is not None and popen.poll() is not None:
+            raise RuntimeError(f"child exited with {popen.returncode}:\n{log()}")
         with socket.socket() as s:
             s.settimeout(0.2)
             try:
@@ -236,8 +247,7 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: Optional[ProxyProcess]
                 return
             except OSError:
                 time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s"
-                       + (f"\n{proc.log()}" if proc is not None else ""))
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s\n{log()}")
 
 
 async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,

@@ -19,7 +19,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from sidecar.testing import free_port
+from sidecar.testing import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,12 +115,7 @@ class Sovereign:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=10)
         self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()

@@ -35,7 +35,7 @@ from typing import Optional
 import pytest
 from aiohttp import web
 
-from sidecar.testing import ProxyProcess, free_port, wait_for_port
+from sidecar.testing import ProxyProcess, free_port, wait_for_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "envoy_configs"
@@ -340,12 +340,7 @@ class EnvoyProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=10)
         self._log.close()
 
 

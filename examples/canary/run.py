@@ -23,6 +23,8 @@ import tempfile
 import time
 from collections import Counter
 
+from sidecar.testing import stop_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
@@ -188,12 +190,7 @@ async def main(free_ports: bool, n: int) -> int:
         await scenario(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}",
                        f"http://127.0.0.1:{ports[3]}/__shadow", n, rep)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
         for r in runners:
             await r.cleanup()

@@ -27,6 +27,7 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
 from examples.tracing import services  # noqa: E402
+from sidecar.testing import stop_process  # noqa: E402
 from examples.tracing.otlp_receiver import Receiver, format_trace  # noqa: E402
 
 W3C_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -127,12 +128,7 @@ async def main(free_ports: bool) -> int:
             return 1
         return 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
         for r in runners:
             await r.cleanup()
