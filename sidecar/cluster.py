@@ -26,8 +26,7 @@ class EndpointState:
     __slots__ = ("endpoint", "address", "pool", "active_requests", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
                  "consecutive_5xx", "consecutive_gateway", "consecutive_local", "sr_success",
-                 "sr_total", "ewma", "ewma_stamp", "last_hc", "hc_fail_streak",
-                 "hc_ok_streak", "removed", "__weakref__")
+                 "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
 
     def __init__(self, endpoint: Endpoint, pool: ConnectionPool, default_rtt: float = 0.030):
         self.endpoint = endpoint
@@ -49,8 +48,6 @@ class EndpointState:
         self.ewma = default_rtt          # peak-EWMA latency estimate, seconds
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
-        self.hc_fail_streak = 0
-        self.hc_ok_streak = 0
         self.removed = False
 
     @property

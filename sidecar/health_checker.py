@@ -227,8 +227,6 @@ class ClusterChecker:
             if st.healthy and (first or immediate or st.fail >= check.unhealthy_threshold):
                 st.healthy = False
         host.last_hc = f"{outcome} {status}" if status else outcome
-        host.hc_ok_streak = st.ok
-        host.hc_fail_streak = st.fail
         if st.healthy != was:
             st.edge = "healthy" if st.healthy else "unhealthy"
             (self.stats.to_healthy if st.healthy else self.stats.to_unhealthy).inc()

@@ -101,7 +101,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "_body_unread", "requests", "_h2c", "_idle_waiter")
+                 "peer_identity", "requests", "_h2c", "_idle_waiter")
 
     def __init__(self, lr: "ListenerRuntime"):
         self.lr = lr
@@ -124,7 +124,6 @@ class DownstreamConnection(asyncio.Protocol):
         self._closing = False
         self._tls = False
         self.peer_identity = None
-        self._body_unread = False
         self.requests = 0
         self._h2c = False
         self._idle_waiter: Optional[asyncio.Future] = None
