@@ -72,8 +72,9 @@ class Upstream:
             rec = Recorded(request.method, request.path_qs, dict(request.headers), b"", time.monotonic())
             self.requests.append(rec)
             resp = await self.handler(request)
-            if request._read_bytes:
-                rec.body = request._read_bytes
+            read = getattr(request, "_read_bytes", None)   # aiohttp's cache of read()
+            if read:
+                rec.body = read
             return resp
         body = await request.read()
         self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body,
