@@ -25,8 +25,8 @@ def config(n: int, eps: int, base_port: int) -> dict:
 
 
 async def main(n: int, eps: int) -> None:
-    from sidecar.app import App
-    from sidecar.loader import parse_text, snapshot_from_doc
+    from sidecar.runtime.app import App
+    from sidecar.runtime.loader import parse_text, snapshot_from_doc
 
     rows = []
     text = yaml.safe_dump(config(n, eps, 20000))

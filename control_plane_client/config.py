@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sidecar import wire as w
-from sidecar.errors import ConfigError
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 
 DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0     # Envoy's default
 DEFAULT_BACKOFF = (0.5, 30.0)            # Envoy's xDS stream backoff: 500 ms base, 30 s max

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from control_plane_client import translate as tr
-from sidecar.errors import ConfigError, ConfigErrors
+from sidecar.config.errors import ConfigError, ConfigErrors
 
 LDS, RDS, CDS, EDS = tr.T_LISTENER, tr.T_ROUTE, tr.T_CLUSTER, tr.T_ENDPOINT
 SHORT = {LDS: "lds", RDS: "rds", CDS: "cds", EDS: "eds"}

@@ -37,8 +37,8 @@ from control_plane_client import resources as R
 from control_plane_client.config import ControlPlaneConfig, SourceSpec, config_source
 from control_plane_client.transport import Transport
 from sidecar import __version__
-from sidecar.errors import ConfigError, ConfigErrors
-from sidecar.model import Cluster, Listener, RouteAction, RouteConfig, Snapshot
+from sidecar.config.errors import ConfigError, ConfigErrors
+from sidecar.config.model import Cluster, Listener, RouteAction, RouteConfig, Snapshot
 
 log = logging.getLogger("sidecar.xds")
 
@@ -183,7 +183,7 @@ class ControlPlane:
                                   "a static cluster")
             ctx = None
             if c.tls is not None:
-                from sidecar.cluster import make_ssl_context
+                from sidecar.cluster.manager import make_ssl_context
                 ctx = make_ssl_context(c.tls)
             eps = [(e.host, e.port) for e in c.endpoints]
             if not eps:

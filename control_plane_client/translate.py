@@ -11,18 +11,18 @@ import re
 from typing import Any, Callable, Optional
 
 import filters as filter_registry
-from sidecar import wire as w
-from sidecar.circuit_breaker import circuit_breakers_from_envoy
-from sidecar.errors import ConfigError, ConfigErrors, ErrorCollector
-from sidecar.health_check import health_check_from_envoy
-from sidecar.model import (
+from sidecar.config import wire as w
+from sidecar.cluster.breakers import circuit_breakers_from_envoy
+from sidecar.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from sidecar.config.health_check import health_check_from_envoy
+from sidecar.config.model import (
     AccessLogConfig, Admin, Cluster, DirectResponse, Endpoint, HashPolicy, HeaderMatcher,
     HeaderMutation, HeaderValueOption, HttpFilter, LbConfig, Listener, MirrorPolicy,
     QueryMatcher, Redirect, Route, RouteAction, RouteConfig, RouteMatch, Snapshot,
     StringMatcher, TracingConfig, VirtualHost, WeightedCluster,
 )
-from sidecar.outlier import outlier_detection_from_wire
-from sidecar.retry import retry_policy_from_envoy
+from sidecar.config.outlier import outlier_detection_from_wire
+from sidecar.route.retry import retry_policy_from_envoy
 
 T_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 T_ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -426,7 +426,7 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
 
 def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    from sidecar.tls import downstream_tls_from_envoy
+    from sidecar.tls.context import downstream_tls_from_envoy
 
     w.check_keys(d, ("name", "address", "filter_chains", "per_connection_buffer_limit_bytes",
                      "@type", "stat_prefix", "traffic_direction"), path)
@@ -567,7 +567,7 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
 
 
 def cluster(d: dict, path: str) -> Cluster:
-    from sidecar.tls import upstream_tls_from_envoy
+    from sidecar.tls.context import upstream_tls_from_envoy
 
     w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
                      "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",

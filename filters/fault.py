@@ -45,11 +45,11 @@ from typing import Any, Callable, Optional
 from multidict import MultiDict
 
 from filters import FilterSpec
-from sidecar import wire as w
-from sidecar.errors import ConfigError
-from sidecar.router_stage import weighted_point
-from sidecar.stats import NULL
-from sidecar.http import Filter, Request, Response, local_reply
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
+from sidecar.route.router import weighted_point
+from sidecar.observability.stats import NULL
+from sidecar.core.http import Filter, Request, Response, local_reply
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 PER_ROUTE_TYPE_URL = TYPE_URL
@@ -238,7 +238,7 @@ def from_native(d: dict, path: str) -> FaultConfig:
                      "max_active_faults"), path)
     headers: tuple = ()
     if d.get("headers") is not None:
-        from sidecar.native import header_matchers
+        from sidecar.config.native import header_matchers
         headers = header_matchers(d["headers"], w.join(path, "headers"))
     nodes = w.seq(d, "downstream_nodes", path, [])
     for i, n in enumerate(nodes):

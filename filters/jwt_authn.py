@@ -51,10 +51,10 @@ from multidict import MultiDict
 from filters import FilterSpec
 from filters.rbac import header_matcher_from_envoy, header_matcher_from_native
 from filters.rbac import string_matcher_from_envoy, string_matcher_from_native
-from sidecar import wire as w
-from sidecar.errors import ConfigError
-from sidecar.http import Filter, Request, Response, local_reply
-from sidecar.model import StringMatcher
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
+from sidecar.core.http import Filter, Request, Response, local_reply
+from sidecar.config.model import StringMatcher
 
 log = logging.getLogger("sidecar.filters.jwt_authn")
 

@@ -37,9 +37,9 @@ from multidict import MultiDict
 
 from filters import FilterSpec
 from filters.rbac import header_matcher_from_envoy
-from sidecar import wire as w
-from sidecar.errors import ConfigError
-from sidecar.http import Filter, Request, Response, local_reply
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
+from sidecar.core.http import Filter, Request, Response, local_reply
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 BODY = "local_rate_limited"

@@ -36,11 +36,11 @@ from typing import Any, Callable, Optional
 from multidict import MultiDict
 
 from filters import FilterSpec
-from sidecar import wire as w
-from sidecar.native import string_matcher as string_matcher_from_native
-from sidecar.errors import ConfigError
-from sidecar.http import Filter, Request, Response, local_reply
-from sidecar.model import StringMatcher
+from sidecar.config import wire as w
+from sidecar.config.native import string_matcher as string_matcher_from_native
+from sidecar.config.errors import ConfigError
+from sidecar.core.http import Filter, Request, Response, local_reply
+from sidecar.config.model import StringMatcher
 
 log = logging.getLogger("sidecar.filters.rbac")
 

@@ -27,8 +27,8 @@ from typing import Any, Awaitable, Callable, Optional
 import yaml
 from aiohttp import web
 
-from sidecar.app import App
-from sidecar.model import Snapshot
+from sidecar.runtime.app import App
+from sidecar.config.model import Snapshot
 
 
 def free_port() -> int:
@@ -154,7 +154,7 @@ class RunningProxy:
 def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
     if isinstance(cfg, Snapshot):
         return cfg
-    from sidecar.loader import snapshot_from_doc
+    from sidecar.runtime.loader import snapshot_from_doc
     return snapshot_from_doc(copy.deepcopy(cfg))
 
 

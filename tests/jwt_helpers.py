@@ -18,8 +18,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from multidict import MultiDict
 
 from filters import FilterRuntime
-from sidecar.http import Request, RequestContext, Response
-from sidecar.metrics import Metrics
+from sidecar.core.http import Request, RequestContext, Response
+from sidecar.observability.metrics import Metrics
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api"

@@ -7,8 +7,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar import access_log
-from sidecar.errors import ConfigError
+from sidecar.observability import access_log
+from sidecar.config.errors import ConfigError
 from sidecar.testing import Upstream, free_port, native_config, running_proxy
 
 

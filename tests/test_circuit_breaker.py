@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 
 from resilience_helpers import clusters_json, envoy_config, fetch, metric, prometheus, proxy
-from sidecar.circuit_breaker import circuit_breakers_from_envoy, circuit_breakers_from_native
-from sidecar.errors import ConfigError
+from sidecar.cluster.breakers import circuit_breakers_from_envoy, circuit_breakers_from_native
+from sidecar.config.errors import ConfigError
 from sidecar.testing import Upstream, native_config
 
 

@@ -5,12 +5,12 @@ import collections
 
 import aiohttp
 
-from sidecar.cluster import ClusterManager, EndpointState
-from sidecar.http import RequestContext
-from sidecar.lb import LeastRequest, Random, RoundRobin
-from sidecar.model import Cluster, Endpoint, LbConfig
+from sidecar.cluster.manager import ClusterManager, EndpointState
+from sidecar.core.http import RequestContext
+from sidecar.cluster.balancers.base import LeastRequest, Random, RoundRobin
+from sidecar.config.model import Cluster, Endpoint, LbConfig
 from sidecar.testing import Upstream, native_config, running_proxy
-from sidecar.upstream import ConnectionPool
+from sidecar.upstream.http1 import ConnectionPool
 
 
 def hosts(weights):

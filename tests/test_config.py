@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from sidecar.errors import ConfigErrors
-from sidecar.loader import snapshot_from_doc
+from sidecar.config.errors import ConfigErrors
+from sidecar.runtime.loader import snapshot_from_doc
 
 GOOD = {
     "listeners": [{"name": "l", "port": 10000, "routes": [{"match": {"prefix": "/"}, "cluster": "a"}]}],

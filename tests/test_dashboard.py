@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.dashboard import STATIC_DIR, quantile
+from sidecar.admin.dashboard import STATIC_DIR, quantile
 from sidecar.testing import Upstream, native_config, running_proxy
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")

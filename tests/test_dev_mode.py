@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.cli_extra import dev_snapshot
-from sidecar.errors import ConfigErrors
+from sidecar.cli.dev import dev_snapshot
+from sidecar.config.errors import ConfigErrors
 from sidecar.testing import Upstream, free_port, wait_for_port
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

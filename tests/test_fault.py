@@ -12,7 +12,7 @@ import pytest
 
 import filters
 from filters.fault import FaultConfig, from_envoy, from_native
-from sidecar.errors import ConfigError, ConfigErrors
+from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.testing import Upstream, native_config, running_proxy, to_snapshot
 
 T_FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"

@@ -14,7 +14,7 @@ from control_plane_client.resources import RDS
 from control_plane_client.testing import (
     cluster, eventually, listener, load_assignment, metric_value, route,
 )
-from sidecar.errors import ConfigErrors
+from sidecar.config.errors import ConfigErrors
 from sidecar.testing import Upstream, free_port, running_proxy, to_snapshot
 
 

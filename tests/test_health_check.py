@@ -12,8 +12,8 @@ from aiohttp import web
 from resilience_helpers import (
     clusters_json, envoy_config, fetch, hang, hdr, host_view, metric, prometheus, proxy, wait_for,
 )
-from sidecar.errors import ConfigError
-from sidecar.health_check import health_check_from_envoy, health_check_from_native
+from sidecar.config.errors import ConfigError
+from sidecar.config.health_check import health_check_from_envoy, health_check_from_native
 from sidecar.testing import Upstream, native_config
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from filters import jwt_authn as J
-from sidecar.errors import ConfigError
+from sidecar.config.errors import ConfigError
 from tests.jwt_helpers import (
     AUDIENCE, HS_SECRET, ISSUER, Next, RouteInfo, b64, ec_key, ed_key, hs_confusion_token, jwks,
     make_request, metric, mint, public_jwk, public_pem, raw_token, rsa_key, runtime,
@@ -918,7 +918,7 @@ async def test_example_protected_api(fmt):
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
 async def test_jwt_tool_keygen_and_mint(tmp_path, capsys, kind):
-    from sidecar import jwt_tool
+    from sidecar.cli import token as jwt_tool
     assert jwt_tool.main(["keygen", "--out", str(tmp_path), "--kind", kind, "--kid", "t1"]) == 0
     assert oct(os.stat(tmp_path / "demo-key.pem").st_mode & 0o777) == "0o600"
     capsys.readouterr()

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.cluster import ClusterManager, ClusterState
-from sidecar.ewma import PeakEwmaBalancer, default_penalty
-from sidecar.model import Cluster, Endpoint, LbConfig
-from sidecar.ring_hash import RingHashBalancer, mix32
+from sidecar.cluster.manager import ClusterManager, ClusterState
+from sidecar.cluster.balancers.peak_ewma import PeakEwmaBalancer, default_penalty
+from sidecar.config.model import Cluster, Endpoint, LbConfig
+from sidecar.cluster.balancers.ring_hash import RingHashBalancer, mix32
 from sidecar.testing import Upstream, native_config, running_proxy
 
 T_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."

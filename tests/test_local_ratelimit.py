@@ -9,7 +9,7 @@ import time
 import pytest
 
 from filters import local_ratelimit as L
-from sidecar.errors import ConfigError
+from sidecar.config.errors import ConfigError
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
 

@@ -11,8 +11,8 @@ from aiohttp import web
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.metrics import LATENCY_BUCKETS, Metrics
-from sidecar.stats import NULL, RouteStats, StatsCache
+from sidecar.observability.metrics import LATENCY_BUCKETS, Metrics
+from sidecar.observability.stats import NULL, RouteStats, StatsCache
 from sidecar.testing import Upstream, free_port, native_config, running_proxy
 
 

@@ -24,7 +24,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.certs import DevCA
+from sidecar.cli.certs import DevCA
 from sidecar.testing import free_port
 
 TD = "multihost.test"
@@ -32,15 +32,15 @@ HOSTS = {"A": "127.0.0.2", "B": "127.0.0.3", "C": "127.0.0.4"}
 
 RUNNER = """
 import asyncio, sys
-from sidecar.app import App, install_uvloop, setup_logging
-from sidecar.loader import load_file
+from sidecar.runtime.app import App, install_uvloop, setup_logging
+from sidecar.runtime.loader import load_file
 
 async def main(path):
     app = App(load_file(path), config_path=path)
-    from sidecar import outlier_detector
+    from sidecar.cluster import outlier as outlier_detector
     outlier_detector.install(app)      # idempotent: a no-op when App wires it itself
     await app.start()
-    from sidecar.sidecar_mode import attach
+    from sidecar.runtime.sidecar_mode import attach
     attach(app)
     await app.run_until_stopped()
 

@@ -12,9 +12,9 @@ from resilience_helpers import (
     RawServer, clusters_json, envoy_config, fetch, host_view, metric, prometheus, proxy,
     wait_for,
 )
-from sidecar.errors import ConfigError
-from sidecar.outlier import outlier_detection_from_wire
-from sidecar.outlier_detector import success_rate_threshold
+from sidecar.config.errors import ConfigError
+from sidecar.config.outlier import outlier_detection_from_wire
+from sidecar.cluster.outlier import success_rate_threshold
 from sidecar.testing import Upstream, native_config
 
 

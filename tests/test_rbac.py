@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from filters import rbac as R
-from sidecar.errors import ConfigError
+from sidecar.config.errors import ConfigError
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
 

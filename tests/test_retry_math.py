@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
-from sidecar.errors import ConfigError
-from sidecar.retry import (
+from sidecar.config.errors import ConfigError
+from sidecar.route.retry import (
     RetryPolicy, backoff_ceiling, backoff_delay, error_is_retriable, request_overrides,
     retry_allowed, retry_limit, retry_policy_from_envoy, retry_policy_from_native,
     status_is_retriable,

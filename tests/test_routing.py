@@ -2,8 +2,8 @@
 
 from multidict import MultiDict
 
-from sidecar.native import snapshot
-from sidecar.router import RouteTable
+from sidecar.config.native import snapshot
+from sidecar.route.table import RouteTable
 
 
 def table(vhosts):

@@ -9,8 +9,8 @@ import time
 import aiohttp
 import pytest
 
-import sidecar.shadow as shadow_mod
-from sidecar.shadow import shadow_host
+import sidecar.route.shadow as shadow_mod
+from sidecar.route.shadow import shadow_host
 from sidecar.testing import Upstream, free_port, native_config, running_proxy
 
 T_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."

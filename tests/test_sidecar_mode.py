@@ -14,8 +14,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidecar.errors import ConfigErrors
-from sidecar.sidecar_mode import APP_CLUSTER, attach
+from sidecar.config.errors import ConfigErrors
+from sidecar.runtime.sidecar_mode import APP_CLUSTER, attach
 from sidecar.testing import Upstream, free_port, running_proxy, to_snapshot, wait_for_port
 
 
@@ -213,9 +213,9 @@ async def _not_ready(p):
 
 RUNNER = """
 import asyncio, sys
-from sidecar.app import App, install_uvloop, setup_logging
-from sidecar.loader import load_file
-from sidecar.sidecar_mode import attach
+from sidecar.runtime.app import App, install_uvloop, setup_logging
+from sidecar.runtime.loader import load_file
+from sidecar.runtime.sidecar_mode import attach
 
 async def main(path):
     app = App(load_file(path), config_path=path)
@@ -314,7 +314,7 @@ def _rewrite_ports(text: str, ports: dict[int, int]) -> str:
 
 
 async def test_example_configs(tmp_path):
-    from sidecar.certs import DevCA
+    from sidecar.cli.certs import DevCA
     ca = DevCA.create("example.org")
     ca.write(str(tmp_path / "certs"))
     for sa in ("orders", "web"):

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidecar.certs import DevCA, describe
-from sidecar.errors import ConfigErrors
+from sidecar.cli.certs import DevCA, describe
+from sidecar.config.errors import ConfigErrors
 from sidecar.testing import (ProxyProcess, Upstream, free_port, native_config, running_proxy, to_snapshot,
                              wait_for_port)
-from sidecar.tls import (DownstreamTls, UpstreamTls, client_context, peer_uri_san, server_context)
+from sidecar.tls.context import (DownstreamTls, UpstreamTls, client_context, peer_uri_san, server_context)
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/shop/sa/web"
@@ -413,12 +413,12 @@ def test_envoy_tls_config(pki):
             "validation_context": {"trusted_ca": {"filename": pki["ca_file"]},
                                    "match_typed_subject_alt_names": [
                                        {"san_type": "URI", "matcher": {"exact": ORDERS}}]}}}}
-    from sidecar.tls import downstream_tls_from_envoy, upstream_tls_from_envoy
+    from sidecar.tls.context import downstream_tls_from_envoy, upstream_tls_from_envoy
     d = downstream_tls_from_envoy(ds, "ts")
     assert (d.require_client_cert, d.min_version) == (True, "TLSv1_3")
     u = upstream_tls_from_envoy(us, "ts")
     assert (u.sni, u.match_san_uris, u.verify, u.cert_file) == ("orders", (ORDERS,), True, cert)
-    from sidecar.errors import ConfigError
+    from sidecar.config.errors import ConfigError
     bad = yaml.safe_load(yaml.safe_dump(ds))
     bad["typed_config"]["common_tls_context"]["tls_params"]["tls_minimum_protocol_version"] = "TLSv1_1"
     with pytest.raises(ConfigError, match="must be TLSv1_2 or newer"):
@@ -583,8 +583,8 @@ async def test_mtls_interop_with_envoy(pki, tmp_path):
 
 
 def test_envoy_tls_refuses_what_it_cannot_honour(pki):
-    from sidecar.errors import ConfigError
-    from sidecar.tls import downstream_tls_from_envoy
+    from sidecar.config.errors import ConfigError
+    from sidecar.tls.context import downstream_tls_from_envoy
     cert, key = pki["web"]
 
     def ds(**common):

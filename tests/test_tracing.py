@@ -11,9 +11,9 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, StatusCode
 
 from examples.tracing.otlp_receiver import Receiver
-from sidecar.model import TracingConfig
+from sidecar.config.model import TracingConfig
 from sidecar.testing import Upstream, free_port, native_config, running_proxy
-from sidecar.tracing import (
+from sidecar.observability.tracing import (
     ListenerTracer, Tracing, extract, otlp_traces_url, parse_b3_multi, parse_b3_single,
     parse_traceparent,
 )
@@ -297,8 +297,8 @@ def test_shadow_span_api_for_the_shadow_module():
     """``shadow_span`` gives a mirrored copy its own client span under the server span."""
     from multidict import MultiDict
 
-    from sidecar.http import Request, RequestContext
-    from sidecar.tracing import TRACE_HEADERS, shadow_span
+    from sidecar.core.http import Request, RequestContext
+    from sidecar.observability.tracing import TRACE_HEADERS, shadow_span
 
     class Listener:
         name = "l"

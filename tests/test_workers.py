@@ -18,9 +18,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.metrics import Metrics
+from sidecar.observability.metrics import Metrics
 from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
-from sidecar.workers import merged_metrics
+from sidecar.runtime.workers import merged_metrics
 
 N = 3
 

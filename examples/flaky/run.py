@@ -52,7 +52,7 @@ def config_text(envoy: bool, ports: dict[str, int]) -> str:
 
 
 def load_snapshot(envoy: bool, ports: dict[str, int]):
-    from sidecar.loader import parse_text, snapshot_from_doc
+    from sidecar.runtime.loader import parse_text, snapshot_from_doc
     return snapshot_from_doc(parse_text(config_text(envoy, ports), "envoy.yaml" if envoy else "sidecar.yaml"))
 
 
@@ -96,7 +96,7 @@ def metric_lines(text: str, *prefixes: str) -> list[str]:
 async def run(envoy: bool = False, free_ports: bool = False, duration: float = 8.0,
               concurrency: int = 8, quiet: bool = False) -> dict:
     """Start everything, drive load, print and return the report."""
-    from sidecar.app import App
+    from sidecar.runtime.app import App
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ports = {k: (free_port() if free_ports else v) for k, v in DEFAULT_PORTS.items()}

@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # run from a checkout
 
-from sidecar import jwt_tool  # noqa: E402
+from sidecar.cli import token as jwt_tool  # noqa: E402
 
 ISSUER = "https://demo.sidecar.local"
 AUDIENCE = "demo-api"

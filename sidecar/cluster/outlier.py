@@ -1,0 +1,314 @@
+"""Outlier detection at run time (passive health), Envoy ``outlier_detection`` semantics.
+
+One ``ClusterDetector`` per cluster that has ``outlier_detection``. It sees the outcome of every
+attempt through ``ClusterState.outcome_hooks`` and ejects a host on
+
+* ``consecutive_5xx`` 5xx responses in a row (local-origin failures count as 5xx unless
+  ``split_external_local_origin_errors``: connect failure and reset as 503, timeout as 504),
+* ``consecutive_gateway_failure`` 502/503/504 in a row,
+* ``consecutive_local_origin_failure`` connect failures / timeouts / resets in a row (only with
+  ``split_external_local_origin_errors``, as in Envoy),
+* success rate: every ``interval``, hosts with at least ``success_rate_request_volume``
+  requests, when at least ``success_rate_minimum_hosts`` have that many, are ejected when their
+  success rate is below ``mean - success_rate_stdev_factor * stdev``.
+
+A streak is judged once, when it reaches its threshold (as Envoy does): if that ejection is
+not enforced (``enforcing_*`` probability, in percent) or would pass ``max_ejection_percent``,
+the host stays in until a new streak reaches the threshold. A threshold of 0 turns the check
+off. An ejection lasts
+``base_ejection_time x n`` where ``n`` counts this host's ejections in a row (it goes up on each
+ejection and down by one each interval the host stays in), capped at
+``max(base_ejection_time, max_ejection_time)``. At most ``max_ejection_percent`` of the hosts
+are ejected at once, but always at least one may be (Envoy). Un-ejection is a timer at the
+ejection's end, so the host is back in the load-balancing set on time, not on the next pick.
+If too many hosts are out, ``ClusterState.rebuild`` applies the panic threshold.
+
+Install once per App with ``install(app)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Optional
+
+from sidecar.config.outlier import OutlierDetection
+
+log = logging.getLogger("sidecar.outlier")
+
+REASONS = ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_local_origin_failure",
+           "success_rate")
+_LOCAL_AS_STATUS = {"connect_failure": 503, "reset": 503, "timeout": 504}
+
+
+class _Stats:
+    __slots__ = ("detected", "enforced", "overflow", "unejected", "enforced_total")
+
+    def __init__(self, app, cluster: str):
+        from sidecar.observability.stats import NULL
+        m = app.metrics
+        if not m.enabled:
+            self.detected = self.enforced = {r: NULL for r in REASONS}
+            self.overflow = self.unejected = self.enforced_total = NULL
+            return
+        det = m.counter("sidecar_upstream_outlier_ejections_detected_total",
+                        "Outlier conditions detected (ejected or not), by reason",
+                        ("cluster", "reason"))
+        enf = m.counter("sidecar_upstream_outlier_ejections_by_reason_total",
+                        "Ejections enforced by outlier detection, by reason", ("cluster", "reason"))
+        self.detected = {r: det.labels(cluster, r) for r in REASONS}
+        self.enforced = {r: enf.labels(cluster, r) for r in REASONS}
+        self.overflow = m.counter("sidecar_upstream_outlier_ejections_overflow_total",
+                                  "Ejections skipped because max_ejection_percent was reached",
+                                  ("cluster",)).labels(cluster)
+        self.unejected = m.counter("sidecar_upstream_outlier_unejections_total",
+                                   "Hosts returned to the load-balancing set after an ejection",
+                                   ("cluster",)).labels(cluster)
+        self.enforced_total = app.stats.cluster(cluster).ejections_enforced
+
+
+class ClusterDetector:
+    """Outlier detection for one cluster (see the module docstring)."""
+
+    def __init__(self, cs, cfg: OutlierDetection, app):
+        self.cs = cs
+        self.cfg = cfg
+        self.app = app
+        self.stats = _Stats(app, cs.name)
+        self.multiplier: dict[str, int] = {}    # address -> ejections in a row
+        self._tick_handle = None
+        self._uneject_handle = None
+        self._uneject_at = 0.0
+        self.closed = False
+        self._loop = None
+        cs.outcome_hooks.append(self.on_outcome)
+        self._start_timer()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def _start_timer(self) -> None:
+        import asyncio
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return                     # started from the first outcome, inside the loop
+        self._loop = loop
+        self._tick_handle = loop.call_later(self.cfg.interval_s, self._tick)
+
+    def reconfigure(self, cfg: OutlierDetection) -> None:
+        if cfg != self.cfg:
+            interval_changed = cfg.interval_s != self.cfg.interval_s
+            self.cfg = cfg
+            if interval_changed and self._tick_handle is not None:
+                self._tick_handle.cancel()
+                self._tick_handle = self._loop.call_later(cfg.interval_s, self._tick)
+
+    def close(self) -> None:
+        """Detection turned off or the cluster removed: stop, and return every host."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.cs.outcome_hooks.remove(self.on_outcome)
+        except ValueError:
+            pass
+        for h in (self._tick_handle, self._uneject_handle):
+            if h is not None:
+                h.cancel()
+        changed = False
+        for h in self.cs.hosts:
+            if h.ejected_until:
+                h.ejected_until = 0.0
+                changed = True
+        if changed:
+            self.cs.rebuild()
+
+    # ---- the hot path: one call per attempt ------------------------------------------------
+    def on_outcome(self, host, status: Optional[int], latency: float, local_error: Optional[str]) -> None:
+        if self._tick_handle is None and not self.closed:
+            self._start_timer()
+        cfg = self.cfg
+        if local_error is not None:
+            if cfg.split_external_local_origin_errors:
+                host.consecutive_local += 1
+                if host.consecutive_local == cfg.consecutive_local_origin_failure:
+                    self._maybe_eject(host, "consecutive_local_origin_failure",
+                                      cfg.enforcing_consecutive_local_origin_failure)
+                return
+            status = _LOCAL_AS_STATUS.get(local_error, 503)
+        elif cfg.split_external_local_origin_errors:
+            host.consecutive_local = 0      # the connection worked: a local-origin success
+        host.sr_total += 1
+        if status < 500:
+            host.sr_success += 1
+            host.consecutive_5xx = 0
+            host.consecutive_gateway = 0
+            return
+        host.consecutive_5xx += 1
+        if 502 <= status <= 504:
+            host.consecutive_gateway += 1
+        else:
+            host.consecutive_gateway = 0
+        # the gateway check first: its enforcement is off by default, so a host that also hits
+        # consecutive_5xx is then ejected for that
+        if host.consecutive_gateway == cfg.consecutive_gateway_failure:
+            if self._maybe_eject(host, "consecutive_gateway_failure",
+                                 cfg.enforcing_consecutive_gateway_failure):
+                return
+        if host.consecutive_5xx == cfg.consecutive_5xx:
+            self._maybe_eject(host, "consecutive_5xx", cfg.enforcing_consecutive_5xx)
+
+    # ---- ejection -------------------------------------------------------------------------
+    def _maybe_eject(self, host, reason: str, enforcing: float) -> bool:
+        now = time.monotonic()
+        if host.ejected_until > now or host.removed:
+            return False
+        self.stats.detected[reason].inc()
+        if enforcing < 100.0 and random.random() * 100.0 >= enforcing:
+            return False
+        hosts = self.cs.hosts
+        ejected = sum(1 for h in hosts if h.ejected_until > now)
+        if ejected and (ejected + 1) * 100.0 > len(hosts) * self.cfg.max_ejection_percent:
+            self.stats.overflow.inc()
+            return False
+        self._eject(host, reason, now)
+        return True
+
+    def _eject(self, host, reason: str, now: float) -> None:
+        cfg = self.cfg
+        n = self.multiplier.get(host.address, 0) + 1
+        self.multiplier[host.address] = n
+        duration = min(cfg.base_ejection_time_s * n, max(cfg.base_ejection_time_s, cfg.max_ejection_time_s))
+        host.ejected_until = now + duration
+        host.ejections += 1
+        host.consecutive_5xx = host.consecutive_gateway = host.consecutive_local = 0
+        self.stats.enforced[reason].inc()
+        self.stats.enforced_total.inc()
+        self.cs.rebuild()
+        self._schedule_uneject(host.ejected_until)
+        log.warning("cluster %s: ejected %s (%s) for %.1fs (ejection %d in a row)",
+                    self.cs.name, host.address, reason, duration, n)
+
+    def _schedule_uneject(self, at: float) -> None:
+        loop = self._loop
+        if loop is None:
+            import asyncio
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+        if self._uneject_handle is not None:
+            if self._uneject_at <= at:
+                return                     # an earlier un-ejection is due first; it re-arms
+            self._uneject_handle.cancel()
+        self._uneject_at = at
+        self._uneject_handle = loop.call_later(max(0.0, at - time.monotonic()), self._uneject_due)
+
+    def _uneject_due(self) -> None:
+        self._uneject_handle = None
+        if self.closed:
+            return
+        now = time.monotonic()
+        changed = False
+        nxt = None
+        for h in self.cs.hosts:
+            u = h.ejected_until
+            if not u:
+                continue
+            if u <= now + 0.001:
+                h.ejected_until = 0.0
+                changed = True
+                self.stats.unejected.inc()
+                log.info("cluster %s: %s is back in the load-balancing set", self.cs.name, h.address)
+            elif nxt is None or u < nxt:
+                nxt = u
+        if changed:
+            self.cs.rebuild()
+        if nxt is not None:
+            self._schedule_uneject(nxt)
+
+    # ---- the interval: success rate, ejection multipliers -----------------------------------
+    def _tick(self) -> None:
+        if self.closed:
+            return
+        cfg = self.cfg
+        self._tick_handle = self._loop.call_later(cfg.interval_s, self._tick)
+        now = time.monotonic()
+        hosts = list(self.cs.hosts)
+        # success rate over the interval just ended
+        sample = [(h, h.sr_success / h.sr_total) for h in hosts
+                  if h.sr_total >= cfg.success_rate_request_volume and h.sr_total > 0]
+        if sample and len(sample) >= cfg.success_rate_minimum_hosts:
+            threshold = success_rate_threshold([r for _, r in sample], cfg.success_rate_stdev_factor)
+            for h, rate in sample:
+                if rate < threshold:
+                    self._maybe_eject(h, "success_rate", cfg.enforcing_success_rate)
+        addresses = set()
+        for h in hosts:
+            h.sr_success = h.sr_total = 0
+            addresses.add(h.address)
+            if h.ejected_until <= now:
+                n = self.multiplier.get(h.address)
+                if n:
+                    if n > 1:
+                        self.multiplier[h.address] = n - 1
+                    else:
+                        del self.multiplier[h.address]
+        for a in [a for a in self.multiplier if a not in addresses]:
+            del self.multiplier[a]
+        # a safety net for un-ejection (the timer is the normal path)
+        if any(0 < h.ejected_until <= now for h in hosts):
+            self._uneject_due()
+
+
+def success_rate_threshold(rates: list[float], stdev_factor: float) -> float:
+    """Envoy: ``mean - stdev_factor * stdev`` of the hosts' success rates (population stdev)."""
+    n = len(rates)
+    mean = sum(rates) / n
+    var = sum((r - mean) ** 2 for r in rates) / n
+    return mean - stdev_factor * math.sqrt(var)
+
+
+# ---- wiring ----------------------------------------------------------------------------------
+
+class OutlierRuntime:
+    """Keeps one ClusterDetector per cluster that asks for outlier detection."""
+
+    def __init__(self, app):
+        self.app = app
+        self.detectors: dict[int, ClusterDetector] = {}     # id(ClusterState) -> detector
+        app.clusters.subscribe(self.on_cluster, self.on_removed)
+
+    def on_cluster(self, cs) -> None:
+        cfg = cs.config.outlier_detection
+        d = self.detectors.get(id(cs))
+        if cfg is None:
+            if d is not None:
+                del self.detectors[id(cs)]
+                d.close()
+            return
+        if d is None or d.cs is not cs:
+            self.detectors[id(cs)] = ClusterDetector(cs, cfg, self.app)
+        else:
+            d.reconfigure(cfg)
+
+    def on_removed(self, cs) -> None:
+        d = self.detectors.pop(id(cs), None)
+        if d is not None:
+            d.close()
+
+    def close(self) -> None:
+        for d in self.detectors.values():
+            d.close()
+        self.detectors.clear()
+        self.app.clusters.unsubscribe(self.on_cluster, self.on_removed)
+
+
+def install(app) -> OutlierRuntime:
+    """Attach outlier detection to ``app``'s cluster manager (idempotent). Clusters present now
+    and every cluster added or updated later get a detector when their config asks for one."""
+    rt = app.__dict__.get("outlier_detection")
+    if rt is None:
+        rt = app.outlier_detection = OutlierRuntime(app)
+    return rt

@@ -1,0 +1,81 @@
+"""The filter contract: a filter is ``async (request, next) -> response``.
+
+A filter short-circuits by returning a response without awaiting ``next``. Filters are built
+once per route per config snapshot (``FilterSpec.build``); per-request state lives in
+``request.ctx``; state that must outlive a config reload (JWKS, token buckets, replay caches)
+lives in the filter's own typed state object, made once per process by ``FilterSpec.new_state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from sidecar.core.context import RouteInfo
+from sidecar.core.message import Request, Response
+from sidecar.core.metrics import MetricFactory
+
+Handler = Callable[[Request], Awaitable[Response]]
+"""The ``next`` a filter calls: the rest of the route's stack."""
+
+
+class Filter:
+    """Base class for HTTP filters (subclassing it is optional: any object with this
+    ``__call__`` is a filter)."""
+
+    async def __call__(self, req: Request, next: Handler) -> Response:
+        return await next(req)
+
+    def close(self) -> None:
+        """Called when the config snapshot that built this filter is retired."""
+
+
+FilterLike = Callable[[Request, Handler], Awaitable[Response]]
+
+
+class UpstreamClient(Protocol):
+    """Sends a request through one cluster: its load balancer, breakers, pools and TLS."""
+
+    async def send(self, request: Request) -> Response: ...
+
+
+class FilterEnv(Protocol):
+    """The services the proxy offers a filter while it is built (typed, no string bags)."""
+
+    @property
+    def metrics(self) -> MetricFactory: ...
+
+    def upstream(self, cluster: str) -> UpstreamClient:
+        """A client for ``cluster`` (raises ``KeyError`` when no such cluster is configured)."""
+        ...
+
+
+ConfigT = TypeVar("ConfigT")
+PerRouteT = TypeVar("PerRouteT")
+StateT = TypeVar("StateT")
+
+RawConfig = Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSpec(Generic[ConfigT, PerRouteT, StateT]):
+    """How one HTTP filter is parsed (both config formats), built and kept across reloads."""
+
+    name: str                                        # canonical Envoy name
+    short: str                                       # native YAML name
+    type_url: str                                    # typed_config "@type" accepted from Envoy
+    from_envoy: Callable[[RawConfig, str], ConfigT]  # typed_config (minus @type), path -> config
+    from_native: Callable[[object, str], ConfigT]
+    new_state: Callable[[FilterEnv], StateT]         # once per process (survives reloads)
+    # (config, per-route config or None, state, env, route) -> the filter, or None to skip it
+    build: Callable[[ConfigT, PerRouteT | None, StateT, FilterEnv, RouteInfo], FilterLike | None]
+    per_route_type_url: str = ""
+    per_route_from_envoy: Callable[[RawConfig, str], PerRouteT] | None = None
+    per_route_from_native: Callable[[object, str], PerRouteT] | None = None
+    close_state: Callable[[StateT], None] | None = None
+
+
+def no_state(env: FilterEnv) -> None:
+    """``FilterSpec.new_state`` for filters that keep nothing across reloads."""
+    return None

@@ -1,0 +1,291 @@
+"""Sidecar mode: one proxy next to one app, sharing its lifecycle.
+
+Configured with a compact ``sidecar:`` section of the native YAML (or with explicit listeners
+marked ``direction: inbound|outbound``)::
+
+    sidecar:
+      service: orders                 # label for sidecar_app_up (default: app)
+      app: 8080                       # the local app: a port on 127.0.0.1, or "host:port"
+      app_health: {path: /healthz, interval: 1s, timeout: 1s}   # optional; default: TCP connect
+      inbound:                        # traffic to the app (listener fields; defaults below)
+        address: 0.0.0.0
+        port: 15006
+        tls: {cert: ..., key: ..., ca: ...}          # mTLS from peers' sidecars
+        filters: [{jwt_authn: ...}, {rbac: ...}, {local_ratelimit: ...}]
+        # routes: default is everything to the app (cluster "local_app")
+      outbound:                       # the app's calls to other services
+        address: 127.0.0.1
+        port: 15001
+        routes: [{match: {prefix: /}, cluster: payments, retry: {...}}]
+    clusters: [...]                   # what outbound routes point at
+
+becomes two listeners named ``inbound`` and ``outbound`` and a cluster ``local_app``.
+
+At runtime (``attach(app)``):
+
+* the app is probed (TCP connect, or an HTTP GET of ``app_health.path`` expecting 2xx/3xx);
+  until it answers, ``/ready`` is 503 with the reason and the inbound listener answers 503
+  ``no healthy upstream`` (the ``local_app`` endpoint is marked unhealthy and that cluster has no
+  panic mode), so the app may start before or after the sidecar;
+* on SIGTERM (or ``POST /drain_listeners``) ``/ready`` turns 503 at once, inbound listeners stop
+  accepting and finish their requests in flight, while the outbound listener keeps serving the
+  app (which is finishing its own work) until the app stops or the outbound listener's
+  ``drain_timeout`` has passed; then it drains too and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
+from sidecar.config.model import RouteAction
+
+log = logging.getLogger("sidecar.sidecar_mode")
+
+APP_CLUSTER = "local_app"
+_KEYS = ("service", "app", "app_health", "inbound", "outbound")
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    service: str
+    app_host: str
+    app_port: int
+    health_path: Optional[str] = None       # None: a TCP connect is the probe
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    app_cluster: str = APP_CLUSTER
+
+
+def _app_address(v: Any, path: str) -> tuple[str, int]:
+    if isinstance(v, bool):
+        raise ConfigError(path, "must be a port or host:port")
+    if isinstance(v, int):
+        host, port = "127.0.0.1", v
+    elif isinstance(v, str):
+        host, sep, p = v.rpartition(":")
+        if not sep:
+            host, p = "127.0.0.1", v
+        if not p.isdigit() or not host:
+            raise ConfigError(path, f"must be a port or host:port, got {v!r}")
+        port = int(p)
+    else:
+        raise ConfigError(path, "must be a port or host:port")
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, "port must be 1..65535")
+    return host.strip("[]"), port
+
+
+def _check_routes(listener, path: str, known: set[str]) -> None:
+    flat = isinstance(listener.source, dict) and "routes" in listener.source
+    for vi, vh in enumerate(listener.route_config.virtual_hosts):
+        for ri, r in enumerate(vh.routes):
+            a = r.action
+            if not isinstance(a, RouteAction):
+                continue
+            p = (f"{path}.routes[{ri}]" if flat else f"{path}.virtual_hosts[{vi}].routes[{ri}]")
+            targets = [a.cluster] if a.cluster else [x.name for x in a.weighted_clusters]
+            targets += [m.cluster for m in a.mirrors]
+            for t in targets:
+                if t not in known:
+                    raise ConfigError(p, f"unknown cluster {t!r}")
+
+
+def sidecar_from_native(d: Any, path: str, clusters: Any = None):
+    """The ``sidecar:`` section -> (SidecarConfig, [inbound, outbound listeners], [local_app]).
+
+    ``clusters`` is the document's ``clusters`` list, to check route references with paths
+    inside the ``sidecar:`` section."""
+    from sidecar.config.native import _cluster, _listener
+    w.check_keys(d, _KEYS, path)
+    ap = w.join(path, "app")
+    if "app" not in d:
+        raise ConfigError(ap, "is required (the local app's port or host:port)")
+    host, port = _app_address(d["app"], ap)
+    service = w.string(d, "service", path, "app", nonempty=True)
+    kw: dict = {}
+    if "app_health" in d:
+        hp = w.join(path, "app_health")
+        h = w.check_keys(w.mapping(d, "app_health", path), ("path", "interval", "timeout"), hp)
+        if "path" in h:
+            hpath = w.string(h, "path", hp, nonempty=True)
+            if not hpath.startswith("/"):
+                raise ConfigError(w.join(hp, "path"), "must start with /")
+            kw["health_path"] = hpath
+        kw["probe_interval_s"] = w.duration(h, "interval", hp, 1.0)
+        kw["probe_timeout_s"] = w.duration(h, "timeout", hp, 1.0)
+    cfg = SidecarConfig(service=service, app_host=host, app_port=port, **kw)
+    known = {APP_CLUSTER}
+    for c in clusters or []:
+        if isinstance(c, dict) and isinstance(c.get("name"), str):
+            if c["name"] == APP_CLUSTER:
+                raise ConfigError("clusters", f"the name {APP_CLUSTER!r} is reserved for the "
+                                  "sidecar's app")
+            known.add(c["name"])
+    app_cluster = _cluster({"name": APP_CLUSTER, "endpoints": [f"{host}:{port}"],
+                            "connect_timeout": "1s", "panic_threshold": 0}, ap)
+    listeners = []
+    for name, defaults, required in (("inbound", {"address": "0.0.0.0", "port": 15006}, True),
+                                     ("outbound", {"address": "127.0.0.1", "port": 15001}, False)):
+        lp = w.join(path, name)
+        if name not in d:
+            if required:
+                d = {**d, name: {}}
+            else:
+                continue
+        ld = w.mapping(d, name, path, {})
+        for k in ("name", "direction"):
+            if k in ld:
+                raise ConfigError(w.join(lp, k), "is set by the sidecar section")
+        ld = {**defaults, **ld, "name": name, "direction": name}
+        if name == "inbound" and "routes" not in ld and "virtual_hosts" not in ld:
+            ld["routes"] = [{"name": "app", "match": {"prefix": "/"}, "cluster": APP_CLUSTER}]
+        elif name == "outbound" and "routes" not in ld and "virtual_hosts" not in ld:
+            raise ConfigError(lp, "needs routes or virtual_hosts (the services the app calls)")
+        lst = _listener(ld, lp)
+        _check_routes(lst, lp, known)
+        listeners.append(lst)
+    return cfg, listeners, [app_cluster]
+
+
+# ---- runtime ------------------------------------------------------------------------------------
+
+class SidecarRuntime:
+    """App probe, readiness, and the inbound-first drain, for one App."""
+
+    def __init__(self, app):
+        self.app = app
+        self.config: Optional[SidecarConfig] = None
+        self.app_up: Optional[bool] = None      # None: not probed yet
+        self.app_reason = "app not probed yet"
+        self.last_probe = 0.0
+        self._task: Optional[asyncio.Task] = None
+        self._wake = asyncio.Event()
+        self._gauge = None
+        if app.metrics.enabled:
+            self._gauge = app.metrics.gauge("sidecar_app_up",
+                                            "Whether the local app answers its probe (sidecar mode)",
+                                            ("service",))
+
+    # ---- config ----------------------------------------------------------------------------
+    def on_snapshot(self, snap) -> None:
+        cfg = snap.extra.get("sidecar") if snap is not None else None
+        if cfg == self.config:
+            self._mark()          # a new local_app cluster state starts healthy: re-apply
+            return
+        self.config = cfg
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if cfg is None:
+            return
+        self.app_up = None
+        self.app_reason = "app not probed yet"
+        self._task = asyncio.get_running_loop().create_task(self._probe_loop())
+        self.app._tasks.append(self._task)
+
+    # ---- readiness -------------------------------------------------------------------------
+    def not_ready_reason(self) -> Optional[str]:
+        if self.config is None or self.app_up:
+            return None
+        return self.app_reason
+
+    async def probe_once(self) -> Optional[str]:
+        cfg = self.config
+        where = f"{cfg.app_host}:{cfg.app_port}"
+        try:
+            async with asyncio.timeout(cfg.probe_timeout_s):
+                reader, writer = await asyncio.open_connection(cfg.app_host, cfg.app_port)
+                try:
+                    if cfg.health_path:
+                        writer.write(f"GET {cfg.health_path} HTTP/1.1\r\nhost: {where}\r\n"
+                                     f"user-agent: sidecar-app-probe\r\nconnection: close\r\n\r\n"
+                                     .encode("latin-1"))
+                        line = await reader.readline()
+                        parts = line.split()
+                        if len(parts) < 2 or not parts[1].isdigit():
+                            return f"app {where}{cfg.health_path}: not an HTTP response"
+                        status = int(parts[1])
+                        if not 200 <= status < 400:
+                            return f"app {where}{cfg.health_path} answered {status}"
+                finally:
+                    writer.close()
+        except TimeoutError:
+            return f"app {where} did not answer within {cfg.probe_timeout_s:g}s"
+        except OSError as e:
+            return f"app {where} not reachable: {e.strerror or e}"
+        return None
+
+    async def _probe_loop(self) -> None:
+        while True:
+            reason = await self.probe_once()
+            self._set(reason)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.probe_interval_s)
+            except TimeoutError:
+                pass
+
+    def _set(self, reason: Optional[str]) -> None:
+        up = reason is None
+        changed = up != self.app_up
+        self.app_up = up
+        self.app_reason = reason or ""
+        self.last_probe = time.monotonic()
+        if changed:
+            if up:
+                log.info("app %s is up (%s:%s)", self.config.service, self.config.app_host,
+                         self.config.app_port)
+            else:
+                log.warning("app %s is not ready: %s", self.config.service, reason)
+            if self._gauge is not None:
+                self._gauge.labels(self.config.service).set(1 if up else 0)
+        self._mark()
+
+    def _mark(self) -> None:
+        """Reflect the probe on the local_app endpoint: unhealthy means inbound answers 503."""
+        cfg = self.config
+        if cfg is None or self.app_up is None:
+            return
+        st = self.app.clusters.get(cfg.app_cluster)
+        if st is None:
+            return
+        dirty = False
+        for h in st.hosts:
+            if h.hc_healthy != self.app_up:
+                h.hc_healthy = self.app_up
+                dirty = True
+        if dirty:
+            st.rebuild()
+
+    # ---- drain -------------------------------------------------------------------------------
+    async def wait_for_app_exit(self, deadline: float) -> None:
+        """App.drain's gate between inbound and outbound: keep serving the app's outbound
+        calls while it is still up (it may be finishing its own in-flight work)."""
+        if self.config is None:
+            return     # explicit inbound/outbound listeners, no sidecar section: app unknown
+        while time.monotonic() < deadline:
+            if await self.probe_once() is not None:
+                log.info("app stopped: draining outbound listeners")
+                return
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def attach(app) -> SidecarRuntime:
+    """Wire sidecar mode into a started App (idempotent; harmless without a ``sidecar:``
+    section: it follows config updates that add or remove one)."""
+    rt = getattr(app, "sidecar_mode", None)
+    if rt is not None:
+        return rt
+    rt = SidecarRuntime(app)
+    app.sidecar_mode = rt
+    app.snapshot_listeners.append(rt.on_snapshot)
+    app.ready_checks.append(rt.not_ready_reason)
+    app.outbound_drain_gate = rt.wait_for_app_exit
+    rt.on_snapshot(app.store.snapshot)
+    return rt
