@@ -30,9 +30,10 @@ import logging
 import time
 from typing import Any, Optional
 
-from control_plane_client.config import SourceSpec
 from control_plane_client.resources import ADS_METHOD, GRPC_METHOD, ORDER, short
-from control_plane_client.transport import Backoff, Sink, Transport
+from control_plane_client.transport import Sink, Transport
+from sidecar.config.control_plane import SourceSpec
+from sidecar.core.backoff import Backoff
 
 log = logging.getLogger("sidecar.xds.grpc")
 

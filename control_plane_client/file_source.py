@@ -23,9 +23,9 @@ from typing import Optional
 
 import yaml
 
-from control_plane_client.config import SourceSpec
 from control_plane_client.resources import ORDER, resource_name, short
 from control_plane_client.transport import Sink, Transport
+from sidecar.config.control_plane import SourceSpec
 
 log = logging.getLogger("sidecar.xds.file")
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane_client import translate as tr
+from control_plane_client.translate.cluster import cluster, load_assignment
+from control_plane_client.translate.common import T_CLUSTER, T_ENDPOINT, T_LISTENER, T_ROUTE
+from control_plane_client.translate.listener import listener
+from control_plane_client.translate.route import route_configuration
 from sidecar.config.errors import ConfigError, ConfigErrors
 
-LDS, RDS, CDS, EDS = tr.T_LISTENER, tr.T_ROUTE, tr.T_CLUSTER, tr.T_ENDPOINT
+LDS, RDS, CDS, EDS = T_LISTENER, T_ROUTE, T_CLUSTER, T_ENDPOINT
 SHORT = {LDS: "lds", RDS: "rds", CDS: "cds", EDS: "eds"}
 BY_SHORT = {v: k for k, v in SHORT.items()}
 KIND = {LDS: "Listener", RDS: "RouteConfiguration", CDS: "Cluster", EDS: "ClusterLoadAssignment"}
@@ -68,13 +71,13 @@ def translate_resource(type_url: str, d: dict, path: str) -> Any:
     Cluster, or the (cluster_name, endpoints) of a ClusterLoadAssignment)."""
     try:
         if type_url == LDS:
-            return tr.listener(d, path, None)
+            return listener(d, path, None)
         if type_url == RDS:
-            return tr.route_configuration(d, path)
+            return route_configuration(d, path)
         if type_url == CDS:
-            return tr.cluster(d, path)
+            return cluster(d, path)
         if type_url == EDS:
-            return tr.load_assignment(d, path)
+            return load_assignment(d, path)
     except ConfigErrors:
         raise
     except ConfigError:

@@ -16,9 +16,10 @@ from typing import Optional
 
 import aiohttp
 
-from control_plane_client.config import SourceSpec
 from control_plane_client.resources import BY_NAME, REST_PATH, short
-from control_plane_client.transport import Backoff, Sink, Transport
+from control_plane_client.transport import Sink, Transport
+from sidecar.config.control_plane import SourceSpec
+from sidecar.core.backoff import Backoff
 
 log = logging.getLogger("sidecar.xds.rest")
 

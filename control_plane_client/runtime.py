@@ -34,11 +34,16 @@ from typing import Any, Optional
 
 from control_plane_client import cache as lkg
 from control_plane_client import resources as R
-from control_plane_client.config import ControlPlaneConfig, SourceSpec, config_source
+from control_plane_client.translate.dynamic import config_source
 from control_plane_client.transport import Transport
 from sidecar import __version__
+from sidecar.tls.context import client_context
+from sidecar.config.cluster import Cluster
+from sidecar.config.control_plane import ControlPlaneConfig, SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
-from sidecar.config.model import Cluster, Listener, RouteAction, RouteConfig, Snapshot
+from sidecar.config.listener import Listener
+from sidecar.config.route import RouteAction, RouteConfig
+from sidecar.config.snapshot import Snapshot
 
 log = logging.getLogger("sidecar.xds")
 
@@ -183,8 +188,7 @@ class ControlPlane:
                                   "a static cluster")
             ctx = None
             if c.tls is not None:
-                from sidecar.cluster.manager import make_ssl_context
-                ctx = make_ssl_context(c.tls)
+                ctx = client_context(c.tls)
             eps = [(e.host, e.port) for e in c.endpoints]
             if not eps:
                 raise ConfigError("control_plane", f"control-plane cluster {spec.cluster!r} has no "
@@ -567,7 +571,7 @@ class ControlPlane:
         for svc in changed:
             eps = eds[svc].model[1]
             for cname in by_service[svc]:
-                self.app.clusters.set_eds(cname, eps)
+                self.app.clusters.set_endpoints(cname, eps)
                 self.active_clusters[cname] = dataclasses.replace(self.active_clusters[cname],
                                                                   endpoints=eps)
         return True
@@ -682,7 +686,7 @@ class ControlPlane:
             if c.type == "eds" and (c.eds_service_name or c.name) in self.types[R.EDS].resources:
                 st = self.app.clusters.get(c.name)
                 if st is not None and tuple(h.endpoint for h in st.hosts) != c.endpoints:
-                    self.app.clusters.set_eds(c.name, c.endpoints)
+                    self.app.clusters.set_endpoints(c.name, c.endpoints)
         self.active_clusters = {c.name: c for c in snap.clusters}
         self.active_listeners = {l.name: l for l in snap.listeners}
         self.active_routes = {}

@@ -4,12 +4,11 @@ backoff with jitter, and the callbacks into the control-plane runtime."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Optional, Protocol
 
-from control_plane_client.config import SourceSpec
 from control_plane_client.resources import short
+from sidecar.config.control_plane import SourceSpec
 
 
 class Sink(Protocol):
@@ -26,24 +25,6 @@ class Sink(Protocol):
 
     def on_failure(self, transport: "Transport", type_url: Optional[str], error: str) -> None:
         """The source could not be reached or answered with an error."""
-
-
-class Backoff:
-    """Exponential backoff with jitter: the n-th retry waits between d/2 and d, where
-    d = min(max, base * 2**n)."""
-
-    def __init__(self, base: float, maximum: float):
-        self.base = base
-        self.max = maximum
-        self.attempt = 0
-
-    def next(self) -> float:
-        d = min(self.max, self.base * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return d / 2 + random.random() * d / 2
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class Transport:

@@ -44,12 +44,12 @@ from typing import Any, Callable, Optional
 
 from multidict import MultiDict
 
-from filters import FilterSpec
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.route.router import weighted_point
-from sidecar.observability.stats import NULL
-from sidecar.core.http import Filter, Request, Response, local_reply
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Filter, FilterEnv, FilterSpec
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.metrics import NULL
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 PER_ROUTE_TYPE_URL = TYPE_URL
@@ -63,7 +63,6 @@ H_NODE = "x-envoy-downstream-service-node"
 
 ABORT_BODY = "fault filter abort"
 _DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}
-_STATE_KEY = "filters.fault"
 
 
 # =============================================================================================
@@ -177,7 +176,7 @@ def from_envoy(d: dict, path: str) -> FaultConfig:
             raise ConfigError(w.join(path, k), "runtime overrides are not supported "
                               "(there is no runtime layer); set the value in the config")
     w.boolean(d, "disable_downstream_cluster_stats", path, False)   # no per-downstream stats
-    from control_plane_client.translate import header_matcher
+    from sidecar.config.matchers import header_matcher_from_envoy as header_matcher
     hp = w.join(path, "headers")
     headers = tuple(header_matcher(h, w.join(hp, i)) for i, h in enumerate(w.seq(d, "headers", path, [])))
     np_ = w.join(path, "downstream_nodes")
@@ -238,7 +237,7 @@ def from_native(d: dict, path: str) -> FaultConfig:
                      "max_active_faults"), path)
     headers: tuple = ()
     if d.get("headers") is not None:
-        from sidecar.config.native import header_matchers
+        from sidecar.config.matchers import header_matchers_from_native as header_matchers
         headers = header_matchers(d["headers"], w.join(path, "headers"))
     nodes = w.seq(d, "downstream_nodes", path, [])
     for i, n in enumerate(nodes):
@@ -279,44 +278,19 @@ class _Shared:
         self.gauge = metrics.gauge("sidecar_fault_active", "Requests with an active injected fault")
 
 
-def _cluster_check(upstream: str, route: Any) -> tuple[bool, Optional[Callable[[Request], bool]]]:
-    """(applies at all, per-request check or None). Filters run before the router picks a
+def _cluster_check(upstream: str, route: RouteInfo) -> tuple[bool, Optional[Callable[[Request], bool]]]:
+    """(applies at all, per-request check or None). Filters run before the route picks a
     cluster, so: a route that never targets ``upstream`` gets no filter; a single-cluster route
-    that does always matches; a weighted route repeats the router's (request-id based) draw; a
-    ``cluster_header`` route reads the header."""
+    that does always matches; otherwise (weighted, ``cluster_header``) the route says where
+    this request goes (the same draw the route will make)."""
     if not upstream:
         return True, None
-    if route is None:
-        return True, None
-    action = getattr(route.config, "action", None)
-    header = getattr(action, "cluster_header", None)
-    if header:
-        return True, lambda req: req.headers.get(header, "") == upstream
-    names = tuple(getattr(route, "cluster_names", ()) or ())
-    if upstream not in names:
+    names = route.cluster_names
+    if names and upstream not in names:
         return False, None
-    weighted = tuple(getattr(action, "weighted_clusters", ()) or ())
-    if len(set(names)) == 1 or not weighted:
+    if names and len(set(names)) == 1:
         return True, None
-    ranges = []
-    cum = 0
-    for wc in weighted:
-        lo = cum
-        cum += wc.weight
-        if wc.name == upstream:
-            ranges.append((lo, cum))
-    total = cum
-    ranges_t = tuple(ranges)
-
-    def check(req: Request) -> bool:
-        point = weighted_point(req.ctx.request_id, total)
-        if point is None:
-            return False          # the router will draw at random: cannot tell, do not inject
-        for lo, hi in ranges_t:
-            if lo <= point < hi:
-                return True
-        return False
-    return True, check
+    return True, lambda req: route.pick_cluster(req) == upstream
 
 
 class FaultFilter(Filter):
@@ -421,7 +395,7 @@ class FaultFilter(Filter):
                 shared.aborts.inc()
                 status, grpc = abort
                 ctx = req.ctx
-                ctx.extra["response_code_details"] = "fault_filter_abort"
+                ctx.response_code_details = "fault_filter_abort"
                 if grpc is not None:
                     h = MultiDict()
                     h["content-type"] = "application/grpc"
@@ -436,18 +410,18 @@ class FaultFilter(Filter):
                 shared.gauge.dec()
 
 
-def build(config: FaultConfig, per_route: Optional[FaultConfig], runtime: Any,
-          route: Any = None) -> Optional[FaultFilter]:
+def new_state(env: FilterEnv) -> _Shared:
+    return _Shared(env.metrics)
+
+
+def build(config: FaultConfig, per_route: Optional[FaultConfig], shared: _Shared, env: FilterEnv,
+          route: RouteInfo) -> Optional[FaultFilter]:
     cfg = per_route if per_route is not None else config
     if cfg.delay is None and cfg.abort is None:
         return None
     applies, check = _cluster_check(cfg.upstream_cluster, route)
     if not applies:
         return None
-    state = runtime.state
-    shared = state.get(_STATE_KEY)
-    if shared is None:
-        shared = state[_STATE_KEY] = _Shared(runtime.metrics)
     return FaultFilter(cfg, shared, check)
 
 
@@ -457,6 +431,7 @@ SPEC = FilterSpec(
     type_url=TYPE_URL,
     from_envoy=from_envoy,
     from_native=from_native,
+    new_state=new_state,
     build=build,
     per_route_type_url=PER_ROUTE_TYPE_URL,
     per_route_from_envoy=from_envoy,

@@ -22,7 +22,7 @@ What a request goes through (cheapest first; the first failure answers, see docs
 Failures answer as Envoy: ``401`` (``403`` for an audience mismatch) with
 ``www-authenticate: Bearer realm="<scheme>://<host><path>"`` (plus ``, error="invalid_token"``
 unless the token was missing), body = Envoy's status text, response code details
-``jwt_authn_access_denied{<text>}`` in ``ctx.extra["response_code_details"]``. Envoy sets no
+``jwt_authn_access_denied{<text>}`` in ``ctx.response_code_details``. Envoy sets no
 response flag for these; we record the local flag ``JWT`` so denials show in access logs.
 
 No token or secret is ever logged: log lines name the provider and the outcome only.
@@ -48,13 +48,16 @@ from urllib.parse import unquote
 
 from multidict import MultiDict
 
-from filters import FilterSpec
 from filters.rbac import header_matcher_from_envoy, header_matcher_from_native
-from filters.rbac import string_matcher_from_envoy, string_matcher_from_native
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.core.http import Filter, Request, Response, local_reply
-from sidecar.config.model import StringMatcher
+from sidecar.config.matchers import StringMatcher, string_matcher_from_envoy, string_matcher_from_native
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Filter, FilterEnv, FilterSpec
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.metrics import MetricFactory
+
+METADATA_NAMESPACE = "envoy.filters.http.jwt_authn"   # dynamic metadata, as Envoy names it
 
 log = logging.getLogger("sidecar.filters.jwt_authn")
 
@@ -148,8 +151,7 @@ def _missing_claim(name: str) -> Status:
 # =============================================================================================
 
 try:  # PyJWT's algorithm objects do the crypto (backed by cryptography)
-    from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
-    from jwt.algorithms import get_default_algorithms
+    from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 except ImportError as e:  # pragma: no cover - PyJWT[crypto] is a hard dependency
     raise ImportError("jwt_authn needs PyJWT with cryptography installed") from e
 
@@ -1198,12 +1200,26 @@ async def _read_limited(stream: Any, limit: int) -> bytes:
         parts.append(chunk)
 
 
-def close_state(state: dict) -> None:
-    """Cancel in-flight JWKS fetches held in ``runtime.state`` (at process shutdown)."""
-    st = state.get(_STATE_KEY)
-    if st:
-        for store in st["jwks"].values():
-            store.close()
+class JwtState:
+    """Kept across reloads: per-provider runtimes (token caches), JWKS stores, replay caches."""
+
+    __slots__ = ("providers", "jwks", "replay", "metrics")
+
+    def __init__(self, metrics: MetricFactory):
+        self.metrics = metrics
+        self.providers: dict[Provider, ProviderRuntime] = {}
+        self.jwks: dict[tuple[str, RemoteJwks], RemoteJwksStore] = {}
+        self.replay: dict[str, ReplayCache] = {}
+
+
+def new_state(env: FilterEnv) -> JwtState:
+    return JwtState(env.metrics)
+
+
+def close_state(state: JwtState) -> None:
+    """Cancel in-flight JWKS fetches (at process shutdown)."""
+    for store in state.jwks.values():
+        store.close()
 
 
 class ReplayCache:
@@ -1508,7 +1524,7 @@ class ProviderRuntime:
         if p.payload_in_metadata:
             ctx.jwt_payloads[p.payload_in_metadata] = e.payload
         if p.header_in_metadata:
-            ctx.extra.setdefault("jwt_headers", {})[p.header_in_metadata] = e.header
+            ctx.metadata.setdefault(METADATA_NAMESPACE, {})[p.header_in_metadata] = e.header
         h = req.headers
         if p.forward_payload_header:
             seg = e.payload_seg
@@ -1733,10 +1749,10 @@ class JwtAuthnFilter(Filter):
 
     def _reject(self, req: Request, st: Status) -> Response:
         ctx = req.ctx
-        ctx.extra["response_code_details"] = st.details
+        ctx.response_code_details = st.details
         if self.failed_status_key:
             for key in self.failed_status_key.values():
-                ctx.extra.setdefault("jwt_failed_status", {})[key] = {
+                ctx.metadata.setdefault(METADATA_NAMESPACE, {})[key] = {
                     "code": st.code, "message": st.message}
         if self.strip_failure:
             resp = local_reply(ctx, st.code, "", FLAG, MultiDict())
@@ -1760,31 +1776,22 @@ def _quote(s: str) -> str:
 
 # ---- building --------------------------------------------------------------------------------
 
-_STATE_KEY = "jwt_authn"
 _MAX_PROVIDER_STATES = 256
 
 
-def _state(runtime: Any) -> dict:
-    st = runtime.state.get(_STATE_KEY)
-    if st is None:
-        st = runtime.state[_STATE_KEY] = {"providers": {}, "jwks": {}, "replay": {}}
-    return st
-
-
-def provider_runtime(p: Provider, runtime: Any) -> ProviderRuntime:
+def provider_runtime(p: Provider, st: JwtState) -> ProviderRuntime:
     """Shared by every route and kept across reloads while the provider config is unchanged
     (so its token cache and JWKS survive); a changed provider gets fresh caches."""
-    st = _state(runtime)
-    prts: dict = st["providers"]
+    prts = st.providers
     prt = prts.get(p)
     if prt is not None:
         prts[p] = prts.pop(p)            # LRU touch
         return prt
     if p.remote is not None:
         jkey = (p.name, p.remote)
-        jwks = st["jwks"].get(jkey)
+        jwks = st.jwks.get(jkey)
         if jwks is None:
-            jwks = st["jwks"][jkey] = RemoteJwksStore(p.remote, p.name, runtime.metrics)
+            jwks = st.jwks[jkey] = RemoteJwksStore(p.remote, p.name, st.metrics)
         if p.remote.fetch_at_start and jwks.keys is None:
             jwks.start_fetch()
     else:
@@ -1792,13 +1799,13 @@ def provider_runtime(p: Provider, runtime: Any) -> ProviderRuntime:
     replay = None
     if p.jti_replay:
         rkey = p.issuer or p.name        # survives reloads: a reload must not allow replays
-        replay = st["replay"].get(rkey)
+        replay = st.replay.get(rkey)
         if replay is None or replay.max_entries != p.jti_cache_size:
             old = replay
-            replay = st["replay"][rkey] = ReplayCache(p.jti_cache_size)
+            replay = st.replay[rkey] = ReplayCache(p.jti_cache_size)
             if old is not None:
                 replay.seen, replay.heap = old.seen, old.heap
-    prt = ProviderRuntime(p, jwks, replay, runtime.metrics)
+    prt = ProviderRuntime(p, jwks, replay, st.metrics)
     prts[p] = prt
     while len(prts) > _MAX_PROVIDER_STATES:
         del prts[next(iter(prts))]
@@ -1818,11 +1825,11 @@ def _compile(req: Requirement, prts: dict[str, ProviderRuntime], path: str) -> A
     return AllowCheck(list(prts.values()), isinstance(req, ReqAllowMissingOrFailed))
 
 
-def build(config: JwtAuthnConfig, per_route: Optional[PerRoute], runtime: Any,
-          route: Any = None) -> Optional[JwtAuthnFilter]:
+def build(config: JwtAuthnConfig, per_route: Optional[PerRoute], state: JwtState,
+          env: FilterEnv, route: RouteInfo) -> Optional[JwtAuthnFilter]:
     if per_route is not None and per_route.disabled:
         return None
-    prts = {p.name: provider_runtime(p, runtime) for p in config.providers}
+    prts = {p.name: provider_runtime(p, state) for p in config.providers}
     strip = tuple(dict.fromkeys(h for prt in prts.values() for h in prt.output_headers))
     rname = getattr(route, "name", "") or "?"
     fixed = None
@@ -1840,7 +1847,7 @@ def build(config: JwtAuthnConfig, per_route: Optional[PerRoute], runtime: Any,
                   if r.requires is not None else None) for r in config.rules]
         if not any(c is not None for _, c in rules) and not strip:
             return None                  # nothing to verify or strip on this route
-    return JwtAuthnFilter(config, rules, fixed, strip, runtime.metrics)
+    return JwtAuthnFilter(config, rules, fixed, strip, state.metrics)
 
 
 SPEC = FilterSpec(
@@ -1849,8 +1856,10 @@ SPEC = FilterSpec(
     type_url=TYPE_URL,
     from_envoy=from_envoy,
     from_native=from_native,
+    new_state=new_state,
     build=build,
     per_route_type_url=PER_ROUTE_TYPE_URL,
     per_route_from_envoy=per_route_from_envoy,
     per_route_from_native=per_route_from_native,
+    close_state=close_state,
 )

@@ -35,11 +35,13 @@ from typing import Any, Callable, Optional
 
 from multidict import MultiDict
 
-from filters import FilterSpec
 from filters.rbac import header_matcher_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.core.http import Filter, Request, Response, local_reply
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Filter, FilterEnv, FilterSpec
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.metrics import MetricFactory
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 BODY = "local_rate_limited"
@@ -257,7 +259,7 @@ def _descriptors_envoy(items: list, path: str) -> tuple[DescriptorConfig, ...]:
 
 
 def _client_ip(req: Request) -> Optional[str]:
-    ip = req.ctx.extra.get("remote_ip")
+    ip = req.ctx.remote_ip
     if ip:
         return ip
     a = req.ctx.downstream_addr
@@ -636,7 +638,7 @@ class LocalRateLimitFilter(Filter):
                 self._xrl(resp.headers, limiting, now)
             return resp
         self._enforced.inc()
-        req.ctx.extra["response_code_details"] = BODY
+        req.ctx.response_code_details = BODY
         h = MultiDict()
         if cfg.x_ratelimit_headers:
             self._xrl(h, limiting, now)
@@ -650,29 +652,41 @@ class LocalRateLimitFilter(Filter):
         h["x-ratelimit-reset"] = str(b.reset_after(now))
 
 
-_STATE_KEY = "local_ratelimit"
 _MAX_STATES = 4096
 
 
-def build(config: LocalRateLimitConfig, per_route: Optional[LocalRateLimitConfig], runtime: Any,
-          route: Any = None) -> Optional[LocalRateLimitFilter]:
+class LimiterStates:
+    """Token buckets kept across reloads: one per filter config (and route, for per-route
+    configs), so a reload does not refill them."""
+
+    __slots__ = ("buckets", "metrics")
+
+    def __init__(self, metrics: MetricFactory):
+        self.metrics = metrics
+        self.buckets: dict[tuple[object, object], LimiterState] = {}
+
+
+def new_state(env: FilterEnv) -> LimiterStates:
+    return LimiterStates(env.metrics)
+
+
+def build(config: LocalRateLimitConfig, per_route: Optional[LocalRateLimitConfig],
+          states: LimiterStates, env: FilterEnv, route: RouteInfo) -> Optional[LocalRateLimitFilter]:
     cfg = per_route if per_route is not None else config
     if cfg.disabled or cfg.enabled_pct <= 0.0:
         return None                       # Envoy: filter_enabled unset means 0 % - a no-op
     if cfg.bucket is None and not cfg.descriptors:
         return None
-    states = runtime.state.setdefault(_STATE_KEY, {})
+    buckets = states.buckets
     # a listener-wide config shares one bucket across its routes; a per-route config has its own
-    rkey = None
-    if per_route is not None:
-        rkey = getattr(route, "name", "") or id(getattr(route, "config", route))
+    rkey = route.name if per_route is not None else None
     key = (cfg.fingerprint, rkey)
-    st = states.get(key)
+    st = buckets.get(key)
     if st is None:
-        st = states[key] = LimiterState(cfg, time.monotonic())
-        while len(states) > _MAX_STATES:
-            del states[next(iter(states))]
-    return LocalRateLimitFilter(cfg, st, runtime.metrics)
+        st = buckets[key] = LimiterState(cfg, time.monotonic())
+        while len(buckets) > _MAX_STATES:
+            del buckets[next(iter(buckets))]
+    return LocalRateLimitFilter(cfg, st, states.metrics)
 
 
 SPEC = FilterSpec(
@@ -681,6 +695,7 @@ SPEC = FilterSpec(
     type_url=TYPE_URL,
     from_envoy=from_envoy,
     from_native=from_native,
+    new_state=new_state,
     build=build,
     per_route_type_url=TYPE_URL,
     per_route_from_envoy=from_envoy,

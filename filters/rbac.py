@@ -35,12 +35,15 @@ from typing import Any, Callable, Optional
 
 from multidict import MultiDict
 
-from filters import FilterSpec
+from sidecar.config import matchers as M
 from sidecar.config import wire as w
-from sidecar.config.native import string_matcher as string_matcher_from_native
 from sidecar.config.errors import ConfigError
-from sidecar.core.http import Filter, Request, Response, local_reply
-from sidecar.config.model import StringMatcher
+from sidecar.config.matchers import StringMatcher, string_matcher_from_envoy, string_matcher_from_native
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Filter, FilterEnv, FilterSpec, no_state
+from sidecar.core.message import Request, Response, local_reply
+
+METADATA_NAMESPACE = "envoy.filters.http.rbac"   # dynamic metadata, as Envoy names it
 
 log = logging.getLogger("sidecar.filters.rbac")
 
@@ -60,20 +63,8 @@ Matcher = Callable[[Request], bool]
 # shared matcher readers (also used by filters.jwt_authn)
 # =============================================================================================
 
-_ENVOY_SM_KEYS = ("exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case")
 
 
-def string_matcher_from_envoy(d: Any, path: str) -> StringMatcher:
-    """``envoy.type.matcher.v3.StringMatcher``."""
-    w.check_keys(d, _ENVOY_SM_KEYS, path)
-    kind = w.one_of(d, ("exact", "prefix", "suffix", "contains", "safe_regex"), path)
-    if kind == "safe_regex":
-        rp = w.join(path, "safe_regex")
-        r = w.check_keys(w.mapping(d, "safe_regex", path), ("regex", "google_re2"), rp)
-        return StringMatcher(regex=w.compile_regex(w.string(r, "regex", rp), w.join(rp, "regex")))
-    ic = w.boolean(d, "ignore_case", path, False)
-    s = w.string(d, kind, path)
-    return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
 
 
 
@@ -98,72 +89,19 @@ def _value_getter(name: str) -> Callable[[Request], Optional[str]]:
     return get
 
 
-def _header_fn(name: str, test: Optional[Callable[[str], bool]], present: Optional[bool],
-               invert: bool, missing_as_empty: bool = False) -> Matcher:
-    get = _value_getter(name)
-
-    def match(req: Request) -> bool:
-        v = get(req)
-        if present is not None:
-            ok = (v is not None) == present
-        else:
-            if v is None and missing_as_empty:
-                v = ""
-            ok = v is not None and (test is None or test(v))
-        return ok != invert
-    return match
+def _header_test(hm: M.HeaderMatcher) -> Matcher:
+    get = _value_getter(hm.name)
+    return lambda req: hm.matches_value(get(req))
 
 
 def header_matcher_from_envoy(d: Any, path: str) -> Matcher:
     """``envoy.config.route.v3.HeaderMatcher`` as a ``fn(req) -> bool``."""
-    w.check_keys(d, ("name", "exact_match", "safe_regex_match", "range_match", "present_match",
-                     "prefix_match", "suffix_match", "contains_match", "string_match",
-                     "invert_match", "treat_missing_header_as_empty"), path)
-    name = w.string(d, "name", path, nonempty=True).lower()
-    invert = w.boolean(d, "invert_match", path, False)
-    empty = w.boolean(d, "treat_missing_header_as_empty", path, False)
-    kind = w.one_of(d, ("exact_match", "safe_regex_match", "range_match", "present_match",
-                        "prefix_match", "suffix_match", "contains_match", "string_match"),
-                    path, required=False)
-    if kind is None:
-        return _header_fn(name, None, None, invert, empty)
-    kp = w.join(path, kind)
-    if kind == "present_match":
-        return _header_fn(name, None, w.boolean(d, kind, path), invert)
-    if kind == "range_match":
-        r = w.check_keys(w.mapping(d, kind, path), ("start", "end"), kp)
-        lo, hi = w.integer(r, "start", kp), w.integer(r, "end", kp)
-
-        def in_range(v: str) -> bool:
-            try:
-                return lo <= int(v) < hi
-            except ValueError:
-                return False
-        return _header_fn(name, in_range, None, invert, empty)
-    if kind == "string_match":
-        sm = string_matcher_from_envoy(w.mapping(d, kind, path), kp)
-    elif kind == "safe_regex_match":
-        r = w.check_keys(w.mapping(d, kind, path), ("regex", "google_re2"), kp)
-        sm = StringMatcher(regex=w.compile_regex(w.string(r, "regex", kp), w.join(kp, "regex")))
-    else:
-        key = {"exact_match": "exact", "prefix_match": "prefix", "suffix_match": "suffix",
-               "contains_match": "contains"}[kind]
-        sm = StringMatcher(**{key: w.string(d, kind, path)})
-    return _header_fn(name, sm.matches, None, invert, empty)
+    return _header_test(M.header_matcher_from_envoy(d, path))
 
 
 def header_matcher_from_native(d: Any, path: str) -> Matcher:
     """``{name, exact|prefix|suffix|contains|regex|present, ignore_case, invert}``."""
-    w.check_keys(d, ("name", "exact", "prefix", "suffix", "contains", "regex", "present",
-                     "ignore_case", "invert"), path)
-    name = w.string(d, "name", path, nonempty=True).lower()
-    invert = w.boolean(d, "invert", path, False)
-    if "present" in d:
-        return _header_fn(name, None, w.boolean(d, "present", path), invert)
-    rest = {k: v for k, v in d.items() if k not in ("name", "invert")}
-    if not rest:
-        return _header_fn(name, None, None, invert)
-    return _header_fn(name, string_matcher_from_native(rest, path).matches, None, invert)
+    return _header_test(M.header_matcher_from_native(d, path))
 
 
 def path_only(req: Request) -> str:
@@ -209,8 +147,7 @@ def _direct_ip(req: Request) -> Optional[str]:
 
 def _remote_ip(req: Request) -> Optional[str]:
     # The trusted client address (XFF-derived) when the listener computed one, else the peer.
-    ip = req.ctx.extra.get("remote_ip")
-    return ip if ip else _direct_ip(req)
+    return req.ctx.remote_ip or _direct_ip(req)
 
 
 def _ip_in(net, getter: Callable[[Request], Optional[str]]) -> Matcher:
@@ -231,10 +168,7 @@ def _ip_in(net, getter: Callable[[Request], Optional[str]]) -> Matcher:
 
 
 def _local_port(req: Request) -> Optional[int]:
-    p = req.ctx.extra.get("local_port")
-    if p:
-        return p
-    return getattr(req.ctx.listener, "bound_port", None)
+    return req.ctx.local_port or None
 
 
 def _any_of(fns: list[Matcher]) -> Matcher:
@@ -752,7 +686,7 @@ class RbacFilter(Filter):
             (c.allowed if ok else c.denied).inc()
             if name is not None:
                 c.policy[name].inc()
-            info = req.ctx.extra.setdefault("rbac", {})
+            info = req.ctx.metadata.setdefault(METADATA_NAMESPACE, {})
             info["shadow_engine_result"] = "allowed" if ok else "denied"
             if name is not None:
                 info["shadow_effective_policy_id"] = name
@@ -762,10 +696,10 @@ class RbacFilter(Filter):
             if name is not None:
                 c.policy[name].inc()
                 if self.rules.action == "LOG":
-                    req.ctx.extra.setdefault("rbac", {})["log_policy_id"] = name
+                    req.ctx.metadata.setdefault(METADATA_NAMESPACE, {})["log_policy_id"] = name
             if not ok:
                 c.denied.inc()
-                req.ctx.extra["response_code_details"] = (
+                req.ctx.response_code_details = (
                     f"rbac_access_denied_matched_policy[{name or 'none'}]")
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("rbac denied %s %s (policy %s)", req.method, req.path, name)
@@ -774,12 +708,12 @@ class RbacFilter(Filter):
         return await next(req)
 
 
-def build(config: RbacConfig, per_route: Optional[RbacConfig], runtime: Any,
-          route: Any = None) -> Optional[RbacFilter]:
+def build(config: RbacConfig, per_route: Optional[RbacConfig], state: None, env: FilterEnv,
+          route: RouteInfo) -> Optional[RbacFilter]:
     cfg = per_route if per_route is not None else config
     if cfg.rules is None and cfg.shadow is None:
         return None
-    return RbacFilter(cfg, runtime.metrics)
+    return RbacFilter(cfg, env.metrics)
 
 
 SPEC = FilterSpec(
@@ -788,6 +722,7 @@ SPEC = FilterSpec(
     type_url=TYPE_URL,
     from_envoy=from_envoy,
     from_native=from_native,
+    new_state=no_state,
     build=build,
     per_route_type_url=PER_ROUTE_TYPE_URL,
     per_route_from_envoy=per_route_from_envoy,

@@ -27,8 +27,12 @@ from typing import Any, Awaitable, Callable, Optional
 import yaml
 from aiohttp import web
 
+from sidecar.admin.server import start_admin
+from sidecar.config.snapshot import Snapshot
+from sidecar.core.filter import FilterSpec, UpstreamClient
+from sidecar.core.message import Request
+from sidecar.observability.metrics import Metrics
 from sidecar.runtime.app import App
-from sidecar.config.model import Snapshot
 
 
 def free_port() -> int:
@@ -163,7 +167,7 @@ async def running_proxy(cfg: dict | Snapshot, *, admin: bool = True, config_path
                         metrics: bool = True):
     """Start the real sidecar in the current event loop; stop it on exit."""
     app = App(to_snapshot(cfg), config_path=config_path, metrics_enabled=metrics,
-              watch_config=config_path is not None)
+              watch_config=config_path is not None, admin=start_admin)
     await app.start(admin=admin)
     try:
         yield RunningProxy(app)
@@ -283,3 +287,50 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
         return head + body
     finally:
         writer.close()
+
+
+# ---- filter test helpers (no sockets): an environment, a route, a recording ``next`` ----------
+
+class FilterTestEnv:
+    """A ``FilterEnv`` for building filters in tests, with its own metrics registry; the
+    filters' states persist across builds made with the same object (as across reloads)."""
+
+    def __init__(self, metrics: Optional[Metrics] = None):
+        self.metrics = metrics or Metrics()
+        self._states: dict[str, object] = {}
+
+    def upstream(self, cluster: str) -> UpstreamClient:
+        raise KeyError(cluster)
+
+    def state_for(self, spec: FilterSpec) -> object:
+        if spec.name not in self._states:
+            self._states[spec.name] = spec.new_state(self)
+        return self._states[spec.name]
+
+    def metric(self, name: str, **labels: str) -> float:
+        v = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+
+class FakeRoute:
+    """Stands in for the compiled route a filter is built for."""
+
+    def __init__(self, name: str = "r1", clusters: tuple[str, ...] = ("svc",),
+                 pick: Optional[Callable[[Request], str]] = None):
+        self.name = name
+        self.stat_name = name
+        self.vhost_name = "vh"
+        self.cluster_names = clusters
+        self._pick = pick
+
+    def pick_cluster(self, req: Request) -> str:
+        if self._pick is not None:
+            return self._pick(req)
+        return self.cluster_names[0] if self.cluster_names else ""
+
+
+def build_filter(spec: FilterSpec, config: Any, per_route: Any = None,
+                 env: Optional[FilterTestEnv] = None, route: Optional[FakeRoute] = None) -> Any:
+    """``spec.build`` as the route stack calls it, with a test environment."""
+    env = env if env is not None else FilterTestEnv()
+    return spec.build(config, per_route, env.state_for(spec), env, route or FakeRoute())

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from multidict import MultiDict
 
-from filters import FilterRuntime
-from sidecar.core.http import Request, RequestContext, Response
+from sidecar.core.context import RequestContext
+from sidecar.core.message import Request, Response
 from sidecar.observability.metrics import Metrics
+from sidecar.testing import FakeRoute, FilterTestEnv
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api"
@@ -115,7 +116,7 @@ def make_request(path: str = "/api/x", *, method: str = "GET", query: str = "",
         h.add(k.lower(), v)
     if token is not None:
         h["authorization"] = f"Bearer {token}"
-    ctx = RequestContext(None, (client_ip, 40000), time.monotonic())
+    ctx = RequestContext("test", (client_ip, 40000), time.monotonic())
     ctx.peer_identity = peer
     return Request(method, path, query, h, b"", ctx)
 
@@ -140,19 +141,12 @@ class Next:
         return self.calls[-1]
 
 
-def runtime(state: Optional[dict] = None, metrics: Optional[Metrics] = None) -> FilterRuntime:
-    return FilterRuntime(metrics=metrics or Metrics(), clusters=None,
-                         state={} if state is None else state)
+def runtime(metrics: Optional[Metrics] = None) -> FilterTestEnv:
+    return FilterTestEnv(metrics)
 
 
-def metric(rt: FilterRuntime, name: str, **labels: str) -> float:
-    v = rt.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if v is None else v
+def metric(rt: FilterTestEnv, name: str, **labels: str) -> float:
+    return rt.metric(name, **labels)
 
 
-class RouteInfo:
-    """Stands in for the compiled route a filter is built for (name + config)."""
-
-    def __init__(self, name: str = "r1"):
-        self.name = name
-        self.config = None
+RouteInfo = FakeRoute

@@ -17,7 +17,13 @@ pytest.importorskip("envoy_data_plane", reason="gRPC xDS needs envoy-data-plane 
 from control_plane_client.ads_server import AdsServer  # noqa: E402
 from control_plane_client.resources import CDS, EDS, LDS, RDS  # noqa: E402
 from control_plane_client.testing import (  # noqa: E402
-    ads_bootstrap, cluster, eventually, listener, load_assignment, metric_value, route,
+    ads_bootstrap,
+    cluster,
+    eventually,
+    listener,
+    load_assignment,
+    metric_value,
+    route,
 )
 from sidecar.testing import Upstream, free_port, running_proxy  # noqa: E402
 
@@ -69,14 +75,14 @@ async def test_ads_initial_load_acks_and_endpoint_update(server, upstreams):
         assert {x.type_url for x in first} == {CDS, LDS, EDS, RDS}
         assert next(x for x in first if x.type_url == EDS).resource_names == ("svc",)
         assert next(x for x in first if x.type_url == RDS).resource_names == ("main",)
-        state_a = p.app.clusters.get("svc").endpoints[a.address]
+        state_a = p.app.clusters.get("svc").state.endpoints[a.address]
         builds = p.app.control_plane.builds
         # EDS-only change: endpoints updated in place, endpoint state kept, no rebuild
         server.set(EDS, [load_assignment("svc", [a.port, b.port])])
         await server.wait(lambda: server.acked("n1", EDS) == "v2")
         seen = {await who(s, lp) for _ in range(10)}
         assert seen == {"a", "b"}
-        assert p.app.clusters.get("svc").endpoints[a.address] is state_a
+        assert p.app.clusters.get("svc").state.endpoints[a.address] is state_a
         assert p.app.control_plane.builds == builds
         dump = await (await s.get(p.admin_url + "/config_dump")).json()
         cp = dump["control_plane"]

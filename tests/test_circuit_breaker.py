@@ -7,10 +7,11 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-
 from resilience_helpers import clusters_json, envoy_config, fetch, metric, prometheus, proxy
-from sidecar.cluster.breakers import circuit_breakers_from_envoy, circuit_breakers_from_native
+
+from control_plane_client.translate.cluster import circuit_breakers_from_envoy
 from sidecar.config.errors import ConfigError
+from sidecar.config.native.cluster import circuit_breakers_from_native
 from sidecar.testing import Upstream, native_config
 
 
@@ -81,7 +82,7 @@ async def test_max_connections_queues_pending_then_overflows():
             total = time.monotonic() - t
             text = await prometheus(p)
             cs = p.app.clusters.get("svc")
-            assert cs.pending_requests == 0 and cs.active_requests == 0
+            assert cs.state.breakers.pending_requests == 0 and cs.state.breakers.active_requests == 0
     ok = [r for r in results if r[0] == 200]
     over = [r for r in results if r[0] == 503]
     assert len(ok) == 5 and len(over) == 5, [r[:2] for r in results]   # 2 at once + 3 pending
@@ -146,7 +147,7 @@ async def test_pending_wait_is_bounded_by_the_route_timeout():
                 await asyncio.sleep(0.05)
                 status, body, _, elapsed = await fetch(s, p.url("/"))
                 await first
-            assert p.app.clusters.get("svc").pending_requests == 0
+            assert p.app.clusters.get("svc").state.breakers.pending_requests == 0
     assert status == 504 and body == "upstream request timeout"
     assert 0.3 < elapsed < 1.2, elapsed
 

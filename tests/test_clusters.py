@@ -5,10 +5,15 @@ import collections
 
 import aiohttp
 
-from sidecar.cluster.manager import ClusterManager, EndpointState
-from sidecar.core.http import RequestContext
-from sidecar.cluster.balancers.base import LeastRequest, Random, RoundRobin
-from sidecar.config.model import Cluster, Endpoint, LbConfig
+from sidecar.cluster.balancers.least_request import LeastRequest
+from sidecar.cluster.balancers.random_pick import Random
+from sidecar.cluster.balancers.round_robin import RoundRobin
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.cluster import Cluster, Endpoint, LbConfig
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
+from sidecar.core.context import RequestContext
 from sidecar.testing import Upstream, native_config, running_proxy
 from sidecar.upstream.http1 import ConnectionPool
 
@@ -19,7 +24,7 @@ def hosts(weights):
 
 
 def ctx():
-    return RequestContext(None, None, 0.0)
+    return RequestContext("test", None, 0.0)
 
 
 def test_weighted_round_robin_follows_weights():
@@ -58,17 +63,23 @@ def test_least_request_prefers_idle_hosts():
     assert counts[1002] > 1400
 
 
+def manager() -> ClusterManager:
+    return ClusterManager(StatsCache(Metrics(enabled=False)))
+
+
 def test_endpoint_state_survives_config_update():
-    cm = ClusterManager()
+    cm = manager()
     c1 = Cluster(name="a", endpoints=(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2)))
     cm.apply((c1,))
-    st = cm.get("a")
+    st = cm.state("a")
+    v1 = cm.get("a")
     kept = st.endpoints["127.0.0.1:1"]
     kept.ejections = 3
     c2 = Cluster(name="a", endpoints=(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 3)),
                  connect_timeout_s=2.0)
     cm.apply((c2,))
-    assert cm.get("a") is st
+    # a new version is built aside and swapped in; what the name keeps stays
+    assert cm.state("a") is st and cm.get("a") is not v1 and st.current is cm.get("a")
     assert st.endpoints["127.0.0.1:1"] is kept and kept.ejections == 3
     assert "127.0.0.1:2" not in st.endpoints and "127.0.0.1:3" in st.endpoints
     assert kept.pool.connect_timeout == 2.0
@@ -77,7 +88,7 @@ def test_endpoint_state_survives_config_update():
 
 
 def test_panic_threshold_uses_all_hosts_when_too_few_are_healthy():
-    cm = ClusterManager()
+    cm = manager()
     cm.apply((Cluster(name="a", endpoints=tuple(Endpoint("127.0.0.1", p) for p in (1, 2, 3))),))
     st = cm.get("a")
     for h in st.hosts[:2]:

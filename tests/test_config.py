@@ -129,6 +129,7 @@ def test_validate_builds_route_chains_too(tmp_path):
     import base64
     import copy
     import json
+
     from filters.jwt_authn import PER_ROUTE_TYPE_URL, TYPE_URL
     doc = copy.deepcopy(ENVOY)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

@@ -35,7 +35,7 @@ from typing import Optional
 import pytest
 from aiohttp import web
 
-from sidecar.testing import ProxyProcess, free_port, wait_for_port, stop_process
+from sidecar.testing import ProxyProcess, free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "envoy_configs"

@@ -201,7 +201,7 @@ async def render_dashboard(screenshot: str | None = None) -> str:
                         assert r.status == 200
                 await asyncio.sleep(2.5)      # a few samples with traffic in them
                 cs = p.app.clusters.get("orders")
-                ejected = cs.endpoints[b.address]
+                ejected = cs.state.endpoints[b.address]
                 ejected.ejected_until = time.monotonic() + 60     # as outlier detection would
                 ejected.ejections = 1
                 url = p.admin_url + "/"

@@ -12,7 +12,12 @@ import yaml
 
 from control_plane_client.resources import RDS
 from control_plane_client.testing import (
-    cluster, eventually, listener, load_assignment, metric_value, route,
+    cluster,
+    eventually,
+    listener,
+    load_assignment,
+    metric_value,
+    route,
 )
 from sidecar.config.errors import ConfigErrors
 from sidecar.testing import Upstream, free_port, running_proxy, to_snapshot
@@ -60,11 +65,11 @@ async def test_native_directory_source(tmp_path):
             assert cp["types"]["lds"]["version"] == "1"
             assert cp["types"]["eds"]["version"].startswith("sha256:")
             assert cp["cache"]["enabled"] is False          # no point caching local files
-            state_a = p.app.clusters.get("svc").endpoints[a.address]
+            state_a = p.app.clusters.get("svc").state.endpoints[a.address]
             # an endpoint change in one file: applied in place
             write(d / "endpoints.yaml", load_assignment("svc", [a.port, b.port]))
             await eventually(lambda: len(p.app.clusters.get("svc").hosts) == 2)
-            assert p.app.clusters.get("svc").endpoints[a.address] is state_a
+            assert p.app.clusters.get("svc").state.endpoints[a.address] is state_a
             # a file that does not parse: rejected, the old config serves
             (d / "routes.yaml").write_text("resources: [unclosed\n")
             await eventually(lambda: p.app.control_plane.types[RDS].rejected, what="parse error")

@@ -8,12 +8,22 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-
 from resilience_helpers import (
-    clusters_json, envoy_config, fetch, hang, hdr, host_view, metric, prometheus, proxy, wait_for,
+    clusters_json,
+    envoy_config,
+    fetch,
+    hang,
+    hdr,
+    host_view,
+    metric,
+    prometheus,
+    proxy,
+    wait_for,
 )
+
+from control_plane_client.translate.cluster import health_check_from_envoy
 from sidecar.config.errors import ConfigError
-from sidecar.config.health_check import health_check_from_envoy, health_check_from_native
+from sidecar.config.native.cluster import health_check_from_native
 from sidecar.testing import Upstream, native_config
 
 

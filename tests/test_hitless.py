@@ -10,10 +10,10 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from sovereign_fixture import Sovereign, requires_sovereign, service
 
 from control_plane_client.testing import eventually
 from sidecar.testing import Upstream, free_port, running_proxy
-from sovereign_fixture import Sovereign, requires_sovereign, service
 
 
 @pytest.fixture(autouse=True)

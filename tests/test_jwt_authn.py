@@ -15,9 +15,26 @@ from aiohttp import web
 
 from filters import jwt_authn as J
 from sidecar.config.errors import ConfigError
+from sidecar.testing import build_filter
 from tests.jwt_helpers import (
-    AUDIENCE, HS_SECRET, ISSUER, Next, RouteInfo, b64, ec_key, ed_key, hs_confusion_token, jwks,
-    make_request, metric, mint, public_jwk, public_pem, raw_token, rsa_key, runtime,
+    AUDIENCE,
+    HS_SECRET,
+    ISSUER,
+    Next,
+    RouteInfo,
+    b64,
+    ec_key,
+    ed_key,
+    hs_confusion_token,
+    jwks,
+    make_request,
+    metric,
+    mint,
+    public_jwk,
+    public_pem,
+    raw_token,
+    rsa_key,
+    runtime,
 )
 
 NOW = lambda: int(time.time())  # noqa: E731
@@ -49,7 +66,7 @@ def rsa_provider(**kw) -> dict:
 
 def build(cfg, per_route=None, rt=None):
     rt = rt or runtime()
-    return J.build(cfg, per_route, rt, RouteInfo()), rt
+    return build_filter(J.SPEC, cfg, per_route, rt, RouteInfo()), rt
 
 
 async def call(f, req):
@@ -183,7 +200,7 @@ async def test_attack_table(std, name):
     assert resp.body.decode() == body
     www = resp.headers["www-authenticate"]
     assert www == 'Bearer realm="http://svc.local/api/x", error="invalid_token"'
-    assert req.ctx.extra["response_code_details"] == (
+    assert req.ctx.response_code_details == (
         "jwt_authn_access_denied{" + body.replace(" ", "_") + "}")
     assert req.ctx.jwt_payloads == {}
 
@@ -195,7 +212,7 @@ async def test_missing_token_is_401_without_error():
     assert resp.status == 401 and resp.body == b"Jwt is missing"
     # realm is scheme://host/path; the query (which may carry a token) is never echoed
     assert resp.headers["www-authenticate"] == 'Bearer realm="http://svc.local/api/x"'
-    assert req.ctx.extra["response_code_details"] == "jwt_authn_access_denied{Jwt_is_missing}"
+    assert req.ctx.response_code_details == "jwt_authn_access_denied{Jwt_is_missing}"
     assert req.ctx.flags == ["JWT"]     # local flag (Envoy 1.40 logs "-" here)
     # wrong scheme / case-sensitive prefix counts as missing, as in Envoy
     resp, _ = await call(f, make_request(headers={"authorization": "bearer " + mint()}))
@@ -399,7 +416,7 @@ async def test_per_route_config():
         "requirement_map": {"opt": {"allow_missing": {}}},
     }, "t")
     off = J.per_route_from_envoy({"disabled": True}, "r")
-    assert J.build(cfg, off, runtime(), RouteInfo()) is None
+    assert build_filter(J.SPEC, cfg, off, runtime(), RouteInfo()) is None
     f, _ = build(cfg, J.per_route_from_envoy({"requirement_name": "opt"}, "r"))
     resp, n = await call(f, make_request("/anything"))
     assert resp.status == 200
@@ -475,7 +492,7 @@ async def test_cache_is_bounded():
     f, rt = build(cfg)
     for i in range(10):
         assert (await call(f, make_request(token=mint(sub=f"u{i}"))))[0].status == 200
-    prt = J.provider_runtime(cfg.providers[0], rt)
+    prt = J.provider_runtime(cfg.providers[0], rt.state_for(J.SPEC))
     assert len(prt.cache) == 3
 
 
@@ -669,7 +686,7 @@ def remote_cfg(uri, **kw):
 
 async def test_remote_jwks_rotation_outage_and_refresh(idp):
     f, rt = build(remote_cfg(idp.uri, jwks_cache_duration="0.5s"))
-    store = J.provider_runtime(f.rules[0][1].prt.p, rt).jwks
+    store = J.provider_runtime(f.rules[0][1].prt.p, rt.state_for(J.SPEC)).jwks
     tok1 = mint(kid="k1")
     assert (await call(f, make_request(token=tok1)))[0].status == 200
     assert (await call(f, make_request(token=tok1)))[0].status == 200      # cached

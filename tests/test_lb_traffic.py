@@ -1,5 +1,5 @@
 """Traffic control: peak-EWMA and ring-hash balancing, weighted (canary) splits, version and
-debug routing. Unit tests drive real ClusterState/EndpointState objects; end-to-end tests go
+debug routing. Unit tests drive real Cluster/EndpointState objects; end-to-end tests go
 through the real proxy to real upstreams on 127.0.0.1, in both config formats."""
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.cluster.manager import ClusterManager, ClusterState
 from sidecar.cluster.balancers.peak_ewma import PeakEwmaBalancer, default_penalty
-from sidecar.config.model import Cluster, Endpoint, LbConfig
 from sidecar.cluster.balancers.ring_hash import RingHashBalancer, mix32
+from sidecar.cluster.manager import ClusterManager
+from sidecar.cluster.cluster import Cluster as ClusterVersion
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
+from sidecar.config.cluster import Cluster, Endpoint, LbConfig
 from sidecar.testing import Upstream, native_config, running_proxy
 
 T_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -33,9 +36,18 @@ class Ctx:
         self.tried_hosts = []
 
 
-def make_cluster(n: int, **lb) -> ClusterState:
+def build(config: Cluster) -> ClusterVersion:
+    """A cluster version built the way the manager builds one (no event loop needed)."""
+    cm = ClusterManager(StatsCache(Metrics(enabled=False)))
+    cm.apply((config,))
+    c = cm.get(config.name)
+    assert c is not None
+    return c
+
+
+def make_cluster(n: int, **lb) -> ClusterVersion:
     eps = tuple(Endpoint("127.0.0.1", 20000 + i) for i in range(n))
-    return ClusterState(Cluster(name="c", endpoints=eps, lb=LbConfig(**lb)), ClusterManager())
+    return build(Cluster(name="c", endpoints=eps, lb=LbConfig(**lb)))
 
 
 def sa(port: int) -> dict:
@@ -167,8 +179,7 @@ def test_ewma_exclude_and_choice_count():
 
 def test_ewma_weights_scale_cost():
     eps = (Endpoint("127.0.0.1", 1, weight=1), Endpoint("127.0.0.1", 2, weight=4))
-    cs = ClusterState(Cluster(name="w", endpoints=eps, lb=LbConfig(policy="peak_ewma")),
-                      ClusterManager())
+    cs = build(Cluster(name="w", endpoints=eps, lb=LbConfig(policy="peak_ewma")))
     a, b = cs.hosts
     cs.record(a, 200, 0.010, None)
     cs.record(b, 200, 0.020, None)           # twice as slow, four times the weight
@@ -203,8 +214,7 @@ def test_ring_hash_same_ring_everywhere_and_weights():
     for k in range(200):
         assert a.pick(Ctx(k)).address == b.pick(Ctx(k)).address
     eps = (Endpoint("127.0.0.1", 1, weight=1), Endpoint("127.0.0.1", 2, weight=3))
-    cs = ClusterState(Cluster(name="w", endpoints=eps, lb=LbConfig(policy="ring_hash")),
-                      ClusterManager())
+    cs = build(Cluster(name="w", endpoints=eps, lb=LbConfig(policy="ring_hash")))
     share = Counter(cs.pick(Ctx(random.getrandbits(32))).endpoint.port for _ in range(4000))
     assert 0.65 < share[2] / 4000 < 0.85
 

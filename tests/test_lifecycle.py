@@ -166,6 +166,6 @@ async def test_admin_endpoints(tmp_path):
 
 
 async def test_admin_binds_loopback_by_default():
-    from sidecar.config.native import snapshot
+    from sidecar.runtime.loader import snapshot_from_doc as snapshot
     snap = snapshot({"listeners": [], "clusters": []})
     assert snap.admin.host == "127.0.0.1"

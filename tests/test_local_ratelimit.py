@@ -10,6 +10,7 @@ import pytest
 
 from filters import local_ratelimit as L
 from sidecar.config.errors import ConfigError
+from sidecar.testing import build_filter
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
 
@@ -78,7 +79,7 @@ TABLE = [
 @pytest.mark.parametrize("name,cfg,steps", TABLE, ids=[t[0] for t in TABLE])
 async def test_native_table(clock, name, cfg, steps):
     c = L.from_native(cfg, "local_ratelimit")
-    f = L.build(c, None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, c, None, runtime(), RouteInfo())
     got = []
     for adv, kw, _ in steps:
         clock.t += adv
@@ -94,7 +95,7 @@ async def test_limited_response_and_headers(clock):
     cfg = L.from_native({"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "10s",
                          "response_headers": {"x-limited-by": "sidecar"}}, "rl")
     rt = runtime()
-    f = L.build(cfg, None, rt, RouteInfo())
+    f = build_filter(L.SPEC, cfg, None, rt, RouteInfo())
     n = Next()
     r1 = await f(rq(), n)
     assert (r1.headers["x-ratelimit-limit"], r1.headers["x-ratelimit-remaining"]) == ("2", "1")
@@ -106,7 +107,7 @@ async def test_limited_response_and_headers(clock):
     assert r3.status == 429 and r3.body == b"local_rate_limited"
     assert r3.headers["x-ratelimit-limit"] == "2" and r3.headers["x-ratelimit-reset"] == "7"
     assert r3.headers["x-limited-by"] == "sidecar"
-    assert r.ctx.flags == ["RL"] and r.ctx.extra["response_code_details"] == "local_rate_limited"
+    assert r.ctx.flags == ["RL"] and r.ctx.response_code_details == "local_rate_limited"
     assert len(n.calls) == 2
     m = lambda o: metric(rt, "sidecar_local_ratelimit_requests_total", stat_prefix="local_ratelimit", outcome=o)  # noqa: E731
     assert (m("enabled"), m("ok"), m("rate_limited"), m("enforced")) == (3, 2, 1, 1)
@@ -116,12 +117,12 @@ async def test_envoy_config_semantics(clock):
     base = {"stat_prefix": "http_local_rate_limiter",
             "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "60s"}}
     # Envoy: filter_enabled unset = 0 % -> the filter does nothing
-    assert L.build(L.from_envoy(base, "t"), None, runtime(), RouteInfo()) is None
+    assert build_filter(L.SPEC, L.from_envoy(base, "t"), None, runtime(), RouteInfo()) is None
     pct = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "rl_enabled"}
     # enabled but not enforced: counted, passed, request header added
     cfg = L.from_envoy(dict(base, filter_enabled=pct, request_headers_to_add_when_not_enforced=[
         {"header": {"key": "x-rl-shadow", "value": "true"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]), "t")
-    f = L.build(cfg, None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
     n = Next()
     await f(rq(), n)
     r2 = await f(rq(), n)
@@ -130,7 +131,7 @@ async def test_envoy_config_semantics(clock):
     cfg = L.from_envoy(dict(base, filter_enabled=pct, filter_enforced=pct, status={"code": 503},
                             enable_x_ratelimit_headers="DRAFT_VERSION_03",
                             response_headers_to_add=[{"header": {"key": "x-rl", "value": "1"}}]), "t")
-    f = L.build(cfg, None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
     assert (await f(rq(), Next())).headers["x-ratelimit-limit"] == "1"
     r = await f(rq(), Next())
     assert r.status == 503 and r.headers["x-rl"] == "1" and r.headers["x-ratelimit-remaining"] == "0"
@@ -160,7 +161,7 @@ async def test_envoy_descriptors_with_rate_limit_actions(clock):
             {"entries": [{"key": "generic_key", "value": "all"}, {"key": "header_match", "value": "beta"}],
              "token_bucket": {"max_tokens": 1, "fill_interval": "60s"}},
         ]}, "t")
-    f = L.build(cfg, None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
 
     async def st(**kw):
         return (await f(rq(**kw), Next())).status
@@ -176,7 +177,7 @@ async def test_envoy_descriptors_with_rate_limit_actions(clock):
 async def test_dynamic_descriptors_bounded(clock):
     cfg = L.from_native({"descriptors": [{"by": {"header": "x-k"}, "max_tokens": 1,
                                           "fill_interval": "1m", "max_keys": 3}]}, "rl")
-    f = L.build(cfg, None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
     for i in range(10):
         assert (await f(rq(headers={"x-k": str(i)}), Next())).status == 200
     assert len(f.state.descriptors[0].per_value) == 3
@@ -185,27 +186,27 @@ async def test_dynamic_descriptors_bounded(clock):
 async def test_state_survives_rebuild_and_per_route_buckets(clock):
     rt = runtime()
     d = {"max_tokens": 1, "fill_interval": "1m"}
-    f1 = L.build(L.from_native(d, "rl"), None, rt, RouteInfo("a"))
+    f1 = build_filter(L.SPEC, L.from_native(d, "rl"), None, rt, RouteInfo("a"))
     assert (await f1(rq(), Next())).status == 200
     # a reload with an identical config (new objects) keeps the bucket
-    f2 = L.build(L.from_native(dict(d), "rl"), None, rt, RouteInfo("a"))
+    f2 = build_filter(L.SPEC, L.from_native(dict(d), "rl"), None, rt, RouteInfo("a"))
     assert (await f2(rq(), Next())).status == 429
     # listener-wide config: the same bucket on another route
-    f3 = L.build(L.from_native(d, "rl"), None, rt, RouteInfo("b"))
+    f3 = build_filter(L.SPEC, L.from_native(d, "rl"), None, rt, RouteInfo("b"))
     assert (await f3(rq(), Next())).status == 429
     # per-route configs get their own bucket per route
     pr = L.per_route_from_native(d, "route.filters.local_ratelimit")
-    fa = L.build(L.from_native(d, "rl"), pr, rt, RouteInfo("a"))
-    fb = L.build(L.from_native(d, "rl"), pr, rt, RouteInfo("b"))
+    fa = build_filter(L.SPEC, L.from_native(d, "rl"), pr, rt, RouteInfo("a"))
+    fb = build_filter(L.SPEC, L.from_native(d, "rl"), pr, rt, RouteInfo("b"))
     assert (await fa(rq(), Next())).status == 200
     assert (await fb(rq(), Next())).status == 200
     assert (await fa(rq(), Next())).status == 429
-    assert L.build(L.from_native(d, "rl"), L.per_route_from_native({"disabled": True}, "p"),
+    assert build_filter(L.SPEC, L.from_native(d, "rl"), L.per_route_from_native({"disabled": True}, "p"),
                    rt, RouteInfo("a")) is None
 
 
 async def test_real_clock_refill():
-    f = L.build(L.from_native({"max_tokens": 1, "fill_interval": "0.1s"}, "rl"), None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, L.from_native({"max_tokens": 1, "fill_interval": "0.1s"}, "rl"), None, runtime(), RouteInfo())
     assert (await f(rq(), Next())).status == 200
     assert (await f(rq(), Next())).status == 429
     import asyncio

@@ -178,7 +178,7 @@ async def test_retries_timeouts_and_breaker_overflow():
                     assert r.status == 504
                 first = asyncio.ensure_future(s.get(p.url("/held")))
                 for _ in range(100):      # until the first request is in flight upstream
-                    if p.app.clusters.get("narrow").active_requests == 1:
+                    if p.app.clusters.get("narrow").state.breakers.active_requests == 1:
                         break
                     await asyncio.sleep(0.01)
                 async with s.get(p.url("/held")) as r:
@@ -214,7 +214,7 @@ async def test_endpoint_ejection_and_health_state_are_read_at_scrape_time():
                             routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
         async with running_proxy(cfg) as p:
             cs = p.app.clusters.get("svc")
-            ha, hb = cs.endpoints[a.address], cs.endpoints[b.address]
+            ha, hb = cs.state.endpoints[a.address], cs.state.endpoints[b.address]
             ha.ejected_until = time.monotonic() + 30
             ha.ejections = 2
             hb.hc_healthy = False

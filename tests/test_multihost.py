@@ -32,16 +32,13 @@ HOSTS = {"A": "127.0.0.2", "B": "127.0.0.3", "C": "127.0.0.4"}
 
 RUNNER = """
 import asyncio, sys
+from sidecar.admin.server import start_admin
 from sidecar.runtime.app import App, install_uvloop, setup_logging
 from sidecar.runtime.loader import load_file
 
 async def main(path):
-    app = App(load_file(path), config_path=path)
-    from sidecar.cluster import outlier as outlier_detector
-    outlier_detector.install(app)      # idempotent: a no-op when App wires it itself
+    app = App(load_file(path), config_path=path, admin=start_admin)
     await app.start()
-    from sidecar.runtime.sidecar_mode import attach
-    attach(app)
     await app.run_until_stopped()
 
 setup_logging("info")

@@ -7,14 +7,21 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-
 from resilience_helpers import (
-    RawServer, clusters_json, envoy_config, fetch, host_view, metric, prometheus, proxy,
+    RawServer,
+    clusters_json,
+    envoy_config,
+    fetch,
+    host_view,
+    metric,
+    prometheus,
+    proxy,
     wait_for,
 )
-from sidecar.config.errors import ConfigError
-from sidecar.config.outlier import outlier_detection_from_wire
+
 from sidecar.cluster.outlier import success_rate_threshold
+from sidecar.config.cluster import outlier_detection_from_wire
+from sidecar.config.errors import ConfigError
 from sidecar.testing import Upstream, native_config
 
 

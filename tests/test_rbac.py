@@ -7,6 +7,7 @@ import pytest
 
 from filters import rbac as R
 from sidecar.config.errors import ConfigError
+from sidecar.testing import build_filter
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
 
@@ -21,7 +22,7 @@ def req(path="/", method="GET", headers=None, claims=None, ip="10.1.2.3", peer=N
 
 async def decide(cfg, r, rt=None):
     rt = rt or runtime()
-    f = R.build(cfg, None, rt, RouteInfo())
+    f = build_filter(R.SPEC, cfg, None, rt, RouteInfo())
     n = Next()
     resp = await f(r, n)
     return resp, n, rt
@@ -148,7 +149,7 @@ async def test_native_table(name, cfg, rq, allowed):
         assert resp.status == 200
     else:
         assert resp.status == 403 and resp.body == b"RBAC: access denied"
-        assert r.ctx.extra["response_code_details"].startswith("rbac_access_denied_matched_policy[")
+        assert r.ctx.response_code_details.startswith("rbac_access_denied_matched_policy[")
         assert r.ctx.flags == ["RBAC"]     # local flag (Envoy 1.40 logs "-" here)
 
 
@@ -226,7 +227,7 @@ async def test_shadow_counts_but_never_enforces():
         r = req(path)
         resp, n, _ = await decide(cfg, r, rt)
         assert resp.status == 200 and n.called
-    assert r.ctx.extra["rbac"]["shadow_engine_result"] == "allowed"
+    assert r.ctx.metadata["envoy.filters.http.rbac"]["shadow_engine_result"] == "allowed"
     assert metric(rt, "sidecar_rbac_decisions_total", stat_prefix="", mode="shadow", result="denied") == 2
     assert metric(rt, "sidecar_rbac_decisions_total", stat_prefix="", mode="shadow", result="allowed") == 1
     assert metric(rt, "sidecar_rbac_policy_matches_total", stat_prefix="", mode="shadow",
@@ -246,7 +247,7 @@ async def test_enforced_and_shadow_together_metrics_per_policy():
     r = req("/admin/x")
     resp, n, _ = await decide(cfg, r, rt)
     assert resp.status == 403
-    assert r.ctx.extra["response_code_details"] == "rbac_access_denied_matched_policy[no-admin]"
+    assert r.ctx.response_code_details == "rbac_access_denied_matched_policy[no-admin]"
     await decide(cfg, req("/debug"), rt)
     await decide(cfg, req("/debug"), rt)
     resp, _, _ = await decide(cfg, req("/ok", method="POST"), rt)
@@ -261,19 +262,19 @@ async def test_enforced_and_shadow_together_metrics_per_policy():
 async def test_allow_denial_details_name_none():
     r = req("/x")
     await decide(R.from_native({"action": "ALLOW", "policies": {}}, "r"), r)
-    assert r.ctx.extra["response_code_details"] == "rbac_access_denied_matched_policy[none]"
+    assert r.ctx.response_code_details == "rbac_access_denied_matched_policy[none]"
 
 
 async def test_per_route_override_and_disable():
     base = R.from_native({"action": "DENY", "policies": {"all": {"permissions": [{"any": True}],
                                                                  "principals": [{"any": True}]}}}, "r")
     rt = runtime()
-    assert R.build(base, R.per_route_from_envoy({}, "p"), rt, RouteInfo()) is None
-    assert R.build(base, R.per_route_from_native({"disabled": True}, "p"), rt, RouteInfo()) is None
+    assert build_filter(R.SPEC, base, R.per_route_from_envoy({}, "p"), rt, RouteInfo()) is None
+    assert build_filter(R.SPEC, base, R.per_route_from_native({"disabled": True}, "p"), rt, RouteInfo()) is None
     override = R.per_route_from_envoy({"rbac": {"rules": {"action": "ALLOW", "policies": {
         "get": {"permissions": [{"header": {"name": ":method", "exact_match": "GET"}}],
                 "principals": [{"any": True}]}}}}}, "p")
-    f = R.build(base, override, rt, RouteInfo())
+    f = build_filter(R.SPEC, base, override, rt, RouteInfo())
     n = Next()
     assert (await f(req(method="GET"), n)).status == 200
     assert (await f(req(method="PUT"), n)).status == 403

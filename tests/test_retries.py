@@ -8,10 +8,18 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-
 from resilience_helpers import (
-    RawServer, dead_address, envoy_config, fetch, hdr, metric, ok_response, prometheus, proxy,
+    RawServer,
+    dead_address,
+    envoy_config,
+    fetch,
+    hdr,
+    metric,
+    ok_response,
+    prometheus,
+    proxy,
 )
+
 from sidecar.testing import Upstream, native_config
 
 

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
+from control_plane_client.translate.route import retry_policy_from_envoy
+from sidecar.cluster.breakers import retry_allowed, retry_limit
 from sidecar.config.errors import ConfigError
-from sidecar.route.retry import (
-    RetryPolicy, backoff_ceiling, backoff_delay, error_is_retriable, request_overrides,
-    retry_allowed, retry_limit, retry_policy_from_envoy, retry_policy_from_native,
-    status_is_retriable,
-)
+from sidecar.config.native.route import retry_policy_from_native
+from sidecar.core.backoff import backoff_ceiling, backoff_delay
+from sidecar.route.retry import RetryPolicy, error_is_retriable, request_overrides, status_is_retriable
 
 durations = st.floats(min_value=0.0001, max_value=60.0, allow_nan=False)
 unit = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)

@@ -2,8 +2,8 @@
 
 from multidict import MultiDict
 
-from sidecar.config.native import snapshot
 from sidecar.route.table import RouteTable
+from sidecar.runtime.loader import snapshot_from_doc as snapshot
 
 
 def table(vhosts):

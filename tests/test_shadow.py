@@ -65,7 +65,7 @@ async def wait_for(pred, timeout=3.0):
 
 
 async def finish_shadows(proxy):
-    shadow_mod.cancel_all(proxy.app.runtime)
+    proxy.app.shadow.cancel_all()
     await asyncio.sleep(0)
 
 
@@ -213,7 +213,8 @@ async def test_shadow_of_missing_cluster_is_counted():
         async with running_proxy(cfg) as p, aiohttp.ClientSession() as s:
             # the shadow cluster is gone from the cluster manager (e.g. removed by CDS while
             # the route still names it): the shadow is skipped and counted
-            p.app.clusters.clusters.pop("shadow")
+            snap = p.app.store.snapshot
+            p.app.clusters.apply(tuple(c for c in snap.clusters if c.name != "shadow"))
             async with s.get(p.url("/")) as r:
                 assert r.status == 200
             assert metric(p, "sidecar_shadow_requests_total", cluster="shadow", outcome="no_upstream") == 1

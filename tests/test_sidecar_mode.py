@@ -15,7 +15,8 @@ import yaml
 from aiohttp import web
 
 from sidecar.config.errors import ConfigErrors
-from sidecar.runtime.sidecar_mode import APP_CLUSTER, attach
+from sidecar.config.listener import APP_CLUSTER
+from sidecar.runtime.sidecar_mode import attach
 from sidecar.testing import Upstream, free_port, running_proxy, to_snapshot, wait_for_port
 
 
@@ -84,7 +85,7 @@ def test_sidecar_section_expands_to_two_listeners_and_the_app_cluster():
     app = snap.cluster(APP_CLUSTER)
     assert [e.address for e in app.endpoints] == ["127.0.0.1:8080"]
     assert app.lb.panic_threshold == 0
-    sc = snap.extra["sidecar"]
+    sc = snap.sidecar
     assert (sc.service, sc.app_host, sc.app_port, sc.health_path) == ("orders", "127.0.0.1", 8080, None)
     # defaults: inbound on every interface, outbound on loopback
     snap = to_snapshot({"sidecar": {"app": "10.0.0.5:3000",
@@ -93,7 +94,7 @@ def test_sidecar_section_expands_to_two_listeners_and_the_app_cluster():
     by_name = {l.name: l for l in snap.listeners}
     assert (by_name["inbound"].host, by_name["inbound"].port) == ("0.0.0.0", 15006)
     assert (by_name["outbound"].host, by_name["outbound"].port) == ("127.0.0.1", 15001)
-    assert snap.extra["sidecar"].app_host == "10.0.0.5"
+    assert snap.sidecar.app_host == "10.0.0.5"
 
 
 @pytest.mark.parametrize("sc, err", [
@@ -213,14 +214,13 @@ async def _not_ready(p):
 
 RUNNER = """
 import asyncio, sys
+from sidecar.admin.server import start_admin
 from sidecar.runtime.app import App, install_uvloop, setup_logging
 from sidecar.runtime.loader import load_file
-from sidecar.runtime.sidecar_mode import attach
 
 async def main(path):
-    app = App(load_file(path), config_path=path)
+    app = App(load_file(path), config_path=path, admin=start_admin)
     await app.start()
-    attach(app)          # a no-op if App.start already wired sidecar mode
     await app.run_until_stopped()
 
 setup_logging("info")

@@ -7,10 +7,19 @@ import time
 
 import aiohttp
 from aiohttp import web
-
 from resilience_helpers import (
-    RawServer, blackhole_listener, envoy_config, fetch, hang, hdr, metric, ok_response, prometheus, proxy,
+    RawServer,
+    blackhole_listener,
+    envoy_config,
+    fetch,
+    hang,
+    hdr,
+    metric,
+    ok_response,
+    prometheus,
+    proxy,
 )
+
 from sidecar.testing import Upstream, native_config
 
 

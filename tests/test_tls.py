@@ -20,9 +20,16 @@ from aiohttp import web
 
 from sidecar.cli.certs import DevCA, describe
 from sidecar.config.errors import ConfigErrors
-from sidecar.testing import (ProxyProcess, Upstream, free_port, native_config, running_proxy, to_snapshot,
-                             wait_for_port)
-from sidecar.tls.context import (DownstreamTls, UpstreamTls, client_context, peer_uri_san, server_context)
+from sidecar.testing import (
+    ProxyProcess,
+    Upstream,
+    free_port,
+    native_config,
+    running_proxy,
+    to_snapshot,
+    wait_for_port,
+)
+from sidecar.tls.context import DownstreamTls, UpstreamTls, client_context, peer_uri_san, server_context
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/shop/sa/web"
@@ -413,7 +420,7 @@ def test_envoy_tls_config(pki):
             "validation_context": {"trusted_ca": {"filename": pki["ca_file"]},
                                    "match_typed_subject_alt_names": [
                                        {"san_type": "URI", "matcher": {"exact": ORDERS}}]}}}}
-    from sidecar.tls.context import downstream_tls_from_envoy, upstream_tls_from_envoy
+    from control_plane_client.translate.tls import downstream_tls_from_envoy, upstream_tls_from_envoy
     d = downstream_tls_from_envoy(ds, "ts")
     assert (d.require_client_cert, d.min_version) == (True, "TLSv1_3")
     u = upstream_tls_from_envoy(us, "ts")
@@ -583,8 +590,8 @@ async def test_mtls_interop_with_envoy(pki, tmp_path):
 
 
 def test_envoy_tls_refuses_what_it_cannot_honour(pki):
+    from control_plane_client.translate.tls import downstream_tls_from_envoy
     from sidecar.config.errors import ConfigError
-    from sidecar.tls.context import downstream_tls_from_envoy
     cert, key = pki["web"]
 
     def ds(**common):

@@ -11,12 +11,17 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, StatusCode
 
 from examples.tracing.otlp_receiver import Receiver
-from sidecar.config.model import TracingConfig
-from sidecar.testing import Upstream, free_port, native_config, running_proxy
+from sidecar.config.listener import TracingConfig
 from sidecar.observability.tracing import (
-    ListenerTracer, Tracing, extract, otlp_traces_url, parse_b3_multi, parse_b3_single,
+    ListenerTracer,
+    Tracing,
+    extract,
+    otlp_traces_url,
+    parse_b3_multi,
+    parse_b3_single,
     parse_traceparent,
 )
+from sidecar.testing import Upstream, free_port, native_config, running_proxy
 
 TID = "0af7651916cd43dd8448eb211c80319c"
 PSID = "b7ad6b7169203331"
@@ -293,29 +298,27 @@ async def test_a_down_collector_never_slows_requests(collector):
     assert closed_in < 5, f"shutdown took {closed_in:.1f}s"
 
 
-def test_shadow_span_api_for_the_shadow_module():
-    """``shadow_span`` gives a mirrored copy its own client span under the server span."""
+def test_shadow_copy_gets_its_own_client_span():
+    """A mirrored copy's client span is a child of the server span, marked as a shadow and
+    named for the shadow cluster; its trace headers name that span."""
     from multidict import MultiDict
 
-    from sidecar.core.http import Request, RequestContext
-    from sidecar.observability.tracing import TRACE_HEADERS, shadow_span
+    from sidecar.core.context import RequestContext
+    from sidecar.core.message import Request
+    from sidecar.observability.tracing import TRACE_HEADERS, ShadowParent
 
     class Listener:
         name = "l"
     t = Tracing(TracingConfig(sample_percent=100.0, exporter="memory"))
     lt = t.for_listener(Listener())
-    ctx = RequestContext(None, ("127.0.0.1", 5), time.perf_counter())
+    ctx = RequestContext("l", ("127.0.0.1", 5), time.perf_counter())
     req = Request("POST", "/orders", "", MultiDict({"host": "shop", "traceparent": f"00-{TID}-{PSID}-01"}), b"", ctx)
-    assert shadow_span(ctx, "POST", "canary") is None          # not traced: nothing to do
-
-    async def handler(r):
-        return None
-    lt.server_span(req, handler).close()
-    span = shadow_span(ctx, "POST", "canary", "/orders")
-    lines = span.header_lines()
-    assert lines == f"traceparent: 00-{TID}-{span.span_id:016x}-01\r\n"
-    assert {line.split(":")[0] for line in lines.splitlines()} <= TRACE_HEADERS
-    span.set_address("10.0.0.9:8080")
+    lt.begin(req)
+    copy = Request("POST", "/orders", "", MultiDict({"host": "shop-shadow"}), b"",
+                   RequestContext("l", None, 0.0))
+    span = ShadowParent(ctx.span, "canary").start_client(copy, "10.0.0.9:8080")
+    assert copy.headers["traceparent"] == f"00-{TID}-{span.span_id:016x}-01"
+    assert set(copy.headers) - {"host"} <= TRACE_HEADERS
     span.end(None, "UT")
 
     class Resp:
@@ -349,6 +352,7 @@ def test_tracing_example_runs_in_one_command():
 async def test_tracing_config_change_applies_on_reload(tmp_path):
     """A reload that changes `tracing:` swaps the tracer; the old one is shut down."""
     import yaml
+
     from sidecar.testing import Upstream, native_config, running_proxy
 
     async with Upstream() as up:
@@ -359,16 +363,16 @@ async def test_tracing_config_change_applies_on_reload(tmp_path):
         async with running_proxy(base, config_path=str(path)) as p:
             assert p.app._tracing is None
             lr = next(iter(p.app.store.listeners.values()))
-            assert lr.snapshot.tracer is None
+            assert lr.hcm.tracer is None
             path.write_text(yaml.safe_dump({**base, "tracing": {"exporter": "memory",
                                                                  "sample_percent": 100}}))
             assert await p.app.reload("test")
             assert p.app._tracing is not None
-            assert lr.snapshot.tracer is not None
+            assert lr.hcm.tracer is not None
             old = p.app._tracing
             path.write_text(yaml.safe_dump(base))
             assert await p.app.reload("test")
-            assert p.app._tracing is None and lr.snapshot.tracer is None
+            assert p.app._tracing is None and lr.hcm.tracer is None
             assert old is not None
 
 

@@ -19,8 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.observability.metrics import Metrics
-from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
 from sidecar.runtime.workers import merged_metrics
+from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
 
 N = 3
 

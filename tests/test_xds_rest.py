@@ -12,11 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from sovereign_fixture import Sovereign, requires_sovereign, service
 
 from control_plane_client.testing import eventually, metric_value
 from sidecar.testing import ProxyProcess, Upstream, free_port, running_proxy
-from sovereign_fixture import Sovereign, requires_sovereign, service
-
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +64,7 @@ async def test_initial_load_and_endpoint_change(tmp_path, upstreams):
                 assert [r["name"] for r in cp["types"][t]["resources"]] == [name]
                 assert cp["types"][t]["resources"][0]["last_updated"] > 0
             assert (await s.get(p.admin_url + "/ready")).status == 200
-            state_a = p.app.clusters.get("backend").endpoints[a.address]
+            state_a = p.app.clusters.get("backend").state.endpoints[a.address]
             # endpoint change: b out, c in; seen within a few polls (sovereign re-reads its
             # source every 1 s, RDS/EDS are polled every 1 s as the templates say)
             sov.set_services([service("backend", [a.port, c.port])])
@@ -74,7 +73,7 @@ async def test_initial_load_and_endpoint_change(tmp_path, upstreams):
                 got = {await who(s, lp) for _ in range(6)}
                 return got == {"a", "c"}
             await eventually(switched, timeout=8, interval=0.2, what="endpoint change")
-            assert p.app.clusters.get("backend").endpoints[a.address] is state_a   # kept
+            assert p.app.clusters.get("backend").state.endpoints[a.address] is state_a   # kept
             cp = await dump(s, p)
             assert cp["types"]["eds"]["accepted"] >= 2
             polls = {k: v for src in cp["sources"] for k, v in src["polls"].items()}
@@ -264,7 +263,7 @@ async def test_example_runs_as_documented(config, tmp_path, upstreams):
 
 
 def test_backoff_is_exponential_with_jitter_and_capped():
-    from control_plane_client.transport import Backoff
+    from sidecar.core.backoff import Backoff
     b = Backoff(0.5, 4.0)
     delays = [b.next() for _ in range(8)]
     for n, d in enumerate(delays):
@@ -279,7 +278,9 @@ async def test_rest_protocol_against_an_in_test_server(upstreams):
     cluster missing from a CDS response is removed (state of the world), a listener's route
     comes by name."""
     from aiohttp import web
-    from control_plane_client.testing import cluster as cl, listener, load_assignment, route
+
+    from control_plane_client.testing import cluster as cl
+    from control_plane_client.testing import listener, load_assignment, route
 
     a, b, _ = upstreams
     lp = free_port()
@@ -328,14 +329,14 @@ async def test_rest_protocol_against_an_in_test_server(upstreams):
             assert await eventually(lambda: who(s, lp)) == "a"
             assert seen[0][1]["node"]["id"] == "r1" and seen[0][1]["version_info"] == ""
             assert seen[0][1]["type_url"].endswith("Cluster") or seen[0][1]["type_url"].endswith("Listener")
-            assert sorted(p.app.clusters.clusters) == ["one", "two", "xds"]
+            assert sorted(c.name for c in p.app.clusters.clusters()) == ["one", "two", "xds"]
             eds_req = [b for k, b in seen if k == "endpoints"][-1]
             assert sorted(eds_req["resource_names"]) == ["one", "two"]
             await eventually(lambda: sum(sum(x["not_modified"].values())
                                          for x in cp.dump()["sources"]) > 3, what="304s")
             # state of the world: "two" is gone from CDS -> removed
             state["clusters"] = [cl("one", config_source=rest_src)]
-            await eventually(lambda: "two" not in p.app.clusters.clusters, what="CDS removal")
+            await eventually(lambda: p.app.clusters.get("two") is None, what="CDS removal")
             await eventually(lambda: cp.dump()["sources"][0]["subscriptions"].get("eds") == ["one"]
                              or any(x["subscriptions"].get("eds") == ["one"]
                                     for x in cp.dump()["sources"]), what="EDS unsubscribe")

@@ -96,6 +96,7 @@ def metric_lines(text: str, *prefixes: str) -> list[str]:
 async def run(envoy: bool = False, free_ports: bool = False, duration: float = 8.0,
               concurrency: int = 8, quiet: bool = False) -> dict:
     """Start everything, drive load, print and return the report."""
+    from sidecar.admin.server import start_admin
     from sidecar.runtime.app import App
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -103,9 +104,9 @@ async def run(envoy: bool = False, free_ports: bool = False, duration: float = 8
     insts = services.instances([ports["steady"], ports["flaky"], ports["broken"]],
                                broken_from=min(1.0, duration / 8), broken_for=duration / 2)
     runners = await services.start(insts)
-    app = App(load_snapshot(envoy, ports), metrics_enabled=True, watch_config=False)
+    app = App(load_snapshot(envoy, ports), metrics_enabled=True, watch_config=False,
+              admin=start_admin)
     await app.start(admin=True)
-    checks = app.health_checks
     base = f"http://127.0.0.1:{ports['listener']}"
     admin = f"http://127.0.0.1:{app.admin_port}"
     try:
@@ -142,7 +143,6 @@ async def run(envoy: bool = False, free_ports: bool = False, duration: float = 8
         say("")
         return report
     finally:
-        checks.close()
         await app.close()
         await services.stop(runners)
 

@@ -51,7 +51,8 @@ def config_dump(app) -> dict:
 def clusters_view(app) -> dict:
     now = time.monotonic()
     out = []
-    for name, cs in sorted(app.clusters.clusters.items()):
+    for cs in sorted(app.clusters.clusters(), key=lambda c: c.name):
+        name = cs.name
         hosts = []
         for h in cs.hosts:
             flags = []
@@ -73,12 +74,14 @@ def clusters_view(app) -> dict:
         out.append({
             "name": name, "type": cs.config.type, "lb_policy": cs.config.lb.policy,
             "warm": cs.warm,
-            "rq_active": cs.active_requests, "rq_pending": cs.pending_requests,
-            "retries_active": cs.active_retries, "overflow": cs.overflow,
+            "rq_active": cs.state.breakers.active_requests,
+            "rq_pending": cs.state.breakers.pending_requests,
+            "retries_active": cs.state.breakers.active_retries,
+            "overflow": cs.state.breakers.overflow,
             "circuit_breakers": {"max_connections": t.max_connections,
                                  "max_pending_requests": t.max_pending_requests,
                                  "max_requests": t.max_requests, "max_retries": t.max_retries,
-                                 "open": cs.active_requests >= t.max_requests},
+                                 "open": cs.state.breakers.active_requests >= t.max_requests},
             "hosts": hosts,
         })
     return {"clusters": out}

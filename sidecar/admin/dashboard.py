@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from sidecar.runtime.collector import breaker_open, endpoint_ewma, install_state_collector
+
 log = logging.getLogger("sidecar.dashboard")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -158,7 +160,8 @@ class Sampler:
                 s.cluster_events.setdefault(name, {})["timeouts"] = sum(d.values())
             for (name,), d in overflow.items():
                 s.cluster_events.setdefault(name, {})["overflow"] = sum(d.values())
-        for name, cs in list(app.clusters.clusters.items()):
+        for cs in app.clusters.clusters():
+            name = cs.name
             tot = err = 0
             for h in cs.hosts:
                 tot += h.rq_total
@@ -268,8 +271,8 @@ class Sampler:
         # clusters
         clusters = []
         now = time.monotonic()
-        from sidecar.observability.stats import _breaker_open, endpoint_ewma
-        for name, cs in sorted(list(app.clusters.clusters.items()))[:MAX_CLUSTERS]:
+        for cs in sorted(app.clusters.clusters(), key=lambda c: c.name)[:MAX_CLUSTERS]:
+            name = cs.name
             tot, err = new.endpoints.get(name, (0, 0))
             otot, oerr = old.endpoints.get(name, (0, 0)) if old is not None else (0, 0)
             n = tot - otot
@@ -277,7 +280,7 @@ class Sampler:
             oh = old.cluster_hist.get((name,)) if old is not None else None
             ev = new.cluster_events.get(name, {})
             t = cs.config.circuit_breakers.default
-            open_ = _breaker_open(cs)
+            open_ = breaker_open(cs)
             eps = []
             for host in list(cs.hosts)[:MAX_ENDPOINTS]:
                 ejected = host.ejected_until > now
@@ -312,9 +315,10 @@ class Sampler:
                 "p99_ms": ms(quantile(0.99, h, oh)) if h else None,
                 "attempts": tot, "errors": err,
                 "retries": int(ev.get("retries", 0)), "timeouts": int(ev.get("timeouts", 0)),
-                "overflow": int(ev.get("overflow", cs.overflow)),
-                "rq_active": cs.active_requests, "rq_pending": cs.pending_requests,
-                "retries_active": cs.active_retries,
+                "overflow": int(ev.get("overflow", cs.state.breakers.overflow)),
+                "rq_active": cs.state.breakers.active_requests,
+            "rq_pending": cs.state.breakers.pending_requests,
+                "retries_active": cs.state.breakers.active_retries,
                 "breaker": {"open": [k for k, v in open_.items() if v],
                             "max_connections": t.max_connections,
                             "max_pending_requests": t.max_pending_requests,
@@ -326,12 +330,11 @@ class Sampler:
             })
 
         # listeners, config, tracing
-        from sidecar.observability.stats import _listener_active_requests
         listeners = []
         for name, lr in list(app.store.listeners.items()):
             listeners.append({"name": name, "address": f"{lr.config.host}:{lr.bound_port}",
                               "cx_active": len(lr.connections),
-                              "rq_active": _listener_active_requests(lr),
+                              "rq_active": lr.active_requests(),
                               "routes": _route_count(lr)})
         snap = app.store.snapshot
         tr = snap.tracing if snap is not None else None
@@ -362,8 +365,7 @@ class Sampler:
 
 
 def _route_count(lr) -> int:
-    snap = getattr(lr, "snapshot", None)
-    table = getattr(snap, "table", None) if snap is not None else None
+    table = lr.hcm.table if lr.hcm is not None else None
     return sum(1 for _ in table.all_routes()) if table is not None else 0
 
 
@@ -385,7 +387,6 @@ SAMPLER_KEY = web.AppKey("dashboard_sampler", Sampler)
 
 
 def add_dashboard_routes(web_app: web.Application, app) -> None:
-    from sidecar.observability.stats import install_state_collector
     install_state_collector(app)
     sampler = Sampler(app)
     web_app[SAMPLER_KEY] = sampler

@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.admin.config_dump import config_dump, clusters_view
+from sidecar.admin.config_dump import clusters_view, config_dump
 
 log = logging.getLogger("sidecar.admin")
 

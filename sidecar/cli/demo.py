@@ -7,6 +7,8 @@ import os
 import yaml
 from aiohttp import web
 
+from sidecar.runtime.loader import snapshot_from_doc
+
 DEMO_LISTEN_PORT = int(os.environ.get("SIDECAR_DEMO_PORT", "10000"))
 DEMO_ADMIN_PORT = int(os.environ.get("SIDECAR_DEMO_ADMIN_PORT", "9901"))
 
@@ -48,8 +50,7 @@ def demo_config_text(ports: dict[str, int]) -> str:
 
 
 def demo_snapshot(ports: dict[str, int]):
-    from sidecar.config.native import snapshot
-    return snapshot(yaml.safe_load(demo_config_text(ports)))
+    return snapshot_from_doc(yaml.safe_load(demo_config_text(ports)))
 
 
 def _hello_app(name: str) -> web.Application:

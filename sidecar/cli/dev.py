@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Optional
 
+from sidecar.admin.server import start_admin
+
 DEFAULT_DEV_CONFIG = "sidecar.dev.yaml"
 DEFAULT_DEV_PORT = 10000
 DEFAULT_DEV_ADMIN_PORT = 9901
@@ -254,7 +256,8 @@ def dev_snapshot(text: str, name: str, port: Optional[int] = None, admin_port: O
     if pathmap:
         # the tiny format always gets the dev request log
         from dataclasses import replace
-        from sidecar.config.model import AccessLogConfig
+
+        from sidecar.config.listener import AccessLogConfig
         snap = replace(snap, listeners=tuple(
             replace(l, access_log=(AccessLogConfig(path="/dev/stdout", format="dev"),))
             for l in snap.listeners))
@@ -328,7 +331,7 @@ class DevRunner:
 
     def _set_log_colour(self, snap=None) -> None:
         for lr in self.app.store.listeners.values():
-            for lg in getattr(lr.snapshot, "access_logs", ()):
+            for lg in (lr.hcm.access_logs if lr.hcm is not None else ()):
                 if hasattr(lg, "colour"):
                     lg.colour = self.colour
 
@@ -393,8 +396,8 @@ class DevRunner:
                 self.banner()
 
     async def run(self) -> int:
-        from sidecar.runtime.app import App
         from sidecar.config.errors import ConfigErrors
+        from sidecar.runtime.app import App
         first = None
         last = _stamp(self.path)
         while first is None:          # nothing runs until the config is good
@@ -407,7 +410,7 @@ class DevRunner:
                     await asyncio.sleep(POLL_INTERVAL_S)
                 await asyncio.sleep(0.05)
                 last = _stamp(self.path)
-        self.app = App(first, config_path=None, watch_config=False)
+        self.app = App(first, config_path=None, watch_config=False, admin=start_admin)
         try:
             await self.app.start()
         except OSError as e:

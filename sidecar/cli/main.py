@@ -9,6 +9,9 @@ import os
 import sys
 
 from sidecar import __version__
+from sidecar.admin.server import make_admin_app, start_admin
+from sidecar.runtime.app import App
+from sidecar.runtime.workers import run_workers
 
 log = logging.getLogger("sidecar")
 
@@ -36,15 +39,13 @@ def usable_cores() -> int:
 
 
 async def _dry_compile(snap) -> None:
-    """Build every route chain as `run` would, binding nothing: errors only found while
+    """Build every route stack as `run` would, binding nothing: errors only found while
     building (a per-route filter override naming an unknown provider) surface here too."""
-    from sidecar.runtime.app import App
-    from sidecar.codec.http1 import ListenerRuntime
     app = App(snap, metrics_enabled=False, watch_config=False)
     try:
         app.clusters.apply(snap.clusters)
         for lc in snap.listeners:
-            app.store.compile_listener(lc, ListenerRuntime(lc, app))
+            app.store.compile_listener(lc, lc.port)
     finally:
         await app.close()
 
@@ -77,8 +78,8 @@ def cmd_version(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from sidecar.runtime.app import ParserError, check_compiled_parsers, install_uvloop, setup_logging
     from sidecar.config.errors import ConfigErrors
+    from sidecar.runtime.app import ParserError, check_compiled_parsers, install_uvloop, setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -99,15 +100,13 @@ def cmd_run(args) -> int:
     if concurrency is None or concurrency == 0:
         concurrency = usable_cores()           # Envoy's default: one worker per core
     if concurrency > 1 and snap is not None:
-        from sidecar.runtime.workers import run_workers
-        return run_workers(args, snap, concurrency)
+        return run_workers(args, snap, concurrency, make_admin_app)
     uv = install_uvloop() if not args.no_uvloop else False
     return asyncio.run(_serve(args, snap, uv))
 
 
 async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
                  reuse_port: bool = False) -> int:
-    from sidecar.runtime.app import App
     demo_servers = None
     demo = snap is None
     if demo:
@@ -115,7 +114,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
         demo_servers, ports = await start_demo_services()
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
-              reuse_port=reuse_port, worker_id=worker_id, workers=workers)
+              reuse_port=reuse_port, worker_id=worker_id, workers=workers, admin=start_admin)
     app.install_signal_handlers()
     from sidecar.config.errors import ConfigError, ConfigErrors
     try:

@@ -1,8 +1,9 @@
 """Active HTTP health checking at run time (config: ``sidecar.health_check.HealthCheck``).
 
-Per cluster with ``health_checks``, one asyncio task per (check, host) sends
-``GET <path>`` over a fresh HTTP/1.1 connection (TLS when the cluster uses it) every interval
-plus jitter, with a timeout, and never blocks the loop. Verdicts follow Envoy:
+Per cluster with ``health_checks``, one asyncio task per (check, host) sends ``GET <path>``
+through the upstream HTTP/1.1 codec (TLS when the cluster uses it) every interval plus jitter,
+with a timeout, on the checker's own connection (kept between checks with Envoy's default
+``reuse_connection: true``, a fresh one each time with false), and never blocks the loop. Verdicts follow Envoy:
 
 * a response with an expected status is a success; ``healthy_threshold`` successes in a row
   bring an unhealthy host back;
@@ -14,8 +15,8 @@ plus jitter, with a timeout, and never blocks the loop. Verdicts follow Envoy:
   at once, as Envoy's hosts start "pending the first check".
 
 A host is in the load-balancing set only while every check passes (and it is not ejected by
-outlier detection); ``ClusterState.rebuild`` applies the panic threshold. New endpoints (EDS,
-DNS) are picked up within a second. Install once per App with ``install(app)``.
+outlier detection); ``Cluster.rebuild`` applies the panic threshold. New endpoints (EDS, DNS)
+are picked up within a second.
 """
 
 from __future__ import annotations
@@ -23,10 +24,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
-from typing import Optional
 
-from sidecar.config.health_check import HealthCheck
+from multidict import MultiDict
+
+from sidecar.cluster.cluster import ClusterState
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.cluster import HealthCheck
+from sidecar.core.body import BodyTooLarge, Headers
+from sidecar.core.context import RequestContext
+from sidecar.core.errors import UpstreamError
+from sidecar.core.message import Request
+from sidecar.core.metrics import NULL
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import ClusterStats
+from sidecar.upstream.http1 import ConnectionPool
 
 log = logging.getLogger("sidecar.health_check")
 
@@ -34,39 +46,37 @@ OUTCOMES = ("success", "failure", "timeout", "network_failure")
 _MAX_DRAIN = 64 * 1024
 
 
-async def probe(host: str, port: int, check: HealthCheck, host_header: str,
-                ssl_context: Optional[ssl.SSLContext] = None, server_hostname: str = "") -> tuple[str, int]:
-    """One HTTP/1.1 health check. Returns (outcome, status): outcome is one of OUTCOMES."""
-    writer = None
+async def probe(pool: ConnectionPool, check: HealthCheck, host_header: str) -> tuple[str, int]:
+    """One HTTP health check over the upstream codec (TLS when the cluster uses it), on the
+    checker's own connection to the host (not the traffic pool: checks never count against
+    circuit breakers, as in Envoy). Returns (outcome, status): outcome is one of OUTCOMES."""
+    reuse = check.reuse_connection
+    headers: Headers = MultiDict((("host", host_header), ("user-agent", "Envoy/HC")))
+    if not reuse:
+        headers["connection"] = "close"
+    req = Request("GET", check.path, "", headers, b"", RequestContext("health_check", None, 0.0))
+    loop = asyncio.get_running_loop()
+    conn = None
     try:
         async with asyncio.timeout(check.timeout_s):
-            kw = {}
-            if ssl_context is not None:
-                kw = {"ssl": ssl_context, "server_hostname": server_hostname or host}
-            reader, writer = await asyncio.open_connection(host, port, **kw)
-            writer.write((f"GET {check.path} HTTP/1.1\r\nhost: {host_header}\r\n"
-                          f"user-agent: Envoy/HC\r\nconnection: close\r\n\r\n").encode("latin-1"))
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            parts = lines[0].split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                return "network_failure", 0
-            status = int(parts[1])
-            # read a small body so the server sees an orderly close, not a reset
-            for line in lines[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length" and v.strip().isdigit():
-                    n = int(v.strip())
-                    if 0 < n <= _MAX_DRAIN:
-                        await reader.readexactly(n)
-                    break
+            conn = pool.take_idle() if reuse else None
+            if conn is None:
+                conn = await pool.connect()
+            resp = await conn.send(req, None, loop.time() + check.timeout_s)
+            body = resp.body
+            if not isinstance(body, bytes):
+                await body.read_all(_MAX_DRAIN)     # let the connection be reused
     except TimeoutError:
+        if conn is not None:
+            conn.close()
         return "timeout", 0
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+    except (UpstreamError, BodyTooLarge, OSError):
+        if conn is not None:
+            conn.close()
         return "network_failure", 0
-    finally:
-        if writer is not None:
-            writer.close()
+    if not reuse and conn is not None:
+        conn.close()
+    status = resp.status
     return ("success" if check.status_ok(status) else "failure"), status
 
 
@@ -84,14 +94,11 @@ class _HostState:
 class _Stats:
     __slots__ = ("outcome", "to_healthy", "to_unhealthy")
 
-    def __init__(self, app, cluster: str):
-        from sidecar.observability.stats import NULL
-        m = app.metrics
+    def __init__(self, m: Metrics, cst: ClusterStats, cluster: str):
         if not m.enabled:
             self.outcome = {o: NULL for o in OUTCOMES}
             self.to_healthy = self.to_unhealthy = NULL
             return
-        cst = app.stats.cluster(cluster)
         fam = m.counter("sidecar_upstream_health_check_total", "Active health checks by result",
                         ("cluster", "result"))
         self.outcome = {"success": cst.hc_success, "failure": cst.hc_failure,
@@ -105,49 +112,69 @@ class _Stats:
 
 class ClusterChecker:
     """The health checks of one cluster: a task per (check, host), and a supervisor that
-    follows the endpoint set."""
+    follows the endpoint set of the cluster's current version."""
 
-    def __init__(self, cs, checks: tuple[HealthCheck, ...], app):
-        self.cs = cs
+    def __init__(self, state: ClusterState, checks: tuple[HealthCheck, ...], metrics: Metrics):
+        self.state = state
         self.checks = checks
-        self.stats = _Stats(app, cs.name)
-        self.state: dict[tuple[int, str], _HostState] = {}
-        self.tasks: dict[tuple[int, str], asyncio.Task] = {}
+        self.stats = _Stats(metrics, state.stats, state.name)
+        self.pools: dict[tuple[int, str], ConnectionPool] = {}   # (check, address) -> connections
+        self.host_state: dict[tuple[int, str], _HostState] = {}
+        self.tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
         self.closed = False
         self._had_traffic = False
-        self._hosts_seen = None
-        self._supervisor: Optional[asyncio.Task] = None
+        self._hosts_seen: list[EndpointState] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self.start()
+
+    @property
+    def hosts(self) -> list[EndpointState]:
+        c = self.state.current
+        return c.hosts if c is not None else []
 
     def start(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return
+            return                      # started again once the loop runs (App.start)
         if self._supervisor is None:
             self._supervisor = loop.create_task(self._supervise())
 
     async def _supervise(self) -> None:
         while not self.closed:
-            if self.cs.hosts is not self._hosts_seen:
+            if self.hosts is not self._hosts_seen:
                 self._sync()
             await asyncio.sleep(1.0)
 
     def _sync(self) -> None:
-        cs = self.cs
-        self._hosts_seen = cs.hosts
-        current = {h.address: h for h in cs.hosts}
+        hosts = self.hosts
+        self._hosts_seen = hosts
+        current = {h.address: h for h in hosts}
         loop = asyncio.get_running_loop()
         for key in [k for k in self.tasks if k[1] not in current]:
             self.tasks.pop(key).cancel()
-            self.state.pop(key, None)
+            self.host_state.pop(key, None)
+        for key in [k for k in self.pools if k[1] not in current]:
+            self.pools.pop(key).close_all()
         for i, check in enumerate(self.checks):
             for addr, h in current.items():
                 key = (i, addr)
                 t = self.tasks.get(key)
                 if t is None or t.done():
-                    st = self.state.setdefault(key, _HostState())
-                    self.tasks[key] = loop.create_task(self._run(check, h, st))
+                    st = self.host_state.setdefault(key, _HostState())
+                    self.tasks[key] = loop.create_task(self._run(i, check, h, st))
+
+    def _pool(self, i: int, host: EndpointState) -> ConnectionPool:
+        pool = self.pools.get((i, host.address))
+        if pool is None:
+            c = self.state.current
+            ep = host.endpoint
+            tls = c.config.tls if c is not None else None
+            pool = self.pools[(i, host.address)] = ConnectionPool(
+                ep.host, ep.port, c.config.connect_timeout_s if c is not None else 5.0,
+                max_idle=1, ssl_context=c.ssl_context if c is not None else None,
+                server_hostname=tls.sni if tls is not None else "")
+        return pool
 
     def close(self, restore: bool = True) -> None:
         if self.closed:
@@ -158,40 +185,34 @@ class ClusterChecker:
         for t in self.tasks.values():
             t.cancel()
         self.tasks.clear()
-        if restore:
-            changed = False
-            for h in self.cs.hosts:
-                if not h.hc_healthy:
-                    h.hc_healthy = True
-                    changed = True
-                h.last_hc = ""
-            if changed:
-                self.cs.rebuild()
+        for pool in self.pools.values():
+            pool.close_all()
+        self.pools.clear()
+        c = self.state.current
+        if restore and c is not None:
+            for h in c.hosts:
+                c.set_health(h, True, "")
 
     # ---- one host --------------------------------------------------------------------------
-    async def _run(self, check: HealthCheck, host, st: _HostState) -> None:
-        cs = self.cs
-        ep = host.endpoint
-        host_header = check.host or cs.name
+    async def _run(self, i: int, check: HealthCheck, host: EndpointState, st: _HostState) -> None:
+        host_header = check.host or self.state.name
         if check.initial_jitter_s > 0:
             await asyncio.sleep(random.random() * check.initial_jitter_s)
         while not self.closed and not host.removed:
             try:
-                tls = cs.config.tls
-                outcome, status = await probe(ep.host, ep.port, check, host_header, cs.ssl_context,
-                                              tls.sni if tls is not None else "")
+                outcome, status = await probe(self._pool(i, host), check, host_header)
                 self._apply(check, host, st, outcome, status)
             except asyncio.CancelledError:
                 raise
             except Exception:      # a bug must not end health checking for the host
                 log.exception("cluster %s: health check of %s failed unexpectedly",
-                              cs.name, host.address)
+                              self.state.name, host.address)
             await asyncio.sleep(self._next_interval(check, st))
 
     def _next_interval(self, check: HealthCheck, st: _HostState) -> float:
         base = check.interval_s
         if check.no_traffic_interval_s is not None and not self._had_traffic:
-            if any(h.rq_total for h in self.cs.hosts):
+            if any(h.rq_total for h in self.hosts):
                 self._had_traffic = True
             else:
                 base = check.no_traffic_interval_s
@@ -209,7 +230,8 @@ class ClusterChecker:
             j += random.random() * base * check.interval_jitter_percent / 100.0
         return base + j
 
-    def _apply(self, check: HealthCheck, host, st: _HostState, outcome: str, status: int) -> None:
+    def _apply(self, check: HealthCheck, host: EndpointState, st: _HostState, outcome: str,
+               status: int) -> None:
         self.stats.outcome[outcome].inc()
         first = not st.checked
         st.checked = True
@@ -226,54 +248,39 @@ class ClusterChecker:
             immediate = outcome == "failure" and not check.status_retriable(status)
             if st.healthy and (first or immediate or st.fail >= check.unhealthy_threshold):
                 st.healthy = False
-        host.last_hc = f"{outcome} {status}" if status else outcome
+        detail = f"{outcome} {status}" if status else outcome
         if st.healthy != was:
             st.edge = "healthy" if st.healthy else "unhealthy"
             (self.stats.to_healthy if st.healthy else self.stats.to_unhealthy).inc()
-            log.warning("cluster %s: %s is now %s (active health check: %s)", self.cs.name,
-                        host.address, "healthy" if st.healthy else "unhealthy", host.last_hc)
-        verdict = all(s.healthy for (i, a), s in self.state.items() if a == host.address)
-        if verdict != host.hc_healthy:
-            host.hc_healthy = verdict
-            self.cs.rebuild()
+            log.warning("cluster %s: %s is now %s (active health check: %s)", self.state.name,
+                        host.address, "healthy" if st.healthy else "unhealthy", detail)
+        verdict = all(s.healthy for (i, a), s in self.host_state.items() if a == host.address)
+        c = self.state.current
+        if c is not None:
+            c.set_health(host, verdict, detail)
 
 
-class HealthCheckRuntime:
-    """Keeps one ClusterChecker per cluster that has health checks."""
+def follow(clusters: ClusterManager, metrics: Metrics) -> None:
+    """Give every cluster whose config has health checks one ClusterChecker (replaced when
+    the checks change, closed when they go or the cluster goes)."""
 
-    def __init__(self, app):
-        self.app = app
-        self.checkers: dict[int, ClusterChecker] = {}     # id(ClusterState) -> checker
-        app.clusters.subscribe(self.on_cluster, self.on_removed)
-
-    def on_cluster(self, cs) -> None:
-        checks = cs.config.health_checks
-        c = self.checkers.get(id(cs))
-        if c is not None and c.cs is cs and c.checks == checks and not c.closed:
-            c.start()
+    def on_activated(state: ClusterState) -> None:
+        c = state.current
+        checks = c.config.health_checks if c is not None else ()
+        old = state.health
+        if isinstance(old, ClusterChecker) and not old.closed and old.checks == checks:
+            old.start()
             return
-        if c is not None:
-            del self.checkers[id(cs)]
-            c.close(restore=not checks)
+        if isinstance(old, ClusterChecker):
+            state.health = None
+            old.close(restore=not checks)
         if checks:
-            self.checkers[id(cs)] = ClusterChecker(cs, checks, self.app)
+            state.health = ClusterChecker(state, checks, metrics)
 
-    def on_removed(self, cs) -> None:
-        c = self.checkers.pop(id(cs), None)
-        if c is not None:
-            c.close(restore=False)
+    def on_removed(state: ClusterState) -> None:
+        old = state.health
+        if isinstance(old, ClusterChecker):
+            state.health = None
+            old.close(restore=False)
 
-    def close(self) -> None:
-        for c in self.checkers.values():
-            c.close(restore=False)
-        self.checkers.clear()
-        self.app.clusters.unsubscribe(self.on_cluster, self.on_removed)
-
-
-def install(app) -> HealthCheckRuntime:
-    """Attach active health checking to ``app``'s cluster manager (idempotent). Call before or
-    after ``App.start``; tasks start once an event loop runs. ``close()`` it on shutdown."""
-    rt = app.__dict__.get("health_checks")
-    if rt is None:
-        rt = app.health_checks = HealthCheckRuntime(app)
-    return rt
+    clusters.subscribe(on_activated, on_removed)

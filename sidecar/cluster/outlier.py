@@ -1,7 +1,8 @@
 """Outlier detection at run time (passive health), Envoy ``outlier_detection`` semantics.
 
-One ``ClusterDetector`` per cluster that has ``outlier_detection``. It sees the outcome of every
-attempt through ``ClusterState.outcome_hooks`` and ejects a host on
+One ``OutlierDetector`` per cluster that has ``outlier_detection``, owned by its
+``ClusterState`` (it survives config versions). ``Cluster.record`` hands it the outcome of
+every attempt, and it ejects a host on
 
 * ``consecutive_5xx`` 5xx responses in a row (local-origin failures count as 5xx unless
   ``split_external_local_origin_errors``: connect failure and reset as 503, timeout as 504),
@@ -21,20 +22,25 @@ ejection and down by one each interval the host stays in), capped at
 ``max(base_ejection_time, max_ejection_time)``. At most ``max_ejection_percent`` of the hosts
 are ejected at once, but always at least one may be (Envoy). Un-ejection is a timer at the
 ejection's end, so the host is back in the load-balancing set on time, not on the next pick.
-If too many hosts are out, ``ClusterState.rebuild`` applies the panic threshold.
-
-Install once per App with ``install(app)``.
+If too many hosts are out, ``Cluster.rebuild`` applies the panic threshold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
 import time
 from typing import Optional
 
-from sidecar.config.outlier import OutlierDetection
+from sidecar.cluster.cluster import ClusterState, OutcomeObserver
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.cluster import OutlierDetection
+from sidecar.core.metrics import NULL
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import ClusterStats
 
 log = logging.getLogger("sidecar.outlier")
 
@@ -46,9 +52,7 @@ _LOCAL_AS_STATUS = {"connect_failure": 503, "reset": 503, "timeout": 504}
 class _Stats:
     __slots__ = ("detected", "enforced", "overflow", "unejected", "enforced_total")
 
-    def __init__(self, app, cluster: str):
-        from sidecar.observability.stats import NULL
-        m = app.metrics
+    def __init__(self, m: Metrics, cstats: ClusterStats, cluster: str):
         if not m.enabled:
             self.detected = self.enforced = {r: NULL for r in REASONS}
             self.overflow = self.unejected = self.enforced_total = NULL
@@ -66,29 +70,36 @@ class _Stats:
         self.unejected = m.counter("sidecar_upstream_outlier_unejections_total",
                                    "Hosts returned to the load-balancing set after an ejection",
                                    ("cluster",)).labels(cluster)
-        self.enforced_total = app.stats.cluster(cluster).ejections_enforced
+        self.enforced_total = cstats.ejections_enforced
 
 
-class ClusterDetector:
+class OutlierDetector(OutcomeObserver):
     """Outlier detection for one cluster (see the module docstring)."""
 
-    def __init__(self, cs, cfg: OutlierDetection, app):
-        self.cs = cs
+    def __init__(self, state: ClusterState, cfg: OutlierDetection, metrics: Metrics):
+        self.state = state
         self.cfg = cfg
-        self.app = app
-        self.stats = _Stats(app, cs.name)
+        self.stats = _Stats(metrics, state.stats, state.name)
         self.multiplier: dict[str, int] = {}    # address -> ejections in a row
         self._tick_handle = None
         self._uneject_handle = None
         self._uneject_at = 0.0
         self.closed = False
-        self._loop = None
-        cs.outcome_hooks.append(self.on_outcome)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._start_timer()
+
+    @property
+    def hosts(self) -> list[EndpointState]:
+        c = self.state.current
+        return c.hosts if c is not None else []
+
+    def _rebuild(self) -> None:
+        c = self.state.current
+        if c is not None:
+            c.rebuild()
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _start_timer(self) -> None:
-        import asyncio
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -109,20 +120,16 @@ class ClusterDetector:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.cs.outcome_hooks.remove(self.on_outcome)
-        except ValueError:
-            pass
         for h in (self._tick_handle, self._uneject_handle):
             if h is not None:
                 h.cancel()
         changed = False
-        for h in self.cs.hosts:
+        for h in self.hosts:
             if h.ejected_until:
                 h.ejected_until = 0.0
                 changed = True
         if changed:
-            self.cs.rebuild()
+            self._rebuild()
 
     # ---- the hot path: one call per attempt ------------------------------------------------
     def on_outcome(self, host, status: Optional[int], latency: float, local_error: Optional[str]) -> None:
@@ -167,7 +174,7 @@ class ClusterDetector:
         self.stats.detected[reason].inc()
         if enforcing < 100.0 and random.random() * 100.0 >= enforcing:
             return False
-        hosts = self.cs.hosts
+        hosts = self.hosts
         ejected = sum(1 for h in hosts if h.ejected_until > now)
         if ejected and (ejected + 1) * 100.0 > len(hosts) * self.cfg.max_ejection_percent:
             self.stats.overflow.inc()
@@ -185,15 +192,14 @@ class ClusterDetector:
         host.consecutive_5xx = host.consecutive_gateway = host.consecutive_local = 0
         self.stats.enforced[reason].inc()
         self.stats.enforced_total.inc()
-        self.cs.rebuild()
+        self._rebuild()
         self._schedule_uneject(host.ejected_until)
         log.warning("cluster %s: ejected %s (%s) for %.1fs (ejection %d in a row)",
-                    self.cs.name, host.address, reason, duration, n)
+                    self.state.name, host.address, reason, duration, n)
 
     def _schedule_uneject(self, at: float) -> None:
         loop = self._loop
         if loop is None:
-            import asyncio
             try:
                 loop = self._loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -212,7 +218,7 @@ class ClusterDetector:
         now = time.monotonic()
         changed = False
         nxt = None
-        for h in self.cs.hosts:
+        for h in self.hosts:
             u = h.ejected_until
             if not u:
                 continue
@@ -220,11 +226,11 @@ class ClusterDetector:
                 h.ejected_until = 0.0
                 changed = True
                 self.stats.unejected.inc()
-                log.info("cluster %s: %s is back in the load-balancing set", self.cs.name, h.address)
+                log.info("cluster %s: %s is back in the load-balancing set", self.state.name, h.address)
             elif nxt is None or u < nxt:
                 nxt = u
         if changed:
-            self.cs.rebuild()
+            self._rebuild()
         if nxt is not None:
             self._schedule_uneject(nxt)
 
@@ -235,7 +241,7 @@ class ClusterDetector:
         cfg = self.cfg
         self._tick_handle = self._loop.call_later(cfg.interval_s, self._tick)
         now = time.monotonic()
-        hosts = list(self.cs.hosts)
+        hosts = list(self.hosts)
         # success rate over the interval just ended
         sample = [(h, h.sr_success / h.sr_total) for h in hosts
                   if h.sr_total >= cfg.success_rate_request_volume and h.sr_total > 0]
@@ -272,43 +278,28 @@ def success_rate_threshold(rates: list[float], stdev_factor: float) -> float:
 
 # ---- wiring ----------------------------------------------------------------------------------
 
-class OutlierRuntime:
-    """Keeps one ClusterDetector per cluster that asks for outlier detection."""
+def follow(clusters: ClusterManager, metrics: Metrics) -> None:
+    """Give every cluster whose config asks for outlier detection a detector (and take it
+    away when the config stops asking or the cluster goes)."""
 
-    def __init__(self, app):
-        self.app = app
-        self.detectors: dict[int, ClusterDetector] = {}     # id(ClusterState) -> detector
-        app.clusters.subscribe(self.on_cluster, self.on_removed)
-
-    def on_cluster(self, cs) -> None:
-        cfg = cs.config.outlier_detection
-        d = self.detectors.get(id(cs))
+    def on_activated(state: ClusterState) -> None:
+        c = state.current
+        cfg = c.config.outlier_detection if c is not None else None
+        d = state.outlier
         if cfg is None:
             if d is not None:
-                del self.detectors[id(cs)]
+                state.outlier = None
                 d.close()
             return
-        if d is None or d.cs is not cs:
-            self.detectors[id(cs)] = ClusterDetector(cs, cfg, self.app)
-        else:
+        if isinstance(d, OutlierDetector) and not d.closed:
             d.reconfigure(cfg)
+        else:
+            state.outlier = OutlierDetector(state, cfg, metrics)
 
-    def on_removed(self, cs) -> None:
-        d = self.detectors.pop(id(cs), None)
+    def on_removed(state: ClusterState) -> None:
+        d = state.outlier
         if d is not None:
+            state.outlier = None
             d.close()
 
-    def close(self) -> None:
-        for d in self.detectors.values():
-            d.close()
-        self.detectors.clear()
-        self.app.clusters.unsubscribe(self.on_cluster, self.on_removed)
-
-
-def install(app) -> OutlierRuntime:
-    """Attach outlier detection to ``app``'s cluster manager (idempotent). Clusters present now
-    and every cluster added or updated later get a detector when their config asks for one."""
-    rt = app.__dict__.get("outlier_detection")
-    if rt is None:
-        rt = app.outlier_detection = OutlierRuntime(app)
-    return rt
+    clusters.subscribe(on_activated, on_removed)

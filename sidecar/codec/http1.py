@@ -1,100 +1,57 @@
-"""Downstream HTTP/1.1: listeners, connections, the per-request observe step.
+"""The downstream HTTP/1.1 codec: bytes <-> requests and responses on one connection.
 
 A connection is an ``asyncio.Protocol`` fed to llhttp (httptools). Small requests usually
 arrive whole in one read, so the common case dispatches with a complete ``bytes`` body; larger
-bodies stream with flow control. Requests on one connection are answered in order (pipelining).
+bodies stream with flow control. Requests on one connection are answered in order
+(pipelining). The codec knows nothing of routing: it hands each request to its ``StreamOwner``
+(the listener's HTTP connection manager) and writes back the response it gets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import random
 import socket
 import time
 from collections import deque
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import Optional
+from typing import Optional, Protocol
 
 import httptools
 from multidict import MultiDict
 
-from sidecar.core.http import BodyStream, Request, RequestContext, Response, local_reply
-from sidecar.upstream.http1 import HOP_BY_HOP
+from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
+from sidecar.core.body import BodyStream
+from sidecar.core.context import RequestContext
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.tls.context import peer_uri_san
 
 log = logging.getLogger("sidecar.server")
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODYLESS = (204, 304)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-# x-envoy-* request headers that only a trusted (internal) peer may set; Envoy strips them from
-# external requests on an edge listener.
-EDGE_UNTRUSTED = ("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
-                  "x-envoy-downstream-service-node", "x-envoy-original-path", "x-envoy-internal",
-                  "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
-                  "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
-                  "x-envoy-expected-rq-timeout-ms", "x-envoy-hedge-on-per-try-timeout",
-                  "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-ip-tags",
-                  "x-envoy-force-trace", "x-envoy-external-address",
-                  "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
-                  "x-envoy-upstream-alt-stat-name")
+class StreamOwner(Protocol):
+    """What the codec needs from the listener that accepted the connection."""
 
-_rand = random.getrandbits
+    name: str
+    bound_port: int
+    max_header_bytes: int
+    server_header: str
+    accept_http_10: bool
+    draining: bool
 
+    def connection_opened(self, conn: "DownstreamConnection") -> None: ...
 
-def new_request_id() -> str:
-    """A random (version 4) UUID string, faster than uuid.uuid4() (no os.urandom call);
-    request ids need uniqueness, not unpredictability."""
-    h = "%032x" % ((_rand(128) & ~(0xF << 76) & ~(0xC << 60)) | (0x4 << 76) | (0x8 << 60))
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    def connection_closed(self, conn: "DownstreamConnection") -> None: ...
 
+    def protocol_error(self, status: int) -> None: ...
 
-_PRIVATE_CACHE: dict[str, bool] = {}
+    async def dispatch(self, req: Request) -> Response: ...
 
-
-def is_private(ip: str) -> bool:
-    """Loopback or RFC 1918 / unique-local (Envoy's classic internal address set)."""
-    v = _PRIVATE_CACHE.get(ip)
-    if v is None:
-        try:
-            a = ipaddress.ip_address(ip)
-            v = a.is_loopback or a.is_private
-        except ValueError:
-            v = False
-        if len(_PRIVATE_CACHE) > 4096:
-            _PRIVATE_CACHE.clear()
-        _PRIVATE_CACHE[ip] = v
-    return v
-
-
-class _DateCache:
-    """RFC 9110 Date, formatted once per second."""
-    __slots__ = ("sec", "value")
-
-    def __init__(self):
-        self.sec = 0
-        self.value = ""
-
-    def get(self) -> str:
-        now = int(time.time())
-        if now != self.sec:
-            self.sec = now
-            self.value = formatdate(now, usegmt=True)
-        return self.value
-
-
-DATE = _DateCache()
-
-
-def status_line(status: int) -> str:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = f"HTTP/1.1 {status} Unknown\r\n"
-    return line
+    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
+        """The stream is over (response written, or abandoned): observe it."""
+        ...
 
 
 class DownstreamConnection(asyncio.Protocol):
@@ -103,7 +60,7 @@ class DownstreamConnection(asyncio.Protocol):
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
                  "peer_identity", "requests", "_h2c", "_idle_waiter")
 
-    def __init__(self, lr: "ListenerRuntime"):
+    def __init__(self, lr: StreamOwner):
         self.lr = lr
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
@@ -141,10 +98,8 @@ class DownstreamConnection(asyncio.Protocol):
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             self._tls = True
-            from sidecar.tls.context import peer_uri_san
             self.peer_identity = peer_uri_san(sslobj)
-        self.lr.connections.add(self)
-        self.lr.on_connection(1)
+        self.lr.connection_opened(self)
 
     def connection_lost(self, exc) -> None:
         self._closing = True
@@ -153,8 +108,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._idle_waiter = None
             if not iw.done():
                 iw.set_result(None)
-        self.lr.connections.discard(self)
-        self.lr.on_connection(-1)
+        self.lr.connection_closed(self)
         s = self._stream
         if s is not None and not self._complete:
             s.feed_error(ConnectionResetError("downstream connection closed"))
@@ -252,7 +206,7 @@ class DownstreamConnection(asyncio.Protocol):
         elif "#" in path:
             path = path.partition("#")[0]
         p = self.parser
-        ctx = RequestContext(self.lr, self.peer, time.perf_counter())
+        ctx = RequestContext(self.lr.name, self.peer, time.perf_counter(), self.lr.bound_port)
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
         method = p.get_method().decode("latin-1")
@@ -260,7 +214,7 @@ class DownstreamConnection(asyncio.Protocol):
         req = self._req = Request(method, path, query, headers, b"", ctx, version)
         req.keep_alive = p.should_keep_alive()
         req.chunked = "transfer-encoding" in headers
-        if version != "1.1" and not (version == "1.0" and self.lr.config.accept_http_10):
+        if version != "1.1" and not (version == "1.0" and self.lr.accept_http_10):
             req.reject = (426, "Upgrade Required")
         elif version == "1.1" and "host" not in headers:
             req.reject = (400, "")
@@ -341,7 +295,7 @@ class DownstreamConnection(asyncio.Protocol):
             status, text = req.reject
             resp = local_reply(ctx, status, text, "DPE")
             keep_alive = False
-            lr.observe.protocol_error(status)
+            lr.protocol_error(status)
             try:
                 await self._write(req, resp, False)
             except (ConnectionError, OSError):
@@ -466,7 +420,7 @@ class DownstreamConnection(asyncio.Protocol):
         body = message.encode()
         head = (f"{status_line(status)}content-length: {len(body)}\r\ncontent-type: text/plain\r\n"
                 f"{self.lr.server_header}date: {DATE.get()}\r\nconnection: close\r\n\r\n")
-        self.lr.count_protocol_error(status)
+        self.lr.protocol_error(status)
         if not self._busy:
             self.transport.write(head.encode("latin-1") + body)
             self._close()
@@ -488,164 +442,3 @@ class DownstreamConnection(asyncio.Protocol):
             self._close()
 
 
-class ListenerRuntime:
-    """A bound listener; its routes are swapped by the config store without touching sockets."""
-
-    def __init__(self, config, app):
-        self.config = config
-        self.app = app
-        self.name = config.name
-        self.connections: set[DownstreamConnection] = set()
-        self.server: Optional[asyncio.base_events.Server] = None
-        self.draining = False
-        self.table = None             # RouteTable, swapped atomically per snapshot
-        self.snapshot = None          # ListenerSnapshot (table + observers)
-        self.max_header_bytes = config.max_request_headers_kb * 1024
-        self.server_header = f"server: {config.server_name}\r\n"
-        self._sweeper = None
-        self.bound_port = config.port
-        self.downstream_cx_active = 0
-        self.observe = app.observer_for(self)
-
-    def active_requests(self) -> int:
-        """Requests being served or queued (pipelined) on this listener's connections."""
-        n = 0
-        for c in self.connections:
-            if c._busy:
-                n += 1 + len(c._queue)
-        return n
-
-    def update_config(self, config) -> None:
-        self.config = config
-        self.max_header_bytes = config.max_request_headers_kb * 1024
-        self.server_header = f"server: {config.server_name}\r\n"
-
-    def on_connection(self, delta: int) -> None:
-        self.downstream_cx_active += delta
-        self.observe.connections(delta)
-
-    def count_protocol_error(self, status: int) -> None:
-        self.observe.protocol_error(status)
-
-    async def start(self, reuse_port: bool = False, sock=None) -> None:
-        loop = asyncio.get_running_loop()
-        ssl_ctx = None
-        if self.config.tls is not None:
-            from sidecar.tls.context import server_context
-            ssl_ctx = server_context(self.config.tls)
-        kw = dict(backlog=1024, ssl=ssl_ctx)
-        if sock is not None:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)
-        else:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self),
-                                                   self.config.host, self.config.port,
-                                                   reuse_port=reuse_port or None, **kw)
-        self.bound_port = self.server.sockets[0].getsockname()[1]
-        self._sweeper = loop.create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            cfg = self.config
-            for c in list(self.connections):
-                c.idle_check(now, cfg.idle_timeout_s, cfg.request_headers_timeout_s)
-
-    # ---- the request path -------------------------------------------------------------------
-    async def dispatch(self, req: Request) -> Response:
-        """Prepare headers (request id, XFF), route, run the route's chain."""
-        snap = self.snapshot
-        cfg = snap.config
-        ctx = req.ctx
-        headers = req.headers
-        scheme = "https" if ctx.tls else "http"
-        external = False
-        if cfg.use_remote_address:
-            # an edge listener (Envoy's use_remote_address): the peer is the client
-            peer = ctx.downstream_addr
-            ip = peer[0] if peer else ""
-            external = not (cfg.trust_private_peers and is_private(ip))
-            if ip:
-                xff = headers.get("x-forwarded-for")
-                if xff and cfg.xff_num_trusted_hops:
-                    # the client is N hops back in XFF when N proxies in front are trusted
-                    hops = [h.strip() for h in xff.split(",")]
-                    if len(hops) >= cfg.xff_num_trusted_hops:
-                        ctx.extra["remote_ip"] = hops[-cfg.xff_num_trusted_hops]
-                headers["x-forwarded-for"] = f"{xff},{ip}" if xff else ip
-            headers["x-forwarded-proto"] = scheme
-            if external:
-                for name in EDGE_UNTRUSTED:
-                    if name in headers:
-                        del headers[name]
-                if ip:
-                    headers["x-envoy-external-address"] = ip
-            else:
-                headers["x-envoy-internal"] = "true"
-        else:
-            if "x-envoy-internal" in headers:
-                del headers["x-envoy-internal"]
-            if "x-forwarded-proto" not in headers:
-                headers["x-forwarded-proto"] = scheme
-        if cfg.generate_request_id:
-            rid = headers.get("x-request-id")
-            if not rid or (external and not cfg.preserve_external_request_id):
-                rid = new_request_id()
-                headers["x-request-id"] = rid
-            ctx.request_id = rid
-        else:
-            ctx.request_id = headers.get("x-request-id", "")
-        strip = cfg.strip_host_port
-        if strip != "none" and cfg.strip_host_header:
-            host = req.authority
-            if ":" in host and not host.endswith("]"):
-                h, _, port = host.rpartition(":")
-                if strip == "any" or port == str(self.bound_port):
-                    headers["host"] = h
-        table = snap.table
-        if table is None:
-            return local_reply(ctx, 404, "", "NR")
-        vh = table.virtual_host(req.authority)
-        route = vh.match(req.method, req.path, req.query, headers) if vh is not None else None
-        if route is None:
-            r = Response(404)
-            ctx.flags.append("NR")
-            return r
-        ctx.route = route
-        ctx.vhost = vh
-        tracer = snap.tracer
-        if tracer is not None:
-            return await tracer.server_span(req, route.handler)
-        return await route.handler(req)
-
-    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
-        """Record metrics, access log for a request that is done."""
-        self.snapshot.observe_end(req, resp, body_bytes)
-
-    async def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        self.draining = True
-
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting, let requests in flight finish (up to ``timeout``), then close."""
-        await self.stop_accepting()
-        for c in list(self.connections):
-            if not c._busy:
-                c._close()
-        end = time.monotonic() + timeout
-        while self.connections and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-            for c in list(self.connections):
-                if not c._busy:
-                    c._close()
-        for c in list(self.connections):
-            c._close()
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self.server is not None:
-            self.server.close()
-        for c in list(self.connections):
-            c._close()

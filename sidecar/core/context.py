@@ -7,7 +7,10 @@ use to hand facts to later filters and to the access log, exactly as in Envoy.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.core.message import Request, Response
 
 
 class HostInfo(Protocol):
@@ -30,7 +33,13 @@ class RouteInfo(Protocol):
     def vhost_name(self) -> str: ...
 
     @property
-    def cluster_names(self) -> tuple[str, ...]: ...
+    def cluster_names(self) -> tuple[str, ...]:
+        """The clusters the route names in its config (empty for ``cluster_header`` routes)."""
+        ...
+
+    def pick_cluster(self, req: Request) -> str:
+        """The cluster this request will go to ("" when the route answers itself)."""
+        ...
 
 
 class ClientSpan(Protocol):
@@ -40,8 +49,9 @@ class ClientSpan(Protocol):
 class ServerSpan(Protocol):
     """The sampled server span of one request (``sidecar.observability.tracing``)."""
 
-    def start_client(self, method: str, authority: str, path: str, host: HostInfo, cluster: str,
-                     attempt: int, headers: object) -> ClientSpan: ...
+    def start_client(self, req: Request, host: HostInfo, attempt_no: int = 1) -> ClientSpan:
+        """A client span for one upstream attempt; sets the propagation headers on ``req``."""
+        ...
 
     @property
     def trace_id_hex(self) -> str: ...
@@ -53,7 +63,7 @@ class ServerSpan(Protocol):
 class StreamObserver(Protocol):
     """Told when a stream is over (its response written, or the stream reset)."""
 
-    def stream_done(self, ctx: "RequestContext", status: int, body_bytes: int) -> None: ...
+    def stream_done(self, req: Request, resp: Response, body_bytes: int) -> None: ...
 
 
 JsonValue = object
@@ -68,7 +78,8 @@ class RequestContext:
                  "flags", "response_code_details", "attempts", "tried_hosts", "cluster",
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
-                 "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status")
+                 "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
+                 "original_path")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -103,6 +114,7 @@ class RequestContext:
         self.bytes_sent = 0
         self.grpc = False                          # content-type application/grpc*
         self.observer: StreamObserver | None = None
+        self.original_path = ""                    # the path before a route rewrote it
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)

@@ -58,3 +58,7 @@ class NoCluster(UpstreamError):
 
     def __init__(self, name: str):
         super().__init__("NC", f"cluster not found: {name}", sent=False)
+
+
+class RouteTimeout(UpstreamTimeout):
+    """The route timeout (not a per-try timeout) ended the request."""

@@ -21,65 +21,25 @@ import logging
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Protocol
+
+from sidecar.config.listener import (
+    DEFAULT_FIELDS,
+    KNOWN_FIELDS,
+    REQUEST_HEADER,
+    RESPONSE_HEADER,
+    AccessLogConfig,
+    is_sensitive_header,
+)
+from sidecar.core.message import Request, Response
+from sidecar.observability.devlog import DevLogger
 
 log = logging.getLogger("sidecar.access_log")
 
-DEFAULT_FIELDS = ("start_time", "method", "path", "protocol", "status", "response_flags",
-                  "duration_ms", "upstream_duration_ms", "bytes_received", "bytes_sent",
-                  "upstream_host", "route", "cluster", "request_id", "trace_id", "user_agent",
-                  "downstream_address", "authority", "listener")
-
-EXTRA_FIELDS = ("attempts", "upstream_cluster", "virtual_host", "peer_identity", "span_id",
-                "x_forwarded_for", "referer")
-
-KNOWN_FIELDS = frozenset(DEFAULT_FIELDS + EXTRA_FIELDS)
-REQUEST_HEADER = "request_header."
-RESPONSE_HEADER = "response_header."
-
-SENSITIVE_HEADERS = frozenset((
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
-    "x-auth-token", "x-amz-security-token", "x-csrf-token", "x-xsrf-token",
-))
-_SENSITIVE_WORDS = ("token", "secret", "password", "passwd", "session", "credential", "apikey",
-                    "api-key", "api_key", "auth", "cookie", "signature")
 
 MAX_QUEUED_LINES = 100_000
 FLUSH_INTERVAL_S = 0.05
 WAKE_AT_LINES = 512
-
-
-def is_sensitive_header(name: str) -> bool:
-    n = name.lower()
-    if n in SENSITIVE_HEADERS:
-        return True
-    return any(w in n for w in _SENSITIVE_WORDS)
-
-
-def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
-    """Validate a field list (for the config loaders): unknown or sensitive fields are a
-    ConfigError with the path of the bad entry."""
-    from sidecar.config.errors import ConfigError
-    out = []
-    for i, f in enumerate(fields):
-        p = f"{path}[{i}]"
-        if not isinstance(f, str) or not f:
-            raise ConfigError(p, "must be a field name")
-        for prefix in (REQUEST_HEADER, RESPONSE_HEADER):
-            if f.startswith(prefix):
-                name = f[len(prefix):]
-                if not name:
-                    raise ConfigError(p, f"{prefix}<name> needs a header name")
-                if is_sensitive_header(name):
-                    raise ConfigError(p, f"header {name!r} may carry credentials and is never logged")
-                break
-        else:
-            if f not in KNOWN_FIELDS:
-                raise ConfigError(p, f"unknown access log field {f!r} (known: "
-                                  f"{', '.join(sorted(KNOWN_FIELDS))}, request_header.<name>, "
-                                  f"response_header.<name>)")
-        out.append(f)
-    return tuple(out)
 
 
 # ---- the sink: a queue and a writer thread per destination ----------------------------------
@@ -177,6 +137,11 @@ _SINKS: dict[str, LogSink] = {}
 _SINKS_LOCK = threading.Lock()
 
 
+def access_log_sinks() -> list[tuple[str, LogSink]]:
+    with _SINKS_LOCK:
+        return list(_SINKS.items())
+
+
 def sink_for(path: str) -> LogSink:
     """One sink per destination for the process (listeners and config reloads share it)."""
     with _SINKS_LOCK:
@@ -256,7 +221,8 @@ def _upstream_ms(req, resp, d):
 _GETTERS = {
     "start_time": lambda req, resp, d: _TIME.format(time.time() - d),
     "method": lambda req, resp, d: req.method,
-    "path": lambda req, resp, d: req.path,
+    # the path as the client sent it (a route may have rewritten req.path since)
+    "path": lambda req, resp, d: req.ctx.original_path or req.path,
     "protocol": lambda req, resp, d: f"HTTP/{req.version}",
     "status": lambda req, resp, d: resp.status,
     "response_flags": lambda req, resp, d: ",".join(req.ctx.flags) or "-",
@@ -275,7 +241,7 @@ _GETTERS = {
     "downstream_address": _peer,
     "authority": lambda req, resp, d: req.headers.get("host"),
     "attempts": lambda req, resp, d: req.ctx.attempts,
-    "virtual_host": lambda req, resp, d: req.ctx.vhost.name if req.ctx.vhost is not None else None,
+    "virtual_host": lambda req, resp, d: req.ctx.vhost_name or None,
     "peer_identity": lambda req, resp, d: req.ctx.peer_identity,
     "x_forwarded_for": lambda req, resp, d: req.headers.get("x-forwarded-for"),
     "referer": lambda req, resp, d: req.headers.get("referer"),
@@ -297,6 +263,12 @@ def _getter(field: str, listener: str):
         return lambda req, resp, d: resp.headers.get(name)
     log.warning("unknown access log field %r (logged as null)", field)
     return lambda req, resp, d: None
+
+
+class RequestLogger(Protocol):
+    """Writes one line per finished request (``AccessLogger``, the dev log)."""
+
+    def log(self, req: Request, resp: Response, duration: float) -> None: ...
 
 
 class AccessLogger:
@@ -336,8 +308,7 @@ class AccessLogger:
         self._sink.write(line)
 
 
-def make_access_logger(cfg, listener_name: str):
+def make_access_logger(cfg: AccessLogConfig, listener_name: str) -> RequestLogger:
     if cfg.format == "dev":
-        from sidecar.observability.devlog import DevLogger
         return DevLogger(cfg.path, listener_name)
     return AccessLogger(cfg.path, cfg.format, cfg.fields, listener_name)

@@ -319,24 +319,9 @@ class ClientSpan:
                             ("x-b3-parentspanid", f"{p.span_id:016x}"), ("x-b3-sampled", "1")]
         return out
 
-    def header_lines(self) -> str:
-        """``headers()`` as HTTP/1.1 header lines (for code that writes a raw request head)."""
-        return "".join(f"{k}: {v}\r\n" for k, v in self.headers())
-
     def inject(self, headers) -> None:
         for k, v in self.headers():
             headers[k] = v
-
-    def set_address(self, host) -> None:
-        """Name the endpoint once it is known (a shadow picks it after the span started)."""
-        address = host if isinstance(host, str) else getattr(host, "address", "")
-        h, port = _split_host(address)
-        if h:
-            self.otel.set_attribute("server.address", h)
-            self.otel.set_attribute("network.peer.address", h)
-        if port is not None:
-            self.otel.set_attribute("server.port", port)
-            self.otel.set_attribute("network.peer.port", port)
 
     def end(self, status: Optional[int], flag: Optional[str] = None) -> None:
         if self._ended:
@@ -356,17 +341,26 @@ class ClientSpan:
         otel.end()
 
 
-def shadow_span(ctx, method: str, cluster: str, path: str = "") -> Optional[ClientSpan]:
-    """For the shadow module: a client span for a mirrored copy of the request whose context
-    is ``ctx``, or None when the request is not traced (the common, free case).
+class ShadowParent:
+    """Stands for the server span in a shadow copy's context: the copy's client span is the
+    server span's child, marked as a shadow, named for the shadow cluster."""
 
-    Drop ``TRACE_HEADERS`` from the copy and add ``span.header_lines()``; call
-    ``span.set_address(host)`` once the endpoint is picked and ``span.end(status, flag)`` when
-    the shadow is done (``end(None, "UF")`` etc. on failure)."""
-    parent = ctx.span
-    if parent is None or not isinstance(parent, ServerSpan):
-        return None
-    return parent.new_client(method, "", cluster, path, 1, True)
+    __slots__ = ("parent", "cluster")
+
+    def __init__(self, parent: ServerSpan, cluster: str):
+        self.parent = parent
+        self.cluster = cluster
+
+    @property
+    def trace_id_hex(self) -> str:
+        return self.parent.trace_id_hex
+
+    @property
+    def span_id_hex(self) -> str:
+        return self.parent.span_id_hex
+
+    def start_client(self, req, host, attempt_no: int = 1) -> "ClientSpan":
+        return self.parent.start_client(req, host, attempt_no, shadow=True, cluster=self.cluster)
 
 
 # ---- per listener ---------------------------------------------------------------------------
@@ -398,10 +392,9 @@ class ListenerTracer:
         sampled = ratio >= 1.0 or (ratio > 0.0 and self._rand() < ratio)
         return sampled, inc
 
-    def server_span(self, req, handler):
-        """Called by the listener for a routed request: returns the awaitable of ``handler``.
-
-        Not a coroutine itself, so an unsampled request costs no extra frame."""
+    def begin(self, req) -> None:
+        """Called by the route's observe layer: decide sampling, start the server span when
+        sampled (``req.ctx.span``), or mark a new unsampled trace for the next hops."""
         headers = req.headers
         sampled, inc = self.decide(headers)
         if sampled:
@@ -414,7 +407,6 @@ class ListenerTracer:
             # is consistently unsampled instead of each sidecar rolling its own dice
             rb = self._randbits
             headers["traceparent"] = f"00-{rb(128) or 1:032x}-{rb(64) or 1:016x}-00"
-        return handler(req)
 
     def _start(self, req, inc: Optional[Incoming]) -> ServerSpan:
         ctx = req.ctx
@@ -510,8 +502,9 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
         from sidecar import __version__
-        from sidecar.observability.stats import NULL
+        from sidecar.core.metrics import NULL
 
         self.config = config
         self.ratio = max(0.0, min(config.sample_percent, 100.0)) / 100.0
@@ -533,8 +526,9 @@ class Tracing:
             self.processor = SimpleSpanProcessor(_CountingExporter(self.memory, ok, failed))
         else:
             if kind == "console":
-                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
                 import sys
+
+                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
                 self.exporter = ConsoleSpanExporter(service_name=config.service_name, out=sys.stdout)
             elif kind == "otlp_http":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

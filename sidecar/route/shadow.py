@@ -2,25 +2,24 @@
 
 A route mirrors a share of its requests to other clusters, fire and forget:
 
-* ``mirror()`` never waits on the network: it decides (percent, concurrency bound, body
-  size), snapshots the request head and starts a task. The primary's response never waits
-  for, and never fails because of, a shadow.
-* The shadow copy has the same method, path (after rewrites), headers and body; its Host gets
-  Envoy's ``-shadow`` suffix before the port (``foo.com`` -> ``foo.com-shadow``,
-  ``foo.com:8080`` -> ``foo.com-shadow:8080``). Its response is read and thrown away.
-* A body that is already complete (``bytes``) is shared as is. A streaming body is teed: the
-  primary reads it as usual and the shadow gets a copy of the chunks as they pass, sent once
-  the whole body has gone by. Past ``MAX_BODY_BYTES`` the copy is dropped and the shadow
-  skipped (counted as ``body_too_large``); the primary never waits for the shadow's buffering.
-* At most ``MAX_IN_FLIGHT`` shadow requests run at once per process; past that a shadow is
-  skipped (``overflow``). Each has the route's remaining timeout (``DEFAULT_TIMEOUT_S`` when the
-  route has none), capped at ``MAX_TIMEOUT_S``.
-* The shadow cluster's load balancer, circuit breaker (``max_requests``), pools and outcome
-  recording (EWMA, outlier detection) apply as for any request to that cluster.
+* The layer never waits on the network: it decides (percent, concurrency bound, body size),
+  snapshots the request head and starts a task. The primary's response never waits for, and
+  never fails because of, a shadow.
+* The copy has the same method, path (after rewrites), headers and body; its Host gets Envoy's
+  ``-shadow`` suffix before the port (``foo.com:8080`` -> ``foo.com-shadow:8080``). Its response
+  is read and thrown away.
+* A complete (``bytes``) body is shared as is. A streaming body is teed: the primary reads it as
+  usual and the shadow gets a copy once the whole body has gone by; past ``MAX_BODY_BYTES`` the
+  copy is dropped and the shadow skipped (``body_too_large``).
+* At most ``MAX_IN_FLIGHT`` shadows run at once per process (``overflow`` past that). Each has
+  the route's remaining timeout (``DEFAULT_TIMEOUT_S`` without one), capped at ``MAX_TIMEOUT_S``.
+* The copy goes through the shadow cluster's own ``Cluster.send``: its balancer, breakers,
+  pools, connect-failure accounting and outcome recording apply as to any request.
+* The layer sits outside the retry layer: a request is mirrored once, not once per attempt.
 
-Metrics: ``sidecar_shadow_requests_total{cluster,outcome}`` (outcome: 1xx..5xx for answered
-shadows, ``timeout``, ``error``, ``overflow``, ``body_too_large``, ``no_upstream``),
-``sidecar_shadow_rq_time_seconds{cluster}``, ``sidecar_shadow_active``.
+Metrics: ``sidecar_shadow_requests_total{cluster,outcome}`` (1xx..5xx, ``timeout``, ``error``,
+``overflow``, ``body_too_large``, ``no_upstream``), ``sidecar_shadow_rq_time_seconds{cluster}``,
+``sidecar_shadow_active``.
 """
 
 from __future__ import annotations
@@ -28,12 +27,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Optional
+from collections.abc import Callable
 
-from sidecar.observability.stats import NULL
-from sidecar.core.http import BodyStream
-from sidecar.observability.metrics import STATUS_CLASSES
-from sidecar.upstream.http1 import HOP_BY_HOP, UpstreamError
+from multidict import MultiDict
+
+from sidecar.cluster.cluster import ClusterState
+from sidecar.codec.headers import HOP_BY_HOP, connection_drop
+from sidecar.config.route import MirrorPolicy
+from sidecar.core.body import BodySource, Headers
+from sidecar.core.context import RequestContext
+from sidecar.core.errors import UpstreamError
+from sidecar.core.filter import Handler
+from sidecar.core.message import Request, Response
+from sidecar.core.metrics import NULL, CounterChild, GaugeChild, HistogramChild
+from sidecar.observability.metrics import STATUS_CLASSES, Metrics
+from sidecar.observability.tracing import TRACE_HEADERS, ServerSpan, ShadowParent
 
 log = logging.getLogger("sidecar.shadow")
 
@@ -42,7 +50,7 @@ MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_S = 15.0
 MAX_TIMEOUT_S = 60.0
 MAX_DRAIN_BYTES = 4 * 1024 * 1024   # a larger shadow response closes its connection instead
-_STATE_KEY = "sidecar.shadow"
+_SKIP_HEADERS = HOP_BY_HOP | {"content-length", "expect"}
 
 
 def shadow_host(host: str) -> str:
@@ -57,19 +65,23 @@ def shadow_host(host: str) -> str:
     return host + "-shadow"
 
 
-class _Shared:
-    """Process-wide shadow state (survives config reloads): in-flight count and tasks."""
+class ShadowState:
+    """Process-wide (survives config reloads): shadows in flight, their tasks, metrics."""
 
-    __slots__ = ("in_flight", "tasks", "gauge", "metrics", "_counters", "_latency")
+    __slots__ = ("in_flight", "tasks", "gauge", "_counters", "_latency", "max_in_flight",
+                 "max_body", "default_timeout", "max_timeout")
 
-    def __init__(self, metrics) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.in_flight = 0
-        self.tasks: set[asyncio.Task] = set()
-        self.metrics = metrics
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.max_in_flight = MAX_IN_FLIGHT
+        self.max_body = MAX_BODY_BYTES
+        self.default_timeout = DEFAULT_TIMEOUT_S
+        self.max_timeout = MAX_TIMEOUT_S
         self._counters = None
         self._latency = None
-        self.gauge = None
-        if metrics is not None and getattr(metrics, "enabled", False):
+        self.gauge: GaugeChild = NULL
+        if metrics.enabled:
             self.gauge = metrics.gauge("sidecar_shadow_active", "Shadow requests in flight")
             self._counters = metrics.counter("sidecar_shadow_requests_total",
                                              "Shadow (mirrored) requests by outcome",
@@ -78,62 +90,64 @@ class _Shared:
                                               "Shadow request latency to response headers",
                                               ("cluster",))
 
-    def stats_for(self, cluster: str) -> "_MirrorStats":
-        return _MirrorStats(self, cluster)
+    def stats_for(self, cluster: str) -> MirrorStats:
+        return MirrorStats(self._counters, self._latency, cluster)
+
+    def cancel_all(self) -> int:
+        """Cancel the shadows still in flight (process shutdown); returns how many."""
+        n = 0
+        for t in list(self.tasks):
+            if not t.done():
+                t.cancel()
+                n += 1
+        return n
 
 
-
-
-class _MirrorStats:
+class MirrorStats:
     __slots__ = ("by_class", "timeout", "error", "overflow", "too_large", "no_upstream",
                  "latency")
 
-    def __init__(self, shared: _Shared, cluster: str):
-        c = shared._counters
-        if c is None:
-            self.by_class = (NULL,) * 5
-            self.timeout = self.error = self.overflow = self.too_large = self.no_upstream = NULL
-            self.latency = NULL
+    def __init__(self, counters: object, latency: object, cluster: str):
+        self.by_class: tuple[CounterChild, ...] = (NULL,) * 5
+        self.timeout: CounterChild = NULL
+        self.error: CounterChild = NULL
+        self.overflow: CounterChild = NULL
+        self.too_large: CounterChild = NULL
+        self.no_upstream: CounterChild = NULL
+        self.latency: HistogramChild = NULL
+        if counters is None or latency is None:
             return
-        self.by_class = tuple(c.labels(cluster, s) for s in STATUS_CLASSES)
-        self.timeout = c.labels(cluster, "timeout")
-        self.error = c.labels(cluster, "error")
-        self.overflow = c.labels(cluster, "overflow")
-        self.too_large = c.labels(cluster, "body_too_large")
-        self.no_upstream = c.labels(cluster, "no_upstream")
-        self.latency = shared._latency.labels(cluster)
+        c = counters
+        self.by_class = tuple(c.labels(cluster, s) for s in STATUS_CLASSES)  # type: ignore[attr-defined]
+        self.timeout = c.labels(cluster, "timeout")                          # type: ignore[attr-defined]
+        self.error = c.labels(cluster, "error")                              # type: ignore[attr-defined]
+        self.overflow = c.labels(cluster, "overflow")                        # type: ignore[attr-defined]
+        self.too_large = c.labels(cluster, "body_too_large")                 # type: ignore[attr-defined]
+        self.no_upstream = c.labels(cluster, "no_upstream")                  # type: ignore[attr-defined]
+        self.latency = latency.labels(cluster)                               # type: ignore[attr-defined]
 
 
-class _Mirror:
+class Mirror:
     __slots__ = ("cluster", "fraction", "stats")
 
-    def __init__(self, cluster: str, percent: float, stats: _MirrorStats):
+    def __init__(self, cluster: ClusterState, percent: float, stats: MirrorStats):
         self.cluster = cluster
         self.fraction = max(0.0, min(percent, 100.0)) / 100.0
         self.stats = stats
 
 
-class _ShadowCtx:
-    """The little a load balancer reads from a request context."""
-
-    __slots__ = ("hash_key", "tried_hosts")
-
-    def __init__(self, hash_key: Optional[int]):
-        self.hash_key = hash_key
-        self.tried_hosts: list = []
-
-
-class TeeStream(BodyStream):
-    """Wraps a request body stream: the primary reads through it unchanged while a copy (up to
-    ``limit`` bytes) is kept; ``on_complete(data)`` runs when the end of the body goes by,
-    ``on_too_large()`` once if the body outgrows the limit."""
+class TeeStream(BodySource):
+    """The primary reads through it unchanged while a copy (up to ``limit`` bytes) is kept;
+    ``on_complete(data)`` runs when the end of the body goes by, ``on_too_large()`` once if
+    the body outgrows the limit."""
 
     __slots__ = ("inner", "_parts", "_size", "_limit", "_on_complete", "_on_too_large", "_done")
 
-    def __init__(self, inner: BodyStream, limit: int, on_complete, on_too_large):
-        # the BodyStream machinery is not used: every read goes to ``inner``
+    def __init__(self, inner: BodySource, limit: int, on_complete: Callable[[bytes], None],
+                 on_too_large: Callable[[], None]):
+        super().__init__()
         self.inner = inner
-        self._parts: Optional[list[bytes]] = []
+        self._parts: list[bytes] | None = []
         self._size = 0
         self._limit = limit
         self._on_complete = on_complete
@@ -141,11 +155,17 @@ class TeeStream(BodyStream):
         self._done = False
 
     @property
+    def total(self) -> int:
+        return self.inner.total
+
+    @property
     def at_eof(self) -> bool:
         return self.inner.at_eof
 
     async def read(self) -> bytes:
         chunk = await self.inner.read()
+        if not chunk:
+            self.trailers = self.inner.trailers
         parts = self._parts
         if parts is None:
             return chunk
@@ -163,31 +183,61 @@ class TeeStream(BodyStream):
         return chunk
 
 
-class Shadower:
-    """The mirrors of one route. Built with the route's router stage, once per snapshot."""
+class ShadowHead:
+    """The head of the shadow copies, captured when the layer runs (later changes of the
+    primary's headers, such as the attempt count, do not leak in)."""
 
-    __slots__ = ("mirrors", "clusters", "shared", "max_in_flight", "max_body", "default_timeout",
-                 "max_timeout")
+    __slots__ = ("method", "path", "query", "headers", "hash_key", "span_parent")
 
-    def __init__(self, mirrors, clusters, runtime: Any):
-        state = getattr(runtime, "state", None)
-        shared = state.get(_STATE_KEY) if state is not None else None
-        if shared is None:
-            shared = _Shared(getattr(runtime, "metrics", None))
-            if state is not None:
-                state[_STATE_KEY] = shared
-        self.shared: _Shared = shared
-        self.clusters = clusters
-        self.mirrors = tuple(_Mirror(m.cluster, m.percent, shared.stats_for(m.cluster))
-                             for m in mirrors)
-        self.max_in_flight = MAX_IN_FLIGHT
-        self.max_body = MAX_BODY_BYTES
-        self.default_timeout = DEFAULT_TIMEOUT_S
-        self.max_timeout = MAX_TIMEOUT_S
+    def __init__(self, req: Request):
+        headers = req.headers
+        drop = connection_drop(_SKIP_HEADERS, headers.get("connection"))
+        parent = req.ctx.span
+        if parent is not None:
+            drop = drop | TRACE_HEADERS        # the shadow's own span names itself upstream
+        out: Headers = MultiDict()
+        saw_host = False
+        for k, v in headers.items():
+            if k in drop:
+                continue
+            if k == "host":
+                if saw_host:
+                    continue
+                saw_host = True
+                v = shadow_host(v)
+            out.add(k, v)
+        self.method = req.method
+        self.path = req.path
+        self.query = req.query
+        self.headers = out
+        self.hash_key = req.ctx.hash_key
+        self.span_parent = parent if isinstance(parent, ServerSpan) else None
 
-    # ---- the request path (never awaits the network) ------------------------------------
-    async def mirror(self, req, path: str) -> None:
-        chosen = None
+    def request(self, body: bytes, deadline: float, cluster: str, listener: str) -> Request:
+        ctx = RequestContext(listener, None, 0.0)
+        ctx.hash_key = self.hash_key
+        ctx.deadline = deadline
+        ctx.cluster = cluster
+        if self.span_parent is not None:
+            ctx.span = ShadowParent(self.span_parent, cluster)
+        req = Request(self.method, self.path, self.query, self.headers.copy(), body, ctx)
+        return req
+
+
+class ShadowLayer:
+    """The mirrors of one route (see the module docstring)."""
+
+    __slots__ = ("next", "mirrors", "shared")
+
+    def __init__(self, mirrors: tuple[tuple[MirrorPolicy, ClusterState], ...], next: Handler,
+                 shared: ShadowState):
+        self.next = next
+        self.shared = shared
+        self.mirrors = tuple(Mirror(state, m.percent, shared.stats_for(m.cluster))
+                             for m, state in mirrors)
+
+    async def __call__(self, req: Request) -> Response:
+        chosen: list[Mirror] | None = None
         for m in self.mirrors:
             if m.fraction < 1.0 and random.random() >= m.fraction:
                 continue
@@ -195,235 +245,98 @@ class Shadower:
                 chosen = [m]
             else:
                 chosen.append(m)
-        if chosen is None:
-            return
-        ctx = req.ctx
-        head = _Head(req, path, ctx)
+        if chosen is not None:
+            self._mirror(req, chosen)
+        return await self.next(req)
+
+    def _mirror(self, req: Request, chosen: list[Mirror]) -> None:
+        shared = self.shared
+        head = ShadowHead(req)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = ctx.deadline
+        deadline = req.ctx.deadline
         if deadline is None:
-            deadline = now + self.default_timeout
-        elif deadline - now > self.max_timeout:
-            deadline = now + self.max_timeout
+            deadline = now + shared.default_timeout
+        elif deadline - now > shared.max_timeout:
+            deadline = now + shared.max_timeout
+        listener = req.ctx.listener_name
         body = req.body
         if isinstance(body, bytes):
             for m in chosen:
-                if len(body) > self.max_body:
+                if len(body) > shared.max_body:
                     m.stats.too_large.inc()
-                    continue
-                self._launch(m, head, body, deadline)
-            return
-        if not isinstance(body, BodyStream):
-            # a body already partly consumed by someone else: nothing safe to copy
-            for m in chosen:
-                m.stats.too_large.inc()
+                else:
+                    self._launch(m, head, body, deadline, listener)
             return
 
         def complete(data: bytes) -> None:
             for m in chosen:
-                self._launch(m, head, data, deadline)
+                self._launch(m, head, data, deadline, listener)
 
         def too_large() -> None:
             for m in chosen:
                 m.stats.too_large.inc()
 
-        req.body = TeeStream(body, self.max_body, complete, too_large)
+        req.body = TeeStream(body, shared.max_body, complete, too_large)
 
-    def _launch(self, m: _Mirror, head: "_Head", body: bytes, deadline: float) -> None:
+    def _launch(self, m: Mirror, head: ShadowHead, body: bytes, deadline: float,
+                listener: str) -> None:
         shared = self.shared
-        if shared.in_flight >= self.max_in_flight:
+        if shared.in_flight >= shared.max_in_flight:
             m.stats.overflow.inc()
             return
-        cs = self.clusters.get(m.cluster)
-        if cs is None:
+        if m.cluster.current is None:
             m.stats.no_upstream.inc()
             return
-        span = None
-        if head.span_parent is not None:
-            from sidecar.observability.tracing import shadow_span
-            try:
-                span = shadow_span(head.span_parent, head.method, m.cluster, head.path)
-            except Exception:          # tracing must never break a request
-                span = None
-        data = head.encode(body, span)
+        req = head.request(body, deadline, m.cluster.name, listener)
         shared.in_flight += 1
-        if shared.gauge is not None:
-            shared.gauge.inc()
-        try:
-            task = asyncio.get_running_loop().create_task(
-                self._send(cs, m, head.method, data, body, head.hash_key, deadline, span))
-        except Exception:
-            shared.in_flight -= 1
-            if shared.gauge is not None:
-                shared.gauge.dec()
-            raise
+        shared.gauge.inc()
+        task = asyncio.get_running_loop().create_task(self._send(m, req))
         shared.tasks.add(task)
         task.add_done_callback(shared.tasks.discard)
 
-    # ---- the shadow request (its own task) ----------------------------------------------
-    async def _send(self, cs, m: _Mirror, method: str, head: bytes, body: bytes, hash_key,
-                    deadline: float, span) -> None:
+    async def _send(self, m: Mirror, req: Request) -> None:
         shared = self.shared
-        status = None
-        flag = None
-        try:
-            status, flag = await self._exchange(cs, m, method, head, body, hash_key, deadline, span)
-        except asyncio.CancelledError:
-            flag = "LR"
-            raise
-        finally:
-            shared.in_flight -= 1
-            if shared.gauge is not None:
-                shared.gauge.dec()
-            if span is not None:
-                try:
-                    span.end(status, flag)
-                except Exception:
-                    pass
-
-    async def _exchange(self, cs, m: _Mirror, method: str, head: bytes, body: bytes, hash_key,
-                        deadline: float, span) -> tuple[Optional[int], Optional[str]]:
-        """One shadow exchange: (status or None, response flag or None)."""
         stats = m.stats
         loop = asyncio.get_running_loop()
-        host = None
-        conn = None
-        counted = False
         t0 = loop.time()
         try:
-            host = cs.pick(_ShadowCtx(hash_key))
-            if host is None:
-                stats.no_upstream.inc()
-                return None, "UH"
-            if span is not None:
-                span.set_address(host)
-            if cs.active_requests >= cs.config.circuit_breakers.default.max_requests:
-                stats.overflow.inc()
-                return None, "UO"
-            cs.active_requests += 1
-            host.active_requests += 1
-            counted = True
-            pool = host.pool
-            conn = pool.take_idle()
-            if conn is None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    conn = await pool.connect()
-            resp = await conn.request(head, body, False, method == "HEAD", deadline)
-        except TimeoutError:
-            stats.timeout.inc()
-            if host is not None:
-                cs.record(host, None, loop.time() - t0, "timeout")
-            return None, "UT"
+            resp = await m.cluster.send(req)
         except UpstreamError as e:
             if e.flag == "UT":
                 stats.timeout.inc()
+            elif e.flag in ("UH", "NC"):
+                stats.no_upstream.inc()
+            elif e.flag == "UO":
+                stats.overflow.inc()
             else:
                 stats.error.inc()
-            if host is not None:
-                err = {"UT": "timeout", "UF": "connect_failure"}.get(e.flag, "reset")
-                cs.record(host, None, loop.time() - t0, err)
-            return None, e.flag or "UC"
-        except asyncio.CancelledError:
-            if conn is not None:
-                conn.close()
-            stats.error.inc()
-            raise
-        except Exception as e:  # never let a shadow failure escape its task
-            if conn is not None:
-                conn.close()
+            return
+        except Exception as e:         # never let a shadow failure escape its task
             stats.error.inc()
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("shadow to %s failed: %r", m.cluster, e)
-            return None, "UC"
+                log.debug("shadow to %s failed: %r", m.cluster.name, e)
+            return
         finally:
-            if counted:
-                cs.active_requests -= 1
-                host.active_requests -= 1
-        elapsed = loop.time() - t0
-        status = resp.status
-        stats.by_class[min(max(status // 100, 1), 5) - 1].inc()
-        stats.latency.observe(elapsed)
-        cs.record(host, status, elapsed, None)
+            shared.in_flight -= 1
+            shared.gauge.dec()
+        stats.by_class[min(max(resp.status // 100, 1), 5) - 1].inc()
+        stats.latency.observe(loop.time() - t0)
         rb = resp.body
-        if isinstance(rb, BodyStream):
-            # read and drop the body so the connection can go back to the pool
-            size = 0
-            try:
-                while True:
-                    chunk = await rb.read()
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > MAX_DRAIN_BYTES:
-                        resp.discard()
-                        break
-            except asyncio.CancelledError:
-                resp.discard()
-                raise
-            except Exception:
-                resp.discard()
-        return status, None
-
-
-class _Head:
-    """The request head of the shadow copies, captured when ``mirror()`` runs (later header
-    changes of the primary, such as the attempt count, do not leak in): request line and
-    headers, minus framing and hop-by-hop headers, with the ``-shadow`` Host."""
-
-    __slots__ = ("method", "path", "hash_key", "span_parent", "_lines", "_text")
-
-    def __init__(self, req, path: str, ctx):
-        headers = req.headers
-        conn_tokens = headers.get("connection")
-        drop = HOP_BY_HOP
-        if conn_tokens:
-            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
-        url = path + "?" + req.query if req.query else path
-        lines = [("", f"{req.method} {url} HTTP/1.1\r\n")]
-        saw_host = False
-        for k, v in headers.items():
-            if k in drop or k == "content-length" or k == "expect":
-                continue
-            if k == "host":
-                if saw_host:
-                    continue
-                saw_host = True
-                v = shadow_host(v)
-            lines.append((k, f"{k}: {v}\r\n"))
-        self.method = req.method
-        self.path = path
-        self.hash_key = ctx.hash_key
-        self.span_parent = ctx if ctx.span is not None else None
-        self._lines = lines
-        self._text = "".join(line for _, line in lines)
-
-    def encode(self, body: bytes, span) -> bytes:
-        if span is None:
-            text = self._text
-        else:
-            from sidecar.observability.tracing import TRACE_HEADERS
-            text = "".join(line for k, line in self._lines if k not in TRACE_HEADERS)
-            text += span.header_lines()
-        if body or self.method in ("POST", "PUT", "PATCH"):
-            text = f"{text}content-length: {len(body)}\r\n\r\n"
-        else:
-            text += "\r\n"
-        return text.encode("latin-1")
-
-
-def cancel_all(runtime) -> int:
-    """Cancel the shadow requests still in flight (for process shutdown); returns how many."""
-    state = getattr(runtime, "state", None)
-    shared = state.get(_STATE_KEY) if state is not None else None
-    if shared is None:
-        return 0
-    n = 0
-    for t in list(shared.tasks):
-        if not t.done():
-            t.cancel()
-            n += 1
-    return n
+        if isinstance(rb, bytes):
+            return
+        size = 0                      # read and drop the body so the connection is reused
+        try:
+            while True:
+                chunk = await rb.read()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_DRAIN_BYTES:
+                    resp.discard()
+                    break
+        except asyncio.CancelledError:
+            resp.discard()
+            raise
+        except Exception:
+            resp.discard()

@@ -1,160 +1,178 @@
-"""Per-route chains, built once per config snapshot.
+"""Each route's stack, built once per config snapshot by ``build_route_stack``.
 
-The whole stack for one route is assembled in ``build_route_chain``, outermost first, so the
-order is visible in one place (linkerd2-proxy's shape):
+Reading the function tells the whole order a request goes through, outermost first::
 
-    route filters in listener config order (jwt_authn, rbac, ratelimit, fault, ...)
-      -> RouterStage: header mutation, cluster choice, rewrites, shadowing,
-         route timeout, retries (sidecar.retry_layer), per-attempt upstream call
+    observe          server span, gRPC-shaped local replies, metrics + access log at the end
+    filters          the listener's HTTP filters in config order (jwt_authn, rbac, ...)
+    route action     header mutations, rewrites, hash policy, the cluster choice
+      -- then, for the chosen cluster --
+    timeout          the route deadline for every attempt
+    shadow           fire-and-forget copies through the shadow clusters' own send
+    retry            retry_on, per-try timeout, backoff, the cluster's retry budget
+    Cluster.send     admission (breakers) -> pick endpoint -> pooled send -> record outcome
+
+Every layer is ``async (request) -> response`` with its ``next`` bound here, at build time;
+layers that have nothing to do on a route (no retry policy, no mirrors) are left out.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Optional
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar, cast
 
-import filters as filter_registry
-from sidecar.core.http import Handler, Request, Response
-from sidecar.config.model import DirectResponse, HeaderMutation, Redirect
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.listener import Listener
+from sidecar.config.route import DirectResponse, HeaderMutation, Redirect, RouteAction
+from sidecar.core.filter import FilterEnv, FilterLike, FilterSpec, Handler
+from sidecar.core.message import Request, Response
+from sidecar.observability.access_log import RequestLogger
+from sidecar.observability.stats import StatsCache
+from sidecar.observability.tracing import ListenerTracer
+from sidecar.route.action import RouteActionLayer, merged_mutations
+from sidecar.route.local import DirectResponder, Redirector
+from sidecar.route.observe import ObserveLayer, RouteObserver
+from sidecar.route.retry import RetryLayer
+from sidecar.route.shadow import ShadowLayer, ShadowState
+from sidecar.route.table import CompiledRoute
+from sidecar.route.timeout import TimeoutLayer
 
-log = logging.getLogger("sidecar.chain")
-
-
-def _compose(filter_obj, next_handler: Handler) -> Handler:
-    async def call(req: Request) -> Response:
-        return await filter_obj(req, next_handler)
-    call.filter = filter_obj  # type: ignore[attr-defined]
-    return call
-
-
-def merged_mutations(*muts: HeaderMutation) -> HeaderMutation:
-    """Route-level first, then virtual host, then route config (Envoy's default order:
-    the most specific wins when appending with overwrite)."""
-    out = HeaderMutation()
-    for m in muts:
-        out = HeaderMutation(
-            request_add=out.request_add + m.request_add,
-            request_remove=out.request_remove + m.request_remove,
-            response_add=out.response_add + m.response_add,
-            response_remove=out.response_remove + m.response_remove,
-        )
-    return out
+S = TypeVar("S")
 
 
-def apply_request_mutation(m: HeaderMutation, headers) -> None:
-    for name in m.request_remove:
-        headers.popall(name, None)
-    for opt in m.request_add:
-        if opt.append:
-            headers.add(opt.name, opt.value)
-        else:
-            headers[opt.name] = opt.value
+class FilterCatalog(Protocol):
+    def lookup(self, name: str) -> FilterSpec[object, object, object] | None: ...
 
 
-def apply_response_mutation(m: HeaderMutation, headers) -> None:
-    for name in m.response_remove:
-        headers.popall(name, None)
-    for opt in m.response_add:
-        if opt.append:
-            headers.add(opt.name, opt.value)
-        else:
-            headers[opt.name] = opt.value
+class FilterStates:
+    """Each filter's state (made once per process by its spec, kept across reloads)."""
+
+    def __init__(self, env: FilterEnv):
+        self._env = env
+        self._states: dict[str, object] = {}
+
+    def state_for(self, spec: FilterSpec[object, object, S]) -> S:
+        if spec.name not in self._states:
+            self._states[spec.name] = spec.new_state(self._env)
+        return cast(S, self._states[spec.name])
+
+    def close(self, catalog: FilterCatalog) -> None:
+        for name, state in self._states.items():
+            spec = catalog.lookup(name)
+            if spec is not None and spec.close_state is not None:
+                spec.close_state(state)
 
 
-class DirectResponseStage:
-    __slots__ = ("status", "body", "mutation")
+class StackEnv:
+    """What stacks are built from: process-wide services and one listener's observers."""
 
-    def __init__(self, action: DirectResponse, mutation: HeaderMutation):
-        self.status = action.status
-        self.body = action.body.encode()
-        self.mutation = mutation
+    __slots__ = ("clusters", "stats", "filters", "filter_env", "filter_states", "shadow",
+                 "tracer", "access_logs", "built")
 
-    async def __call__(self, req: Request) -> Response:
-        resp = Response(self.status, body=self.body)
-        if self.body:
-            resp.headers["content-type"] = "text/plain"
-        apply_response_mutation(self.mutation, resp.headers)
-        return resp
-
-
-class RedirectStage:
-    __slots__ = ("action", "mutation", "match_prefix")
-
-    def __init__(self, action: Redirect, mutation: HeaderMutation, match_prefix: Optional[str]):
-        self.action = action
-        self.mutation = mutation
-        self.match_prefix = match_prefix
-
-    async def __call__(self, req: Request) -> Response:
-        """Envoy's redirect rules: host_redirect replaces host and port; a scheme change drops
-        only the original scheme's default port; otherwise the request's port is kept."""
-        a = self.action
-        orig_scheme = "https" if req.ctx.tls else "http"
-        scheme = a.scheme or orig_scheme
-        host, port = split_host_port(req.headers.get("host", ""))
-        if a.host:
-            host, port = split_host_port(a.host)
-        if a.port:
-            port = str(a.port)
-        elif scheme != orig_scheme and port == ("443" if orig_scheme == "https" else "80"):
-            port = ""
-        authority = f"{host}:{port}" if port else host
-        path = req.path
-        if a.path is not None:
-            path = a.path
-        elif a.prefix_rewrite is not None and self.match_prefix is not None:
-            path = a.prefix_rewrite + path[len(self.match_prefix):]
-        query = "" if a.strip_query else req.query
-        loc = f"{scheme}://{authority}{path}" + (f"?{query}" if query and "?" not in path else "")
-        resp = Response(a.status)
-        resp.headers["location"] = loc
-        apply_response_mutation(self.mutation, resp.headers)
-        return resp
+    def __init__(self, clusters: ClusterManager, stats: StatsCache, filters: FilterCatalog,
+                 filter_env: FilterEnv, filter_states: FilterStates, shadow: ShadowState,
+                 tracer: ListenerTracer | None, access_logs: tuple[RequestLogger, ...]):
+        self.clusters = clusters
+        self.stats = stats
+        self.filters = filters
+        self.filter_env = filter_env
+        self.filter_states = filter_states
+        self.shadow = shadow
+        self.tracer = tracer
+        self.access_logs = access_logs
+        self.built: list[FilterLike] = []     # closed when the snapshot is retired
 
 
-def split_host_port(authority: str) -> tuple[str, str]:
-    """``host:port`` -> (host, port); IPv6 literals keep their brackets."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end != -1:
-            rest = authority[end + 1:]
-            return authority[: end + 1], rest[1:] if rest.startswith(":") else ""
-        return authority, ""
-    host, sep, port = authority.rpartition(":")
-    if sep and port.isdigit():
-        return host, port
-    return authority, ""
+class BoundFilter:
+    """A filter with its ``next`` bound at build time (no extra coroutine per request)."""
+
+    __slots__ = ("filter", "next")
+
+    def __init__(self, f: FilterLike, next: Handler):
+        self.filter = f
+        self.next = next
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        return self.filter(req, self.next)
 
 
-def build_route_chain(route, listener, runtime, clusters, built: list) -> Handler:
-    """The handler for one compiled route: filters (outermost first) around the router."""
-    from sidecar.route.router import RouterStage
+Layer = Callable[[Handler], Handler]
 
+
+def compose(layers: list[Layer | None], innermost: Handler) -> Handler:
+    """``layers`` outermost first; ``None`` entries (nothing to do on this route) are skipped."""
+    handler = innermost
+    for layer in reversed(layers):
+        if layer is not None:
+            handler = layer(handler)
+    return handler
+
+
+def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -> Handler:
     cfg = route.config
     vh = route.vhost.config
     rc = listener.route_config
     mutation = merged_mutations(cfg.headers, vh.headers, rc.headers if rc else HeaderMutation())
     action = cfg.action
     if isinstance(action, DirectResponse):
-        handler: Handler = DirectResponseStage(action, mutation)
+        core: Handler = DirectResponder(action, mutation)
     elif isinstance(action, Redirect):
-        handler = RedirectStage(action, mutation, cfg.match.prefix)
+        core = Redirector(action, mutation, cfg.match.prefix)
     else:
-        handler = RouterStage(route, action, mutation, listener, runtime, clusters, vh)
+        match_len = len(cfg.match.prefix or cfg.match.path or "")
+        core = RouteActionLayer(action, match_len, mutation,
+                                lambda cluster: upstream_stack(route, action, cluster, env))
+        route.choice = core.choice
+    observer = RouteObserver(
+        lambda: env.stats.route(listener.name, route.vhost.name, route.stat_name),
+        env.access_logs)
+    return compose([
+        lambda nxt: ObserveLayer(route, nxt, env.tracer, observer),
+        *route_filters(route, listener, env),
+    ], core)
 
-    per_route = dict(vh.per_filter)
-    per_route.update(cfg.per_filter)
-    for hf in reversed(listener.http_filters):
-        spec = filter_registry.lookup(hf.name)
+
+def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
+                   env: StackEnv) -> Handler:
+    """The part of a route's stack after the cluster choice, for one cluster."""
+    state = env.clusters.state(cluster)
+    stats = env.stats.cluster(cluster)
+    vh = route.vhost.config
+    policy = action.retry_policy or vh.retry_policy
+    mirrors = tuple((m, env.clusters.state(m.cluster)) for m in action.mirrors)
+    auto_host = action.auto_host_rewrite
+
+    async def send(req: Request) -> Response:
+        return await state.send(req, auto_host)
+
+    return compose([
+        lambda nxt: TimeoutLayer(action, nxt, stats.rq_timeout,
+                                 set_expected_header=action.retry_policy is None),
+        (lambda nxt: ShadowLayer(mirrors, nxt, env.shadow)) if mirrors else None,
+        (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count))
+        if policy is not None else None,
+    ], send)
+
+
+def route_filters(route: CompiledRoute, listener: Listener, env: StackEnv) -> list[Layer | None]:
+    """The listener's HTTP filters for this route, in config order (per-route overrides and
+    disabled filters applied; a filter whose build says it has nothing to do is left out)."""
+    per_route = dict(route.vhost.config.per_filter)
+    per_route.update(route.config.per_filter)
+    out: list[Layer | None] = []
+    for hf in listener.http_filters:
+        spec = env.filters.lookup(hf.name)
+        if spec is None:
+            continue                      # refused at parse time; cannot happen here
         override_present = hf.name in per_route
         override = per_route.get(hf.name)
         if override_present and override is None:
-            continue            # disabled on this route
+            continue                      # disabled on this route
         if hf.disabled and not override_present:
             continue
-        f = spec.build(hf.config, override, runtime, route)
+        f = spec.build(hf.config, override, env.filter_states.state_for(spec), env.filter_env,
+                       route)
         if f is None:
             continue
-        built.append(f)
-        handler = _compose(f, handler)
-    return handler
+        env.built.append(f)
+        out.append(lambda nxt, f=f: BoundFilter(f, nxt))  # type: ignore[misc]
+    return out

@@ -8,26 +8,37 @@ are checked in full, still in config order (first match wins, as in Envoy).
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Optional, Protocol
 
-from sidecar.config.model import RouteConfig, RouteMatch, VirtualHost
+from sidecar.config.route import Route, RouteConfig, RouteMatch, VirtualHost
+from sidecar.core.filter import Handler
+from sidecar.core.message import Request, Response
+
+
+class ClusterChoiceLike(Protocol):
+    def pick(self, req: Request) -> tuple[str, object]: ...
+
+
+async def _unbuilt(req: Request) -> Response:
+    raise RuntimeError("route stack not built")
 
 
 class CompiledRoute:
-    """One route with everything the hot path needs precomputed; ``handler`` is its chain."""
+    """One route with everything the hot path needs precomputed; ``handler`` is its stack
+    (``sidecar.route.stack.build_route_stack``)."""
 
     __slots__ = ("index", "config", "name", "match", "handler", "vhost", "cluster_names",
-                 "stat_name", "_m_simple", "stats")
+                 "stat_name", "_m_simple", "choice")
 
-    def __init__(self, index: int, config, vhost: "CompiledVirtualHost"):
+    def __init__(self, index: int, config: Route, vhost: "CompiledVirtualHost"):
         self.index = index
         self.config = config
         self.vhost = vhost
         self.name = config.name or f"{vhost.name}/{index}"
         self.stat_name = config.name or vhost.name   # bounded metric label
         self.match: RouteMatch = config.match
-        self.handler: Any = None
-        self.stats: Any = None     # sidecar.stats.RouteStats, bound by the config store
+        self.handler: Handler = _unbuilt
+        self.choice: ClusterChoiceLike | None = None   # set with the stack (cluster routes)
         m = self.match
         # path-only routes need no further check once the index picked them
         self._m_simple = not (m.headers or m.query_params or m.methods or m.cookies
@@ -41,6 +52,16 @@ class CompiledRoute:
         for wc in getattr(action, "weighted_clusters", ()) or ():
             names.append(wc.name)
         self.cluster_names = tuple(names)
+
+    @property
+    def vhost_name(self) -> str:
+        return self.vhost.name
+
+    def pick_cluster(self, req: Request) -> str:
+        """The cluster this request will go to ("" for direct responses and redirects): filters
+        that apply per upstream cluster (fault's ``upstream_cluster``) ask this, so the
+        weighted draw is made in one place."""
+        return self.choice.pick(req)[0] if self.choice is not None else ""
 
     def matches_rest(self, method: str, path: str, query: str, headers) -> bool:
         """Everything except the path prefix/exact part, which the index already checked."""

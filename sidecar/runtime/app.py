@@ -9,19 +9,33 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from typing import Callable, Optional
 
-from filters import FilterRuntime
+from control_plane_client.runtime import start_control_plane
+from filters import CATALOG
+from sidecar.cluster import health, outlier
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.errors import ConfigError, ConfigErrors
+from sidecar.config.listener import Listener
+from sidecar.config.snapshot import Snapshot
 from sidecar.observability.metrics import Metrics
-from sidecar.config.model import Snapshot
 from sidecar.observability.stats import StatsCache
+from sidecar.observability.tracing import ListenerTracer, Tracing
+from sidecar.route.shadow import ShadowState
+from sidecar.runtime.collector import install_state_collector
+from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.loader import load_file
+from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
 
 log = logging.getLogger("sidecar")
 
 LARGE_CONFIG_ROUTES = 1000
+
+AdminStarter = Callable[["App", str, int], Awaitable[tuple[object, int]]]
+"""Starts the admin server for an app (``sidecar.admin.server.start_admin``): the admin sits
+above the runtime, so whoever makes the App hands it in."""
 
 
 class ParserError(RuntimeError):
@@ -56,21 +70,21 @@ class App:
     def __init__(self, snapshot: Snapshot, *, config_path: Optional[str] = None,
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, admin: Optional[AdminStarter] = None):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
-        self.clusters = ClusterManager(self.metrics)
-        self.runtime = FilterRuntime(metrics=self.metrics, clusters=self.clusters, state={},
-                                     stats=self.stats)
-        self.store = ConfigStore(self)
-        from sidecar.observability.stats import install_state_collector
+        self.clusters = ClusterManager(self.stats)
+        outlier.follow(self.clusters, self.metrics)
+        health.follow(self.clusters, self.metrics)
+        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
+        self.shadow = ShadowState(self.metrics)
+        self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
+                                 self.filter_env, self.shadow, self.make_tracer, reuse_port)
+        self.store.on_applied.append(self.on_snapshot_applied)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
-        from sidecar.cluster import health as health_checker
-        from sidecar.cluster import outlier as outlier_detector
-        self.outlier_detection = outlier_detector.install(self)
-        self.health_checks = health_checker.install(self)
+        self.admin_starter = admin
         self.reuse_port = reuse_port
         self.watch_config = watch_config
         self.worker_id = worker_id
@@ -105,20 +119,10 @@ class App:
         self._last_version_label: Optional[str] = None
 
     # ---- factories used by the config store ---------------------------------------------
-    def observer_for(self, lr):
-        from sidecar.observability.observe import ListenerObserver
-        return ListenerObserver(self.metrics, lr.name)
-
-    def make_tracer(self, listener_config):
+    def make_tracer(self, listener_config: Listener) -> Optional[ListenerTracer]:
         if self._tracing is None:
             return None
         return self._tracing.for_listener(listener_config)
-
-    def make_access_logs(self, listener_config):
-        if not listener_config.access_log:
-            return ()
-        from sidecar.observability.access_log import make_access_logger
-        return tuple(make_access_logger(c, listener_config.name) for c in listener_config.access_log)
 
     def on_snapshot_applied(self, snap: Snapshot) -> None:
         # A large compiled config (thousands of routes) is long-lived: move it out of the
@@ -157,14 +161,12 @@ class App:
         self._setup_tracing(snap)
         await self.store.apply(snap)
         self.count_update("initial", True)
-        from sidecar.runtime.sidecar_mode import attach
         attach(self)        # sidecar mode (a no-op without a `sidecar:` section)
         self.clusters.start()
-        if admin and self.worker_id == 0:
-            from sidecar.admin.server import start_admin
-            self.admin, self.admin_port = await start_admin(self, snap.admin.host, snap.admin.port)
+        if admin and self.worker_id == 0 and self.admin_starter is not None:
+            self.admin, self.admin_port = await self.admin_starter(self, snap.admin.host,
+                                                                   snap.admin.port)
         if snap.control_plane is not None:
-            from control_plane_client.runtime import start_control_plane
             self.control_plane = await start_control_plane(self, snap)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
@@ -178,12 +180,10 @@ class App:
         self._tracing = None
         if snap.tracing.exporter == "none":
             return
-        from sidecar.observability.tracing import Tracing
         self._tracing = Tracing(snap.tracing, self.metrics)
 
     async def reload(self, source: str = "file") -> bool:
         """Re-read the config file; an invalid file is refused and the old config serves on."""
-        from sidecar.runtime.loader import load_file
         try:
             snap = load_file(self.config_path)
         except ConfigErrors as e:
@@ -303,15 +303,8 @@ class App:
             t.cancel()
         if self.control_plane is not None:
             await self.control_plane.close()
-        for lr in self.store.listeners.values():
-            lr.close()
-        self.health_checks.close()
-        self.outlier_detection.close()
+        self.store.close()
         self.clusters.close()
-        if "filters.jwt_authn" in sys.modules:
-            sys.modules["filters.jwt_authn"].close_state(self.runtime.state)
-        if "sidecar.route.shadow" in sys.modules:
-            sys.modules["sidecar.route.shadow"].cancel_all(self.runtime)
         if self.admin is not None:
             await self.admin.cleanup()
         if self._tracing is not None:

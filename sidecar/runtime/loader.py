@@ -7,8 +7,11 @@ import os
 
 import yaml
 
+from control_plane_client.translate.bootstrap import bootstrap
+from filters import CATALOG
 from sidecar.config.errors import ConfigError, ConfigErrors
-from sidecar.config.model import Snapshot
+from sidecar.config.native.document import snapshot
+from sidecar.config.snapshot import Snapshot
 
 # libyaml's loader when PyYAML was built with it: several times faster on large configs
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -42,10 +45,8 @@ def is_envoy(doc: dict) -> bool:
 def snapshot_from_doc(doc: dict) -> Snapshot:
     try:
         if is_envoy(doc):
-            from control_plane_client.translate import bootstrap
             return bootstrap(doc)
-        from sidecar.config.native import snapshot
-        return snapshot(doc)
+        return snapshot(doc, CATALOG)
     except ConfigError as e:
         raise ConfigErrors([e]) from None
 

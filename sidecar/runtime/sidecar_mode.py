@@ -38,119 +38,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from sidecar.config import wire as w
-from sidecar.config.errors import ConfigError
-from sidecar.config.model import RouteAction
+from sidecar.config.listener import SidecarConfig
 
 log = logging.getLogger("sidecar.sidecar_mode")
-
-APP_CLUSTER = "local_app"
-_KEYS = ("service", "app", "app_health", "inbound", "outbound")
-
-
-@dataclass(frozen=True, slots=True)
-class SidecarConfig:
-    service: str
-    app_host: str
-    app_port: int
-    health_path: Optional[str] = None       # None: a TCP connect is the probe
-    probe_interval_s: float = 1.0
-    probe_timeout_s: float = 1.0
-    app_cluster: str = APP_CLUSTER
-
-
-def _app_address(v: Any, path: str) -> tuple[str, int]:
-    if isinstance(v, bool):
-        raise ConfigError(path, "must be a port or host:port")
-    if isinstance(v, int):
-        host, port = "127.0.0.1", v
-    elif isinstance(v, str):
-        host, sep, p = v.rpartition(":")
-        if not sep:
-            host, p = "127.0.0.1", v
-        if not p.isdigit() or not host:
-            raise ConfigError(path, f"must be a port or host:port, got {v!r}")
-        port = int(p)
-    else:
-        raise ConfigError(path, "must be a port or host:port")
-    if not 1 <= port <= 65535:
-        raise ConfigError(path, "port must be 1..65535")
-    return host.strip("[]"), port
-
-
-def _check_routes(listener, path: str, known: set[str]) -> None:
-    flat = isinstance(listener.source, dict) and "routes" in listener.source
-    for vi, vh in enumerate(listener.route_config.virtual_hosts):
-        for ri, r in enumerate(vh.routes):
-            a = r.action
-            if not isinstance(a, RouteAction):
-                continue
-            p = (f"{path}.routes[{ri}]" if flat else f"{path}.virtual_hosts[{vi}].routes[{ri}]")
-            targets = [a.cluster] if a.cluster else [x.name for x in a.weighted_clusters]
-            targets += [m.cluster for m in a.mirrors]
-            for t in targets:
-                if t not in known:
-                    raise ConfigError(p, f"unknown cluster {t!r}")
-
-
-def sidecar_from_native(d: Any, path: str, clusters: Any = None):
-    """The ``sidecar:`` section -> (SidecarConfig, [inbound, outbound listeners], [local_app]).
-
-    ``clusters`` is the document's ``clusters`` list, to check route references with paths
-    inside the ``sidecar:`` section."""
-    from sidecar.config.native import _cluster, _listener
-    w.check_keys(d, _KEYS, path)
-    ap = w.join(path, "app")
-    if "app" not in d:
-        raise ConfigError(ap, "is required (the local app's port or host:port)")
-    host, port = _app_address(d["app"], ap)
-    service = w.string(d, "service", path, "app", nonempty=True)
-    kw: dict = {}
-    if "app_health" in d:
-        hp = w.join(path, "app_health")
-        h = w.check_keys(w.mapping(d, "app_health", path), ("path", "interval", "timeout"), hp)
-        if "path" in h:
-            hpath = w.string(h, "path", hp, nonempty=True)
-            if not hpath.startswith("/"):
-                raise ConfigError(w.join(hp, "path"), "must start with /")
-            kw["health_path"] = hpath
-        kw["probe_interval_s"] = w.duration(h, "interval", hp, 1.0)
-        kw["probe_timeout_s"] = w.duration(h, "timeout", hp, 1.0)
-    cfg = SidecarConfig(service=service, app_host=host, app_port=port, **kw)
-    known = {APP_CLUSTER}
-    for c in clusters or []:
-        if isinstance(c, dict) and isinstance(c.get("name"), str):
-            if c["name"] == APP_CLUSTER:
-                raise ConfigError("clusters", f"the name {APP_CLUSTER!r} is reserved for the "
-                                  "sidecar's app")
-            known.add(c["name"])
-    app_cluster = _cluster({"name": APP_CLUSTER, "endpoints": [f"{host}:{port}"],
-                            "connect_timeout": "1s", "panic_threshold": 0}, ap)
-    listeners = []
-    for name, defaults, required in (("inbound", {"address": "0.0.0.0", "port": 15006}, True),
-                                     ("outbound", {"address": "127.0.0.1", "port": 15001}, False)):
-        lp = w.join(path, name)
-        if name not in d:
-            if required:
-                d = {**d, name: {}}
-            else:
-                continue
-        ld = w.mapping(d, name, path, {})
-        for k in ("name", "direction"):
-            if k in ld:
-                raise ConfigError(w.join(lp, k), "is set by the sidecar section")
-        ld = {**defaults, **ld, "name": name, "direction": name}
-        if name == "inbound" and "routes" not in ld and "virtual_hosts" not in ld:
-            ld["routes"] = [{"name": "app", "match": {"prefix": "/"}, "cluster": APP_CLUSTER}]
-        elif name == "outbound" and "routes" not in ld and "virtual_hosts" not in ld:
-            raise ConfigError(lp, "needs routes or virtual_hosts (the services the app calls)")
-        lst = _listener(ld, lp)
-        _check_routes(lst, lp, known)
-        listeners.append(lst)
-    return cfg, listeners, [app_cluster]
 
 
 # ---- runtime ------------------------------------------------------------------------------------
@@ -174,7 +66,7 @@ class SidecarRuntime:
 
     # ---- config ----------------------------------------------------------------------------
     def on_snapshot(self, snap) -> None:
-        cfg = snap.extra.get("sidecar") if snap is not None else None
+        cfg = snap.sidecar if snap is not None else None
         if cfg == self.config:
             self._mark()          # a new local_app cluster state starts healthy: re-apply
             return
@@ -252,16 +144,11 @@ class SidecarRuntime:
         cfg = self.config
         if cfg is None or self.app_up is None:
             return
-        st = self.app.clusters.get(cfg.app_cluster)
-        if st is None:
+        c = self.app.clusters.get(cfg.app_cluster)
+        if c is None:
             return
-        dirty = False
-        for h in st.hosts:
-            if h.hc_healthy != self.app_up:
-                h.hc_healthy = self.app_up
-                dirty = True
-        if dirty:
-            st.rebuild()
+        for h in c.hosts:
+            c.set_health(h, self.app_up, "app probe")
 
     # ---- drain -------------------------------------------------------------------------------
     async def wait_for_app_exit(self, deadline: float) -> None:

@@ -1,7 +1,8 @@
 """The config store: apply a validated Snapshot without dropping a request.
 
-Build everything aside (cluster reconciliation, compiled routes, per-route chains), then swap one
-reference per listener. Requests in flight keep the ListenerSnapshot they started with.
+Build everything aside (cluster versions, compiled routes, each route's stack), then swap one
+reference per listener (and per cluster). Requests in flight finish on what they started with;
+old stacks are retired a minute later.
 """
 
 from __future__ import annotations
@@ -9,69 +10,94 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from collections.abc import Callable
 
-from sidecar.route.stack import build_route_chain
-from sidecar.config.model import Listener, Snapshot
-from sidecar.observability.observe import ListenerSnapshot
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.listener import Listener
+from sidecar.config.snapshot import Snapshot
+from sidecar.core.filter import FilterEnv
+from sidecar.listener.http import HttpConnectionManager
+from sidecar.listener.listener import ListenerRuntime
+from sidecar.observability.access_log import RequestLogger, make_access_logger
+from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
+from sidecar.observability.tracing import ListenerTracer
+from sidecar.route.observe import RouteObserver
+from sidecar.route.shadow import ShadowState
+from sidecar.route.stack import FilterCatalog, FilterStates, StackEnv, build_route_stack
 from sidecar.route.table import RouteTable
-from sidecar.codec.http1 import ListenerRuntime
 
 log = logging.getLogger("sidecar.store")
 
-RETIRE_AFTER_S = 60.0   # old chains are closed once requests started on them are surely done
+RETIRE_AFTER_S = 60.0   # old stacks are closed once requests started on them are surely done
+
+TracerFactory = Callable[[Listener], ListenerTracer | None]
 
 
 class ConfigStore:
-    def __init__(self, app):
-        self.app = app
-        self.snapshot: Optional[Snapshot] = None
+    def __init__(self, metrics: Metrics, stats: StatsCache, clusters: ClusterManager,
+                 filters: FilterCatalog, filter_env: FilterEnv, shadow: ShadowState,
+                 tracer_for: TracerFactory, reuse_port: bool = False):
+        self.metrics = metrics
+        self.stats = stats
+        self.clusters = clusters
+        self.filters = filters
+        self.filter_env = filter_env
+        self.filter_states = FilterStates(filter_env)
+        self.shadow = shadow
+        self.tracer_for = tracer_for
+        self.reuse_port = reuse_port
+        self.snapshot: Snapshot | None = None
         self.listeners: dict[str, ListenerRuntime] = {}
         self.applied_at = 0.0
         self.history: list[tuple[str, float]] = []
+        self.on_applied: list[Callable[[Snapshot], None]] = []
 
-    def compile_listener(self, lc: Listener, lr: ListenerRuntime) -> ListenerSnapshot:
-        app = self.app
-        built: list = []
+    def compile_listener(self, lc: Listener, bound_port: int) -> HttpConnectionManager:
+        """Routes and stacks of one listener, built aside (nothing is bound or swapped)."""
+        access_logs: tuple[RequestLogger, ...] = tuple(
+            make_access_logger(c, lc.name) for c in lc.access_log)
+        env = StackEnv(self.clusters, self.stats, self.filters, self.filter_env,
+                       self.filter_states, self.shadow, self.tracer_for(lc), access_logs)
         table = None
         if lc.route_config is not None:
-            table = RouteTable(lc.route_config, lc.strip_host_port, lr.bound_port or lc.port)
+            table = RouteTable(lc.route_config, lc.strip_host_port, bound_port or lc.port)
             for route in table.all_routes():
-                route.handler = build_route_chain(route, lc, app.runtime, app.clusters, built)
-        return ListenerSnapshot(lc, table, app.stats, lr.observe,
-                                tracer=app.make_tracer(lc), access_logs=app.make_access_logs(lc),
-                                filters=built)
+                route.handler = build_route_stack(route, lc, env)
+        stats = self.stats
+        unmatched = RouteObserver(lambda: stats.unmatched(lc.name), access_logs,
+                                  no_route=stats.no_route(lc.name))
+        return HttpConnectionManager(lc, table, unmatched, env.tracer, env.built, bound_port,
+                                     access_logs)
 
     async def apply(self, snap: Snapshot, *, bind: bool = True) -> None:
         """Swap to ``snap``. Raises (and changes nothing) if a new listener cannot bind."""
-        app = self.app
-        app.clusters.apply(snap.clusters)
-        new_names = {l.name for l in snap.listeners}
+        new_names = {lc.name for lc in snap.listeners}
         started: list[ListenerRuntime] = []
-        swaps: list[tuple[ListenerRuntime, ListenerSnapshot]] = []
+        swaps: list[tuple[ListenerRuntime, Listener, HttpConnectionManager]] = []
+        self.clusters.apply(snap.clusters)
         try:
             for lc in snap.listeners:
                 lr = self.listeners.get(lc.name)
-                if lr is not None and (lr.config.host, lr.config.port, lr.config.tls) != (lc.host, lc.port, lc.tls):
-                    # address or TLS changed: a new socket; the old one drains below
-                    lr = None
+                if lr is not None and (lr.config.host, lr.config.port, lr.config.tls) != \
+                        (lc.host, lc.port, lc.tls):
+                    lr = None   # address or TLS changed: a new socket; the old one drains below
                 if lr is None:
-                    lr = ListenerRuntime(lc, app)
-                    lr.snapshot = self.compile_listener(lc, lr)
+                    lr = ListenerRuntime(lc, self.metrics)
+                    lr.swap(lc, self.compile_listener(lc, lc.port))
                     if bind:
-                        await lr.start(reuse_port=app.reuse_port)
+                        await lr.start(reuse_port=self.reuse_port)
+                        lr.port_bound()
                     started.append(lr)
                 else:
-                    swaps.append((lr, self.compile_listener(lc, lr)))
+                    swaps.append((lr, lc, self.compile_listener(lc, lr.bound_port)))
         except Exception:
             for lr in started:
                 lr.close()
             raise
         loop = asyncio.get_running_loop()
-        for lr, ls in swaps:
-            old = lr.snapshot
-            lr.update_config(ls.config)
-            lr.snapshot = ls
+        for lr, lc, hcm in swaps:
+            old = lr.swap(lc, hcm)
             if old is not None:
                 loop.call_later(RETIRE_AFTER_S, old.retire)
         for lr in started:
@@ -81,10 +107,17 @@ class ConfigStore:
             self.listeners[lr.name] = lr
         for name in list(self.listeners):
             if name not in new_names:
-                lr = self.listeners.pop(name)
-                loop.create_task(lr.drain(lr.config.drain_timeout_s))
+                gone = self.listeners.pop(name)
+                loop.create_task(gone.drain(gone.config.drain_timeout_s))
         self.snapshot = snap
         self.applied_at = time.time()
         self.history.append((snap.version, self.applied_at))
         del self.history[:-20]
-        app.on_snapshot_applied(snap)
+        for cb in self.on_applied:
+            cb(snap)
+
+    def close(self) -> None:
+        for lr in self.listeners.values():
+            lr.close()
+        self.filter_states.close(self.filters)
+        self.shadow.cancel_all()

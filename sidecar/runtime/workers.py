@@ -39,8 +39,23 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar import __version__
+from sidecar.runtime.app import App, install_uvloop
+from sidecar.runtime.sidecar_mode import attach
 
 log = logging.getLogger("sidecar.workers")
+
+AdminAppFactory = Callable[[App], web.Application]
 
 EXIT_CANNOT_START = 78          # EX_CONFIG: a worker could not bind / load; do not restart it
 MAX_RESTARTS = 5
@@ -56,7 +71,8 @@ def socket_path(rundir: str, worker_id: int) -> str:
 # supervisor (parent process)
 # ================================================================================================
 
-def run_workers(args, snap, concurrency: int) -> int:
+def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory) -> int:
+    """``admin_app`` builds worker 0's admin application (``sidecar.admin.server.make_admin_app``)."""
     fixed = [f"{l.name} ({l.host}:{l.port})" for l in snap.listeners if l.port == 0]
     if fixed:
         print("sidecar: --concurrency > 1 needs fixed listener ports (SO_REUSEPORT); port 0 on: "
@@ -64,7 +80,7 @@ def run_workers(args, snap, concurrency: int) -> int:
         return 1
     rundir = tempfile.mkdtemp(prefix="sidecar-workers-")
     os.chmod(rundir, 0o700)
-    sup = Supervisor(args, snap, concurrency, rundir)
+    sup = Supervisor(args, snap, concurrency, rundir, admin_app)
     try:
         return sup.run()
     finally:
@@ -72,7 +88,8 @@ def run_workers(args, snap, concurrency: int) -> int:
 
 
 class Supervisor:
-    def __init__(self, args, snap, n: int, rundir: str):
+    def __init__(self, args, snap, n: int, rundir: str, admin_app: AdminAppFactory):
+        self.admin_app = admin_app
         self.args = args
         self.snap = snap
         self.n = n
@@ -93,7 +110,8 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(supervisor)
-                code = worker_process(self.args, self.snap, wid, self.n, self.rundir, supervisor)
+                code = worker_process(self.args, self.snap, wid, self.n, self.rundir, self.admin_app,
+                                      supervisor)
             except BaseException:                      # noqa: BLE001 - report and leave
                 log.exception("worker %d failed", wid)
             finally:
@@ -179,37 +197,30 @@ def _describe(code: int) -> str:
 # worker
 # ================================================================================================
 
-def worker_process(args, snap, wid: int, n: int, rundir: str, supervisor: int = 0) -> int:
-    from sidecar.runtime.app import install_uvloop
+def worker_process(args, snap, wid: int, n: int, rundir: str, admin_app: AdminAppFactory,
+                   supervisor: int = 0) -> int:
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [w{wid}] %(name)s: %(message)s")
     for h in logging.getLogger().handlers:
         h.setFormatter(fmt)
     uv = install_uvloop() if not getattr(args, "no_uvloop", False) else False
-    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, supervisor))
+    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, admin_app, supervisor))
 
 
 async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
-                       supervisor: int = 0) -> int:
-    from sidecar import __version__
-    from sidecar.runtime.app import App
+                       admin_app: AdminAppFactory, supervisor: int = 0) -> int:
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
               worker_id=wid, workers=n)
     try:
         await app.start(admin=False)
         if wid == 0:
-            from sidecar.admin.server import make_admin_app
-            app.admin, app.admin_port = await _start_admin(app, make_admin_app(app), rundir, n,
+            app.admin, app.admin_port = await _start_admin(app, admin_app(app), rundir, n,
                                                            supervisor)
     except OSError as e:
         print(f"sidecar worker {wid}: cannot start: {e}", file=sys.stderr)
         await app.close()
         return EXIT_CANNOT_START
-    try:                      # sidecar mode, when the config has a sidecar: section
-        from sidecar.runtime.sidecar_mode import attach
-        attach(app)
-    except ImportError:       # pragma: no cover
-        pass
+    attach(app)               # sidecar mode, when the config has a sidecar: section
     private = await _start_private(app, socket_path(rundir, wid), wid)
     if wid == 0:
         ports = ", ".join(f"{lr.name}=http://{lr.config.host}:{lr.bound_port}"
@@ -224,7 +235,6 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
 # ---- the private per-worker endpoint -------------------------------------------------------------
 
 async def _start_private(app, path: str, wid: int):
-    from aiohttp import web
 
     async def metrics(request):
         body, ctype = app.metrics.render("")
@@ -289,7 +299,6 @@ async def ask_all(rundir: str, n: int, method: str, path: str, skip: int = -1) -
 # ---- worker 0's admin: aggregation --------------------------------------------------------------
 
 async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
-    from aiohttp import web
 
     @web.middleware
     async def aggregate(request, handler):
@@ -351,12 +360,6 @@ def merged_metrics(local_metrics, others: dict[int, tuple[int, str]], accept: st
                    per_worker: bool = False) -> tuple[bytes, str]:
     """Worker 0's registry plus the other workers' scraped text, merged family by family
     (``per_worker``: not merged; every sample gets a ``worker`` label instead)."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-    from prometheus_client.metrics_core import Metric
-    from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_TYPE
-    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
-    from prometheus_client.parser import text_string_to_metric_families
 
     sources = [(0, list(local_metrics.registry.collect()))]
     up = {0: 1}

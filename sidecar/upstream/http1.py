@@ -17,42 +17,16 @@ from typing import Optional
 import httptools
 from multidict import MultiDict
 
-from sidecar.core.http import BodyStream, Response
-
-
-class UpstreamError(Exception):
-    """A failure talking to the upstream. ``flag`` is Envoy's response flag; ``sent`` says
-    whether any request byte could have been processed (False = safe to retry anywhere)."""
-
-    def __init__(self, flag: str, reason: str, sent: bool = True):
-        super().__init__(reason)
-        self.flag = flag
-        self.reason = reason
-        self.sent = sent
-
-
-class ConnectFailure(UpstreamError):
-    def __init__(self, reason: str):
-        super().__init__("UF", reason, sent=False)
-
-
-class UpstreamReset(UpstreamError):
-    pass
-
-
-class UpstreamTimeout(UpstreamError):
-    def __init__(self, reason: str = "upstream request timeout"):
-        super().__init__("UT", reason)
-
-
-class UpstreamProtocolError(UpstreamError):
-    def __init__(self, reason: str):
-        super().__init__("UPE", reason)
-
-
-# Headers that describe one hop (RFC 9110 7.6.1) and are rebuilt by us on each side.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te",
-                        "transfer-encoding", "upgrade", "http2-settings"})
+from sidecar.codec.headers import NOT_FORWARDED, connection_drop
+from sidecar.core.body import BodyStream
+from sidecar.core.errors import (
+    ConnectFailure,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from sidecar.core.message import Request, Response
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -239,6 +213,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
             self.pool.forget(self)
 
+    async def send(self, req: Request, host_header: str | None,
+                   deadline: Optional[float]) -> Response:
+        """Encode ``req`` (``host_header`` replaces Host when set) and send it."""
+        head, chunked = encode_request(req, host_header)
+        return await self.request(head, req.body, chunked, req.method == "HEAD", deadline)
+
     async def request(self, head: bytes, body, chunked: bool, no_body_response: bool,
                       deadline: Optional[float]) -> Response:
         """Send one request and wait for the response head (body may still stream)."""
@@ -380,3 +360,37 @@ class ConnectionPool:
     def close_all(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+
+def encode_request(req: Request, host_header: str | None = None) -> tuple[bytes, bool]:
+    """Request line + headers for an HTTP/1.1 upstream, with our own framing and no hop-by-hop
+    headers (RFC 9110 7.6.1, plus those named in Connection). Returns (head, chunked)."""
+    headers = req.headers
+    drop = connection_drop(NOT_FORWARDED, headers.get("connection"))
+    url = req.path + "?" + req.query if req.query else req.path
+    parts = [f"{req.method} {url} HTTP/1.1\r\n"]
+    for k, v in headers.items():
+        if k in drop:
+            if k != "te" or v.lower() != "trailers":
+                continue
+        if host_header is not None and k == "host":
+            v = host_header
+        parts.append(f"{k}: {v}\r\n")
+    body = req.body
+    chunked = False
+    if isinstance(body, bytes):
+        if req.chunked:
+            # keep the client's framing, as Envoy does (the connection frames the bytes)
+            parts.append("transfer-encoding: chunked\r\n")
+            chunked = True
+        elif body or req.method in ("POST", "PUT", "PATCH"):
+            parts.append(f"content-length: {len(body)}\r\n")
+    else:
+        cl = headers.get("content-length")
+        if cl is not None:
+            parts.append(f"content-length: {cl}\r\n")
+        else:
+            parts.append("transfer-encoding: chunked\r\n")
+            chunked = True
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1"), chunked

@@ -29,7 +29,7 @@ import random
 import time
 
 from sidecar.cluster.balancers.base import LoadBalancer
-from sidecar.config.model import LbConfig
+from sidecar.config.cluster import LbConfig
 
 DEFAULT_PENALTY_FLOOR_S = 1.0
 DEFAULT_PENALTY_RTT_FACTOR = 10.0

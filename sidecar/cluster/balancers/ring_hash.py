@@ -24,7 +24,7 @@ import random
 from bisect import bisect_left
 
 from sidecar.cluster.balancers.base import LoadBalancer
-from sidecar.config.model import LbConfig
+from sidecar.config.cluster import LbConfig
 
 MAX_RING_SIZE = 65536
 

@@ -1,0 +1,70 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from control_plane_client.translate.cluster import cluster
+from control_plane_client.translate.common import socket_address
+from control_plane_client.translate.listener import listener
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from sidecar.config.listener import Admin, TracingConfig
+from sidecar.config.snapshot import Snapshot, check_references
+
+
+def _collect(items: list, path: str, fn: Callable, errs: ErrorCollector) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(fn(item, w.join(path, i)))
+        except (ConfigError, ConfigErrors) as e:
+            errs.capture(e)
+    return out
+
+
+def bootstrap(d: dict) -> Snapshot:
+    """An Envoy v3 bootstrap -> Snapshot (static parts; dynamic_resources kept for the client)."""
+    errs = ErrorCollector()
+    try:
+        w.check_keys(d, ("node", "admin", "static_resources", "dynamic_resources",
+                         "layered_runtime", "stats_flush_interval", "overload_manager"), "")
+    except ConfigError as e:
+        errs.capture(e)
+    admin = Admin()
+    if "admin" in d:
+        try:
+            a = w.check_keys(d["admin"], ("address", "access_log", "access_log_path", "profile_path"), "admin")
+            host, prt = socket_address(w.mapping(a, "address", "admin"), "admin.address")
+            admin = Admin(host=host, port=prt)
+        except ConfigError as e:
+            errs.capture(e)
+    sr = d.get("static_resources") or {}
+    try:
+        w.check_keys(sr, ("listeners", "clusters", "secrets"), "static_resources")
+    except ConfigError as e:
+        errs.capture(e)
+    clusters = _collect(sr.get("clusters") or [], "static_resources.clusters", cluster, errs)
+    listeners = _collect(sr.get("listeners") or [], "static_resources.listeners", listener, errs)
+    control_plane = None
+    if d.get("dynamic_resources"):
+        try:
+            from control_plane_client.translate.dynamic import control_plane_from_bootstrap
+            control_plane = control_plane_from_bootstrap(d, "dynamic_resources")
+        except (ConfigError, ConfigErrors) as e:
+            errs.capture(e)
+    tracing = TracingConfig()
+    traced = [(i, lst.tracing) for i, lst in enumerate(listeners) if lst.tracing is not None]
+    if traced:
+        tracing = traced[0][1]
+        for i, t in traced[1:]:
+            if t != tracing:
+                errs.add(f"static_resources.listeners[{i}].filter_chains[0].filters[0]."
+                         "typed_config.tracing", "every listener must use the same tracing "
+                         "config (one tracer per process)")
+    errs.raise_if_any()
+    snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
+                    source_format="envoy", control_plane=control_plane, node=d.get("node"),
+                    tracing=tracing)
+    check_references(snap)
+    return snap

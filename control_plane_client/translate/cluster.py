@@ -1,0 +1,194 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
+from sidecar.config import wire as w
+from sidecar.config.cluster import (
+    CircuitBreakers,
+    Cluster,
+    Endpoint,
+    HealthCheck,
+    LbConfig,
+    Thresholds,
+    _positive,
+    _statuses,
+    _thresholds,
+    outlier_detection_from_wire,
+)
+from sidecar.config.errors import ConfigError
+
+
+def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
+    w.check_keys(d, ("cluster_name", "endpoints", "policy", "@type"), path)
+    eps = []
+    ep_path = w.join(path, "endpoints")
+    for i, le in enumerate(w.seq(d, "endpoints", path, [])):
+        lp = w.join(ep_path, i)
+        w.check_keys(le, ("lb_endpoints", "locality", "priority", "load_balancing_weight"), lp)
+        if w.integer(le, "priority", lp, 0) != 0:
+            raise ConfigError(w.join(lp, "priority"), "only priority 0 is supported")
+        for j, lbe in enumerate(w.seq(le, "lb_endpoints", lp, [])):
+            bp = w.join(w.join(lp, "lb_endpoints"), j)
+            w.check_keys(lbe, ("endpoint", "load_balancing_weight", "health_status", "metadata"), bp)
+            ep = w.mapping(lbe, "endpoint", bp)
+            epp = w.join(bp, "endpoint")
+            w.check_keys(ep, ("address", "hostname", "health_check_config"), epp)
+            host, prt = socket_address(w.mapping(ep, "address", epp), w.join(epp, "address"))
+            if prt == 0:
+                raise ConfigError(w.join(epp, "address.socket_address.port_value"), "must be 1..65535")
+            status = w.string(lbe, "health_status", bp, "UNKNOWN")
+            if status in ("UNHEALTHY", "DRAINING", "TIMEOUT"):
+                continue   # EDS says not to use it
+            eps.append(Endpoint(host=host, port=prt,
+                                weight=w.integer(lbe, "load_balancing_weight", bp, 1, lo=1),
+                                hostname=w.string(ep, "hostname", epp, "")))
+    return w.string(d, "cluster_name", path, ""), tuple(eps)
+
+
+def cluster(d: dict, path: str) -> Cluster:
+    from control_plane_client.translate.tls import upstream_tls_from_envoy
+
+    w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
+                     "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",
+                     "outlier_detection", "health_checks", "transport_socket",
+                     "eds_cluster_config", "common_lb_config", "least_request_lb_config",
+                     "ring_hash_lb_config", "load_balancing_policy", "per_connection_buffer_limit_bytes",
+                     "typed_extension_protocol_options", "@type", "respect_dns_ttl",
+                     "upstream_connection_options", "alt_stat_name"), path)
+    name = w.string(d, "name", path, nonempty=True)
+    ctype = w.string(d, "type", path, "STATIC",
+                     choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS")).lower()
+    kw: dict = {}
+    eps: tuple = ()
+    if "load_assignment" in d:
+        _, eps = load_assignment(d["load_assignment"], w.join(path, "load_assignment"))
+    elif ctype != "eds":
+        raise ConfigError(w.join(path, "load_assignment"), f"is required for a {ctype.upper()} cluster")
+    if ctype == "eds":
+        ep = w.join(path, "eds_cluster_config")
+        e = w.check_keys(w.mapping(d, "eds_cluster_config", path, {}), ("service_name", "eds_config"), ep)
+        kw["eds_service_name"] = w.string(e, "service_name", ep, name)
+    lb_policy = w.string(d, "lb_policy", path, "ROUND_ROBIN",
+                         choices=("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "RING_HASH", "MAGLEV",
+                                  "CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"))
+    lb_kw: dict = {"policy": lb_policy.lower()}
+    if "least_request_lb_config" in d:
+        lp = w.join(path, "least_request_lb_config")
+        lr = w.check_keys(d["least_request_lb_config"], ("choice_count",), lp)
+        lb_kw["choice_count"] = w.integer(lr, "choice_count", lp, 2, lo=2)
+    if "ring_hash_lb_config" in d:
+        lp = w.join(path, "ring_hash_lb_config")
+        rh = w.check_keys(d["ring_hash_lb_config"], ("minimum_ring_size", "maximum_ring_size", "hash_function"), lp)
+        lb_kw["ring_size"] = w.integer(rh, "minimum_ring_size", lp, 1024, lo=1, hi=8_388_608)
+    if "common_lb_config" in d:
+        lp = w.join(path, "common_lb_config")
+        cl = w.check_keys(d["common_lb_config"], ("healthy_panic_threshold",), lp)
+        if "healthy_panic_threshold" in cl:
+            pt = w.check_keys(cl["healthy_panic_threshold"], ("value",), w.join(lp, "healthy_panic_threshold"))
+            lb_kw["panic_threshold"] = w.number(pt, "value", w.join(lp, "healthy_panic_threshold"), lo=0, hi=100)
+    if "load_balancing_policy" in d:
+        lp = w.join(path, "load_balancing_policy")
+        lbp = w.check_keys(d["load_balancing_policy"], ("policies",), lp)
+        pols = w.seq(lbp, "policies", lp)
+        if len(pols) != 1:
+            raise ConfigError(w.join(lp, "policies"), "exactly one policy is supported")
+        pp = w.join(w.join(lp, "policies"), 0)
+        ext = w.check_keys(pols[0], ("typed_extension_config",), pp)
+        tp = w.join(pp, "typed_extension_config")
+        tec = w.check_keys(w.mapping(ext, "typed_extension_config", pp), ("name", "typed_config"), tp)
+        body = typed(w.mapping(tec, "typed_config", tp), w.join(tp, "typed_config"), T_PEAK_EWMA)
+        bp = w.join(tp, "typed_config")
+        w.check_keys(body, ("decay_time", "default_rtt", "choice_count", "failure_penalty"), bp)
+        lb_kw.update(policy="peak_ewma", ewma_decay_s=w.duration(body, "decay_time", bp, 10.0),
+                     ewma_default_rtt_s=w.duration(body, "default_rtt", bp, 0.030),
+                     choice_count=w.integer(body, "choice_count", bp, 2, lo=2),
+                     ewma_failure_penalty_s=w.duration(body, "failure_penalty", bp, 0.0))
+    if lb_kw["policy"] in ("cluster_provided", "load_balancing_policy_config") and lb_kw["policy"] != "peak_ewma":
+        if "load_balancing_policy" not in d:
+            raise ConfigError(w.join(path, "lb_policy"), f"{lb_policy} is not supported")
+    if "typed_extension_protocol_options" in d:
+        tp = w.join(path, "typed_extension_protocol_options")
+        for k, v in d["typed_extension_protocol_options"].items():
+            kp = w.join(tp, k)
+            if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
+                raise ConfigError(kp, "unsupported protocol options")
+            body = typed(v, kp, T_HTTP_OPTIONS)
+            w.check_keys(body, ("explicit_http_config", "common_http_protocol_options"), kp)
+            eh = body.get("explicit_http_config", {})
+            if set(eh) - {"http_protocol_options"}:
+                raise ConfigError(w.join(kp, "explicit_http_config"), "only HTTP/1.1 upstreams are supported")
+            cho = body.get("common_http_protocol_options", {})
+            w.check_keys(cho, ("idle_timeout",), w.join(kp, "common_http_protocol_options"))
+            if "idle_timeout" in cho:
+                kw["idle_timeout_s"] = w.duration(cho, "idle_timeout", w.join(kp, "common_http_protocol_options"))
+    if "circuit_breakers" in d:
+        kw["circuit_breakers"] = circuit_breakers_from_envoy(d["circuit_breakers"], w.join(path, "circuit_breakers"))
+    if "outlier_detection" in d:
+        kw["outlier_detection"] = outlier_detection_from_wire(d["outlier_detection"], w.join(path, "outlier_detection"))
+    hc = w.seq(d, "health_checks", path, [])
+    kw["health_checks"] = tuple(health_check_from_envoy(h, w.join(w.join(path, "health_checks"), i))
+                                for i, h in enumerate(hc))
+    if "transport_socket" in d:
+        kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"))
+    if "per_connection_buffer_limit_bytes" in d:
+        kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
+    return Cluster(name=name, type=ctype, endpoints=eps,
+                   connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
+                   dns_refresh_s=w.duration(d, "dns_refresh_rate", path, 5.0),
+                   lb=LbConfig(**lb_kw), source=d, **kw)
+
+
+def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    w.check_keys(d, ("thresholds",), path)
+    default = high = Thresholds()
+    seen = set()
+    for i, t in enumerate(w.seq(d, "thresholds", path, [])):
+        tp = w.join(w.join(path, "thresholds"), i)
+        prio = w.string(t, "priority", tp, "DEFAULT", choices=("DEFAULT", "HIGH"))
+        if prio in seen:
+            raise ConfigError(w.join(tp, "priority"), f"{prio} thresholds are given twice")
+        seen.add(prio)
+        if prio == "HIGH":
+            high = _thresholds(t, tp, True)
+        else:
+            default = _thresholds(t, tp, True)
+    return CircuitBreakers(default=default, high=high)
+
+
+def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    w.check_keys(d, ("timeout", "interval", "interval_jitter", "interval_jitter_percent",
+                     "healthy_threshold", "unhealthy_threshold", "http_health_check",
+                     "no_traffic_interval", "unhealthy_interval", "healthy_edge_interval",
+                     "unhealthy_edge_interval", "initial_jitter", "reuse_connection"), path)
+    if "http_health_check" not in d:
+        raise ConfigError(path, "only http_health_check is supported")
+    hp = w.join(path, "http_health_check")
+    h = w.check_keys(d["http_health_check"], ("path", "host", "expected_statuses",
+                                              "retriable_statuses", "codec_client_type"), hp)
+    w.string(h, "codec_client_type", hp, "HTTP1", choices=("HTTP1",))
+    opt = lambda k: w.duration(d, k, path, None)  # noqa: E731
+    return HealthCheck(
+        path=w.string(h, "path", hp, nonempty=True), host=w.string(h, "host", hp, ""),
+        interval_s=_positive(w.duration(d, "interval", path), w.join(path, "interval")),
+        timeout_s=_positive(w.duration(d, "timeout", path), w.join(path, "timeout")),
+        interval_jitter_s=w.duration(d, "interval_jitter", path, 0.0),
+        interval_jitter_percent=float(w.integer(d, "interval_jitter_percent", path, 0, lo=0, hi=100)),
+        initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
+        healthy_threshold=w.integer(d, "healthy_threshold", path, lo=1),
+        unhealthy_threshold=w.integer(d, "unhealthy_threshold", path, lo=1),
+        expected_statuses=_statuses(h["expected_statuses"], w.join(hp, "expected_statuses"))
+        if "expected_statuses" in h else ((200, 201),),
+        retriable_statuses=_statuses(h["retriable_statuses"], w.join(hp, "retriable_statuses"))
+        if "retriable_statuses" in h else (),
+        unhealthy_interval_s=opt("unhealthy_interval"),
+        unhealthy_edge_interval_s=opt("unhealthy_edge_interval"),
+        healthy_edge_interval_s=opt("healthy_edge_interval"),
+        # Envoy: 60 s until the cluster has carried traffic
+        no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, 60.0),
+        reuse_connection=w.boolean(d, "reuse_connection", path, True),
+    )

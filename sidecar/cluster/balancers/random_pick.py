@@ -1,0 +1,21 @@
+"""Random choice, weighted by endpoint weight (Envoy's RANDOM)."""
+
+from __future__ import annotations
+
+import random
+
+from sidecar.cluster.balancers.base import LoadBalancer
+
+
+class Random(LoadBalancer):
+    def rebuild(self, hosts):
+        self.hosts = hosts
+        self._weights = [h.endpoint.weight for h in hosts]
+        self._uniform = len(set(self._weights)) <= 1
+
+    def pick(self, ctx, exclude=()):
+        hosts = self.hosts
+        if not hosts:
+            return None
+        h = random.choice(hosts) if self._uniform else random.choices(hosts, self._weights)[0]
+        return self._avoid(h, exclude) if exclude else h

@@ -1,0 +1,323 @@
+"""A cluster: ``Cluster.send`` is admission -> pick -> pooled send -> record.
+
+``ClusterState`` is what a cluster name keeps for the life of the process (breaker counters,
+endpoint states with their pools, outlier detector, health checker, metric children). A
+``Cluster`` is one version of that cluster's config and endpoint set; the manager builds a new
+one aside on every change and swaps ``ClusterState.current``. Requests already admitted finish
+on the version they started with; counters live in the state, so their releases land in the
+same place.
+
+Every caller (route stacks, shadowing, filters calling a service, health checks) goes through
+the cluster: it is the only writer of cluster and endpoint counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from sidecar.cluster.balancers import make_balancer
+from sidecar.cluster.breakers import BreakerState
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.config.cluster import Cluster as ClusterConfig
+from sidecar.config.cluster import Endpoint
+from sidecar.core.context import RequestContext
+from sidecar.core.errors import (
+    NoCluster,
+    NoHealthyUpstream,
+    Overflow,
+    PendingTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from sidecar.core.message import Request, Response
+from sidecar.observability.stats import ClusterStats
+from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
+
+log = logging.getLogger("sidecar.cluster")
+
+# outcome kinds of a local failure (fed to outlier detection and the EWMA)
+CONNECT_FAILURE, TIMEOUT, RESET = "connect_failure", "timeout", "reset"
+
+
+class OutcomeObserver:
+    """Told the outcome of every attempt (outlier detection implements it)."""
+
+    def on_outcome(self, host: EndpointState, status: int | None, latency: float,
+                   local_error: str | None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ClusterState:
+    """Everything a cluster name keeps across config versions; ``current`` is the version
+    requests go to (None once the cluster is removed: requests then get 503 NC)."""
+
+    __slots__ = ("name", "current", "breakers", "endpoints", "stats", "outlier", "health",
+                 "removed", "__weakref__")
+
+    def __init__(self, name: str, stats: ClusterStats):
+        self.name = name
+        self.current: Cluster | None = None
+        self.breakers = BreakerState()
+        self.endpoints: dict[str, EndpointState] = {}     # address -> state, current version
+        self.stats = stats
+        self.outlier: OutcomeObserver | None = None
+        self.health: object | None = None                 # the cluster's HealthChecker
+        self.removed = False
+
+    async def send(self, req: Request, auto_host: bool = False) -> Response:
+        c = self.current
+        if c is None:
+            raise NoCluster(self.name)
+        return await c.send(req, auto_host)
+
+
+class Cluster:
+    """One version of a cluster: config, endpoint set, load balancer, TLS context."""
+
+    __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "thresholds", "stats",
+                 "warm", "_sni")
+
+    def __init__(self, config: ClusterConfig, state: ClusterState,
+                 endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
+                 warm: bool = True):
+        self.name = config.name
+        self.config = config
+        self.state = state
+        self.ssl_context = ssl_context
+        self.thresholds = config.circuit_breakers.default
+        self.stats = state.stats
+        self.warm = warm              # an EDS cluster is warm once its first assignment came
+        self._sni = config.tls.sni if config.tls is not None else ""
+        self.hosts: list[EndpointState] = [self._endpoint_state(ep) for ep in endpoints]
+        self.lb = make_balancer(config.lb)
+        self.rebuild()
+
+    def _endpoint_state(self, ep: Endpoint) -> EndpointState:
+        """The state kept for this address (with its pool), or a new one."""
+        cfg = self.config
+        st = self.state.endpoints.get(ep.address)
+        if st is None or st.removed:
+            pool = ConnectionPool(ep.host, ep.port, cfg.connect_timeout_s,
+                                  cfg.max_idle_connections, cfg.idle_timeout_s,
+                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni)
+            st = EndpointState(ep, pool, cfg.lb.ewma_default_rtt_s)
+        elif st.endpoint != ep:
+            st.endpoint = ep            # a weight or hostname change keeps the state
+        return st
+
+    def activate(self) -> None:
+        """Make this version the one requests go to (called by the manager, on the loop)."""
+        state = self.state
+        cfg = self.config
+        new = {h.address: h for h in self.hosts}
+        for addr, old in state.endpoints.items():
+            if addr not in new:
+                old.removed = True
+                old.pool.close_all()
+        waiters = state.breakers.waiters
+        for h in self.hosts:
+            p = h.pool
+            p.connect_timeout = cfg.connect_timeout_s
+            p.max_idle = cfg.max_idle_connections
+            p.idle_timeout = cfg.idle_timeout_s
+            p.on_free = waiters.wake
+            if p.ssl is not self.ssl_context:
+                p.ssl = self.ssl_context        # new TLS settings need new connections
+                p.server_hostname = self._sni
+                p.close_all()
+        state.endpoints = new
+        state.current = self
+
+    # ---- eligibility and picking -----------------------------------------------------------
+    def rebuild(self) -> None:
+        """Recompute the eligible set after a health, ejection or endpoint change."""
+        hosts = self.hosts
+        avail = [h for h in hosts if h.available]
+        if hosts and len(avail) * 100.0 < len(hosts) * self.config.lb.panic_threshold:
+            avail = list(hosts)      # panic: too few healthy hosts, use them all (Envoy)
+        self.lb.rebuild(avail)
+
+    def pick(self, ctx: RequestContext | None) -> EndpointState | None:
+        tried = ctx.tried_hosts if ctx is not None else ()
+        h = self.lb.pick(ctx, tried)
+        if h is not None and h.ejected_until and not h.available:
+            self.rebuild()           # an ejection started or expired since the last rebuild
+            h = self.lb.pick(ctx, tried)
+        return h
+
+    def open_connections(self) -> int:
+        return sum(h.pool.active + h.pool.connecting for h in self.hosts)
+
+    # ---- the request --------------------------------------------------------------------------
+    async def send(self, req: Request, auto_host: bool = False) -> Response:
+        """One attempt. Raises ``UpstreamError`` (with its response flag) on failure."""
+        ctx = req.ctx
+        if ctx.attempts == 0:
+            ctx.attempts = 1
+        host = self.pick(ctx)
+        if host is None:
+            raise NoHealthyUpstream()
+        breakers = self.state.breakers
+        if not breakers.admit_request(self.thresholds):
+            self.stats.rq_overflow.inc()
+            raise Overflow("max_requests")
+        ctx.tried_hosts.append(host)
+        ctx.upstream_host = host.address
+        span = ctx.span
+        client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
+        host.active_requests += 1
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ctx.upstream_start = t0
+        deadline = ctx.attempt_deadline if ctx.attempt_deadline is not None else ctx.deadline
+        host_header = (host.endpoint.hostname or host.endpoint.host) if auto_host else None
+        try:
+            resp = await self._exchange(req, host, host_header, deadline, loop, t0)
+        except UpstreamError as e:
+            if client_span is not None:
+                client_span.end(None, e.flag)
+            raise
+        finally:
+            host.active_requests -= 1
+            breakers.release_request()
+        elapsed = loop.time() - t0
+        ctx.upstream_duration = elapsed
+        status = resp.status
+        ctx.upstream_status = status
+        stats = self.stats
+        stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        stats.latency.observe(elapsed)
+        self.record(host, status, elapsed, None)
+        if client_span is not None:
+            client_span.end(status, None)
+        return resp
+
+    async def _exchange(self, req: Request, host: EndpointState, host_header: str | None,
+                        deadline: float | None, loop: asyncio.AbstractEventLoop,
+                        t0: float) -> Response:
+        pool = host.pool
+        conn = pool.take_idle()
+        reused = conn is not None
+        try:
+            if conn is None:
+                if self.open_connections() >= self.thresholds.max_connections:
+                    conn = await self._wait_for_connection(host, pool, deadline, loop)
+                    reused = conn is not None
+                if conn is None:
+                    conn = await self._connect(host, pool, deadline, loop, t0)
+            try:
+                return await conn.send(req, host_header, deadline)
+            except UpstreamError as e:
+                if not (reused and not e.sent and isinstance(req.body, bytes) and e.flag == "UC"):
+                    raise
+                # the server closed an idle keep-alive connection as we reused it: nothing
+                # was processed, so send once more on a fresh connection
+                conn = await self._connect(host, pool, deadline, loop, t0)
+                return await conn.send(req, host_header, deadline)
+        except UpstreamError as e:
+            elapsed = loop.time() - t0
+            if e.flag == "UT":
+                if not isinstance(e, PendingTimeout):
+                    host.rq_timeout += 1
+                    self.record(host, None, elapsed, TIMEOUT)
+            elif e.flag not in ("UF", "UO"):
+                self.stats.rq_reset.inc()
+                self.record(host, None, elapsed, RESET)
+            raise
+
+    async def _connect(self, host: EndpointState, pool: ConnectionPool, deadline: float | None,
+                       loop: asyncio.AbstractEventLoop, t0: float) -> UpstreamConnection:
+        """A new pooled connection: the cluster's connect timeout, cut short by the request's
+        deadline (UpstreamTimeout then)."""
+        try:
+            if deadline is None:
+                conn = await pool.connect()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        conn = await pool.connect()
+                except TimeoutError:
+                    raise UpstreamTimeout() from None
+        except UpstreamTimeout:
+            raise
+        except UpstreamError:
+            self.stats.cx_connect_fail.inc()
+            host.cx_connect_fail += 1
+            self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
+            raise
+        self.stats.cx_total.inc()
+        return conn
+
+    async def _wait_for_connection(self, host: EndpointState, pool: ConnectionPool,
+                                   deadline: float | None,
+                                   loop: asyncio.AbstractEventLoop) -> UpstreamConnection | None:
+        """The cluster is at max_connections. Returns an idle pooled connection to ``host``, or
+        None when a new connection may be opened; raises Overflow (503 UO) at once when
+        max_pending_requests are already waiting, PendingTimeout when the deadline passes."""
+        self.stats.cx_overflow.inc()
+        if self._close_idle_elsewhere(pool):
+            return None
+        breakers = self.state.breakers
+        if not breakers.admit_pending(self.thresholds):
+            self.stats.rq_pending_overflow.inc()
+            raise Overflow("max_pending_requests")
+        host.active_requests -= 1           # pending, not active (Envoy's accounting)
+        waiters = breakers.waiters
+        front = False
+        try:
+            while True:
+                if deadline is not None and loop.time() >= deadline:
+                    raise PendingTimeout()
+                await waiters.wait(loop, deadline, front)
+                front = True
+                conn = pool.take_idle()
+                if conn is not None:
+                    return conn
+                if self.open_connections() < self.thresholds.max_connections:
+                    return None
+                if self._close_idle_elsewhere(pool):
+                    return None
+        finally:
+            breakers.end_pending()
+            host.active_requests += 1
+            if breakers.pending_requests and \
+                    self.open_connections() < self.thresholds.max_connections:
+                waiters.wake()      # pass on a slot this waiter did not use
+
+    def _close_idle_elsewhere(self, pool: ConnectionPool) -> bool:
+        """At max_connections, an idle connection to another host is capacity doing nothing:
+        close the oldest one so this request can open its own."""
+        for h in self.hosts:
+            p = h.pool
+            if p is not pool and p.idle:
+                p.idle.popleft().close()
+                return True
+        return False
+
+    # ---- outcomes -----------------------------------------------------------------------------
+    def record(self, host: EndpointState, status: int | None, latency: float,
+               local_error: str | None) -> None:
+        """Outcome of one attempt: counters, the balancer's estimate, outlier detection."""
+        host.rq_total += 1
+        if local_error is not None or (status is not None and status >= 500):
+            host.rq_error += 1
+        self.lb.record(host, status, latency, local_error)
+        outlier = self.state.outlier
+        if outlier is not None:
+            outlier.on_outcome(host, status, latency, local_error)
+
+    def set_health(self, host: EndpointState, healthy: bool, detail: str) -> None:
+        """The active health checker's verdict for ``host``."""
+        host.last_hc = detail
+        if host.hc_healthy != healthy:
+            host.hc_healthy = healthy
+            self.rebuild()
+
+    def close(self) -> None:
+        for h in self.hosts:
+            h.pool.close_all()

@@ -1,0 +1,53 @@
+"""One upstream host of one cluster and everything the data plane keeps about it.
+
+An ``EndpointState`` outlives config updates that keep its address: its pool, counters, EWMA
+estimate, health verdict and ejection stay. Only the cluster that owns it writes to it (from
+``Cluster.send``, its outlier detector and its health checker).
+"""
+
+from __future__ import annotations
+
+import time
+
+from sidecar.config.cluster import Endpoint
+from sidecar.upstream.http1 import ConnectionPool
+
+
+class EndpointState:
+    __slots__ = ("endpoint", "address", "pool", "active_requests", "hc_healthy", "ejected_until",
+                 "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
+                 "consecutive_5xx", "consecutive_gateway", "consecutive_local", "sr_success",
+                 "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
+
+    def __init__(self, endpoint: Endpoint, pool: ConnectionPool, default_rtt: float = 0.030):
+        self.endpoint = endpoint
+        self.address = endpoint.address
+        self.pool = pool
+        self.active_requests = 0
+        self.hc_healthy = True           # active health checking verdict
+        self.ejected_until = 0.0         # outlier detection (monotonic time)
+        self.ejections = 0
+        self.rq_total = 0
+        self.rq_error = 0
+        self.rq_timeout = 0
+        self.cx_connect_fail = 0
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_local = 0
+        self.sr_success = 0
+        self.sr_total = 0
+        self.ewma = default_rtt          # peak-EWMA latency estimate, seconds
+        self.ewma_stamp = time.monotonic()
+        self.last_hc = ""
+        self.removed = False
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until > time.monotonic()
+
+    @property
+    def available(self) -> bool:
+        return self.hc_healthy and not self.ejected and not self.removed
+
+    def __repr__(self) -> str:
+        return f"<EndpointState {self.address}>"

@@ -1,0 +1,59 @@
+"""Header vocabulary shared by every codec: what is hop-by-hop, what the router consumes, status
+lines and the Date header."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+# Headers that describe one hop (RFC 9110 7.6.1, RFC 9113 8.2.2) and are rebuilt by us on each
+# side; a header named in Connection is hop-by-hop too (see ``connection_drop``).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te",
+                        "transfer-encoding", "upgrade", "http2-settings"})
+
+# Per-request control headers the router reads and never forwards (as Envoy's router).
+ROUTER_CONSUMED = frozenset({"x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
+                             "x-envoy-upstream-rq-per-try-timeout-ms",
+                             "x-envoy-hedge-on-per-try-timeout",
+                             "x-envoy-upstream-rq-timeout-alt-response",
+                             "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names"})
+
+# Request headers never copied upstream as they are: hop-by-hop ones, the framing we redo,
+# Expect (answered locally) and the router's control headers (``te: trailers`` is let through).
+NOT_FORWARDED = HOP_BY_HOP | {"content-length", "expect"} | ROUTER_CONSUMED
+
+
+def connection_drop(base: frozenset[str], connection: str | None) -> frozenset[str]:
+    """``base`` plus the header names listed in a Connection header value."""
+    if not connection:
+        return base
+    return base | {t.strip().lower() for t in connection.split(",")}
+
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+
+
+def status_line(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n"
+
+
+class DateCache:
+    """RFC 9110 Date, formatted once per second."""
+
+    __slots__ = ("sec", "value")
+
+    def __init__(self) -> None:
+        self.sec = 0
+        self.value = ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self.sec:
+            self.sec = now
+            self.value = formatdate(now, usegmt=True)
+        return self.value
+
+
+DATE = DateCache()

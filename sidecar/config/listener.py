@@ -1,0 +1,142 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.tls import DownstreamTls
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    path: str = "/dev/stdout"
+    format: str = "json"            # json | text
+    fields: tuple[str, ...] = ()    # empty: the default field set
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    route_config: Optional[RouteConfig] = None
+    rds_name: str = ""                    # when routes come from RDS
+    http_filters: tuple[HttpFilter, ...] = ()
+    stat_prefix: str = ""
+    direction: str = "outbound"           # inbound | outbound (sidecar mode)
+    idle_timeout_s: float = 3600.0        # downstream connection idle timeout (Envoy 1 h)
+    request_headers_timeout_s: float = 10.0   # slow-loris guard
+    request_timeout_s: float = 0.0        # whole downstream request, 0 = off
+    max_request_headers_kb: int = 60
+    accept_http_10: bool = False          # Envoy answers 426 to HTTP/1.0 unless enabled
+    generate_request_id: bool = True
+    xff_num_trusted_hops: int = 0
+    use_remote_address: bool = True
+    # edge listeners: which peers are "internal" (their x-envoy-* headers and request ids are
+    # trusted). Envoy 1.40 trusts none by default; native listeners trust loopback and RFC 1918.
+    trust_private_peers: bool = False
+    preserve_external_request_id: bool = False
+    server_name: str = "envoy"
+    # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
+    # the listener's port) | "none" (Envoy's default; native configs default to "any")
+    strip_host_port: str = "none"
+    # also remove that port from the Host header sent upstream (Envoy's strip_*_host_port does;
+    # native listeners strip it only for virtual-host matching and forward Host unchanged)
+    strip_host_header: bool = False
+    access_log: tuple[AccessLogConfig, ...] = ()
+    tls: Optional[DownstreamTls] = None
+    drain_timeout_s: float = 5.0
+    tracing: Optional["TracingConfig"] = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    source: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    sample_percent: float = 1.0
+    exporter: str = "none"          # none | otlp_http | console | memory
+    endpoint: str = ""              # OTLP/HTTP collector URL
+    service_name: str = "sidecar"
+
+
+DEFAULT_FIELDS = ("start_time", "method", "path", "protocol", "status", "response_flags",
+                  "duration_ms", "upstream_duration_ms", "bytes_received", "bytes_sent",
+                  "upstream_host", "route", "cluster", "request_id", "trace_id", "user_agent",
+                  "downstream_address", "authority", "listener")
+
+
+EXTRA_FIELDS = ("attempts", "upstream_cluster", "virtual_host", "peer_identity", "span_id",
+                "x_forwarded_for", "referer")
+
+
+KNOWN_FIELDS = frozenset(DEFAULT_FIELDS + EXTRA_FIELDS)
+
+
+REQUEST_HEADER = "request_header."
+
+
+RESPONSE_HEADER = "response_header."
+
+
+SENSITIVE_HEADERS = frozenset((
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+    "x-auth-token", "x-amz-security-token", "x-csrf-token", "x-xsrf-token",
+))
+
+
+_SENSITIVE_WORDS = ("token", "secret", "password", "passwd", "session", "credential", "apikey",
+                    "api-key", "api_key", "auth", "cookie", "signature")
+
+
+def is_sensitive_header(name: str) -> bool:
+    n = name.lower()
+    if n in SENSITIVE_HEADERS:
+        return True
+    return any(w in n for w in _SENSITIVE_WORDS)
+
+
+def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
+    """Validate a field list (for the config loaders): unknown or sensitive fields are a
+    ConfigError with the path of the bad entry."""
+    from sidecar.config.errors import ConfigError
+    out = []
+    for i, f in enumerate(fields):
+        p = f"{path}[{i}]"
+        if not isinstance(f, str) or not f:
+            raise ConfigError(p, "must be a field name")
+        for prefix in (REQUEST_HEADER, RESPONSE_HEADER):
+            if f.startswith(prefix):
+                name = f[len(prefix):]
+                if not name:
+                    raise ConfigError(p, f"{prefix}<name> needs a header name")
+                if is_sensitive_header(name):
+                    raise ConfigError(p, f"header {name!r} may carry credentials and is never logged")
+                break
+        else:
+            if f not in KNOWN_FIELDS:
+                raise ConfigError(p, f"unknown access log field {f!r} (known: "
+                                  f"{', '.join(sorted(KNOWN_FIELDS))}, request_header.<name>, "
+                                  f"response_header.<name>)")
+        out.append(f)
+    return tuple(out)
+
+
+APP_CLUSTER = "local_app"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    service: str
+    app_host: str
+    app_port: int
+    health_path: Optional[str] = None       # None: a TCP connect is the probe
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    app_cluster: str = APP_CLUSTER

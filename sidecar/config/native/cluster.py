@@ -1,0 +1,129 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.config import wire as w
+from sidecar.config.cluster import (
+    LB_POLICIES,
+    CircuitBreakers,
+    Cluster,
+    Endpoint,
+    HealthCheck,
+    LbConfig,
+    _positive,
+    _statuses,
+    _thresholds,
+    outlier_detection_from_wire,
+)
+from sidecar.config.errors import ConfigError
+from sidecar.config.native.listener import _file, _min_version
+from sidecar.config.tls import UpstreamTls
+
+
+def endpoint_from_native(v: Any, path: str) -> Endpoint:
+    if isinstance(v, str):
+        host, sep, p = v.rpartition(":")
+        if not sep or not host or not p.isdigit():
+            raise ConfigError(path, f"must be host:port, got {v!r}")
+        port = int(p)
+        if not 1 <= port <= 65535:
+            raise ConfigError(path, "port must be 1..65535")
+        return Endpoint(host=host.strip("[]"), port=port)
+    w.check_keys(v, ("address", "port", "weight"), path)
+    return Endpoint(host=w.string(v, "address", path, nonempty=True), port=w.port(v, "port", path),
+                    weight=w.integer(v, "weight", path, 1, lo=1, hi=1_000_000))
+
+
+def cluster_from_native(d: dict, path: str) -> Cluster:
+    w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
+                     "circuit_breakers", "outlier_detection", "health_check", "tls",
+                     "max_idle_connections", "idle_timeout", "ewma", "panic_threshold"), path)
+    ep = w.join(path, "endpoints")
+    eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
+    ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
+    lb_kw: dict = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
+    if "ewma" in d:
+        xp = w.join(path, "ewma")
+        x = w.check_keys(d["ewma"], ("decay", "default_rtt", "failure_penalty", "choices"), xp)
+        lb_kw.update(ewma_decay_s=w.duration(x, "decay", xp, 10.0),
+                     ewma_default_rtt_s=w.duration(x, "default_rtt", xp, 0.030),
+                     ewma_failure_penalty_s=w.duration(x, "failure_penalty", xp, 0.0),
+                     choice_count=w.integer(x, "choices", xp, 2, lo=2))
+    lb_kw["panic_threshold"] = w.number(d, "panic_threshold", path, 50.0, lo=0, hi=100)
+    kw: dict = {}
+    if "circuit_breakers" in d:
+        kw["circuit_breakers"] = circuit_breakers_from_native(d["circuit_breakers"], w.join(path, "circuit_breakers"))
+    if "outlier_detection" in d:
+        kw["outlier_detection"] = outlier_detection_from_wire(d["outlier_detection"], w.join(path, "outlier_detection"))
+    if "health_check" in d:
+        kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
+    if "tls" in d:
+        from sidecar.config.native.cluster import upstream_tls_from_native
+        kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
+    return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
+                   connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
+                   dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
+                   lb=LbConfig(**lb_kw),
+                   max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
+                   idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
+
+
+def upstream_tls_from_native(d, path: str) -> UpstreamTls:
+    """Cluster ``tls: true`` (system CAs, hostname checked) or
+    ``tls: {sni, ca, cert, key, san: [uri...], verify, check_hostname, min_version}``.
+
+    With ``ca`` (a private mesh CA) the hostname is not checked by default (mesh certificates
+    name workloads by SPIFFE URI, not by DNS): pin identities with ``san`` instead."""
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    if d is True:
+        return UpstreamTls(check_hostname=True)
+    w.check_keys(d, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
+    ca = _file(d, "ca", path)
+    cert = _file(d, "cert", path)
+    key = _file(d, "key", path)
+    if (cert is None) != (key is None):
+        raise ConfigError(w.join(path, "key" if key is None else "cert"), "cert and key go together")
+    sans = d.get("san", [])
+    if isinstance(sans, str):
+        sans = [sans]
+    if not isinstance(sans, list) or not all(isinstance(s, str) and s for s in sans):
+        raise ConfigError(w.join(path, "san"), "must be a URI or a list of URIs")
+    verify = w.boolean(d, "verify", path, True)
+    if not verify and (ca or sans):
+        raise ConfigError(w.join(path, "verify"), "verify: false cannot be combined with ca or san")
+    return UpstreamTls(sni=w.string(d, "sni", path, ""), ca_file=ca, cert_file=cert, key_file=key,
+                       verify=verify, min_version=_min_version(d, path), match_san_uris=tuple(sans),
+                       check_hostname=w.boolean(d, "check_hostname", path, verify and ca is None))
+
+
+def circuit_breakers_from_native(d: dict, path: str) -> CircuitBreakers:
+    """Native: the DEFAULT-priority thresholds written flat."""
+    return CircuitBreakers(default=_thresholds(d, path, False))
+
+
+def health_check_from_native(d: dict, path: str) -> HealthCheck:
+    from sidecar.config import wire as w
+    w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
+                     "healthy_threshold", "unhealthy_threshold", "expected_statuses",
+                     "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
+                     "reuse_connection"), path)
+    return HealthCheck(
+        path=w.string(d, "path", path, "/healthz", nonempty=True), host=w.string(d, "host", path, ""),
+        interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
+        interval_jitter_s=w.duration(d, "jitter", path, 0.0),
+        initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
+        timeout_s=_positive(w.duration(d, "timeout", path, 1.0), w.join(path, "timeout")),
+        healthy_threshold=w.integer(d, "healthy_threshold", path, 1, lo=1),
+        unhealthy_threshold=w.integer(d, "unhealthy_threshold", path, 3, lo=1),
+        expected_statuses=_statuses(w.seq(d, "expected_statuses", path, [200]),
+                                    w.join(path, "expected_statuses")),
+        retriable_statuses=_statuses(w.seq(d, "retriable_statuses", path, []),
+                                     w.join(path, "retriable_statuses")),
+        unhealthy_interval_s=w.duration(d, "unhealthy_interval", path, None),
+        # native: checks run at `interval` from the start unless this is set
+        no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
+        reuse_connection=w.boolean(d, "reuse_connection", path, True),
+    )

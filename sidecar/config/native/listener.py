@@ -1,0 +1,139 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
+from sidecar.config.filters import FilterCatalog
+from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
+from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
+from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
+
+
+def http_filters_from_native(items: list, path: str, filters: FilterCatalog) -> tuple[HttpFilter, ...]:
+    """``filters: [{jwt_authn: {...}}, {fault: {...}}]`` in chain order."""
+    out = []
+    for i, f in enumerate(items):
+        fp = w.join(path, i)
+        if not isinstance(f, dict) or len(f) != 1:
+            raise ConfigError(fp, "must be a mapping with exactly one filter name")
+        (name, cfg), = f.items()
+        spec = filters.lookup(name)
+        if spec is None:
+            raise ConfigError(w.join(fp, name), f"unknown filter {name!r} (known: "
+                              f"{', '.join(filters.short_names())})")
+        out.append(HttpFilter(name=spec.name, config=spec.from_native(cfg or {}, w.join(fp, name))))
+    return tuple(out)
+
+
+def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener:
+    w.check_keys(d, ("name", "address", "port", "routes", "virtual_hosts", "filters",
+                     "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
+                     "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
+                     "server_name", "drain_timeout", "max_request_headers_kb",
+                     "request_headers", "response_headers", "strip_host_port",
+                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
+    if "routes" in d and "virtual_hosts" in d:
+        raise ConfigError(path, "only one of routes, virtual_hosts may be set")
+    if "routes" in d:
+        vhosts = (virtual_host_from_native({"name": "default", "domains": ["*"], "routes": d["routes"]}, path, filters),)
+    else:
+        vp = w.join(path, "virtual_hosts")
+        vhosts = tuple(virtual_host_from_native(v, w.join(vp, i), filters) for i, v in enumerate(w.seq(d, "virtual_hosts", path)))
+    seen: dict = {}
+    for i, vh in enumerate(vhosts):
+        for dom in vh.domains:
+            if dom in seen:
+                raise ConfigError(w.join(w.join(path, "virtual_hosts"), i),
+                                  f"domain {dom!r} is already used by virtual_hosts[{seen[dom]}]")
+            seen[dom] = i
+    name = w.string(d, "name", path, nonempty=True)
+    access_log = ()
+    if "access_log" in d:
+        ap = w.join(path, "access_log")
+        a = d["access_log"]
+        if isinstance(a, str):
+            a = {"path": a}
+        w.check_keys(a, ("path", "format", "fields"), ap)
+        access_log = (AccessLogConfig(path={"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
+            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout")),
+            format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
+            fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
+    tls = None
+    if "tls" in d:
+        from sidecar.config.native.listener import downstream_tls_from_native
+        tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls"))
+    return Listener(
+        name=name, host=w.string(d, "address", path, "127.0.0.1"), port=w.integer(d, "port", path, lo=0, hi=65535),
+        route_config=RouteConfig(name=name, virtual_hosts=vhosts, headers=header_mutation_from_native(d, path)),
+        http_filters=http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"), filters),
+        stat_prefix=name,
+        direction=w.string(d, "direction", path, "outbound", choices=("inbound", "outbound")),
+        idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
+        request_headers_timeout_s=w.duration(d, "request_headers_timeout", path, 10.0),
+        request_timeout_s=w.duration(d, "request_timeout", path, 0.0),
+        max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
+        accept_http_10=w.boolean(d, "accept_http_10", path, True),
+        use_remote_address=w.boolean(d, "use_remote_address", path, True),
+        trust_private_peers=w.boolean(d, "trust_private_peers", path, True),
+        preserve_external_request_id=w.boolean(d, "preserve_external_request_id", path, True),
+        xff_num_trusted_hops=w.integer(d, "xff_num_trusted_hops", path, 0, lo=0),
+        server_name=w.string(d, "server_name", path, "envoy"),
+        strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
+        drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
+        access_log=access_log, tls=tls, source=d,
+    )
+
+
+def tracing_from_native(d: dict, path: str) -> TracingConfig:
+    w.check_keys(d, ("sample_percent", "exporter", "endpoint", "service_name"), path)
+    return TracingConfig(sample_percent=w.number(d, "sample_percent", path, 1.0, lo=0, hi=100),
+                         exporter=w.string(d, "exporter", path, "none",
+                                           choices=("none", "otlp_http", "console", "memory")),
+                         endpoint=w.string(d, "endpoint", path, ""),
+                         service_name=w.string(d, "service_name", path, "sidecar"))
+
+
+def _min_version(d: dict, path: str) -> str:
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    v = d.get("min_version", "1.2")
+    if isinstance(v, float):
+        v = f"{v:.1f}"
+    v = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}.get(str(v), str(v))
+    if v in ("TLSv1_0", "TLSv1_1", "1.0", "1.1"):
+        raise ConfigError(w.join(path, "min_version"), "must be 1.2 or 1.3 (TLS 1.2 is the floor)")
+    if v not in TLS_VERSIONS:
+        raise ConfigError(w.join(path, "min_version"), f"must be 1.2 or 1.3, got {d.get('min_version')!r}")
+    return v
+
+
+def _file(d: dict, key: str, path: str, required: bool = False) -> Optional[str]:
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    v = w.string(d, key, path, None if not required else w._MISSING, nonempty=True)
+    if v is not None and not os.path.isfile(v):
+        raise ConfigError(w.join(path, key), f"cannot read file {v!r}")
+    return v
+
+
+def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
+    """Listener ``tls: {cert, key, ca, require_client_cert, min_version}``.
+
+    ``ca`` turns on client-certificate verification (mTLS); with it, ``require_client_cert``
+    defaults to true (set false to accept clients without a certificate too)."""
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version"), path)
+    cert = _file(d, "cert", path, required=True)
+    key = _file(d, "key", path, required=True)
+    ca = _file(d, "ca", path)
+    require = w.boolean(d, "require_client_cert", path, ca is not None)
+    if require and ca is None:
+        raise ConfigError(w.join(path, "require_client_cert"), "needs ca (the CA that signs client certificates)")
+    return DownstreamTls(cert_file=cert, key_file=key, ca_file=ca, require_client_cert=require,
+                         min_version=_min_version(d, path))

@@ -1,0 +1,184 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    prefix: Optional[str] = None
+    path: Optional[str] = None
+    regex: Optional[re.Pattern] = None
+    path_separated_prefix: Optional[str] = None
+    case_sensitive: bool = True
+    headers: tuple[HeaderMatcher, ...] = ()
+    query_params: tuple[QueryMatcher, ...] = ()
+    methods: tuple[str, ...] = ()           # empty = any
+    cookies: tuple[tuple[str, StringMatcher], ...] = ()   # native: cookie-based version routing
+    runtime_fraction: Optional[float] = None  # percent of requests that match (0..100)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValueOption:
+    name: str
+    value: str
+    append: bool = True   # False: overwrite if present
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    request_add: tuple[HeaderValueOption, ...] = ()
+    request_remove: tuple[str, ...] = ()
+    response_add: tuple[HeaderValueOption, ...] = ()
+    response_remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.request_add or self.request_remove or self.response_add
+                    or self.response_remove)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    name: str
+    weight: int
+    headers: HeaderMutation = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    cluster: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    header: Optional[str] = None
+    cookie: Optional[str] = None
+    source_ip: bool = False
+    query_parameter: Optional[str] = None
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    cluster: Optional[str] = None
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    cluster_header: Optional[str] = None
+    prefix_rewrite: Optional[str] = None
+    regex_rewrite: Optional[tuple[re.Pattern, str]] = None
+    host_rewrite: Optional[str] = None
+    auto_host_rewrite: bool = False
+    timeout_s: float = 15.0                  # 0 disables (Envoy's default is 15 s)
+    retry_policy: Optional[RetryPolicy] = None
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    hash_policy: tuple[HashPolicy, ...] = ()
+    # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
+    allow_timeout_header: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    scheme: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    path: Optional[str] = None
+    prefix_rewrite: Optional[str] = None
+    status: int = 301
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    match: RouteMatch
+    action: RouteAction | DirectResponse | Redirect
+    name: str = ""
+    headers: HeaderMutation = HeaderMutation()
+    # filter name (canonical Envoy name) -> per-route config object, or None to disable
+    per_filter: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    headers: HeaderMutation = HeaderMutation()
+    per_filter: tuple[tuple[str, Any], ...] = ()
+    retry_policy: Optional[RetryPolicy] = None
+    # send x-envoy-attempt-count upstream on routes with retries (Envoy:
+    # include_request_attempt_count, off by default; native: on)
+    include_attempt_count: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    headers: HeaderMutation = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFilter:
+    name: str          # canonical Envoy name, e.g. envoy.filters.http.jwt_authn
+    config: Any        # the filter module's frozen config object
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    retry_on: frozenset[str] = frozenset()      # 5xx, gateway-error, reset, connect-failure, ...
+    num_retries: int = 1                         # Envoy default when retry_on is set
+    per_try_timeout_s: float = 0.0               # 0 = none (route timeout only)
+    per_try_idle_timeout_s: float = 0.0          # not supported: always 0 (refused in config)
+    retriable_status_codes: frozenset[int] = frozenset()
+    backoff_base_s: float = 0.025                # Envoy default 25 ms
+    backoff_max_s: float = 0.250                 # Envoy default 10x base
+    retry_non_idempotent: bool = False           # native extension; Envoy retries POST too
+    retry_host_predicate_previous_hosts: bool = True
+    host_selection_retry_max_attempts: int = 3
+    max_buffered_body: int = 64 * 1024           # bodies over this are sent once, unretried
+    allow_override_headers: bool = False         # honour x-envoy-max-retries / x-envoy-retry-on
+
+
+RETRY_ON = frozenset({
+    "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
+    "retriable-status-codes", "reset-before-request", "envoy-ratelimited", "http3-post-connect-failure",
+})
+
+
+def parse_retry_on(v, path: str) -> frozenset[str]:
+    from sidecar.config.errors import ConfigError
+    if isinstance(v, str):
+        items = [s.strip() for s in v.split(",") if s.strip()]
+    elif isinstance(v, list) and all(isinstance(s, str) for s in v):
+        items = v
+    else:
+        raise ConfigError(path, "must be a comma-separated string or a list of strings")
+    for s in items:
+        if s not in RETRY_ON:
+            raise ConfigError(path, f"unsupported retry condition {s!r} "
+                                    f"(supported: {', '.join(sorted(RETRY_ON))})")
+    return frozenset(items)
+
+
+def _status_codes(v, path: str) -> frozenset[int]:
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    if not isinstance(v, list):
+        raise ConfigError(path, "must be a list of HTTP status codes")
+    for i, c in enumerate(v):
+        if isinstance(c, bool) or not isinstance(c, int) or not 100 <= c <= 599:
+            raise ConfigError(w.join(path, i), "must be an HTTP status code 100..599")
+    return frozenset(v)

@@ -1,0 +1,139 @@
+"""A bound listener: accept, keep track of connections, sweep idle ones, drain.
+
+Its routes live in an ``HttpConnectionManager`` swapped by the config store in one assignment,
+without touching the socket; a request in flight keeps the manager it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sidecar.codec.http1 import DownstreamConnection
+from sidecar.config.listener import Listener
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.listener.http import HttpConnectionManager, ListenerCounters
+from sidecar.observability.metrics import Metrics
+from sidecar.tls.context import server_context
+
+
+class ListenerRuntime:
+    """A bound listener; its routes are swapped by the config store without touching sockets."""
+
+    def __init__(self, config: Listener, metrics: Metrics):
+        self.config = config
+        self.name = config.name
+        self.connections: set[DownstreamConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        # swapped by the config store in one assignment; a stream reads it once, at dispatch
+        self.hcm: HttpConnectionManager | None = None
+        self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.server_header = f"server: {config.server_name}\r\n"
+        self.accept_http_10 = config.accept_http_10
+        self._sweeper: asyncio.Task[None] | None = None
+        self.bound_port = config.port
+        self.downstream_cx_active = 0
+        self.counters = ListenerCounters(metrics, config.name)
+
+    def active_requests(self) -> int:
+        """Requests being served or queued (pipelined) on this listener's connections."""
+        n = 0
+        for c in self.connections:
+            if c._busy:
+                n += 1 + len(c._queue)
+        return n
+
+    def swap(self, config: Listener, hcm: HttpConnectionManager) -> HttpConnectionManager | None:
+        """Serve ``hcm`` (a new config's routes) from now on; returns the one it replaces."""
+        self.config = config
+        self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.server_header = f"server: {config.server_name}\r\n"
+        self.accept_http_10 = config.accept_http_10
+        old, self.hcm = self.hcm, hcm
+        return old
+
+    def port_bound(self) -> None:
+        """Port 0 was bound to a real port: routes that strip a matching port must know it."""
+        hcm = self.hcm
+        if hcm is not None:
+            hcm.bound_port = self.bound_port
+            if hcm.table is not None:
+                hcm.table.listener_port = str(self.bound_port)
+
+    # ---- what the codec asks of its listener (codec.http1.StreamOwner) ---------------------
+    def connection_opened(self, conn: DownstreamConnection) -> None:
+        self.connections.add(conn)
+        self.downstream_cx_active += 1
+        self.counters.cx_total.inc()
+
+    def connection_closed(self, conn: DownstreamConnection) -> None:
+        self.connections.discard(conn)
+        self.downstream_cx_active -= 1
+
+    def protocol_error(self, status: int) -> None:
+        self.counters.protocol_error(status)
+
+    async def dispatch(self, req: Request) -> Response:
+        hcm = self.hcm
+        if hcm is None:
+            return local_reply(req.ctx, 404, "", "NR")
+        return await hcm.dispatch(req)
+
+    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
+        observer = req.ctx.observer
+        if observer is None:
+            hcm = self.hcm
+            if hcm is None:
+                return
+            observer = hcm.unmatched
+        observer.stream_done(req, resp, body_bytes)
+
+    async def start(self, reuse_port: bool = False, sock=None) -> None:
+        loop = asyncio.get_running_loop()
+        ssl_ctx = server_context(self.config.tls) if self.config.tls is not None else None
+        kw = dict(backlog=1024, ssl=ssl_ctx)
+        if sock is not None:
+            self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)
+        else:
+            self.server = await loop.create_server(lambda: DownstreamConnection(self),
+                                                   self.config.host, self.config.port,
+                                                   reuse_port=reuse_port or None, **kw)
+        self.bound_port = self.server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            cfg = self.config
+            for c in list(self.connections):
+                c.idle_check(now, cfg.idle_timeout_s, cfg.request_headers_timeout_s)
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to ``timeout``), then close."""
+        await self.stop_accepting()
+        for c in list(self.connections):
+            if not c._busy:
+                c._close()
+        end = time.monotonic() + timeout
+        while self.connections and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+            for c in list(self.connections):
+                if not c._busy:
+                    c._close()
+        for c in list(self.connections):
+            c._close()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.connections):
+            c._close()

@@ -1,0 +1,122 @@
+"""The outermost layer of every route: the server span, local-reply shaping (gRPC clients get
+gRPC-shaped replies, as from Envoy), and what happens when the stream is over (metrics, span
+end, access log), which the codec reports once the response has been written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from multidict import MultiDict
+
+from sidecar.core.body import body_length
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Handler
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.metrics import CounterChild
+from sidecar.observability.access_log import RequestLogger
+from sidecar.observability.stats import RouteStats
+from sidecar.observability.tracing import ListenerTracer, ServerSpan
+
+log = logging.getLogger("sidecar.route")
+
+# Envoy's Grpc::Utility::httpToGrpcStatus
+_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def is_grpc(req: Request) -> bool:
+    ct = req.headers.get("content-type")
+    return ct is not None and ct.startswith("application/grpc")
+
+
+def grpc_local_reply(resp: Response) -> Response:
+    """A local reply to a gRPC request, as Envoy sends it: HTTP 200, trailers-only, the gRPC
+    status from the HTTP status and the reply body as ``grpc-message``."""
+    if "grpc-status" in resp.headers:
+        return resp
+    body = resp.body if isinstance(resp.body, bytes) else b""
+    h = MultiDict(resp.headers)
+    h.popall("content-length", None)
+    h["content-type"] = "application/grpc"
+    h["grpc-status"] = str(_HTTP_TO_GRPC.get(resp.status, 2))
+    if body:
+        h["grpc-message"] = body.decode("utf-8", "replace")
+    out = Response(200, h, b"")
+    out.local = True
+    return out
+
+
+class RouteObserver:
+    """Records one finished stream: route metrics, the server span's end, access log lines."""
+
+    __slots__ = ("_stats", "_make_stats", "access_logs", "no_route")
+
+    def __init__(self, make_stats: Callable[[], RouteStats], access_logs: tuple[RequestLogger, ...],
+                 no_route: CounterChild | None = None):
+        self._stats: RouteStats | None = None
+        self._make_stats = make_stats
+        self.access_logs = access_logs
+        self.no_route = no_route
+
+    @property
+    def stats(self) -> RouteStats:
+        st = self._stats
+        if st is None:
+            # bound on a route's first request: a 10,000-route config only pays for the
+            # metric children of routes that see traffic
+            st = self._stats = self._make_stats()
+        return st
+
+    def stream_done(self, req: Request, resp: Response, body_bytes: int) -> None:
+        ctx = req.ctx
+        duration = time.perf_counter() - ctx.start
+        ctx.bytes_sent = body_bytes if body_bytes > 0 else 0
+        n = ctx.bytes_received = body_length(req.body)
+        st = self.stats
+        if self.no_route is not None and ctx.route is None:
+            self.no_route.inc()
+        status = resp.status
+        st.rq_by_class[(1 if status < 100 else 5 if status >= 500 else status // 100) - 1].inc()
+        st.latency.observe(duration)
+        if body_bytes > 0:
+            st.bytes_out.inc(body_bytes)
+        if n:
+            st.bytes_in.inc(n)
+        for f in ctx.flags:
+            st.flag(f).inc()
+        span = ctx.span
+        if isinstance(span, ServerSpan):
+            span.finish(req, resp, duration)
+        for al in self.access_logs:
+            al.log(req, resp, duration)
+
+
+class ObserveLayer:
+    """Starts the server span (when sampled), binds the route's observer to the request, turns
+    an exception anywhere below into a 500, and reshapes local replies for gRPC clients."""
+
+    __slots__ = ("next", "route", "tracer", "observer")
+
+    def __init__(self, route: RouteInfo, next: Handler, tracer: ListenerTracer | None,
+                 observer: RouteObserver):
+        self.next = next
+        self.route = route
+        self.tracer = tracer
+        self.observer = observer
+
+    async def __call__(self, req: Request) -> Response:
+        ctx = req.ctx
+        ctx.route = self.route
+        ctx.observer = self.observer
+        if self.tracer is not None:
+            self.tracer.begin(req)
+        try:
+            resp = await self.next(req)
+        except Exception:
+            log.exception("unhandled error in the stack of route %s", self.route.name)
+            resp = local_reply(ctx, 500, "internal error", "DPE")
+        if resp.local and ctx.grpc:
+            return grpc_local_reply(resp)
+        return resp
