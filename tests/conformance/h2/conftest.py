@@ -31,9 +31,10 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jwt
 import pytest
@@ -41,9 +42,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from h2conf_peers import EchoServer, GrpcBackend, WsEchoServer
 from jwt.algorithms import ECAlgorithm
 
-from h2conf_peers import EchoServer, GrpcBackend, WsEchoServer
 from sidecar.testing import ProxyProcess, free_port, stop_process, wait_for_port
 
 SIDECAR_SUPPORTS_H2 = False
@@ -80,7 +81,7 @@ class Certs:
 
 def make_certs(directory: Path) -> Certs:
     """A CA and a server certificate for localhost / 127.0.0.1 (cryptography)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "h2 conformance CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -177,7 +178,7 @@ class Proxy:
     ports: dict[str, int]
     admin_port: int
     process: Any = None
-    log_path: Optional[Path] = None
+    log_path: Path | None = None
 
     def port(self, listener: str = "main") -> int:
         return self.ports[listener]
@@ -270,11 +271,10 @@ class ProxyRegistry:
         render(template, path, values)
         proxy = Proxy(kind, config, path, ports, admin, log_path=d / f"{kind}.log")
         if kind == "envoy":
-            logf = open(proxy.log_path, "w")
-            proxy.process = subprocess.Popen(
-                [ENVOY, "-c", str(path), "--concurrency", "1", "--log-level", "error",
-                 "--disable-hot-restart"], stdout=logf, stderr=subprocess.STDOUT)
-            logf.close()
+            with open(proxy.log_path, "w") as logf:
+                proxy.process = subprocess.Popen(
+                    [ENVOY, "-c", str(path), "--concurrency", "1", "--log-level", "error",
+                     "--disable-hot-restart"], stdout=logf, stderr=subprocess.STDOUT)
             _wait_envoy_ready(proxy.process, admin, proxy.log_path)
         else:
             proc = ProxyProcess(str(path), str(d), args=("--log-level", "error"))

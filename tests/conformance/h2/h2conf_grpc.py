@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import grpc
-
 from h2conf_peers import GRPC_OPTIONS, SERVICE, H2Client, grpc_frame, http1_exchange
 
 # response headers whose value is a timing or a clock: present, value masked
@@ -56,7 +55,7 @@ def raw_grpc_h1(port: int, route: str, path: str = f"/{SERVICE}/Unary", extra=()
             "trailers": clean_headers(r.trailers), "body": r.body}
 
 
-def channel(port: int, *, tls_ca: Optional[str] = None) -> grpc.Channel:
+def channel(port: int, *, tls_ca: str | None = None) -> grpc.Channel:
     if tls_ca is None:
         return grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
     with open(tls_ca, "rb") as f:

@@ -24,9 +24,9 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
@@ -85,11 +85,11 @@ def _echo(version: str, method: str, path: str, headers: list, body: bytes,
 class _H2EchoProtocol(asyncio.Protocol):
     """The HTTP/2 side of ``EchoServer`` (h2 does the framing, HPACK and flow control)."""
 
-    def __init__(self, server: "EchoServer") -> None:
+    def __init__(self, server: EchoServer) -> None:
         self.server = server
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding="latin-1"))
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.requests: dict[int, dict] = {}
         self.window_open = asyncio.Event()
         self.conn_id = next(server.conn_ids)
@@ -201,10 +201,10 @@ class _Sniffer(asyncio.Protocol):
     """Reads the first bytes of a connection and hands it to the HTTP/2 echo (on the h2
     connection preface) or to aiohttp (anything else)."""
 
-    def __init__(self, server: "EchoServer") -> None:
+    def __init__(self, server: EchoServer) -> None:
         self.server = server
         self.buf = b""
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport) -> None:     # type: ignore[override]
         self.transport = transport
@@ -232,16 +232,19 @@ class EchoServer:
         self.connections: collections.Counter = collections.Counter()
         self.conn_ids = itertools.count(1)
         self.max_streams_per_connection = 0      # the most streams one h2 connection carried
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.http1_factory: Callable[[], asyncio.Protocol]
 
     async def _handle_http1(self, request: web.Request) -> web.StreamResponse:
         steer = _steer(list(request.query.items()))
         if steer["delay"]:
             await asyncio.sleep(steer["delay"])
-        body_in = await request.content.read()   # (read() caps bodies at 1 MiB)
+        try:
+            body_in = await request.content.read()   # (read() caps bodies at 1 MiB)
+        except ConnectionError:      # the proxy gave up on this request: nobody to answer
+            return web.Response(status=499)
         if steer["body"] is not None:
             body, ctype = steer["body"], "text/plain"
         elif steer["size"] is not None:
@@ -285,7 +288,7 @@ class EchoServer:
         srv.close()
         loop.close()
 
-    def start(self) -> "EchoServer":
+    def start(self) -> EchoServer:
         self._thread = threading.Thread(target=self._run, name="h2-echo", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -351,7 +354,7 @@ class GrpcBackend:
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.set_serving(True)
 
-    def start(self) -> "GrpcBackend":
+    def start(self) -> GrpcBackend:
         self.server.start()
         return self
 
@@ -469,7 +472,7 @@ class WsEchoServer:
 
     def __init__(self) -> None:
         self.handshakes: list[list[tuple[str, str]]] = []
-        self.closed_by_client: list[Optional[int]] = []
+        self.closed_by_client: list[int | None] = []
         self._server = serve(self._handler, "127.0.0.1", 0, compression=None,
                              max_size=16 << 20, ping_interval=None)
         self.port = self._server.socket.getsockname()[1]
@@ -494,7 +497,7 @@ class WsEchoServer:
         rcvd = ws.protocol.close_rcvd
         self.closed_by_client.append(rcvd.code if rcvd is not None else None)
 
-    def start(self) -> "WsEchoServer":
+    def start(self) -> WsEchoServer:
         self._thread.start()
         return self
 
@@ -512,12 +515,12 @@ class H2Response:
     informational: list = field(default_factory=list)  # 1xx header blocks
     body: bytes = b""
     trailers: list = field(default_factory=list)
-    reset: Optional[int] = None          # RST_STREAM error code from the server
+    reset: int | None = None          # RST_STREAM error code from the server
     trailers_only: bool = False          # the response HEADERS frame carried END_STREAM
     ended: bool = False
 
     @property
-    def status(self) -> Optional[int]:
+    def status(self) -> int | None:
         for k, v in self.headers:
             if k == ":status":
                 return int(v)
@@ -554,13 +557,13 @@ def client_tls_context(ca_file: str, alpn: list[str]) -> ssl.SSLContext:
 class H2Client:
     """An HTTP/2 client connection (prior knowledge, or TLS with ALPN ``h2``)."""
 
-    def __init__(self, port: int, *, tls: Optional[ssl.SSLContext] = None,
+    def __init__(self, port: int, *, tls: ssl.SSLContext | None = None,
                  server_hostname: str = "localhost", timeout: float = 10.0,
-                 validate_outbound: bool = True, local_settings: Optional[dict] = None) -> None:
+                 validate_outbound: bool = True, local_settings: dict | None = None) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock: socket.socket = raw
-        self.alpn: Optional[str] = None
+        self.alpn: str | None = None
         if tls is not None:
             self.sock = tls.wrap_socket(raw, server_hostname=server_hostname)
             self.alpn = self.sock.selected_alpn_protocol()
@@ -574,7 +577,7 @@ class H2Client:
                                                             initial_values=local_settings)
         self.conn.initiate_connection()
         self.streams: dict[int, H2Response] = {}
-        self.goaway: Optional[tuple[int, int]] = None        # (error code, last stream id)
+        self.goaway: tuple[int, int] | None = None        # (error code, last stream id)
         self.closed = False
         self.server_settings: dict[int, int] = {}
         self.server_connection_window_increment = 0
@@ -637,9 +640,8 @@ class H2Client:
             self.streams[ev.stream_id].trailers = list(ev.headers)
         elif isinstance(ev, h2.events.StreamEnded):
             self.streams[ev.stream_id].ended = True
-        elif isinstance(ev, h2.events.StreamReset):
-            if ev.stream_id in self.streams:
-                self.streams[ev.stream_id].reset = int(ev.error_code)
+        elif isinstance(ev, h2.events.StreamReset) and ev.stream_id in self.streams:
+            self.streams[ev.stream_id].reset = int(ev.error_code)
 
     def ping(self) -> None:
         """Send a PING and wait for its ACK: every frame the server sent before is seen."""
@@ -714,7 +716,7 @@ class H2Client:
             pass
         self.sock.close()
 
-    def __enter__(self) -> "H2Client":
+    def __enter__(self) -> H2Client:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -741,7 +743,7 @@ class H1Response:
         return json.loads(self.body)
 
 
-def http1_exchange(port: int, data: bytes, *, tls: Optional[ssl.SSLContext] = None,
+def http1_exchange(port: int, data: bytes, *, tls: ssl.SSLContext | None = None,
                    timeout: float = 10.0, head_only: bool = False) -> H1Response:
     """Send ``data`` on a new connection and read one response."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -816,5 +818,5 @@ def http1_exchange(port: int, data: bytes, *, tls: Optional[ssl.SSLContext] = No
 ERROR_NAMES = {int(c): c.name for c in h2.errors.ErrorCodes}
 
 
-def error_name(code: Optional[int]) -> Optional[str]:
+def error_name(code: int | None) -> str | None:
     return None if code is None else ERROR_NAMES.get(code, str(code))

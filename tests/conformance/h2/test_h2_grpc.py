@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import queue
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
-from h2conf_grpc import (call_outcome, channel, clean_headers, raw_grpc_h1, raw_grpc_h2,
-                         stubs, wait_until)
+from h2conf_grpc import (
+    call_outcome,
+    channel,
+    clean_headers,
+    raw_grpc_h1,
+    raw_grpc_h2,
+    stubs,
+    wait_until,
+)
 from h2conf_peers import SERVICE, grpc_messages
 
 # ---- the four call kinds ---------------------------------------------------------------------
@@ -70,10 +75,9 @@ def test_server_streaming_error_after_messages(grpc_pair):
     def run(p):
         with channel(p.port()) as ch:
             it = stubs(ch)["ServerStream"](b"10:10", metadata=[("x-fail-after", "3")], timeout=20)
-            got = []
+            got: list[bytes] = []
             try:
-                for m in it:
-                    got.append(m)
+                got.extend(it)
             except grpc.RpcError:
                 pass
             return {"count": len(got), "code": it.code().name, "details": it.details()}

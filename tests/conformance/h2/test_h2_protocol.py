@@ -13,10 +13,9 @@ import json
 import h2.exceptions
 import h2.settings
 import pytest
-from hyperframe.frame import Frame, GoAwayFrame
-
 from h2conf_grpc import call_outcome, channel, clean_headers, stubs
 from h2conf_peers import H2Client, client_tls_context, error_name, http1_exchange
+from hyperframe.frame import Frame, GoAwayFrame
 
 S = h2.settings.SettingCodes
 
@@ -80,12 +79,13 @@ def test_request_trailers_to_http2_upstream(h2_pair):
 
 HTTP1_TO_H2 = [
     ("hop-by-hop-headers",
-     b"GET /h2/a HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\n"
-     b"Keep-Alive: 300\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nx-kept: yes\r\n\r\n"),
+     (b"GET /h2/a HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, x-hop\r\n"
+      b"x-hop: 1\r\nKeep-Alive: 300\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+      b"x-kept: yes\r\n\r\n")),
     ("te-gzip-dropped", b"GET /h2/a HTTP/1.1\r\nHost: example.test\r\nTE: gzip, trailers\r\n\r\n"),
     ("chunked-body",
-     b"POST /h2/a HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+     (b"POST /h2/a HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+      b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")),
     ("content-length-body",
      b"POST /h2/a HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello"),
     ("response-trailers-to-http1-client",

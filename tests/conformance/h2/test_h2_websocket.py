@@ -11,11 +11,10 @@ import os
 import socket
 
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect
-
 from h2conf_grpc import clean_headers, wait_until
 from h2conf_peers import http1_exchange
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 MASKED = {"sec-websocket-key", "sec-websocket-accept"}   # random per handshake
 
