@@ -175,7 +175,7 @@ LOCAL_REPLIES = [
     ("fault-abort-grpc-status", "fault-grpc", None, ()),
     ("fault-abort-http-status", "fault-http", None, ()),
     ("no-healthy-upstream-by-health-check", "hc-down", None, ()),
-    ("grpc-timeout-max-stream-duration", "deadline", None,
+    ("grpc-timeout-max-stream-duration", "deadline-local", None,
      (("grpc-timeout", "200m"), ("x-delay", "3"))),
 ]
 
