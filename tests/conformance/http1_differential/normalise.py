@@ -106,8 +106,11 @@ def differences(envoy: Outcome, sidecar: Outcome) -> list[str]:
 
 
 def summary(o: Outcome) -> str:
-    """A one-line description for tables: statuses, connection, what reached the upstream."""
-    st = ",".join(str(s) for s in o.statuses) or "none"
+    """One line for tables: ``statuses | client connection | upstream: [requests per upstream
+    connection]``; ``1xx+`` prefixes interim responses, ``(closed)`` marks an upstream connection
+    the proxy closed, ``+NB unframed`` bytes that reached it without framing as a request, and
+    ``upstream: -`` means nothing reached the upstream."""
+    st = ",".join(str(s) for s in o.statuses) or "no response"
     if o.interim:
         st = "+".join(str(s) for s in o.interim) + "+" + st
     up = []
@@ -115,7 +118,7 @@ def summary(o: Outcome) -> str:
         lines = [r[0].split(" ")[0] + " " + r[0].split(" ")[1][:24] if " " in r[0] else r[0][:24]
                  for r in reqs]
         d = "[" + "; ".join(lines) + (f" +{len(left)}B unframed" if left else "") + "]"
-        up.append(d + ("x" if closed else ""))
+        up.append(d + (" (closed)" if closed else ""))
     return f"{st} | {o.connection} | upstream: {' '.join(up) or '-'}"
 
 

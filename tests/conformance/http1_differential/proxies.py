@@ -27,8 +27,11 @@ ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Route
 
 
 def bootstrap(admin_port: int, lanes: list[tuple[int, int]], hcm_overrides: dict | None = None,
-              cluster_overrides: dict | None = None) -> dict:
-    """``lanes``: (listener port, upstream port) per lane."""
+              cluster_overrides: dict | None = None, envoy: bool = False) -> dict:
+    """``lanes``: (listener port, upstream port) per lane. ``envoy``: also turn off
+    SO_REUSEPORT on the listeners (Envoy's default turns it on, so a port picked in advance that
+    another Envoy on the machine also picked would be shared silently instead of failing to
+    bind; a socket option, nothing HTTP, and one the sidecar never sets at --concurrency 1)."""
     listeners, clusters = [], []
     for i, (listen, upstream) in enumerate(lanes):
         name = f"lane{i}"
@@ -43,12 +46,15 @@ def bootstrap(admin_port: int, lanes: list[tuple[int, int]], hcm_overrides: dict
                               "typed_config": {"@type": ROUTER_TYPE}}],
         }
         hcm.update(hcm_overrides or {})
-        listeners.append({
+        listener = {
             "name": name,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}],
-        })
+        }
+        if envoy:
+            listener["enable_reuse_port"] = False
+        listeners.append(listener)
         cluster = {
             "name": name, "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
@@ -67,19 +73,23 @@ class Proxy:
 
     def __init__(self, kind: str, label: str, workdir: Path, upstream_ports: list[int],
                  hcm_overrides: dict | None = None, cluster_overrides: dict | None = None,
-                 log_level: str = "error"):
+                 log_level: str = "error", taken: set[int] | None = None):
         self.kind = kind
         self.label = label
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        ports: set[int] = set()
+        taken = taken if taken is not None else set()  # ports other proxies of the run use
+        ports: list[int] = []
         while len(ports) < len(upstream_ports) + 1:
-            ports.add(free_port())
-        *self.ports, self.admin_port = sorted(ports)
+            p = free_port()
+            if p not in taken:
+                taken.add(p)
+                ports.append(p)
+        *self.ports, self.admin_port = ports
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(
             bootstrap(self.admin_port, list(zip(self.ports, upstream_ports)), hcm_overrides,
-                      cluster_overrides), sort_keys=False))
+                      cluster_overrides, envoy=kind == "envoy"), sort_keys=False))
         self.log_level = log_level
         self.log_path = workdir / f"{kind}.log"
         self._proc: subprocess.Popen | None = None

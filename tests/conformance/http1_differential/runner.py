@@ -56,6 +56,7 @@ class Harness:
         self._thread: threading.Thread | None = None
         self.upstreams: dict[str, list[RecordingUpstream]] = {}
         self.proxies: dict[str, Proxy] = {}
+        self._taken_ports: set[int] = set()
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -83,7 +84,7 @@ class Harness:
     def _proxy(self, side: Side, attempt: int) -> Proxy:
         return Proxy(side.kind, side.label, self.workdir / f"{side.label}-{attempt}",
                      [u.port for u in self.upstreams[side.label]], side.hcm_overrides,
-                     side.cluster_overrides, self.log_level)
+                     side.cluster_overrides, self.log_level, self._taken_ports)
 
     def _ready(self, side: Side) -> None:
         """Wait for the proxy; if one of its (ephemeral, picked in advance) ports was taken by

@@ -20,7 +20,13 @@ import pytest
 
 from .corpus import ALL, BY_NAME
 from .expected import EXPECTED, FINDINGS, STRICTER
-from .normalise import Outcome, differences, forwarded_only_what_envoy_forwarded, outcome, summary
+from .normalise import (
+    Outcome,
+    differences,
+    forwarded_only_what_envoy_forwarded,
+    outcome,
+    summary,
+)
 from .proxies import envoy_available
 from .runner import Harness, Side
 
