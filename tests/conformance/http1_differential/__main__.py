@@ -1,7 +1,7 @@
 """CLI: run the corpus through Envoy and the sidecar and print a table.
 
     python -m tests.conformance.http1_differential [-k SUBSTR] [--details]
-    python -m tests.conformance.http1_differential --markdown FILE   # the per-case doc table
+    python -m tests.conformance.http1_differential --update-doc docs/http1-differential.md
     python -m tests.conformance.http1_differential --envoy-variants  # which Envoy settings matter
 """
 
@@ -12,14 +12,67 @@ import sys
 import time
 
 from .corpus import ALL
-from .expected import EXPECTED, FINDINGS
+from .expected import DOCUMENTED, EXPECTED, FINDINGS, STRICTER, TO_FIX
 from .normalise import differences, outcome, summary, verdict
 from .runner import Harness, Side
 from .variants import VARIANTS
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+MARKER = "<!-- everything below is generated: python -m tests.conformance.http1_differential --update-doc docs/http1-differential.md -->"
+
+
+def write_doc(path: str, rows, counts: dict[str, int]) -> None:
+    """Replace the generated part of the doc (below MARKER): the findings with their cases,
+    then every case."""
+    with open(path) as f:
+        text = f.read()
+    if MARKER not in text:
+        raise SystemExit(f"{path}: marker line not found")
+    out = [text[:text.index(MARKER) + len(MARKER)], ""]
+    by_finding: dict[str, list[str]] = {}
+    for c, _e, _s, _v, listed in rows:
+        if listed:
+            by_finding.setdefault(listed, []).append(c.name)
+    total = len(rows)
+    same = counts.get("same", 0)
+    tally = (f"{total} cases: {same} the same as Envoy, {total - same} different, each listed "
+             "under one finding below (and in `expected.py`).")
+    out += ["## Findings", "", tally, ""]
+    for verdict_name in (TO_FIX, DOCUMENTED, STRICTER):
+        group = [f for f in FINDINGS.values() if f.verdict == verdict_name and f.id in by_finding]
+        n_cases = sum(len(by_finding[f.id]) for f in group)
+        out += [f"### {verdict_name.capitalize()} ({_n(len(group), 'finding')}, "
+                f"{_n(n_cases, 'case')})", ""]
+        for f in group:
+            names = by_finding[f.id]
+            listing = ", ".join(f"`{n}`" for n in names)
+            out += [f"#### {f.id}", "", f"**{f.title}** ({_n(len(names), 'case')}: {listing})", "",
+                    f"- Envoy: {f.envoy}", f"- Sidecar today: {f.sidecar}",
+                    f"- {'Fix' if f.verdict == TO_FIX else 'Why'}: {f.fix}", ""]
+    legend = ("`statuses | client connection | upstream: [requests per upstream connection]`; "
+              "`(closed)`: the proxy closed that upstream connection; `upstream: -`: nothing "
+              "reached the upstream; `=`: the sidecar's outcome is Envoy's. Sources: RFC "
+              "sections as \"9112 §x\", papers by author and year (see the top of this page).")
+    out += ["## Every case", "", legend, "",
+            "| case | source | Envoy 1.40 | sidecar | verdict |", "|---|---|---|---|---|"]
+    for c, e, s, v, listed in rows:
+        if listed:
+            fd = FINDINGS[listed]
+            verdict_text = f"{fd.verdict}: [{listed}](#{listed.lower()})"
+        else:
+            verdict_text = "same" if v == "same" else f"**unlisted {v}**"
+        out.append(f"| `{c.name}` | {_md(c.source)} | {_md(summary(e))} | "
+                   f"{'=' if v == 'same' else _md(summary(s))} | {verdict_text} |")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
 
 
 def compare_with_sidecar(args, cases) -> int:
@@ -56,17 +109,8 @@ def compare_with_sidecar(args, cases) -> int:
                     for i, u in enumerate(o.upstream):
                         print(f"          {side} upstream conn {i}: closed={u.closed_by_proxy} "
                               f"{u.data[:600]!r}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("| case | source | Envoy 1.40 | sidecar | verdict |\n|---|---|---|---|---|\n")
-            for c, e, s, v, listed in rows:
-                if listed:
-                    fd = FINDINGS[listed]
-                    verdict_text = f"{fd.verdict} [{listed}](#{listed.lower()})"
-                else:
-                    verdict_text = "same" if v == "same" else f"**unlisted {v}**"
-                f.write(f"| `{c.name}` | {_md(c.source)} | {_md(summary(e))} | "
-                        f"{'=' if v == 'same' else _md(summary(s))} | {verdict_text} |\n")
+    if args.update_doc:
+        write_doc(args.update_doc, rows, counts)
     print(f"\n{len(cases)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + f"; {unexpected} not as listed in expected.py"
           + f"  (start {t1 - t0:.1f}s, run {t2 - t1:.1f}s)", file=sys.stderr)
@@ -98,12 +142,16 @@ def main(argv=None) -> int:
     ap.add_argument("-k", action="append", default=[], help="only cases whose name contains this")
     ap.add_argument("--lanes", type=int, default=16)
     ap.add_argument("--details", action="store_true", help="print raw bytes of differing cases")
-    ap.add_argument("--markdown", metavar="FILE", help="write the per-case table as markdown")
+    ap.add_argument("--update-doc", metavar="FILE",
+                    help="rewrite the generated part of FILE (docs/http1-differential.md); "
+                         "needs the whole corpus")
     ap.add_argument("--envoy-variants", action="store_true",
                     help="compare Envoy's defaults with Envoy under each variant (variants.py)")
     ap.add_argument("--log-level", default="error")
     args = ap.parse_args(argv)
     cases = [c for c in ALL if not args.k or any(k in c.name for k in args.k)]
+    if args.update_doc and args.k:
+        raise SystemExit("--update-doc documents every case: drop -k")
     if args.envoy_variants:
         return envoy_variants(args, cases)
     return compare_with_sidecar(args, cases)

@@ -60,10 +60,12 @@ _F = [
             "(case-insensitive, OWS trimmed): lists (`gzip, chunked`, `identity, chunked`, "
             "`chunked, chunked`, `, chunked`, `chunked,`), an empty value, and more than one "
             "Transfer-Encoding line. `chunked<TAB>` is accepted (OWS).",
-            "Forwards `gzip, chunked`, `identity, chunked`, `, chunked` and `x` + `chunked` on two "
-            "lines as a chunked body (the smuggled second request reaches the upstream in those "
-            "cases, as its own request); answers 400 for the other lists; answers 501 for "
-            "`chunked<TAB>`.",
+            "Reads `gzip, chunked`, `identity, chunked`, `, chunked` and `x` + `chunked` on two "
+            "lines as chunked, forwards the body re-framed as plain `chunked` (the other codings "
+            "are lost) and then forwards the bytes after it (`GET /smuggled`) as a request of its "
+            "own: a proxy in front that frames such a body differently (TE.TE) disagrees with the "
+            "sidecar on where that request starts. Answers 400 for the other lists and 501 for "
+            "`chunked<TAB>` (legal OWS).",
             "After the head: if any Transfer-Encoding line is present, require exactly one line "
             "whose value, trimmed of SP/HTAB, equals `chunked` case-insensitively; otherwise "
             "answer 501 and close, before anything is forwarded. (CL + TE stays 400.)"),
