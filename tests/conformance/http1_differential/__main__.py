@@ -49,8 +49,9 @@ def write_doc(path: str, rows, counts: dict[str, int]) -> None:
     for verdict_name in (TO_FIX, DOCUMENTED, STRICTER):
         group = [f for f in FINDINGS.values() if f.verdict == verdict_name and f.id in by_finding]
         n_cases = sum(len(by_finding[f.id]) for f in group)
-        out += [f"### {verdict_name.capitalize()} ({_n(len(group), 'finding')}, "
-                f"{_n(n_cases, 'case')})", ""]
+        heading = (f"### {verdict_name.capitalize()} ({_n(len(group), 'finding')}, "
+                   f"{_n(n_cases, 'case')})")
+        out += [heading, ""]
         for f in group:
             names = by_finding[f.id]
             listing = ", ".join(f"`{n}`" for n in names)
