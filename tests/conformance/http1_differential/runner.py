@@ -20,8 +20,8 @@ from .proxies import Proxy
 from .upstream import RecordingUpstream, UpstreamConn
 
 # When the client is gone (it aborted, or the case ended with its request unfinished) the
-# proxy should close the upstream connection holding the partial request at once: wait up to
-# this long for that before recording the upstream side.
+# proxy should close the upstream connection carrying that request at once: wait up to this
+# long for that before recording the upstream side.
 PARTIAL_SETTLE = 0.6
 SETTLE = 0.05
 
@@ -116,7 +116,7 @@ class Harness:
                 result = await play(port, case)
                 await asyncio.sleep(SETTLE)
                 waited = SETTLE
-                while up.holding_partial() and waited < PARTIAL_SETTLE:
+                while up.holding(result.aborted) and waited < PARTIAL_SETTLE:
                     await asyncio.sleep(0.02)
                     waited += 0.02
                 out[case.name][side.label] = Observation(result, await up.end())

@@ -120,15 +120,13 @@ class RecordingUpstream:
         self.count += 1
         return self.replies[k] if k < len(self.replies) else ok_reply(k, method)
 
-    def holding_partial(self) -> bool:
-        """A connection the proxy has not closed holds bytes that frame no complete request
-        (a request the client never finished): the proxy should close it."""
-        for c in self.conns:
-            if c.rec.data and not c.rec.closed_by_proxy and not c.rec.closed_by_upstream:
-                _, rest = parse_requests(c.rec.data, eof=False)
-                if rest:
-                    return True
-        return False
+    def holding(self, client_aborted: bool) -> bool:
+        """A connection the proxy should close and has not closed yet: after the client
+        aborted, any connection carrying its request; otherwise one holding bytes that frame no
+        complete request (a request the client never finished)."""
+        return any(c.rec.data and not c.rec.closed_by_proxy and not c.rec.closed_by_upstream
+                   and (client_aborted or parse_requests(c.rec.data, eof=False)[1])
+                   for c in self.conns)
 
     async def end(self) -> list[UpstreamConn]:
         """The connections of the case as they are now; then close them all."""
