@@ -316,7 +316,7 @@ CASES: list[Case] = [
           ("ext-bare-cr", b"5;a\rb\r\nhello\r\n0\r\n\r\n", "Weikop 2025"),
           ("ext-nul", b"5;a\x00b\r\nhello\r\n0\r\n\r\n", "9112 §7.1.1"),
           ("ext-long-16k", b"5;x=" + b"a" * 16384 + b"\r\nhello\r\n0\r\n\r\n",
-           "CVE-2023-24534 class (unbounded chunk extensions)"),
+           "CVE-2023-39326 class (Go net/http: unbounded chunk-extension overhead)"),
           ("size-trailing-space", b"5 \r\nhello\r\n0\r\n\r\n", "9112 §7.1 (no OWS after size)"),
           ("size-trailing-tab", b"5\t\r\nhello\r\n0\r\n\r\n", "9112 §7.1"),
           ("size-leading-space", b" 5\r\nhello\r\n0\r\n\r\n", "9112 §7.1"),
