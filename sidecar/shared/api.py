@@ -47,6 +47,7 @@ class ReplayVerdict(enum.Enum):
     FRESH = "fresh"          # first use: recorded until its expiry
     REPLAYED = "replayed"    # seen before and not yet expired: refuse
     FULL = "full"            # no room without forgetting a live jti: refuse (fail closed)
+    UNAVAILABLE = "store_unavailable"   # the cross-replica store could not answer: refuse
 
 
 @dataclass(frozen=True, slots=True)
