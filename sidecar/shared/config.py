@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from sidecar import wire as w
 from sidecar.errors import ConfigError       # moves to sidecar.config.errors with the redesign
@@ -45,6 +45,9 @@ class SharedStateConfig:
     replay_entries: int = 100_000
 
 
+DEFAULT_SHARED_STATE = SharedStateConfig()
+
+
 class FailurePolicy(enum.Enum):
     FAIL_OPEN = "fail_open"        # the store cannot answer: let the request through
     FAIL_CLOSED = "fail_closed"    # the store cannot answer: refuse the request
@@ -54,6 +57,9 @@ class FailurePolicy(enum.Enum):
 class Backoff:
     base_s: float = 0.1
     max_s: float = 5.0
+
+
+DEFAULT_BACKOFF = Backoff()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +72,7 @@ class RedisStoreConfig:
     password_env: str = ""
     timeout_s: float = 0.05
     key_prefix: str = "sidecar:"
-    backoff: Backoff = Backoff()
+    backoff: Backoff = DEFAULT_BACKOFF
 
     def credentials(self) -> tuple[str | None, str | None]:
         """(username, password) read from the environment now; never logged, never stored
@@ -119,7 +125,7 @@ def _address(v: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _env_name(d: Mapping, key: str, path: str) -> str:
+def _env_name(d: dict, key: str, path: str) -> str:
     v = w.string(d, key, path, "")
     if v and not v.replace("_", "").isalnum():
         raise ConfigError(w.join(path, key), "must be an environment variable name")
@@ -154,7 +160,7 @@ def redis_from_native(name: str, d: Any, path: str) -> RedisStoreConfig:
         backoff=backoff)
 
 
-def stores_from_native(root: Mapping, path: str = "") -> StoresConfig:
+def stores_from_native(root: dict, path: str = "") -> StoresConfig:
     """``shared_state`` and ``stores`` of a native config root (other keys are not ours)."""
     shared = SharedStateConfig()
     if root.get("shared_state") is not None:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from sidecar.shared.api import (BreakerSnapshot, BucketDecision, BucketSpec, EndpointHealth,
                                 Outcome, OutcomeTotals, Priority, ReplayVerdict, Resource, Streak,
                                 refill, reset_after, retry_limit)
-from sidecar.shared.config import SharedStateConfig
+from sidecar.shared.config import DEFAULT_SHARED_STATE, SharedStateConfig
 
 
 class LocalBreaker:
@@ -172,8 +172,8 @@ class LocalReplay:
             if seen.get((ns, j)) == t:
                 del seen[(ns, j)]
         key = (namespace, jti)
-        t = seen.get(key)
-        if t is not None and t >= now:
+        seen_until = seen.get(key)
+        if seen_until is not None and seen_until >= now:
             return ReplayVerdict.REPLAYED
         if len(seen) >= self.entries:
             return ReplayVerdict.FULL
@@ -205,7 +205,7 @@ class LocalState:
     """``SharedState`` for one process. Handles are kept by name, so a config update that
     keeps a cluster or an endpoint finds its counts again."""
 
-    def __init__(self, config: SharedStateConfig = SharedStateConfig()) -> None:
+    def __init__(self, config: SharedStateConfig = DEFAULT_SHARED_STATE) -> None:
         self.config = config
         self._breakers: dict[str, LocalBreaker] = {}
         self._endpoints: dict[tuple[str, str], LocalEndpoint] = {}

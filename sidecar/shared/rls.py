@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.service.ratelimit.v3 import (RateLimitRequest, RateL
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from sidecar.shared.config import Backoff
+from sidecar.shared.config import DEFAULT_BACKOFF, Backoff
 from sidecar.shared.health import DependencyStatus, HealthTracker
 
 Descriptor = tuple[tuple[str, str], ...]          # (key, value) entries, in order
@@ -143,7 +143,7 @@ class RateLimitClient:
     fail fast until the backoff allows a probe)."""
 
     def __init__(self, name: str, host: str, port: int, timeout_s: float,
-                 backoff: Backoff = Backoff()) -> None:
+                 backoff: Backoff = DEFAULT_BACKOFF) -> None:
         self._channel = Channel(host, port)
         self._stub = RateLimitServiceAsyncStub(self._channel)
         self.timeout_s = timeout_s

@@ -325,14 +325,14 @@ class SharedSegment:
         os.close(self.fd)
 
 
-_ZEROS: dict[int, memoryview] = {}
+_ZEROS: dict[int, "memoryview[int]"] = {}
 
 
-def _fzeros(n: int) -> memoryview:
+def _fzeros(n: int) -> "memoryview[float]":
     return memoryview(bytes(n * 8)).cast("d")
 
 
-def _zeros(n: int) -> memoryview:
+def _zeros(n: int) -> "memoryview[int]":
     z = _ZEROS.get(n)
     if z is None:
         z = _ZEROS[n] = memoryview(bytes(n * 8)).cast("q")

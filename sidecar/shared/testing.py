@@ -27,9 +27,10 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="sidecar-redis-")
         self.proc: subprocess.Popen | None = None
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        self.binary: str = binary
 
     @property
     def address(self) -> str:
