@@ -59,7 +59,7 @@ class ShmBuckets:
             if decision is not None:
                 return decision
             del self._rows[key]                    # the row went to another bucket
-        digest = seg.digest(scope, *(f"{k}\0{v}" for k, v in descriptor))
+        digest = seg.digest(scope, *(x for entry in descriptor for x in entry))
         row = seg.attach(seg.layout.bucket_dir, digest, self._worker, pin=pinned)
         if row < 0:
             self.untracked += 1

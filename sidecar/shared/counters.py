@@ -159,9 +159,15 @@ class ShmEndpoint(_Handle):
         words[o + TOTAL] += 1
         if outcome is Outcome.SUCCESS:
             words[o + SUCCESS] += 1
-            words[o + M5XX] = self._sum(E5XX)
-            words[o + MGATEWAY] = self._sum(GATEWAY)
-            words[o + MLOCAL] = self._sum(LOCAL)
+            e5 = gw = lo = 0
+            for b in self._bases:
+                e5 += words[b + E5XX]
+                gw += words[b + GATEWAY]
+                lo += words[b + LOCAL]
+            if words[o + M5XX] != e5 or words[o + MGATEWAY] != gw or words[o + MLOCAL] != lo:
+                words[o + M5XX] = e5
+                words[o + MGATEWAY] = gw
+                words[o + MLOCAL] = lo
         elif outcome is Outcome.LOCAL_ORIGIN:
             words[o + LOCAL] += 1
         else:
