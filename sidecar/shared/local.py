@@ -105,17 +105,17 @@ class LocalBuckets:
     """Buckets by (scope, descriptor); at most ``rows`` of them. When full, a bucket that is
     back to max_tokens is dropped first (a new one starts full: nothing is lost), else the
     least recently used unpinned one (that one's debt is forgotten: counted in
-    ``lossy_evictions``); pinned buckets are never dropped (``refused`` counts the requests
+    ``lossy_evictions``); pinned buckets are never dropped (``untracked`` counts the requests
     that found no room, and they are let through, as Envoy does when it cannot track)."""
 
-    __slots__ = ("rows", "_b", "lossy_evictions", "refused")
+    __slots__ = ("rows", "_b", "lossy_evictions", "untracked")
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
         # key -> [tokens, last, spec, pinned]; order = least recently used first
         self._b: OrderedDict[tuple, list] = OrderedDict()
         self.lossy_evictions = 0
-        self.refused = 0
+        self.untracked = 0
 
     def consume(self, scope: str, descriptor: tuple[tuple[str, str], ...], spec: BucketSpec,
                 now: float, pinned: bool = True) -> BucketDecision:
@@ -123,7 +123,7 @@ class LocalBuckets:
         b = self._b.get(key)
         if b is None or b[2] != spec:
             if b is None and len(self._b) >= self.rows and not self._evict(now):
-                self.refused += 1
+                self.untracked += 1
                 return BucketDecision(True, spec.max_tokens, reset_after(now, spec, now))
             b = self._b[key] = [float(spec.max_tokens), now, spec, pinned]
         else:
@@ -135,6 +135,12 @@ class LocalBuckets:
             tokens -= 1.0
         b[0], b[1] = tokens, last
         return BucketDecision(allowed, int(tokens), reset_after(last, spec, now))
+
+    def release(self, scope: str) -> None:
+        """The config ``scope`` is gone: its buckets become evictable (kept until needed)."""
+        for key, b in self._b.items():
+            if key[0] == scope:
+                b[3] = False
 
     def _evict(self, now: float) -> bool:
         victim = None

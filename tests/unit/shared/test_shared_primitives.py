@@ -214,3 +214,16 @@ def test_worker_ids_are_checked():
     host.close()
     with pytest.raises(ValueError):
         SharedHost.create(SMALL, 65)
+
+
+def test_released_scope_becomes_evictable(state):
+    bk = state.buckets()
+    spec = BucketSpec(max_tokens=1, tokens_per_fill=1, fill_interval_s=60.0)
+    now = time.monotonic()
+    for i in range(16):                       # every row pinned and drained
+        bk.consume(f"cfg{i}", (), spec, now)
+    bk.consume("late", (), spec, now)
+    assert bk.consume("late", (), spec, now).allowed          # no row: let through, counted
+    bk.release("cfg0")
+    assert bk.consume("late", (), spec, now).allowed          # cfg0's row: late's first token
+    assert not bk.consume("late", (), spec, now).allowed      # now tracked, and exact
