@@ -1,0 +1,7 @@
+"""State shared across the worker processes of one sidecar (shared memory) and across
+replicas (Redis, Envoy's rate limit service). See docs/shared-state.md.
+
+Modules: ``api`` (types and interfaces), ``local`` (one process), ``segment`` / ``counters`` /
+``buckets`` / ``replay`` / ``host`` (shared memory across workers), ``redis_store`` (across
+replicas), ``rls`` (Envoy's RateLimitService client), ``config`` (their config).
+"""

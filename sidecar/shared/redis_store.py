@@ -1,0 +1,196 @@
+"""State shared across replicas through Redis: the JWT replay cache and a global rate limit.
+
+``RedisStore`` is one named store (``stores.<name>.redis``): a ``redis.asyncio`` client whose
+every call is bounded by the store's ``timeout`` (connect included), plus its health:
+
+* a failed or timed-out call marks the store *down* and applies the caller's failure policy;
+* while down, calls are not attempted (no request waits on a dead Redis); after a backoff
+  (``retry_backoff.base``, doubling to ``.max``) the next call is the probe - one at a time -
+  and its success marks the store up again: recovery needs no restart and no background task;
+* ``status()`` is a frozen ``DependencyStatus`` (up/down, since when, last error, counters) for
+  /ready's detail, the metrics and the dashboard.
+
+Atomicity: the replay cache is ``SET key 1 NX PXAT exp`` (one command: insert-if-absent with
+the token's expiry); the rate limit is a Lua script (INCRBY + EXPIRE of a fixed-window key,
+run atomically by Redis). Replicas agree on windows because the window is in the key
+(``floor(unix time / window)``), as envoyproxy/ratelimit does; hosts need synchronized clocks
+(NTP) for that and for ``exp``.
+
+Bounded size: replay keys expire with their token. Redis itself must not drop them early:
+run it with ``maxmemory-policy noeviction`` (a full Redis then fails the write, which the
+failure policy answers) - any evicting policy could silently forget a live jti, so the first
+successful replay call checks the policy and reports it in ``DependencyStatus.warning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from sidecar.shared.api import ReplayCache, ReplayVerdict
+from sidecar.shared.config import FailurePolicy, RedisStoreConfig
+from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
+
+T = TypeVar("T")
+
+_WINDOW_LUA = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return n
+"""
+
+
+class RedisStore:
+    def __init__(self, cfg: RedisStoreConfig, clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        user, password = cfg.credentials()
+        self.client = aioredis.Redis(
+            host=cfg.host, port=cfg.port, db=cfg.db, username=user, password=password,
+            socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
+            retry=Retry(NoBackoff(), 0), max_connections=256, client_name="pysidecar")
+        self._window = self.client.register_script(_WINDOW_LUA)
+        self.health = HealthTracker(cfg.name, cfg.describe(), cfg.timeout_s, cfg.backoff, clock)
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    def status(self) -> DependencyStatus:
+        return self.health.status()
+
+    async def run(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """``op(client)`` within the timeout, or ``Unavailable`` (at once while down)."""
+        health = self.health
+        probe = health.begin()
+        try:
+            # the client's socket timeouts bound each read and connect; wait_for bounds the
+            # whole call (several reads, a script reload after a Redis restart)
+            result = await asyncio.wait_for(op(self.client), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise health.failed(None, True) from None
+        except ResponseError:
+            health.succeeded()          # Redis answered (with an error of the command)
+            raise
+        except (RedisError, OSError) as e:
+            raise health.failed(e, isinstance(e, RedisTimeout)) from None
+        finally:
+            health.end(probe)
+        health.succeeded()
+        return result
+
+    async def window_hit(self, key: str, window_s: int, hits: int) -> int:
+        """Add ``hits`` to the fixed window ``key`` (expires with its window); the count."""
+        script = self._window
+        ms = str(int(window_s * 1000) + 1000)          # a second of slack past the window end
+
+        async def op(client: aioredis.Redis) -> int:
+            return int(await script(keys=[key], args=[hits, ms], client=client))
+        return await self.run(op)
+
+    async def check_eviction_policy(self) -> None:
+        async def op(client: aioredis.Redis) -> dict:
+            return await client.config_get("maxmemory-policy")
+        try:
+            got = await self.run(op)
+        except Unavailable:
+            return
+        except ResponseError:
+            self.health.warning = "could not read maxmemory-policy (CONFIG refused)"
+            return
+        policy = got.get("maxmemory-policy", got.get(b"maxmemory-policy", b""))
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy != "noeviction":
+            self.health.warning = (f"maxmemory-policy is {policy}: Redis may evict live jti keys "
+                            "under memory pressure; use noeviction")
+        else:
+            self.health.warning = ""
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def jti_key(prefix: str, namespace: str, jti: str) -> str:
+    """Same on every replica (unkeyed hash): 32 hex chars whatever the jti's length."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(namespace.encode("utf-8", "surrogatepass") + b"\0" +
+             jti.encode("utf-8", "surrogatepass"))
+    return f"{prefix}jti:{h.hexdigest()}"
+
+
+class RedisReplayCache:
+    """Replay cache on Redis. While the store cannot answer: ``fail_closed`` refuses
+    (``UNAVAILABLE``); ``fail_open`` falls back to ``local`` (the sidecar's own cache: a
+    replay within this sidecar is still refused) or, without one, accepts."""
+
+    def __init__(self, store: RedisStore, policy: FailurePolicy,
+                 local: ReplayCache | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self.local = local
+        self._policy_checked = False
+
+    async def check_and_add(self, namespace: str, jti: str, until: float,
+                            now: float) -> ReplayVerdict:
+        store = self.store
+        key = jti_key(store.cfg.key_prefix, namespace, jti)
+        ms = int(until * 1000)
+        if ms <= int(now * 1000):
+            return ReplayVerdict.FRESH if self.local is None else \
+                self.local.check_and_add(namespace, jti, until, now)
+
+        async def op(client: aioredis.Redis) -> bool:
+            return bool(await client.set(key, b"1", nx=True, pxat=ms))
+        try:
+            fresh = await store.run(op)
+        except Unavailable:
+            store.health.count_policy(self.policy)
+            if self.policy is FailurePolicy.FAIL_CLOSED:
+                return ReplayVerdict.UNAVAILABLE
+            if self.local is not None:
+                return self.local.check_and_add(namespace, jti, until, now)
+            return ReplayVerdict.FRESH
+        if not self._policy_checked:
+            self._policy_checked = True
+            await store.check_eviction_policy()
+        return ReplayVerdict.FRESH if fresh else ReplayVerdict.REPLAYED
+
+
+@dataclass(frozen=True, slots=True)
+class WindowDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+    from_store: bool = True      # False: the store could not answer; the policy decided
+
+
+class RedisRateLimit:
+    """A global fixed-window limit (``limit`` hits per ``window_s``) shared by every replica
+    using the store. Exact within a window: Redis counts every hit once, atomically. As with
+    any fixed window, a client may get up to 2 x limit across a window boundary."""
+
+    def __init__(self, store: RedisStore, policy: FailurePolicy) -> None:
+        self.store = store
+        self.policy = policy
+
+    async def hit(self, name: str, limit: int, window_s: int, now: float,
+                  hits: int = 1) -> WindowDecision:
+        index = int(now // window_s)
+        reset = max(1, int((index + 1) * window_s - now + 0.999))
+        key = f"{self.store.cfg.key_prefix}rl:{name}:{window_s}:{index}"
+        try:
+            n = await self.store.window_hit(key, window_s, hits)
+        except Unavailable:
+            self.store.health.count_policy(self.policy)
+            allowed = self.policy is FailurePolicy.FAIL_OPEN
+            return WindowDecision(allowed, limit, limit if allowed else 0, reset, False)
+        return WindowDecision(n <= limit, limit, max(0, limit - n), reset)

@@ -1,0 +1,141 @@
+"""The RateLimitService client (grpclib) against a real service (grpcio, Redis counts) run
+in its own process by the test."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sidecar.shared.config import Backoff
+from sidecar.shared.health import Unavailable
+from sidecar.shared.rls import RateLimitClient, RlsCode, RlsUnit, x_ratelimit_headers
+from sidecar.shared.testing import free_port
+
+HANG_GUARD_S = 5.0
+
+LIMITS = {
+    "domain": "edge",
+    "descriptors": [
+        {"key": "remote_address", "rate_limit": {"unit": "minute", "requests_per_unit": 3}},
+        {"key": "generic_key", "value": "slow",
+         "descriptors": [{"key": "path", "rate_limit": {"unit": "hour", "requests_per_unit": 2,
+                                                        "name": "slow-path"}}]},
+        {"key": "generic_key", "value": "free"},
+    ],
+}
+
+
+class RlsProcess:
+    def __init__(self, redis_server, tmp_path, port=None):
+        self.port = port or free_port()
+        self.cfg = tmp_path / "limits.json"
+        self.cfg.write_text(json.dumps(LIMITS))
+        self.redis = redis_server
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar.shared.testing_rls", "--port", str(self.port),
+             "--redis", self.redis.address, "--config", str(self.cfg)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+        line = self.proc.stdout.readline().decode()
+        assert "rate limit service on" in line, line
+        return self
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def rls(redis_server, tmp_path):
+    p = RlsProcess(redis_server, tmp_path).start()
+    yield p
+    p.stop()
+
+
+def client(rls, timeout=0.5) -> RateLimitClient:
+    return RateLimitClient("rls", "127.0.0.1", rls.port, timeout, Backoff(0.05, 0.2))
+
+
+async def test_ok_then_over_limit_with_headers(rls):
+    c = client(rls)
+    desc = ((("remote_address", "10.1.1.1"),),)
+    got = [await c.should_rate_limit("edge", desc) for _ in range(4)]
+    assert [r.code for r in got] == [RlsCode.OK] * 3 + [RlsCode.OVER_LIMIT]
+    assert [r.statuses[0].remaining for r in got] == [2, 1, 0, 0]
+    s = got[0].statuses[0]
+    assert s.limit.requests_per_unit == 3 and s.limit.unit is RlsUnit.MINUTE
+    assert 1 <= s.reset_s <= 60
+    h = dict(x_ratelimit_headers(got[1]))
+    assert h["x-ratelimit-limit"] == "3, 3;w=60"
+    assert h["x-ratelimit-remaining"] == "1"
+    assert 1 <= int(h["x-ratelimit-reset"]) <= 60
+    # another address has its own counter (a key without a value: one counter per value)
+    other = await c.should_rate_limit("edge", ((("remote_address", "10.1.1.2"),),))
+    assert other.code is RlsCode.OK and other.statuses[0].remaining == 2
+    c.close()
+
+
+async def test_nested_and_multiple_descriptors(rls):
+    c = client(rls)
+    slow = (("generic_key", "slow"), ("path", "/report"))
+    free = (("generic_key", "free"),)
+    r1 = await c.should_rate_limit("edge", (slow, free))
+    assert r1.code is RlsCode.OK
+    assert r1.statuses[1].limit is None                   # matched, but no limit: OK
+    h = dict(x_ratelimit_headers(r1))
+    assert h["x-ratelimit-limit"] == '2, 2;w=3600;name="slow-path"'
+    await c.should_rate_limit("edge", (slow,))
+    r3 = await c.should_rate_limit("edge", (free, slow))
+    assert r3.code is RlsCode.OVER_LIMIT                   # any descriptor over: over
+    assert [s.code for s in r3.statuses] == [RlsCode.OK, RlsCode.OVER_LIMIT]
+    unknown = await c.should_rate_limit("edge", ((("user", "x"),),))
+    assert unknown.code is RlsCode.OK and x_ratelimit_headers(unknown) == ()
+    # hits_addend counts several hits at once
+    r = await c.should_rate_limit("edge", ((("remote_address", "10.9.9.9"),),), hits_addend=3)
+    assert r.code is RlsCode.OK and r.statuses[0].remaining == 0
+    c.close()
+
+
+async def test_service_down_fails_fast_then_recovers(rls):
+    c = client(rls, timeout=0.3)
+    desc = ((("remote_address", "10.2.2.2"),),)
+    assert (await c.should_rate_limit("edge", desc)).code is RlsCode.OK
+    rls.kill()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(c.should_rate_limit("edge", desc), HANG_GUARD_S)
+    with pytest.raises(Unavailable):                     # down: not even attempted
+        await asyncio.wait_for(c.should_rate_limit("edge", desc), HANG_GUARD_S)
+    st = c.status()
+    assert not st.up and st.skipped >= 1 and st.last_error
+    rls.start()                                          # same port
+    deadline = time.monotonic() + HANG_GUARD_S
+    got = None
+    while time.monotonic() < deadline:
+        try:
+            got = await c.should_rate_limit("edge", desc)
+            break
+        except Unavailable:
+            await asyncio.sleep(0.05)
+    assert got is not None and got.code is RlsCode.OK and got.statuses[0].remaining == 1
+    assert c.status().up
+    c.close()
+
+
+async def test_service_without_redis_is_unavailable(rls, redis_server):
+    c = client(rls)
+    redis_server.kill()
+    with pytest.raises(Unavailable) as e:
+        await asyncio.wait_for(c.should_rate_limit("edge", ((("remote_address", "1"),),)),
+                               HANG_GUARD_S)
+    assert "UNAVAILABLE" in str(e.value) or "redis" in str(e.value)
+    c.close()
