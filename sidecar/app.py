@@ -77,6 +77,7 @@ class App:
         self.cache_dir = cache_dir
         self.admin = None
         self.admin_port: Optional[int] = None
+        self.probe_port = None         # sidecar.k8s.probes server, in injected pods
         self.healthy = True            # POST /healthcheck/fail flips this
         self.draining = False
         self.started_at = time.time()
@@ -162,6 +163,9 @@ class App:
         if admin and self.worker_id == 0:
             from sidecar.admin import start_admin
             self.admin, self.admin_port = await start_admin(self, snap.admin.host, snap.admin.port)
+        if self.worker_id == 0:   # the kubelet's probes in injected pods (SIDECAR_PROBE_PORT)
+            from sidecar.k8s.probes import start_from_env
+            self.probe_port = await start_from_env(self)
         if snap.control_plane is not None:
             from control_plane_client.runtime import start_control_plane
             self.control_plane = await start_control_plane(self, snap)
@@ -313,6 +317,8 @@ class App:
             sys.modules["sidecar.shadow"].cancel_all(self.runtime)
         if self.admin is not None:
             await self.admin.cleanup()
+        if self.probe_port is not None:
+            await self.probe_port.cleanup()
         if self._tracing is not None:
             # a dead collector must not block the loop while the exporter gives up
             await asyncio.get_running_loop().run_in_executor(None, self._tracing.shutdown)

@@ -38,7 +38,7 @@ _ROUTE_OPTS = ("timeout", "retry", "rewrite", "request_headers", "response_heade
                "filters", "mirror", "hash")
 # (module, command): modules that add a subcommand with add_parser(subparsers), when importable
 # and when the command is not registered already
-OPTIONAL_COMMANDS = (("sidecar.jwt_tool", "token"),)
+OPTIONAL_COMMANDS = (("sidecar.jwt_tool", "token"), ("sidecar.k8s.cli", "inject"))
 
 STARTER = """\
 # sidecar dev config: saved changes are picked up at once (bad ones are reported, not applied)
