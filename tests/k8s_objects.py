@@ -197,6 +197,6 @@ def load_docs(path: Path) -> list[dict]:
 
 def validate(obj: dict) -> None:
     """Strict offline schema validation for every supported Kubernetes version."""
-    import kubernetes_validate as kv     # test extra
+    import kubernetes_validate as kv  # test extra
     for v in K8S_VERSIONS:
         kv.validate(obj, v, strict=True)

@@ -118,8 +118,9 @@ def cmd_inject_file(args: argparse.Namespace) -> int:
         for w in r.outcome.warnings:
             print(f"{r.where}: warning: {w}", file=sys.stderr)
     for r in bad:
+        reason = r.outcome.reason if r.outcome is not None else ""
         print(f"{r.where}: {'warning' if args.skip_refused else 'error'}: cannot inject: "
-              f"{r.outcome.reason}", file=sys.stderr)
+              f"{reason}", file=sys.stderr)
     if bad and not args.skip_refused:
         print(f"sidecar inject: {len(bad)} pod template(s) refused; nothing written "
               f"(--skip-refused passes them through unchanged)", file=sys.stderr)

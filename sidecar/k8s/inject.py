@@ -28,14 +28,24 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 from sidecar.errors import ConfigError
 from sidecar.k8s import probe_rewrite
-from sidecar.k8s.settings import (ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROBE_PORT, PROXY_UID,
-                                  STATUS, InjectorConfig, ProxySettings, annotation_path,
-                                  inject_wanted, proxy_settings)
+from sidecar.k8s.settings import (
+    ADMIN_PORT,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    PROBE_PORT,
+    PROXY_UID,
+    STATUS,
+    InjectorConfig,
+    ProxySettings,
+    annotation_path,
+    inject_wanted,
+    proxy_settings,
+)
 
 PROXY_CONTAINER = "pysidecar-proxy"
 INIT_CONTAINER = "pysidecar-init"
@@ -76,14 +86,17 @@ def _runs_beside_app(spec: Mapping) -> list[dict]:
         c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
 
 
-def _already_injected(meta: Mapping, spec: Mapping) -> Optional[str]:
+def _already_injected(meta: Mapping, spec: Mapping) -> str | None:
     """None if the recorded injection is intact; else why it is not."""
     raw = (meta.get("annotations") or {}).get(STATUS)
+    bad = f"{annotation_path(STATUS)} is not the injector's status; remove it to inject"
     try:
-        status = json.loads(raw)
-        inits, volumes = list(status["initContainers"]), list(status["volumes"])
+        status = json.loads(raw) if isinstance(raw, str) else None
+        inits, volumes = status["initContainers"], status["volumes"]  # type: ignore[index]
     except (TypeError, ValueError, KeyError):
-        return f"{annotation_path(STATUS)} is not the injector's status; remove it to inject"
+        return bad
+    if not isinstance(inits, list) or not isinstance(volumes, list):
+        return bad
     have_inits = {c.get("name") for c in spec.get("initContainers") or ()}
     have_vols = {v.get("name") for v in spec.get("volumes") or ()}
     missing = [n for n in inits if n not in have_inits] + [n for n in volumes if n not in have_vols]
@@ -93,7 +106,7 @@ def _already_injected(meta: Mapping, spec: Mapping) -> Optional[str]:
     return None
 
 
-def _refusal(meta: Mapping, spec: Mapping, s: ProxySettings, config: InjectorConfig) -> Optional[str]:
+def _refusal(meta: Mapping, spec: Mapping, s: ProxySettings, config: InjectorConfig) -> str | None:
     """Why this pod cannot be injected safely, or None."""
     if spec.get("hostNetwork"):
         return ("hostNetwork pod: it shares the node's network namespace, where interception "

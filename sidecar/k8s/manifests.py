@@ -8,8 +8,8 @@ passes through unchanged. YAML comments are not kept (PyYAML does not read them)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import yaml
 
@@ -32,7 +32,7 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True, slots=True)
 class DocResult:
     where: str                 # "document 2 (Deployment shop/web)"
-    outcome: Optional[Outcome]  # None: a kind without a pod template, passed through
+    outcome: Outcome | None  # None: a kind without a pod template, passed through
 
 
 class ManifestError(Exception):
@@ -65,9 +65,10 @@ def inject_document(doc: dict, config: InjectorConfig, where: str) -> tuple[dict
     parents = [doc]
     node = doc
     for key in path:
-        node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
+        child = node.get(key)
+        if not isinstance(child, dict):
             raise ManifestError(f"{where}: {kind} has no {'.'.join(path)}")
+        node = child
         parents.append(node)
     outcome = inject(node, config)
     if outcome.status != INJECTED:

@@ -21,8 +21,8 @@ left as they are (exec runs inside the container; gRPC gets a warning).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
 
 from sidecar.errors import ConfigError
 
@@ -51,7 +51,7 @@ class TcpProbe:
 
 @dataclass(frozen=True, slots=True)
 class AppProber:
-    action: Union[HttpProbe, TcpProbe]
+    action: HttpProbe | TcpProbe
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
@@ -61,7 +61,7 @@ def probe_path(container: str, suffix: str) -> str:
 
 # ---- the pod side (used by the injector) -------------------------------------------------------
 
-def _resolve_port(port: object, container: Mapping) -> Optional[int]:
+def _resolve_port(port: object, container: Mapping) -> int | None:
     if isinstance(port, int) and not isinstance(port, bool):
         return port if 1 <= port <= 65535 else None
     if isinstance(port, str):

@@ -23,14 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Awaitable, Callable, Mapping, Optional
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.k8s.probe_rewrite import (ENV_APP_PROBERS, ENV_PROBE_PORT, AppProber, HttpProbe,
-                                       parse_probers)
 from sidecar.errors import ConfigError
+from sidecar.k8s.probe_rewrite import (
+    ENV_APP_PROBERS,
+    ENV_PROBE_PORT,
+    AppProber,
+    HttpProbe,
+    parse_probers,
+)
 
 log = logging.getLogger("sidecar.k8s.probes")
 
@@ -39,7 +44,7 @@ MAX_IN_FLIGHT = 4
 READY_TIMEOUT_S = 2.0
 DEFAULT_USER_AGENT = "kube-probe/pysidecar"
 
-ReadyCheck = Callable[[], Awaitable[Optional[str]]]     # -> None when ready, else the reason
+ReadyCheck = Callable[[], Awaitable[str | None]]     # -> None when ready, else the reason
 
 
 def _url_host(host: str) -> str:
@@ -53,7 +58,7 @@ class AppProbeRunner:
     def __init__(self, probers: Mapping[str, AppProber]):
         self.probers = dict(probers)
         self._in_flight = {path: 0 for path in self.probers}
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -67,7 +72,7 @@ class AppProbeRunner:
         if self._session is not None:
             await self._session.close()
 
-    async def run(self, path: str, user_agent: str = "") -> Optional[str]:
+    async def run(self, path: str, user_agent: str = "") -> str | None:
         """None when the probe succeeds, else why not. KeyError for an unknown path."""
         prober = self.probers[path]
         if self._in_flight[path] >= MAX_IN_FLIGHT:
@@ -88,13 +93,13 @@ class AppProbeRunner:
         finally:
             self._in_flight[path] -= 1
 
-    async def _http(self, p: HttpProbe, user_agent: str) -> Optional[str]:
+    async def _http(self, p: HttpProbe, user_agent: str) -> str | None:
         url = f"{p.scheme.lower()}://{_url_host(p.host)}:{p.port}{p.path}"
         headers = {"User-Agent": user_agent or DEFAULT_USER_AGENT}
         for name, value in p.headers:
             headers[name] = value
         async with self.session().get(url, headers=headers, allow_redirects=False,
-                                      ssl=False if p.scheme == "HTTPS" else True) as resp:
+                                      ssl=p.scheme != "HTTPS") as resp:
             if 200 <= resp.status < 400:
                 return None
             return f"{url} answered {resp.status}"
@@ -146,7 +151,7 @@ async def start_prober(probers: Mapping[str, AppProber], ready: ReadyCheck, host
 def admin_ready_check(app) -> ReadyCheck:
     """The App's readiness as its admin port reports it (with several workers that is the
     whole group's), asked over loopback; in-process when there is no admin port."""
-    async def check() -> Optional[str]:
+    async def check() -> str | None:
         port = app.admin_port
         if port is None:
             return app.not_ready_reason()
@@ -172,7 +177,7 @@ def admin_ready_check(app) -> ReadyCheck:
 
 
 async def start_from_env(app, environ: Mapping[str, str] = os.environ
-                         ) -> Optional[web.AppRunner]:
+                         ) -> web.AppRunner | None:
     """Start the probe port if ``SIDECAR_PROBE_PORT`` is set (injected pods); else None.
     A malformed ``SIDECAR_APP_PROBERS`` is a ConfigError: the sidecar refuses to start."""
     raw_port = environ.get(ENV_PROBE_PORT)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from typing import Mapping, Optional
 
 from sidecar.errors import ConfigError
 
@@ -115,7 +115,7 @@ class InjectorConfig:
     # webhook only: refuse (deny) pods it cannot inject instead of admitting them unpatched
     fail_closed: bool = False
 
-    def check(self) -> "InjectorConfig":
+    def check(self) -> InjectorConfig:
         if not _IMAGE.match(self.image):
             raise ConfigError("image", f"{self.image!r} is not an image reference")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
@@ -224,7 +224,7 @@ def proxy_settings(annotations: Mapping[str, str], config: InjectorConfig) -> Pr
         if key.startswith(PREFIX) and not isinstance(annotations[key], str):
             raise ConfigError(annotation_path(key), "must be a string")
 
-    def get(key: str) -> Optional[str]:
+    def get(key: str) -> str | None:
         return annotations.get(key)
 
     s = ProxySettings(image=config.image, config_map=config.config_map,

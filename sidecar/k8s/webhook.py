@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import ssl
-from typing import Optional
 
 from aiohttp import web
 
@@ -55,7 +54,7 @@ class BadReview(Exception):
     """The body is not an admission.k8s.io/v1 AdmissionReview request."""
 
 
-def _answer(uid: str, *, allowed: bool = True, patch: Optional[list] = None,
+def _answer(uid: str, *, allowed: bool = True, patch: list | None = None,
             warnings: tuple[str, ...] | list[str] = (), message: str = "") -> dict:
     response: dict = {"uid": uid, "allowed": allowed}
     if patch:
@@ -162,8 +161,8 @@ class WebhookServer:
         self.certs = CertReloader(cert, key)
         self.host, self.port = host, port
         self.interval = cert_check_interval_s
-        self._runner: Optional[web.AppRunner] = None
-        self._task: Optional[asyncio.Task] = None
+        self._runner: web.AppRunner | None = None
+        self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
         self._runner = web.AppRunner(make_app(self.config), access_log=None)

@@ -14,14 +14,21 @@ import signal
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import jsonpatch
 import pytest
 import yaml
+from k8s_objects import (
+    REPO,
+    admission_review,
+    deployment,
+    pod_from_template,
+    replicaset_pod,
+    validate,
+)
 
-from k8s_objects import (REPO, admission_review, deployment, pod_from_template, replicaset_pod,
-                         validate)
 from sidecar.certs import DevCA
 from sidecar.k8s.settings import PREFIX, InjectorConfig
 from sidecar.k8s.webhook import WebhookServer
@@ -47,26 +54,26 @@ def client_ssl(ca_path: str) -> ssl.SSLContext:
 
 async def post(port: int, ca_path: str, body: bytes | dict | list):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"https://127.0.0.1:{port}/inject?timeout=5s", data=data,
-                          headers={"Content-Type": "application/json"},
-                          ssl=client_ssl(ca_path), server_hostname=SERVICE_DNS) as r:
-            return r.status, (await r.json() if r.status == 200 else await r.text())
+    async with aiohttp.ClientSession() as s, \
+            s.post(f"https://127.0.0.1:{port}/inject?timeout=5s", data=data,
+                   headers={"Content-Type": "application/json"},
+                   ssl=client_ssl(ca_path), server_hostname=SERVICE_DNS) as r:
+        return r.status, (await r.json() if r.status == 200 else await r.text())
 
 
 async def healthz(port: int, ca_path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"https://127.0.0.1:{port}/healthz", ssl=client_ssl(ca_path),
-                         server_hostname=SERVICE_DNS) as r:
-            return r.status, await r.text()
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"https://127.0.0.1:{port}/healthz", ssl=client_ssl(ca_path),
+                  server_hostname=SERVICE_DNS) as r:
+        return r.status, await r.text()
 
 
 @pytest.fixture
 async def webhook(certs):
     servers = []
 
-    async def start(config: InjectorConfig = InjectorConfig(), **kw) -> WebhookServer:
-        server = WebhookServer(config, certs["cert"], certs["key"], host="127.0.0.1", port=0,
+    async def start(config: InjectorConfig | None = None, **kw) -> WebhookServer:
+        server = WebhookServer(config or InjectorConfig(), certs["cert"], certs["key"], host="127.0.0.1", port=0,
                                **kw)
         await server.start()
         servers.append(server)
@@ -86,7 +93,7 @@ def apply(pod: dict, answer: dict) -> dict:
 
 def offline(obj: dict, *args: str) -> dict:
     cp = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-", *args],
-                        input=yaml.safe_dump(obj), capture_output=True, text=True, timeout=60,
+                        input=yaml.safe_dump(obj), capture_output=True, text=True, timeout=60, check=False,
                         env=ENV, cwd=REPO)
     assert cp.returncode == 0, cp.stderr
     return yaml.safe_load(cp.stdout)
@@ -175,9 +182,9 @@ async def test_refused_pods_are_admitted_with_a_warning_or_denied_fail_closed(we
     _, answer = await post(open_server.port, certs["ca_path"], admission_review(pod))
     resp = answer["response"]
     assert resp["allowed"] is True and "patch" not in resp
-    assert resp["warnings"] == ["pysidecar: sidecar not injected: hostNetwork pod: it shares "
-                                "the node's network namespace, where interception rules and "
-                                "the sidecar's ports would affect the whole node"]
+    assert resp["warnings"] == [("pysidecar: sidecar not injected: hostNetwork pod: it shares "
+                                 "the node's network namespace, where interception rules and "
+                                 "the sidecar's ports would affect the whole node")]
     closed = await webhook(InjectorConfig(fail_closed=True))
     _, answer = await post(closed.port, certs["ca_path"], admission_review(pod))
     resp = answer["response"]
@@ -243,7 +250,7 @@ async def test_tls_is_verified_like_the_api_server_does(webhook, certs, tmp_path
 
 
 async def _served_serial(port: int, ca_path: str) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl(ca_path),
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl(ca_path),
                                                    server_hostname=SERVICE_DNS)
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -268,8 +275,7 @@ async def test_a_renewed_certificate_is_served_to_new_connections(webhook, certs
     from cryptography import x509
     assert second == x509.load_pem_x509_certificate(renewed.cert_pem).serial_number
     # a broken pair (half-written) keeps the current certificate
-    with open(certs["key"], "w") as f:
-        f.write("not a key")
+    Path(certs["key"]).write_text("not a key")
     assert server.certs.check() is False
     assert await _served_serial(server.port, certs["ca_path"]) == second
 

@@ -10,15 +10,26 @@ import json
 
 import jsonpatch
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from k8s_objects import deployment, replicaset_pod, validate
-from sidecar.k8s import probe_rewrite
-from sidecar.k8s.inject import (CONFIG_VOLUME, INIT_CONTAINER, INJECTED, PROXY_CONTAINER,
-                                REFUSED, SKIPPED, STATE_VOLUME, image_repository, inject,
-                                json_patch)
-from sidecar.k8s.settings import (PREFIX, STATUS, InjectorConfig, Resources, quantity)
+
 from sidecar.errors import ConfigError
+from sidecar.k8s import probe_rewrite
+from sidecar.k8s.inject import (
+    CONFIG_VOLUME,
+    INIT_CONTAINER,
+    INJECTED,
+    PROXY_CONTAINER,
+    REFUSED,
+    SKIPPED,
+    STATE_VOLUME,
+    image_repository,
+    inject,
+    json_patch,
+)
+from sidecar.k8s.settings import PREFIX, STATUS, InjectorConfig, Resources, quantity
 
 CONFIG = InjectorConfig()
 
@@ -445,8 +456,8 @@ def test_carried_probes_parse_back_on_the_sidecar_side():
     ('{"/app-health/a/livez": {"httpGet": {"port": 0}}}', "must be a port number"),
     ('{"/app-health/a/livez": {"httpGet": {"port": 80, "scheme": "FTP"}}}', "HTTP or HTTPS"),
     ('{"/app-health/a/livez": {"tcpSocket": {"port": 80}, "timeoutSeconds": 0}}', "positive"),
-    ('{"/app-health/a/livez": {"httpGet": {"port": 80, "httpHeaders": [{"name": "a\\r\\nb", '
-     '"value": ""}]}}}', "invalid header"),
+    (('{"/app-health/a/livez": {"httpGet": {"port": 80, "httpHeaders": [{"name": "a\\r\\nb", '
+      '"value": ""}]}}}'), "invalid header"),
 ])
 def test_malformed_carried_probes_are_refused(text, message):
     with pytest.raises(ConfigError) as e:
