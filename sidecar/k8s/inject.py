@@ -111,7 +111,7 @@ def _refusal(meta: Mapping, spec: Mapping, s: ProxySettings, config: InjectorCon
     if spec.get("hostNetwork"):
         return ("hostNetwork pod: it shares the node's network namespace, where interception "
                 "rules and the sidecar's ports would affect the whole node")
-    if (spec.get("os") or {}).get("name") == "windows":
+    if isinstance(spec.get("os"), dict) and spec["os"].get("name") == "windows":
         return "Windows pod: the interception init step needs Linux iptables"
     names = {PROXY_CONTAINER, INIT_CONTAINER}
     repos = {image_repository(s.image), image_repository(config.image)}
@@ -129,7 +129,7 @@ def _refusal(meta: Mapping, spec: Mapping, s: ProxySettings, config: InjectorCon
     for c in _runs_beside_app(spec):
         for p in c.get("ports") or ():
             port = p.get("containerPort")
-            if port in SIDECAR_PORTS:
+            if isinstance(port, int) and port in SIDECAR_PORTS:
                 return (f"container {c.get('name')!r} declares port {port}, the sidecar's "
                         f"{SIDECAR_PORTS[port]}")
             if p.get("name") in PORT_NAMES:
@@ -214,13 +214,50 @@ def _proxy_container(s: ProxySettings, config: InjectorConfig, carried: dict) ->
     }
 
 
+def _malformed(meta: object, spec: object) -> str | None:
+    """Mutating admission runs before the API server validates the object: check the shape of
+    what injection reads, so a malformed pod gets a reason instead of a crash."""
+    if not isinstance(meta, dict):
+        return "metadata is not an object"
+    for field in ("labels", "annotations"):
+        values = meta.get(field)
+        if values is not None and (not isinstance(values, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in values.items())):
+            return f"metadata.{field} is not a map of strings"
+    if not isinstance(spec, dict) or not isinstance(spec.get("containers"), list) \
+            or not spec["containers"]:
+        return "no spec.containers"
+    if spec.get("securityContext") is not None and not isinstance(spec["securityContext"], dict):
+        return "spec.securityContext is not an object"
+    for field in ("containers", "initContainers", "ephemeralContainers", "volumes"):
+        items = spec.get(field)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            return f"spec.{field} is not a list"
+        for i, c in enumerate(items):
+            where = f"spec.{field}[{i}]"
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+                return f"{where} has no name"
+            if field == "volumes":
+                continue
+            ports = c.get("ports")
+            if ports is not None and (not isinstance(ports, list)
+                                      or not all(isinstance(p, dict) for p in ports)):
+                return f"{where}.ports is not a list of ports"
+            if c.get("securityContext") is not None and not isinstance(c["securityContext"], dict):
+                return f"{where}.securityContext is not an object"
+    return None
+
+
 def inject(obj: Mapping, config: InjectorConfig) -> Outcome:
     """Inject the sidecar into a Pod or pod template. Pure: the input is not modified."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec")
-    if not isinstance(spec, dict) or not isinstance(spec.get("containers"), list) \
-            or not spec["containers"]:
-        return Outcome(REFUSED, dict(obj), "no spec.containers")
+    shape = _malformed(meta, spec)
+    if shape:
+        return Outcome(REFUSED, dict(obj), shape)
+    assert isinstance(meta, dict) and isinstance(spec, dict)
     annotations = meta.get("annotations") or {}
     labels = meta.get("labels") or {}
     if STATUS in annotations:
@@ -239,7 +276,8 @@ def inject(obj: Mapping, config: InjectorConfig) -> Outcome:
         return Outcome(REFUSED, dict(obj), reason)
 
     pod = copy.deepcopy(dict(obj))
-    pmeta, pspec = pod.setdefault("metadata", {}), pod["spec"]
+    pmeta, pspec = dict(pod.get("metadata") or {}), pod["spec"]
+    pod["metadata"] = pmeta
     carried: dict = {}
     warnings: list[str] = []
     if s.rewrite_app_probers:

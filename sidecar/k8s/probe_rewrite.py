@@ -83,6 +83,9 @@ def rewrite_container_probes(container: dict, probe_port: int) -> tuple[dict, di
         if not isinstance(probe, dict):
             continue
         handler = next((h for h in _HANDLERS if h in probe), None)
+        if handler is not None and not isinstance(probe[handler], dict):
+            warnings.append(f"container {name}: {field}.{handler} is not an object; left as is")
+            continue
         if handler is None:
             if "grpc" in probe:
                 warnings.append(f"container {name}: {field} is a gRPC probe, left as is (with "

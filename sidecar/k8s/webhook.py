@@ -39,7 +39,7 @@ import ssl
 
 from aiohttp import web
 
-from sidecar.k8s.inject import INJECTED, REFUSED, inject, json_patch
+from sidecar.k8s.inject import INJECTED, REFUSED, Outcome, inject, json_patch
 from sidecar.k8s.settings import InjectorConfig
 
 log = logging.getLogger("sidecar.k8s.webhook")
@@ -80,7 +80,7 @@ def review_response(review: object, config: InjectorConfig) -> dict:
     if not isinstance(req, dict) or not isinstance(req.get("uid"), str) or not req["uid"]:
         raise BadReview("request.uid missing")
     uid = req["uid"]
-    kind = req.get("kind") or {}
+    kind = req.get("kind") if isinstance(req.get("kind"), dict) else {}
     if (kind.get("group"), kind.get("kind")) != ("", "Pod") or req.get("subResource") \
             or req.get("operation") != "CREATE":
         return _answer(uid)       # not ours to mutate: let it through untouched
@@ -88,10 +88,15 @@ def review_response(review: object, config: InjectorConfig) -> dict:
     if not isinstance(pod, dict):
         raise BadReview("request.object missing for a Pod CREATE")
     dry = bool(req.get("dryRun"))
-    meta = pod.get("metadata") or {}
-    name = meta.get("name") or (meta.get("generateName", "") + "*")
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    name = meta.get("name") or f"{meta.get('generateName', '')}*"
     where = f"{req.get('namespace') or meta.get('namespace') or '?'}/{name}"
-    outcome = inject(pod, config)
+    try:
+        outcome = inject(pod, config)
+    except Exception as e:      # a bug must not become an opaque HTTP 500 for the API server
+        log.exception("%s pod %s: injection failed", uid, where)
+        outcome = Outcome(REFUSED, pod, f"internal error ({type(e).__name__}); see the "
+                                        f"injector's log")
     log.info("%s%s pod %s: %s%s", "dry run: " if dry else "", uid, where, outcome.status,
              f" ({outcome.reason})" if outcome.reason else "")
     if outcome.status == INJECTED:

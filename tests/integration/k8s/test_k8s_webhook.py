@@ -312,3 +312,30 @@ async def test_inject_serve_command(certs):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_documented_sidecar_certs_step_gives_a_serving_certificate(tmp_path):
+    """The `sidecar certs` commands of docs/deploy.md, run as written: the certificate they
+    make serves the webhook for the Service name the API server uses."""
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    commands, buf = [], ""
+    for line in doc.splitlines():
+        line = line.strip()
+        if buf or line.startswith("sidecar certs "):
+            buf += line.rstrip("\\").strip() + " "
+            if not line.endswith("\\"):
+                commands.append(buf.split())
+                buf = ""
+    assert [c[:3] for c in commands] == [["sidecar", "certs", "ca"], ["sidecar", "certs", "issue"]]
+    for argv in commands:
+        cp = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=ENV, check=False,
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+    out = tmp_path / "injector-certs"
+    server = WebhookServer(InjectorConfig(), str(out / "pysidecar-injector.pem"),
+                           str(out / "pysidecar-injector-key.pem"), host="127.0.0.1", port=0)
+    port = await server.start()
+    try:
+        assert await healthz(port, str(out / "ca.pem")) == (200, "ok\n")
+    finally:
+        await server.close()

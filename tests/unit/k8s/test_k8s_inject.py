@@ -463,3 +463,40 @@ def test_malformed_carried_probes_are_refused(text, message):
     with pytest.raises(ConfigError) as e:
         probe_rewrite.parse_probers(text)
     assert message in str(e.value)
+
+
+# ---- malformed pods (mutating admission runs before validation) --------------------------------
+
+_PATHS = [("metadata",), ("metadata", "annotations"), ("metadata", "labels"), ("spec",),
+          ("spec", "containers"), ("spec", "containers", 0), ("spec", "containers", 0, "name"),
+          ("spec", "containers", 0, "ports"), ("spec", "containers", 0, "ports", 0),
+          ("spec", "containers", 0, "ports", 0, "containerPort"),
+          ("spec", "containers", 0, "livenessProbe"),
+          ("spec", "containers", 0, "livenessProbe", "httpGet"),
+          ("spec", "containers", 0, "livenessProbe", "httpGet", "port"),
+          ("spec", "containers", 0, "securityContext"), ("spec", "initContainers"),
+          ("spec", "initContainers", 0), ("spec", "volumes"), ("spec", "volumes", 0),
+          ("spec", "securityContext"), ("spec", "os"), ("spec", "hostNetwork")]
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.sampled_from(_PATHS), _json)
+def test_any_malformed_pod_gets_an_outcome_never_an_exception(path, value):
+    pod = replicaset_pod()
+    node = pod
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    out = inject(pod, CONFIG)
+    assert out.status in (INJECTED, SKIPPED, REFUSED)
+    if out.status == INJECTED:
+        assert jsonpatch.apply_patch(pod, json_patch(pod, out.pod)) == out.pod
+
+
+def test_malformed_pods_are_refused_with_the_place():
+    pod = replicaset_pod()
+    pod["spec"]["initContainers"][0] = {"image": "x"}
+    assert inject(pod, CONFIG).reason == "spec.initContainers[0] has no name"
+    pod = replicaset_pod()
+    pod["metadata"]["annotations"]["a"] = 1
+    assert inject(pod, CONFIG).reason == "metadata.annotations is not a map of strings"
