@@ -80,7 +80,8 @@ def review_response(review: object, config: InjectorConfig) -> dict:
     if not isinstance(req, dict) or not isinstance(req.get("uid"), str) or not req["uid"]:
         raise BadReview("request.uid missing")
     uid = req["uid"]
-    kind = req.get("kind") if isinstance(req.get("kind"), dict) else {}
+    raw_kind = req.get("kind")
+    kind: dict = raw_kind if isinstance(raw_kind, dict) else {}
     if (kind.get("group"), kind.get("kind")) != ("", "Pod") or req.get("subResource") \
             or req.get("operation") != "CREATE":
         return _answer(uid)       # not ours to mutate: let it through untouched
@@ -88,7 +89,8 @@ def review_response(review: object, config: InjectorConfig) -> dict:
     if not isinstance(pod, dict):
         raise BadReview("request.object missing for a Pod CREATE")
     dry = bool(req.get("dryRun"))
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    raw_meta = pod.get("metadata")
+    meta: dict = raw_meta if isinstance(raw_meta, dict) else {}
     name = meta.get("name") or f"{meta.get('generateName', '')}*"
     where = f"{req.get('namespace') or meta.get('namespace') or '?'}/{name}"
     try:

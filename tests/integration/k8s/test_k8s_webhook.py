@@ -328,14 +328,17 @@ async def test_the_documented_sidecar_certs_step_gives_a_serving_certificate(tmp
                 buf = ""
     assert [c[:3] for c in commands] == [["sidecar", "certs", "ca"], ["sidecar", "certs", "issue"]]
     for argv in commands:
-        cp = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=ENV, check=False,
-                            capture_output=True, text=True, timeout=60)
-        assert cp.returncode == 0, cp.stderr
-    out = tmp_path / "injector-certs"
-    server = WebhookServer(InjectorConfig(), str(out / "pysidecar-injector.pem"),
-                           str(out / "pysidecar-injector-key.pem"), host="127.0.0.1", port=0)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", *argv, cwd=str(tmp_path), env=ENV,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()
+    certs_dir = tmp_path / "injector-certs"
+    server = WebhookServer(InjectorConfig(), str(certs_dir / "pysidecar-injector.pem"),
+                           str(certs_dir / "pysidecar-injector-key.pem"), host="127.0.0.1",
+                           port=0)
     port = await server.start()
     try:
-        assert await healthz(port, str(out / "ca.pem")) == (200, "ok\n")
+        assert await healthz(port, str(certs_dir / "ca.pem")) == (200, "ok\n")
     finally:
         await server.close()
