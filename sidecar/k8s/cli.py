@@ -139,6 +139,10 @@ def cmd_inject_file(args: argparse.Namespace) -> int:
 
 
 def cmd_inject_serve(args: argparse.Namespace) -> int:
+    if args.filename:
+        print("sidecar inject serve: -f is for offline injection (sidecar inject -f FILE)",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

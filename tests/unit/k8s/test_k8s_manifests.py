@@ -233,6 +233,8 @@ def test_bad_input_is_reported_not_written(tmp_path):
     assert cp.returncode == 2 and "image" in cp.stderr
     cp = run_inject()
     assert cp.returncode == 2 and "-f FILE is required" in cp.stderr
+    cp = run_inject("-f", "x.yaml", "serve", "--cert", "c", "--key", "k")
+    assert cp.returncode == 2 and "-f is for offline injection" in cp.stderr
 
 
 def test_injector_flags_set_the_defaults():
