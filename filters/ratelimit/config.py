@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
 
-from sidecar import wire as w
-from sidecar.errors import ConfigError      # moves to sidecar.config.errors with the redesign
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 DEFAULT_TIMEOUT_S = 0.020                   # Envoy's default for this filter

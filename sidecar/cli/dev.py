@@ -1,4 +1,5 @@
-"""Extra commands: ``sidecar dev`` (the local dev proxy) and ``sidecar certs``.
+"""Extra commands: ``sidecar dev`` (the local dev proxy), and the registration of ``certs``,
+``token`` and ``inject``.
 
 ``sidecar dev`` takes a tiny config (or any native / Envoy config)::
 
@@ -14,22 +15,22 @@ and serves it with a readable (coloured on a terminal) request log. Saving the f
 an invalid file is reported with the path of every bad field and the last good config keeps
 serving. The admin port listens on 127.0.0.1 only, whatever the config says.
 
-Other commands plug in here: each ``(module, command)`` in ``OPTIONAL_COMMANDS`` whose module
-imports and has ``add_parser(subparsers)`` adds its subcommand (``sidecar token`` from
-``sidecar.jwt_tool``), unless the command is registered already.
+This module is imported by ``sidecar.cli.main`` only for these commands: they pull in
+cryptography, which a proxy run without TLS or JWT should not carry in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import importlib
 import os
 import sys
 import time
 from typing import Optional
 
 from sidecar.admin.server import start_admin
+from sidecar.cli import certs, token
+from sidecar.k8s import cli as k8s_cli
 
 DEFAULT_DEV_CONFIG = "sidecar.dev.yaml"
 DEFAULT_DEV_PORT = 10000
@@ -38,9 +39,6 @@ POLL_INTERVAL_S = 0.25
 TINY_KEYS = ("port", "address", "admin_port", "routes")
 _ROUTE_OPTS = ("timeout", "retry", "rewrite", "request_headers", "response_headers", "idle_timeout",
                "filters", "mirror", "hash")
-# (module, command): modules that add a subcommand with add_parser(subparsers), when importable
-# and when the command is not registered already
-OPTIONAL_COMMANDS = (("sidecar.jwt_tool", "token"),)
 
 STARTER = """\
 # sidecar dev config: saved changes are picked up at once (bad ones are reported, not applied)
@@ -53,7 +51,6 @@ routes:
 
 
 def add_commands(sub) -> None:
-    from sidecar.cli import certs
     d = sub.add_parser("dev", help="local dev proxy: tiny config, reload on save, readable request log",
                        description=__doc__.split("Other commands")[0],
                        formatter_class=certs._RawFormatter)
@@ -67,15 +64,8 @@ def add_commands(sub) -> None:
                    help="proxy internals' log level (default: warning)")
     d.set_defaults(func=cmd_dev)
     certs.add_parser(sub)
-    for mod, command in OPTIONAL_COMMANDS:
-        if command in sub.choices:
-            continue
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if hasattr(m, "add_parser"):
-            m.add_parser(sub)
+    token.add_parser(sub)
+    k8s_cli.add_parser(sub)
 
 
 # ---- the tiny format -----------------------------------------------------------------------------

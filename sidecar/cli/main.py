@@ -10,6 +10,7 @@ import sys
 
 from sidecar import __version__
 from sidecar.admin.server import make_admin_app, start_admin
+from sidecar.k8s.probes import start_from_env
 from sidecar.runtime.app import App
 from sidecar.runtime.workers import run_workers
 
@@ -100,7 +101,7 @@ def cmd_run(args) -> int:
     if concurrency is None or concurrency == 0:
         concurrency = usable_cores()           # Envoy's default: one worker per core
     if concurrency > 1 and snap is not None:
-        return run_workers(args, snap, concurrency, make_admin_app)
+        return run_workers(args, snap, concurrency, make_admin_app, COMPANIONS)
     uv = install_uvloop() if not args.no_uvloop else False
     return asyncio.run(_serve(args, snap, uv))
 
@@ -114,7 +115,8 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
         demo_servers, ports = await start_demo_services()
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
-              reuse_port=reuse_port, worker_id=worker_id, workers=workers, admin=start_admin)
+              reuse_port=reuse_port, worker_id=worker_id, workers=workers, admin=start_admin,
+              companions=COMPANIONS)
     app.install_signal_handlers()
     from sidecar.config.errors import ConfigError, ConfigErrors
     try:
@@ -140,6 +142,10 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
 
 
 CORE_COMMANDS = ("run", "validate", "version")
+
+# servers started beside the proxy on worker 0: the kubelet prober of injected pods (only
+# when SIDECAR_PROBE_PORT is set)
+COMPANIONS = (start_from_env,)
 
 
 def build_parser(extra: bool = True) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ log = logging.getLogger("sidecar")
 LARGE_CONFIG_ROUTES = 1000
 
 AdminStarter = Callable[["App", str, int], Awaitable[tuple[object, int]]]
+Companion = Callable[["App"], Awaitable[object]]
 """Starts the admin server for an app (``sidecar.admin.server.start_admin``): the admin sits
 above the runtime, so whoever makes the App hands it in."""
 
@@ -70,7 +71,8 @@ class App:
     def __init__(self, snapshot: Snapshot, *, config_path: Optional[str] = None,
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
-                 cache_dir: Optional[str] = None, admin: Optional[AdminStarter] = None):
+                 cache_dir: Optional[str] = None, admin: Optional[AdminStarter] = None,
+                 companions: tuple[Companion, ...] = ()):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
@@ -85,6 +87,10 @@ class App:
         self.store.on_applied.append(self.on_snapshot_applied)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         self.admin_starter = admin
+        # servers started beside the proxy on worker 0, by the entry point that made the App
+        # (the kubelet prober of injected pods); each returns something with cleanup() or None
+        self.companions = companions
+        self.companion_servers: list[object] = []
         self.reuse_port = reuse_port
         self.watch_config = watch_config
         self.worker_id = worker_id
@@ -166,6 +172,9 @@ class App:
         if admin and self.worker_id == 0 and self.admin_starter is not None:
             self.admin, self.admin_port = await self.admin_starter(self, snap.admin.host,
                                                                    snap.admin.port)
+        if self.worker_id == 0:
+            for companion in self.companions:
+                self.companion_servers.append(await companion(self))
         if snap.control_plane is not None:
             self.control_plane = await start_control_plane(self, snap)
         loop = asyncio.get_running_loop()
@@ -307,6 +316,10 @@ class App:
         self.clusters.close()
         if self.admin is not None:
             await self.admin.cleanup()
+        for server in self.companion_servers:
+            cleanup = getattr(server, "cleanup", None)
+            if cleanup is not None:
+                await cleanup()
         if self._tracing is not None:
             # a dead collector must not block the loop while the exporter gives up
             await asyncio.get_running_loop().run_in_executor(None, self._tracing.shutdown)

@@ -50,7 +50,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_lates
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import __version__
-from sidecar.runtime.app import App, install_uvloop
+from sidecar.runtime.app import App, Companion, install_uvloop
 from sidecar.runtime.sidecar_mode import attach
 
 log = logging.getLogger("sidecar.workers")
@@ -71,7 +71,8 @@ def socket_path(rundir: str, worker_id: int) -> str:
 # supervisor (parent process)
 # ================================================================================================
 
-def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory) -> int:
+def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory,
+                companions: tuple[Companion, ...] = ()) -> int:
     """``admin_app`` builds worker 0's admin application (``sidecar.admin.server.make_admin_app``)."""
     fixed = [f"{l.name} ({l.host}:{l.port})" for l in snap.listeners if l.port == 0]
     if fixed:
@@ -80,7 +81,7 @@ def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory) -> int
         return 1
     rundir = tempfile.mkdtemp(prefix="sidecar-workers-")
     os.chmod(rundir, 0o700)
-    sup = Supervisor(args, snap, concurrency, rundir, admin_app)
+    sup = Supervisor(args, snap, concurrency, rundir, admin_app, companions)
     try:
         return sup.run()
     finally:
@@ -88,8 +89,10 @@ def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory) -> int
 
 
 class Supervisor:
-    def __init__(self, args, snap, n: int, rundir: str, admin_app: AdminAppFactory):
+    def __init__(self, args, snap, n: int, rundir: str, admin_app: AdminAppFactory,
+                 companions: tuple[Companion, ...] = ()):
         self.admin_app = admin_app
+        self.companions = companions
         self.args = args
         self.snap = snap
         self.n = n
@@ -111,7 +114,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(supervisor)
                 code = worker_process(self.args, self.snap, wid, self.n, self.rundir, self.admin_app,
-                                      supervisor)
+                                      supervisor, self.companions)
             except BaseException:                      # noqa: BLE001 - report and leave
                 log.exception("worker %d failed", wid)
             finally:
@@ -198,19 +201,21 @@ def _describe(code: int) -> str:
 # ================================================================================================
 
 def worker_process(args, snap, wid: int, n: int, rundir: str, admin_app: AdminAppFactory,
-                   supervisor: int = 0) -> int:
+                   supervisor: int = 0, companions: tuple[Companion, ...] = ()) -> int:
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [w{wid}] %(name)s: %(message)s")
     for h in logging.getLogger().handlers:
         h.setFormatter(fmt)
     uv = install_uvloop() if not getattr(args, "no_uvloop", False) else False
-    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, admin_app, supervisor))
+    return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, admin_app, supervisor,
+                                    companions))
 
 
 async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
-                       admin_app: AdminAppFactory, supervisor: int = 0) -> int:
+                       admin_app: AdminAppFactory, supervisor: int = 0,
+                       companions: tuple[Companion, ...] = ()) -> int:
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
-              worker_id=wid, workers=n)
+              worker_id=wid, workers=n, companions=companions)
     try:
         await app.start(admin=False)
         if wid == 0:

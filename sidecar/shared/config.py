@@ -32,8 +32,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import wire as w
-from sidecar.errors import ConfigError       # moves to sidecar.config.errors with the redesign
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 
 MAX_WORKERS = 64             # one bit per worker in a row's attach mask
 
