@@ -125,7 +125,7 @@ async def run(host: str, port: int, path: str, headers: list[tuple[str, str]], r
         conn.transport.write(request)
         try:
             status = await asyncio.wait_for(conn.waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if measured:
                 counts["timeouts"] += 1
             conn.transport.abort()

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,8 +37,17 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench import configs  # noqa: E402
 from bench.configs import ProxyConfig  # noqa: E402
 from bench.procs import (  # noqa: E402
-    Child, ProcessGroup, RssSampler, StartError, cores_busy_seconds, cpu_count, free_port,
-    tree_cpu_seconds, tree_rss_kb, wait_http_ok, wait_port_free,
+    Child,
+    ProcessGroup,
+    RssSampler,
+    StartError,
+    cores_busy_seconds,
+    cpu_count,
+    free_port,
+    tree_cpu_seconds,
+    tree_rss_kb,
+    wait_http_ok,
+    wait_port_free,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -485,7 +494,7 @@ def render_text(headers, rows) -> str:
               for i, h in enumerate(headers)]
     def fmt(cells):
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
     lines = [fmt(headers), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in rows]
     return "\n".join(lines)
@@ -699,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         b0 = [cores_busy_seconds(c) for c in (bench.proxy_cores, bench.load_cores)]
         time.sleep(1.0)
         b1 = [cores_busy_seconds(c) for c in (bench.proxy_cores, bench.load_cores)]
-        idle_bg = [100 * (y - x) for x, y in zip(b0, b1)]
+        idle_bg = [100 * (y - x) for x, y in zip(b0, b1, strict=False)]
         print(f"background CPU before the run: core {bench.proxy_cores} {idle_bg[0]:.0f}%, "
               f"core {bench.load_cores} {idle_bg[1]:.0f}%"
               + ("  (the machine is busy: figures will be noisy)" if max(idle_bg) > 10 else ""))

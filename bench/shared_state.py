@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sidecar.shared.api import BucketSpec, Outcome, Priority, Resource
 from sidecar.shared.config import SharedStateConfig

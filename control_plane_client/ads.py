@@ -28,7 +28,7 @@ import asyncio
 import importlib
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from control_plane_client.resources import ADS_METHOD, GRPC_METHOD, ORDER, short
 from control_plane_client.transport import Sink, Transport
@@ -152,16 +152,16 @@ class _Stream:
         self.method = method
         self.types = types
         self.nonces: dict[str, str] = {}
-        self.queue: Optional[asyncio.Queue] = None
-        self.task: Optional[asyncio.Task] = None
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
         self.connected = False
         self.responses = 0
         self.acks = 0
         self.nacks = 0
         self.reconnects = 0
 
-    def request(self, type_url: str, *, nonce: Optional[str] = None, error: Optional[str] = None,
-                version: Optional[str] = None) -> None:
+    def request(self, type_url: str, *, nonce: str | None = None, error: str | None = None,
+                version: str | None = None) -> None:
         """Queue a DiscoveryRequest for one type (no-op while disconnected: sent on connect)."""
         if self.queue is None or not self.connected:
             return
@@ -260,7 +260,7 @@ class _Stream:
         self.nonces[type_url] = nonce
         t.last_ok_at = time.time()
         resources = []
-        err: Optional[str] = None
+        err: str | None = None
         for i, a in enumerate(resp.resources):
             try:
                 resources.append(any_to_dict(a))
@@ -308,7 +308,7 @@ class GrpcTransport(Transport):
             s = self.streams[type_url] = _Stream(self, GRPC_METHOD[type_url], (type_url,))
         return s
 
-    def subscribe(self, type_url: str, names: Optional[frozenset]) -> None:
+    def subscribe(self, type_url: str, names: frozenset | None) -> None:
         if type_url in self.subscriptions and self.subscriptions[type_url] == names:
             return
         self.subscriptions[type_url] = names

@@ -21,7 +21,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from control_plane_client.ads import api, dict_to_any
 from control_plane_client.resources import ADS_METHOD, BY_NAME, GRPC_METHOD, ORDER, resource_name
@@ -37,9 +36,9 @@ class Seen:
     version_info: str
     response_nonce: str
     resource_names: tuple[str, ...]
-    error: Optional[str]
+    error: str | None
     at: float = field(default_factory=time.time)
-    acked_version: Optional[str] = None     # the version of the response this nonce answered
+    acked_version: str | None = None     # the version of the response this nonce answered
 
     @property
     def is_nack(self) -> bool:
@@ -56,9 +55,9 @@ class _Stream:
         self.stream = stream
         self.types = types
         self.node_id = ""
-        self.names: dict[str, Optional[frozenset]] = {}
+        self.names: dict[str, frozenset | None] = {}
         self.sent_version: dict[str, str] = {}
-        self.sent_names: dict[str, Optional[frozenset]] = {}
+        self.sent_names: dict[str, frozenset | None] = {}
         self.nonce_version: dict[str, str] = {}
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -137,16 +136,16 @@ class AdsServer:
         self.port = 0
 
     # ---- resources --------------------------------------------------------------------------
-    def _key(self, type_url: str, node_id: Optional[str]) -> tuple:
+    def _key(self, type_url: str, node_id: str | None) -> tuple:
         return (node_id, type_url) if (node_id, type_url) in self.resources else (None, type_url)
 
-    def version(self, type_url: str, node_id: Optional[str] = None) -> str:
+    def version(self, type_url: str, node_id: str | None = None) -> str:
         return f"v{self._versions.get(self._key(type_url, node_id), 0)}"
 
-    def current(self, type_url: str, node_id: Optional[str] = None) -> dict[str, dict]:
+    def current(self, type_url: str, node_id: str | None = None) -> dict[str, dict]:
         return self.resources.get(self._key(type_url, node_id), {})
 
-    def set(self, type_url: str, resources: list[dict], node_id: Optional[str] = None) -> str:
+    def set(self, type_url: str, resources: list[dict], node_id: str | None = None) -> str:
         """Replace every resource of one type (state of the world), for every node or for one
         node (``node_id``: that node's own set), and push them to the subscribers."""
         for r in resources:
@@ -208,23 +207,23 @@ class AdsServer:
                     tr.abort()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._server = None
 
     # ---- what the clients said -------------------------------------------------------------
-    def seen(self, *, node_id: Optional[str] = None, type_url: Optional[str] = None) -> list[Seen]:
+    def seen(self, *, node_id: str | None = None, type_url: str | None = None) -> list[Seen]:
         return [s for s in self.requests if (node_id is None or s.node_id == node_id)
                 and (type_url is None or s.type_url == type_url)]
 
-    def acked(self, node_id: str, type_url: str) -> Optional[str]:
+    def acked(self, node_id: str, type_url: str) -> str | None:
         """The last version this node ACKed for the type."""
         for s in reversed(self.seen(node_id=node_id, type_url=type_url)):
             if s.is_ack:
                 return s.acked_version
         return None
 
-    def nacks(self, node_id: Optional[str] = None, type_url: Optional[str] = None) -> list[Seen]:
+    def nacks(self, node_id: str | None = None, type_url: str | None = None) -> list[Seen]:
         return [s for s in self.seen(node_id=node_id, type_url=type_url) if s.is_nack]
 
     async def wait(self, predicate, timeout: float = 10.0) -> None:
@@ -237,5 +236,5 @@ class AdsServer:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

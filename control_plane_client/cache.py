@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 FORMAT = "pysidecar-xds-lkg"
 FORMAT_VERSION = 1
@@ -101,7 +101,7 @@ class LkgCache:
         self.last_saved_at = time.time()
 
     # ---- read ----------------------------------------------------------------------------
-    def load(self) -> Optional[dict]:
+    def load(self) -> dict | None:
         """The verified document, None if there is no cache file; CacheError if it is bad."""
         try:
             st = os.stat(self.path)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-from typing import Optional
 
 import yaml
 
@@ -58,10 +57,10 @@ def signature(path: str) -> tuple:
     return tuple(out)
 
 
-def read_resources(path: str) -> dict[str, tuple[list[dict], Optional[str]]]:
+def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
     """type_url -> (resources, version_info when a single file gave one for that type)."""
     by_type: dict[str, list[dict]] = {}
-    versions: dict[str, list[Optional[str]]] = {}
+    versions: dict[str, list[str | None]] = {}
     try:
         files = _files(path)
     except OSError as e:
@@ -129,13 +128,13 @@ class FileTransport(Transport):
         super().__init__(spec, sink, backoff=backoff)
         self.path = spec.path
         self.poll_interval = poll_interval
-        self._sig: Optional[tuple] = None
-        self._content: Optional[dict] = None
+        self._sig: tuple | None = None
+        self._content: dict | None = None
         self._delivered: dict[str, tuple] = {}     # type -> (version, names) last delivered
         self._wake = asyncio.Event()
         self.loads = 0
 
-    def subscribe(self, type_url: str, names: Optional[frozenset]) -> None:
+    def subscribe(self, type_url: str, names: frozenset | None) -> None:
         if type_url in self.subscriptions and self.subscriptions[type_url] == names:
             return
         self.subscriptions[type_url] = names
@@ -156,7 +155,7 @@ class FileTransport(Transport):
                 self.failed(None, f"internal error: {e!r}")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _check(self) -> None:

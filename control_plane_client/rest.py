@@ -12,7 +12,6 @@ import json
 import logging
 import ssl
 import time
-from typing import Optional
 
 import aiohttp
 
@@ -30,7 +29,7 @@ class RestTransport(Transport):
     kind = "rest"
 
     def __init__(self, spec: SourceSpec, sink: Sink, endpoints: list[tuple[str, int]],
-                 ssl_context: Optional[ssl.SSLContext] = None, *,
+                 ssl_context: ssl.SSLContext | None = None, *,
                  backoff: tuple[float, float], user_agent: str = "pysidecar"):
         super().__init__(spec, sink, backoff=backoff)
         if not endpoints:
@@ -39,14 +38,14 @@ class RestTransport(Transport):
         self.ssl = ssl_context
         self.scheme = "https" if ssl_context is not None else "http"
         self._ep = 0
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._session: aiohttp.ClientSession | None = None
         self._wake: dict[str, asyncio.Event] = {}
         self._polls: dict[str, int] = {}
         self._not_modified: dict[str, int] = {}
         self.user_agent = user_agent
 
     # ---- subscriptions -------------------------------------------------------------------
-    def subscribe(self, type_url: str, names: Optional[frozenset]) -> None:
+    def subscribe(self, type_url: str, names: frozenset | None) -> None:
         old = self.subscriptions.get(type_url, frozenset() if type_url in BY_NAME else None)
         if type_url in self.subscriptions and old == names:
             return
@@ -110,10 +109,10 @@ class RestTransport(Transport):
                 delay = backoff.next()
             try:
                 await asyncio.wait_for(wake.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
-    async def _poll_once(self, type_url: str, names: Optional[frozenset]) -> bool:
+    async def _poll_once(self, type_url: str, names: frozenset | None) -> bool:
         version = self.versions.get(type_url, "")
         body = {"version_info": version, "node": self.sink.node,
                 "resource_names": sorted(names) if names else [], "type_url": type_url}
@@ -138,7 +137,7 @@ class RestTransport(Transport):
                     self.failed(type_url, f"{url}: response too large ({r.content_length} bytes)")
                     return False
                 raw = await r.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.connected = False
             self.failed(type_url, f"{url}: timed out after {self.spec.request_timeout_s}s")
             return False

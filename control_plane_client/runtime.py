@@ -30,20 +30,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from control_plane_client import cache as lkg
 from control_plane_client import resources as R
 from control_plane_client.translate.dynamic import config_source
 from control_plane_client.transport import Transport
 from sidecar import __version__
-from sidecar.tls.context import client_context
 from sidecar.config.cluster import Cluster
 from sidecar.config.control_plane import ControlPlaneConfig, SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.listener import Listener
 from sidecar.config.route import RouteAction, RouteConfig
 from sidecar.config.snapshot import Snapshot
+from sidecar.tls.context import client_context
 
 log = logging.getLogger("sidecar.xds")
 
@@ -57,7 +57,7 @@ class Resource:
     updated_at: float                   # when this content arrived
     first_seen: float                   # when this name first arrived (warming deadline)
     source: tuple                       # transport key it came from
-    dep: Optional[SourceSpec] = None    # listener: its RDS source; EDS cluster: its EDS source
+    dep: SourceSpec | None = None    # listener: its RDS source; EDS cluster: its EDS source
     dep_name: str = ""                  # the RDS / EDS resource name it needs
 
 
@@ -69,7 +69,7 @@ class TypeState:
     accepted: int = 0
     rejected: int = 0
     last_update: float = 0.0
-    last_nack: Optional[dict] = None
+    last_nack: dict | None = None
     synced_sources: set = field(default_factory=set)
 
     @property
@@ -90,7 +90,7 @@ def _route_cluster_refs(rc: RouteConfig) -> set[str]:
     return out
 
 
-def _hcm_rds_source(raw: dict) -> Optional[dict]:
+def _hcm_rds_source(raw: dict) -> dict | None:
     try:
         f = raw["filter_chains"][0]["filters"][0]["typed_config"]
         return f.get("rds", {}).get("config_source")
@@ -108,20 +108,20 @@ class ControlPlane:
         self.transports: dict[tuple, Transport] = {}
         self.lock = asyncio.Lock()
         self.started_at = time.time()
-        self.initialized_at: Optional[float] = None
+        self.initialized_at: float | None = None
         self.active_clusters: dict[str, Cluster] = {}
         self.active_listeners: dict[str, Listener] = {}
         self.active_routes: dict[str, RouteConfig] = {}
         self.warming: dict[str, list[str]] = {"clusters": [], "listeners": [], "routes": []}
-        self.applied_snapshot: Optional[Snapshot] = None
+        self.applied_snapshot: Snapshot | None = None
         self.builds = 0
-        self.last_nack: Optional[dict] = None
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self.last_nack: dict | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         # last-known-good cache
-        self.cache: Optional[lkg.LkgCache] = None
+        self.cache: lkg.LkgCache | None = None
         if self.cfg.cache_enabled:
             d = self.cfg.cache_dir or getattr(app, "cache_dir", None) or lkg.default_cache_dir()
             self.cache = lkg.LkgCache(os.path.join(d, lkg.cache_file_name(self.node.get("id", ""))),
@@ -132,7 +132,7 @@ class ControlPlane:
         self.lkg_loaded_at = 0.0
         self._lkg_tried = False
         self.contacted = False                # any source answered at least once
-        self._save_pending: Optional[bytes] = None
+        self._save_pending: bytes | None = None
         self._saving = False
         self._metrics()
 
@@ -196,7 +196,7 @@ class ControlPlane:
             return eps, ctx
         return list(self.cfg.addresses), None
 
-    def _resolve(self, spec: Optional[SourceSpec], parent: tuple) -> SourceSpec:
+    def _resolve(self, spec: SourceSpec | None, parent: tuple) -> SourceSpec:
         """The SourceSpec a dependent resource (RDS/EDS) is fetched from."""
         cfg = self.cfg
         if cfg.default is not None:           # native: one source for everything
@@ -314,7 +314,7 @@ class ControlPlane:
         log.info("control plane: initial config received (%.2fs after start)",
                  self.initialized_at - self.started_at)
 
-    def not_ready_reason(self) -> Optional[str]:
+    def not_ready_reason(self) -> str | None:
         if self.initialized:
             if any(self.warming.values()) and time.time() - self.started_at < self.cfg.initial_fetch_timeout_s:
                 return "control plane: warming " + ", ".join(
@@ -324,7 +324,7 @@ class ControlPlane:
             return None      # serving: ready, with a note (see ready_note)
         return self._not_ready_detail()
 
-    def ready_note(self) -> Optional[str]:
+    def ready_note(self) -> str | None:
         """Ready, but say so: the config in force came from the last-known-good cache."""
         if not self.initialized and self.lkg_active:
             ago = time.time() - (self.cache.last_saved_at or self.lkg_loaded_at)
@@ -333,7 +333,7 @@ class ControlPlane:
                     f"unreachable: {self._last_error() or 'no answer yet'}")
         return None
 
-    def _not_ready_detail(self) -> Optional[str]:
+    def _not_ready_detail(self) -> str | None:
         if time.time() - self.started_at < self.cfg.initial_fetch_timeout_s and not self._lkg_tried:
             return "control plane: waiting for the initial config (" + ", ".join(
                 R.short(t) for t in (R.LDS, R.CDS) if not self.types[t].synced_sources) + ")"
@@ -353,7 +353,7 @@ class ControlPlane:
         return " ".join(f"{R.short(t)}={self.types[t].version or '-'}" for t in R.ORDER)
 
     # ---- transport callbacks -----------------------------------------------------------------
-    def on_contact(self, transport: Transport, type_url: Optional[str]) -> None:
+    def on_contact(self, transport: Transport, type_url: str | None) -> None:
         self.contacted = True
         if self.m_on:
             self.m_connected.labels(transport.name).set(1)
@@ -362,7 +362,7 @@ class ControlPlane:
                 self.types[t].synced_sources.add(transport.key)
         self._check_initialized()
 
-    def on_failure(self, transport: Transport, type_url: Optional[str], error: str) -> None:
+    def on_failure(self, transport: Transport, type_url: str | None, error: str) -> None:
         if self.m_on:
             self.m_failures.labels(transport.name).inc()
             self.m_connected.labels(transport.name).set(0)
@@ -374,7 +374,7 @@ class ControlPlane:
             self._spawn(self._fallback_to_lkg, error)
 
     async def on_response(self, transport: Transport, type_url: str, version: str,
-                          resources: list, error: Optional[str] = None) -> Optional[str]:
+                          resources: list, error: str | None = None) -> str | None:
         if self._closed:
             return "shutting down"
         self.contacted = True
@@ -441,7 +441,7 @@ class ControlPlane:
         return parsed
 
     async def _accept(self, transport: Transport, ts: TypeState, version: str,
-                      resources: list) -> Optional[str]:
+                      resources: list) -> str | None:
         now = time.time()
         type_url = ts.type_url
         try:
@@ -526,7 +526,7 @@ class ControlPlane:
                     out.setdefault(c.eds_service_name or c.name, self._static_dep(c.source, False))
         return {k: v for k, v in out.items() if v is not None}
 
-    def _static_dep(self, raw: Any, listener: bool) -> Optional[SourceSpec]:
+    def _static_dep(self, raw: Any, listener: bool) -> SourceSpec | None:
         try:
             if self.cfg.default is not None:
                 return self.cfg.default
@@ -590,7 +590,7 @@ class ControlPlane:
             t = r.dep.initial_fetch_timeout_s if r.dep and r.dep.initial_fetch_timeout_s is not None else ift
             return since + t if t > 0 else math.inf
 
-        def with_eds(c: Cluster) -> Optional[Cluster]:
+        def with_eds(c: Cluster) -> Cluster | None:
             cla = eds.get(c.eds_service_name or c.name)
             if cla is not None:
                 return dataclasses.replace(c, endpoints=cla.model[1])
@@ -670,7 +670,7 @@ class ControlPlane:
                         source_format=self.base.source_format)
         return snap, next_at
 
-    async def _rebuild(self, now: Optional[float] = None) -> None:
+    async def _rebuild(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         snap, next_at = self._build(now)
         cur = self.applied_snapshot or self.app.store.snapshot

@@ -6,8 +6,6 @@ ADS server, written to files for the file source, or compared with what a real E
 
 from __future__ import annotations
 
-from typing import Optional
-
 from control_plane_client.resources import CDS, EDS, LDS, RDS
 
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -17,7 +15,7 @@ ADS_SOURCE = {"ads": {}, "resource_api_version": "V3"}
 
 
 def listener(port: int, rds: str = "main", name: str = "ingress",
-             config_source: Optional[dict] = None, http_filters: Optional[list] = None) -> dict:
+             config_source: dict | None = None, http_filters: list | None = None) -> dict:
     return {
         "@type": LDS, "name": name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
@@ -33,13 +31,13 @@ def listener(port: int, rds: str = "main", name: str = "ingress",
 
 
 def route(name: str = "main", cluster: str = "svc", domains: tuple[str, ...] = ("*",),
-          routes: Optional[list] = None) -> dict:
+          routes: list | None = None) -> dict:
     return {"@type": RDS, "name": name, "virtual_hosts": [{
         "name": "vh", "domains": list(domains),
         "routes": routes or [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]}
 
 
-def cluster(name: str = "svc", config_source: Optional[dict] = None, **extra) -> dict:
+def cluster(name: str = "svc", config_source: dict | None = None, **extra) -> dict:
     return {"@type": CDS, "name": name, "type": "EDS", "connect_timeout": "1s",
             "eds_cluster_config": {"eds_config": config_source or ADS_SOURCE}, **extra}
 
@@ -88,7 +86,7 @@ async def eventually(check, timeout: float = 10.0, interval: float = 0.05, what:
     import inspect
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
-    last_exc: Optional[BaseException] = None
+    last_exc: BaseException | None = None
     while True:
         try:
             v = check()
@@ -106,7 +104,7 @@ async def eventually(check, timeout: float = 10.0, interval: float = 0.05, what:
         await asyncio.sleep(interval)
 
 
-def metric_value(text: str, name: str, **labels) -> Optional[float]:
+def metric_value(text: str, name: str, **labels) -> float | None:
     """The value of one sample in Prometheus text exposition, or None."""
     for line in text.splitlines():
         if not line.startswith(name):

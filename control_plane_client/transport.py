@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional, Protocol
+from typing import Protocol
 
 from control_plane_client.resources import short
 from sidecar.config.control_plane import SourceSpec
@@ -16,14 +16,14 @@ class Sink(Protocol):
     node: dict
 
     async def on_response(self, transport: "Transport", type_url: str, version: str,
-                          resources: list, error: Optional[str] = None) -> Optional[str]:
+                          resources: list, error: str | None = None) -> str | None:
         """Validate and apply; returns None (ACK) or the rejection message (NACK). ``error``:
         the response could not even be decoded (it is recorded as a rejection)."""
 
     def on_contact(self, transport: "Transport", type_url: str) -> None:
         """The source answered (e.g. 304 Not Modified, or a stream was established)."""
 
-    def on_failure(self, transport: "Transport", type_url: Optional[str], error: str) -> None:
+    def on_failure(self, transport: "Transport", type_url: str | None, error: str) -> None:
         """The source could not be reached or answered with an error."""
 
 
@@ -36,7 +36,7 @@ class Transport:
         self.sink = sink
         self.backoff_cfg = backoff
         # type_url -> None (wildcard, state of the world) or the set of names wanted
-        self.subscriptions: dict[str, Optional[frozenset]] = {}
+        self.subscriptions: dict[str, frozenset | None] = {}
         self.versions: dict[str, str] = {}        # last accepted version_info per type
         self.rejected: dict[str, str] = {}        # last rejected version_info per type
         self.last_error = ""
@@ -50,7 +50,7 @@ class Transport:
     def name(self) -> str:
         return ":".join(str(x) for x in self.key)
 
-    def subscribe(self, type_url: str, names: Optional[frozenset]) -> None:
+    def subscribe(self, type_url: str, names: frozenset | None) -> None:
         raise NotImplementedError
 
     def start(self) -> None:
@@ -67,7 +67,7 @@ class Transport:
                 pass
         self._tasks.clear()
 
-    def failed(self, type_url: Optional[str], error: str) -> None:
+    def failed(self, type_url: str | None, error: str) -> None:
         self.last_error = error
         self.last_error_at = time.time()
         self.sink.on_failure(self, type_url, error)

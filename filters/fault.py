@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from multidict import MultiDict
 
@@ -76,7 +77,7 @@ class Percent:
     fraction: float
     denominator: int = 100
 
-    def from_header(self, value: Optional[str]) -> float:
+    def from_header(self, value: str | None) -> float:
         if value is None:
             return self.fraction
         try:
@@ -90,7 +91,7 @@ class Percent:
 
 @dataclass(frozen=True, slots=True)
 class FaultDelay:
-    fixed_s: Optional[float]          # None: the delay comes from the request header
+    fixed_s: float | None          # None: the delay comes from the request header
     percent: Percent
 
     @property
@@ -100,8 +101,8 @@ class FaultDelay:
 
 @dataclass(frozen=True, slots=True)
 class FaultAbort:
-    http_status: Optional[int]        # exactly one of http_status / grpc_status, or neither
-    grpc_status: Optional[int]        # for a header-controlled abort
+    http_status: int | None        # exactly one of http_status / grpc_status, or neither
+    grpc_status: int | None        # for a header-controlled abort
     percent: Percent
 
     @property
@@ -111,12 +112,12 @@ class FaultAbort:
 
 @dataclass(frozen=True, slots=True)
 class FaultConfig:
-    delay: Optional[FaultDelay] = None
-    abort: Optional[FaultAbort] = None
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
     upstream_cluster: str = ""
     headers: tuple = ()                  # sidecar.model.HeaderMatcher, all must match
     downstream_nodes: frozenset = frozenset()
-    max_active_faults: Optional[int] = None
+    max_active_faults: int | None = None
 
 
 # ---- Envoy ----------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ class _Shared:
         self.gauge = metrics.gauge("sidecar_fault_active", "Requests with an active injected fault")
 
 
-def _cluster_check(upstream: str, route: RouteInfo) -> tuple[bool, Optional[Callable[[Request], bool]]]:
+def _cluster_check(upstream: str, route: RouteInfo) -> tuple[bool, Callable[[Request], bool] | None]:
     """(applies at all, per-request check or None). Filters run before the route picks a
     cluster, so: a route that never targets ``upstream`` gets no filter; a single-cluster route
     that does always matches; otherwise (weighted, ``cluster_header``) the route says where
@@ -297,7 +298,7 @@ class FaultFilter(Filter):
     __slots__ = ("delay", "abort", "headers", "nodes", "max_active", "cluster_check", "shared")
 
     def __init__(self, cfg: FaultConfig, shared: _Shared,
-                 cluster_check: Optional[Callable[[Request], bool]]):
+                 cluster_check: Callable[[Request], bool] | None):
         self.delay = cfg.delay
         self.abort = cfg.abort
         self.headers = cfg.headers
@@ -329,7 +330,7 @@ class FaultFilter(Filter):
             return s
         return 0.0
 
-    def _abort(self, headers) -> Optional[tuple[int, Optional[int]]]:
+    def _abort(self, headers) -> tuple[int, int | None] | None:
         a = self.abort
         if a is None:
             return None
@@ -414,8 +415,8 @@ def new_state(env: FilterEnv) -> _Shared:
     return _Shared(env.metrics)
 
 
-def build(config: FaultConfig, per_route: Optional[FaultConfig], shared: _Shared, env: FilterEnv,
-          route: RouteInfo) -> Optional[FaultFilter]:
+def build(config: FaultConfig, per_route: FaultConfig | None, shared: _Shared, env: FilterEnv,
+          route: RouteInfo) -> FaultFilter | None:
     cfg = per_route if per_route is not None else config
     if cfg.delay is None and cfg.abort is None:
         return None

@@ -43,9 +43,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 from urllib.parse import unquote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from multidict import MultiDict
 
 from filters.rbac import header_matcher_from_envoy, header_matcher_from_native
@@ -150,14 +154,6 @@ def _missing_claim(name: str) -> Status:
 # keys: the algorithm comes from the key
 # =============================================================================================
 
-try:  # PyJWT's algorithm objects do the crypto (backed by cryptography)
-    from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
-except ImportError as e:  # pragma: no cover - PyJWT[crypto] is a hard dependency
-    raise ImportError("jwt_authn needs PyJWT with cryptography installed") from e
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 _ALGS = get_default_algorithms()
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -174,7 +170,7 @@ class VerifyKey:
 
     __slots__ = ("kid", "algs", "key", "kty", "explicit_alg")
 
-    def __init__(self, kid: Optional[str], algs: frozenset, key: Any, kty: str,
+    def __init__(self, kid: str | None, algs: frozenset, key: Any, kty: str,
                  explicit_alg: bool = False):
         self.kid = kid
         self.algs = algs
@@ -200,7 +196,7 @@ class KeySet:
         self.digest = digest
         self.skipped = skipped
 
-    def candidates(self, kid: Optional[str], alg: str) -> list[VerifyKey]:
+    def candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
         if kid is None:
             out = [k for k in self.keys if alg in k.algs]
         else:
@@ -211,14 +207,14 @@ class KeySet:
     def knows_kid(self, kid: str) -> bool:
         return kid in self.by_kid or bool(self.kidless)
 
-    def alg_mismatch_status(self, kid: Optional[str]) -> "Status":
+    def alg_mismatch_status(self, kid: str | None) -> "Status":
         """No candidate: as Envoy, a key that matched by kid but has no JWK ``alg`` counts as
         a failed verification; keys excluded by their explicit ``alg`` mean "no key"."""
         keys = self.keys if kid is None else tuple(self.by_kid.get(kid, ())) + self.kidless
         return KEY_MISMATCH if any(not k.explicit_alg for k in keys) else NO_KEY
 
 
-def _hmac_algs(secret: bytes, alg: Optional[str]) -> frozenset:
+def _hmac_algs(secret: bytes, alg: str | None) -> frozenset:
     if alg is not None:
         if len(secret) < HMAC_MIN_BYTES[alg]:
             raise ValueError(f"{alg} key must be at least {HMAC_MIN_BYTES[alg]} bytes")
@@ -229,7 +225,7 @@ def _hmac_algs(secret: bytes, alg: Optional[str]) -> frozenset:
     return algs
 
 
-def _jwk_to_key(jwk: Any) -> Optional[VerifyKey]:
+def _jwk_to_key(jwk: Any) -> VerifyKey | None:
     """A JWK -> VerifyKey; ``None`` for keys not meant for signature verification."""
     if not isinstance(jwk, dict):
         raise ValueError("JWK must be an object")
@@ -282,7 +278,7 @@ def _jwk_to_key(jwk: Any) -> Optional[VerifyKey]:
     return VerifyKey(kid, family, key, kty, alg is not None)
 
 
-def _public_key_to_key(key: Any, kid: Optional[str] = None) -> VerifyKey:
+def _public_key_to_key(key: Any, kid: str | None = None) -> VerifyKey:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA key shorter than {MIN_RSA_BITS} bits")
@@ -300,7 +296,7 @@ def _public_key_to_key(key: Any, kid: Optional[str] = None) -> VerifyKey:
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.S)
 
 
-def parse_jwks(data: Union[str, bytes, dict]) -> KeySet:
+def parse_jwks(data: str | bytes | dict) -> KeySet:
     """A JWKS (``{"keys": [...]}``), a single JWK, or PEM public keys/certificates -> KeySet.
 
     Keys that cannot verify signatures (``use: enc``, unknown ``kty``, short keys) are skipped;
@@ -364,7 +360,7 @@ def parse_jwks(data: Union[str, bytes, dict]) -> KeySet:
     return KeySet(keys, digest, skipped)
 
 
-def secret_key_set(secret: bytes, kid: Optional[str] = None) -> KeySet:
+def secret_key_set(secret: bytes, kid: str | None = None) -> KeySet:
     """A shared secret (HS256/384/512; which ones depends on its length)."""
     return KeySet([VerifyKey(kid, _hmac_algs(secret, None), secret, "oct")],
                   hashlib.sha256(b"secret:" + secret).hexdigest())
@@ -406,8 +402,8 @@ class Provider:
     audiences: tuple[str, ...] = ()
     locations: tuple[TokenLocation, ...] = DEFAULT_LOCATIONS
     local_digest: str = ""                                    # identity of the local keys
-    local_keys: Optional[KeySet] = field(default=None, compare=False, hash=False, repr=False)
-    remote: Optional[RemoteJwks] = None
+    local_keys: KeySet | None = field(default=None, compare=False, hash=False, repr=False)
+    remote: RemoteJwks | None = None
     forward: bool = False
     forward_payload_header: str = ""
     pad_forward_payload_header: bool = False
@@ -416,10 +412,10 @@ class Provider:
     header_in_metadata: str = ""
     failed_status_in_metadata: str = ""
     clock_skew_s: float = 60.0
-    max_lifetime_s: Optional[float] = None
+    max_lifetime_s: float | None = None
     require_expiration: bool = False
     required_claims: tuple[str, ...] = ()
-    subjects: Optional[StringMatcher] = None
+    subjects: StringMatcher | None = None
     cache_size: int = DEFAULT_CACHE_SIZE
     cache_max_token_bytes: int = DEFAULT_CACHE_MAX_TOKEN_BYTES
     jti_replay: bool = False
@@ -431,7 +427,7 @@ class Provider:
 @dataclass(frozen=True, slots=True)
 class ReqProvider:
     name: str
-    audiences: Optional[tuple[str, ...]] = None
+    audiences: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,14 +450,14 @@ class ReqAllowMissingOrFailed:
     pass
 
 
-Requirement = Union[ReqProvider, ReqAny, ReqAll, ReqAllowMissing, ReqAllowMissingOrFailed]
+Requirement = ReqProvider | ReqAny | ReqAll | ReqAllowMissing | ReqAllowMissingOrFailed
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RuleMatch:
     kind: str                     # prefix | path | regex | path_separated_prefix
     value: str = ""
-    regex: Optional[re.Pattern] = None
+    regex: re.Pattern | None = None
     case_sensitive: bool = True
     headers: tuple = ()           # fn(req) -> bool
 
@@ -487,7 +483,7 @@ class RuleMatch:
 @dataclass(frozen=True, slots=True, eq=False)
 class Rule:
     match: RuleMatch
-    requires: Optional[Requirement]
+    requires: Requirement | None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -499,7 +495,7 @@ class JwtAuthnConfig:
     strip_failure_response: bool = False
     stat_prefix: str = ""
 
-    def provider(self, name: str) -> Optional[Provider]:
+    def provider(self, name: str) -> Provider | None:
         for p in self.providers:
             if p.name == name:
                 return p
@@ -510,7 +506,7 @@ class JwtAuthnConfig:
 class PerRoute:
     disabled: bool = False
     requirement_name: str = ""
-    requires: Optional[Requirement] = None     # native only: an inline requirement
+    requires: Requirement | None = None     # native only: an inline requirement
 
 
 # =============================================================================================
@@ -559,7 +555,7 @@ def _read_file(name: str, path: str) -> bytes:
     return data
 
 
-def _keys_or_error(data: Union[bytes, dict], path: str) -> KeySet:
+def _keys_or_error(data: bytes | dict, path: str) -> KeySet:
     try:
         return parse_jwks(data)
     except ValueError as e:
@@ -1048,7 +1044,7 @@ class LocalJwks:
     def __init__(self, keys: KeySet):
         self.keys = keys
 
-    def keys_now(self) -> Optional[KeySet]:
+    def keys_now(self) -> KeySet | None:
         return self.keys
 
 
@@ -1061,13 +1057,13 @@ class RemoteJwksStore:
     def __init__(self, cfg: RemoteJwks, name: str, metrics: Any):
         self.cfg = cfg
         self.name = name
-        self.keys: Optional[KeySet] = None
+        self.keys: KeySet | None = None
         self.fetched_at = -math.inf        # monotonic time of the last good fetch
         self.refresh_at = -math.inf
         self.last_attempt = -math.inf
         self.last_failure = -math.inf
         self.fetches = 0                   # attempts (tests and the admin page read this)
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         fam = metrics.counter("sidecar_jwt_authn_jwks_fetches_total",
                               "Remote JWKS fetch attempts by provider and result",
                               ("provider", "result"))
@@ -1077,7 +1073,7 @@ class RemoteJwksStore:
                                     "Verification keys held per provider", ("provider",)).labels(name)
 
     # -- reading ---------------------------------------------------------------------------
-    def keys_now(self) -> Optional[KeySet]:
+    def keys_now(self) -> KeySet | None:
         ks = self.keys
         if ks is not None and self._task is None:
             now = time.monotonic()
@@ -1085,7 +1081,7 @@ class RemoteJwksStore:
                 self.start_fetch()        # background; this request uses the current keys
         return ks
 
-    async def wait_keys(self) -> Optional[KeySet]:
+    async def wait_keys(self) -> KeySet | None:
         """No keys yet: join (or start) a fetch, unless the last one failed very recently."""
         if self.keys is not None:
             return self.keys
@@ -1118,7 +1114,7 @@ class RemoteJwksStore:
                 raise
 
     # -- fetching --------------------------------------------------------------------------
-    def start_fetch(self) -> Optional[asyncio.Task]:
+    def start_fetch(self) -> asyncio.Task | None:
         if self._task is not None:
             return self._task
         try:
@@ -1140,7 +1136,7 @@ class RemoteJwksStore:
         import aiohttp
 
         cfg = self.cfg
-        err: Optional[BaseException] = None
+        err: BaseException | None = None
         delay = cfg.retry_base_s
         for attempt in range(cfg.num_retries + 1):
             self.fetches += 1
@@ -1233,7 +1229,7 @@ class ReplayCache:
         self.heap: list[tuple[float, str]] = []
         self.max_entries = max_entries
 
-    def check_and_add(self, jti: str, until: float, now: float) -> Optional[Status]:
+    def check_and_add(self, jti: str, until: float, now: float) -> Status | None:
         self._purge(now)
         t = self.seen.get(jti)
         if t is not None and t >= now:
@@ -1282,7 +1278,7 @@ def _no_dupes(pairs: list) -> dict:
     return d
 
 
-def _json_obj(seg: str, bad_b64: Status, bad_json: Status) -> Union[dict, Status]:
+def _json_obj(seg: str, bad_b64: Status, bad_json: Status) -> dict | Status:
     try:
         raw = _b64url(seg)
     except (binascii.Error, ValueError):
@@ -1304,7 +1300,7 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _claim_header_value(v: Any) -> Optional[str]:
+def _claim_header_value(v: Any) -> str | None:
     if isinstance(v, str):
         s = v
     elif isinstance(v, bool):
@@ -1325,8 +1321,8 @@ def _claim_header_value(v: Any) -> Optional[str]:
 class ProviderRuntime:
     """Everything one provider needs per request: keys, caches, pre-bound counters."""
 
-    def __init__(self, p: Provider, jwks: Union[LocalJwks, RemoteJwksStore],
-                 replay: Optional[ReplayCache], metrics: Any):
+    def __init__(self, p: Provider, jwks: LocalJwks | RemoteJwksStore,
+                 replay: ReplayCache | None, metrics: Any):
         self.p = p
         self.name = p.name
         self.jwks = jwks
@@ -1357,7 +1353,7 @@ class ProviderRuntime:
         return out
 
     # -- verification ----------------------------------------------------------------------
-    async def verify(self, token: str, audiences: Optional[frozenset]) -> Union[CacheEntry, Status]:
+    async def verify(self, token: str, audiences: frozenset | None) -> CacheEntry | Status:
         p = self.p
         if len(token) > p.max_token_bytes:
             return TOO_LARGE
@@ -1433,7 +1429,7 @@ class ProviderRuntime:
         return e
 
     def _precheck(self, token: str, now: float,
-                  audiences: Optional[frozenset]) -> Union[_Parsed, Status]:
+                  audiences: frozenset | None) -> _Parsed | Status:
         """Everything that needs no key: structure, header, claims. Cheapest first."""
         p = self.p
         if _TOKEN_CHARS.fullmatch(token) is None:
@@ -1540,7 +1536,7 @@ class ProviderRuntime:
                 req.query = _drop_query_param(req.query, loc.name)
 
 
-def _extract_one(req: Request, loc: TokenLocation) -> Optional[str]:
+def _extract_one(req: Request, loc: TokenLocation) -> str | None:
     if loc.kind == "header":
         v = req.headers.get(loc.name)
         if v is None:
@@ -1596,7 +1592,7 @@ class _Memo:
 
 
 async def _verify_and_apply(prt: ProviderRuntime, req: Request, tok: str, loc: TokenLocation,
-                            aud: Optional[frozenset], memo: Optional[_Memo]) -> Optional[Status]:
+                            aud: frozenset | None, memo: _Memo | None) -> Status | None:
     """Verify one token and apply its outputs. ``memo`` (composite requirements only) makes
     a token checked by several branches cost one verification."""
     if memo is not None:
@@ -1621,11 +1617,11 @@ async def _verify_and_apply(prt: ProviderRuntime, req: Request, tok: str, loc: T
 class ProviderCheck:
     __slots__ = ("prt", "aud")
 
-    def __init__(self, prt: ProviderRuntime, aud: Optional[frozenset]):
+    def __init__(self, prt: ProviderRuntime, aud: frozenset | None):
         self.prt = prt
         self.aud = aud
 
-    async def check(self, req: Request, memo: Optional[_Memo]) -> Optional[Status]:
+    async def check(self, req: Request, memo: _Memo | None) -> Status | None:
         prt = self.prt
         toks = prt.extract(req)
         if not toks:
@@ -1648,8 +1644,8 @@ class AnyCheck:
     def __init__(self, children):
         self.children = children
 
-    async def check(self, req: Request, memo: Optional[_Memo]) -> Optional[Status]:
-        best: Optional[Status] = None
+    async def check(self, req: Request, memo: _Memo | None) -> Status | None:
+        best: Status | None = None
         for c in self.children:
             st = await c.check(req, memo)
             if st is None:
@@ -1665,7 +1661,7 @@ class AllCheck:
     def __init__(self, children):
         self.children = children
 
-    async def check(self, req: Request, memo: Optional[_Memo]) -> Optional[Status]:
+    async def check(self, req: Request, memo: _Memo | None) -> Status | None:
         for c in self.children:
             st = await c.check(req, memo)
             if st is not None:
@@ -1683,13 +1679,13 @@ class AllowCheck:
         self.prts = prts
         self.failed_ok = failed_ok
 
-    async def check(self, req: Request, memo: Optional[_Memo]) -> Optional[Status]:
+    async def check(self, req: Request, memo: _Memo | None) -> Status | None:
         found: dict[str, list] = {}
         for prt in self.prts:
             for tok, loc in prt.extract(req):
                 found.setdefault(tok, []).append((prt, loc))
         for tok, cands in found.items():
-            best: Optional[Status] = None
+            best: Status | None = None
             for prt, loc in cands:
                 st = await _verify_and_apply(prt, req, tok, loc, None, memo)
                 if st is None:
@@ -1707,7 +1703,7 @@ class AllowCheck:
 # =============================================================================================
 
 class JwtAuthnFilter(Filter):
-    def __init__(self, cfg: JwtAuthnConfig, rules: Optional[list], fixed: Any,
+    def __init__(self, cfg: JwtAuthnConfig, rules: list | None, fixed: Any,
                  strip: tuple[str, ...], metrics: Any):
         self.rules = rules            # [(RuleMatch, check-or-None)] when no per-route requirement
         self.fixed = fixed            # the per-route requirement's check
@@ -1825,8 +1821,8 @@ def _compile(req: Requirement, prts: dict[str, ProviderRuntime], path: str) -> A
     return AllowCheck(list(prts.values()), isinstance(req, ReqAllowMissingOrFailed))
 
 
-def build(config: JwtAuthnConfig, per_route: Optional[PerRoute], state: JwtState,
-          env: FilterEnv, route: RouteInfo) -> Optional[JwtAuthnFilter]:
+def build(config: JwtAuthnConfig, per_route: PerRoute | None, state: JwtState,
+          env: FilterEnv, route: RouteInfo) -> JwtAuthnFilter | None:
     if per_route is not None and per_route.disabled:
         return None
     prts = {p.name: provider_runtime(p, state) for p in config.providers}

@@ -30,8 +30,9 @@ import math
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from multidict import MultiDict
 
@@ -74,14 +75,14 @@ class DescriptorConfig:
 
 # An action turns a request into one descriptor entry (key, value) or None (not produced);
 # a producer is one Envoy RateLimit: its actions' entries form one descriptor.
-Action = Callable[[Request], Optional[tuple[str, str]]]
+Action = Callable[[Request], tuple[str, str] | None]
 _SKIP = ("", "")     # an action that is skipped (skip_if_absent) but keeps the descriptor
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class LocalRateLimitConfig:
     stat_prefix: str
-    bucket: Optional[TokenBucketConfig]
+    bucket: TokenBucketConfig | None
     descriptors: tuple[DescriptorConfig, ...] = ()
     producers: tuple[tuple[Action, ...], ...] = ()
     status: int = 429
@@ -184,7 +185,7 @@ def _bucket_envoy(d: Any, path: str) -> TokenBucketConfig:
     return TokenBucketConfig(mx, per, interval)
 
 
-def _bucket_native(d: dict, path: str, required: bool) -> Optional[TokenBucketConfig]:
+def _bucket_native(d: dict, path: str, required: bool) -> TokenBucketConfig | None:
     if "max_tokens" not in d:
         if required:
             raise ConfigError(w.join(path, "max_tokens"), "is required")
@@ -258,7 +259,7 @@ def _descriptors_envoy(items: list, path: str) -> tuple[DescriptorConfig, ...]:
     return tuple(out)
 
 
-def _client_ip(req: Request) -> Optional[str]:
+def _client_ip(req: Request) -> str | None:
     ip = req.ctx.remote_ip
     if ip:
         return ip
@@ -266,7 +267,7 @@ def _client_ip(req: Request) -> Optional[str]:
     return a[0] if a else None
 
 
-def _jwt_claim(req: Request, provider: str, claim: tuple[str, ...]) -> Optional[str]:
+def _jwt_claim(req: Request, provider: str, claim: tuple[str, ...]) -> str | None:
     payloads = req.ctx.jwt_payloads
     cands = (payloads.get(provider),) if provider else tuple(payloads.values())
     for pl in cands:
@@ -593,7 +594,7 @@ class LocalRateLimitFilter(Filter):
             keys = tuple(k for k, _ in entries)
             for db in self._by_keys.get(keys, ()):
                 want = db.cfg.entries
-                if all(wv == "" or wv == v for (_, wv), (_, v) in zip(want, entries)):
+                if all(wv == "" or wv == v for (_, wv), (_, v) in zip(want, entries, strict=False)):
                     b = db.get(tuple(v for _, v in entries), now)
                     if id(b) not in seen:
                         seen.add(id(b))
@@ -609,8 +610,8 @@ class LocalRateLimitFilter(Filter):
         cfg = self.cfg
         now = time.monotonic()
         matched = self._match(self._descriptors(req), now) if cfg.producers else []
-        limiting: Optional[TokenBucket] = None
-        shown: Optional[TokenBucket] = None
+        limiting: TokenBucket | None = None
+        shown: TokenBucket | None = None
         for b in matched:
             if shown is None:
                 shown = b
@@ -670,8 +671,8 @@ def new_state(env: FilterEnv) -> LimiterStates:
     return LimiterStates(env.metrics)
 
 
-def build(config: LocalRateLimitConfig, per_route: Optional[LocalRateLimitConfig],
-          states: LimiterStates, env: FilterEnv, route: RouteInfo) -> Optional[LocalRateLimitFilter]:
+def build(config: LocalRateLimitConfig, per_route: LocalRateLimitConfig | None,
+          states: LimiterStates, env: FilterEnv, route: RouteInfo) -> LocalRateLimitFilter | None:
     cfg = per_route if per_route is not None else config
     if cfg.disabled or cfg.enabled_pct <= 0.0:
         return None                       # Envoy: filter_enabled unset means 0 % - a no-op

@@ -30,8 +30,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from multidict import MultiDict
 
@@ -70,7 +71,7 @@ Matcher = Callable[[Request], bool]
 
 
 
-def _value_getter(name: str) -> Callable[[Request], Optional[str]]:
+def _value_getter(name: str) -> Callable[[Request], str | None]:
     """Envoy's view of a header, pseudo-headers included (``:method``, ``:authority``, ...)."""
     if name == ":method":
         return lambda req: req.method
@@ -81,7 +82,7 @@ def _value_getter(name: str) -> Callable[[Request], Optional[str]]:
     if name == ":scheme":
         return lambda req: "https" if req.ctx.tls else "http"
 
-    def get(req: Request) -> Optional[str]:
+    def get(req: Request) -> str | None:
         vals = req.headers.getall(name, None)
         if vals is None:
             return None
@@ -140,17 +141,17 @@ def _cidr_native(v: Any, path: str):
         raise ConfigError(path, f"not an IP address or CIDR: {v!r}") from None
 
 
-def _direct_ip(req: Request) -> Optional[str]:
+def _direct_ip(req: Request) -> str | None:
     a = req.ctx.downstream_addr
     return a[0] if a else None
 
 
-def _remote_ip(req: Request) -> Optional[str]:
+def _remote_ip(req: Request) -> str | None:
     # The trusted client address (XFF-derived) when the listener computed one, else the peer.
     return req.ctx.remote_ip or _direct_ip(req)
 
 
-def _ip_in(net, getter: Callable[[Request], Optional[str]]) -> Matcher:
+def _ip_in(net, getter: Callable[[Request], str | None]) -> Matcher:
     def match(req: Request) -> bool:
         s = getter(req)
         if not s:
@@ -167,7 +168,7 @@ def _ip_in(net, getter: Callable[[Request], Optional[str]]) -> Matcher:
     return match
 
 
-def _local_port(req: Request) -> Optional[int]:
+def _local_port(req: Request) -> int | None:
     return req.ctx.local_port or None
 
 
@@ -547,7 +548,7 @@ class Engine:
     action: str                         # ALLOW | DENY | LOG
     policies: tuple[Policy, ...]
 
-    def evaluate(self, req: Request) -> tuple[bool, Optional[str]]:
+    def evaluate(self, req: Request) -> tuple[bool, str | None]:
         """(allowed, matched policy name or None)."""
         for p in self.policies:
             if p.matches(req):
@@ -557,8 +558,8 @@ class Engine:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RbacConfig:
-    rules: Optional[Engine] = None
-    shadow: Optional[Engine] = None
+    rules: Engine | None = None
+    shadow: Engine | None = None
     stat_prefix: str = ""
     shadow_stat_prefix: str = ""
 
@@ -629,7 +630,7 @@ def from_native(d: dict, path: str) -> RbacConfig:
         stat_prefix=w.string(d, "stat_prefix", path, ""))
 
 
-def per_route_from_envoy(d: dict, path: str) -> Optional[RbacConfig]:
+def per_route_from_envoy(d: dict, path: str) -> RbacConfig | None:
     """``RBACPerRoute{rbac}``; without ``rbac`` the filter is disabled on the route."""
     w.check_keys(d, ("rbac",), path)
     if d.get("rbac") is None:
@@ -708,8 +709,8 @@ class RbacFilter(Filter):
         return await next(req)
 
 
-def build(config: RbacConfig, per_route: Optional[RbacConfig], state: None, env: FilterEnv,
-          route: RouteInfo) -> Optional[RbacFilter]:
+def build(config: RbacConfig, per_route: RbacConfig | None, state: None, env: FilterEnv,
+          route: RouteInfo) -> RbacFilter | None:
     cfg = per_route if per_route is not None else config
     if cfg.rules is None and cfg.shadow is None:
         return None

@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any
 
 import yaml
 from aiohttp import web
@@ -57,13 +58,13 @@ class Upstream:
     request. With a custom handler the body is recorded only if the handler read it.
     """
 
-    def __init__(self, handler: Optional[Callable[[web.Request], Awaitable[web.StreamResponse]]] = None,
+    def __init__(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
                  name: str = "upstream", port: int = 0):
         self.handler = handler
         self.name = name
         self.port = port
         self.requests: list[Recorded] = []
-        self._runner: Optional[web.AppRunner] = None
+        self._runner: web.AppRunner | None = None
 
     @property
     def address(self) -> str:
@@ -138,13 +139,13 @@ class RunningProxy:
     def __init__(self, app: App):
         self.app = app
 
-    def port(self, listener: Optional[str] = None) -> int:
+    def port(self, listener: str | None = None) -> int:
         lrs = self.app.store.listeners
         if listener is None:
             return next(iter(lrs.values())).bound_port
         return lrs[listener].bound_port
 
-    def url(self, path: str = "/", listener: Optional[str] = None) -> str:
+    def url(self, path: str = "/", listener: str | None = None) -> str:
         return f"http://127.0.0.1:{self.port(listener)}{path}"
 
     @property
@@ -190,7 +191,7 @@ class ProxyProcess:
             self.config_path = config
         self.args = args
         self.env = env
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tmpdir, "sidecar.log")
 
     def start(self, wait_port: int | None = None, timeout: float = 15.0) -> "ProxyProcess":
@@ -295,7 +296,7 @@ class FilterTestEnv:
     """A ``FilterEnv`` for building filters in tests, with its own metrics registry; the
     filters' states persist across builds made with the same object (as across reloads)."""
 
-    def __init__(self, metrics: Optional[Metrics] = None):
+    def __init__(self, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
         self._states: dict[str, object] = {}
 
@@ -316,7 +317,7 @@ class FakeRoute:
     """Stands in for the compiled route a filter is built for."""
 
     def __init__(self, name: str = "r1", clusters: tuple[str, ...] = ("svc",),
-                 pick: Optional[Callable[[Request], str]] = None):
+                 pick: Callable[[Request], str] | None = None):
         self.name = name
         self.stat_name = name
         self.vhost_name = "vh"
@@ -330,7 +331,7 @@ class FakeRoute:
 
 
 def build_filter(spec: FilterSpec, config: Any, per_route: Any = None,
-                 env: Optional[FilterTestEnv] = None, route: Optional[FakeRoute] = None) -> Any:
+                 env: FilterTestEnv | None = None, route: FakeRoute | None = None) -> Any:
     """``spec.build`` as the route stack calls it, with a test environment."""
     env = env if env is not None else FilterTestEnv()
     return spec.build(config, per_route, env.state_for(spec), env, route or FakeRoute())

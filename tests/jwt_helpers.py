@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -27,22 +27,22 @@ AUDIENCE = "api"
 HS_SECRET = "0123456789abcdef0123456789abcdef-hs-secret"   # 43 bytes: HS256 only
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rsa_key(name: str = "a") -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ec_key(name: str = "a") -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ed_key(name: str = "a") -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
-def public_jwk(key: Any, kid: Optional[str], alg: Optional[str] = None) -> dict:
+def public_jwk(key: Any, kid: str | None, alg: str | None = None) -> dict:
     pub = key.public_key()
     if isinstance(pub, rsa.RSAPublicKey):
         d = json.loads(RSAAlgorithm.to_jwk(pub))
@@ -74,8 +74,8 @@ def claims(**kw: Any) -> dict:
     return {k: v for k, v in c.items() if v is not None}
 
 
-def mint(key: Any = None, alg: str = "RS256", kid: Optional[str] = "k1",
-         headers: Optional[dict] = None, **claim_kw: Any) -> str:
+def mint(key: Any = None, alg: str = "RS256", kid: str | None = "k1",
+         headers: dict | None = None, **claim_kw: Any) -> str:
     """A token signed by PyJWT (``key`` defaults to rsa_key('a'))."""
     if key is None:
         key = rsa_key("a")
@@ -106,8 +106,8 @@ def hs_confusion_token(public_pem_bytes: bytes, kid: str = "k1", **claim_kw: Any
 # ---- requests --------------------------------------------------------------------------------
 
 def make_request(path: str = "/api/x", *, method: str = "GET", query: str = "",
-                 headers: Optional[dict | list] = None, token: Optional[str] = None,
-                 peer: Optional[str] = None, client_ip: str = "127.0.0.1",
+                 headers: dict | list | None = None, token: str | None = None,
+                 peer: str | None = None, client_ip: str = "127.0.0.1",
                  host: str = "svc.local") -> Request:
     h = MultiDict()
     h["host"] = host
@@ -141,7 +141,7 @@ class Next:
         return self.calls[-1]
 
 
-def runtime(metrics: Optional[Metrics] = None) -> FilterTestEnv:
+def runtime(metrics: Metrics | None = None) -> FilterTestEnv:
     return FilterTestEnv(metrics)
 
 

@@ -8,7 +8,6 @@ import contextlib
 import re
 import socket
 import time
-from typing import Optional
 
 import aiohttp
 
@@ -24,7 +23,7 @@ def _sa(addr: str) -> dict:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
-def envoy_config(*, clusters: dict[str, dict], routes: list[dict], hcm: Optional[dict] = None) -> dict:
+def envoy_config(*, clusters: dict[str, dict], routes: list[dict], hcm: dict | None = None) -> dict:
     """An Envoy v3 bootstrap with one listener on an ephemeral port.
 
     ``clusters``: name -> {"endpoints": ["127.0.0.1:port", ...], <more Envoy cluster fields>}.
@@ -143,7 +142,7 @@ class RawServer:
         self.connections = 0
         self.requests = 0
         self.closed_by_peer = 0
-        self.server: Optional[asyncio.base_events.Server] = None
+        self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self._writers: list = []
 

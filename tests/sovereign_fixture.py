@@ -14,7 +14,6 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import yaml
@@ -24,7 +23,7 @@ from sidecar.testing import free_port, stop_process
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sovereign_dir() -> Optional[Path]:
+def sovereign_dir() -> Path | None:
     env = os.environ.get("SOVEREIGN_CONFIG_DIR")
     cands = [Path(env)] if env else []
     cands += [REPO.parent / "shared" / "controlplane" / "sovereign",
@@ -35,7 +34,7 @@ def sovereign_dir() -> Optional[Path]:
     return None
 
 
-def sovereign_bin() -> Optional[str]:
+def sovereign_bin() -> str | None:
     for c in (os.environ.get("SOVEREIGN_BIN"), "/opt/sovereign-venv/bin/sovereign",
               shutil.which("sovereign")):
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
@@ -43,7 +42,7 @@ def sovereign_bin() -> Optional[str]:
     return None
 
 
-def skip_reason() -> Optional[str]:
+def skip_reason() -> str | None:
     if sovereign_bin() is None:
         return ("sovereign is not installed (run .ci/install-sovereign.sh, or set SOVEREIGN_BIN)")
     if sovereign_dir() is None:
@@ -61,13 +60,13 @@ def service(name: str, endpoints: list[int], domains: list[str] | None = None,
 
 
 class Sovereign:
-    def __init__(self, tmpdir: str | Path, services: Optional[list[dict]], listen_port: int,
-                 port: Optional[int] = None, refresh_rate: float = 1,
-                 src: Optional[Path] = None):
+    def __init__(self, tmpdir: str | Path, services: list[dict] | None, listen_port: int,
+                 port: int | None = None, refresh_rate: float = 1,
+                 src: Path | None = None):
         self.dir = Path(tmpdir) / "sovereign"
         self.port = port or free_port()
         self.listen_port = listen_port
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         src = src or sovereign_dir()
         shutil.copytree(src, self.dir)
         for p in self.dir.rglob("*"):

@@ -23,7 +23,7 @@ arrive; an unsupported one makes that resource (and so its response) rejected.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.control_plane import (
@@ -64,7 +64,7 @@ def _grpc_cluster(api: dict, path: str) -> tuple[str, tuple[tuple[str, str], ...
 
 
 def api_config_source(api: dict, path: str, *, ads: bool = False,
-                      initial_fetch_timeout: Optional[float] = None) -> SourceSpec:
+                      initial_fetch_timeout: float | None = None) -> SourceSpec:
     w.check_keys(api, ("api_type", "transport_api_version", "cluster_names", "grpc_services",
                        "refresh_delay", "request_timeout", "set_node_on_first_message_only"), path)
     api_type = w.string(api, "api_type", path, choices=_API_TYPES)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import filters as filter_registry
 from control_plane_client.translate.common import (
     T_FILE_LOG,
@@ -66,7 +64,7 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
     return tuple(out)
 
 
-def listener(d: dict, path: str, rds_routes: Optional[dict[str, RouteConfig]] = None) -> Listener:
+def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
     from control_plane_client.translate.tls import downstream_tls_from_envoy
 

@@ -70,7 +70,7 @@ async def load(base: str, path: str, duration: float, concurrency: int) -> list[
                 async with s.get(f"{base}{path}item-{i}-{n}") as r:
                     await r.read()
                     out.append((r.status, time.monotonic() - t))
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 out.append((0, time.monotonic() - t))
             n += 1
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:

@@ -16,12 +16,13 @@ import asyncio
 import gzip
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -84,11 +85,11 @@ class Receiver:
     """The receiver as an object, for tests and the example runner."""
     host: str = "127.0.0.1"
     port: int = 4318
-    on_spans: Optional[Callable[[list[Span]], None]] = None
+    on_spans: Callable[[list[Span]], None] | None = None
     spans: list[Span] = field(default_factory=list)
     requests: int = 0
-    _runner: Optional[web.AppRunner] = None
-    _event: Optional[asyncio.Event] = None
+    _runner: web.AppRunner | None = None
+    _event: asyncio.Event | None = None
 
     async def _traces(self, request: web.Request) -> web.Response:
         ctype = request.headers.get("Content-Type", "")
@@ -144,7 +145,7 @@ class Receiver:
             self._event.clear()
             try:
                 await asyncio.wait_for(self._event.wait(), min(remaining, 0.2))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 

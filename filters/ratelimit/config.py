@@ -13,7 +13,7 @@ destination_cluster. Everything else is refused by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Protocol
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -58,8 +58,7 @@ class DestinationClusterAction:
     pass
 
 
-Action = Union[RequestHeadersAction, RemoteAddressAction, GenericKeyAction,
-               DestinationClusterAction]
+Action = RequestHeadersAction | RemoteAddressAction | GenericKeyAction | DestinationClusterAction
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +69,9 @@ class RouteRateLimit:
 
 
 class RequestView(Protocol):
-    def header(self, name: str) -> Optional[str]: ...
+    def header(self, name: str) -> str | None: ...
     @property
-    def remote_address(self) -> Optional[str]: ...
+    def remote_address(self) -> str | None: ...
     @property
     def route_cluster(self) -> str: ...
 
@@ -80,7 +79,7 @@ class RequestView(Protocol):
 Descriptor = tuple[tuple[str, str], ...]
 
 
-def descriptor_for(rl: RouteRateLimit, req: RequestView) -> Optional[Descriptor]:
+def descriptor_for(rl: RouteRateLimit, req: RequestView) -> Descriptor | None:
     """Envoy: every action must produce its entry or the whole descriptor is dropped; a
     ``request_headers`` action with ``skip_if_absent`` only drops its own entry."""
     entries: list[tuple[str, str]] = []

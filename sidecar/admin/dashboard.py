@@ -23,7 +23,7 @@ import collections
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 
@@ -90,7 +90,7 @@ def _histogram_by(metrics, name: str, keys: tuple[str, ...]) -> dict[tuple, tupl
     return out
 
 
-def quantile(q: float, new: tuple, old: Optional[tuple]) -> Optional[float]:
+def quantile(q: float, new: tuple, old: tuple | None) -> float | None:
     """Estimate a quantile (seconds) of the observations between two histogram samples,
     interpolating linearly inside the bucket (as PromQL's histogram_quantile does)."""
     nb = new[0]
@@ -136,7 +136,7 @@ class Sampler:
         self.app = app
         self.interval = interval
         self.samples: collections.deque[_Sample] = collections.deque(maxlen=keep)
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._last_view = 0.0
 
     def read(self) -> _Sample:
@@ -202,7 +202,7 @@ class Sampler:
             self._task = None
 
     # ---- the view ------------------------------------------------------------------------
-    def _window(self) -> tuple[_Sample, Optional[_Sample]]:
+    def _window(self) -> tuple[_Sample, _Sample | None]:
         """(now, the sample about WINDOW_S ago, or the oldest one we have)."""
         new = self.read()
         old = None
@@ -234,7 +234,7 @@ class Sampler:
         def rate(a: float, b: float) -> float:
             return round(max(0.0, a - b) / dt, 3) if dt > 0 else 0.0
 
-        def ms(v: Optional[float]) -> Optional[float]:
+        def ms(v: float | None) -> float | None:
             return round(v * 1000, 3) if v is not None else None
 
         # routes

@@ -20,8 +20,8 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,7 +44,7 @@ def _check_label(kind: str, v: str) -> str:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _key_pem(key) -> bytes:
@@ -137,8 +137,8 @@ class DevCA:
         return cert_path, key_path
 
     def issue(self, ns: str = "default", sa: str = "default", *, dns: Iterable[str] = (),
-              ips: Iterable[str] = (), days: int = 30, uri: Optional[str] = None,
-              not_before: Optional[dt.datetime] = None) -> Workload:
+              ips: Iterable[str] = (), days: int = 30, uri: str | None = None,
+              not_before: dt.datetime | None = None) -> Workload:
         """A workload certificate for ``spiffe://<td>/ns/<ns>/sa/<sa>`` (or ``uri``)."""
         if uri is None:
             uri = spiffe_id(self.trust_domain, _check_label("namespace", ns),
@@ -251,7 +251,7 @@ def _cmd_ca(args) -> int:
     return 0
 
 
-def _load_ca(directory: str) -> Optional[DevCA]:
+def _load_ca(directory: str) -> DevCA | None:
     try:
         return DevCA.load(directory)
     except FileNotFoundError:

@@ -26,7 +26,6 @@ import copy
 import os
 import sys
 import time
-from typing import Optional
 
 from sidecar.admin.server import start_admin
 from sidecar.cli import certs, token
@@ -79,7 +78,7 @@ def _cluster_name(prefix: str, used: set[str]) -> str:
     return name
 
 
-def _target(v, path: str) -> tuple[list[str], Optional[dict]]:
+def _target(v, path: str) -> tuple[list[str], dict | None]:
     """``host:port`` | ``[host:port, ...]`` | ``http(s)://host[:port]`` -> (endpoints, tls)."""
     from sidecar.config.errors import ConfigError
     items = v if isinstance(v, list) else [v]
@@ -195,7 +194,7 @@ def is_tiny(doc: dict) -> bool:
     return not is_envoy(doc) and not (_FULL_KEYS & set(doc))
 
 
-def dev_snapshot(text: str, name: str, port: Optional[int] = None, admin_port: Optional[int] = None):
+def dev_snapshot(text: str, name: str, port: int | None = None, admin_port: int | None = None):
     """Config text -> (Snapshot, notes). Raises ConfigErrors with paths as the user wrote them.
 
     Dev rules on top of the usual parsing: the admin listens on 127.0.0.1; listeners without an
@@ -291,7 +290,7 @@ def _stamp(path: str):
         return None
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -99,9 +99,9 @@ def _claim_value(v: str) -> Any:
         return v
 
 
-def mint(*, key: Any = None, secret: Optional[str] = None, kid: Optional[str] = None,
-         iss: str = "", aud: Optional[str] = None, sub: Optional[str] = None, ttl: int = 3600,
-         claims: Optional[dict] = None, jti: bool = False, nbf: Optional[int] = None) -> str:
+def mint(*, key: Any = None, secret: str | None = None, kid: str | None = None,
+         iss: str = "", aud: str | None = None, sub: str | None = None, ttl: int = 3600,
+         claims: dict | None = None, jti: bool = False, nbf: int | None = None) -> str:
     """A signed token. ``key`` is a private key object (asymmetric) or ``secret`` (HS256)."""
     now = int(time.time())
     payload: dict = {"iat": now, "exp": now + ttl}
@@ -171,7 +171,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar.jwt_tool")
     add_commands(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)

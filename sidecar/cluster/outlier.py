@@ -32,7 +32,6 @@ import logging
 import math
 import random
 import time
-from typing import Optional
 
 from sidecar.cluster.cluster import ClusterState, OutcomeObserver
 from sidecar.cluster.endpoint import EndpointState
@@ -132,7 +131,7 @@ class OutlierDetector(OutcomeObserver):
             self._rebuild()
 
     # ---- the hot path: one call per attempt ------------------------------------------------
-    def on_outcome(self, host, status: Optional[int], latency: float, local_error: Optional[str]) -> None:
+    def on_outcome(self, host, status: int | None, latency: float, local_error: str | None) -> None:
         if self._tick_handle is None and not self.closed:
             self._start_timer()
         cfg = self.cfg

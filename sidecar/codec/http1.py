@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Optional, Protocol
+from typing import Protocol
 
 import httptools
 from multidict import MultiDict
@@ -68,9 +68,9 @@ class DownstreamConnection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: list = []
         self._hsize = 0
-        self._req: Optional[Request] = None
+        self._req: Request | None = None
         self._chunks: list[bytes] = []
-        self._stream: Optional[BodyStream] = None
+        self._stream: BodyStream | None = None
         self._complete = False
         self._queue: deque = deque()
         self._busy = False
@@ -83,7 +83,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_identity = None
         self.requests = 0
         self._h2c = False
-        self._idle_waiter: Optional[asyncio.Future] = None
+        self._idle_waiter: asyncio.Future | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:

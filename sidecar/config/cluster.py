@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from sidecar.config.tls import UpstreamTls
 
@@ -48,7 +48,7 @@ class Thresholds:
     max_pending_requests: int = 1024
     max_requests: int = 1024
     max_retries: int = 3
-    retry_budget: Optional[RetryBudget] = None
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +90,10 @@ class HealthCheck:
     expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)   # [start, end) ranges
     # statuses that count toward unhealthy_threshold instead of failing the host at once
     retriable_statuses: tuple[tuple[int, int], ...] = ()
-    unhealthy_interval_s: Optional[float] = None       # while unhealthy (default: interval)
-    unhealthy_edge_interval_s: Optional[float] = None  # right after turning unhealthy
-    healthy_edge_interval_s: Optional[float] = None    # right after turning healthy
-    no_traffic_interval_s: Optional[float] = None      # until the cluster has seen traffic
+    unhealthy_interval_s: float | None = None       # while unhealthy (default: interval)
+    unhealthy_edge_interval_s: float | None = None  # right after turning unhealthy
+    healthy_edge_interval_s: float | None = None    # right after turning healthy
+    no_traffic_interval_s: float | None = None      # until the cluster has seen traffic
     reuse_connection: bool = True        # keep the check's connection between checks (Envoy)
 
     def status_ok(self, status: int) -> bool:
@@ -122,9 +122,9 @@ class Cluster:
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
     circuit_breakers: CircuitBreakers = CircuitBreakers()
-    outlier_detection: Optional[OutlierDetection] = None
+    outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
-    tls: Optional[UpstreamTls] = None
+    tls: UpstreamTls | None = None
     source: Any = None                   # the wire dict it came from, for config_dump
 
     def __hash__(self) -> int:

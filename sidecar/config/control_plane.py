@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -27,7 +27,7 @@ class SourceSpec:
     refresh_delay_s: float = 1.0          # rest: polling interval
     request_timeout_s: float = 1.0        # rest: per request (Envoy's default is 1 s)
     path: str = ""                        # file
-    initial_fetch_timeout_s: Optional[float] = None
+    initial_fetch_timeout_s: float | None = None
     metadata: tuple[tuple[str, str], ...] = ()   # grpc: initial_metadata
 
     @property
@@ -47,11 +47,11 @@ class SourceSpec:
 @dataclass(frozen=True, slots=True)
 class ControlPlaneConfig:
     mode: str = "bootstrap"               # bootstrap | native
-    lds: Optional[SourceSpec] = None
-    cds: Optional[SourceSpec] = None
-    ads: Optional[SourceSpec] = None      # the ADS stream (kind "grpc" transport on one stream)
+    lds: SourceSpec | None = None
+    cds: SourceSpec | None = None
+    ads: SourceSpec | None = None      # the ADS stream (kind "grpc" transport on one stream)
     # native: the one source every type (including RDS/EDS) comes from
-    default: Optional[SourceSpec] = None
+    default: SourceSpec | None = None
     # native `address:` (host, port) pairs when no static cluster is named
     addresses: tuple[tuple[str, int], ...] = ()
     initial_fetch_timeout_s: float = DEFAULT_INITIAL_FETCH_TIMEOUT

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.tls import DownstreamTls
@@ -21,7 +21,7 @@ class Listener:
     name: str
     host: str
     port: int
-    route_config: Optional[RouteConfig] = None
+    route_config: RouteConfig | None = None
     rds_name: str = ""                    # when routes come from RDS
     http_filters: tuple[HttpFilter, ...] = ()
     stat_prefix: str = ""
@@ -46,9 +46,9 @@ class Listener:
     # native listeners strip it only for virtual-host matching and forward Host unchanged)
     strip_host_header: bool = False
     access_log: tuple[AccessLogConfig, ...] = ()
-    tls: Optional[DownstreamTls] = None
+    tls: DownstreamTls | None = None
     drain_timeout_s: float = 5.0
-    tracing: Optional["TracingConfig"] = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    tracing: "TracingConfig" | None = None   # Envoy HCM tracing (becomes Snapshot.tracing)
     source: Any = None
 
 
@@ -136,7 +136,7 @@ class SidecarConfig:
     service: str
     app_host: str
     app_port: int
-    health_path: Optional[str] = None       # None: a TCP connect is the probe
+    health_path: str | None = None       # None: a TCP connect is the probe
     probe_interval_s: float = 1.0
     probe_timeout_s: float = 1.0
     app_cluster: str = APP_CLUSTER

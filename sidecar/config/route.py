@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
-    prefix: Optional[str] = None
-    path: Optional[str] = None
-    regex: Optional[re.Pattern] = None
-    path_separated_prefix: Optional[str] = None
+    prefix: str | None = None
+    path: str | None = None
+    regex: re.Pattern | None = None
+    path_separated_prefix: str | None = None
     case_sensitive: bool = True
     headers: tuple[HeaderMatcher, ...] = ()
     query_params: tuple[QueryMatcher, ...] = ()
     methods: tuple[str, ...] = ()           # empty = any
     cookies: tuple[tuple[str, StringMatcher], ...] = ()   # native: cookie-based version routing
-    runtime_fraction: Optional[float] = None  # percent of requests that match (0..100)
+    runtime_fraction: float | None = None  # percent of requests that match (0..100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,24 +58,24 @@ class MirrorPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HashPolicy:
-    header: Optional[str] = None
-    cookie: Optional[str] = None
+    header: str | None = None
+    cookie: str | None = None
     source_ip: bool = False
-    query_parameter: Optional[str] = None
+    query_parameter: str | None = None
     terminal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RouteAction:
-    cluster: Optional[str] = None
+    cluster: str | None = None
     weighted_clusters: tuple[WeightedCluster, ...] = ()
-    cluster_header: Optional[str] = None
-    prefix_rewrite: Optional[str] = None
-    regex_rewrite: Optional[tuple[re.Pattern, str]] = None
-    host_rewrite: Optional[str] = None
+    cluster_header: str | None = None
+    prefix_rewrite: str | None = None
+    regex_rewrite: tuple[re.Pattern, str] | None = None
+    host_rewrite: str | None = None
     auto_host_rewrite: bool = False
     timeout_s: float = 15.0                  # 0 disables (Envoy's default is 15 s)
-    retry_policy: Optional[RetryPolicy] = None
+    retry_policy: RetryPolicy | None = None
     mirrors: tuple[MirrorPolicy, ...] = ()
     hash_policy: tuple[HashPolicy, ...] = ()
     # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
@@ -90,11 +90,11 @@ class DirectResponse:
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    scheme: Optional[str] = None
-    host: Optional[str] = None
-    port: Optional[int] = None
-    path: Optional[str] = None
-    prefix_rewrite: Optional[str] = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    prefix_rewrite: str | None = None
     status: int = 301
     strip_query: bool = False
 
@@ -116,7 +116,7 @@ class VirtualHost:
     routes: tuple[Route, ...]
     headers: HeaderMutation = HeaderMutation()
     per_filter: tuple[tuple[str, Any], ...] = ()
-    retry_policy: Optional[RetryPolicy] = None
+    retry_policy: RetryPolicy | None = None
     # send x-envoy-attempt-count upstream on routes with retries (Envoy:
     # include_request_attempt_count, off by default; native: on)
     include_attempt_count: bool = False

@@ -4,7 +4,6 @@ the config store applies in one swap."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from sidecar.config.cluster import Cluster
 from sidecar.config.control_plane import ControlPlaneConfig
@@ -25,7 +24,7 @@ class Snapshot:
     source_format: str = "native"        # native | envoy
     sidecar: SidecarConfig | None = None  # native `sidecar:` section (sidecar mode)
 
-    def cluster(self, name: str) -> Optional[Cluster]:
+    def cluster(self, name: str) -> Cluster | None:
         for c in self.clusters:
             if c.name == name:
                 return c

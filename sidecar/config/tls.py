@@ -4,8 +4,6 @@ built from them by ``sidecar.tls.context``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 
 TLS_VERSIONS = ("TLSv1_2", "TLSv1_3")     # the floor is TLS 1.2
 
@@ -14,7 +12,7 @@ TLS_VERSIONS = ("TLSv1_2", "TLSv1_3")     # the floor is TLS 1.2
 class DownstreamTls:
     cert_file: str
     key_file: str
-    ca_file: Optional[str] = None        # set: request and verify client certs (mTLS)
+    ca_file: str | None = None        # set: request and verify client certs (mTLS)
     require_client_cert: bool = False    # with ca_file: refuse clients without a valid cert
     min_version: str = "TLSv1_2"
 
@@ -22,9 +20,9 @@ class DownstreamTls:
 @dataclass(frozen=True, slots=True)
 class UpstreamTls:
     sni: str = ""
-    ca_file: Optional[str] = None        # None with verify: the system trust store
-    cert_file: Optional[str] = None      # client cert for mTLS
-    key_file: Optional[str] = None
+    ca_file: str | None = None        # None with verify: the system trust store
+    cert_file: str | None = None      # client cert for mTLS
+    key_file: str | None = None
     verify: bool = True
     min_version: str = "TLSv1_2"
     match_san_uris: tuple[str, ...] = ()

@@ -8,7 +8,8 @@ Every reader takes the field's full path so an error reads
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sidecar.config.errors import ConfigError
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Union
 
 from multidict import MultiDict
 
@@ -186,7 +185,7 @@ class PrefixedStream(BodySource):
         return data
 
 
-Body = Union[bytes, BodySource]
+Body = bytes | BodySource
 
 
 def body_length(body: Body) -> int:

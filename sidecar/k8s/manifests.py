@@ -75,7 +75,7 @@ def inject_document(doc: dict, config: InjectorConfig, where: str) -> tuple[dict
         return doc, [DocResult(where, outcome)]
     # rebuild the path down to the template with copies; the input stays as it was
     new = outcome.pod
-    for key, parent in zip(reversed(path), reversed(parents[:-1])):
+    for key, parent in zip(reversed(path), reversed(parents[:-1]), strict=False):
         new = {**parent, key: new}
     return new, [DocResult(where, outcome)]
 

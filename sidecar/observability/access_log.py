@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Optional, Protocol
+from typing import Protocol
 
 from sidecar.config.listener import (
     DEFAULT_FIELDS,
@@ -190,7 +190,7 @@ class _TimeCache:
 _TIME = _TimeCache()
 
 
-def _trace_ids(req) -> tuple[Optional[str], Optional[str]]:
+def _trace_ids(req) -> tuple[str | None, str | None]:
     """(trace id, span id) of the request: its server span, else an incoming context that
     was passed through unsampled (so the log still joins the caller's trace)."""
     span = req.ctx.span

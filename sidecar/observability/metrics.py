@@ -13,7 +13,6 @@ scraper asks for it (``Accept: application/openmetrics-text``).
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -72,7 +71,7 @@ class Metrics:
             raise ValueError(f"metric {name} already registered as {type(fam).__name__}")
         return fam
 
-    def family(self, name: str) -> Optional[object]:
+    def family(self, name: str) -> object | None:
         """A family created through this object, or None (used by the dashboard)."""
         return self._families.get(name)
 

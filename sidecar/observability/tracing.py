@@ -30,7 +30,7 @@ import logging
 import random
 import re
 import time
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
@@ -57,7 +57,7 @@ class Incoming:
 
     __slots__ = ("trace_id", "span_id", "sampled", "tracestate", "fmt", "b3_short", "debug")
 
-    def __init__(self, trace_id: int, span_id: int, sampled: Optional[bool], tracestate: str,
+    def __init__(self, trace_id: int, span_id: int, sampled: bool | None, tracestate: str,
                  fmt: int, b3_short: bool = False, debug: bool = False):
         self.trace_id = trace_id
         self.span_id = span_id
@@ -68,7 +68,7 @@ class Incoming:
         self.debug = debug
 
 
-def parse_traceparent(value: str) -> Optional[tuple[int, int, bool]]:
+def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
     """W3C trace-context ``traceparent`` -> (trace id, span id, sampled), None if invalid."""
     m = _TRACEPARENT.fullmatch(value.strip())
     if m is None:
@@ -83,7 +83,7 @@ def parse_traceparent(value: str) -> Optional[tuple[int, int, bool]]:
     return trace_id, span_id, bool(int(m.group(4), 16) & 1)
 
 
-def _hex_id(v: str, lengths: tuple[int, ...]) -> Optional[int]:
+def _hex_id(v: str, lengths: tuple[int, ...]) -> int | None:
     v = v.strip().lower()
     if len(v) not in lengths or _HEX.fullmatch(v) is None:
         return None
@@ -91,7 +91,7 @@ def _hex_id(v: str, lengths: tuple[int, ...]) -> Optional[int]:
     return n or None
 
 
-def _b3_sampled(v: Optional[str]) -> tuple[Optional[bool], bool]:
+def _b3_sampled(v: str | None) -> tuple[bool | None, bool]:
     """B3 sampling state -> (sampled or None to defer, debug)."""
     if v is None:
         return None, False
@@ -105,7 +105,7 @@ def _b3_sampled(v: Optional[str]) -> tuple[Optional[bool], bool]:
     return None, False
 
 
-def parse_b3_single(value: str) -> Optional[Incoming]:
+def parse_b3_single(value: str) -> Incoming | None:
     """``b3: {TraceId}-{SpanId}[-{SamplingState}[-{ParentSpanId}]]`` or just ``b3: {0|1|d}``.
 
     A sampling-only header ("0") yields an Incoming with trace id 0 (a decision, no parent)."""
@@ -126,7 +126,7 @@ def parse_b3_single(value: str) -> Optional[Incoming]:
                     debug=debug)
 
 
-def parse_b3_multi(headers) -> Optional[Incoming]:
+def parse_b3_multi(headers) -> Incoming | None:
     tid = headers.get("x-b3-traceid")
     flags = headers.get("x-b3-flags")
     sampled, debug = _b3_sampled(headers.get("x-b3-sampled"))
@@ -145,7 +145,7 @@ def parse_b3_multi(headers) -> Optional[Incoming]:
                     debug=debug)
 
 
-def extract(headers) -> Optional[Incoming]:
+def extract(headers) -> Incoming | None:
     """The parent context of a request: W3C first, then B3 single, then B3 multi."""
     tp = headers.get("traceparent")
     if tp is not None:
@@ -181,7 +181,7 @@ def _route_template(route) -> str:
     return ""
 
 
-def _split_host(value: str) -> tuple[str, Optional[int]]:
+def _split_host(value: str) -> tuple[str, int | None]:
     if not value:
         return "", None
     if value.startswith("["):
@@ -202,7 +202,7 @@ class ServerSpan:
     __slots__ = ("otel", "tracer", "trace_id", "span_id", "incoming", "start_ns", "_ctx",
                  "_ended")
 
-    def __init__(self, otel_span, tracer: "ListenerTracer", incoming: Optional[Incoming],
+    def __init__(self, otel_span, tracer: "ListenerTracer", incoming: Incoming | None,
                  start_ns: int):
         self.otel = otel_span
         self.tracer = tracer
@@ -229,7 +229,7 @@ class ServerSpan:
         return c
 
     def start_client(self, req, host, attempt_no: int = 1, shadow: bool = False,
-                     cluster: Optional[str] = None) -> "ClientSpan":
+                     cluster: str | None = None) -> "ClientSpan":
         """A client span for one upstream attempt on ``host`` (an EndpointState or
         "host:port"); sets the propagation headers on ``req.headers``."""
         span = self.new_client(req.method, host, req.ctx.cluster if cluster is None else cluster,
@@ -323,7 +323,7 @@ class ClientSpan:
         for k, v in self.headers():
             headers[k] = v
 
-    def end(self, status: Optional[int], flag: Optional[str] = None) -> None:
+    def end(self, status: int | None, flag: str | None = None) -> None:
         if self._ended:
             return
         self._ended = True
@@ -378,7 +378,7 @@ class ListenerTracer:
         self._rand = random.random
         self._randbits = random.getrandbits
 
-    def decide(self, headers) -> tuple[bool, Optional[Incoming]]:
+    def decide(self, headers) -> tuple[bool, Incoming | None]:
         """(sampled, parent context): the cheap part, no SDK involved."""
         inc = None
         if "traceparent" in headers or "b3" in headers or "x-b3-traceid" in headers \
@@ -408,7 +408,7 @@ class ListenerTracer:
             rb = self._randbits
             headers["traceparent"] = f"00-{rb(128) or 1:032x}-{rb(64) or 1:016x}-00"
 
-    def _start(self, req, inc: Optional[Incoming]) -> ServerSpan:
+    def _start(self, req, inc: Incoming | None) -> ServerSpan:
         ctx = req.ctx
         route = ctx.route
         info = self._routes.get(route)

@@ -8,7 +8,7 @@ are checked in full, still in config order (first match wins, as in Envoy).
 from __future__ import annotations
 
 import random
-from typing import Optional, Protocol
+from typing import Protocol
 
 from sidecar.config.route import Route, RouteConfig, RouteMatch, VirtualHost
 from sidecar.core.filter import Handler
@@ -147,7 +147,7 @@ class CompiledVirtualHost:
         self._prefix_lens = sorted({len(p) for p in self._prefix})
         self._prefix_ci_lens = sorted({len(p) for p in self._prefix_ci})
 
-    def match(self, method: str, path: str, query: str, headers) -> Optional[CompiledRoute]:
+    def match(self, method: str, path: str, query: str, headers) -> CompiledRoute | None:
         cands: list[int] = []
         exact = self._exact.get(path)
         if exact:
@@ -202,7 +202,7 @@ class RouteTable:
         self.vhosts = [CompiledVirtualHost(v) for v in config.virtual_hosts]
         self._exact: dict[str, CompiledVirtualHost] = {}
         suffix, prefix = [], []
-        self._default: Optional[CompiledVirtualHost] = None
+        self._default: CompiledVirtualHost | None = None
         for vh in self.vhosts:
             for d in vh.config.domains:
                 if d == "*":
@@ -215,13 +215,13 @@ class RouteTable:
                     self._exact[d] = vh
         self._suffix = sorted(suffix, key=lambda x: -len(x[0]))
         self._prefix = sorted(prefix, key=lambda x: -len(x[0]))
-        self._cache: dict[str, Optional[CompiledVirtualHost]] = {}
+        self._cache: dict[str, CompiledVirtualHost | None] = {}
 
     def all_routes(self):
         for vh in self.vhosts:
             yield from vh.routes
 
-    def virtual_host(self, host: str) -> Optional[CompiledVirtualHost]:
+    def virtual_host(self, host: str) -> CompiledVirtualHost | None:
         cache = self._cache
         vh = cache.get(host, False)
         if vh is not False:

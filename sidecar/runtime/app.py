@@ -9,8 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable
-from typing import Callable, Optional
+from collections.abc import Awaitable, Callable
 
 from control_plane_client.runtime import start_control_plane
 from filters import CATALOG
@@ -68,10 +67,10 @@ def install_uvloop() -> bool:
 
 
 class App:
-    def __init__(self, snapshot: Snapshot, *, config_path: Optional[str] = None,
+    def __init__(self, snapshot: Snapshot, *, config_path: str | None = None,
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
-                 cache_dir: Optional[str] = None, admin: Optional[AdminStarter] = None,
+                 cache_dir: str | None = None, admin: AdminStarter | None = None,
                  companions: tuple[Companion, ...] = ()):
         self.initial = snapshot
         self.config_path = config_path
@@ -97,7 +96,7 @@ class App:
         self.workers = workers
         self.cache_dir = cache_dir
         self.admin = None
-        self.admin_port: Optional[int] = None
+        self.admin_port: int | None = None
         self.healthy = True            # POST /healthcheck/fail flips this
         self.draining = False
         self.started_at = time.time()
@@ -105,13 +104,13 @@ class App:
         self.reloads_failed = 0
         self.last_reload_error = ""
         self.control_plane = None      # control_plane_client runtime, when dynamic
-        self.ready_checks: list[Callable[[], Optional[str]]] = []   # -> reason not ready or None
+        self.ready_checks: list[Callable[[], str | None]] = []   # -> reason not ready or None
         self.outbound_drain_gate = None   # async (deadline) -> None; set by sidecar mode
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
-        self.ready_notes: list[Callable[[], Optional[str]]] = []
+        self.ready_notes: list[Callable[[], str | None]] = []
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
         self._tasks: list[asyncio.Task] = []
-        self._stop: Optional[asyncio.Event] = None
+        self._stop: asyncio.Event | None = None
         self._config_mtime = 0.0
         self._tracing = None
         m = self.metrics
@@ -122,10 +121,10 @@ class App:
                                        ("source", "outcome"))
             self._g_last = m.gauge("sidecar_config_last_update_timestamp_seconds",
                                    "When the config in force was applied")
-        self._last_version_label: Optional[str] = None
+        self._last_version_label: str | None = None
 
     # ---- factories used by the config store ---------------------------------------------
-    def make_tracer(self, listener_config: Listener) -> Optional[ListenerTracer]:
+    def make_tracer(self, listener_config: Listener) -> ListenerTracer | None:
         if self._tracing is None:
             return None
         return self._tracing.for_listener(listener_config)
@@ -237,7 +236,7 @@ class App:
                 self._config_mtime = mtime
                 await self.reload("file")
 
-    def not_ready_reason(self) -> Optional[str]:
+    def not_ready_reason(self) -> str | None:
         if self.draining:
             return "draining"
         if not self.healthy:
@@ -248,7 +247,7 @@ class App:
                 return r
         return None
 
-    async def drain(self, timeout: Optional[float] = None) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, answer /ready 503, let in-flight requests finish. With inbound
         listeners (sidecar mode) those drain first and outbound ones stay open until the
         ``outbound_drain_gate`` says the app has stopped, so the app can finish its own calls."""

@@ -5,7 +5,6 @@ Prometheus scrapes, never recorded per request."""
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from sidecar.cluster.breakers import retry_limit
 from sidecar.cluster.cluster import Cluster
@@ -45,7 +44,7 @@ def breaker_open(c: Cluster) -> dict[str, int]:
     }
 
 
-def endpoint_ewma(cs: Cluster, host: EndpointState, now: float) -> Optional[tuple[float, float]]:
+def endpoint_ewma(cs: Cluster, host: EndpointState, now: float) -> tuple[float, float] | None:
     """(latency estimate seconds, LB cost) as a peak-EWMA balancer sees them right now (the
     estimate decays with time), or None when the cluster's balancer keeps no EWMA."""
     lb = cs.lb

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
 
 from sidecar.config.listener import SidecarConfig
 
@@ -52,11 +51,11 @@ class SidecarRuntime:
 
     def __init__(self, app):
         self.app = app
-        self.config: Optional[SidecarConfig] = None
-        self.app_up: Optional[bool] = None      # None: not probed yet
+        self.config: SidecarConfig | None = None
+        self.app_up: bool | None = None      # None: not probed yet
         self.app_reason = "app not probed yet"
         self.last_probe = 0.0
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._gauge = None
         if app.metrics.enabled:
@@ -82,12 +81,12 @@ class SidecarRuntime:
         self.app._tasks.append(self._task)
 
     # ---- readiness -------------------------------------------------------------------------
-    def not_ready_reason(self) -> Optional[str]:
+    def not_ready_reason(self) -> str | None:
         if self.config is None or self.app_up:
             return None
         return self.app_reason
 
-    async def probe_once(self) -> Optional[str]:
+    async def probe_once(self) -> str | None:
         cfg = self.config
         where = f"{cfg.app_host}:{cfg.app_port}"
         try:
@@ -123,7 +122,7 @@ class SidecarRuntime:
             except TimeoutError:
                 pass
 
-    def _set(self, reason: Optional[str]) -> None:
+    def _set(self, reason: str | None) -> None:
         up = reason is None
         changed = up != self.app_up
         self.app_up = up

@@ -291,14 +291,14 @@ async def _ask(rundir: str, wid: int, method: str, path: str) -> tuple[int, str]
                                          timeout=aiohttp.ClientTimeout(total=SOCK_TIMEOUT_S)) as s:
             async with s.request(method, f"http://worker{wid}{path}") as r:
                 return r.status, await r.text()
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         return 0, f"worker {wid} not answering: {e or type(e).__name__}"
 
 
 async def ask_all(rundir: str, n: int, method: str, path: str, skip: int = -1) -> dict[int, tuple[int, str]]:
     ids = [i for i in range(n) if i != skip]
     res = await asyncio.gather(*(_ask(rundir, i, method, path) for i in ids))
-    return dict(zip(ids, res))
+    return dict(zip(ids, res, strict=False))
 
 
 # ---- worker 0's admin: aggregation --------------------------------------------------------------

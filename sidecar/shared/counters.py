@@ -27,10 +27,26 @@ from __future__ import annotations
 
 import struct
 
-from sidecar.shared.api import (BreakerSnapshot, EndpointHealth, Outcome, OutcomeTotals,
-                                Priority, Resource, Streak, retry_limit)
-from sidecar.shared.segment import (BOARD_WORDS, BREAKER_WORDS, ENDPOINT_WORDS, H_EPOCH,
-                                    H_WRITER, LOCK_WRITER, Directory, SharedSegment)
+from sidecar.shared.api import (
+    BreakerSnapshot,
+    EndpointHealth,
+    Outcome,
+    OutcomeTotals,
+    Priority,
+    Resource,
+    Streak,
+    retry_limit,
+)
+from sidecar.shared.segment import (
+    BOARD_WORDS,
+    BREAKER_WORDS,
+    ENDPOINT_WORDS,
+    H_EPOCH,
+    H_WRITER,
+    LOCK_WRITER,
+    Directory,
+    SharedSegment,
+)
 
 # endpoint words
 ACTIVE, TOTAL, SUCCESS, E5XX, GATEWAY, LOCAL, M5XX, MGATEWAY, MLOCAL = range(ENDPOINT_WORDS)

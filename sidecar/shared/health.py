@@ -10,8 +10,8 @@ and the first success marks it up again. Recovery needs no restart and no backgr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sidecar.shared.config import Backoff, FailurePolicy
 

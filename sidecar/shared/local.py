@@ -11,9 +11,21 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-from sidecar.shared.api import (BreakerSnapshot, BucketDecision, BucketSpec, EndpointHealth,
-                                Outcome, OutcomeTotals, Priority, ReplayVerdict, Resource, Streak,
-                                refill, reset_after, retry_limit)
+from sidecar.shared.api import (
+    BreakerSnapshot,
+    BucketDecision,
+    BucketSpec,
+    EndpointHealth,
+    Outcome,
+    OutcomeTotals,
+    Priority,
+    ReplayVerdict,
+    Resource,
+    Streak,
+    refill,
+    reset_after,
+    retry_limit,
+)
 from sidecar.shared.config import DEFAULT_SHARED_STATE, SharedStateConfig
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -75,7 +76,7 @@ class RedisStore:
             # the client's socket timeouts bound each read and connect; wait_for bounds the
             # whole call (several reads, a script reload after a Redis restart)
             result = await asyncio.wait_for(op(self.client), self.cfg.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise health.failed(None, True) from None
         except ResponseError:
             health.succeeded()          # Redis answered (with an error of the command)

@@ -19,10 +19,15 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
-from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (RateLimitDescriptor,
-                                                                  RateLimitDescriptorEntry)
-from envoy_data_plane.envoy.service.ratelimit.v3 import (RateLimitRequest, RateLimitResponse,
-                                                         RateLimitServiceAsyncStub)
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
+    RateLimitDescriptor,
+    RateLimitDescriptorEntry,
+)
+from envoy_data_plane.envoy.service.ratelimit.v3 import (
+    RateLimitRequest,
+    RateLimitResponse,
+    RateLimitServiceAsyncStub,
+)
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
@@ -161,7 +166,7 @@ class RateLimitClient:
                 self._stub.should_rate_limit(to_request(domain, descriptors, hits_addend),
                                              timeout=self.timeout_s),
                 self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise health.failed(None, True) from None
         except GRPCError as e:
             raise health.failed(e, e.status.name == "DEADLINE_EXCEEDED") from None

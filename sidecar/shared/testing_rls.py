@@ -33,11 +33,14 @@ from typing import Any
 
 import grpc
 from envoy_data_plane.envoy.config.core.v3 import HeaderValue
-from envoy_data_plane.envoy.service.ratelimit.v3 import (RateLimitRequest, RateLimitResponse,
-                                                         RateLimitResponseCode,
-                                                         RateLimitResponseDescriptorStatus,
-                                                         RateLimitResponseRateLimit,
-                                                         RateLimitResponseRateLimitUnit)
+from envoy_data_plane.envoy.service.ratelimit.v3 import (
+    RateLimitRequest,
+    RateLimitResponse,
+    RateLimitResponseCode,
+    RateLimitResponseDescriptorStatus,
+    RateLimitResponseRateLimit,
+    RateLimitResponseRateLimitUnit,
+)
 
 from sidecar.shared.config import FailurePolicy, RedisStoreConfig
 from sidecar.shared.redis_store import RedisRateLimit, RedisStore

@@ -18,7 +18,7 @@ import os
 import ssl
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from sidecar.config.tls import DownstreamTls, UpstreamTls
 
@@ -117,7 +117,7 @@ def _shell(protocol, reloader: _Reloader) -> ReloadingContext:
     return ctx
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
+def _load_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
     try:
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as e:
@@ -204,11 +204,11 @@ def client_context(cfg: UpstreamTls) -> ReloadingContext:
                                                      f"cluster TLS ({cfg.sni or cfg.ca_file or 'system CAs'})"))
 
 
-def uri_sans(cert: Optional[dict]) -> list[str]:
+def uri_sans(cert: dict | None) -> list[str]:
     return [v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"]
 
 
-def peer_uri_san(sslobj) -> Optional[str]:
+def peer_uri_san(sslobj) -> str | None:
     """The verified client certificate's identity: its first spiffe:// URI SAN (else its first
     URI SAN), or None without a verified client certificate."""
     try:

@@ -12,7 +12,6 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import Optional
 
 import httptools
 from multidict import MultiDict
@@ -37,15 +36,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.parser = None
         self._spare_parser = None    # llhttp resets itself after a complete message: reuse it
-        self._future: Optional[asyncio.Future] = None
-        self._stream: Optional[BodyStream] = None
+        self._future: asyncio.Future | None = None
+        self._stream: BodyStream | None = None
         self._closed = False
         self._timer = None
         self._paused_writing = False
-        self._drain_waiter: Optional[asyncio.Future] = None
+        self._drain_waiter: asyncio.Future | None = None
         self.idle_since = 0.0
         self.requests = 0
         self._got_bytes = False
@@ -214,13 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
 
     async def send(self, req: Request, host_header: str | None,
-                   deadline: Optional[float]) -> Response:
+                   deadline: float | None) -> Response:
         """Encode ``req`` (``host_header`` replaces Host when set) and send it."""
         head, chunked = encode_request(req, host_header)
         return await self.request(head, req.body, chunked, req.method == "HEAD", deadline)
 
     async def request(self, head: bytes, body, chunked: bool, no_body_response: bool,
-                      deadline: Optional[float]) -> Response:
+                      deadline: float | None) -> Response:
         """Send one request and wait for the response head (body may still stream)."""
         loop = asyncio.get_running_loop()
         parser = self._spare_parser
@@ -273,7 +272,7 @@ class ConnectionPool:
 
     def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 64,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
-                 ssl_context: Optional[ssl.SSLContext] = None, server_hostname: str = ""):
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str = ""):
         self.host = host
         self.port = port
         self.idle: deque[UpstreamConnection] = deque()
@@ -291,7 +290,7 @@ class ConnectionPool:
         # cluster's max_connections (sidecar.circuit_breaker)
         self.on_free = None
 
-    def take_idle(self) -> Optional[UpstreamConnection]:
+    def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
         while idle:
             conn = idle.pop()

@@ -7,7 +7,7 @@ different host when one exists).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from sidecar.config.cluster import LbConfig
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -112,7 +111,7 @@ def _min_version(d: dict, path: str) -> str:
     return v
 
 
-def _file(d: dict, key: str, path: str, required: bool = False) -> Optional[str]:
+def _file(d: dict, key: str, path: str, required: bool = False) -> str | None:
     from sidecar.config import wire as w
     from sidecar.config.errors import ConfigError
     v = w.string(d, key, path, None if not required else w._MISSING, nonempty=True)

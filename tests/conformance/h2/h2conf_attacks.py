@@ -304,7 +304,7 @@ def run_attack(port: int, attack: Callable[[int], RawH2], *, good_port: int | No
 def rapid_reset(port: int, streams: int = 1000, batch: int = 100) -> RawH2:
     """CVE-2023-44487: open a stream (a complete GET) and cancel it at once, many times."""
     a = RawH2(port)
-    for start in range(0, streams, batch):
+    for _start in range(0, streams, batch):
         frames = []
         for _ in range(batch):
             sid = a.stream()

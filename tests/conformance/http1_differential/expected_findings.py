@@ -202,7 +202,7 @@ _F = [
             "Forwards `x-hop` although the upstream's `Connection: x-hop` names it.",
             "Drops it (RFC 9110 §7.6.1).",
             "Deliberate and documented in docs/config.md; also asserted by "
-            "tests/test_conformance_envoy.py::test_hop_by_hop_response_headers."),
+            "tests/conformance/envoy/test_conformance_envoy.py::test_hop_by_hop_response_headers."),
     # ---- stricter (safe) -----------------------------------------------------------------------
     Finding("S-REQUEST-LINE-WHITESPACE", STRICTER,
             "Whitespace variants in the request line",

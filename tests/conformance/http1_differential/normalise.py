@@ -114,7 +114,7 @@ def summary(o: Outcome) -> str:
     if o.interim:
         st = "+".join(str(s) for s in o.interim) + "+" + st
     up = []
-    for reqs, left, closed in zip(o.upstream_requests, o.upstream_leftover, o.upstream_closed):
+    for reqs, left, closed in zip(o.upstream_requests, o.upstream_leftover, o.upstream_closed, strict=False):
         lines = [r[0].split(" ")[0] + " " + r[0].split(" ")[1][:24] if " " in r[0] else r[0][:24]
                  for r in reqs]
         d = "[" + "; ".join(lines) + (f" +{len(left)}B unframed" if left else "") + "]"

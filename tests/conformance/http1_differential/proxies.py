@@ -88,7 +88,7 @@ class Proxy:
         *self.ports, self.admin_port = ports
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(
-            bootstrap(self.admin_port, list(zip(self.ports, upstream_ports)), hcm_overrides,
+            bootstrap(self.admin_port, list(zip(self.ports, upstream_ports, strict=False)), hcm_overrides,
                       cluster_overrides, envoy=kind == "envoy"), sort_keys=False))
         self.log_level = log_level
         self.log_path = workdir / f"{kind}.log"

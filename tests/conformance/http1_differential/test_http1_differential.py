@@ -80,7 +80,7 @@ def test_expected_table_names_real_cases_and_findings():
 def test_baselines_are_proxied(outcomes, name):
     """The harness sees real traffic: every baseline reaches the upstream and is answered
     (guards against both proxies failing the same way, which would compare as equal)."""
-    for side, o in zip(("envoy", "sidecar"), outcomes[name]):
+    for side, o in zip(("envoy", "sidecar"), outcomes[name], strict=False):
         assert o.upstream_requests and o.upstream_requests[0], f"{side}: nothing reached the upstream"
         assert o.responses and all(r[1] == "upstream" for r in o.responses), (side, o.statuses)
         closes = name == "base.connection-close"      # the client asked for it

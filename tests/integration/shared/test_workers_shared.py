@@ -11,8 +11,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from sidecar.shared.api import (BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict,
-                                Resource, Streak)
+from sidecar.shared.api import BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict, Resource, Streak
 from sidecar.shared.config import SharedStateConfig
 from sidecar.shared.host import SharedHost
 from sidecar.shared.testing import free_port

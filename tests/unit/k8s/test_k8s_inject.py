@@ -122,7 +122,7 @@ def test_nothing_of_the_pods_own_is_dropped():
     assert p["spec"]["volumes"][:len(pod["spec"]["volumes"])] == pod["spec"]["volumes"]
     assert p["spec"]["initContainers"][0] == pod["spec"]["initContainers"][0]
     # containers: everything but the probe handlers moved to the sidecar
-    for before, after in zip(pod["spec"]["containers"], p["spec"]["containers"]):
+    for before, after in zip(pod["spec"]["containers"], p["spec"]["containers"], strict=False):
         for k, v in before.items():
             if k.endswith("Probe") and ("httpGet" in v or "tcpSocket" in v):
                 kept = {f: x for f, x in v.items() if f not in ("httpGet", "tcpSocket")}

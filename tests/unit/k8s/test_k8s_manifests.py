@@ -69,7 +69,7 @@ def test_inject_file_on_every_example_manifest_validates(path, tmp_path):
     assert len(before) == len(after)
     for doc in k8s_docs(after):
         validate(doc)
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=False):
         if not templates(b):
             assert a == b, "kinds without pod templates pass through unchanged"
     # idempotent at the file level: injecting the output again changes nothing
@@ -192,13 +192,13 @@ def test_every_workload_kind_is_injected_and_others_pass_through(tmp_path):
     assert cp.returncode == 0, cp.stderr
     out = list(yaml.safe_load_all(cp.stdout))
     assert [d["kind"] for d in out] == [d["kind"] for d in docs]
-    for before, after in zip(docs, out):
+    for before, after in zip(docs, out, strict=False):
         for obj in after["items"] if after["kind"] == "List" else [after]:
             validate(obj)
         if before["kind"] in ("Service", "ConfigMap"):
             assert after == before
             continue
-        for t_before, t_after in zip(templates(before), templates(after)):
+        for _t_before, t_after in zip(templates(before), templates(after), strict=False):
             assert STATUS in t_after["metadata"]["annotations"], before["kind"]
             names = [c["name"] for c in t_after["spec"]["initContainers"]]
             assert names == ["migrate", INIT_CONTAINER, PROXY_CONTAINER]

@@ -1,15 +1,32 @@
 import pytest
 import yaml
 
-from filters.ratelimit.config import (DestinationClusterAction, GenericKeyAction,
-                                      RemoteAddressAction, RequestHeadersAction, RouteRateLimit,
-                                      descriptor_for, filter_from_envoy,
-                                      route_rate_limits_from_envoy)
+from filters.ratelimit.config import (
+    DestinationClusterAction,
+    GenericKeyAction,
+    RemoteAddressAction,
+    RequestHeadersAction,
+    RouteRateLimit,
+    descriptor_for,
+    filter_from_envoy,
+    route_rate_limits_from_envoy,
+)
 from sidecar.config.errors import ConfigError
-from sidecar.shared.config import (FailurePolicy, SharedStateConfig, StoreRef,
-                                   store_ref_from_native, stores_from_native)
-from sidecar.shared.rls import (RlsCode, RlsDescriptorStatus, RlsLimit, RlsResponse, RlsUnit,
-                                x_ratelimit_headers)
+from sidecar.shared.config import (
+    FailurePolicy,
+    SharedStateConfig,
+    StoreRef,
+    store_ref_from_native,
+    stores_from_native,
+)
+from sidecar.shared.rls import (
+    RlsCode,
+    RlsDescriptorStatus,
+    RlsLimit,
+    RlsResponse,
+    RlsUnit,
+    x_ratelimit_headers,
+)
 
 NATIVE = yaml.safe_load("""
 shared_state:

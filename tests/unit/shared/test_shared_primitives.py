@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from sidecar.shared.api import (BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict,
-                                Resource, Streak)
+from sidecar.shared.api import BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict, Resource, Streak
 from sidecar.shared.config import SharedStateConfig
 from sidecar.shared.host import SharedHost, TableFull
 from sidecar.shared.local import LocalState

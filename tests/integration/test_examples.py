@@ -12,14 +12,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from sidecar.testing import ProxyProcess, Upstream, free_port
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 EXAMPLES = {
     "envoy": ROOT / "examples" / "envoy" / "envoy.yaml",
     "local-dev": ROOT / "examples" / "local-dev" / "sidecar.yaml",

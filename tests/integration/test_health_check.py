@@ -83,7 +83,7 @@ async def test_failing_host_leaves_and_returns_native_and_envoy():
                 cs = p.app.clusters.get("svc")
                 hb = cs.hosts[1]
                 # a non-expected status fails the host at once (Envoy), whatever the threshold
-                await wait_for(lambda: not hb.hc_healthy, 2.0)
+                await wait_for(lambda hb=hb: not hb.hc_healthy, 2.0)
                 assert await spread(p, 10) == {"a": 10}
                 view = await clusters_json(p)
                 hv = host_view(view, "svc", ub.address)
@@ -92,7 +92,7 @@ async def test_failing_host_leaves_and_returns_native_and_envoy():
                 # healthy again: back after healthy_threshold (2) passing checks
                 b.health = "ok"
                 n0 = len(b.checks)
-                await wait_for(lambda: hb.hc_healthy, 3.0)
+                await wait_for(lambda hb=hb: hb.hc_healthy, 3.0)
                 assert len(b.checks) - n0 >= 2
                 seen = await spread(p, 10)
                 assert seen.get("b", 0) >= 4, seen
@@ -176,7 +176,7 @@ async def test_interval_has_jitter():
                             routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
         async with proxy(cfg):
             await wait_for(lambda: len(a.checks) >= 12, 5.0)
-    gaps = [y - x for x, y in zip(a.checks, a.checks[1:])]
+    gaps = [y - x for x, y in zip(a.checks, a.checks[1:], strict=False)]
     assert all(0.09 <= g < 0.35 for g in gaps), gaps
     assert max(gaps) - min(gaps) > 0.02, gaps
 
@@ -188,7 +188,7 @@ async def test_removing_health_checks_restores_hosts():
                             routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
         async with proxy(cfg) as p:
             hb = p.app.clusters.get("svc").hosts[1]
-            await wait_for(lambda: not hb.hc_healthy, 2.0)
+            await wait_for(lambda hb=hb: not hb.hc_healthy, 2.0)
             del cfg["clusters"][0]["health_check"]
             await p.apply(cfg)
             assert hb.hc_healthy

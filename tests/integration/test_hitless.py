@@ -49,7 +49,7 @@ class Load:
                         up = body["upstream"]
                         self.by_upstream[up] = self.by_upstream.get(up, 0) + 1
                         self.first_seen.setdefault(up, time.monotonic())
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                     self.failed += 1
                     self.failures.append(repr(e))
 

@@ -4,6 +4,7 @@ through the real proxy to real upstreams on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -335,5 +336,5 @@ async def test_envoy_header_abort_with_default_percentage_is_off():
 
 def test_fault_config_is_frozen():
     c = FaultConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.upstream_cluster = "x"   # type: ignore[misc]

@@ -65,7 +65,7 @@ async def test_dashboard_json_after_traffic():
                 for i in range(30):
                     async with s.get(p.url("/orders/fail" if i % 10 == 0 else "/orders/1")) as r:
                         await r.read()
-                for i in range(5):
+                for _ in range(5):
                     async with s.get(p.url("/users/1")) as r:
                         await r.read()
                 async with s.get(p.admin_url + "/dashboard.json") as r:
@@ -132,7 +132,7 @@ async def run_chromium(*args: str, timeout: float = 60.0) -> str:
                                                     stderr=asyncio.subprocess.PIPE)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             raise

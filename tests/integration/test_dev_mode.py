@@ -18,6 +18,7 @@ import yaml
 from sidecar.cli.dev import dev_snapshot
 from sidecar.config.errors import ConfigErrors
 from sidecar.testing import Upstream, free_port, wait_for_port
+from tests.paths import REPO
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -219,7 +220,7 @@ def test_dev_init_and_missing_config(tmp_path):
 
 
 def test_dev_example_config():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO)
     path = os.path.join(root, "examples", "dev", "sidecar.dev.yaml")
     with open(path) as f:
         snap, notes = dev_snapshot(f.read(), path)

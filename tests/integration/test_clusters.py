@@ -11,9 +11,9 @@ from sidecar.cluster.balancers.round_robin import RoundRobin
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.cluster import Cluster, Endpoint, LbConfig
+from sidecar.core.context import RequestContext
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
-from sidecar.core.context import RequestContext
 from sidecar.testing import Upstream, native_config, running_proxy
 from sidecar.upstream.http1 import ConnectionPool
 

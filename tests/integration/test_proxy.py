@@ -74,7 +74,7 @@ async def test_streaming_response_body_chunked_from_upstream():
         resp = web.StreamResponse()
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        for i in range(50):
+        for _i in range(50):
             await resp.write(b"x" * 10000)
         await resp.write_eof()
         return resp

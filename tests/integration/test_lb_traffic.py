@@ -15,12 +15,13 @@ from aiohttp import web
 
 from sidecar.cluster.balancers.peak_ewma import PeakEwmaBalancer, default_penalty
 from sidecar.cluster.balancers.ring_hash import RingHashBalancer, mix32
-from sidecar.cluster.manager import ClusterManager
 from sidecar.cluster.cluster import Cluster as ClusterVersion
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.cluster import Cluster, Endpoint, LbConfig
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
-from sidecar.config.cluster import Cluster, Endpoint, LbConfig
 from sidecar.testing import Upstream, native_config, running_proxy
+from tests.paths import REPO
 
 T_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
          "HttpConnectionManager")
@@ -191,7 +192,7 @@ def test_ewma_weights_scale_cost():
 def test_ring_hash_sticky_and_spread():
     cs = make_cluster(4, policy="ring_hash")
     owners = {}
-    for k in range(2000):
+    for _k in range(2000):
         key = random.getrandbits(32)
         h = cs.pick(Ctx(key))
         assert cs.pick(Ctx(key)) is h                    # same key, same host
@@ -407,8 +408,7 @@ def test_canary_example_runs_and_checks_itself():
     the split, the canary-only delays, pinned/debug routing, aborts, shadows and EWMA."""
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     r = subprocess.run([sys.executable, str(root / "examples" / "canary" / "run.py"),
                         "--free-ports", "--requests", "300"],
                        capture_output=True, text=True, timeout=120, cwd=root)

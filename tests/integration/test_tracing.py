@@ -22,6 +22,7 @@ from sidecar.observability.tracing import (
     parse_traceparent,
 )
 from sidecar.testing import Upstream, free_port, native_config, running_proxy
+from tests.paths import REPO
 
 TID = "0af7651916cd43dd8448eb211c80319c"
 PSID = "b7ad6b7169203331"
@@ -334,10 +335,9 @@ def test_shadow_copy_gets_its_own_client_span():
 def test_tracing_example_runs_in_one_command():
     """examples/tracing/run.py: receiver + backends + a real `sidecar run` process; retries and
     the shadow copy each show up as their own span in every trace."""
-    import os
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO)
     r = subprocess.run([sys.executable, "examples/tracing/run.py", "--free-ports"], cwd=root,
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr

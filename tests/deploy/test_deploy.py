@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
+
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "sovereign" / "Dockerfile"]

@@ -63,7 +63,7 @@ async def test_reload_on_sighup_and_file_change_and_bad_file_kept(tmp_path):
                 await wait_header(s, url, "v2")
                 # an invalid file is refused; the old config keeps serving
                 with open(proc.config_path, "w") as f:
-                    f.write("listeners: [{name: main, port: %d, routes: [{cluster: nope}]}]\n" % port)
+                    f.write(f"listeners: [{{name: main, port: {port}, routes: [{{cluster: nope}}]}}]\n")
                 os.utime(proc.config_path, (time.time() + 5, time.time() + 5))
                 await asyncio.sleep(2.5)
                 async with s.get(url) as r:

@@ -1,6 +1,6 @@
 """Conformance: the same Envoy v3 bootstrap through Envoy 1.40 and through the sidecar.
 
-For each config in ``tests/envoy_configs/`` (ports templated into a temp copy) the real
+For each config in ``tests/conformance/envoy/envoy_configs/`` (ports templated into a temp copy) the real
 ``envoy`` binary and the sidecar (``python -m sidecar run -c FILE``) are started once, side by
 side, in front of one real upstream: an aiohttp echo server that returns what it received
 (method, path, headers in order, body size and digest) and that can be told through the query
@@ -30,14 +30,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 from aiohttp import web
 
 from sidecar.testing import ProxyProcess, free_port, stop_process, wait_for_port
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CONFIG_DIR = Path(__file__).resolve().parent / "envoy_configs"
 ENVOY = shutil.which("envoy")
 
@@ -61,9 +61,9 @@ class EchoUpstream:
     def __init__(self) -> None:
         self.port = 0
         self.connections = 0
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._runner: Optional[web.AppRunner] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
 
     @staticmethod
@@ -271,7 +271,7 @@ class Conn:
             r.complete = False
         return r
 
-    def request(self, data: bytes, method: Optional[str] = None) -> Resp:
+    def request(self, data: bytes, method: str | None = None) -> Resp:
         self.send(data)
         return self.read_response(method or data.split(b" ", 1)[0].decode())
 
@@ -280,7 +280,7 @@ class Conn:
         self.sock.settimeout(wait)
         try:
             return self.sock.recv(1) == b""
-        except socket.timeout:
+        except TimeoutError:
             return False
         except OSError:
             return True
@@ -290,7 +290,7 @@ class Conn:
 
 
 def build(method: str = "GET", target: str = "/", headers=(), body: bytes = b"",
-          host: Optional[str] = "example.test", content_length: bool = True) -> bytes:
+          host: str | None = "example.test", content_length: bool = True) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     if host is not None:
         lines.append(f"Host: {host}")
@@ -309,7 +309,7 @@ class EnvoyProcess:
         self.config_path = config_path
         self.admin_port = admin_port
         self.log_path = os.path.join(tmpdir, "envoy.log")
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     def start(self) -> "EnvoyProcess":
         self._log = open(self.log_path, "w")
@@ -373,7 +373,7 @@ class Pair:
     def sidecar_port(self) -> int:
         return self.ports["listen"][1]
 
-    def both(self, data: bytes, method: Optional[str] = None, listener: str = "listen",
+    def both(self, data: bytes, method: str | None = None, listener: str = "listen",
              source: str = "127.0.0.1") -> tuple[Resp, Resp]:
         """Send the same bytes to Envoy, then to the sidecar, each on a new connection."""
         out = []
@@ -390,7 +390,7 @@ LISTENER_PLACEHOLDERS = ("listen", "edge")
 
 
 def start_pair(name: str, tmp: Path, upstream: EchoUpstream, closed_port: int,
-               template: Optional[Path] = None) -> Pair:
+               template: Path | None = None) -> Pair:
     template = template or CONFIG_DIR / f"{name}.yaml"
     text = template.read_text()
     d = tmp / name
@@ -522,7 +522,7 @@ def assert_same(envoy: Resp, sidecar: Resp, what: str = "") -> None:
         pytest.fail("\n".join(lines), pytrace=False)
 
 
-def compare(pair: Pair, data: bytes, method: Optional[str] = None, **kw) -> tuple[Resp, Resp]:
+def compare(pair: Pair, data: bytes, method: str | None = None, **kw) -> tuple[Resp, Resp]:
     e, s = pair.both(data, method, **kw)
     assert_same(e, s, data[:80].decode("latin-1"))
     return e, s
@@ -815,7 +815,7 @@ def test_route_timeout(proxying):
     assert time.monotonic() - t0 < 3.0
 
 
-def _expect_continue(port: int, head: bytes, body: bytes) -> tuple[Optional[int], Resp]:
+def _expect_continue(port: int, head: bytes, body: bytes) -> tuple[int | None, Resp]:
     """Send the head, wait for the interim 100, then the body."""
     c = Conn(port)
     try:
@@ -869,7 +869,7 @@ def test_keep_alive_reuse(proxying, upstream):
         assert pipelined == [b"p1", b"p2"]
         assert not closed, "the proxy closed a keep-alive connection"
         assert new_upstream == 0, f"{new_upstream} new upstream connections on port {port}"
-    for e, s in zip(*results):
+    for e, s in zip(*results, strict=False):
         assert_same(e, s, "keep-alive")
 
 
@@ -911,7 +911,7 @@ BAD_REQUESTS = [
 ]
 
 
-def _bad_exchange(port: int, data: bytes) -> tuple[Optional[Resp], str, bool]:
+def _bad_exchange(port: int, data: bytes) -> tuple[Resp | None, str, bool]:
     c = Conn(port)
     try:
         c.send(data)
@@ -934,7 +934,7 @@ def bad_results(pairs) -> dict:
     with ThreadPoolExecutor(len(BAD_REQUESTS) * 2) as pool:
         futs = {(name, side): pool.submit(_bad_exchange, port, data)
                 for name, data in BAD_REQUESTS
-                for side, port in zip(("envoy", "sidecar"), p.ports["listen"])}
+                for side, port in zip(("envoy", "sidecar"), p.ports["listen"], strict=False)}
         return {k: f.result() for k, f in futs.items()}
 
 

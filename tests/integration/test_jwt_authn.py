@@ -36,6 +36,7 @@ from tests.jwt_helpers import (
     rsa_key,
     runtime,
 )
+from tests.paths import REPO
 
 NOW = lambda: int(time.time())  # noqa: E731
 
@@ -517,7 +518,7 @@ async def test_tokens_never_logged(caplog, std):
     caplog.set_level(logging.DEBUG, logger="sidecar")
     f, _ = build(std)
     secrets = []
-    for name, tok, _, _ in _attack_cases():
+    for _name, tok, _, _ in _attack_cases():
         secrets.append(tok)
         await call(f, make_request("/api/x", token=tok))
     hs = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": NOW() + 60}, HS_SECRET, algorithm="HS256")
@@ -868,7 +869,7 @@ async def test_end_to_end_jwt_rbac_ratelimit_through_proxy():
 
 # ---- the runnable example (examples/jwt) ------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def _example_doc(fmt: str, api_port: int) -> dict:
@@ -1027,7 +1028,7 @@ async def test_attack_table_matches_envoy(tmp_path):
             assert diffs == [], "\n".join(map(repr, diffs))
             assert compared >= 35
             # where we are stricter, Envoy lets the request through
-            for name, tok, status, _ in cases:
+            for name, tok, _status, _ in cases:
                 if name in STRICTER_THAN_ENVOY:
                     assert (await ask(envoy_base, tok))[0] == 200, name
                     assert (await ask(ours_base, tok))[0] == 401, name

@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,6 +15,7 @@ from sovereign_fixture import Sovereign, requires_sovereign, service
 
 from control_plane_client.testing import eventually, metric_value
 from sidecar.testing import ProxyProcess, Upstream, free_port, running_proxy
+from tests.paths import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +220,7 @@ async def _is(coro, want):
     return (await coro) == want
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "control-plane"
+EXAMPLE = REPO / "examples" / "control-plane"
 
 
 @requires_sovereign

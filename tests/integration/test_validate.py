@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
+
+ROOT = REPO
 ENVOY_EXAMPLE = ROOT / "examples" / "envoy" / "envoy.yaml"
 NATIVE_EXAMPLE = ROOT / "examples" / "local-dev" / "sidecar.yaml"
 

@@ -179,7 +179,7 @@ async def _wait_ready(h: Host, timeout=20.0):
         try:
             if (await _get(h.admin + "/ready", 1.0))[0] == 200:
                 return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"sidecar {h.name} not ready:\n{h.log()}")

@@ -18,6 +18,7 @@ from sidecar.config.errors import ConfigErrors
 from sidecar.config.listener import APP_CLUSTER
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.testing import Upstream, free_port, running_proxy, to_snapshot, wait_for_port
+from tests.paths import REPO
 
 
 def sidecar_cfg(app_port: int, *, inbound: dict | None = None, outbound: dict | None = None,
@@ -302,7 +303,7 @@ async def _not_ready_url(base):
 
 # ---- examples/sidecar-mode, end to end --------------------------------------------------------
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+EXAMPLE = os.path.join(str(REPO), "examples",
                        "sidecar-mode")
 
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.observability.metrics import Metrics
 from sidecar.runtime.workers import merged_metrics
 from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
+from tests.paths import REPO
 
 N = 3
 
@@ -255,7 +256,7 @@ def test_merge_rules():
 
 async def test_per_host_example(tmp_path):
     import re
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO)
     with open(os.path.join(root, "examples", "per-host", "sidecar.yaml")) as f:
         text = f.read()
     async with Upstream(name="orders") as o1, Upstream(name="orders-2") as o2, \
