@@ -45,6 +45,16 @@ class MockCluster:
 
 
 @dataclass
+class Tap:
+    """Every byte of one relayed connection, by direction (for byte-identity checks)."""
+
+    from_client: bytearray = field(default_factory=bytearray)
+    to_broker: bytearray = field(default_factory=bytearray)
+    from_broker: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class _Link:
     client: asyncio.StreamWriter
     upstream: Optional[asyncio.StreamWriter] = None
@@ -58,14 +68,15 @@ class KafkaRelay:
 
     def __init__(self, brokers: dict[int, tuple[str, int]],
                  make_filter: Optional[Callable[[dict[int, int]], Optional[KafkaBrokerFilter]]],
-                 principal: Optional[str] = None) -> None:
+                 principal: Optional[str] = None, tap: bool = False) -> None:
         self.brokers = brokers
         self.principal = principal
+        self.taps: Optional[list[Tap]] = [] if tap else None
         self._make_filter = make_filter
         self.filter: Optional[KafkaBrokerFilter] = None
         self.ports: dict[int, int] = {}
         self.close_reasons: list[str] = []
-        self.connections = 0
+        self.connections: dict[int, int] = {b: 0 for b in brokers}
         self._servers: dict[int, asyncio.base_events.Server] = {}
         self._links: dict[int, list[_Link]] = {b: [] for b in brokers}
         self._loop = asyncio.new_event_loop()
@@ -132,8 +143,11 @@ class KafkaRelay:
                      client_w: asyncio.StreamWriter) -> None:
         link = _Link(client_w)
         self._links[broker_id].append(link)
-        self.connections += 1
+        self.connections[broker_id] += 1
         host, port = self.brokers[broker_id]
+        tap = Tap()
+        if self.taps is not None:
+            self.taps.append(tap)
         try:
             upstream_r, upstream_w = await asyncio.open_connection(host, port)
         except OSError:
@@ -147,16 +161,28 @@ class KafkaRelay:
             client_w.close()
             upstream_w.close()
 
+        def to_broker(data: bytes) -> None:
+            if self.taps is not None:
+                tap.to_broker += data
+            upstream_w.write(data)
+
+        def to_client(data: bytes) -> None:
+            if self.taps is not None:
+                tap.to_client += data
+            client_w.write(data)
+
         async def client_to_broker() -> None:
             while data := await client_r.read(READ_CHUNK):
+                if self.taps is not None:
+                    tap.from_client += data
                 if session is None:
-                    upstream_w.write(data)
+                    to_broker(data)
                 else:
                     out = session.on_downstream_bytes(data)
                     if out.to_upstream:
-                        upstream_w.write(out.to_upstream)
+                        to_broker(out.to_upstream)
                     if out.to_downstream:
-                        client_w.write(out.to_downstream)
+                        to_client(out.to_downstream)
                     if out.close:
                         close_both(out.close_reason)
                         return
@@ -165,12 +191,14 @@ class KafkaRelay:
 
         async def broker_to_client() -> None:
             while data := await upstream_r.read(READ_CHUNK):
+                if self.taps is not None:
+                    tap.from_broker += data
                 if session is None:
-                    client_w.write(data)
+                    to_client(data)
                 else:
                     out = session.on_upstream_bytes(data)
                     if out.to_downstream:
-                        client_w.write(out.to_downstream)
+                        to_client(out.to_downstream)
                     if out.close:
                         close_both(out.close_reason)
                         return
