@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from confluent_kafka import Producer
 
@@ -57,7 +57,7 @@ class Tap:
 @dataclass
 class _Link:
     client: asyncio.StreamWriter
-    upstream: Optional[asyncio.StreamWriter] = None
+    upstream: asyncio.StreamWriter | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
 
@@ -67,13 +67,13 @@ class KafkaRelay:
     byte relay (the benchmark's baseline)."""
 
     def __init__(self, brokers: dict[int, tuple[str, int]],
-                 make_filter: Optional[Callable[[dict[int, int]], Optional[KafkaBrokerFilter]]],
-                 principal: Optional[str] = None, tap: bool = False) -> None:
+                 make_filter: Callable[[dict[int, int]], KafkaBrokerFilter | None] | None,
+                 principal: str | None = None, tap: bool = False) -> None:
         self.brokers = brokers
         self.principal = principal
-        self.taps: Optional[list[Tap]] = [] if tap else None
+        self.taps: list[Tap] | None = [] if tap else None
         self._make_filter = make_filter
-        self.filter: Optional[KafkaBrokerFilter] = None
+        self.filter: KafkaBrokerFilter | None = None
         self.ports: dict[int, int] = {}
         self.close_reasons: list[str] = []
         self.connections: dict[int, int] = {b: 0 for b in brokers}
@@ -85,7 +85,7 @@ class KafkaRelay:
 
     # ---- lifecycle (called from the test's thread) -------------------------------------------
 
-    def start(self) -> "KafkaRelay":
+    def start(self) -> KafkaRelay:
         self._thread.start()
         self._call(self._start())
         return self
@@ -104,7 +104,7 @@ class KafkaRelay:
     def restart_broker(self, broker_id: int) -> None:
         self._call(self._listen(broker_id, self.ports[broker_id]))
 
-    def bootstrap(self, broker_ids: Optional[list[int]] = None) -> str:
+    def bootstrap(self, broker_ids: list[int] | None = None) -> str:
         ids = broker_ids or sorted(self.ports)
         return ",".join(f"127.0.0.1:{self.ports[b]}" for b in ids)
 

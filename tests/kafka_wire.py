@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Any, Optional
+from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.legacy_records import LegacyRecordBatchBuilder
@@ -14,7 +14,7 @@ from sidecar.codec.kafka.schema import REQUEST_HEADERS, RESPONSE_HEADERS, api_sc
 
 
 def request_frame(api_key: int, version: int, correlation_id: int, body: Any,
-                  client_id: Optional[str] = "test-client") -> bytes:
+                  client_id: str | None = "test-client") -> bytes:
     schema = api_schema(api_key, version)
     assert schema is not None
     out = io.BytesIO()

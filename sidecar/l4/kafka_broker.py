@@ -33,19 +33,31 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from kio.schema.errors import ErrorCode
 
 from sidecar.codec.kafka import messages as msg
-from sidecar.codec.kafka.correlation import DEFAULT_MAX_IN_FLIGHT, CorrelationTracker, InFlight
+from sidecar.codec.kafka.correlation import (
+    DEFAULT_MAX_IN_FLIGHT,
+    CorrelationTracker,
+    InFlight,
+)
 from sidecar.codec.kafka.errors import KafkaDecodeError, KafkaFramingError
 from sidecar.codec.kafka.framing import (
-    LENGTH_PREFIX_BYTES, Frame, FrameSplitter, OversizedFrameStart, PassThroughBytes,
+    LENGTH_PREFIX_BYTES,
+    Frame,
+    FrameSplitter,
+    OversizedFrameStart,
+    PassThroughBytes,
 )
 from sidecar.codec.kafka.headers import (
-    RequestHeader, parse_request_header, peek_correlation_id, peek_request_head,
+    RequestHeader,
+    parse_request_header,
+    peek_correlation_id,
+    peek_request_head,
     response_header_size,
 )
 from sidecar.codec.kafka.records import count_records
@@ -101,13 +113,13 @@ class TopicNames:
         self._names: dict[uuid.UUID, str] = {}
         self._max = max_entries
 
-    def learn(self, topic_id: Optional[uuid.UUID], name: Optional[str]) -> None:
+    def learn(self, topic_id: uuid.UUID | None, name: str | None) -> None:
         if topic_id is None or name is None or topic_id == _NIL_UUID:
             return
         if topic_id in self._names or len(self._names) < self._max:
             self._names[topic_id] = name
 
-    def name(self, ref: msg.TopicRef) -> Optional[str]:
+    def name(self, ref: msg.TopicRef) -> str | None:
         if isinstance(ref, str):
             return ref
         return self._names.get(ref)
@@ -127,7 +139,7 @@ class KafkaBrokerFilter:
         self.max_in_flight = max_in_flight
         self.clock = clock
 
-    def session(self, principal: Optional[str]) -> KafkaBrokerSession:
+    def session(self, principal: str | None) -> KafkaBrokerSession:
         """A processor for one downstream connection; ``principal`` is the client
         certificate's SPIFFE ID (None without one)."""
         return KafkaBrokerSession(self, principal)
@@ -148,7 +160,7 @@ class KafkaBrokerFilter:
 class KafkaBrokerSession:
     """The filter on one connection. Not thread-safe: call from the connection's loop."""
 
-    def __init__(self, owner: KafkaBrokerFilter, principal: Optional[str]) -> None:
+    def __init__(self, owner: KafkaBrokerFilter, principal: str | None) -> None:
         self._owner = owner
         self._config = owner.config
         self._metrics = owner.metrics
@@ -292,7 +304,7 @@ class KafkaBrokerSession:
                                  msg.fetch_error_response(schema, denied, _DENIED), down)
 
     def _decode_request(self, frame: Frame, header: RequestHeader, schema: ApiSchema,
-                        up: list[bytes]) -> Optional[Any]:
+                        up: list[bytes]) -> Any | None:
         assert header.size is not None
         try:
             body, trailing = msg.decode_body(frame.payload, header.size, schema, True)
@@ -343,11 +355,11 @@ class KafkaBrokerSession:
         for d in denied:
             self._metrics.acl_denied(api, names.name(d.topic) or str(d.topic))
 
-    def _track(self, header: RequestHeader, context: Optional[_DeniedTopics] = None) -> None:
+    def _track(self, header: RequestHeader, context: _DeniedTopics | None = None) -> None:
         self._track_ids(header.correlation_id, header.api_key, header.api_version, context)
 
     def _track_ids(self, correlation_id: int, api_key: int, version: int,
-                   context: Optional[_DeniedTopics]) -> None:
+                   context: _DeniedTopics | None) -> None:
         entry: InFlight[_DeniedTopics] = InFlight(correlation_id, api_key, version,
                                                   self._clock(), context)
         if not self._tracker.track(entry):
@@ -408,7 +420,7 @@ class KafkaBrokerSession:
         else:
             down.append(msg.encode_frame(payload[:header_size], schema, edited, False))
 
-    def _match(self, correlation_id: int, down: list[bytes]) -> Optional[InFlight[_DeniedTopics]]:
+    def _match(self, correlation_id: int, down: list[bytes]) -> InFlight[_DeniedTopics] | None:
         match = self._tracker.match(correlation_id)
         down.extend(match.send_before)
         if match.dropped:
@@ -420,7 +432,7 @@ class KafkaBrokerSession:
         self._metrics.response(request.api_key, (self._clock() - request.started_ns) / 1e9)
         return request
 
-    def _inspect_response(self, request: InFlight[_DeniedTopics], body: Any) -> Optional[Any]:
+    def _inspect_response(self, request: InFlight[_DeniedTopics], body: Any) -> Any | None:
         """Count what the response says; return the edited body, or None to pass it as is."""
         api_key = request.api_key
         metrics = self._metrics
@@ -432,7 +444,7 @@ class KafkaBrokerSession:
             names = self._owner.topic_names
             for topic in body.topics:
                 names.learn(getattr(topic, "topic_id", None), topic.name)
-        edited: Optional[Any] = None
+        edited: Any | None = None
         if api_key == msg.API_VERSIONS:
             edited = msg.cap_api_versions(body, self._owner.cap_versions)
             if edited is not None:

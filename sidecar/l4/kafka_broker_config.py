@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from sidecar.l4._project import ConfigError
 
@@ -45,11 +46,11 @@ class TopicOperation(enum.Enum):
 class NameMatcher:
     """Exactly one of: ``exact``, ``prefix``, ``any`` (any value, even none)."""
 
-    exact: Optional[str] = None
-    prefix: Optional[str] = None
+    exact: str | None = None
+    prefix: str | None = None
     any: bool = False
 
-    def matches(self, value: Optional[str]) -> bool:
+    def matches(self, value: str | None) -> bool:
         if self.any:
             return True
         if value is None:
@@ -66,7 +67,7 @@ class TopicAclRule:
     topics: tuple[NameMatcher, ...]
     operations: frozenset[TopicOperation]
 
-    def matches(self, principal: Optional[str], topic: str, operation: TopicOperation) -> bool:
+    def matches(self, principal: str | None, topic: str, operation: TopicOperation) -> bool:
         return (operation in self.operations
                 and any(m.matches(principal) for m in self.principals)
                 and any(m.matches(topic) for m in self.topics))
@@ -79,7 +80,7 @@ class TopicAclConfig:
     rules: tuple[TopicAclRule, ...]
     default_action: AclAction = AclAction.DENY
 
-    def decide(self, principal: Optional[str], topic: str, operation: TopicOperation) -> AclAction:
+    def decide(self, principal: str | None, topic: str, operation: TopicOperation) -> AclAction:
         for rule in self.rules:
             if rule.matches(principal, topic, operation):
                 return rule.action
@@ -98,7 +99,7 @@ class KafkaBrokerConfig:
     stat_prefix: str
     force_response_rewrite: bool = False
     broker_address_rewrite_rules: tuple[BrokerAddressRewriteRule, ...] = ()
-    topic_acl: Optional[TopicAclConfig] = None
+    topic_acl: TopicAclConfig | None = None
     # id -> (host, port); the first rule of an id wins, as in Envoy
     _addresses: Mapping[int, tuple[str, int]] = field(init=False, repr=False, compare=False)
 
@@ -108,7 +109,7 @@ class KafkaBrokerConfig:
             addresses.setdefault(rule.id, (rule.host, rule.port))
         object.__setattr__(self, "_addresses", addresses)
 
-    def broker_address(self, broker_id: int) -> Optional[tuple[str, int]]:
+    def broker_address(self, broker_id: int) -> tuple[str, int] | None:
         return self._addresses.get(broker_id)
 
     @property
@@ -136,7 +137,7 @@ def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], path: str) -> None
             raise ConfigError(_join(path, str(key)), "unknown or unsupported field")
 
 
-def _string(d: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> Optional[str]:
+def _string(d: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> str | None:
     value = d.get(key)
     if value is None:
         if required:
@@ -209,7 +210,7 @@ def kafka_broker_from_native(d: Any, path: str) -> KafkaBrokerConfig:
 
 
 def _kafka_broker(d: Mapping[str, Any], path: str,
-                  acl: Optional[TopicAclConfig]) -> KafkaBrokerConfig:
+                  acl: TopicAclConfig | None) -> KafkaBrokerConfig:
     stat_prefix = _string(d, "stat_prefix", path, required=True)
     assert stat_prefix is not None
     rules: list[BrokerAddressRewriteRule] = []
@@ -294,22 +295,22 @@ def _matcher(d: Any, path: str, *, spiffe: bool) -> NameMatcher:
     # the principal is the client certificate's SPIFFE ID: anything else could never match
     if spiffe and not value.startswith(SPIFFE_SCHEME):
         raise ConfigError(_join(path, kind), f"must be a SPIFFE ID ({SPIFFE_SCHEME}...)")
-    return NameMatcher(**{kind: value})
+    return NameMatcher(exact=value) if kind == "exact" else NameMatcher(prefix=value)
 
 
 # ---- a filter chain --------------------------------------------------------------------------
 
 def kafka_broker_from_envoy_chain(filters: Sequence[Any], path: str
-                                  ) -> Optional[KafkaBrokerConfig]:
+                                  ) -> KafkaBrokerConfig | None:
     """The Kafka config of an Envoy listener's ``filter_chains[i].filters`` list, or None.
 
     Pairs the sidecar's TopicAcl filter with the kafka_broker filter after it; an ACL with no
     kafka_broker after it would enforce nothing, so it is refused. Other filters are left to
     the caller.
     """
-    acl: Optional[TopicAclConfig] = None
+    acl: TopicAclConfig | None = None
     acl_index = -1
-    broker: Optional[KafkaBrokerConfig] = None
+    broker: KafkaBrokerConfig | None = None
     for i, entry in enumerate(filters):
         ep = _join(path, i)
         entry = _mapping(entry, ep)

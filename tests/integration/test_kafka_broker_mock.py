@@ -12,7 +12,7 @@ import asyncio
 import socket
 import struct
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -27,7 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.l4.kafka_broker import KafkaBrokerFilter
 from sidecar.l4.kafka_broker_config import (
-    BrokerAddressRewriteRule, KafkaBrokerConfig, TopicAclConfig, topic_acl_from_native,
+    BrokerAddressRewriteRule,
+    KafkaBrokerConfig,
+    TopicAclConfig,
+    topic_acl_from_native,
 )
 from sidecar.l4.kafka_metrics import RegistryFamilies
 
@@ -52,7 +55,7 @@ MakeRelay = Callable[..., tuple[KafkaRelay, CollectorRegistry]]
 def make_relay(cluster) -> MakeRelay:
     relays: list[KafkaRelay] = []
 
-    def make(acl: Optional[TopicAclConfig] = None, principal: Optional[str] = None,
+    def make(acl: TopicAclConfig | None = None, principal: str | None = None,
              tap: bool = False) -> tuple[KafkaRelay, CollectorRegistry]:
         registry = CollectorRegistry()
 
@@ -268,7 +271,7 @@ def test_metadata_refresh_keeps_clients_on_the_proxy(make_relay: MakeRelay) -> N
 def test_broker_going_away_and_coming_back(make_relay: MakeRelay) -> None:
     relay, registry = make_relay()
     bootstrap = relay.bootstrap([1])
-    results: list[Optional[KafkaError]] = []
+    results: list[KafkaError | None] = []
     producer = Producer(quiet({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                "message.timeout.ms": 60000, "reconnect.backoff.ms": 50,
                                "reconnect.backoff.max.ms": 200}))
@@ -309,7 +312,7 @@ def test_broker_going_away_and_coming_back(make_relay: MakeRelay) -> None:
 def test_topic_acl_denial_seen_by_librdkafka(make_relay: MakeRelay) -> None:
     relay, registry = make_relay(acl=ACL, principal=SHOP)
     bootstrap = relay.bootstrap([1])
-    errors: dict[str, list[Optional[int]]] = {"orders-ck-acl": [], "payroll": []}
+    errors: dict[str, list[int | None]] = {"orders-ck-acl": [], "payroll": []}
     producer = Producer(quiet({"bootstrap.servers": bootstrap, "linger.ms": 1}))
 
     def report(err, msg) -> None:
@@ -327,7 +330,7 @@ def test_topic_acl_denial_seen_by_librdkafka(make_relay: MakeRelay) -> None:
     consumer = Consumer(quiet({"bootstrap.servers": bootstrap, "group.id": "g-acl",
                                "enable.auto.commit": False}))
     consumer.assign([TopicPartition("payroll", 0, 0)])
-    seen: Optional[int] = None
+    seen: int | None = None
     deadline = time.monotonic() + WAIT
     try:
         while seen is None and time.monotonic() < deadline:
@@ -346,7 +349,7 @@ def test_topic_acl_denial_seen_by_librdkafka(make_relay: MakeRelay) -> None:
 
 def test_another_identity_is_denied_what_the_owner_may_do(make_relay: MakeRelay) -> None:
     relay, _ = make_relay(acl=ACL, principal="spiffe://cluster.local/ns/web/sa/frontend")
-    errors: list[Optional[int]] = []
+    errors: list[int | None] = []
     producer = Producer(quiet({"bootstrap.servers": relay.bootstrap([1])}))
     producer.produce("orders-other", b"x", partition=0,
                      on_delivery=lambda err, msg: errors.append(err.code() if err else None))

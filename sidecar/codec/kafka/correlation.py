@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Generic, Optional, TypeVar
+from typing import Generic, TypeVar
 
 C = TypeVar("C")
 
@@ -30,9 +30,9 @@ class InFlight(Generic[C]):
     api_version: int
     started_ns: int
     # what the processor needs again when the response comes (e.g. denied topics to merge)
-    context: Optional[C] = None
+    context: C | None = None
     # the whole response frame when the proxy answers this request itself
-    local_response: Optional[bytes] = None
+    local_response: bytes | None = None
     seq: int = 0   # arrival order on the connection, set by the tracker
 
 
@@ -42,13 +42,13 @@ class Match(Generic[C]):
     answered responses that must reach the client before it, and how many forwarded
     requests were dropped as never to be answered."""
 
-    request: Optional[InFlight[C]]
+    request: InFlight[C] | None
     send_before: list[bytes] = field(default_factory=list)
     dropped: int = 0
 
 
 class CorrelationTracker(Generic[C]):
-    __slots__ = ("max_in_flight", "_queue", "_seq")
+    __slots__ = ("_queue", "_seq", "max_in_flight")
 
     def __init__(self, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight

@@ -9,12 +9,13 @@ then the rest as ``PassThroughBytes`` chunks while they arrive, so memory stays 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Union
 
 from sidecar.codec.kafka.errors import KafkaFramingError
 
 LENGTH_PREFIX_BYTES = 4
+_LENGTH = struct.Struct(">i")
 # api_key (2) + api_version (2) + correlation_id (4): enough to track an oversized request;
 # a response's correlation id is its first 4 bytes
 OVERSIZED_HEAD_BYTES = 8
@@ -49,13 +50,13 @@ class PassThroughBytes:
     data: bytes
 
 
-SplitEvent = Union[Frame, OversizedFrameStart, PassThroughBytes]
+SplitEvent = Frame | OversizedFrameStart | PassThroughBytes
 
 
 class FrameSplitter:
     """Incremental splitter for one direction of one connection."""
 
-    __slots__ = ("max_frame_bytes", "_buf", "_need", "_passthrough_left")
+    __slots__ = ("_buf", "_need", "_passthrough_left", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if max_frame_bytes < OVERSIZED_HEAD_BYTES:
@@ -81,26 +82,29 @@ class FrameSplitter:
         (a Kafka broker closes such a connection too).
         """
         events: list[SplitEvent] = []
-        view = memoryview(data)
+        if type(data) is not bytes:
+            data = bytes(data)
         if self._passthrough_left:
-            take = min(self._passthrough_left, len(view))
-            events.append(PassThroughBytes(bytes(view[:take])))
+            take = min(self._passthrough_left, len(data))
+            events.append(PassThroughBytes(data[:take]))
             self._passthrough_left -= take
-            view = view[take:]
-        if not view:
+            data = data[take:]
+        if not data:
             return events
         if self._buf:
-            self._buf += view
+            self._buf += data
             if len(self._buf) < self._need:
                 return events   # a big frame arriving in pieces is copied once, when whole
-            source = memoryview(bytes(self._buf))
+            source = bytes(self._buf)
             self._buf = bytearray()
         else:
-            source = view   # fast path: whole frames are sliced straight out of ``data``
+            source = data
+        # slicing a bytes object over its whole length returns it without a copy, so the
+        # usual case (one whole frame per read, or the last piece of one) copies nothing more
         pos = 0
         end = len(source)
         while end - pos >= LENGTH_PREFIX_BYTES:
-            size = int.from_bytes(source[pos:pos + LENGTH_PREFIX_BYTES], "big", signed=True)
+            size = _LENGTH.unpack_from(source, pos)[0]
             if size < 0:
                 raise KafkaFramingError(f"negative frame length {size}")
             total = LENGTH_PREFIX_BYTES + size
@@ -109,7 +113,7 @@ class FrameSplitter:
                 if end - pos < head_needed:
                     break
                 available = min(end - pos, total)
-                events.append(OversizedFrameStart(bytes(source[pos:pos + available]), size))
+                events.append(OversizedFrameStart(source[pos:pos + available], size))
                 self._passthrough_left = total - available
                 pos += available
                 if self._passthrough_left:
@@ -117,11 +121,12 @@ class FrameSplitter:
                 continue
             if end - pos < total:
                 break
-            events.append(Frame(bytes(source[pos:pos + total])))
+            events.append(Frame(source[pos:pos + total]))
             pos += total
         if pos < end:
-            self._buf += source[pos:]
-            self._need = self._bytes_needed(source[pos:])
+            rest = memoryview(source)[pos:]
+            self._buf += rest
+            self._need = self._bytes_needed(rest)
         return events
 
     def _bytes_needed(self, pending: memoryview) -> int:

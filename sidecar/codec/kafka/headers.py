@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional
 
 from sidecar.codec.kafka.errors import KafkaDecodeError
-from sidecar.codec.kafka.schema import REQUEST_HEADERS, RESPONSE_HEADERS, ApiSchema, api_schema
+from sidecar.codec.kafka.schema import (
+    REQUEST_HEADERS,
+    RESPONSE_HEADERS,
+    ApiSchema,
+    api_schema,
+)
 
 _FIXED_REQUEST_HEAD = struct.Struct(">hhi")
 _CORRELATION_ID = struct.Struct(">i")
@@ -24,10 +28,10 @@ class RequestHeader:
     api_key: int
     api_version: int
     correlation_id: int
-    client_id: Optional[str]
+    client_id: str | None
     # payload bytes the header takes (body starts there); None when the version is unknown
-    size: Optional[int]
-    schema: Optional[ApiSchema]
+    size: int | None
+    schema: ApiSchema | None
 
 
 def peek_request_head(payload: bytes | memoryview) -> tuple[int, int, int]:

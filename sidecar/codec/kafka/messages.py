@@ -17,16 +17,15 @@ import io
 import sys
 import typing
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import cache
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any
 
 from kio.schema.errors import ErrorCode
 from kio.static.primitive import Records, i16, i32, i32Timedelta, i64
 
-from sidecar.codec.kafka.errors import KafkaDecodeError
-from sidecar.codec.kafka.schema import RESPONSE_HEADERS, ApiSchema
 from sidecar.codec.kafka.framing import LENGTH_PREFIX_BYTES
+from sidecar.codec.kafka.schema import RESPONSE_HEADERS, ApiSchema
 
 PRODUCE = 0
 FETCH = 1
@@ -36,7 +35,7 @@ API_VERSIONS = 18
 DESCRIBE_CLUSTER = 60
 
 # Produce v13+ and Fetch v13+ name topics by id (KIP-516), earlier versions by name
-TopicRef = Union[str, uuid.UUID]
+TopicRef = str | uuid.UUID
 
 
 # ---- whole frames --------------------------------------------------------------------------
@@ -82,9 +81,15 @@ def _sibling(entity_type: type, name: str) -> type:
     return getattr(sys.modules[entity_type.__module__], name)
 
 
-@cache
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _field_names(entity_type: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(entity_type))
+    names = _FIELD_NAMES.get(entity_type)
+    if names is None:   # one entry per generated class: bounded by kio's schemas
+        names = _FIELD_NAMES[entity_type] = frozenset(
+            f.name for f in dataclasses.fields(entity_type))
+    return names
 
 
 _ZERO_THROTTLE = i32Timedelta.parse(datetime.timedelta(0))
@@ -223,7 +228,7 @@ def add_fetch_errors(body: Any, topics: Iterable[TopicPartitions], error: ErrorC
     return dataclasses.replace(body, responses=body.responses + extra)
 
 
-def fetch_response_records(body: Any) -> Iterator[tuple[TopicRef, Optional[bytes]]]:
+def fetch_response_records(body: Any) -> Iterator[tuple[TopicRef, bytes | None]]:
     """(topic, records bytes) of every partition of a Fetch response."""
     for t in body.responses:
         ref = topic_ref(t)
@@ -233,7 +238,7 @@ def fetch_response_records(body: Any) -> Iterator[tuple[TopicRef, Optional[bytes
 
 # ---- broker addresses ------------------------------------------------------------------------
 
-BrokerLookup = Callable[[int], Optional[tuple[str, int]]]
+BrokerLookup = Callable[[int], tuple[str, int] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +291,7 @@ def rewrite_broker_addresses(api_key: int, body: Any, lookup: BrokerLookup) -> R
 
 # ---- ApiVersions -----------------------------------------------------------------------------
 
-def cap_api_versions(body: Any, caps: Callable[[int, int, int], tuple[int, int]]) -> Optional[Any]:
+def cap_api_versions(body: Any, caps: Callable[[int, int, int], tuple[int, int]]) -> Any | None:
     """Apply ``caps(api_key, min, max) -> (min, max)`` to an ApiVersions response's list;
     None when nothing changed. An API left with no version (min > max) is removed."""
     changed = False
@@ -305,10 +310,22 @@ def cap_api_versions(body: Any, caps: Callable[[int, int, int], tuple[int, int]]
 
 # ---- error codes -----------------------------------------------------------------------------
 
-@cache
-def _walk_plan(entity_type: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+_WalkPlan = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+_WALK_PLANS: dict[type, _WalkPlan] = {}
+
+
+def _walk_plan(entity_type: type) -> _WalkPlan:
     """(ErrorCode fields, nested-entity fields, tuple-of-entities fields) of a class."""
-    errors, nested, arrays = [], [], []
+    plan = _WALK_PLANS.get(entity_type)
+    if plan is None:
+        plan = _WALK_PLANS[entity_type] = _make_walk_plan(entity_type)
+    return plan
+
+
+def _make_walk_plan(entity_type: type) -> _WalkPlan:
+    errors: list[str] = []
+    nested: list[str] = []
+    arrays: list[str] = []
     for f in dataclasses.fields(entity_type):
         t = f.type
         if t is ErrorCode:

@@ -12,8 +12,9 @@ The versions kio defines are those Kafka 4.x still publishes: e.g. Produce v3+ a
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Generic, TypeVar
 
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.index import api_key_map, schema_name_map
@@ -24,10 +25,11 @@ from kio.schema.response_header.v1.header import ResponseHeader as ResponseHeade
 from kio.serial import entity_reader, entity_writer
 from kio.serial.errors import SerialError
 from kio.static.constants import EntityType
+from kio.static.protocol import Entity
 
 from sidecar.codec.kafka.errors import KafkaDecodeError
 
-E = TypeVar("E")
+E = TypeVar("E", bound=Entity)
 
 # Every exception a kio reader raises on bad input: its own, plus enum/str conversions.
 DECODE_EXCEPTIONS = (SerialError, ValueError, OverflowError, IndexError, TypeError)
@@ -47,7 +49,7 @@ def api_name(api_key: int) -> str:
     return _API_NAMES.get(api_key, "unknown")
 
 
-def version_range(api_key: int) -> Optional[tuple[int, int]]:
+def version_range(api_key: int) -> tuple[int, int] | None:
     """(min, max) versions of ``api_key`` the codec can decode, or None."""
     return _VERSION_RANGES.get(api_key)
 
@@ -59,7 +61,7 @@ def known_api_keys() -> tuple[int, ...]:
 class Codec(Generic[E]):
     """Reads and writes one entity type."""
 
-    __slots__ = ("entity_type", "_read", "_write")
+    __slots__ = ("_read", "_write", "entity_type")
 
     def __init__(self, entity_type: type[E]) -> None:
         self.entity_type = entity_type
@@ -96,7 +98,7 @@ class ApiSchema:
 _SCHEMAS: dict[tuple[int, int], ApiSchema] = {}
 
 
-def api_schema(api_key: int, version: int) -> Optional[ApiSchema]:
+def api_schema(api_key: int, version: int) -> ApiSchema | None:
     """The schema of (api_key, version), or None when kio has no definition for it."""
     key = (api_key, version)
     schema = _SCHEMAS.get(key)

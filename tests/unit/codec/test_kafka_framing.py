@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -10,7 +11,10 @@ from hypothesis import strategies as st
 
 from sidecar.codec.kafka.errors import KafkaFramingError
 from sidecar.codec.kafka.framing import (
-    Frame, FrameSplitter, OversizedFrameStart, PassThroughBytes,
+    Frame,
+    FrameSplitter,
+    OversizedFrameStart,
+    PassThroughBytes,
 )
 
 
@@ -20,7 +24,7 @@ def framed(payload: bytes) -> bytes:
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     bounds = sorted({min(p, len(data)) for p in points} | {0, len(data)})
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def feed_all(splitter: FrameSplitter, chunks: list[bytes]) -> list:

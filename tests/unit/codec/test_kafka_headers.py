@@ -11,10 +11,17 @@ from hypothesis import strategies as st
 
 from sidecar.codec.kafka.errors import KafkaDecodeError
 from sidecar.codec.kafka.headers import (
-    parse_request_header, peek_correlation_id, peek_request_head, response_header_size,
+    parse_request_header,
+    peek_correlation_id,
+    peek_request_head,
+    response_header_size,
 )
 from sidecar.codec.kafka.schema import (
-    REQUEST_HEADERS, RESPONSE_HEADERS, api_schema, known_api_keys, version_range,
+    REQUEST_HEADERS,
+    RESPONSE_HEADERS,
+    api_schema,
+    known_api_keys,
+    version_range,
 )
 
 KNOWN = [(k, v) for k in known_api_keys()

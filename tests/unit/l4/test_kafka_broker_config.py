@@ -7,9 +7,17 @@ import pytest
 
 from sidecar.errors import ConfigError
 from sidecar.l4.kafka_broker_config import (
-    KAFKA_BROKER_FILTER, KAFKA_BROKER_TYPE, TOPIC_ACL_FILTER, TOPIC_ACL_TYPE, AclAction,
-    BrokerAddressRewriteRule, TopicOperation, kafka_broker_from_envoy,
-    kafka_broker_from_envoy_chain, kafka_broker_from_native, topic_acl_from_envoy,
+    KAFKA_BROKER_FILTER,
+    KAFKA_BROKER_TYPE,
+    TOPIC_ACL_FILTER,
+    TOPIC_ACL_TYPE,
+    AclAction,
+    BrokerAddressRewriteRule,
+    TopicOperation,
+    kafka_broker_from_envoy,
+    kafka_broker_from_envoy_chain,
+    kafka_broker_from_native,
+    topic_acl_from_envoy,
     topic_acl_from_native,
 )
 

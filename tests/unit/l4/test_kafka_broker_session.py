@@ -12,7 +12,11 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka_wire import (
-    decode_request, decode_response, record_batch, request_frame, response_frame,
+    decode_request,
+    decode_response,
+    record_batch,
+    request_frame,
+    response_frame,
 )
 from kio.schema.errors import ErrorCode
 from kio.static.primitive import Records, i16, i32, i64
@@ -22,7 +26,9 @@ from sidecar.codec.kafka import messages as m
 from sidecar.codec.kafka.schema import api_schema
 from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter
 from sidecar.l4.kafka_broker_config import (
-    BrokerAddressRewriteRule, KafkaBrokerConfig, topic_acl_from_native,
+    BrokerAddressRewriteRule,
+    KafkaBrokerConfig,
+    topic_acl_from_native,
 )
 from sidecar.l4.kafka_metrics import RegistryFamilies
 
@@ -415,7 +421,7 @@ def test_local_answer_waits_while_an_oversized_response_streams() -> None:
 
 
 def test_negative_length_closes() -> None:
-    filt, registry = make()
+    filt, _registry = make()
     out = close_of(filt.session(None), struct.pack(">i", -1))
     assert out.close and out.close_reason == "request_framing"
 
