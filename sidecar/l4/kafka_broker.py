@@ -78,6 +78,10 @@ _DENIED = ErrorCode.topic_authorization_failed
 _ADDRESS_APIS = frozenset((msg.METADATA, msg.FIND_COORDINATOR, msg.DESCRIBE_CLUSTER,
                            msg.PRODUCE, msg.FETCH))
 _ACL_APIS = {msg.PRODUCE: TopicOperation.PRODUCE, msg.FETCH: TopicOperation.FETCH}
+# read records of a topic without Fetch (KIP-932 share groups): the ACL cannot check them,
+# so under an ACL they are not offered (removed from ApiVersions) and never forwarded
+_SHARE_FETCH, _SHARE_ACKNOWLEDGE = 78, 79
+_OUTSIDE_ACL = frozenset((_SHARE_FETCH, _SHARE_ACKNOWLEDGE))
 _NIL_UUID = uuid.UUID(int=0)
 
 
@@ -138,6 +142,9 @@ class KafkaBrokerFilter:
         self.max_decoded_frame_bytes = max_decoded_frame_bytes
         self.max_in_flight = max_in_flight
         self.clock = clock
+        # a response that cannot be matched to its request cannot be edited
+        self.needs_responses = (config.rewrites_broker_addresses or config.force_response_rewrite
+                                or config.topic_acl is not None)
 
     def session(self, principal: str | None) -> KafkaBrokerSession:
         """A processor for one downstream connection; ``principal`` is the client
@@ -146,6 +153,8 @@ class KafkaBrokerFilter:
 
     def cap_versions(self, api_key: int, lo: int, hi: int) -> tuple[int, int]:
         """The version range advertised to clients for one ApiVersions entry."""
+        if api_key in _OUTSIDE_ACL and self.config.topic_acl is not None:
+            return 1, 0     # an empty range: the entry is removed
         rng = version_range(api_key)
         if rng is None:
             return lo, hi   # unknown to the codec: its frames pass through undecoded
@@ -233,6 +242,8 @@ class KafkaBrokerSession:
             up.append(frame.raw)
             return
         self._metrics.request(header.api_key)
+        if self._acl is not None and header.api_key in _OUTSIDE_ACL:
+            raise _Close("api_outside_topic_acl")
         if header.schema is None:
             self._metrics.undecoded("request", "unknown_version")
             if self._acl is not None and header.api_key in _ACL_APIS:
@@ -363,7 +374,9 @@ class KafkaBrokerSession:
         entry: InFlight[_DeniedTopics] = InFlight(correlation_id, api_key, version,
                                                   self._clock(), context)
         if not self._tracker.track(entry):
-            if context is not None:   # its response could not be completed: never guess
+            # its response could not be matched: it would pass unrewritten (leaking broker
+            # addresses) or without the denied topics; never guess, close instead
+            if context is not None or self._owner.needs_responses:
                 raise _Close("untrackable_request")
             self._metrics.unanswered("untracked", 1)
 

@@ -433,3 +433,33 @@ def test_on_close_counts_unanswered() -> None:
     session.on_close()
     assert value(registry, "sidecar_kafka_unanswered_requests_total",
                  reason="connection_closed") == 2
+
+
+def test_share_fetch_is_not_offered_nor_forwarded_under_an_acl() -> None:
+    filt, _ = make(acl=ACL)
+    session = filt.session(SHOP)
+    run(session, [request_frame(m.API_VERSIONS, 0, 1, api_schema(
+        m.API_VERSIONS, 0).request.entity_type())])
+    _, down = run(session, chunks_up=[api_versions_response(0, 1, [(1, 0, 16), (78, 1, 1),
+                                                                   (79, 1, 1)])])
+    _, body = decode_response(m.API_VERSIONS, 0, down)
+    assert [e.api_key for e in body.api_keys] == [1]
+    share_fetch = struct.pack(">hhih", 78, 1, 2, 1) + b"c" + b"\x00" + b"opaque"
+    out = close_of(session, struct.pack(">i", len(share_fetch)) + share_fetch)
+    assert out.close and out.close_reason == "api_outside_topic_acl" and out.to_upstream == b""
+
+
+def test_an_unmatchable_response_closes_rather_than_leaking_addresses() -> None:
+    registry = CollectorRegistry()
+    config = KafkaBrokerConfig(stat_prefix="k", broker_address_rewrite_rules=(
+        BrokerAddressRewriteRule(1, "proxy", 1),))
+    filt = KafkaBrokerFilter(config, RegistryFamilies(registry), max_in_flight=1)
+    session = filt.session(None)
+    out = close_of(session, metadata_request(12, 1) + metadata_request(12, 2))
+    assert out.close and out.close_reason == "untrackable_request"
+    assert out.to_upstream == metadata_request(12, 1)
+    # with nothing to edit, the same just passes (and is counted)
+    plain = KafkaBrokerFilter(KafkaBrokerConfig(stat_prefix="k"),
+                              RegistryFamilies(CollectorRegistry()), max_in_flight=1)
+    up, _ = run(plain.session(None), [metadata_request(12, 1) + metadata_request(12, 1)])
+    assert up == metadata_request(12, 1) * 2
