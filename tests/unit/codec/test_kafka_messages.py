@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kafka_wire import record_batch
 from kio.schema.errors import ErrorCode
 from kio.static.primitive import Records, i16, i32
@@ -198,3 +200,25 @@ def test_trailing_bytes_are_reported_not_fatal() -> None:
     frame = m.encode_frame(header, schema, body, is_request=False) + b"\x00"
     back, trailing = m.decode_body(frame[4:], len(header), schema, is_request=False)
     assert back == body and trailing == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(version=st.integers(min_value=0, max_value=13),
+       brokers=st.dictionaries(st.integers(min_value=0, max_value=50),
+                               st.tuples(st.text(min_size=1, max_size=20),
+                                         st.integers(min_value=0, max_value=65535)),
+                               max_size=6),
+       rules=st.dictionaries(st.integers(min_value=0, max_value=50),
+                             st.tuples(st.text(min_size=1, max_size=20),
+                                       st.integers(min_value=0, max_value=65535)),
+                             max_size=6))
+def test_metadata_rewrite_round_trip(version, brokers, rules) -> None:
+    schema = api_schema(m.METADATA, version)
+    body = metadata_body(version, [(b, h, p) for b, (h, p) in brokers.items()])
+    result = m.rewrite_broker_addresses(m.METADATA, body, rules.get)
+    back = round_trip(schema, result.body)
+    for b in back.brokers:
+        expected = rules.get(b.node_id, brokers[b.node_id])
+        assert (b.host, b.port) == expected
+    assert result.unmatched == sum(1 for b in brokers if b not in rules)
+    assert result.rewritten == sum(1 for b in brokers if b in rules and rules[b] != brokers[b])
