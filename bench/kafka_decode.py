@@ -25,20 +25,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+# the imports below need the repository root and tests/ (kafka_relay) on sys.path first
 
-from confluent_kafka import Consumer, Producer
-from kafka_relay import KafkaRelay, MockCluster
-from prometheus_client import CollectorRegistry
+from confluent_kafka import Consumer, Producer  # noqa: E402
+from kafka_relay import KafkaRelay, MockCluster  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 
-from sidecar.codec.kafka.framing import Frame, FrameSplitter
-from sidecar.codec.kafka.headers import peek_correlation_id, peek_request_head
-from sidecar.codec.kafka.schema import api_name
-from sidecar.l4.kafka_broker import KafkaBrokerFilter
-from sidecar.l4.kafka_broker_config import (
+from sidecar.codec.kafka.framing import Frame, FrameSplitter  # noqa: E402
+from sidecar.codec.kafka.headers import peek_correlation_id, peek_request_head  # noqa: E402
+from sidecar.codec.kafka.schema import api_name  # noqa: E402
+from sidecar.l4.kafka_broker import KafkaBrokerFilter  # noqa: E402
+from sidecar.l4.kafka_broker_config import (  # noqa: E402
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
 )
-from sidecar.l4.kafka_metrics import RegistryFamilies
+from sidecar.l4.kafka_metrics import RegistryFamilies  # noqa: E402
 
 
 def make_filter(ports: dict[int, int]) -> KafkaBrokerFilter:
