@@ -35,7 +35,7 @@ from sidecar.codec.kafka.framing import Frame, FrameSplitter  # noqa: E402
 from sidecar.codec.kafka.headers import peek_correlation_id, peek_request_head  # noqa: E402
 from sidecar.codec.kafka.schema import api_name  # noqa: E402
 from sidecar.l4.kafka_broker import KafkaBrokerFilter  # noqa: E402
-from sidecar.l4.kafka_broker_config import (  # noqa: E402
+from sidecar.config.kafka import (  # noqa: E402
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
 )

@@ -62,7 +62,7 @@ from sidecar.codec.kafka.headers import (
 )
 from sidecar.codec.kafka.records import count_records
 from sidecar.codec.kafka.schema import ApiSchema, api_schema, version_range
-from sidecar.l4.kafka_broker_config import AclAction, KafkaBrokerConfig, TopicOperation
+from sidecar.config.kafka import AclAction, KafkaBrokerConfig, TopicOperation
 from sidecar.l4.kafka_metrics import KafkaMetrics, MetricFamilies
 
 # Produce/Fetch v13+ name topics only by id (KIP-516); capping at 12 keeps names on the wire,

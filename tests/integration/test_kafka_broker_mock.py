@@ -26,7 +26,7 @@ from kafka_relay import KafkaRelay, MockCluster
 from prometheus_client import CollectorRegistry
 
 from sidecar.l4.kafka_broker import KafkaBrokerFilter
-from sidecar.l4.kafka_broker_config import (
+from sidecar.config.kafka import (
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
     TopicAclConfig,

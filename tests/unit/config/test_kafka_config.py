@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config.errors import ConfigError
-from sidecar.l4.kafka_broker_config import (
+from sidecar.config.kafka import (
     KAFKA_BROKER_FILTER,
     KAFKA_BROKER_TYPE,
     TOPIC_ACL_FILTER,
