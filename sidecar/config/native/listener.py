@@ -1,13 +1,31 @@
-"""TODO docstring."""
+"""Native YAML listeners: HTTP listeners, and L4 ones (``sidecar.config.native.l4``)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
+from sidecar.config.l4 import FilterChainMatch
+from sidecar.config.listener import (
+    AccessLogConfig,
+    FilterChain,
+    Listener,
+    TracingConfig,
+    check_fields,
+)
+from sidecar.config.native.l4 import (
+    CHAIN_KEYS,
+    L4_LISTENER_KEYS,
+    check_chain_keys,
+    connection_log_from_native,
+    is_l4,
+    listener_filters_from_native,
+    match_from_native,
+    tcp_chain_from_native,
+)
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
@@ -29,13 +47,19 @@ def http_filters_from_native(items: list, path: str, filters: FilterCatalog) -> 
     return tuple(out)
 
 
+_BASE_KEYS = ("name", "address", "port", "direction")
+# what an HTTP listener (or an HTTP chain of an L4 listener) may set
+HTTP_KEYS = ("routes", "virtual_hosts", "filters", "idle_timeout", "request_headers_timeout",
+             "request_timeout", "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
+             "server_name", "drain_timeout", "max_request_headers_kb", "request_headers",
+             "response_headers", "strip_host_port", "accept_http_10", "trust_private_peers",
+             "preserve_external_request_id")
+
+
 def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener:
-    w.check_keys(d, ("name", "address", "port", "routes", "virtual_hosts", "filters",
-                     "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
-                     "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
-                     "server_name", "drain_timeout", "max_request_headers_kb",
-                     "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
+    if isinstance(d, dict) and is_l4(d):
+        return l4_listener_from_native(d, path, filters)
+    w.check_keys(d, _BASE_KEYS + HTTP_KEYS, path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -86,6 +110,84 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
     )
+
+
+def l4_listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener:
+    """A TCP listener (``tcp_proxy`` [+ ``kafka_broker``], ``tls``) or one with
+    ``filter_chains`` (see ``sidecar.config.native.l4``)."""
+    w.check_keys(d, _BASE_KEYS + L4_LISTENER_KEYS + ("tls", "drain_timeout"), path)
+    name = w.string(d, "name", path, nonempty=True)
+    base = Listener(name=name, host=w.string(d, "address", path, "127.0.0.1"),
+                    port=w.integer(d, "port", path, lo=0, hi=65535), stat_prefix=name,
+                    direction=w.string(d, "direction", path, "outbound",
+                                       choices=("inbound", "outbound")),
+                    drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0), source=d)
+    flat = "tcp_proxy" in d or "kafka_broker" in d
+    if flat and ("filter_chains" in d or "default_filter_chain" in d):
+        raise ConfigError(w.join(path, "tcp_proxy" if "tcp_proxy" in d else "kafka_broker"),
+                          "a listener with filter_chains sets tcp_proxy in its chains")
+    if not flat and "tls" in d:
+        raise ConfigError(w.join(path, "tls"), "with filter_chains, each chain sets its own tls")
+    chains: list[FilterChain] = []
+    default = None
+    if flat:
+        tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+            if "tls" in d else None
+        chains.append(FilterChain(name="", tls=tls, tcp=tcp_chain_from_native(d, path, name)))
+    else:
+        cp = w.join(path, "filter_chains")
+        for i, c in enumerate(w.seq(d, "filter_chains", path, [])):
+            chains.append(_chain_from_native(c, w.join(cp, i), base, filters))
+        if d.get("default_filter_chain") is not None:
+            default = _chain_from_native(d["default_filter_chain"],
+                                         w.join(path, "default_filter_chain"), base, filters,
+                                         default=True)
+        if not chains and default is None:
+            raise ConfigError(cp, "needs at least one chain (or a default_filter_chain, or "
+                                  "tcp_proxy for a TCP listener)")
+        seen: dict[object, int] = {}
+        for i, ch in enumerate(chains):
+            if ch.match in seen:
+                raise ConfigError(w.join(cp, i), f"match is the same as that of "
+                                                 f"filter_chains[{seen[ch.match]}]: it could "
+                                                 "never be picked")
+            seen[ch.match] = i
+    return replace(base, filter_chains=tuple(chains), default_filter_chain=default,
+                   listener_filters=listener_filters_from_native(d, path),
+                   connection_log=_connection_logs(d, path),
+                   buffer_limit_bytes=w.integer(d, "buffer_limit", path, 1024 * 1024, lo=1024))
+
+
+def _connection_logs(d: dict, path: str) -> tuple:
+    if "connection_log" not in d:
+        return ()
+    v = d["connection_log"]
+    kp = w.join(path, "connection_log")
+    if isinstance(v, list):
+        return tuple(connection_log_from_native(x, w.join(kp, i)) for i, x in enumerate(v))
+    return (connection_log_from_native(v, kp),)
+
+
+def _chain_from_native(c: object, path: str, base: Listener, filters: FilterCatalog,
+                       default: bool = False) -> FilterChain:
+    d = w.check_keys(c, CHAIN_KEYS + HTTP_KEYS, path)
+    check_chain_keys(d, path, HTTP_KEYS)
+    if default and "match" in d:
+        raise ConfigError(w.join(path, "match"), "a default chain has no match")
+    match = match_from_native(d["match"], w.join(path, "match")) if d.get("match") is not None \
+        else FilterChainMatch()
+    tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+        if "tls" in d else None
+    name = w.string(d, "name", path, "")
+    if "tcp_proxy" in d or "kafka_broker" in d:
+        return FilterChain(name=name, match=match, tls=tls,
+                           tcp=tcp_chain_from_native(d, path, name or base.name))
+    if "routes" not in d and "virtual_hosts" not in d:
+        raise ConfigError(path, "a chain needs tcp_proxy (TCP) or routes / virtual_hosts (HTTP)")
+    http_d = {k: v for k, v in d.items() if k in HTTP_KEYS and k != "tls"}
+    http_d.update(name=base.name, address=base.host, port=base.port, direction=base.direction)
+    http = listener_from_native(http_d, path, filters)
+    return FilterChain(name=name, match=match, tls=tls, http=replace(http, source=d))
 
 
 def tracing_from_native(d: dict, path: str) -> TracingConfig:
