@@ -17,7 +17,8 @@ class EndpointState:
     __slots__ = ("endpoint", "address", "pool", "active_requests", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
                  "consecutive_5xx", "consecutive_gateway", "consecutive_local", "sr_success",
-                 "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
+                 "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "cx_active", "cx_connecting",
+                 "cx_total", "last_used", "__weakref__")
 
     def __init__(self, endpoint: Endpoint, pool: ConnectionPool, default_rtt: float = 0.030):
         self.endpoint = endpoint
@@ -40,6 +41,11 @@ class EndpointState:
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
         self.removed = False
+        # TCP proxy connections (the HTTP pool counts its own): open, connecting, ever opened
+        self.cx_active = 0
+        self.cx_connecting = 0
+        self.cx_total = 0
+        self.last_used = 0.0             # monotonic; ORIGINAL_DST hosts unused a while go
 
     @property
     def ejected(self) -> bool:

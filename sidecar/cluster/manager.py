@@ -146,6 +146,8 @@ class ClusterManager:
             for c in self.clusters():
                 for h in c.hosts:
                     h.pool.sweep(now)
+                if c.original_dst:
+                    c.sweep_original_dst(now)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current

@@ -35,7 +35,8 @@ class ClusterStats:
     __slots__ = ("rq_by_class", "rq_total", "cx_connect_fail", "rq_timeout", "rq_retry",
                  "rq_retry_success", "rq_retry_overflow", "rq_overflow", "latency",
                  "cx_total", "cx_overflow", "rq_reset", "rq_per_try_timeout", "retry_limit_exceeded",
-                 "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced")
+                 "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
+                 "cx_connect_timeout", "cx_connect_time", "cx_rx_bytes", "cx_tx_bytes")
 
     def __init__(self, m: Metrics, cluster: str):
         if not m.enabled:
@@ -54,6 +55,20 @@ class ClusterStats:
                                      ("cluster",)).labels(cluster)
         self.cx_total = m.counter("sidecar_upstream_cx_total", "Upstream connections opened",
                                   ("cluster",)).labels(cluster)
+        # TCP proxy connections (Envoy's upstream_cx_connect_timeout, upstream_cx_connect_ms,
+        # upstream_cx_rx_bytes_total, upstream_cx_tx_bytes_total)
+        self.cx_connect_timeout = m.counter("sidecar_upstream_cx_connect_timeout_total",
+                                            "Upstream connections that timed out connecting",
+                                            ("cluster",)).labels(cluster)
+        self.cx_connect_time = m.histogram("sidecar_upstream_cx_connect_time_seconds",
+                                           "Time to establish TCP proxy upstream connections",
+                                           ("cluster",)).labels(cluster)
+        self.cx_rx_bytes = m.counter("sidecar_upstream_cx_rx_bytes_total",
+                                     "Bytes received from upstream TCP proxy connections",
+                                     ("cluster",)).labels(cluster)
+        self.cx_tx_bytes = m.counter("sidecar_upstream_cx_tx_bytes_total",
+                                     "Bytes sent on upstream TCP proxy connections",
+                                     ("cluster",)).labels(cluster)
         self.rq_timeout = m.counter("sidecar_upstream_rq_timeout_total",
                                     "Upstream requests that hit the route timeout", ("cluster",)).labels(cluster)
         self.rq_per_try_timeout = m.counter("sidecar_upstream_rq_per_try_timeout_total",
