@@ -46,7 +46,7 @@ async def _dry_compile(snap) -> None:
     try:
         app.clusters.apply(snap.clusters)
         for lc in snap.listeners:
-            app.store.compile_listener(lc, lc.port)
+            app.store.validate_listener(lc)
     finally:
         await app.close()
 
