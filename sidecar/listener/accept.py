@@ -198,8 +198,9 @@ class InspectingAcceptor:
         if data:
             self._run_filters(p, data)
         if p.tls_pending or p.http_pending:
-            if events & (select.EPOLLRDHUP | select.EPOLLHUP) and len(data) == p.seen:
+            if events & (select.EPOLLRDHUP | select.EPOLLHUP):
                 self._drop(p)            # the peer ended mid-hello (Envoy closes too)
+                return
             p.seen = len(data)
             return
         self._done(fd, p)

@@ -209,7 +209,7 @@ def tcp_chain_from_native(d: dict[str, Any], path: str, stat_prefix: str) -> Tcp
 def check_chain_keys(d: dict[str, Any], path: str, http_keys: tuple[str, ...]) -> None:
     """A chain is TCP (tcp_proxy, kafka_broker) or HTTP (the HTTP listener keys), not both."""
     w.check_keys(d, CHAIN_KEYS + http_keys, path)
-    http = [k for k in d if k in http_keys]
+    http = [k for k in d if k in http_keys and k not in CHAIN_KEYS]
     if ("tcp_proxy" in d or "kafka_broker" in d) and http:
         raise ConfigError(w.join(path, http[0]), "is an HTTP setting; this chain is a TCP chain "
                                                  "(tcp_proxy)")
