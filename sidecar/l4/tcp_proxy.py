@@ -28,7 +28,7 @@ import socket
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from sidecar.cluster.cluster import Cluster, ClusterState
 from sidecar.cluster.endpoint import EndpointState
@@ -92,7 +92,7 @@ class TcpProxySession(asyncio.Protocol):
                  "down_eof", "up_eof", "closed", "active", "last_active", "_task",
                  "down_rx", "down_tx", "up_rx", "up_tx", "_flushed", "_connected",
                  "_reading_paused", "down_closed", "up_closed", "_finished", "down_tls",
-                 "up_tls")
+                 "up_tls", "_early")
 
     def __init__(self, f: TcpProxyFilter, owner: SessionOwner, ctx: ConnectionContext):
         self.f = f
@@ -116,12 +116,16 @@ class TcpProxySession(asyncio.Protocol):
         self._connected = False
         self._reading_paused = False     # downstream reading paused by upstream backpressure
         self.down_tls = self.up_tls = False  # asyncio has no TLS half-close
+        self._early: list[bytes] = []
 
     # ---- downstream (the client) ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's TLS transport is no asyncio.Transport subclass but has its methods
+        transport = cast(asyncio.Transport, transport)
         self.down = transport
         transport.pause_reading()        # until the upstream is connected
+        # uvloop starts reading a server connection after connection_made: pause again then
+        asyncio.get_running_loop().call_soon(self._pause_until_connected)
         _nodelay(transport)
         ctx = self.ctx
         sslobj = transport.get_extra_info("ssl_object")
@@ -186,9 +190,22 @@ class TcpProxySession(asyncio.Protocol):
         if f.kafka is not None:
             self.kafka = f.kafka.session(ctx.peer_identity)
         self._connected = True
+        early, self._early = self._early, []
+        for data in early:
+            self._forward(data)
+        if self.down_eof and not transport.is_closing():     # the client finished early
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
         down = self.down
         if down is not None and not down.is_closing():
             down.resume_reading()
+
+    def _pause_until_connected(self) -> None:
+        down = self.down
+        if not self._connected and down is not None and not down.is_closing():
+            down.pause_reading()
 
     def _fail(self, flag: str, reason: str) -> None:
         """No upstream connection: close the client (Envoy sends nothing, just closes)."""
@@ -205,8 +222,18 @@ class TcpProxySession(asyncio.Protocol):
         self.down_rx += len(data)
         self.active = True
         up = self.up
-        if up is None:
+        if up is None or not self._connected:
+            # read before the pause took effect: keep it for the upstream, bounded
+            early = self._early
+            early.append(data)
+            if sum(map(len, early)) > self.f.buffer_limit and self.down is not None:
+                self.down.pause_reading()
             return
+        self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        up = self.up
+        assert up is not None
         k = self.kafka
         if k is None:
             self.up_tx += len(data)

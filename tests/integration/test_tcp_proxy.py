@@ -10,12 +10,22 @@ import ssl
 
 import aiohttp
 import pytest
+import uvloop
 
 from sidecar.cli.certs import DevCA
 from sidecar.observability.access_log import flush_all
 from sidecar.testing import TcpServer, running_proxy
 
 TD = "l4.test"
+
+
+# every test runs on both event loops: asyncio's (the tests' default) and uvloop (what
+# `sidecar run` uses); they differ in how transports start reading and in TLS transports
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request):
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 def cfg(listeners: list[dict], clusters: list[dict]) -> dict:
@@ -528,3 +538,4 @@ async def test_clusters_and_metrics_show_tcp_connections():
             assert metric(text, "sidecar_tcp_downstream_cx_rx_bytes_total", stat_prefix="tcp") == 5
             assert metric(text, "sidecar_tcp_downstream_cx_total", stat_prefix="tcp") == 1
             assert metric(text, "sidecar_upstream_cx_total", cluster="up") == 1
+
