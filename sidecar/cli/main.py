@@ -1,4 +1,4 @@
-"""Command line: ``sidecar run|validate|version|dev|certs|token``."""
+"""Command line: ``sidecar run|validate|version|iptables|dev|certs|token|inject``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 from sidecar import __version__
 from sidecar.admin.server import make_admin_app, start_admin
+from sidecar.k8s import iptables
 from sidecar.k8s.probes import start_from_env
 from sidecar.runtime.app import App
 from sidecar.runtime.workers import run_workers
@@ -141,7 +142,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     return 0
 
 
-CORE_COMMANDS = ("run", "validate", "version")
+CORE_COMMANDS = ("run", "validate", "version", "iptables")
 
 # servers started beside the proxy on worker 0: the kubelet prober of injected pods (only
 # when SIDECAR_PROBE_PORT is set)
@@ -167,6 +168,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
+    iptables.add_parser(sub)
     if extra:
         from sidecar.cli import dev as cli_extra
         cli_extra.add_commands(sub)
