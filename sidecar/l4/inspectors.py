@@ -43,8 +43,8 @@ class TlsParseError(Exception):
 def parse_client_hello(data: bytes, max_size: int = MAX_CLIENT_HELLO) -> ClientHello | str:
     """A ClientHello, ``NEED_MORE``, or ``NOT_FOUND`` (not TLS). Raises ``TlsParseError`` for
     a TLS handshake that cannot be a valid ClientHello."""
-    if not data:
-        return NEED_MORE
+    if len(data) < 5:
+        return NEED_MORE     # a record header first, as Envoy's (BoringSSL's) reading does
     if data[0] != _HANDSHAKE:
         return NOT_FOUND
     if len(data) >= 2 and data[1] != 3:

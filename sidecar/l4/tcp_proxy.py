@@ -168,9 +168,9 @@ class TcpProxySession(asyncio.Protocol):
                     return
                 if ctx.attempts < attempts:
                     continue
-                if attempts > 1:
-                    f.stats.attempts_exceeded.inc()
-                self._fail(e.flag, e.reason)
+                f.stats.attempts_exceeded.inc()
+                ctx.flags.append(e.flag)
+                self._fail("URX", e.reason)      # Envoy: UF,URX once attempts are exhausted
                 return
             except UpstreamError as e:
                 self._fail(e.flag, e.reason)
@@ -219,7 +219,6 @@ class TcpProxySession(asyncio.Protocol):
         self._finish()
 
     def data_received(self, data: bytes) -> None:
-        self.down_rx += len(data)
         self.active = True
         up = self.up
         if up is None or not self._connected:
@@ -232,6 +231,9 @@ class TcpProxySession(asyncio.Protocol):
         self._forward(data)
 
     def _forward(self, data: bytes) -> None:
+        # counted when forwarded: bytes read early and never forwarded were never "received"
+        # (Envoy does not read them at all before the upstream is connected)
+        self.down_rx += len(data)
         up = self.up
         assert up is not None
         k = self.kafka

@@ -49,6 +49,9 @@ class ConnectionSink(Protocol):
     def inspected(self, sock: socket.socket, facts: ConnectionFacts,
                   original_dst: tuple[str, int] | None) -> None: ...
 
+    def dropped(self, sock: socket.socket, facts: ConnectionFacts) -> None:
+        """The client left (or timed out) before the listener filters were done."""
+
 
 class _Pending:
     """A connection whose listener filters are still reading."""
@@ -269,5 +272,6 @@ class InspectingAcceptor:
 
     def _drop(self, p: _Pending) -> None:
         self._unwatch(p)
+        self.sink.dropped(p.sock, p.facts)
         p.sock.close()
 

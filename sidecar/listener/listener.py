@@ -193,6 +193,18 @@ class ListenerRuntime:
         proto = self._protocol(chain, ctx)
         asyncio.get_running_loop().create_task(self._hand_over(sock, proto, chain.ssl))
 
+    def dropped(self, sock: socket.socket, facts: ConnectionFacts) -> None:
+        """A connection closed while its listener filters ran: the listener's access log
+        still gets a line (Envoy's, with no chain and no flag)."""
+        chains = self.chains
+        if chains is None or not chains.listener_logs:
+            return
+        ctx = self._context((str(facts.remote_ip), facts.remote_port),
+                            (str(facts.local_ip), facts.local_port), None)
+        ctx.end = asyncio.get_running_loop().time()
+        for lg in chains.listener_logs:
+            lg.log(ctx)
+
     async def _hand_over(self, sock: socket.socket, proto: asyncio.BaseProtocol,
                          ssl_ctx: object) -> None:
         loop = asyncio.get_running_loop()

@@ -67,8 +67,9 @@ _GETTERS: dict[str, Getter] = {
     "DURATION": lambda c: int(c.duration * 1000),
     "BYTES_RECEIVED": lambda c: c.bytes_received,
     "BYTES_SENT": lambda c: c.bytes_sent,
-    "RESPONSE_FLAGS": lambda c: ",".join(c.flags) or None,
-    "RESPONSE_FLAGS_LONG": lambda c: ",".join(_FLAG_LONG.get(f, f) for f in c.flags) or None,
+    # Envoy prints "-" for no flag, in JSON too
+    "RESPONSE_FLAGS": lambda c: ",".join(c.flags) or "-",
+    "RESPONSE_FLAGS_LONG": lambda c: ",".join(_FLAG_LONG.get(f, f) for f in c.flags) or "-",
     "UPSTREAM_HOST": lambda c: c.upstream_host or None,
     "UPSTREAM_CLUSTER": lambda c: c.cluster or None,
     "UPSTREAM_LOCAL_ADDRESS": lambda c: c.upstream_local_addr or None,
@@ -164,7 +165,8 @@ class ConnectionLogger:
         fmt: LogFormat = cfg.format
         if fmt.json is not None:
             as_dict = _json(fmt.json, fmt.omit_empty_values)
-            dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+            # keys sorted, as Envoy writes its JSON logs (a protobuf Struct)
+            dumps = json.JSONEncoder(separators=(",", ":"), default=str, sort_keys=True).encode
             self._render: Callable[[ConnectionContext], str] = lambda c: dumps(as_dict(c))
         else:
             text = _text(fmt.text or ())
