@@ -25,13 +25,13 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from kafka_relay import KafkaRelay, MockCluster
 from prometheus_client import CollectorRegistry
 
-from sidecar.l4.kafka_broker import KafkaBrokerFilter
 from sidecar.config.kafka import (
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
     TopicAclConfig,
     topic_acl_from_native,
 )
+from sidecar.l4.kafka_broker import KafkaBrokerFilter
 from sidecar.l4.kafka_metrics import RegistryFamilies
 
 SHOP = "spiffe://cluster.local/ns/shop/sa/orders"

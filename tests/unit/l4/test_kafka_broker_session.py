@@ -24,12 +24,12 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.codec.kafka import messages as m
 from sidecar.codec.kafka.schema import api_schema
-from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter
 from sidecar.config.kafka import (
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
     topic_acl_from_native,
 )
+from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter
 from sidecar.l4.kafka_metrics import RegistryFamilies
 
 SHOP = "spiffe://td/ns/shop/sa/api"
