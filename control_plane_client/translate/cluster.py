@@ -218,6 +218,7 @@ def _payload(d: object, path: str) -> bytes:
     w.check_keys(d, ("text", "binary"), path)
     assert isinstance(d, dict)
     kind = w.one_of(d, ("text", "binary"), path)
+    assert kind is not None         # one_of raises when neither is set
     v = w.string(d, kind, path, nonempty=True)
     try:
         return bytes.fromhex(v) if kind == "text" else base64.b64decode(v, validate=True)

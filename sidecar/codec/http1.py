@@ -35,11 +35,15 @@ class StreamOwner(Protocol):
     """What the codec needs from the listener that accepted the connection."""
 
     name: str
-    bound_port: int
     max_header_bytes: int
     server_header: str
     accept_http_10: bool
-    draining: bool
+
+    @property
+    def bound_port(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
 
     def connection_opened(self, conn: "DownstreamConnection") -> None: ...
 

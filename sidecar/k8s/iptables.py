@@ -147,7 +147,7 @@ def _port(v: str) -> int:
     return p[0]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("iptables", help="install the pod's traffic interception rules "
                                         "(init container; needs NET_ADMIN)",
                        description=__doc__.split("\n\n")[0])

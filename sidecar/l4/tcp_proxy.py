@@ -353,12 +353,12 @@ class TcpProxySession(asyncio.Protocol):
     def abort(self) -> None:
         """Drop both sides at once (listener drain deadline, shutdown)."""
         self.closed = True
-        for t in (self.down, self.up):
-            if t is not None:
-                t.abort()
-        t = self._task
-        if t is not None and not t.done():
-            t.cancel()
+        for tr in (self.down, self.up):
+            if tr is not None:
+                tr.abort()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
 
     def _maybe_finish(self) -> None:
         if self.down_closed and (self.up is None or self.up_closed):

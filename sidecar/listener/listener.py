@@ -249,14 +249,15 @@ class ListenerRuntime:
                 c = self.chains.only if self.chains is not None and \
                     self.chains.only is not None else only
                 return self._protocol(c, None)
-            kw: dict = dict(backlog=1024, ssl=ssl_ctx)
-            if ssl_ctx is not None:
-                kw["ssl_handshake_timeout"] = _SSL_HANDSHAKE_TIMEOUT_S
+            handshake = _SSL_HANDSHAKE_TIMEOUT_S if ssl_ctx is not None else None
             if sock is not None:
-                self.server = await loop.create_server(factory, sock=sock, **kw)
+                self.server = await loop.create_server(
+                    factory, sock=sock, backlog=1024, ssl=ssl_ctx,
+                    ssl_handshake_timeout=handshake)
             else:
-                self.server = await loop.create_server(factory, cfg.host, cfg.port,
-                                                       reuse_port=reuse_port or None, **kw)
+                self.server = await loop.create_server(
+                    factory, cfg.host, cfg.port, reuse_port=reuse_port or None, backlog=1024,
+                    ssl=ssl_ctx, ssl_handshake_timeout=handshake)
             self.bound_port = self.server.sockets[0].getsockname()[1]
         else:
             self.acceptor = InspectingAcceptor(self.name, cfg.listener_filters, self,

@@ -134,6 +134,10 @@ def _json_value(parts: tuple[Segment, ...]) -> Callable[[ConnectionContext], Val
     return lambda c: text(c)
 
 
+def _const(v: object) -> Callable[[ConnectionContext], object]:
+    return lambda c: v
+
+
 def _json(fields: tuple[JsonField, ...], omit: bool) -> Callable[[ConnectionContext], dict[str, object]]:
     bound: list[tuple[str, Callable[[ConnectionContext], object]]] = []
     for f in fields:
@@ -143,7 +147,7 @@ def _json(fields: tuple[JsonField, ...], omit: bool) -> Callable[[ConnectionCont
         elif isinstance(v, tuple):
             bound.append((f.key, _json_value(v)))  # type: ignore[arg-type]
         else:
-            bound.append((f.key, lambda c, v=v: v))
+            bound.append((f.key, _const(v)))
 
     def render(c: ConnectionContext) -> dict[str, object]:
         out: dict[str, object] = {}

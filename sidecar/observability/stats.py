@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.core.metrics import NULL, CounterChild
+from sidecar.core.metrics import NULL, CounterChild, CounterFamily
 from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 
 # Envoy response flags (short codes); anything else is counted as "other" so a bug or a new
@@ -188,9 +188,10 @@ class ListenerL4Stats:
     def __init__(self, m: Metrics, listener: str):
         self._listener = listener
         self._filters: dict[tuple[str, str], CounterChild] = {}
+        self.no_filter_chain: CounterChild = NULL
+        self.filter_timeout: CounterChild = NULL
+        self._filter_family: CounterFamily | None = None
         if not m.enabled:
-            self.no_filter_chain = self.filter_timeout = NULL
-            self._filter_family = None
             return
         self.no_filter_chain = m.counter("sidecar_listener_no_filter_chain_match_total",
                                          "Connections closed because no filter chain matched",
