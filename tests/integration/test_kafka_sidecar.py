@@ -10,6 +10,7 @@ was rewritten to a sidecar listener.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 import urllib.request
@@ -168,6 +169,17 @@ def test_librdkafka_produce_and_group_consume_over_mtls_with_topic_acl(sidecar, 
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters", timeout=10) as r:
         clusters = r.read().decode()
     assert "broker-1::" in clusters and "::cx_active::" in clusters
+    # the dashboard's data: per-topic Kafka numbers and per-listener TCP numbers
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/dashboard.json", timeout=10) as r:
+        board = json.load(r)
+    (kafka,) = board["kafka"]
+    topics = {t["topic"]: t for t in kafka["topics"]}
+    assert topics["orders-l4"]["produce_records"] == 30
+    assert topics["orders-l4"]["fetch_records"] == 30
+    assert topics["orders-l4"]["produce_denied"] == 1
+    assert "TOPIC_AUTHORIZATION_FAILED" in kafka["errors"]
+    assert {a["api"] for a in kafka["apis"]} >= {"produce", "fetch", "metadata"}
+    assert {t["stat_prefix"] for t in board["tcp"]} == {f"kafka-{b}" for b in ports}
 
 
 def test_a_client_without_a_certificate_gets_nothing(sidecar, pki) -> None:
