@@ -3,12 +3,14 @@
     python -m bench.kafka_decode                  # 1M x 200 B messages per target
     python -m bench.kafka_decode --messages 50000 --size 1000 --json out.json
 
-One run, three targets, side by side, against librdkafka's in-process mock cluster (3 brokers):
-  direct   confluent-kafka producer straight to the mock brokers
-  relay    the same through tests/kafka_relay.py's relay, bytes copied, no filter
-  filter   the same relay running the Kafka broker filter (rewrite rules for every broker)
-The relay runs in a child process on uvloop (one event loop, as a sidecar worker); its CPU
-time is reported per MB. Then frames captured from a real produce + consume run through the
+One run, five targets, side by side, against librdkafka's in-process mock cluster (3 brokers):
+  direct         confluent-kafka producer straight to the mock brokers
+  relay          the same through tests/kafka_relay.py's relay, bytes copied, no filter
+  filter         the same relay running the Kafka broker filter (rewrite rules for every broker)
+  sidecar        the real sidecar (`sidecar run`, one worker): one tcp_proxy listener per broker
+  sidecar+kafka  the same with kafka_broker in front of tcp_proxy (decoding every frame)
+The relay runs in a child process on uvloop (one event loop, as a sidecar worker); relay and
+sidecar CPU time is reported per MB. Then frames captured from a real produce + consume run through the
 filter are replayed into fresh sessions to time the filter per frame, by API and direction.
 """
 
@@ -18,7 +20,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,19 +31,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 # the imports below need the repository root and tests/ (kafka_relay) on sys.path first
 
+import yaml  # noqa: E402
 from confluent_kafka import Consumer, Producer  # noqa: E402
 from kafka_relay import KafkaRelay, MockCluster  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from bench.procs import tree_cpu_seconds  # noqa: E402
 from sidecar.codec.kafka.framing import Frame, FrameSplitter  # noqa: E402
 from sidecar.codec.kafka.headers import peek_correlation_id, peek_request_head  # noqa: E402
 from sidecar.codec.kafka.schema import api_name  # noqa: E402
-from sidecar.l4.kafka_broker import KafkaBrokerFilter  # noqa: E402
 from sidecar.config.kafka import (  # noqa: E402
     BrokerAddressRewriteRule,
     KafkaBrokerConfig,
 )
+from sidecar.l4.kafka_broker import KafkaBrokerFilter  # noqa: E402
 from sidecar.l4.kafka_metrics import RegistryFamilies  # noqa: E402
+from sidecar.testing import free_port, stop_process, wait_for_port  # noqa: E402
 
 
 def make_filter(ports: dict[int, int]) -> KafkaBrokerFilter:
@@ -84,14 +91,54 @@ def produce(bootstrap: str, topic: str, messages: int, size: int) -> float:
     return elapsed
 
 
+def sidecar_config(brokers: dict[int, tuple[str, int]], ports: dict[int, int],
+                   kafka: bool) -> dict:
+    """The real sidecar: one listener per broker, tcp_proxy (+ kafka_broker)."""
+    rules = [{"id": b, "host": "127.0.0.1", "port": p} for b, p in ports.items()]
+    listeners = []
+    for b, port in ports.items():
+        lst: dict = {"name": f"kafka-{b}", "address": "127.0.0.1", "port": port,
+                     "tcp_proxy": {"cluster": f"broker-{b}"}}
+        if kafka:
+            lst["kafka_broker"] = {"stat_prefix": "bench",
+                                   "id_based_broker_address_rewrite_spec": {"rules": rules}}
+        listeners.append(lst)
+    return {"admin": {"address": "127.0.0.1", "port": free_port()}, "listeners": listeners,
+            "clusters": [{"name": f"broker-{b}", "endpoints": [f"{h}:{p}"]}
+                         for b, (h, p) in brokers.items()]}
+
+
+def run_sidecar(cluster: MockCluster, kafka: bool, topic: str, messages: int,
+                size: int) -> tuple[float, float]:
+    """(seconds, sidecar CPU seconds) of one produce run through `sidecar run`."""
+    ports = {b: free_port() for b in cluster.brokers}
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "sidecar.yaml"
+        cfg.write_text(yaml.safe_dump(sidecar_config(cluster.brokers, ports, kafka)))
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(cfg),
+                                 "--concurrency", "1", "--log-level", "warning"],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            wait_for_port(ports[min(ports)], 30)
+            cpu0 = tree_cpu_seconds(proc.pid)
+            bootstrap = ",".join(f"127.0.0.1:{p}" for p in ports.values())
+            seconds = produce(bootstrap, topic, messages, size)
+            return seconds, tree_cpu_seconds(proc.pid) - cpu0
+        finally:
+            stop_process(proc)
+
+
 def throughput(cluster: MockCluster, messages: int, size: int) -> dict[str, dict]:
     results: dict[str, dict] = {}
     ctx = multiprocessing.get_context("spawn")   # the parent runs librdkafka threads
     mb = messages * size / 1e6
-    for target in ("direct", "relay", "filter"):
+    for target in ("direct", "relay", "filter", "sidecar", "sidecar+kafka"):
         cpu: float | None = None
         if target == "direct":
             seconds = produce(cluster.bootstrap, f"bench-{target}", messages, size)
+        elif target.startswith("sidecar"):
+            seconds, cpu = run_sidecar(cluster, target == "sidecar+kafka",
+                                       f"bench-{target.replace('+', '-')}", messages, size)
         else:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=relay_child, args=(cluster.brokers, target == "filter",
@@ -202,7 +249,11 @@ def main() -> None:
     direct = tp["direct"]["msgs_per_s"]
     print(f"  ratios: relay/direct {tp['relay']['msgs_per_s'] / direct:.2f}  "
           f"filter/direct {tp['filter']['msgs_per_s'] / direct:.2f}  "
-          f"filter/relay {tp['filter']['msgs_per_s'] / tp['relay']['msgs_per_s']:.2f}")
+          f"filter/relay {tp['filter']['msgs_per_s'] / tp['relay']['msgs_per_s']:.2f}  "
+          f"sidecar/direct {tp['sidecar']['msgs_per_s'] / direct:.2f}  "
+          f"sidecar+kafka/direct {tp['sidecar+kafka']['msgs_per_s'] / direct:.2f}  "
+          f"sidecar+kafka/sidecar "
+          f"{tp['sidecar+kafka']['msgs_per_s'] / tp['sidecar']['msgs_per_s']:.2f}")
 
     taps = capture(cluster, args.capture_messages, args.size)
     costs = decode_cost(taps, args.repeat)
