@@ -41,6 +41,7 @@ def check_references(snap: Snapshot, native: bool = False) -> None:
         if c.name in names:
             errs.add(f"{base}clusters[{i}].name", f"duplicate cluster name {c.name!r}")
         names[c.name] = i
+    original_dst = frozenset(c.name for c in snap.clusters if c.type == "original_dst")
     ports: dict[tuple[str, int], int] = {}
     for li, lst in enumerate(snap.listeners):
         key = (lst.host, lst.port)
@@ -51,7 +52,7 @@ def check_references(snap: Snapshot, native: bool = False) -> None:
         lp = f"{base}listeners[{li}]"
         if not lst.l4:
             _check_routes(lst, lp, "" if native else ".filter_chains[0].filters[0].typed_config",
-                          native, names, errs)
+                          native, names, errs, original_dst)
             continue
         src = lst.source if isinstance(lst.source, dict) else {}
         chains = [(f".filter_chains[{ci}]", c) for ci, c in enumerate(lst.filter_chains)]
@@ -63,7 +64,7 @@ def check_references(snap: Snapshot, native: bool = False) -> None:
                 in src else lp
             if chain.http is not None:
                 _check_routes(chain.http, cpath, "" if native else ".filters[0].typed_config",
-                              native, names, errs)
+                              native, names, errs, original_dst)
             elif chain.tcp is not None:
                 tp = (f"{cpath}.tcp_proxy" if native else
                       f"{cpath}.filters[{_tcp_proxy_index(src, cp)}].typed_config")
@@ -89,7 +90,7 @@ def _tcp_proxy_index(src: dict[str, Any], chain_path: str) -> int:
 
 
 def _check_routes(lst: Listener, lp: str, hcm_path: str, native: bool, names: dict[str, int],
-                  errs: ErrorCollector) -> None:
+                  errs: ErrorCollector, original_dst: frozenset[str] = frozenset()) -> None:
     if lst.route_config is None:
         return
     flat = native and isinstance(lst.source, dict) and "routes" in lst.source
@@ -109,3 +110,6 @@ def _check_routes(lst: Listener, lp: str, hcm_path: str, native: bool, names: di
             for t in targets:
                 if t not in names:
                     errs.add(p, f"unknown cluster {t!r}")
+                elif t in original_dst:
+                    errs.add(p, f"cluster {t!r} is ORIGINAL_DST: it serves tcp_proxy only "
+                                "(HTTP routes to the original destination are not supported)")

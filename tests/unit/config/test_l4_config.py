@@ -235,6 +235,12 @@ def test_native_errors_have_paths(listener, where):
     assert where in msg, msg
 
 
+def test_http_routes_to_an_original_dst_cluster_are_refused():
+    msg = refused(native({"routes": [{"match": {"prefix": "/"}, "cluster": "pass"}]},
+                         [{"name": "pass", "type": "original_dst"}]), native=True)
+    assert "listeners[0].routes[0]: cluster 'pass' is ORIGINAL_DST" in msg
+
+
 def test_native_original_dst_cluster_refuses_endpoints():
     msg = refused(native({"tcp_proxy": {"cluster": "up"}},
                          [{"name": "up", "type": "original_dst", "endpoints": ["1.2.3.4:5"]}]),
