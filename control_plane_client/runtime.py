@@ -667,7 +667,7 @@ class ControlPlane:
         snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=self.base.admin,
                         version=version, tracing=self.base.tracing,
                         control_plane=self.base.control_plane, node=self.base.node,
-                        source_format=self.base.source_format)
+                        source_format=self.base.source_format, metrics=self.base.metrics)
         return snap, next_at
 
     async def _rebuild(self, now: float | None = None) -> None:

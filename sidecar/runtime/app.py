@@ -27,6 +27,7 @@ from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import load_file
+from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
 
@@ -86,6 +87,10 @@ class App:
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port)
         self.store.on_applied.append(self.on_snapshot_applied)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
+        # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
+        # set by sidecar.runtime.workers) every worker's merged
+        self.render_metrics: Renderer = self._render_local
+        self.metrics_port = MetricsPort(lambda: self.render_metrics)   # worker 0 only
         self.admin_starter = admin
         # servers started beside the proxy on worker 0, by the entry point that made the App
         # (the kubelet prober of injected pods); each returns something with cleanup() or None
@@ -123,6 +128,9 @@ class App:
             self._g_last = m.gauge("sidecar_config_last_update_timestamp_seconds",
                                    "When the config in force was applied")
         self._last_version_label: str | None = None
+
+    async def _render_local(self, accept: str) -> tuple[bytes, str]:
+        return self.metrics.render(accept)
 
     # ---- factories used by the config store ---------------------------------------------
     def make_tracer(self, listener_config: Listener) -> ListenerTracer | None:
@@ -166,6 +174,8 @@ class App:
         snap = self.initial
         self._setup_tracing(snap)
         await self.store.apply(snap)
+        if self.worker_id == 0:
+            await (await self.metrics_port.prepare(snap.metrics))(True)
         self.count_update("initial", True)
         attach(self)        # sidecar mode (a no-op without a `sidecar:` section)
         self.clusters.start()
@@ -205,12 +215,17 @@ class App:
         tracing_changed = self.store.snapshot is None or snap.tracing != self.store.snapshot.tracing
         if tracing_changed:
             self._setup_tracing(snap)     # the new listener snapshots are built with it
+        finish_metrics_port = None
         try:
+            if self.worker_id == 0:
+                finish_metrics_port = await self.metrics_port.prepare(snap.metrics)
             await self.store.apply(snap)
         except (ConfigError, ConfigErrors, OSError) as e:
             # ConfigError: found while building the route chains (e.g. a per-route filter
             # override naming an unknown provider); OSError: a new listener cannot bind.
             # Either way the file is refused like any invalid one.
+            if finish_metrics_port is not None:
+                await finish_metrics_port(False)
             if tracing_changed:
                 if self._tracing is not None:
                     self._tracing.shutdown()
@@ -218,6 +233,8 @@ class App:
             log.error("config reload refused, keeping the running config:\n%s", e)
             self.count_update(source, False, str(e))
             return False
+        if finish_metrics_port is not None:
+            await finish_metrics_port(True)
         if tracing_changed and old_tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, old_tracing.shutdown)
         log.info("config reloaded: version %s", snap.version)
@@ -316,6 +333,7 @@ class App:
         self.clusters.close()
         if self.admin is not None:
             await self.admin.cleanup()
+        await self.metrics_port.close()
         for server in self.companion_servers:
             cleanup = getattr(server, "cleanup", None)
             if cleanup is not None:

@@ -11,6 +11,7 @@ from sidecar.config.filters import FilterCatalog
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
 
 
@@ -36,7 +37,8 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
+                     "accept_http_10", "trust_private_peers", "preserve_external_request_id",
+                     "istio_metrics"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -85,7 +87,18 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
+        istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
+        if d.get("istio_metrics") not in (None, False) else None,
     )
+
+
+def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:
+    """``istio_metrics: true`` or ``{service: web.shop.svc.cluster.local, peer_metadata: true}``."""
+    if d is True:
+        return IstioMetrics()
+    m = w.check_keys(d, ("service", "peer_metadata"), path)
+    return IstioMetrics(service=w.string(m, "service", path, ""),
+                        peer_metadata=w.boolean(m, "peer_metadata", path, True))
 
 
 def tracing_from_native(d: dict, path: str) -> TracingConfig:
