@@ -23,6 +23,7 @@ from sidecar.config.snapshot import Snapshot
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer, Tracing
+from sidecar.observability.workload import Workload
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.filter_env import ProxyFilterEnv
@@ -84,7 +85,8 @@ class App:
         self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
-                                 self.filter_env, self.shadow, self.make_tracer, reuse_port)
+                                 self.filter_env, self.shadow, self.make_tracer, reuse_port,
+                                 workload=Workload.from_env(os.environ))
         self.store.on_applied.append(self.on_snapshot_applied)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
