@@ -120,7 +120,8 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
     else:
         match_len = len(cfg.match.prefix or cfg.match.path or "")
         core = RouteActionLayer(action, match_len, mutation,
-                                lambda cluster: upstream_stack(route, action, cluster, env))
+                                lambda cluster: upstream_stack(route, action, cluster, env),
+                                env.clusters.configured)
         route.choice = core.choice
     observer = RouteObserver(
         lambda: env.stats.route(listener.name, route.vhost.name, route.stat_name),
