@@ -134,6 +134,7 @@ class ControlPlane:
         self.contacted = False                # any source answered at least once
         self._save_pending: bytes | None = None
         self._saving = False
+        self.sds = None                       # control_plane_client.sds.SdsClient, once needed
         self._metrics()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -256,6 +257,9 @@ class ControlPlane:
             t.start()
         self.app.ready_checks.append(self.not_ready_reason)
         self.app.ready_notes.append(self.ready_note)
+        self.app.snapshot_listeners.append(self._follow_secrets)
+        if self.app.store.snapshot is not None:
+            self._follow_secrets(self.app.store.snapshot)
         loop = asyncio.get_running_loop()
         # if nothing answers within the initial fetch timeout, fall back to the cache anyway
         loop.call_later(cfg.initial_fetch_timeout_s, self._spawn, self._fallback_to_lkg,
@@ -289,6 +293,25 @@ class ControlPlane:
         task = asyncio.get_running_loop().create_task(fn(*args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ---- secrets (SDS over ADS) ------------------------------------------------------------
+    def _follow_secrets(self, snap: Snapshot) -> None:
+        """Subscribe to the secrets the snapshot's TLS contexts name (on the ADS stream)."""
+        if self.sds is None:
+            # imported when first needed: checking certificates loads cryptography, which a
+            # proxy without SDS does not carry in memory
+            from control_plane_client.sds import SdsClient, secret_names  # noqa: PLC0415
+            if not secret_names(snap):
+                return
+            if self.cfg.ads is None:
+                log.error("control plane: TLS contexts name SDS secrets (%s) but there is no "
+                          "ADS stream (dynamic_resources.ads_config)",
+                          ", ".join(sorted(secret_names(snap))))
+                return
+            self.sds = SdsClient(self.app.secrets, self.transport(self.cfg.ads), self.app.metrics)
+            self.app.ready_checks.append(self.sds.not_ready_reason)
+            self.app.ready_notes.append(self.sds.expiry_note)
+        self.sds.follow(snap)
 
     # ---- readiness -------------------------------------------------------------------------
     @property
@@ -380,6 +403,13 @@ class ControlPlane:
         self.contacted = True
         if self.m_on:
             self.m_connected.labels(transport.name).set(1)
+        if type_url == R.SDS:
+            # secrets go to the TLS contexts' store, not into the config snapshot
+            err = self.sds.on_response(version, resources, error) if self.sds is not None \
+                else "no secrets were asked for"
+            self.app.count_update("xds_sds", err is None, err or "")
+            self._check_initialized()
+            return err
         async with self.lock:
             ts = self.types[type_url]
             if type_url in R.SOTW:
@@ -894,6 +924,7 @@ class ControlPlane:
             "last_nack": self.last_nack,
             "types": types,
             "sources": [t.dump() for t in self.transports.values()],
+            "sds": self.sds.dump() if self.sds is not None else None,
             "cache": {
                 "enabled": self.cache is not None,
                 "path": self.cache.path if self.cache else None,

@@ -93,6 +93,14 @@ def bootstrap(d: dict) -> Snapshot:
                 errs.add(f"static_resources.listeners[{i}].filter_chains[0].filters[0]."
                          "typed_config.tracing", "every listener must use the same tracing "
                          "config (one tracer per process)")
+    if control_plane is None or control_plane.ads is None:
+        # SDS references need the ADS stream their secrets come over
+        for kind, items in (("listeners", listeners), ("clusters", clusters)):
+            for item in items:
+                if item.tls is not None and item.tls.secrets:
+                    errs.add(f"static_resources.{kind}[{item.name!r}]", "names SDS secrets ("
+                             f"{', '.join(item.tls.secrets)}) with sds_config {{ads: {{}}}}, but "
+                             "there is no dynamic_resources.ads_config")
     errs.raise_if_any()
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     source_format="envoy", control_plane=control_plane, node=d.get("node"),

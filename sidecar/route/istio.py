@@ -76,7 +76,7 @@ class IstioListener:
         self.service = service_labels(cfg.service or workload.default_service())
         self.headers = workload.metadata_headers() if cfg.peer_metadata else None
         tls = listener.tls
-        self.mtls_listener = tls is not None and tls.ca_file is not None
+        self.mtls_listener = tls is not None and tls.verifies_clients
         self._clusters = clusters
         self._facts: dict[str, ClusterFacts] = {}
 
@@ -90,7 +90,7 @@ class IstioListener:
                 principal = tls.match_san_uris[0]
             f = ClusterFacts(service_labels(_cluster_host(self._clusters, cluster)) if cluster
                              else ServiceLabels(), principal,
-                             tls is not None and tls.cert_file is not None)
+                             tls is not None and tls.presents_cert)
             self._facts[cluster] = f
         return f
 

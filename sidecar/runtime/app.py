@@ -31,6 +31,7 @@ from sidecar.runtime.loader import load_file
 from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")
 
@@ -79,14 +80,15 @@ class App:
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
-        self.clusters = ClusterManager(self.stats)
+        self.secrets = SecretStore()         # certificates from the control plane (SDS)
+        self.clusters = ClusterManager(self.stats, self.secrets)
         outlier.follow(self.clusters, self.metrics)
         health.follow(self.clusters, self.metrics)
         self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port,
-                                 workload=Workload.from_env(os.environ))
+                                 workload=Workload.from_env(os.environ), secrets=self.secrets)
         self.store.on_applied.append(self.on_snapshot_applied)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
@@ -266,6 +268,12 @@ class App:
             if r:
                 return r
         return None
+
+    def ready_notes_text(self) -> str:
+        """What a 200 /ready adds: one ``note:`` line per line of each ready note (the
+        last-known-good config in force, certificate expiry...)."""
+        lines = [line for f in self.ready_notes if (n := f()) for line in n.splitlines()]
+        return "".join(f"note: {line}\n" for line in lines)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, answer /ready 503, let in-flight requests finish. With inbound

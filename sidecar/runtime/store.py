@@ -29,6 +29,7 @@ from sidecar.route.observe import RouteObserver
 from sidecar.route.shadow import ShadowState
 from sidecar.route.stack import FilterCatalog, FilterStates, StackEnv, build_route_stack
 from sidecar.route.table import RouteTable
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.store")
 
@@ -41,7 +42,7 @@ class ConfigStore:
     def __init__(self, metrics: Metrics, stats: StatsCache, clusters: ClusterManager,
                  filters: FilterCatalog, filter_env: FilterEnv, shadow: ShadowState,
                  tracer_for: TracerFactory, reuse_port: bool = False,
-                 workload: Workload | None = None):
+                 workload: Workload | None = None, secrets: SecretStore | None = None):
         self.metrics = metrics
         self.stats = stats
         self.clusters = clusters
@@ -57,6 +58,7 @@ class ConfigStore:
         self.history: list[tuple[str, float]] = []
         self.on_applied: list[Callable[[Snapshot], None]] = []
         self.workload = workload or Workload()   # this pod, for Istio metrics' labels
+        self.secrets = secrets                     # SDS certificates for TLS listeners
         self._istio: IstioFamilies | None = None   # made when a listener first asks for them
 
     def compile_listener(self, lc: Listener, bound_port: int) -> HttpConnectionManager:
@@ -95,7 +97,7 @@ class ConfigStore:
                         (lc.host, lc.port, lc.tls):
                     lr = None   # address or TLS changed: a new socket; the old one drains below
                 if lr is None:
-                    lr = ListenerRuntime(lc, self.metrics)
+                    lr = ListenerRuntime(lc, self.metrics, self.secrets)
                     lr.swap(lc, self.compile_listener(lc, lc.port))
                     if bind:
                         await lr.start(reuse_port=self.reuse_port)

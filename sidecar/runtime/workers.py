@@ -328,7 +328,7 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
                     reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
-            return web.Response(text="LIVE\n")
+            return web.Response(text="LIVE\n" + app.ready_notes_text())
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",
