@@ -52,10 +52,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from multidict import MultiDict
 
-from filters.rbac import header_matcher_from_envoy, header_matcher_from_native
+from filters.request_headers import request_header_test
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.config.matchers import StringMatcher, string_matcher_from_envoy, string_matcher_from_native
+from sidecar.config.matchers import (
+    StringMatcher,
+    header_matcher_from_envoy,
+    header_matcher_from_native,
+    string_matcher_from_envoy,
+    string_matcher_from_native,
+)
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Filter, FilterEnv, FilterSpec
 from sidecar.core.message import Request, Response, local_reply
@@ -724,7 +730,7 @@ def _rule_match_envoy(d: Any, path: str) -> RuleMatch:
     kind = w.one_of(d, ("prefix", "path", "safe_regex", "path_separated_prefix"), path)
     cs = w.boolean(d, "case_sensitive", path, True)
     hp = w.join(path, "headers")
-    headers = tuple(header_matcher_from_envoy(h, w.join(hp, i))
+    headers = tuple(request_header_test(header_matcher_from_envoy(h, w.join(hp, i)))
                     for i, h in enumerate(w.seq(d, "headers", path, [])))
     if kind == "safe_regex":
         rp = w.join(path, "safe_regex")
@@ -957,7 +963,7 @@ def _rule_match_native(d: Any, path: str) -> RuleMatch:
     kind = w.one_of(d, ("prefix", "path", "regex", "path_separated_prefix"), path, required=False)
     cs = w.boolean(d, "case_sensitive", path, True)
     hp = w.join(path, "headers")
-    headers = tuple(header_matcher_from_native(h, w.join(hp, i))
+    headers = tuple(request_header_test(header_matcher_from_native(h, w.join(hp, i)))
                     for i, h in enumerate(w.seq(d, "headers", path, [])))
     if kind is None:
         return RuleMatch("prefix", "/", headers=headers)

@@ -36,9 +36,10 @@ from typing import Any
 
 from multidict import MultiDict
 
-from filters.rbac import header_matcher_from_envoy
+from filters.request_headers import request_header_test
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.matchers import header_matcher_from_envoy
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Filter, FilterEnv, FilterSpec
 from sidecar.core.message import Request, Response, local_reply
@@ -319,7 +320,7 @@ def _action_envoy(d: Any, path: str) -> Action:
                  w.string(x, "descriptor_value", kp, nonempty=True))
         expect = w.boolean(x, "expect_match", kp, True)
         hp = w.join(kp, "headers")
-        ms = [header_matcher_from_envoy(h, w.join(hp, i))
+        ms = [request_header_test(header_matcher_from_envoy(h, w.join(hp, i)))
               for i, h in enumerate(w.seq(x, "headers", kp))]
         if not ms:
             raise ConfigError(hp, "needs at least one header matcher")
