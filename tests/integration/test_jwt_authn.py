@@ -1,7 +1,7 @@
 """jwt_authn with real peers: remote JWKS from a real aiohttp server on 127.0.0.1 (fetched
 directly for native ``jwks_uri``, through the named cluster for Envoy ``http_uri``), end to end
 through the proxy, the runnable example, and the attack table side by side with Envoy 1.40.
-The socket-free tests are in tests/unit/filters/test_jwt_authn.py."""
+The socket-free tests are in tests/unit/filters/test_jwt_authn_unit.py."""
 
 from __future__ import annotations
 
