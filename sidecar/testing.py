@@ -38,6 +38,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
 from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.loader import snapshot_from_doc
 
 
 def free_port() -> int:
@@ -163,7 +164,6 @@ class RunningProxy:
 def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
     if isinstance(cfg, Snapshot):
         return cfg
-    from sidecar.runtime.loader import snapshot_from_doc
     return snapshot_from_doc(copy.deepcopy(cfg))
 
 

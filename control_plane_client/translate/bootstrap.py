@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""An Envoy v3 bootstrap -> Snapshot (static resources; ``dynamic_resources`` become the control
+plane config), collecting every error with its path."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from aiohttp import http_parser
+
 from control_plane_client.runtime import start_control_plane
 from filters import CATALOG
 from sidecar.cluster import health, outlier
@@ -49,7 +51,6 @@ def check_compiled_parsers() -> None:
         import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
     except ImportError as e:  # pragma: no cover
         raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
-    from aiohttp import http_parser
     cls = http_parser.HttpRequestParser
     if getattr(cls, "__module__", "") != "aiohttp._http_parser":
         raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
