@@ -21,7 +21,6 @@ FILTERS: tuple[tuple[str, str, str], ...] = (
     ("envoy.filters.http.rbac", "rbac", "filters.rbac"),
     ("envoy.filters.http.local_ratelimit", "local_ratelimit", "filters.local_ratelimit"),
     ("envoy.filters.http.fault", "fault", "filters.fault"),
-    ("sidecar.filters.http.served_by", "served_by", "filters.served_by"),
 )
 
 AnySpec = FilterSpec[object, object, object]
