@@ -524,3 +524,16 @@ def test_remote_jwks_cluster_must_exist():
                             ".http_uri.cluster")
     assert "no cluster named 'nosuch'" in e.value.message
     rt.close()
+
+
+async def test_envoy_rule_header_match_on_a_pseudo_header():
+    """Rule ``headers`` see the request as Envoy does (``:method`` here), through the shared
+    matchers."""
+    cfg = J.SPEC.from_envoy({"providers": {"p": {"issuer": ISSUER, "local_jwks": {
+        "inline_string": json.dumps(jwks(public_jwk(rsa_key("a"), "k1")))}}},
+        "rules": [{"match": {"prefix": "/", "headers": [
+            {"name": ":method", "string_match": {"exact": "POST"}}]},
+            "requires": {"provider_name": "p"}}]}, "t")
+    f, _ = build(cfg)
+    assert (await call(f, make_request(method="POST")))[0].status == 401
+    assert (await call(f, make_request(method="GET")))[0].status == 200
