@@ -37,24 +37,22 @@ async def _verify_and_apply(prt: ProviderRuntime, req: Request, tok: str, loc: T
                             aud: frozenset[str] | None, memo: Memo | None) -> Status | None:
     """Verify one token and apply its outputs. ``memo`` (composite requirements only) makes
     a token checked by several branches cost one verification."""
-    if memo is None:
-        return await _verify_once(prt, req, tok, loc, aud)
-    key: MemoKey = (id(prt), tok, aud)
-    if key in memo.results:
-        return memo.results[key]
-    st = memo.results[key] = await _verify_once(prt, req, tok, loc, aud)
-    return st
-
-
-async def _verify_once(prt: ProviderRuntime, req: Request, tok: str, loc: TokenLocation,
-                       aud: frozenset[str] | None) -> Status | None:
+    key: MemoKey | None = None
+    if memo is not None:
+        key = (id(prt), tok, aud)
+        if key in memo.results:
+            return memo.results[key]
     res = await prt.verify(tok, aud)
     if isinstance(res, Status):
         prt.count[res.outcome].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("jwt provider %s: %s", prt.name, res.outcome)   # never the token
+        if memo is not None and key is not None:
+            memo.results[key] = res
         return res
     prt.apply(req, res, loc)
+    if memo is not None and key is not None:
+        memo.results[key] = None
     return None
 
 

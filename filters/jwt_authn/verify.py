@@ -193,9 +193,10 @@ class ProviderRuntime:
                 aud = self.aud_set if audiences is None else audiences
                 if aud and not (e.aud and not aud.isdisjoint(e.aud)):
                     return AUDIENCE
-                st = self._replay(e.jti, e.exp, now)
-                if st is not None:
-                    return st
+                if self.replay is not None:
+                    st = self._replay(e.jti, e.exp, now)
+                    if st is not None:
+                        return st
                 self.hit.inc()
                 return e
             del self.cache[token]
@@ -226,9 +227,10 @@ class ProviderRuntime:
                 continue
         else:
             return BAD_SIGNATURE
-        st = self._replay(parsed.jti, parsed.exp, time.time())
-        if st is not None:
-            return st
+        if self.replay is not None:
+            st = self._replay(parsed.jti, parsed.exp, time.time())
+            if st is not None:
+                return st
         claim_headers = []
         for hname, cpath in p.claim_to_headers:
             v: JsonValue = parsed.payload
@@ -354,4 +356,7 @@ class ProviderRuntime:
         for name, value in e.claim_headers:
             h[name] = value
         if not p.forward:
-            remove(req, loc)
+            if loc.kind == "header":
+                h.popall(loc.name, None)
+            else:
+                remove(req, loc)

@@ -38,45 +38,34 @@ class _Counters:
             p.name: pol.labels(prefix, mode, p.name) for p in engine.policies}
 
 
-class _Bound:
-    """An engine with its counters."""
-
-    __slots__ = ("engine", "counters")
-
-    def __init__(self, engine: Engine, counters: _Counters):
-        self.engine = engine
-        self.counters = counters
-
-
 class RbacFilter(Filter):
-    __slots__ = ("rules", "shadow")
+    __slots__ = ("rules", "shadow", "_c", "_sc")
 
     def __init__(self, cfg: RbacConfig, metrics: MetricFactory):
-        self.rules = (_Bound(cfg.rules, _Counters(metrics, cfg.rules, "enforced", cfg.stat_prefix))
-                      if cfg.rules is not None else None)
-        self.shadow = (_Bound(cfg.shadow, _Counters(metrics, cfg.shadow, "shadow",
-                                                    cfg.shadow_stat_prefix))
-                       if cfg.shadow is not None else None)
+        self.rules = cfg.rules
+        self.shadow = cfg.shadow
+        self._c = (_Counters(metrics, cfg.rules, "enforced", cfg.stat_prefix)
+                   if cfg.rules is not None else None)
+        self._sc = (_Counters(metrics, cfg.shadow, "shadow", cfg.shadow_stat_prefix)
+                    if cfg.shadow is not None else None)
 
     async def __call__(self, req: Request, next: Handler) -> Response:
-        shadow = self.shadow
-        if shadow is not None:
-            ok, name = shadow.engine.evaluate(req)
-            c = shadow.counters
-            (c.allowed if ok else c.denied).inc()
+        shadow, sc = self.shadow, self._sc
+        if shadow is not None and sc is not None:
+            ok, name = shadow.evaluate(req)
+            (sc.allowed if ok else sc.denied).inc()
             if name is not None:
-                c.policy[name].inc()
+                sc.policy[name].inc()
             info = req.ctx.metadata.setdefault(METADATA_NAMESPACE, {})
             info["shadow_engine_result"] = "allowed" if ok else "denied"
             if name is not None:
                 info["shadow_effective_policy_id"] = name
-        rules = self.rules
-        if rules is not None:
-            ok, name = rules.engine.evaluate(req)
-            c = rules.counters
+        rules, c = self.rules, self._c
+        if rules is not None and c is not None:
+            ok, name = rules.evaluate(req)
             if name is not None:
                 c.policy[name].inc()
-                if rules.engine.action == "LOG":
+                if rules.action == "LOG":
                     req.ctx.metadata.setdefault(METADATA_NAMESPACE, {})["log_policy_id"] = name
             if not ok:
                 c.denied.inc()
