@@ -29,11 +29,11 @@ from typing import Any
 from control_plane_client.cache import CacheError
 from control_plane_client.lkg import LastKnownGood, open_cache
 from control_plane_client.metrics import XdsMetrics
-from control_plane_client.resources import CDS, LDS, SOTW, error_text, short
+from control_plane_client.resources import CDS, LDS, SOTW, SourceKey, error_text, short
 from control_plane_client.sink import SnapshotSink
 from control_plane_client.sources.factory import open_transport
 from control_plane_client.sources.transport import Transport
-from control_plane_client.state import ResourceState, SourceKey
+from control_plane_client.state import ResourceState
 from sidecar import __version__
 from sidecar.config.control_plane import SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors

@@ -16,6 +16,7 @@ from control_plane_client.translate.common import T_CLUSTER, T_ENDPOINT, T_LISTE
 from control_plane_client.translate.listener import listener
 from control_plane_client.translate.route import route_configuration
 from sidecar.config.cluster import Cluster, Endpoint
+from sidecar.config.control_plane import SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.listener import Listener
 from sidecar.config.route import RouteConfig
@@ -47,6 +48,9 @@ LoadAssignment = tuple[str, tuple[Endpoint, ...]]
 Raw = dict[str, object]
 """One resource as Envoy JSON (proto field names, ``@type`` on every Any)."""
 
+SourceKey = tuple[object, ...]
+"""Identity of the source a resource came from (``SourceSpec.key``)."""
+
 M = TypeVar("M")
 
 
@@ -56,6 +60,20 @@ class Dependency:
     name: str                             # the RouteConfiguration / ClusterLoadAssignment name
     config_source: object                 # the raw ConfigSource naming where it comes from
     path: str                             # of that ConfigSource, for errors
+
+
+@dataclass(slots=True, eq=False)
+class Resource(Generic[M]):
+    """One resource as held: its translation, where and when it came, and what it waits for."""
+    name: str
+    raw: Raw
+    model: M
+    version: str
+    updated_at: float                   # when this content arrived
+    first_seen: float                   # when this name first arrived (warming deadline)
+    source: SourceKey                   # the source it came from
+    dep: SourceSpec | None = None       # listener: its RDS source; EDS cluster: its EDS source
+    dep_name: str = ""                  # the RDS / EDS resource name it needs
 
 
 def short(type_url: str) -> str:

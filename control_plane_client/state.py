@@ -7,18 +7,13 @@ responses and carries out what it decides.
 One response, for one type, from one source::
 
     receive()  translate every resource (the same code as a bootstrap file)
-        invalid -> Nack (the held resources are untouched)
+        invalid -> ConfigError(s): the caller NACKs it (reject()); nothing held changes
         state of the world (LDS, CDS): the source's previous set is replaced (missing = removed)
         by name (RDS, EDS): only the names some listener / cluster needs are kept
     -> Update: nothing changed | endpoints only, for EDS clusters already serving | rebuild
     commit() once served, or revert() when serving it failed (then it is a NACK after all)
 
-build(now) is the snapshot to serve: static resources + dynamic ones, with warming as Envoy:
-a new EDS cluster joins once its ClusterLoadAssignment arrived, a new listener once its
-RouteConfiguration arrived (or after ``initial_fetch_timeout``: then without). Make-before-break:
-a RouteConfiguration naming clusters that are not serving yet is held back (its previous version
-keeps serving) until they are, or until ``initial_fetch_timeout``, so a route that moves traffic
-to a new cluster never sends a request to a cluster that is not there.
+build(now) is the snapshot to serve (``warming.py``: warming and make-before-break).
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from control_plane_client.cache import CacheError
@@ -43,8 +38,9 @@ from control_plane_client.resources import (
     ROUTES,
     Dependency,
     LoadAssignment,
-    Raw,
+    Resource,
     ResourceType,
+    SourceKey,
     eds_source,
     hcm_rds_source,
     resource_name,
@@ -52,32 +48,18 @@ from control_plane_client.resources import (
     unwrap,
 )
 from control_plane_client.translate.dynamic import config_source
+from control_plane_client.warming import Build, Warming, build_snapshot, eds_service
 from sidecar.config.cluster import Cluster, Endpoint
 from sidecar.config.control_plane import ControlPlaneConfig, SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.listener import Listener
-from sidecar.config.route import RouteAction, RouteConfig
+from sidecar.config.route import RouteConfig
 from sidecar.config.snapshot import Snapshot
 
 log = logging.getLogger("sidecar.xds")
 
 M = TypeVar("M")
-SourceKey = tuple[object, ...]
-"""Identity of the source a resource came from (``SourceSpec.key``)."""
 CACHE_KEY: SourceKey = ("cache",)
-
-
-@dataclass(slots=True, eq=False)
-class Resource(Generic[M]):
-    name: str
-    raw: Raw
-    model: M
-    version: str
-    updated_at: float                   # when this content arrived
-    first_seen: float                   # when this name first arrived (warming deadline)
-    source: SourceKey                   # the source it came from
-    dep: SourceSpec | None = None       # listener: its RDS source; EDS cluster: its EDS source
-    dep_name: str = ""                  # the RDS / EDS resource name it needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,31 +168,6 @@ AnyTypeState = TypeState[Cluster] | TypeState[LoadAssignment] | TypeState[Listen
     TypeState[RouteConfig]
 
 
-@dataclass(slots=True)
-class Warming:
-    """What waits, and for what."""
-    clusters: list[str] = field(default_factory=list)            # EDS clusters: their assignment
-    listeners: list[str] = field(default_factory=list)           # listeners: their routes
-    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # route: clusters it names
-
-    def __bool__(self) -> bool:
-        return bool(self.clusters or self.listeners or self.routes)
-
-    def names(self, type_url: str) -> frozenset[str]:
-        """The resources of a type that are warming."""
-        if type_url == CDS:
-            return frozenset(self.clusters)
-        if type_url == LDS:
-            return frozenset(self.listeners)
-        if type_url == RDS:
-            return frozenset(self.routes)
-        return frozenset()
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {"clusters": list(self.clusters), "listeners": list(self.listeners),
-                "routes": [f"{n} (needs {', '.join(m)})" for n, m in self.routes.items()]}
-
-
 @dataclass(frozen=True, slots=True)
 class Update:
     """An accepted response, staged: the new resources are held; serving them is the caller's.
@@ -226,28 +183,12 @@ class Update:
     restore: Callable[[], None]                  # put the previous resources back
 
 
-@dataclass(frozen=True, slots=True)
-class Build:
-    snapshot: Snapshot
-    next_at: float                               # when warming next needs a look (or inf)
-
-
-def route_cluster_refs(rc: RouteConfig) -> set[str]:
-    """Every cluster a route configuration may send to (targets, weighted, mirrors)."""
-    out: set[str] = set()
-    for vh in rc.virtual_hosts:
-        for r in vh.routes:
-            a = r.action
-            if isinstance(a, RouteAction):
-                if a.cluster:
-                    out.add(a.cluster)
-                out.update(w.name for w in a.weighted_clusters)
-                out.update(m.cluster for m in a.mirrors)
-    return out
-
-
-def _service(c: Cluster) -> str:
-    return c.eds_service_name or c.name
+def _with_timeout(source: SourceSpec, named: SourceSpec) -> SourceSpec:
+    """``source`` (the ADS stream, or the parent's source) with the ``initial_fetch_timeout``
+    of the ConfigSource that named it, when it has one."""
+    if named.initial_fetch_timeout_s is None:
+        return source
+    return dataclasses.replace(source, initial_fetch_timeout_s=named.initial_fetch_timeout_s)
 
 
 class ResourceState:
@@ -303,12 +244,12 @@ class ResourceState:
         if spec.kind == "self":
             if parent is None:
                 raise ConfigError("config_source.self", "no source to refer to")
-            return parent
+            return _with_timeout(parent, spec)
         if spec.kind == "ads":
             if cfg.ads is None:
                 raise ConfigError("config_source.ads", "ADS is not configured "
                                   "(dynamic_resources.ads_config)")
-            return cfg.ads
+            return _with_timeout(cfg.ads, spec)
         if spec.kind in ("rest", "grpc") and self.base.cluster(spec.cluster) is None:
             raise ConfigError("config_source.api_config_source.cluster_names",
                               f"{spec.cluster!r} is not a static cluster")
@@ -349,7 +290,7 @@ class ResourceState:
                     out[cr.dep_name] = cr.dep
             for c in self.base.clusters:
                 if c.type == "eds" and not c.endpoints:
-                    out.setdefault(_service(c), self._static_dep(c.source, False))
+                    out.setdefault(eds_service(c), self._static_dep(c.source, False))
         return {k: v for k, v in out.items() if v is not None}
 
     def subscriptions(self) -> dict[str, list[tuple[SourceSpec, frozenset[str]]]]:
@@ -429,7 +370,7 @@ class ResourceState:
         by_service: dict[str, list[str]] = {}
         for name, c in self.active_clusters.items():
             if c.type == "eds":
-                by_service.setdefault(_service(c), []).append(name)
+                by_service.setdefault(eds_service(c), []).append(name)
         if any(n not in by_service or n not in eds for n in changed):
             return None
         if self.warming.clusters or self.warming.routes:
@@ -461,90 +402,15 @@ class ResourceState:
     # ---- what to serve ----------------------------------------------------------------------
     def build(self, now: float) -> Build:
         """The snapshot to serve now (warming applied); sets ``warming``."""
-        ift = self.cfg.initial_fetch_timeout_s
-        next_at = math.inf
-        eds = self.eds.resources
-        warming = Warming()
-
-        def deadline(dep: SourceSpec | None, since: float) -> float:
-            t = dep.initial_fetch_timeout_s if dep and dep.initial_fetch_timeout_s is not None else ift
-            return since + t if t > 0 else math.inf
-
-        def with_eds(c: Cluster) -> Cluster | None:
-            cla = eds.get(_service(c))
-            if cla is not None:
-                return dataclasses.replace(c, endpoints=cla.model[1])
-            return None
-
-        clusters: list[Cluster] = []
-        for c in self.base.clusters:
-            if c.type == "eds" and not c.endpoints:
-                c = with_eds(c) or c
-            clusters.append(c)
-        for name, cr in self.cds.resources.items():
-            c = cr.model
-            if c.type == "eds":
-                ce = with_eds(c)
-                if ce is None:
-                    prev = self.active_clusters.get(name)
-                    if prev is not None and prev.type == "eds" and _service(prev) == _service(c):
-                        ce = dataclasses.replace(c, endpoints=prev.endpoints)
-                    else:
-                        dl = deadline(cr.dep, cr.first_seen)
-                        if now < dl:
-                            warming.clusters.append(name)
-                            next_at = min(next_at, dl)
-                            continue
-                        ce = c      # initial fetch timeout: serve it without endpoints
-                c = ce
-            clusters.append(c)
-        active = {c.name for c in clusters}
-
-        routes: dict[str, RouteConfig] = {}
-        for name, rr in self.rds.resources.items():
-            missing = route_cluster_refs(rr.model) - active
-            dl = deadline(rr.dep, rr.updated_at)
-            if not missing or now >= dl:
-                routes[name] = rr.model
-            else:
-                warming.routes[name] = tuple(sorted(missing))
-                next_at = min(next_at, dl)
-                prev_rc = self.active_routes.get(name)
-                if prev_rc is not None:
-                    routes[name] = prev_rc
-        listeners: list[Listener] = []
-        for lc in self.base.listeners:
-            if lc.rds_name and lc.route_config is None and lc.rds_name in routes:
-                lc = dataclasses.replace(lc, route_config=routes[lc.rds_name])
-            listeners.append(lc)
-        for name, lr in self.lds.resources.items():
-            lc = lr.model
-            if lc.rds_name:
-                rc = routes.get(lc.rds_name)
-                if rc is not None:
-                    lc = dataclasses.replace(lc, route_config=rc)
-                else:
-                    prev_l = self.active_listeners.get(name)
-                    dl = deadline(lr.dep, lr.updated_at if prev_l is not None else lr.first_seen)
-                    if now < dl:
-                        warming.listeners.append(name)
-                        next_at = min(next_at, dl)
-                        if prev_l is None:
-                            continue
-                        lc = prev_l     # the old listener serves while the new one warms
-                    # else: initial fetch timeout: serve it without routes (404 NR)
-            listeners.append(lc)
-        seen: dict[tuple[str, int], str] = {}
-        for lc in listeners:
-            addr = (lc.host, lc.port)
-            if lc.port and addr in seen:
-                raise ConfigError(f"Listener {lc.name!r}.address",
-                                  f"{lc.host}:{lc.port} is already used by listener {seen[addr]!r}")
-            seen[addr] = lc.name
-        self.warming = warming
-        snap = dataclasses.replace(self.base, listeners=tuple(listeners), clusters=tuple(clusters),
-                                   version=self.version_text())
-        return Build(snap, next_at)
+        b = build_snapshot(self.base, clusters=self.cds.resources, assignments=self.eds.resources,
+                           listeners=self.lds.resources, routes=self.rds.resources,
+                           active_clusters=self.active_clusters,
+                           active_listeners=self.active_listeners,
+                           active_routes=self.active_routes,
+                           initial_fetch_timeout=self.cfg.initial_fetch_timeout_s,
+                           version=self.version_text(), now=now)
+        self.warming = b.warming
+        return b
 
     def serving(self, snap: Snapshot) -> None:
         """``snap`` was applied: it is what serves now."""
@@ -559,7 +425,7 @@ class ResourceState:
         cluster keeps its live endpoints across a config update that carries none, so the
         caller makes the live set match these (an empty one included)."""
         return [(c.name, c.endpoints) for c in snap.clusters
-                if c.type == "eds" and _service(c) in self.eds.resources]
+                if c.type == "eds" and eds_service(c) in self.eds.resources]
 
     # ---- the last-known-good cache --------------------------------------------------------------
     def cache_document(self) -> tuple[dict[str, str], dict[str, list[dict[str, object]]]]:
