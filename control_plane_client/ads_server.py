@@ -163,6 +163,7 @@ class AdsServer:
 
     # ---- gRPC ------------------------------------------------------------------------------
     def __mapping__(self):
+        # lazy: grpclib comes with the optional ``ads`` extra
         from grpclib.const import Cardinality, Handler
         A = api()
         out = {ADS_METHOD: Handler(self._ads, Cardinality.STREAM_STREAM, A.DiscoveryRequest,

@@ -6,6 +6,9 @@ ADS server, written to files for the file source, or compared with what a real E
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 from control_plane_client.resources import CDS, EDS, LDS, RDS
 
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -82,8 +85,6 @@ def ads_bootstrap(xds_port: int, node_id: str = "sidecar-1", admin_port: int = 0
 
 async def eventually(check, timeout: float = 10.0, interval: float = 0.05, what: str = ""):
     """Await until ``check()`` (sync or async) returns something truthy, and return it."""
-    import asyncio
-    import inspect
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     last_exc: BaseException | None = None

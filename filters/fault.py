@@ -47,6 +47,8 @@ from multidict import MultiDict
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.matchers import header_matcher_from_envoy as header_matcher
+from sidecar.config.matchers import header_matchers_from_native as header_matchers
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Filter, FilterEnv, FilterSpec
 from sidecar.core.message import Request, Response, local_reply
@@ -177,7 +179,6 @@ def from_envoy(d: dict, path: str) -> FaultConfig:
             raise ConfigError(w.join(path, k), "runtime overrides are not supported "
                               "(there is no runtime layer); set the value in the config")
     w.boolean(d, "disable_downstream_cluster_stats", path, False)   # no per-downstream stats
-    from sidecar.config.matchers import header_matcher_from_envoy as header_matcher
     hp = w.join(path, "headers")
     headers = tuple(header_matcher(h, w.join(hp, i)) for i, h in enumerate(w.seq(d, "headers", path, [])))
     np_ = w.join(path, "downstream_nodes")
@@ -238,7 +239,6 @@ def from_native(d: dict, path: str) -> FaultConfig:
                      "max_active_faults"), path)
     headers: tuple = ()
     if d.get("headers") is not None:
-        from sidecar.config.matchers import header_matchers_from_native as header_matchers
         headers = header_matchers(d["headers"], w.join(path, "headers"))
     nodes = w.seq(d, "downstream_nodes", path, [])
     for i, n in enumerate(nodes):

@@ -34,6 +34,7 @@ from sidecar.core.filter import FilterSpec, UpstreamClient
 from sidecar.core.message import Request
 from sidecar.observability.metrics import Metrics
 from sidecar.runtime.app import App
+from sidecar.runtime.loader import snapshot_from_doc
 
 
 def free_port() -> int:
@@ -159,7 +160,6 @@ class RunningProxy:
 def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
     if isinstance(cfg, Snapshot):
         return cfg
-    from sidecar.runtime.loader import snapshot_from_doc
     return snapshot_from_doc(copy.deepcopy(cfg))
 
 

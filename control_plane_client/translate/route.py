@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 RouteConfiguration, VirtualHost, Route, RouteMatch, RouteAction and RetryPolicy ->
+the route model."""
 
 from __future__ import annotations
 
@@ -243,8 +244,6 @@ def route_configuration(d: dict, path: str) -> RouteConfig:
 
 
 def retry_policy_from_envoy(d: dict, path: str) -> RetryPolicy:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout",
                      "retriable_status_codes", "retry_back_off", "retry_host_predicate",
                      "host_selection_retry_max_attempts"), path)

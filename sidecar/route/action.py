@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from multidict import MultiDict
 
-from sidecar.config.route import HashPolicy, HeaderMutation, RouteAction
+from sidecar.config.route import HashPolicy, HeaderMutation, HeaderValueOption, RouteAction
 from sidecar.core.body import Headers
 from sidecar.core.context import RequestContext
 from sidecar.core.errors import UpstreamError
@@ -58,24 +58,22 @@ def merged_mutations(*muts: HeaderMutation) -> HeaderMutation:
     return out
 
 
-def apply_request_mutation(m: HeaderMutation, headers: Headers) -> None:
-    for name in m.request_remove:
+def _apply(adds: tuple[HeaderValueOption, ...], removes: tuple[str, ...], headers: Headers) -> None:
+    for name in removes:
         headers.popall(name, None)
-    for opt in m.request_add:
+    for opt in adds:
         if opt.append:
             headers.add(opt.name, opt.value)
         else:
             headers[opt.name] = opt.value
+
+
+def apply_request_mutation(m: HeaderMutation, headers: Headers) -> None:
+    _apply(m.request_add, m.request_remove, headers)
 
 
 def apply_response_mutation(m: HeaderMutation, headers: Headers) -> None:
-    for name in m.response_remove:
-        headers.popall(name, None)
-    for opt in m.response_add:
-        if opt.append:
-            headers.add(opt.name, opt.value)
-        else:
-            headers[opt.name] = opt.value
+    _apply(m.response_add, m.response_remove, headers)
 
 
 # ---- cluster choice -------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from aiohttp import http_parser
+
 from control_plane_client.client import ControlPlaneClient, start_control_plane
 from filters import CATALOG
 from sidecar.cluster import health, outlier
@@ -50,7 +52,6 @@ def check_compiled_parsers() -> None:
         import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
     except ImportError as e:  # pragma: no cover
         raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
-    from aiohttp import http_parser
     cls = http_parser.HttpRequestParser
     if getattr(cls, "__module__", "") != "aiohttp._http_parser":
         raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
@@ -176,8 +177,10 @@ class App:
             for companion in self.companions:
                 self.companion_servers.append(await companion(self))
         if snap.control_plane is not None:
-            self.control_plane = await start_control_plane(AppSnapshotSink(self), snap,
-                                                           cache_dir=self.cache_dir)
+            sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
+                                   count_update=self.count_update,
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes)
+            self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
             try:
