@@ -16,7 +16,7 @@ from multidict import MultiDict
 from sidecar.config.route import HashPolicy, HeaderMutation, HeaderValueOption, RouteAction
 from sidecar.core.body import Headers
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import UpstreamError
+from sidecar.core.errors import NoCluster, UpstreamError
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.route.table import parse_cookies
@@ -147,6 +147,10 @@ def request_hash(policies: tuple[HashPolicy, ...], req: Request) -> int | None:
 
 
 UpstreamStackFactory = Callable[[str], Handler]
+
+
+async def _no_cluster(req: Request) -> Response:
+    raise NoCluster(req.ctx.cluster)
 """Builds the part of a route's stack after the cluster choice, for one cluster name."""
 
 
@@ -155,13 +159,17 @@ class RouteActionLayer:
     cluster at stack build time; ``cluster_header`` routes build theirs on first use)."""
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
-                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks")
+                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
     def __init__(self, action: RouteAction, match_len: int, mutation: HeaderMutation,
-                 make_stack: UpstreamStackFactory):
+                 make_stack: UpstreamStackFactory,
+                 configured: Callable[[str], bool] = lambda name: True):
         self.mutation = mutation
+        # a cluster_header names clusters at request time: only configured ones get a stack
+        # (the header is client-controlled; unknown names answer 503 NC and cost nothing)
+        self.configured = configured
         self.choice = ClusterChoice(action)
         self.make_stack = make_stack
         self.stacks: dict[str, Handler] = {name: make_stack(name) for name in self.choice.names()}
@@ -178,6 +186,8 @@ class RouteActionLayer:
             hs = self._header_stacks
             stack = hs.get(name)
             if stack is None:
+                if not self.configured(name):
+                    return _no_cluster
                 if len(hs) >= self.MAX_HEADER_STACKS:
                     hs.clear()
                 stack = hs[name] = self.make_stack(name)

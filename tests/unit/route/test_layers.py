@@ -319,3 +319,18 @@ async def test_observe_shapes_local_replies_for_grpc_clients():
     resp = await ObserveLayer(FakeRoute(), deny, None, observer())(req)
     assert resp.status == 200 and resp.headers["grpc-status"] == "7"
     assert resp.headers["grpc-message"] == "RBAC: access denied" and resp.body == b""
+
+
+async def test_cluster_header_builds_stacks_only_for_configured_clusters():
+    built: list[str] = []
+
+    def make(name: str) -> Next:
+        built.append(name)
+        return Next(200)
+    layer = RouteActionLayer(RouteAction(cluster_header="x-cluster"), 0, merged_mutation(), make,
+                             configured=lambda name: name == "svc")
+    ok = await layer(request(headers={"x-cluster": "svc"}))
+    unknown = request(headers={"x-cluster": "made-up-by-a-client"})
+    nc = await layer(unknown)
+    assert ok.status == 200 and (nc.status, unknown.ctx.flags) == (503, ["NC"])
+    assert built == ["svc"]                     # nothing kept for the client's made-up name
