@@ -25,10 +25,11 @@ from collections.abc import Iterable
 
 from control_plane_client import resources as R
 from control_plane_client.translate.secret import not_after, secret
-from control_plane_client.transport import Transport
+from control_plane_client.sources.transport import Transport
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.snapshot import Snapshot
 from sidecar.config.tls import Secret, TlsCertificateSecret
+from sidecar.core.metrics import MetricFactory
 from sidecar.tls.secrets import SecretStore, SecretVersion, days_left
 
 log = logging.getLogger("sidecar.xds.sds")
@@ -50,7 +51,7 @@ def secret_names(snap: Snapshot) -> frozenset[str]:
 class SdsClient:
     """The secrets part of one control-plane client (the ADS transport is the client's)."""
 
-    def __init__(self, store: SecretStore, transport: Transport, metrics) -> None:
+    def __init__(self, store: SecretStore, transport: Transport, metrics: MetricFactory) -> None:
         self.store = store
         self.transport = transport
         self.wanted: frozenset[str] = frozenset()

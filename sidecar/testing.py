@@ -29,11 +29,15 @@ import yaml
 from aiohttp import web
 
 from sidecar.admin.server import start_admin
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.snapshot import Snapshot
 from sidecar.core.filter import FilterSpec, UpstreamClient
 from sidecar.core.message import Request
 from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
+from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import snapshot_from_doc
 
 
@@ -294,14 +298,28 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
 
 class FilterTestEnv:
     """A ``FilterEnv`` for building filters in tests, with its own metrics registry; the
-    filters' states persist across builds made with the same object (as across reloads)."""
+    filters' states persist across builds made with the same object (as across reloads).
 
-    def __init__(self, metrics: Metrics | None = None):
+    ``clusters`` (name -> list of "host:port", or a native cluster dict) are real clusters
+    (``ClusterManager``, ``Cluster.send``: balancer, breakers, pools) a filter reaches through
+    ``upstream(name)``; ``close()`` closes their connections."""
+
+    def __init__(self, metrics: Metrics | None = None,
+                 clusters: dict[str, Any] | None = None):
         self.metrics = metrics or Metrics()
         self._states: dict[str, object] = {}
+        self.clusters = ClusterManager(StatsCache(self.metrics))
+        self.clusters.apply(tuple(
+            cluster_from_native({"name": name, **(v if isinstance(v, dict) else {"endpoints": list(v)})},
+                                f"clusters.{name}")
+            for name, v in (clusters or {}).items()))
+        self._env = ProxyFilterEnv(self.metrics, self.clusters)
 
     def upstream(self, cluster: str) -> UpstreamClient:
-        raise KeyError(cluster)
+        return self._env.upstream(cluster)
+
+    def close(self) -> None:
+        self.clusters.close()
 
     def state_for(self, spec: FilterSpec) -> object:
         if spec.name not in self._states:

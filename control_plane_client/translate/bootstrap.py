@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from control_plane_client.translate.cluster import cluster
 from control_plane_client.translate.common import socket_address
+from control_plane_client.translate.dynamic import control_plane_from_bootstrap
 from control_plane_client.translate.listener import listener
 from control_plane_client.translate.telemetry import admin_clusters, check_metrics_port, stats_listener
 from sidecar.config import wire as w
@@ -80,7 +81,6 @@ def bootstrap(d: dict) -> Snapshot:
     control_plane = None
     if d.get("dynamic_resources"):
         try:
-            from control_plane_client.translate.dynamic import control_plane_from_bootstrap
             control_plane = control_plane_from_bootstrap(d, "dynamic_resources")
         except (ConfigError, ConfigErrors) as e:
             errs.capture(e)

@@ -28,8 +28,8 @@ from sidecar.config.route import (
 )
 
 
-def per_filter_configs(d: dict, path: str) -> tuple[tuple[str, Any], ...]:
-    out = []
+def per_filter_configs(d: dict | None, path: str) -> tuple[tuple[str, Any], ...]:
+    out: list[tuple[str, Any]] = []
     for name, cfg in (d or {}).items():
         p = w.join(path, name)
         spec = filter_registry.lookup(name)

@@ -159,7 +159,8 @@ class RouteActionLayer:
     cluster at stack build time; ``cluster_header`` routes build theirs on first use)."""
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
-                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured")
+                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured",
+                 "single", "single_stack", "mutates_request", "mutates_response")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
@@ -173,6 +174,11 @@ class RouteActionLayer:
         self.choice = ClusterChoice(action)
         self.make_stack = make_stack
         self.stacks: dict[str, Handler] = {name: make_stack(name) for name in self.choice.names()}
+        # the common case, one fixed cluster, takes no choice and no lookup per request
+        self.single = action.cluster
+        self.single_stack = self.stacks[action.cluster] if action.cluster is not None else None
+        self.mutates_request = bool(mutation.request_add or mutation.request_remove)
+        self.mutates_response = bool(mutation.response_add or mutation.response_remove)
         self._header_stacks: dict[str, Handler] = {}
         self.prefix_rewrite = action.prefix_rewrite
         self.prefix_len = match_len if action.prefix_rewrite is not None else 0
@@ -196,11 +202,17 @@ class RouteActionLayer:
     async def __call__(self, req: Request) -> Response:
         ctx = req.ctx
         headers = req.headers
-        name, extra = self.choice.pick(req)
-        ctx.cluster = name
-        if not name:
-            return local_reply(ctx, 503, "", "NC")       # a cluster_header naming none
-        if self.mutation.request_add or self.mutation.request_remove:
+        stack = self.single_stack
+        extra: HeaderMutation | None = None
+        if stack is not None:
+            ctx.cluster = self.single      # type: ignore[assignment]
+        else:
+            name, extra = self.choice.pick(req)
+            ctx.cluster = name
+            if not name:
+                return local_reply(ctx, 503, "", "NC")   # a cluster_header naming none
+            stack = self._stack_for(name)
+        if self.mutates_request:
             apply_request_mutation(self.mutation, headers)
         if extra is not None:
             apply_request_mutation(extra, headers)
@@ -219,10 +231,11 @@ class RouteActionLayer:
         if self.hash_policy:
             ctx.hash_key = request_hash(self.hash_policy, req)
         try:
-            resp = await self._stack_for(name)(req)
+            resp = await stack(req)
         except UpstreamError as e:
             return local_reply_for_error(ctx, e)
         if extra is not None:
             apply_response_mutation(extra, resp.headers)
-        apply_response_mutation(self.mutation, resp.headers)
+        if self.mutates_response:
+            apply_response_mutation(self.mutation, resp.headers)
         return resp

@@ -150,8 +150,7 @@ def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
     policy = action.retry_policy or vh.retry_policy
     mirrors = tuple((m, env.clusters.state(m.cluster)) for m in action.mirrors)
     return compose([
-        lambda nxt: TimeoutLayer(action, nxt, stats.rq_timeout,
-                                 set_expected_header=action.retry_policy is None),
+        lambda nxt: TimeoutLayer(action, nxt, set_expected_header=action.retry_policy is None),
         (lambda nxt: ShadowLayer(mirrors, nxt, env.shadow)) if mirrors else None,
         (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count))
         if policy is not None else None,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import http_parser
 
-from control_plane_client.runtime import start_control_plane
+from control_plane_client.client import ControlPlaneClient, start_control_plane
 from filters import CATALOG
 from sidecar.cluster import health, outlier
 from sidecar.cluster.manager import ClusterManager
@@ -26,6 +26,7 @@ from sidecar.observability.tracing import ListenerTracer, Tracing
 from sidecar.observability.workload import Workload
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
+from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import load_file
 from sidecar.runtime.metrics_port import MetricsPort, Renderer
@@ -113,7 +114,7 @@ class App:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_error = ""
-        self.control_plane = None      # control_plane_client runtime, when dynamic
+        self.control_plane: ControlPlaneClient | None = None   # when resources come from xDS
         self.ready_checks: list[Callable[[], str | None]] = []   # -> reason not ready or None
         self.outbound_drain_gate = None   # async (deadline) -> None; set by sidecar mode
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
@@ -190,7 +191,11 @@ class App:
             for companion in self.companions:
                 self.companion_servers.append(await companion(self))
         if snap.control_plane is not None:
-            self.control_plane = await start_control_plane(self, snap)
+            sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
+                                   count_update=self.count_update,
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes,
+                                   secrets=self.secrets)
+            self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
             try:
