@@ -24,8 +24,8 @@ import time
 from collections.abc import Iterable
 
 from control_plane_client import resources as R
-from control_plane_client.translate.secret import not_after, secret
 from control_plane_client.sources.transport import Transport
+from control_plane_client.translate.secret import not_after, secret
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.snapshot import Snapshot
 from sidecar.config.tls import Secret, TlsCertificateSecret
