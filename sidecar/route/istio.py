@@ -62,7 +62,7 @@ class IstioListener:
     """One listener's Istio labels and recorder."""
 
     __slots__ = ("recorder", "inbound", "local", "local_mtls", "service", "headers",
-                 "_clusters", "_facts", "mtls_listener")
+                 "_clusters", "_facts")
 
     def __init__(self, families: IstioFamilies, workload: Workload, listener: Listener,
                  clusters: ClusterManager):
@@ -75,8 +75,6 @@ class IstioListener:
         self.local_mtls = workload.labels(workload.spiffe_id)
         self.service = service_labels(cfg.service or workload.default_service())
         self.headers = workload.metadata_headers() if cfg.peer_metadata else None
-        tls = listener.tls
-        self.mtls_listener = tls is not None and tls.verifies_clients
         self._clusters = clusters
         self._facts: dict[str, ClusterFacts] = {}
 
