@@ -175,6 +175,15 @@ async def test_workers_merged_on_the_metrics_port(tmp_path):
                           args=("--concurrency", "4")) as proc:
             proc.start(wait_port=metrics)
             wait_for_port(port, proc=proc)
+            async with aiohttp.ClientSession() as s:     # every worker up (a busy machine
+                for _ in range(300):                     # starts them one by one)
+                    async with s.get(f"http://127.0.0.1:{admin}/workers") as r:
+                        rows = (await r.json())["workers"]
+                    if len(rows) == 4 and all(w.get("ready") for w in rows):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"workers not up: {rows}")
             n = 40
             for _ in range(n):        # a connection each: the kernel spreads them over workers
                 async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as r:
