@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from filters.rbac import engine as E
+import filters.rbac.engine as E
 from filters.rbac.config import ACTIONS, JWT_FILTER, Engine, RbacConfig, policy
 from filters.request_headers import RequestTest, request_header_test
 from sidecar.config import wire as w

@@ -106,7 +106,7 @@ def is_sensitive_header(name: str) -> bool:
     return any(w in n for w in _SENSITIVE_WORDS)
 
 
-def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
+def check_fields(fields: list[Any], path: str = "access_log.fields") -> tuple[str, ...]:
     """Validate a field list (for the config loaders): unknown or sensitive fields are a
     ConfigError with the path of the bad entry."""
     out = []

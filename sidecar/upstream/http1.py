@@ -288,7 +288,7 @@ class ConnectionPool:
         self.connect_failures = 0
         # called when a connection becomes idle or closes: wakes requests waiting at the
         # cluster's max_connections (sidecar.circuit_breaker)
-        self.on_free = None
+        self.on_free: Callable[[], None] | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
