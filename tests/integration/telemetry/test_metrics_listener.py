@@ -175,6 +175,7 @@ async def test_workers_merged_on_the_metrics_port(tmp_path):
                           args=("--concurrency", "4")) as proc:
             proc.start(wait_port=metrics)
             wait_for_port(port, proc=proc)
+            wait_for_port(admin, proc=proc)
             async with aiohttp.ClientSession() as s:     # every worker up (a busy machine
                 for _ in range(300):                     # starts them one by one)
                     async with s.get(f"http://127.0.0.1:{admin}/workers") as r:
