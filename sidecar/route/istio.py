@@ -36,6 +36,9 @@ from sidecar.observability.workload import (
 )
 
 
+PEER_CACHE = 1024          # decoded metadata headers kept per listener
+
+
 class ClusterFacts:
     """What an outbound request's destination labels come from (one cluster's config)."""
 
@@ -62,7 +65,7 @@ class IstioListener:
     """One listener's Istio labels and recorder."""
 
     __slots__ = ("recorder", "inbound", "local", "local_mtls", "service", "headers",
-                 "_clusters", "_facts")
+                 "_clusters", "_facts", "_peers")
 
     def __init__(self, families: IstioFamilies, workload: Workload, listener: Listener,
                  clusters: ClusterManager):
@@ -77,6 +80,19 @@ class IstioListener:
         self.headers = workload.metadata_headers() if cfg.peer_metadata else None
         self._clusters = clusters
         self._facts: dict[str, ClusterFacts] = {}
+        # decoded metadata by (header, identity): a peer sends the same header on every request
+        self._peers: dict[tuple[str, str], WorkloadLabels | None] = {}
+
+    def peer(self, header: str, identity: str) -> WorkloadLabels | None:
+        key = (header, identity)
+        try:
+            return self._peers[key]
+        except KeyError:
+            pass
+        peer = peer_from_metadata(header, identity)
+        if len(self._peers) < PEER_CACHE:
+            self._peers[key] = peer
+        return peer
 
     def facts(self, cluster: str) -> ClusterFacts:
         f = self._facts.get(cluster)
@@ -147,7 +163,7 @@ class PeerExchangeLayer:
                 req.headers.popall(PEER_METADATA, None)
                 req.headers.popall(PEER_METADATA_ID, None)
             if raw and headers is not None and ctx.tls and ctx.peer_identity:
-                ctx.peer_workload = peer_from_metadata(raw, ctx.peer_identity)
+                ctx.peer_workload = istio.peer(raw, ctx.peer_identity)
             resp = await self.next(req)
             if raw is not None and headers is not None:
                 # answer a mesh peer's metadata with ours (never to a caller that sent none)
@@ -165,5 +181,5 @@ class PeerExchangeLayer:
             if raw and headers is not None:
                 principal = istio.facts(ctx.cluster).principal
                 if spiffe_parts(principal) is not None:
-                    ctx.peer_workload = peer_from_metadata(raw, principal)
+                    ctx.peer_workload = istio.peer(raw, principal)
         return resp
