@@ -35,7 +35,6 @@ from sidecar.observability.workload import (
     spiffe_parts,
 )
 
-
 PEER_CACHE = 1024          # decoded metadata headers kept per listener
 
 
