@@ -160,7 +160,7 @@ def route_filters(route: CompiledRoute, listener: Listener, env: StackEnv) -> li
     per_route.update(route.config.per_filter)
     out: list[Layer | None] = []
     for hf in listener.http_filters:
-        spec = env.filters.lookup(hf.name)
+        spec = env.filters.lookup(hf.spec_name)
         if spec is None:
             continue                      # refused at parse time; cannot happen here
         override_present = hf.name in per_route
