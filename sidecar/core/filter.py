@@ -86,6 +86,9 @@ class FilterSpec(Generic[ConfigT, PerRouteT, StateT]):
     # name of the Envoy filter entry, or None from native YAML) -> (the instance name, the
     # config carrying it). Per-route overrides and metrics use the instance name.
     name_instance: Callable[[ConfigT, str | None], tuple[str, ConfigT]] | None = None
+    # (virtual host's override, route's override) -> the one the route gets; without it the
+    # route's replaces the virtual host's (CORS merges field by field, as Envoy does)
+    merge_per_route: Callable[[PerRouteT, PerRouteT], PerRouteT] | None = None
 
 
 def no_state(env: FilterEnv) -> None:
