@@ -22,7 +22,7 @@ attributes documented in ``docs/filters.md``.
 **Provisional** (may change in a minor version, noted in the changelog): ``FilterSpec`` and its
 ``build`` signature (the built-in filter contract), ``FilterEnv``, ``UpstreamClient``,
 ``RequestContext`` fields not exposed by a helper, ``wire``, the matchers,
-``TransformedBody``, ``RouteInfo``.
+``TransformedBody``, ``PrefixedStream``, ``RouteInfo``.
 
 Anything imported from another ``sidecar`` module is not part of the SDK.
 """
@@ -50,7 +50,14 @@ from sidecar.config.matchers import (
     string_matcher_from_native,
 )
 from sidecar.config.schema import Duration, Range, from_mapping, parser_for
-from sidecar.core.body import Body, BodySource, BodyTooLarge, Headers, TransformedBody
+from sidecar.core.body import (
+    Body,
+    BodySource,
+    BodyTooLarge,
+    Headers,
+    PrefixedStream,
+    TransformedBody,
+)
 from sidecar.core.context import JsonValue, RequestContext, RouteInfo
 from sidecar.core.errors import (
     ConnectFailure,
@@ -83,6 +90,7 @@ from sidecar.core.metrics import (
 __all__ = [
     # messages
     "Request", "Response", "Headers", "Body", "BodySource", "BodyTooLarge", "TransformedBody",
+    "PrefixedStream",
     "local_reply", "RequestContext", "RouteInfo", "JsonValue",
     # the contract
     "Filter", "Handler", "FilterLike", "UserFilter", "FilterSetup", "FilterSpec", "FilterEnv",
