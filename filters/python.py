@@ -201,6 +201,15 @@ def _execute(file: str, spec: importlib.machinery.ModuleSpec | None, name: str,
     cached = _loaded.get(file)
     if cached is not None and cached[0] == digest:
         return cached[1]
+    if cached is None and spec is not None:
+        # first use of a module by name: an ordinary import (or the module already imported),
+        # so other code importing it shares it; only a changed source is executed afresh
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            raise ConfigError(path, f"importing {name!r} failed: {_describe(e, file)}") from None
+        _loaded[file] = (digest, module)
+        return module
     if spec is None:
         name = f"{name}_{digest[:12]}"          # each version of a file is its own module
         spec = importlib.util.spec_from_file_location(name, file)
