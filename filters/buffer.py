@@ -76,9 +76,10 @@ class BufferFilter(sdk.Filter):
     async def __call__(self, req: sdk.Request, next: sdk.Handler) -> sdk.Response:
         body = req.body
         if isinstance(body, bytes):
-            if len(body) <= self.limit:
-                return await next(req)
-            return self._too_large(req)
+            if len(body) > self.limit:
+                return self._too_large(req)
+            req.chunked = False      # sent on with a content-length, as Envoy does
+            return await next(req)
         length = req.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return self._too_large(req)
