@@ -11,7 +11,8 @@ in ``transfer-encoding``), ``cache-control`` has no ``no-transform``, its status
 ``uncompressible_response_codes``, and (with ``disable_on_etag_header``) it has no ``etag``.
 
 A compressed response loses ``content-length``, gets ``content-encoding`` and ``vary:
-accept-encoding``; a strong ``etag`` is removed (or weakened, ``weaken_etag_on_compress``).
+Accept-Encoding`` (added to every response that could have been compressed, whatever the
+client accepts, as Envoy does); a strong ``etag`` is removed (or weakened, ``weaken_etag_on_compress``).
 A complete body is compressed in one go; a streamed body is compressed chunk by chunk, each
 chunk flushed as it passes (server-sent events and long polls keep flowing), in bounded
 memory.
@@ -509,9 +510,11 @@ class CompressorFilter(sdk.Filter):
 
     def _should_compress(self, req: sdk.Request, resp: sdk.Response, accept: str | None,
                          chain: _Chain) -> bool:
+        """Envoy's order: a response that could be compressed gets ``Vary: Accept-Encoding``
+        whatever the client accepts; then the client's choice decides."""
         h = resp.headers
         status = resp.status
-        if (accept is None or req.method == "HEAD" or status < 200 or status in _BODYLESS
+        if (req.method == "HEAD" or status < 200 or status in _BODYLESS
                 or status in self.config.uncompressible_codes or "content-encoding" in h):
             return False
         body = resp.body
@@ -533,6 +536,9 @@ class CompressorFilter(sdk.Filter):
         if te and any(t.strip().lower() in (self.encoding, "gzip", "deflate")
                       for t in te.split(",")):
             return False
+        _add_vary(h)
+        if accept is None:
+            return False
         if chain.decision is None:
             chain.decision = choose_encoding(accept, chain.filters, media)
         return chain.decision == self.encoding
@@ -545,11 +551,6 @@ class CompressorFilter(sdk.Filter):
                 h["etag"] = "W/" + etag
             else:
                 h.popall("etag")
-        vary = h.get("vary")
-        if vary is None:
-            h["vary"] = "accept-encoding"
-        elif not any(t.strip().lower() == "accept-encoding" for t in vary.split(",")):
-            h["vary"] = vary + ", accept-encoding"
         h.popall("content-length", None)
         h["content-encoding"] = self.encoding
         stream = self.library.new()
@@ -574,6 +575,14 @@ class CompressorFilter(sdk.Filter):
             return out
 
         resp.body = sdk.TransformedBody(body, transform, finish)
+
+
+def _add_vary(h: sdk.Headers) -> None:
+    vary = h.get("vary")
+    if vary is None:
+        h["vary"] = "Accept-Encoding"            # Envoy's spelling
+    elif not any(t.strip().lower() == "accept-encoding" for t in vary.split(",")):
+        h["vary"] = vary + ", Accept-Encoding"
 
 
 def new_state(env: sdk.FilterEnv) -> CompressorState:

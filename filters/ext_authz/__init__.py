@@ -141,10 +141,7 @@ class ExtAuthzFilter(sdk.Filter):
         for k, v in d.upstream_set:
             h[k] = v
         for k, v in d.upstream_append:
-            if k in h:
-                h[k] = h[k] + "," + v
-            else:
-                h[k] = v
+            h.add(k, v)                     # another line of the header, as Envoy does
         if d.query_set or d.query_remove:
             params = [(k, v) for k, v in parse_qsl(req.query, keep_blank_values=True)
                       if k not in d.query_remove and k not in dict(d.query_set)]

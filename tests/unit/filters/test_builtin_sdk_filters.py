@@ -149,7 +149,7 @@ async def test_compressor_rules(headers, accept, compressed):
     assert (resp.headers.get("content-encoding") == "gzip") is compressed
     if compressed:
         assert gzip.decompress(resp.body) == TEXT
-        assert resp.headers["vary"] == "accept-encoding" and "content-length" not in resp.headers
+        assert resp.headers["vary"] == "Accept-Encoding" and "content-length" not in resp.headers
 
 
 async def test_compressor_streams_and_flushes_each_chunk():
