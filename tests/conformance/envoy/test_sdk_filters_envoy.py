@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from sidecar.testing import ProxyProcess, free_port
+from sidecar.testing import ProxyProcess, free_port, wait_for_port
 from tests.conformance.envoy.test_conformance_envoy import (
     ENVOY,
     Conn,
@@ -27,7 +27,6 @@ from tests.conformance.envoy.test_conformance_envoy import (
     build,
     render,
 )
-from sidecar.testing import wait_for_port
 
 TEMPLATE = Path(__file__).resolve().parent / "envoy_configs" / "sdk_filters.yaml"
 
