@@ -57,7 +57,7 @@ def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
         if spec.name_instance is not None:
             instance, config = spec.name_instance(config, name)
             kind = spec.name
-        if instance in seen:
+        if instance in seen and spec.name_instance is not None:
             raise ConfigError(w.join(fp, "name"), f"filter name {instance!r} is already used by "
                               f"{w.join(path, seen[instance])}")
         seen[instance] = i
