@@ -31,13 +31,18 @@ from multidict import MultiDict
 
 from filters import python as user_filters
 from sidecar.admin.server import start_admin
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.snapshot import Snapshot
 from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
 from sidecar.core.filter import FilterSpec, UpstreamClient
 from sidecar.core.message import Request, Response
 from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
+from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.loader import snapshot_from_doc
 from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S
 from sidecar.sdk import UserFilter
 
@@ -165,7 +170,6 @@ class RunningProxy:
 def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
     if isinstance(cfg, Snapshot):
         return cfg
-    from sidecar.runtime.loader import snapshot_from_doc
     return snapshot_from_doc(copy.deepcopy(cfg))
 
 
@@ -329,17 +333,33 @@ class FilterTestEnv:
     """A ``FilterEnv`` for building filters in tests, with its own metrics registry; the
     filters' states persist across builds made with the same object (as across reloads).
 
-    ``upstreams``: cluster name -> ``async (Request) -> Response`` answering calls a filter
-    makes through ``setup.upstream(name)`` / ``sdk.http_call``."""
+    ``clusters`` (name -> list of "host:port", or a native cluster dict) are real clusters
+    (``ClusterManager``, ``Cluster.send``: balancer, breakers, pools) a filter reaches through
+    ``upstream(name)``; ``close()`` closes their connections. ``upstreams`` (name ->
+    ``async (Request) -> Response``) answer a filter's calls in-process instead, recording
+    them (``env.upstreams[name].requests``)."""
 
     def __init__(self, metrics: Metrics | None = None,
+                 clusters: dict[str, Any] | None = None,
                  upstreams: dict[str, Upstream_] | None = None):
         self.metrics = metrics or Metrics()
         self._states: dict[str, object] = {}
-        self.clusters = {name: FakeCluster(name, h) for name, h in (upstreams or {}).items()}
+        self.clusters = ClusterManager(StatsCache(self.metrics))
+        self.clusters.apply(tuple(
+            cluster_from_native({"name": name, **(v if isinstance(v, dict) else {"endpoints": list(v)})},
+                                f"clusters.{name}")
+            for name, v in (clusters or {}).items()))
+        self._env = ProxyFilterEnv(self.metrics, self.clusters)
+        self.upstreams = {name: FakeCluster(name, h) for name, h in (upstreams or {}).items()}
 
     def upstream(self, cluster: str) -> UpstreamClient:
-        return self.clusters[cluster]
+        fake = self.upstreams.get(cluster)
+        if fake is not None:
+            return fake
+        return self._env.upstream(cluster)
+
+    def close(self) -> None:
+        self.clusters.close()
 
     def state_for(self, spec: FilterSpec) -> object:
         if spec.name not in self._states:

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 Listener with its HTTP connection manager -> the listener model (HTTP filters, access
+logs, tracing, timeouts, edge options)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from control_plane_client.translate.common import (
     typed,
 )
 from control_plane_client.translate.route import route_configuration
+from control_plane_client.translate.tls import downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig
@@ -88,7 +90,7 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
 
 def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    from control_plane_client.translate.tls import downstream_tls_from_envoy
+    pass
 
     w.check_keys(d, ("name", "address", "filter_chains", "per_connection_buffer_limit_bytes",
                      "@type", "stat_prefix", "traffic_direction"), path)

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 RouteConfiguration, VirtualHost, Route, RouteMatch, RouteAction and RetryPolicy ->
+the route model."""
 
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ from sidecar.config.route import (
 )
 
 
-def per_filter_configs(d: dict, path: str) -> tuple[tuple[str, Any], ...]:
+def per_filter_configs(d: dict | None, path: str) -> tuple[tuple[str, Any], ...]:
     """``typed_per_filter_config``: keyed by filter instance name. A canonical Envoy name
     picks its filter; any other name is a named instance (a user filter, a filter entry named
     freely), whose filter is found by the config's ``@type``."""
-    out = []
+    out: list[tuple[str, Any]] = []
     for name, cfg in (d or {}).items():
         p = w.join(path, name)
         filter_config = isinstance(cfg, dict) and cfg.get("@type") == T_FILTER_CONFIG
@@ -256,8 +257,6 @@ def route_configuration(d: dict, path: str) -> RouteConfig:
 
 
 def retry_policy_from_envoy(d: dict, path: str) -> RetryPolicy:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout",
                      "retriable_status_codes", "retry_back_off", "retry_host_predicate",
                      "host_selection_retry_max_attempts"), path)

@@ -1,7 +1,9 @@
-"""TODO docstring."""
+"""How the sidecar reaches its control plane (xDS sources), and the native ``control_plane:``
+section."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +141,6 @@ def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
 
 
 def _need_grpc_package(path: str) -> None:
-    import importlib.util
     if importlib.util.find_spec("envoy_data_plane") is None or importlib.util.find_spec("grpclib") is None:
         raise ConfigError(path, "gRPC xDS (ADS) needs the envoy-data-plane package: "
                           "pip install 'pysidecar[ads]' (or 'envoy-data-plane>=2.2,<3')")

@@ -1,10 +1,12 @@
-"""TODO docstring."""
+"""Listener config: address, HTTP options and timeouts, edge policy, access logs (and the field
+vocabulary native access logs may name), TLS, tracing, sidecar mode and admin."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.errors import ConfigError
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.tls import DownstreamTls
 
@@ -105,7 +107,6 @@ def is_sensitive_header(name: str) -> bool:
 def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
     """Validate a field list (for the config loaders): unknown or sensitive fields are a
     ConfigError with the path of the bad entry."""
-    from sidecar.config.errors import ConfigError
     out = []
     for i, f in enumerate(fields):
         p = f"{path}[{i}]"

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Route config: matches, actions (cluster, weighted, header; direct response; redirect),
+rewrites, header mutations, retry policy, mirrors, hash policy; the HTTP filters of a listener."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 
 
@@ -168,7 +171,6 @@ RETRY_ON = frozenset({
 
 
 def parse_retry_on(v, path: str) -> frozenset[str]:
-    from sidecar.config.errors import ConfigError
     if isinstance(v, str):
         items = [s.strip() for s in v.split(",") if s.strip()]
     elif isinstance(v, list) and all(isinstance(s, str) for s in v):
@@ -183,8 +185,6 @@ def parse_retry_on(v, path: str) -> frozenset[str]:
 
 
 def _status_codes(v, path: str) -> frozenset[int]:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     if not isinstance(v, list):
         raise ConfigError(path, "must be a list of HTTP status codes")
     for i, c in enumerate(v):

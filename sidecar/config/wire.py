@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 from sidecar.config.errors import ConfigError
 
@@ -170,6 +170,15 @@ def compile_regex(pattern: Any, path: str, flags: int = 0) -> re.Pattern:
         return re.compile(pattern, flags)
     except re.error as e:
         raise ConfigError(path, f"invalid regular expression: {e}") from None
+
+
+@overload
+def one_of(d: dict[str, Any], keys: Iterable[str], path: str,
+           required: Literal[True] = True) -> str: ...
+
+
+@overload
+def one_of(d: dict[str, Any], keys: Iterable[str], path: str, required: bool) -> str | None: ...
 
 
 def one_of(d: dict, keys: Iterable[str], path: str, required: bool = True) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 from sidecar.codec.http1 import DownstreamConnection
 from sidecar.config.listener import Listener
@@ -15,6 +16,10 @@ from sidecar.core.message import Request, Response, local_reply
 from sidecar.listener.http import HttpConnectionManager, ListenerCounters
 from sidecar.observability.metrics import Metrics
 from sidecar.tls.context import server_context
+
+
+async def _no_routes(req: Request) -> Response:
+    return local_reply(req.ctx, 404, "", "NR")
 
 
 class ListenerRuntime:
@@ -74,11 +79,12 @@ class ListenerRuntime:
     def protocol_error(self, status: int) -> None:
         self.counters.protocol_error(status)
 
-    async def dispatch(self, req: Request) -> Response:
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        """The current manager's dispatch (its coroutine: no frame here)."""
         hcm = self.hcm
         if hcm is None:
-            return local_reply(req.ctx, 404, "", "NR")
-        return await hcm.dispatch(req)
+            return _no_routes(req)
+        return hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer

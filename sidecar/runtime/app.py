@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from control_plane_client.runtime import start_control_plane
+from aiohttp import http_parser
+
+from control_plane_client.client import ControlPlaneClient, start_control_plane
 from filters import CATALOG
 from sidecar.cluster import health, outlier
 from sidecar.cluster.manager import ClusterManager
@@ -23,6 +25,7 @@ from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer, Tracing
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
+from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import filter_source_files, load_file
 from sidecar.runtime.sidecar_mode import attach
@@ -50,7 +53,6 @@ def check_compiled_parsers() -> None:
         import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
     except ImportError as e:  # pragma: no cover
         raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
-    from aiohttp import http_parser
     cls = http_parser.HttpRequestParser
     if getattr(cls, "__module__", "") != "aiohttp._http_parser":
         raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
@@ -110,7 +112,7 @@ class App:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_error = ""
-        self.control_plane = None      # control_plane_client runtime, when dynamic
+        self.control_plane: ControlPlaneClient | None = None   # when resources come from xDS
         self.ready_checks: list[Callable[[], str | None]] = []   # -> reason not ready or None
         self.outbound_drain_gate = None   # async (deadline) -> None; set by sidecar mode
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
@@ -186,7 +188,10 @@ class App:
             for companion in self.companions:
                 self.companion_servers.append(await companion(self))
         if snap.control_plane is not None:
-            self.control_plane = await start_control_plane(self, snap)
+            sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
+                                   count_update=self.count_update,
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes)
+            self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
             try:

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Native YAML clusters: ``{name, endpoints: [host:port], lb, circuit_breakers, ...}``."""
 
 from __future__ import annotations
 
@@ -60,7 +60,6 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     if "health_check" in d:
         kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
     if "tls" in d:
-        from sidecar.config.native.cluster import upstream_tls_from_native
         kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
     return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
@@ -76,8 +75,6 @@ def upstream_tls_from_native(d, path: str) -> UpstreamTls:
 
     With ``ca`` (a private mesh CA) the hostname is not checked by default (mesh certificates
     name workloads by SPIFFE URI, not by DNS): pin identities with ``san`` instead."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     if d is True:
         return UpstreamTls(check_hostname=True)
     w.check_keys(d, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
@@ -105,7 +102,6 @@ def circuit_breakers_from_native(d: dict, path: str) -> CircuitBreakers:
 
 
 def health_check_from_native(d: dict, path: str) -> HealthCheck:
-    from sidecar.config import wire as w
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Native YAML listeners: routes or virtual hosts, the HTTP filter list, timeouts, edge policy,
+access log, TLS; and native tracing."""
 
 from __future__ import annotations
 
@@ -91,7 +92,6 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
             fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
-        from sidecar.config.native.listener import downstream_tls_from_native
         tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls"))
     return Listener(
         name=name, host=w.string(d, "address", path, "127.0.0.1"), port=w.integer(d, "port", path, lo=0, hi=65535),
@@ -125,8 +125,6 @@ def tracing_from_native(d: dict, path: str) -> TracingConfig:
 
 
 def _min_version(d: dict, path: str) -> str:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     v = d.get("min_version", "1.2")
     if isinstance(v, float):
         v = f"{v:.1f}"
@@ -139,8 +137,6 @@ def _min_version(d: dict, path: str) -> str:
 
 
 def _file(d: dict, key: str, path: str, required: bool = False) -> str | None:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     v = w.string(d, key, path, None if not required else w._MISSING, nonempty=True)
     if v is not None and not os.path.isfile(v):
         raise ConfigError(w.join(path, key), f"cannot read file {v!r}")
@@ -152,8 +148,6 @@ def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
 
     ``ca`` turns on client-certificate verification (mTLS); with it, ``require_client_cert``
     defaults to true (set false to accept clients without a certificate too)."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version"), path)
     cert = _file(d, "cert", path, required=True)
     key = _file(d, "key", path, required=True)

@@ -1,7 +1,9 @@
-"""TODO docstring."""
+"""Native YAML routes and virtual hosts: match, action, rewrites, retries, mirrors, per-route
+filter overrides."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sidecar.config import wire as w
@@ -35,7 +37,6 @@ def route_match_from_native(d: dict, path: str) -> RouteMatch:
     if kind is None:
         kw["prefix"] = "/"
     elif kind == "regex":
-        import re
         kw["regex"] = w.compile_regex(d["regex"], w.join(path, "regex"), 0 if cs else re.IGNORECASE)
     else:
         v = w.string(d, kind, path)
@@ -199,8 +200,6 @@ def virtual_host_from_native(d: dict, path: str, filters: FilterCatalog) -> Virt
 
 
 def retry_policy_from_native(d: dict, path: str) -> RetryPolicy:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("retry_on", "retries", "per_try_timeout", "status_codes", "backoff",
                      "max_backoff", "retry_non_idempotent", "max_buffered_body",
                      "allow_override_headers"), path)

@@ -24,10 +24,10 @@ async def test_asks_the_service_for_guarded_methods_only():
                           env=env, name="rule")
     upstream = RecordingNext()
     assert (await f(make_request("GET"), upstream)).status == 200
-    assert env.clusters["auth"].requests == []
+    assert env.upstreams["auth"].requests == []
     resp = await f(make_request("POST", "/orders", headers={"x-user": "bob"}), upstream)
     assert resp.status == 403 and resp.body == b"bob may not"
-    asked = env.clusters["auth"].requests[-1]
+    asked = env.upstreams["auth"].requests[-1]
     assert (asked.method, asked.path) == ("POST", "/check")
     assert json.loads(asked.body) == {"method": "POST", "path": "/orders", "user": "bob"}
     assert (await f(make_request("POST", headers={"x-user": "alice"}), upstream)).status == 200
