@@ -134,9 +134,18 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpFilter:
-    name: str          # canonical Envoy name, e.g. envoy.filters.http.jwt_authn
+    # the instance name: per-route overrides are keyed by it (the canonical Envoy name, e.g.
+    # envoy.filters.http.jwt_authn, unless the config named the instance itself)
+    name: str
     config: Any        # the filter module's frozen config object
     disabled: bool = False
+    # the registry name of the implementation when it differs from ``name`` (an Envoy filter
+    # found by its typed_config @type, a user filter: pysidecar.filters.http.python)
+    kind: str = ""
+
+    @property
+    def spec_name(self) -> str:
+        return self.kind or self.name
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,15 +177,20 @@ class ClusterSend:
 def route_filters(route: CompiledRoute, listener: Listener, env: StackEnv) -> list[Layer | None]:
     """The listener's HTTP filters for this route, in config order (per-route overrides and
     disabled filters applied; a filter whose build says it has nothing to do is left out)."""
-    per_route = dict(route.vhost.config.per_filter)
-    per_route.update(route.config.per_filter)
+    vhost_per = dict(route.vhost.config.per_filter)
+    route_per = dict(route.config.per_filter)
     out: list[Layer | None] = []
     for hf in listener.http_filters:
-        spec = env.filters.lookup(hf.name)
+        spec = env.filters.lookup(hf.spec_name)
         if spec is None:
             continue                      # refused at parse time; cannot happen here
-        override_present = hf.name in per_route
-        override = per_route.get(hf.name)
+        name = hf.name
+        override_present = name in route_per or name in vhost_per
+        override = route_per[name] if name in route_per else vhost_per.get(name)
+        outer = vhost_per.get(name)
+        if (spec.merge_per_route is not None and name in route_per and override is not None
+                and outer is not None):
+            override = spec.merge_per_route(outer, override)
         if override_present and override is None:
             continue                      # disabled on this route
         if hf.disabled and not override_present:

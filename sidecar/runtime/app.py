@@ -28,10 +28,11 @@ from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
-from sidecar.runtime.loader import load_file
+from sidecar.runtime.loader import filter_source_files, load_file
 from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
+from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
 from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")
@@ -76,7 +77,8 @@ class App:
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
                  cache_dir: str | None = None, admin: AdminStarter | None = None,
-                 companions: tuple[Companion, ...] = ()):
+                 companions: tuple[Companion, ...] = (),
+                 loop_lag_threshold_s: float = DEFAULT_THRESHOLD_S):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
@@ -91,6 +93,11 @@ class App:
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port,
                                  workload=Workload.from_env(os.environ), secrets=self.secrets)
         self.store.on_applied.append(self.on_snapshot_applied)
+        # user filter source files of the config in force -> filter name (reload, watchdog)
+        self.filter_files: dict[str, str] = {}
+        self._filter_mtimes: dict[str, float] = {}
+        self.watchdog = LoopWatchdog(self.metrics, lambda: self.filter_files,
+                                     loop_lag_threshold_s) if loop_lag_threshold_s > 0 else None
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
         # set by sidecar.runtime.workers) every worker's merged
@@ -162,6 +169,8 @@ class App:
             self._g_version.labels(snap.version).set(1)
             self._last_version_label = snap.version
             self._g_last.set(time.time())
+        self.filter_files = filter_source_files(snap)
+        self._filter_mtimes = {f: _mtime(f) for f in self.filter_files}
         for cb in self.snapshot_listeners:
             cb(snap)
 
@@ -177,6 +186,8 @@ class App:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, *, admin: bool = True) -> None:
         snap = self.initial
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._setup_tracing(snap)
         await self.store.apply(snap)
         if self.worker_id == 0:
@@ -262,6 +273,13 @@ class App:
             if mtime != self._config_mtime:
                 self._config_mtime = mtime
                 await self.reload("file")
+                continue
+            changed = [f for f, m in self._filter_mtimes.items() if _mtime(f) != m]
+            if changed:
+                for f in changed:
+                    self._filter_mtimes[f] = _mtime(f)   # a refused version is not retried
+                log.info("filter module changed (%s): reloading", ", ".join(changed))
+                await self.reload("filter_module")
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
@@ -342,6 +360,8 @@ class App:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.control_plane is not None:
             await self.control_plane.close()
         self.store.close()
@@ -359,6 +379,13 @@ class App:
 
     def listener_port(self, name: str) -> int:
         return self.store.listeners[name].bound_port
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def setup_logging(level: str = "info") -> None:

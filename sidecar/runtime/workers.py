@@ -216,6 +216,7 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
                        companions: tuple[Companion, ...] = ()) -> int:
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
+              loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
               worker_id=wid, workers=n, companions=companions)
     if wid == 0:
         async def render_merged(accept: str) -> tuple[bytes, str]:

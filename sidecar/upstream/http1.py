@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 from multidict import MultiDict

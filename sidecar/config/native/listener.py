@@ -8,7 +8,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.config.filters import FilterCatalog
+from sidecar.config.filters import FilterCatalog, InstanceParsers, ListenerFilterCatalog
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
@@ -20,6 +20,7 @@ from sidecar.config.wire import Raw
 def http_filters_from_native(items: list[Any], path: str, filters: FilterCatalog) -> tuple[HttpFilter, ...]:
     """``filters: [{jwt_authn: {...}}, {fault: {...}}]`` in chain order."""
     out = []
+    names: dict[str, int] = {}
     for i, f in enumerate(items):
         fp = w.join(path, i)
         if not isinstance(f, dict) or len(f) != 1:
@@ -29,8 +30,31 @@ def http_filters_from_native(items: list[Any], path: str, filters: FilterCatalog
         if spec is None:
             raise ConfigError(w.join(fp, name), f"unknown filter {name!r} (known: "
                               f"{', '.join(filters.short_names())})")
-        out.append(HttpFilter(name=spec.name, config=spec.from_native(cfg or {}, w.join(fp, name))))
+        config = spec.from_native(cfg or {}, w.join(fp, name))
+        instance, kind = spec.name, ""
+        if spec.name_instance is not None:
+            instance, config = spec.name_instance(config, None)
+            kind = spec.name
+            if instance in names:
+                raise ConfigError(w.join(fp, name), f"filter name {instance!r} is already used by "
+                                  f"{w.join(path, names[instance])}; give this one a name")
+        names.setdefault(instance, i)
+        out.append(HttpFilter(name=instance, config=config, kind=kind))
     return tuple(out)
+
+
+def route_filter_catalog(http_filters: tuple[HttpFilter, ...],
+                         filters: FilterCatalog) -> FilterCatalog:
+    """What routes resolve per-route filter overrides with: the listener's named instances (user
+    filters, by their instance name) before the filters of the registry."""
+    instances = {}
+    for hf in http_filters:
+        if hf.kind:
+            spec = filters.lookup(hf.kind)
+            assert spec is not None
+            instances[hf.name] = InstanceParsers(hf.name, hf.name, spec.from_native,
+                                                 spec.per_route_from_native)
+    return ListenerFilterCatalog(filters, instances) if instances else filters
 
 
 def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
@@ -43,6 +67,9 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
                      "istio_metrics"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
+    http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
+                                            filters)
+    filters = route_filter_catalog(http_filters, filters)
     vhosts: tuple[VirtualHost, ...]
     if "routes" in d:
         vhosts = (virtual_host_from_native({"name": "default", "domains": ["*"], "routes": d["routes"]}, path, filters),)
@@ -74,7 +101,7 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
     return Listener(
         name=name, host=w.string(d, "address", path, "127.0.0.1"), port=w.integer(d, "port", path, lo=0, hi=65535),
         route_config=RouteConfig(name=name, virtual_hosts=vhosts, headers=header_mutation_from_native(d, path)),
-        http_filters=http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"), filters),
+        http_filters=http_filters,
         stat_prefix=name,
         direction=w.string(d, "direction", path, "outbound", choices=("inbound", "outbound")),
         idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
