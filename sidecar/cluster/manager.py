@@ -22,19 +22,22 @@ from sidecar.config.cluster import Endpoint
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
 from sidecar.tls.context import client_context
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
 
 
-def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
-    return client_context(tls) if tls is not None else None
+def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
+                     ) -> ssl.SSLContext | None:
+    return client_context(tls, secrets) if tls is not None else None
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None):
         self.stats = stats
+        self.secrets = secrets          # SDS certificates for clusters' TLS
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -51,6 +54,10 @@ class ClusterManager:
         if st is None:
             st = self.states[name] = ClusterState(name, self.stats.cluster(name))
         return st
+
+    def configured(self, name: str) -> bool:
+        st = self.states.get(name)
+        return st is not None and st.current is not None
 
     def get(self, name: str) -> Cluster | None:
         st = self.states.get(name)
@@ -88,7 +95,7 @@ class ClusterManager:
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
         ctx = old.ssl_context if old is not None and old.config.tls == cfg.tls \
-            else make_ssl_context(cfg.tls)
+            else make_ssl_context(cfg.tls, self.secrets)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
             return Cluster(cfg, st, cfg.endpoints, ctx)
         if old is not None:

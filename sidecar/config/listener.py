@@ -1,13 +1,16 @@
-"""Listener config: the listener (address, its HTTP connection manager settings) and, for L4
-listeners, its filter chains (``FilterChain``), listener filters and connection logs."""
+"""Listener config: address, HTTP options and timeouts, edge policy, access logs (and the field
+vocabulary native access logs may name), TLS, tracing, sidecar mode and admin; and, for L4
+listeners, their filter chains (``FilterChain``), listener filters and connection logs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.errors import ConfigError
 from sidecar.config.l4 import ConnectionLog, FilterChainMatch, ListenerFilters, TcpProxy
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
 
 
@@ -51,6 +54,7 @@ class Listener:
     tls: DownstreamTls | None = None
     drain_timeout_s: float = 5.0
     tracing: "TracingConfig" | None = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
     # L4: several filter chains, picked per connection by their match (sidecar.listener.chains).
     # Empty: the listener is one HTTP chain made of the fields above (the common case). Set:
     # the HTTP fields above are unused and each HTTP chain carries its own (FilterChain.http).
@@ -131,10 +135,9 @@ def is_sensitive_header(name: str) -> bool:
     return any(w in n for w in _SENSITIVE_WORDS)
 
 
-def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
+def check_fields(fields: list[Any], path: str = "access_log.fields") -> tuple[str, ...]:
     """Validate a field list (for the config loaders): unknown or sensitive fields are a
     ConfigError with the path of the bad entry."""
-    from sidecar.config.errors import ConfigError
     out = []
     for i, f in enumerate(fields):
         p = f"{path}[{i}]"

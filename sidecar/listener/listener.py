@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable
 
 from sidecar.codec.http1 import DownstreamConnection
 from sidecar.config.l4 import FilterChainMatch
@@ -28,6 +29,11 @@ from sidecar.listener.network import ChainRuntime, HttpChain, ListenerChains
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ListenerL4Stats
 from sidecar.tls.context import server_context
+from sidecar.tls.secrets import SecretStore
+
+
+async def _no_routes(req: Request) -> Response:
+    return local_reply(req.ctx, 404, "", "NR")
 
 _SSL_HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -51,8 +57,10 @@ def socket_key(lc: Listener) -> tuple[object, ...]:
 class ListenerRuntime:
     """A bound listener; its routes are swapped by the config store without touching sockets."""
 
-    def __init__(self, config: Listener, metrics: Metrics, l4_stats: ListenerL4Stats | None = None):
+    def __init__(self, config: Listener, metrics: Metrics, secrets: SecretStore | None = None,
+                 l4_stats: ListenerL4Stats | None = None):
         self.config = config
+        self.secrets = secrets          # SDS certificates by name
         self.name = config.name
         self.connections: set[DownstreamConnection] = set()
         # L4 listeners: the chains (swapped like hcm), TCP proxy sessions, the acceptor
@@ -120,11 +128,12 @@ class ListenerRuntime:
     def protocol_error(self, status: int) -> None:
         self.counters.protocol_error(status)
 
-    async def dispatch(self, req: Request) -> Response:
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        """The current manager's dispatch (its coroutine: no frame here)."""
         hcm = self.hcm
         if hcm is None:
-            return local_reply(req.ctx, 404, "", "NR")
-        return await hcm.dispatch(req)
+            return _no_routes(req)
+        return hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer
@@ -225,7 +234,8 @@ class ListenerRuntime:
             await self._start_l4(reuse_port, sock)
             return
         loop = asyncio.get_running_loop()
-        ssl_ctx = server_context(self.config.tls) if self.config.tls is not None else None
+        ssl_ctx = server_context(self.config.tls, self.secrets) if self.config.tls is not None \
+            else None
         kw = dict(backlog=1024, ssl=ssl_ctx)
         if sock is not None:
             self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)

@@ -12,7 +12,7 @@ Shape:
   workers. Each worker follows config updates itself (the same file watched by each, or its own
   control-plane stream): there is no shared config state to lock. Listener ports must be fixed
   (port 0 would give each worker a different port).
-* Admin is served by worker 0 only, and aggregated: every worker serves its own metrics and
+* Admin (and the metrics-only listener, ``metrics:``) is served by worker 0 only, and aggregated: every worker serves its own metrics and
   readiness on a private unix socket (``<rundir>/w<i>.sock``, mode 0700 directory); worker 0
   answers ``/stats/prometheus`` by scraping them all at request time and merging the families
   (counters and histograms summed; gauges summed, except ``*_info`` / ``*_timestamp_seconds`` /
@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -215,7 +216,13 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
                        companions: tuple[Companion, ...] = ()) -> int:
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
+              loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
               worker_id=wid, workers=n, companions=companions)
+    if wid == 0:
+        async def render_merged(accept: str) -> tuple[bytes, str]:
+            others = await ask_all(rundir, n, "GET", "/metrics", skip=0)
+            return merged_metrics(app.metrics, others, accept)
+        app.render_metrics = render_merged     # the metrics-only listener answers for everyone
     try:
         await app.start(admin=False)
         if wid == 0:
@@ -284,7 +291,6 @@ async def _start_private(app, path: str, wid: int):
 
 async def _ask(rundir: str, wid: int, method: str, path: str) -> tuple[int, str]:
     """One request to a worker's private socket; (0, reason) when it does not answer."""
-    import aiohttp
     try:
         conn = aiohttp.UnixConnector(path=socket_path(rundir, wid))
         async with aiohttp.ClientSession(connector=conn,
@@ -323,7 +329,7 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
                     reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
-            return web.Response(text="LIVE\n")
+            return web.Response(text="LIVE\n" + app.ready_notes_text())
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",

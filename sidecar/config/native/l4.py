@@ -26,7 +26,6 @@ CIDR strings), each an HTTP chain (the HTTP listener keys: routes, filters, ...)
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -49,6 +48,7 @@ from sidecar.config.log_format import (
     parse_format_string,
     parse_json_format,
 )
+from sidecar.config.wire import Raw
 
 L4_LISTENER_KEYS = ("tcp_proxy", "kafka_broker", "filter_chains", "default_filter_chain",
                     "listener_filters", "listener_filters_timeout",
@@ -60,7 +60,7 @@ _MATCH_KEYS = ("destination_port", "destination_prefixes", "server_names", "tran
 _DESTINATIONS = {"stdout": "/dev/stdout", "stderr": "/dev/stderr"}
 
 
-def is_l4(d: dict[str, Any]) -> bool:
+def is_l4(d: Raw) -> bool:
     """Whether a native listener mapping is an L4 one (not a plain HTTP listener)."""
     return any(k in d for k in ("tcp_proxy", "kafka_broker", "filter_chains",
                                 "default_filter_chain", "listener_filters", "connection_log"))
@@ -75,12 +75,12 @@ def cidr(v: object, path: str) -> IpNetwork:
         raise ConfigError(path, f"{v!r} is not an address or a CIDR range") from None
 
 
-def _cidrs(d: dict[str, Any], key: str, path: str) -> tuple[IpNetwork, ...]:
+def _cidrs(d: Raw, key: str, path: str) -> tuple[IpNetwork, ...]:
     kp = w.join(path, key)
     return tuple(cidr(c, w.join(kp, i)) for i, c in enumerate(w.seq(d, key, path, [])))
 
 
-def _strings(d: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+def _strings(d: Raw, key: str, path: str) -> tuple[str, ...]:
     kp = w.join(path, key)
     out = []
     for i, v in enumerate(w.seq(d, key, path, [])):
@@ -120,7 +120,7 @@ def match_from_native(d: object, path: str) -> FilterChainMatch:
     )
 
 
-def listener_filters_from_native(d: dict[str, Any], path: str) -> ListenerFilters:
+def listener_filters_from_native(d: Raw, path: str) -> ListenerFilters:
     names: list[str] = []
     lp = w.join(path, "listener_filters")
     for i, n in enumerate(w.seq(d, "listener_filters", path, [])):
@@ -159,7 +159,7 @@ def connection_log_from_native(v: object, path: str) -> ConnectionLog:
     return ConnectionLog(path=_DESTINATIONS.get(dest, dest), format=fmt)
 
 
-def _logs(d: dict[str, Any], key: str, path: str) -> tuple[ConnectionLog, ...]:
+def _logs(d: Raw, key: str, path: str) -> tuple[ConnectionLog, ...]:
     if key not in d:
         return ()
     v = d[key]
@@ -198,7 +198,7 @@ def tcp_proxy_from_native(d: object, path: str, stat_prefix: str,
     )
 
 
-def tcp_chain_from_native(d: dict[str, Any], path: str, stat_prefix: str) -> TcpProxy:
+def tcp_chain_from_native(d: Raw, path: str, stat_prefix: str) -> TcpProxy:
     if "tcp_proxy" not in d:
         raise ConfigError(w.join(path, "tcp_proxy"), "is required with kafka_broker (the Kafka "
                                                      "filter inspects what tcp_proxy forwards)")
@@ -206,7 +206,7 @@ def tcp_chain_from_native(d: dict[str, Any], path: str, stat_prefix: str) -> Tcp
                                  d.get("kafka_broker"), w.join(path, "kafka_broker"))
 
 
-def check_chain_keys(d: dict[str, Any], path: str, http_keys: tuple[str, ...]) -> None:
+def check_chain_keys(d: Raw, path: str, http_keys: tuple[str, ...]) -> None:
     """A chain is TCP (tcp_proxy, kafka_broker) or HTTP (the HTTP listener keys), not both."""
     w.check_keys(d, CHAIN_KEYS + http_keys, path)
     http = [k for k in d if k in http_keys and k not in CHAIN_KEYS]
