@@ -160,41 +160,49 @@ async def test_aiokafka_partial_produce_denial_in_one_request(make_relay: MakeRe
     producer = AIOKafkaProducer(bootstrap_servers=relay.bootstrap([2]), linger_ms=300)
     await producer.start()
     try:
-        await producer.partitions_for("orders-mix")
-        await producer.partitions_for("payroll-mix")
         cluster = producer.client.cluster
-        # two partitions with the same leader go out in one ProduceRequest
-        leaders = {}
-        for p in cluster.partitions_for_topic("payroll-mix"):
-            leaders.setdefault(cluster.leader_for_partition(AioTopicPartition("payroll-mix", p)), p)
-        allowed_p, denied_p = next(
-            (p, leaders[cluster.leader_for_partition(AioTopicPartition("orders-mix", p))])
-            for p in cluster.partitions_for_topic("orders-mix")
-            if cluster.leader_for_partition(AioTopicPartition("orders-mix", p)) in leaders)
-        ok = await producer.send("orders-mix", b"fine", partition=allowed_p)
-        denied = await producer.send("payroll-mix", b"secret", partition=denied_p)
+        # two partitions with the same leader go out in one ProduceRequest; the mock places
+        # leaders at random, so take topic pairs until one has a leader in common
+        pair = None
+        for i in range(20):
+            allowed_t, denied_t = f"orders-mix-{i}", f"payroll-mix-{i}"
+            await producer.partitions_for(allowed_t)
+            await producer.partitions_for(denied_t)
+            leaders = {}
+            for p in cluster.partitions_for_topic(denied_t):
+                leaders.setdefault(cluster.leader_for_partition(AioTopicPartition(denied_t, p)), p)
+            pair = next(((p, leaders[cluster.leader_for_partition(AioTopicPartition(allowed_t, p))])
+                         for p in cluster.partitions_for_topic(allowed_t)
+                         if cluster.leader_for_partition(AioTopicPartition(allowed_t, p)) in leaders),
+                        None)
+            if pair is not None:
+                break
+        assert pair is not None, "no two topics with a leader in common"
+        allowed_p, denied_p = pair
+        ok = await producer.send(allowed_t, b"fine", partition=allowed_p)
+        denied = await producer.send(denied_t, b"secret", partition=denied_p)
         metadata = await asyncio.wait_for(ok, WAIT)
         with pytest.raises(TopicAuthorizationFailedError):
             await asyncio.wait_for(denied, WAIT)
         assert metadata.partition == allowed_p
         # the connection stays up and usable
         await asyncio.wait_for(
-            producer.send_and_wait("orders-mix", b"after", partition=allowed_p), WAIT)
+            producer.send_and_wait(allowed_t, b"after", partition=allowed_p), WAIT)
     finally:
         await asyncio.wait_for(producer.stop(), WAIT)
     assert relay.close_reasons == []
     assert metric(registry, "sidecar_kafka_rewritten_responses_total", api="produce",
                   reason="topic_acl") >= 1
     assert metric(registry, "sidecar_kafka_acl_denied_total", api="produce",
-                  topic="payroll-mix") >= 1
+                  topic=denied_t) >= 1
     assert metric(registry, "sidecar_kafka_topic_records_total", api="produce",
-                  topic="payroll-mix") == 0
+                  topic=denied_t) == 0
 
     consumer = AIOKafkaConsumer(bootstrap_servers=relay.bootstrap([2]), group_id=None,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        consumer.assign([AioTopicPartition("payroll-mix", denied_p)])
+        consumer.assign([AioTopicPartition(denied_t, denied_p)])
         with pytest.raises(TopicAuthorizationFailedError):
             deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline:
@@ -202,7 +210,7 @@ async def test_aiokafka_partial_produce_denial_in_one_request(make_relay: MakeRe
     finally:
         await asyncio.wait_for(consumer.stop(), WAIT)
     assert metric(registry, "sidecar_kafka_acl_denied_total", api="fetch",
-                  topic="payroll-mix") >= 1
+                  topic=denied_t) >= 1
 
 
 # ---- confluent-kafka (librdkafka) -----------------------------------------------------------
