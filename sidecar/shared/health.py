@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.shared.config import Backoff, FailurePolicy
+from sidecar.config.stores import Backoff
+from sidecar.core.limits import FailurePolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,8 +37,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from sidecar.config.stores import RedisStoreConfig
+from sidecar.core.limits import FailurePolicy
 from sidecar.shared.api import ReplayCache, ReplayVerdict
-from sidecar.shared.config import FailurePolicy, RedisStoreConfig
 from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from envoy_data_plane.envoy.service.ratelimit.v3 import (
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from sidecar.shared.config import DEFAULT_BACKOFF, Backoff
+from sidecar.config.stores import DEFAULT_BACKOFF, Backoff
 from sidecar.shared.health import DependencyStatus, HealthTracker
 
 Descriptor = tuple[tuple[str, str], ...]          # (key, value) entries, in order

@@ -1,4 +1,5 @@
-"""Config of shared state, parsed once into frozen dataclasses (native YAML).
+"""Config of shared state and stores (``shared_state:``, ``stores:`` at the top of a native
+config), parsed once into frozen dataclasses (native YAML).
 
 ::
 
@@ -27,13 +28,13 @@ several workers): a laptop needs no Redis.
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.core.limits import FailurePolicy
 
 MAX_WORKERS = 64             # one bit per worker in a row's attach mask
 
@@ -46,11 +47,6 @@ class SharedStateConfig:
 
 
 DEFAULT_SHARED_STATE = SharedStateConfig()
-
-
-class FailurePolicy(enum.Enum):
-    FAIL_OPEN = "fail_open"        # the store cannot answer: let the request through
-    FAIL_CLOSED = "fail_closed"    # the store cannot answer: refuse the request
 
 
 @dataclass(frozen=True, slots=True)
