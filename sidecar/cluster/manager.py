@@ -19,8 +19,12 @@ from collections.abc import Callable
 from sidecar.cluster.cluster import Cluster, ClusterState
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
+from sidecar.config.errors import ConfigError
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
+from sidecar.shared.api import SharedState
+from sidecar.shared.host import TableFull
+from sidecar.shared.local import LocalState
 from sidecar.tls.context import client_context
 
 log = logging.getLogger("sidecar.cluster")
@@ -33,8 +37,11 @@ def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache):
+    def __init__(self, stats: StatsCache, shared: SharedState | None = None):
         self.stats = stats
+        # breaker gauges, requests in flight and the health board: the sidecar's, across
+        # workers (shared memory) or this process's alone (LocalState)
+        self.shared: SharedState = shared if shared is not None else LocalState()
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -49,7 +56,11 @@ class ClusterManager:
         build time; ``current`` is None until the cluster exists."""
         st = self.states.get(name)
         if st is None:
-            st = self.states[name] = ClusterState(name, self.stats.cluster(name))
+            try:
+                st = ClusterState(name, self.stats.cluster(name), self.shared)
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
+            self.states[name] = st
         return st
 
     def configured(self, name: str) -> bool:
@@ -83,7 +94,10 @@ class ClusterManager:
             old = st.current
             if old is not None and old.config == cfg:
                 continue
-            built.append(self._build(cfg, st, old))
+            try:
+                built.append(self._build(cfg, st, old))
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
         for c in built:
             self._activate(c)
         for name, st in list(self.states.items()):
@@ -105,6 +119,8 @@ class ClusterManager:
 
     def _activate(self, c: Cluster) -> None:
         st = c.state
+        if st.removed:                  # back after a removal: attach its counters again
+            st.breakers.counters = self.shared.breaker(st.name)
         st.removed = False
         c.activate()
         for cb in self._on_activated:
@@ -126,6 +142,7 @@ class ClusterManager:
         for h in st.endpoints.values():
             h.removed = True
         st.endpoints = {}
+        self.shared.forget(st.name)
 
     def set_endpoints(self, name: str, endpoints: tuple[Endpoint, ...]) -> bool:
         """A new endpoint set (EDS, DNS) for a configured cluster: a new version, swapped in."""
@@ -133,7 +150,12 @@ class ClusterManager:
         if st is None or st.current is None:
             return False
         old = st.current
-        self._activate(Cluster(old.config, st, endpoints, old.ssl_context, warm=True))
+        try:
+            c = Cluster(old.config, st, endpoints, old.ssl_context, warm=True)
+        except TableFull as e:
+            log.error("cluster %s: endpoint update refused: %s", name, e)
+            return False
+        self._activate(c)
         return True
 
     # ---- background work -----------------------------------------------------------------------
@@ -150,6 +172,7 @@ class ClusterManager:
             for c in self.clusters():
                 for h in c.hosts:
                     h.pool.sweep(now)
+                c.open_connections()      # publish this worker's count (closes since)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current

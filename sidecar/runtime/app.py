@@ -27,6 +27,9 @@ from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.stores import StoreRuntime
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 from sidecar.runtime.loader import load_file
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
@@ -73,19 +76,27 @@ class App:
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
                  cache_dir: str | None = None, admin: AdminStarter | None = None,
-                 companions: tuple[Companion, ...] = ()):
+                 companions: tuple[Companion, ...] = (), shared: SharedState | None = None):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
-        self.clusters = ClusterManager(self.stats)
-        outlier.follow(self.clusters, self.metrics)
-        health.follow(self.clusters, self.metrics)
-        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
+        # the sidecar's shared state: the segment of the worker group, or this process's own
+        self.shared: SharedState = shared if shared is not None else \
+            LocalState(snapshot.stores.shared_state)
+        self.clusters = ClusterManager(self.stats, self.shared)
+        # outlier detection in every worker (each sees its own outcomes); its interval work
+        # and active health checking in one (worker 0): one prober per sidecar
+        outlier.follow(self.clusters, self.metrics, main=worker_id == 0)
+        if worker_id == 0:
+            health.follow(self.clusters, self.metrics)
+        self.stores = StoreRuntime(snapshot.stores, self.metrics)
+        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port)
         self.store.on_applied.append(self.on_snapshot_applied)
+        self.store.before_apply.append(self._check_shared_state)
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         self.admin_starter = admin
         # servers started beside the proxy on worker 0, by the entry point that made the App
@@ -111,6 +122,7 @@ class App:
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
         self.ready_notes: list[Callable[[], str | None]] = []
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
+        self.ready_notes.append(self.stores.ready_note)
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._config_mtime = 0.0
@@ -152,6 +164,13 @@ class App:
             self._g_last.set(time.time())
         for cb in self.snapshot_listeners:
             cb(snap)
+
+    def _check_shared_state(self, snap: Snapshot) -> None:
+        """The shared-memory segment is sized once, before the workers start: a reload may
+        name new stores, not resize it."""
+        if snap.stores.shared_state != self.initial.stores.shared_state:
+            raise ConfigError("shared_state", "is sized at start; restart the sidecar to change it")
+        self.stores.configure(snap.stores)
 
     def count_update(self, source: str, ok: bool, error: str = "") -> None:
         if ok:
@@ -318,6 +337,7 @@ class App:
             await self.control_plane.close()
         self.store.close()
         self.clusters.close()
+        await self.stores.close()
         if self.admin is not None:
             await self.admin.cleanup()
         for server in self.companion_servers:

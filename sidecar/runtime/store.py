@@ -52,6 +52,7 @@ class ConfigStore:
         self.applied_at = 0.0
         self.history: list[tuple[str, float]] = []
         self.on_applied: list[Callable[[Snapshot], None]] = []
+        self.before_apply: list[Callable[[Snapshot], None]] = []   # before anything is built
 
     def compile_listener(self, lc: Listener, bound_port: int) -> HttpConnectionManager:
         """Routes and stacks of one listener, built aside (nothing is bound or swapped)."""
@@ -75,6 +76,8 @@ class ConfigStore:
         new_names = {lc.name for lc in snap.listeners}
         started: list[ListenerRuntime] = []
         swaps: list[tuple[ListenerRuntime, Listener, HttpConnectionManager]] = []
+        for cb in self.before_apply:
+            cb(snap)
         self.clusters.apply(snap.clusters)
         try:
             for lc in snap.listeners:
