@@ -47,10 +47,10 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
 from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.loader import snapshot_from_doc
 from sidecar.runtime.stores import StoreRuntime
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
-from sidecar.runtime.loader import snapshot_from_doc
 
 
 def free_port() -> int:

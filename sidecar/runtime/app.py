@@ -27,12 +27,12 @@ from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
-from sidecar.runtime.stores import StoreRuntime
-from sidecar.shared.api import SharedState
-from sidecar.shared.local import LocalState
 from sidecar.runtime.loader import load_file
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
+from sidecar.runtime.stores import StoreRuntime
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 
 log = logging.getLogger("sidecar")
 

@@ -22,6 +22,8 @@ from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
 from sidecar.shared.redis_store import RedisStore
 from sidecar.shared.rls import RateLimitClient
 
+PROBE_EVERY_S = 0.5
+
 
 class ClusterRateLimitService:
     """``RateLimitService`` behind one cluster: each call goes to an endpoint the cluster's
@@ -74,6 +76,7 @@ class StoreRuntime:
         self._redis: dict[str, RedisStore] = {}
         self._rls: dict[str, ClusterRateLimitService] = {}
         self._retired: list[RedisStore] = []
+        self._prober: asyncio.Task[None] | None = None
         if metrics.enabled:
             metrics.add_collector("dependencies", DependencyCollector(self))
 
@@ -90,7 +93,28 @@ class StoreRuntime:
             if st is not None:
                 self._retired.append(st)
             st = self._redis[name] = RedisStore(cfg)
+            self._start_prober()
         return st
+
+    def _start_prober(self) -> None:
+        if self._prober is not None:
+            return
+        try:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_down_stores())
+        except RuntimeError:
+            pass                        # built outside a loop (tests): traffic probes alone
+
+    async def _probe_down_stores(self) -> None:
+        """A store that is down comes back on the next call after its backoff; a worker with
+        no traffic would go on reporting it down, so ping it (one call per backoff step)."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            for st in list(self._redis.values()):
+                if not st.up:
+                    try:
+                        await st.ping()
+                    except Unavailable:
+                        pass
 
     def rate_limit_service(self, state: ClusterState) -> ClusterRateLimitService:
         svc = self._rls.get(state.name)
@@ -126,6 +150,8 @@ class StoreRuntime:
                 pass
         self._redis.clear()
         self._retired.clear()
+        if self._prober is not None:
+            self._prober.cancel()
         for svc in self._rls.values():
             svc.close()
 

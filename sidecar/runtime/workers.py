@@ -262,7 +262,9 @@ async def _start_private(app, path: str, wid: int):
 
     async def ready(request):
         reason = app.not_ready_reason()
-        return web.Response(status=200 if reason is None else 503, text=reason or "LIVE")
+        if reason is not None:
+            return web.Response(status=503, text=reason)
+        return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in _notes(app)))
 
     async def info(request):
         snap = app.store.snapshot
@@ -332,12 +334,18 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
             local = app.not_ready_reason()
             if local:
                 reasons.append(f"worker 0: {local}")
-            for wid, (status, text) in sorted((await ask_all(rundir, n, "GET", "/ready", skip=0)).items()):
+            answers = await ask_all(rundir, n, "GET", "/ready", skip=0)
+            for wid, (status, text) in sorted(answers.items()):
                 if status != 200:
                     reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
-            return web.Response(text="LIVE\n")
+            # notes (a store down, the last-known-good config...): each worker's, once
+            notes = [f"worker 0: {n}" for n in _notes(app)]
+            for wid, (status, text) in sorted(answers.items()):
+                notes += [f"worker {wid}: {line[6:]}" for line in text.splitlines()
+                          if line.startswith("note: ")]
+            return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in notes))
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",
@@ -365,6 +373,10 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else snap.admin.port
     return runner, port
+
+
+def _notes(app: App) -> list[str]:
+    return [n for n in (f() for f in app.ready_notes) if n]
 
 
 def _merge_mode(name: str, typ: str) -> str:

@@ -138,6 +138,12 @@ class RedisStore:
             return [int(x) for x in await script(keys=keys, args=args, client=client)]
         return await self.run(op)
 
+    async def ping(self) -> None:
+        """A call for its answer alone (``Unavailable`` while down and not yet due a probe)."""
+        async def op(client: aioredis.Redis) -> bool:
+            return bool(await client.ping())
+        await self.run(op)
+
     async def check_eviction_policy(self) -> None:
         async def op(client: aioredis.Redis) -> dict:
             return await client.config_get("maxmemory-policy")
