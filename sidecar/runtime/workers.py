@@ -342,7 +342,7 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
             # notes (a store down, the last-known-good config...): each worker's, once
             notes = [f"worker 0: {n}" for n in _notes(app)]
-            for wid, (status, text) in sorted(answers.items()):
+            for wid, (_status, text) in sorted(answers.items()):
                 notes += [f"worker {wid}: {line[6:]}" for line in text.splitlines()
                           if line.startswith("note: ")]
             return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in notes))

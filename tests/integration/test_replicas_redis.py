@@ -140,8 +140,8 @@ async def test_redis_down_fail_closed_and_open_then_recovers_by_itself(replicas,
     status, ready = await a.admin_get("/ready")
     assert status == 200 and "main (redis://" in ready and "down since" in ready, ready
     _, text = await a.admin_get("/stats/prometheus")
-    assert 'sidecar_dependency_up{address="redis://%s/0",name="main"} 0.0' % \
-        redis_server.address in text
+    up = f'sidecar_dependency_up{{address="redis://{redis_server.address}/0",name="main"}} 0.0'
+    assert up in text
     assert 'sidecar_dependency_policy_decisions_total{name="main",policy="fail_open"}' in text
     # Redis back on the same port: every worker of each replica finds it again by itself
     # (the next call after its backoff, or its own probe), with no restart
