@@ -114,6 +114,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
         demo_servers, ports = await start_demo_services()
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
+              loop_lag_threshold_s=args.loop_lag_threshold / 1000.0,
               reuse_port=reuse_port, worker_id=worker_id, workers=workers, admin=start_admin,
               companions=COMPANIONS)
     app.install_signal_handlers()
@@ -158,6 +159,9 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"))
     r.add_argument("--no-metrics", action="store_true", help="do not record metrics (benchmarking)")
     r.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    r.add_argument("--loop-lag-threshold", type=float, default=250.0, metavar="MS",
+                   help="report event-loop stalls longer than this, naming the user filter "
+                        "that blocked (0: no watchdog)")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a config file; lists every error with its path")
     v.add_argument("-c", "--config", required=True)

@@ -26,19 +26,23 @@ from sidecar.shared.api import SharedState
 from sidecar.shared.host import TableFull
 from sidecar.shared.local import LocalState
 from sidecar.tls.context import client_context
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
 
 
-def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
-    return client_context(tls) if tls is not None else None
+def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
+                     ) -> ssl.SSLContext | None:
+    return client_context(tls, secrets) if tls is not None else None
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache, shared: SharedState | None = None):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None,
+                 shared: SharedState | None = None):
         self.stats = stats
+        self.secrets = secrets          # SDS certificates for clusters' TLS
         # breaker gauges, requests in flight and the health board: the sidecar's, across
         # workers (shared memory) or this process's alone (LocalState)
         self.shared: SharedState = shared if shared is not None else LocalState()
@@ -106,7 +110,7 @@ class ClusterManager:
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
         ctx = old.ssl_context if old is not None and old.config.tls == cfg.tls \
-            else make_ssl_context(cfg.tls)
+            else make_ssl_context(cfg.tls, self.secrets)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
             return Cluster(cfg, st, cfg.endpoints, ctx)
         if old is not None:

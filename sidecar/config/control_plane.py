@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.wire import Raw
 
 DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0     # Envoy's default
 
@@ -33,7 +34,7 @@ class SourceSpec:
     metadata: tuple[tuple[str, str], ...] = ()   # grpc: initial_metadata
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> tuple[object, ...]:
         """Identity of the transport that serves this source (one per key)."""
         if self.kind == "rest":
             return ("rest", self.cluster, self.refresh_delay_s, self.request_timeout_s)
@@ -69,7 +70,7 @@ class ControlPlaneConfig:
         if self.default is not None:
             return self.default.kind.upper()
         kinds = {s.kind for s in (self.lds, self.cds) if s is not None}
-        if "ads" in kinds:
+        if "ads" in kinds or (not kinds and self.ads is not None):
             return "ADS"
         return "+".join(sorted(k.upper() for k in kinds)) or "NONE"
 
@@ -84,7 +85,7 @@ def _address(v: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
+def control_plane_from_native(d: Raw, path: str) -> ControlPlaneConfig:
     w.check_keys(d, ("api_type", "address", "addresses", "cluster", "path", "refresh_delay",
                      "request_timeout", "initial_fetch_timeout", "retry_backoff", "cache",
                      "poll_interval"), path)
@@ -96,7 +97,7 @@ def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
     for i, a in enumerate(w.seq(d, "addresses", path, [])):
         addrs.append(_address(a, w.join(w.join(path, "addresses"), i)))
     cluster = w.string(d, "cluster", path, "")
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     if api_type == "FILE":
         for k in ("address", "addresses", "cluster", "refresh_delay", "request_timeout"):
             if k in d:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
 
 
@@ -51,6 +52,7 @@ class Listener:
     tls: DownstreamTls | None = None
     drain_timeout_s: float = 5.0
     tracing: "TracingConfig" | None = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
     source: Any = None
 
 
@@ -104,7 +106,7 @@ def is_sensitive_header(name: str) -> bool:
     return any(w in n for w in _SENSITIVE_WORDS)
 
 
-def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
+def check_fields(fields: list[Any], path: str = "access_log.fields") -> tuple[str, ...]:
     """Validate a field list (for the config loaders): unknown or sensitive fields are a
     ConfigError with the path of the bad entry."""
     out = []

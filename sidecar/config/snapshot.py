@@ -11,6 +11,7 @@ from sidecar.config.errors import ErrorCollector
 from sidecar.config.listener import Admin, Listener, SidecarConfig, TracingConfig
 from sidecar.config.route import RouteAction
 from sidecar.config.stores import StoresConfig
+from sidecar.config.telemetry import MetricsListener
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class Snapshot:
     source_format: str = "native"        # native | envoy
     sidecar: SidecarConfig | None = None  # native `sidecar:` section (sidecar mode)
     stores: StoresConfig = StoresConfig()  # shared_state sizes and named Redis stores
+    metrics: MetricsListener | None = None   # the metrics-only listener (worker 0)
 
     def cluster(self, name: str) -> Cluster | None:
         for c in self.clusters:
@@ -42,7 +44,7 @@ def check_references(snap: Snapshot, native: bool = False) -> None:
         if c.name in names:
             errs.add(f"{base}clusters[{i}].name", f"duplicate cluster name {c.name!r}")
         names[c.name] = i
-    ports: dict[tuple, int] = {}
+    ports: dict[tuple[str, int], int] = {}
     for li, lst in enumerate(snap.listeners):
         key = (lst.host, lst.port)
         if key in ports and lst.port != 0:

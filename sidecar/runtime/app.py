@@ -23,16 +23,20 @@ from sidecar.config.snapshot import Snapshot
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer, Tracing
+from sidecar.observability.workload import Workload
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
-from sidecar.runtime.loader import load_file
+from sidecar.runtime.loader import filter_source_files, load_file
+from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
 from sidecar.runtime.stores import StoreRuntime
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
+from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")
 
@@ -76,15 +80,18 @@ class App:
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
                  cache_dir: str | None = None, admin: AdminStarter | None = None,
-                 companions: tuple[Companion, ...] = (), shared: SharedState | None = None):
+                 companions: tuple[Companion, ...] = (),
+                 loop_lag_threshold_s: float = DEFAULT_THRESHOLD_S,
+                 shared: SharedState | None = None):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
+        self.secrets = SecretStore()         # certificates from the control plane (SDS)
         # the sidecar's shared state: the segment of the worker group, or this process's own
         self.shared: SharedState = shared if shared is not None else \
             LocalState(snapshot.stores.shared_state)
-        self.clusters = ClusterManager(self.stats, self.shared)
+        self.clusters = ClusterManager(self.stats, self.secrets, self.shared)
         # outlier detection in every worker (each sees its own outcomes); its interval work
         # and active health checking in one (worker 0): one prober per sidecar
         outlier.follow(self.clusters, self.metrics, main=worker_id == 0)
@@ -94,10 +101,20 @@ class App:
         self.filter_env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
-                                 self.filter_env, self.shadow, self.make_tracer, reuse_port)
+                                 self.filter_env, self.shadow, self.make_tracer, reuse_port,
+                                 workload=Workload.from_env(os.environ), secrets=self.secrets)
         self.store.on_applied.append(self.on_snapshot_applied)
         self.store.before_apply.append(self._check_shared_state)
+        # user filter source files of the config in force -> filter name (reload, watchdog)
+        self.filter_files: dict[str, str] = {}
+        self._filter_mtimes: dict[str, float] = {}
+        self.watchdog = LoopWatchdog(self.metrics, lambda: self.filter_files,
+                                     loop_lag_threshold_s) if loop_lag_threshold_s > 0 else None
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
+        # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
+        # set by sidecar.runtime.workers) every worker's merged
+        self.render_metrics: Renderer = self._render_local
+        self.metrics_port = MetricsPort(lambda: self.render_metrics)   # worker 0 only
         self.admin_starter = admin
         # servers started beside the proxy on worker 0, by the entry point that made the App
         # (the kubelet prober of injected pods); each returns something with cleanup() or None
@@ -137,6 +154,9 @@ class App:
                                    "When the config in force was applied")
         self._last_version_label: str | None = None
 
+    async def _render_local(self, accept: str) -> tuple[bytes, str]:
+        return self.metrics.render(accept)
+
     # ---- factories used by the config store ---------------------------------------------
     def make_tracer(self, listener_config: Listener) -> ListenerTracer | None:
         if self._tracing is None:
@@ -162,6 +182,8 @@ class App:
             self._g_version.labels(snap.version).set(1)
             self._last_version_label = snap.version
             self._g_last.set(time.time())
+        self.filter_files = filter_source_files(snap)
+        self._filter_mtimes = {f: _mtime(f) for f in self.filter_files}
         for cb in self.snapshot_listeners:
             cb(snap)
 
@@ -184,8 +206,12 @@ class App:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, *, admin: bool = True) -> None:
         snap = self.initial
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._setup_tracing(snap)
         await self.store.apply(snap)
+        if self.worker_id == 0:
+            await (await self.metrics_port.prepare(snap.metrics))(True)
         self.count_update("initial", True)
         attach(self)        # sidecar mode (a no-op without a `sidecar:` section)
         self.clusters.start()
@@ -198,7 +224,8 @@ class App:
         if snap.control_plane is not None:
             sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
                                    count_update=self.count_update,
-                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes)
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes,
+                                   secrets=self.secrets)
             self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
@@ -228,12 +255,17 @@ class App:
         tracing_changed = self.store.snapshot is None or snap.tracing != self.store.snapshot.tracing
         if tracing_changed:
             self._setup_tracing(snap)     # the new listener snapshots are built with it
+        finish_metrics_port = None
         try:
+            if self.worker_id == 0:
+                finish_metrics_port = await self.metrics_port.prepare(snap.metrics)
             await self.store.apply(snap)
         except (ConfigError, ConfigErrors, OSError) as e:
             # ConfigError: found while building the route chains (e.g. a per-route filter
             # override naming an unknown provider); OSError: a new listener cannot bind.
             # Either way the file is refused like any invalid one.
+            if finish_metrics_port is not None:
+                await finish_metrics_port(False)
             if tracing_changed:
                 if self._tracing is not None:
                     self._tracing.shutdown()
@@ -241,6 +273,8 @@ class App:
             log.error("config reload refused, keeping the running config:\n%s", e)
             self.count_update(source, False, str(e))
             return False
+        if finish_metrics_port is not None:
+            await finish_metrics_port(True)
         if tracing_changed and old_tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, old_tracing.shutdown)
         log.info("config reloaded: version %s", snap.version)
@@ -259,6 +293,13 @@ class App:
             if mtime != self._config_mtime:
                 self._config_mtime = mtime
                 await self.reload("file")
+                continue
+            changed = [f for f, m in self._filter_mtimes.items() if _mtime(f) != m]
+            if changed:
+                for f in changed:
+                    self._filter_mtimes[f] = _mtime(f)   # a refused version is not retried
+                log.info("filter module changed (%s): reloading", ", ".join(changed))
+                await self.reload("filter_module")
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
@@ -270,6 +311,12 @@ class App:
             if r:
                 return r
         return None
+
+    def ready_notes_text(self) -> str:
+        """What a 200 /ready adds: one ``note:`` line per line of each ready note (the
+        last-known-good config in force, certificate expiry...)."""
+        lines = [line for f in self.ready_notes if (n := f()) for line in n.splitlines()]
+        return "".join(f"note: {line}\n" for line in lines)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, answer /ready 503, let in-flight requests finish. With inbound
@@ -333,6 +380,8 @@ class App:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.control_plane is not None:
             await self.control_plane.close()
         self.store.close()
@@ -340,6 +389,7 @@ class App:
         await self.stores.close()
         if self.admin is not None:
             await self.admin.cleanup()
+        await self.metrics_port.close()
         for server in self.companion_servers:
             cleanup = getattr(server, "cleanup", None)
             if cleanup is not None:
@@ -350,6 +400,13 @@ class App:
 
     def listener_port(self, name: str) -> int:
         return self.store.listeners[name].bound_port
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def setup_logging(level: str = "info") -> None:

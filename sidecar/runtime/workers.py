@@ -16,7 +16,7 @@ Shape:
   its slots, which it does before forking the replacement. Each worker follows config updates itself (the same file watched by each, or its own
   control-plane stream): there is no shared config state to lock. Listener ports must be fixed
   (port 0 would give each worker a different port).
-* Admin is served by worker 0 only, and aggregated: every worker serves its own metrics and
+* Admin (and the metrics-only listener, ``metrics:``) is served by worker 0 only, and aggregated: every worker serves its own metrics and
   readiness on a private unix socket (``<rundir>/w<i>.sock``, mode 0700 directory); worker 0
   answers ``/stats/prometheus`` by scraping them all at request time and merging the families
   (counters and histograms summed; gauges summed, except ``*_info`` / ``*_timestamp_seconds`` /
@@ -230,7 +230,13 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
     shared = host.worker(wid) if host is not None else None
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
+              loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
               worker_id=wid, workers=n, companions=companions, shared=shared)
+    if wid == 0:
+        async def render_merged(accept: str) -> tuple[bytes, str]:
+            others = await ask_all(rundir, n, "GET", "/metrics", skip=0)
+            return merged_metrics(app.metrics, others, accept)
+        app.render_metrics = render_merged     # the metrics-only listener answers for everyone
     try:
         await app.start(admin=False)
         if wid == 0:
@@ -264,7 +270,7 @@ async def _start_private(app, path: str, wid: int):
         reason = app.not_ready_reason()
         if reason is not None:
             return web.Response(status=503, text=reason)
-        return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in _notes(app)))
+        return web.Response(text="LIVE\n" + app.ready_notes_text())
 
     async def info(request):
         snap = app.store.snapshot
@@ -341,11 +347,12 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
             # notes (a store down, the last-known-good config...): each worker's, once
-            notes = [f"worker 0: {n}" for n in _notes(app)]
-            for wid, (_status, text) in sorted(answers.items()):
-                notes += [f"worker {wid}: {line[6:]}" for line in text.splitlines()
-                          if line.startswith("note: ")]
-            return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in notes))
+            text = "".join(f"note: worker 0: {line[6:]}\n"
+                           for line in app.ready_notes_text().splitlines())
+            for wid, (_status, body) in sorted(answers.items()):
+                text += "".join(f"note: worker {wid}: {line[6:]}\n"
+                                for line in body.splitlines() if line.startswith("note: "))
+            return web.Response(text="LIVE\n" + text)
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",
@@ -373,10 +380,6 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else snap.admin.port
     return runner, port
-
-
-def _notes(app: App) -> list[str]:
-    return [n for n in (f() for f in app.ready_notes) if n]
 
 
 def _merge_mode(name: str, typ: str) -> str:

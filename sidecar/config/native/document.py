@@ -20,14 +20,16 @@ from sidecar.config.native.listener import listener_from_native, tracing_from_na
 from sidecar.config.native.sidecar_mode import sidecar_from_native
 from sidecar.config.snapshot import Snapshot, check_references
 from sidecar.config.stores import StoresConfig, stores_from_native
+from sidecar.config.telemetry import MetricsListener
+from sidecar.config.wire import Raw
 
 TOP_LEVEL = ("admin", "listeners", "clusters", "tracing", "control_plane", "node", "version",
-             "sidecar", "shared_state", "stores")
+             "sidecar", "metrics", "shared_state", "stores")
 
 T = TypeVar("T")
 
 
-def snapshot(d: dict, filters: FilterCatalog) -> Snapshot:
+def snapshot(d: Raw, filters: FilterCatalog) -> Snapshot:
     """Every error of the document is collected (``ConfigErrors``), not just the first."""
     errs = ErrorCollector()
     try:
@@ -43,7 +45,7 @@ def snapshot(d: dict, filters: FilterCatalog) -> Snapshot:
         except ConfigError as e:
             errs.capture(e)
 
-    def collect(key: str, parse: Callable[[object, str], T]) -> list[T]:
+    def collect(key: str, parse: Callable[[Raw, str], T]) -> list[T]:
         out: list[T] = []
         items = d.get(key) or []
         if not isinstance(items, list):
@@ -84,11 +86,32 @@ def snapshot(d: dict, filters: FilterCatalog) -> Snapshot:
         stores = stores_from_native(d)
     except ConfigError as e:
         errs.capture(e)
+    metrics: MetricsListener | None = None
+    if "metrics" in d:
+        try:
+            metrics = metrics_from_native(d["metrics"], "metrics", admin, listeners)
+        except ConfigError as e:
+            errs.capture(e)
     errs.raise_if_any()
     node = d.get("node")
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     tracing=tracing, control_plane=control_plane,
                     node=node if isinstance(node, dict) else None, source_format="native",
-                    version=str(d.get("version", "0")), sidecar=sidecar, stores=stores)
+                    version=str(d.get("version", "0")), sidecar=sidecar, metrics=metrics,
+                    stores=stores)
     check_references(snap, native=True)
     return snap
+
+
+def metrics_from_native(d: object, path: str, admin: Admin, listeners: list[Listener]
+                        ) -> MetricsListener:
+    """``metrics: {address: 0.0.0.0, port: 15090}``: the metrics-only listener."""
+    m = w.check_keys(d, ("address", "port"), path)
+    out = MetricsListener(host=w.string(m, "address", path, "0.0.0.0", nonempty=True),
+                          port=w.integer(m, "port", path, 15090, lo=1, hi=65535))
+    if out.port == admin.port:
+        raise ConfigError(w.join(path, "port"), f"{out.port} is the admin port")
+    for lst in listeners:
+        if lst.port == out.port:
+            raise ConfigError(w.join(path, "port"), f"{out.port} is listener {lst.name!r}'s port")
+    return out
