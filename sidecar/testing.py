@@ -53,10 +53,10 @@ from sidecar.runtime.app import App
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import snapshot_from_doc
 from sidecar.runtime.stores import StoreRuntime
-from sidecar.shared.api import SharedState
-from sidecar.shared.local import LocalState
 from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S
 from sidecar.sdk import UserFilter
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 
 
 def free_port() -> int:

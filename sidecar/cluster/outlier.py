@@ -94,8 +94,8 @@ class OutlierDetector(OutcomeObserver):
         self.stats = _Stats(metrics, state.stats, state.name)
         self.judged: dict[tuple[str, Streak], int] = {}   # (address, kind) -> streak judged
         self.sr_last: dict[str, OutcomeTotals] = {}       # address -> totals at the last tick
-        self._tick_handle = None
-        self._uneject_handle = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._uneject_handle: asyncio.TimerHandle | None = None
         self._uneject_at = 0.0
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,9 +134,9 @@ class OutlierDetector(OutcomeObserver):
         if self.closed:
             return
         self.closed = True
-        for h in (self._tick_handle, self._uneject_handle):
-            if h is not None:
-                h.cancel()
+        for handle in (self._tick_handle, self._uneject_handle):
+            if handle is not None:
+                handle.cancel()
         changed = False
         for h in self.hosts:
             if h.ejected_until:
@@ -147,7 +147,8 @@ class OutlierDetector(OutcomeObserver):
             self._rebuild()
 
     # ---- the hot path: one call per attempt ------------------------------------------------
-    def on_outcome(self, host, status: int | None, latency: float, local_error: str | None) -> None:
+    def on_outcome(self, host: EndpointState, status: int | None, latency: float,
+                   local_error: str | None) -> None:
         if self._loop is None and not self.closed:
             self._start_timer()
         cfg = self.cfg
@@ -174,7 +175,7 @@ class OutlierDetector(OutcomeObserver):
         self._judge(host, Streak.CONSECUTIVE_5XX, cfg.consecutive_5xx, "consecutive_5xx",
                     cfg.enforcing_consecutive_5xx)
 
-    def _judge(self, host, kind: Streak, threshold: int, reason: str, enforcing: float) -> bool:
+    def _judge(self, host: EndpointState, kind: Streak, threshold: int, reason: str, enforcing: float) -> bool:
         """A streak is judged once, when it reaches its threshold (a threshold of 0: off)."""
         if threshold <= 0:
             return False
@@ -188,7 +189,7 @@ class OutlierDetector(OutcomeObserver):
         return self._maybe_eject(host, reason, enforcing)
 
     # ---- ejection -------------------------------------------------------------------------
-    def _maybe_eject(self, host, reason: str, enforcing: float) -> bool:
+    def _maybe_eject(self, host: EndpointState, reason: str, enforcing: float) -> bool:
         now = time.monotonic()
         c = self.state.current
         if c is not None:
@@ -205,7 +206,7 @@ class OutlierDetector(OutcomeObserver):
             return False
         return self._eject(host, reason, now)
 
-    def _eject(self, host, reason: str, now: float) -> bool:
+    def _eject(self, host: EndpointState, reason: str, now: float) -> bool:
         cfg = self.cfg
         hb = host.counters.eject(now, cfg.base_ejection_time_s, cfg.max_ejection_time_s)
         if hb is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from sidecar.config import wire as w
@@ -121,7 +122,7 @@ def _address(v: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _env_name(d: dict, key: str, path: str) -> str:
+def _env_name(d: Mapping[str, Any], key: str, path: str) -> str:
     v = w.string(d, key, path, "")
     if v and not v.replace("_", "").isalnum():
         raise ConfigError(w.join(path, key), "must be an environment variable name")
@@ -156,7 +157,7 @@ def redis_from_native(name: str, d: Any, path: str) -> RedisStoreConfig:
         backoff=backoff)
 
 
-def stores_from_native(root: dict, path: str = "") -> StoresConfig:
+def stores_from_native(root: Mapping[str, Any], path: str = "") -> StoresConfig:
     """``shared_state`` and ``stores`` of a native config root (other keys are not ours)."""
     shared = SharedStateConfig()
     if root.get("shared_state") is not None:

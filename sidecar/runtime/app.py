@@ -33,9 +33,9 @@ from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
 from sidecar.runtime.stores import StoreRuntime
+from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
-from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
 from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidecar.cluster.cluster import ClusterState
 from sidecar.config.stores import DEFAULT_BACKOFF, StoresConfig
@@ -166,7 +167,7 @@ class DependencyCollector:
     def describe(self) -> list[object]:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("sidecar_dependency_up",
                                "1 while the store or service answers (0: failure policy in force)",
                                labels=("name", "address"))

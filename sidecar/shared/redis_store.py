@@ -230,7 +230,8 @@ class RedisBuckets:
 
     async def consume_all(self, buckets: tuple[tuple[str, BucketSpec], ...]
                           ) -> tuple[int, BucketDecision]:
-        keys, args = [], []
+        keys: list[str] = []
+        args: list[int] = []
         cache, prefix = self._keys, self.store.cfg.key_prefix
         for name, spec in buckets:
             k = cache.get(name)
