@@ -29,8 +29,8 @@ several workers): a laptop needs no Redis.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import wire as w
