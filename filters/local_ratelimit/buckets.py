@@ -1,5 +1,5 @@
 """The token buckets of a local rate limit, kept by the sidecar: every worker consumes from the
-same bucket (``FilterEnv.token_buckets``, exact, see docs/limits.md), or every replica does
+same bucket (``FilterEnv.token_buckets``, exact, see docs/resilience.md), or every replica does
 when the config names a store (``FilterEnv.remote_buckets``, Redis).
 
 A bucket is named by its scope (the filter config's content, plus the route for a per-route

@@ -65,7 +65,7 @@ class FilterEnv(Protocol):
 
     # ---- limits that are the sidecar's (every worker), or every replica's (a store) -------
     def token_buckets(self) -> TokenBuckets:
-        """Token buckets shared by every worker of the sidecar (exact; see docs/limits.md)."""
+        """Token buckets shared by every worker of the sidecar (exact; see docs/resilience.md)."""
         ...
 
     def replay_cache(self) -> ReplayCache:
