@@ -88,13 +88,17 @@ def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory,
         return 1
     rundir = tempfile.mkdtemp(prefix="sidecar-workers-")
     os.chmod(rundir, 0o700)
-    host = SharedHost.create(snap.stores.shared_state, concurrency)   # before any fork
+    # before any fork. SIDECAR_SHARED_STATE=per_worker (bench/shared_cost.py only) gives each
+    # worker its own state instead, to measure what sharing costs
+    host = None if os.environ.get("SIDECAR_SHARED_STATE") == "per_worker" else \
+        SharedHost.create(snap.stores.shared_state, concurrency)
     sup = Supervisor(args, snap, concurrency, rundir, admin_app, companions, host)
     try:
         return sup.run()
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
-        host.close()
+        if host is not None:
+            host.close()
 
 
 class Supervisor:
