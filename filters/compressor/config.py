@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from filters.compressor.libraries import ENVOY_EXTENSIONS, Library, library_from_native, library_from_envoy
+from filters.compressor.libraries import ENVOY_EXTENSIONS, Library, library_from_envoy, library_from_native
 from sidecar.sdk import ConfigError, wire
 
 TYPE_URL = ENVOY_EXTENSIONS + "filters.http.compressor.v3.Compressor"

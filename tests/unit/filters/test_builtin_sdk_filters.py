@@ -10,8 +10,8 @@ import pytest
 from multidict import MultiDict
 
 from filters import buffer, compressor, cors, ext_authz
-from filters.compressor.libraries import T_GZIP, T_ZSTD
 from filters import header_to_metadata as h2m
+from filters.compressor.libraries import T_GZIP, T_ZSTD
 from filters.ext_authz import config as authz_config
 from sidecar.core.body import BodyStream
 from sidecar.sdk import ConfigError, Response
