@@ -104,7 +104,9 @@ class Cluster:
         if st is None or st.removed:
             pool = ConnectionPool(ep.host, ep.port, cfg.connect_timeout_s,
                                   cfg.max_idle_connections, cfg.idle_timeout_s,
-                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni)
+                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni,
+                                  cfg.max_response_headers_count,
+                                  cfg.max_response_headers_kb * 1024)
             st = EndpointState(ep, pool, cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
@@ -125,6 +127,8 @@ class Cluster:
             p.connect_timeout = cfg.connect_timeout_s
             p.max_idle = cfg.max_idle_connections
             p.idle_timeout = cfg.idle_timeout_s
+            p.max_headers_count = cfg.max_response_headers_count
+            p.max_header_bytes = cfg.max_response_headers_kb * 1024
             p.on_free = waiters.wake
             if p.ssl is not self.ssl_context:
                 p.ssl = self.ssl_context        # new TLS settings need new connections

@@ -121,6 +121,9 @@ class Cluster:
     max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
+    # response head limits: over them the response is a 502 and the connection closes
+    max_response_headers_count: int = 100     # Envoy's common_http_protocol_options default
+    max_response_headers_kb: int = 80         # Envoy's HTTP/1 default
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()

@@ -28,8 +28,17 @@ class Listener:
     direction: str = "outbound"           # inbound | outbound (sidecar mode)
     idle_timeout_s: float = 3600.0        # downstream connection idle timeout (Envoy 1 h)
     request_headers_timeout_s: float = 10.0   # slow-loris guard
-    request_timeout_s: float = 0.0        # whole downstream request, 0 = off
-    max_request_headers_kb: int = 60
+    request_timeout_s: float = 0.0        # until the whole request is received, 0 = off
+    stream_idle_timeout_s: float = 300.0  # no byte in or out on a stream (Envoy 5 min), 0 = off
+    max_stream_duration_s: float = 0.0    # a stream's whole life, 0 = off
+    max_request_headers_kb: int = 60      # request line + header fields
+    max_headers_count: int = 100          # header lines of a request (Envoy's default)
+    headers_with_underscores_action: str = "ALLOW"   # ALLOW | REJECT_REQUEST | DROP_HEADER
+    # path normalisation before filters and routing (the upstream gets the normalised path)
+    normalize_path: bool = False          # RFC 3986 dot segments, unreserved %XX decoded
+    merge_slashes: bool = False
+    path_with_escaped_slashes_action: str = "KEEP_UNCHANGED"   # | REJECT_REQUEST |
+    #                                      UNESCAPE_AND_REDIRECT | UNESCAPE_AND_FORWARD
     accept_http_10: bool = False          # Envoy answers 426 to HTTP/1.0 unless enabled
     generate_request_id: bool = True
     xff_num_trusted_hops: int = 0

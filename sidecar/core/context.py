@@ -79,7 +79,7 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path")
+                 "original_path", "stream_idle_timeout", "max_stream_duration")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -115,6 +115,9 @@ class RequestContext:
         self.grpc = False                          # content-type application/grpc*
         self.observer: StreamObserver | None = None
         self.original_path = ""                    # the path before a route rewrote it
+        # a route's own stream timeouts (seconds, 0 = off), overriding the listener's
+        self.stream_idle_timeout: float | None = None
+        self.max_stream_duration: float | None = None
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)
