@@ -14,7 +14,7 @@ from control_plane_client.translate.common import (
 from control_plane_client.translate.route import route_configuration
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig
+from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, AccessLogConfig, Listener, TracingConfig
 from sidecar.config.route import HttpFilter, RouteConfig
 
 
@@ -93,7 +93,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
                        "request_headers_timeout", "request_timeout", "stream_idle_timeout",
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
-                       "merge_slashes", "strip_any_host_port", "strip_matching_host_port",
+                       "merge_slashes", "path_with_escaped_slashes_action",
+                       "strip_any_host_port", "strip_matching_host_port",
                        "http_protocol_options", "tracing"), hp)
     w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
     rc = None
@@ -109,7 +110,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
             rc = rds_routes[rds_name]
     cho = w.mapping(hcm, "common_http_protocol_options", hp, {})
     chp = w.join(hp, "common_http_protocol_options")
-    w.check_keys(cho, ("idle_timeout", "max_headers_count", "headers_with_underscores_action"), chp)
+    w.check_keys(cho, ("idle_timeout", "max_headers_count", "headers_with_underscores_action",
+                       "max_stream_duration"), chp)
     stat_prefix = w.string(hcm, "stat_prefix", hp, nonempty=True)
     direction = w.string(d, "traffic_direction", path, "OUTBOUND",
                          choices=("UNSPECIFIED", "INBOUND", "OUTBOUND")).lower()
@@ -122,7 +124,16 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         idle_timeout_s=w.duration(cho, "idle_timeout", chp, 3600.0),
         request_headers_timeout_s=w.duration(hcm, "request_headers_timeout", hp, 10.0),
         request_timeout_s=w.duration(hcm, "request_timeout", hp, 0.0),
+        stream_idle_timeout_s=w.duration(hcm, "stream_idle_timeout", hp, 300.0),
+        max_stream_duration_s=w.duration(cho, "max_stream_duration", chp, 0.0),
         max_request_headers_kb=w.integer(hcm, "max_request_headers_kb", hp, 60, lo=1, hi=8192),
+        max_headers_count=w.integer(cho, "max_headers_count", chp, 100, lo=1),
+        headers_with_underscores_action=w.string(
+            cho, "headers_with_underscores_action", chp, "ALLOW",
+            choices=("ALLOW", "REJECT_REQUEST", "DROP_HEADER")),
+        normalize_path=w.boolean(hcm, "normalize_path", hp, False),
+        merge_slashes=w.boolean(hcm, "merge_slashes", hp, False),
+        path_with_escaped_slashes_action=_escaped_slashes(hcm, hp),
         accept_http_10=_accept_http_10(hcm, hp),
         generate_request_id=w.boolean(hcm, "generate_request_id", hp, True),
         xff_num_trusted_hops=w.integer(hcm, "xff_num_trusted_hops", hp, 0, lo=0),
@@ -169,6 +180,13 @@ def hcm_tracing(d: dict, path: str) -> TracingConfig:
     return TracingConfig(sample_percent=percent, exporter="otlp_http",
                          endpoint=w.string(uri, "uri", up, nonempty=True),
                          service_name=w.string(body, "service_name", tp, "sidecar"))
+
+
+def _escaped_slashes(hcm: dict, hp: str) -> str:
+    v = w.string(hcm, "path_with_escaped_slashes_action", hp, "KEEP_UNCHANGED",
+                 choices=("IMPLEMENTATION_SPECIFIC_DEFAULT", *ESCAPED_SLASHES_ACTIONS))
+    # Envoy's implementation-specific default is KEEP_UNCHANGED
+    return "KEEP_UNCHANGED" if v == "IMPLEMENTATION_SPECIFIC_DEFAULT" else v
 
 
 def _accept_http_10(hcm: dict, hp: str) -> bool:

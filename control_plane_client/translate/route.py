@@ -127,9 +127,11 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["host_rewrite"] = w.string(d, "host_rewrite_literal", path, nonempty=True)
     kw["auto_host_rewrite"] = w.boolean(d, "auto_host_rewrite", path, False)
     kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
-    if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
-        raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are not "
-                          "supported (only 0s, disabled); use timeout or retry_policy.per_try_timeout")
+    kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
+    if "max_stream_duration" in d:
+        mp = w.join(path, "max_stream_duration")
+        m = w.check_keys(d["max_stream_duration"], ("max_stream_duration",), mp)
+        kw["max_stream_duration_s"] = w.duration(m, "max_stream_duration", mp, None)
     if "retry_policy" in d:
         kw["retry_policy"] = retry_policy_from_envoy(w.mapping(d, "retry_policy", path),
                                                      w.join(path, "retry_policy"))

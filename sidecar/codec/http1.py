@@ -411,11 +411,9 @@ class DownstreamConnection(asyncio.Protocol):
         self._current = req
         self._responding = False
         self._last_io = time.monotonic()
-        keep_alive = req.keep_alive and not lr.draining
         if req.reject is not None:
             status, text = req.reject
             resp = local_reply(ctx, status, text, "DPE")
-            keep_alive = False
             lr.protocol_error(status)
             try:
                 await self._write(req, resp, False)
@@ -428,13 +426,15 @@ class DownstreamConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             # the client left (connection_lost) or a stream timeout fired: everything below
             # was unwound by the cancellation (upstream connection closed, slots returned)
-            return self._after_cancel(req)
+            return await self._after_cancel(req)
         except BodyAborted as e:
             resp = local_reply(ctx, e.status, "bad request body" if e.status == 400
                                else "downstream disconnected", "DPE" if e.status == 400 else e.flag)
         except Exception:
             log.exception("unhandled error in request chain")
             resp = local_reply(ctx, 500, "internal error", "DPE")
+        # read after dispatch: the connection manager may have decided the connection closes
+        keep_alive = req.keep_alive and not lr.draining
         if self._closing:
             resp.discard()
             if "DC" not in ctx.flags:
@@ -472,18 +472,29 @@ class DownstreamConnection(asyncio.Protocol):
         if flag is not None and flag not in ctx.flags:
             ctx.flags.append(flag)
 
-    def _after_cancel(self, req: Request) -> bool:
-        """The stream in flight was cancelled before its response started."""
+    async def _after_cancel(self, req: Request) -> bool:
+        """The stream in flight was cancelled before its response started: the client left,
+        or a stream timeout fired (then it is answered: 504 when the whole request had
+        arrived, the connection staying usable; 408 and close while it was still arriving)."""
         ctx = req.ctx
         t = self._timed_out
-        if t is not None and not self._closing:
-            status, text, flag = t
-            resp = local_reply(ctx, status, text, flag)
-            self._write_local(resp)
-        else:
+        self._timed_out = None
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()          # handled here: later awaits of this task run normally
+        if t is None or self._closing:
             resp = local_reply(ctx, 400, "downstream disconnected", "DC")
+            self.lr.finish(req, resp, 0)
+            return False
+        status, text, flag = t
+        resp = local_reply(ctx, status, text, flag)
+        keep = status != 408 and req.keep_alive and not self.lr.draining
+        try:
+            await self._write(req, resp, keep)
+        except (ConnectionError, OSError):
+            keep = False
         self.lr.finish(req, resp, 0)
-        return False
+        return keep
 
     def _write_local(self, resp: Response) -> None:
         body = resp.body if isinstance(resp.body, bytes) else b""
@@ -639,19 +650,22 @@ class DownstreamConnection(asyncio.Protocol):
             else limits.max_stream_duration_s
         idle = ctx.stream_idle_timeout if ctx.stream_idle_timeout is not None \
             else limits.stream_idle_timeout_s
+        received = _request_received(req)
         if duration and age > duration:
-            t = (408, "downstream duration timeout", "DT")
+            t = (504 if received else 408, "downstream duration timeout", "DT")
         elif idle and now - self._last_io > idle:
-            t = (408, "stream timeout", "SI")
+            t = (504 if received else 408, "stream timeout", "SI")
         elif limits.request_timeout_s and age > limits.request_timeout_s and \
-                not self._responding and not _request_received(req):
+                not self._responding and not received:
             t = (408, "request timeout", None)
         if t is None:
             return
         self._timed_out = t
-        self._stopped = True
+        if t[0] == 408:
+            self._stopped = True     # the rest of that request is never read: the connection closes
         if self._responding:
             # the response has started: all that is left is to reset the stream
+            self._stopped = True
             if self.transport is not None:
                 self.transport.abort()
         task = self._task

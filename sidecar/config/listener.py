@@ -16,6 +16,11 @@ class AccessLogConfig:
     fields: tuple[str, ...] = ()    # empty: the default field set
 
 
+ESCAPED_SLASHES_ACTIONS = ("KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
+                           "UNESCAPE_AND_FORWARD")
+UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str

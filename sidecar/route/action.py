@@ -157,7 +157,8 @@ class RouteActionLayer:
     cluster at stack build time; ``cluster_header`` routes build theirs on first use)."""
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
-                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks")
+                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks",
+                 "idle_timeout", "max_stream_duration")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
@@ -173,6 +174,8 @@ class RouteActionLayer:
         self.regex_rewrite: tuple[re.Pattern[str], str] | None = action.regex_rewrite
         self.host_rewrite = action.host_rewrite
         self.hash_policy = action.hash_policy
+        self.idle_timeout = action.idle_timeout_s
+        self.max_stream_duration = action.max_stream_duration_s
 
     def _stack_for(self, name: str) -> Handler:
         stack = self.stacks.get(name)
@@ -188,6 +191,10 @@ class RouteActionLayer:
     async def __call__(self, req: Request) -> Response:
         ctx = req.ctx
         headers = req.headers
+        if self.idle_timeout is not None:
+            ctx.stream_idle_timeout = self.idle_timeout      # enforced by the codec's sweep
+        if self.max_stream_duration is not None:
+            ctx.max_stream_duration = self.max_stream_duration
         name, extra = self.choice.pick(req)
         ctx.cluster = name
         if not name:

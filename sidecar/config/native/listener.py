@@ -7,7 +7,14 @@ import os
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
+from sidecar.config.listener import (
+    ESCAPED_SLASHES_ACTIONS,
+    UNDERSCORE_ACTIONS,
+    AccessLogConfig,
+    Listener,
+    TracingConfig,
+    check_fields,
+)
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
@@ -35,7 +42,10 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
+                     "accept_http_10", "trust_private_peers", "preserve_external_request_id",
+                     "stream_idle_timeout", "max_stream_duration", "max_headers_count",
+                     "headers_with_underscores_action", "normalize_path", "merge_slashes",
+                     "path_with_escaped_slashes_action"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -75,7 +85,16 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
         idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
         request_headers_timeout_s=w.duration(d, "request_headers_timeout", path, 10.0),
         request_timeout_s=w.duration(d, "request_timeout", path, 0.0),
+        stream_idle_timeout_s=w.duration(d, "stream_idle_timeout", path, 300.0),
+        max_stream_duration_s=w.duration(d, "max_stream_duration", path, 0.0),
         max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
+        max_headers_count=w.integer(d, "max_headers_count", path, 100, lo=1),
+        headers_with_underscores_action=w.string(d, "headers_with_underscores_action", path,
+                                                 "ALLOW", choices=UNDERSCORE_ACTIONS),
+        normalize_path=w.boolean(d, "normalize_path", path, False),
+        merge_slashes=w.boolean(d, "merge_slashes", path, False),
+        path_with_escaped_slashes_action=w.string(d, "path_with_escaped_slashes_action", path,
+                                                  "KEEP_UNCHANGED", choices=ESCAPED_SLASHES_ACTIONS),
         accept_http_10=w.boolean(d, "accept_http_10", path, True),
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
         trust_private_peers=w.boolean(d, "trust_private_peers", path, True),
