@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
+from control_plane_client.translate.dynamic import config_source
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DNS_LOOKUP_FAMILIES,
     CircuitBreakers,
     Cluster,
     Endpoint,
@@ -20,7 +22,7 @@ from sidecar.config.errors import ConfigError
 
 
 def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
-    w.check_keys(d, ("cluster_name", "endpoints", "policy", "@type"), path)
+    w.check_keys(d, ("cluster_name", "endpoints", "@type"), path)
     eps = []
     ep_path = w.join(path, "endpoints")
     for i, le in enumerate(w.seq(d, "endpoints", path, [])):
@@ -30,10 +32,10 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
             raise ConfigError(w.join(lp, "priority"), "only priority 0 is supported")
         for j, lbe in enumerate(w.seq(le, "lb_endpoints", lp, [])):
             bp = w.join(w.join(lp, "lb_endpoints"), j)
-            w.check_keys(lbe, ("endpoint", "load_balancing_weight", "health_status", "metadata"), bp)
+            w.check_keys(lbe, ("endpoint", "load_balancing_weight", "health_status"), bp)
             ep = w.mapping(lbe, "endpoint", bp)
             epp = w.join(bp, "endpoint")
-            w.check_keys(ep, ("address", "hostname", "health_check_config"), epp)
+            w.check_keys(ep, ("address", "hostname"), epp)
             host, prt = socket_address(w.mapping(ep, "address", epp), w.join(epp, "address"))
             if prt == 0:
                 raise ConfigError(w.join(epp, "address.socket_address.port_value"), "must be 1..65535")
@@ -54,8 +56,7 @@ def cluster(d: dict, path: str) -> Cluster:
                      "outlier_detection", "health_checks", "transport_socket",
                      "eds_cluster_config", "common_lb_config", "least_request_lb_config",
                      "ring_hash_lb_config", "load_balancing_policy", "per_connection_buffer_limit_bytes",
-                     "typed_extension_protocol_options", "@type", "respect_dns_ttl",
-                     "upstream_connection_options", "alt_stat_name"), path)
+                     "typed_extension_protocol_options", "@type", "respect_dns_ttl"), path)
     name = w.string(d, "name", path, nonempty=True)
     ctype = w.string(d, "type", path, "STATIC",
                      choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS")).lower()
@@ -68,6 +69,10 @@ def cluster(d: dict, path: str) -> Cluster:
     if ctype == "eds":
         ep = w.join(path, "eds_cluster_config")
         e = w.check_keys(w.mapping(d, "eds_cluster_config", path, {}), ("service_name", "eds_config"), ep)
+        if "eds_config" in e:
+            # honoured by the xDS client when it subscribes; checked here so a bad one is a
+            # config error with its path, not a silent no-subscription
+            config_source(w.mapping(e, "eds_config", ep), w.join(ep, "eds_config"))
         kw["eds_service_name"] = w.string(e, "service_name", ep, name)
     lb_policy = w.string(d, "lb_policy", path, "ROUND_ROBIN",
                          choices=("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "RING_HASH", "MAGLEV",
@@ -81,6 +86,11 @@ def cluster(d: dict, path: str) -> Cluster:
         lp = w.join(path, "ring_hash_lb_config")
         rh = w.check_keys(d["ring_hash_lb_config"], ("minimum_ring_size", "maximum_ring_size", "hash_function"), lp)
         lb_kw["ring_size"] = w.integer(rh, "minimum_ring_size", lp, 1024, lo=1, hi=8_388_608)
+        # the ring is built with exactly minimum_ring_size entries, which maximum_ring_size
+        # bounds: a maximum below the minimum is an error, as in Envoy
+        if w.integer(rh, "maximum_ring_size", lp, 8_388_608, lo=1, hi=8_388_608) < lb_kw["ring_size"]:
+            raise ConfigError(w.join(lp, "maximum_ring_size"), "must be >= minimum_ring_size")
+        w.string(rh, "hash_function", lp, "XX_HASH", choices=("XX_HASH",))
     if "common_lb_config" in d:
         lp = w.join(path, "common_lb_config")
         cl = w.check_keys(d["common_lb_config"], ("healthy_panic_threshold",), lp)
@@ -133,6 +143,12 @@ def cluster(d: dict, path: str) -> Cluster:
         kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"))
     if "per_connection_buffer_limit_bytes" in d:
         kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
+    kw["dns_lookup_family"] = w.string(d, "dns_lookup_family", path, "AUTO",
+                                       choices=DNS_LOOKUP_FAMILIES)
+    if w.boolean(d, "respect_dns_ttl", path, False):
+        raise ConfigError(w.join(path, "respect_dns_ttl"), "is not supported: the system resolver "
+                          "(getaddrinfo) reports no TTLs; names are re-resolved every "
+                          "dns_refresh_rate")
     return Cluster(name=name, type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh_rate", path, 5.0),

@@ -18,20 +18,29 @@ from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, AccessLogConfig, Li
 from sidecar.config.route import HttpFilter, RouteConfig
 
 
+def router_suppresses_envoy_headers(items: list, path: str) -> bool:
+    """The router filter's ``suppress_envoy_headers`` (it is the last filter)."""
+    if not items or not isinstance(items[-1], dict) or "typed_config" not in items[-1]:
+        return False
+    tp = w.join(w.join(path, len(items) - 1), "typed_config")
+    rc = typed(items[-1]["typed_config"], tp, T_ROUTER)
+    return w.boolean(rc, "suppress_envoy_headers", tp, False)
+
+
 def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
     out: list[HttpFilter] = []
     if not items or (items[-1] or {}).get("name") != filter_registry.ROUTER:
         raise ConfigError(path, f"must end with {filter_registry.ROUTER}")
     for i, f in enumerate(items):
         fp = w.join(path, i)
-        w.check_keys(f, ("name", "typed_config", "disabled", "is_optional"), fp)
+        w.check_keys(f, ("name", "typed_config", "disabled"), fp)
         name = w.string(f, "name", fp, nonempty=True)
         if name == filter_registry.ROUTER:
             if i != len(items) - 1:
                 raise ConfigError(fp, "the router filter must be last")
             if "typed_config" in f:
                 rc = typed(f["typed_config"], w.join(fp, "typed_config"), T_ROUTER)
-                w.check_keys(rc, ("suppress_envoy_headers", "start_child_span"), w.join(fp, "typed_config"))
+                w.check_keys(rc, ("suppress_envoy_headers",), w.join(fp, "typed_config"))
             continue
         spec = filter_registry.lookup(name)
         if spec is None:
@@ -68,8 +77,7 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
     from control_plane_client.translate.tls import downstream_tls_from_envoy
 
-    w.check_keys(d, ("name", "address", "filter_chains", "per_connection_buffer_limit_bytes",
-                     "@type", "stat_prefix", "traffic_direction"), path)
+    w.check_keys(d, ("name", "address", "filter_chains", "@type", "traffic_direction"), path)
     host, port_ = socket_address(w.mapping(d, "address", path), w.join(path, "address"))
     chains = w.seq(d, "filter_chains", path)
     if len(chains) != 1:
@@ -140,6 +148,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         use_remote_address=w.boolean(hcm, "use_remote_address", hp, False),
         preserve_external_request_id=w.boolean(hcm, "preserve_external_request_id", hp, False),
         server_name=w.string(hcm, "server_name", hp, "envoy"),
+        suppress_envoy_headers=router_suppresses_envoy_headers(
+            w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters")),
         strip_host_port="any" if w.boolean(hcm, "strip_any_host_port", hp, False)
         else "matching" if w.boolean(hcm, "strip_matching_host_port", hp, False) else "none",
         strip_host_header=True,

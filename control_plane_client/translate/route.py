@@ -94,6 +94,9 @@ def route_action(d: dict, path: str) -> RouteAction:
                      "priority"), path)
     kind = w.one_of(d, ("cluster", "weighted_clusters", "cluster_header"), path)
     w.string(d, "priority", path, "DEFAULT", choices=("DEFAULT",))   # HIGH routing: not supported
+    # a cluster_header naming no cluster is a 503, as Envoy's default
+    w.string(d, "cluster_not_found_response_code", path, "SERVICE_UNAVAILABLE",
+             choices=("SERVICE_UNAVAILABLE",))
     kw: dict = {}
     if kind == "cluster":
         kw["cluster"] = w.string(d, "cluster", path, nonempty=True)
@@ -168,7 +171,7 @@ def route_action(d: dict, path: str) -> RouteAction:
 
 def route(d: dict, path: str) -> Route:
     w.check_keys(d, ("name", "match", "route", "direct_response", "redirect",
-                     "typed_per_filter_config", "decorator", "metadata", *_MUTATION_KEYS), path)
+                     "typed_per_filter_config", *_MUTATION_KEYS), path)
     m = route_match(w.mapping(d, "match", path), w.join(path, "match"))
     kind = w.one_of(d, ("route", "direct_response", "redirect"), path)
     kp = w.join(path, kind)
@@ -231,6 +234,9 @@ def virtual_host(d: dict, path: str) -> VirtualHost:
 
 def route_configuration(d: dict, path: str) -> RouteConfig:
     w.check_keys(d, ("name", "virtual_hosts", "validate_clusters", "@type", *_MUTATION_KEYS), path)
+    if not w.boolean(d, "validate_clusters", path, True):
+        raise ConfigError(w.join(path, "validate_clusters"), "must be true: the sidecar always "
+                          "checks that the clusters a route names exist")
     vp = w.join(path, "virtual_hosts")
     vhosts = tuple(virtual_host(v, w.join(vp, i)) for i, v in enumerate(w.seq(d, "virtual_hosts", path, [])))
     seen: dict[str, int] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -26,6 +27,32 @@ from sidecar.tls.context import client_context
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
+
+
+_FAMILY = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6, "AUTO": socket.AF_UNSPEC,
+           "V4_PREFERRED": socket.AF_UNSPEC, "ALL": socket.AF_UNSPEC}
+
+
+def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[str]:
+    """The addresses a DNS cluster uses, by ``dns_lookup_family`` (Envoy's semantics): AUTO
+    takes the IPv6 ones if there are any, else IPv4; V4_PREFERRED the reverse; ALL both."""
+    v4 = [a for fam, a in found if fam == socket.AF_INET]
+    v6 = [a for fam, a in found if fam == socket.AF_INET6]
+    if family == "AUTO":
+        picked = v6 or v4
+    elif family == "V4_PREFERRED":
+        picked = v4 or v6
+    elif family == "V4_ONLY":
+        picked = v4
+    elif family == "V6_ONLY":
+        picked = v6
+    else:
+        picked = [a for _, a in found]
+    out: list[str] = []
+    for a in picked:
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
@@ -172,16 +199,14 @@ class ClusterManager:
             ok = True
             for ep in cfg.endpoints:
                 try:
-                    infos = await loop.getaddrinfo(ep.host, ep.port, type=1)  # SOCK_STREAM
+                    infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                                   family=_FAMILY[cfg.dns_lookup_family])
                 except OSError as e:
                     ok = False
                     log.warning("cluster %s: DNS resolution of %s failed: %s", st.name, ep.host, e)
                     continue
-                addrs: list[str] = []
-                for info in infos:
-                    a = str(info[4][0])
-                    if a not in addrs:
-                        addrs.append(a)
+                addrs = lookup_family_addresses(cfg.dns_lookup_family,
+                                                [(info[0], str(info[4][0])) for info in infos])
                 if cfg.type == "logical_dns":
                     addrs = addrs[:1]
                 for a in addrs:

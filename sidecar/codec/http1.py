@@ -66,6 +66,7 @@ class StreamOwner(Protocol):
     headers_with_underscores: str    # ALLOW | REJECT_REQUEST | DROP_HEADER
     server_header: str
     accept_http_10: bool
+    suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
     draining: bool
 
     def connection_opened(self, conn: "DownstreamConnection") -> None: ...
@@ -533,7 +534,7 @@ class DownstreamConnection(asyncio.Protocol):
         if "date" not in headers:
             parts.append(f"date: {DATE.get()}\r\n")
         ctx = req.ctx
-        if ctx.upstream_duration is not None:
+        if ctx.upstream_duration is not None and not lr.suppress_envoy_headers:
             parts.append(f"x-envoy-upstream-service-time: {int(ctx.upstream_duration * 1000)}\r\n")
         if not keep_alive:
             parts.append("connection: close\r\n")

@@ -109,6 +109,11 @@ class HealthCheck:
         return False
 
 
+# Envoy's DnsLookupFamily: AUTO prefers IPv6 and falls back to IPv4; V4_PREFERRED the other
+# way round; ALL takes both families
+DNS_LOOKUP_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
@@ -117,6 +122,7 @@ class Cluster:
     connect_timeout_s: float = 5.0
     lb: LbConfig = LbConfig()
     dns_refresh_s: float = 5.0
+    dns_lookup_family: str = "ALL"       # native default; Envoy's default (AUTO) when translated
     eds_service_name: str = ""
     max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)

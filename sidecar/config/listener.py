@@ -53,6 +53,9 @@ class Listener:
     trust_private_peers: bool = False
     preserve_external_request_id: bool = False
     server_name: str = "envoy"
+    # the router adds no x-envoy-* headers of its own (expected-rq-timeout-ms upstream;
+    # upstream-service-time and overloaded downstream)
+    suppress_envoy_headers: bool = False
     # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
     # the listener's port) | "none" (Envoy's default; native configs default to "any")
     strip_host_port: str = "none"

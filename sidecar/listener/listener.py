@@ -65,6 +65,7 @@ class ListenerRuntime:
         self.headers_with_underscores = config.headers_with_underscores_action
         self.server_header = f"server: {config.server_name}\r\n"
         self.accept_http_10 = config.accept_http_10
+        self.suppress_envoy_headers = config.suppress_envoy_headers
 
     def port_bound(self) -> None:
         """Port 0 was bound to a real port: routes that strip a matching port must know it."""

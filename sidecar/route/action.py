@@ -24,7 +24,8 @@ from sidecar.route.table import parse_cookies
 RESET_BODY = "upstream connect error or disconnect/reset before headers. reset reason: "
 
 
-def local_reply_for_error(ctx: RequestContext, e: UpstreamError) -> Response:
+def local_reply_for_error(ctx: RequestContext, e: UpstreamError,
+                          suppress_envoy_headers: bool = False) -> Response:
     flag = e.flag
     if flag == "UT":
         return local_reply(ctx, 504, "upstream request timeout", "UT")
@@ -34,7 +35,8 @@ def local_reply_for_error(ctx: RequestContext, e: UpstreamError) -> Response:
         return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE")
     if flag == "UO":
         h: Headers = MultiDict()
-        h["x-envoy-overloaded"] = "true"
+        if not suppress_envoy_headers:
+            h["x-envoy-overloaded"] = "true"
         return local_reply(ctx, 503, RESET_BODY + "overflow", "UO", h)
     if flag == "UH":
         return local_reply(ctx, 503, "no healthy upstream", "UH")
@@ -158,12 +160,13 @@ class RouteActionLayer:
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
                  "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks",
-                 "idle_timeout", "max_stream_duration")
+                 "idle_timeout", "max_stream_duration", "suppress_envoy_headers")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
     def __init__(self, action: RouteAction, match_len: int, mutation: HeaderMutation,
-                 make_stack: UpstreamStackFactory):
+                 make_stack: UpstreamStackFactory, suppress_envoy_headers: bool = False):
+        self.suppress_envoy_headers = suppress_envoy_headers
         self.mutation = mutation
         self.choice = ClusterChoice(action)
         self.make_stack = make_stack
@@ -220,7 +223,7 @@ class RouteActionLayer:
         try:
             resp = await self._stack_for(name)(req)
         except UpstreamError as e:
-            return local_reply_for_error(ctx, e)
+            return local_reply_for_error(ctx, e, self.suppress_envoy_headers)
         if extra is not None:
             apply_response_mutation(extra, resp.headers)
         apply_response_mutation(self.mutation, resp.headers)

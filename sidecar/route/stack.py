@@ -120,7 +120,9 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
     else:
         match_len = len(cfg.match.prefix or cfg.match.path or "")
         core = RouteActionLayer(action, match_len, mutation,
-                                lambda cluster: upstream_stack(route, action, cluster, env))
+                                lambda cluster: upstream_stack(route, action, cluster, env,
+                                                               listener.suppress_envoy_headers),
+                                listener.suppress_envoy_headers)
         route.choice = core.choice
     observer = RouteObserver(
         lambda: env.stats.route(listener.name, route.vhost.name, route.stat_name),
@@ -132,7 +134,7 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
 
 
 def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
-                   env: StackEnv) -> Handler:
+                   env: StackEnv, suppress_envoy_headers: bool = False) -> Handler:
     """The part of a route's stack after the cluster choice, for one cluster."""
     state = env.clusters.state(cluster)
     stats = env.stats.cluster(cluster)
@@ -146,9 +148,11 @@ def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
 
     return compose([
         lambda nxt: TimeoutLayer(action, nxt, stats.rq_timeout,
-                                 set_expected_header=action.retry_policy is None),
+                                 set_expected_header=action.retry_policy is None
+                                 and not suppress_envoy_headers),
         (lambda nxt: ShadowLayer(mirrors, nxt, env.shadow)) if mirrors else None,
-        (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count))
+        (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count,
+                                expected_header=not suppress_envoy_headers))
         if policy is not None else None,
     ], send)
 

@@ -278,3 +278,26 @@ async def test_upstream_dead_mid_response_frees_the_pool_and_closes_the_client()
             w.close()
     finally:
         server.close()
+
+
+# ---- dns_lookup_family ---------------------------------------------------------------------------
+
+async def test_dns_lookup_family_picks_the_address_family():
+    """``localhost`` has only an IPv4 address here: V4_ONLY and AUTO (IPv6 preferred, IPv4 when
+    there is none) reach the upstream; V6_ONLY finds no address, so no host (503)."""
+    async with RawUpstream() as up:
+        for family, expected in (("V4_ONLY", 200), ("AUTO", 200), ("V6_ONLY", 503)):
+            cfg = envoy_config(clusters={"app": {"endpoints": [f"127.0.0.1:{up.port}"]}},
+                               routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+            c = cfg["static_resources"]["clusters"][0]
+            c.update({"type": "STRICT_DNS", "dns_lookup_family": family, "dns_refresh_rate": "0.2s"})
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+                "socket_address"]["address"] = "localhost"
+            async with proxy(cfg) as p:
+                got = 0
+                for _ in range(25):
+                    got = status(await raw(p.port(), get("/")))
+                    if got == expected:
+                        break
+                    await asyncio.sleep(0.1)
+                assert got == expected, family

@@ -6,6 +6,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DNS_LOOKUP_FAMILIES,
     LB_POLICIES,
     CircuitBreakers,
     Cluster,
@@ -38,6 +39,7 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
 
 def cluster_from_native(d: dict, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
+                     "dns_lookup_family",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold"), path)
     ep = w.join(path, "endpoints")
@@ -65,6 +67,8 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
+                   dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
+                                              choices=DNS_LOOKUP_FAMILIES),
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
