@@ -7,6 +7,7 @@ from collections.abc import Callable
 from control_plane_client.translate.cluster import cluster
 from control_plane_client.translate.common import socket_address
 from control_plane_client.translate.listener import listener
+from control_plane_client.translate.tls import Secrets, secrets_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from sidecar.config.listener import Admin, TracingConfig
@@ -45,8 +46,16 @@ def bootstrap(d: dict) -> Snapshot:
         w.check_keys(sr, ("listeners", "clusters", "secrets"), "static_resources")
     except ConfigError as e:
         errs.capture(e)
-    clusters = _collect(sr.get("clusters") or [], "static_resources.clusters", cluster, errs)
-    listeners = _collect(sr.get("listeners") or [], "static_resources.listeners", listener, errs)
+    secrets: Secrets = {}
+    try:
+        secrets = secrets_from_envoy(w.seq(sr, "secrets", "static_resources", []),
+                                     "static_resources.secrets")
+    except ConfigError as e:
+        errs.capture(e)
+    clusters = _collect(sr.get("clusters") or [], "static_resources.clusters",
+                        lambda c, p: cluster(c, p, secrets), errs)
+    listeners = _collect(sr.get("listeners") or [], "static_resources.listeners",
+                         lambda x, p: listener(x, p, None, secrets), errs)
     control_plane = None
     if d.get("dynamic_resources"):
         try:

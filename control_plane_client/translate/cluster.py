@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
 from control_plane_client.translate.dynamic import config_source
+from control_plane_client.translate.tls import Secrets, upstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
     DNS_LOOKUP_FAMILIES,
@@ -48,9 +49,7 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
     return w.string(d, "cluster_name", path, ""), tuple(eps)
 
 
-def cluster(d: dict, path: str) -> Cluster:
-    from control_plane_client.translate.tls import upstream_tls_from_envoy
-
+def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
     w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
                      "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",
                      "outlier_detection", "health_checks", "transport_socket",
@@ -140,7 +139,8 @@ def cluster(d: dict, path: str) -> Cluster:
     kw["health_checks"] = tuple(health_check_from_envoy(h, w.join(w.join(path, "health_checks"), i))
                                 for i, h in enumerate(hc))
     if "transport_socket" in d:
-        kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"))
+        kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"),
+                                            secrets)
     if "per_connection_buffer_limit_bytes" in d:
         kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
     kw["dns_lookup_family"] = w.string(d, "dns_lookup_family", path, "AUTO",

@@ -12,6 +12,7 @@ from control_plane_client.translate.common import (
     typed,
 )
 from control_plane_client.translate.route import route_configuration
+from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, AccessLogConfig, Listener, TracingConfig
@@ -73,10 +74,9 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
     return tuple(out)
 
 
-def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None) -> Listener:
+def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None,
+             secrets: Secrets | None = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    from control_plane_client.translate.tls import downstream_tls_from_envoy
-
     w.check_keys(d, ("name", "address", "filter_chains", "@type", "traffic_direction"), path)
     host, port_ = socket_address(w.mapping(d, "address", path), w.join(path, "address"))
     chains = w.seq(d, "filter_chains", path)
@@ -86,7 +86,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
     chain = w.check_keys(chains[0], ("filters", "transport_socket", "name"), cp)
     tls = None
     if "transport_socket" in chain:
-        tls = downstream_tls_from_envoy(chain["transport_socket"], w.join(cp, "transport_socket"))
+        tls = downstream_tls_from_envoy(chain["transport_socket"], w.join(cp, "transport_socket"),
+                                        secrets)
     fl = w.seq(chain, "filters", cp)
     if len(fl) != 1 or fl[0].get("name") != "envoy.filters.network.http_connection_manager":
         raise ConfigError(w.join(cp, "filters"),

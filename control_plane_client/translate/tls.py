@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy TLS transport sockets (DownstreamTlsContext, UpstreamTlsContext) and static secrets ->
+the TLS config model."""
 
 from __future__ import annotations
 
@@ -13,37 +14,107 @@ T_TLS_UP = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Upstre
 _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
 
 
-def _common(ctx: dict, path: str) -> dict:
-    """CommonTlsContext subset: one cert from files, validation CA, SAN matchers, min version."""
+Secrets = dict[str, dict]
+"""Static secrets (``static_resources.secrets``) by name, each parsed to the keys ``_common``
+produces (``cert_file``/``key_file`` or ``ca_file``/``match_san_uris``)."""
+
+
+def _tls_certificate(c: dict, cp: str) -> dict:
+    from sidecar.config import wire as w
+    w.check_keys(c, ("certificate_chain", "private_key"), cp)
+    return {"cert_file": w.string(w.check_keys(w.mapping(c, "certificate_chain", cp), ("filename",),
+                                               w.join(cp, "certificate_chain")), "filename",
+                                  w.join(cp, "certificate_chain")),
+            "key_file": w.string(w.check_keys(w.mapping(c, "private_key", cp), ("filename",),
+                                              w.join(cp, "private_key")), "filename",
+                                 w.join(cp, "private_key"))}
+
+
+def _validation_context(v: dict, vp: str) -> dict:
     from sidecar.config import wire as w
     from sidecar.config.errors import ConfigError
-    w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols"), path)
+    w.check_keys(v, ("trusted_ca", "match_typed_subject_alt_names"), vp)
+    out: dict = {}
+    if "trusted_ca" in v:
+        out["ca_file"] = w.string(w.check_keys(v["trusted_ca"], ("filename",), w.join(vp, "trusted_ca")),
+                                  "filename", w.join(vp, "trusted_ca"))
+    uris = []
+    for i, m in enumerate(w.seq(v, "match_typed_subject_alt_names", vp, [])):
+        mp = w.join(w.join(vp, "match_typed_subject_alt_names"), i)
+        w.check_keys(m, ("san_type", "matcher"), mp)
+        if m.get("san_type") != "URI":
+            raise ConfigError(w.join(mp, "san_type"), "only URI SANs are supported")
+        mm = w.check_keys(w.mapping(m, "matcher", mp), ("exact",), w.join(mp, "matcher"))
+        uris.append(w.string(mm, "exact", w.join(mp, "matcher")))
+    out["match_san_uris"] = tuple(uris)
+    return out
+
+
+def secrets_from_envoy(items: list, path: str) -> Secrets:
+    """``static_resources.secrets``: named certificates and validation contexts that TLS
+    contexts reference with an ``sds_config``-less ``*_sds_secret_config{s}`` (SDS from the
+    bootstrap)."""
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    out: Secrets = {}
+    for i, d in enumerate(items):
+        sp = w.join(path, i)
+        w.check_keys(d, ("name", "tls_certificate", "validation_context"), sp)
+        name = w.string(d, "name", sp, nonempty=True)
+        if name in out:
+            raise ConfigError(w.join(sp, "name"), f"duplicate secret name {name!r}")
+        kind = w.one_of(d, ("tls_certificate", "validation_context"), sp)
+        kp = w.join(sp, kind)
+        if kind == "tls_certificate":
+            out[name] = _tls_certificate(w.mapping(d, kind, sp), kp)
+        else:
+            out[name] = _validation_context(w.mapping(d, kind, sp), kp)
+    return out
+
+
+def _sds(ref: dict, path: str, secrets: Secrets | None, want: str) -> dict:
+    """A ``SdsSecretConfig`` naming a static secret (no ``sds_config``: the bootstrap's)."""
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    w.check_keys(ref, ("name",), path)      # sds_config (an SDS server): refused by name
+    name = w.string(ref, "name", path, nonempty=True)
+    secret = (secrets or {}).get(name)
+    if secret is None:
+        raise ConfigError(w.join(path, "name"), f"no static secret named {name!r} "
+                          "(static_resources.secrets)")
+    if (want == "cert") != ("cert_file" in secret):
+        raise ConfigError(w.join(path, "name"), f"secret {name!r} is not a "
+                          + ("tls_certificate" if want == "cert" else "validation_context"))
+    return secret
+
+
+def _common(ctx: dict, path: str, secrets: Secrets | None = None) -> dict:
+    """CommonTlsContext subset: one cert from files (or a static secret), validation CA and
+    SAN matchers (or a static secret), min version."""
+    from sidecar.config import wire as w
+    from sidecar.config.errors import ConfigError
+    w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols",
+                       "tls_certificate_sds_secret_configs", "validation_context_sds_secret_config"),
+                 path)
     out: dict = {}
     certs = w.seq(ctx, "tls_certificates", path, [])
-    if len(certs) > 1:
+    sds_certs = w.seq(ctx, "tls_certificate_sds_secret_configs", path, [])
+    if len(certs) + len(sds_certs) > 1:
         raise ConfigError(w.join(path, "tls_certificates"), "at most one certificate is supported")
     if certs:
-        cp = w.join(w.join(path, "tls_certificates"), 0)
-        c = w.check_keys(certs[0], ("certificate_chain", "private_key"), cp)
-        out["cert_file"] = w.string(w.check_keys(w.mapping(c, "certificate_chain", cp), ("filename",),
-                                                 w.join(cp, "certificate_chain")), "filename", w.join(cp, "certificate_chain"))
-        out["key_file"] = w.string(w.check_keys(w.mapping(c, "private_key", cp), ("filename",),
-                                                w.join(cp, "private_key")), "filename", w.join(cp, "private_key"))
+        out.update(_tls_certificate(certs[0], w.join(w.join(path, "tls_certificates"), 0)))
+    if sds_certs:
+        sp = w.join(w.join(path, "tls_certificate_sds_secret_configs"), 0)
+        out.update(_sds(sds_certs[0], sp, secrets, "cert"))
+    if "validation_context" in ctx and "validation_context_sds_secret_config" in ctx:
+        raise ConfigError(path, "only one of validation_context, "
+                          "validation_context_sds_secret_config may be set")
     if "validation_context" in ctx:
-        vp = w.join(path, "validation_context")
-        v = w.check_keys(ctx["validation_context"], ("trusted_ca", "match_typed_subject_alt_names"), vp)
-        if "trusted_ca" in v:
-            out["ca_file"] = w.string(w.check_keys(v["trusted_ca"], ("filename",), w.join(vp, "trusted_ca")),
-                                      "filename", w.join(vp, "trusted_ca"))
-        uris = []
-        for i, m in enumerate(w.seq(v, "match_typed_subject_alt_names", vp, [])):
-            mp = w.join(w.join(vp, "match_typed_subject_alt_names"), i)
-            w.check_keys(m, ("san_type", "matcher"), mp)
-            if m.get("san_type") != "URI":
-                raise ConfigError(w.join(mp, "san_type"), "only URI SANs are supported")
-            mm = w.check_keys(w.mapping(m, "matcher", mp), ("exact",), w.join(mp, "matcher"))
-            uris.append(w.string(mm, "exact", w.join(mp, "matcher")))
-        out["match_san_uris"] = tuple(uris)
+        out.update(_validation_context(ctx["validation_context"], w.join(path, "validation_context")))
+    elif "validation_context_sds_secret_config" in ctx:
+        vp = w.join(path, "validation_context_sds_secret_config")
+        out.update(_sds(w.mapping(ctx, "validation_context_sds_secret_config", path), vp, secrets,
+                        "validation"))
     if "tls_params" in ctx:
         tp = w.join(path, "tls_params")
         t = w.check_keys(ctx["tls_params"], ("tls_minimum_protocol_version", "tls_maximum_protocol_version"), tp)
@@ -74,12 +145,12 @@ def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
     return {k: v for k, v in tc.items() if k != "@type"}, tp
 
 
-def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
+def downstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> DownstreamTls:
     from sidecar.config import wire as w
     from sidecar.config.errors import ConfigError
     body, tp = _socket(d, path, T_TLS_DOWN)
     w.check_keys(body, ("common_tls_context", "require_client_certificate"), tp)
-    c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"))
+    c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"), secrets)
     if "cert_file" not in c:
         raise ConfigError(w.join(tp, "common_tls_context.tls_certificates"), "a certificate is required")
     if c.get("match_san_uris"):
@@ -94,11 +165,12 @@ def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
                          require_client_cert=require, min_version=c.get("min_version", "TLSv1_2"))
 
 
-def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
+def upstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> UpstreamTls:
     from sidecar.config import wire as w
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
-    c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"))
+    c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"),
+                secrets)
     if c.get("match_san_uris") and not c.get("ca_file"):
         from sidecar.config.errors import ConfigError
         raise ConfigError(w.join(tp, "common_tls_context.validation_context"),
