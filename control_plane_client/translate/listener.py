@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import filters as filter_registry
 from control_plane_client.translate.common import (
     T_FILE_LOG,
@@ -15,7 +17,13 @@ from control_plane_client.translate.route import route_configuration
 from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, AccessLogConfig, Listener, TracingConfig
+from sidecar.config.listener import (
+    ESCAPED_SLASHES_ACTIONS,
+    AccessLogConfig,
+    Listener,
+    TracingConfig,
+    check_log_format,
+)
 from sidecar.config.route import HttpFilter, RouteConfig
 
 
@@ -54,7 +62,43 @@ def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
     return tuple(out)
 
 
+def log_format(d: dict, path: str) -> dict:
+    """A SubstitutionFormatString -> AccessLogConfig keywords (format "envoy")."""
+    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values",
+                     "json_format_options"), path)
+    kind = w.one_of(d, ("text_format", "text_format_source", "json_format"), path)
+    kw: dict = {"format": "envoy", "omit_empty_values": w.boolean(d, "omit_empty_values", path, False)}
+    kp = w.join(path, kind)
+    if kind == "text_format":
+        kw["text_format"] = w.string(d, kind, path)
+    elif kind == "text_format_source":
+        src = w.check_keys(w.mapping(d, kind, path), ("inline_string", "filename"), kp)
+        if w.one_of(src, ("inline_string", "filename"), kp) == "inline_string":
+            kw["text_format"] = w.string(src, "inline_string", kp)
+        else:
+            fn = w.string(src, "filename", kp, nonempty=True)
+            try:
+                with open(fn, encoding="utf-8") as f:
+                    kw["text_format"] = f.read()
+            except OSError as e:
+                raise ConfigError(w.join(kp, "filename"), f"cannot read {fn!r}: {e.strerror}") from None
+    else:
+        tmpl = w.mapping(d, kind, path)
+        sort = False
+        if "json_format_options" in d:
+            op = w.join(path, "json_format_options")
+            o = w.check_keys(d["json_format_options"], ("sort_properties",), op)
+            sort = w.boolean(o, "sort_properties", op, False)
+        kw["json_format"] = json.dumps(tmpl, sort_keys=sort)
+    check_log_format(kw.get("text_format") if kind != "json_format" else tmpl, kp)
+    if kind != "json_format" and "json_format_options" in d:
+        raise ConfigError(w.join(path, "json_format_options"), "only applies to json_format")
+    return kw
+
+
 def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
+    """File and stdout access loggers with Envoy's formats (Envoy's default text format when
+    no log_format is given)."""
     out = []
     for i, a in enumerate(items):
         ap = w.join(path, i)
@@ -64,13 +108,16 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
         t = tc.get("@type")
         if t == T_FILE_LOG:
             body = typed(tc, tp, T_FILE_LOG)
-            w.check_keys(body, ("path", "json_format", "log_format"), tp)
-            out.append(AccessLogConfig(path=w.string(body, "path", tp, nonempty=True),
-                                       format="text" if "log_format" in body and "json_format" not in body else "json"))
+            w.check_keys(body, ("path", "log_format"), tp)   # deprecated format fields: refused
+            dest = w.string(body, "path", tp, nonempty=True)
         else:
             body = typed(tc, tp, T_STDOUT_LOG)
             w.check_keys(body, ("log_format",), tp)
-            out.append(AccessLogConfig(path="/dev/stdout"))
+            dest = "/dev/stdout"
+        kw: dict = {"format": "envoy"}
+        if "log_format" in body:
+            kw = log_format(w.mapping(body, "log_format", tp), w.join(tp, "log_format"))
+        out.append(AccessLogConfig(path=dest, **kw))
     return tuple(out)
 
 

@@ -93,6 +93,7 @@ class HttpConnectionManager:
         route = vh.match(req.method, req.path, req.query, req.headers) if vh is not None else None
         if route is None:
             ctx.flags.append("NR")
+            ctx.response_code_details = "route_not_found"
             resp = Response(404)
             resp.local = True
             return grpc_local_reply(resp) if ctx.grpc else resp

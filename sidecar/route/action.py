@@ -27,22 +27,31 @@ RESET_BODY = "upstream connect error or disconnect/reset before headers. reset r
 def local_reply_for_error(ctx: RequestContext, e: UpstreamError,
                           suppress_envoy_headers: bool = False) -> Response:
     flag = e.flag
+    # response code details as Envoy words them (%RESPONSE_CODE_DETAILS%)
     if flag == "UT":
-        return local_reply(ctx, 504, "upstream request timeout", "UT")
+        return local_reply(ctx, 504, "upstream request timeout", "UT",
+                           details="upstream_response_timeout")
     if flag == "UF":
-        return local_reply(ctx, 503, RESET_BODY + "remote connection failure", "UF")
+        return local_reply(ctx, 503, RESET_BODY + "remote connection failure", "UF",
+                           details=_RESET_DETAILS + "{remote_connection_failure}")
     if flag == "UPE":
-        return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE")
+        return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE",
+                           details=_RESET_DETAILS + "{protocol_error}")
     if flag == "UO":
         h: Headers = MultiDict()
         if not suppress_envoy_headers:
             h["x-envoy-overloaded"] = "true"
-        return local_reply(ctx, 503, RESET_BODY + "overflow", "UO", h)
+        return local_reply(ctx, 503, RESET_BODY + "overflow", "UO", h,
+                           details=_RESET_DETAILS + "{overflow}")
     if flag == "UH":
-        return local_reply(ctx, 503, "no healthy upstream", "UH")
+        return local_reply(ctx, 503, "no healthy upstream", "UH", details="no_healthy_upstream")
     if flag == "NC":
-        return local_reply(ctx, 503, "", "NC")
-    return local_reply(ctx, 503, RESET_BODY + "connection termination", flag or "UC")
+        return local_reply(ctx, 503, "", "NC", details="cluster_not_found")
+    return local_reply(ctx, 503, RESET_BODY + "connection termination", flag or "UC",
+                       details=_RESET_DETAILS + "{connection_termination}")
+
+
+_RESET_DETAILS = "upstream_reset_before_response_started"
 
 
 # ---- header mutations -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from sidecar.config import wire as w
@@ -14,6 +15,7 @@ from sidecar.config.listener import (
     Listener,
     TracingConfig,
     check_fields,
+    check_log_format,
 )
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig
@@ -67,11 +69,27 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
         a = d["access_log"]
         if isinstance(a, str):
             a = {"path": a}
-        w.check_keys(a, ("path", "format", "fields"), ap)
-        access_log = (AccessLogConfig(path={"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
-            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout")),
-            format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
-            fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
+        w.check_keys(a, ("path", "format", "fields", "text_format", "json_format",
+                         "omit_empty_values"), ap)
+        dest = {"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
+            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout"))
+        if "text_format" in a or "json_format" in a:
+            # Envoy's command operators (%REQ(...)%, %RESPONSE_CODE%, ...), as in log_format
+            kind = w.one_of(a, ("text_format", "json_format"), ap)
+            for k in ("format", "fields"):
+                if k in a:
+                    raise ConfigError(w.join(ap, k), f"does not apply with {kind}")
+            tmpl = w.string(a, kind, ap) if kind == "text_format" else w.mapping(a, kind, ap)
+            check_log_format(tmpl, w.join(ap, kind))
+            access_log = (AccessLogConfig(
+                path=dest, format="envoy",
+                text_format=tmpl if isinstance(tmpl, str) else None,
+                json_format=json.dumps(tmpl) if isinstance(tmpl, dict) else None,
+                omit_empty_values=w.boolean(a, "omit_empty_values", ap, False)),)
+        else:
+            access_log = (AccessLogConfig(
+                path=dest, format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
+                fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
         from sidecar.config.native.listener import downstream_tls_from_native
