@@ -195,6 +195,7 @@ class Cluster:
         ctx.upstream_status = status
         stats = self.stats
         stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        stats.rq_code(status).inc()
         stats.latency.observe(elapsed)
         self.record(host, status, elapsed, None)
         if client_span is not None:

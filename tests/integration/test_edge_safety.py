@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from resilience_helpers import envoy_config, proxy
+from resilience_helpers import envoy_config, metric, prometheus, proxy
 
 from sidecar.testing import native_config
 
@@ -301,3 +301,75 @@ async def test_dns_lookup_family_picks_the_address_family():
                         break
                     await asyncio.sleep(0.1)
                 assert got == expected, family
+
+
+# ---- circuit breakers and per-code counters ----------------------------------------------------
+
+async def _concurrent(port: int, n: int) -> list[bytes]:
+    return await asyncio.gather(*(raw(port, get("/"), read_for=3.0) for _ in range(n)))
+
+
+async def test_every_breaker_503_carries_x_envoy_overloaded():
+    """max_requests, and max_connections with no room to wait (max_pending_requests 0) or a
+    full pending queue: each refusal is 503 UO with x-envoy-overloaded: true (as Envoy)."""
+    breakers = {
+        "max_requests": {"max_requests": 1},
+        "pending_zero": {"max_connections": 1, "max_pending_requests": 0},
+        "pending_full": {"max_connections": 1, "max_pending_requests": 1},
+    }
+    for name, th in breakers.items():
+        async with RawUpstream(delay=0.5) as up:
+            cfg = envoy_config(clusters={"app": {"endpoints": [up.address], "circuit_breakers": {
+                "thresholds": [th]}}}, routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+            async with proxy(cfg) as p:
+                got = await _concurrent(p.port(), 4)
+                refused = [r for r in got if status(r) == 503]
+                assert refused, (name, [status(r) for r in got])
+                for r in refused:
+                    assert b"x-envoy-overloaded: true\r\n" in r, (name, r[:200])
+                assert any(status(r) == 200 for r in got), name
+
+
+async def test_suppress_envoy_headers_drops_x_envoy_overloaded():
+    async with RawUpstream(delay=0.5) as up:
+        cfg = envoy_config(clusters={"app": {"endpoints": [up.address], "circuit_breakers": {
+            "thresholds": [{"max_requests": 1}]}}},
+            routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+        tc = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        tc["http_filters"][-1]["typed_config"]["suppress_envoy_headers"] = True
+        async with proxy(cfg) as p:
+            got = await _concurrent(p.port(), 3)
+            refused = [r for r in got if status(r) == 503]
+            assert refused and all(b"x-envoy-overloaded" not in r for r in refused)
+            ok = [r for r in got if status(r) == 200]
+            assert ok and all(b"x-envoy-upstream-service-time" not in r for r in ok)
+
+
+async def test_upstream_counters_per_response_code():
+    async def serve(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            code = head.split(b" ")[1].strip(b"/") or b"200"
+            writer.write(b"HTTP/1.1 %s X\r\ncontent-length: 0\r\n\r\n" % code)
+            await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = envoy_config(clusters={"app": {"endpoints": [f"127.0.0.1:{port}"]}},
+                           routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+        async with proxy(cfg) as p:
+            for code, n in (("200", 3), ("404", 2), ("503", 1), ("201", 1)):
+                for _ in range(n):
+                    assert status(await raw(p.port(), get("/" + code))) == int(code)
+            text = await prometheus(p)
+            for code, n in (("200", 3), ("404", 2), ("503", 1), ("201", 1)):
+                assert metric(text, "sidecar_upstream_rq_code_total", cluster="app",
+                              envoy_response_code=code) == n, code
+            # beside the status class
+            assert metric(text, "sidecar_upstream_rq_total", cluster="app", status_class="2xx") == 4
+    finally:
+        server.close()
