@@ -65,6 +65,8 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
         _, eps = load_assignment(d["load_assignment"], w.join(path, "load_assignment"))
     elif ctype != "eds":
         raise ConfigError(w.join(path, "load_assignment"), f"is required for a {ctype.upper()} cluster")
+    if ctype != "eds" and "eds_cluster_config" in d:
+        raise ConfigError(w.join(path, "eds_cluster_config"), "only applies to an EDS cluster")
     if ctype == "eds":
         ep = w.join(path, "eds_cluster_config")
         e = w.check_keys(w.mapping(d, "eds_cluster_config", path, {}), ("service_name", "eds_config"), ep)
@@ -124,9 +126,11 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
                 raise ConfigError(kp, "unsupported protocol options")
             body = typed(v, kp, T_HTTP_OPTIONS)
             w.check_keys(body, ("explicit_http_config", "common_http_protocol_options"), kp)
-            eh = body.get("explicit_http_config", {})
-            if set(eh) - {"http_protocol_options"}:
-                raise ConfigError(w.join(kp, "explicit_http_config"), "only HTTP/1.1 upstreams are supported")
+            # HTTP/1.1 upstreams only: http2/http3_protocol_options are refused by name
+            ehp = w.join(kp, "explicit_http_config")
+            eh = w.check_keys(body.get("explicit_http_config", {}), ("http_protocol_options",), ehp)
+            if eh.get("http_protocol_options"):
+                w.check_keys(eh["http_protocol_options"], (), w.join(ehp, "http_protocol_options"))
             cho = body.get("common_http_protocol_options", {})
             w.check_keys(cho, ("idle_timeout",), w.join(kp, "common_http_protocol_options"))
             if "idle_timeout" in cho:

@@ -13,6 +13,7 @@ from control_plane_client.translate.common import (
     socket_address,
     typed,
 )
+from control_plane_client.translate.dynamic import config_source
 from control_plane_client.translate.route import route_configuration
 from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
@@ -162,6 +163,10 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         rp = w.join(hp, "rds")
         r = w.check_keys(hcm["rds"], ("route_config_name", "config_source"), rp)
         rds_name = w.string(r, "route_config_name", rp, nonempty=True)
+        if "config_source" in r:
+            # honoured by the xDS client's RDS subscription; checked here so that a bad one
+            # is an error with its path
+            config_source(w.mapping(r, "config_source", rp), w.join(rp, "config_source"))
         if rds_routes is not None and rds_name in rds_routes:
             rc = rds_routes[rds_name]
     cho = w.mapping(hcm, "common_http_protocol_options", hp, {})
@@ -214,8 +219,7 @@ T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 
 def hcm_tracing(d: dict, path: str) -> TracingConfig:
     """HCM ``tracing`` with the OpenTelemetry tracer over OTLP/HTTP (``http_service``)."""
-    w.check_keys(d, ("provider", "random_sampling", "client_sampling", "overall_sampling",
-                     "spawn_upstream_span"), path)
+    w.check_keys(d, ("provider", "random_sampling", "overall_sampling"), path)
     percent = 100.0
     for key in ("random_sampling", "overall_sampling"):
         if key in d:

@@ -74,6 +74,7 @@ def route_match(d: dict, path: str) -> RouteMatch:
     if kind == "safe_regex":
         rp = w.join(path, "safe_regex")
         r = w.check_keys(d["safe_regex"], ("regex", "google_re2"), rp)
+        w.google_re2(r, rp)
         kw["regex"] = w.compile_regex(r.get("regex"), w.join(rp, "regex"), 0 if cs else re.IGNORECASE)
     else:
         v = w.string(d, kind, path)
@@ -104,7 +105,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["cluster_header"] = w.string(d, "cluster_header", path, nonempty=True).lower()
     else:
         wp = w.join(path, "weighted_clusters")
-        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight", "runtime_key_prefix"), wp)
+        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight"), wp)
         items = []
         for i, c in enumerate(w.seq(wc, "clusters", wp)):
             cp = w.join(w.join(wp, "clusters"), i)
@@ -114,6 +115,10 @@ def route_action(d: dict, path: str) -> RouteAction:
                                          headers=header_mutation(c, cp)))
         if not items or sum(x.weight for x in items) == 0:
             raise ConfigError(w.join(wp, "clusters"), "needs at least one cluster with weight > 0")
+        total = w.integer(wc, "total_weight", wp, None, lo=1)
+        if total is not None and total != sum(x.weight for x in items):
+            raise ConfigError(w.join(wp, "total_weight"), f"must equal the sum of the weights "
+                              f"({sum(x.weight for x in items)})")
         kw["weighted_clusters"] = tuple(items)
     if "prefix_rewrite" in d and "regex_rewrite" in d:
         raise ConfigError(path, "only one of prefix_rewrite, regex_rewrite may be set")
@@ -123,6 +128,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         rp = w.join(path, "regex_rewrite")
         r = w.check_keys(d["regex_rewrite"], ("pattern", "substitution"), rp)
         pat = w.check_keys(w.mapping(r, "pattern", rp), ("regex", "google_re2"), w.join(rp, "pattern"))
+        w.google_re2(pat, w.join(rp, "pattern"))
         rx = w.compile_regex(pat.get("regex"), w.join(rp, "pattern.regex"))
         # Envoy substitution uses \1 for groups, as Python's re.sub does
         kw["regex_rewrite"] = (rx, w.string(r, "substitution", rp, ""))

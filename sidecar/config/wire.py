@@ -172,6 +172,13 @@ def compile_regex(pattern: Any, path: str, flags: int = 0) -> re.Pattern:
         raise ConfigError(path, f"invalid regular expression: {e}") from None
 
 
+def google_re2(r: dict, path: str) -> None:
+    """A RegexMatcher's ``google_re2``: the (only) engine, selected by ``{}``; its deprecated
+    ``max_program_size`` is refused by name (Python's ``re`` compiles the pattern)."""
+    if "google_re2" in r:
+        check_keys(r["google_re2"] or {}, (), join(path, "google_re2"))
+
+
 def one_of(d: dict, keys: Iterable[str], path: str, required: bool = True) -> str | None:
     present = [k for k in keys if d.get(k) is not None]
     if len(present) > 1:

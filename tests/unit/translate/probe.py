@@ -105,11 +105,25 @@ def _scalar_sample(tp: object) -> object:
     return "x"
 
 
-_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+# a path step: a name, [index], or {a.dotted.key} (a map key that contains dots)
+_STEP = re.compile(r"\{([^}]*)\}|([^.\[\]{}]+)|\[(\d+)\]")
 
 
 def _steps(path: str) -> list[str | int]:
-    return [m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _STEP.finditer(path)]
+    out: list[str | int] = []
+    for m in _STEP.finditer(path):
+        if m.group(1) is not None:
+            out.append(m.group(1))
+        elif m.group(2) is not None:
+            out.append(m.group(2))
+        else:
+            out.append(int(m.group(3)))
+    return out
+
+
+def shown(path: str) -> str:
+    """The path as the translator's errors spell it."""
+    return path.replace("{", "").replace("}", "")
 
 
 def put(doc: dict, path: str, value: object) -> None:
@@ -139,7 +153,8 @@ def errors(doc: dict) -> list[ConfigError]:
 
 def refused_at(doc: dict, path: str) -> list[ConfigError]:
     """Errors of ``doc`` that name ``path`` itself (refused by name, with its path)."""
-    return [e for e in errors(doc) if e.path == path or e.path.startswith(path + "[")]
+    p = shown(path)
+    return [e for e in errors(doc) if e.path == p or e.path.startswith(p + "[")]
 
 
 def oneof_siblings(name: str, field: str) -> list[str]:
@@ -163,7 +178,8 @@ def set_field(doc: dict, at: str, name: str, field: str, value: object) -> str:
 def child_at(name: str, field: str, fp: str, value: object) -> str:
     meta = fields_of(name)[field][0]
     if meta.proto_type == "map":
-        return f"{fp}.{next(iter(value))}" if isinstance(value, dict) and value else f"{fp}.k"
+        key = next(iter(value)) if isinstance(value, dict) and value else "k"
+        return f"{fp}.{{{key}}}" if "." in key else f"{fp}.{key}"
     return f"{fp}[0]" if meta.repeated else fp
 
 
@@ -184,6 +200,7 @@ def probe_bootstrap() -> dict:
         "node": {"id": "n", "cluster": "c"},
         "admin": {"address": _sa(9901)},
         "static_resources": {
+            "secrets": [{"name": "v", "validation_context": {"trusted_ca": {"filename": "/certs/ca.pem"}}}],
             "listeners": [{
                 "name": "l", "address": _sa(10000),
                 "filter_chains": [{"filters": [{
