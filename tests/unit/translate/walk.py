@@ -129,8 +129,6 @@ PROBES: dict[tuple[str, str], object] = {
     ("envoy.config.core.v3.GrpcService", "envoy_grpc"): {"cluster_name": "c0"},
     ("envoy.config.core.v3.ApiConfigSource", "api_type"): "GRPC",
     ("envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks", "retry_policy"): {"num_retries": 1},
-    ("envoy.config.route.v3.RouteAction", "regex_rewrite"):
-        {"pattern": {"regex": "^/a"}, "substitution": "/b"},
     ("envoy.config.cluster.v3.Cluster", "outlier_detection"): {"consecutive_5xx": 3},
     ("envoy.config.cluster.v3.Cluster", "common_lb_config"):
         {"healthy_panic_threshold": {"value": 40}},
@@ -168,7 +166,6 @@ PROBES: dict[tuple[str, str], object] = {
      "random_sampling"): {"value": 50},
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManagerTracing",
      "overall_sampling"): {"value": 50},
-    ("envoy.config.route.v3.RetryPolicy", "retry_back_off"): {"base_interval": "0.1s"},
     ("envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication", "requirement_map"):
         {"r": {"provider_name": "p"}},
     ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement", "provider_and_audiences"):
