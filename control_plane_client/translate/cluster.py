@@ -132,9 +132,14 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
             if eh.get("http_protocol_options"):
                 w.check_keys(eh["http_protocol_options"], (), w.join(ehp, "http_protocol_options"))
             cho = body.get("common_http_protocol_options", {})
-            w.check_keys(cho, ("idle_timeout",), w.join(kp, "common_http_protocol_options"))
+            cp = w.join(kp, "common_http_protocol_options")
+            w.check_keys(cho, ("idle_timeout", "max_headers_count", "max_response_headers_kb"), cp)
             if "idle_timeout" in cho:
-                kw["idle_timeout_s"] = w.duration(cho, "idle_timeout", w.join(kp, "common_http_protocol_options"))
+                kw["idle_timeout_s"] = w.duration(cho, "idle_timeout", cp)
+            # response head limits (a 502 and the connection closed above them)
+            kw["max_response_headers_count"] = w.integer(cho, "max_headers_count", cp, 100, lo=1)
+            kw["max_response_headers_kb"] = w.integer(cho, "max_response_headers_kb", cp, 80,
+                                                      lo=1, hi=8192)
     if "circuit_breakers" in d:
         kw["circuit_breakers"] = circuit_breakers_from_envoy(d["circuit_breakers"], w.join(path, "circuit_breakers"))
     if "outlier_detection" in d:

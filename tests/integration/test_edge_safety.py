@@ -373,3 +373,39 @@ async def test_upstream_counters_per_response_code():
             assert metric(text, "sidecar_upstream_rq_total", cluster="app", status_class="2xx") == 4
     finally:
         server.close()
+
+
+async def test_upstream_response_header_limits_both_formats():
+    """A response with more header lines (or bytes) than the cluster allows is a 502 and its
+    connection is closed; one within the limits goes through."""
+    async def serve(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            n = int(head.split(b" ")[1].strip(b"/") or b"1")
+            extra = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 130) for i in range(n))
+            writer.write(b"HTTP/1.1 200 OK\r\n" + extra + b"content-length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        envoy_cfg = envoy_config(clusters={"app": {"endpoints": [up], "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": {"max_headers_count": 10,
+                                                 "max_response_headers_kb": 1}}}}},
+            routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+        native_cfg = native_config(clusters={"app": {"endpoints": [up], "max_response_headers_count": 10,
+                                                     "max_response_headers_kb": 1}},
+                                   routes=[{"match": {"prefix": "/"}, "cluster": "app"}])
+        for cfg in (envoy_cfg, native_cfg):
+            async with proxy(cfg) as p:
+                assert status(await raw(p.port(), get("/5"))) == 200          # 6 lines, ~0.7 KiB
+                assert status(await raw(p.port(), get("/10"))) == 502         # 11 lines
+                assert status(await raw(p.port(), get("/8"))) == 502          # 9 lines, > 1 KiB
+    finally:
+        server.close()

@@ -39,7 +39,7 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
 
 def cluster_from_native(d: dict, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
-                     "dns_lookup_family",
+                     "dns_lookup_family", "max_response_headers_count", "max_response_headers_kb",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold"), path)
     ep = w.join(path, "endpoints")
@@ -69,6 +69,10 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
                    dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
                                               choices=DNS_LOOKUP_FAMILIES),
+                   max_response_headers_count=w.integer(d, "max_response_headers_count", path,
+                                                        100, lo=1),
+                   max_response_headers_kb=w.integer(d, "max_response_headers_kb", path, 80,
+                                                     lo=1, hi=8192),
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
