@@ -49,13 +49,30 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
     return w.string(d, "cluster_name", path, ""), tuple(eps)
 
 
+T_CARES = "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig"
+
+
+def dns_resolvers(d: dict, path: str) -> tuple[str, ...]:
+    """``typed_dns_resolver_config`` with the c-ares resolver: its ``resolvers`` addresses."""
+    w.check_keys(d, ("name", "typed_config"), path)
+    tp = w.join(path, "typed_config")
+    body = typed(w.mapping(d, "typed_config", path), tp, T_CARES)
+    w.check_keys(body, ("resolvers",), tp)
+    out = []
+    for i, a in enumerate(w.seq(body, "resolvers", tp)):
+        host, prt = socket_address(a, w.join(w.join(tp, "resolvers"), i))
+        out.append(f"{host}:{prt or 53}")
+    return tuple(out)
+
+
 def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
     w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
                      "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",
                      "outlier_detection", "health_checks", "transport_socket",
                      "eds_cluster_config", "common_lb_config", "least_request_lb_config",
                      "ring_hash_lb_config", "load_balancing_policy", "per_connection_buffer_limit_bytes",
-                     "typed_extension_protocol_options", "@type", "respect_dns_ttl"), path)
+                     "typed_extension_protocol_options", "@type", "respect_dns_ttl",
+                     "typed_dns_resolver_config"), path)
     name = w.string(d, "name", path, nonempty=True)
     ctype = w.string(d, "type", path, "STATIC",
                      choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS")).lower()
@@ -154,10 +171,10 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
         kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
     kw["dns_lookup_family"] = w.string(d, "dns_lookup_family", path, "AUTO",
                                        choices=DNS_LOOKUP_FAMILIES)
-    if w.boolean(d, "respect_dns_ttl", path, False):
-        raise ConfigError(w.join(path, "respect_dns_ttl"), "is not supported: the system resolver "
-                          "(getaddrinfo) reports no TTLs; names are re-resolved every "
-                          "dns_refresh_rate")
+    kw["respect_dns_ttl"] = w.boolean(d, "respect_dns_ttl", path, False)
+    if "typed_dns_resolver_config" in d:
+        kw["dns_resolvers"] = dns_resolvers(w.mapping(d, "typed_dns_resolver_config", path),
+                                            w.join(path, "typed_dns_resolver_config"))
     return Cluster(name=name, type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh_rate", path, 5.0),

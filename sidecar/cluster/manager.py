@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.cluster.cluster import Cluster, ClusterState
+from sidecar.cluster.dns import DnsResolver
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
 from sidecar.config.tls import UpstreamTls
@@ -191,22 +192,35 @@ class ClusterManager:
 
     async def _dns_loop(self, st: ClusterState) -> None:
         """STRICT_DNS: every name resolves to all its addresses (LOGICAL_DNS: the first),
-        re-resolved every ``dns_refresh`` (jittered)."""
+        re-resolved every ``dns_refresh`` (jittered), or when the records' TTL runs out
+        (``respect_dns_ttl``)."""
         loop = asyncio.get_running_loop()
+        resolver: DnsResolver | None = None
         while st.current is not None:
             cfg = st.current.config
+            if cfg.respect_dns_ttl or cfg.dns_resolvers:
+                # the system resolver reports no TTLs and cannot be pointed elsewhere: c-ares
+                if resolver is None or resolver.servers != cfg.dns_resolvers:
+                    resolver = DnsResolver(cfg.dns_resolvers)
+            else:
+                resolver = None
             resolved: list[Endpoint] = []
             ok = True
+            ttl: float | None = None
             for ep in cfg.endpoints:
                 try:
-                    infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
-                                                   family=_FAMILY[cfg.dns_lookup_family])
+                    if resolver is not None:
+                        found, rec_ttl = await resolver.resolve(ep.host, cfg.dns_lookup_family)
+                        ttl = rec_ttl if ttl is None else min(ttl, rec_ttl)
+                    else:
+                        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                                       family=_FAMILY[cfg.dns_lookup_family])
+                        found = [(info[0], str(info[4][0])) for info in infos]
                 except OSError as e:
                     ok = False
                     log.warning("cluster %s: DNS resolution of %s failed: %s", st.name, ep.host, e)
                     continue
-                addrs = lookup_family_addresses(cfg.dns_lookup_family,
-                                                [(info[0], str(info[4][0])) for info in infos])
+                addrs = lookup_family_addresses(cfg.dns_lookup_family, found)
                 if cfg.type == "logical_dns":
                     addrs = addrs[:1]
                 for a in addrs:
@@ -216,7 +230,10 @@ class ClusterManager:
             if current is not None and (resolved or ok) and \
                     tuple(h.endpoint for h in current.hosts) != tuple(resolved):
                 self.set_endpoints(st.name, tuple(resolved))
-            await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
+            if cfg.respect_dns_ttl and ttl:
+                await asyncio.sleep(ttl)
+            else:
+                await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
 
     def close(self) -> None:
         if self._sweeper is not None:

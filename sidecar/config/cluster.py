@@ -123,6 +123,10 @@ class Cluster:
     lb: LbConfig = LbConfig()
     dns_refresh_s: float = 5.0
     dns_lookup_family: str = "ALL"       # native default; Envoy's default (AUTO) when translated
+    # re-resolve when the records' TTL runs out rather than every dns_refresh_s (a TTL of 0:
+    # dns_refresh_s); and/or ask these resolvers ("ip:port") instead of the system's
+    respect_dns_ttl: bool = False
+    dns_resolvers: tuple[str, ...] = ()
     eds_service_name: str = ""
     max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)

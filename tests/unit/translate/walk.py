@@ -66,6 +66,11 @@ ROOTS: list[tuple[str, str, Setup]] = [
          "@type": T + UPSTREAM_HTTP, "explicit_http_config": {"http_protocol_options": {}}}}),)),
     ("envoy.config.trace.v3.OpenTelemetryConfig", HCM_AT + ".tracing.provider.typed_config",
      ((HCM_AT + ".tracing", TRACING),)),
+    ("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+     CLUSTER_AT + ".typed_dns_resolver_config.typed_config",
+     ((CLUSTER_AT + ".typed_dns_resolver_config", {"name": "cares", "typed_config": {
+         "@type": T + "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+         "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": 53}}]}}),)),
     ("envoy.config.cluster.v3.ClusterEdsClusterConfig", CLUSTER_AT + ".eds_cluster_config",
      ((CLUSTER_AT + ".type", "EDS"), (CLUSTER_AT + ".eds_cluster_config", {"service_name": "c0"}))),
     ("envoy.extensions.filters.http.rbac.v3.RbacPerRoute",
@@ -120,6 +125,9 @@ PROBES: dict[tuple[str, str], object] = {
           "http_health_check": {"path": "/h"}}],
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): {"service_name": "c0"},
     ("envoy.config.cluster.v3.ClusterEdsClusterConfig", "eds_config"): {"ads": {}},
+    ("envoy.config.cluster.v3.Cluster", "typed_dns_resolver_config"): {"name": "cares", "typed_config": {
+        "@type": T + "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": 53}}]}},
     ("envoy.config.core.v3.ConfigSource", "api_config_source"):
         {"api_type": "GRPC", "transport_api_version": "V3",
          "grpc_services": [{"envoy_grpc": {"cluster_name": "c0"}}]},
