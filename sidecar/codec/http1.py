@@ -35,6 +35,9 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # and Envoy's check); anything else (SP, "/", "?", "#", "\\", quotes, obs-text) is a 400.
 _VALID_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*").fullmatch
 
+# Host values already found valid (bounded): most connections send the same few
+_GOOD_HOSTS: set[str] = set()
+
 # headers_with_underscores_action
 ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 
@@ -95,8 +98,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "requests", "_h2c", "_idle_waiter", "_hcount", "_host_lines",
-                 "_te_lines", "_refusal", "_stopped", "_pending_error", "_task", "_current",
+                 "peer_identity", "requests", "_h2c", "_idle_waiter", "_refusal", "_stopped", "_pending_error", "_task", "_current",
                  "_responding", "_timed_out", "_close_after", "_last_io")
 
     def __init__(self, lr: StreamOwner):
@@ -123,9 +125,6 @@ class DownstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
-        self._hcount = 0
-        self._host_lines = 0
-        self._te_lines = 0
         self._refusal: tuple[int, str] | None = None   # set by a callback that refused
         self._stopped = False          # no more parsing (a protocol error was answered/queued)
         self._pending_error: tuple[int, str] | None = None   # owed after the queued responses
@@ -234,9 +233,6 @@ class DownstreamConnection(asyncio.Protocol):
         self._url = []
         self._headers = []
         self._hsize = 0
-        self._hcount = 0
-        self._host_lines = 0
-        self._te_lines = 0
         self._complete = False
         self._stream = None
         self._headers_started = time.monotonic()
@@ -253,78 +249,73 @@ class DownstreamConnection(asyncio.Protocol):
             self._refuse(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lr = self.lr
+        # the hot path: only the limits that bound memory are checked per line; the rest of
+        # the validation runs once, on the whole head, in on_headers_complete
+        h = self._headers
+        h.append((name, value))
         self._hsize += len(name) + len(value)
-        if self._hsize > lr.max_header_bytes:
+        if self._hsize > self.lr.max_header_bytes:
             self._refuse(431, "request header fields too large")
-        self._hcount += 1
-        if self._hcount > lr.max_headers_count:
+        if len(h) > self.lr.max_headers_count:
             self._refuse(431, "too many request headers")
-        n = len(name)
-        if n == 4 and name.lower() == b"host":
-            self._host_lines += 1
-        elif n == 17 and name.lower() == b"transfer-encoding":
-            self._te_lines += 1
-        elif b"_" in name and lr.headers_with_underscores != ALLOW:
-            if lr.headers_with_underscores == DROP_HEADER:
-                return
-            self._refuse(400, "header name with an underscore")
-        self._headers.append((name, value))
+
+    def _underscores(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """headers_with_underscores_action other than ALLOW."""
+        if self.lr.headers_with_underscores == DROP_HEADER:
+            return [(n, v) for n, v in raw if b"_" not in n]
+        for n, _ in raw:
+            if b"_" in n:
+                self._refuse(400, "header name with an underscore")
+        return raw
 
     def on_headers_complete(self) -> None:
         self._headers_started = 0.0
+        lr = self.lr
+        raw_headers = self._headers
+        if lr.headers_with_underscores != ALLOW:
+            raw_headers = self._underscores(raw_headers)
         headers = MultiDict()
-        for name, value in self._headers:
-            headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        add = headers.add
+        for name, value in raw_headers:
+            add(name.decode("latin-1").lower(), value.decode("latin-1"))
         raw = b"".join(self._url) if len(self._url) != 1 else self._url[0]
         p = self.parser
         method = p.get_method().decode("latin-1")
         version = p.get_http_version()
-        if self._te_lines:
+        te_lines = 0
+        if "transfer-encoding" in headers:
             # exactly one Transfer-Encoding line whose value is "chunked" (Envoy): anything
             # else (codings lists, repeats) is how a TE.TE desync is set up
-            if self._te_lines > 1 or \
-                    headers["transfer-encoding"].strip(" \t").lower() != "chunked":
+            te = headers.getall("transfer-encoding")
+            te_lines = len(te)
+            if te_lines > 1 or te[0].strip(" \t").lower() != "chunked":
                 self._refuse(501, "Not Implemented")
-        if self._host_lines > 1:
+        hosts = headers.getall("host", None)
+        if hosts is not None and len(hosts) > 1:
             # RFC 9112 3.2: more than one Host is a 400 (Envoy joins them; refusing is safe)
             self._refuse(400, "duplicate host")
         if b"#" in raw:
             self._refuse(400, "fragment in the request target")
         url = raw.decode("latin-1")
-        if url[:1] != "/":
-            if url == "*":
-                if method != "OPTIONS":
-                    self._refuse(400, "asterisk-form is only for OPTIONS")
-            elif method != "CONNECT":
-                # absolute-form: its authority replaces Host (RFC 9112 3.2.2)
-                scheme, sep, rest = url.partition("://")
-                if not sep or scheme.lower() not in ("http", "https"):
-                    self._refuse(400, "invalid request target")
-                end = len(rest)
-                for sep_char in "/?":
-                    i = rest.find(sep_char)
-                    if 0 <= i < end:
-                        end = i
-                authority, tail = rest[:end], rest[end:]
-                url = tail if tail[:1] == "/" else "/" + tail
-                authority = authority.rpartition("@")[2]     # userinfo never goes on
-                if not authority:
-                    self._refuse(400, "absolute-form without a host")
-                headers["host"] = authority
+        if raw[0] != 47:                     # not "/": asterisk, absolute or authority form
+            url = self._other_target_form(url, method, headers)
         elif method == "CONNECT":
             self._refuse(400, "CONNECT needs an authority-form target")
         host = headers.get("host")
-        if host is not None and not _VALID_AUTHORITY(host):
-            self._refuse(400, "invalid host")
+        if host is not None and host not in _GOOD_HOSTS:
+            if not _VALID_AUTHORITY(host):
+                self._refuse(400, "invalid host")
+            if len(_GOOD_HOSTS) >= 1024:
+                _GOOD_HOSTS.clear()
+            _GOOD_HOSTS.add(host)
         path, _, query = url.partition("?")
-        ctx = RequestContext(self.lr.name, self.peer, time.perf_counter(), self.lr.bound_port)
+        ctx = RequestContext(lr.name, self.peer, time.perf_counter(), lr.bound_port)
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
         req = self._req = Request(method, path, query, headers, b"", ctx, version)
         req.keep_alive = p.should_keep_alive()
-        req.chunked = self._te_lines > 0
-        if version != "1.1" and not (version == "1.0" and self.lr.accept_http_10):
+        req.chunked = te_lines > 0
+        if version != "1.1" and not (version == "1.0" and lr.accept_http_10):
             req.reject = (426, "Upgrade Required")
         elif version == "1.1" and host is None:
             req.reject = (400, "")
@@ -336,13 +327,36 @@ class DownstreamConnection(asyncio.Protocol):
                 self._h2c = True    # ignore the h2c upgrade offer, as Envoy does
             else:
                 req.reject = (403, "")
-        expect = headers.get("expect")
-        if expect is not None and expect.lower() == "100-continue":
+        if "expect" in headers and headers["expect"].lower() == "100-continue":
             # Envoy's default: answer 100-continue locally and do not forward it; other
             # expectations go upstream untouched
             del headers["expect"]
             if req.reject is None:
                 self.transport.write(_CONTINUE)
+
+    def _other_target_form(self, url: str, method: str, headers: MultiDict[str]) -> str:
+        """Asterisk-form (OPTIONS only), authority-form (CONNECT) or absolute-form, whose
+        authority replaces Host (RFC 9112 3.2.2); returns the origin-form URL."""
+        if url == "*":
+            if method != "OPTIONS":
+                self._refuse(400, "asterisk-form is only for OPTIONS")
+            return url
+        if method == "CONNECT":
+            return url
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            self._refuse(400, "invalid request target")
+        end = len(rest)
+        for sep_char in "/?":
+            i = rest.find(sep_char)
+            if 0 <= i < end:
+                end = i
+        authority, tail = rest[:end], rest[end:]
+        authority = authority.rpartition("@")[2]     # userinfo never goes on
+        if not authority:
+            self._refuse(400, "absolute-form without a host")
+        headers["host"] = authority
+        return tail if tail[:1] == "/" else "/" + tail
 
     def on_body(self, body: bytes) -> None:
         s = self._stream

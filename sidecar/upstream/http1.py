@@ -36,8 +36,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "_headers", "_status", "_future", "_stream",
                  "_chunks", "_complete", "_head_done", "_keep_alive", "_closed", "_timer",
                  "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "requests",
-                 "_got_bytes", "_counted_gone", "_spare_parser", "_hcount", "_hsize",
-                 "_te_lines", "_cl_lines", "_refusal", "_until_close", "_after_end", "_in_head")
+                 "_got_bytes", "_counted_gone", "_spare_parser", "_hsize", "_refusal",
+                 "_until_close", "_after_end", "_resp_headers")
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
@@ -61,14 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._chunks = []
         self._status = 0
-        self._hcount = 0
         self._hsize = 0
-        self._te_lines = 0
-        self._cl_lines = 0
+        self._resp_headers: MultiDict[str] = MultiDict()
         self._refusal: str | None = None
         self._until_close = False      # a close-delimited body (no length, not chunked)
         self._after_end = False        # bytes came after a response that has no body
-        self._in_head = False          # between the first byte of a status line and its end
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -93,7 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         fut = self._future
         if fut is not None and not fut.done():
-            if self._in_head:
+            if self._got_bytes and not self._head_done:
                 # closed in the middle of the response head: a malformed response
                 fut.set_exception(UpstreamProtocolError("upstream protocol error: "
                                                         "incomplete response head"))
@@ -170,19 +167,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self._complete:
                 self._after_end = True
             return        # trailers are dropped (Envoy's enable_trailers is off), never merged
-        pool = self.pool
-        self._hcount += 1
-        if self._hcount > pool.max_headers_count:
-            self._refuse("too many response headers")
-        self._hsize += len(name) + len(value)
-        if self._hsize > pool.max_header_bytes:
-            self._refuse("response headers too large")
-        n = len(name)
-        if n == 17 and name.lower() == b"transfer-encoding":
-            self._te_lines += 1
-        elif n == 14 and name.lower() == b"content-length":
-            self._cl_lines += 1
+        # the hot path: only the size, which bounds memory (and so the count), per line
         self._headers.append((name, value))
+        self._hsize += len(name) + len(value)
+        if self._hsize > self.pool.max_header_bytes:
+            self._refuse("response headers too large")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -192,24 +181,30 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if status < 100:
             self._refuse(f"status {status}")
-        self._in_head = False
+        if len(self._headers) > self.pool.max_headers_count:
+            self._refuse("too many response headers")
+        headers: MultiDict[str] = MultiDict()
+        add = headers.add
+        for name, value in self._headers:
+            add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        has_cl = "content-length" in headers
         if status < 200 and status != 101:
-            if self._cl_lines:
+            if has_cl:
                 self._refuse("Content-Length in a 1xx response")
-            # interim response: wait for the final one
+            # interim response: wait for the final one (its bytes start a new head)
             self._headers = []
-            self._hcount = self._hsize = 0
+            self._hsize = 0
+            self._got_bytes = False
             return
-        if status == 204 and self._cl_lines:
+        if status == 204 and has_cl:
             self._refuse("Content-Length in a 204 response")
-        if self._te_lines:
+        has_te = "transfer-encoding" in headers
+        if has_te:
             # exactly one Transfer-Encoding line whose value is "chunked", as in Envoy
-            te = b""
-            for k, v in self._headers:
-                if len(k) == 17 and k.lower() == b"transfer-encoding":
-                    te = v
-            if self._te_lines > 1 or te.strip(b" \t").lower() != b"chunked":
+            te = headers.getall("transfer-encoding")
+            if len(te) > 1 or te[0].strip(" \t").lower() != "chunked":
                 self._refuse("Transfer-Encoding other than chunked")
+        self._resp_headers = headers
         self._status = status
         self._head_done = True
         self._keep_alive = parser.should_keep_alive()
@@ -217,7 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
             # HEAD: llhttp would wait for Content-Length bytes that never come
             self._complete = True
             self.parser = None
-        elif not self._te_lines and not self._cl_lines and status != 204 and status != 304:
+        elif not has_te and not has_cl and status != 204 and status != 304:
             self._until_close = True
             self._keep_alive = False
 
@@ -233,9 +228,6 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._chunks.append(body)
 
-    def on_message_begin(self) -> None:
-        self._in_head = True
-
     def on_message_complete(self) -> None:
         if not self._head_done or self._complete:
             return               # end of an interim 1xx message, or bytes after the response
@@ -249,9 +241,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ---- request/response ------------------------------------------------------------------
     def _resolve(self) -> None:
-        headers = MultiDict()
-        for name, value in self._headers:
-            headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        headers = self._resp_headers
         if self._complete:
             chunks = self._chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -330,11 +320,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._no_body = no_body_response
         self._stream = None
         self._got_bytes = False
-        self._hcount = self._hsize = self._te_lines = self._cl_lines = 0
+        self._hsize = 0
         self._refusal = None
         self._until_close = False
         self._after_end = False
-        self._in_head = False
         self.requests += 1
         fut = self._future = loop.create_future()
         if deadline is not None:
