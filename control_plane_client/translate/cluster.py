@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 Cluster and ClusterLoadAssignment -> the cluster model (LB policies, breakers,
+outlier detection, health checks, upstream TLS, protocol options)."""
 
 from __future__ import annotations
 
@@ -182,8 +183,6 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
 
 
 def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("thresholds",), path)
     default = high = Thresholds()
     seen = set()
@@ -201,8 +200,6 @@ def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
 
 
 def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("timeout", "interval", "interval_jitter", "interval_jitter_percent",
                      "healthy_threshold", "unhealthy_threshold", "http_health_check",
                      "no_traffic_interval", "unhealthy_interval", "healthy_edge_interval",

@@ -1,8 +1,11 @@
-"""Envoy TLS transport sockets (DownstreamTlsContext, UpstreamTlsContext) and static secrets ->
-the TLS config model."""
+"""Envoy v3 ``transport_socket`` TLS contexts (DownstreamTlsContext, UpstreamTlsContext) and static
+secrets (``static_resources.secrets``) -> the TLS model. One certificate from files or a secret,
+a validation CA, URI SAN matchers, TLS 1.2 minimum."""
 
 from __future__ import annotations
 
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 from sidecar.config.tls import DownstreamTls, UpstreamTls
 
 T_TLS_DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -20,7 +23,6 @@ produces (``cert_file``/``key_file`` or ``ca_file``/``match_san_uris``)."""
 
 
 def _tls_certificate(c: dict, cp: str) -> dict:
-    from sidecar.config import wire as w
     w.check_keys(c, ("certificate_chain", "private_key"), cp)
     return {"cert_file": w.string(w.check_keys(w.mapping(c, "certificate_chain", cp), ("filename",),
                                                w.join(cp, "certificate_chain")), "filename",
@@ -31,8 +33,6 @@ def _tls_certificate(c: dict, cp: str) -> dict:
 
 
 def _validation_context(v: dict, vp: str) -> dict:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(v, ("trusted_ca", "match_typed_subject_alt_names"), vp)
     out: dict = {}
     if "trusted_ca" in v:
@@ -54,8 +54,6 @@ def secrets_from_envoy(items: list, path: str) -> Secrets:
     """``static_resources.secrets``: named certificates and validation contexts that TLS
     contexts reference with an ``sds_config``-less ``*_sds_secret_config{s}`` (SDS from the
     bootstrap)."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     out: Secrets = {}
     for i, d in enumerate(items):
         sp = w.join(path, i)
@@ -74,8 +72,6 @@ def secrets_from_envoy(items: list, path: str) -> Secrets:
 
 def _sds(ref: dict, path: str, secrets: Secrets | None, want: str) -> dict:
     """A ``SdsSecretConfig`` naming a static secret (no ``sds_config``: the bootstrap's)."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(ref, ("name",), path)      # sds_config (an SDS server): refused by name
     name = w.string(ref, "name", path, nonempty=True)
     secret = (secrets or {}).get(name)
@@ -91,8 +87,6 @@ def _sds(ref: dict, path: str, secrets: Secrets | None, want: str) -> dict:
 def _common(ctx: dict, path: str, secrets: Secrets | None = None) -> dict:
     """CommonTlsContext subset: one cert from files (or a static secret), validation CA and
     SAN matchers (or a static secret), min version."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols",
                        "tls_certificate_sds_secret_configs", "validation_context_sds_secret_config"),
                  path)
@@ -135,8 +129,6 @@ def _common(ctx: dict, path: str, secrets: Secrets | None = None) -> dict:
 
 
 def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("name", "typed_config"), path)
     tp = w.join(path, "typed_config")
     tc = w.mapping(d, "typed_config", path)
@@ -146,8 +138,6 @@ def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
 
 
 def downstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> DownstreamTls:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     body, tp = _socket(d, path, T_TLS_DOWN)
     w.check_keys(body, ("common_tls_context", "require_client_certificate"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"), secrets)
@@ -166,13 +156,11 @@ def downstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None
 
 
 def upstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> UpstreamTls:
-    from sidecar.config import wire as w
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"),
                 secrets)
     if c.get("match_san_uris") and not c.get("ca_file"):
-        from sidecar.config.errors import ConfigError
         raise ConfigError(w.join(tp, "common_tls_context.validation_context"),
                           "SAN-based verification of peer certificates without trusted_ca is "
                           "insecure and not allowed (as in Envoy)")

@@ -98,7 +98,10 @@ class HttpConnectionManager:
             resp.local = True
             return grpc_local_reply(resp) if ctx.grpc else resp
         ctx.vhost_name = vh.name                # type: ignore[union-attr]
-        return await route.handler(req)
+        resp = await route.handler(req)
+        if ctx.grpc and resp.local:
+            return grpc_local_reply(resp)
+        return resp
 
     def retire(self) -> None:
         for f in self.filters:

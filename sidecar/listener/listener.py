@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 from sidecar.codec.http1 import DownstreamConnection
 from sidecar.config.listener import Listener
@@ -24,6 +25,10 @@ def sweep_interval(cfg: Listener) -> float:
                                 cfg.max_stream_duration_s, cfg.request_headers_timeout_s,
                                 cfg.idle_timeout_s) if t > 0), default=5.0)
     return max(0.05, min(1.0, shortest / 5))
+
+
+async def _no_routes(req: Request) -> Response:
+    return local_reply(req.ctx, 404, "", "NR")
 
 
 class ListenerRuntime:
@@ -88,11 +93,12 @@ class ListenerRuntime:
     def protocol_error(self, status: int) -> None:
         self.counters.protocol_error(status)
 
-    async def dispatch(self, req: Request) -> Response:
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        """The current manager's dispatch (its coroutine: no frame here)."""
         hcm = self.hcm
         if hcm is None:
-            return local_reply(req.ctx, 404, "", "NR")
-        return await hcm.dispatch(req)
+            return _no_routes(req)
+        return hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Native YAML clusters: ``{name, endpoints: [host:port], lb, circuit_breakers, ...}``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from sidecar.config.cluster import (
 from sidecar.config.errors import ConfigError
 from sidecar.config.native.listener import _file, _min_version
 from sidecar.config.tls import UpstreamTls
+from sidecar.config.wire import Raw
 
 
 def endpoint_from_native(v: Any, path: str) -> Endpoint:
@@ -47,7 +48,7 @@ def _resolver(v: Any, path: str) -> str:
     return f"{v}:53"
 
 
-def cluster_from_native(d: dict, path: str) -> Cluster:
+def cluster_from_native(d: Raw, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
                      "dns_lookup_family", "max_response_headers_count", "max_response_headers_kb",
                      "respect_dns_ttl", "dns_resolvers",
@@ -56,7 +57,7 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     ep = w.join(path, "endpoints")
     eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
     ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
-    lb_kw: dict = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
+    lb_kw: dict[str, Any] = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
     if "ewma" in d:
         xp = w.join(path, "ewma")
         x = w.check_keys(d["ewma"], ("decay", "default_rtt", "failure_penalty", "choices"), xp)
@@ -65,7 +66,7 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
                      ewma_failure_penalty_s=w.duration(x, "failure_penalty", xp, 0.0),
                      choice_count=w.integer(x, "choices", xp, 2, lo=2))
     lb_kw["panic_threshold"] = w.number(d, "panic_threshold", path, 50.0, lo=0, hi=100)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     if "circuit_breakers" in d:
         kw["circuit_breakers"] = circuit_breakers_from_native(d["circuit_breakers"], w.join(path, "circuit_breakers"))
     if "outlier_detection" in d:
@@ -73,7 +74,6 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     if "health_check" in d:
         kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
     if "tls" in d:
-        from sidecar.config.native.cluster import upstream_tls_from_native
         kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
     return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
@@ -92,17 +92,15 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
 
 
-def upstream_tls_from_native(d, path: str) -> UpstreamTls:
+def upstream_tls_from_native(v: object, path: str) -> UpstreamTls:
     """Cluster ``tls: true`` (system CAs, hostname checked) or
     ``tls: {sni, ca, cert, key, san: [uri...], verify, check_hostname, min_version}``.
 
     With ``ca`` (a private mesh CA) the hostname is not checked by default (mesh certificates
     name workloads by SPIFFE URI, not by DNS): pin identities with ``san`` instead."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
-    if d is True:
+    if v is True:
         return UpstreamTls(check_hostname=True)
-    w.check_keys(d, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
+    d = w.check_keys(v, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
     ca = _file(d, "ca", path)
     cert = _file(d, "cert", path)
     key = _file(d, "key", path)
@@ -121,13 +119,12 @@ def upstream_tls_from_native(d, path: str) -> UpstreamTls:
                        check_hostname=w.boolean(d, "check_hostname", path, verify and ca is None))
 
 
-def circuit_breakers_from_native(d: dict, path: str) -> CircuitBreakers:
+def circuit_breakers_from_native(d: Raw, path: str) -> CircuitBreakers:
     """Native: the DEFAULT-priority thresholds written flat."""
     return CircuitBreakers(default=_thresholds(d, path, False))
 
 
-def health_check_from_native(d: dict, path: str) -> HealthCheck:
-    from sidecar.config import wire as w
+def health_check_from_native(d: Raw, path: str) -> HealthCheck:
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",

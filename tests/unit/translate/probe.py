@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import enum
 import importlib
 import re
@@ -74,7 +75,7 @@ def sample(name: str, field: str) -> object:
     inner = _inner(tp)
     if meta.proto_type == "map":
         return {"k": {} if meta.map_meta[1].proto_type == "message" else "x"}
-    if meta.unwrap is not None:
+    if meta.unwrap is not None or inner in (datetime.timedelta, datetime.datetime):
         v = _scalar_sample(inner)
     elif meta.proto_type == "message":
         v = _WKT_SAMPLES.get(getattr(inner, "__name__", ""), {})
@@ -94,6 +95,10 @@ def _enum_name(member: enum.Enum) -> str:
 
 
 def _scalar_sample(tp: object) -> object:
+    if tp is datetime.timedelta:
+        return "1s"
+    if tp is datetime.datetime:
+        return "2020-01-01T00:00:00Z"
     if tp is bool:
         return True
     if tp is int:
@@ -249,3 +254,20 @@ def probe_bootstrap() -> dict:
             }],
         },
     }
+
+
+def alternative_samples(name: str, field: str) -> list[object]:
+    """Other values of the field's type (a field whose default sample is refused for its value,
+    not its name, accepts one of these)."""
+    meta, tp = fields_of(name)[field]
+    inner = _inner(tp)
+    out: list[object] = []
+    if inner is bool or (meta.unwrap is not None and inner is bool):
+        out = [False]
+    elif inner is int:
+        out = [0, 1, 100]
+    elif inner is str and meta.proto_type == "string":
+        out = ["", "/", "a.test"]
+    elif meta.proto_type == "enum" and isinstance(inner, type) and issubclass(inner, enum.Enum):
+        out = [_enum_name(m) for m in inner]
+    return [[v] if meta.repeated else v for v in out]

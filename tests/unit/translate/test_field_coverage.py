@@ -86,7 +86,7 @@ def test_refused_fields_are_refused_by_name_with_their_path(message):
         doc, path = _doc_with(inst, field, value)
         want = shown(path)
         errs = errors(doc)
-        if not any(e.path == want or e.path.startswith(want + "[") for e in errs):
+        if not any(e.path in (want, want + "[0]") for e in errs):
             accepted.append(f"{want}: {[str(e) for e in errs][:2] or 'accepted'}")
     assert not accepted, "refused in the table, not refused by name:\n" + "\n".join(accepted)
 

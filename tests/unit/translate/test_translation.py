@@ -172,3 +172,17 @@ def test_filter_fields():
     for text in ("rp_", "sp_"):       # the matchers compile to functions: see test_rbac.py
         assert text in rbac, text
     assert dict(lst.route_config.virtual_hosts[0].routes[0].per_filter)["envoy.filters.http.fault"] is None
+
+
+def test_access_log_fields():
+    stdout = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+    snap = translate((HCM_AT + ".access_log", [
+        {"name": "a", "typed_config": {"@type": stdout, "log_format": {
+            "text_format": "%RESPONSE_CODE%", "omit_empty_values": True}}},
+        {"name": "b", "typed_config": {"@type": stdout, "log_format": {
+            "json_format": {"b": "%RESPONSE_CODE%", "a": "x"},
+            "json_format_options": {"sort_properties": True}}}}]))
+    text, js = snap.listeners[0].access_log
+    assert (text.path, text.format, text.text_format, text.omit_empty_values) == (
+        "/dev/stdout", "envoy", "%RESPONSE_CODE%", True)
+    assert js.json_format == '{"a": "x", "b": "%RESPONSE_CODE%"}'     # sorted

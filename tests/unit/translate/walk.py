@@ -47,6 +47,33 @@ ROOTS: list[tuple[str, str, Setup]] = [
     ("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", FILTERS_AT + "[2].typed_config", ()),
     ("envoy.extensions.filters.http.fault.v3.HttpFault", FILTERS_AT + "[3].typed_config", ()),
     ("envoy.extensions.filters.http.router.v3.Router", FILTERS_AT + "[4].typed_config", ()),
+    ("envoy.extensions.filters.http.buffer.v3.Buffer", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "envoy.filters.http.buffer", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1000}}),)),
+    ("envoy.extensions.filters.http.cors.v3.Cors", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "envoy.filters.http.cors", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.cors.v3.Cors"}}),)),
+    ("envoy.extensions.filters.http.compressor.v3.Compressor", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "gzip", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.compressor.v3.Compressor",
+         "compressor_library": {"name": "gzip", "typed_config": {
+             "@type": T + "envoy.extensions.compression.gzip.compressor.v3.Gzip"}}}}),)),
+    ("envoy.extensions.compression.gzip.compressor.v3.Gzip",
+     FILTERS_AT + "[3].typed_config.compressor_library.typed_config",
+     ((FILTERS_AT + "[3]", {"name": "gzip", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.compressor.v3.Compressor",
+         "compressor_library": {"name": "gzip", "typed_config": {
+             "@type": T + "envoy.extensions.compression.gzip.compressor.v3.Gzip"}}}}),)),
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "envoy.filters.http.ext_authz", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+         "http_service": {"server_uri": {"uri": "http://authz", "cluster": "c0",
+                                         "timeout": "0.5s"}}}}),)),
+    ("envoy.extensions.filters.http.header_to_metadata.v3.Config", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "envoy.filters.http.header_to_metadata", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.header_to_metadata.v3.Config",
+         "request_rules": [{"header": "x-tenant", "on_header_present": {
+             "metadata_namespace": "tenancy", "key": "tenant"}}]}}),)),
     ("envoy.extensions.access_loggers.file.v3.FileAccessLog", HCM_AT + ".access_log[0].typed_config", ()),
     ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", HCM_AT + ".access_log[0].typed_config",
      ((HCM_AT + ".access_log[0].typed_config",
@@ -125,6 +152,44 @@ PROBES: dict[tuple[str, str], object] = {
           "http_health_check": {"path": "/h"}}],
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): {"service_name": "c0"},
     ("envoy.config.cluster.v3.ClusterEdsClusterConfig", "eds_config"): {"ads": {}},
+    ("envoy.extensions.transport_sockets.tls.v3.Secret", "tls_certificate"): CERT,
+    ("envoy.config.route.v3.RouteActionHashPolicy", "connection_properties"): {"source_ip": True},
+    ("envoy.config.route.v3.RouteActionHashPolicy", "cookie"): {"name": "session"},
+    ("envoy.config.route.v3.RouteActionHashPolicy", "query_parameter"): {"name": "id"},
+    ("envoy.config.route.v3.RouteActionHashPolicy", "header"): {"header_name": "x-user"},
+    ("envoy.config.core.v3.HealthCheckHttpHealthCheck", "expected_statuses"):
+        [{"start": 200, "end": 300}],
+    ("envoy.config.core.v3.GrpcService", "initial_metadata"): [{"key": "x-k", "value": "v"}],
+    ("envoy.config.route.v3.WeightedClusterClusterWeight", "request_headers_to_add"):
+        [{"header": {"key": "x-k", "value": "v"}}],
+    ("envoy.config.route.v3.RouteConfiguration", "request_headers_to_add"):
+        [{"header": {"key": "x-k", "value": "v"}}],
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtProvider", "from_headers"): [{"name": "x-jwt"}],
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtProvider", "claim_to_headers"):
+        [{"header_name": "x-sub", "claim_name": "sub"}],
+    ("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", "descriptors"):
+        [{"entries": [{"key": "k", "value": "v"}],
+          "token_bucket": {"max_tokens": 1, "fill_interval": "60s"}}],
+    ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", "entries"):
+        [{"key": "k", "value": "v"}],
+    ("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", "rate_limits"):
+        [{"actions": [{"request_headers": {"header_name": "x-k", "descriptor_key": "k"}}]}],
+    ("envoy.extensions.filters.http.compressor.v3.Compressor", "runtime_enabled"):
+        {"default_value": True},
+    ("envoy.config.route.v3.RateLimitAction", "generic_key"): {"descriptor_value": "all"},
+    ("envoy.config.route.v3.RateLimitAction", "header_value_match"):
+        {"descriptor_value": "beta", "headers": [{"name": "x-beta", "present_match": True}]},
+    ("envoy.config.route.v3.RateLimitAction", "metadata"):
+        {"descriptor_key": "sub", "metadata_key": {"key": "envoy.filters.http.jwt_authn",
+                                                   "path": [{"key": "p"}, {"key": "sub"}]}},
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", "filter_enabled"):
+        {"default_value": {"numerator": 100}},
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", "with_request_body"):
+        {"max_request_bytes": 100},
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", "allowed_headers"):
+        {"patterns": [{"exact": "x-k"}]},
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", "allowed_upstream_headers"):
+        {"patterns": [{"exact": "x-k"}]},
     ("envoy.config.cluster.v3.Cluster", "typed_dns_resolver_config"): {"name": "cares", "typed_config": {
         "@type": T + "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
         "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": 53}}]}},
