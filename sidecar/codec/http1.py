@@ -30,6 +30,7 @@ from sidecar.tls.context import peer_uri_san
 log = logging.getLogger("sidecar.server")
 
 _BODYLESS = (204, 304)
+DELAYED_CLOSE_S = 1.0     # Envoy's delayed_close_timeout default
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Host / absolute-form authority: RFC 3986 reg-name, IP literal and port characters (nghttp2's
@@ -404,7 +405,7 @@ class DownstreamConnection(asyncio.Protocol):
         while True:
             keep = await self._handle(req)
             if not keep or self._closing:
-                self._close()
+                self._end()
                 return
             if self._queue:
                 req = self._queue.popleft()
@@ -633,7 +634,31 @@ class DownstreamConnection(asyncio.Protocol):
         head = (f"{status_line(status)}content-length: {len(body)}\r\ncontent-type: text/plain\r\n"
                 f"{self.lr.server_header}date: {DATE.get()}\r\nconnection: close\r\n\r\n")
         self.transport.write(head.encode("latin-1") + body)
-        self._close()
+        self._end()
+
+    def _end(self) -> None:
+        """Close after our last response: FIN at once, the socket a little later, reading and
+        discarding meanwhile (Envoy's delayed close). Closing a socket that still receives makes
+        the kernel send an RST, and a client whose stack sees it may drop our response unread."""
+        t = self.transport
+        if t is None or t.is_closing() or self._closing or not t.can_write_eof():
+            self._close()
+            return
+        self._closing = True
+        self._stopped = True          # what still arrives is read and dropped
+        self._busy = False
+        self._headers_started = 0.0
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            self._close()
+            return
+        asyncio.get_running_loop().call_later(DELAYED_CLOSE_S, self._really_close)
+
+    def _really_close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
 
     def _close(self) -> None:
         self._closing = True
