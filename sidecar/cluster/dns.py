@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 
 import aiodns
+import pycares
 
 
 class DnsResolver:
@@ -32,9 +33,11 @@ class DnsResolver:
             fam = socket.AF_INET6 if kind == "AAAA" else socket.AF_INET
             want = 28 if kind == "AAAA" else 1          # record types (a CNAME chain may come too)
             for rec in result.answer:
-                if rec.type != want:
+                data = rec.data
+                if rec.type != want or not isinstance(data, (pycares.ARecordData,
+                                                             pycares.AAAARecordData)):
                     continue
-                found.append((fam, rec.data.addr))
+                found.append((fam, data.addr))
                 ttl = rec.ttl if ttl is None else min(ttl, rec.ttl)
         if not found:
             raise OSError(f"{host}: {errors[0] if errors else 'no address'}")

@@ -276,7 +276,7 @@ class DownstreamConnection(asyncio.Protocol):
         raw_headers = self._headers
         if lr.headers_with_underscores != ALLOW:
             raw_headers = self._underscores(raw_headers)
-        headers = MultiDict()
+        headers: MultiDict[str] = MultiDict()
         add = headers.add
         for name, value in raw_headers:
             add(name.decode("latin-1").lower(), value.decode("latin-1"))

@@ -195,6 +195,12 @@ def _metadata(arg: str | None) -> Getter:
     return get
 
 
+def _constant(v: Value) -> Getter:
+    def get(req: Request, resp: Response, d: float) -> Value:
+        return v
+    return get
+
+
 def _simple(fn: Callable[[Request, Response, float], Value]) -> Callable[[str | None], Getter]:
     def make(arg: str | None) -> Getter:
         return fn
@@ -233,7 +239,7 @@ OPERATORS: dict[str, Callable[[str | None], Getter]] = {
                           if req.ctx.route is not None else None),
     "HOSTNAME": _simple(lambda req, resp, d: _HOSTNAME),
     "DYNAMIC_METADATA": _metadata,
-    "ENVIRONMENT": lambda a: (lambda req, resp, d, v=os.environ.get(a or ""): v),
+    "ENVIRONMENT": lambda a: _constant(os.environ.get(a or "")),
 }
 
 
