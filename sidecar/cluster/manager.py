@@ -24,6 +24,7 @@ from sidecar.config.cluster import Endpoint
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
 from sidecar.tls.context import client_context
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.cluster")
 
@@ -56,13 +57,15 @@ def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[s
     return out
 
 
-def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
-    return client_context(tls) if tls is not None else None
+def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
+                     ) -> ssl.SSLContext | None:
+    return client_context(tls, secrets) if tls is not None else None
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None):
         self.stats = stats
+        self.secrets = secrets          # SDS certificates for clusters' TLS
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -120,7 +123,7 @@ class ClusterManager:
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
         ctx = old.ssl_context if old is not None and old.config.tls == cfg.tls \
-            else make_ssl_context(cfg.tls)
+            else make_ssl_context(cfg.tls, self.secrets)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
             return Cluster(cfg, st, cfg.endpoints, ctx)
         if old is not None:

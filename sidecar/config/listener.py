@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
 
 
@@ -112,6 +113,7 @@ class Listener:
     tls: DownstreamTls | None = None
     drain_timeout_s: float = 5.0
     tracing: "TracingConfig" | None = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
     source: Any = None
 
 

@@ -21,6 +21,7 @@ from sidecar.config.listener import (
 )
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
 from sidecar.config.wire import Raw
 
@@ -74,7 +75,7 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
                      "accept_http_10", "trust_private_peers", "preserve_external_request_id",
                      "stream_idle_timeout", "max_stream_duration", "max_headers_count",
                      "headers_with_underscores_action", "normalize_path", "merge_slashes",
-                     "path_with_escaped_slashes_action"), path)
+                     "path_with_escaped_slashes_action", "istio_metrics"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
@@ -152,7 +153,18 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
+        istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
+        if d.get("istio_metrics") not in (None, False) else None,
     )
+
+
+def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:
+    """``istio_metrics: true`` or ``{service: web.shop.svc.cluster.local, peer_metadata: true}``."""
+    if d is True:
+        return IstioMetrics()
+    m = w.check_keys(d, ("service", "peer_metadata"), path)
+    return IstioMetrics(service=w.string(m, "service", path, ""),
+                        peer_metadata=w.boolean(m, "peer_metadata", path, True))
 
 
 def tracing_from_native(d: Raw, path: str) -> TracingConfig:

@@ -153,6 +153,8 @@ PROBES: dict[tuple[str, str], object] = {
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): {"service_name": "c0"},
     ("envoy.config.cluster.v3.ClusterEdsClusterConfig", "eds_config"): {"ads": {}},
     ("envoy.extensions.transport_sockets.tls.v3.Secret", "tls_certificate"): CERT,
+    ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", "combined_validation_context"):
+        {"default_validation_context": {}, "validation_context_sds_secret_config": {"name": "v"}},
     ("envoy.config.route.v3.RouteActionHashPolicy", "connection_properties"): {"source_ip": True},
     ("envoy.config.route.v3.RouteActionHashPolicy", "cookie"): {"name": "session"},
     ("envoy.config.route.v3.RouteActionHashPolicy", "query_parameter"): {"name": "id"},
