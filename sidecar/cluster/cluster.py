@@ -116,7 +116,9 @@ class Cluster:
         if st is None or st.removed:
             pool = ConnectionPool(ep.host, ep.port, cfg.connect_timeout_s,
                                   cfg.max_idle_connections, cfg.idle_timeout_s,
-                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni)
+                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni,
+                                  cfg.max_response_headers_count,
+                                  cfg.max_response_headers_kb * 1024)
             st = EndpointState(ep, pool, self.state.shared.endpoint(self.name, ep.address),
                                cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
@@ -139,6 +141,8 @@ class Cluster:
             p.connect_timeout = cfg.connect_timeout_s
             p.max_idle = cfg.max_idle_connections
             p.idle_timeout = cfg.idle_timeout_s
+            p.max_headers_count = cfg.max_response_headers_count
+            p.max_header_bytes = cfg.max_response_headers_kb * 1024
             p.on_free = waiters.wake
             if p.ssl is not self.ssl_context:
                 p.ssl = self.ssl_context        # new TLS settings need new connections
@@ -243,6 +247,7 @@ class Cluster:
         ctx.upstream_status = status
         stats = self.stats
         stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        stats.rq_code(status).inc()
         stats.latency.observe(elapsed)
         self.record(host, status, elapsed, None)
         if client_span is not None:
