@@ -9,6 +9,10 @@ same place.
 
 Every caller (route stacks, shadowing, filters calling a service, health checks) goes through
 the cluster: it is the only writer of cluster and endpoint counters.
+
+Breaker gauges, requests in flight per endpoint and the health board (active-check verdicts,
+ejections) live in ``sidecar.shared`` so that with several workers they are the sidecar's: a
+worker re-reads its endpoints' verdicts when the board's epoch moves (one read per pick).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from sidecar.core.errors import (
 )
 from sidecar.core.message import Request, Response
 from sidecar.observability.stats import ClusterStats
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
 
 log = logging.getLogger("sidecar.cluster")
@@ -65,12 +71,13 @@ class ClusterState:
     requests go to (None once the cluster is removed: requests then get 503 NC)."""
 
     __slots__ = ("name", "current", "breakers", "endpoints", "stats", "outlier", "health",
-                 "removed", "__weakref__")
+                 "removed", "shared", "__weakref__")
 
-    def __init__(self, name: str, stats: ClusterStats):
+    def __init__(self, name: str, stats: ClusterStats, shared: SharedState | None = None):
         self.name = name
         self.current: Cluster | None = None
-        self.breakers = BreakerState()
+        self.shared: SharedState = shared if shared is not None else LocalState()
+        self.breakers = BreakerState(self.shared.breaker(name), self.shared.workers)
         self.endpoints: dict[str, EndpointState] = {}     # address -> state, current version
         self.stats = stats
         self.outlier: OutcomeObserver | None = None
@@ -88,7 +95,7 @@ class Cluster:
     """One version of a cluster: config, endpoint set, load balancer, TLS context."""
 
     __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "thresholds", "stats",
-                 "warm", "_sni")
+                 "warm", "_sni", "_epoch", "_epoch_seen", "_uneject_timer")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
@@ -101,6 +108,9 @@ class Cluster:
         self.stats = state.stats
         self.warm = warm              # an EDS cluster is warm once its first assignment came
         self._sni = config.tls.sni if config.tls is not None else ""
+        self._epoch = state.shared.health_epoch
+        self._epoch_seen = -1            # the first pick reads the board
+        self._uneject_timer: asyncio.TimerHandle | None = None
         self.hosts: list[EndpointState] = [self._endpoint_state(ep) for ep in endpoints]
         self.lb = make_balancer(config.lb)
         self.rebuild()
@@ -112,8 +122,11 @@ class Cluster:
         if st is None or st.removed:
             pool = ConnectionPool(ep.host, ep.port, cfg.connect_timeout_s,
                                   cfg.max_idle_connections, cfg.idle_timeout_s,
-                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni)
-            st = EndpointState(ep, pool, cfg.lb.ewma_default_rtt_s)
+                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni,
+                                  cfg.max_response_headers_count,
+                                  cfg.max_response_headers_kb * 1024)
+            st = EndpointState(ep, pool, self.state.shared.endpoint(self.name, ep.address),
+                               cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
         return st
@@ -127,12 +140,15 @@ class Cluster:
             if addr not in new:
                 old.removed = True
                 old.pool.close_all()
+                state.shared.forget(self.name, addr)
         waiters = state.breakers.waiters
         for h in self.hosts:
             p = h.pool
             p.connect_timeout = cfg.connect_timeout_s
             p.max_idle = cfg.max_idle_connections
             p.idle_timeout = cfg.idle_timeout_s
+            p.max_headers_count = cfg.max_response_headers_count
+            p.max_header_bytes = cfg.max_response_headers_kb * 1024
             p.on_free = waiters.wake
             p.local_addr = (cfg.bind_address, 0) if cfg.bind_address else None
             if p.ssl is not self.ssl_context:
@@ -151,9 +167,39 @@ class Cluster:
             avail = list(hosts)      # panic: too few healthy hosts, use them all (Envoy)
         self.lb.rebuild(avail)
 
+    def sync_health(self) -> None:
+        """The board moved (a verdict or an ejection, from any worker): take every endpoint's
+        state from it, rebuild the eligible set, and come back when the next ejection ends."""
+        self._epoch_seen = self._epoch()
+        for h in self.hosts:
+            h.sync()
+        self.rebuild()
+        now = time.monotonic()
+        ends = [h.ejected_until for h in self.hosts if h.ejected_until > now]
+        if self._uneject_timer is not None:
+            self._uneject_timer.cancel()
+            self._uneject_timer = None
+        if ends:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._uneject_timer = loop.call_later(min(ends) - now + 0.001, self._ejection_ended)
+
+    def _ejection_ended(self) -> None:
+        self._uneject_timer = None
+        if self.state.current is self:
+            self.sync_health()
+
+    def refresh_health(self) -> None:
+        if self._epoch() != self._epoch_seen:
+            self.sync_health()
+
     def pick(self, ctx: RequestContext | ConnectionContext | None) -> EndpointState | None:
         if self.original_dst:
             return self._original_dst_host(ctx) if isinstance(ctx, ConnectionContext) else None
+        if self._epoch() != self._epoch_seen:
+            self.sync_health()
         tried = ctx.tried_hosts if ctx is not None else ()
         h = self.lb.pick(ctx, tried)
         if h is not None and h.ejected_until and not h.available:
@@ -162,8 +208,11 @@ class Cluster:
         return h
 
     def open_connections(self) -> int:
-        return sum(h.pool.active + h.pool.connecting + h.cx_active + h.cx_connecting
-                   for h in self.hosts)
+        """Open (and opening) connections of the cluster, every worker's (each publishes its
+        own share when it checks, connects, and every second); TCP proxy connections too."""
+        return self.state.breakers.open_connections(
+            sum(h.pool.active + h.pool.connecting + h.cx_active + h.cx_connecting
+                for h in self.hosts))
 
     # ---- the request --------------------------------------------------------------------------
     async def send(self, req: Request, auto_host: bool = False) -> Response:
@@ -182,7 +231,7 @@ class Cluster:
         ctx.upstream_host = host.address
         span = ctx.span
         client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
-        host.active_requests += 1
+        host.begin()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         ctx.upstream_start = t0
@@ -200,7 +249,7 @@ class Cluster:
                 raise RouteTimeout() from None
             raise
         finally:
-            host.active_requests -= 1
+            host.end()
             breakers.release_request()
         elapsed = loop.time() - t0
         ctx.upstream_duration = elapsed
@@ -208,6 +257,7 @@ class Cluster:
         ctx.upstream_status = status
         stats = self.stats
         stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        stats.rq_code(status).inc()
         stats.latency.observe(elapsed)
         self.record(host, status, elapsed, None)
         if client_span is not None:
@@ -268,6 +318,7 @@ class Cluster:
             self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
             raise
         self.stats.cx_total.inc()
+        self.open_connections()           # publish this worker's new count at once
         return conn
 
     async def _wait_for_connection(self, host: EndpointState, pool: ConnectionPool,
@@ -283,14 +334,19 @@ class Cluster:
         if not breakers.admit_pending(self.thresholds):
             self.stats.rq_pending_overflow.inc()
             raise Overflow("max_pending_requests")
-        host.active_requests -= 1           # pending, not active (Envoy's accounting)
+        host.end()                          # pending, not active (Envoy's accounting)
         waiters = breakers.waiters
+        poll = breakers.poll_s
         front = False
         try:
             while True:
                 if deadline is not None and loop.time() >= deadline:
                     raise PendingTimeout()
-                await waiters.wait(loop, deadline, front)
+                until = deadline
+                if poll is not None:
+                    until = loop.time() + poll if deadline is None else \
+                        min(deadline, loop.time() + poll)
+                await waiters.wait(loop, until, front)
                 front = True
                 conn = pool.take_idle()
                 if conn is not None:
@@ -301,7 +357,7 @@ class Cluster:
                     return None
         finally:
             breakers.end_pending()
-            host.active_requests += 1
+            host.begin()
             if breakers.pending_requests and \
                     self.open_connections() < self.thresholds.max_connections:
                 waiters.wake()      # pass on a slot this waiter did not use
@@ -360,34 +416,28 @@ class Cluster:
         elapsed = loop.time() - t0
         host.cx_active += 1
         host.cx_total += 1
-        host.rq_total += 1              # Envoy counts a TCP proxy connection as a request
-        host.active_requests += 1       # least-request balancing spreads connections
+        host.begin()                    # an active request while it lasts (least-request)
         stats = self.stats
         stats.cx_total.inc()
         stats.cx_connect_time.observe(elapsed)
-        self.lb.record(host, 200, elapsed, None)
-        outlier = self.state.outlier
-        if outlier is not None:
-            outlier.on_outcome(host, 200, elapsed, None)   # a local-origin success
+        # Envoy counts a TCP proxy connection as a request; a made connection is a
+        # local-origin success for outlier detection
+        self.record(host, 200, elapsed, None)
+        self.open_connections()         # publish this worker's new count at once
         return host, transport, proto
 
     def _connect_failed(self, host: EndpointState, ctx: ConnectionContext, elapsed: float,
                         reason: str, kind: str) -> None:
         ctx.upstream_failure = reason
         host.cx_connect_fail += 1
-        host.rq_total += 1
-        host.rq_error += 1
         self.stats.cx_connect_fail.inc()
-        self.lb.record(host, None, elapsed, kind)
-        outlier = self.state.outlier
-        if outlier is not None:
-            outlier.on_outcome(host, None, elapsed, kind)
+        self.record(host, None, elapsed, kind)
 
     def connection_closed(self, host: EndpointState, received: int, sent: int) -> None:
         """A connection ``connect`` opened is over; ``received``/``sent``: bytes from/to the
         upstream not yet counted."""
         host.cx_active -= 1
-        host.active_requests -= 1
+        host.end()
         host.last_used = time.monotonic()
         self.count_bytes(received, sent)
         if self.state.breakers.pending_requests:
@@ -447,12 +497,17 @@ class Cluster:
             outlier.on_outcome(host, status, latency, local_error)
 
     def set_health(self, host: EndpointState, healthy: bool, detail: str) -> None:
-        """The active health checker's verdict for ``host``."""
+        """The active health checker's verdict for ``host``: published on the board for every
+        worker."""
         host.last_hc = detail
+        host.counters.set_healthy(healthy)
         if host.hc_healthy != healthy:
             host.hc_healthy = healthy
             self.rebuild()
 
     def close(self) -> None:
+        if self._uneject_timer is not None:
+            self._uneject_timer.cancel()
+            self._uneject_timer = None
         for h in self.hosts:
             h.pool.close_all()

@@ -12,15 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from sidecar.cluster.cluster import Cluster, ClusterState
+from sidecar.cluster.dns import DnsResolver
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
+from sidecar.config.errors import ConfigError
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
+from sidecar.shared.api import SharedState
+from sidecar.shared.host import TableFull
+from sidecar.shared.local import LocalState
 from sidecar.tls.context import client_context
 from sidecar.tls.secrets import SecretStore
 
@@ -29,15 +35,45 @@ log = logging.getLogger("sidecar.cluster")
 ClusterHook = Callable[[ClusterState], None]
 
 
+_FAMILY = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6, "AUTO": socket.AF_UNSPEC,
+           "V4_PREFERRED": socket.AF_UNSPEC, "ALL": socket.AF_UNSPEC}
+
+
+def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[str]:
+    """The addresses a DNS cluster uses, by ``dns_lookup_family`` (Envoy's semantics): AUTO
+    takes the IPv6 ones if there are any, else IPv4; V4_PREFERRED the reverse; ALL both."""
+    v4 = [a for fam, a in found if fam == socket.AF_INET]
+    v6 = [a for fam, a in found if fam == socket.AF_INET6]
+    if family == "AUTO":
+        picked = v6 or v4
+    elif family == "V4_PREFERRED":
+        picked = v4 or v6
+    elif family == "V4_ONLY":
+        picked = v4
+    elif family == "V6_ONLY":
+        picked = v6
+    else:
+        picked = [a for _, a in found]
+    out: list[str] = []
+    for a in picked:
+        if a not in out:
+            out.append(a)
+    return out
+
+
 def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
                      ) -> ssl.SSLContext | None:
     return client_context(tls, secrets) if tls is not None else None
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None,
+                 shared: SharedState | None = None):
         self.stats = stats
         self.secrets = secrets          # SDS certificates for clusters' TLS
+        # breaker gauges, requests in flight and the health board: the sidecar's, across
+        # workers (shared memory) or this process's alone (LocalState)
+        self.shared: SharedState = shared if shared is not None else LocalState()
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -52,7 +88,11 @@ class ClusterManager:
         build time; ``current`` is None until the cluster exists."""
         st = self.states.get(name)
         if st is None:
-            st = self.states[name] = ClusterState(name, self.stats.cluster(name))
+            try:
+                st = ClusterState(name, self.stats.cluster(name), self.shared)
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
+            self.states[name] = st
         return st
 
     def configured(self, name: str) -> bool:
@@ -86,7 +126,10 @@ class ClusterManager:
             old = st.current
             if old is not None and old.config == cfg:
                 continue
-            built.append(self._build(cfg, st, old))
+            try:
+                built.append(self._build(cfg, st, old))
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
         for c in built:
             self._activate(c)
         for name, st in list(self.states.items()):
@@ -108,6 +151,8 @@ class ClusterManager:
 
     def _activate(self, c: Cluster) -> None:
         st = c.state
+        if st.removed:                  # back after a removal: attach its counters again
+            st.breakers.counters = self.shared.breaker(st.name)
         st.removed = False
         c.activate()
         for cb in self._on_activated:
@@ -129,6 +174,7 @@ class ClusterManager:
         for h in st.endpoints.values():
             h.removed = True
         st.endpoints = {}
+        self.shared.forget(st.name)
 
     def set_endpoints(self, name: str, endpoints: tuple[Endpoint, ...]) -> bool:
         """A new endpoint set (EDS, DNS) for a configured cluster: a new version, swapped in."""
@@ -136,7 +182,12 @@ class ClusterManager:
         if st is None or st.current is None:
             return False
         old = st.current
-        self._activate(Cluster(old.config, st, endpoints, old.ssl_context, warm=True))
+        try:
+            c = Cluster(old.config, st, endpoints, old.ssl_context, warm=True)
+        except TableFull as e:
+            log.error("cluster %s: endpoint update refused: %s", name, e)
+            return False
+        self._activate(c)
         return True
 
     # ---- background work -----------------------------------------------------------------------
@@ -153,6 +204,7 @@ class ClusterManager:
             for c in self.clusters():
                 for h in c.hosts:
                     h.pool.sweep(now)
+                c.open_connections()      # publish this worker's count (closes since)
                 if c.original_dst:
                     c.sweep_original_dst(now)
 
@@ -173,24 +225,35 @@ class ClusterManager:
 
     async def _dns_loop(self, st: ClusterState) -> None:
         """STRICT_DNS: every name resolves to all its addresses (LOGICAL_DNS: the first),
-        re-resolved every ``dns_refresh`` (jittered)."""
+        re-resolved every ``dns_refresh`` (jittered), or when the records' TTL runs out
+        (``respect_dns_ttl``)."""
         loop = asyncio.get_running_loop()
+        resolver: DnsResolver | None = None
         while st.current is not None:
             cfg = st.current.config
+            if cfg.respect_dns_ttl or cfg.dns_resolvers:
+                # the system resolver reports no TTLs and cannot be pointed elsewhere: c-ares
+                if resolver is None or resolver.servers != cfg.dns_resolvers:
+                    resolver = DnsResolver(cfg.dns_resolvers)
+            else:
+                resolver = None
             resolved: list[Endpoint] = []
             ok = True
+            ttl: float | None = None
             for ep in cfg.endpoints:
                 try:
-                    infos = await loop.getaddrinfo(ep.host, ep.port, type=1)  # SOCK_STREAM
+                    if resolver is not None:
+                        found, rec_ttl = await resolver.resolve(ep.host, cfg.dns_lookup_family)
+                        ttl = rec_ttl if ttl is None else min(ttl, rec_ttl)
+                    else:
+                        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                                       family=_FAMILY[cfg.dns_lookup_family])
+                        found = [(info[0], str(info[4][0])) for info in infos]
                 except OSError as e:
                     ok = False
                     log.warning("cluster %s: DNS resolution of %s failed: %s", st.name, ep.host, e)
                     continue
-                addrs: list[str] = []
-                for info in infos:
-                    a = str(info[4][0])
-                    if a not in addrs:
-                        addrs.append(a)
+                addrs = lookup_family_addresses(cfg.dns_lookup_family, found)
                 if cfg.type == "logical_dns":
                     addrs = addrs[:1]
                 for a in addrs:
@@ -200,7 +263,10 @@ class ClusterManager:
             if current is not None and (resolved or ok) and \
                     tuple(h.endpoint for h in current.hosts) != tuple(resolved):
                 self.set_endpoints(st.name, tuple(resolved))
-            await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
+            if cfg.respect_dns_ttl and ttl:
+                await asyncio.sleep(ttl)
+            else:
+                await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
 
     def close(self) -> None:
         if self._sweeper is not None:

@@ -28,17 +28,22 @@ if TYPE_CHECKING:
 class HttpChain:
     """An HTTP chain of an L4 listener: the stream owner of the connections it gets."""
 
-    __slots__ = ("lr", "config", "hcm", "name", "max_header_bytes", "server_header",
-                 "accept_http_10")
+    __slots__ = ("lr", "config", "hcm", "name", "max_header_bytes", "max_headers_count",
+                 "headers_with_underscores", "server_header", "accept_http_10",
+                 "suppress_envoy_headers")
 
     def __init__(self, lr: ListenerRuntime, config: Listener, hcm: HttpConnectionManager):
         self.lr = lr
         self.config = config
         self.hcm = hcm
         self.name = config.name
+        # what the codec reads on every request (as ListenerRuntime._limits)
         self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.max_headers_count = config.max_headers_count
+        self.headers_with_underscores = config.headers_with_underscores_action
         self.server_header = f"server: {config.server_name}\r\n"
         self.accept_http_10 = config.accept_http_10
+        self.suppress_envoy_headers = config.suppress_envoy_headers
 
     @property
     def bound_port(self) -> int:
