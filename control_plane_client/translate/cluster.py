@@ -205,7 +205,7 @@ def _original_dst(d: dict, path: str) -> dict:
                           "an ORIGINAL_DST cluster takes its hosts from the connections: no "
                           "load_assignment")
     for key in ("health_checks", "outlier_detection"):
-        if d.get(key):
+        if key in d:
             raise ConfigError(w.join(path, key), "is not supported on an ORIGINAL_DST cluster "
                                                  "(its hosts come and go with connections)")
     kw: dict = {"cleanup_interval_s": w.duration(d, "cleanup_interval", path, 5.0)}
@@ -216,7 +216,7 @@ def _original_dst(d: dict, path: str) -> dict:
         o = w.check_keys(d["original_dst_lb_config"], ("use_http_header", "http_header_name",
                                                        "upstream_port_override", "metadata_key"), op)
         for key in ("use_http_header", "http_header_name", "metadata_key"):
-            if o.get(key):
+            if key in o:
                 raise ConfigError(w.join(op, key), "is not supported (the destination is the "
                                                    "connection's original destination)")
         kw["upstream_port_override"] = w.integer(o, "upstream_port_override", op, 0, lo=0, hi=65535)
@@ -224,8 +224,12 @@ def _original_dst(d: dict, path: str) -> dict:
 
 
 def _bind_address(d: dict, path: str) -> str:
-    w.check_keys(d, ("source_address",), path)
     sp = w.join(path, "source_address")
+    for key in ("freebind", "socket_options", "extra_source_addresses",
+                "additional_source_addresses", "local_address_selector"):
+        if key in d:
+            raise ConfigError(w.join(path, key), "is not supported")
+    w.check_keys(d, ("source_address",), path)
     sa = w.check_keys(w.mapping(d, "source_address", path),
                       ("address", "port_value", "protocol"), sp)
     if w.integer(sa, "port_value", sp, 0) != 0:
@@ -270,7 +274,7 @@ def _payload(d: object, path: str) -> bytes:
 def _tcp_health_check(d: dict, path: str) -> HealthCheck:
     tp = w.join(path, "tcp_health_check")
     t = w.check_keys(d["tcp_health_check"] or {}, ("send", "receive", "proxy_protocol_config"), tp)
-    if t.get("proxy_protocol_config"):
+    if "proxy_protocol_config" in t:
         raise ConfigError(w.join(tp, "proxy_protocol_config"), "is not supported")
     send = _payload(t["send"], w.join(tp, "send")) if t.get("send") else b""
     receive = tuple(_payload(r, w.join(w.join(tp, "receive"), i))

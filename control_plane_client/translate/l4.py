@@ -124,12 +124,14 @@ def listener_filters(d: dict, path: str) -> ListenerFilters:
     """The listener's ``listener_filters``, ``listener_filters_timeout`` and
     ``continue_on_listener_filters_timeout``."""
     names: list[str] = []
+    max_hello = 0
     lp = w.join(path, "listener_filters")
     for i, f in enumerate(w.seq(d, "listener_filters", path, [])):
         fp = w.join(lp, i)
-        w.check_keys(f, ("name", "typed_config", "filter_disabled"), fp)
-        if f.get("filter_disabled"):
-            raise ConfigError(w.join(fp, "filter_disabled"), "is not supported")
+        w.check_keys(f, ("name", "typed_config", "filter_disabled", "config_discovery"), fp)
+        for key in ("filter_disabled", "config_discovery"):
+            if key in f:
+                raise ConfigError(w.join(fp, key), "is not supported")
         tp = w.join(fp, "typed_config")
         tc = w.mapping(f, "typed_config", fp)
         kind = _BY_TYPE.get(tc.get("@type", ""))
@@ -139,7 +141,7 @@ def listener_filters(d: dict, path: str) -> ListenerFilters:
                               f"{', '.join(_LISTENER_FILTER_TYPES.values())})")
         body = typed(tc, tp, _LISTENER_FILTER_TYPES[kind])
         if kind == "tls_inspector":
-            _tls_inspector(body, tp)
+            max_hello = _tls_inspector(body, tp)
         else:
             w.check_keys(body, (), tp)
         if kind in names:
@@ -149,18 +151,18 @@ def listener_filters(d: dict, path: str) -> ListenerFilters:
     return ListenerFilters(
         filters=tuple(names),
         timeout_s=w.duration(d, "listener_filters_timeout", path, 15.0),
-        continue_on_timeout=w.boolean(d, "continue_on_listener_filters_timeout", path, False))
+        continue_on_timeout=w.boolean(d, "continue_on_listener_filters_timeout", path, False),
+        max_client_hello=max_hello or ListenerFilters().max_client_hello)
 
 
-def _tls_inspector(body: dict, path: str) -> None:
+def _tls_inspector(body: dict, path: str) -> int:
+    """The ClientHello size limit (``max_client_hello_size``, 0: the default)."""
     w.check_keys(body, ("enable_ja3_fingerprinting", "enable_ja4_fingerprinting",
-                        "initial_read_buffer_size", "max_client_hello_size"), path)
+                        "max_client_hello_size"), path)
     for key in ("enable_ja3_fingerprinting", "enable_ja4_fingerprinting"):
-        if w.boolean(body, key, path, False):
+        if key in body:
             raise ConfigError(w.join(path, key), "TLS fingerprinting is not supported")
-    # both sizes only tune how Envoy reads; the sidecar reads a ClientHello up to 64 KiB
-    w.integer(body, "initial_read_buffer_size", path, 0, lo=0)
-    w.integer(body, "max_client_hello_size", path, 0, lo=0, hi=65536)
+    return w.integer(body, "max_client_hello_size", path, 0, lo=0, hi=65536)
 
 
 # ---- connection access logs ------------------------------------------------------------------
@@ -170,16 +172,11 @@ def log_format(d: dict | None, path: str) -> LogFormat:
     if d is None:
         return LogFormat(text=parse_format_string(DEFAULT_FORMAT, path, CONNECTION_OPERATORS,
                                                   CONNECTION_OPERATORS_WITH_ARGS))
-    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values",
-                     "content_type", "formatters", "json_format_options"), path)
-    if d.get("formatters"):
-        raise ConfigError(w.join(path, "formatters"), "custom formatter extensions are not supported")
-    if "json_format_options" in d:
-        jp = w.join(path, "json_format_options")
-        o = w.check_keys(d["json_format_options"], ("sort_properties",), jp)
-        if w.boolean(o, "sort_properties", jp, False):
-            raise ConfigError(w.join(jp, "sort_properties"), "is not supported (keys keep config order)")
-    w.string(d, "content_type", path, "")      # only used by HTTP local replies
+    for key in ("content_type", "formatters", "json_format_options"):
+        if key in d:
+            raise ConfigError(w.join(path, key), "is not supported in a connection log")
+    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values"),
+                 path)
     kind = w.one_of(d, ("text_format", "text_format_source", "json_format"), path)
     omit = w.boolean(d, "omit_empty_values", path, False)
     if kind == "json_format":
@@ -207,7 +204,7 @@ def connection_logs(items: list, path: str) -> tuple[ConnectionLog, ...]:
     for i, a in enumerate(items):
         ap = w.join(path, i)
         w.check_keys(a, ("name", "typed_config", "filter"), ap)
-        if a.get("filter"):
+        if "filter" in a:
             raise ConfigError(w.join(ap, "filter"), "access log filters are not supported")
         tp = w.join(ap, "typed_config")
         tc = w.mapping(a, "typed_config", ap)
@@ -256,7 +253,7 @@ def tcp_proxy(d: dict, path: str, kafka: KafkaBrokerConfig | None = None) -> Tcp
         for i, c in enumerate(items):
             ip = w.join(cp, i)
             w.check_keys(c, ("name", "weight", "metadata_match"), ip)
-            if c.get("metadata_match"):
+            if "metadata_match" in c:
                 raise ConfigError(w.join(ip, "metadata_match"), "is not supported")
             weighted.append(WeightedCluster(name=w.string(c, "name", ip, nonempty=True),
                                             weight=w.integer(c, "weight", ip, lo=1)))
@@ -268,8 +265,10 @@ def tcp_proxy(d: dict, path: str, kafka: KafkaBrokerConfig | None = None) -> Tcp
     for i, h in enumerate(policies):
         ip = w.join(hp, i)
         w.check_keys(h, ("source_ip", "filter_state"), ip)
+        if "filter_state" in h:
+            raise ConfigError(w.join(ip, "filter_state"), "is not supported (only source_ip)")
         if "source_ip" not in h:
-            raise ConfigError(ip, "only source_ip is supported")
+            raise ConfigError(ip, "source_ip is required")
         w.check_keys(h["source_ip"] or {}, (), w.join(ip, "source_ip"))
         hash_source_ip = True
     return TcpProxy(

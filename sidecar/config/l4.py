@@ -46,6 +46,7 @@ class ListenerFilters:
     filters: tuple[str, ...] = ()
     timeout_s: float = 15.0                     # listener_filters_timeout; 0: none
     continue_on_timeout: bool = False
+    max_client_hello: int = 64 * 1024           # tls_inspector's max_client_hello_size
 
     @property
     def original_dst(self) -> bool:

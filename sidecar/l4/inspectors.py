@@ -37,7 +37,11 @@ class ClientHello:
 
 
 class TlsParseError(Exception):
-    """The bytes started like a TLS handshake but the ClientHello is malformed or too large."""
+    """The bytes started like a TLS handshake but the ClientHello is malformed."""
+
+
+class ClientHelloTooLarge(TlsParseError):
+    """The ClientHello is larger than the inspector's limit (``max_client_hello_size``)."""
 
 
 def parse_client_hello(data: bytes, max_size: int = MAX_CLIENT_HELLO) -> ClientHello | str:
@@ -67,7 +71,8 @@ def parse_client_hello(data: bytes, max_size: int = MAX_CLIENT_HELLO) -> ClientH
                 raise TlsParseError("the first handshake message is not a ClientHello")
             need = 4 + int.from_bytes(body[1:4], "big")
             if need > max_size:
-                raise TlsParseError(f"ClientHello of {need} bytes is over the limit of {max_size}")
+                raise ClientHelloTooLarge(f"ClientHello of {need} bytes is over the limit of "
+                                          f"{max_size}")
         if end > len(data):
             if need is not None and len(body) >= need:
                 break

@@ -29,6 +29,7 @@ from sidecar.l4.inspectors import (
     NEED_MORE,
     NOT_FOUND,
     ClientHello,
+    ClientHelloTooLarge,
     TlsParseError,
     detect_http,
     parse_client_hello,
@@ -199,7 +200,12 @@ class InspectingAcceptor:
             self._drop(p)                # closed before saying anything: nothing to serve
             return
         if data:
-            self._run_filters(p, data)
+            try:
+                self._run_filters(p, data)
+            except ClientHelloTooLarge:
+                self.stats.filter("tls_inspector", "client_hello_too_large").inc()
+                self._drop(p)            # cannot be inspected (Envoy closes it too)
+                return
         if p.tls_pending or p.http_pending:
             if events & (select.EPOLLRDHUP | select.EPOLLHUP):
                 self._drop(p)            # the peer ended mid-hello (Envoy closes too)
@@ -212,7 +218,9 @@ class InspectingAcceptor:
         stats = self.stats
         if p.tls_pending:
             try:
-                hello = parse_client_hello(data)
+                hello = parse_client_hello(data, self.filters.max_client_hello)
+            except ClientHelloTooLarge:
+                raise
             except TlsParseError as e:
                 stats.filter("tls_inspector", "client_hello_error").inc()
                 log.debug("listener %s: ClientHello not parsed: %s", self.name, e)

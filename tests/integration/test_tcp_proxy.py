@@ -540,3 +540,114 @@ async def test_clusters_and_metrics_show_tcp_connections():
             assert metric(text, "sidecar_tcp_downstream_cx_total", stat_prefix="tcp") == 1
             assert metric(text, "sidecar_upstream_cx_total", cluster="up") == 1
 
+
+
+# ---- listener filters: timeout, continue, ClientHello limit ---------------------------------
+
+async def test_listener_filters_timeout_closes_or_continues():
+    async with TcpServer(greeting=b"[G]") as up:
+        def lst(name: str, cont: bool) -> dict:
+            return {"name": name, "listener_filters": ["tls_inspector"],
+                    "listener_filters_timeout": "0.5s",
+                    "continue_on_listener_filters_timeout": cont,
+                    "filter_chains": [{"match": {"server_names": ["x.test"]},
+                                       "tcp_proxy": {"cluster": "up"}}],
+                    "default_filter_chain": {"tcp_proxy": {"cluster": "up"}}}
+        conf = cfg([lst("strict", False), lst("lenient", True)],
+                   [{"name": "up", "endpoints": [up.address]}])
+        async with running_proxy(conf) as p:
+            # a client that says nothing (a server-first protocol): the inspector gives up
+            r, w = await asyncio.open_connection("127.0.0.1", p.port("strict"))
+            assert await asyncio.wait_for(r.read(), 10) == b""       # closed, never proxied
+            w.close()
+            r, w = await asyncio.open_connection("127.0.0.1", p.port("lenient"))
+            assert await asyncio.wait_for(r.readexactly(3), 10) == b"[G]"   # default chain
+            w.close()
+            text = await metrics(p)
+            assert metric(text, "sidecar_listener_filters_timeout_total", listener="strict") == 1
+            assert metric(text, "sidecar_listener_filters_timeout_total", listener="lenient") == 1
+            assert up.connections == 1
+
+
+async def test_tls_inspector_max_client_hello_size(pki):
+    """Envoy config: ``max_client_hello_size`` (a real ClientHello is ~500 bytes)."""
+    from control_plane_client.translate.bootstrap import bootstrap
+
+    async with TcpServer(greeting=b"[G]") as up:
+        def listener(name: str, limit: int) -> dict:
+            tls = {"name": "t", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector."
+                         "v3.TlsInspector", "max_client_hello_size": limit}}
+            return {"name": name,
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "listener_filters": [tls],
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                     "tcp_proxy.v3.TcpProxy", "stat_prefix": name,
+                            "cluster": "up"}}]}]}
+        snap = bootstrap({"admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                   "port_value": 0}}},
+                          "static_resources": {"listeners": [listener("small", 100),
+                                                             listener("big", 16384)],
+                                               "clusters": [{"name": "up", "load_assignment": {
+                                                   "cluster_name": "up", "endpoints": [{
+                                                       "lb_endpoints": [{"endpoint": {"address": {
+                                                           "socket_address": {
+                                                               "address": "127.0.0.1",
+                                                               "port_value": up.port}}}}]}]}}]}})
+        async with running_proxy(snap) as p:
+            # over the limit: closed without reaching the upstream (Envoy's client_hello_too_large)
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                await exchange(p.port("small"), b"x", ssl_ctx=client_ctx(pki),
+                               server_hostname="a.test", expect=3)
+            assert up.connections == 0
+            # within it: inspected and passed through (the TLS is the client's with the greeter,
+            # which speaks plain TCP: the handshake fails there, after the proxy connected)
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                await exchange(p.port("big"), b"x", ssl_ctx=client_ctx(pki),
+                               server_hostname="a.test", expect=3)
+            assert up.connections == 1
+            text = await metrics(p)
+            assert metric(text, "sidecar_listener_filter_total", listener="small",
+                          outcome="client_hello_too_large") == 1
+
+
+async def test_max_connection_duration_closes_with_dt(tmp_path):
+    log = tmp_path / "tcp.log"
+    async with TcpServer() as up:
+        lst = tcp_listener(max_connection_duration="1s",
+                           access_log={"path": str(log), "format": "%RESPONSE_FLAGS%"})
+        async with running_proxy(cfg([lst], [{"name": "up", "endpoints": [up.address]}])) as p:
+            r, w = await asyncio.open_connection("127.0.0.1", p.port())
+            for i in range(3):                      # busy, so not an idle timeout
+                w.write(b"%d" % i)
+                assert await r.readexactly(1) == b"%d" % i
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+            for _ in range(100):
+                if read_log(log):
+                    break
+                await asyncio.sleep(0.05)
+            assert read_log(log) == ["DT"]
+            assert metric(await metrics(p),
+                          "sidecar_tcp_max_downstream_connection_duration_total") == 1
+
+
+async def test_original_dst_cluster_port_override_and_cleanup():
+    """Without a redirect the original destination is the connection's local address (the
+    listener itself); the port override sends it to the echo server instead. The host is
+    made on first use and dropped ``cleanup_interval`` after its last connection."""
+    async with TcpServer(farewell=b"!") as up:
+        clusters = [{"name": "pass", "type": "original_dst", "port_override": up.port,
+                     "cleanup_interval": "0.5s"}]
+        async with running_proxy(cfg([tcp_listener("pass")], clusters)) as p:
+            assert await exchange(p.port(), b"via original dst") == b"via original dst!"
+            state = p.app.clusters.get("pass").state
+            assert list(state.endpoints) == [up.address]
+            for _ in range(100):
+                if not state.endpoints:
+                    break
+                await asyncio.sleep(0.1)
+            assert not state.endpoints          # swept once unused for cleanup_interval
+            assert await exchange(p.port(), b"again") == b"again!"

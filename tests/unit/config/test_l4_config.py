@@ -247,3 +247,17 @@ def test_native_original_dst_cluster_refuses_endpoints():
                   native=True)
     assert "clusters[0].endpoints" in msg
 
+
+
+def test_tcp_health_check_payloads():
+    from control_plane_client.translate.cluster import health_check_from_envoy
+    hc = health_check_from_envoy({"timeout": "1s", "interval": "1s", "healthy_threshold": 1,
+                                  "unhealthy_threshold": 1, "tcp_health_check": {
+                                      "send": {"text": "50494E47"},
+                                      "receive": [{"binary": "UE9ORw=="}, {"text": "21"}]}}, "hc")
+    assert hc.tcp.send == b"PING" and hc.tcp.receive == (b"PONG", b"!")
+    with pytest.raises(ConfigError) as e:
+        health_check_from_envoy({"timeout": "1s", "interval": "1s", "healthy_threshold": 1,
+                                 "unhealthy_threshold": 1,
+                                 "tcp_health_check": {"receive": [{"binary": "%%"}]}}, "hc")
+    assert e.value.path == "hc.tcp_health_check.receive[0].binary"
