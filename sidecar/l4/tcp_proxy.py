@@ -36,7 +36,7 @@ from sidecar.config.l4 import TcpProxy
 from sidecar.core.connection import ConnectionContext
 from sidecar.core.errors import ConnectFailure, UpstreamError
 from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter, KafkaBrokerSession
-from sidecar.observability.connection_log import ConnectionLogger
+from sidecar.observability.access_log import ConnectionLogger
 from sidecar.observability.stats import TcpStats
 from sidecar.tls.context import peer_uri_san
 

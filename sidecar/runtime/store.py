@@ -23,8 +23,7 @@ from sidecar.l4.tcp_proxy import TcpProxyFilter
 from sidecar.listener.http import HttpConnectionManager
 from sidecar.listener.listener import ListenerRuntime, socket_key
 from sidecar.listener.network import ChainRuntime, HttpChain, ListenerChains
-from sidecar.observability.access_log import RequestLogger, make_access_logger
-from sidecar.observability.connection_log import ConnectionLogger
+from sidecar.observability.access_log import ConnectionLogger, RequestLogger, make_access_logger
 from sidecar.observability.istio import IstioFamilies
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache

@@ -42,11 +42,9 @@ from sidecar.config.l4 import (
 )
 from sidecar.config.log_format import (
     CONNECTION_OPERATORS,
-    CONNECTION_OPERATORS_WITH_ARGS,
     DEFAULT_FORMAT,
-    LogFormat,
-    parse_format_string,
-    parse_json_format,
+    json_format,
+    text_format,
 )
 from sidecar.config.wire import Raw
 
@@ -146,16 +144,12 @@ def connection_log_from_native(v: object, path: str) -> ConnectionLog:
     if "format" in d and "json" in d:
         raise ConfigError(path, "only one of format, json may be set")
     if "json" in d:
-        fmt = LogFormat(json=parse_json_format(d["json"], w.join(path, "json"),
-                                               CONNECTION_OPERATORS,
-                                               CONNECTION_OPERATORS_WITH_ARGS))
+        fmt = json_format(d["json"], w.join(path, "json"), CONNECTION_OPERATORS)
     else:
         text = w.string(d, "format", path, DEFAULT_FORMAT)
         if not text.endswith("\n"):
             text += "\n"
-        fmt = LogFormat(text=parse_format_string(text, w.join(path, "format"),
-                                                 CONNECTION_OPERATORS,
-                                                 CONNECTION_OPERATORS_WITH_ARGS))
+        fmt = text_format(text, w.join(path, "format"), CONNECTION_OPERATORS)
     return ConnectionLog(path=_DESTINATIONS.get(dest, dest), format=fmt)
 
 

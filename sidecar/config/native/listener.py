@@ -3,7 +3,6 @@ access log, TLS; L4 listeners (``sidecar.config.native.l4``); and native tracing
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -20,8 +19,8 @@ from sidecar.config.listener import (
     Listener,
     TracingConfig,
     check_fields,
-    check_log_format,
 )
+from sidecar.config.log_format import HTTP_OPERATORS, json_format, text_format
 from sidecar.config.native.l4 import (
     CHAIN_KEYS,
     L4_LISTENER_KEYS,
@@ -129,13 +128,12 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
             for k in ("format", "fields"):
                 if k in a:
                     raise ConfigError(w.join(ap, k), f"does not apply with {kind}")
-            tmpl = w.string(a, kind, ap) if kind == "text_format" else w.mapping(a, kind, ap)
-            check_log_format(tmpl, w.join(ap, kind))
-            access_log = (AccessLogConfig(
-                path=dest, format="envoy",
-                text_format=tmpl if isinstance(tmpl, str) else None,
-                json_format=json.dumps(tmpl) if isinstance(tmpl, dict) else None,
-                omit_empty_values=w.boolean(a, "omit_empty_values", ap, False)),)
+            omit = w.boolean(a, "omit_empty_values", ap, False)
+            kp = w.join(ap, kind)
+            fmt = text_format(w.string(a, kind, ap), kp, HTTP_OPERATORS, omit) \
+                if kind == "text_format" else \
+                json_format(w.mapping(a, kind, ap), kp, HTTP_OPERATORS, omit)
+            access_log = (AccessLogConfig(path=dest, format="envoy", log_format=fmt),)
         else:
             access_log = (AccessLogConfig(
                 path=dest, format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
