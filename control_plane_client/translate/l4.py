@@ -5,9 +5,11 @@ Connection access logs are read by ``control_plane_client.translate.access_log``
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from control_plane_client.translate.access_log import connection_logs
 from control_plane_client.translate.common import typed
+from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.kafka import (
@@ -25,6 +27,7 @@ from sidecar.config.l4 import (
     TcpProxy,
     WeightedCluster,
 )
+from sidecar.config.telemetry import IstioMetrics
 
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 T_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -221,9 +224,11 @@ def tcp_proxy(d: dict, path: str, kafka: KafkaBrokerConfig | None = None) -> Tcp
 
 
 def tcp_chain(filters: list, path: str) -> TcpProxy:
-    """A chain's network filters for a TCP chain: [kafka_topic_acl?, kafka_broker?]
-    then tcp_proxy, last."""
+    """A chain's network filters for a TCP chain: [istio.stats?, kafka_topic_acl?,
+    kafka_broker?] then tcp_proxy, last. ``istio.stats`` (Istio puts it before tcp_proxy, with
+    the same PluginConfig as its HTTP filter) turns on the ``istio_tcp_*`` metrics."""
     kafka = kafka_broker_from_envoy_chain(filters, path)
+    istio: IstioMetrics | None = None
     proxy: TcpProxy | None = None
     for i, f in enumerate(filters):
         fp = w.join(path, i)
@@ -234,10 +239,21 @@ def tcp_chain(filters: list, path: str) -> TcpProxy:
                 raise ConfigError(fp, f"{name} must be followed by {TCP_PROXY_FILTER} (it "
                                       "inspects the traffic tcp_proxy forwards)")
             continue
+        if name == ISTIO_STATS:
+            if istio is not None:
+                raise ConfigError(fp, f"{ISTIO_STATS} is already in the chain")
+            if i == len(filters) - 1:
+                raise ConfigError(fp, f"{ISTIO_STATS} must be followed by {TCP_PROXY_FILTER} "
+                                      "(it counts the connections tcp_proxy forwards)")
+            tp = w.join(fp, "typed_config")
+            istio = istio_stats(typed(w.mapping(f, "typed_config", fp, {"@type": T_ISTIO_STATS}),
+                                      tp, T_ISTIO_STATS), tp)
+            continue
         if name != TCP_PROXY_FILTER:
             raise ConfigError(w.join(fp, "name"), f"unsupported network filter {name!r} "
                                                   f"(supported: {TCP_PROXY_FILTER}, "
                                                   f"{KAFKA_BROKER_FILTER}, {TOPIC_ACL_FILTER}, "
+                                                  f"{ISTIO_STATS}, "
                                                   "envoy.filters.network.http_connection_manager)")
         if i != len(filters) - 1:
             raise ConfigError(fp, f"{TCP_PROXY_FILTER} is a terminal filter: it must be last")
@@ -246,4 +262,4 @@ def tcp_chain(filters: list, path: str) -> TcpProxy:
     if proxy is None:
         raise ConfigError(path, f"a chain needs a terminal filter ({TCP_PROXY_FILTER} or "
                                 "envoy.filters.network.http_connection_manager)")
-    return proxy
+    return replace(proxy, istio_metrics=istio) if istio is not None else proxy

@@ -33,7 +33,7 @@ from sidecar.config.native.l4 import (
 )
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
-from sidecar.config.telemetry import IstioMetrics
+from sidecar.config.telemetry import istio_metrics_from_native
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
 from sidecar.config.wire import Raw
 
@@ -169,8 +169,7 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
-        istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
-        if d.get("istio_metrics") not in (None, False) else None,
+        istio_metrics=istio_metrics_from_native(d, path),
     )
 
 
@@ -188,8 +187,10 @@ def l4_listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listen
     if flat and ("filter_chains" in d or "default_filter_chain" in d):
         raise ConfigError(w.join(path, "tcp_proxy" if "tcp_proxy" in d else "kafka_broker"),
                           "a listener with filter_chains sets tcp_proxy in its chains")
-    if not flat and "tls" in d:
-        raise ConfigError(w.join(path, "tls"), "with filter_chains, each chain sets its own tls")
+    for key in ("tls", "istio_metrics"):
+        if not flat and key in d:
+            raise ConfigError(w.join(path, key), f"with filter_chains, each chain sets its own "
+                                                 f"{key}")
     chains: list[FilterChain] = []
     default = None
     if flat:
@@ -250,15 +251,6 @@ def _chain_from_native(c: object, path: str, base: Listener, filters: FilterCata
     http_d.update(name=base.name, address=base.host, port=base.port, direction=base.direction)
     http = listener_from_native(http_d, path, filters)
     return FilterChain(name=name, match=match, tls=tls, http=replace(http, source=d))
-
-
-def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:
-    """``istio_metrics: true`` or ``{service: web.shop.svc.cluster.local, peer_metadata: true}``."""
-    if d is True:
-        return IstioMetrics()
-    m = w.check_keys(d, ("service", "peer_metadata"), path)
-    return IstioMetrics(service=w.string(m, "service", path, ""),
-                        peer_metadata=w.boolean(m, "peer_metadata", path, True))
 
 
 def tracing_from_native(d: Raw, path: str) -> TracingConfig:
