@@ -39,6 +39,7 @@ from sidecar.config.log_format import HTTP_OPERATORS, default_format, is_sensiti
 from sidecar.core.connection import ConnectionContext
 from sidecar.core.message import Request, Response
 from sidecar.observability.devlog import DevLogger
+from sidecar.observability.flags import flags_text
 from sidecar.observability.formatter import compile_connection, compile_http
 
 log = logging.getLogger("sidecar.access_log")
@@ -233,7 +234,7 @@ _GETTERS = {
     "path": lambda req, resp, d: req.ctx.original_path or req.path,
     "protocol": lambda req, resp, d: f"HTTP/{req.version}",
     "status": lambda req, resp, d: resp.status,
-    "response_flags": lambda req, resp, d: ",".join(req.ctx.flags) or "-",
+    "response_flags": lambda req, resp, d: flags_text(req.ctx.flags),
     "duration_ms": lambda req, resp, d: round(d * 1000, 3),
     "upstream_duration_ms": _upstream_ms,
     "bytes_received": lambda req, resp, d: req.ctx.bytes_received,

@@ -32,6 +32,7 @@ from sidecar.config.log_format import (
 )
 from sidecar.core.connection import ConnectionContext
 from sidecar.core.message import Request, Response
+from sidecar.observability.flags import flags_long_text, flags_text
 
 Value = str | int | float | None
 HttpGetter = Callable[[Request, Response, float], Value]
@@ -46,19 +47,6 @@ _GRPC_SNAKE = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEE
                "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
                "UNAUTHENTICATED")
 # Envoy's long names of the response flags (%RESPONSE_FLAGS_LONG%)
-FLAG_LONG = {
-    "LH": "FailedLocalHealthCheck", "UH": "NoHealthyUpstream", "UT": "UpstreamRequestTimeout",
-    "LR": "LocalReset", "UR": "UpstreamRemoteReset", "UF": "UpstreamConnectionFailure",
-    "UC": "UpstreamConnectionTermination", "UO": "UpstreamOverflow", "NR": "NoRouteFound",
-    "DI": "DelayInjected", "FI": "FaultInjected", "RL": "RateLimited",
-    "UAEX": "UnauthorizedExternalService", "RLSE": "RateLimitServiceError",
-    "DC": "DownstreamConnectionTermination", "URX": "UpstreamRetryLimitExceeded",
-    "SI": "StreamIdleTimeout", "IH": "InvalidEnvoyRequestHeaders",
-    "DPE": "DownstreamProtocolError", "UMSDR": "UpstreamMaxStreamDurationReached",
-    "RFCF": "ResponseFromCacheFilter", "NFCF": "NoFilterConfigFound", "DT": "DurationTimeout",
-    "UPE": "UpstreamProtocolError", "NC": "NoClusterFound", "OM": "OverloadManagerTerminated",
-    "DF": "DnsResolutionFailed", "DO": "DropOverload", "DR": "DownstreamRemoteReset",
-}
 _HOSTNAME = socket.gethostname()
 
 
@@ -96,14 +84,6 @@ def _strftime(fmt: str) -> Callable[[float], str]:
         out = out.replace("%f", f"{int(frac * 1e9):09d}")
         return time.strftime(out, time.gmtime(t))
     return render
-
-
-def _flags(flags: list[str]) -> str:
-    return ",".join(flags) or "-"            # "-" even in JSON, as Envoy prints it
-
-
-def _flags_long(flags: list[str]) -> str:
-    return ",".join(FLAG_LONG.get(f, f) for f in flags) or "-"
 
 
 def _addr(addr: tuple[str, int] | None, port: bool = True) -> str | None:
@@ -245,8 +225,8 @@ HTTP: dict[str, Callable[[str], HttpGetter]] = {
     "RESP": _http_resp,
     "TRAILER": _http_trailer,
     "RESPONSE_CODE": _fixed(lambda req, resp, d: resp.status),
-    "RESPONSE_FLAGS": _fixed(lambda req, resp, d: _flags(req.ctx.flags)),
-    "RESPONSE_FLAGS_LONG": _fixed(lambda req, resp, d: _flags_long(req.ctx.flags)),
+    "RESPONSE_FLAGS": _fixed(lambda req, resp, d: flags_text(req.ctx.flags)),
+    "RESPONSE_FLAGS_LONG": _fixed(lambda req, resp, d: flags_long_text(req.ctx.flags)),
     "RESPONSE_CODE_DETAILS": _fixed(lambda req, resp, d: req.ctx.response_code_details or (
         None if resp.local else "via_upstream")),
     "DURATION": _fixed(lambda req, resp, d: int(d * 1000)),
@@ -289,8 +269,8 @@ CONNECTION: dict[str, Callable[[str], ConnectionGetter]] = {
     "DURATION": _fixed(lambda c: int(c.duration * 1000)),
     "BYTES_RECEIVED": _fixed(lambda c: c.bytes_received),
     "BYTES_SENT": _fixed(lambda c: c.bytes_sent),
-    "RESPONSE_FLAGS": _fixed(lambda c: _flags(c.flags)),
-    "RESPONSE_FLAGS_LONG": _fixed(lambda c: _flags_long(c.flags)),
+    "RESPONSE_FLAGS": _fixed(lambda c: flags_text(c.flags)),
+    "RESPONSE_FLAGS_LONG": _fixed(lambda c: flags_long_text(c.flags)),
     "UPSTREAM_HOST": _fixed(lambda c: c.upstream_host or None),
     "UPSTREAM_CLUSTER": _fixed(lambda c: c.cluster or None),
     "UPSTREAM_REQUEST_ATTEMPT_COUNT": _fixed(lambda c: c.attempts),

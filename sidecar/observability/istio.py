@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.telemetry import IstioMetrics
 from sidecar.core.metrics import CounterChild, CounterFamily, HistogramChild, HistogramFamily, MetricFactory
+from sidecar.observability.flags import KNOWN_FLAGS, envoy_order
 from sidecar.observability.workload import UNKNOWN, Workload, WorkloadLabels, peer_from_identity
 
 log = logging.getLogger("sidecar.istio")
@@ -49,10 +50,6 @@ SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1
 MAX_PEERS = 1000            # distinct peer label sets per process; beyond: "unknown"
 MAX_CHILDREN = 20000        # bound label-children caches per recorder (then: no caching)
 
-KNOWN_FLAGS = frozenset((
-    "DC", "DI", "DPE", "FI", "IH", "LH", "LR", "NC", "NFCF", "NR", "OM", "RL", "RLSE", "SI",
-    "UAEX", "UC", "UF", "UH", "UMSDR", "UO", "UPE", "URX", "UT", "UR", "DF", "DO", "DT",
-))
 GRPC_STATUSES = frozenset(str(i) for i in range(17))
 
 
@@ -111,7 +108,7 @@ def cluster_facts(name: str, config: ClusterConfig | None) -> ClusterFacts:
 def flags_label(flags: list[str]) -> str:
     if not flags:
         return "-"
-    return ",".join(f if f in KNOWN_FLAGS else "other" for f in flags)
+    return ",".join(f if f in KNOWN_FLAGS else "other" for f in envoy_order(flags))
 
 
 class IstioFamilies:
