@@ -10,6 +10,7 @@ from typing import Any
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
+from sidecar.core.limits import RateLimitPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,10 @@ class RouteAction:
     hash_policy: tuple[HashPolicy, ...] = ()
     # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
     allow_timeout_header: bool = False
+    # descriptors for the global rate limit filter (sidecar.config.ratelimit); with
+    # include_vh_rate_limits the virtual host's are sent too
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
+    include_vh_rate_limits: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,8 @@ class VirtualHost:
     # send x-envoy-attempt-count upstream on routes with retries (Envoy:
     # include_request_attempt_count, off by default; native: on)
     include_attempt_count: bool = False
+    # the global rate limit filter's descriptors for routes without their own
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

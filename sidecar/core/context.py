@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from sidecar.core.limits import RouteRateLimits
     from sidecar.core.message import Request, Response
 
 
@@ -39,6 +40,11 @@ class RouteInfo(Protocol):
 
     def pick_cluster(self, req: Request) -> str:
         """The cluster this request will go to ("" when the route answers itself)."""
+        ...
+
+    @property
+    def rate_limits(self) -> RouteRateLimits:
+        """The route's and its virtual host's ``rate_limits`` (the global rate limit filter)."""
         ...
 
 

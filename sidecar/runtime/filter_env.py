@@ -43,11 +43,13 @@ class ClusterClient:
 
 
 class ProxyFilterEnv:
-    __slots__ = ("_metrics", "_clusters", "_shared", "_stores", "_remote")
+    __slots__ = ("_metrics", "_clusters", "_shared", "_stores", "_remote", "_local_cluster")
 
     def __init__(self, metrics: Metrics, clusters: ClusterManager,
-                 shared: SharedState | None = None, stores: StoreRuntime | None = None):
+                 shared: SharedState | None = None, stores: StoreRuntime | None = None,
+                 local_cluster: str = ""):
         self._metrics = metrics
+        self._local_cluster = local_cluster
         self._clusters = clusters
         self._shared = shared if shared is not None else clusters.shared
         self._stores = stores if stores is not None else StoreRuntime(StoresConfig(), metrics)
@@ -57,6 +59,10 @@ class ProxyFilterEnv:
     @property
     def metrics(self) -> MetricFactory:
         return self._metrics
+
+    @property
+    def local_cluster(self) -> str:
+        return self._local_cluster
 
     def upstream(self, cluster: str) -> UpstreamClient:
         state = self._clusters.states.get(cluster)
