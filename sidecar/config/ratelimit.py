@@ -61,7 +61,7 @@ def action_from_wire(raw: object, path: str) -> RateLimitAction:
         _empty(d, kind, path)
         return SourceClusterAction()
     if kind in ("generic_key", "header_value_match"):
-        keys = ("descriptor_value", "descriptor_key", "default_value")
+        keys: tuple[str, ...] = ("descriptor_value", "descriptor_key", "default_value")
         if kind == "header_value_match":
             keys += ("expect_match", "headers")
         x = w.check_keys(w.mapping(d, kind, path), keys, kp)

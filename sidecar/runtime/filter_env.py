@@ -20,9 +20,8 @@ from sidecar.core.limits import (
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import MetricFactory
 from sidecar.observability.metrics import Metrics
-from sidecar.runtime.stores import StoreRuntime
+from sidecar.runtime.stores import StoreRuntime, redis_module
 from sidecar.shared.api import SharedState
-from sidecar.shared.redis_store import RedisBuckets, RedisReplayCache
 
 
 class ClusterClient:
@@ -80,16 +79,18 @@ class ProxyFilterEnv:
         st = self._stores.redis(store)
         key = ("replay", store, policy)
         c = self._remote.get(key)
-        if not isinstance(c, RedisReplayCache) or c.store is not st:
-            c = self._remote[key] = RedisReplayCache(st, policy, local=self._shared.replay())
+        rs = redis_module()
+        if not isinstance(c, rs.RedisReplayCache) or c.store is not st:
+            c = self._remote[key] = rs.RedisReplayCache(st, policy, local=self._shared.replay())
         return c
 
     def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
         st = self._stores.redis(store)
         key = ("buckets", store, policy)
         c = self._remote.get(key)
-        if not isinstance(c, RedisBuckets) or c.store is not st:
-            c = self._remote[key] = RedisBuckets(st, policy)
+        rs = redis_module()
+        if not isinstance(c, rs.RedisBuckets) or c.store is not st:
+            c = self._remote[key] = rs.RedisBuckets(st, policy)
         return c
 
     def rate_limit_service(self, cluster: str) -> RateLimitService:
