@@ -22,7 +22,7 @@ from multidict import MultiDict
 
 from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
 from sidecar.core.body import BodyStream
-from sidecar.core.context import RequestContext
+from sidecar.core.context import ConnectionId, RequestContext
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
@@ -59,7 +59,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "requests", "_h2c", "_idle_waiter")
+                 "peer_identity", "requests", "_h2c", "_idle_waiter", "conn_id")
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
@@ -85,6 +85,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
+        self.conn_id = ConnectionId()         # this connection, for its requests' contexts
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -210,6 +211,7 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = RequestContext(self.lr.name, self.peer, time.perf_counter(), self.lr.bound_port)
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
+        ctx.connection = self.conn_id
         method = p.get_method().decode("latin-1")
         version = p.get_http_version()
         req = self._req = Request(method, path, query, headers, b"", ctx, version)

@@ -76,6 +76,15 @@ JsonValue = object
 """A JSON-like value in dynamic metadata (str, int, float, bool, None, list, dict)."""
 
 
+class ConnectionId:
+    """The identity of one downstream connection: made by the codec when the connection
+    opens, shared by its requests, gone with it (weak-referenceable, so state kept per
+    connection, e.g. a per-connection rate limit bucket, goes when the connection does). It
+    refers to nothing, so a request holding it keeps no connection alive."""
+
+    __slots__ = ("__weakref__",)
+
+
 class RequestContext:
     """Everything the layers of one request share."""
 
@@ -85,7 +94,7 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "peer_workload")
+                 "original_path", "peer_workload", "connection")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -124,6 +133,9 @@ class RequestContext:
         # the peer's workload labels from Istio metadata exchange, once checked against its
         # verified identity (a sidecar.observability.workload.WorkloadLabels); Istio metrics
         self.peer_workload: object | None = None
+        # the downstream connection the request came on (a per-connection limit keys on it);
+        # None when the request came from no connection
+        self.connection: ConnectionId | None = None
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)

@@ -78,7 +78,9 @@ def static_cluster(name: str, port: int, http2: bool = False) -> dict:
     return c
 
 
-def listener(name: str, port: int, filter_cfg: dict, vhost: dict) -> dict:
+def listener(name: str, port: int, filter_cfg: dict, vhost: dict,
+             filter_name: str = "envoy.filters.http.ratelimit",
+             filter_type: str = RATE_LIMIT_TYPE) -> dict:
     return {"name": name, "address": {"socket_address": {"address": "127.0.0.1",
                                                          "port_value": port}},
             "filter_chains": [{"filters": [{
@@ -87,14 +89,24 @@ def listener(name: str, port: int, filter_cfg: dict, vhost: dict) -> dict:
                     "@type": HCM_TYPE, "stat_prefix": name,
                     "route_config": {"name": name, "virtual_hosts": [vhost]},
                     "http_filters": [
-                        {"name": "envoy.filters.http.ratelimit",
-                         "typed_config": {"@type": RATE_LIMIT_TYPE, **filter_cfg}},
+                        {"name": filter_name, "typed_config": {"@type": filter_type,
+                                                               **filter_cfg}},
                         {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http."
                                      "router.v3.Router"}}]}}]}]}
 
 
-def envoy_config(main: int, deny: int, admin: int, upstream: int, rls: int, closed: int) -> dict:
+LOCAL_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+PER_CONNECTION = {
+    "stat_prefix": "perconn", "local_rate_limit_per_downstream_connection": True,
+    "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "3600s"},
+    "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+    "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+    "enable_x_ratelimit_headers": "DRAFT_VERSION_03"}
+
+
+def envoy_config(main: int, deny: int, perconn: int, admin: int, upstream: int, rls: int,
+                 closed: int) -> dict:
     service = {"transport_api_version": "V3",
                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}
     rl = {"domain": "edge", "timeout": "2s", "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
@@ -136,7 +148,11 @@ def envoy_config(main: int, deny: int, admin: int, upstream: int, rls: int, clos
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [listener("main", main, rl, main_vh),
-                          listener("deny", deny, deny_cfg, deny_vh)],
+                          listener("deny", deny, deny_cfg, deny_vh),
+                          listener("perconn", perconn, PER_CONNECTION,
+                                   {"name": "perconn", "domains": ["*"],
+                                    "routes": [route("/")]},
+                                   "envoy.filters.http.local_ratelimit", LOCAL_TYPE)],
             "clusters": [static_cluster("echo", upstream),
                          static_cluster("ratelimit", rls, http2=True),
                          static_cluster("closed", closed, http2=True)]}}
@@ -180,8 +196,8 @@ def proxies(tmp_path_factory):
             d.mkdir()
             rls = RateLimitServiceProcess(redis.address, LIMITS, str(d), prefix=f"{side}:")
             started.append(rls.start())
-            main, deny, admin = free_port(), free_port(), free_port()
-            cfg = envoy_config(main, deny, admin, echo.port, rls.port, closed)
+            main, deny, perconn, admin = free_port(), free_port(), free_port(), free_port()
+            cfg = envoy_config(main, deny, perconn, admin, echo.port, rls.port, closed)
             path = d / "envoy.yaml"
             path.write_text(yaml.safe_dump(cfg if side == "envoy" else for_sidecar(cfg)))
             if side == "envoy":
@@ -193,7 +209,8 @@ def proxies(tmp_path_factory):
                 started.append(p)
                 wait_for_port(main, 20, p)
                 wait_for_port(deny, 20, p)
-            ports.append({"main": main, "deny": deny})
+                wait_for_port(perconn, 20, p)
+            ports.append({"main": main, "deny": deny, "perconn": perconn})
         yield ports
     finally:
         for p in reversed(started):
@@ -281,3 +298,23 @@ def test_service_error_fails_open_or_closed(proxies):
 
 def test_direct_response_is_not_rate_limited(proxies):
     assert run(proxies, "/direct", 4) == [204] * 4
+
+
+def test_local_rate_limit_per_downstream_connection(proxies):
+    """Envoy's local rate limit with local_rate_limit_per_downstream_connection: each
+    connection has its own bucket of 2. Two keep-alive connections per proxy, interleaved."""
+    conns = [(Conn(side["perconn"]), Conn(side["perconn"])) for side in proxies]
+    try:
+        def step(which: int, i: int) -> int:
+            e, s = (c[which].request(build("GET", "/")) for c in conns)
+            assert view(s) == view(e), f"connection {which} #{i}"
+            for h in ("x-ratelimit-limit", "x-ratelimit-remaining"):
+                assert s.get(h) == e.get(h), (h, which, i)
+            return e.status
+        got = [step(0, 1), step(0, 2), step(0, 3), step(1, 1), step(1, 2), step(1, 3),
+               step(0, 4)]
+        assert got == [200, 200, 429, 200, 200, 429, 429]
+    finally:
+        for pair in conns:
+            for c in pair:
+                c.close()
