@@ -154,9 +154,11 @@ class RateLimitFilter(Filter):
         self.service = service
         self.route = route
         self.local_cluster = local_cluster
+        self._metrics = metrics
         self._counters = {c: Counters(metrics, c, cfg.stat_prefix) for c in route.cluster_names}
         # a cluster_header route names its cluster per request: counted under cluster ""
-        self._other = Counters(metrics, "", cfg.stat_prefix)
+        # (labels come from the config, never from requests)
+        self._other: Counters | None = None
 
     def _skip(self, req: Request) -> bool:
         rt = self.cfg.request_type
@@ -180,7 +182,11 @@ class RateLimitFilter(Filter):
                 descriptors.append(d)
         if not descriptors:
             return await next(req)
-        counters = self._counters.get(cluster) or self._other
+        counters = self._counters.get(cluster)
+        if counters is None:
+            counters = self._other
+            if counters is None:
+                counters = self._other = Counters(self._metrics, "", cfg.stat_prefix)
         try:
             answer = await self.service.should_rate_limit(self.domain, tuple(descriptors), 0,
                                                           cfg.timeout_s)
