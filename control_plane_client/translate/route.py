@@ -89,6 +89,7 @@ def route_match(d: dict, path: str) -> RouteMatch:
     if kind == "safe_regex":
         rp = w.join(path, "safe_regex")
         r = w.check_keys(d["safe_regex"], ("regex", "google_re2"), rp)
+        w.google_re2(r, rp)
         kw["regex"] = w.compile_regex(r.get("regex"), w.join(rp, "regex"), 0 if cs else re.IGNORECASE)
     else:
         v = w.string(d, kind, path)
@@ -109,6 +110,9 @@ def route_action(d: dict, path: str) -> RouteAction:
                      "priority", "rate_limits", "include_vh_rate_limits"), path)
     kind = w.one_of(d, ("cluster", "weighted_clusters", "cluster_header"), path)
     w.string(d, "priority", path, "DEFAULT", choices=("DEFAULT",))   # HIGH routing: not supported
+    # a cluster_header naming no cluster is a 503, as Envoy's default
+    w.string(d, "cluster_not_found_response_code", path, "SERVICE_UNAVAILABLE",
+             choices=("SERVICE_UNAVAILABLE",))
     kw: dict = {}
     if kind == "cluster":
         kw["cluster"] = w.string(d, "cluster", path, nonempty=True)
@@ -116,7 +120,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["cluster_header"] = w.string(d, "cluster_header", path, nonempty=True).lower()
     else:
         wp = w.join(path, "weighted_clusters")
-        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight", "runtime_key_prefix"), wp)
+        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight"), wp)
         items = []
         for i, c in enumerate(w.seq(wc, "clusters", wp)):
             cp = w.join(w.join(wp, "clusters"), i)
@@ -126,6 +130,10 @@ def route_action(d: dict, path: str) -> RouteAction:
                                          headers=header_mutation(c, cp)))
         if not items or sum(x.weight for x in items) == 0:
             raise ConfigError(w.join(wp, "clusters"), "needs at least one cluster with weight > 0")
+        total = w.integer(wc, "total_weight", wp, None, lo=1)
+        if total is not None and total != sum(x.weight for x in items):
+            raise ConfigError(w.join(wp, "total_weight"), f"must equal the sum of the weights "
+                              f"({sum(x.weight for x in items)})")
         kw["weighted_clusters"] = tuple(items)
     if "prefix_rewrite" in d and "regex_rewrite" in d:
         raise ConfigError(path, "only one of prefix_rewrite, regex_rewrite may be set")
@@ -135,6 +143,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         rp = w.join(path, "regex_rewrite")
         r = w.check_keys(d["regex_rewrite"], ("pattern", "substitution"), rp)
         pat = w.check_keys(w.mapping(r, "pattern", rp), ("regex", "google_re2"), w.join(rp, "pattern"))
+        w.google_re2(pat, w.join(rp, "pattern"))
         rx = w.compile_regex(pat.get("regex"), w.join(rp, "pattern.regex"))
         # Envoy substitution uses \1 for groups, as Python's re.sub does
         kw["regex_rewrite"] = (rx, w.string(r, "substitution", rp, ""))
@@ -142,9 +151,11 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["host_rewrite"] = w.string(d, "host_rewrite_literal", path, nonempty=True)
     kw["auto_host_rewrite"] = w.boolean(d, "auto_host_rewrite", path, False)
     kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
-    if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
-        raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are not "
-                          "supported (only 0s, disabled); use timeout or retry_policy.per_try_timeout")
+    kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
+    if "max_stream_duration" in d:
+        mp = w.join(path, "max_stream_duration")
+        m = w.check_keys(d["max_stream_duration"], ("max_stream_duration",), mp)
+        kw["max_stream_duration_s"] = w.duration(m, "max_stream_duration", mp, None)
     if "retry_policy" in d:
         kw["retry_policy"] = retry_policy_from_envoy(w.mapping(d, "retry_policy", path),
                                                      w.join(path, "retry_policy"))
@@ -184,7 +195,7 @@ def route_action(d: dict, path: str) -> RouteAction:
 
 def route(d: dict, path: str) -> Route:
     w.check_keys(d, ("name", "match", "route", "direct_response", "redirect",
-                     "typed_per_filter_config", "decorator", "metadata", *_MUTATION_KEYS), path)
+                     "typed_per_filter_config", *_MUTATION_KEYS), path)
     m = route_match(w.mapping(d, "match", path), w.join(path, "match"))
     kind = w.one_of(d, ("route", "direct_response", "redirect"), path)
     kp = w.join(path, kind)
@@ -249,6 +260,9 @@ def virtual_host(d: dict, path: str) -> VirtualHost:
 
 def route_configuration(d: dict, path: str) -> RouteConfig:
     w.check_keys(d, ("name", "virtual_hosts", "validate_clusters", "@type", *_MUTATION_KEYS), path)
+    if not w.boolean(d, "validate_clusters", path, True):
+        raise ConfigError(w.join(path, "validate_clusters"), "must be true: the sidecar always "
+                          "checks that the clusters a route names exist")
     vp = w.join(path, "virtual_hosts")
     vhosts = tuple(virtual_host(v, w.join(vp, i)) for i, v in enumerate(w.seq(d, "virtual_hosts", path, [])))
     seen: dict[str, int] = {}

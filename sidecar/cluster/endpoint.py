@@ -23,7 +23,8 @@ from sidecar.upstream.http1 import ConnectionPool
 class EndpointState:
     __slots__ = ("endpoint", "address", "pool", "counters", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
-                 "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
+                 "ewma", "ewma_stamp", "last_hc", "removed", "cx_active", "cx_connecting",
+                 "cx_total", "last_used", "__weakref__")
 
     def __init__(self, endpoint: Endpoint, pool: ConnectionPool, counters: EndpointCounters,
                  default_rtt: float = 0.030):
@@ -42,6 +43,11 @@ class EndpointState:
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
         self.removed = False
+        # TCP proxy connections (the HTTP pool counts its own): open, connecting, ever opened
+        self.cx_active = 0
+        self.cx_connecting = 0
+        self.cx_total = 0
+        self.last_used = 0.0             # monotonic; ORIGINAL_DST hosts unused a while go
         self.sync()                      # another worker may have judged it already
 
     @property

@@ -1,4 +1,4 @@
-"""Active HTTP health checking at run time (config: ``sidecar.health_check.HealthCheck``).
+"""Active HTTP (and TCP: ``tcp_probe``) health checking at run time (config: ``sidecar.health_check.HealthCheck``).
 
 Per cluster with ``health_checks``, one asyncio task per (check, host) sends ``GET <path>``
 through the upstream HTTP/1.1 codec (TLS when the cluster uses it) every interval plus jitter,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 
 from multidict import MultiDict
 
@@ -78,6 +79,46 @@ async def probe(pool: ConnectionPool, check: HealthCheck, host_header: str) -> t
         conn.close()
     status = resp.status
     return ("success" if check.status_ok(status) else "failure"), status
+
+
+async def tcp_probe(host: EndpointState, check: HealthCheck, ssl_ctx: ssl.SSLContext | None,
+                    sni: str) -> tuple[str, int]:
+    """One TCP health check (Envoy ``tcp_health_check``): connect (with the cluster's TLS),
+    send ``check.tcp.send``, pass once every ``receive`` block was seen in order."""
+    tcp = check.tcp
+    assert tcp is not None
+    ep = host.endpoint
+    w: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(check.timeout_s):
+            r, w = await asyncio.open_connection(
+                ep.host, ep.port, ssl=ssl_ctx,
+                server_hostname=(sni or ep.hostname or ep.host) if ssl_ctx is not None else None)
+            if tcp.send:
+                w.write(tcp.send)
+                await w.drain()
+            got = b""
+            pos = 0
+            for block in tcp.receive:
+                while True:
+                    i = got.find(block, pos)
+                    if i >= 0:
+                        pos = i + len(block)
+                        break
+                    data = await r.read(65536)
+                    if not data:
+                        return "failure", 0
+                    got += data
+                    if len(got) > _MAX_DRAIN:
+                        return "failure", 0
+        return "success", 0
+    except TimeoutError:
+        return "timeout", 0
+    except (OSError, ssl.SSLError):
+        return "network_failure", 0
+    finally:
+        if w is not None:
+            w.close()
 
 
 class _HostState:
@@ -200,7 +241,14 @@ class ClusterChecker:
             await asyncio.sleep(random.random() * check.initial_jitter_s)
         while not self.closed and not host.removed:
             try:
-                outcome, status = await probe(self._pool(i, host), check, host_header)
+                if check.tcp is not None:
+                    c = self.state.current
+                    tls = c.config.tls if c is not None else None
+                    outcome, status = await tcp_probe(
+                        host, check, c.ssl_context if c is not None else None,
+                        tls.sni if tls is not None else "")
+                else:
+                    outcome, status = await probe(self._pool(i, host), check, host_header)
                 self._apply(check, host, st, outcome, status)
             except asyncio.CancelledError:
                 raise

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from sidecar.cluster.cluster import Cluster, ClusterState
+from sidecar.cluster.dns import DnsResolver
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
 from sidecar.config.errors import ConfigError
@@ -31,6 +33,32 @@ from sidecar.tls.secrets import SecretStore
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
+
+
+_FAMILY = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6, "AUTO": socket.AF_UNSPEC,
+           "V4_PREFERRED": socket.AF_UNSPEC, "ALL": socket.AF_UNSPEC}
+
+
+def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[str]:
+    """The addresses a DNS cluster uses, by ``dns_lookup_family`` (Envoy's semantics): AUTO
+    takes the IPv6 ones if there are any, else IPv4; V4_PREFERRED the reverse; ALL both."""
+    v4 = [a for fam, a in found if fam == socket.AF_INET]
+    v6 = [a for fam, a in found if fam == socket.AF_INET6]
+    if family == "AUTO":
+        picked = v6 or v4
+    elif family == "V4_PREFERRED":
+        picked = v4 or v6
+    elif family == "V4_ONLY":
+        picked = v4
+    elif family == "V6_ONLY":
+        picked = v6
+    else:
+        picked = [a for _, a in found]
+    out: list[str] = []
+    for a in picked:
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
@@ -177,6 +205,8 @@ class ClusterManager:
                 for h in c.hosts:
                     h.pool.sweep(now)
                 c.open_connections()      # publish this worker's count (closes since)
+                if c.original_dst:
+                    c.sweep_original_dst(now)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current
@@ -195,24 +225,35 @@ class ClusterManager:
 
     async def _dns_loop(self, st: ClusterState) -> None:
         """STRICT_DNS: every name resolves to all its addresses (LOGICAL_DNS: the first),
-        re-resolved every ``dns_refresh`` (jittered)."""
+        re-resolved every ``dns_refresh`` (jittered), or when the records' TTL runs out
+        (``respect_dns_ttl``)."""
         loop = asyncio.get_running_loop()
+        resolver: DnsResolver | None = None
         while st.current is not None:
             cfg = st.current.config
+            if cfg.respect_dns_ttl or cfg.dns_resolvers:
+                # the system resolver reports no TTLs and cannot be pointed elsewhere: c-ares
+                if resolver is None or resolver.servers != cfg.dns_resolvers:
+                    resolver = DnsResolver(cfg.dns_resolvers)
+            else:
+                resolver = None
             resolved: list[Endpoint] = []
             ok = True
+            ttl: float | None = None
             for ep in cfg.endpoints:
                 try:
-                    infos = await loop.getaddrinfo(ep.host, ep.port, type=1)  # SOCK_STREAM
+                    if resolver is not None:
+                        found, rec_ttl = await resolver.resolve(ep.host, cfg.dns_lookup_family)
+                        ttl = rec_ttl if ttl is None else min(ttl, rec_ttl)
+                    else:
+                        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                                       family=_FAMILY[cfg.dns_lookup_family])
+                        found = [(info[0], str(info[4][0])) for info in infos]
                 except OSError as e:
                     ok = False
                     log.warning("cluster %s: DNS resolution of %s failed: %s", st.name, ep.host, e)
                     continue
-                addrs: list[str] = []
-                for info in infos:
-                    a = str(info[4][0])
-                    if a not in addrs:
-                        addrs.append(a)
+                addrs = lookup_family_addresses(cfg.dns_lookup_family, found)
                 if cfg.type == "logical_dns":
                     addrs = addrs[:1]
                 for a in addrs:
@@ -222,7 +263,10 @@ class ClusterManager:
             if current is not None and (resolved or ok) and \
                     tuple(h.endpoint for h in current.hosts) != tuple(resolved):
                 self.set_endpoints(st.name, tuple(resolved))
-            await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
+            if cfg.respect_dns_ttl and ttl:
+                await asyncio.sleep(ttl)
+            else:
+                await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
 
     def close(self) -> None:
         if self._sweeper is not None:

@@ -82,6 +82,16 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpHealthCheck:
+    """Envoy ``tcp_health_check``: connect, send ``send`` (if any), and pass when every
+    ``receive`` block is found in the answer, in order (not necessarily contiguous); with
+    neither, a successful connect passes."""
+
+    send: bytes = b""
+    receive: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     path: str = "/healthz"
     host: str = ""                       # Host header; "" = the cluster name (as Envoy)
@@ -100,6 +110,7 @@ class HealthCheck:
     healthy_edge_interval_s: float | None = None    # right after turning healthy
     no_traffic_interval_s: float | None = None      # until the cluster has seen traffic
     reuse_connection: bool = True        # keep the check's connection between checks (Envoy)
+    tcp: TcpHealthCheck | None = None    # a TCP check instead of the HTTP GET above
 
     def status_ok(self, status: int) -> bool:
         for s, e in self.expected_statuses:
@@ -114,22 +125,41 @@ class HealthCheck:
         return False
 
 
+# Envoy's DnsLookupFamily: AUTO prefers IPv6 and falls back to IPv4; V4_PREFERRED the other
+# way round; ALL takes both families
+DNS_LOOKUP_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
-    type: str = "static"                 # static | strict_dns | logical_dns | eds
+    type: str = "static"                 # static | strict_dns | logical_dns | eds | original_dst
     endpoints: tuple[Endpoint, ...] = ()
     connect_timeout_s: float = 5.0
     lb: LbConfig = LbConfig()
     dns_refresh_s: float = 5.0
+    dns_lookup_family: str = "ALL"       # native default; Envoy's default (AUTO) when translated
+    # re-resolve when the records' TTL runs out rather than every dns_refresh_s (a TTL of 0:
+    # dns_refresh_s); and/or ask these resolvers ("ip:port") instead of the system's
+    respect_dns_ttl: bool = False
+    dns_resolvers: tuple[str, ...] = ()
     eds_service_name: str = ""
     max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
+    # response head limits: over them the response is a 502 and the connection closes
+    max_response_headers_count: int = 100     # Envoy's common_http_protocol_options default
+    max_response_headers_kb: int = 80         # Envoy's HTTP/1 default
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
     tls: UpstreamTls | None = None
+    # ORIGINAL_DST: hosts are the downstream connections' original destinations, made on use
+    # and dropped after cleanup_interval without connections; upstream_port_override replaces
+    # their port (0: keep it)
+    cleanup_interval_s: float = 5.0
+    upstream_port_override: int = 0
+    bind_address: str = ""               # upstream_bind_config: local address of connections
     source: Any = None                   # the wire dict it came from, for config_dump
 
     def __hash__(self) -> int:

@@ -84,6 +84,10 @@ class RouteAction:
     hash_policy: tuple[HashPolicy, ...] = ()
     # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
     allow_timeout_header: bool = False
+    # the listener's stream_idle_timeout / max_stream_duration for this route (None: the
+    # listener's; 0 turns it off on this route)
+    idle_timeout_s: float | None = None
+    max_stream_duration_s: float | None = None
     # descriptors for the global rate limit filter (sidecar.config.ratelimit); with
     # include_vh_rate_limits the virtual host's are sent too
     rate_limits: tuple[RateLimitPolicy, ...] = ()

@@ -21,6 +21,14 @@ class HostInfo(Protocol):
     def address(self) -> str: ...
 
 
+class PickContext(Protocol):
+    """What a load balancer may read of the request (``RequestContext``) or the connection
+    (``sidecar.core.connection.ConnectionContext``) it picks a host for."""
+
+    @property
+    def hash_key(self) -> int | None: ...
+
+
 class RouteInfo(Protocol):
     """What a layer may know of the route that matched (``sidecar.route.table.CompiledRoute``)."""
 
@@ -94,7 +102,8 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "peer_workload", "connection")
+                 "original_path", "stream_idle_timeout", "max_stream_duration",
+                 "peer_workload", "connection")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -130,6 +139,9 @@ class RequestContext:
         self.grpc = False                          # content-type application/grpc*
         self.observer: StreamObserver | None = None
         self.original_path = ""                    # the path before a route rewrote it
+        # a route's own stream timeouts (seconds, 0 = off), overriding the listener's
+        self.stream_idle_timeout: float | None = None
+        self.max_stream_duration: float | None = None
         # the peer's workload labels from Istio metadata exchange, once checked against its
         # verified identity (a sidecar.observability.workload.WorkloadLabels); Istio metrics
         self.peer_workload: object | None = None

@@ -7,11 +7,15 @@ no route are answered 404 NR here and observed by the listener-level ``unmatched
 
 from __future__ import annotations
 
+from multidict import MultiDict
+
 from sidecar.config.listener import Listener
 from sidecar.core.filter import FilterLike
-from sidecar.core.message import Request, Response
+from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import NULL, CounterChild
 from sidecar.listener.edge import apply_edge_policy
+from sidecar.listener.path import REJECT, PathPolicy
+from sidecar.listener.path import apply as normalise_path
 from sidecar.observability.access_log import RequestLogger
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import ListenerTracer
@@ -47,7 +51,8 @@ class ListenerCounters:
 class HttpConnectionManager:
     """Routes and observers of one listener for one config snapshot."""
 
-    __slots__ = ("config", "table", "tracer", "unmatched", "filters", "bound_port", "access_logs")
+    __slots__ = ("config", "table", "tracer", "unmatched", "filters", "bound_port", "access_logs",
+                 "path_policy")
 
     def __init__(self, config: Listener, table: RouteTable | None, unmatched: RouteObserver,
                  tracer: ListenerTracer | None, filters: list[FilterLike], bound_port: int,
@@ -59,6 +64,9 @@ class HttpConnectionManager:
         self.tracer = tracer
         self.filters = tuple(filters)    # built filter objects, closed when retired
         self.bound_port = bound_port
+        pp = PathPolicy(config.normalize_path, config.merge_slashes,
+                        config.path_with_escaped_slashes_action)
+        self.path_policy = pp if pp.active else None
 
     async def dispatch(self, req: Request) -> Response:
         ctx = req.ctx
@@ -67,11 +75,25 @@ class HttpConnectionManager:
         if ct is not None and ct.startswith("application/grpc"):
             ctx.grpc = True
         apply_edge_policy(req, self.config, self.bound_port)
+        pp = self.path_policy
+        if pp is not None:
+            # before routing and every filter: RBAC, routes and the upstream see one path
+            path, verdict = normalise_path(pp, req.path)
+            if verdict is not None:
+                if verdict == REJECT:
+                    ctx.response_code_details = "path_normalization_failed"
+                    req.keep_alive = False          # Envoy closes the connection too
+                    return local_reply(ctx, 400, "Bad Request", "DPE")
+                loc: MultiDict[str] = MultiDict()
+                loc["location"] = path + "?" + req.query if req.query else path
+                return local_reply(ctx, 307, "", None, loc)
+            req.path = path
         table = self.table
         vh = table.virtual_host(req.authority) if table is not None else None
         route = vh.match(req.method, req.path, req.query, req.headers) if vh is not None else None
         if route is None:
             ctx.flags.append("NR")
+            ctx.response_code_details = "route_not_found"
             resp = Response(404)
             resp.local = True
             return grpc_local_reply(resp) if ctx.grpc else resp

@@ -6,12 +6,14 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DNS_LOOKUP_FAMILIES,
     LB_POLICIES,
     CircuitBreakers,
     Cluster,
     Endpoint,
     HealthCheck,
     LbConfig,
+    TcpHealthCheck,
     _positive,
     _statuses,
     _thresholds,
@@ -37,13 +39,40 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
                     weight=w.integer(v, "weight", path, 1, lo=1, hi=1_000_000))
 
 
+def _resolver(v: Any, path: str) -> str:
+    """A DNS resolver: "ip" or "ip:port" (53 by default)."""
+    if not isinstance(v, str) or not v:
+        raise ConfigError(path, "must be an address like 10.0.0.2 or 10.0.0.2:53")
+    host, sep, port = v.rpartition(":")
+    if sep and port.isdigit() and "]" not in port:
+        return v
+    return f"{v}:53"
+
+
 def cluster_from_native(d: Raw, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
+                     "dns_lookup_family", "max_response_headers_count", "max_response_headers_kb",
+                     "respect_dns_ttl", "dns_resolvers",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
-                     "max_idle_connections", "idle_timeout", "ewma", "panic_threshold"), path)
+                     "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
+                     "cleanup_interval", "port_override", "bind_address"), path)
+    ctype = w.string(d, "type", path, "static",
+                     choices=("static", "strict_dns", "logical_dns", "eds", "original_dst"))
     ep = w.join(path, "endpoints")
-    eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
-    ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
+    if ctype == "original_dst":
+        # the hosts are the connections' original destinations (transparent interception)
+        for key in ("endpoints", "health_check", "outlier_detection", "lb"):
+            if key in d:
+                raise ConfigError(w.join(path, key), "does not apply to an original_dst cluster "
+                                                     "(its hosts are the connections' original "
+                                                     "destinations)")
+        eps: tuple[Endpoint, ...] = ()
+    else:
+        for key in ("cleanup_interval", "port_override"):
+            if key in d:
+                raise ConfigError(w.join(path, key), "only applies to an original_dst cluster")
+        eps = tuple(endpoint_from_native(e, w.join(ep, i))
+                    for i, e in enumerate(w.seq(d, "endpoints", path)))
     lb_kw: dict[str, Any] = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
     if "ewma" in d:
         xp = w.join(path, "ewma")
@@ -62,9 +91,24 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
         kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
     if "tls" in d:
         kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
+    if ctype == "original_dst":
+        kw["cleanup_interval_s"] = _positive(w.duration(d, "cleanup_interval", path, 5.0),
+                                             w.join(path, "cleanup_interval"))
+        kw["upstream_port_override"] = w.integer(d, "port_override", path, 0, lo=0, hi=65535)
+    if "bind_address" in d:
+        kw["bind_address"] = w.string(d, "bind_address", path, nonempty=True)
     return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
+                   dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
+                                              choices=DNS_LOOKUP_FAMILIES),
+                   respect_dns_ttl=w.boolean(d, "respect_dns_ttl", path, False),
+                   dns_resolvers=tuple(_resolver(r, w.join(w.join(path, "dns_resolvers"), i))
+                                       for i, r in enumerate(w.seq(d, "dns_resolvers", path, []))),
+                   max_response_headers_count=w.integer(d, "max_response_headers_count", path,
+                                                        100, lo=1),
+                   max_response_headers_kb=w.integer(d, "max_response_headers_kb", path, 80,
+                                                     lo=1, hi=8192),
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
@@ -102,12 +146,29 @@ def circuit_breakers_from_native(d: Raw, path: str) -> CircuitBreakers:
     return CircuitBreakers(default=_thresholds(d, path, False))
 
 
+_HC_HTTP_ONLY = ("path", "host", "expected_statuses", "retriable_statuses", "reuse_connection")
+
+
 def health_check_from_native(d: Raw, path: str) -> HealthCheck:
+    """HTTP (``path``...) or TCP (``tcp: {send, receive}``: hex payloads, or ``tcp: {}`` for a
+    connect-only check)."""
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
-                     "reuse_connection"), path)
+                     "reuse_connection", "tcp"), path)
+    tcp = None
+    if "tcp" in d:
+        for key in _HC_HTTP_ONLY:
+            if key in d:
+                raise ConfigError(w.join(path, key), "is an HTTP check field; this is a tcp check")
+        tp = w.join(path, "tcp")
+        t = w.check_keys(d["tcp"] or {}, ("send", "receive"), tp)
+        tcp = TcpHealthCheck(
+            send=_hex(t["send"], w.join(tp, "send")) if t.get("send") else b"",
+            receive=tuple(_hex(r, w.join(w.join(tp, "receive"), i))
+                          for i, r in enumerate(w.seq(t, "receive", tp, []))))
     return HealthCheck(
+        tcp=tcp,
         path=w.string(d, "path", path, "/healthz", nonempty=True), host=w.string(d, "host", path, ""),
         interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
         interval_jitter_s=w.duration(d, "jitter", path, 0.0),
@@ -122,5 +183,14 @@ def health_check_from_native(d: Raw, path: str) -> HealthCheck:
         unhealthy_interval_s=w.duration(d, "unhealthy_interval", path, None),
         # native: checks run at `interval` from the start unless this is set
         no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
-        reuse_connection=w.boolean(d, "reuse_connection", path, True),
+        reuse_connection=w.boolean(d, "reuse_connection", path, tcp is None),
     )
+
+
+def _hex(v: object, path: str) -> bytes:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(path, "must be a hex string")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise ConfigError(path, "must be a hex string") from None

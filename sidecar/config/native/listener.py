@@ -1,15 +1,37 @@
 """Native YAML listeners: routes or virtual hosts, the HTTP filter list, timeouts, edge policy,
-access log, TLS; and native tracing."""
+access log, TLS; L4 listeners (``sidecar.config.native.l4``); and native tracing."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog, InstanceParsers, ListenerFilterCatalog
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
+from sidecar.config.l4 import ConnectionLog, FilterChainMatch
+from sidecar.config.listener import (
+    ESCAPED_SLASHES_ACTIONS,
+    UNDERSCORE_ACTIONS,
+    AccessLogConfig,
+    FilterChain,
+    Listener,
+    TracingConfig,
+    check_fields,
+    check_log_format,
+)
+from sidecar.config.native.l4 import (
+    CHAIN_KEYS,
+    L4_LISTENER_KEYS,
+    check_chain_keys,
+    connection_log_from_native,
+    is_l4,
+    listener_filters_from_native,
+    match_from_native,
+    tcp_chain_from_native,
+)
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
 from sidecar.config.telemetry import IstioMetrics
@@ -57,14 +79,21 @@ def route_filter_catalog(http_filters: tuple[HttpFilter, ...],
     return ListenerFilterCatalog(filters, instances) if instances else filters
 
 
+_BASE_KEYS = ("name", "address", "port", "direction")
+# what an HTTP listener (or an HTTP chain of an L4 listener) may set
+HTTP_KEYS = ("routes", "virtual_hosts", "filters", "idle_timeout", "request_headers_timeout",
+             "request_timeout", "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
+             "server_name", "drain_timeout", "max_request_headers_kb", "request_headers",
+             "response_headers", "strip_host_port", "accept_http_10", "trust_private_peers",
+             "preserve_external_request_id", "stream_idle_timeout", "max_stream_duration",
+             "max_headers_count", "headers_with_underscores_action", "normalize_path",
+             "merge_slashes", "path_with_escaped_slashes_action", "istio_metrics")
+
+
 def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
-    w.check_keys(d, ("name", "address", "port", "routes", "virtual_hosts", "filters",
-                     "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
-                     "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
-                     "server_name", "drain_timeout", "max_request_headers_kb",
-                     "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id",
-                     "istio_metrics"), path)
+    if isinstance(d, dict) and is_l4(d):
+        return l4_listener_from_native(d, path, filters)
+    w.check_keys(d, _BASE_KEYS + HTTP_KEYS, path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
@@ -90,11 +119,27 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         a = d["access_log"]
         if isinstance(a, str):
             a = {"path": a}
-        w.check_keys(a, ("path", "format", "fields"), ap)
-        access_log = (AccessLogConfig(path={"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
-            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout")),
-            format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
-            fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
+        w.check_keys(a, ("path", "format", "fields", "text_format", "json_format",
+                         "omit_empty_values"), ap)
+        dest = {"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
+            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout"))
+        if "text_format" in a or "json_format" in a:
+            # Envoy's command operators (%REQ(...)%, %RESPONSE_CODE%, ...), as in log_format
+            kind = w.one_of(a, ("text_format", "json_format"), ap)
+            for k in ("format", "fields"):
+                if k in a:
+                    raise ConfigError(w.join(ap, k), f"does not apply with {kind}")
+            tmpl = w.string(a, kind, ap) if kind == "text_format" else w.mapping(a, kind, ap)
+            check_log_format(tmpl, w.join(ap, kind))
+            access_log = (AccessLogConfig(
+                path=dest, format="envoy",
+                text_format=tmpl if isinstance(tmpl, str) else None,
+                json_format=json.dumps(tmpl) if isinstance(tmpl, dict) else None,
+                omit_empty_values=w.boolean(a, "omit_empty_values", ap, False)),)
+        else:
+            access_log = (AccessLogConfig(
+                path=dest, format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
+                fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
         tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls"))
@@ -107,7 +152,16 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
         request_headers_timeout_s=w.duration(d, "request_headers_timeout", path, 10.0),
         request_timeout_s=w.duration(d, "request_timeout", path, 0.0),
+        stream_idle_timeout_s=w.duration(d, "stream_idle_timeout", path, 300.0),
+        max_stream_duration_s=w.duration(d, "max_stream_duration", path, 0.0),
         max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
+        max_headers_count=w.integer(d, "max_headers_count", path, 100, lo=1),
+        headers_with_underscores_action=w.string(d, "headers_with_underscores_action", path,
+                                                 "ALLOW", choices=UNDERSCORE_ACTIONS),
+        normalize_path=w.boolean(d, "normalize_path", path, False),
+        merge_slashes=w.boolean(d, "merge_slashes", path, False),
+        path_with_escaped_slashes_action=w.string(d, "path_with_escaped_slashes_action", path,
+                                                  "KEEP_UNCHANGED", choices=ESCAPED_SLASHES_ACTIONS),
         accept_http_10=w.boolean(d, "accept_http_10", path, True),
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
         trust_private_peers=w.boolean(d, "trust_private_peers", path, True),
@@ -120,6 +174,84 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
         if d.get("istio_metrics") not in (None, False) else None,
     )
+
+
+def l4_listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
+    """A TCP listener (``tcp_proxy`` [+ ``kafka_broker``], ``tls``) or one with
+    ``filter_chains`` (see ``sidecar.config.native.l4``)."""
+    w.check_keys(d, _BASE_KEYS + L4_LISTENER_KEYS + ("tls", "drain_timeout"), path)
+    name = w.string(d, "name", path, nonempty=True)
+    base = Listener(name=name, host=w.string(d, "address", path, "127.0.0.1"),
+                    port=w.integer(d, "port", path, lo=0, hi=65535), stat_prefix=name,
+                    direction=w.string(d, "direction", path, "outbound",
+                                       choices=("inbound", "outbound")),
+                    drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0), source=d)
+    flat = "tcp_proxy" in d or "kafka_broker" in d
+    if flat and ("filter_chains" in d or "default_filter_chain" in d):
+        raise ConfigError(w.join(path, "tcp_proxy" if "tcp_proxy" in d else "kafka_broker"),
+                          "a listener with filter_chains sets tcp_proxy in its chains")
+    if not flat and "tls" in d:
+        raise ConfigError(w.join(path, "tls"), "with filter_chains, each chain sets its own tls")
+    chains: list[FilterChain] = []
+    default = None
+    if flat:
+        tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+            if "tls" in d else None
+        chains.append(FilterChain(name="", tls=tls, tcp=tcp_chain_from_native(d, path, name)))
+    else:
+        cp = w.join(path, "filter_chains")
+        for i, c in enumerate(w.seq(d, "filter_chains", path, [])):
+            chains.append(_chain_from_native(c, w.join(cp, i), base, filters))
+        if d.get("default_filter_chain") is not None:
+            default = _chain_from_native(d["default_filter_chain"],
+                                         w.join(path, "default_filter_chain"), base, filters,
+                                         default=True)
+        if not chains and default is None:
+            raise ConfigError(cp, "needs at least one chain (or a default_filter_chain, or "
+                                  "tcp_proxy for a TCP listener)")
+        seen: dict[object, int] = {}
+        for i, ch in enumerate(chains):
+            if ch.match in seen:
+                raise ConfigError(w.join(cp, i), f"match is the same as that of "
+                                                 f"filter_chains[{seen[ch.match]}]: it could "
+                                                 "never be picked")
+            seen[ch.match] = i
+    return replace(base, filter_chains=tuple(chains), default_filter_chain=default,
+                   listener_filters=listener_filters_from_native(d, path),
+                   connection_log=_connection_logs(d, path),
+                   buffer_limit_bytes=w.integer(d, "buffer_limit", path, 1024 * 1024, lo=1024))
+
+
+def _connection_logs(d: Raw, path: str) -> tuple[ConnectionLog, ...]:
+    if "connection_log" not in d:
+        return ()
+    v = d["connection_log"]
+    kp = w.join(path, "connection_log")
+    if isinstance(v, list):
+        return tuple(connection_log_from_native(x, w.join(kp, i)) for i, x in enumerate(v))
+    return (connection_log_from_native(v, kp),)
+
+
+def _chain_from_native(c: object, path: str, base: Listener, filters: FilterCatalog,
+                       default: bool = False) -> FilterChain:
+    d = w.check_keys(c, CHAIN_KEYS + HTTP_KEYS, path)
+    check_chain_keys(d, path, HTTP_KEYS)
+    if default and "match" in d:
+        raise ConfigError(w.join(path, "match"), "a default chain has no match")
+    match = match_from_native(d["match"], w.join(path, "match")) if d.get("match") is not None \
+        else FilterChainMatch()
+    tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+        if "tls" in d else None
+    name = w.string(d, "name", path, "")
+    if "tcp_proxy" in d or "kafka_broker" in d:
+        return FilterChain(name=name, match=match, tls=tls,
+                           tcp=tcp_chain_from_native(d, path, name or base.name))
+    if "routes" not in d and "virtual_hosts" not in d:
+        raise ConfigError(path, "a chain needs tcp_proxy (TCP) or routes / virtual_hosts (HTTP)")
+    http_d = {k: v for k, v in d.items() if k in HTTP_KEYS and k != "tls"}
+    http_d.update(name=base.name, address=base.host, port=base.port, direction=base.direction)
+    http = listener_from_native(http_d, path, filters)
+    return FilterChain(name=name, match=match, tls=tls, http=replace(http, source=d))
 
 
 def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:

@@ -101,7 +101,8 @@ def per_filter_from_native(d: Raw, path: str, filters: FilterCatalog) -> tuple[t
 
 _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct_response",
                "redirect", "rewrite", "timeout", "idle_timeout", "retry", "mirror", "hash",
-               "allow_timeout_header", "rate_limits", "include_vh_rate_limits",
+               "allow_timeout_header", "max_stream_duration", "rate_limits",
+               "include_vh_rate_limits",
                "request_headers", "response_headers", "filters")
 
 
@@ -153,9 +154,8 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
             kw["auto_host_rewrite"] = w.boolean(r, "auto_host", rp, False)
         kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
         kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
-        if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
-            raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are "
-                              "not supported (only 0s); use timeout or retry.per_try_timeout")
+        kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
+        kw["max_stream_duration_s"] = w.duration(d, "max_stream_duration", path, None)
         if "retry" in d:
             kw["retry_policy"] = retry_policy_from_native(w.mapping(d, "retry", path), w.join(path, "retry"))
         mirrors = []
