@@ -21,6 +21,7 @@ import random
 
 from multidict import MultiDict
 
+from filters.local_ratelimit.config import jwt_claim
 from filters.ratelimit.config import (
     HeaderAction,
     HeaderToAdd,
@@ -86,6 +87,9 @@ class RequestSource:
         if ctx.remote_ip:
             return ctx.remote_ip
         return ctx.downstream_addr[0] if ctx.downstream_addr else ""
+
+    def jwt_claim(self, provider: str, claim: tuple[str, ...]) -> str | None:
+        return jwt_claim(self.req, provider, claim)
 
 
 def add_headers(h: Headers, items: tuple[tuple[str, str], ...]) -> None:

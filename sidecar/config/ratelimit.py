@@ -3,7 +3,8 @@ virtual host, or the global rate limit filter itself asks the rate limit service
 same shape is read from Envoy v3 and from native YAML.
 
 Honoured: ``actions`` (``request_headers``, ``remote_address``, ``generic_key``,
-``header_value_match``, ``destination_cluster``, ``source_cluster``), ``stage`` (route and
+``header_value_match``, ``destination_cluster``, ``source_cluster``, ``metadata`` on verified
+JWT claims: ``envoy.filters.http.jwt_authn`` with ``path: [provider, claim...]``), ``stage`` (route and
 virtual host), ``disable_key`` (route and virtual host; there is no runtime layer, so the key
 never disables its entry: Envoy's behaviour when the key is unset). Refused by name: the other
 actions, ``limit`` overrides, ``hits_addend``, ``apply_on_stream_done``,
@@ -19,6 +20,7 @@ from sidecar.core.limits import (
     DestinationClusterAction,
     GenericKeyAction,
     HeaderValueMatchAction,
+    JwtClaimAction,
     RateLimitAction,
     RateLimitPolicy,
     RemoteAddressAction,
@@ -29,9 +31,10 @@ from sidecar.core.limits import (
 MAX_STAGE = 10                       # Envoy: stages 0..10
 
 ACTIONS = ("request_headers", "remote_address", "generic_key", "header_value_match",
-           "destination_cluster", "source_cluster")
-_REFUSED_ACTIONS = ("dynamic_metadata", "metadata", "masked_remote_address", "query_parameters",
+           "destination_cluster", "source_cluster", "metadata")
+_REFUSED_ACTIONS = ("dynamic_metadata", "masked_remote_address", "query_parameters",
                     "query_parameter_value_match", "extension", "remote_address_match")
+JWT_FILTER = "envoy.filters.http.jwt_authn"
 _POLICY_KEYS = ("stage", "disable_key", "actions", "limit", "hits_addend",
                 "apply_on_stream_done", "x_ratelimit_option")
 
@@ -79,8 +82,32 @@ def action_from_wire(raw: object, path: str) -> RateLimitAction:
         return HeaderValueMatchAction(value, tests,
                                       w.string(x, "descriptor_key", kp, "") or "header_match",
                                       w.boolean(x, "expect_match", kp, True))
+    if kind == "metadata":
+        return _jwt_claim(w.mapping(d, kind, path), kp)
     raise ConfigError(kp, f"rate limit action {kind} is not supported by this proxy "
                           f"(supported: {', '.join(ACTIONS)})")
+
+
+def _jwt_claim(d: dict[str, object], path: str) -> JwtClaimAction:
+    """``metadata`` on the JWT filter's dynamic metadata: ``metadata_key: {key:
+    envoy.filters.http.jwt_authn, path: [{key: <provider>}, {key: <claim>}, ...]}``."""
+    x = w.check_keys(d, ("descriptor_key", "metadata_key", "default_value", "source",
+                         "skip_if_absent"), path)
+    w.string(x, "source", path, "DYNAMIC", choices=("DYNAMIC",))
+    mp = w.join(path, "metadata_key")
+    mk = w.check_keys(w.mapping(x, "metadata_key", path), ("key", "path"), mp)
+    if w.string(mk, "key", mp) != JWT_FILTER:
+        raise ConfigError(w.join(mp, "key"),
+                          f"only {JWT_FILTER} metadata (verified JWT payloads) is available")
+    segs = []
+    for i, seg in enumerate(w.seq(mk, "path", mp)):
+        sp = w.join(w.join(mp, "path"), i)
+        segs.append(w.string(w.check_keys(seg, ("key",), sp), "key", sp, nonempty=True))
+    if len(segs) < 2:
+        raise ConfigError(w.join(mp, "path"), "needs [{key: <provider>}, {key: <claim>}, ...]")
+    return JwtClaimAction(w.string(x, "descriptor_key", path, nonempty=True), segs[0],
+                          tuple(segs[1:]), w.string(x, "default_value", path, ""),
+                          w.boolean(x, "skip_if_absent", path, False))
 
 
 def rate_limits_from_wire(items: object, path: str, *, in_filter: bool = False

@@ -234,8 +234,20 @@ class HeaderValueMatchAction:
     expect_match: bool = True               # False: the entry when the headers do NOT match
 
 
+@dataclass(frozen=True, slots=True)
+class JwtClaimAction:
+    """Envoy's ``metadata`` action on ``envoy.filters.http.jwt_authn`` metadata: a claim of a
+    verified JWT (``provider`` "" : any provider's)."""
+    descriptor_key: str
+    provider: str
+    claim: tuple[str, ...]
+    default_value: str = ""                 # when the claim is absent ("" : no default)
+    skip_if_absent: bool = False
+
+
 RateLimitAction = (RequestHeadersAction | RemoteAddressAction | GenericKeyAction
-                   | DestinationClusterAction | SourceClusterAction | HeaderValueMatchAction)
+                   | DestinationClusterAction | SourceClusterAction | HeaderValueMatchAction
+                   | JwtClaimAction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +284,10 @@ class DescriptorSource(Protocol):
     @property
     def remote_address(self) -> str: ...
 
+    def jwt_claim(self, provider: str, claim: tuple[str, ...]) -> str | None:
+        """A string or integer claim of a verified JWT (``jwt_authn``), or None."""
+        ...
+
     @property
     def destination_cluster(self) -> str: ...
 
@@ -304,6 +320,16 @@ def descriptor_for(policy: RateLimitPolicy, src: DescriptorSource) -> Descriptor
                     != a.expect_match:
                 return None
             entries.append((a.descriptor_key, a.descriptor_value))
+        elif isinstance(a, JwtClaimAction):
+            v = src.jwt_claim(a.provider, a.claim)
+            if v is None:
+                if a.default_value:
+                    v = a.default_value
+                elif a.skip_if_absent:
+                    continue
+                else:
+                    return None
+            entries.append((a.descriptor_key, v))
         elif isinstance(a, DestinationClusterAction):
             entries.append(("destination_cluster", src.destination_cluster))
         else:

@@ -29,6 +29,7 @@ from sidecar.core.limits import (
     DestinationClusterAction,
     GenericKeyAction,
     HeaderValueMatchAction,
+    JwtClaimAction,
     RateLimitPolicy,
     RemoteAddressAction,
     RequestHeadersAction,
@@ -85,7 +86,10 @@ def test_rate_limits_parse():
 
 @pytest.mark.parametrize("item,path", [
     ({"actions": [{"query_parameters": {}}]}, "r[0].actions[0].query_parameters"),
-    ({"actions": [{"metadata": {}}]}, "r[0].actions[0].metadata"),
+    ({"actions": [{"metadata": {"descriptor_key": "k", "metadata_key": {
+        "key": "envoy.lb", "path": [{"key": "a"}, {"key": "b"}]}}}]},
+     "r[0].actions[0].metadata.metadata_key.key"),
+    ({"actions": [{"dynamic_metadata": {}}]}, "r[0].actions[0].dynamic_metadata"),
     ({"actions": [{"masked_remote_address": {}}]}, "r[0].actions[0].masked_remote_address"),
     ({"actions": [{"extension": {}}]}, "r[0].actions[0].extension"),
     ({"actions": [{"remote_address_match": {}}]}, "r[0].actions[0].remote_address_match"),
@@ -138,8 +142,10 @@ def test_envoy_route_and_virtual_host_rate_limits():
     with pytest.raises(ConfigError) as e:
         route_configuration({"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {
-                "cluster": "svc", "rate_limits": [{"actions": [{"metadata": {}}]}]}}]}]}, "rc")
-    assert e.value.path == "rc.virtual_hosts[0].routes[0].route.rate_limits[0].actions[0].metadata"
+                "cluster": "svc", "rate_limits": [{"actions": [{"query_parameters": {}}]}]}}]}]},
+            "rc")
+    assert e.value.path == \
+        "rc.virtual_hosts[0].routes[0].route.rate_limits[0].actions[0].query_parameters"
 
 
 def test_native_route_rate_limits():
@@ -178,6 +184,18 @@ def test_descriptors_follow_envoys_action_semantics():
     assert descriptor_for(b, bare) is None
     only_user = RateLimitPolicy((RequestHeadersAction("x-user", "user", True),))
     assert descriptor_for(only_user, bare) is None           # no entries: no descriptor
+
+
+def test_jwt_claim_descriptor():
+    (p,) = rate_limits_from_wire([{"actions": [{"metadata": {
+        "descriptor_key": "sub", "default_value": "anonymous", "metadata_key": {
+            "key": "envoy.filters.http.jwt_authn", "path": [{"key": "idp"}, {"key": "sub"}]}}}]}],
+        "r")
+    assert p.actions == (JwtClaimAction("sub", "idp", ("sub",), "anonymous"),)
+    src = source()
+    src.req.ctx.jwt_payloads["idp"] = {"sub": "ann"}
+    assert descriptor_for(p, src) == (("sub", "ann"),)
+    assert descriptor_for(p, source()) == (("sub", "anonymous"),)     # no JWT: the default
 
 
 def test_request_headers_reads_pseudo_headers_and_the_first_value():
