@@ -89,6 +89,11 @@ async def replicas(tmp_path, redis_server):
             for r in out:
                 await asyncio.to_thread(wait_for_port, r.admin, 20, r.proc)
                 await asyncio.to_thread(wait_for_port, r.port, 20, r.proc)
+                # the port answers once worker 0 is up; /ready waits for every worker
+                for _ in range(200):
+                    if (await r.admin_get("/ready"))[0] == 200:
+                        break
+                    await asyncio.sleep(0.1)
             yield out
         finally:
             for r in out:
