@@ -14,6 +14,7 @@ from control_plane_client.translate.common import (
 from control_plane_client.translate.route import route_configuration
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig
 from sidecar.config.route import HttpFilter, RouteConfig
 
@@ -94,8 +95,14 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
                        "merge_slashes", "strip_any_host_port", "strip_matching_host_port",
-                       "http_protocol_options", "tracing"), hp)
-    w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
+                       "http_protocol_options", "tracing", "http2_protocol_options",
+                       "upgrade_configs"), hp)
+    codec = w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1", "HTTP2")).lower()
+    http2 = http2_options_from_wire(hcm.get("http2_protocol_options"),
+                                    w.join(hp, "http2_protocol_options"), DOWNSTREAM_DEFAULTS)
+    if codec == "http1" and "http2_protocol_options" in hcm:
+        raise ConfigError(w.join(hp, "http2_protocol_options"), "codec_type HTTP1 never speaks HTTP/2")
+    upgrades = upgrade_configs_from_wire(hcm.get("upgrade_configs"), w.join(hp, "upgrade_configs"))
     rc = None
     rds_name = ""
     kind = w.one_of(hcm, ("route_config", "rds"), hp)
@@ -136,6 +143,7 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
         tls=tls,
         tracing=hcm_tracing(hcm["tracing"], w.join(hp, "tracing")) if "tracing" in hcm else None,
+        codec=codec, http2=http2, upgrades=upgrades,
         source=d,
     )
 

@@ -57,9 +57,13 @@ def _common(ctx: dict, path: str) -> dict:
             raise ConfigError(w.join(tp, "tls_maximum_protocol_version"),
                               "only TLS_AUTO or TLSv1_3 is supported (no maximum below TLS 1.3)")
     alpn = w.seq(ctx, "alpn_protocols", path, [])
-    if any(p != "http/1.1" for p in alpn):
-        raise ConfigError(w.join(path, "alpn_protocols"),
-                          "only http/1.1 is supported (the sidecar speaks HTTP/1.1)")
+    for i, p in enumerate(alpn):
+        if p not in ("h2", "http/1.1"):
+            raise ConfigError(w.join(w.join(path, "alpn_protocols"), i),
+                              f"unsupported ALPN protocol {p!r} (supported: h2, http/1.1)")
+    if len(set(alpn)) != len(alpn):
+        raise ConfigError(w.join(path, "alpn_protocols"), "lists a protocol twice")
+    out["alpn"] = tuple(alpn)
     return out
 
 
@@ -91,7 +95,8 @@ def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
         raise ConfigError(w.join(tp, "require_client_certificate"),
                           "needs common_tls_context.validation_context.trusted_ca")
     return DownstreamTls(cert_file=c["cert_file"], key_file=c["key_file"], ca_file=c.get("ca_file"),
-                         require_client_cert=require, min_version=c.get("min_version", "TLSv1_2"))
+                         require_client_cert=require, min_version=c.get("min_version", "TLSv1_2"),
+                         alpn=c["alpn"])
 
 
 def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
@@ -107,4 +112,4 @@ def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
     return UpstreamTls(sni=w.string(body, "sni", tp, ""), ca_file=c.get("ca_file"),
                        cert_file=c.get("cert_file"), key_file=c.get("key_file"),
                        verify=c.get("ca_file") is not None, min_version=c.get("min_version", "TLSv1_2"),
-                       match_san_uris=c.get("match_san_uris", ()))
+                       match_san_uris=c.get("match_san_uris", ()), alpn=c["alpn"])

@@ -34,6 +34,8 @@ from sidecar.core.errors import (
 from sidecar.core.message import Request, Response
 from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
+from sidecar.upstream.http2 import Http2Pool, Http2UpstreamConnection
+from sidecar.upstream.tunnel import open_tunnel
 
 log = logging.getLogger("sidecar.cluster")
 
@@ -79,16 +81,18 @@ class ClusterState:
 class Cluster:
     """One version of a cluster: config, endpoint set, load balancer, TLS context."""
 
-    __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "thresholds", "stats",
-                 "warm", "_sni")
+    __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "ssl_context_h2",
+                 "thresholds", "stats", "warm", "_sni", "protocol")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
-                 warm: bool = True):
+                 warm: bool = True, ssl_context_h2: ssl.SSLContext | None = None):
         self.name = config.name
         self.config = config
         self.state = state
-        self.ssl_context = ssl_context
+        self.protocol = config.protocol       # http1 | http2 | downstream
+        self.ssl_context = ssl_context        # HTTP/1.1 connections (ALPN http/1.1)
+        self.ssl_context_h2 = ssl_context_h2  # HTTP/2 connections (ALPN h2)
         self.thresholds = config.circuit_breakers.default
         self.stats = state.stats
         self.warm = warm              # an EDS cluster is warm once its first assignment came
@@ -108,6 +112,9 @@ class Cluster:
             st = EndpointState(ep, pool, cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
+        if st.h2 is None and cfg.protocol != "http1":
+            st.h2 = Http2Pool(ep.host, ep.port, cfg.connect_timeout_s, cfg.http2,
+                              self.ssl_context_h2, self._sni, cfg.idle_timeout_s)
         return st
 
     def activate(self) -> None:
@@ -118,7 +125,7 @@ class Cluster:
         for addr, old in state.endpoints.items():
             if addr not in new:
                 old.removed = True
-                old.pool.close_all()
+                old.close_pools()
         waiters = state.breakers.waiters
         for h in self.hosts:
             p = h.pool
@@ -130,6 +137,16 @@ class Cluster:
                 p.ssl = self.ssl_context        # new TLS settings need new connections
                 p.server_hostname = self._sni
                 p.close_all()
+            h2 = h.h2
+            if h2 is not None:
+                h2.connect_timeout = cfg.connect_timeout_s
+                h2.idle_timeout = cfg.idle_timeout_s
+                h2.on_free = waiters.wake
+                if h2.ssl is not self.ssl_context_h2 or h2.options != cfg.http2:
+                    h2.ssl = self.ssl_context_h2     # new settings: new connections
+                    h2.server_hostname = self._sni
+                    h2.options = cfg.http2
+                    h2.close_all()
         state.endpoints = new
         state.current = self
 
@@ -151,7 +168,12 @@ class Cluster:
         return h
 
     def open_connections(self) -> int:
-        return sum(h.pool.active + h.pool.connecting for h in self.hosts)
+        n = 0
+        for h in self.hosts:
+            n += h.pool.active + h.pool.connecting
+            if h.h2 is not None:
+                n += h.h2.active + h.h2.connecting
+        return n
 
     # ---- the request --------------------------------------------------------------------------
     async def send(self, req: Request, auto_host: bool = False) -> Response:
@@ -200,6 +222,11 @@ class Cluster:
     async def _exchange(self, req: Request, host: EndpointState, host_header: str | None,
                         deadline: float | None, loop: asyncio.AbstractEventLoop,
                         t0: float) -> Response:
+        if req.upgrade is not None:
+            return await self._exchange_tunnel(req, host, host_header, deadline, loop, t0)
+        h2 = host.h2
+        if h2 is not None and (self.protocol == "http2" or req.version == "2"):
+            return await self._exchange_h2(req, host, h2, host_header, deadline, loop, t0)
         pool = host.pool
         conn = pool.take_idle()
         reused = conn is not None
@@ -229,6 +256,103 @@ class Cluster:
                 self.stats.rq_reset.inc()
                 self.record(host, None, elapsed, RESET)
             raise
+
+    async def _exchange_tunnel(self, req: Request, host: EndpointState, host_header: str | None,
+                               deadline: float | None, loop: asyncio.AbstractEventLoop,
+                               t0: float) -> Response:
+        """An upgrade request on a connection of its own (it becomes a tunnel on a 101)."""
+        ep = host.endpoint
+        cfg = self.config
+        try:
+            resp = await open_tunnel(ep.host, ep.port, self.ssl_context, self._sni,
+                                     cfg.connect_timeout_s, req, host_header, deadline,
+                                     cfg.per_connection_buffer_limit)
+        except UpstreamError as e:
+            elapsed = loop.time() - t0
+            if e.flag == "UF":
+                self.stats.cx_connect_fail.inc()
+                host.cx_connect_fail += 1
+                self.record(host, None, elapsed, CONNECT_FAILURE)
+            elif e.flag == "UT":
+                host.rq_timeout += 1
+                self.record(host, None, elapsed, TIMEOUT)
+            else:
+                self.stats.rq_reset.inc()
+                self.record(host, None, elapsed, RESET)
+            raise
+        self.stats.cx_total.inc()
+        return resp
+
+    async def _exchange_h2(self, req: Request, host: EndpointState, pool: Http2Pool,
+                           host_header: str | None, deadline: float | None,
+                           loop: asyncio.AbstractEventLoop, t0: float) -> Response:
+        """One attempt as a stream on a pooled HTTP/2 connection: breakers count requests and
+        connections, not requests per connection (Envoy); a request that finds every
+        connection full waits as *pending*."""
+        try:
+            conn = pool.acquire()
+            if conn is None:
+                conn = await self._wait_for_stream(host, pool, deadline, loop, t0)
+            authority = host_header if host_header is not None else req.headers.get("host", "")
+            return await conn.send(req, authority, deadline)
+        except UpstreamError as e:
+            elapsed = loop.time() - t0
+            if e.flag == "UT":
+                if not isinstance(e, PendingTimeout):
+                    host.rq_timeout += 1
+                    self.record(host, None, elapsed, TIMEOUT)
+            elif e.flag not in ("UF", "UO"):
+                self.stats.rq_reset.inc()
+                self.record(host, None, elapsed, RESET)
+            raise
+
+    async def _wait_for_stream(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
+                               loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
+        breakers = self.state.breakers
+        if not breakers.admit_pending(self.thresholds):
+            self.stats.rq_pending_overflow.inc()
+            raise Overflow("max_pending_requests")
+        host.active_requests -= 1           # pending, not active (Envoy's accounting)
+        try:
+            while True:
+                conn = pool.acquire()
+                if conn is not None:
+                    return conn
+                if deadline is not None and loop.time() >= deadline:
+                    raise PendingTimeout()
+                if not pool.pending_room():
+                    if self.open_connections() < self.thresholds.max_connections:
+                        conn = await self._connect_h2(host, pool, deadline, loop, t0)
+                        if conn.has_room():
+                            conn.used += 1     # the new connection serves its opener first
+                            return conn
+                        continue
+                    self.stats.cx_overflow.inc()
+                await pool.wait(loop, deadline)
+        finally:
+            breakers.end_pending()
+            host.active_requests += 1
+
+    async def _connect_h2(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
+                          loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
+        try:
+            if deadline is None:
+                conn = await pool.connect()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        conn = await pool.connect()
+                except TimeoutError:
+                    raise UpstreamTimeout() from None
+        except UpstreamTimeout:
+            raise
+        except UpstreamError:
+            self.stats.cx_connect_fail.inc()
+            host.cx_connect_fail += 1
+            self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
+            raise
+        self.stats.cx_total.inc()
+        return conn
 
     async def _connect(self, host: EndpointState, pool: ConnectionPool, deadline: float | None,
                        loop: asyncio.AbstractEventLoop, t0: float) -> UpstreamConnection:
@@ -320,4 +444,4 @@ class Cluster:
 
     def close(self) -> None:
         for h in self.hosts:
-            h.pool.close_all()
+            h.close_pools()

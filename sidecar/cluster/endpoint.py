@@ -11,10 +11,11 @@ import time
 
 from sidecar.config.cluster import Endpoint
 from sidecar.upstream.http1 import ConnectionPool
+from sidecar.upstream.http2 import Http2Pool
 
 
 class EndpointState:
-    __slots__ = ("endpoint", "address", "pool", "active_requests", "hc_healthy", "ejected_until",
+    __slots__ = ("endpoint", "address", "pool", "h2", "active_requests", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
                  "consecutive_5xx", "consecutive_gateway", "consecutive_local", "sr_success",
                  "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
@@ -23,6 +24,7 @@ class EndpointState:
         self.endpoint = endpoint
         self.address = endpoint.address
         self.pool = pool
+        self.h2: Http2Pool | None = None    # HTTP/2 connections (clusters that speak it)
         self.active_requests = 0
         self.hc_healthy = True           # active health checking verdict
         self.ejected_until = 0.0         # outlier detection (monotonic time)
@@ -40,6 +42,17 @@ class EndpointState:
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
         self.removed = False
+
+    @property
+    def cx_active(self) -> int:
+        """Open connections to the endpoint (HTTP/1.1 and HTTP/2)."""
+        h2 = self.h2
+        return self.pool.active + (h2.active if h2 is not None else 0)
+
+    def close_pools(self) -> None:
+        self.pool.close_all()
+        if self.h2 is not None:
+            self.h2.close_all()
 
     @property
     def ejected(self) -> bool:

@@ -28,8 +28,18 @@ log = logging.getLogger("sidecar.cluster")
 ClusterHook = Callable[[ClusterState], None]
 
 
-def make_ssl_context(tls: UpstreamTls | None) -> ssl.SSLContext | None:
-    return client_context(tls) if tls is not None else None
+def make_ssl_context(tls: UpstreamTls | None, alpn: tuple[str, ...] = ("http/1.1",)
+                     ) -> ssl.SSLContext | None:
+    """The TLS context of a cluster's connections of one protocol (the config's explicit ALPN
+    list, else ``alpn``)."""
+    return client_context(tls, tls.alpn or alpn) if tls is not None else None
+
+
+def ssl_contexts(cfg: ClusterConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(HTTP/1.1 context, HTTP/2 context) for the protocols the cluster speaks."""
+    h1 = make_ssl_context(cfg.tls) if cfg.protocol != "http2" else None
+    h2 = make_ssl_context(cfg.tls, ("h2",)) if cfg.protocol != "http1" else None
+    return h1, h2
 
 
 class ClusterManager:
@@ -87,17 +97,20 @@ class ClusterManager:
                 self._remove(st)
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
-        ctx = old.ssl_context if old is not None and old.config.tls == cfg.tls \
-            else make_ssl_context(cfg.tls)
+        if old is not None and old.config.tls == cfg.tls and old.config.protocol == cfg.protocol:
+            ctx, ctx2 = old.ssl_context, old.ssl_context_h2
+        else:
+            ctx, ctx2 = ssl_contexts(cfg)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
-            return Cluster(cfg, st, cfg.endpoints, ctx)
+            return Cluster(cfg, st, cfg.endpoints, ctx, ssl_context_h2=ctx2)
         if old is not None:
             # DNS clusters keep their resolved addresses until the next resolution; EDS
             # clusters keep their endpoints until the next ClusterLoadAssignment
-            return Cluster(cfg, st, tuple(h.endpoint for h in old.hosts), ctx, warm=old.warm)
+            return Cluster(cfg, st, tuple(h.endpoint for h in old.hosts), ctx, warm=old.warm,
+                           ssl_context_h2=ctx2)
         if cfg.type == "eds":
-            return Cluster(cfg, st, (), ctx, warm=False)
-        return Cluster(cfg, st, (), ctx)        # DNS: resolved by its task, soon
+            return Cluster(cfg, st, (), ctx, warm=False, ssl_context_h2=ctx2)
+        return Cluster(cfg, st, (), ctx, ssl_context_h2=ctx2)   # DNS: resolved by its task, soon
 
     def _activate(self, c: Cluster) -> None:
         st = c.state
@@ -129,7 +142,8 @@ class ClusterManager:
         if st is None or st.current is None:
             return False
         old = st.current
-        self._activate(Cluster(old.config, st, endpoints, old.ssl_context, warm=True))
+        self._activate(Cluster(old.config, st, endpoints, old.ssl_context, warm=True,
+                               ssl_context_h2=old.ssl_context_h2))
         return True
 
     # ---- background work -----------------------------------------------------------------------
@@ -146,6 +160,8 @@ class ClusterManager:
             for c in self.clusters():
                 for h in c.hosts:
                     h.pool.sweep(now)
+                    if h.h2 is not None:
+                        h.h2.sweep(now)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current

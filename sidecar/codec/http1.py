@@ -20,6 +20,7 @@ import httptools
 from multidict import MultiDict
 
 from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
+from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
 from sidecar.core.message import Request, Response, local_reply
@@ -58,7 +59,8 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "requests", "_h2c", "_idle_waiter")
+                 "peer_identity", "requests", "_h2c", "_idle_waiter", "_upgrade_req",
+                 "_upgraded")
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
@@ -84,6 +86,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
+        self._upgrade_req: Request | None = None   # an upgrade request, until its head is parsed
+        self._upgraded = False                     # the connection is a tunnel
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -129,18 +133,29 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._upgraded:
+            self._stream.feed(data)      # a tunnel (codec.tunnel): raw bytes
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             # llhttp stops after an Upgrade/CONNECT request. h2c upgrades were stripped in
             # on_headers_complete and are served as plain HTTP/1.1: parse on with a new
             # parser. Anything else was answered there (403/404) and the connection closes.
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
             if self._h2c:
                 self._h2c = False
                 self.parser = httptools.HttpRequestParser(self)
-                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
                 if offset < len(data):
                     self.data_received(data[offset:])
+                return
+            up = self._upgrade_req
+            if up is not None:
+                # what the client sends from now on is the tunnel's (codec.tunnel)
+                self._upgrade_req = None
+                self._stream = tunnel_input(up, self.transport, data[offset:])
+                self._complete = False
+                self._upgraded = True
                 return
             self.transport.pause_reading()
             return
@@ -225,7 +240,9 @@ class DownstreamConnection(asyncio.Protocol):
             if up.startswith("h2c"):
                 self._h2c = True    # ignore the h2c upgrade offer, as Envoy does
             else:
-                req.reject = (403, "")
+                # the connection manager decides (upgrade_configs); 403 when not allowed
+                req.upgrade = up.partition(",")[0].strip()
+                self._upgrade_req = req
         if headers.get("expect", "").lower() == "100-continue" and req.reject is None:
             # Envoy's default: answer 100-continue locally, strip Expect upstream
             self.transport.write(_CONTINUE)
@@ -290,7 +307,8 @@ class DownstreamConnection(asyncio.Protocol):
         lr = self.lr
         ctx = req.ctx
         self.requests += 1
-        keep_alive = req.keep_alive and not lr.draining
+        # after an upgrade request the parser is done: the connection closes (or tunnels)
+        keep_alive = req.keep_alive and not lr.draining and req.upgrade is None
         if req.reject is not None:
             status, text = req.reject
             resp = local_reply(ctx, status, text, "DPE")
@@ -310,6 +328,10 @@ class DownstreamConnection(asyncio.Protocol):
         if self._closing:
             resp.discard()
             lr.finish(req, resp, 0)
+            return False
+        if resp.status == 101 and req.upgrade is not None:
+            sent = await serve_tunnel(self, req, resp)
+            lr.finish(req, resp, sent)
             return False
         body = resp.body
         if not isinstance(req.body, bytes) and not req.body.at_eof:
@@ -431,6 +453,16 @@ class DownstreamConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    async def wait_writable(self) -> None:
+        """Until the transport's buffer drained below its high-water mark."""
+        if self._paused_writing and not self._closing:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def in_flight(self) -> int:
+        """Requests being served or queued (pipelined) on this connection."""
+        return 1 + len(self._queue) if self._busy else 0
 
     def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None:
         if self._busy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
 from sidecar.config.tls import UpstreamTls
 
 
@@ -95,6 +96,10 @@ class HealthCheck:
     healthy_edge_interval_s: float | None = None    # right after turning healthy
     no_traffic_interval_s: float | None = None      # until the cluster has seen traffic
     reuse_connection: bool = True        # keep the check's connection between checks (Envoy)
+    # gRPC health checking (grpc.health.v1.Health/Check over HTTP/2) instead of GET <path>:
+    # the service name asked about ("" = the server as a whole), and the :authority sent
+    grpc_service: str | None = None
+    grpc_authority: str = ""
 
     def status_ok(self, status: int) -> bool:
         for s, e in self.expected_statuses:
@@ -125,6 +130,10 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
     tls: UpstreamTls | None = None
+    # the upstream protocol: "http1", "http2", or "downstream" (the client's protocol:
+    # Envoy's use_downstream_protocol_config)
+    protocol: str = "http1"
+    http2: Http2Options = UPSTREAM_DEFAULTS
     source: Any = None                   # the wire dict it came from, for config_dump
 
     def __hash__(self) -> int:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.http2 import UpgradeConfig
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 
 
@@ -21,6 +22,7 @@ class RouteMatch:
     methods: tuple[str, ...] = ()           # empty = any
     cookies: tuple[tuple[str, StringMatcher], ...] = ()   # native: cookie-based version routing
     runtime_fraction: float | None = None  # percent of requests that match (0..100)
+    grpc: bool = False                      # only gRPC requests (content-type application/grpc*)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,17 @@ class HashPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamDuration:
+    """Envoy's route ``max_stream_duration``. When set, the route ``timeout`` no longer applies
+    (as in Envoy); the stream may last ``max_s`` (0 = no bound) or, for gRPC requests with a
+    ``grpc-timeout`` header and ``grpc_header_max_s`` set, that timeout capped at
+    ``grpc_header_max_s`` (0 = no cap) minus ``grpc_header_offset_s``."""
+    max_s: float = 0.0
+    grpc_header_max_s: float | None = None
+    grpc_header_offset_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class RouteAction:
     cluster: str | None = None
     weighted_clusters: tuple[WeightedCluster, ...] = ()
@@ -80,6 +93,11 @@ class RouteAction:
     hash_policy: tuple[HashPolicy, ...] = ()
     # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
     allow_timeout_header: bool = False
+    max_stream_duration: StreamDuration | None = None
+    # per-route upgrade_configs: enable or disable upgrade types the listener allows
+    upgrades: tuple[UpgradeConfig, ...] = ()
+    # idle timeout of an upgraded (tunnelled) connection on this route, 0 = the listener's
+    idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +170,14 @@ class RetryPolicy:
     allow_override_headers: bool = False         # honour x-envoy-max-retries / x-envoy-retry-on
 
 
+# gRPC status codes retried by Envoy's gRPC retry_on conditions (x-envoy-retry-grpc-on)
+GRPC_RETRY_ON = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8,
+                 "internal": 13, "unavailable": 14}
+
 RETRY_ON = frozenset({
     "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
     "retriable-status-codes", "reset-before-request", "envoy-ratelimited", "http3-post-connect-failure",
+    *GRPC_RETRY_ON,
 })
 
 

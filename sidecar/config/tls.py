@@ -15,6 +15,8 @@ class DownstreamTls:
     ca_file: str | None = None        # set: request and verify client certs (mTLS)
     require_client_cert: bool = False    # with ca_file: refuse clients without a valid cert
     min_version: str = "TLSv1_2"
+    # ALPN protocols offered, in preference order ("h2", "http/1.1"); empty: http/1.1 only
+    alpn: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,3 +29,5 @@ class UpstreamTls:
     min_version: str = "TLSv1_2"
     match_san_uris: tuple[str, ...] = ()
     check_hostname: bool = False         # verify the server's DNS name against SNI / host
+    # ALPN offered; empty: the cluster's protocol decides (h2 for HTTP/2, http/1.1 otherwise)
+    alpn: tuple[str, ...] = ()

@@ -7,6 +7,7 @@ use to hand facts to later filters and to the access log, exactly as in Envoy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path")
+                 "original_path", "abort", "grpc_status", "idle_timeout")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -115,6 +116,12 @@ class RequestContext:
         self.grpc = False                          # content-type application/grpc*
         self.observer: StreamObserver | None = None
         self.original_path = ""                    # the path before a route rewrote it
+        # set by an upstream exchange in progress (an HTTP/2 stream): the downstream codec
+        # calls it when its client resets the stream, so the upstream stream is reset too
+        self.abort: Callable[[], None] | None = None
+        self.grpc_status: str | None = None        # of the response (headers or trailers)
+        # the route's idle timeout for an upgraded (tunnelled) connection, 0 = the listener's
+        self.idle_timeout = 0.0
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from sidecar.codec.detect import server_protocol
 from sidecar.codec.http1 import DownstreamConnection
 from sidecar.config.listener import Listener
 from sidecar.core.message import Request, Response, local_reply
@@ -30,6 +31,7 @@ class ListenerRuntime:
         self.hcm: HttpConnectionManager | None = None
         self.max_header_bytes = config.max_request_headers_kb * 1024
         self.server_header = f"server: {config.server_name}\r\n"
+        self.server_name = config.server_name
         self.accept_http_10 = config.accept_http_10
         self._sweeper: asyncio.Task[None] | None = None
         self.bound_port = config.port
@@ -38,17 +40,14 @@ class ListenerRuntime:
 
     def active_requests(self) -> int:
         """Requests being served or queued (pipelined) on this listener's connections."""
-        n = 0
-        for c in self.connections:
-            if c._busy:
-                n += 1 + len(c._queue)
-        return n
+        return sum(c.in_flight() for c in self.connections)
 
     def swap(self, config: Listener, hcm: HttpConnectionManager) -> HttpConnectionManager | None:
         """Serve ``hcm`` (a new config's routes) from now on; returns the one it replaces."""
         self.config = config
         self.max_header_bytes = config.max_request_headers_kb * 1024
         self.server_header = f"server: {config.server_name}\r\n"
+        self.server_name = config.server_name
         self.accept_http_10 = config.accept_http_10
         old, self.hcm = self.hcm, hcm
         return old
@@ -74,6 +73,14 @@ class ListenerRuntime:
     def protocol_error(self, status: int) -> None:
         self.counters.protocol_error(status)
 
+    def http2_abuse(self, kind: str) -> None:
+        self.counters.http2_abuse(kind)
+
+    def new_connection(self) -> asyncio.Protocol:
+        """The codec for a connection just accepted (the listener's codec_type, read now)."""
+        cfg = self.config
+        return server_protocol(self, cfg.codec, cfg.http2, cfg.idle_timeout_s)
+
     async def dispatch(self, req: Request) -> Response:
         hcm = self.hcm
         if hcm is None:
@@ -94,9 +101,9 @@ class ListenerRuntime:
         ssl_ctx = server_context(self.config.tls) if self.config.tls is not None else None
         kw = dict(backlog=1024, ssl=ssl_ctx)
         if sock is not None:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)
+            self.server = await loop.create_server(self.new_connection, sock=sock, **kw)
         else:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self),
+            self.server = await loop.create_server(self.new_connection,
                                                    self.config.host, self.config.port,
                                                    reuse_port=reuse_port or None, **kw)
         self.bound_port = self.server.sockets[0].getsockname()[1]

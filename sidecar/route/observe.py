@@ -31,9 +31,19 @@ def is_grpc(req: Request) -> bool:
     return ct is not None and ct.startswith("application/grpc")
 
 
+def grpc_message(text: str) -> str:
+    """gRPC's percent-encoding of ``grpc-message`` (printable ASCII except ``%`` kept)."""
+    if all(" " <= c <= "~" and c != "%" for c in text):
+        return text
+    return "".join(c if " " <= c <= "~" and c != "%" else
+                   "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in text)
+
+
 def grpc_local_reply(resp: Response) -> Response:
-    """A local reply to a gRPC request, as Envoy sends it: HTTP 200, trailers-only, the gRPC
-    status from the HTTP status and the reply body as ``grpc-message``."""
+    """A local reply to a gRPC request, as Envoy sends it: HTTP 200, trailers-only (one
+    HEADERS frame over HTTP/2, ``content-length: 0`` over HTTP/1.1), the gRPC status from the
+    HTTP status (Envoy's ``httpToGrpcStatus``) and the reply body as ``grpc-message``; other
+    headers of the reply (``www-authenticate``, ``x-envoy-overloaded``) are kept."""
     if "grpc-status" in resp.headers:
         return resp
     body = resp.body if isinstance(resp.body, bytes) else b""
@@ -42,10 +52,34 @@ def grpc_local_reply(resp: Response) -> Response:
     h["content-type"] = "application/grpc"
     h["grpc-status"] = str(_HTTP_TO_GRPC.get(resp.status, 2))
     if body:
-        h["grpc-message"] = body.decode("utf-8", "replace")
+        h["grpc-message"] = grpc_message(body.decode("utf-8", "replace"))
     out = Response(200, h, b"")
     out.local = True
     return out
+
+
+def grpc_reply(status: int, message: str) -> Response:
+    """A local reply with an explicit gRPC status (e.g. DEADLINE_EXCEEDED)."""
+    h: MultiDict[str] = MultiDict()
+    h["content-type"] = "application/grpc"
+    h["grpc-status"] = str(status)
+    if message:
+        h["grpc-message"] = grpc_message(message)
+    out = Response(200, h, b"")
+    out.local = True
+    return out
+
+
+def grpc_status_of(resp: Response) -> str | None:
+    """The gRPC status of a response: in its headers (trailers-only) or its trailers."""
+    v = resp.headers.get("grpc-status")
+    if v is not None:
+        return v
+    t = resp.trailers
+    if t is None:
+        src = resp.body_source()
+        t = src.trailers if src is not None else None
+    return t.get("grpc-status") if t is not None else None
 
 
 class RouteObserver:
@@ -72,6 +106,10 @@ class RouteObserver:
     def stream_done(self, req: Request, resp: Response, body_bytes: int) -> None:
         ctx = req.ctx
         duration = time.perf_counter() - ctx.start
+        if ctx.grpc:
+            gs = ctx.grpc_status = grpc_status_of(resp)
+            st = self.stats
+            st.grpc(gs if gs is not None else "none").inc()
         ctx.bytes_sent = body_bytes if body_bytes > 0 else 0
         n = ctx.bytes_received = body_length(req.body)
         st = self.stats

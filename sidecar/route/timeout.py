@@ -3,6 +3,13 @@
 The deadline is handed down in ``ctx.deadline`` and enforced where the waiting happens (the
 upstream connection's timer, the connect, the wait for a connection slot, the retry backoff),
 so the common case costs no task or cancellation machinery.
+
+A route with ``max_stream_duration`` uses it instead of ``timeout`` (as Envoy does): the stream
+may last ``max_stream_duration``, or what a gRPC client's ``grpc-timeout`` asks (capped by
+``grpc_timeout_header_max``, less ``grpc_timeout_header_offset``); past it the client gets
+408 "downstream duration timeout" (gRPC: DEADLINE_EXCEEDED). A route ``idle_timeout`` bounds the
+wait for the response headers of an ordinary request (504 "stream timeout", flag SI); tunnels
+apply it themselves (``codec.tunnel``).
 """
 
 from __future__ import annotations
@@ -10,13 +17,51 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from sidecar.config.route import RouteAction
+from sidecar.config.route import RouteAction, StreamDuration
 from sidecar.core.errors import RouteTimeout, UpstreamTimeout
 from sidecar.core.filter import Handler
-from sidecar.core.message import Request, Response
+from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import CounterChild
+from sidecar.route.observe import grpc_reply
 
 Clock = Callable[[], float]
+
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+DEADLINE_EXCEEDED = 4
+
+
+def parse_grpc_timeout(v: str | None) -> float | None:
+    """``grpc-timeout`` (1 to 8 digits and a unit: H M S m u n) in seconds, None if invalid."""
+    if not v or len(v) > 9:
+        return None
+    digits, unit = v[:-1], v[-1:]
+    scale = _GRPC_UNITS.get(unit)
+    if scale is None or not digits.isascii() or not digits.isdigit():
+        return None
+    return int(digits) * scale
+
+
+def stream_duration(d: StreamDuration, req: Request) -> float:
+    """The stream's allowed duration under ``max_stream_duration`` (0 = unbounded)."""
+    if d.grpc_header_max_s is not None and req.ctx.grpc:
+        t = parse_grpc_timeout(req.headers.get("grpc-timeout"))
+        if t is not None:
+            cap = d.grpc_header_max_s
+            if cap > 0 and (t == 0 or t > cap):
+                t = cap
+            if d.grpc_header_offset_s > 0 and t > 0:
+                t = max(t - d.grpc_header_offset_s, 0.001)
+            return t
+    return d.max_s
+
+
+def duration_timeout_reply(req: Request) -> Response:
+    ctx = req.ctx
+    ctx.flags.append("DT")
+    ctx.response_code_details = "max_duration_timeout"
+    if ctx.grpc:
+        return grpc_reply(DEADLINE_EXCEEDED, "downstream duration timeout")
+    return local_reply(ctx, 408, "downstream duration timeout")
 
 
 def loop_clock() -> float:
@@ -28,7 +73,7 @@ class TimeoutLayer:
     per attempt); counts requests the route timeout ended."""
 
     __slots__ = ("next", "timeout", "timeout_ms", "allow_header", "set_expected", "rq_timeout",
-                 "clock")
+                 "clock", "duration", "idle")
 
     def __init__(self, action: RouteAction, next: Handler, rq_timeout: CounterChild,
                  set_expected_header: bool, clock: Clock = loop_clock):
@@ -39,8 +84,12 @@ class TimeoutLayer:
         self.set_expected = set_expected_header
         self.rq_timeout = rq_timeout
         self.clock = clock
+        self.duration = action.max_stream_duration
+        self.idle = action.idle_timeout_s
 
     async def __call__(self, req: Request) -> Response:
+        if self.duration is not None:
+            return await self._bounded_stream(req, self.duration)
         timeout = self.timeout
         headers = req.headers
         t = headers.get("x-envoy-upstream-rq-timeout-ms")
@@ -60,6 +109,8 @@ class TimeoutLayer:
             headers["x-envoy-expected-rq-timeout-ms"] = (
                 self.timeout_ms if timeout == self.timeout else str(int(timeout * 1000)))
         try:
+            if self.idle > 0 and req.upgrade is None:
+                return await self._idle_bounded(req)
             return await self.next(req)
         except UpstreamTimeout as e:
             if isinstance(e, RouteTimeout) or self.clock() >= deadline:
@@ -67,3 +118,38 @@ class TimeoutLayer:
                 if not isinstance(e, RouteTimeout):
                     raise RouteTimeout() from None
             raise
+
+    async def _bounded_stream(self, req: Request, d: StreamDuration) -> Response:
+        """``max_stream_duration``: the route timeout does not apply (Envoy)."""
+        req.headers.popall("x-envoy-upstream-rq-timeout-ms", None)
+        timeout = stream_duration(d, req)
+        ctx = req.ctx
+        if timeout <= 0:
+            ctx.deadline = None
+            return await self.next(req)
+        deadline = ctx.deadline = self.clock() + timeout
+        try:
+            return await self.next(req)
+        except UpstreamTimeout:
+            if self.clock() >= deadline:
+                return duration_timeout_reply(req)
+            raise
+
+    async def _idle_bounded(self, req: Request) -> Response:
+        """Wait for the response headers at most the route's idle timeout. The attempt is not
+        cancelled on expiry (cancellation is not safe everywhere below); it runs on to its own
+        deadline and its response is discarded."""
+        task = asyncio.ensure_future(self.next(req))
+        done, _ = await asyncio.wait((task,), timeout=self.idle)
+        if done:
+            return task.result()
+        task.add_done_callback(_discard_late)
+        ctx = req.ctx
+        ctx.flags.append("SI")
+        ctx.response_code_details = "stream_idle_timeout"
+        return local_reply(ctx, 504, "stream timeout")
+
+
+def _discard_late(task: asyncio.Future[Response]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().discard()

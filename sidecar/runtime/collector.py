@@ -136,7 +136,7 @@ class StateCollector:
                 n_avail += avail
                 n_ejected += ejected
                 n_hc_fail += not h.hc_healthy
-                hcx = h.pool.active
+                hcx = h.cx_active
                 cx += hcx
                 if i >= MAX_ENDPOINT_SERIES_PER_CLUSTER:
                     continue

@@ -18,6 +18,13 @@ from sidecar.config.cluster import (
     outlier_detection_from_wire,
 )
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import (
+    DOWNSTREAM_ONLY,
+    UPSTREAM_DEFAULTS,
+    UPSTREAM_PROTOCOLS,
+    Http2Options,
+    http2_options_from_wire,
+)
 from sidecar.config.native.listener import _file, _min_version
 from sidecar.config.tls import UpstreamTls
 
@@ -39,7 +46,8 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
 def cluster_from_native(d: dict, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
-                     "max_idle_connections", "idle_timeout", "ewma", "panic_threshold"), path)
+                     "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
+                     "protocol", "http2"), path)
     ep = w.join(path, "endpoints")
     eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
     ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
@@ -60,14 +68,28 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     if "health_check" in d:
         kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
     if "tls" in d:
-        from sidecar.config.native.cluster import upstream_tls_from_native
         kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
-    return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
+    protocol = w.string(d, "protocol", path, "http1", choices=UPSTREAM_PROTOCOLS)
+    if "http2" in d:
+        if protocol == "http1":
+            raise ConfigError(w.join(path, "http2"), "needs protocol: http2 or downstream")
+        kw["http2"] = upstream_http2_options(d["http2"], w.join(path, "http2"))
+    return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
+
+
+def upstream_http2_options(d: object, path: str) -> Http2Options:
+    """Cluster ``http2: {max_concurrent_streams, initial_stream_window, initial_connection_window,
+    hpack_table_size}``."""
+    opts = http2_options_from_wire(d, path, UPSTREAM_DEFAULTS, native=True)
+    for f in DOWNSTREAM_ONLY:
+        if getattr(opts, f) != getattr(UPSTREAM_DEFAULTS, f):
+            raise ConfigError(w.join(path, f), "applies to listeners only")
+    return opts
 
 
 def upstream_tls_from_native(d, path: str) -> UpstreamTls:
@@ -109,7 +131,17 @@ def health_check_from_native(d: dict, path: str) -> HealthCheck:
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
-                     "reuse_connection"), path)
+                     "reuse_connection", "grpc"), path)
+    grpc: dict = {}
+    if "grpc" in d:
+        # grpc: {service: name, authority: host} (or grpc: true for the server as a whole)
+        gp = w.join(path, "grpc")
+        g = {} if d["grpc"] is True else w.check_keys(d["grpc"], ("service", "authority"), gp)
+        for k in ("path", "expected_statuses", "retriable_statuses"):
+            if k in d:
+                raise ConfigError(w.join(path, k), "does not apply to a gRPC health check")
+        grpc = {"grpc_service": w.string(g, "service", gp, ""), "path": "/grpc.health.v1.Health/Check",
+                "grpc_authority": w.string(g, "authority", gp, "")}
     return HealthCheck(
         path=w.string(d, "path", path, "/healthz", nonempty=True), host=w.string(d, "host", path, ""),
         interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
@@ -126,4 +158,14 @@ def health_check_from_native(d: dict, path: str) -> HealthCheck:
         # native: checks run at `interval` from the start unless this is set
         no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
         reuse_connection=w.boolean(d, "reuse_connection", path, True),
-    )
+    ) if not grpc else HealthCheck(
+        host=w.string(d, "host", path, ""),
+        interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
+        interval_jitter_s=w.duration(d, "jitter", path, 0.0),
+        initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
+        timeout_s=_positive(w.duration(d, "timeout", path, 1.0), w.join(path, "timeout")),
+        healthy_threshold=w.integer(d, "healthy_threshold", path, 1, lo=1),
+        unhealthy_threshold=w.integer(d, "unhealthy_threshold", path, 3, lo=1),
+        unhealthy_interval_s=w.duration(d, "unhealthy_interval", path, None),
+        no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
+        reuse_connection=w.boolean(d, "reuse_connection", path, True), **grpc)

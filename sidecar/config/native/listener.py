@@ -7,6 +7,12 @@ import os
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
+from sidecar.config.http2 import (
+    CODECS,
+    DOWNSTREAM_DEFAULTS,
+    http2_options_from_wire,
+    upgrade_configs_from_wire,
+)
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig
@@ -35,7 +41,8 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id"), path)
+                     "accept_http_10", "trust_private_peers", "preserve_external_request_id",
+                     "codec", "http2", "upgrades"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     if "routes" in d:
@@ -84,7 +91,12 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
         server_name=w.string(d, "server_name", path, "envoy"),
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
-        access_log=access_log, tls=tls, source=d,
+        access_log=access_log, tls=tls,
+        codec=w.string(d, "codec", path, "auto", choices=CODECS),
+        http2=http2_options_from_wire(d.get("http2"), w.join(path, "http2"), DOWNSTREAM_DEFAULTS,
+                                      native=True),
+        upgrades=upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"), native=True),
+        source=d,
     )
 
 
@@ -127,7 +139,13 @@ def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
     defaults to true (set false to accept clients without a certificate too)."""
     from sidecar.config import wire as w
     from sidecar.config.errors import ConfigError
-    w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version"), path)
+    w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version", "alpn"), path)
+    alpn = w.seq(d, "alpn", path, [])
+    for i, p in enumerate(alpn):
+        if p not in ("h2", "http/1.1"):
+            raise ConfigError(w.join(w.join(path, "alpn"), i), "must be h2 or http/1.1")
+    if len(set(alpn)) != len(alpn):
+        raise ConfigError(w.join(path, "alpn"), "lists a protocol twice")
     cert = _file(d, "cert", path, required=True)
     key = _file(d, "key", path, required=True)
     ca = _file(d, "ca", path)
@@ -135,4 +153,4 @@ def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
     if require and ca is None:
         raise ConfigError(w.join(path, "require_client_cert"), "needs ca (the CA that signs client certificates)")
     return DownstreamTls(cert_file=cert, key_file=key, ca_file=ca, require_client_cert=require,
-                         min_version=_min_version(d, path))
+                         min_version=_min_version(d, path), alpn=tuple(alpn))

@@ -7,6 +7,7 @@ from typing import Any
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
+from sidecar.config.http2 import upgrade_configs_from_wire
 from sidecar.config.matchers import QueryMatcher, header_matchers_from_native, string_matcher_from_native
 from sidecar.config.route import (
     DirectResponse,
@@ -19,6 +20,7 @@ from sidecar.config.route import (
     Route,
     RouteAction,
     RouteMatch,
+    StreamDuration,
     VirtualHost,
     WeightedCluster,
     _status_codes,
@@ -28,7 +30,7 @@ from sidecar.config.route import (
 
 def route_match_from_native(d: dict, path: str) -> RouteMatch:
     w.check_keys(d, ("prefix", "path", "regex", "path_separated_prefix", "case_sensitive",
-                     "headers", "query", "methods", "cookies", "percent"), path)
+                     "headers", "query", "methods", "cookies", "percent", "grpc"), path)
     kind = w.one_of(d, ("prefix", "path", "regex", "path_separated_prefix"), path, required=False)
     kw: dict = {}
     cs = w.boolean(d, "case_sensitive", path, True)
@@ -58,7 +60,7 @@ def route_match_from_native(d: dict, path: str) -> RouteMatch:
     return RouteMatch(case_sensitive=cs,
                       headers=header_matchers_from_native(d["headers"], w.join(path, "headers")) if "headers" in d else (),
                       query_params=tuple(q), methods=tuple(m.upper() for m in methods),
-                      cookies=cookies,
+                      cookies=cookies, grpc=w.boolean(d, "grpc", path, False),
                       runtime_fraction=w.number(d, "percent", path, None, lo=0, hi=100), **kw)
 
 
@@ -98,7 +100,7 @@ def per_filter_from_native(d: dict, path: str, filters: FilterCatalog) -> tuple[
 
 _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct_response",
                "redirect", "rewrite", "timeout", "idle_timeout", "retry", "mirror", "hash",
-               "allow_timeout_header",
+               "allow_timeout_header", "max_stream_duration", "grpc_timeout_max", "upgrades",
                "request_headers", "response_headers", "filters")
 
 
@@ -146,9 +148,14 @@ def route_from_native(d: dict, path: str, filters: FilterCatalog) -> Route:
             kw["auto_host_rewrite"] = w.boolean(r, "auto_host", rp, False)
         kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
         kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
-        if "idle_timeout" in d and w.duration(d, "idle_timeout", path) != 0:
-            raise ConfigError(w.join(path, "idle_timeout"), "per-route stream idle timeouts are "
-                              "not supported (only 0s); use timeout or retry.per_try_timeout")
+        kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, 0.0)
+        if "max_stream_duration" in d or "grpc_timeout_max" in d:
+            # max_stream_duration: 30s; grpc_timeout_max: 5s (honour grpc-timeout up to 5 s; 0 = no cap)
+            kw["max_stream_duration"] = StreamDuration(
+                max_s=w.duration(d, "max_stream_duration", path, 0.0),
+                grpc_header_max_s=w.duration(d, "grpc_timeout_max", path, None))
+        kw["upgrades"] = upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"),
+                                                   native=True)
         if "retry" in d:
             kw["retry_policy"] = retry_policy_from_native(w.mapping(d, "retry", path), w.join(path, "retry"))
         mirrors = []

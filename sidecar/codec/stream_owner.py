@@ -1,0 +1,35 @@
+"""What a downstream codec asks of the listener that accepted its connection: the HTTP
+connection manager's ``dispatch`` (one call per request or stream) and ``finish`` (the stream is
+over: observe it), plus the connection bookkeeping. ``ListenerRuntime`` implements it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sidecar.core.message import Request, Response
+
+
+class StreamOwner(Protocol):
+    name: str
+    bound_port: int
+    max_header_bytes: int
+    server_name: str
+    draining: bool
+
+    def connection_opened(self, conn: object) -> None: ...
+
+    def connection_closed(self, conn: object) -> None: ...
+
+    def protocol_error(self, status: int) -> None:
+        """A request refused by the codec (400, 408, 431, ...)."""
+        ...
+
+    def http2_abuse(self, kind: str) -> None:
+        """An HTTP/2 limit fired (a flood, a malformed request, too many streams)."""
+        ...
+
+    async def dispatch(self, req: Request) -> Response: ...
+
+    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
+        """The stream is over (response written, or abandoned): observe it."""
+        ...
