@@ -119,6 +119,11 @@ def cluster(d: dict, path: str) -> Cluster:
     hc = w.seq(d, "health_checks", path, [])
     kw["health_checks"] = tuple(health_check_from_envoy(h, w.join(w.join(path, "health_checks"), i))
                                 for i, h in enumerate(hc))
+    for i, check in enumerate(kw["health_checks"]):
+        if check.grpc_service is not None and kw.get("protocol", "http1") == "http1":
+            raise ConfigError(w.join(w.join(path, "health_checks"), i),
+                              "grpc_health_check needs an HTTP/2 cluster "
+                              "(typed_extension_protocol_options ... http2_protocol_options)")
     if "transport_socket" in d:
         kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"))
         check_alpn(kw.get("protocol", "http1"), kw["tls"],

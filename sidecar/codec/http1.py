@@ -330,7 +330,7 @@ class DownstreamConnection(asyncio.Protocol):
             lr.finish(req, resp, 0)
             return False
         if resp.status == 101 and req.upgrade is not None:
-            sent = await serve_tunnel(self, req, resp)
+            sent = await serve_tunnel(self, lr.server_header, req, resp)
             lr.finish(req, resp, sent)
             return False
         body = resp.body

@@ -28,7 +28,6 @@ class TunnelSide(Protocol):
     """The downstream connection as the tunnel needs it (the HTTP/1.1 codec)."""
 
     transport: asyncio.Transport
-    server_header: str
 
     def wait_writable(self) -> Awaitable[None]: ...
 
@@ -70,11 +69,11 @@ def _head(resp: Response, server_header: str) -> bytes:
     return "".join(parts).encode("latin-1")
 
 
-async def serve_tunnel(side: TunnelSide, req: Request, resp: Response) -> int:
+async def serve_tunnel(side: TunnelSide, server_header: str, req: Request, resp: Response) -> int:
     """Write the 101 and copy the upstream's bytes to the client until the tunnel ends;
     returns the bytes sent to the client. The caller closes the connection after."""
     t = side.transport
-    t.write(_head(resp, side.server_header))
+    t.write(_head(resp, server_header))
     body = resp.body
     if isinstance(body, bytes):
         if body:

@@ -80,7 +80,7 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "abort", "grpc_status", "idle_timeout")
+                 "original_path", "abort", "grpc_status", "idle_timeout", "grpc_timeout")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -120,6 +120,9 @@ class RequestContext:
         # calls it when its client resets the stream, so the upstream stream is reset too
         self.abort: Callable[[], None] | None = None
         self.grpc_status: str | None = None        # of the response (headers or trailers)
+        # the client's grpc-timeout in seconds, read when the request arrived (before any
+        # route header mutation), for routes with max_stream_duration.grpc_timeout_header_max
+        self.grpc_timeout: float | None = None
         # the route's idle timeout for an upgraded (tunnelled) connection, 0 = the listener's
         self.idle_timeout = 0.0
 

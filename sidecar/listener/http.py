@@ -18,6 +18,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import ListenerTracer
 from sidecar.route.observe import RouteObserver, grpc_local_reply
 from sidecar.route.table import RouteTable
+from sidecar.route.timeout import parse_grpc_timeout
 
 PROTOCOL_ERROR_STATUSES = (400, 408, 413, 426, 431, 501)
 
@@ -83,6 +84,9 @@ class HttpConnectionManager:
         ct = req.headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             ctx.grpc = True
+            gt = req.headers.get("grpc-timeout")
+            if gt is not None:
+                ctx.grpc_timeout = parse_grpc_timeout(gt)
         apply_edge_policy(req, self.config, self.bound_port)
         if req.upgrade is not None and req.upgrade not in self.upgrades:
             return upgrade_refused(req)      # before routing, as Envoy's connection manager

@@ -44,7 +44,7 @@ def parse_grpc_timeout(v: str | None) -> float | None:
 def stream_duration(d: StreamDuration, req: Request) -> float:
     """The stream's allowed duration under ``max_stream_duration`` (0 = unbounded)."""
     if d.grpc_header_max_s is not None and req.ctx.grpc:
-        t = parse_grpc_timeout(req.headers.get("grpc-timeout"))
+        t = req.ctx.grpc_timeout
         if t is not None:
             cap = d.grpc_header_max_s
             if cap > 0 and (t == 0 or t > cap):

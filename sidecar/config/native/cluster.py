@@ -74,6 +74,9 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
         if protocol == "http1":
             raise ConfigError(w.join(path, "http2"), "needs protocol: http2 or downstream")
         kw["http2"] = upstream_http2_options(d["http2"], w.join(path, "http2"))
+    for check in kw.get("health_checks", ()):
+        if check.grpc_service is not None and protocol == "http1":
+            raise ConfigError(w.join(path, "health_check.grpc"), "needs protocol: http2")
     return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
