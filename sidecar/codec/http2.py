@@ -196,7 +196,7 @@ class Http2Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self.guard.writable()
+        self.guard.flushed()
         d = self._drain
         if d is not None:
             self._drain = None
@@ -231,6 +231,8 @@ class Http2Connection(asyncio.Protocol):
             self._abort(e.goaway)
             return
         self._flush()
+        if not self._write_paused:
+            self.guard.flushed()
 
     # ---- events --------------------------------------------------------------------------------
     def _events(self, events: list[ev.Event]) -> None:
@@ -282,14 +284,14 @@ class Http2Connection(asyncio.Protocol):
                 guard.window_update()
                 self._wake_writers(e.stream_id)
             elif t is ev.RemoteSettingsChanged:
-                guard.control_frame(self._write_paused)
+                guard.control_frame()
                 changed = e.changed_settings
                 if S.INITIAL_WINDOW_SIZE in changed:
                     self._wake_writers(0)
                 if S.MAX_FRAME_SIZE in changed:
                     self._max_frame = self.conn.max_outbound_frame_size
             elif t is ev.PingReceived:
-                guard.control_frame(self._write_paused)
+                guard.control_frame()
             elif t is ev.PriorityUpdated:
                 guard.priority(len(streams))
             elif t is ev.ConnectionTerminated:

@@ -87,12 +87,11 @@ class Http2Guard:
                                           * self.data_frames_sent):
             raise Abuse("inbound_window_update_frames_flood", ErrorCodes.ENHANCE_YOUR_CALM)
 
-    def control_frame(self, write_paused: bool) -> None:
-        """A frame ``h2`` answers (PING, SETTINGS). Answers that pile up unsent because the
-        client does not read are Envoy's outbound control-frame flood: the connection is
-        closed at once (its buffer would never drain)."""
-        if not write_paused:
-            return
+    def control_frame(self) -> None:
+        """A frame ``h2`` answers (PING, SETTINGS ACK). More answers queued than
+        ``max_outbound_control_frames`` before they reach the socket (one read's worth of
+        frames, plus whatever waits while the client does not read) is Envoy's outbound
+        control-frame flood: the connection is closed without a GOAWAY (it would queue too)."""
         self.control_frames_queued += 1
         if self.control_frames_queued > self.o.max_outbound_control_frames:
             raise Abuse("outbound_control_flood", None)
@@ -101,6 +100,6 @@ class Http2Guard:
     def data_sent(self) -> None:
         self.data_frames_sent += 1
 
-    def writable(self) -> None:
-        """The client read what was queued."""
+    def flushed(self) -> None:
+        """What was queued reached the socket (the transport is not holding it back)."""
         self.control_frames_queued = 0

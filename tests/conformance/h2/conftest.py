@@ -51,7 +51,7 @@ from jwt.algorithms import ECAlgorithm
 
 from sidecar.testing import ProxyProcess, free_port, stop_process, wait_for_port
 
-SIDECAR_SUPPORTS_H2 = False
+SIDECAR_SUPPORTS_H2 = True
 SIDECAR_SUPPORTS_H2 = SIDECAR_SUPPORTS_H2 or os.environ.get("SIDECAR_SUPPORTS_H2") == "1"
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
