@@ -117,6 +117,12 @@ class HttpConnectionManager:
         req.ctx.idle_timeout = action.idle_timeout_s
         return enabled
 
+    def retire(self) -> None:
+        for f in self.filters:
+            close = getattr(f, "close", None)
+            if close is not None:
+                close()
+
 
 def upgrade_refused(req: Request) -> Response:
     """403 with an empty body (Envoy's answer to an upgrade it does not tunnel); the HTTP/1.1
@@ -125,9 +131,3 @@ def upgrade_refused(req: Request) -> Response:
     resp = Response(403)
     resp.local = True
     return resp
-
-    def retire(self) -> None:
-        for f in self.filters:
-            close = getattr(f, "close", None)
-            if close is not None:
-                close()
