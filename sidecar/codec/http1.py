@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 from multidict import MultiDict
@@ -134,7 +134,7 @@ class DownstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         if self._upgraded:
-            self._stream.feed(data)      # a tunnel (codec.tunnel): raw bytes
+            cast(BodyStream, self._stream).feed(data)      # a tunnel (codec.tunnel): raw bytes
             return
         try:
             self.parser.feed_data(data)
@@ -153,7 +153,8 @@ class DownstreamConnection(asyncio.Protocol):
             if up is not None:
                 # what the client sends from now on is the tunnel's (codec.tunnel)
                 self._upgrade_req = None
-                self._stream = tunnel_input(up, self.transport, data[offset:])
+                self._stream = tunnel_input(up, cast(asyncio.Transport, self.transport),
+                                            data[offset:])
                 self._complete = False
                 self._upgraded = True
                 return
@@ -330,7 +331,8 @@ class DownstreamConnection(asyncio.Protocol):
             lr.finish(req, resp, 0)
             return False
         if resp.status == 101 and req.upgrade is not None:
-            sent = await serve_tunnel(self, lr.server_header, req, resp)
+            sent = await serve_tunnel(cast(asyncio.Transport, self.transport), self.wait_writable,
+                                      lr.server_header, req, resp)
             lr.finish(req, resp, sent)
             return False
         body = resp.body

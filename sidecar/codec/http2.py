@@ -27,6 +27,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import cast
 
 import h2.events as ev
@@ -240,8 +241,7 @@ class Http2Connection(asyncio.Protocol):
         guard = self.guard
         streams = self.streams
         for e in events:
-            t = type(e)
-            if t is ev.DataReceived:
+            if isinstance(e, ev.DataReceived):
                 s = streams.get(e.stream_id)
                 guard.data(len(e.data), e.stream_ended is not None)
                 pad = e.flow_controlled_length - len(e.data)
@@ -254,23 +254,23 @@ class Http2Connection(asyncio.Protocol):
                     s.chunks.append(e.data)
                 elif s.body is not None and e.data:
                     s.body.feed(e.data)
-            elif t is ev.RequestReceived:
+            elif isinstance(e, ev.RequestReceived):
                 guard.headers()
                 s = self._on_request(e)
                 if s is not None:
                     new.append(s)
-            elif t is ev.StreamEnded:
+            elif isinstance(e, ev.StreamEnded):
                 s = streams.get(e.stream_id)
                 if s is not None and not s.ended:
                     s.ended = True
                     if s.body is not None:
                         s.body.feed_eof(s.trailers)
-            elif t is ev.TrailersReceived:
+            elif isinstance(e, ev.TrailersReceived):
                 guard.headers()
                 s = streams.get(e.stream_id)
                 if s is not None:
                     s.trailers = self._trailers(e.headers)
-            elif t is ev.StreamReset:
+            elif isinstance(e, ev.StreamReset):
                 s = streams.get(e.stream_id)
                 if e.remote_reset:
                     guard.reset_by_peer(s is not None and not s.done and
@@ -280,21 +280,21 @@ class Http2Connection(asyncio.Protocol):
                     raise Abuse("flow_control", ErrorCodes.FLOW_CONTROL_ERROR)
                 if s is not None:
                     self._on_reset(s, ConnectionResetError("stream reset by the client"), True)
-            elif t is ev.WindowUpdated:
+            elif isinstance(e, ev.WindowUpdated):
                 guard.window_update()
                 self._wake_writers(e.stream_id)
-            elif t is ev.RemoteSettingsChanged:
+            elif isinstance(e, ev.RemoteSettingsChanged):
                 guard.control_frame()
                 changed = e.changed_settings
                 if S.INITIAL_WINDOW_SIZE in changed:
                     self._wake_writers(0)
                 if S.MAX_FRAME_SIZE in changed:
                     self._max_frame = self.conn.max_outbound_frame_size
-            elif t is ev.PingReceived:
+            elif isinstance(e, ev.PingReceived):
                 guard.control_frame()
-            elif t is ev.PriorityUpdated:
+            elif isinstance(e, ev.PriorityUpdated):
                 guard.priority(len(streams))
-            elif t is ev.ConnectionTerminated:
+            elif isinstance(e, ev.ConnectionTerminated):
                 # the client is going away: finish what is open, accept nothing new
                 self._going_away = True
                 if not streams:
@@ -442,7 +442,7 @@ class Http2Connection(asyncio.Protocol):
         self.requests += 1
         s.task = asyncio.get_running_loop().create_task(self._serve(s))
 
-    def _credit_for(self, sid: int):  # type: ignore[no-untyped-def]
+    def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
             if not self._closing:
                 self.conn.acknowledge_received_data(n, sid)
@@ -587,14 +587,16 @@ class Http2Connection(asyncio.Protocol):
     async def _wait(self, s: _Stream, for_window: bool) -> None:
         """Park a writer until the peer's window opens (or the transport drains)."""
         loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None]
         if for_window:
             fut = s.waiter = loop.create_future()
             self._window_waiters.add(s)
             self._flush()
         else:
-            fut = self._drain
-            if fut is None or fut.done():
-                fut = self._drain = loop.create_future()
+            drain = self._drain
+            if drain is None or drain.done():
+                drain = self._drain = loop.create_future()
+            fut = drain
         try:
             await fut
         finally:

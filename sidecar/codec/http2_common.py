@@ -55,7 +55,7 @@ class BoundedDecoder(hpack.Decoder):
         super().__init__(max_header_list_size=MAX_INFLATED)
         self.max_block = max_block
 
-    def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:  # type: ignore[override]
+    def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
         if len(data) > self.max_block:
             raise CompressionError(f"header block of {len(data)} bytes")
         try:
@@ -73,7 +73,7 @@ class BoundedDecoder(hpack.Decoder):
 class H2Connection(h2.connection.H2Connection):
     """``h2.connection.H2Connection`` that lets a graceful GOAWAY drain (module docstring)."""
 
-    def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[no-untyped-def]
+    def _receive_goaway_frame(self, frame: GoAwayFrame):
         if frame.error_code != 0:
             return super()._receive_goaway_frame(frame)
         ev = h2.events.ConnectionTerminated()
@@ -128,8 +128,8 @@ class CreditedBody(BodyStream):
         """Stop buffering (the reader is gone); returns the bytes to credit now."""
         self.discarding = True
         n = self.buffered
-        self._chunks.clear()       # type: ignore[attr-defined]
-        self._size = 0             # type: ignore[attr-defined]
+        self._chunks.clear()
+        self._size = 0
         return n
 
 

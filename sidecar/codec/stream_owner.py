@@ -9,6 +9,21 @@ from typing import Protocol
 from sidecar.core.message import Request, Response
 
 
+class ServedConnection(Protocol):
+    """A downstream connection as its listener sees it (HTTP/1.1 or HTTP/2 codec)."""
+
+    @property
+    def _busy(self) -> bool:
+        """A request or stream is in progress."""
+        ...
+
+    def in_flight(self) -> int: ...
+
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None: ...
+
+    def _close(self) -> None: ...
+
+
 class StreamOwner(Protocol):
     name: str
     bound_port: int
@@ -16,9 +31,9 @@ class StreamOwner(Protocol):
     server_name: str
     draining: bool
 
-    def connection_opened(self, conn: object) -> None: ...
+    def connection_opened(self, conn: ServedConnection) -> None: ...
 
-    def connection_closed(self, conn: object) -> None: ...
+    def connection_closed(self, conn: ServedConnection) -> None: ...
 
     def protocol_error(self, status: int) -> None:
         """A request refused by the codec (400, 408, 431, ...)."""

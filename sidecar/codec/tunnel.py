@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 from sidecar.codec.headers import DATE
 from sidecar.core.body import BodyStream
@@ -22,14 +21,6 @@ from sidecar.core.message import Request, Response
 DEFAULT_IDLE_TIMEOUT_S = 300.0     # Envoy's stream_idle_timeout default
 _DROP = frozenset({"server", "content-length", "transfer-encoding", "keep-alive",
                    "proxy-connection"})
-
-
-class TunnelSide(Protocol):
-    """The downstream connection as the tunnel needs it (the HTTP/1.1 codec)."""
-
-    transport: asyncio.Transport
-
-    def wait_writable(self) -> Awaitable[None]: ...
 
 
 class TunnelInput(BodyStream):
@@ -69,10 +60,11 @@ def _head(resp: Response, server_header: str) -> bytes:
     return "".join(parts).encode("latin-1")
 
 
-async def serve_tunnel(side: TunnelSide, server_header: str, req: Request, resp: Response) -> int:
-    """Write the 101 and copy the upstream's bytes to the client until the tunnel ends;
-    returns the bytes sent to the client. The caller closes the connection after."""
-    t = side.transport
+async def serve_tunnel(t: asyncio.Transport, wait_writable: Callable[[], Awaitable[None]],
+                       server_header: str, req: Request, resp: Response) -> int:
+    """Write the 101 and copy the upstream's bytes to the client until the tunnel ends
+    (``wait_writable``: the connection's write backpressure); returns the bytes sent to the
+    client. The caller closes the connection after."""
     t.write(_head(resp, server_header))
     body = resp.body
     if isinstance(body, bytes):
@@ -103,7 +95,7 @@ async def serve_tunnel(side: TunnelSide, server_header: str, req: Request, resp:
             last = time.monotonic()
             t.write(chunk)
             sent += len(chunk)
-            await side.wait_writable()
+            await wait_writable()
             if t.is_closing():
                 break
     except Exception:       # the upstream went away mid-tunnel: the client is closed below

@@ -11,6 +11,7 @@ flood limits of ``http2_protocol_options``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -77,7 +78,7 @@ _NATIVE_ALIASES = {"initial_stream_window": "initial_stream_window_size",
                    "initial_connection_window": "initial_connection_window_size"}
 
 
-def _wrapped_int(d: dict, key: str, path: str, lo: int, hi: int) -> int:
+def _wrapped_int(d: dict[str, Any], key: str, path: str, lo: int, hi: int) -> int:
     """An Envoy UInt32Value (``{value: n}`` in some JSON renderings, or a bare number)."""
     v = d[key]
     if isinstance(v, dict):
@@ -95,7 +96,7 @@ def http2_options_from_wire(d: object, path: str, defaults: Http2Options,
     if not isinstance(d, dict):
         raise ConfigError(path, "must be a mapping")
     if native:
-        d = {_NATIVE_ALIASES.get(k, k): v for k, v in d.items()}
+        d = {_NATIVE_ALIASES.get(str(k), str(k)): v for k, v in d.items()}
     for key, why in _REFUSED.items():
         if key in d and d[key] not in (None, False, {}, []):
             raise ConfigError(w.join(path, key), why)

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from sidecar.codec.detect import server_protocol
-from sidecar.codec.http1 import DownstreamConnection
+from sidecar.codec.stream_owner import ServedConnection
 from sidecar.config.listener import Listener
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.listener.http import HttpConnectionManager, ListenerCounters
@@ -24,7 +24,7 @@ class ListenerRuntime:
     def __init__(self, config: Listener, metrics: Metrics):
         self.config = config
         self.name = config.name
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[ServedConnection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
         # swapped by the config store in one assignment; a stream reads it once, at dispatch
@@ -61,12 +61,12 @@ class ListenerRuntime:
                 hcm.table.listener_port = str(self.bound_port)
 
     # ---- what the codec asks of its listener (codec.http1.StreamOwner) ---------------------
-    def connection_opened(self, conn: DownstreamConnection) -> None:
+    def connection_opened(self, conn: ServedConnection) -> None:
         self.connections.add(conn)
         self.downstream_cx_active += 1
         self.counters.cx_total.inc()
 
-    def connection_closed(self, conn: DownstreamConnection) -> None:
+    def connection_closed(self, conn: ServedConnection) -> None:
         self.connections.discard(conn)
         self.downstream_cx_active -= 1
 
@@ -99,13 +99,14 @@ class ListenerRuntime:
     async def start(self, reuse_port: bool = False, sock=None) -> None:
         loop = asyncio.get_running_loop()
         ssl_ctx = server_context(self.config.tls) if self.config.tls is not None else None
-        kw = dict(backlog=1024, ssl=ssl_ctx)
         if sock is not None:
-            self.server = await loop.create_server(self.new_connection, sock=sock, **kw)
+            self.server = await loop.create_server(self.new_connection, sock=sock, backlog=1024,
+                                                   ssl=ssl_ctx)
         else:
             self.server = await loop.create_server(self.new_connection,
                                                    self.config.host, self.config.port,
-                                                   reuse_port=reuse_port or None, **kw)
+                                                   reuse_port=reuse_port or None, backlog=1024,
+                                                   ssl=ssl_ctx)
         self.bound_port = self.server.sockets[0].getsockname()[1]
         self._sweeper = loop.create_task(self._sweep())
 

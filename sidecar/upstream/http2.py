@@ -134,7 +134,6 @@ class Http2UpstreamConnection(asyncio.Protocol):
             S.ENABLE_PUSH: 0,
             S.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
             S.HEADER_TABLE_SIZE: o.hpack_table_size,
-            S.MAX_CONCURRENT_STREAMS: 0 if False else 100,   # push is off; the value is moot
         })
         conn.decoder = BoundedDecoder(1024 * 1024)
         conn.decoder.max_allowed_table_size = o.hpack_table_size
@@ -188,61 +187,61 @@ class Http2UpstreamConnection(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_exception(ConnectFailure(f"upstream is not speaking HTTP/2: {e}"))
                 self.ready.exception()
-            for s in list(self.streams.values()):
-                self._fail(s, err)
+            for st in list(self.streams.values()):
+                self._fail(st, err)
             self._flush()
             self.close()
             return
         got: list[_Stream] = []
         streams = self.streams
+        s: _Stream | None
         conn = self.conn
-        for e in events:
-            t = type(e)
-            if t is ev.DataReceived:
-                s = streams.get(e.stream_id)
+        for event in events:
+            if isinstance(event, ev.DataReceived):
+                s = streams.get(event.stream_id)
                 if s is None or s.reset or (s.body is not None and s.body.discarding):
-                    conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     continue
-                pad = e.flow_controlled_length - len(e.data)
+                pad = event.flow_controlled_length - len(event.data)
                 if pad:
-                    conn.acknowledge_received_data(pad, e.stream_id)
+                    conn.acknowledge_received_data(pad, event.stream_id)
                 if s.chunks is not None:
-                    s.chunks.append(e.data)
-                elif s.body is not None and e.data:
-                    s.body.feed(e.data)
-            elif t is ev.ResponseReceived:
-                s = streams.get(e.stream_id)
+                    s.chunks.append(event.data)
+                elif s.body is not None and event.data:
+                    s.body.feed(event.data)
+            elif isinstance(event, ev.ResponseReceived):
+                s = streams.get(event.stream_id)
                 if s is not None:
-                    s.status, s.headers = _response_head(e.headers)
+                    s.status, s.headers = _response_head(event.headers)
                     s.chunks = []
                     got.append(s)
-            elif t is ev.TrailersReceived:
-                s = streams.get(e.stream_id)
+            elif isinstance(event, ev.TrailersReceived):
+                s = streams.get(event.stream_id)
                 if s is not None:
-                    s.trailers = _headers(e.headers)
-            elif t is ev.StreamEnded:
-                s = streams.get(e.stream_id)
+                    s.trailers = _headers(event.headers)
+            elif isinstance(event, ev.StreamEnded):
+                s = streams.get(event.stream_id)
                 if s is not None:
                     s.ended = True
                     if s.body is not None:
                         s.body.feed_eof(s.trailers)
                         self._stream_done(s)
-            elif t is ev.StreamReset:
-                s = streams.get(e.stream_id)
+            elif isinstance(event, ev.StreamReset):
+                s = streams.get(event.stream_id)
                 if s is not None:
-                    if s.ended and e.error_code == ErrorCodes.NO_ERROR:
+                    if s.ended and event.error_code == ErrorCodes.NO_ERROR:
                         self._stream_done(s)      # "stop sending": the response is complete
                     else:
-                        refused = e.error_code == ErrorCodes.REFUSED_STREAM
+                        refused = event.error_code == ErrorCodes.REFUSED_STREAM
                         self._fail(s, UpstreamReset(
                             "UR", "refused stream" if refused else
-                            f"upstream reset: {ErrorCodes(e.error_code).name}"
-                            if e.error_code in ErrorCodes._value2member_map_ else
-                            f"upstream reset: {e.error_code}", sent=not refused))
-            elif t is ev.WindowUpdated:
-                self._wake(e.stream_id)
-            elif t is ev.RemoteSettingsChanged:
-                changed = e.changed_settings
+                            f"upstream reset: {ErrorCodes(event.error_code).name}"
+                            if event.error_code in ErrorCodes._value2member_map_ else
+                            f"upstream reset: {event.error_code}", sent=not refused))
+            elif isinstance(event, ev.WindowUpdated):
+                self._wake(event.stream_id)
+            elif isinstance(event, ev.RemoteSettingsChanged):
+                changed = event.changed_settings
                 if S.MAX_CONCURRENT_STREAMS in changed:
                     self.peer_max = changed[S.MAX_CONCURRENT_STREAMS].new_value
                 if S.MAX_FRAME_SIZE in changed:
@@ -254,8 +253,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     self.pool.connection_ready(self)
                 else:
                     self.pool.room_changed()
-            elif t is ev.ConnectionTerminated:
-                self._on_goaway(e.error_code, e.last_stream_id)
+            elif isinstance(event, ev.ConnectionTerminated):
+                self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
         for s in got:
             self._deliver(s)
         self._flush()
@@ -602,11 +601,9 @@ class Http2Pool:
         conn: Http2UpstreamConnection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                kw: dict[str, object] = {}
-                if self.ssl is not None:
-                    kw = {"ssl": self.ssl, "server_hostname": self.server_hostname or self.host}
-                _, proto = await loop.create_connection(lambda: Http2UpstreamConnection(self),
-                                                        self.host, self.port, **kw)  # type: ignore[arg-type]
+                _, proto = await loop.create_connection(
+                    lambda: Http2UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None)
                 conn = proto
                 sock = proto.transport.get_extra_info("socket") if proto.transport else None
                 if sock is not None:

@@ -172,11 +172,9 @@ async def open_tunnel(host: str, port: int, ssl_context: ssl.SSLContext | None,
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
-            kw: dict[str, object] = {}
-            if ssl_context is not None:
-                kw = {"ssl": ssl_context, "server_hostname": server_hostname or host}
-            _, conn = await loop.create_connection(lambda: TunnelConnection(buffer_limit),
-                                                   host, port, **kw)  # type: ignore[arg-type]
+            _, conn = await loop.create_connection(
+                lambda: TunnelConnection(buffer_limit), host, port, ssl=ssl_context,
+                server_hostname=(server_hostname or host) if ssl_context is not None else None)
     except TimeoutError:
         raise ConnectFailure("upstream connect timeout") from None
     except OSError as e:
