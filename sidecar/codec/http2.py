@@ -295,12 +295,14 @@ class Http2Connection(asyncio.Protocol):
             elif isinstance(e, ev.PriorityUpdated):
                 guard.priority(len(streams))
             elif isinstance(e, ev.ConnectionTerminated):
-                # the client is going away: finish what is open, accept nothing new
+                # the client is going away: finish what is open (after a graceful GOAWAY),
+                # accept nothing new; a GOAWAY with an error ends everything now
                 self._going_away = True
-                if not streams:
+                if not streams or e.error_code:
                     self._closing = True
                     if self.transport is not None:
                         self.transport.close()
+                    return
         for s in new:
             if not s.reset:
                 self._dispatch(s)
@@ -624,8 +626,12 @@ class Http2Connection(asyncio.Protocol):
             s.reset = True
             try:
                 self.conn.reset_stream(s.sid, code)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:
                 pass
+            body = s.body
+            if body is not None and not s.ended:
+                # whoever still reads the request body (an upstream copying it) must stop
+                body.feed_error(ConnectionResetError("stream reset"))
             self._discard_body(s)
             self._schedule_flush()
 

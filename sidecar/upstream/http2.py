@@ -313,10 +313,20 @@ class Http2UpstreamConnection(asyncio.Protocol):
             s.body.feed_error(err)
         self._stream_done(s)
 
-    def _reset(self, s: _Stream, code: int) -> None:
+    def _reset(self, s: _Stream, code: int, err: UpstreamError | None = None) -> None:
+        """Reset the stream (``code`` to the peer); whoever awaits its response gets ``err``."""
         if s.reset:
             return
         s.reset = True
+        if err is None:
+            err = UpstreamReset("UR", "stream reset (request abandoned)")
+        fut = s.fut
+        if fut is not None:
+            s.fut = None
+            if not fut.done():
+                fut.set_exception(err)
+        elif s.body is not None and not s.ended:
+            s.body.feed_error(err)
         if not self.closed:
             try:
                 self.conn.reset_stream(s.sid, code)
@@ -354,15 +364,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def _on_timeout(self, s: _Stream) -> None:
         s.timer = None
-        err = UpstreamTimeout()
-        if s.fut is not None:
-            fut = s.fut
-            s.fut = None
-            if not fut.done():
-                fut.set_exception(err)
-        elif s.body is not None and not s.ended:
-            s.body.feed_error(err)
-        self._reset(s, ErrorCodes.CANCEL)
+        self._reset(s, ErrorCodes.CANCEL, UpstreamTimeout())
 
     def _on_goaway(self, code: int, last_stream_id: int) -> None:
         self.draining = True
@@ -457,10 +459,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             s.sent_end = True
             self._stream_done(s)
         except Exception as e:     # the downstream body failed (client gone): reset upstream
-            if s.fut is not None and not s.fut.done():
-                s.fut.set_exception(UpstreamReset("UR", f"request body: {e}"))
-                s.fut = None
-            self._reset(s, ErrorCodes.CANCEL)
+            self._reset(s, ErrorCodes.CANCEL, UpstreamReset("UR", f"request body: {e}"))
 
     async def _send_data(self, s: _Stream, data: bytes) -> None:
         conn = self.conn
