@@ -332,10 +332,10 @@ class Http2Connection(asyncio.Protocol):
         try:
             req = self._request(raw)
         except Malformed as m:
-            self.owner.http2_abuse("malformed_request")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
             if self.options.override_stream_error_on_invalid_http_message:
+                self.owner.http2_abuse("malformed_request")
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
                 return None
             raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
