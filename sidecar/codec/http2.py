@@ -44,6 +44,7 @@ from sidecar.codec.http2_common import (
     ErrorCodes,
     H2Connection,
     goaway_frame,
+    header,
     server_config,
 )
 from sidecar.codec.http2_guard import Abuse, Http2Guard
@@ -491,14 +492,14 @@ class Http2Connection(asyncio.Protocol):
         for k, v in resp.headers.items():
             if k in drop or k == "server" or k == "te":
                 continue
-            out.append((k.encode("latin-1"), v.encode("latin-1")))
+            out.append(header(k.encode("latin-1"), v.encode("latin-1")))
         out.append((b"server", self.owner.server_name.encode("latin-1")))
         if "date" not in resp.headers:
-            out.append((b"date", DATE.get().encode()))
+            out.append(header(b"date", DATE.get().encode()))
         ctx = req.ctx
         if ctx.upstream_duration is not None:
-            out.append((b"x-envoy-upstream-service-time",
-                        str(int(ctx.upstream_duration * 1000)).encode()))
+            out.append(header(b"x-envoy-upstream-service-time",
+                              str(int(ctx.upstream_duration * 1000)).encode()))
         return out
 
     async def _respond(self, s: _Stream, req: Request, resp: Response) -> int:
@@ -514,7 +515,7 @@ class Http2Connection(asyncio.Protocol):
         if isinstance(body, bytes):
             trailers = resp.trailers
             if resp.local and body and "content-length" not in resp.headers:
-                head.append((b"content-length", str(len(body)).encode()))
+                head.append(header(b"content-length", str(len(body)).encode()))
             if not body and not trailers:
                 self._send_headers(s, head, True)    # gRPC trailers-only replies take this way
                 return 0

@@ -21,6 +21,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import hpack
+import hpack.hpack
+from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import GoAwayFrame
 
@@ -39,6 +41,24 @@ MAX_LITERAL = 65536          # nghttp2: a longer header name or value is a compr
 MAX_INFLATED = 64 * 1024 * 1024   # hpack's decoded-size accounting (table refs are cheap)
 
 ErrorCodes = h2.errors.ErrorCodes
+
+# hpack logs every header it encodes or decodes through ``logging`` at DEBUG: a method call per
+# header even with DEBUG off, about a tenth of an HTTP/2 request's cost here. h2 gives its own
+# logging a no-op logger by default; hpack gets the same.
+hpack.hpack.log = h2.config.DummyLogger()  # type: ignore[assignment]
+
+# Header values unique to each message (ids): kept out of the HPACK dynamic table (a literal,
+# never indexed) so they do not push out the values that repeat (date, content-length, ...),
+# which then go out as one-byte indexes and need no Huffman coding.
+VOLATILE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid",
+                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id"})
+
+
+def header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A header for ``h2``'s encoder: volatile ones are never indexed (see VOLATILE)."""
+    if name in VOLATILE:
+        return NeverIndexedHeaderTuple(name, value)
+    return (name, value)
 
 
 class CompressionError(h2.exceptions.ProtocolError):

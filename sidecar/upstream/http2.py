@@ -37,6 +37,7 @@ from sidecar.codec.http2_common import (
     H2Connection,
     client_config,
     goaway_frame,
+    header,
 )
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import BodySource, Headers
@@ -68,10 +69,10 @@ def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[byt
                 te_trailers = True
                 out.append((b"te", b"trailers"))
             continue
-        out.append((k.encode("latin-1"), v.encode("latin-1")))
+        out.append(header(k.encode("latin-1"), v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
-        out.append((b"content-length", cl.encode("latin-1")))
+        out.append(header(b"content-length", cl.encode("latin-1")))
     return out
 
 
