@@ -21,9 +21,10 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from control_plane_client.ads import api, dict_to_any
 from control_plane_client.resources import ADS_METHOD, BY_NAME, GRPC_METHOD, ORDER, resource_name
+from control_plane_client.sources.ads import api, dict_to_any
 
 log = logging.getLogger("sidecar.xds.server")
 
@@ -102,8 +103,8 @@ class _Stream:
                             acked_version=self.nonce_version.get(req.response_nonce))
                 self.server.requests.append(seen)
                 self.server._changed.set()
-                names = frozenset(req.resource_names) if req.resource_names or t not in BY_NAME \
-                    else frozenset()
+                names: frozenset[str] | None = frozenset(req.resource_names) \
+                    if req.resource_names or t not in BY_NAME else frozenset()
                 if t not in BY_NAME and not req.resource_names:
                     names = None            # wildcard
                 self.names[t] = names
@@ -124,14 +125,16 @@ class _Stream:
 
 
 class AdsServer:
-    def __init__(self):
+    def __init__(self) -> None:
         # (node id or None for every node, type url) -> {name: resource}
         self.resources: dict[tuple, dict[str, dict]] = {}
         self._versions: dict[tuple, int] = {}
         self.requests: list[Seen] = []
         self._streams: set[_Stream] = set()
         self._nonces = itertools.count(1)
-        self._server = None
+        self._server: Any = None      # grpclib's Server (optional dependency, imported in start)
+        self._protocols: list[Any] = []
+        self.port = 0
         self._changed = asyncio.Event()
         self.port = 0
 
@@ -160,6 +163,7 @@ class AdsServer:
 
     # ---- gRPC ------------------------------------------------------------------------------
     def __mapping__(self):
+        # lazy: grpclib comes with the optional ``ads`` extra
         from grpclib.const import Cardinality, Handler
         A = api()
         out = {ADS_METHOD: Handler(self._ads, Cardinality.STREAM_STREAM, A.DiscoveryRequest,
@@ -182,9 +186,10 @@ class AdsServer:
         return handler
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "AdsServer":
+        # lazy: grpclib comes with the optional ``ads`` extra
         from grpclib.server import Server
         self._server = Server([self])
-        self._protocols: list = []
+        self._protocols = []
         make = self._server._protocol_factory
 
         def factory():

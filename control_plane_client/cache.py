@@ -45,11 +45,11 @@ def cache_file_name(node_id: str) -> str:
     return f"xds-lkg-{safe}.json"
 
 
-def _canonical(doc: dict) -> bytes:
+def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _digest(doc: dict) -> str:
+def _digest(doc: dict[str, Any]) -> str:
     body = {k: v for k, v in doc.items() if k != "sha256"}
     return hashlib.sha256(_canonical(body)).hexdigest()
 
@@ -63,7 +63,8 @@ class LkgCache:
         self.last_error = ""
 
     # ---- write ---------------------------------------------------------------------------
-    def encode(self, versions: dict[str, str], resources: dict[str, list[dict]]) -> bytes:
+    def encode(self, versions: dict[str, str],
+               resources: dict[str, list[dict[str, object]]]) -> bytes:
         self.generation += 1
         doc: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation,
@@ -101,7 +102,7 @@ class LkgCache:
         self.last_saved_at = time.time()
 
     # ---- read ----------------------------------------------------------------------------
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         """The verified document, None if there is no cache file; CacheError if it is bad."""
         try:
             st = os.stat(self.path)

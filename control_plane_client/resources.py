@@ -1,19 +1,25 @@
-"""xDS resource types: their type URLs, short names, names, and translation (via translate.py).
+"""xDS resource types: their type URLs, short names, names, and the parsers table.
 
 Every way resources arrive (REST, gRPC/ADS, files, the last-known-good cache) hands plain
-Envoy-JSON dicts (with their ``@type``) to :func:`translate_resource`, which goes through the
+Envoy-JSON dicts (with their ``@type``) to :meth:`ResourceType.translate`, which goes through the
 same ``control_plane_client.translate`` functions as a bootstrap file.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from control_plane_client.translate.cluster import cluster, load_assignment
 from control_plane_client.translate.common import T_CLUSTER, T_ENDPOINT, T_LISTENER, T_ROUTE
 from control_plane_client.translate.listener import listener
 from control_plane_client.translate.route import route_configuration
+from sidecar.config.cluster import Cluster, Endpoint
+from sidecar.config.control_plane import SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
+from sidecar.config.listener import Listener
+from sidecar.config.route import RouteConfig
 
 LDS, RDS, CDS, EDS = T_LISTENER, T_ROUTE, T_CLUSTER, T_ENDPOINT
 SHORT = {LDS: "lds", RDS: "rds", CDS: "cds", EDS: "eds"}
@@ -36,18 +42,51 @@ GRPC_METHOD = {
 }
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
+LoadAssignment = tuple[str, tuple[Endpoint, ...]]
+"""A translated ClusterLoadAssignment: (cluster or EDS service name, endpoints)."""
+
+Raw = dict[str, object]
+"""One resource as Envoy JSON (proto field names, ``@type`` on every Any)."""
+
+SourceKey = tuple[object, ...]
+"""Identity of the source a resource came from (``SourceSpec.key``)."""
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """The RDS or EDS resource a listener or cluster needs before it can serve."""
+    name: str                             # the RouteConfiguration / ClusterLoadAssignment name
+    config_source: object                 # the raw ConfigSource naming where it comes from
+    path: str                             # of that ConfigSource, for errors
+
+
+@dataclass(slots=True, eq=False)
+class Resource(Generic[M]):
+    """One resource as held: its translation, where and when it came, and what it waits for."""
+    name: str
+    raw: Raw
+    model: M
+    version: str
+    updated_at: float                   # when this content arrived
+    first_seen: float                   # when this name first arrived (warming deadline)
+    source: SourceKey                   # the source it came from
+    dep: SourceSpec | None = None       # listener: its RDS source; EDS cluster: its EDS source
+    dep_name: str = ""                  # the RDS / EDS resource name it needs
+
 
 def short(type_url: str) -> str:
     return SHORT.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
-def resource_name(type_url: str, d: dict) -> str:
+def resource_name(type_url: str, d: Raw) -> str:
     key = "cluster_name" if type_url == EDS else "name"
     v = d.get(key)
     return v if isinstance(v, str) else ""
 
 
-def unwrap(type_url: str, d: Any, path: str) -> dict:
+def unwrap(type_url: str, d: object, path: str) -> Raw:
     """Check a resource's ``@type`` (unwrapping a discovery ``Resource`` envelope)."""
     if not isinstance(d, dict):
         raise ConfigError(path, "resource must be a mapping")
@@ -66,26 +105,86 @@ def unwrap(type_url: str, d: Any, path: str) -> dict:
     return d
 
 
-def translate_resource(type_url: str, d: dict, path: str) -> Any:
-    """One resource -> model object (Listener with route_config None until RDS, RouteConfig,
-    Cluster, or the (cluster_name, endpoints) of a ClusterLoadAssignment)."""
-    try:
-        if type_url == LDS:
-            return listener(d, path, None)
-        if type_url == RDS:
-            return route_configuration(d, path)
-        if type_url == CDS:
-            return cluster(d, path)
-        if type_url == EDS:
-            return load_assignment(d, path)
-    except ConfigErrors:
-        raise
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, AttributeError, KeyError) as e:
-        # a malformed value the typed readers did not expect: still a rejection, with a path
-        raise ConfigError(path, f"malformed resource: {type(e).__name__}: {e}") from None
-    raise ConfigError(path, f"unsupported resource type {type_url}")
+@dataclass(frozen=True, slots=True)
+class ResourceType(Generic[M]):
+    """One xDS resource type: how it translates, and what it waits for."""
+    type_url: str
+    parse: Callable[[Raw, str], M]
+    needs: Callable[[M, Raw, str], Dependency | None]
+
+    @property
+    def short(self) -> str:
+        return SHORT[self.type_url]
+
+    @property
+    def kind(self) -> str:
+        return KIND[self.type_url]
+
+    @property
+    def state_of_the_world(self) -> bool:
+        return self.type_url in SOTW
+
+    def translate(self, d: Raw, path: str) -> M:
+        """One resource -> its model object; ConfigError(s) with paths when it is refused."""
+        try:
+            return self.parse(d, path)
+        except (ConfigError, ConfigErrors):
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            # a malformed value the typed readers did not expect: still a rejection, with a path
+            raise ConfigError(path, f"malformed resource: {type(e).__name__}: {e}") from None
+
+
+def _dig(d: object, *keys: str | int) -> object:
+    """``d[k0][k1]...`` through dicts and lists, or None where a step is missing."""
+    for k in keys:
+        if isinstance(k, int):
+            if not isinstance(d, list) or len(d) <= k:
+                return None
+            d = d[k]
+        elif isinstance(d, dict):
+            d = d.get(k)
+        else:
+            return None
+    return d
+
+
+def hcm_rds_source(raw: object) -> object:
+    """The RDS ConfigSource of a listener's HTTP connection manager, or None."""
+    return _dig(raw, "filter_chains", 0, "filters", 0, "typed_config", "rds", "config_source")
+
+
+def eds_source(raw: object) -> object:
+    """The EDS ConfigSource of a cluster, or None."""
+    return _dig(raw, "eds_cluster_config", "eds_config")
+
+
+def _listener_needs(model: Listener, raw: Raw, path: str) -> Dependency | None:
+    if not model.rds_name:
+        return None
+    return Dependency(model.rds_name, hcm_rds_source(raw),
+                      f"{path}.filter_chains[0].filters[0].typed_config.rds.config_source")
+
+
+def _cluster_needs(model: Cluster, raw: Raw, path: str) -> Dependency | None:
+    if model.type != "eds":
+        return None
+    return Dependency(model.eds_service_name or model.name, eds_source(raw),
+                      f"{path}.eds_cluster_config.eds_config")
+
+
+def _needs_nothing(model: object, raw: Raw, path: str) -> None:
+    return None
+
+
+def _listener(d: Raw, path: str) -> Listener:
+    return listener(d, path, None)        # route_config None until its RDS arrives
+
+
+LISTENERS: ResourceType[Listener] = ResourceType(LDS, _listener, _listener_needs)
+ROUTES: ResourceType[RouteConfig] = ResourceType(RDS, route_configuration, _needs_nothing)
+CLUSTERS: ResourceType[Cluster] = ResourceType(CDS, cluster, _cluster_needs)
+ASSIGNMENTS: ResourceType[LoadAssignment] = ResourceType(EDS, load_assignment, _needs_nothing)
 
 
 def error_text(e: BaseException) -> str:

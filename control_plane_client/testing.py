@@ -6,6 +6,9 @@ ADS server, written to files for the file source, or compared with what a real E
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 from control_plane_client.resources import CDS, EDS, LDS, RDS
 
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -65,10 +68,10 @@ def ads_bootstrap(xds_port: int, node_id: str = "sidecar-1", admin_port: int = 0
                   envoy: bool = False, per_type_grpc: bool = False) -> dict:
     """An Envoy bootstrap taking everything over ADS (or per-type gRPC streams) from
     127.0.0.1:``xds_port``. ``envoy=True``: the static cluster speaks HTTP/2 (for real Envoy)."""
-    grpc = {"api_type": "GRPC", "transport_api_version": "V3",
+    grpc: dict[str, object] = {"api_type": "GRPC", "transport_api_version": "V3",
             "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}
     if per_type_grpc:
-        dyn = {"cds_config": {"resource_api_version": "V3", "api_config_source": grpc},
+        dyn: dict[str, object] = {"cds_config": {"resource_api_version": "V3", "api_config_source": grpc},
                "lds_config": {"resource_api_version": "V3", "api_config_source": grpc}}
     else:
         dyn = {"ads_config": grpc, "cds_config": dict(ADS_SOURCE), "lds_config": dict(ADS_SOURCE)}
@@ -82,8 +85,6 @@ def ads_bootstrap(xds_port: int, node_id: str = "sidecar-1", admin_port: int = 0
 
 async def eventually(check, timeout: float = 10.0, interval: float = 0.05, what: str = ""):
     """Await until ``check()`` (sync or async) returns something truthy, and return it."""
-    import asyncio
-    import inspect
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     last_exc: BaseException | None = None

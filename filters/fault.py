@@ -41,16 +41,17 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from multidict import MultiDict
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.matchers import HeaderMatcher, header_matcher_from_envoy, header_matchers_from_native
+from sidecar.core.body import Headers
 from sidecar.core.context import RouteInfo
-from sidecar.core.filter import Filter, FilterEnv, FilterSpec
+from sidecar.core.filter import Filter, FilterEnv, FilterSpec, Handler
 from sidecar.core.message import Request, Response, local_reply
-from sidecar.core.metrics import NULL
+from sidecar.core.metrics import NULL, CounterChild, GaugeChild, MetricFactory
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 PER_ROUTE_TYPE_URL = TYPE_URL
@@ -115,14 +116,14 @@ class FaultConfig:
     delay: FaultDelay | None = None
     abort: FaultAbort | None = None
     upstream_cluster: str = ""
-    headers: tuple = ()                  # sidecar.model.HeaderMatcher, all must match
-    downstream_nodes: frozenset = frozenset()
+    headers: tuple[HeaderMatcher, ...] = ()     # all must match
+    downstream_nodes: frozenset[str] = frozenset()
     max_active_faults: int | None = None
 
 
 # ---- Envoy ----------------------------------------------------------------------------------
 
-def _fractional_percent(d: dict, key: str, path: str) -> Percent:
+def _fractional_percent(d: dict[str, object], key: str, path: str) -> Percent:
     """Envoy FractionalPercent; absent means 0 (Envoy's default)."""
     if d.get(key) is None:
         return Percent(0.0, 100)
@@ -133,8 +134,8 @@ def _fractional_percent(d: dict, key: str, path: str) -> Percent:
     return Percent(min(1.0, num / den), den)
 
 
-def _envoy_delay(d: Any, path: str) -> FaultDelay:
-    w.check_keys(d, ("fixed_delay", "header_delay", "percentage"), path)
+def _envoy_delay(raw: object, path: str) -> FaultDelay:
+    d = w.check_keys(raw, ("fixed_delay", "header_delay", "percentage"), path)
     kind = w.one_of(d, ("fixed_delay", "header_delay"), path)
     pct = _fractional_percent(d, "percentage", path)
     if kind == "header_delay":
@@ -146,8 +147,8 @@ def _envoy_delay(d: Any, path: str) -> FaultDelay:
     return FaultDelay(s, pct)
 
 
-def _envoy_abort(d: Any, path: str) -> FaultAbort:
-    w.check_keys(d, ("http_status", "grpc_status", "header_abort", "percentage"), path)
+def _envoy_abort(raw: object, path: str) -> FaultAbort:
+    d = w.check_keys(raw, ("http_status", "grpc_status", "header_abort", "percentage"), path)
     kind = w.one_of(d, ("http_status", "grpc_status", "header_abort"), path)
     pct = _fractional_percent(d, "percentage", path)
     if kind == "header_abort":
@@ -163,8 +164,8 @@ _RUNTIME_KEYS = ("delay_percent_runtime", "abort_percent_runtime", "delay_durati
                  "response_rate_limit_percent_runtime", "abort_grpc_status_runtime")
 
 
-def from_envoy(d: dict, path: str) -> FaultConfig:
-    w.check_keys(d, ("delay", "abort", "upstream_cluster", "headers", "downstream_nodes",
+def from_envoy(raw: object, path: str) -> FaultConfig:
+    d = w.check_keys(raw, ("delay", "abort", "upstream_cluster", "headers", "downstream_nodes",
                      "max_active_faults", "response_rate_limit", "disable_downstream_cluster_stats",
                      "filter_metadata", *_RUNTIME_KEYS), path)
     if d.get("response_rate_limit") is not None:
@@ -177,9 +178,9 @@ def from_envoy(d: dict, path: str) -> FaultConfig:
             raise ConfigError(w.join(path, k), "runtime overrides are not supported "
                               "(there is no runtime layer); set the value in the config")
     w.boolean(d, "disable_downstream_cluster_stats", path, False)   # no per-downstream stats
-    from sidecar.config.matchers import header_matcher_from_envoy as header_matcher
     hp = w.join(path, "headers")
-    headers = tuple(header_matcher(h, w.join(hp, i)) for i, h in enumerate(w.seq(d, "headers", path, [])))
+    headers = tuple(header_matcher_from_envoy(h, w.join(hp, i))
+                    for i, h in enumerate(w.seq(d, "headers", path, [])))
     np_ = w.join(path, "downstream_nodes")
     nodes = []
     for i, n in enumerate(w.seq(d, "downstream_nodes", path, [])):
@@ -198,14 +199,14 @@ def from_envoy(d: dict, path: str) -> FaultConfig:
 
 # ---- native ---------------------------------------------------------------------------------
 
-def _native_percent(d: dict, path: str) -> Percent:
+def _native_percent(d: dict[str, object], path: str) -> Percent:
     return Percent(w.number(d, "percent", path, 100.0, lo=0, hi=100) / 100.0, 100)
 
 
-def _native_delay(d: Any, path: str) -> FaultDelay:
-    if isinstance(d, (str, int, float)) and not isinstance(d, bool):
-        d = {"fixed": d}                       # delay: 2s
-    w.check_keys(d, ("fixed", "header", "percent"), path)
+def _native_delay(raw: object, path: str) -> FaultDelay:
+    if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+        raw = {"fixed": raw}                   # delay: 2s
+    d = w.check_keys(raw, ("fixed", "header", "percent"), path)
     kind = w.one_of(d, ("fixed", "header"), path)
     pct = _native_percent(d, path)
     if kind == "header":
@@ -218,10 +219,10 @@ def _native_delay(d: Any, path: str) -> FaultDelay:
     return FaultDelay(s, pct)
 
 
-def _native_abort(d: Any, path: str) -> FaultAbort:
-    if isinstance(d, int) and not isinstance(d, bool):
-        d = {"status": d}                      # abort: 503
-    w.check_keys(d, ("status", "grpc_status", "header", "percent"), path)
+def _native_abort(raw: object, path: str) -> FaultAbort:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = {"status": raw}                  # abort: 503
+    d = w.check_keys(raw, ("status", "grpc_status", "header", "percent"), path)
     kind = w.one_of(d, ("status", "grpc_status", "header"), path)
     pct = _native_percent(d, path)
     if kind == "header":
@@ -233,13 +234,12 @@ def _native_abort(d: Any, path: str) -> FaultAbort:
     return FaultAbort(w.integer(d, "status", path, lo=200, hi=599), None, pct)
 
 
-def from_native(d: dict, path: str) -> FaultConfig:
-    w.check_keys(d, ("delay", "abort", "upstream_cluster", "headers", "downstream_nodes",
+def from_native(raw: object, path: str) -> FaultConfig:
+    d = w.check_keys(raw, ("delay", "abort", "upstream_cluster", "headers", "downstream_nodes",
                      "max_active_faults"), path)
-    headers: tuple = ()
+    headers: tuple[HeaderMatcher, ...] = ()
     if d.get("headers") is not None:
-        from sidecar.config.matchers import header_matchers_from_native as header_matchers
-        headers = header_matchers(d["headers"], w.join(path, "headers"))
+        headers = header_matchers_from_native(d["headers"], w.join(path, "headers"))
     nodes = w.seq(d, "downstream_nodes", path, [])
     for i, n in enumerate(nodes):
         if not isinstance(n, str):
@@ -265,10 +265,13 @@ class _Shared:
 
     __slots__ = ("active", "gauge", "delays", "aborts", "overflow")
 
-    def __init__(self, metrics: Any):
+    def __init__(self, metrics: MetricFactory):
         self.active = 0
-        if metrics is None or not getattr(metrics, "enabled", False):
-            self.gauge = self.delays = self.aborts = self.overflow = NULL
+        self.gauge: GaugeChild = NULL
+        self.delays: CounterChild = NULL
+        self.aborts: CounterChild = NULL
+        self.overflow: CounterChild = NULL
+        if not metrics.enabled:
             return
         inj = metrics.counter("sidecar_fault_injected_total", "Faults injected, by kind",
                               ("kind",))
@@ -307,7 +310,7 @@ class FaultFilter(Filter):
         self.cluster_check = cluster_check
         self.shared = shared
 
-    def _delay_s(self, headers) -> float:
+    def _delay_s(self, headers: Headers) -> float:
         d = self.delay
         if d is None:
             return 0.0
@@ -330,7 +333,7 @@ class FaultFilter(Filter):
             return s
         return 0.0
 
-    def _abort(self, headers) -> tuple[int, int | None] | None:
+    def _abort(self, headers: Headers) -> tuple[int, int | None] | None:
         a = self.abort
         if a is None:
             return None
@@ -364,7 +367,7 @@ class FaultFilter(Filter):
             return status, grpc
         return None
 
-    async def __call__(self, req: Request, next) -> Response:
+    async def __call__(self, req: Request, next: Handler) -> Response:
         shared = self.shared
         if self.max_active is not None and shared.active >= self.max_active:
             shared.overflow.inc()
@@ -374,8 +377,8 @@ class FaultFilter(Filter):
             return await next(req)
         if self.nodes and headers.get(H_NODE) not in self.nodes:
             return await next(req)
-        for h in self.headers:
-            if not h.matches(headers):
+        for hm in self.headers:
+            if not hm.matches(headers):
                 return await next(req)
         delay = self._delay_s(headers)
         active = False
@@ -398,7 +401,7 @@ class FaultFilter(Filter):
                 ctx = req.ctx
                 ctx.response_code_details = "fault_filter_abort"
                 if grpc is not None:
-                    h = MultiDict()
+                    h: Headers = MultiDict()
                     h["content-type"] = "application/grpc"
                     h["grpc-status"] = str(grpc)
                     h["grpc-message"] = ABORT_BODY

@@ -27,13 +27,24 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from multidict import MultiDict
 
+from filters import python as user_filters
 from sidecar.admin.server import start_admin
+from sidecar.cluster.manager import ClusterManager
+from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.snapshot import Snapshot
+from sidecar.core.body import BodyStream
+from sidecar.core.context import RequestContext
 from sidecar.core.filter import FilterSpec, UpstreamClient
-from sidecar.core.message import Request
+from sidecar.core.message import Request, Response
 from sidecar.observability.metrics import Metrics
+from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
+from sidecar.runtime.filter_env import ProxyFilterEnv
+from sidecar.runtime.loader import snapshot_from_doc
+from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S
+from sidecar.sdk import UserFilter
 
 
 def free_port() -> int:
@@ -159,16 +170,17 @@ class RunningProxy:
 def to_snapshot(cfg: dict | Snapshot) -> Snapshot:
     if isinstance(cfg, Snapshot):
         return cfg
-    from sidecar.runtime.loader import snapshot_from_doc
     return snapshot_from_doc(copy.deepcopy(cfg))
 
 
 @contextlib.asynccontextmanager
 async def running_proxy(cfg: dict | Snapshot, *, admin: bool = True, config_path: str | None = None,
-                        metrics: bool = True):
+                        metrics: bool = True, loop_lag_threshold: float | None = None):
     """Start the real sidecar in the current event loop; stop it on exit."""
     app = App(to_snapshot(cfg), config_path=config_path, metrics_enabled=metrics,
-              watch_config=config_path is not None, admin=start_admin)
+              watch_config=config_path is not None, admin=start_admin,
+              loop_lag_threshold_s=DEFAULT_THRESHOLD_S if loop_lag_threshold is None
+              else loop_lag_threshold)
     await app.start(admin=admin)
     try:
         yield RunningProxy(app)
@@ -290,18 +302,64 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
         writer.close()
 
 
-# ---- filter test helpers (no sockets): an environment, a route, a recording ``next`` ----------
+# ---- filter test helpers (no sockets): part of the SDK (docs/filters.md) ---------------------
+#
+# ``make_request`` builds a request as a filter sees it, ``RecordingNext`` is a fake ``next``,
+# ``FilterTestEnv`` stands in for the proxy (metrics, and clusters answered by functions),
+# ``build_user_filter`` builds a user filter exactly as a route does (config validation, the
+# 500-on-exception guard), ``build_filter`` does the same for a built-in ``FilterSpec``.
+
+Upstream_ = Callable[[Request], Awaitable[Response]]
+
+
+class FakeCluster:
+    """``env.upstream(name)`` in tests: requests are answered by ``handler`` in-process."""
+
+    def __init__(self, name: str, handler: Upstream_):
+        self._name = name
+        self.handler = handler
+        self.requests: list[Request] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def send(self, request: Request) -> Response:
+        self.requests.append(request)
+        return await self.handler(request)
+
 
 class FilterTestEnv:
     """A ``FilterEnv`` for building filters in tests, with its own metrics registry; the
-    filters' states persist across builds made with the same object (as across reloads)."""
+    filters' states persist across builds made with the same object (as across reloads).
 
-    def __init__(self, metrics: Metrics | None = None):
+    ``clusters`` (name -> list of "host:port", or a native cluster dict) are real clusters
+    (``ClusterManager``, ``Cluster.send``: balancer, breakers, pools) a filter reaches through
+    ``upstream(name)``; ``close()`` closes their connections. ``upstreams`` (name ->
+    ``async (Request) -> Response``) answer a filter's calls in-process instead, recording
+    them (``env.upstreams[name].requests``)."""
+
+    def __init__(self, metrics: Metrics | None = None,
+                 clusters: dict[str, Any] | None = None,
+                 upstreams: dict[str, Upstream_] | None = None):
         self.metrics = metrics or Metrics()
         self._states: dict[str, object] = {}
+        self.clusters = ClusterManager(StatsCache(self.metrics))
+        self.clusters.apply(tuple(
+            cluster_from_native({"name": name, **(v if isinstance(v, dict) else {"endpoints": list(v)})},
+                                f"clusters.{name}")
+            for name, v in (clusters or {}).items()))
+        self._env = ProxyFilterEnv(self.metrics, self.clusters)
+        self.upstreams = {name: FakeCluster(name, h) for name, h in (upstreams or {}).items()}
 
     def upstream(self, cluster: str) -> UpstreamClient:
-        raise KeyError(cluster)
+        fake = self.upstreams.get(cluster)
+        if fake is not None:
+            return fake
+        return self._env.upstream(cluster)
+
+    def close(self) -> None:
+        self.clusters.close()
 
     def state_for(self, spec: FilterSpec) -> object:
         if spec.name not in self._states:
@@ -335,3 +393,85 @@ def build_filter(spec: FilterSpec, config: Any, per_route: Any = None,
     """``spec.build`` as the route stack calls it, with a test environment."""
     env = env if env is not None else FilterTestEnv()
     return spec.build(config, per_route, env.state_for(spec), env, route or FakeRoute())
+
+
+def build_user_filter(cls: type[UserFilter], config: Any = None, *, per_route: Any = None,
+                      name: str | None = None, env: FilterTestEnv | None = None,
+                      route: FakeRoute | None = None) -> Any:
+    """A ``sdk.UserFilter`` subclass built as the proxy builds it for one route: ``config``
+    and ``per_route`` (raw mappings, as in YAML) go through the class's parsers (a bad value
+    raises ``ConfigError`` with its path), and the instance is wrapped so an exception answers
+    500 with flag ``FE`` and counts ``sidecar_filter_errors_total``."""
+    name = name or cls.__name__
+    cfg = user_filters.UserFilterConfig(
+        name=name, module=cls.__module__, class_name=cls.__name__,
+        source_file=getattr(sys.modules.get(cls.__module__), "__file__", "") or "", cls=cls,
+        config=cls.parse_config(config, "config"), path=name)
+    override = None if per_route is None else user_filters.UserPerRoute(per_route, "per_route")
+    return build_filter(user_filters.SPEC, cfg, override, env, route)
+
+
+def make_request(method: str = "GET", path: str = "/", *, query: str = "",
+                 headers: dict[str, str] | list[tuple[str, str]] | None = None,
+                 body: bytes | list[bytes] = b"", route: FakeRoute | None = None,
+                 peer_identity: str | None = None,
+                 jwt: dict[str, dict[str, Any]] | None = None,
+                 remote_ip: str = "127.0.0.1", request_id: str = "test-request-id") -> Request:
+    """A request as a filter sees it. ``body`` as a list of chunks is a streamed body (a
+    ``BodyStream`` fed those chunks); ``jwt``: provider -> verified claims (as ``jwt_authn``
+    leaves them); ``route`` is the route it matched (a ``FakeRoute`` by default)."""
+    h: MultiDict[str] = MultiDict()
+    for k, v in (headers.items() if isinstance(headers, dict) else headers or []):
+        h.add(k.lower(), v)
+    if "host" not in h:
+        h["host"] = "example.com"
+    ctx = RequestContext("test", (remote_ip, 40000), time.perf_counter(), 8080)
+    ctx.request_id = request_id
+    ctx.route = route or FakeRoute()
+    ctx.peer_identity = peer_identity
+    ctx.tls = peer_identity is not None
+    if jwt:
+        ctx.jwt_payloads.update(jwt)
+    req_body: Any = body
+    if isinstance(body, list):
+        stream = BodyStream()
+        for chunk in body:
+            stream.feed(chunk)
+        stream.feed_eof()
+        req_body = stream
+    return Request(method.upper(), path, query, h, req_body, ctx)
+
+
+class RecordingNext:
+    """A fake ``next``: records the requests that reached it and answers ``status`` / ``headers``
+    / ``body`` (or whatever ``handler(request)`` returns)."""
+
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None,
+                 body: bytes | list[bytes] = b"ok",
+                 handler: Callable[[Request], Awaitable[Response]] | None = None):
+        self.status = status
+        self.headers = headers or {}
+        self.body = body
+        self.handler = handler
+        self.requests: list[Request] = []
+
+    @property
+    def called(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def last(self) -> Request:
+        return self.requests[-1]
+
+    async def __call__(self, req: Request) -> Response:
+        self.requests.append(req)
+        if self.handler is not None:
+            return await self.handler(req)
+        body: Any = self.body
+        if isinstance(body, list):
+            stream = BodyStream()
+            for chunk in body:
+                stream.feed(chunk)
+            stream.feed_eof()
+            body = stream
+        return Response(self.status, MultiDict(self.headers), body)

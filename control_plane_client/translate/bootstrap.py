@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""An Envoy v3 bootstrap -> Snapshot (static resources; ``dynamic_resources`` become the control
+plane config), collecting every error with its path."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 from control_plane_client.translate.cluster import cluster
 from control_plane_client.translate.common import socket_address
+from control_plane_client.translate.dynamic import control_plane_from_bootstrap
 from control_plane_client.translate.listener import listener
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError, ConfigErrors, ErrorCollector
@@ -49,7 +51,6 @@ def bootstrap(d: dict) -> Snapshot:
     control_plane = None
     if d.get("dynamic_resources"):
         try:
-            from control_plane_client.translate.dynamic import control_plane_from_bootstrap
             control_plane = control_plane_from_bootstrap(d, "dynamic_resources")
         except (ConfigError, ConfigErrors) as e:
             errs.capture(e)

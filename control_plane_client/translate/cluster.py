@@ -1,8 +1,10 @@
-"""TODO docstring."""
+"""Envoy v3 Cluster and ClusterLoadAssignment -> the cluster model (LB policies, breakers,
+outlier detection, health checks, upstream TLS, protocol options)."""
 
 from __future__ import annotations
 
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
+from control_plane_client.translate.tls import upstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
     CircuitBreakers,
@@ -49,7 +51,7 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
 
 
 def cluster(d: dict, path: str) -> Cluster:
-    from control_plane_client.translate.tls import upstream_tls_from_envoy
+    pass
 
     w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
                      "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",
@@ -212,8 +214,6 @@ def protocol_options(d: dict, path: str) -> dict:
 
 
 def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("thresholds",), path)
     default = high = Thresholds()
     seen = set()
@@ -231,8 +231,6 @@ def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
 
 
 def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("timeout", "interval", "interval_jitter", "interval_jitter_percent",
                      "healthy_threshold", "unhealthy_threshold", "http_health_check",
                      "no_traffic_interval", "unhealthy_interval", "healthy_edge_interval",

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Pieces every Envoy v3 translator uses: typed ``Any`` bodies, socket addresses, header
+mutations, fractional percents, and the type URLs."""
 
 from __future__ import annotations
 

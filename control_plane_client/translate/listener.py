@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 Listener with its HTTP connection manager -> the listener model (HTTP filters, access
+logs, tracing, timeouts, edge options)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from control_plane_client.translate.common import (
     typed,
 )
 from control_plane_client.translate.route import route_configuration
+from control_plane_client.translate.tls import downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
@@ -21,6 +23,7 @@ from sidecar.config.route import HttpFilter, RouteConfig
 
 def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
     out: list[HttpFilter] = []
+    seen: dict[str, int] = {}
     if not items or (items[-1] or {}).get("name") != filter_registry.ROUTER:
         raise ConfigError(path, f"must end with {filter_registry.ROUTER}")
     for i, f in enumerate(items):
@@ -34,14 +37,35 @@ def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
                 rc = typed(f["typed_config"], w.join(fp, "typed_config"), T_ROUTER)
                 w.check_keys(rc, ("suppress_envoy_headers", "start_child_span"), w.join(fp, "typed_config"))
             continue
+        tc = f.get("typed_config")
         spec = filter_registry.lookup(name)
-        if spec is None:
-            raise ConfigError(w.join(fp, "name"), f"unsupported HTTP filter {name!r} (supported: "
-                              f"{', '.join(filter_registry.known_names())}, {filter_registry.ROUTER})")
+        instance, kind = name, ""
+        if spec is None or spec.name_instance is not None:
+            # Envoy finds an extension by its typed_config @type; the name is the instance's
+            # own (per-route overrides are keyed by it)
+            spec = filter_registry.by_type_url(tc.get("@type") if isinstance(tc, dict) else None)
+            if spec is None:
+                raise ConfigError(w.join(fp, "name"), f"unsupported HTTP filter {name!r} (supported: "
+                                  f"{', '.join(filter_registry.known_names())}, "
+                                  f"{filter_registry.ROUTER}; or a typed_config of one of their "
+                                  "types, such as the user filter type "
+                                  "type.googleapis.com/pysidecar.filter.v1.PythonFilter)")
+            if spec.name != name:
+                kind = spec.name
+        else:
+            instance = spec.name
         tp = w.join(fp, "typed_config")
         body = typed(w.mapping(f, "typed_config", fp), tp, spec.type_url)
-        out.append(HttpFilter(name=spec.name, config=spec.from_envoy(body, tp),
-                              disabled=w.boolean(f, "disabled", fp, False)))
+        config = spec.from_envoy(body, tp)
+        if spec.name_instance is not None:
+            instance, config = spec.name_instance(config, name)
+            kind = spec.name
+        if instance in seen and spec.name_instance is not None:
+            raise ConfigError(w.join(fp, "name"), f"filter name {instance!r} is already used by "
+                              f"{w.join(path, seen[instance])}")
+        seen[instance] = i
+        out.append(HttpFilter(name=instance, config=config,
+                              disabled=w.boolean(f, "disabled", fp, False), kind=kind))
     return tuple(out)
 
 
@@ -67,7 +91,7 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
 
 def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    from control_plane_client.translate.tls import downstream_tls_from_envoy
+    pass
 
     w.check_keys(d, ("name", "address", "filter_chains", "per_connection_buffer_limit_bytes",
                      "@type", "stat_prefix", "traffic_direction"), path)

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Envoy v3 RouteConfiguration, VirtualHost, Route, RouteMatch, RouteAction and RetryPolicy ->
+the route model."""
 
 from __future__ import annotations
 
@@ -29,24 +30,37 @@ from sidecar.config.route import (
 )
 
 
-def per_filter_configs(d: dict, path: str) -> tuple[tuple[str, Any], ...]:
-    out = []
+def per_filter_configs(d: dict | None, path: str) -> tuple[tuple[str, Any], ...]:
+    """``typed_per_filter_config``: keyed by filter instance name. A canonical Envoy name
+    picks its filter; any other name is a named instance (a user filter, a filter entry named
+    freely), whose filter is found by the config's ``@type``."""
+    out: list[tuple[str, Any]] = []
     for name, cfg in (d or {}).items():
         p = w.join(path, name)
+        filter_config = isinstance(cfg, dict) and cfg.get("@type") == T_FILTER_CONFIG
+        disabled = False
+        if filter_config:
+            fc = typed(cfg, p, T_FILTER_CONFIG)
+            w.check_keys(fc, ("config", "disabled", "is_optional"), p)
+            disabled = w.boolean(fc, "disabled", p, False)
+            if not disabled:
+                cfg = w.mapping(fc, "config", p)
+                p = w.join(p, "config")
         spec = filter_registry.lookup(name)
+        key = spec.name if spec is not None and spec.name_instance is None else name
+        if disabled:
+            out.append((key, None))
+            continue
+        if spec is None or spec.name_instance is not None:
+            spec = filter_registry.by_type_url(cfg.get("@type") if isinstance(cfg, dict) else None)
         if spec is None or spec.per_route_from_envoy is None:
             raise ConfigError(p, f"per-route config for filter {name!r} is not supported")
-        if isinstance(cfg, dict) and cfg.get("@type") == "type.googleapis.com/envoy.config.route.v3.FilterConfig":
-            fc = typed(cfg, p, "type.googleapis.com/envoy.config.route.v3.FilterConfig")
-            w.check_keys(fc, ("config", "disabled", "is_optional"), p)
-            if fc.get("disabled"):
-                out.append((spec.name, None))
-                continue
-            cfg = fc["config"]
-            p = w.join(p, "config")
         body = typed(cfg, p, (spec.per_route_type_url, spec.type_url))
-        out.append((spec.name, spec.per_route_from_envoy(body, p)))
+        out.append((key, spec.per_route_from_envoy(body, p)))
     return tuple(out)
+
+
+T_FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 
 
 def route_match(d: dict, path: str) -> RouteMatch:
@@ -259,8 +273,6 @@ def route_configuration(d: dict, path: str) -> RouteConfig:
 
 
 def retry_policy_from_envoy(d: dict, path: str) -> RetryPolicy:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout",
                      "retriable_status_codes", "retry_back_off", "retry_host_predicate",
                      "host_selection_retry_max_attempts"), path)

@@ -1,7 +1,10 @@
-"""TODO docstring."""
+"""Envoy v3 ``transport_socket`` TLS contexts (DownstreamTlsContext, UpstreamTlsContext) -> the TLS
+model. One certificate from files, a validation CA, URI SAN matchers, TLS 1.2 minimum."""
 
 from __future__ import annotations
 
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 from sidecar.config.tls import DownstreamTls, UpstreamTls
 
 T_TLS_DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -15,8 +18,6 @@ _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
 
 def _common(ctx: dict, path: str) -> dict:
     """CommonTlsContext subset: one cert from files, validation CA, SAN matchers, min version."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols"), path)
     out: dict = {}
     certs = w.seq(ctx, "tls_certificates", path, [])
@@ -68,8 +69,6 @@ def _common(ctx: dict, path: str) -> dict:
 
 
 def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("name", "typed_config"), path)
     tp = w.join(path, "typed_config")
     tc = w.mapping(d, "typed_config", path)
@@ -79,8 +78,6 @@ def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
 
 
 def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     body, tp = _socket(d, path, T_TLS_DOWN)
     w.check_keys(body, ("common_tls_context", "require_client_certificate"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"))
@@ -100,12 +97,10 @@ def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
 
 
 def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
-    from sidecar.config import wire as w
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"))
     if c.get("match_san_uris") and not c.get("ca_file"):
-        from sidecar.config.errors import ConfigError
         raise ConfigError(w.join(tp, "common_tls_context.validation_context"),
                           "SAN-based verification of peer certificates without trusted_ca is "
                           "insecure and not allowed (as in Envoy)")

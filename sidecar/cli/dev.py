@@ -26,10 +26,16 @@ import copy
 import os
 import sys
 import time
+from dataclasses import replace
 
 from sidecar.admin.server import start_admin
 from sidecar.cli import certs, token
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError, ConfigErrors
+from sidecar.config.listener import AccessLogConfig
 from sidecar.k8s import cli as k8s_cli
+from sidecar.runtime.app import App, install_uvloop, setup_logging
+from sidecar.runtime.loader import is_envoy, parse_text, snapshot_from_doc
 
 DEFAULT_DEV_CONFIG = "sidecar.dev.yaml"
 DEFAULT_DEV_PORT = 10000
@@ -80,7 +86,6 @@ def _cluster_name(prefix: str, used: set[str]) -> str:
 
 def _target(v, path: str) -> tuple[list[str], dict | None]:
     """``host:port`` | ``[host:port, ...]`` | ``http(s)://host[:port]`` -> (endpoints, tls)."""
-    from sidecar.config.errors import ConfigError
     items = v if isinstance(v, list) else [v]
     if not items:
         raise ConfigError(path, "needs at least one host:port")
@@ -109,8 +114,6 @@ def tiny_to_native(doc: dict) -> tuple[dict, list[tuple[str, str]], list]:
     """The tiny dev format -> (a native config, (native path prefix, tiny path) pairs to report
     errors where the user wrote them, errors). A bad route is left out of the native config and
     reported, so that the native parser can still report the others' errors."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     for k in doc:
         if k not in TINY_KEYS:
             raise ConfigError(str(k), "unknown field (the tiny dev config has port, address, "
@@ -141,8 +144,6 @@ def tiny_to_native(doc: dict) -> tuple[dict, list[tuple[str, str]], list]:
 
 
 def _tiny_route(prefix, v, routes, clusters, pathmap, used) -> None:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     tp = f"routes.{prefix}"
     route: dict = {"name": prefix, "match": {"prefix": prefix}}
     if isinstance(v, dict) and "status" in v:
@@ -172,7 +173,6 @@ def _tiny_route(prefix, v, routes, clusters, pathmap, used) -> None:
 
 
 def _rewrite(errors, pathmap):
-    from sidecar.config.errors import ConfigError
     out = []
     for e in errors:
         p = e.path
@@ -190,7 +190,6 @@ _FULL_KEYS = {"listeners", "clusters", "sidecar", "admin", "control_plane", "tra
 
 
 def is_tiny(doc: dict) -> bool:
-    from sidecar.runtime.loader import is_envoy
     return not is_envoy(doc) and not (_FULL_KEYS & set(doc))
 
 
@@ -199,8 +198,6 @@ def dev_snapshot(text: str, name: str, port: int | None = None, admin_port: int 
 
     Dev rules on top of the usual parsing: the admin listens on 127.0.0.1; listeners without an
     access log get the readable ``dev`` request log on stdout."""
-    from sidecar.config.errors import ConfigError, ConfigErrors
-    from sidecar.runtime.loader import is_envoy, parse_text, snapshot_from_doc
     doc = parse_text(text, name)
     notes: list[str] = []
     pathmap: list = []
@@ -244,9 +241,8 @@ def dev_snapshot(text: str, name: str, port: int | None = None, admin_port: int 
         raise ConfigErrors(tiny_errors)
     if pathmap:
         # the tiny format always gets the dev request log
-        from dataclasses import replace
+        pass
 
-        from sidecar.config.listener import AccessLogConfig
         snap = replace(snap, listeners=tuple(
             replace(l, access_log=(AccessLogConfig(path="/dev/stdout", format="dev"),))
             for l in snap.listeners))
@@ -309,7 +305,6 @@ class DevRunner:
         self.colour = out.colour
 
     def load(self):
-        from sidecar.config.errors import ConfigError, ConfigErrors
         text = _read(self.path)
         if text is None:
             raise ConfigErrors([ConfigError("", f"cannot read {self.path}")])
@@ -363,7 +358,6 @@ class DevRunner:
         return True
 
     async def watch(self) -> None:
-        from sidecar.config.errors import ConfigErrors
         last = _stamp(self.path)
         while True:
             await asyncio.sleep(POLL_INTERVAL_S)
@@ -385,8 +379,6 @@ class DevRunner:
                 self.banner()
 
     async def run(self) -> int:
-        from sidecar.config.errors import ConfigErrors
-        from sidecar.runtime.app import App
         first = None
         last = _stamp(self.path)
         while first is None:          # nothing runs until the config is good
@@ -417,7 +409,6 @@ class DevRunner:
 
 
 def cmd_dev(args) -> int:
-    from sidecar.runtime.app import install_uvloop, setup_logging
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
                                         and os.environ.get("NO_COLOR") is None)
     out = _Out(colour)

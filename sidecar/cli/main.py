@@ -8,17 +8,22 @@ import logging
 import os
 import sys
 
+import aiohttp
+import httptools
+
 from sidecar import __version__
 from sidecar.admin.server import make_admin_app, start_admin
+from sidecar.cli.demo import demo_snapshot, print_banner, start_demo_services
+from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.k8s.probes import start_from_env
-from sidecar.runtime.app import App
+from sidecar.runtime.app import App, ParserError, check_compiled_parsers, install_uvloop, setup_logging
+from sidecar.runtime.loader import load_file
 from sidecar.runtime.workers import run_workers
 
 log = logging.getLogger("sidecar")
 
 
 def _load(path: str):
-    from sidecar.runtime.loader import load_file
     return load_file(path)
 
 
@@ -52,7 +57,6 @@ async def _dry_compile(snap) -> None:
 
 
 def cmd_validate(args) -> int:
-    from sidecar.config.errors import ConfigError, ConfigErrors
     try:
         snap = _load(args.config)
         asyncio.run(_dry_compile(snap))
@@ -71,16 +75,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_version(args) -> int:
-    import aiohttp
-    import httptools
     print(f"sidecar {__version__} (python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
           f"httptools {httptools.__version__})")
     return 0
 
 
 def cmd_run(args) -> int:
-    from sidecar.config.errors import ConfigErrors
-    from sidecar.runtime.app import ParserError, check_compiled_parsers, install_uvloop, setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -111,14 +111,13 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     demo_servers = None
     demo = snap is None
     if demo:
-        from sidecar.cli.demo import demo_snapshot, start_demo_services
         demo_servers, ports = await start_demo_services()
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
+              loop_lag_threshold_s=args.loop_lag_threshold / 1000.0,
               reuse_port=reuse_port, worker_id=worker_id, workers=workers, admin=start_admin,
               companions=COMPANIONS)
     app.install_signal_handlers()
-    from sidecar.config.errors import ConfigError, ConfigErrors
     try:
         await app.start()
     except (ConfigError, ConfigErrors) as e:
@@ -132,7 +131,6 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     log.info("sidecar %s serving (%s; event loop: %s); admin http://%s:%s/", __version__, ports,
              "uvloop" if uv else "asyncio", snap.admin.host, app.admin_port)
     if demo:
-        from sidecar.cli.demo import print_banner
         print_banner(app)
     await app.run_until_stopped()
     if demo_servers is not None:
@@ -161,6 +159,9 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "info"))
     r.add_argument("--no-metrics", action="store_true", help="do not record metrics (benchmarking)")
     r.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    r.add_argument("--loop-lag-threshold", type=float, default=250.0, metavar="MS",
+                   help="report event-loop stalls longer than this, naming the user filter "
+                        "that blocked (0: no watchdog)")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a config file; lists every error with its path")
     v.add_argument("-c", "--config", required=True)
@@ -168,7 +169,8 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
     if extra:
-        from sidecar.cli import dev as cli_extra
+        # lazily: these commands pull in cryptography, which `run` without TLS or JWT need not load
+        from sidecar.cli import dev as cli_extra  # noqa: PLC0415
         cli_extra.add_commands(sub)
     return p
 

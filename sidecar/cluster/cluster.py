@@ -28,6 +28,7 @@ from sidecar.core.errors import (
     NoHealthyUpstream,
     Overflow,
     PendingTimeout,
+    RouteTimeout,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -203,6 +204,11 @@ class Cluster:
         except UpstreamError as e:
             if client_span is not None:
                 client_span.end(None, e.flag)
+            if e.flag == "UT" and not isinstance(e, RouteTimeout) and ctx.deadline is not None \
+                    and loop.time() >= ctx.deadline:
+                # the route's deadline (not a per-try one) ended the request
+                self.stats.rq_timeout.inc()
+                raise RouteTimeout() from None
             raise
         finally:
             host.active_requests -= 1

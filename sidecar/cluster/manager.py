@@ -62,6 +62,10 @@ class ClusterManager:
             st = self.states[name] = ClusterState(name, self.stats.cluster(name))
         return st
 
+    def configured(self, name: str) -> bool:
+        st = self.states.get(name)
+        return st is not None and st.current is not None
+
     def get(self, name: str) -> Cluster | None:
         st = self.states.get(name)
         return st.current if st is not None else None

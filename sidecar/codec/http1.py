@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import Protocol, cast
 
 import httptools
@@ -48,7 +49,7 @@ class StreamOwner(Protocol):
 
     def protocol_error(self, status: int) -> None: ...
 
-    async def dispatch(self, req: Request) -> Response: ...
+    def dispatch(self, req: Request) -> Awaitable[Response]: ...
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         """The stream is over (response written, or abandoned): observe it."""

@@ -4,6 +4,7 @@ over: observe it), plus the connection bookkeeping. ``ListenerRuntime`` implemen
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 from sidecar.core.message import Request, Response
@@ -43,7 +44,7 @@ class StreamOwner(Protocol):
         """An HTTP/2 limit fired (a flood, a malformed request, too many streams)."""
         ...
 
-    async def dispatch(self, req: Request) -> Response: ...
+    def dispatch(self, req: Request) -> Awaitable[Response]: ...
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         """The stream is over (response written, or abandoned): observe it."""

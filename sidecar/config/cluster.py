@@ -1,12 +1,17 @@
-"""TODO docstring."""
+"""Cluster config: endpoints, load balancing, circuit breakers, outlier detection, active health
+checks; and the parsers both config formats share for them (breaker thresholds, outlier
+fields, status ranges)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
 from sidecar.config.tls import UpstreamTls
+from sidecar.config.wire import Raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +149,7 @@ class Cluster:
 _KEYS = ("max_connections", "max_pending_requests", "max_requests", "max_retries", "retry_budget")
 
 
-def _thresholds(d: dict, path: str, envoy: bool) -> Thresholds:
-    from sidecar.config import wire as w
+def _thresholds(d: Raw, path: str, envoy: bool) -> Thresholds:
     w.check_keys(d, (*_KEYS, "priority", "track_remaining") if envoy else _KEYS, path)
     budget = None
     if d.get("retry_budget") is not None:
@@ -178,17 +182,15 @@ _FIELDS_PERCENT = ("max_ejection_percent", "enforcing_consecutive_5xx",
                    "enforcing_consecutive_local_origin_failure", "enforcing_success_rate")
 
 
-def outlier_detection_from_wire(d: dict, path: str) -> OutlierDetection:
+def outlier_detection_from_wire(d: Raw, path: str) -> OutlierDetection:
     """Envoy ``outlier_detection``; the native format uses the same field names."""
-    from sidecar.config import wire as w
     w.check_keys(d, (*_FIELDS_DURATION, *_FIELDS_INT, *_FIELDS_PERCENT,
                      "split_external_local_origin_errors", "success_rate_stdev_factor"), path)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     for k, attr in _FIELDS_DURATION.items():
         if k in d:
             kw[attr] = w.duration(d, k, path)
             if kw[attr] <= 0 and k != "max_ejection_time":
-                from sidecar.config.errors import ConfigError
                 raise ConfigError(w.join(path, k), "must be greater than zero")
     for k in _FIELDS_INT:
         if k in d:
@@ -204,9 +206,7 @@ def outlier_detection_from_wire(d: dict, path: str) -> OutlierDetection:
     return OutlierDetection(**kw)
 
 
-def _statuses(v, path):
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
+def _statuses(v: object, path: str) -> tuple[tuple[int, int], ...]:
     if not isinstance(v, list):
         raise ConfigError(path, "must be a list of status codes or {start, end} ranges")
     out = []
@@ -226,7 +226,6 @@ def _statuses(v, path):
 
 
 def _positive(v: float, path: str) -> float:
-    from sidecar.config.errors import ConfigError
     if v <= 0:
         raise ConfigError(path, "must be greater than zero")
     return v

@@ -1,12 +1,15 @@
-"""TODO docstring."""
+"""How the sidecar reaches its control plane (xDS sources), and the native ``control_plane:``
+section."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.wire import Raw
 
 DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0     # Envoy's default
 
@@ -31,7 +34,7 @@ class SourceSpec:
     metadata: tuple[tuple[str, str], ...] = ()   # grpc: initial_metadata
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> tuple[object, ...]:
         """Identity of the transport that serves this source (one per key)."""
         if self.kind == "rest":
             return ("rest", self.cluster, self.refresh_delay_s, self.request_timeout_s)
@@ -82,7 +85,7 @@ def _address(v: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
+def control_plane_from_native(d: Raw, path: str) -> ControlPlaneConfig:
     w.check_keys(d, ("api_type", "address", "addresses", "cluster", "path", "refresh_delay",
                      "request_timeout", "initial_fetch_timeout", "retry_backoff", "cache",
                      "poll_interval"), path)
@@ -94,7 +97,7 @@ def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
     for i, a in enumerate(w.seq(d, "addresses", path, [])):
         addrs.append(_address(a, w.join(w.join(path, "addresses"), i)))
     cluster = w.string(d, "cluster", path, "")
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     if api_type == "FILE":
         for k in ("address", "addresses", "cluster", "refresh_delay", "request_timeout"):
             if k in d:
@@ -139,7 +142,6 @@ def control_plane_from_native(d: dict, path: str) -> ControlPlaneConfig:
 
 
 def _need_grpc_package(path: str) -> None:
-    import importlib.util
     if importlib.util.find_spec("envoy_data_plane") is None or importlib.util.find_spec("grpclib") is None:
         raise ConfigError(path, "gRPC xDS (ADS) needs the envoy-data-plane package: "
                           "pip install 'pysidecar[ads]' (or 'envoy-data-plane>=2.2,<3')")

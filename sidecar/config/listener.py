@@ -1,10 +1,12 @@
-"""TODO docstring."""
+"""Listener config: address, HTTP options and timeouts, edge policy, access logs (and the field
+vocabulary native access logs may name), TLS, tracing, sidecar mode and admin."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, Http2Options, UpgradeConfig
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.tls import DownstreamTls
@@ -108,10 +110,9 @@ def is_sensitive_header(name: str) -> bool:
     return any(w in n for w in _SENSITIVE_WORDS)
 
 
-def check_fields(fields, path: str = "access_log.fields") -> tuple[str, ...]:
+def check_fields(fields: list[Any], path: str = "access_log.fields") -> tuple[str, ...]:
     """Validate a field list (for the config loaders): unknown or sensitive fields are a
     ConfigError with the path of the bad entry."""
-    from sidecar.config.errors import ConfigError
     out = []
     for i, f in enumerate(fields):
         p = f"{path}[{i}]"

@@ -96,6 +96,17 @@ class QueryMatcher:
     present: bool = True
 
 
+def _literal(kind: str, value: str, ignore_case: bool) -> StringMatcher:
+    """A literal matcher of ``kind`` (exact, prefix, suffix, contains)."""
+    if kind == "exact":
+        return StringMatcher(exact=value, ignore_case=ignore_case)
+    if kind == "prefix":
+        return StringMatcher(prefix=value, ignore_case=ignore_case)
+    if kind == "suffix":
+        return StringMatcher(suffix=value, ignore_case=ignore_case)
+    return StringMatcher(contains=value, ignore_case=ignore_case)
+
+
 # ---- Envoy (envoy.type.matcher.v3 / envoy.config.route.v3) -------------------------------------
 
 _STRING_KINDS = ("exact", "prefix", "suffix", "contains", "safe_regex")
@@ -116,7 +127,7 @@ def string_matcher_from_envoy(d: object, path: str) -> StringMatcher:
     assert kind is not None
     ic = w.boolean(m, "ignore_case", path, False)
     s = w.string(m, kind, path)
-    return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
+    return _literal(kind, s.lower() if ic else s, ic)
 
 
 _HEADER_KINDS = ("exact_match", "safe_regex_match", "range_match", "present_match",
@@ -148,7 +159,7 @@ def header_matcher_from_envoy(d: object, path: str) -> HeaderMatcher:
     elif kind == "safe_regex_match":
         sm = StringMatcher(regex=_regex(m[kind], kp))
     else:
-        sm = StringMatcher(**{kind[: -len("_match")]: w.string(m, kind, path)})
+        sm = _literal(kind[: -len("_match")], w.string(m, kind, path), False)
     return HeaderMatcher(name=name, value=sm, invert=invert, missing_as_empty=empty)
 
 
@@ -172,7 +183,7 @@ def string_matcher_from_native(v: object, path: str) -> StringMatcher:
     assert kind is not None
     ic = w.boolean(m, "ignore_case", path, False)
     s = w.string(m, kind, path)
-    return StringMatcher(**{kind: s.lower() if ic else s}, ignore_case=ic)
+    return _literal(kind, s.lower() if ic else s, ic)
 
 
 def header_matcher_from_native(d: object, path: str) -> HeaderMatcher:

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Route config: matches, actions (cluster, weighted, header; direct response; redirect),
+rewrites, header mutations, retry policy, mirrors, hash policy; the HTTP filters of a listener."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config import wire as w
+from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import UpgradeConfig
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 
@@ -14,7 +17,7 @@ from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 class RouteMatch:
     prefix: str | None = None
     path: str | None = None
-    regex: re.Pattern | None = None
+    regex: re.Pattern[str] | None = None
     path_separated_prefix: str | None = None
     case_sensitive: bool = True
     headers: tuple[HeaderMatcher, ...] = ()
@@ -84,7 +87,7 @@ class RouteAction:
     weighted_clusters: tuple[WeightedCluster, ...] = ()
     cluster_header: str | None = None
     prefix_rewrite: str | None = None
-    regex_rewrite: tuple[re.Pattern, str] | None = None
+    regex_rewrite: tuple[re.Pattern[str], str] | None = None
     host_rewrite: str | None = None
     auto_host_rewrite: bool = False
     timeout_s: float = 15.0                  # 0 disables (Envoy's default is 15 s)
@@ -149,9 +152,18 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpFilter:
-    name: str          # canonical Envoy name, e.g. envoy.filters.http.jwt_authn
+    # the instance name: per-route overrides are keyed by it (the canonical Envoy name, e.g.
+    # envoy.filters.http.jwt_authn, unless the config named the instance itself)
+    name: str
     config: Any        # the filter module's frozen config object
     disabled: bool = False
+    # the registry name of the implementation when it differs from ``name`` (an Envoy filter
+    # found by its typed_config @type, a user filter: pysidecar.filters.http.python)
+    kind: str = ""
+
+    @property
+    def spec_name(self) -> str:
+        return self.kind or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +193,7 @@ RETRY_ON = frozenset({
 })
 
 
-def parse_retry_on(v, path: str) -> frozenset[str]:
-    from sidecar.config.errors import ConfigError
+def parse_retry_on(v: object, path: str) -> frozenset[str]:
     if isinstance(v, str):
         items = [s.strip() for s in v.split(",") if s.strip()]
     elif isinstance(v, list) and all(isinstance(s, str) for s in v):
@@ -196,9 +207,7 @@ def parse_retry_on(v, path: str) -> frozenset[str]:
     return frozenset(items)
 
 
-def _status_codes(v, path: str) -> frozenset[int]:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
+def _status_codes(v: object, path: str) -> frozenset[int]:
     if not isinstance(v, list):
         raise ConfigError(path, "must be a list of HTTP status codes")
     for i, c in enumerate(v):

@@ -40,7 +40,7 @@ def check_references(snap: Snapshot, native: bool = False) -> None:
         if c.name in names:
             errs.add(f"{base}clusters[{i}].name", f"duplicate cluster name {c.name!r}")
         names[c.name] = i
-    ports: dict[tuple, int] = {}
+    ports: dict[tuple[str, int], int] = {}
     for li, lst in enumerate(snap.listeners):
         key = (lst.host, lst.port)
         if key in ports and lst.port != 0:

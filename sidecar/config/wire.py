@@ -3,17 +3,31 @@
 Every reader takes the field's full path so an error reads
 ``clusters[2].endpoints[0].port: must be 1..65535``. Unknown keys are refused by
 ``check_keys``: nothing in a config is silently ignored.
+
+A raw config is what YAML/JSON parsing gives: ``Raw`` is a mapping of such values. The readers
+turn it into typed values; a reader called without a default raises ``is required`` for a
+missing field, one called with a default returns the default (of the default's type).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypeVar, overload
 
 from sidecar.config.errors import ConfigError
 
-_MISSING = object()
+Raw = Mapping[str, Any]
+"""A mapping from parsed YAML/JSON, before validation (values of any JSON type)."""
+
+T = TypeVar("T")
+
+
+class _Missing:
+    """The 'no default given' marker (a field without a default is required)."""
+
+
+_MISSING: Any = _Missing()
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|us)?$")
 
 
@@ -23,65 +37,98 @@ def join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def check_keys(d: Any, allowed: Iterable[str], path: str) -> dict:
+def check_keys(d: object, allowed: Iterable[str], path: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
-    allowed = set(allowed)
+    known = set(allowed)
     for k in d:
-        if k not in allowed:
+        if k not in known:
             raise ConfigError(join(path, str(k)), "unknown or unsupported field")
     return d
 
 
-def mapping(d: dict, key: str, path: str, default: Any = _MISSING) -> dict:
+def _get(d: Raw, key: str, path: str, default: object) -> tuple[bool, Any]:
+    """(present, value); a missing field without a default is an error."""
     v = d.get(key, _MISSING)
     if v is _MISSING or v is None:
         if default is _MISSING:
             raise ConfigError(join(path, key), "is required")
-        return default
+        return False, default
+    return True, v
+
+
+@overload
+def mapping(d: Raw, key: str, path: str) -> dict[str, Any]: ...
+@overload
+def mapping(d: Raw, key: str, path: str, default: T) -> dict[str, Any] | T: ...
+
+
+def mapping(d: Raw, key: str, path: str, default: object = _MISSING) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     if not isinstance(v, dict):
         raise ConfigError(join(path, key), f"must be a mapping, got {type(v).__name__}")
     return v
 
 
-def seq(d: dict, key: str, path: str, default: Any = _MISSING) -> list:
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+@overload
+def seq(d: Raw, key: str, path: str) -> list[Any]: ...
+@overload
+def seq(d: Raw, key: str, path: str, default: T) -> list[Any] | T: ...
+
+
+def seq(d: Raw, key: str, path: str, default: object = _MISSING) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     if not isinstance(v, list):
         raise ConfigError(join(path, key), f"must be a list, got {type(v).__name__}")
     return v
 
 
-def string(d: dict, key: str, path: str, default: Any = _MISSING, *,
-           choices: Iterable[str] | None = None, nonempty: bool = False) -> str:
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+@overload
+def string(d: Raw, key: str, path: str, *, choices: Iterable[str] | None = None,
+           nonempty: bool = False) -> str: ...
+@overload
+def string(d: Raw, key: str, path: str, default: T, *, choices: Iterable[str] | None = None,
+           nonempty: bool = False) -> str | T: ...
+
+
+def string(d: Raw, key: str, path: str, default: object = _MISSING, *,
+           choices: Iterable[str] | None = None, nonempty: bool = False) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     if not isinstance(v, str):
         raise ConfigError(join(path, key), f"must be a string, got {type(v).__name__}")
     if nonempty and not v:
         raise ConfigError(join(path, key), "must not be empty")
     if choices is not None:
-        choices = tuple(choices)
-        if v not in choices:
-            raise ConfigError(join(path, key), f"must be one of {', '.join(choices)}; got {v!r}")
+        allowed = tuple(choices)
+        if v not in allowed:
+            raise ConfigError(join(path, key), f"must be one of {', '.join(allowed)}; got {v!r}")
     return v
 
 
-def integer(d: dict, key: str, path: str, default: Any = _MISSING, *, lo: int | None = None,
-            hi: int | None = None) -> int:
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+_INT = re.compile(r"-?\d+")
+
+
+@overload
+def integer(d: Raw, key: str, path: str, *, lo: int | None = None,
+            hi: int | None = None) -> int: ...
+@overload
+def integer(d: Raw, key: str, path: str, default: T, *, lo: int | None = None,
+            hi: int | None = None) -> int | T: ...
+
+
+def integer(d: Raw, key: str, path: str, default: object = _MISSING, *, lo: int | None = None,
+            hi: int | None = None) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     # Envoy JSON encodes uint64 as strings; accept digit strings like protobuf JSON does
-    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
+    if isinstance(v, str) and _INT.fullmatch(v):
         v = int(v)
     if isinstance(v, dict) and set(v) == {"value"}:   # google.protobuf.UInt32Value
         return integer(v, "value", join(path, key), default, lo=lo, hi=hi)
@@ -94,13 +141,19 @@ def integer(d: dict, key: str, path: str, default: Any = _MISSING, *, lo: int | 
     return v
 
 
-def number(d: dict, key: str, path: str, default: Any = _MISSING, *, lo: float | None = None,
-           hi: float | None = None) -> float:
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+@overload
+def number(d: Raw, key: str, path: str, *, lo: float | None = None,
+           hi: float | None = None) -> float: ...
+@overload
+def number(d: Raw, key: str, path: str, default: T, *, lo: float | None = None,
+           hi: float | None = None) -> float | T: ...
+
+
+def number(d: Raw, key: str, path: str, default: object = _MISSING, *, lo: float | None = None,
+           hi: float | None = None) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     if isinstance(v, dict) and set(v) == {"value"}:   # google.protobuf.DoubleValue
         return number(v, "value", join(path, key), default, lo=lo, hi=hi)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -110,12 +163,16 @@ def number(d: dict, key: str, path: str, default: Any = _MISSING, *, lo: float |
     return float(v)
 
 
-def boolean(d: dict, key: str, path: str, default: Any = _MISSING) -> bool:
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+@overload
+def boolean(d: Raw, key: str, path: str) -> bool: ...
+@overload
+def boolean(d: Raw, key: str, path: str, default: T) -> bool | T: ...
+
+
+def boolean(d: Raw, key: str, path: str, default: object = _MISSING) -> object:
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     if isinstance(v, dict) and set(v) == {"value"}:   # google.protobuf.BoolValue
         return boolean(v, "value", join(path, key), default)
     if not isinstance(v, bool):
@@ -123,18 +180,22 @@ def boolean(d: dict, key: str, path: str, default: Any = _MISSING) -> bool:
     return v
 
 
-def duration(d: dict, key: str, path: str, default: Any = _MISSING) -> float:
+@overload
+def duration(d: Raw, key: str, path: str) -> float: ...
+@overload
+def duration(d: Raw, key: str, path: str, default: T) -> float | T: ...
+
+
+def duration(d: Raw, key: str, path: str, default: object = _MISSING) -> object:
     """Seconds from ``"1.5s"``, ``"250ms"``, a number of seconds, or protobuf
     ``{seconds, nanos}``."""
-    v = d.get(key, _MISSING)
-    if v is _MISSING or v is None:
-        if default is _MISSING:
-            raise ConfigError(join(path, key), "is required")
-        return default
+    present, v = _get(d, key, path, default)
+    if not present:
+        return v
     return parse_duration(v, join(path, key))
 
 
-def parse_duration(v: Any, path: str) -> float:
+def parse_duration(v: object, path: str) -> float:
     if isinstance(v, bool):
         raise ConfigError(path, f"must be a duration like '1.5s' or '250ms', got {v!r}")
     if isinstance(v, (int, float)):
@@ -159,11 +220,17 @@ def parse_duration(v: Any, path: str) -> float:
     raise ConfigError(path, f"must be a duration like '1.5s' or '250ms', got {v!r}")
 
 
-def port(d: dict, key: str, path: str, default: Any = _MISSING) -> int:
+@overload
+def port(d: Raw, key: str, path: str) -> int: ...
+@overload
+def port(d: Raw, key: str, path: str, default: T) -> int | T: ...
+
+
+def port(d: Raw, key: str, path: str, default: object = _MISSING) -> object:
     return integer(d, key, path, default, lo=1, hi=65535)
 
 
-def compile_regex(pattern: Any, path: str, flags: int = 0) -> re.Pattern:
+def compile_regex(pattern: object, path: str, flags: int = 0) -> re.Pattern[str]:
     if not isinstance(pattern, str):
         raise ConfigError(path, "must be a regular expression string")
     try:
@@ -172,12 +239,19 @@ def compile_regex(pattern: Any, path: str, flags: int = 0) -> re.Pattern:
         raise ConfigError(path, f"invalid regular expression: {e}") from None
 
 
-def one_of(d: dict, keys: Iterable[str], path: str, required: bool = True) -> str | None:
-    present = [k for k in keys if d.get(k) is not None]
+@overload
+def one_of(d: Raw, keys: Iterable[str], path: str, required: Literal[True] = True) -> str: ...
+@overload
+def one_of(d: Raw, keys: Iterable[str], path: str, required: bool) -> str | None: ...
+
+
+def one_of(d: Raw, keys: Iterable[str], path: str, required: bool = True) -> str | None:
+    names = tuple(keys)
+    present = [k for k in names if d.get(k) is not None]
     if len(present) > 1:
         raise ConfigError(path, f"only one of {', '.join(present)} may be set")
     if not present:
         if required:
-            raise ConfigError(path, f"one of {', '.join(keys)} is required")
+            raise ConfigError(path, f"one of {', '.join(names)} is required")
         return None
     return present[0]

@@ -185,6 +185,46 @@ class PrefixedStream(BodySource):
         return data
 
 
+class TransformedBody(BodySource):
+    """A streamed body rewritten chunk by chunk (compression, for one): each chunk read from
+    ``source`` goes through ``transform``; at its end ``finish()`` gives the last bytes. Chunks
+    that transform to nothing are skipped, so a reader only sees ``b""`` at the very end."""
+
+    __slots__ = ("source", "transform", "finish", "_done", "_out")
+
+    def __init__(self, source: BodySource, transform: Callable[[bytes], bytes],
+                 finish: Callable[[], bytes]):
+        super().__init__()
+        self.source = source
+        self.transform = transform
+        self.finish = finish
+        self._done = False
+        self._out = 0
+
+    @property
+    def total(self) -> int:
+        """Bytes produced so far (what the reader got)."""
+        return self._out
+
+    @property
+    def at_eof(self) -> bool:
+        return self._done
+
+    async def read(self) -> bytes:
+        while not self._done:
+            chunk = await self.source.read()
+            if chunk:
+                data = self.transform(chunk)
+            else:
+                self._done = True
+                self.trailers = self.source.trailers
+                data = self.finish()
+            if data:
+                self._out += len(data)
+                return data
+        return b""
+
+
 Body = bytes | BodySource
 
 

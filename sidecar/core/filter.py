@@ -37,6 +37,11 @@ FilterLike = Callable[[Request, Handler], Awaitable[Response]]
 class UpstreamClient(Protocol):
     """Sends a request through one cluster: its load balancer, breakers, pools and TLS."""
 
+    @property
+    def name(self) -> str:
+        """The cluster's name."""
+        ...
+
     async def send(self, request: Request) -> Response: ...
 
 
@@ -74,6 +79,16 @@ class FilterSpec(Generic[ConfigT, PerRouteT, StateT]):
     per_route_from_envoy: Callable[[RawConfig, str], PerRouteT] | None = None
     per_route_from_native: Callable[[object, str], PerRouteT] | None = None
     close_state: Callable[[StateT], None] | None = None
+    # files the config was made from (a user filter's module): the proxy reloads its config
+    # when one changes
+    source_files: Callable[[ConfigT], tuple[str, ...]] | None = None
+    # filters that may appear several times, each instance named (user filters): (config, the
+    # name of the Envoy filter entry, or None from native YAML) -> (the instance name, the
+    # config carrying it). Per-route overrides and metrics use the instance name.
+    name_instance: Callable[[ConfigT, str | None], tuple[str, ConfigT]] | None = None
+    # (virtual host's override, route's override) -> the one the route gets; without it the
+    # route's replaces the virtual host's (CORS merges field by field, as Envoy does)
+    merge_per_route: Callable[[PerRouteT, PerRouteT], PerRouteT] | None = None
 
 
 def no_state(env: FilterEnv) -> None:

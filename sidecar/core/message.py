@@ -82,6 +82,20 @@ class Response:
         b = self.body
         return None if isinstance(b, bytes) else b
 
+    async def read_body(self, limit: int) -> bytes:
+        """Buffer the whole body (up to ``limit``), replacing the stream so it can be sent on.
+        On ``BodyTooLarge`` the body is lost: ``discard()`` the response and answer locally."""
+        body = self.body
+        if isinstance(body, bytes):
+            if len(body) > limit:
+                raise BodyTooLarge(len(body))
+            return body
+        data = await body.read_all(limit)
+        if body.trailers is not None:
+            self.trailers = body.trailers
+        self.body = data
+        return data
+
 
 def local_reply(ctx: RequestContext, status: int, body: str, flag: str | None = None,
                 headers: Headers | None = None, details: str = "") -> Response:

@@ -5,6 +5,7 @@ Host port stripping Envoy does (``strip_*_host_port``)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 
 from sidecar.config.listener import Listener
@@ -23,14 +24,31 @@ EDGE_UNTRUSTED = ("x-envoy-decorator-operation", "x-envoy-downstream-service-clu
                   "x-envoy-upstream-alt-stat-name")
 
 
-_rand = random.getrandbits
+class RequestIds:
+    """Request ids shaped as version-4 UUIDs: a random per-process prefix (96 bits, drawn again
+    in a forked worker) and a counter. Request ids need uniqueness, not unpredictability, and
+    this costs one format per request instead of a 128-bit draw."""
+
+    __slots__ = ("prefix", "n")
+
+    def __init__(self) -> None:
+        self.prefix = ""
+        self.n = 0
+        self.reseed()
+
+    def reseed(self) -> None:
+        h = "%024x" % ((random.getrandbits(96) & ~(0xF << 44) & ~(0xC << 28)) | (0x4 << 44) | (0x8 << 28))
+        self.prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:24]}"
+        self.n = random.getrandbits(32)
+
+    def next(self) -> str:
+        self.n = n = (self.n + 1) & 0xFFFFFFFF
+        return f"{self.prefix}{n:08x}"
 
 
-def new_request_id() -> str:
-    """A random (version 4) UUID string, faster than uuid.uuid4() (no os.urandom call);
-    request ids need uniqueness, not unpredictability."""
-    h = "%032x" % ((_rand(128) & ~(0xF << 76) & ~(0xC << 60)) | (0x4 << 76) | (0x8 << 60))
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+_IDS = RequestIds()
+os.register_at_fork(after_in_child=_IDS.reseed)   # workers never share a prefix
+new_request_id = _IDS.next
 
 
 _PRIVATE_CACHE: dict[str, bool] = {}

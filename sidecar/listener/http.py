@@ -101,7 +101,10 @@ class HttpConnectionManager:
         ctx.vhost_name = vh.name                # type: ignore[union-attr]
         if req.upgrade is not None and not self._upgrade_allowed(req, route.config.action):
             return upgrade_refused(req)
-        return await route.handler(req)
+        resp = await route.handler(req)
+        if ctx.grpc and resp.local:
+            return grpc_local_reply(resp)
+        return resp
 
     def _upgrade_allowed(self, req: Request, action: object) -> bool:
         """Envoy's upgrade_configs: the listener lists the upgrade types it tunnels (enabled or

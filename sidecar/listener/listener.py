@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 from sidecar.codec.detect import server_protocol
 from sidecar.codec.stream_owner import ServedConnection
@@ -16,6 +17,10 @@ from sidecar.core.message import Request, Response, local_reply
 from sidecar.listener.http import HttpConnectionManager, ListenerCounters
 from sidecar.observability.metrics import Metrics
 from sidecar.tls.context import server_context
+
+
+async def _no_routes(req: Request) -> Response:
+    return local_reply(req.ctx, 404, "", "NR")
 
 
 class ListenerRuntime:
@@ -81,11 +86,12 @@ class ListenerRuntime:
         cfg = self.config
         return server_protocol(self, cfg.codec, cfg.http2, cfg.idle_timeout_s)
 
-    async def dispatch(self, req: Request) -> Response:
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        """The current manager's dispatch (its coroutine: no frame here)."""
         hcm = self.hcm
         if hcm is None:
-            return local_reply(req.ctx, 404, "", "NR")
-        return await hcm.dispatch(req)
+            return _no_routes(req)
+        return hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer

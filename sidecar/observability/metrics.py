@@ -19,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
+from sidecar import __version__
+
 # Sub-millisecond to tens of seconds (the range); 16 bounds keep observe() cheap.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,7 +41,6 @@ class Metrics:
                 disable_created_metrics()
             except ImportError:  # pragma: no cover
                 pass
-            from sidecar import __version__
             self.gauge("sidecar_build_info", "Sidecar version (value 1)", ("version",)) \
                 .labels(__version__).set(1)
             self.gauge("sidecar_start_time_seconds", "When the process started (unix time)") \

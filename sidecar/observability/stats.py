@@ -26,6 +26,7 @@ from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 KNOWN_FLAGS = frozenset((
     "DC", "DI", "DPE", "FI", "IH", "LH", "LR", "NC", "NFCF", "NR", "OM", "RL", "RLSE", "SI",
     "UAEX", "UC", "UF", "UH", "UMSDR", "UO", "UPE", "URX", "UT", "UR", "DF", "DO", "DT",
+    "FE",   # not Envoy's: a user filter raised (filters/python.py)
 ))
 
 

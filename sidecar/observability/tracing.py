@@ -35,6 +35,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
+from sidecar import __version__
+from sidecar.core.metrics import NULL
+
 log = logging.getLogger("sidecar.tracing")
 
 TRACE_HEADERS = frozenset(("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
@@ -498,13 +501,12 @@ class Tracing:
     """One per process: the OpenTelemetry provider, exporter and sampling ratio."""
 
     def __init__(self, config, metrics=None):
+        # The OpenTelemetry SDK (and an exporter) load only when tracing is configured: a proxy
+        # without tracing does not carry them in memory (the idle-RSS target).
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-
-        from sidecar import __version__
-        from sidecar.core.metrics import NULL
 
         self.config = config
         self.ratio = max(0.0, min(config.sample_percent, 100.0)) / 100.0

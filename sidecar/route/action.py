@@ -13,10 +13,10 @@ from urllib.parse import parse_qs
 
 from multidict import MultiDict
 
-from sidecar.config.route import HashPolicy, HeaderMutation, RouteAction
+from sidecar.config.route import HashPolicy, HeaderMutation, HeaderValueOption, RouteAction
 from sidecar.core.body import Headers
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import UpstreamError
+from sidecar.core.errors import NoCluster, UpstreamError
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.route.table import parse_cookies
@@ -58,24 +58,22 @@ def merged_mutations(*muts: HeaderMutation) -> HeaderMutation:
     return out
 
 
-def apply_request_mutation(m: HeaderMutation, headers: Headers) -> None:
-    for name in m.request_remove:
+def _apply(adds: tuple[HeaderValueOption, ...], removes: tuple[str, ...], headers: Headers) -> None:
+    for name in removes:
         headers.popall(name, None)
-    for opt in m.request_add:
+    for opt in adds:
         if opt.append:
             headers.add(opt.name, opt.value)
         else:
             headers[opt.name] = opt.value
+
+
+def apply_request_mutation(m: HeaderMutation, headers: Headers) -> None:
+    _apply(m.request_add, m.request_remove, headers)
 
 
 def apply_response_mutation(m: HeaderMutation, headers: Headers) -> None:
-    for name in m.response_remove:
-        headers.popall(name, None)
-    for opt in m.response_add:
-        if opt.append:
-            headers.add(opt.name, opt.value)
-        else:
-            headers[opt.name] = opt.value
+    _apply(m.response_add, m.response_remove, headers)
 
 
 # ---- cluster choice -------------------------------------------------------------------------
@@ -149,6 +147,10 @@ def request_hash(policies: tuple[HashPolicy, ...], req: Request) -> int | None:
 
 
 UpstreamStackFactory = Callable[[str], Handler]
+
+
+async def _no_cluster(req: Request) -> Response:
+    raise NoCluster(req.ctx.cluster)
 """Builds the part of a route's stack after the cluster choice, for one cluster name."""
 
 
@@ -157,16 +159,26 @@ class RouteActionLayer:
     cluster at stack build time; ``cluster_header`` routes build theirs on first use)."""
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
-                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks")
+                 "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured",
+                 "single", "single_stack", "mutates_request", "mutates_response")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
     def __init__(self, action: RouteAction, match_len: int, mutation: HeaderMutation,
-                 make_stack: UpstreamStackFactory):
+                 make_stack: UpstreamStackFactory,
+                 configured: Callable[[str], bool] = lambda name: True):
         self.mutation = mutation
+        # a cluster_header names clusters at request time: only configured ones get a stack
+        # (the header is client-controlled; unknown names answer 503 NC and cost nothing)
+        self.configured = configured
         self.choice = ClusterChoice(action)
         self.make_stack = make_stack
         self.stacks: dict[str, Handler] = {name: make_stack(name) for name in self.choice.names()}
+        # the common case, one fixed cluster, takes no choice and no lookup per request
+        self.single = action.cluster
+        self.single_stack = self.stacks[action.cluster] if action.cluster is not None else None
+        self.mutates_request = bool(mutation.request_add or mutation.request_remove)
+        self.mutates_response = bool(mutation.response_add or mutation.response_remove)
         self._header_stacks: dict[str, Handler] = {}
         self.prefix_rewrite = action.prefix_rewrite
         self.prefix_len = match_len if action.prefix_rewrite is not None else 0
@@ -180,6 +192,8 @@ class RouteActionLayer:
             hs = self._header_stacks
             stack = hs.get(name)
             if stack is None:
+                if not self.configured(name):
+                    return _no_cluster
                 if len(hs) >= self.MAX_HEADER_STACKS:
                     hs.clear()
                 stack = hs[name] = self.make_stack(name)
@@ -188,11 +202,17 @@ class RouteActionLayer:
     async def __call__(self, req: Request) -> Response:
         ctx = req.ctx
         headers = req.headers
-        name, extra = self.choice.pick(req)
-        ctx.cluster = name
-        if not name:
-            return local_reply(ctx, 503, "", "NC")       # a cluster_header naming none
-        if self.mutation.request_add or self.mutation.request_remove:
+        stack = self.single_stack
+        extra: HeaderMutation | None = None
+        if stack is not None:
+            ctx.cluster = self.single      # type: ignore[assignment]
+        else:
+            name, extra = self.choice.pick(req)
+            ctx.cluster = name
+            if not name:
+                return local_reply(ctx, 503, "", "NC")   # a cluster_header naming none
+            stack = self._stack_for(name)
+        if self.mutates_request:
             apply_request_mutation(self.mutation, headers)
         if extra is not None:
             apply_request_mutation(extra, headers)
@@ -211,10 +231,11 @@ class RouteActionLayer:
         if self.hash_policy:
             ctx.hash_key = request_hash(self.hash_policy, req)
         try:
-            resp = await self._stack_for(name)(req)
+            resp = await stack(req)
         except UpstreamError as e:
             return local_reply_for_error(ctx, e)
         if extra is not None:
             apply_response_mutation(extra, resp.headers)
-        apply_response_mutation(self.mutation, resp.headers)
+        if self.mutates_response:
+            apply_response_mutation(self.mutation, resp.headers)
         return resp

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from multidict import MultiDict
 
-from sidecar.core.body import body_length
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Handler
-from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.message import Request, Response
 from sidecar.core.metrics import CounterChild
 from sidecar.observability.access_log import RequestLogger
 from sidecar.observability.stats import RouteStats
@@ -108,11 +107,13 @@ class RouteObserver:
         duration = time.perf_counter() - ctx.start
         if ctx.grpc:
             gs = ctx.grpc_status = grpc_status_of(resp)
-            st = self.stats
-            st.grpc(gs if gs is not None else "none").inc()
+            self.stats.grpc(gs if gs is not None else "none").inc()
         ctx.bytes_sent = body_bytes if body_bytes > 0 else 0
-        n = ctx.bytes_received = body_length(req.body)
-        st = self.stats
+        body = req.body
+        n = ctx.bytes_received = len(body) if body.__class__ is bytes else body.total  # type: ignore[union-attr]
+        st = self._stats
+        if st is None:
+            st = self.stats
         if self.no_route is not None and ctx.route is None:
             self.no_route.inc()
         status = resp.status
@@ -132,8 +133,10 @@ class RouteObserver:
 
 
 class ObserveLayer:
-    """Starts the server span (when sampled), binds the route's observer to the request, turns
-    an exception anywhere below into a 500, and reshapes local replies for gRPC clients."""
+    """The outermost layer of a route: binds the route and its observer to the request and
+    starts the server span when sampled. It returns its next's coroutine (no frame of its own):
+    an exception below becomes a 500 in the codec, and local replies are shaped for gRPC
+    clients by the HTTP connection manager, where every local reply passes."""
 
     __slots__ = ("next", "route", "tracer", "observer")
 
@@ -144,17 +147,10 @@ class ObserveLayer:
         self.tracer = tracer
         self.observer = observer
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Awaitable[Response]:
         ctx = req.ctx
         ctx.route = self.route
         ctx.observer = self.observer
         if self.tracer is not None:
             self.tracer.begin(req)
-        try:
-            resp = await self.next(req)
-        except Exception:
-            log.exception("unhandled error in the stack of route %s", self.route.name)
-            resp = local_reply(ctx, 500, "internal error", "DPE")
-        if resp.local and ctx.grpc:
-            return grpc_local_reply(resp)
-        return resp
+        return self.next(req)

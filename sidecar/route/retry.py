@@ -21,7 +21,7 @@ from sidecar.core.errors import RouteTimeout, UpstreamError
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.observability.stats import ClusterStats
-from sidecar.route.timeout import Clock, loop_clock
+from sidecar.route.timeout import Clock, bound_clock
 
 # ---- decisions (pure functions: property-tested) --------------------------------------------
 
@@ -174,14 +174,14 @@ class RetryLayer:
     __slots__ = ("next", "policy", "cluster", "stats", "attempt_header", "clock", "sleep", "rand")
 
     def __init__(self, policy: RetryPolicy, next: Handler, cluster: ClusterState,
-                 stats: ClusterStats, attempt_header: bool, clock: Clock = loop_clock,
+                 stats: ClusterStats, attempt_header: bool, clock: Clock | None = None,
                  sleep: Sleep = asyncio.sleep, rand: Callable[[], float] = random.random):
         self.next = next
         self.policy = policy
         self.cluster = cluster
         self.stats = stats
         self.attempt_header = attempt_header
-        self.clock = clock
+        self.clock = clock if clock is not None else bound_clock()
         self.sleep = sleep
         self.rand = rand
 
@@ -248,9 +248,12 @@ class RetryLayer:
                     if flag in ("UH", "UO", "NC"):
                         raise err
                     if flag == "UT":
+                        if isinstance(err, RouteTimeout):
+                            raise err                          # no time left (counted)
                         if deadline is not None and (try_deadline == deadline
                                                      or clock() >= deadline):
-                            raise RouteTimeout() from None     # no time left
+                            stats.rq_timeout.inc()
+                            raise RouteTimeout() from None
                         stats.rq_per_try_timeout.inc()
                     if not error_is_retriable(on, flag, err.sent):
                         raise err
@@ -275,6 +278,7 @@ class RetryLayer:
                 delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s,
                                       self.rand())
                 if deadline is not None and clock() + delay >= deadline:
+                    stats.rq_timeout.inc()
                     raise RouteTimeout()
                 stats.rq_retry.inc()
                 attempt += 1

@@ -20,9 +20,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar, cast
 
+from sidecar.cluster.cluster import ClusterState
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.listener import Listener
 from sidecar.config.route import DirectResponse, HeaderMutation, Redirect, RouteAction
+from sidecar.core.errors import NoCluster
 from sidecar.core.filter import FilterEnv, FilterLike, FilterSpec, Handler
 from sidecar.core.message import Request, Response
 from sidecar.observability.access_log import RequestLogger
@@ -120,7 +122,8 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
     else:
         match_len = len(cfg.match.prefix or cfg.match.path or "")
         core = RouteActionLayer(action, match_len, mutation,
-                                lambda cluster: upstream_stack(route, action, cluster, env))
+                                lambda cluster: upstream_stack(route, action, cluster, env),
+                                env.clusters.configured)
         route.choice = core.choice
     observer = RouteObserver(
         lambda: env.stats.route(listener.name, route.vhost.name, route.stat_name),
@@ -139,32 +142,48 @@ def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
     vh = route.vhost.config
     policy = action.retry_policy or vh.retry_policy
     mirrors = tuple((m, env.clusters.state(m.cluster)) for m in action.mirrors)
-    auto_host = action.auto_host_rewrite
-
-    async def send(req: Request) -> Response:
-        return await state.send(req, auto_host)
-
     return compose([
-        lambda nxt: TimeoutLayer(action, nxt, stats.rq_timeout,
-                                 set_expected_header=action.retry_policy is None),
+        lambda nxt: TimeoutLayer(action, nxt, set_expected_header=action.retry_policy is None),
         (lambda nxt: ShadowLayer(mirrors, nxt, env.shadow)) if mirrors else None,
         (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count))
         if policy is not None else None,
-    ], send)
+    ], ClusterSend(state, action.auto_host_rewrite))
+
+
+class ClusterSend:
+    """The innermost handler: the chosen cluster's current version's ``send``. Not a coroutine
+    itself (it returns ``Cluster.send``'s), so it costs no extra frame per request."""
+
+    __slots__ = ("state", "auto_host")
+
+    def __init__(self, state: ClusterState, auto_host: bool):
+        self.state = state
+        self.auto_host = auto_host
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        c = self.state.current
+        if c is None:
+            raise NoCluster(self.state.name)
+        return c.send(req, self.auto_host)
 
 
 def route_filters(route: CompiledRoute, listener: Listener, env: StackEnv) -> list[Layer | None]:
     """The listener's HTTP filters for this route, in config order (per-route overrides and
     disabled filters applied; a filter whose build says it has nothing to do is left out)."""
-    per_route = dict(route.vhost.config.per_filter)
-    per_route.update(route.config.per_filter)
+    vhost_per = dict(route.vhost.config.per_filter)
+    route_per = dict(route.config.per_filter)
     out: list[Layer | None] = []
     for hf in listener.http_filters:
-        spec = env.filters.lookup(hf.name)
+        spec = env.filters.lookup(hf.spec_name)
         if spec is None:
             continue                      # refused at parse time; cannot happen here
-        override_present = hf.name in per_route
-        override = per_route.get(hf.name)
+        name = hf.name
+        override_present = name in route_per or name in vhost_per
+        override = route_per[name] if name in route_per else vhost_per.get(name)
+        outer = vhost_per.get(name)
+        if (spec.merge_per_route is not None and name in route_per and override is not None
+                and outer is not None):
+            override = spec.merge_per_route(outer, override)
         if override_present and override is None:
             continue                      # disabled on this route
         if hf.disabled and not override_present:

@@ -8,9 +8,11 @@ are checked in full, still in config order (first match wins, as in Envoy).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from sidecar.config.route import Route, RouteConfig, RouteMatch, VirtualHost
+from sidecar.core.body import Headers
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response
 
@@ -63,7 +65,7 @@ class CompiledRoute:
         weighted draw is made in one place."""
         return self.choice.pick(req)[0] if self.choice is not None else ""
 
-    def matches_rest(self, method: str, path: str, query: str, headers) -> bool:
+    def matches_rest(self, method: str, path: str, query: str, headers: Headers) -> bool:
         """Everything except the path prefix/exact part, which the index already checked."""
         m = self.match
         if m.regex is not None and m.regex.fullmatch(path) is None:
@@ -110,7 +112,7 @@ def parse_query_first(query: str) -> dict[str, str]:
     return out
 
 
-def parse_cookies(values) -> dict[str, str]:
+def parse_cookies(values: Iterable[str]) -> dict[str, str]:
     jar: dict[str, str] = {}
     for v in values:
         for part in v.split(";"):
@@ -149,7 +151,7 @@ class CompiledVirtualHost:
         self._prefix_lens = sorted({len(p) for p in self._prefix})
         self._prefix_ci_lens = sorted({len(p) for p in self._prefix_ci})
 
-    def match(self, method: str, path: str, query: str, headers) -> CompiledRoute | None:
+    def match(self, method: str, path: str, query: str, headers: Headers) -> CompiledRoute | None:
         cands: list[int] = []
         exact = self._exact.get(path)
         if exact:
@@ -219,15 +221,14 @@ class RouteTable:
         self._prefix = sorted(prefix, key=lambda x: -len(x[0]))
         self._cache: dict[str, CompiledVirtualHost | None] = {}
 
-    def all_routes(self):
+    def all_routes(self) -> Iterator[CompiledRoute]:
         for vh in self.vhosts:
             yield from vh.routes
 
     def virtual_host(self, host: str) -> CompiledVirtualHost | None:
         cache = self._cache
-        vh = cache.get(host, False)
-        if vh is not False:
-            return vh
+        if host in cache:
+            return cache[host]
         h = host.lower()
         strip = self.strip_port
         if strip != "none":

@@ -2,7 +2,9 @@
 
 The deadline is handed down in ``ctx.deadline`` and enforced where the waiting happens (the
 upstream connection's timer, the connect, the wait for a connection slot, the retry backoff),
-so the common case costs no task or cancellation machinery.
+so the common case costs no task or cancellation machinery, and this layer adds no frame: it
+returns its next's coroutine. Whoever sees the deadline pass raises ``RouteTimeout`` and counts
+it on the cluster (``Cluster.send``, the retry layer's backoff).
 
 A route with ``max_stream_duration`` uses it instead of ``timeout`` (as Envoy does): the stream
 may last ``max_stream_duration``, or what a gRPC client's ``grpc-timeout`` asks (capped by
@@ -15,13 +17,12 @@ apply it themselves (``codec.tunnel``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sidecar.config.route import RouteAction, StreamDuration
-from sidecar.core.errors import RouteTimeout, UpstreamTimeout
+from sidecar.core.errors import UpstreamTimeout
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
-from sidecar.core.metrics import CounterChild
 from sidecar.route.observe import grpc_reply
 
 Clock = Callable[[], float]
@@ -68,28 +69,35 @@ def loop_clock() -> float:
     return asyncio.get_running_loop().time()
 
 
+def bound_clock() -> Clock:
+    """The running loop's clock, bound once (stacks are built on the loop that runs them)."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        return loop_clock
+
+
 class TimeoutLayer:
-    """Sets ``ctx.deadline`` (and ``x-envoy-expected-rq-timeout-ms`` when no retry layer sets it
-    per attempt); counts requests the route timeout ended."""
+    """Sets ``ctx.deadline`` (and ``x-envoy-expected-rq-timeout-ms`` when no retry layer sets
+    it per attempt)."""
 
-    __slots__ = ("next", "timeout", "timeout_ms", "allow_header", "set_expected", "rq_timeout",
-                 "clock", "duration", "idle")
+    __slots__ = ("next", "timeout", "timeout_ms", "allow_header", "set_expected", "clock",
+                 "duration", "idle")
 
-    def __init__(self, action: RouteAction, next: Handler, rq_timeout: CounterChild,
-                 set_expected_header: bool, clock: Clock = loop_clock):
+    def __init__(self, action: RouteAction, next: Handler, set_expected_header: bool,
+                 clock: Clock | None = None):
         self.next = next
         self.timeout = action.timeout_s
         self.timeout_ms = str(int(action.timeout_s * 1000))
         self.allow_header = action.allow_timeout_header
         self.set_expected = set_expected_header
-        self.rq_timeout = rq_timeout
-        self.clock = clock
+        self.clock = clock if clock is not None else bound_clock()
         self.duration = action.max_stream_duration
         self.idle = action.idle_timeout_s
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Awaitable[Response]:
         if self.duration is not None:
-            return await self._bounded_stream(req, self.duration)
+            return self._bounded_stream(req, self.duration)
         timeout = self.timeout
         headers = req.headers
         t = headers.get("x-envoy-upstream-rq-timeout-ms")
@@ -103,21 +111,14 @@ class TimeoutLayer:
                     timeout = t_s
         if timeout <= 0:
             req.ctx.deadline = None
-            return await self.next(req)
-        deadline = req.ctx.deadline = self.clock() + timeout
-        if self.set_expected:
-            headers["x-envoy-expected-rq-timeout-ms"] = (
-                self.timeout_ms if timeout == self.timeout else str(int(timeout * 1000)))
-        try:
-            if self.idle > 0 and req.upgrade is None:
-                return await self._idle_bounded(req)
-            return await self.next(req)
-        except UpstreamTimeout as e:
-            if isinstance(e, RouteTimeout) or self.clock() >= deadline:
-                self.rq_timeout.inc()
-                if not isinstance(e, RouteTimeout):
-                    raise RouteTimeout() from None
-            raise
+        else:
+            req.ctx.deadline = self.clock() + timeout
+            if self.set_expected:
+                headers["x-envoy-expected-rq-timeout-ms"] = (
+                    self.timeout_ms if timeout == self.timeout else str(int(timeout * 1000)))
+        if self.idle > 0 and req.upgrade is None:
+            return self._idle_bounded(req)
+        return self.next(req)
 
     async def _bounded_stream(self, req: Request, d: StreamDuration) -> Response:
         """``max_stream_duration``: the route timeout does not apply (Envoy)."""

@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from control_plane_client.runtime import start_control_plane
+from aiohttp import http_parser
+
+from control_plane_client.client import ControlPlaneClient, start_control_plane
 from filters import CATALOG
 from sidecar.cluster import health, outlier
 from sidecar.cluster.manager import ClusterManager
@@ -23,10 +25,12 @@ from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer, Tracing
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
+from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
-from sidecar.runtime.loader import load_file
+from sidecar.runtime.loader import filter_source_files, load_file
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
+from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
 
 log = logging.getLogger("sidecar")
 
@@ -49,7 +53,6 @@ def check_compiled_parsers() -> None:
         import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
     except ImportError as e:  # pragma: no cover
         raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
-    from aiohttp import http_parser
     cls = http_parser.HttpRequestParser
     if getattr(cls, "__module__", "") != "aiohttp._http_parser":
         raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
@@ -71,7 +74,8 @@ class App:
                  metrics_enabled: bool = True, reuse_port: bool = False,
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
                  cache_dir: str | None = None, admin: AdminStarter | None = None,
-                 companions: tuple[Companion, ...] = ()):
+                 companions: tuple[Companion, ...] = (),
+                 loop_lag_threshold_s: float = DEFAULT_THRESHOLD_S):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
@@ -84,6 +88,11 @@ class App:
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port)
         self.store.on_applied.append(self.on_snapshot_applied)
+        # user filter source files of the config in force -> filter name (reload, watchdog)
+        self.filter_files: dict[str, str] = {}
+        self._filter_mtimes: dict[str, float] = {}
+        self.watchdog = LoopWatchdog(self.metrics, lambda: self.filter_files,
+                                     loop_lag_threshold_s) if loop_lag_threshold_s > 0 else None
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
         self.admin_starter = admin
         # servers started beside the proxy on worker 0, by the entry point that made the App
@@ -103,7 +112,7 @@ class App:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_error = ""
-        self.control_plane = None      # control_plane_client runtime, when dynamic
+        self.control_plane: ControlPlaneClient | None = None   # when resources come from xDS
         self.ready_checks: list[Callable[[], str | None]] = []   # -> reason not ready or None
         self.outbound_drain_gate = None   # async (deadline) -> None; set by sidecar mode
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
@@ -148,6 +157,8 @@ class App:
             self._g_version.labels(snap.version).set(1)
             self._last_version_label = snap.version
             self._g_last.set(time.time())
+        self.filter_files = filter_source_files(snap)
+        self._filter_mtimes = {f: _mtime(f) for f in self.filter_files}
         for cb in self.snapshot_listeners:
             cb(snap)
 
@@ -163,6 +174,8 @@ class App:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, *, admin: bool = True) -> None:
         snap = self.initial
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._setup_tracing(snap)
         await self.store.apply(snap)
         self.count_update("initial", True)
@@ -175,7 +188,10 @@ class App:
             for companion in self.companions:
                 self.companion_servers.append(await companion(self))
         if snap.control_plane is not None:
-            self.control_plane = await start_control_plane(self, snap)
+            sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
+                                   count_update=self.count_update,
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes)
+            self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
             try:
@@ -235,6 +251,13 @@ class App:
             if mtime != self._config_mtime:
                 self._config_mtime = mtime
                 await self.reload("file")
+                continue
+            changed = [f for f, m in self._filter_mtimes.items() if _mtime(f) != m]
+            if changed:
+                for f in changed:
+                    self._filter_mtimes[f] = _mtime(f)   # a refused version is not retried
+                log.info("filter module changed (%s): reloading", ", ".join(changed))
+                await self.reload("filter_module")
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
@@ -309,6 +332,8 @@ class App:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.control_plane is not None:
             await self.control_plane.close()
         self.store.close()
@@ -325,6 +350,13 @@ class App:
 
     def listener_port(self, name: str) -> int:
         return self.store.listeners[name].bound_port
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def setup_logging(level: str = "info") -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from sidecar.cluster.breakers import retry_limit
 from sidecar.cluster.cluster import Cluster
 from sidecar.cluster.endpoint import EndpointState
@@ -67,7 +69,6 @@ class StateCollector:
         return []   # unchecked collector: families vary with config
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         app = self.app
         G, C = GaugeMetricFamily, CounterMetricFamily
 

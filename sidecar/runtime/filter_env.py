@@ -19,6 +19,10 @@ class ClusterClient:
     def __init__(self, state: ClusterState):
         self.state = state
 
+    @property
+    def name(self) -> str:
+        return self.state.name
+
     async def send(self, request: Request) -> Response:
         return await self.state.send(request)
 

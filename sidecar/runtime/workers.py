@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -215,6 +216,7 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
                        companions: tuple[Companion, ...] = ()) -> int:
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
+              loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
               worker_id=wid, workers=n, companions=companions)
     try:
         await app.start(admin=False)
@@ -284,7 +286,6 @@ async def _start_private(app, path: str, wid: int):
 
 async def _ask(rundir: str, wid: int, method: str, path: str) -> tuple[int, str]:
     """One request to a worker's private socket; (0, reason) when it does not answer."""
-    import aiohttp
     try:
         conn = aiohttp.UnixConnector(path=socket_path(rundir, wid))
         async with aiohttp.ClientSession(connector=conn,

@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 from multidict import MultiDict
@@ -288,7 +289,7 @@ class ConnectionPool:
         self.connect_failures = 0
         # called when a connection becomes idle or closes: wakes requests waiting at the
         # cluster's max_connections (sidecar.circuit_breaker)
-        self.on_free = None
+        self.on_free: Callable[[], None] | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle

@@ -130,7 +130,7 @@ def test_validate_builds_route_chains_too(tmp_path):
     import copy
     import json
 
-    from filters.jwt_authn import PER_ROUTE_TYPE_URL, TYPE_URL
+    from filters.jwt_authn.config import PER_ROUTE_TYPE_URL, TYPE_URL
     doc = copy.deepcopy(ENVOY)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"].insert(0, {"name": "envoy.filters.http.jwt_authn", "typed_config": {

@@ -72,7 +72,7 @@ async def test_native_directory_source(tmp_path):
             assert p.app.clusters.get("svc").state.endpoints[a.address] is state_a
             # a file that does not parse: rejected, the old config serves
             (d / "routes.yaml").write_text("resources: [unclosed\n")
-            await eventually(lambda: p.app.control_plane.types[RDS].rejected, what="parse error")
+            await eventually(lambda: p.app.control_plane.state.type_state(RDS).rejected, what="parse error")
             assert "not valid YAML" in p.app.control_plane.dump()["last_nack"]["error"]
             assert await who(s, lp) in ("a", "b")
             # an unsupported field: rejected with its path, the old config serves
@@ -84,7 +84,7 @@ async def test_native_directory_source(tmp_path):
             # a good route again
             write(d / "routes.yaml", resp("3", [route("main", "svc", routes=[
                 {"match": {"prefix": "/"}, "direct_response": {"status": 204}}])]))
-            await eventually(lambda: p.app.control_plane.types[RDS].version == "3")
+            await eventually(lambda: p.app.control_plane.state.type_state(RDS).version == "3")
             async with s.get(f"http://127.0.0.1:{lp}/") as r:
                 assert r.status == 204
             text = await (await s.get(p.admin_url + "/stats/prometheus")).text()

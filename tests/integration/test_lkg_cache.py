@@ -78,8 +78,8 @@ async def test_lkg_serves_when_control_plane_unreachable(tmp_path, monkeypatch, 
         boot = ads_bootstrap(port, node_id="lkg-node")
         async with running_proxy(boot) as p, aiohttp.ClientSession() as s:
             await eventually(lambda: s.get(f"http://127.0.0.1:{lp}/"), what="listener")
-            cache = p.app.control_plane.cache
-            await eventually(lambda: p.app.control_plane.cache_status == "saved")
+            cache = p.app.control_plane.lkg.cache
+            await eventually(lambda: p.app.control_plane.lkg.status == "saved")
             srv.set(EDS, [load_assignment("svc", [b.port])])       # every accepted update saved
             await eventually(lambda: json.load(open(cache.path))["versions"]["eds"] == "v2")
             saved = json.load(open(cache.path))
@@ -139,8 +139,8 @@ async def test_corrupted_cache_is_refused_at_start(tmp_path, monkeypatch):
     open(c.path, "wb").write(raw.replace(str(lp).encode(), str(lp + 1).encode()))
     async with running_proxy(ads_bootstrap(port, node_id="n")) as p, aiohttp.ClientSession() as s:
         cp = p.app.control_plane
-        await eventually(lambda: cp.cache_status.startswith("refused"), timeout=10)
-        assert "checksum mismatch" in cp.cache_status
+        await eventually(lambda: cp.lkg.status.startswith("refused"), timeout=10)
+        assert "checksum mismatch" in cp.lkg.status
         r = await s.get(p.admin_url + "/ready")
         body = await r.text()
         assert r.status == 503 and "cache refused" in body and "checksum" in body

@@ -181,10 +181,10 @@ async def test_control_plane_killed_then_lkg_on_restart(tmp_path, upstreams):
     try:
         async with running_proxy(boot) as p, aiohttp.ClientSession() as s:
             await eventually(lambda: who(s, lp), what="initial config")
-            cache_path = p.app.control_plane.cache.path
+            cache_path = p.app.control_plane.lkg.cache.path
             await eventually(lambda: os.path.exists(cache_path), what="LKG written")
             sov.stop()                                  # the control plane dies
-            await eventually(lambda: p.app.control_plane._last_error(), what="poll failure")
+            await eventually(lambda: p.app.control_plane.last_error(), what="poll failure")
             for _ in range(5):                          # and the sidecar keeps serving
                 assert await who(s, lp) == "a"
                 await asyncio.sleep(0.2)

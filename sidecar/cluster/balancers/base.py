@@ -9,29 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
+from sidecar.core.context import HostInfo, RequestContext
 
 
 class LoadBalancer:
     def __init__(self, cfg: LbConfig):
         self.cfg = cfg
-        self.hosts: Sequence = ()
+        self.hosts: Sequence[EndpointState] = ()
 
-    def rebuild(self, hosts: Sequence) -> None:
+    def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
 
-    def pick(self, ctx, exclude: Sequence = ()):  # -> EndpointState | None
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         raise NotImplementedError
 
-    def record(self, host, status, latency: float, local_error) -> None:
+    def record(self, host: EndpointState, status: int | None, latency: float,
+               local_error: str | None) -> None:
         """Outcome of one attempt on ``host`` (latency-aware balancers learn from it)."""
 
-    def _avoid(self, chosen, exclude):
+    def _avoid(self, chosen: EndpointState, exclude: Sequence[HostInfo]) -> EndpointState:
         """Retry-aware second chance: if ``chosen`` was tried, take any untried host."""
-        if chosen is not None and exclude and chosen in exclude:
+        if exclude and chosen in exclude:
             for h in self.hosts:
                 if h not in exclude:
                     return h
         return chosen
-
-

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.core.context import HostInfo, RequestContext
 
 
 class LeastRequest(LoadBalancer):
     """Power of N choices on active requests (Envoy's LEAST_REQUEST, default N=2)."""
 
-    def pick(self, ctx, exclude=()):
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         n = len(hosts)
         if n == 0:

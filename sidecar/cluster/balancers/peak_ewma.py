@@ -27,9 +27,12 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
+from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
+from sidecar.core.context import HostInfo, RequestContext
 
 DEFAULT_PENALTY_FLOOR_S = 1.0
 DEFAULT_PENALTY_RTT_FACTOR = 10.0
@@ -52,12 +55,12 @@ class PeakEwmaBalancer(LoadBalancer):
         self.choices = max(2, cfg.choice_count)
         self._weighted = False
 
-    def rebuild(self, hosts) -> None:
+    def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
         self._weighted = any(h.endpoint.weight != 1 for h in hosts)
 
     # ---- cost --------------------------------------------------------------------------
-    def estimate(self, host, now: float) -> float:
+    def estimate(self, host: EndpointState, now: float) -> float:
         """The host's latency estimate at ``now`` (seconds), decayed since its last sample."""
         if host.rq_total == 0:
             return self.default_rtt
@@ -66,14 +69,15 @@ class PeakEwmaBalancer(LoadBalancer):
             return host.ewma
         return host.ewma * math.exp(-dt / self.decay)
 
-    def cost(self, host, now: float) -> float:
+    def cost(self, host: EndpointState, now: float) -> float:
         c = self.estimate(host, now) * (host.active_requests + 1)
         if self._weighted:
             c /= max(host.endpoint.weight, 1)
         return c
 
     # ---- pick --------------------------------------------------------------------------
-    def pick(self, ctx, exclude=()):
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         n = len(hosts)
         if n == 0:
@@ -82,6 +86,7 @@ class PeakEwmaBalancer(LoadBalancer):
             return hosts[0]
         now = time.monotonic()
         k = self.choices
+        cands: Sequence[EndpointState]
         if k == 2:
             i = random.randrange(n)
             j = random.randrange(n - 1)
@@ -113,7 +118,8 @@ class PeakEwmaBalancer(LoadBalancer):
         return best
 
     # ---- learn -------------------------------------------------------------------------
-    def record(self, host, status, latency: float, local_error) -> None:
+    def record(self, host: EndpointState, status: int | None, latency: float,
+               local_error: str | None) -> None:
         rtt = latency if latency > 0 else 0.0
         if local_error is not None or (status is not None and status >= 500):
             if rtt < self.penalty:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.core.context import HostInfo, RequestContext
 
 
 class Random(LoadBalancer):
-    def rebuild(self, hosts):
+    def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
         self._weights = [h.endpoint.weight for h in hosts]
         self._uniform = len(set(self._weights)) <= 1
 
-    def pick(self, ctx, exclude=()):
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         if not hosts:
             return None

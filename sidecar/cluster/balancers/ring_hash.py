@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import random
 from bisect import bisect_left
+from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
+from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
+from sidecar.core.context import HostInfo, RequestContext
 
 MAX_RING_SIZE = 65536
 
@@ -57,9 +60,9 @@ class RingHashBalancer(LoadBalancer):
         super().__init__(cfg)
         self.size = min(max(cfg.ring_size, 1), MAX_RING_SIZE)
         self._keys: list[int] = []
-        self._owners: list = []
+        self._owners: list[EndpointState] = []
 
-    def rebuild(self, hosts) -> None:
+    def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
         if not hosts:
             self._keys, self._owners = [], []
@@ -77,11 +80,12 @@ class RingHashBalancer(LoadBalancer):
         self._keys = [p[0] for p in points]
         self._owners = [p[2] for p in points]
 
-    def pick(self, ctx, exclude=()):
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         if not hosts:
             return None
-        key = getattr(ctx, "hash_key", None) if ctx is not None else None
+        key = ctx.hash_key if ctx is not None else None
         if key is None:
             h = random.choice(hosts)
             return self._avoid(h, exclude) if exclude else h

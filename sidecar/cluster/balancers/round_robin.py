@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from math import gcd
 
 from sidecar.cluster.balancers.base import LoadBalancer
+from sidecar.cluster.endpoint import EndpointState
+from sidecar.core.context import HostInfo, RequestContext
 
 
 class RoundRobin(LoadBalancer):
     """Weighted round robin: the schedule repeats each host ``weight/gcd`` times, spread out."""
 
-    def rebuild(self, hosts):
+    def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
         weights = [h.endpoint.weight for h in hosts]
         if hosts and len(set(weights)) > 1:
@@ -38,7 +41,8 @@ class RoundRobin(LoadBalancer):
         # start at a random offset so many sidecars do not hit hosts in lockstep
         self._i = random.randrange(len(self._sched)) if self._sched else 0
 
-    def pick(self, ctx, exclude=()):
+    def pick(self, ctx: RequestContext | None,
+             exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         sched = self._sched
         if not sched:
             return None

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Native YAML clusters: ``{name, endpoints: [host:port], lb, circuit_breakers, ...}``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from sidecar.config.http2 import (
 )
 from sidecar.config.native.listener import _file, _min_version
 from sidecar.config.tls import UpstreamTls
+from sidecar.config.wire import Raw
 
 
 def endpoint_from_native(v: Any, path: str) -> Endpoint:
@@ -43,7 +44,7 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
                     weight=w.integer(v, "weight", path, 1, lo=1, hi=1_000_000))
 
 
-def cluster_from_native(d: dict, path: str) -> Cluster:
+def cluster_from_native(d: Raw, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
@@ -51,7 +52,7 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
     ep = w.join(path, "endpoints")
     eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
     ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
-    lb_kw: dict = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
+    lb_kw: dict[str, Any] = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
     if "ewma" in d:
         xp = w.join(path, "ewma")
         x = w.check_keys(d["ewma"], ("decay", "default_rtt", "failure_penalty", "choices"), xp)
@@ -60,7 +61,7 @@ def cluster_from_native(d: dict, path: str) -> Cluster:
                      ewma_failure_penalty_s=w.duration(x, "failure_penalty", xp, 0.0),
                      choice_count=w.integer(x, "choices", xp, 2, lo=2))
     lb_kw["panic_threshold"] = w.number(d, "panic_threshold", path, 50.0, lo=0, hi=100)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     if "circuit_breakers" in d:
         kw["circuit_breakers"] = circuit_breakers_from_native(d["circuit_breakers"], w.join(path, "circuit_breakers"))
     if "outlier_detection" in d:
@@ -95,17 +96,15 @@ def upstream_http2_options(d: object, path: str) -> Http2Options:
     return opts
 
 
-def upstream_tls_from_native(d, path: str) -> UpstreamTls:
+def upstream_tls_from_native(v: object, path: str) -> UpstreamTls:
     """Cluster ``tls: true`` (system CAs, hostname checked) or
     ``tls: {sni, ca, cert, key, san: [uri...], verify, check_hostname, min_version}``.
 
     With ``ca`` (a private mesh CA) the hostname is not checked by default (mesh certificates
     name workloads by SPIFFE URI, not by DNS): pin identities with ``san`` instead."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
-    if d is True:
+    if v is True:
         return UpstreamTls(check_hostname=True)
-    w.check_keys(d, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
+    d = w.check_keys(v, ("sni", "ca", "cert", "key", "san", "verify", "check_hostname", "min_version"), path)
     ca = _file(d, "ca", path)
     cert = _file(d, "cert", path)
     key = _file(d, "key", path)
@@ -124,18 +123,17 @@ def upstream_tls_from_native(d, path: str) -> UpstreamTls:
                        check_hostname=w.boolean(d, "check_hostname", path, verify and ca is None))
 
 
-def circuit_breakers_from_native(d: dict, path: str) -> CircuitBreakers:
+def circuit_breakers_from_native(d: Raw, path: str) -> CircuitBreakers:
     """Native: the DEFAULT-priority thresholds written flat."""
     return CircuitBreakers(default=_thresholds(d, path, False))
 
 
-def health_check_from_native(d: dict, path: str) -> HealthCheck:
-    from sidecar.config import wire as w
+def health_check_from_native(d: Raw, path: str) -> HealthCheck:
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
                      "reuse_connection", "grpc"), path)
-    grpc: dict = {}
+    grpc: dict[str, Any] = {}
     if "grpc" in d:
         # grpc: {service: name, authority: host} (or grpc: true for the server as a whole)
         gp = w.join(path, "grpc")

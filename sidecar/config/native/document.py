@@ -19,6 +19,7 @@ from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.native.listener import listener_from_native, tracing_from_native
 from sidecar.config.native.sidecar_mode import sidecar_from_native
 from sidecar.config.snapshot import Snapshot, check_references
+from sidecar.config.wire import Raw
 
 TOP_LEVEL = ("admin", "listeners", "clusters", "tracing", "control_plane", "node", "version",
              "sidecar")
@@ -26,7 +27,7 @@ TOP_LEVEL = ("admin", "listeners", "clusters", "tracing", "control_plane", "node
 T = TypeVar("T")
 
 
-def snapshot(d: dict, filters: FilterCatalog) -> Snapshot:
+def snapshot(d: Raw, filters: FilterCatalog) -> Snapshot:
     """Every error of the document is collected (``ConfigErrors``), not just the first."""
     errs = ErrorCollector()
     try:
@@ -42,7 +43,7 @@ def snapshot(d: dict, filters: FilterCatalog) -> Snapshot:
         except ConfigError as e:
             errs.capture(e)
 
-    def collect(key: str, parse: Callable[[object, str], T]) -> list[T]:
+    def collect(key: str, parse: Callable[[Raw, str], T]) -> list[T]:
         out: list[T] = []
         items = d.get(key) or []
         if not isinstance(items, list):

@@ -1,12 +1,14 @@
-"""TODO docstring."""
+"""Native YAML listeners: routes or virtual hosts, the HTTP filter list, timeouts, edge policy,
+access log, TLS; and native tracing."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
-from sidecar.config.filters import FilterCatalog
+from sidecar.config.filters import FilterCatalog, InstanceParsers, ListenerFilterCatalog
 from sidecar.config.http2 import (
     CODECS,
     DOWNSTREAM_DEFAULTS,
@@ -15,13 +17,15 @@ from sidecar.config.http2 import (
 )
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
-from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
+from sidecar.config.wire import Raw
 
 
-def http_filters_from_native(items: list, path: str, filters: FilterCatalog) -> tuple[HttpFilter, ...]:
+def http_filters_from_native(items: list[Any], path: str, filters: FilterCatalog) -> tuple[HttpFilter, ...]:
     """``filters: [{jwt_authn: {...}}, {fault: {...}}]`` in chain order."""
     out = []
+    names: dict[str, int] = {}
     for i, f in enumerate(items):
         fp = w.join(path, i)
         if not isinstance(f, dict) or len(f) != 1:
@@ -31,11 +35,34 @@ def http_filters_from_native(items: list, path: str, filters: FilterCatalog) -> 
         if spec is None:
             raise ConfigError(w.join(fp, name), f"unknown filter {name!r} (known: "
                               f"{', '.join(filters.short_names())})")
-        out.append(HttpFilter(name=spec.name, config=spec.from_native(cfg or {}, w.join(fp, name))))
+        config = spec.from_native(cfg or {}, w.join(fp, name))
+        instance, kind = spec.name, ""
+        if spec.name_instance is not None:
+            instance, config = spec.name_instance(config, None)
+            kind = spec.name
+            if instance in names:
+                raise ConfigError(w.join(fp, name), f"filter name {instance!r} is already used by "
+                                  f"{w.join(path, names[instance])}; give this one a name")
+        names.setdefault(instance, i)
+        out.append(HttpFilter(name=instance, config=config, kind=kind))
     return tuple(out)
 
 
-def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener:
+def route_filter_catalog(http_filters: tuple[HttpFilter, ...],
+                         filters: FilterCatalog) -> FilterCatalog:
+    """What routes resolve per-route filter overrides with: the listener's named instances (user
+    filters, by their instance name) before the filters of the registry."""
+    instances = {}
+    for hf in http_filters:
+        if hf.kind:
+            spec = filters.lookup(hf.kind)
+            assert spec is not None
+            instances[hf.name] = InstanceParsers(hf.name, hf.name, spec.from_native,
+                                                 spec.per_route_from_native)
+    return ListenerFilterCatalog(filters, instances) if instances else filters
+
+
+def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
     w.check_keys(d, ("name", "address", "port", "routes", "virtual_hosts", "filters",
                      "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
                      "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
@@ -45,12 +72,16 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
                      "codec", "http2", "upgrades"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
+    http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
+                                            filters)
+    filters = route_filter_catalog(http_filters, filters)
+    vhosts: tuple[VirtualHost, ...]
     if "routes" in d:
         vhosts = (virtual_host_from_native({"name": "default", "domains": ["*"], "routes": d["routes"]}, path, filters),)
     else:
         vp = w.join(path, "virtual_hosts")
         vhosts = tuple(virtual_host_from_native(v, w.join(vp, i), filters) for i, v in enumerate(w.seq(d, "virtual_hosts", path)))
-    seen: dict = {}
+    seen: dict[str, Any] = {}
     for i, vh in enumerate(vhosts):
         for dom in vh.domains:
             if dom in seen:
@@ -58,7 +89,7 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
                                   f"domain {dom!r} is already used by virtual_hosts[{seen[dom]}]")
             seen[dom] = i
     name = w.string(d, "name", path, nonempty=True)
-    access_log = ()
+    access_log: tuple[AccessLogConfig, ...] = ()
     if "access_log" in d:
         ap = w.join(path, "access_log")
         a = d["access_log"]
@@ -71,12 +102,11 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
             fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
-        from sidecar.config.native.listener import downstream_tls_from_native
         tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls"))
     return Listener(
         name=name, host=w.string(d, "address", path, "127.0.0.1"), port=w.integer(d, "port", path, lo=0, hi=65535),
         route_config=RouteConfig(name=name, virtual_hosts=vhosts, headers=header_mutation_from_native(d, path)),
-        http_filters=http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"), filters),
+        http_filters=http_filters,
         stat_prefix=name,
         direction=w.string(d, "direction", path, "outbound", choices=("inbound", "outbound")),
         idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
@@ -100,7 +130,7 @@ def listener_from_native(d: dict, path: str, filters: FilterCatalog) -> Listener
     )
 
 
-def tracing_from_native(d: dict, path: str) -> TracingConfig:
+def tracing_from_native(d: Raw, path: str) -> TracingConfig:
     w.check_keys(d, ("sample_percent", "exporter", "endpoint", "service_name"), path)
     return TracingConfig(sample_percent=w.number(d, "sample_percent", path, 1.0, lo=0, hi=100),
                          exporter=w.string(d, "exporter", path, "none",
@@ -109,9 +139,7 @@ def tracing_from_native(d: dict, path: str) -> TracingConfig:
                          service_name=w.string(d, "service_name", path, "sidecar"))
 
 
-def _min_version(d: dict, path: str) -> str:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
+def _min_version(d: Raw, path: str) -> str:
     v = d.get("min_version", "1.2")
     if isinstance(v, float):
         v = f"{v:.1f}"
@@ -123,22 +151,24 @@ def _min_version(d: dict, path: str) -> str:
     return v
 
 
-def _file(d: dict, key: str, path: str, required: bool = False) -> str | None:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
+def _file(d: Raw, key: str, path: str, required: bool = False) -> str | None:
     v = w.string(d, key, path, None if not required else w._MISSING, nonempty=True)
     if v is not None and not os.path.isfile(v):
         raise ConfigError(w.join(path, key), f"cannot read file {v!r}")
     return v
 
 
-def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
+def _required_file(d: Raw, key: str, path: str) -> str:
+    v = _file(d, key, path, required=True)
+    assert v is not None        # required: _file raised otherwise
+    return v
+
+
+def downstream_tls_from_native(d: Raw, path: str) -> DownstreamTls:
     """Listener ``tls: {cert, key, ca, require_client_cert, min_version}``.
 
     ``ca`` turns on client-certificate verification (mTLS); with it, ``require_client_cert``
     defaults to true (set false to accept clients without a certificate too)."""
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
     w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version", "alpn"), path)
     alpn = w.seq(d, "alpn", path, [])
     for i, p in enumerate(alpn):
@@ -146,8 +176,8 @@ def downstream_tls_from_native(d: dict, path: str) -> DownstreamTls:
             raise ConfigError(w.join(w.join(path, "alpn"), i), "must be h2 or http/1.1")
     if len(set(alpn)) != len(alpn):
         raise ConfigError(w.join(path, "alpn"), "lists a protocol twice")
-    cert = _file(d, "cert", path, required=True)
-    key = _file(d, "key", path, required=True)
+    cert = _required_file(d, "cert", path)
+    key = _required_file(d, "key", path)
     ca = _file(d, "ca", path)
     require = w.boolean(d, "require_client_cert", path, ca is not None)
     if require and ca is None:

@@ -1,7 +1,9 @@
-"""TODO docstring."""
+"""Native YAML routes and virtual hosts: match, action, rewrites, retries, mirrors, per-route
+filter overrides."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sidecar.config import wire as w
@@ -26,18 +28,18 @@ from sidecar.config.route import (
     _status_codes,
     parse_retry_on,
 )
+from sidecar.config.wire import Raw
 
 
-def route_match_from_native(d: dict, path: str) -> RouteMatch:
+def route_match_from_native(d: Raw, path: str) -> RouteMatch:
     w.check_keys(d, ("prefix", "path", "regex", "path_separated_prefix", "case_sensitive",
                      "headers", "query", "methods", "cookies", "percent", "grpc"), path)
     kind = w.one_of(d, ("prefix", "path", "regex", "path_separated_prefix"), path, required=False)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     cs = w.boolean(d, "case_sensitive", path, True)
     if kind is None:
         kw["prefix"] = "/"
     elif kind == "regex":
-        import re
         kw["regex"] = w.compile_regex(d["regex"], w.join(path, "regex"), 0 if cs else re.IGNORECASE)
     else:
         v = w.string(d, kind, path)
@@ -64,9 +66,9 @@ def route_match_from_native(d: dict, path: str) -> RouteMatch:
                       runtime_fraction=w.number(d, "percent", path, None, lo=0, hi=100), **kw)
 
 
-def header_mutation_from_native(d: dict, path: str) -> HeaderMutation:
+def header_mutation_from_native(d: Raw, path: str) -> HeaderMutation:
     """``request_headers: {add: {k: v}, set: {k: v}, remove: [k]}`` and the same for response."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for side in ("request", "response"):
         key = f"{side}_headers"
         hp = w.join(path, key)
@@ -82,8 +84,8 @@ def header_mutation_from_native(d: dict, path: str) -> HeaderMutation:
     return HeaderMutation(**out)
 
 
-def per_filter_from_native(d: dict, path: str, filters: FilterCatalog) -> tuple[tuple[str, Any], ...]:
-    out = []
+def per_filter_from_native(d: Raw, path: str, filters: FilterCatalog) -> tuple[tuple[str, Any], ...]:
+    out: list[tuple[str, Any]] = []
     for name, cfg in (d or {}).items():
         p = w.join(path, name)
         spec = filters.lookup(name)
@@ -104,7 +106,7 @@ _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct
                "request_headers", "response_headers", "filters")
 
 
-def route_from_native(d: dict, path: str, filters: FilterCatalog) -> Route:
+def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
     w.check_keys(d, _ROUTE_KEYS, path)
     match = route_match_from_native(w.mapping(d, "match", path, {}), w.join(path, "match"))
     kind = w.one_of(d, ("cluster", "weighted", "cluster_header", "direct_response", "redirect"), path)
@@ -123,7 +125,7 @@ def route_from_native(d: dict, path: str, filters: FilterCatalog) -> Route:
                           status=w.integer(x, "status", kp, 301, lo=300, hi=308),
                           strip_query=w.boolean(x, "strip_query", kp, False))
     else:
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         if kind == "cluster":
             kw["cluster"] = w.string(d, "cluster", path, nonempty=True)
         elif kind == "cluster_header":
@@ -186,7 +188,7 @@ def route_from_native(d: dict, path: str, filters: FilterCatalog) -> Route:
                  per_filter=per_filter_from_native(w.mapping(d, "filters", path, {}), w.join(path, "filters"), filters))
 
 
-def virtual_host_from_native(d: dict, path: str, filters: FilterCatalog) -> VirtualHost:
+def virtual_host_from_native(d: Raw, path: str, filters: FilterCatalog) -> VirtualHost:
     w.check_keys(d, ("name", "domains", "routes", "request_headers", "response_headers",
                      "filters", "retry"), path)
     domains = w.seq(d, "domains", path, ["*"])
@@ -205,9 +207,7 @@ def virtual_host_from_native(d: dict, path: str, filters: FilterCatalog) -> Virt
     )
 
 
-def retry_policy_from_native(d: dict, path: str) -> RetryPolicy:
-    from sidecar.config import wire as w
-    from sidecar.config.errors import ConfigError
+def retry_policy_from_native(d: Raw, path: str) -> RetryPolicy:
     w.check_keys(d, ("retry_on", "retries", "per_try_timeout", "status_codes", "backoff",
                      "max_backoff", "retry_non_idempotent", "max_buffered_body",
                      "allow_override_headers"), path)

@@ -37,9 +37,10 @@ def _app_address(v: Any, path: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
-def _check_routes(listener, path: str, known: set[str]) -> None:
+def _check_routes(listener: Listener, path: str, known: set[str]) -> None:
     flat = isinstance(listener.source, dict) and "routes" in listener.source
-    for vi, vh in enumerate(listener.route_config.virtual_hosts):
+    rc = listener.route_config
+    for vi, vh in enumerate(rc.virtual_hosts if rc is not None else ()):
         for ri, r in enumerate(vh.routes):
             a = r.action
             if not isinstance(a, RouteAction):
@@ -64,7 +65,7 @@ def sidecar_from_native(d: Any, path: str, filters: FilterCatalog, clusters: Any
         raise ConfigError(ap, "is required (the local app's port or host:port)")
     host, port = _app_address(d["app"], ap)
     service = w.string(d, "service", path, "app", nonempty=True)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     if "app_health" in d:
         hp = w.join(path, "app_health")
         h = w.check_keys(w.mapping(d, "app_health", path), ("path", "interval", "timeout"), hp)

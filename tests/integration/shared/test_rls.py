@@ -109,6 +109,7 @@ async def test_nested_and_multiple_descriptors(rls):
 async def test_service_down_fails_fast_then_recovers(rls):
     c = client(rls, timeout=0.3)
     desc = ((("remote_address", "10.2.2.2"),),)
+    window = int(time.time() // 60)         # the service counts in fixed one-minute windows
     assert (await c.should_rate_limit("edge", desc)).code is RlsCode.OK
     rls.kill()
     with pytest.raises(Unavailable):
@@ -126,7 +127,10 @@ async def test_service_down_fails_fast_then_recovers(rls):
             break
         except Unavailable:
             await asyncio.sleep(0.05)
-    assert got is not None and got.code is RlsCode.OK and got.statuses[0].remaining == 1
+    # the count survived the outage (2 used of 3), unless a new minute window began meanwhile
+    same_window = int(time.time() // 60) == window
+    assert got is not None and got.code is RlsCode.OK
+    assert got.statuses[0].remaining == (1 if same_window else 2)
     assert c.status().up
     c.close()
 

@@ -9,6 +9,8 @@ import time
 import pytest
 
 from filters import local_ratelimit as L
+from filters.local_ratelimit import filter as limiter
+from filters.local_ratelimit.envoy import fraction
 from sidecar.config.errors import ConfigError
 from sidecar.testing import build_filter
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
@@ -28,7 +30,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(L, "time", c)
+    monkeypatch.setattr(limiter, "time", c)   # the filter reads time.monotonic()
     return c
 
 
@@ -78,7 +80,7 @@ TABLE = [
 
 @pytest.mark.parametrize("name,cfg,steps", TABLE, ids=[t[0] for t in TABLE])
 async def test_native_table(clock, name, cfg, steps):
-    c = L.from_native(cfg, "local_ratelimit")
+    c = L.SPEC.from_native(cfg, "local_ratelimit")
     f = build_filter(L.SPEC, c, None, runtime(), RouteInfo())
     got = []
     for adv, kw, _ in steps:
@@ -92,7 +94,7 @@ async def test_native_table(clock, name, cfg, steps):
 
 
 async def test_limited_response_and_headers(clock):
-    cfg = L.from_native({"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "10s",
+    cfg = L.SPEC.from_native({"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "10s",
                          "response_headers": {"x-limited-by": "sidecar"}}, "rl")
     rt = runtime()
     f = build_filter(L.SPEC, cfg, None, rt, RouteInfo())
@@ -117,10 +119,10 @@ async def test_envoy_config_semantics(clock):
     base = {"stat_prefix": "http_local_rate_limiter",
             "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "60s"}}
     # Envoy: filter_enabled unset = 0 % -> the filter does nothing
-    assert build_filter(L.SPEC, L.from_envoy(base, "t"), None, runtime(), RouteInfo()) is None
+    assert build_filter(L.SPEC, L.SPEC.from_envoy(base, "t"), None, runtime(), RouteInfo()) is None
     pct = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "rl_enabled"}
     # enabled but not enforced: counted, passed, request header added
-    cfg = L.from_envoy(dict(base, filter_enabled=pct, request_headers_to_add_when_not_enforced=[
+    cfg = L.SPEC.from_envoy(dict(base, filter_enabled=pct, request_headers_to_add_when_not_enforced=[
         {"header": {"key": "x-rl-shadow", "value": "true"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]), "t")
     f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
     n = Next()
@@ -128,7 +130,7 @@ async def test_envoy_config_semantics(clock):
     r2 = await f(rq(), n)
     assert r2.status == 200 and n.last.headers["x-rl-shadow"] == "true"
     # enforced, custom status, x-ratelimit headers
-    cfg = L.from_envoy(dict(base, filter_enabled=pct, filter_enforced=pct, status={"code": 503},
+    cfg = L.SPEC.from_envoy(dict(base, filter_enabled=pct, filter_enforced=pct, status={"code": 503},
                             enable_x_ratelimit_headers="DRAFT_VERSION_03",
                             response_headers_to_add=[{"header": {"key": "x-rl", "value": "1"}}]), "t")
     f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
@@ -136,13 +138,13 @@ async def test_envoy_config_semantics(clock):
     r = await f(rq(), Next())
     assert r.status == 503 and r.headers["x-rl"] == "1" and r.headers["x-ratelimit-remaining"] == "0"
     # fractional percent in TEN_THOUSAND
-    half = L._fraction_envoy({"default_value": {"numerator": 5000, "denominator": "TEN_THOUSAND"}}, "p")
+    half = fraction({"default_value": {"numerator": 5000, "denominator": "TEN_THOUSAND"}}, "p")
     assert half == 50.0
 
 
 async def test_envoy_descriptors_with_rate_limit_actions(clock):
     pct = {"default_value": {"numerator": 100}}
-    cfg = L.from_envoy({
+    cfg = L.SPEC.from_envoy({
         "stat_prefix": "rl", "filter_enabled": pct, "filter_enforced": pct,
         "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "60s"},
         "always_consume_default_token_bucket": False,
@@ -175,7 +177,7 @@ async def test_envoy_descriptors_with_rate_limit_actions(clock):
 
 
 async def test_dynamic_descriptors_bounded(clock):
-    cfg = L.from_native({"descriptors": [{"by": {"header": "x-k"}, "max_tokens": 1,
+    cfg = L.SPEC.from_native({"descriptors": [{"by": {"header": "x-k"}, "max_tokens": 1,
                                           "fill_interval": "1m", "max_keys": 3}]}, "rl")
     f = build_filter(L.SPEC, cfg, None, runtime(), RouteInfo())
     for i in range(10):
@@ -186,27 +188,27 @@ async def test_dynamic_descriptors_bounded(clock):
 async def test_state_survives_rebuild_and_per_route_buckets(clock):
     rt = runtime()
     d = {"max_tokens": 1, "fill_interval": "1m"}
-    f1 = build_filter(L.SPEC, L.from_native(d, "rl"), None, rt, RouteInfo("a"))
+    f1 = build_filter(L.SPEC, L.SPEC.from_native(d, "rl"), None, rt, RouteInfo("a"))
     assert (await f1(rq(), Next())).status == 200
     # a reload with an identical config (new objects) keeps the bucket
-    f2 = build_filter(L.SPEC, L.from_native(dict(d), "rl"), None, rt, RouteInfo("a"))
+    f2 = build_filter(L.SPEC, L.SPEC.from_native(dict(d), "rl"), None, rt, RouteInfo("a"))
     assert (await f2(rq(), Next())).status == 429
     # listener-wide config: the same bucket on another route
-    f3 = build_filter(L.SPEC, L.from_native(d, "rl"), None, rt, RouteInfo("b"))
+    f3 = build_filter(L.SPEC, L.SPEC.from_native(d, "rl"), None, rt, RouteInfo("b"))
     assert (await f3(rq(), Next())).status == 429
     # per-route configs get their own bucket per route
-    pr = L.per_route_from_native(d, "route.filters.local_ratelimit")
-    fa = build_filter(L.SPEC, L.from_native(d, "rl"), pr, rt, RouteInfo("a"))
-    fb = build_filter(L.SPEC, L.from_native(d, "rl"), pr, rt, RouteInfo("b"))
+    pr = L.SPEC.per_route_from_native(d, "route.filters.local_ratelimit")
+    fa = build_filter(L.SPEC, L.SPEC.from_native(d, "rl"), pr, rt, RouteInfo("a"))
+    fb = build_filter(L.SPEC, L.SPEC.from_native(d, "rl"), pr, rt, RouteInfo("b"))
     assert (await fa(rq(), Next())).status == 200
     assert (await fb(rq(), Next())).status == 200
     assert (await fa(rq(), Next())).status == 429
-    assert build_filter(L.SPEC, L.from_native(d, "rl"), L.per_route_from_native({"disabled": True}, "p"),
+    assert build_filter(L.SPEC, L.SPEC.from_native(d, "rl"), L.SPEC.per_route_from_native({"disabled": True}, "p"),
                    rt, RouteInfo("a")) is None
 
 
 async def test_real_clock_refill():
-    f = build_filter(L.SPEC, L.from_native({"max_tokens": 1, "fill_interval": "0.1s"}, "rl"), None, runtime(), RouteInfo())
+    f = build_filter(L.SPEC, L.SPEC.from_native({"max_tokens": 1, "fill_interval": "0.1s"}, "rl"), None, runtime(), RouteInfo())
     assert (await f(rq(), Next())).status == 200
     assert (await f(rq(), Next())).status == 429
     import asyncio
@@ -229,7 +231,7 @@ async def test_real_clock_refill():
 ])
 def test_envoy_config_errors(cfg, path):
     with pytest.raises(ConfigError) as e:
-        L.from_envoy(cfg, "t")
+        L.SPEC.from_envoy(cfg, "t")
     assert e.value.path == path
 
 
@@ -243,5 +245,5 @@ def test_envoy_config_errors(cfg, path):
 ])
 def test_native_config_errors(cfg, path):
     with pytest.raises(ConfigError) as e:
-        L.from_native(cfg, "n")
+        L.SPEC.from_native(cfg, "n")
     assert e.value.path == path

@@ -143,7 +143,7 @@ NATIVE_TABLE = [
 @pytest.mark.parametrize("name,cfg,rq,allowed", NATIVE_TABLE, ids=[t[0] for t in NATIVE_TABLE])
 async def test_native_table(name, cfg, rq, allowed):
     r = req(**rq)
-    resp, n, rt = await decide(R.from_native(cfg, "rbac"), r)
+    resp, n, rt = await decide(R.SPEC.from_native(cfg, "rbac"), r)
     assert n.called == allowed
     if allowed:
         assert resp.status == 200
@@ -156,7 +156,7 @@ async def test_native_table(name, cfg, rq, allowed):
 # ---- Envoy v3 table ----------------------------------------------------------------------------
 
 def envoy(action, policies):
-    return R.from_envoy({"rules": {"action": action, "policies": policies}}, "typed_config")
+    return R.SPEC.from_envoy({"rules": {"action": action, "policies": policies}}, "typed_config")
 
 
 JWT_GROUP_ADMIN = {"metadata": {"filter": "envoy.filters.http.jwt_authn",
@@ -219,7 +219,7 @@ async def test_envoy_table(name, action, policies, rq, allowed):
 # ---- shadow, metrics, per-route ---------------------------------------------------------------
 
 async def test_shadow_counts_but_never_enforces():
-    cfg = R.from_envoy({"shadow_rules": {"action": "DENY", "policies": {"would-block": {
+    cfg = R.SPEC.from_envoy({"shadow_rules": {"action": "DENY", "policies": {"would-block": {
         "permissions": [{"url_path": {"path": {"prefix": "/admin"}}}], "principals": [{"any": True}]}}}},
         "t")
     rt = runtime()
@@ -235,7 +235,7 @@ async def test_shadow_counts_but_never_enforces():
 
 
 async def test_enforced_and_shadow_together_metrics_per_policy():
-    cfg = R.from_native({"action": "DENY", "stat_prefix": "edge",
+    cfg = R.SPEC.from_native({"action": "DENY", "stat_prefix": "edge",
                          "policies": {"no-admin": {"permissions": [{"path": {"prefix": "/admin"}}],
                                                    "principals": [{"any": True}]},
                                       "no-debug": {"permissions": [{"path": "/debug"}],
@@ -261,17 +261,17 @@ async def test_enforced_and_shadow_together_metrics_per_policy():
 
 async def test_allow_denial_details_name_none():
     r = req("/x")
-    await decide(R.from_native({"action": "ALLOW", "policies": {}}, "r"), r)
+    await decide(R.SPEC.from_native({"action": "ALLOW", "policies": {}}, "r"), r)
     assert r.ctx.response_code_details == "rbac_access_denied_matched_policy[none]"
 
 
 async def test_per_route_override_and_disable():
-    base = R.from_native({"action": "DENY", "policies": {"all": {"permissions": [{"any": True}],
+    base = R.SPEC.from_native({"action": "DENY", "policies": {"all": {"permissions": [{"any": True}],
                                                                  "principals": [{"any": True}]}}}, "r")
     rt = runtime()
-    assert build_filter(R.SPEC, base, R.per_route_from_envoy({}, "p"), rt, RouteInfo()) is None
-    assert build_filter(R.SPEC, base, R.per_route_from_native({"disabled": True}, "p"), rt, RouteInfo()) is None
-    override = R.per_route_from_envoy({"rbac": {"rules": {"action": "ALLOW", "policies": {
+    assert build_filter(R.SPEC, base, R.SPEC.per_route_from_envoy({}, "p"), rt, RouteInfo()) is None
+    assert build_filter(R.SPEC, base, R.SPEC.per_route_from_native({"disabled": True}, "p"), rt, RouteInfo()) is None
+    override = R.SPEC.per_route_from_envoy({"rbac": {"rules": {"action": "ALLOW", "policies": {
         "get": {"permissions": [{"header": {"name": ":method", "exact_match": "GET"}}],
                 "principals": [{"any": True}]}}}}}, "p")
     f = build_filter(R.SPEC, base, override, rt, RouteInfo())
@@ -303,7 +303,7 @@ async def test_per_route_override_and_disable():
 ])
 def test_envoy_config_errors(cfg, path, msg):
     with pytest.raises(ConfigError) as e:
-        R.from_envoy(cfg, "t")
+        R.SPEC.from_envoy(cfg, "t")
     assert e.value.path == path and msg in e.value.message
 
 
@@ -321,5 +321,5 @@ def test_envoy_config_errors(cfg, path, msg):
 ])
 def test_native_config_errors(cfg, path):
     with pytest.raises(ConfigError) as e:
-        R.from_native(cfg, "n")
+        R.SPEC.from_native(cfg, "n")
     assert e.value.path == path

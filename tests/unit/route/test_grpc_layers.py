@@ -15,7 +15,6 @@ from sidecar.config.route import RetryPolicy, RouteAction, StreamDuration
 from sidecar.core.context import RequestContext
 from sidecar.core.errors import UpstreamTimeout
 from sidecar.core.message import Request, Response, local_reply
-from sidecar.core.metrics import NULL
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.route.observe import grpc_local_reply, grpc_message, grpc_status_of
@@ -114,7 +113,7 @@ async def test_timeout_layer_with_max_stream_duration():
 
     action = RouteAction(cluster="c", timeout_s=15.0,
                          max_stream_duration=StreamDuration(grpc_header_max_s=5.0))
-    layer = TimeoutLayer(action, slow, NULL, True, clock)
+    layer = TimeoutLayer(action, slow, True, clock)
     resp = await layer(grpc_req([("grpc-timeout", "200m")]))
     # the route timeout no longer applies (no expected-timeout header), the grpc-timeout does
     assert seen == [(pytest.approx(100.2), None)]
@@ -126,7 +125,7 @@ async def test_timeout_layer_with_max_stream_duration():
         return Response(200)
 
     seen.clear()
-    await TimeoutLayer(action, ok, NULL, True, clock)(grpc_req())
+    await TimeoutLayer(action, ok, True, clock)(grpc_req())
     assert seen == [(None, None)]       # no header, no max: unbounded (Envoy)
 
 

@@ -20,7 +20,7 @@ from sidecar.core.message import Request, Response, local_reply
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.route.action import RouteActionLayer
-from sidecar.route.observe import ObserveLayer, RouteObserver
+from sidecar.route.observe import ObserveLayer, RouteObserver, grpc_local_reply
 from sidecar.route.retry import RetryLayer
 from sidecar.route.shadow import ShadowLayer, ShadowState
 from sidecar.route.timeout import TimeoutLayer
@@ -88,7 +88,7 @@ STATS = StatsCache(Metrics(enabled=False)).cluster("svc")
 async def test_timeout_sets_the_deadline_and_the_expected_timeout_header():
     clock = Clock()
     nxt = Next(200)
-    layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=2.0), nxt, STATS.rq_timeout,
+    layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=2.0), nxt,
                          set_expected_header=True, clock=clock)
     resp = await layer(request())
     assert resp.status == 200
@@ -101,25 +101,16 @@ async def test_timeout_header_may_shorten_only_where_allowed():
     for allow, expect in ((True, 1000.5), (False, 1002.0)):
         nxt = Next(200)
         layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=2.0, allow_timeout_header=allow),
-                             nxt, STATS.rq_timeout, set_expected_header=True, clock=clock)
+                             nxt, set_expected_header=True, clock=clock)
         req = request(headers={"x-envoy-upstream-rq-timeout-ms": "500"})
         await layer(req)
         assert nxt.seen[0][2] == expect
         assert "x-envoy-upstream-rq-timeout-ms" not in req.headers      # consumed either way
 
 
-async def test_an_upstream_timeout_at_the_deadline_is_the_route_timeout():
-    clock = Clock()
-    nxt = Next(UpstreamTimeout(), clock=clock, takes=3.0)
-    layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=2.0), nxt, STATS.rq_timeout,
-                         set_expected_header=False, clock=clock)
-    with pytest.raises(RouteTimeout):
-        await layer(request())
-
-
 async def test_no_timeout_means_no_deadline():
     nxt = Next(200)
-    layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=0.0), nxt, STATS.rq_timeout,
+    layer = TimeoutLayer(RouteAction(cluster="svc", timeout_s=0.0), nxt,
                          set_expected_header=True, clock=Clock())
     await layer(request())
     assert nxt.seen[0][2] is None and "x-envoy-expected-rq-timeout-ms" not in nxt.seen[0][1]
@@ -303,19 +294,34 @@ def observer() -> RouteObserver:
     return RouteObserver(lambda: StatsCache(Metrics(enabled=False)).route("l", "vh", "r"), ())
 
 
-async def test_observe_turns_an_exception_below_into_a_500():
-    async def boom(req: Request) -> Response:
-        raise RuntimeError("bug")
+async def test_observe_binds_the_route_and_its_observer_without_a_frame_of_its_own():
+    nxt = Next(200)
+    obs = observer()
+    layer = ObserveLayer(FakeRoute(), nxt, None, obs)
     req = request()
-    resp = await ObserveLayer(FakeRoute(), boom, None, observer())(req)
-    assert resp.status == 500 and req.ctx.flags == ["DPE"]
+    pending = layer(req)
+    assert not isinstance(pending, ObserveLayer) and req.ctx.observer is obs
+    assert (await pending).status == 200 and req.ctx.route is layer.route
 
 
-async def test_observe_shapes_local_replies_for_grpc_clients():
-    async def deny(req: Request) -> Response:
-        return local_reply(req.ctx, 403, "RBAC: access denied", "RBAC")
-    req = request(headers={"content-type": "application/grpc"})
-    req.ctx.grpc = True
-    resp = await ObserveLayer(FakeRoute(), deny, None, observer())(req)
+def test_local_replies_to_grpc_clients_are_grpc_shaped():
+    ctx = RequestContext("l", None, 0.0)
+    resp = grpc_local_reply(local_reply(ctx, 403, "RBAC: access denied", "RBAC"))
     assert resp.status == 200 and resp.headers["grpc-status"] == "7"
     assert resp.headers["grpc-message"] == "RBAC: access denied" and resp.body == b""
+    assert resp.headers["content-type"] == "application/grpc"
+
+
+async def test_cluster_header_builds_stacks_only_for_configured_clusters():
+    built: list[str] = []
+
+    def make(name: str) -> Next:
+        built.append(name)
+        return Next(200)
+    layer = RouteActionLayer(RouteAction(cluster_header="x-cluster"), 0, merged_mutation(), make,
+                             configured=lambda name: name == "svc")
+    ok = await layer(request(headers={"x-cluster": "svc"}))
+    unknown = request(headers={"x-cluster": "made-up-by-a-client"})
+    nc = await layer(unknown)
+    assert ok.status == 200 and (nc.status, unknown.ctx.flags) == (503, ["NC"])
+    assert built == ["svc"]                     # nothing kept for the client's made-up name

@@ -64,8 +64,8 @@ def test_the_order_is_observe_filters_action_then_timeout_shadow_retry_send():
     assert [type(f.filter).__name__ for f in outer[1:3]] == ["FaultFilter", "RbacFilter"]
     inner = chain(outer[-1].stacks["svc"])
     assert [type(x) for x in inner[:3]] == [TimeoutLayer, ShadowLayer, RetryLayer]
-    assert inner[-1].__name__ == "send"           # Cluster.send of the chosen cluster
-    assert inner[2].cluster is clusters.state("svc")
+    assert type(inner[-1]).__name__ == "ClusterSend"       # Cluster.send of the chosen cluster
+    assert inner[2].cluster is clusters.state("svc") and inner[-1].state is clusters.state("svc")
 
 
 def test_layers_with_nothing_to_do_are_left_out():

@@ -16,7 +16,7 @@ import time
 import aiohttp
 
 from control_plane_client.resources import BY_NAME, REST_PATH, short
-from control_plane_client.transport import Sink, Transport
+from control_plane_client.sources.transport import DiscoveryHandler, Subscription, Transport
 from sidecar.config.control_plane import SourceSpec
 from sidecar.core.backoff import Backoff
 
@@ -28,10 +28,10 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 class RestTransport(Transport):
     kind = "rest"
 
-    def __init__(self, spec: SourceSpec, sink: Sink, endpoints: list[tuple[str, int]],
-                 ssl_context: ssl.SSLContext | None = None, *,
+    def __init__(self, spec: SourceSpec, handler: DiscoveryHandler,
+                 endpoints: list[tuple[str, int]], ssl_context: ssl.SSLContext | None = None, *,
                  backoff: tuple[float, float], user_agent: str = "pysidecar"):
-        super().__init__(spec, sink, backoff=backoff)
+        super().__init__(spec, handler, backoff=backoff)
         if not endpoints:
             raise ValueError(f"no endpoints for control-plane source {self.name}")
         self.endpoints = list(endpoints)
@@ -45,7 +45,7 @@ class RestTransport(Transport):
         self.user_agent = user_agent
 
     # ---- subscriptions -------------------------------------------------------------------
-    def subscribe(self, type_url: str, names: frozenset | None) -> None:
+    def subscribe(self, type_url: str, names: Subscription) -> None:
         old = self.subscriptions.get(type_url, frozenset() if type_url in BY_NAME else None)
         if type_url in self.subscriptions and old == names:
             return
@@ -112,21 +112,24 @@ class RestTransport(Transport):
             except TimeoutError:
                 pass
 
-    async def _poll_once(self, type_url: str, names: frozenset | None) -> bool:
+    async def _poll_once(self, type_url: str, names: Subscription) -> bool:
+        session = self._session
+        if session is None:               # closed meanwhile
+            return False
         version = self.versions.get(type_url, "")
-        body = {"version_info": version, "node": self.sink.node,
+        body = {"version_info": version, "node": self.handler.node,
                 "resource_names": sorted(names) if names else [], "type_url": type_url}
         url = self._url(type_url)
         self._polls[type_url] = self._polls.get(type_url, 0) + 1
         try:
-            async with self._session.post(
+            async with session.post(
                     url, data=json.dumps(body),
                     timeout=aiohttp.ClientTimeout(total=self.spec.request_timeout_s)) as r:
                 if r.status == 304:
                     self.connected = True
                     self.last_ok_at = time.time()
                     self._not_modified[type_url] = self._not_modified.get(type_url, 0) + 1
-                    self.sink.on_contact(self, type_url)
+                    self.handler.on_contact(self, type_url)
                     return True
                 if r.status != 200:
                     text = (await r.content.read(300)).decode("utf-8", "replace").strip()
@@ -165,21 +168,17 @@ class RestTransport(Transport):
             return False
         if new_version and new_version == self.rejected.get(type_url):
             # Envoy's REST NACK: keep the last good version; do not re-validate the same bad one
-            self.sink.on_contact(self, type_url)
+            self.handler.on_contact(self, type_url)
             return True
         if not isinstance(resources, list):
             resources = [resources]
-        err = await self.sink.on_response(self, type_url, new_version, resources)
+        err = await self.handler.on_response(self, type_url, new_version, resources)
         if self.subscriptions.get(type_url) != names:
             return True        # the names changed meanwhile: ask again from scratch
-        if err is None:
-            self.versions[type_url] = new_version
-            self.rejected.pop(type_url, None)
-        else:
-            self.rejected[type_url] = new_version
+        self.record(type_url, new_version, err)
         return True
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, object]:
         d = super().dump()
         d["endpoints"] = [f"{h}:{p}" for h, p in self.endpoints]
         d["refresh_delay_s"] = self.spec.refresh_delay_s

@@ -23,7 +23,7 @@ import os
 import yaml
 
 from control_plane_client.resources import ORDER, resource_name, short
-from control_plane_client.transport import Sink, Transport
+from control_plane_client.sources.transport import DiscoveryHandler, Subscription, Transport
 from sidecar.config.control_plane import SourceSpec
 
 log = logging.getLogger("sidecar.xds.file")
@@ -35,6 +35,10 @@ class FileFormatError(Exception):
     pass
 
 
+FileSignature = tuple[tuple[object, ...], ...]
+"""What a poll compares: (file, mtime, size, inode) of every file (or the error)."""
+
+
 def _files(path: str) -> list[str]:
     if os.path.isdir(path):
         return sorted(os.path.join(path, n) for n in os.listdir(path)
@@ -42,8 +46,8 @@ def _files(path: str) -> list[str]:
     return [path]
 
 
-def signature(path: str) -> tuple:
-    out = []
+def signature(path: str) -> FileSignature:
+    out: list[tuple[object, ...]] = []
     try:
         files = _files(path)
     except OSError as e:
@@ -57,9 +61,13 @@ def signature(path: str) -> tuple:
     return tuple(out)
 
 
-def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
+FileResources = dict[str, tuple[list[dict[str, object]], str | None]]
+"""type_url -> (resources, version_info when a single file gave one for that type)."""
+
+
+def read_resources(path: str) -> FileResources:
     """type_url -> (resources, version_info when a single file gave one for that type)."""
-    by_type: dict[str, list[dict]] = {}
+    by_type: dict[str, list[dict[str, object]]] = {}
     versions: dict[str, list[str | None]] = {}
     try:
         files = _files(path)
@@ -79,6 +87,7 @@ def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
             continue
         version = None
         default_type = None
+        items: object
         if isinstance(doc, dict) and "resources" in doc and "@type" not in doc:
             extra = set(doc) - {"version_info", "resources", "type_url", "nonce"}
             if extra:
@@ -92,7 +101,7 @@ def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
             items = [doc]
         if not isinstance(items, list):
             raise FileFormatError(f"{f}: resources must be a list")
-        seen_types = set()
+        seen_types: set[str] = set()
         for i, r in enumerate(items):
             if not isinstance(r, dict):
                 raise FileFormatError(f"{f}: resources[{i}] must be a mapping")
@@ -100,7 +109,7 @@ def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
             if t == "type.googleapis.com/envoy.service.discovery.v3.Resource":
                 inner = r.get("resource")
                 t = inner.get("@type") if isinstance(inner, dict) else None
-            if not t:
+            if not t or not isinstance(t, str):
                 raise FileFormatError(f"{f}: resources[{i}] has no @type")
             if "@type" not in r:
                 r = {**r, "@type": t}
@@ -108,33 +117,40 @@ def read_resources(path: str) -> dict[str, tuple[list[dict], str | None]]:
             seen_types.add(t)
         for t in seen_types:
             versions.setdefault(t, []).append(str(version) if version is not None else None)
-    out = {}
-    for t, items in by_type.items():
+    out: FileResources = {}
+    for t, typed in by_type.items():
         vs = versions.get(t, [])
-        out[t] = (items, vs[0] if len(vs) == 1 else None)
+        out[t] = (typed, vs[0] if len(vs) == 1 else None)
     return out
 
 
-def content_version(items: list[dict]) -> str:
+def content_version(items: list[dict[str, object]]) -> str:
     h = hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
     return f"sha256:{h[:16]}"
+
+
+def _name(type_url: str, r: dict[str, object]) -> str:
+    """A resource's name, looking inside a discovery ``Resource`` envelope."""
+    inner = r.get("resource", r)
+    return resource_name(type_url, inner) if isinstance(inner, dict) else ""
 
 
 class FileTransport(Transport):
     kind = "file"
 
-    def __init__(self, spec: SourceSpec, sink: Sink, *, poll_interval: float = 0.5,
+    def __init__(self, spec: SourceSpec, handler: DiscoveryHandler, *, poll_interval: float = 0.5,
                  backoff: tuple[float, float] = (0.5, 30.0)):
-        super().__init__(spec, sink, backoff=backoff)
+        super().__init__(spec, handler, backoff=backoff)
         self.path = spec.path
         self.poll_interval = poll_interval
-        self._sig: tuple | None = None
-        self._content: dict | None = None
-        self._delivered: dict[str, tuple] = {}     # type -> (version, names) last delivered
+        self._sig: FileSignature | None = None
+        self._content: FileResources | None = None
+        # type -> (version, names) last delivered
+        self._delivered: dict[str, tuple[str, Subscription]] = {}
         self._wake = asyncio.Event()
         self.loads = 0
 
-    def subscribe(self, type_url: str, names: frozenset | None) -> None:
+    def subscribe(self, type_url: str, names: Subscription) -> None:
         if type_url in self.subscriptions and self.subscriptions[type_url] == names:
             return
         self.subscriptions[type_url] = names
@@ -179,7 +195,7 @@ class FileTransport(Transport):
                 log.error("file source %s: %s (keeping the running config)", self.path, msg)
                 for t in ORDER:
                     if t in self.subscriptions:
-                        await self.sink.on_response(self, t, "", [], error=msg)
+                        await self.handler.on_response(self, t, "", [], error=msg)
                 self.failed(None, msg)
                 return
             self.connected = True
@@ -189,25 +205,21 @@ class FileTransport(Transport):
             if t not in self.subscriptions:
                 continue
             names = self.subscriptions[t]
-            items, version = self._content.get(t, ([], None))
+            items, given = self._content.get(t, ([], None))
             if names is not None:
                 if not names:
                     continue
-                items = [r for r in items if resource_name(t, r.get("resource", r)) in names]
-            version = version or content_version(items)
+                items = [r for r in items if _name(t, r) in names]
+            version = given or content_version(items)
             key = (version, names)
             if self._delivered.get(t) == key:
                 continue
             self._delivered[t] = key
-            err = await self.sink.on_response(self, t, version, items)
-            if err is None:
-                self.versions[t] = version
-                self.rejected.pop(t, None)
-            else:
-                self.rejected[t] = version
-        self.sink.on_contact(self, None)
+            err = await self.handler.on_response(self, t, version, list(items))
+            self.record(t, version, err)
+        self.handler.on_contact(self, None)
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, object]:
         d = super().dump()
         d["path"] = self.path
         d["loads"] = self.loads

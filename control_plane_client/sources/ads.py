@@ -27,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import ssl
 import time
+import warnings
+from types import ModuleType
 from typing import Any
 
 from control_plane_client.resources import ADS_METHOD, GRPC_METHOD, ORDER, short
-from control_plane_client.transport import Sink, Transport
+from control_plane_client.sources.transport import DiscoveryHandler, Subscription, Transport
 from sidecar.config.control_plane import SourceSpec
 from sidecar.core.backoff import Backoff
 
@@ -61,10 +64,8 @@ API_MODULES = (
     "google.rpc",
 )
 
-_api = None
 
-
-def _import_modules(mods: dict) -> None:
+def _import_modules(mods: dict[str, ModuleType]) -> None:
     for m in API_MODULES:
         try:
             mods[m] = importlib.import_module(f"envoy_data_plane.{m}")
@@ -78,16 +79,32 @@ class ApiUnavailable(RuntimeError):
     pass
 
 
-def api():
+class EnvoyApi:
+    """The generated Envoy API classes this module uses. They come from an optional package
+    and are generated at its build, so they are typed ``Any`` here."""
+
+    def __init__(self, mods: dict[str, ModuleType], pb_any: Any, pool: Any) -> None:
+        d = mods["envoy.service.discovery.v3"]
+        self.DiscoveryRequest: Any = d.DiscoveryRequest
+        self.DiscoveryResponse: Any = d.DiscoveryResponse
+        self.Node: Any = importlib.import_module("envoy_data_plane.envoy.config.core.v3").Node
+        self.Status: Any = mods["google.rpc"].Status
+        self.Any: Any = pb_any
+        self.pool: Any = pool
+
+
+_api: EnvoyApi | None = None
+
+
+def api() -> EnvoyApi:
     """Import the Envoy API types once (about 1 s); ApiUnavailable if the package is missing."""
     global _api
     if _api is not None:
         return _api
-    import warnings
+    # lazy: envoy-data-plane and grpclib are the optional ``ads`` extra, and slow to import
     try:
-        import betterproto2
         import grpclib  # noqa: F401
-        mods = {}
+        mods: dict[str, ModuleType] = {}
         with warnings.catch_warnings():
             # the generated code trips pydantic deprecation warnings on import
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -98,32 +115,21 @@ def api():
         raise ApiUnavailable(
             f"gRPC xDS needs the envoy-data-plane package (pip install 'envoy-data-plane>=2.2'): {e}"
         ) from None
-
-    class Api:
-        pass
-    a = Api()
-    a.betterproto2 = betterproto2
-    d = mods["envoy.service.discovery.v3"]
-    a.DiscoveryRequest = d.DiscoveryRequest
-    a.DiscoveryResponse = d.DiscoveryResponse
-    a.Node = importlib.import_module("envoy_data_plane.envoy.config.core.v3").Node
-    a.Status = mods["google.rpc"].Status
-    a.Any = PbAny
-    a.pool = default_message_pool
-    _api = a
-    return a
+    _api = EnvoyApi(mods, PbAny, default_message_pool)
+    return _api
 
 
 def _identity(name: str) -> str:
     return name
 
 
-def any_to_dict(a: Any) -> dict:
+def any_to_dict(a: Any) -> dict[str, object]:
     """A protobuf Any -> Envoy-JSON dict with proto field names and ``@type`` on every Any."""
-    return a.to_dict(casing=_identity)
+    d: dict[str, object] = a.to_dict(casing=_identity)
+    return d
 
 
-def dict_to_any(d: dict) -> Any:
+def dict_to_any(d: dict[str, Any]) -> Any:
     """An Envoy-JSON dict with ``@type`` -> protobuf Any (for servers and tests)."""
     A = api()
     t = d.get("@type")
@@ -134,7 +140,7 @@ def dict_to_any(d: dict) -> Any:
     return A.Any.pack(cls.from_dict(body))
 
 
-def node_message(node: dict):
+def node_message(node: dict[str, object]) -> Any:
     A = api()
     n = {k: v for k, v in node.items() if k in ("id", "cluster", "metadata", "locality",
                                                   "user_agent_name", "user_agent_version")}
@@ -152,8 +158,8 @@ class _Stream:
         self.method = method
         self.types = types
         self.nonces: dict[str, str] = {}
-        self.queue: asyncio.Queue | None = None
-        self.task: asyncio.Task | None = None
+        self.queue: asyncio.Queue[Any] | None = None      # DiscoveryRequests to send
+        self.task: asyncio.Task[None] | None = None
         self.connected = False
         self.responses = 0
         self.acks = 0
@@ -177,16 +183,18 @@ class _Stream:
         self.queue.put_nowait(req)
 
     async def run(self) -> None:
+        # lazy: grpclib comes with the optional ``ads`` extra (api() checked it is there)
         from grpclib.client import Channel
         from grpclib.const import Cardinality
 
         A = api()
         backoff = Backoff(*self.t.backoff_cfg)
         ep = 0
-        while not self.t._closed:
+        while not self.t.closed:
             host, port = self.t.endpoints[ep % len(self.t.endpoints)]
             channel = Channel(host, port, ssl=self.t.ssl)
-            self.queue = asyncio.Queue()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            self.queue = queue
             sender = None
             got_response = False
             try:
@@ -205,7 +213,8 @@ class _Stream:
                                 continue
                             self.request(tu, nonce="")
                     # the node goes on the first message only
-                    sender = asyncio.get_running_loop().create_task(self._send(stream, first))
+                    sender = asyncio.get_running_loop().create_task(
+                        self._send(stream, queue, first))
                     while True:
                         resp = await stream.recv_message()
                         if resp is None:
@@ -218,7 +227,7 @@ class _Stream:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure means: reconnect
                 msg = f"{host}:{port}: {e.__class__.__name__}: {e}".rstrip(": ")
-                if self.t._closed:
+                if self.t.closed:
                     break
                 self.t.failed(None if len(self.types) > 1 else self.types[0], msg)
                 log.warning("xDS gRPC stream %s to %s broken: %s", self.method.rsplit("/", 1)[-1],
@@ -233,22 +242,22 @@ class _Stream:
                     except BaseException:  # noqa: BLE001 - it was cancelled or had failed
                         pass
                 channel.close()
-            if self.t._closed:
+            if self.t.closed:
                 break
             self.reconnects += 1
             ep += 1
             await asyncio.sleep(backoff.next())
 
-    async def _send(self, stream, first: bool) -> None:
-        node = node_message(self.t.sink.node)
+    async def _send(self, stream: Any, queue: asyncio.Queue[Any], first: bool) -> None:
+        node = node_message(self.t.handler.node)
         while True:
-            req = await self.queue.get()
+            req = await queue.get()
             if first:
                 req.node = node
                 first = False
             await stream.send_message(req)
 
-    async def _on_response(self, resp) -> None:
+    async def _on_response(self, resp: Any) -> None:
         self.responses += 1
         t = self.t
         type_url = resp.type_url
@@ -259,7 +268,7 @@ class _Stream:
             return
         self.nonces[type_url] = nonce
         t.last_ok_at = time.time()
-        resources = []
+        resources: list[object] = []
         err: str | None = None
         for i, a in enumerate(resp.resources):
             try:
@@ -267,14 +276,12 @@ class _Stream:
             except Exception as e:  # noqa: BLE001 - undecodable: reject the response
                 err = f"resources[{i}] ({a.type_url}): cannot decode: {e}"
                 break
-        err = await t.sink.on_response(t, type_url, version, resources, error=err)
+        err = await t.handler.on_response(t, type_url, version, resources, error=err)
+        t.record(type_url, version, err)
         if err is None:
-            t.versions[type_url] = version
-            t.rejected.pop(type_url, None)
             self.acks += 1
             self.request(type_url, nonce=nonce)
         else:
-            t.rejected[type_url] = version
             self.nacks += 1
             self.request(type_url, nonce=nonce, error=err)
 
@@ -282,10 +289,10 @@ class _Stream:
 class GrpcTransport(Transport):
     """ADS (``ads=True``: one stream for every type) or one stream per type (GRPC)."""
 
-    def __init__(self, spec: SourceSpec, sink: Sink, endpoints: list[tuple[str, int]],
-                 ssl_context=None, *, backoff: tuple[float, float], ads: bool,
-                 connect_timeout: float = 5.0):
-        super().__init__(spec, sink, backoff=backoff)
+    def __init__(self, spec: SourceSpec, handler: DiscoveryHandler,
+                 endpoints: list[tuple[str, int]], ssl_context: ssl.SSLContext | None = None, *,
+                 backoff: tuple[float, float], ads: bool, connect_timeout: float = 5.0):
+        super().__init__(spec, handler, backoff=backoff)
         api()   # fail early (at start) when the package is missing
         if not endpoints:
             raise ValueError(f"no endpoints for control-plane source {self.name}")
@@ -308,7 +315,7 @@ class GrpcTransport(Transport):
             s = self.streams[type_url] = _Stream(self, GRPC_METHOD[type_url], (type_url,))
         return s
 
-    def subscribe(self, type_url: str, names: frozenset | None) -> None:
+    def subscribe(self, type_url: str, names: Subscription) -> None:
         if type_url in self.subscriptions and self.subscriptions[type_url] == names:
             return
         self.subscriptions[type_url] = names
@@ -328,7 +335,7 @@ class GrpcTransport(Transport):
                 s.task = loop.create_task(s.run())
                 self._tasks.append(s.task)
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, object]:
         d = super().dump()
         d["endpoints"] = [f"{h}:{p}" for h, p in self.endpoints]
         d["streams"] = {

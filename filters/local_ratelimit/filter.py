@@ -1,0 +1,153 @@
+"""The local rate limit filter: descriptor buckets (slowest rate first), then the route's
+default bucket; a limited request gets the configured status with body
+``local_rate_limited``, response flag ``RL``."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from multidict import MultiDict
+
+from filters.local_ratelimit.buckets import DescriptorBuckets, LimiterState, LimiterStates, TokenBucket
+from filters.local_ratelimit.config import SKIP, Entry, HeaderOption, LocalRateLimitConfig
+from sidecar.core.body import Headers
+from sidecar.core.context import RouteInfo
+from sidecar.core.filter import Filter, FilterEnv, Handler
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.metrics import MetricFactory
+
+BODY = "local_rate_limited"
+FLAG = "RL"
+
+
+def _chance(pct: float) -> bool:
+    if pct >= 100.0:
+        return True
+    if pct <= 0.0:
+        return False
+    return random.random() * 100.0 < pct
+
+
+def _add_headers(h: Headers, opts: tuple[HeaderOption, ...]) -> None:
+    for name, value, append in opts:
+        if append:
+            h.add(name, value)
+        else:
+            h[name] = value
+
+
+def _xrl(h: Headers, b: TokenBucket, now: float) -> None:
+    h["x-ratelimit-limit"] = str(b.cfg.max_tokens)
+    h["x-ratelimit-remaining"] = str(b.remaining())
+    h["x-ratelimit-reset"] = str(b.reset_after(now))
+
+
+class LocalRateLimitFilter(Filter):
+    def __init__(self, cfg: LocalRateLimitConfig, state: LimiterState, metrics: MetricFactory):
+        self.cfg = cfg
+        self.state = state
+        fam = metrics.counter("sidecar_local_ratelimit_requests_total",
+                              "Local rate limit decisions (Envoy's enabled/ok/rate_limited/"
+                              "enforced counters)", ("stat_prefix", "outcome"))
+        sp = cfg.stat_prefix
+        self._enabled = fam.labels(sp, "enabled")
+        self._ok = fam.labels(sp, "ok")
+        self._limited = fam.labels(sp, "rate_limited")
+        self._enforced = fam.labels(sp, "enforced")
+        self._enabled_pct = cfg.enabled_pct
+        self._enforced_pct = cfg.enforced_pct
+        # descriptor lookup: the entries' keys -> DescriptorBuckets, in state order
+        self._by_keys: dict[tuple[str, ...], list[DescriptorBuckets]] = {}
+        for db in state.descriptors:
+            self._by_keys.setdefault(tuple(k for k, _ in db.cfg.entries), []).append(db)
+
+    def _descriptors(self, req: Request) -> list[tuple[Entry, ...]]:
+        out = []
+        for acts in self.cfg.producers:
+            entries: list[Entry] = []
+            for a in acts:
+                e = a(req)
+                if e is None:
+                    entries = []
+                    break
+                if e is not SKIP:
+                    entries.append(e)
+            if entries:
+                out.append(tuple(entries))
+        return out
+
+    def _match(self, descs: list[tuple[Entry, ...]], now: float) -> list[TokenBucket]:
+        buckets: list[tuple[float, TokenBucket]] = []
+        seen: set[int] = set()
+        for entries in descs:
+            keys = tuple(k for k, _ in entries)
+            for db in self._by_keys.get(keys, ()):
+                want = db.cfg.entries
+                if all(wv == "" or wv == v for (_, wv), (_, v) in zip(want, entries, strict=False)):
+                    b = db.get(tuple(v for _, v in entries), now)
+                    if id(b) not in seen:
+                        seen.add(id(b))
+                        buckets.append((db.cfg.bucket.rate, b))
+                    break
+        buckets.sort(key=lambda x: x[0])
+        return [b for _, b in buckets]
+
+    async def __call__(self, req: Request, next: Handler) -> Response:
+        if not _chance(self._enabled_pct):
+            return await next(req)
+        self._enabled.inc()
+        cfg = self.cfg
+        now = time.monotonic()
+        matched = self._match(self._descriptors(req), now) if cfg.producers else []
+        limiting: TokenBucket | None = None
+        shown: TokenBucket | None = None
+        for b in matched:
+            if shown is None:
+                shown = b
+            if not b.consume(now):
+                limiting = b
+                break
+        default = self.state.default
+        if limiting is None and default is not None and (not matched or cfg.always_consume_default):
+            if shown is None:
+                shown = default
+            if not default.consume(now):
+                limiting = default
+        if limiting is None:
+            self._ok.inc()
+            resp = await next(req)
+            if cfg.x_ratelimit_headers and shown is not None:
+                _xrl(resp.headers, shown, now)
+            return resp
+        self._limited.inc()
+        if not _chance(self._enforced_pct):
+            if cfg.request_headers_not_enforced:
+                _add_headers(req.headers, cfg.request_headers_not_enforced)
+            resp = await next(req)
+            if cfg.x_ratelimit_headers:
+                _xrl(resp.headers, limiting, now)
+            return resp
+        self._enforced.inc()
+        req.ctx.response_code_details = BODY
+        h: Headers = MultiDict()
+        if cfg.x_ratelimit_headers:
+            _xrl(h, limiting, now)
+        _add_headers(h, cfg.response_headers)
+        return local_reply(req.ctx, cfg.status, BODY, FLAG, h)
+
+
+def new_state(env: FilterEnv) -> LimiterStates:
+    return LimiterStates(env.metrics)
+
+
+def build(config: LocalRateLimitConfig, per_route: LocalRateLimitConfig | None,
+          states: LimiterStates, env: FilterEnv, route: RouteInfo) -> LocalRateLimitFilter | None:
+    cfg = per_route if per_route is not None else config
+    if cfg.disabled or cfg.enabled_pct <= 0.0:
+        return None                       # Envoy: filter_enabled unset means 0 % - a no-op
+    if cfg.bucket is None and not cfg.descriptors:
+        return None
+    # a listener-wide config shares one bucket across its routes; a per-route config has its own
+    state = states.get(cfg, route.name if per_route is not None else None, time.monotonic())
+    return LocalRateLimitFilter(cfg, state, states.metrics)
