@@ -216,7 +216,9 @@ class Bench:
             argv = [sys.executable, "-m", "sidecar", "run", "-c", str(cfg), "--concurrency", "1",
                     "--log-level", "warning"]
             env = dict(os.environ, PYTHONPATH=tree)
-        child = self.procs.start(target, argv, self.proxy_core, env=env, cwd=str(REPO))
+        # the checkout's own directory first on sys.path (python -m puts the cwd there)
+        child = self.procs.start(target, argv, self.proxy_core, env=env,
+                                 cwd=tree if target.startswith("sidecar") else str(REPO))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if not child.alive():
@@ -289,8 +291,6 @@ class Bench:
             return wrk(port, w if warm else d, lc)
 
         proxies = [t for t in a.targets.split(",") if t]
-        if a.baseline_tree:
-            proxies.append("sidecar@baseline")
         for scenario in ("h2->h1", "h2->h2"):
             for t in proxies:
                 self.measure(t, scenario, closed(False))
@@ -303,7 +303,8 @@ class Bench:
                 r.added_p50_ms = r.p50_ms - base.p50_ms
                 r.added_p99_ms = r.p99_ms - base.p99_ms
         if a.http1:
-            for t in proxies:
+            # the baseline checkout (one without HTTP/2, say) runs the HTTP/1.1 scenario only
+            for t in proxies + (["sidecar@baseline"] if a.baseline_tree else []):
                 self.measure(t, "h1", http1)
 
 

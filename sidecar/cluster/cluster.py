@@ -35,7 +35,8 @@ from sidecar.core.errors import (
 from sidecar.core.message import Request, Response
 from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
-from sidecar.upstream.http2 import Http2Pool, Http2UpstreamConnection
+from sidecar.upstream.http2 import Http2UpstreamConnection
+from sidecar.upstream.http2_pool import Http2Pool
 from sidecar.upstream.tunnel import open_tunnel
 
 log = logging.getLogger("sidecar.cluster")

@@ -11,7 +11,7 @@ import time
 
 from sidecar.config.cluster import Endpoint
 from sidecar.upstream.http1 import ConnectionPool
-from sidecar.upstream.http2 import Http2Pool
+from sidecar.upstream.http2_pool import Http2Pool
 
 
 class EndpointState:

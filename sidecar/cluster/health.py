@@ -42,7 +42,7 @@ from sidecar.core.metrics import NULL
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool
-from sidecar.upstream.http2 import Http2Pool
+from sidecar.upstream.http2_pool import Http2Pool
 
 log = logging.getLogger("sidecar.health_check")
 

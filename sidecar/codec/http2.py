@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -33,11 +32,9 @@ from typing import cast
 import h2.events as ev
 import h2.exceptions
 import h2.settings
-from multidict import MultiDict
 
 from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
-    CONNECTION_SPECIFIC,
     CONNECTION_SPECIFIC_STR,
     BoundedDecoder,
     CreditedBody,
@@ -48,24 +45,17 @@ from sidecar.codec.http2_common import (
     server_config,
 )
 from sidecar.codec.http2_guard import Abuse, Http2Guard
+from sidecar.codec.http2_request import Malformed, request_from_headers, trailers_from_headers
 from sidecar.codec.stream_owner import StreamOwner
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import Headers
-from sidecar.core.context import RequestContext
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
 log = logging.getLogger("sidecar.http2")
 
 S = h2.settings.SettingCodes
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
-_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _BODYLESS = (204, 304)
-
-
-class Malformed(Exception):
-    """A request RFC 9113 8.2 calls malformed."""
 
 
 class _Stream:
@@ -270,7 +260,10 @@ class Http2Connection(asyncio.Protocol):
                 guard.headers()
                 s = streams.get(e.stream_id)
                 if s is not None:
-                    s.trailers = self._trailers(e.headers)
+                    try:
+                        s.trailers = trailers_from_headers(e.headers)
+                    except Malformed:
+                        raise Abuse("malformed_trailers", ErrorCodes.PROTOCOL_ERROR) from None
             elif isinstance(e, ev.StreamReset):
                 s = streams.get(e.stream_id)
                 if e.remote_reset:
@@ -308,14 +301,6 @@ class Http2Connection(asyncio.Protocol):
             if not s.reset:
                 self._dispatch(s)
 
-    def _trailers(self, raw: list[tuple[bytes, bytes]]) -> Headers:
-        out: Headers = MultiDict()
-        for name, value in raw:
-            if name[:1] == b":" or _TOKEN.fullmatch(name) is None or name in CONNECTION_SPECIFIC:
-                raise Abuse("malformed_trailers", ErrorCodes.PROTOCOL_ERROR)
-            out.add(name.decode("latin-1"), value.decode("latin-1"))
-        return out
-
     def _on_request(self, e: ev.RequestReceived) -> _Stream | None:
         sid = e.stream_id
         if self._going_away and sid > self._last_accepted:
@@ -331,7 +316,8 @@ class Http2Connection(asyncio.Protocol):
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
             return None
         try:
-            req = self._request(raw)
+            req = request_from_headers(raw, self.owner.name, self.peer, self.owner.bound_port,
+                                       self.tls, self.peer_identity)
         except Malformed as m:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
@@ -347,77 +333,6 @@ class Http2Connection(asyncio.Protocol):
             s.ended = True
             s.chunks = None
         return s
-
-    def _request(self, raw: list[tuple[bytes, bytes]]) -> Request:
-        method = path = scheme = authority = None
-        host = None
-        seen_regular = False
-        headers: Headers = MultiDict()
-        cookies: list[str] = []
-        for name, value in raw:
-            if name[:1] == b":":
-                if seen_regular or name not in _PSEUDO:
-                    raise Malformed(f"pseudo-header {name!r}")
-                v = value.decode("latin-1")
-                if name == b":method":
-                    if method is not None:
-                        raise Malformed("duplicate :method")
-                    method = v
-                elif name == b":path":
-                    if path is not None:
-                        raise Malformed("duplicate :path")
-                    path = v
-                elif name == b":scheme":
-                    if scheme is not None:
-                        raise Malformed("duplicate :scheme")
-                    scheme = v
-                else:
-                    if authority is not None:
-                        raise Malformed("duplicate :authority")
-                    authority = v
-                continue
-            seen_regular = True
-            if _TOKEN.fullmatch(name) is None:
-                raise Malformed(f"header name {name!r}")
-            if name in CONNECTION_SPECIFIC:
-                raise Malformed(f"connection-specific header {name!r}")
-            if _BAD_VALUE.search(value) is not None:
-                raise Malformed(f"header value of {name!r}")
-            if name == b"te" and value.strip().lower() != b"trailers":
-                raise Malformed("te other than trailers")
-            n = name.decode("latin-1")
-            v = value.decode("latin-1")
-            if n == "cookie":
-                cookies.append(v)      # joined below, as Envoy does for any upstream protocol
-            elif n == "host":
-                if host is not None:
-                    raise Malformed("two host headers")
-                host = v
-            else:
-                headers.add(n, v)
-        if method is None:
-            raise Malformed("no :method")
-        if method == "CONNECT":
-            raise Malformed("CONNECT is not supported")
-        if not scheme or not path:
-            raise Malformed("no :scheme or :path")
-        if cookies:
-            headers.add("cookie", "; ".join(cookies))
-        ctx = RequestContext(self.owner.name, self.peer, time.perf_counter(), self.owner.bound_port)
-        ctx.tls = self.tls
-        ctx.peer_identity = self.peer_identity
-        ctx.protocol = "HTTP/2"
-        target = authority if authority is not None else host
-        all_headers: Headers = MultiDict()
-        if target is not None:
-            all_headers["host"] = target       # :authority wins over a Host header (Envoy)
-        all_headers.extend(headers)
-        p, _, query = path.partition("?")
-        req = Request(method, p, query, all_headers, b"", ctx, "2")
-        req.scheme = scheme
-        if target is None:
-            req.reject = (400, "missing :authority")
-        return req
 
     def _dispatch(self, s: _Stream) -> None:
         req = s.req
