@@ -462,6 +462,18 @@ class Http2Connection(asyncio.Protocol):
             self._schedule_flush()
         return sent
 
+    def _count_frame(self, data: bool = False) -> None:
+        """A frame queued from a stream's task: over the outbound limit the connection goes."""
+        try:
+            if data:
+                self.guard.data_sent()
+            else:
+                self.guard.frame_queued()
+        except Abuse as e:
+            self.owner.http2_abuse(e.kind)
+            self._abort(e.goaway)
+            raise _StreamGone() from None
+
     def _send_headers(self, s: _Stream, block: list[tuple[bytes, bytes]], end: bool) -> None:
         if s.reset:
             raise _StreamGone()
@@ -469,6 +481,7 @@ class Http2Connection(asyncio.Protocol):
             self.conn.send_headers(s.sid, block, end_stream=end)
         except h2.exceptions.StreamClosedError:
             raise _StreamGone() from None
+        self._count_frame()
         if end:
             self._after_end(s)
         self._schedule_flush()
@@ -493,7 +506,7 @@ class Http2Connection(asyncio.Protocol):
                                end_stream=end and last)
             except h2.exceptions.StreamClosedError:
                 raise _StreamGone() from None
-            self.guard.data_sent()
+            self._count_frame(data=True)
             pos += n
             if self._write_paused:
                 self._flush()

@@ -30,7 +30,7 @@ class Abuse(Exception):
 class Http2Guard:
     __slots__ = ("o", "streams_opened", "streams_closed", "premature_resets", "empty_frames",
                  "priority_frames", "window_updates", "data_frames_sent",
-                 "control_frames_queued")
+                 "control_frames_queued", "frames_queued")
 
     def __init__(self, options: Http2Options) -> None:
         self.o = options
@@ -42,6 +42,7 @@ class Http2Guard:
         self.window_updates = 0
         self.data_frames_sent = 0
         self.control_frames_queued = 0   # answers queued while the client is not reading
+        self.frames_queued = 0           # any frame queued while the client is not reading
 
     # ---- streams -------------------------------------------------------------------------------
     def stream_opened(self) -> None:
@@ -95,11 +96,21 @@ class Http2Guard:
         self.control_frames_queued += 1
         if self.control_frames_queued > self.o.max_outbound_control_frames:
             raise Abuse("outbound_control_flood", None)
+        self.frame_queued()
+
+    def frame_queued(self) -> None:
+        """Any frame we queue (HEADERS, DATA, RST_STREAM, an ACK): past ``max_outbound_frames``
+        waiting for the socket (a client that does not read), the connection is closed."""
+        self.frames_queued += 1
+        if self.frames_queued > self.o.max_outbound_frames:
+            raise Abuse("outbound_flood", None)
 
     # ---- outbound ------------------------------------------------------------------------------
     def data_sent(self) -> None:
         self.data_frames_sent += 1
+        self.frame_queued()
 
     def flushed(self) -> None:
         """What was queued reached the socket (the transport is not holding it back)."""
         self.control_frames_queued = 0
+        self.frames_queued = 0

@@ -331,6 +331,12 @@ def test_guard_limits():
     with pytest.raises(Abuse) as e:
         g.control_frame()
     assert e.value.goaway is None      # the flood closes without a GOAWAY (it would queue too)
+    g = Http2Guard(Http2Options(max_outbound_frames=5))
+    for _ in range(5):
+        g.frame_queued()
+    with pytest.raises(Abuse) as e:
+        g.data_sent()                  # DATA frames count toward max_outbound_frames too
+    assert e.value.kind == "outbound_flood"
     g = Http2Guard(Http2Options())
     for _ in range(249):
         g.reset_by_peer(True)
