@@ -77,7 +77,7 @@ def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[byt
 
 class _Stream:
     __slots__ = ("sid", "fut", "status", "headers", "chunks", "body", "trailers", "ended",
-                 "reset", "timer", "pump", "sent_end", "released")
+                 "reset", "timer", "pump", "sent_end", "released", "whole_ok")
 
     def __init__(self, sid: int, fut: asyncio.Future[Response]) -> None:
         self.sid = sid
@@ -93,6 +93,9 @@ class _Stream:
         self.pump: asyncio.Task[None] | None = None
         self.sent_end = False         # our request is complete
         self.released = False         # the stream slot went back to the pool
+        # a response complete on arrival may be handed over as bytes (+ trailers) whatever its
+        # length header says: the client speaks HTTP/2, whose framing needs no length
+        self.whole_ok = False
 
 
 class Http2UpstreamConnection(asyncio.Protocol):
@@ -267,11 +270,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
         headers = s.headers if s.headers is not None else MultiDict()
         fut = s.fut
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if s.ended and (not data or "content-length" in headers) and not s.trailers:
-            # complete, with a known length (or none at all): a plain bytes body
+        if s.ended and (s.whole_ok or ((not data or "content-length" in headers) and not s.trailers)):
+            # complete: a plain bytes body (an HTTP/1.1 client gets it with the length it had,
+            # or chunked when it had none, so only HTTP/2 clients take it without one)
             if data:
                 self.conn.acknowledge_received_data(len(data), s.sid)
             resp = Response(s.status, headers, data)
+            resp.trailers = s.trailers
             self._stream_done(s)
         else:
             # streamed (or without a length: an HTTP/1.1 client gets it chunked, as from Envoy)
@@ -395,7 +400,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             raise UpstreamReset("UR", "no stream ids left", sent=False) from None
         fut: asyncio.Future[Response] = loop.create_future()
         s = _Stream(sid, fut)
-        s.released = False
+        s.whole_ok = req.version == "2"
         self.streams[sid] = s
         body = req.body
         trailers = req.trailers
