@@ -7,6 +7,7 @@ translation both ways), drain, and the native config shape (``codec``, ``http2``
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import aiohttp
@@ -260,3 +261,39 @@ async def test_native_http2_settings_and_codec_choice():
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
+
+
+@pytest.mark.parametrize("via", VIA)
+async def test_sdk_filters(via):
+    """cors, compressor (a streamed response compressed on the way) and buffer over both."""
+    big = b"compress me " * 4000
+
+    async def handler(request):
+        await request.read()
+        if request.path == "/stream":
+            resp = web.StreamResponse(headers={"content-type": "text/plain"})
+            await resp.prepare(request)
+            for _ in range(4):
+                await resp.write(big)
+            await resp.write_eof()
+            return resp
+        return web.Response(body=big, content_type="text/plain")
+
+    async with Upstream(handler) as up:
+        cfg = native_config(
+            clusters={"svc": [up.address]},
+            filters=[{"cors": {"allow_origins": ["https://app.test"], "allow_methods": "GET, PUT"}},
+                     {"compressor": {"algorithm": "gzip"}},
+                     {"buffer": {"max_request_bytes": 1000}}],
+            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
+        async with running_proxy(cfg, admin=False) as p:
+            st, h, _ = await fetch(via, p.port(), "OPTIONS", "/x", headers=[
+                ("origin", "https://app.test"), ("access-control-request-method", "PUT")])
+            assert st == 200 and h["access-control-allow-origin"] == "https://app.test"
+            if via == "h2":       # aiohttp decompresses by itself; the raw bytes over HTTP/2
+                for path, n in (("/text", 1), ("/stream", 4)):
+                    st, h, body = await fetch(via, p.port(), path=path,
+                                              headers=[("accept-encoding", "gzip")])
+                    assert h["content-encoding"] == "gzip" and gzip.decompress(body) == big * n
+            st, _, body = await fetch(via, p.port(), "POST", "/up", body=b"x" * 1001)
+            assert (st, body) == (413, b"Payload Too Large")
