@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from control_plane_client.resources import ADS_METHOD, BY_NAME, GRPC_METHOD, ORDER, resource_name
+from control_plane_client.resources import ADS_METHOD, ADS_TYPES, GRPC_METHOD, NAMED, resource_name
 from control_plane_client.sources.ads import api, dict_to_any
 
 log = logging.getLogger("sidecar.xds.server")
@@ -72,7 +72,7 @@ class _Stream:
             return
         A = api()
         items = self.server.current(type_url, self.node_id)
-        if type_url in BY_NAME and names is not None:
+        if type_url in NAMED and names is not None:
             items = {n: r for n, r in items.items() if n in names}
         nonce = str(next(self.server._nonces))
         resp = A.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
@@ -104,8 +104,8 @@ class _Stream:
                 self.server.requests.append(seen)
                 self.server._changed.set()
                 names: frozenset[str] | None = frozenset(req.resource_names) \
-                    if req.resource_names or t not in BY_NAME else frozenset()
-                if t not in BY_NAME and not req.resource_names:
+                    if req.resource_names or t not in NAMED else frozenset()
+                if t not in NAMED and not req.resource_names:
                     names = None            # wildcard
                 self.names[t] = names
                 first = t not in self.sent_version
@@ -114,7 +114,7 @@ class _Stream:
                         and not req.response_nonce:
                     self.sent_version[t] = req.version_info
                     self.sent_names[t] = names
-                    if t in BY_NAME and names:
+                    if t in NAMED and names:
                         # names matter: send them anyway (the client may have lost them)
                         self.maybe_send(t, force=True)
                     continue
@@ -174,7 +174,7 @@ class AdsServer:
         return out
 
     async def _ads(self, stream) -> None:
-        s = _Stream(self, stream, ORDER)
+        s = _Stream(self, stream, ADS_TYPES)
         self._streams.add(s)
         await s.handle()
 

@@ -24,12 +24,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control_plane_client.cache import CacheError
 from control_plane_client.lkg import LastKnownGood, open_cache
 from control_plane_client.metrics import XdsMetrics
-from control_plane_client.resources import CDS, LDS, SOTW, SourceKey, error_text, short
+from control_plane_client.resources import CDS, LDS, SDS, SOTW, SourceKey, error_text, short
 from control_plane_client.sink import SnapshotSink
 from control_plane_client.sources.factory import open_transport
 from control_plane_client.sources.transport import Transport
@@ -38,6 +38,9 @@ from sidecar import __version__
 from sidecar.config.control_plane import SourceSpec
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.config.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from control_plane_client.sds import SdsClient
 
 log = logging.getLogger("sidecar.xds")
 
@@ -76,6 +79,7 @@ class ControlPlaneClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
+        self.sds: SdsClient | None = None     # the secrets, once a TLS context names one
 
     # ---- setup -------------------------------------------------------------------------------
     def transport(self, spec: SourceSpec) -> Transport:
@@ -95,6 +99,7 @@ class ControlPlaneClient:
             if spec is not None:
                 self.transport(spec).subscribe(type_url, None)
         self._subscribe_dependencies()
+        self._follow_secrets(self.base)
         self._started = True
         for t in list(self.transports.values()):
             t.start()
@@ -118,6 +123,8 @@ class ControlPlaneClient:
             task.cancel()
         await self.lkg.close()
         self.sink.remove_readiness(self.not_ready_reason, self.ready_note)
+        if self.sds is not None:
+            self.sink.remove_readiness(self.sds.not_ready_reason, self.sds.expiry_note)
 
     def _spawn(self, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._closed:
@@ -217,6 +224,13 @@ class ControlPlaneClient:
             return "shutting down"
         self.contacted = True
         self.metrics.connected.labels(transport.name).set(1)
+        if type_url == SDS:
+            # secrets go to the TLS contexts' store, not into the config snapshot
+            err = self.sds.on_response(version, resources, error) if self.sds is not None \
+                else "no secrets were asked for"
+            self.sink.count_update("xds_sds", err is None, err or "")
+            self._check_initialized()
+            return err
         async with self.lock:
             self.state.synced(type_url, transport.key)
             err = error
@@ -273,6 +287,26 @@ class ControlPlaneClient:
         log.error("control plane: %s version %s rejected, keeping version %s: %s",
                   s, version or "-", held or "-", err)
 
+    # ---- secrets (SDS over ADS) ------------------------------------------------------------
+    def _follow_secrets(self, snap: Snapshot) -> None:
+        """Ask the ADS stream for the secrets the snapshot's TLS contexts name."""
+        if self.sds is None:
+            # imported when first needed: checking certificates loads cryptography, which a
+            # proxy without SDS does not carry in memory
+            from control_plane_client.sds import SdsClient, secret_names  # noqa: PLC0415
+            names = secret_names(snap)
+            if not names:
+                return
+            if self.cfg.ads is None:
+                # refused in a bootstrap; a listener from LDS can still name one
+                log.error("control plane: TLS contexts name SDS secrets (%s) but there is no "
+                          "ADS stream (dynamic_resources.ads_config)", ", ".join(sorted(names)))
+                return
+            self.sds = SdsClient(self.sink.secrets, self.transport(self.cfg.ads),
+                                 self.sink.metrics)
+            self.sink.add_readiness(self.sds.not_ready_reason, self.sds.expiry_note)
+        self.sds.follow(snap)
+
     # ---- building and applying -------------------------------------------------------------
     async def _rebuild(self, now: float | None = None) -> None:
         build = self.state.build(time.time() if now is None else now)
@@ -284,6 +318,7 @@ class ControlPlaneClient:
         await self.sink.apply_snapshot(snap)
         self.builds += 1
         self.state.serving(snap)
+        self._follow_secrets(snap)
         for cluster, endpoints in self.state.assignments(snap):
             live = self.sink.cluster_endpoints(cluster)
             if live is not None and live != endpoints:
@@ -361,6 +396,7 @@ class ControlPlaneClient:
                 return
             self.state.serving(snap)
             self._subscribe_dependencies()
+            self._follow_secrets(snap)
             self._gauges()
             saved_at = doc.get("saved_at")
             self.lkg.loaded(float(saved_at) if isinstance(saved_at, (int, float)) else 0.0,
@@ -396,6 +432,7 @@ class ControlPlaneClient:
             "last_nack": self.last_nack,
             "types": self.state.describe(),
             "sources": [t.dump() for t in self.transports.values()],
+            "sds": self.sds.dump() if self.sds is not None else None,
             "cache": self.lkg.describe(),
         }
 

@@ -22,12 +22,18 @@ from sidecar.config.listener import Listener
 from sidecar.config.route import RouteConfig
 
 LDS, RDS, CDS, EDS = T_LISTENER, T_ROUTE, T_CLUSTER, T_ENDPOINT
-SHORT = {LDS: "lds", RDS: "rds", CDS: "cds", EDS: "eds"}
+# secrets (SDS) travel on the ADS stream but are not part of the config snapshot: they go to
+# the TLS contexts' secret store (control_plane_client.sds)
+SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+SHORT = {LDS: "lds", RDS: "rds", CDS: "cds", EDS: "eds", SDS: "sds"}
 BY_SHORT = {v: k for k, v in SHORT.items()}
 KIND = {LDS: "Listener", RDS: "RouteConfiguration", CDS: "Cluster", EDS: "ClusterLoadAssignment"}
 SOTW = (LDS, CDS)               # state of the world: a resource missing from a response is removed
 BY_NAME = (RDS, EDS)            # requested by name
 ORDER = (CDS, EDS, LDS, RDS)    # the order Envoy (and ADS servers) use: make before break
+ADS_TYPES = (CDS, EDS, SDS, LDS, RDS)     # what the aggregated stream carries (secrets before
+                                          # the listeners that use them, as Envoy orders them)
+NAMED = BY_NAME + (SDS,)        # requested by name on a stream
 T_RESOURCE_WRAPPER = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 
 # REST endpoints: POST /v3/discovery:<name>
@@ -39,6 +45,7 @@ GRPC_METHOD = {
     RDS: "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
     CDS: "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
     EDS: "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints",
+    SDS: "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
 }
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 

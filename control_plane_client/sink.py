@@ -13,6 +13,7 @@ from typing import Protocol
 from sidecar.config.cluster import Endpoint
 from sidecar.config.snapshot import Snapshot
 from sidecar.core.metrics import MetricFactory
+from sidecar.tls.secrets import SecretStore
 
 ReadinessCheck = Callable[[], str | None]
 """-> why the process is not ready (or, for a note, what a ready answer should say), or None."""
@@ -22,6 +23,11 @@ class SnapshotSink(Protocol):
     @property
     def metrics(self) -> MetricFactory:
         """Where the client's metric families are created."""
+        ...
+
+    @property
+    def secrets(self) -> SecretStore:
+        """Where secrets from SDS go (the TLS contexts read them by name)."""
         ...
 
     async def apply_snapshot(self, snapshot: Snapshot) -> None:

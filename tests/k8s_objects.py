@@ -157,6 +157,10 @@ def pod_from_template(template: dict, namespace: str = "shop", name: str = "web"
            "spec": copy.deepcopy(template["spec"])}
     pod["metadata"].update(generateName=f"{name}-5c9d8b7f4-", namespace=namespace)
     pod["metadata"].setdefault("labels", {})["pod-template-hash"] = "5c9d8b7f4"
+    pod["metadata"]["ownerReferences"] = [{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{name}-5c9d8b7f4",
+        "uid": "0c5f8d0e-2b7a-4c61-9a43-6f1d2e3b4a5c", "controller": True,
+        "blockOwnerDeletion": True}]
     return pod
 
 

@@ -33,7 +33,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-from control_plane_client.resources import ADS_METHOD, GRPC_METHOD, ORDER, short
+from control_plane_client.resources import ADS_METHOD, ADS_TYPES, GRPC_METHOD, short
 from control_plane_client.sources.transport import DiscoveryHandler, Subscription, Transport
 from sidecar.config.control_plane import SourceSpec
 from sidecar.core.backoff import Backoff
@@ -206,8 +206,8 @@ class _Stream:
                     self.t.connected = True
                     self.nonces.clear()
                     first = True
-                    for tu in ORDER:
-                        if tu in self.types and tu in self.t.subscriptions:
+                    for tu in self.types:
+                        if tu in self.t.subscriptions:
                             names = self.t.subscriptions[tu]
                             if names is not None and not names:
                                 continue
@@ -308,7 +308,7 @@ class GrpcTransport(Transport):
         if self.ads:
             s = self.streams.get("ads")
             if s is None:
-                s = self.streams["ads"] = _Stream(self, ADS_METHOD, ORDER)
+                s = self.streams["ads"] = _Stream(self, ADS_METHOD, ADS_TYPES)
             return s
         s = self.streams.get(type_url)
         if s is None:

@@ -172,8 +172,9 @@ def control_plane_from_bootstrap(doc: dict, path: str) -> ControlPlaneConfig:
         if spec.kind == "grpc":
             _need_grpc_package(kp)
         specs[key] = spec
-    if not specs:
-        raise ConfigError(path, "needs lds_config and/or cds_config")
+    if not specs and ads is None:
+        # ads_config alone is the stream SDS secrets come over (static listeners and clusters)
+        raise ConfigError(path, "needs lds_config, cds_config or ads_config")
     ifts = [s.initial_fetch_timeout_s for s in specs.values() if s.initial_fetch_timeout_s is not None]
     return ControlPlaneConfig(mode="bootstrap", lds=specs.get("lds_config"),
                               cds=specs.get("cds_config"), ads=ads,

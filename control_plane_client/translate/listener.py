@@ -13,15 +13,20 @@ from control_plane_client.translate.common import (
     typed,
 )
 from control_plane_client.translate.route import route_configuration
+from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
 from control_plane_client.translate.tls import downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 
 
-def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
+def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
+                 ) -> tuple[HttpFilter, ...]:
+    """``istio``: where the ``istio.stats`` filter's settings go (it is not a request filter:
+    it becomes the listener's ``istio_metrics``)."""
     out: list[HttpFilter] = []
     seen: dict[str, int] = {}
     if not items or (items[-1] or {}).get("name") != filter_registry.ROUTER:
@@ -30,6 +35,15 @@ def http_filters(items: list, path: str) -> tuple[HttpFilter, ...]:
         fp = w.join(path, i)
         w.check_keys(f, ("name", "typed_config", "disabled", "is_optional"), fp)
         name = w.string(f, "name", fp, nonempty=True)
+        if name == ISTIO_STATS and istio is not None:
+            if istio:
+                raise ConfigError(fp, f"{ISTIO_STATS} is already in the chain")
+            if w.boolean(f, "disabled", fp, False):
+                raise ConfigError(w.join(fp, "disabled"), f"is not supported on {ISTIO_STATS}")
+            tp = w.join(fp, "typed_config")
+            istio.append(istio_stats(typed(w.mapping(f, "typed_config", fp, {"@type": T_ISTIO_STATS}),
+                                           tp, T_ISTIO_STATS), tp))
+            continue
         if name == filter_registry.ROUTER:
             if i != len(items) - 1:
                 raise ConfigError(fp, "the router filter must be last")
@@ -142,12 +156,15 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
     chp = w.join(hp, "common_http_protocol_options")
     w.check_keys(cho, ("idle_timeout", "max_headers_count", "headers_with_underscores_action"), chp)
     stat_prefix = w.string(hcm, "stat_prefix", hp, nonempty=True)
+    istio: list[IstioMetrics] = []
+    chain_filters = http_filters(w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters"), istio)
     direction = w.string(d, "traffic_direction", path, "OUTBOUND",
                          choices=("UNSPECIFIED", "INBOUND", "OUTBOUND")).lower()
     return Listener(
         name=w.string(d, "name", path, "") or f"{host}:{port_}",
         host=host, port=port_, route_config=rc, rds_name=rds_name,
-        http_filters=http_filters(w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters")),
+        http_filters=chain_filters,
+        istio_metrics=istio[0] if istio else None,
         stat_prefix=stat_prefix,
         direction="inbound" if direction == "inbound" else "outbound",
         idle_timeout_s=w.duration(cho, "idle_timeout", chp, 3600.0),

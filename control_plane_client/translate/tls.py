@@ -1,5 +1,10 @@
 """Envoy v3 ``transport_socket`` TLS contexts (DownstreamTlsContext, UpstreamTlsContext) -> the TLS
-model. One certificate from files, a validation CA, URI SAN matchers, TLS 1.2 minimum."""
+model. One certificate from files or from an SDS secret, a validation CA from a file or an SDS
+secret (``validation_context_sds_secret_config``, or Istio's ``combined_validation_context``),
+URI SAN matchers, TLS 1.2 minimum.
+
+SDS references must use ``sds_config: {ads: {}}`` (the secrets come over the ADS stream);
+other config sources are refused by name."""
 
 from __future__ import annotations
 
@@ -16,10 +21,82 @@ T_TLS_UP = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Upstre
 _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
 
 
+def sds_secret_config(d: object, path: str) -> str:
+    """An SdsSecretConfig -> the secret's name (the secret comes over ADS)."""
+    c = w.check_keys(d, ("name", "sds_config"), path)
+    name = w.string(c, "name", path, nonempty=True)
+    sp = w.join(path, "sds_config")
+    if "sds_config" not in c:
+        raise ConfigError(sp, "is required (static secrets by name are not supported here)")
+    src = w.check_keys(w.mapping(c, "sds_config", path), ("ads", "resource_api_version",
+                                                          "api_config_source",
+                                                          "initial_fetch_timeout"), sp)
+    if "ads" not in src:
+        raise ConfigError(sp, "only {ads: {}} is supported (secrets come over the ADS stream of "
+                          "dynamic_resources.ads_config)")
+    for key in ("api_config_source", "initial_fetch_timeout"):
+        if key in src:
+            raise ConfigError(w.join(sp, key), "is not supported with SDS over ADS (until its "
+                              "secret arrives a context fails its handshakes and /ready says so)")
+    w.check_keys(w.mapping(src, "ads", sp, {}), (), w.join(sp, "ads"))
+    if w.string(src, "resource_api_version", sp, "V3", choices=("AUTO", "V2", "V3")) == "V2":
+        raise ConfigError(w.join(sp, "resource_api_version"), "only V3 is supported")
+    return name
+
+
+def _validation(v: dict, vp: str, out: dict) -> None:
+    w.check_keys(v, ("trusted_ca", "match_typed_subject_alt_names"), vp)
+    if "trusted_ca" in v:
+        out["ca_file"] = w.string(w.check_keys(v["trusted_ca"], ("filename",), w.join(vp, "trusted_ca")),
+                                  "filename", w.join(vp, "trusted_ca"))
+    uris = []
+    for i, m in enumerate(w.seq(v, "match_typed_subject_alt_names", vp, [])):
+        mp = w.join(w.join(vp, "match_typed_subject_alt_names"), i)
+        w.check_keys(m, ("san_type", "matcher"), mp)
+        if m.get("san_type") != "URI":
+            raise ConfigError(w.join(mp, "san_type"), "only URI SANs are supported")
+        mm = w.check_keys(w.mapping(m, "matcher", mp), ("exact",), w.join(mp, "matcher"))
+        uris.append(w.string(mm, "exact", w.join(mp, "matcher")))
+    out["match_san_uris"] = tuple(uris)
+
+
 def _common(ctx: dict, path: str) -> dict:
-    """CommonTlsContext subset: one cert from files, validation CA, SAN matchers, min version."""
-    w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols"), path)
+    """CommonTlsContext subset: one cert from files or SDS, validation CA from a file or SDS,
+    SAN matchers, min version."""
+    w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols",
+                       "tls_certificate_sds_secret_configs", "validation_context_sds_secret_config",
+                       "combined_validation_context"), path)
     out: dict = {}
+    sds = w.seq(ctx, "tls_certificate_sds_secret_configs", path, [])
+    sp = w.join(path, "tls_certificate_sds_secret_configs")
+    if len(sds) > 1:
+        raise ConfigError(sp, "at most one certificate is supported")
+    if sds:
+        if ctx.get("tls_certificates"):
+            raise ConfigError(sp, "only one of tls_certificates, tls_certificate_sds_secret_configs "
+                              "may be set")
+        out["cert_secret"] = sds_secret_config(sds[0], w.join(sp, 0))
+    kinds = [k for k in ("validation_context", "validation_context_sds_secret_config",
+                         "combined_validation_context") if k in ctx]
+    if len(kinds) > 1:
+        raise ConfigError(path, f"only one of {', '.join(kinds)} may be set")
+    if "validation_context_sds_secret_config" in ctx:
+        out["ca_secret"] = sds_secret_config(ctx["validation_context_sds_secret_config"],
+                                             w.join(path, "validation_context_sds_secret_config"))
+    if "combined_validation_context" in ctx:
+        # Istio's shape: SAN matchers here, the trusted CA from SDS
+        cp = w.join(path, "combined_validation_context")
+        comb = w.check_keys(ctx["combined_validation_context"], (
+            "default_validation_context", "validation_context_sds_secret_config"), cp)
+        if "default_validation_context" in comb:
+            dp = w.join(cp, "default_validation_context")
+            _validation(w.mapping(comb, "default_validation_context", cp), dp, out)
+            if "ca_file" in out:
+                raise ConfigError(w.join(dp, "trusted_ca"), "the trusted CA comes from "
+                                  "validation_context_sds_secret_config here")
+        out["ca_secret"] = sds_secret_config(
+            w.mapping(comb, "validation_context_sds_secret_config", cp),
+            w.join(cp, "validation_context_sds_secret_config"))
     certs = w.seq(ctx, "tls_certificates", path, [])
     if len(certs) > 1:
         raise ConfigError(w.join(path, "tls_certificates"), "at most one certificate is supported")
@@ -31,20 +108,7 @@ def _common(ctx: dict, path: str) -> dict:
         out["key_file"] = w.string(w.check_keys(w.mapping(c, "private_key", cp), ("filename",),
                                                 w.join(cp, "private_key")), "filename", w.join(cp, "private_key"))
     if "validation_context" in ctx:
-        vp = w.join(path, "validation_context")
-        v = w.check_keys(ctx["validation_context"], ("trusted_ca", "match_typed_subject_alt_names"), vp)
-        if "trusted_ca" in v:
-            out["ca_file"] = w.string(w.check_keys(v["trusted_ca"], ("filename",), w.join(vp, "trusted_ca")),
-                                      "filename", w.join(vp, "trusted_ca"))
-        uris = []
-        for i, m in enumerate(w.seq(v, "match_typed_subject_alt_names", vp, [])):
-            mp = w.join(w.join(vp, "match_typed_subject_alt_names"), i)
-            w.check_keys(m, ("san_type", "matcher"), mp)
-            if m.get("san_type") != "URI":
-                raise ConfigError(w.join(mp, "san_type"), "only URI SANs are supported")
-            mm = w.check_keys(w.mapping(m, "matcher", mp), ("exact",), w.join(mp, "matcher"))
-            uris.append(w.string(mm, "exact", w.join(mp, "matcher")))
-        out["match_san_uris"] = tuple(uris)
+        _validation(w.mapping(ctx, "validation_context", path), w.join(path, "validation_context"), out)
     if "tls_params" in ctx:
         tp = w.join(path, "tls_params")
         t = w.check_keys(ctx["tls_params"], ("tls_minimum_protocol_version", "tls_maximum_protocol_version"), tp)
@@ -81,18 +145,20 @@ def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
     body, tp = _socket(d, path, T_TLS_DOWN)
     w.check_keys(body, ("common_tls_context", "require_client_certificate"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"))
-    if "cert_file" not in c:
+    if "cert_file" not in c and "cert_secret" not in c:
         raise ConfigError(w.join(tp, "common_tls_context.tls_certificates"), "a certificate is required")
     if c.get("match_san_uris"):
         raise ConfigError(w.join(tp, "common_tls_context.validation_context.match_typed_subject_alt_names"),
                           "is not supported on listeners: match the client identity with an RBAC "
                           "principal (authenticated.principal_name) instead")
     require = w.boolean(body, "require_client_certificate", tp, False)
-    if require and not c.get("ca_file"):
+    if require and not c.get("ca_file") and not c.get("ca_secret"):
         raise ConfigError(w.join(tp, "require_client_certificate"),
                           "needs common_tls_context.validation_context.trusted_ca")
-    return DownstreamTls(cert_file=c["cert_file"], key_file=c["key_file"], ca_file=c.get("ca_file"),
-                         require_client_cert=require, min_version=c.get("min_version", "TLSv1_2"),
+    return DownstreamTls(cert_file=c.get("cert_file", ""), key_file=c.get("key_file", ""),
+                         ca_file=c.get("ca_file"), require_client_cert=require,
+                         min_version=c.get("min_version", "TLSv1_2"),
+                         cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""),
                          alpn=c["alpn"])
 
 
@@ -100,11 +166,14 @@ def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
     c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"))
-    if c.get("match_san_uris") and not c.get("ca_file"):
+    has_ca = c.get("ca_file") is not None or bool(c.get("ca_secret"))
+    if c.get("match_san_uris") and not has_ca:
         raise ConfigError(w.join(tp, "common_tls_context.validation_context"),
                           "SAN-based verification of peer certificates without trusted_ca is "
                           "insecure and not allowed (as in Envoy)")
     return UpstreamTls(sni=w.string(body, "sni", tp, ""), ca_file=c.get("ca_file"),
                        cert_file=c.get("cert_file"), key_file=c.get("key_file"),
-                       verify=c.get("ca_file") is not None, min_version=c.get("min_version", "TLSv1_2"),
-                       match_san_uris=c.get("match_san_uris", ()), alpn=c["alpn"])
+                       verify=has_ca, min_version=c.get("min_version", "TLSv1_2"),
+                       match_san_uris=c.get("match_san_uris", ()),
+                       cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""),
+                       alpn=c["alpn"])

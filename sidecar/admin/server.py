@@ -26,8 +26,7 @@ def make_admin_app(app) -> web.Application:
     async def ready(request):
         reason = app.not_ready_reason()
         if reason is None:
-            notes = [n for n in (f() for f in app.ready_notes) if n]
-            return web.Response(text="LIVE\n" + "".join(f"note: {n}\n" for n in notes))
+            return web.Response(text="LIVE\n" + app.ready_notes_text())
         return web.Response(status=503, text=f"{reason}\n")
 
     @routes.get("/stats/prometheus")

@@ -22,29 +22,32 @@ from sidecar.config.cluster import Endpoint
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
 from sidecar.tls.context import client_context
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
 
 
-def make_ssl_context(tls: UpstreamTls | None, alpn: tuple[str, ...] = ("http/1.1",)
-                     ) -> ssl.SSLContext | None:
+def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None,
+                     alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext | None:
     """The TLS context of a cluster's connections of one protocol (the config's explicit ALPN
     list, else ``alpn``)."""
-    return client_context(tls, tls.alpn or alpn) if tls is not None else None
+    return client_context(tls, secrets, tls.alpn or alpn) if tls is not None else None
 
 
-def ssl_contexts(cfg: ClusterConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+def ssl_contexts(cfg: ClusterConfig, secrets: SecretStore | None
+                 ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """(HTTP/1.1 context, HTTP/2 context) for the protocols the cluster speaks."""
-    h1 = make_ssl_context(cfg.tls) if cfg.protocol != "http2" else None
-    h2 = make_ssl_context(cfg.tls, ("h2",)) if cfg.protocol != "http1" else None
+    h1 = make_ssl_context(cfg.tls, secrets) if cfg.protocol != "http2" else None
+    h2 = make_ssl_context(cfg.tls, secrets, ("h2",)) if cfg.protocol != "http1" else None
     return h1, h2
 
 
 class ClusterManager:
-    def __init__(self, stats: StatsCache):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None):
         self.stats = stats
+        self.secrets = secrets          # SDS certificates for clusters' TLS
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -104,7 +107,7 @@ class ClusterManager:
         if old is not None and old.config.tls == cfg.tls and old.config.protocol == cfg.protocol:
             ctx, ctx2 = old.ssl_context, old.ssl_context_h2
         else:
-            ctx, ctx2 = ssl_contexts(cfg)
+            ctx, ctx2 = ssl_contexts(cfg, self.secrets)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
             return Cluster(cfg, st, cfg.endpoints, ctx, ssl_context_h2=ctx2)
         if old is not None:

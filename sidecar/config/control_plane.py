@@ -70,7 +70,7 @@ class ControlPlaneConfig:
         if self.default is not None:
             return self.default.kind.upper()
         kinds = {s.kind for s in (self.lds, self.cds) if s is not None}
-        if "ads" in kinds:
+        if "ads" in kinds or (not kinds and self.ads is not None):
             return "ADS"
         return "+".join(sorted(k.upper() for k in kinds)) or "NONE"
 

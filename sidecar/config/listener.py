@@ -9,6 +9,7 @@ from typing import Any
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, Http2Options, UpgradeConfig
 from sidecar.config.route import HttpFilter, RouteConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
 
 
@@ -57,6 +58,7 @@ class Listener:
     codec: str = "auto"
     http2: Http2Options = DOWNSTREAM_DEFAULTS
     upgrades: tuple[UpgradeConfig, ...] = ()   # Upgrade tokens tunnelled (upgrade_configs)
+    istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
     source: Any = None
 
 

@@ -10,6 +10,7 @@ from sidecar.config.control_plane import ControlPlaneConfig
 from sidecar.config.errors import ErrorCollector
 from sidecar.config.listener import Admin, Listener, SidecarConfig, TracingConfig
 from sidecar.config.route import RouteAction
+from sidecar.config.telemetry import MetricsListener
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Snapshot:
     node: dict[str, object] | None = None             # the xDS node identity, as given
     source_format: str = "native"        # native | envoy
     sidecar: SidecarConfig | None = None  # native `sidecar:` section (sidecar mode)
+    metrics: MetricsListener | None = None   # the metrics-only listener (worker 0)
 
     def cluster(self, name: str) -> Cluster | None:
         for c in self.clusters:

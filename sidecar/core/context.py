@@ -80,7 +80,8 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "abort", "grpc_status", "idle_timeout", "grpc_timeout")
+                 "original_path", "abort", "grpc_status", "idle_timeout", "grpc_timeout",
+                 "peer_workload")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -125,6 +126,9 @@ class RequestContext:
         self.grpc_timeout: float | None = None
         # the route's idle timeout for an upgraded (tunnelled) connection, 0 = the listener's
         self.idle_timeout = 0.0
+        # the peer's workload labels from Istio metadata exchange, once checked against its
+        # verified identity (a sidecar.observability.workload.WorkloadLabels); Istio metrics
+        self.peer_workload: object | None = None
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)

@@ -13,10 +13,15 @@ What an injected pod gets (names are fixed, so injection can recognise its own w
   calls work from its first to its last moment, and Jobs complete. UID 1337, non-root,
   read-only root filesystem, no capabilities. Config from a ConfigMap (``pysidecar-config``
   by default, key ``sidecar.yaml``) mounted at ``/etc/pysidecar``; pod name, namespace,
-  service account and IP from the downward API; its probes and the app's rewritten ones on the
-  probe port 15020 (``sidecar.k8s.probes``).
+  service account and IP from the downward API, the workload's name, app, version and
+  canonical service/revision (the labels of Istio's metrics, ``sidecar.observability.workload``)
+  worked out from the pod's labels and owner; its probes and the app's rewritten ones on the
+  probe port 15020 (``sidecar.k8s.probes``); the metrics port 15090 (``http-envoy-prom``,
+  served when the sidecar's config has ``metrics:``).
 * volumes ``pysidecar-config`` (the ConfigMap) and ``pysidecar-state`` (emptyDir).
 * the app containers' HTTP/TCP probes rewritten to the sidecar (``probe_rewrite``).
+* ``prometheus.io/scrape|port|path`` annotations pointing at 15090 ``/stats/prometheus``
+  (unless the pod has its own, which are kept; or ``prometheusScrape: "false"``).
 * the annotation ``sidecar.pysidecar.io/status`` recording what was added: a pod carrying it
   is left unchanged (injection is idempotent).
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -36,6 +42,7 @@ from sidecar.k8s import probe_rewrite
 from sidecar.k8s.settings import (
     ADMIN_PORT,
     INBOUND_PORT,
+    METRICS_PORT,
     OUTBOUND_PORT,
     PROBE_PORT,
     PROXY_UID,
@@ -55,8 +62,16 @@ CONFIG_DIR = "/etc/pysidecar"
 STATE_DIR = "/var/lib/sidecar"
 # the ports the sidecar takes in the pod's network namespace, and what they are
 SIDECAR_PORTS = {OUTBOUND_PORT: "outbound listener", INBOUND_PORT: "inbound listener",
-                 PROBE_PORT: "probe port", ADMIN_PORT: "admin port"}
-PORT_NAMES = ("sidecar-inbound", "sidecar-probes")
+                 PROBE_PORT: "probe port", ADMIN_PORT: "admin port", METRICS_PORT: "metrics port"}
+# the metrics port is named as Istio names it, so PodMonitors written for Istio select it too
+PORT_NAMES = ("sidecar-inbound", "sidecar-probes", "http-envoy-prom")
+METRICS_PATH = "/stats/prometheus"
+# the annotations Prometheus' kubernetes_sd pod role relabelling conventionally reads
+PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+
+CANONICAL_NAME = "service.istio.io/canonical-name"
+CANONICAL_REVISION = "service.istio.io/canonical-revision"
+_JOB_OF_CRONJOB = re.compile(r"^(.+)-[0-9]{8,}$")    # <cronjob>-<scheduled time in minutes>
 
 INJECTED, SKIPPED, REFUSED = "injected", "skipped", "refused"
 
@@ -179,11 +194,61 @@ def _http_probe(path: str, period: int, timeout: int, failures: int) -> dict:
             "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
 
-def _proxy_container(s: ProxySettings, config: InjectorConfig, carried: dict) -> dict:
+def workload_name(meta: Mapping) -> str:
+    """The workload a pod belongs to, as Istio names it: a Deployment's pod (owned by a
+    ReplicaSet ``<deployment>-<pod-template-hash>``) -> the Deployment; a CronJob's Job
+    (``<cronjob>-<minutes>``) -> the CronJob; another owner -> its name; no owner -> the pod's
+    name (or its generateName without the trailing dash)."""
+    labels = meta.get("labels") or {}
+    for ref in meta.get("ownerReferences") or ():
+        if not isinstance(ref, dict) or not ref.get("controller") or \
+                not isinstance(ref.get("name"), str):
+            continue
+        name, kind = ref["name"], ref.get("kind")
+        h = labels.get("pod-template-hash")
+        if kind == "ReplicaSet" and isinstance(h, str) and name.endswith("-" + h):
+            return name[:-len(h) - 1]
+        m = _JOB_OF_CRONJOB.match(name)
+        if kind == "Job" and m:
+            return m.group(1)
+        return name
+    name = meta.get("name")
+    if isinstance(name, str) and name:
+        return name
+    gen = meta.get("generateName")
+    if not isinstance(gen, str) or not gen.rstrip("-"):
+        return "unknown"
+    gen = gen.rstrip("-")
+    h = labels.get("pod-template-hash")
+    return gen[:-len(h) - 1] if isinstance(h, str) and gen.endswith("-" + h) else gen
+
+
+def workload_env(labels: Mapping[str, str], workload: str) -> list[dict]:
+    """The workload's Istio metric labels, fixed at injection (a pod's labels rarely change
+    after creation; a relabelled pod keeps the values it was created with)."""
+    app = labels.get("app") or labels.get("app.kubernetes.io/name")
+    version = labels.get("version") or labels.get("app.kubernetes.io/version")
+    canonical = (labels.get(CANONICAL_NAME) or labels.get("app.kubernetes.io/name")
+                 or labels.get("app") or workload)
+    revision = (labels.get(CANONICAL_REVISION) or labels.get("app.kubernetes.io/version")
+                or labels.get("version") or "latest")
+    env = [{"name": "SIDECAR_WORKLOAD_NAME", "value": workload}]
+    if app:
+        env.append({"name": "SIDECAR_APP", "value": app})
+    if version:
+        env.append({"name": "SIDECAR_VERSION", "value": version})
+    env += [{"name": "SIDECAR_CANONICAL_SERVICE", "value": canonical},
+            {"name": "SIDECAR_CANONICAL_REVISION", "value": revision}]
+    return env
+
+
+def _proxy_container(s: ProxySettings, config: InjectorConfig, carried: dict,
+                     identity: list[dict]) -> dict:
     env = [_field_env("POD_NAME", "metadata.name"),
            _field_env("POD_NAMESPACE", "metadata.namespace"),
            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
            _field_env("POD_IP", "status.podIP"),
+           *identity,
            {"name": "SIDECAR_ADMIN_PORT", "value": str(ADMIN_PORT)},
            {"name": probe_rewrite.ENV_PROBE_PORT, "value": str(PROBE_PORT)}]
     if carried:
@@ -196,7 +261,8 @@ def _proxy_container(s: ProxySettings, config: InjectorConfig, carried: dict) ->
         "args": ["run", "-c", f"{CONFIG_DIR}/{s.config_key}", "--concurrency",
                  str(s.concurrency), "--log-level", s.log_level],
         "ports": [{"name": PORT_NAMES[0], "containerPort": INBOUND_PORT, "protocol": "TCP"},
-                  {"name": PORT_NAMES[1], "containerPort": PROBE_PORT, "protocol": "TCP"}],
+                  {"name": PORT_NAMES[1], "containerPort": PROBE_PORT, "protocol": "TCP"},
+                  {"name": PORT_NAMES[2], "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": STATE_VOLUME, "mountPath": STATE_DIR}],
@@ -250,8 +316,10 @@ def _malformed(meta: object, spec: object) -> str | None:
     return None
 
 
-def inject(obj: Mapping, config: InjectorConfig) -> Outcome:
-    """Inject the sidecar into a Pod or pod template. Pure: the input is not modified."""
+def inject(obj: Mapping, config: InjectorConfig, workload: str | None = None) -> Outcome:
+    """Inject the sidecar into a Pod or pod template. Pure: the input is not modified.
+    ``workload``: the workload's name when injecting a template (``sidecar inject -f``);
+    for a Pod it is worked out from its owner (``workload_name``)."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec")
     shape = _malformed(meta, spec)
@@ -293,7 +361,8 @@ def inject(obj: Mapping, config: InjectorConfig) -> Outcome:
     if s.interception_mode == "REDIRECT":
         inits.append(_init_container(s, config))
         added_inits.append(INIT_CONTAINER)
-    inits.append(_proxy_container(s, config, carried))
+    identity = workload_env(labels, workload or workload_name(meta))
+    inits.append(_proxy_container(s, config, carried, identity))
     added_inits.append(PROXY_CONTAINER)
     pspec["initContainers"] = inits
     pspec["volumes"] = list(pspec.get("volumes") or ()) + [
@@ -302,6 +371,17 @@ def inject(obj: Mapping, config: InjectorConfig) -> Outcome:
     status = {"initContainers": added_inits, "volumes": [CONFIG_VOLUME, STATE_VOLUME],
               "rewrittenProbes": sorted(carried)}
     annotations = dict(pmeta.get("annotations") or {})
+    if s.prometheus_scrape:
+        mine = [k for k in PROMETHEUS_ANNOTATIONS if k in annotations]
+        if mine:
+            # the app's own scrape target: kept (a PodMonitor on http-envoy-prom scrapes us)
+            warnings.append(f"the pod's {', '.join(mine)} annotation(s) are kept: Prometheus "
+                            f"scrapes the app there; scrape the sidecar's metrics port "
+                            f"{METRICS_PORT} with the PodMonitor in deploy/kubernetes/monitoring")
+        else:
+            annotations.update({"prometheus.io/scrape": "true",
+                                "prometheus.io/port": str(METRICS_PORT),
+                                "prometheus.io/path": METRICS_PATH})
     annotations[STATUS] = json.dumps(status, sort_keys=True, separators=(",", ":"))
     pmeta["annotations"] = annotations
     return Outcome(INJECTED, pod, warnings=tuple(warnings))

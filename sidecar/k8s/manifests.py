@@ -70,7 +70,9 @@ def inject_document(doc: dict, config: InjectorConfig, where: str) -> tuple[dict
             raise ManifestError(f"{where}: {kind} has no {'.'.join(path)}")
         node = child
         parents.append(node)
-    outcome = inject(node, config)
+    name = (doc.get("metadata") or {}).get("name")
+    outcome = inject(node, config, workload=name if kind != "Pod" and isinstance(name, str)
+                     else None)
     if outcome.status != INJECTED:
         return doc, [DocResult(where, outcome)]
     # rebuild the path down to the template with copies; the input stays as it was

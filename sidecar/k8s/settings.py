@@ -33,10 +33,11 @@ PROXY_IMAGE = PREFIX + "proxyImage"
 CONFIG_MAP = PREFIX + "configMap"
 CONFIG_KEY = PREFIX + "configKey"
 REWRITE_APP_PROBERS = PREFIX + "rewriteAppProbers"
+PROMETHEUS_SCRAPE = PREFIX + "prometheusScrape"
 KNOWN_ANNOTATIONS = (INJECT, STATUS, INTERCEPTION_MODE, EXCLUDE_INBOUND_PORTS,
                      EXCLUDE_OUTBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, CONCURRENCY, PROXY_CPU,
                      PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT, LOG_LEVEL, PROXY_IMAGE,
-                     CONFIG_MAP, CONFIG_KEY, REWRITE_APP_PROBERS)
+                     CONFIG_MAP, CONFIG_KEY, REWRITE_APP_PROBERS, PROMETHEUS_SCRAPE)
 # the namespace label the MutatingWebhookConfiguration's namespaceSelector matches
 NAMESPACE_LABEL = "pysidecar-injection"
 
@@ -47,6 +48,7 @@ INBOUND_PORT = 15006       # inbound listener: where redirected inbound connecti
 OUTBOUND_PORT = 15001      # outbound listener: where the app's redirected connections land
 PROBE_PORT = 15020         # the prober (sidecar.k8s.probes): kubelet probes, never intercepted
 ADMIN_PORT = 9901          # the sidecar's admin port (loopback), as in deploy/
+METRICS_PORT = 15090       # the metrics-only listener (the config's `metrics:`), as Istio's
 
 INTERCEPTION_MODES = ("REDIRECT", "NONE")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -147,6 +149,7 @@ class ProxySettings:
     exclude_outbound_cidrs: tuple[str, ...]
     resources: Resources
     rewrite_app_probers: bool
+    prometheus_scrape: bool = True
 
 
 def annotation_path(key: str) -> str:
@@ -268,6 +271,8 @@ def proxy_settings(annotations: Mapping[str, str], config: InjectorConfig) -> Pr
         s = replace(s, exclude_outbound_cidrs=_cidrs(v, annotation_path(EXCLUDE_OUTBOUND_IP_RANGES)))
     if (v := get(REWRITE_APP_PROBERS)) is not None:
         s = replace(s, rewrite_app_probers=_bool(v, annotation_path(REWRITE_APP_PROBERS)))
+    if (v := get(PROMETHEUS_SCRAPE)) is not None:
+        s = replace(s, prometheus_scrape=_bool(v, annotation_path(PROMETHEUS_SCRAPE)))
     res = s.resources
     for key, field in ((PROXY_CPU, "cpu_request"), (PROXY_CPU_LIMIT, "cpu_limit"),
                        (PROXY_MEMORY, "memory_request"), (PROXY_MEMORY_LIMIT, "memory_limit")):

@@ -17,6 +17,7 @@ from sidecar.core.message import Request, Response, local_reply
 from sidecar.listener.http import HttpConnectionManager, ListenerCounters
 from sidecar.observability.metrics import Metrics
 from sidecar.tls.context import server_context
+from sidecar.tls.secrets import SecretStore
 
 
 async def _no_routes(req: Request) -> Response:
@@ -26,8 +27,9 @@ async def _no_routes(req: Request) -> Response:
 class ListenerRuntime:
     """A bound listener; its routes are swapped by the config store without touching sockets."""
 
-    def __init__(self, config: Listener, metrics: Metrics):
+    def __init__(self, config: Listener, metrics: Metrics, secrets: SecretStore | None = None):
         self.config = config
+        self.secrets = secrets          # SDS certificates by name
         self.name = config.name
         self.connections: set[ServedConnection] = set()
         self.server: asyncio.Server | None = None
@@ -104,7 +106,8 @@ class ListenerRuntime:
 
     async def start(self, reuse_port: bool = False, sock=None) -> None:
         loop = asyncio.get_running_loop()
-        ssl_ctx = server_context(self.config.tls) if self.config.tls is not None else None
+        ssl_ctx = server_context(self.config.tls, self.secrets) if self.config.tls is not None \
+            else None
         if sock is not None:
             self.server = await loop.create_server(self.new_connection, sock=sock, backlog=1024,
                                                    ssl=ssl_ctx)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from multidict import MultiDict
 
-from sidecar.core.context import RouteInfo
+from sidecar.core.context import RouteInfo, StreamObserver
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import CounterChild
@@ -84,14 +84,15 @@ def grpc_status_of(resp: Response) -> str | None:
 class RouteObserver:
     """Records one finished stream: route metrics, the server span's end, access log lines."""
 
-    __slots__ = ("_stats", "_make_stats", "access_logs", "no_route")
+    __slots__ = ("_stats", "_make_stats", "access_logs", "no_route", "also")
 
     def __init__(self, make_stats: Callable[[], RouteStats], access_logs: tuple[RequestLogger, ...],
-                 no_route: CounterChild | None = None):
+                 no_route: CounterChild | None = None, also: tuple[StreamObserver, ...] = ()):
         self._stats: RouteStats | None = None
         self._make_stats = make_stats
         self.access_logs = access_logs
         self.no_route = no_route
+        self.also = also          # more recorders of finished streams (Istio metrics)
 
     @property
     def stats(self) -> RouteStats:
@@ -130,6 +131,8 @@ class RouteObserver:
             span.finish(req, resp, duration)
         for al in self.access_logs:
             al.log(req, resp, duration)
+        for o in self.also:
+            o.stream_done(req, resp, body_bytes)
 
 
 class ObserveLayer:

@@ -3,6 +3,7 @@
 Reading the function tells the whole order a request goes through, outermost first::
 
     observe          server span, gRPC-shaped local replies, metrics + access log at the end
+    peer exchange    Istio metadata exchange (only with istio_metrics)
     filters          the listener's HTTP filters in config order (jwt_authn, rbac, ...)
     route action     header mutations, rewrites, hash policy, the cluster choice
       -- then, for the chosen cluster --
@@ -31,6 +32,7 @@ from sidecar.observability.access_log import RequestLogger
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer
 from sidecar.route.action import RouteActionLayer, merged_mutations
+from sidecar.route.istio import IstioListener, PeerExchangeLayer
 from sidecar.route.local import DirectResponder, Redirector
 from sidecar.route.observe import ObserveLayer, RouteObserver
 from sidecar.route.retry import RetryLayer
@@ -68,11 +70,12 @@ class StackEnv:
     """What stacks are built from: process-wide services and one listener's observers."""
 
     __slots__ = ("clusters", "stats", "filters", "filter_env", "filter_states", "shadow",
-                 "tracer", "access_logs", "built")
+                 "tracer", "access_logs", "built", "istio")
 
     def __init__(self, clusters: ClusterManager, stats: StatsCache, filters: FilterCatalog,
                  filter_env: FilterEnv, filter_states: FilterStates, shadow: ShadowState,
-                 tracer: ListenerTracer | None, access_logs: tuple[RequestLogger, ...]):
+                 tracer: ListenerTracer | None, access_logs: tuple[RequestLogger, ...],
+                 istio: IstioListener | None = None):
         self.clusters = clusters
         self.stats = stats
         self.filters = filters
@@ -82,6 +85,7 @@ class StackEnv:
         self.tracer = tracer
         self.access_logs = access_logs
         self.built: list[FilterLike] = []     # closed when the snapshot is retired
+        self.istio = istio                    # the listener's Istio metrics, when on
 
 
 class BoundFilter:
@@ -125,11 +129,14 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
                                 lambda cluster: upstream_stack(route, action, cluster, env),
                                 env.clusters.configured)
         route.choice = core.choice
+    istio = env.istio
     observer = RouteObserver(
         lambda: env.stats.route(listener.name, route.vhost.name, route.stat_name),
-        env.access_logs)
+        env.access_logs, also=(istio,) if istio is not None else ())
     return compose([
         lambda nxt: ObserveLayer(route, nxt, env.tracer, observer),
+        (lambda nxt: PeerExchangeLayer(istio, route, nxt))
+        if istio is not None and istio.headers is not None else None,
         *route_filters(route, listener, env),
     ], core)
 

@@ -23,14 +23,17 @@ from sidecar.config.snapshot import Snapshot
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer, Tracing
+from sidecar.observability.workload import Workload
 from sidecar.route.shadow import ShadowState
 from sidecar.runtime.collector import install_state_collector
 from sidecar.runtime.control_plane_sink import AppSnapshotSink
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import filter_source_files, load_file
+from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
 from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")
 
@@ -80,13 +83,15 @@ class App:
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
-        self.clusters = ClusterManager(self.stats)
+        self.secrets = SecretStore()         # certificates from the control plane (SDS)
+        self.clusters = ClusterManager(self.stats, self.secrets)
         outlier.follow(self.clusters, self.metrics)
         health.follow(self.clusters, self.metrics)
         self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
-                                 self.filter_env, self.shadow, self.make_tracer, reuse_port)
+                                 self.filter_env, self.shadow, self.make_tracer, reuse_port,
+                                 workload=Workload.from_env(os.environ), secrets=self.secrets)
         self.store.on_applied.append(self.on_snapshot_applied)
         # user filter source files of the config in force -> filter name (reload, watchdog)
         self.filter_files: dict[str, str] = {}
@@ -94,6 +99,10 @@ class App:
         self.watchdog = LoopWatchdog(self.metrics, lambda: self.filter_files,
                                      loop_lag_threshold_s) if loop_lag_threshold_s > 0 else None
         install_state_collector(self)     # scrape-time gauges: connections, breakers, endpoints
+        # what /stats/prometheus answers: this process's registry, or (worker 0 of several,
+        # set by sidecar.runtime.workers) every worker's merged
+        self.render_metrics: Renderer = self._render_local
+        self.metrics_port = MetricsPort(lambda: self.render_metrics)   # worker 0 only
         self.admin_starter = admin
         # servers started beside the proxy on worker 0, by the entry point that made the App
         # (the kubelet prober of injected pods); each returns something with cleanup() or None
@@ -131,6 +140,9 @@ class App:
             self._g_last = m.gauge("sidecar_config_last_update_timestamp_seconds",
                                    "When the config in force was applied")
         self._last_version_label: str | None = None
+
+    async def _render_local(self, accept: str) -> tuple[bytes, str]:
+        return self.metrics.render(accept)
 
     # ---- factories used by the config store ---------------------------------------------
     def make_tracer(self, listener_config: Listener) -> ListenerTracer | None:
@@ -178,6 +190,8 @@ class App:
             self.watchdog.start()
         self._setup_tracing(snap)
         await self.store.apply(snap)
+        if self.worker_id == 0:
+            await (await self.metrics_port.prepare(snap.metrics))(True)
         self.count_update("initial", True)
         attach(self)        # sidecar mode (a no-op without a `sidecar:` section)
         self.clusters.start()
@@ -190,7 +204,8 @@ class App:
         if snap.control_plane is not None:
             sink = AppSnapshotSink(metrics=self.metrics, store=self.store, clusters=self.clusters,
                                    count_update=self.count_update,
-                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes)
+                                   ready_checks=self.ready_checks, ready_notes=self.ready_notes,
+                                   secrets=self.secrets)
             self.control_plane = await start_control_plane(sink, snap, cache_dir=self.cache_dir)
         loop = asyncio.get_running_loop()
         if self.config_path and self.watch_config and snap.control_plane is None:
@@ -220,12 +235,17 @@ class App:
         tracing_changed = self.store.snapshot is None or snap.tracing != self.store.snapshot.tracing
         if tracing_changed:
             self._setup_tracing(snap)     # the new listener snapshots are built with it
+        finish_metrics_port = None
         try:
+            if self.worker_id == 0:
+                finish_metrics_port = await self.metrics_port.prepare(snap.metrics)
             await self.store.apply(snap)
         except (ConfigError, ConfigErrors, OSError) as e:
             # ConfigError: found while building the route chains (e.g. a per-route filter
             # override naming an unknown provider); OSError: a new listener cannot bind.
             # Either way the file is refused like any invalid one.
+            if finish_metrics_port is not None:
+                await finish_metrics_port(False)
             if tracing_changed:
                 if self._tracing is not None:
                     self._tracing.shutdown()
@@ -233,6 +253,8 @@ class App:
             log.error("config reload refused, keeping the running config:\n%s", e)
             self.count_update(source, False, str(e))
             return False
+        if finish_metrics_port is not None:
+            await finish_metrics_port(True)
         if tracing_changed and old_tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, old_tracing.shutdown)
         log.info("config reloaded: version %s", snap.version)
@@ -269,6 +291,12 @@ class App:
             if r:
                 return r
         return None
+
+    def ready_notes_text(self) -> str:
+        """What a 200 /ready adds: one ``note:`` line per line of each ready note (the
+        last-known-good config in force, certificate expiry...)."""
+        lines = [line for f in self.ready_notes if (n := f()) for line in n.splitlines()]
+        return "".join(f"note: {line}\n" for line in lines)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, answer /ready 503, let in-flight requests finish. With inbound
@@ -340,6 +368,7 @@ class App:
         self.clusters.close()
         if self.admin is not None:
             await self.admin.cleanup()
+        await self.metrics_port.close()
         for server in self.companion_servers:
             cleanup = getattr(server, "cleanup", None)
             if cleanup is not None:

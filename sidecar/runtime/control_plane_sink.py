@@ -10,18 +10,21 @@ from sidecar.config.cluster import Endpoint
 from sidecar.config.snapshot import Snapshot
 from sidecar.core.metrics import MetricFactory
 from sidecar.runtime.store import ConfigStore
+from sidecar.tls.secrets import SecretStore
 
 
 class AppSnapshotSink:
     """Applies what the control-plane client decided to the App's parts."""
 
     __slots__ = ("_metrics", "_store", "_clusters", "_count_update", "_ready_checks",
-                 "_ready_notes")
+                 "_ready_notes", "_secrets")
 
     def __init__(self, *, metrics: MetricFactory, store: ConfigStore, clusters: ClusterManager,
                  count_update: Callable[[str, bool, str], None],
-                 ready_checks: list[ReadinessCheck], ready_notes: list[ReadinessCheck]) -> None:
+                 ready_checks: list[ReadinessCheck], ready_notes: list[ReadinessCheck],
+                 secrets: SecretStore) -> None:
         self._metrics = metrics
+        self._secrets = secrets
         self._store = store
         self._clusters = clusters
         self._count_update = count_update
@@ -31,6 +34,10 @@ class AppSnapshotSink:
     @property
     def metrics(self) -> MetricFactory:
         return self._metrics
+
+    @property
+    def secrets(self) -> SecretStore:
+        return self._secrets
 
     async def apply_snapshot(self, snapshot: Snapshot) -> None:
         await self._store.apply(snapshot)

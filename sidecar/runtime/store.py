@@ -19,13 +19,17 @@ from sidecar.core.filter import FilterEnv
 from sidecar.listener.http import HttpConnectionManager
 from sidecar.listener.listener import ListenerRuntime
 from sidecar.observability.access_log import RequestLogger, make_access_logger
+from sidecar.observability.istio import IstioFamilies
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer
+from sidecar.observability.workload import Workload
+from sidecar.route.istio import IstioListener
 from sidecar.route.observe import RouteObserver
 from sidecar.route.shadow import ShadowState
 from sidecar.route.stack import FilterCatalog, FilterStates, StackEnv, build_route_stack
 from sidecar.route.table import RouteTable
+from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.store")
 
@@ -37,7 +41,8 @@ TracerFactory = Callable[[Listener], ListenerTracer | None]
 class ConfigStore:
     def __init__(self, metrics: Metrics, stats: StatsCache, clusters: ClusterManager,
                  filters: FilterCatalog, filter_env: FilterEnv, shadow: ShadowState,
-                 tracer_for: TracerFactory, reuse_port: bool = False):
+                 tracer_for: TracerFactory, reuse_port: bool = False,
+                 workload: Workload | None = None, secrets: SecretStore | None = None):
         self.metrics = metrics
         self.stats = stats
         self.clusters = clusters
@@ -52,13 +57,21 @@ class ConfigStore:
         self.applied_at = 0.0
         self.history: list[tuple[str, float]] = []
         self.on_applied: list[Callable[[Snapshot], None]] = []
+        self.workload = workload or Workload()   # this pod, for Istio metrics' labels
+        self.secrets = secrets                     # SDS certificates for TLS listeners
+        self._istio: IstioFamilies | None = None   # made when a listener first asks for them
 
     def compile_listener(self, lc: Listener, bound_port: int) -> HttpConnectionManager:
         """Routes and stacks of one listener, built aside (nothing is bound or swapped)."""
         access_logs: tuple[RequestLogger, ...] = tuple(
             make_access_logger(c, lc.name) for c in lc.access_log)
+        istio = None
+        if lc.istio_metrics is not None and self.metrics.enabled:
+            if self._istio is None:
+                self._istio = IstioFamilies(self.metrics)
+            istio = IstioListener(self._istio, self.workload, lc, self.clusters)
         env = StackEnv(self.clusters, self.stats, self.filters, self.filter_env,
-                       self.filter_states, self.shadow, self.tracer_for(lc), access_logs)
+                       self.filter_states, self.shadow, self.tracer_for(lc), access_logs, istio)
         table = None
         if lc.route_config is not None:
             table = RouteTable(lc.route_config, lc.strip_host_port, bound_port or lc.port)
@@ -66,7 +79,8 @@ class ConfigStore:
                 route.handler = build_route_stack(route, lc, env)
         stats = self.stats
         unmatched = RouteObserver(lambda: stats.unmatched(lc.name), access_logs,
-                                  no_route=stats.no_route(lc.name))
+                                  no_route=stats.no_route(lc.name),
+                                  also=(istio,) if istio is not None else ())
         return HttpConnectionManager(lc, table, unmatched, env.tracer, env.built, bound_port,
                                      access_logs)
 
@@ -83,7 +97,7 @@ class ConfigStore:
                         (lc.host, lc.port, lc.tls):
                     lr = None   # address or TLS changed: a new socket; the old one drains below
                 if lr is None:
-                    lr = ListenerRuntime(lc, self.metrics)
+                    lr = ListenerRuntime(lc, self.metrics, self.secrets)
                     lr.swap(lc, self.compile_listener(lc, lc.port))
                     if bind:
                         await lr.start(reuse_port=self.reuse_port)

@@ -12,7 +12,7 @@ Shape:
   workers. Each worker follows config updates itself (the same file watched by each, or its own
   control-plane stream): there is no shared config state to lock. Listener ports must be fixed
   (port 0 would give each worker a different port).
-* Admin is served by worker 0 only, and aggregated: every worker serves its own metrics and
+* Admin (and the metrics-only listener, ``metrics:``) is served by worker 0 only, and aggregated: every worker serves its own metrics and
   readiness on a private unix socket (``<rundir>/w<i>.sock``, mode 0700 directory); worker 0
   answers ``/stats/prometheus`` by scraping them all at request time and merging the families
   (counters and histograms summed; gauges summed, except ``*_info`` / ``*_timestamp_seconds`` /
@@ -218,6 +218,11 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
               loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
               worker_id=wid, workers=n, companions=companions)
+    if wid == 0:
+        async def render_merged(accept: str) -> tuple[bytes, str]:
+            others = await ask_all(rundir, n, "GET", "/metrics", skip=0)
+            return merged_metrics(app.metrics, others, accept)
+        app.render_metrics = render_merged     # the metrics-only listener answers for everyone
     try:
         await app.start(admin=False)
         if wid == 0:
@@ -324,7 +329,7 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
                     reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
-            return web.Response(text="LIVE\n")
+            return web.Response(text="LIVE\n" + app.ready_notes_text())
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",

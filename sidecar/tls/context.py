@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.config.tls import DownstreamTls, UpstreamTls
+from sidecar.tls.secrets import MissingSecret, SecretStore, load_ca, load_chain
 
 log = logging.getLogger("sidecar.tls")
 
@@ -93,11 +94,60 @@ class _Reloader:
         return self.current()
 
 
+class _SecretReloader:
+    """Holds the SSLContext built from SDS secrets; rebuilds it when one of them is rotated
+    (a generation number per name, compared on each new connection: no lock, no stat)."""
+
+    __slots__ = ("build", "store", "names", "what", "ctx", "seen", "protocol", "reloads")
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], store: SecretStore,
+                 names: tuple[str, ...], protocol: int, what: str):
+        self.build = build
+        self.store = store
+        self.names = names
+        self.what = what
+        self.protocol = protocol
+        self.reloads = 0
+        self.seen: tuple[int, ...] = (-1,)
+        self.ctx = self._placeholder()
+        self.current()
+
+    def _placeholder(self) -> ssl.SSLContext:
+        # no certificate / no trusted CA: every handshake fails until the secrets arrive
+        ctx = ssl.SSLContext(self.protocol)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def current(self) -> ssl.SSLContext:
+        store = self.store
+        seen = tuple(store.generation(n) for n in self.names)
+        if seen == self.seen:
+            return self.ctx
+        try:
+            ctx = self.build()
+        except MissingSecret:
+            return self.ctx            # the placeholder until every secret is there
+        except (OSError, ssl.SSLError, ValueError) as e:
+            # checked when accepted, so this is a file part (a CA file beside an SDS cert)
+            log.error("%s: cannot build the context (%s); keeping the previous one", self.what, e)
+            self.seen = seen
+            return self.ctx
+        if self.seen != (-1,):
+            self.reloads += 1
+            log.info("%s: rotated (generations %s)", self.what, seen)
+        self.ctx = ctx
+        self.seen = seen
+        return ctx
+
+    def force_check(self) -> ssl.SSLContext:
+        return self.current()
+
+
 class ReloadingContext(ssl.SSLContext):
     """An SSLContext accepted everywhere asyncio/uvloop want one, delegating each new
     connection to the current context built from the certificate files."""
 
-    reloader: _Reloader
+    reloader: _Reloader | _SecretReloader
 
     def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
         return self.reloader.current().wrap_bio(incoming, outgoing, server_side=server_side,
@@ -111,7 +161,7 @@ class ReloadingContext(ssl.SSLContext):
         return self.reloader.current()
 
 
-def _shell(protocol, reloader: _Reloader) -> ReloadingContext:
+def _shell(protocol, reloader: _Reloader | _SecretReloader) -> ReloadingContext:
     ctx = ReloadingContext(protocol)
     ctx.reloader = reloader
     return ctx
@@ -135,21 +185,32 @@ def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
         raise TlsLoadError(f"cannot load CA file {ca}: {e}") from None
 
 
-def _build_server(cfg: DownstreamTls) -> ssl.SSLContext:
+def _build_server(cfg: DownstreamTls, secrets: SecretStore | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _MIN_VERSIONS.get(cfg.min_version, ssl.TLSVersion.TLSv1_2)
     ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    _load_chain(ctx, cfg.cert_file, cfg.key_file)
-    if cfg.ca_file:
+    if cfg.cert_secret and secrets is not None:
+        load_chain(ctx, secrets.tls_certificate(cfg.cert_secret))
+    else:
+        _load_chain(ctx, cfg.cert_file, cfg.key_file)
+    if cfg.ca_secret and secrets is not None:
+        load_ca(ctx, secrets.validation_context(cfg.ca_secret))
+    elif cfg.ca_file:
         _load_ca(ctx, cfg.ca_file)
+    if cfg.verifies_clients:
         ctx.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_cert else ssl.CERT_OPTIONAL
     # the listener's alpn_protocols in its order of preference (the server's order wins)
     ctx.set_alpn_protocols(list(cfg.alpn) if cfg.alpn else ALPN)
     return ctx
 
 
-def server_context(cfg: DownstreamTls) -> ReloadingContext:
-    """The SSLContext for a TLS listener (raises TlsLoadError if the files cannot be loaded)."""
+def server_context(cfg: DownstreamTls, secrets: SecretStore | None = None) -> ReloadingContext:
+    """The SSLContext for a TLS listener (raises TlsLoadError if the files cannot be loaded).
+    With SDS secrets: rebuilt when one of them is rotated; until they arrive, handshakes fail."""
+    if cfg.secrets and secrets is not None:
+        return _shell(ssl.PROTOCOL_TLS_SERVER, _SecretReloader(
+            lambda: _build_server(cfg, secrets), secrets, cfg.secrets, ssl.PROTOCOL_TLS_SERVER,
+            f"listener TLS (secrets {', '.join(cfg.secrets)})"))
     files = tuple(f for f in (cfg.cert_file, cfg.key_file, cfg.ca_file) if f)
     return _shell(ssl.PROTOCOL_TLS_SERVER, _Reloader(lambda: _build_server(cfg), files,
                                                      f"listener TLS ({cfg.cert_file})"))
@@ -175,21 +236,26 @@ class _SanCheckingSSLObject(ssl.SSLObject):
             raise err
 
 
-def _build_client(cfg: UpstreamTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+def _build_client(cfg: UpstreamTls, secrets: SecretStore | None = None,
+                  alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = _MIN_VERSIONS.get(cfg.min_version, ssl.TLSVersion.TLSv1_2)
     ctx.options |= ssl.OP_NO_COMPRESSION
     if cfg.verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = cfg.check_hostname
-        if cfg.ca_file:
+        if cfg.ca_secret and secrets is not None:
+            load_ca(ctx, secrets.validation_context(cfg.ca_secret))
+        elif cfg.ca_file:
             _load_ca(ctx, cfg.ca_file)
         else:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if cfg.cert_file:
+    if cfg.cert_secret and secrets is not None:
+        load_chain(ctx, secrets.tls_certificate(cfg.cert_secret))
+    elif cfg.cert_file:
         _load_chain(ctx, cfg.cert_file, cfg.key_file)
     if cfg.match_san_uris:
         ctx.sslobject_class = type("SanCheckingSSLObject", (_SanCheckingSSLObject,),
@@ -198,11 +264,16 @@ def _build_client(cfg: UpstreamTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(cfg: UpstreamTls, alpn: tuple[str, ...] = ("http/1.1",)) -> ReloadingContext:
+def client_context(cfg: UpstreamTls, secrets: SecretStore | None = None,
+                   alpn: tuple[str, ...] = ("http/1.1",)) -> ReloadingContext:
     """The SSLContext for a cluster's upstream connections of one protocol (``alpn``: "h2" for
-    HTTP/2 connections)."""
+    HTTP/2 connections; SDS secrets: as server_context)."""
+    if cfg.secrets and secrets is not None:
+        return _shell(ssl.PROTOCOL_TLS_CLIENT, _SecretReloader(
+            lambda: _build_client(cfg, secrets, alpn), secrets, cfg.secrets,
+            ssl.PROTOCOL_TLS_CLIENT, f"cluster TLS (secrets {', '.join(cfg.secrets)})"))
     files = tuple(f for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f)
-    return _shell(ssl.PROTOCOL_TLS_CLIENT, _Reloader(lambda: _build_client(cfg, alpn), files,
+    return _shell(ssl.PROTOCOL_TLS_CLIENT, _Reloader(lambda: _build_client(cfg, None, alpn), files,
                                                      f"cluster TLS ({cfg.sni or cfg.ca_file or 'system CAs'})"))
 
 

@@ -19,10 +19,11 @@ from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.native.listener import listener_from_native, tracing_from_native
 from sidecar.config.native.sidecar_mode import sidecar_from_native
 from sidecar.config.snapshot import Snapshot, check_references
+from sidecar.config.telemetry import MetricsListener
 from sidecar.config.wire import Raw
 
 TOP_LEVEL = ("admin", "listeners", "clusters", "tracing", "control_plane", "node", "version",
-             "sidecar")
+             "sidecar", "metrics")
 
 T = TypeVar("T")
 
@@ -79,11 +80,31 @@ def snapshot(d: Raw, filters: FilterCatalog) -> Snapshot:
             control_plane = control_plane_from_native(d["control_plane"], "control_plane")
         except (ConfigError, ConfigErrors) as e:
             errs.capture(e)
+    metrics: MetricsListener | None = None
+    if "metrics" in d:
+        try:
+            metrics = metrics_from_native(d["metrics"], "metrics", admin, listeners)
+        except ConfigError as e:
+            errs.capture(e)
     errs.raise_if_any()
     node = d.get("node")
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     tracing=tracing, control_plane=control_plane,
                     node=node if isinstance(node, dict) else None, source_format="native",
-                    version=str(d.get("version", "0")), sidecar=sidecar)
+                    version=str(d.get("version", "0")), sidecar=sidecar, metrics=metrics)
     check_references(snap, native=True)
     return snap
+
+
+def metrics_from_native(d: object, path: str, admin: Admin, listeners: list[Listener]
+                        ) -> MetricsListener:
+    """``metrics: {address: 0.0.0.0, port: 15090}``: the metrics-only listener."""
+    m = w.check_keys(d, ("address", "port"), path)
+    out = MetricsListener(host=w.string(m, "address", path, "0.0.0.0", nonempty=True),
+                          port=w.integer(m, "port", path, 15090, lo=1, hi=65535))
+    if out.port == admin.port:
+        raise ConfigError(w.join(path, "port"), f"{out.port} is the admin port")
+    for lst in listeners:
+        if lst.port == out.port:
+            raise ConfigError(w.join(path, "port"), f"{out.port} is listener {lst.name!r}'s port")
+    return out

@@ -18,6 +18,7 @@ from sidecar.config.http2 import (
 from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
 from sidecar.config.wire import Raw
 
@@ -69,7 +70,7 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
                      "accept_http_10", "trust_private_peers", "preserve_external_request_id",
-                     "codec", "http2", "upgrades"), path)
+                     "codec", "http2", "upgrades", "istio_metrics"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
@@ -121,13 +122,23 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         server_name=w.string(d, "server_name", path, "envoy"),
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
-        access_log=access_log, tls=tls,
+        access_log=access_log, tls=tls, source=d,
         codec=w.string(d, "codec", path, "auto", choices=CODECS),
         http2=http2_options_from_wire(d.get("http2"), w.join(path, "http2"), DOWNSTREAM_DEFAULTS,
                                       native=True),
         upgrades=upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"), native=True),
-        source=d,
+        istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
+        if d.get("istio_metrics") not in (None, False) else None,
     )
+
+
+def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:
+    """``istio_metrics: true`` or ``{service: web.shop.svc.cluster.local, peer_metadata: true}``."""
+    if d is True:
+        return IstioMetrics()
+    m = w.check_keys(d, ("service", "peer_metadata"), path)
+    return IstioMetrics(service=w.string(m, "service", path, ""),
+                        peer_metadata=w.boolean(m, "peer_metadata", path, True))
 
 
 def tracing_from_native(d: Raw, path: str) -> TracingConfig:

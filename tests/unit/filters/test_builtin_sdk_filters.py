@@ -11,6 +11,7 @@ from multidict import MultiDict
 
 from filters import buffer, compressor, cors, ext_authz
 from filters import header_to_metadata as h2m
+from filters.compressor.libraries import T_GZIP, T_ZSTD
 from filters.ext_authz import config as authz_config
 from sidecar.core.body import BodyStream
 from sidecar.sdk import ConfigError, Response
@@ -127,7 +128,7 @@ def test_cors_config_refusals():
 # ---- compressor -------------------------------------------------------------------------------
 
 def gzip_cfg(**kw):
-    return compressor.from_native({"algorithm": "gzip", **kw}, "c")
+    return compressor.SPEC.from_native({"algorithm": "gzip", **kw}, "c")
 
 
 @pytest.mark.parametrize("headers, accept, compressed", [
@@ -186,7 +187,7 @@ async def test_compressor_etags_and_small_bodies():
 async def test_compressors_in_a_chain_agree_on_the_clients_choice():
     env = FilterTestEnv()
     g = build_filter(compressor.SPEC, gzip_cfg(), env=env)
-    b = build_filter(compressor.SPEC, compressor.from_native({"algorithm": "br"}, "c"), env=env)
+    b = build_filter(compressor.SPEC, compressor.SPEC.from_native({"algorithm": "br"}, "c"), env=env)
     upstream = RecordingNext(headers={"content-type": "text/plain"}, body=TEXT)
     for accept, chosen in (("gzip, br;q=0.9", "gzip"), ("gzip;q=0.2, br", "br"),
                            ("br;q=0.5, gzip;q=0.5", "br")):
@@ -197,19 +198,19 @@ async def test_compressors_in_a_chain_agree_on_the_clients_choice():
 
 
 def test_compressor_config_refusals():
-    lib = {"name": "g", "typed_config": {"@type": compressor.T_GZIP}}
+    lib = {"name": "g", "typed_config": {"@type": T_GZIP}}
     for extra, error in (({"request_direction_config": {}}, "c.request_direction_config: request compression"),
                          ({"response_direction_config": {"status_header_enabled": True}},
                           "c.response_direction_config.status_header_enabled: is not supported"),
                          ({"runtime_enabled": {"default_value": True, "runtime_key": "x"}},
                           "c.runtime_enabled.runtime_key: runtime")):
         with pytest.raises(ConfigError, match="^" + error):
-            compressor.from_envoy({"compressor_library": lib, **extra}, "c")
+            compressor.SPEC.from_envoy({"compressor_library": lib, **extra}, "c")
     with pytest.raises(ConfigError, match="dictionary: is not supported"):
-        compressor.from_envoy({"compressor_library": {"name": "z", "typed_config": {
-            "@type": compressor.T_ZSTD, "dictionary": {"filename": "/x"}}}}, "c")
+        compressor.SPEC.from_envoy({"compressor_library": {"name": "z", "typed_config": {
+            "@type": T_ZSTD, "dictionary": {"filename": "/x"}}}}, "c")
     with pytest.raises(ConfigError, match="unsupported compressor library"):
-        compressor.from_envoy({"compressor_library": {"name": "d", "typed_config": {
+        compressor.SPEC.from_envoy({"compressor_library": {"name": "d", "typed_config": {
             "@type": "type.googleapis.com/x.Deflate"}}}, "c")
 
 

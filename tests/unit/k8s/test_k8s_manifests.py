@@ -26,6 +26,7 @@ from k8s_objects import (
 from sidecar.k8s.inject import INIT_CONTAINER, PROXY_CONTAINER
 from sidecar.k8s.manifests import TEMPLATE_PATHS, inject_yaml
 from sidecar.k8s.settings import INJECT, NAMESPACE_LABEL, STATUS, InjectorConfig
+from sidecar.runtime.loader import load_file
 
 INJECTOR = REPO / "deploy" / "kubernetes" / "injector"
 ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -53,9 +54,13 @@ def as_pod(template: dict) -> dict:
             "metadata": {"name": "p", **template.get("metadata", {})}, "spec": template["spec"]}
 
 
+CRD_GROUPS = ("cert-manager.io/", "monitoring.coreos.com/")
+
+
 def k8s_docs(docs: list[dict]) -> list[dict]:
-    """The documents kubernetes-validate has schemas for (not cert-manager's)."""
-    return [d for d in docs if not d["apiVersion"].startswith("cert-manager.io/")]
+    """The documents kubernetes-validate has schemas for (not cert-manager's nor the
+    Prometheus operator's: those are checked in test_k8s_monitoring.py)."""
+    return [d for d in docs if not d["apiVersion"].startswith(CRD_GROUPS)]
 
 
 # ---- inject -f on the examples ------------------------------------------------------------------
@@ -124,7 +129,11 @@ def test_example_sidecar_config_is_accepted_by_the_sidecar_and_envoy(tmp_path):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     listeners = {l["name"]: l["address"]["socket_address"]["port_value"]
                  for l in yaml.safe_load(cfg.read_text())["static_resources"]["listeners"]}
-    assert listeners == {"inbound": 15006, "outbound": 15001}     # where interception sends
+    # where interception sends, and the metrics port the injector announces
+    assert listeners == {"inbound": 15006, "outbound": 15001, "prometheus_stats": 15090}
+    snap = load_file(str(cfg))
+    assert (snap.metrics.host, snap.metrics.port) == ("0.0.0.0", 15090)
+    assert sorted(l.name for l in snap.listeners) == ["inbound", "outbound"]
 
 
 def test_opted_out_examples_pass_through_and_a_hand_written_sidecar_is_refused(tmp_path):
@@ -215,8 +224,15 @@ def test_every_workload_kind_is_injected_and_others_pass_through(tmp_path):
 
 
 def test_same_template_same_pod_whatever_the_kind():
-    out, _ = inject_yaml(yaml.safe_dump_all(_workloads()[:5]), InjectorConfig())
-    specs = [templates(d)[0]["spec"] for d in out]
+    """The same pod, but for the workload's name (Istio metrics' ``*_workload`` label)."""
+    docs = _workloads()[:5]
+    out, _ = inject_yaml(yaml.safe_dump_all(docs), InjectorConfig())
+    specs = [copy.deepcopy(templates(d)[0]["spec"]) for d in out]
+    for doc, spec in zip(docs, specs, strict=True):
+        proxy = next(c for c in spec["initContainers"] if c["name"] == PROXY_CONTAINER)
+        names = [e["value"] for e in proxy["env"] if e["name"] == "SIDECAR_WORKLOAD_NAME"]
+        assert names == [doc["metadata"]["name"]]
+        proxy["env"] = [e for e in proxy["env"] if e["name"] != "SIDECAR_WORKLOAD_NAME"]
     assert all(s == specs[0] for s in specs)
 
 
