@@ -203,9 +203,19 @@ class _Stats:
         self.to_unhealthy = tr.labels(cluster, "unhealthy")
 
 
+# Verdicts of probes that ran together are applied together, so that requests never see the
+# moment between two hosts swapping health (one marked down, the other not yet up); a verdict
+# waits at most this long for the probes still running beside it.
+ROUND_GRACE_S = 0.05
+
+_Verdict = tuple[HealthCheck, EndpointState, "_HostState", str, int, "asyncio.Future[None]"]
+
+
 class ClusterChecker:
     """The health checks of one cluster: a task per (check, host), and a supervisor that
-    follows the endpoint set of the cluster's current version."""
+    follows the endpoint set of the cluster's current version. A host's checks start on a
+    fixed beat (``interval`` from the previous start), so the hosts of a check stay in step and
+    their verdicts are applied in rounds (``ROUND_GRACE_S``)."""
 
     def __init__(self, state: ClusterState, checks: tuple[HealthCheck, ...], metrics: Metrics):
         self.state = state
@@ -217,6 +227,9 @@ class ClusterChecker:
         self.tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
         self.closed = False
         self._had_traffic = False
+        self._in_flight = [0] * len(checks)           # probes running, per check
+        self._round: list[list[_Verdict]] = [[] for _ in checks]
+        self._round_timer: list[asyncio.TimerHandle | None] = [None] * len(checks)
         self._hosts_seen: list[EndpointState] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.start()
@@ -250,13 +263,14 @@ class ClusterChecker:
             self.host_state.pop(key, None)
         for key in [k for k in self.pools if k[1] not in current]:
             self.pools.pop(key).close_all()
+        beat = loop.time()
         for i, check in enumerate(self.checks):
             for addr, h in current.items():
                 key = (i, addr)
                 t = self.tasks.get(key)
                 if t is None or t.done():
                     st = self.host_state.setdefault(key, _HostState())
-                    self.tasks[key] = loop.create_task(self._run(i, check, h, st))
+                    self.tasks[key] = loop.create_task(self._run(i, check, h, st, beat))
 
     def _pool(self, i: int, host: EndpointState) -> ConnectionPool | Http2Pool:
         pool = self.pools.get((i, host.address))
@@ -285,6 +299,10 @@ class ClusterChecker:
         for t in self.tasks.values():
             t.cancel()
         self.tasks.clear()
+        for i, timer in enumerate(self._round_timer):
+            if timer is not None:
+                timer.cancel()
+                self._round_timer[i] = None
         for pool in self.pools.values():
             pool.close_all()
         self.pools.clear()
@@ -294,24 +312,64 @@ class ClusterChecker:
                 c.set_health(h, True, "")
 
     # ---- one host --------------------------------------------------------------------------
-    async def _run(self, i: int, check: HealthCheck, host: EndpointState, st: _HostState) -> None:
+    async def _run(self, i: int, check: HealthCheck, host: EndpointState, st: _HostState,
+                   beat: float) -> None:
+        """``beat``: when the first check is due (the same for the hosts synced together, so
+        they stay in step); then an interval after the previous check started."""
         host_header = check.host or self.state.name
+        loop = asyncio.get_running_loop()
         if check.initial_jitter_s > 0:
             await asyncio.sleep(random.random() * check.initial_jitter_s)
+        due = max(beat, loop.time())
         while not self.closed and not host.removed:
+            verdict: tuple[str, int] | None = None
+            self._in_flight[i] += 1
             try:
                 pool = self._pool(i, host)
                 if isinstance(pool, Http2Pool):
-                    outcome, status = await probe_grpc(pool, check, check.grpc_authority or host_header)
+                    verdict = await probe_grpc(pool, check, check.grpc_authority or host_header)
                 else:
-                    outcome, status = await probe(pool, check, host_header)
-                self._apply(check, host, st, outcome, status)
+                    verdict = await probe(pool, check, host_header)
             except asyncio.CancelledError:
                 raise
             except Exception:      # a bug must not end health checking for the host
                 log.exception("cluster %s: health check of %s failed unexpectedly",
                               self.state.name, host.address)
-            await asyncio.sleep(self._next_interval(check, st))
+            finally:
+                self._in_flight[i] -= 1
+            if verdict is not None:
+                await self._in_round(i, check, host, st, verdict[0], verdict[1])
+            now = loop.time()
+            due = max(due + self._next_interval(check, st), now)
+            await asyncio.sleep(due - now)
+
+    async def _in_round(self, i: int, check: HealthCheck, host: EndpointState, st: _HostState,
+                        outcome: str, status: int) -> None:
+        """Queue a verdict; the round is applied when no probe of the check is running (or
+        after ``ROUND_GRACE_S``)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._round[i].append((check, host, st, outcome, status, done))
+        if self._in_flight[i] == 0:
+            self._apply_round(i)
+        elif self._round_timer[i] is None:
+            self._round_timer[i] = loop.call_later(ROUND_GRACE_S, self._apply_round, i)
+        await done
+
+    def _apply_round(self, i: int) -> None:
+        timer = self._round_timer[i]
+        if timer is not None:
+            timer.cancel()
+            self._round_timer[i] = None
+        verdicts, self._round[i] = self._round[i], []
+        for check, host, st, outcome, status, done in verdicts:
+            try:
+                self._apply(check, host, st, outcome, status)
+            except Exception:
+                log.exception("cluster %s: applying the health check of %s failed",
+                              self.state.name, host.address)
+            if not done.done():
+                done.set_result(None)
 
     def _next_interval(self, check: HealthCheck, st: _HostState) -> float:
         base = check.interval_s
