@@ -182,9 +182,9 @@ class Bench:
                                 ["nginx", "-p", str(d), "-c", str(conf), "-e", "stderr"],
                                 cores=self.proxy_cores)
 
-    def sidecar_env(self) -> dict:
+    def sidecar_env(self, tree: Path = REPO) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
     def sidecar_help(self) -> str:
@@ -208,15 +208,15 @@ class Bench:
         return (cp.stdout + cp.stderr).strip() or f"exit {cp.returncode}"
 
     def start_sidecar(self, cfg_path: Path, concurrency: int, cores: str | None,
-                      extra: list[str]) -> Child:
+                      extra: list[str], tree: Path = REPO) -> Child:
         argv = [sys.executable, "-m", "sidecar", "run", "-c", str(cfg_path)]
         if "--concurrency" in self.sidecar_help():
             argv += ["--concurrency", str(concurrency)]
         elif concurrency != 1:
             raise StartError("`sidecar run` has no --concurrency option yet")
         argv += list(self.args.sidecar_arg) + extra
-        return self.group.start("sidecar", argv, cores=cores, env=self.sidecar_env(),
-                                cwd=str(REPO))
+        return self.group.start("sidecar", argv, cores=cores, env=self.sidecar_env(tree),
+                                cwd=str(tree))
 
     # ---------------------------------------------------------------- load generators
 
@@ -344,15 +344,16 @@ class Bench:
             return (lambda: self.start_envoy(path, concurrency, cores)), ""
         if target == "nginx":
             return (lambda: self.start_nginx_proxy(port)), ""
-        if target == "sidecar":
-            if not (REPO / "sidecar" / "cli.py").exists():
-                return None, "sidecar/cli.py not present yet"
+        if target in ("sidecar", "sidecar-base"):
+            tree = REPO if target == "sidecar" else Path(self.args.baseline)
+            if not any((tree / "sidecar" / p).exists() for p in ("cli.py", "cli")):
+                return None, f"no sidecar CLI in {tree}"
             path = self._write(f"{name}.yaml", cfg.text)
             err = self.sidecar_validate(path)
             if err:
                 self.notes.append(f"sidecar refused {path.name}:\n{err}")
                 return None, "config refused by `sidecar validate`: " + err.splitlines()[0][:120]
-            return (lambda: self.start_sidecar(path, concurrency, cores, extra or [])), ""
+            return (lambda: self.start_sidecar(path, concurrency, cores, extra or [], tree)), ""
         raise ValueError(target)
 
     def run_target(self, target: str, scenario: str, cfg_builder, *, concurrency: int = 1,
@@ -390,6 +391,10 @@ class Bench:
                   f" (+ open loop at {', '.join(map(str, a.rates))} req/s)")
             for t in targets:
                 self.run_target(t, "base", base, rates=tuple(a.rates))
+            if a.baseline:
+                # the same scenario on another source tree (e.g. before a codec change),
+                # in the same run, so the two are compared under the same conditions
+                self.run_target("sidecar-base", "base", base, rates=tuple(a.rates))
             if a.compare_metrics and "sidecar" in targets:
                 flag = a.metrics_off_flag
                 if flag in self.sidecar_help():
@@ -541,6 +546,12 @@ def summary(rows: list[Row]) -> list[str]:
         b = get(t, "base")
         if cn and b:
             out.append(f"{t} {cn.scenario} / c=1 req/s: {cn.rps / b.rps:.2f}")
+    sb = get("sidecar-base", "base")
+    if sc and sb:
+        out.append(f"sidecar / sidecar-base req/s (base): {sc.rps / sb.rps:.3f}; CPU per request: "
+                   + (f"{sc.cpu_s_per_1k / sb.cpu_s_per_1k:.3f}"
+                      if sc.cpu_s_per_1k and sb.cpu_s_per_1k else "n/a")
+                   + (f"; sidecar-base/envoy req/s: {sb.rps / en.rps:.2f}" if en else ""))
     mo = get("sidecar", "metrics off")
     if mo and sc:
         out.append(f"sidecar metrics off / on req/s: {mo.rps / sc.rps:.2f}")
@@ -634,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run the sidecar with metrics switched off")
     p.add_argument("--metrics-off-flag", default="--no-metrics",
                    help="the `sidecar run` flag that switches metrics off (default --no-metrics)")
+    p.add_argument("--baseline", metavar="TREE", default="",
+                   help="also run the base scenario with the sidecar of this source tree "
+                        "(target sidecar-base), e.g. a `git archive` of the commit before a change")
     p.add_argument("--sidecar-arg", action="append", default=[],
                    help="extra argument for `sidecar run` (repeatable)")
     p.add_argument("--proxy-core", default="0", help="core for the proxy under test")

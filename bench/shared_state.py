@@ -19,8 +19,8 @@ import os
 import time
 from collections.abc import Callable
 
+from sidecar.config.stores import SharedStateConfig
 from sidecar.shared.api import BucketSpec, Outcome, Priority, Resource
-from sidecar.shared.config import SharedStateConfig
 from sidecar.shared.host import SharedHost
 from sidecar.shared.local import LocalState
 

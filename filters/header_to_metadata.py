@@ -77,6 +77,7 @@ def _key_value(d: object, path: str, missing: bool) -> KeyValue:
         r = wire.check_keys(m["regex_value_rewrite"], ("pattern", "substitution"), rp)
         pp = wire.join(rp, "pattern")
         pat = wire.check_keys(wire.mapping(r, "pattern", rp), ("regex", "google_re2"), pp)
+        wire.google_re2(pat, pp)
         rewrite = (wire.compile_regex(pat.get("regex"), wire.join(pp, "regex")),
                    wire.string(r, "substitution", rp, ""))
         if value:

@@ -34,17 +34,29 @@ from sidecar.admin.server import start_admin
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.snapshot import Snapshot
+from sidecar.config.stores import StoresConfig
 from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
 from sidecar.core.filter import FilterSpec, UpstreamClient
+from sidecar.core.limits import (
+    FailurePolicy,
+    RateLimitService,
+    RemoteBuckets,
+    RemoteReplayCache,
+    ReplayCache,
+    TokenBuckets,
+)
 from sidecar.core.message import Request, Response
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.runtime.app import App
 from sidecar.runtime.filter_env import ProxyFilterEnv
 from sidecar.runtime.loader import snapshot_from_doc
+from sidecar.runtime.stores import StoreRuntime
 from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S
 from sidecar.sdk import UserFilter
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 
 
 def free_port() -> int:
@@ -341,15 +353,18 @@ class FilterTestEnv:
 
     def __init__(self, metrics: Metrics | None = None,
                  clusters: dict[str, Any] | None = None,
-                 upstreams: dict[str, Upstream_] | None = None):
+                 upstreams: dict[str, Upstream_] | None = None,
+                 stores: StoresConfig | None = None, shared: SharedState | None = None):
         self.metrics = metrics or Metrics()
         self._states: dict[str, object] = {}
-        self.clusters = ClusterManager(StatsCache(self.metrics))
+        self.shared = shared if shared is not None else LocalState()
+        self.clusters = ClusterManager(StatsCache(self.metrics), shared=self.shared)
         self.clusters.apply(tuple(
             cluster_from_native({"name": name, **(v if isinstance(v, dict) else {"endpoints": list(v)})},
                                 f"clusters.{name}")
             for name, v in (clusters or {}).items()))
-        self._env = ProxyFilterEnv(self.metrics, self.clusters)
+        self.stores = StoreRuntime(stores or StoresConfig(), self.metrics)
+        self._env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
         self.upstreams = {name: FakeCluster(name, h) for name, h in (upstreams or {}).items()}
 
     def upstream(self, cluster: str) -> UpstreamClient:
@@ -358,8 +373,27 @@ class FilterTestEnv:
             return fake
         return self._env.upstream(cluster)
 
+    def token_buckets(self) -> TokenBuckets:
+        return self._env.token_buckets()
+
+    def replay_cache(self) -> ReplayCache:
+        return self._env.replay_cache()
+
+    def replay_store(self, store: str, policy: FailurePolicy) -> RemoteReplayCache:
+        return self._env.replay_store(store, policy)
+
+    def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
+        return self._env.remote_buckets(store, policy)
+
+    def rate_limit_service(self, cluster: str) -> RateLimitService:
+        return self._env.rate_limit_service(cluster)
+
     def close(self) -> None:
         self.clusters.close()
+
+    async def aclose(self) -> None:
+        self.clusters.close()
+        await self.stores.close()
 
     def state_for(self, spec: FilterSpec) -> object:
         if spec.name not in self._states:

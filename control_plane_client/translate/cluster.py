@@ -4,9 +4,11 @@ outlier detection, health checks, upstream TLS, protocol options)."""
 from __future__ import annotations
 
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
-from control_plane_client.translate.tls import upstream_tls_from_envoy
+from control_plane_client.translate.dynamic import config_source
+from control_plane_client.translate.tls import Secrets, upstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DNS_LOOKUP_FAMILIES,
     CircuitBreakers,
     Cluster,
     Endpoint,
@@ -24,7 +26,7 @@ from sidecar.config.tls import UpstreamTls
 
 
 def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
-    w.check_keys(d, ("cluster_name", "endpoints", "policy", "@type"), path)
+    w.check_keys(d, ("cluster_name", "endpoints", "@type"), path)
     eps = []
     ep_path = w.join(path, "endpoints")
     for i, le in enumerate(w.seq(d, "endpoints", path, [])):
@@ -34,10 +36,10 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
             raise ConfigError(w.join(lp, "priority"), "only priority 0 is supported")
         for j, lbe in enumerate(w.seq(le, "lb_endpoints", lp, [])):
             bp = w.join(w.join(lp, "lb_endpoints"), j)
-            w.check_keys(lbe, ("endpoint", "load_balancing_weight", "health_status", "metadata"), bp)
+            w.check_keys(lbe, ("endpoint", "load_balancing_weight", "health_status"), bp)
             ep = w.mapping(lbe, "endpoint", bp)
             epp = w.join(bp, "endpoint")
-            w.check_keys(ep, ("address", "hostname", "health_check_config"), epp)
+            w.check_keys(ep, ("address", "hostname"), epp)
             host, prt = socket_address(w.mapping(ep, "address", epp), w.join(epp, "address"))
             if prt == 0:
                 raise ConfigError(w.join(epp, "address.socket_address.port_value"), "must be 1..65535")
@@ -50,16 +52,30 @@ def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
     return w.string(d, "cluster_name", path, ""), tuple(eps)
 
 
-def cluster(d: dict, path: str) -> Cluster:
-    pass
+T_CARES = "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig"
 
+
+def dns_resolvers(d: dict, path: str) -> tuple[str, ...]:
+    """``typed_dns_resolver_config`` with the c-ares resolver: its ``resolvers`` addresses."""
+    w.check_keys(d, ("name", "typed_config"), path)
+    tp = w.join(path, "typed_config")
+    body = typed(w.mapping(d, "typed_config", path), tp, T_CARES)
+    w.check_keys(body, ("resolvers",), tp)
+    out = []
+    for i, a in enumerate(w.seq(body, "resolvers", tp)):
+        host, prt = socket_address(a, w.join(w.join(tp, "resolvers"), i))
+        out.append(f"{host}:{prt or 53}")
+    return tuple(out)
+
+
+def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
     w.check_keys(d, ("name", "type", "connect_timeout", "lb_policy", "load_assignment",
                      "dns_refresh_rate", "dns_lookup_family", "circuit_breakers",
                      "outlier_detection", "health_checks", "transport_socket",
                      "eds_cluster_config", "common_lb_config", "least_request_lb_config",
                      "ring_hash_lb_config", "load_balancing_policy", "per_connection_buffer_limit_bytes",
                      "typed_extension_protocol_options", "@type", "respect_dns_ttl",
-                     "upstream_connection_options", "alt_stat_name"), path)
+                     "typed_dns_resolver_config"), path)
     name = w.string(d, "name", path, nonempty=True)
     ctype = w.string(d, "type", path, "STATIC",
                      choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS")).lower()
@@ -69,9 +85,15 @@ def cluster(d: dict, path: str) -> Cluster:
         _, eps = load_assignment(d["load_assignment"], w.join(path, "load_assignment"))
     elif ctype != "eds":
         raise ConfigError(w.join(path, "load_assignment"), f"is required for a {ctype.upper()} cluster")
+    if ctype != "eds" and "eds_cluster_config" in d:
+        raise ConfigError(w.join(path, "eds_cluster_config"), "only applies to an EDS cluster")
     if ctype == "eds":
         ep = w.join(path, "eds_cluster_config")
         e = w.check_keys(w.mapping(d, "eds_cluster_config", path, {}), ("service_name", "eds_config"), ep)
+        if "eds_config" in e:
+            # honoured by the xDS client when it subscribes; checked here so a bad one is a
+            # config error with its path, not a silent no-subscription
+            config_source(w.mapping(e, "eds_config", ep), w.join(ep, "eds_config"))
         kw["eds_service_name"] = w.string(e, "service_name", ep, name)
     lb_policy = w.string(d, "lb_policy", path, "ROUND_ROBIN",
                          choices=("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "RING_HASH", "MAGLEV",
@@ -85,6 +107,11 @@ def cluster(d: dict, path: str) -> Cluster:
         lp = w.join(path, "ring_hash_lb_config")
         rh = w.check_keys(d["ring_hash_lb_config"], ("minimum_ring_size", "maximum_ring_size", "hash_function"), lp)
         lb_kw["ring_size"] = w.integer(rh, "minimum_ring_size", lp, 1024, lo=1, hi=8_388_608)
+        # the ring is built with exactly minimum_ring_size entries, which maximum_ring_size
+        # bounds: a maximum below the minimum is an error, as in Envoy
+        if w.integer(rh, "maximum_ring_size", lp, 8_388_608, lo=1, hi=8_388_608) < lb_kw["ring_size"]:
+            raise ConfigError(w.join(lp, "maximum_ring_size"), "must be >= minimum_ring_size")
+        w.string(rh, "hash_function", lp, "XX_HASH", choices=("XX_HASH",))
     if "common_lb_config" in d:
         lp = w.join(path, "common_lb_config")
         cl = w.check_keys(d["common_lb_config"], ("healthy_panic_threshold",), lp)
@@ -121,17 +148,19 @@ def cluster(d: dict, path: str) -> Cluster:
     hc = w.seq(d, "health_checks", path, [])
     kw["health_checks"] = tuple(health_check_from_envoy(h, w.join(w.join(path, "health_checks"), i))
                                 for i, h in enumerate(hc))
-    for i, check in enumerate(kw["health_checks"]):
-        if check.grpc_service is not None and kw.get("protocol", "http1") == "http1":
-            raise ConfigError(w.join(w.join(path, "health_checks"), i),
-                              "grpc_health_check needs an HTTP/2 cluster "
-                              "(typed_extension_protocol_options ... http2_protocol_options)")
     if "transport_socket" in d:
-        kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"))
+        kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"),
+                                            secrets)
         check_alpn(kw.get("protocol", "http1"), kw["tls"],
                    w.join(path, "transport_socket.typed_config.common_tls_context.alpn_protocols"))
     if "per_connection_buffer_limit_bytes" in d:
         kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
+    kw["dns_lookup_family"] = w.string(d, "dns_lookup_family", path, "AUTO",
+                                       choices=DNS_LOOKUP_FAMILIES)
+    kw["respect_dns_ttl"] = w.boolean(d, "respect_dns_ttl", path, False)
+    if "typed_dns_resolver_config" in d:
+        kw["dns_resolvers"] = dns_resolvers(w.mapping(d, "typed_dns_resolver_config", path),
+                                            w.join(path, "typed_dns_resolver_config"))
     return Cluster(name=name, type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh_rate", path, 5.0),
@@ -207,9 +236,14 @@ def protocol_options(d: dict, path: str) -> dict:
                 out["http2"] = upstream_http2_options(eh["http2_protocol_options"],
                                                       w.join(ep, "http2_protocol_options"))
         cp = w.join(kp, "common_http_protocol_options")
-        cho = w.check_keys(w.mapping(body, "common_http_protocol_options", kp, {}), ("idle_timeout",), cp)
+        cho = w.check_keys(w.mapping(body, "common_http_protocol_options", kp, {}),
+                           ("idle_timeout", "max_headers_count", "max_response_headers_kb"), cp)
         if "idle_timeout" in cho:
             out["idle_timeout_s"] = w.duration(cho, "idle_timeout", cp)
+        # response head limits (a 502 and the connection closed above them)
+        out["max_response_headers_count"] = w.integer(cho, "max_headers_count", cp, 100, lo=1)
+        out["max_response_headers_kb"] = w.integer(cho, "max_response_headers_kb", cp, 80,
+                                                   lo=1, hi=8192)
     return out
 
 

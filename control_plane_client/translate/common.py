@@ -56,7 +56,7 @@ def socket_address(d: dict, path: str) -> tuple[str, int]:
     w.check_keys(d, ("socket_address",), path)
     sp = w.join(path, "socket_address")
     sa = w.check_keys(w.mapping(d, "socket_address", path),
-                      ("address", "port_value", "protocol", "ipv4_compat", "resolver_name"), sp)
+                      ("address", "port_value", "protocol"), sp)
     if sa.get("protocol", "TCP") != "TCP":
         raise ConfigError(w.join(sp, "protocol"), "only TCP is supported")
     return w.string(sa, "address", sp, nonempty=True), w.integer(sa, "port_value", sp, lo=0, hi=65535)

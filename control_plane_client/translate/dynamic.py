@@ -54,7 +54,7 @@ def _grpc_cluster(api: dict, path: str) -> tuple[str, tuple[tuple[str, str], ...
         raise ConfigError(w.join(gp, "retry_policy"), "is not supported (streams reconnect "
                           "with exponential backoff)")
     ep = w.join(gp, "envoy_grpc")
-    eg = w.check_keys(w.mapping(g, "envoy_grpc", gp), ("cluster_name", "authority"), ep)
+    eg = w.check_keys(w.mapping(g, "envoy_grpc", gp), ("cluster_name",), ep)   # authority: refused
     md = []
     for i, m in enumerate(w.seq(g, "initial_metadata", gp, [])):
         mp = w.join(w.join(gp, "initial_metadata"), i)

@@ -3,6 +3,8 @@ logs, tracing, timeouts, edge options)."""
 
 from __future__ import annotations
 
+import json
+
 import filters as filter_registry
 from control_plane_client.translate.common import (
     T_FILE_LOG,
@@ -12,15 +14,31 @@ from control_plane_client.translate.common import (
     socket_address,
     typed,
 )
+from control_plane_client.translate.dynamic import config_source
 from control_plane_client.translate.route import route_configuration
 from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
-from control_plane_client.translate.tls import downstream_tls_from_envoy
+from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig
+from sidecar.config.listener import (
+    ESCAPED_SLASHES_ACTIONS,
+    AccessLogConfig,
+    Listener,
+    TracingConfig,
+    check_log_format,
+)
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.telemetry import IstioMetrics
+
+
+def router_suppresses_envoy_headers(items: list, path: str) -> bool:
+    """The router filter's ``suppress_envoy_headers`` (it is the last filter)."""
+    if not items or not isinstance(items[-1], dict) or "typed_config" not in items[-1]:
+        return False
+    tp = w.join(w.join(path, len(items) - 1), "typed_config")
+    rc = typed(items[-1]["typed_config"], tp, T_ROUTER)
+    return w.boolean(rc, "suppress_envoy_headers", tp, False)
 
 
 def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
@@ -33,7 +51,7 @@ def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
         raise ConfigError(path, f"must end with {filter_registry.ROUTER}")
     for i, f in enumerate(items):
         fp = w.join(path, i)
-        w.check_keys(f, ("name", "typed_config", "disabled", "is_optional"), fp)
+        w.check_keys(f, ("name", "typed_config", "disabled"), fp)
         name = w.string(f, "name", fp, nonempty=True)
         if name == ISTIO_STATS and istio is not None:
             if istio:
@@ -49,7 +67,7 @@ def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
                 raise ConfigError(fp, "the router filter must be last")
             if "typed_config" in f:
                 rc = typed(f["typed_config"], w.join(fp, "typed_config"), T_ROUTER)
-                w.check_keys(rc, ("suppress_envoy_headers", "start_child_span"), w.join(fp, "typed_config"))
+                w.check_keys(rc, ("suppress_envoy_headers",), w.join(fp, "typed_config"))
             continue
         tc = f.get("typed_config")
         spec = filter_registry.lookup(name)
@@ -83,7 +101,43 @@ def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
     return tuple(out)
 
 
+def log_format(d: dict, path: str) -> dict:
+    """A SubstitutionFormatString -> AccessLogConfig keywords (format "envoy")."""
+    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values",
+                     "json_format_options"), path)
+    kind = w.one_of(d, ("text_format", "text_format_source", "json_format"), path)
+    kw: dict = {"format": "envoy", "omit_empty_values": w.boolean(d, "omit_empty_values", path, False)}
+    kp = w.join(path, kind)
+    if kind == "text_format":
+        kw["text_format"] = w.string(d, kind, path)
+    elif kind == "text_format_source":
+        src = w.check_keys(w.mapping(d, kind, path), ("inline_string", "filename"), kp)
+        if w.one_of(src, ("inline_string", "filename"), kp) == "inline_string":
+            kw["text_format"] = w.string(src, "inline_string", kp)
+        else:
+            fn = w.string(src, "filename", kp, nonempty=True)
+            try:
+                with open(fn, encoding="utf-8") as f:
+                    kw["text_format"] = f.read()
+            except OSError as e:
+                raise ConfigError(w.join(kp, "filename"), f"cannot read {fn!r}: {e.strerror}") from None
+    else:
+        tmpl = w.mapping(d, kind, path)
+        sort = False
+        if "json_format_options" in d:
+            op = w.join(path, "json_format_options")
+            o = w.check_keys(d["json_format_options"], ("sort_properties",), op)
+            sort = w.boolean(o, "sort_properties", op, False)
+        kw["json_format"] = json.dumps(tmpl, sort_keys=sort)
+    check_log_format(kw.get("text_format") if kind != "json_format" else tmpl, kp)
+    if kind != "json_format" and "json_format_options" in d:
+        raise ConfigError(w.join(path, "json_format_options"), "only applies to json_format")
+    return kw
+
+
 def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
+    """File and stdout access loggers with Envoy's formats (Envoy's default text format when
+    no log_format is given)."""
     out = []
     for i, a in enumerate(items):
         ap = w.join(path, i)
@@ -93,22 +147,23 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
         t = tc.get("@type")
         if t == T_FILE_LOG:
             body = typed(tc, tp, T_FILE_LOG)
-            w.check_keys(body, ("path", "json_format", "log_format"), tp)
-            out.append(AccessLogConfig(path=w.string(body, "path", tp, nonempty=True),
-                                       format="text" if "log_format" in body and "json_format" not in body else "json"))
+            w.check_keys(body, ("path", "log_format"), tp)   # deprecated format fields: refused
+            dest = w.string(body, "path", tp, nonempty=True)
         else:
             body = typed(tc, tp, T_STDOUT_LOG)
             w.check_keys(body, ("log_format",), tp)
-            out.append(AccessLogConfig(path="/dev/stdout"))
+            dest = "/dev/stdout"
+        kw: dict = {"format": "envoy"}
+        if "log_format" in body:
+            kw = log_format(w.mapping(body, "log_format", tp), w.join(tp, "log_format"))
+        out.append(AccessLogConfig(path=dest, **kw))
     return tuple(out)
 
 
-def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None) -> Listener:
+def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None,
+             secrets: Secrets | None = None) -> Listener:
     """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    pass
-
-    w.check_keys(d, ("name", "address", "filter_chains", "per_connection_buffer_limit_bytes",
-                     "@type", "stat_prefix", "traffic_direction"), path)
+    w.check_keys(d, ("name", "address", "filter_chains", "@type", "traffic_direction"), path)
     host, port_ = socket_address(w.mapping(d, "address", path), w.join(path, "address"))
     chains = w.seq(d, "filter_chains", path)
     if len(chains) != 1:
@@ -117,7 +172,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
     chain = w.check_keys(chains[0], ("filters", "transport_socket", "name"), cp)
     tls = None
     if "transport_socket" in chain:
-        tls = downstream_tls_from_envoy(chain["transport_socket"], w.join(cp, "transport_socket"))
+        tls = downstream_tls_from_envoy(chain["transport_socket"], w.join(cp, "transport_socket"),
+                                        secrets)
     fl = w.seq(chain, "filters", cp)
     if len(fl) != 1 or fl[0].get("name") != "envoy.filters.network.http_connection_manager":
         raise ConfigError(w.join(cp, "filters"),
@@ -132,7 +188,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
                        "request_headers_timeout", "request_timeout", "stream_idle_timeout",
                        "drain_timeout", "server_name", "max_request_headers_kb",
                        "preserve_external_request_id", "normalize_path",
-                       "merge_slashes", "strip_any_host_port", "strip_matching_host_port",
+                       "merge_slashes", "path_with_escaped_slashes_action",
+                       "strip_any_host_port", "strip_matching_host_port",
                        "http_protocol_options", "tracing", "http2_protocol_options",
                        "upgrade_configs"), hp)
     codec = w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1", "HTTP2")).lower()
@@ -150,11 +207,16 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         rp = w.join(hp, "rds")
         r = w.check_keys(hcm["rds"], ("route_config_name", "config_source"), rp)
         rds_name = w.string(r, "route_config_name", rp, nonempty=True)
+        if "config_source" in r:
+            # honoured by the xDS client's RDS subscription; checked here so that a bad one
+            # is an error with its path
+            config_source(w.mapping(r, "config_source", rp), w.join(rp, "config_source"))
         if rds_routes is not None and rds_name in rds_routes:
             rc = rds_routes[rds_name]
     cho = w.mapping(hcm, "common_http_protocol_options", hp, {})
     chp = w.join(hp, "common_http_protocol_options")
-    w.check_keys(cho, ("idle_timeout", "max_headers_count", "headers_with_underscores_action"), chp)
+    w.check_keys(cho, ("idle_timeout", "max_headers_count", "headers_with_underscores_action",
+                       "max_stream_duration"), chp)
     stat_prefix = w.string(hcm, "stat_prefix", hp, nonempty=True)
     istio: list[IstioMetrics] = []
     chain_filters = http_filters(w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters"), istio)
@@ -170,13 +232,24 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         idle_timeout_s=w.duration(cho, "idle_timeout", chp, 3600.0),
         request_headers_timeout_s=w.duration(hcm, "request_headers_timeout", hp, 10.0),
         request_timeout_s=w.duration(hcm, "request_timeout", hp, 0.0),
+        stream_idle_timeout_s=w.duration(hcm, "stream_idle_timeout", hp, 300.0),
+        max_stream_duration_s=w.duration(cho, "max_stream_duration", chp, 0.0),
         max_request_headers_kb=w.integer(hcm, "max_request_headers_kb", hp, 60, lo=1, hi=8192),
+        max_headers_count=w.integer(cho, "max_headers_count", chp, 100, lo=1),
+        headers_with_underscores_action=w.string(
+            cho, "headers_with_underscores_action", chp, "ALLOW",
+            choices=("ALLOW", "REJECT_REQUEST", "DROP_HEADER")),
+        normalize_path=w.boolean(hcm, "normalize_path", hp, False),
+        merge_slashes=w.boolean(hcm, "merge_slashes", hp, False),
+        path_with_escaped_slashes_action=_escaped_slashes(hcm, hp),
         accept_http_10=_accept_http_10(hcm, hp),
         generate_request_id=w.boolean(hcm, "generate_request_id", hp, True),
         xff_num_trusted_hops=w.integer(hcm, "xff_num_trusted_hops", hp, 0, lo=0),
         use_remote_address=w.boolean(hcm, "use_remote_address", hp, False),
         preserve_external_request_id=w.boolean(hcm, "preserve_external_request_id", hp, False),
         server_name=w.string(hcm, "server_name", hp, "envoy"),
+        suppress_envoy_headers=router_suppresses_envoy_headers(
+            w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters")),
         strip_host_port="any" if w.boolean(hcm, "strip_any_host_port", hp, False)
         else "matching" if w.boolean(hcm, "strip_matching_host_port", hp, False) else "none",
         strip_host_header=True,
@@ -194,8 +267,7 @@ T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 
 def hcm_tracing(d: dict, path: str) -> TracingConfig:
     """HCM ``tracing`` with the OpenTelemetry tracer over OTLP/HTTP (``http_service``)."""
-    w.check_keys(d, ("provider", "random_sampling", "client_sampling", "overall_sampling",
-                     "spawn_upstream_span"), path)
+    w.check_keys(d, ("provider", "random_sampling", "overall_sampling"), path)
     percent = 100.0
     for key in ("random_sampling", "overall_sampling"):
         if key in d:
@@ -218,6 +290,13 @@ def hcm_tracing(d: dict, path: str) -> TracingConfig:
     return TracingConfig(sample_percent=percent, exporter="otlp_http",
                          endpoint=w.string(uri, "uri", up, nonempty=True),
                          service_name=w.string(body, "service_name", tp, "sidecar"))
+
+
+def _escaped_slashes(hcm: dict, hp: str) -> str:
+    v = w.string(hcm, "path_with_escaped_slashes_action", hp, "KEEP_UNCHANGED",
+                 choices=("IMPLEMENTATION_SPECIFIC_DEFAULT", *ESCAPED_SLASHES_ACTIONS))
+    # Envoy's implementation-specific default is KEEP_UNCHANGED
+    return "KEEP_UNCHANGED" if v == "IMPLEMENTATION_SPECIFIC_DEFAULT" else v
 
 
 def _accept_http_10(hcm: dict, hp: str) -> bool:

@@ -90,6 +90,7 @@ def route_match(d: dict, path: str) -> RouteMatch:
     if kind == "safe_regex":
         rp = w.join(path, "safe_regex")
         r = w.check_keys(d["safe_regex"], ("regex", "google_re2"), rp)
+        w.google_re2(r, rp)
         kw["regex"] = w.compile_regex(r.get("regex"), w.join(rp, "regex"), 0 if cs else re.IGNORECASE)
     else:
         v = w.string(d, kind, path)
@@ -114,6 +115,9 @@ def route_action(d: dict, path: str) -> RouteAction:
                                                  "max_stream_duration.grpc_timeout_header_max")
     kind = w.one_of(d, ("cluster", "weighted_clusters", "cluster_header"), path)
     w.string(d, "priority", path, "DEFAULT", choices=("DEFAULT",))   # HIGH routing: not supported
+    # a cluster_header naming no cluster is a 503, as Envoy's default
+    w.string(d, "cluster_not_found_response_code", path, "SERVICE_UNAVAILABLE",
+             choices=("SERVICE_UNAVAILABLE",))
     kw: dict = {}
     if kind == "cluster":
         kw["cluster"] = w.string(d, "cluster", path, nonempty=True)
@@ -121,7 +125,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["cluster_header"] = w.string(d, "cluster_header", path, nonempty=True).lower()
     else:
         wp = w.join(path, "weighted_clusters")
-        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight", "runtime_key_prefix"), wp)
+        wc = w.check_keys(d["weighted_clusters"], ("clusters", "total_weight"), wp)
         items = []
         for i, c in enumerate(w.seq(wc, "clusters", wp)):
             cp = w.join(w.join(wp, "clusters"), i)
@@ -131,6 +135,10 @@ def route_action(d: dict, path: str) -> RouteAction:
                                          headers=header_mutation(c, cp)))
         if not items or sum(x.weight for x in items) == 0:
             raise ConfigError(w.join(wp, "clusters"), "needs at least one cluster with weight > 0")
+        total = w.integer(wc, "total_weight", wp, None, lo=1)
+        if total is not None and total != sum(x.weight for x in items):
+            raise ConfigError(w.join(wp, "total_weight"), f"must equal the sum of the weights "
+                              f"({sum(x.weight for x in items)})")
         kw["weighted_clusters"] = tuple(items)
     if "prefix_rewrite" in d and "regex_rewrite" in d:
         raise ConfigError(path, "only one of prefix_rewrite, regex_rewrite may be set")
@@ -140,6 +148,7 @@ def route_action(d: dict, path: str) -> RouteAction:
         rp = w.join(path, "regex_rewrite")
         r = w.check_keys(d["regex_rewrite"], ("pattern", "substitution"), rp)
         pat = w.check_keys(w.mapping(r, "pattern", rp), ("regex", "google_re2"), w.join(rp, "pattern"))
+        w.google_re2(pat, w.join(rp, "pattern"))
         rx = w.compile_regex(pat.get("regex"), w.join(rp, "pattern.regex"))
         # Envoy substitution uses \1 for groups, as Python's re.sub does
         kw["regex_rewrite"] = (rx, w.string(r, "substitution", rp, ""))
@@ -147,10 +156,12 @@ def route_action(d: dict, path: str) -> RouteAction:
         kw["host_rewrite"] = w.string(d, "host_rewrite_literal", path, nonempty=True)
     kw["auto_host_rewrite"] = w.boolean(d, "auto_host_rewrite", path, False)
     kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
-    kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, 0.0)
+    kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
     if "max_stream_duration" in d:
-        kw["max_stream_duration"] = stream_duration(w.mapping(d, "max_stream_duration", path),
-                                                    w.join(path, "max_stream_duration"))
+        mp = w.join(path, "max_stream_duration")
+        m = w.mapping(d, "max_stream_duration", path)
+        kw["max_stream_duration"] = stream_duration(m, mp)
+        kw["max_stream_duration_s"] = w.duration(m, "max_stream_duration", mp, None)
     kw["upgrades"] = upgrade_configs_from_wire(d.get("upgrade_configs"), w.join(path, "upgrade_configs"))
     if "retry_policy" in d:
         kw["retry_policy"] = retry_policy_from_envoy(w.mapping(d, "retry_policy", path),
@@ -189,14 +200,13 @@ def route_action(d: dict, path: str) -> RouteAction:
 def stream_duration(d: dict, path: str) -> StreamDuration:
     w.check_keys(d, ("max_stream_duration", "grpc_timeout_header_max", "grpc_timeout_header_offset"),
                  path)
-    return StreamDuration(max_s=w.duration(d, "max_stream_duration", path, 0.0),
-                          grpc_header_max_s=w.duration(d, "grpc_timeout_header_max", path, None),
+    return StreamDuration(grpc_header_max_s=w.duration(d, "grpc_timeout_header_max", path, None),
                           grpc_header_offset_s=w.duration(d, "grpc_timeout_header_offset", path, 0.0))
 
 
 def route(d: dict, path: str) -> Route:
     w.check_keys(d, ("name", "match", "route", "direct_response", "redirect",
-                     "typed_per_filter_config", "decorator", "metadata", *_MUTATION_KEYS), path)
+                     "typed_per_filter_config", *_MUTATION_KEYS), path)
     m = route_match(w.mapping(d, "match", path), w.join(path, "match"))
     kind = w.one_of(d, ("route", "direct_response", "redirect"), path)
     kp = w.join(path, kind)
@@ -259,6 +269,9 @@ def virtual_host(d: dict, path: str) -> VirtualHost:
 
 def route_configuration(d: dict, path: str) -> RouteConfig:
     w.check_keys(d, ("name", "virtual_hosts", "validate_clusters", "@type", *_MUTATION_KEYS), path)
+    if not w.boolean(d, "validate_clusters", path, True):
+        raise ConfigError(w.join(path, "validate_clusters"), "must be true: the sidecar always "
+                          "checks that the clusters a route names exist")
     vp = w.join(path, "virtual_hosts")
     vhosts = tuple(virtual_host(v, w.join(vp, i)) for i, v in enumerate(w.seq(d, "virtual_hosts", path, [])))
     seen: dict[str, int] = {}

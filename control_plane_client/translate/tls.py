@@ -3,8 +3,9 @@ model. One certificate from files or from an SDS secret, a validation CA from a 
 secret (``validation_context_sds_secret_config``, or Istio's ``combined_validation_context``),
 URI SAN matchers, TLS 1.2 minimum.
 
-SDS references must use ``sds_config: {ads: {}}`` (the secrets come over the ADS stream);
-other config sources are refused by name."""
+SDS references use ``sds_config: {ads: {}}`` (the secrets come over the ADS stream), or no
+``sds_config`` at all: then they name a static secret of the bootstrap
+(``static_resources.secrets``), resolved here; other config sources are refused by name."""
 
 from __future__ import annotations
 
@@ -19,6 +20,61 @@ T_TLS_UP = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Upstre
 
 
 _TLS_VERSIONS = ("TLS_AUTO", "TLSv1_2", "TLSv1_3")
+
+
+Secrets = dict[str, dict]
+"""Static secrets (``static_resources.secrets``) by name, each parsed to the keys ``_common``
+produces (``cert_file``/``key_file`` or ``ca_file``/``match_san_uris``)."""
+
+
+def _tls_certificate(c: dict, cp: str) -> dict:
+    w.check_keys(c, ("certificate_chain", "private_key"), cp)
+    return {"cert_file": w.string(w.check_keys(w.mapping(c, "certificate_chain", cp), ("filename",),
+                                               w.join(cp, "certificate_chain")), "filename",
+                                  w.join(cp, "certificate_chain")),
+            "key_file": w.string(w.check_keys(w.mapping(c, "private_key", cp), ("filename",),
+                                              w.join(cp, "private_key")), "filename",
+                                 w.join(cp, "private_key"))}
+
+
+def secrets_from_envoy(items: list, path: str) -> Secrets:
+    """``static_resources.secrets``: named certificates and validation contexts that TLS
+    contexts reference with an ``sds_config``-less ``*_sds_secret_config{s}`` (SDS from the
+    bootstrap)."""
+    out: Secrets = {}
+    for i, d in enumerate(items):
+        sp = w.join(path, i)
+        w.check_keys(d, ("name", "tls_certificate", "validation_context"), sp)
+        name = w.string(d, "name", sp, nonempty=True)
+        if name in out:
+            raise ConfigError(w.join(sp, "name"), f"duplicate secret name {name!r}")
+        kind = w.one_of(d, ("tls_certificate", "validation_context"), sp)
+        kp = w.join(sp, kind)
+        if kind == "tls_certificate":
+            out[name] = _tls_certificate(w.mapping(d, kind, sp), kp)
+        else:
+            v: dict = {}
+            _validation(w.mapping(d, kind, sp), kp, v)
+            out[name] = v
+    return out
+
+
+def _static_secret(ref: object, path: str, secrets: Secrets | None, want: str) -> dict:
+    """An ``sds_config``-less SdsSecretConfig: a static secret of the bootstrap, by name."""
+    c = w.check_keys(ref, ("name", "sds_config"), path)
+    name = w.string(c, "name", path, nonempty=True)
+    secret = (secrets or {}).get(name)
+    if secret is None:
+        raise ConfigError(w.join(path, "name"), f"no static secret named {name!r} "
+                          "(static_resources.secrets; or give sds_config: {ads: {}})")
+    if (want == "cert") != ("cert_file" in secret):
+        raise ConfigError(w.join(path, "name"), f"secret {name!r} is not a "
+                          + ("tls_certificate" if want == "cert" else "validation_context"))
+    return secret
+
+
+def _is_static(ref: object) -> bool:
+    return isinstance(ref, dict) and "sds_config" not in ref
 
 
 def sds_secret_config(d: object, path: str) -> str:
@@ -60,7 +116,7 @@ def _validation(v: dict, vp: str, out: dict) -> None:
     out["match_san_uris"] = tuple(uris)
 
 
-def _common(ctx: dict, path: str) -> dict:
+def _common(ctx: dict, path: str, secrets: Secrets | None = None) -> dict:
     """CommonTlsContext subset: one cert from files or SDS, validation CA from a file or SDS,
     SAN matchers, min version."""
     w.check_keys(ctx, ("tls_certificates", "validation_context", "tls_params", "alpn_protocols",
@@ -75,14 +131,21 @@ def _common(ctx: dict, path: str) -> dict:
         if ctx.get("tls_certificates"):
             raise ConfigError(sp, "only one of tls_certificates, tls_certificate_sds_secret_configs "
                               "may be set")
-        out["cert_secret"] = sds_secret_config(sds[0], w.join(sp, 0))
+        if _is_static(sds[0]):
+            out.update(_static_secret(sds[0], w.join(sp, 0), secrets, "cert"))
+        else:
+            out["cert_secret"] = sds_secret_config(sds[0], w.join(sp, 0))
     kinds = [k for k in ("validation_context", "validation_context_sds_secret_config",
                          "combined_validation_context") if k in ctx]
     if len(kinds) > 1:
         raise ConfigError(path, f"only one of {', '.join(kinds)} may be set")
     if "validation_context_sds_secret_config" in ctx:
-        out["ca_secret"] = sds_secret_config(ctx["validation_context_sds_secret_config"],
-                                             w.join(path, "validation_context_sds_secret_config"))
+        ref = ctx["validation_context_sds_secret_config"]
+        rp = w.join(path, "validation_context_sds_secret_config")
+        if _is_static(ref):
+            out.update(_static_secret(ref, rp, secrets, "validation"))
+        else:
+            out["ca_secret"] = sds_secret_config(ref, rp)
     if "combined_validation_context" in ctx:
         # Istio's shape: SAN matchers here, the trusted CA from SDS
         cp = w.join(path, "combined_validation_context")
@@ -94,9 +157,13 @@ def _common(ctx: dict, path: str) -> dict:
             if "ca_file" in out:
                 raise ConfigError(w.join(dp, "trusted_ca"), "the trusted CA comes from "
                                   "validation_context_sds_secret_config here")
-        out["ca_secret"] = sds_secret_config(
-            w.mapping(comb, "validation_context_sds_secret_config", cp),
-            w.join(cp, "validation_context_sds_secret_config"))
+        ref = w.mapping(comb, "validation_context_sds_secret_config", cp)
+        rp = w.join(cp, "validation_context_sds_secret_config")
+        if _is_static(ref):
+            out.update({k: v for k, v in _static_secret(ref, rp, secrets, "validation").items()
+                        if k == "ca_file" or v})
+        else:
+            out["ca_secret"] = sds_secret_config(ref, rp)
     certs = w.seq(ctx, "tls_certificates", path, [])
     if len(certs) > 1:
         raise ConfigError(w.join(path, "tls_certificates"), "at most one certificate is supported")
@@ -141,10 +208,10 @@ def _socket(d: dict, path: str, type_url: str) -> tuple[dict, str]:
     return {k: v for k, v in tc.items() if k != "@type"}, tp
 
 
-def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
+def downstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> DownstreamTls:
     body, tp = _socket(d, path, T_TLS_DOWN)
     w.check_keys(body, ("common_tls_context", "require_client_certificate"), tp)
-    c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"))
+    c = _common(w.mapping(body, "common_tls_context", tp), w.join(tp, "common_tls_context"), secrets)
     if "cert_file" not in c and "cert_secret" not in c:
         raise ConfigError(w.join(tp, "common_tls_context.tls_certificates"), "a certificate is required")
     if c.get("match_san_uris"):
@@ -162,10 +229,11 @@ def downstream_tls_from_envoy(d: dict, path: str) -> DownstreamTls:
                          alpn=c["alpn"])
 
 
-def upstream_tls_from_envoy(d: dict, path: str) -> UpstreamTls:
+def upstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> UpstreamTls:
     body, tp = _socket(d, path, T_TLS_UP)
     w.check_keys(body, ("common_tls_context", "sni"), tp)
-    c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"))
+    c = _common(w.mapping(body, "common_tls_context", tp, {}), w.join(tp, "common_tls_context"),
+                secrets)
     has_ca = c.get("ca_file") is not None or bool(c.get("ca_secret"))
     if c.get("match_san_uris") and not has_ca:
         raise ConfigError(w.join(tp, "common_tls_context.validation_context"),

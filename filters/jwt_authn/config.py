@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from filters.jwt_authn.keys import KeySet
 from filters.request_headers import RequestTest
 from sidecar.config.matchers import StringMatcher
+from sidecar.core.limits import FailurePolicy
 from sidecar.core.message import Request
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
@@ -19,7 +20,6 @@ METADATA_NAMESPACE = "envoy.filters.http.jwt_authn"   # dynamic metadata, as Env
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_CACHE_SIZE = 1000
 DEFAULT_CACHE_MAX_TOKEN_BYTES = 8192
-DEFAULT_JTI_CACHE_SIZE = 100_000
 MAX_JWKS_BYTES = 1 << 20
 
 
@@ -79,7 +79,9 @@ class Provider:
     cache_size: int = DEFAULT_CACHE_SIZE
     cache_max_token_bytes: int = DEFAULT_CACHE_MAX_TOKEN_BYTES
     jti_replay: bool = False
-    jti_cache_size: int = DEFAULT_JTI_CACHE_SIZE
+    # the replay cache: the sidecar's (shared_state.replay_entries), or a Redis store's
+    replay_store: str = ""
+    replay_on_store_error: FailurePolicy = FailurePolicy.FAIL_CLOSED
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
 
 

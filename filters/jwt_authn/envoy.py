@@ -218,6 +218,7 @@ def _rule_match(raw: object, path: str) -> RuleMatch:
     if kind == "safe_regex":
         rp = w.join(path, "safe_regex")
         r = w.check_keys(w.mapping(d, kind, path), ("regex", "google_re2"), rp)
+        w.google_re2(r, rp)
         rx = w.compile_regex(w.string(r, "regex", rp), w.join(rp, "regex"),
                              0 if cs else re.IGNORECASE)
         return RuleMatch("regex", regex=rx, case_sensitive=True, headers=headers)

@@ -29,13 +29,14 @@ from filters.jwt_authn.jwks import (
     LocalJwks,
     RemoteJwksStore,
 )
-from filters.jwt_authn.replay import ReplayCache
+from filters.jwt_authn.replay import ReplayCheck
 from filters.jwt_authn.status import MISSING, Status
 from filters.jwt_authn.verify import ProviderRuntime
 from sidecar.config.errors import ConfigError
 from sidecar.core.body import Headers
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Filter, FilterEnv, Handler
+from sidecar.core.limits import ReplayCache
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import MetricFactory
 
@@ -112,19 +113,20 @@ def _quote(s: str) -> str:
 # ---- state kept across reloads -----------------------------------------------------------------
 
 class JwtState:
-    """Per-provider runtimes (token caches), JWKS stores, replay caches."""
+    """Per-provider runtimes (token caches), JWKS stores; the replay cache is the sidecar's
+    (``FilterEnv.replay_cache``), so it outlives reloads and is shared by every worker."""
 
     __slots__ = ("providers", "jwks", "replay", "metrics")
 
-    def __init__(self, metrics: MetricFactory):
+    def __init__(self, metrics: MetricFactory, replay: ReplayCache):
         self.metrics = metrics
         self.providers: dict[Provider, ProviderRuntime] = {}
         self.jwks: dict[tuple[str, RemoteJwks], RemoteJwksStore] = {}
-        self.replay: dict[str, ReplayCache] = {}
+        self.replay = replay
 
 
 def new_state(env: FilterEnv) -> JwtState:
-    return JwtState(env.metrics)
+    return JwtState(env.metrics, env.replay_cache())
 
 
 def close_state(state: JwtState) -> None:
@@ -157,6 +159,8 @@ def provider_runtime(p: Provider, st: JwtState, env: FilterEnv) -> ProviderRunti
         prts[p] = prts.pop(p)            # LRU touch
         if source is not None and isinstance(prt.jwks, RemoteJwksStore):
             prt.jwks.source = source     # this config's cluster client
+        if prt.replay is not None and p.replay_store:
+            prt.replay.remote = env.replay_store(p.replay_store, p.replay_on_store_error)
         return prt
     jwks: KeyStore
     if p.remote is not None and source is not None:
@@ -174,12 +178,15 @@ def provider_runtime(p: Provider, st: JwtState, env: FilterEnv) -> ProviderRunti
         jwks = LocalJwks(p.local_keys)
     replay = None
     if p.jti_replay:
-        rkey = p.issuer or p.name        # survives reloads: a reload must not allow replays
-        replay = st.replay.get(rkey)
-        if replay is None:
-            replay = st.replay[rkey] = ReplayCache(p.jti_cache_size)
-        elif replay.max_entries != p.jti_cache_size:
-            replay = st.replay[rkey] = replay.resized(p.jti_cache_size)
+        remote = None
+        if p.replay_store:
+            try:
+                remote = env.replay_store(p.replay_store, p.replay_on_store_error)
+            except KeyError:
+                raise ConfigError(f"jwt_authn.providers.{p.name}.replay_protection.store",
+                                  f"no store named {p.replay_store!r} in stores:") from None
+        # by issuer: a reload (or a renamed provider) must not allow replays
+        replay = ReplayCheck(p.issuer or p.name, st.replay, remote)
     prt = ProviderRuntime(p, jwks, replay, st.metrics)
     prts[p] = prt
     while len(prts) > _MAX_PROVIDER_STATES:

@@ -18,7 +18,6 @@ import re
 
 from filters.jwt_authn.config import (
     DEFAULT_CACHE_SIZE,
-    DEFAULT_JTI_CACHE_SIZE,
     DEFAULT_MAX_TOKEN_BYTES,
     JwtAuthnConfig,
     PerRoute,
@@ -48,6 +47,7 @@ from filters.request_headers import request_header_test
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.matchers import header_matcher_from_native, string_matcher_from_native
+from sidecar.core.limits import FailurePolicy
 
 _PROVIDER_KEYS = (
     "issuer", "audiences", "jwks", "jwks_file", "jwks_uri", "secret", "secret_file",
@@ -134,19 +134,30 @@ def _locations(d: dict[str, object], path: str) -> tuple[TokenLocation, ...]:
     return tuple(locs)
 
 
-def _replay(d: dict[str, object], path: str) -> tuple[bool, int]:
-    """``replay_protection: true`` or ``{enabled, max_entries}`` -> (on, cache size)."""
+def _replay(d: dict[str, object], path: str) -> tuple[bool, str, FailurePolicy]:
+    """``replay_protection: true`` or ``{enabled, store, on_store_error}`` -> (on, store,
+    policy). The cache is the sidecar's (every worker; sized by ``shared_state.replay_entries``)
+    or, with ``store``, a Redis store's (every replica)."""
     rp = d.get("replay_protection")
+    closed = FailurePolicy.FAIL_CLOSED
     if rp is None:
-        return False, DEFAULT_JTI_CACHE_SIZE
+        return False, "", closed
     if isinstance(rp, bool):
-        return rp, DEFAULT_JTI_CACHE_SIZE
+        return rp, "", closed
     p = w.join(path, "replay_protection")
     if not isinstance(rp, dict):
         raise ConfigError(p, "must be true/false or a mapping")
-    x = w.check_keys(rp, ("enabled", "max_entries"), p)
-    return (w.boolean(x, "enabled", p, True),
-            w.integer(x, "max_entries", p, DEFAULT_JTI_CACHE_SIZE, lo=1))
+    x = w.check_keys(rp, ("enabled", "max_entries", "store", "on_store_error"), p)
+    if "max_entries" in x:
+        raise ConfigError(w.join(p, "max_entries"),
+                          "the replay cache is the sidecar's, shared by every provider and "
+                          "worker: size it with shared_state.replay_entries")
+    store = w.string(x, "store", p, "")
+    if "on_store_error" in x and not store:
+        raise ConfigError(w.join(p, "on_store_error"), "needs store")
+    policy = FailurePolicy(w.string(x, "on_store_error", p, closed.value,
+                                    choices=tuple(v.value for v in FailurePolicy)))
+    return w.boolean(x, "enabled", p, True), store, policy
 
 
 def _provider(name: str, raw: object, path: str) -> Provider:
@@ -167,7 +178,7 @@ def _provider(name: str, raw: object, path: str) -> Provider:
             raise ConfigError(p, "must be a claim name")
         cth.append((header_name(str(h), p), claim_path(c, p)))
     max_token = w.integer(d, "max_token_size", path, DEFAULT_MAX_TOKEN_BYTES, lo=64, hi=65536)
-    jti_replay, jti_cache = _replay(d, path)
+    jti_replay, replay_store, replay_policy = _replay(d, path)
     return Provider(
         name=name, issuer=issuer, audiences=audiences, locations=locations,
         local_digest=local.digest if local is not None else "", local_keys=local, remote=remote,
@@ -184,7 +195,7 @@ def _provider(name: str, raw: object, path: str) -> Provider:
                   if "subject" in d else None),
         cache_size=w.integer(d, "cache_size", path, DEFAULT_CACHE_SIZE, lo=0),
         max_token_bytes=max_token, cache_max_token_bytes=max_token,
-        jti_replay=jti_replay, jti_cache_size=jti_cache)
+        jti_replay=jti_replay, replay_store=replay_store, replay_on_store_error=replay_policy)
 
 
 def _requirement(v: object, path: str, names: set[str] | None) -> Requirement:

@@ -1,41 +1,33 @@
-"""The ``jti`` replay cache: seen token ids until their ``exp`` (+ skew), bounded. Full means
-refuse (fail closed) rather than forget a one-time token that is still valid."""
+"""The ``jti`` replay check of one provider: the sidecar's cache (``FilterEnv.replay_cache``,
+shared by every worker: a jti used once is refused whichever worker sees it again), or a Redis
+store's (``FilterEnv.replay_store``, shared by every replica). Entries live until the token's
+``exp`` (+ skew); a full cache refuses rather than forgets a one-time token still valid."""
 
 from __future__ import annotations
 
-import heapq
+from filters.jwt_authn.status import REPLAY_FULL, REPLAY_UNAVAILABLE, REPLAYED, Status
+from sidecar.core.limits import RemoteReplayCache, ReplayCache, ReplayVerdict
 
-from filters.jwt_authn.status import REPLAY_FULL, REPLAYED, Status
+_STATUS: dict[ReplayVerdict, Status | None] = {
+    ReplayVerdict.FRESH: None, ReplayVerdict.REPLAYED: REPLAYED,
+    ReplayVerdict.FULL: REPLAY_FULL, ReplayVerdict.UNAVAILABLE: REPLAY_UNAVAILABLE}
 
 
-class ReplayCache:
-    __slots__ = ("seen", "heap", "max_entries")
+class ReplayCheck:
+    """``namespace``: the provider's issuer (or name), so two providers never collide and a
+    reload that keeps the issuer keeps its history."""
 
-    def __init__(self, max_entries: int):
-        self.seen: dict[str, float] = {}
-        self.heap: list[tuple[float, str]] = []
-        self.max_entries = max_entries
+    __slots__ = ("namespace", "local", "remote")
 
-    def check_and_add(self, jti: str, until: float, now: float) -> Status | None:
-        self._purge(now)
-        t = self.seen.get(jti)
-        if t is not None and t >= now:
-            return REPLAYED
-        if len(self.seen) >= self.max_entries:
-            return REPLAY_FULL
-        self.seen[jti] = until
-        heapq.heappush(self.heap, (until, jti))
-        return None
+    def __init__(self, namespace: str, local: ReplayCache, remote: RemoteReplayCache | None):
+        self.namespace = namespace
+        self.local = local
+        self.remote = remote
 
-    def resized(self, max_entries: int) -> ReplayCache:
-        """The same seen ids under a new bound (a reload must not re-open replays)."""
-        new = ReplayCache(max_entries)
-        new.seen, new.heap = self.seen, self.heap
-        return new
+    def check(self, jti: str, until: float, now: float) -> Status | None:
+        """The sidecar's cache (no store configured)."""
+        return _STATUS[self.local.check_and_add(self.namespace, jti, until, now)]
 
-    def _purge(self, now: float) -> None:
-        h = self.heap
-        while h and h[0][0] < now:
-            t, j = heapq.heappop(h)
-            if self.seen.get(j) == t:
-                del self.seen[j]
+    async def check_remote(self, remote: RemoteReplayCache, jti: str, until: float,
+                           now: float) -> Status | None:
+        return _STATUS[await remote.check_and_add(self.namespace, jti, until, now)]

@@ -56,12 +56,13 @@ BAD_SIGNATURE = Status(401, _VERIFY_FAILS, "bad_signature")
 KEY_MISMATCH = Status(401, _VERIFY_FAILS, "key_alg_mismatch")   # kid found, wrong key type
 REPLAYED = Status(401, "Jwt has already been used", "replayed")
 REPLAY_FULL = Status(401, "Jwt replay cache is full", "replay_cache_full")
+REPLAY_UNAVAILABLE = Status(401, "Jwt replay check is unavailable", "replay_store_unavailable")
 
 OUTCOMES = ("ok", "missing", "too_large", "malformed", "unsupported_alg", "forbidden_header",
             "wrong_issuer", "expired", "not_yet_valid", "exp_required", "lifetime_exceeded",
             "audience_mismatch", "subject_mismatch", "missing_claim", "jti_required",
             "unknown_kid", "key_alg_mismatch", "jwks_fetch_failed", "bad_signature", "replayed",
-            "replay_cache_full")
+            "replay_cache_full", "replay_store_unavailable")
 
 
 def missing_claim(name: str) -> Status:

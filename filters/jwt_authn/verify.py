@@ -28,7 +28,7 @@ from filters.jwt_authn.config import METADATA_NAMESPACE, Provider, TokenLocation
 from filters.jwt_authn.extract import TOKEN_CHARS, extract, remove
 from filters.jwt_authn.jwks import KeyStore
 from filters.jwt_authn.keys import ALGORITHM, SUPPORTED_ALGS
-from filters.jwt_authn.replay import ReplayCache
+from filters.jwt_authn.replay import ReplayCheck
 from filters.jwt_authn.status import (
     ALG_MISSING,
     ALG_UNSUPPORTED,
@@ -147,7 +147,7 @@ class ProviderRuntime:
     """Everything one provider needs per request: keys, caches, pre-bound counters. Shared by
     every route, kept across reloads while the provider's config is unchanged."""
 
-    def __init__(self, p: Provider, jwks: KeyStore, replay: ReplayCache | None,
+    def __init__(self, p: Provider, jwks: KeyStore, replay: ReplayCheck | None,
                  metrics: MetricFactory):
         self.p = p
         self.name = p.name
@@ -172,13 +172,16 @@ class ProviderRuntime:
     def extract(self, req: Request) -> list[tuple[str, TokenLocation]]:
         return extract(req, self.locations)
 
-    def _replay(self, jti: str | None, exp: float | None, now: float) -> Status | None:
+    async def _replay(self, jti: str | None, exp: float | None, now: float) -> Status | None:
         replay = self.replay
         if replay is None:
             return None
         if jti is None or exp is None:      # precheck refuses these under replay protection
             return JTI_REQUIRED if jti is None else EXP_REQUIRED
-        return replay.check_and_add(jti, exp + self.p.clock_skew_s, now)
+        remote = replay.remote
+        if remote is None:
+            return replay.check(jti, exp + self.p.clock_skew_s, now)
+        return await replay.check_remote(remote, jti, exp + self.p.clock_skew_s, now)
 
     async def verify(self, token: str, audiences: frozenset[str] | None) -> CacheEntry | Status:
         p = self.p
@@ -194,7 +197,7 @@ class ProviderRuntime:
                 if aud and not (e.aud and not aud.isdisjoint(e.aud)):
                     return AUDIENCE
                 if self.replay is not None:
-                    st = self._replay(e.jti, e.exp, now)
+                    st = await self._replay(e.jti, e.exp, now)
                     if st is not None:
                         return st
                 self.hit.inc()
@@ -228,7 +231,7 @@ class ProviderRuntime:
         else:
             return BAD_SIGNATURE
         if self.replay is not None:
-            st = self._replay(parsed.jti, parsed.exp, time.time())
+            st = await self._replay(parsed.jti, parsed.exp, time.time())
             if st is not None:
                 return st
         claim_headers = []

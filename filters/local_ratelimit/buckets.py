@@ -1,107 +1,105 @@
-"""Token buckets, refilled lazily on the monotonic clock (no background task), and the bucket
-state kept across config reloads."""
+"""The token buckets of a local rate limit, kept by the sidecar: every worker consumes from the
+same bucket (``FilterEnv.token_buckets``, exact, see docs/resilience.md), or every replica does
+when the config names a store (``FilterEnv.remote_buckets``, Redis).
+
+A bucket is named by its scope (the filter config's content, plus the route for a per-route
+config) and its descriptor entries, so a reload that keeps a limit keeps its bucket, and two
+routes sharing a listener-wide config share its buckets (Envoy)."""
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 from filters.local_ratelimit.config import DescriptorConfig, LocalRateLimitConfig, TokenBucketConfig
+from sidecar.core.limits import BucketDecision, BucketSpec, Descriptor, TokenBuckets
 from sidecar.core.metrics import MetricFactory
 
 
-class TokenBucket:
-    """Holds up to ``max_tokens``, gains ``tokens_per_fill`` every ``fill_interval``."""
+def spec_of(cfg: TokenBucketConfig) -> BucketSpec:
+    return BucketSpec(cfg.max_tokens, cfg.tokens_per_fill, cfg.fill_interval_s)
 
-    __slots__ = ("cfg", "tokens", "last")
 
-    def __init__(self, cfg: TokenBucketConfig, now: float):
-        self.cfg = cfg
-        self.tokens = float(cfg.max_tokens)
-        self.last = now
+class Bucket:
+    """One bucket of the sidecar's table: its name and spec, bound once."""
 
-    def _refill(self, now: float) -> None:
-        c = self.cfg
-        elapsed = now - self.last
-        if elapsed >= c.fill_interval_s:
-            n = int(elapsed // c.fill_interval_s)
-            self.tokens = min(float(c.max_tokens), self.tokens + n * c.tokens_per_fill)
-            self.last += n * c.fill_interval_s
+    __slots__ = ("buckets", "scope", "descriptor", "spec", "pinned", "name")
 
-    def consume(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+    def __init__(self, buckets: TokenBuckets, scope: str, descriptor: Descriptor,
+                 spec: BucketSpec, pinned: bool):
+        self.buckets = buckets
+        self.scope = scope
+        self.descriptor = descriptor
+        self.spec = spec
+        self.pinned = pinned
+        # the bucket's name in a remote store (the same on every replica with this config)
+        self.name = scope + "|" + "|".join(f"{k}={v}" for k, v in descriptor)
 
-    def remaining(self) -> int:
-        return int(self.tokens)
-
-    def reset_after(self, now: float) -> int:
-        """Whole seconds until the next fill."""
-        return max(0, math.ceil(self.cfg.fill_interval_s - (now - self.last)))
+    def consume(self, now: float) -> BucketDecision:
+        return self.buckets.consume(self.scope, self.descriptor, self.spec, now, self.pinned)
 
 
 class DescriptorBuckets:
-    """The bucket(s) of one descriptor config: one, or one per value (LRU-bounded)."""
+    """The bucket(s) of one descriptor config: one, or one per value (dynamic: unpinned in
+    the sidecar's table; this LRU only bounds the handles kept here)."""
 
-    __slots__ = ("cfg", "single", "per_value", "max_keys")
+    __slots__ = ("cfg", "single", "per_value", "max_keys", "_buckets", "_scope", "_spec")
 
-    def __init__(self, cfg: DescriptorConfig, max_keys: int, now: float):
+    def __init__(self, cfg: DescriptorConfig, max_keys: int, buckets: TokenBuckets, scope: str):
         self.cfg = cfg
-        self.single = None if cfg.dynamic else TokenBucket(cfg.bucket, now)
-        self.per_value: OrderedDict[tuple[str, ...], TokenBucket] = OrderedDict()
+        self._buckets, self._scope, self._spec = buckets, scope, spec_of(cfg.bucket)
+        self.single = None if cfg.dynamic else Bucket(buckets, scope, cfg.entries, self._spec, True)
+        self.per_value: OrderedDict[Descriptor, Bucket] = OrderedDict()
         self.max_keys = max_keys
 
-    def get(self, values: tuple[str, ...], now: float) -> TokenBucket:
+    def get(self, entries: Descriptor) -> Bucket:
         if self.single is not None:
             return self.single
-        b = self.per_value.get(values)
+        b = self.per_value.get(entries)
         if b is None:
-            b = TokenBucket(self.cfg.bucket, now)
-            self.per_value[values] = b
+            b = Bucket(self._buckets, self._scope, entries, self._spec, False)
+            self.per_value[entries] = b
             if len(self.per_value) > self.max_keys:
                 self.per_value.popitem(last=False)
         else:
-            self.per_value.move_to_end(values)
+            self.per_value.move_to_end(entries)
         return b
 
 
 class LimiterState:
     """The buckets of one filter config (and route, for per-route configs)."""
 
-    __slots__ = ("default", "descriptors")
+    __slots__ = ("default", "descriptors", "scope")
 
-    def __init__(self, cfg: LocalRateLimitConfig, now: float):
-        self.default = TokenBucket(cfg.bucket, now) if cfg.bucket is not None else None
+    def __init__(self, cfg: LocalRateLimitConfig, buckets: TokenBuckets, scope: str):
+        self.scope = scope
+        self.default = Bucket(buckets, scope, (), spec_of(cfg.bucket), True) \
+            if cfg.bucket is not None else None
         # slowest rate first, as Envoy consumes them
         descs = sorted(cfg.descriptors, key=lambda d: d.bucket.rate)
-        self.descriptors = [DescriptorBuckets(d, cfg.max_dynamic, now) for d in descs]
-
-
-MAX_STATES = 4096
-
-StateKey = tuple[str, "str | None"]
-"""(config fingerprint, route name for a per-route config)."""
+        self.descriptors = [DescriptorBuckets(d, cfg.max_dynamic, buckets, scope) for d in descs]
 
 
 class LimiterStates:
-    """Token buckets kept across reloads: one set per filter config (and route, for per-route
-    configs), so a reload that does not change a limit does not refill its buckets."""
+    """Which scopes are in use by filters built from live configs (a scope's buckets are let
+    go in the sidecar's table when no filter uses it any more)."""
 
-    __slots__ = ("buckets", "metrics")
+    __slots__ = ("buckets", "metrics", "_users")
 
-    def __init__(self, metrics: MetricFactory):
+    def __init__(self, metrics: MetricFactory, buckets: TokenBuckets):
         self.metrics = metrics
-        self.buckets: dict[StateKey, LimiterState] = {}
+        self.buckets = buckets
+        self._users: dict[str, int] = {}
 
-    def get(self, cfg: LocalRateLimitConfig, route: str | None, now: float) -> LimiterState:
-        buckets = self.buckets
-        key = (cfg.fingerprint, route)
-        st = buckets.get(key)
-        if st is None:
-            st = buckets[key] = LimiterState(cfg, now)
-            while len(buckets) > MAX_STATES:
-                del buckets[next(iter(buckets))]
-        return st
+    def get(self, cfg: LocalRateLimitConfig, route: str | None) -> LimiterState:
+        scope = cfg.fingerprint if route is None else f"{cfg.fingerprint}|route={route}"
+        self._users[scope] = self._users.get(scope, 0) + 1
+        return LimiterState(cfg, self.buckets, scope)
+
+    def done(self, state: LimiterState) -> None:
+        """A filter built on ``state`` was retired."""
+        n = self._users.get(state.scope, 0) - 1
+        if n > 0:
+            self._users[state.scope] = n
+            return
+        self._users.pop(state.scope, None)
+        self.buckets.release(state.scope)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.core.context import JsonValue
+from sidecar.core.limits import FailurePolicy
 from sidecar.core.message import Request
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -66,6 +67,8 @@ class LocalRateLimitConfig:
     max_dynamic: int = DEFAULT_MAX_DYNAMIC
     fingerprint: str = ""               # identity of the config content, keys bucket state
     disabled: bool = False              # per-route: turn the filter off on this route
+    store: str = ""                     # a Redis store of `stores:`: buckets every replica shares
+    on_store_error: FailurePolicy = FailurePolicy.FAIL_OPEN
 
 
 def fingerprint(d: object) -> str:

@@ -9,11 +9,13 @@ import time
 
 from multidict import MultiDict
 
-from filters.local_ratelimit.buckets import DescriptorBuckets, LimiterState, LimiterStates, TokenBucket
+from filters.local_ratelimit.buckets import Bucket, DescriptorBuckets, LimiterState, LimiterStates
 from filters.local_ratelimit.config import SKIP, Entry, HeaderOption, LocalRateLimitConfig
+from sidecar.config.errors import ConfigError
 from sidecar.core.body import Headers
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Filter, FilterEnv, Handler
+from sidecar.core.limits import BucketDecision, RemoteBuckets
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import MetricFactory
 
@@ -37,16 +39,19 @@ def _add_headers(h: Headers, opts: tuple[HeaderOption, ...]) -> None:
             h[name] = value
 
 
-def _xrl(h: Headers, b: TokenBucket, now: float) -> None:
-    h["x-ratelimit-limit"] = str(b.cfg.max_tokens)
-    h["x-ratelimit-remaining"] = str(b.remaining())
-    h["x-ratelimit-reset"] = str(b.reset_after(now))
+def _xrl(h: Headers, b: Bucket, d: BucketDecision) -> None:
+    h["x-ratelimit-limit"] = str(b.spec.max_tokens)
+    h["x-ratelimit-remaining"] = str(d.remaining)
+    h["x-ratelimit-reset"] = str(d.reset_s)
 
 
 class LocalRateLimitFilter(Filter):
-    def __init__(self, cfg: LocalRateLimitConfig, state: LimiterState, metrics: MetricFactory):
+    def __init__(self, cfg: LocalRateLimitConfig, state: LimiterState, states: LimiterStates,
+                 metrics: MetricFactory, remote: RemoteBuckets | None = None):
         self.cfg = cfg
         self.state = state
+        self.states = states
+        self.remote = remote            # a store shared by every replica, or None
         fam = metrics.counter("sidecar_local_ratelimit_requests_total",
                               "Local rate limit decisions (Envoy's enabled/ok/rate_limited/"
                               "enforced counters)", ("stat_prefix", "outcome"))
@@ -55,6 +60,7 @@ class LocalRateLimitFilter(Filter):
         self._ok = fam.labels(sp, "ok")
         self._limited = fam.labels(sp, "rate_limited")
         self._enforced = fam.labels(sp, "enforced")
+        self._store_error = fam.labels(sp, "store_error")
         self._enabled_pct = cfg.enabled_pct
         self._enforced_pct = cfg.enforced_pct
         # descriptor lookup: the entries' keys -> DescriptorBuckets, in state order
@@ -77,15 +83,15 @@ class LocalRateLimitFilter(Filter):
                 out.append(tuple(entries))
         return out
 
-    def _match(self, descs: list[tuple[Entry, ...]], now: float) -> list[TokenBucket]:
-        buckets: list[tuple[float, TokenBucket]] = []
+    def _match(self, descs: list[tuple[Entry, ...]]) -> list[Bucket]:
+        buckets: list[tuple[float, Bucket]] = []
         seen: set[int] = set()
         for entries in descs:
             keys = tuple(k for k, _ in entries)
             for db in self._by_keys.get(keys, ()):
                 want = db.cfg.entries
                 if all(wv == "" or wv == v for (_, wv), (_, v) in zip(want, entries, strict=False)):
-                    b = db.get(tuple(v for _, v in entries), now)
+                    b = db.get(entries)
                     if id(b) not in seen:
                         seen.add(id(b))
                         buckets.append((db.cfg.bucket.rate, b))
@@ -98,27 +104,37 @@ class LocalRateLimitFilter(Filter):
             return await next(req)
         self._enabled.inc()
         cfg = self.cfg
-        now = time.monotonic()
-        matched = self._match(self._descriptors(req), now) if cfg.producers else []
-        limiting: TokenBucket | None = None
-        shown: TokenBucket | None = None
-        for b in matched:
-            if shown is None:
-                shown = b
-            if not b.consume(now):
-                limiting = b
-                break
+        order = self._match(self._descriptors(req)) if cfg.producers else []
         default = self.state.default
-        if limiting is None and default is not None and (not matched or cfg.always_consume_default):
-            if shown is None:
-                shown = default
-            if not default.consume(now):
-                limiting = default
-        if limiting is None:
+        if default is not None and (not order or cfg.always_consume_default):
+            order.append(default)
+        if not order:
+            self._ok.inc()
+            return await next(req)
+        if self.remote is not None:
+            i, decision = await self.remote.consume_all(tuple((b.name, b.spec) for b in order))
+            if i < 0:
+                self._store_error.inc()
+                i = 0
+            shown, shown_d = order[i], decision
+            limiting = None if decision.allowed else order[i]
+            limit_d = decision
+        else:
+            now = time.monotonic()
+            shown, shown_d = order[0], None
+            limiting, limit_d = None, None
+            for b in order:
+                d = b.consume(now)
+                if shown_d is None:
+                    shown_d = d
+                if not d.allowed:
+                    limiting, limit_d = b, d
+                    break
+        if limiting is None or limit_d is None:
             self._ok.inc()
             resp = await next(req)
-            if cfg.x_ratelimit_headers and shown is not None:
-                _xrl(resp.headers, shown, now)
+            if cfg.x_ratelimit_headers and shown_d is not None:
+                _xrl(resp.headers, shown, shown_d)
             return resp
         self._limited.inc()
         if not _chance(self._enforced_pct):
@@ -126,19 +142,22 @@ class LocalRateLimitFilter(Filter):
                 _add_headers(req.headers, cfg.request_headers_not_enforced)
             resp = await next(req)
             if cfg.x_ratelimit_headers:
-                _xrl(resp.headers, limiting, now)
+                _xrl(resp.headers, limiting, limit_d)
             return resp
         self._enforced.inc()
         req.ctx.response_code_details = BODY
         h: Headers = MultiDict()
         if cfg.x_ratelimit_headers:
-            _xrl(h, limiting, now)
+            _xrl(h, limiting, limit_d)
         _add_headers(h, cfg.response_headers)
         return local_reply(req.ctx, cfg.status, BODY, FLAG, h)
 
+    def close(self) -> None:
+        self.states.done(self.state)
+
 
 def new_state(env: FilterEnv) -> LimiterStates:
-    return LimiterStates(env.metrics)
+    return LimiterStates(env.metrics, env.token_buckets())
 
 
 def build(config: LocalRateLimitConfig, per_route: LocalRateLimitConfig | None,
@@ -148,6 +167,13 @@ def build(config: LocalRateLimitConfig, per_route: LocalRateLimitConfig | None,
         return None                       # Envoy: filter_enabled unset means 0 % - a no-op
     if cfg.bucket is None and not cfg.descriptors:
         return None
-    # a listener-wide config shares one bucket across its routes; a per-route config has its own
-    state = states.get(cfg, route.name if per_route is not None else None, time.monotonic())
-    return LocalRateLimitFilter(cfg, state, states.metrics)
+    remote = None
+    if cfg.store:
+        try:
+            remote = env.remote_buckets(cfg.store, cfg.on_store_error)
+        except KeyError:
+            raise ConfigError("local_ratelimit.store",
+                              f"no store named {cfg.store!r} in stores:") from None
+    # a listener-wide config shares its buckets across its routes; a per-route config has its own
+    state = states.get(cfg, route.name if per_route is not None else None)
+    return LocalRateLimitFilter(cfg, state, states, states.metrics, remote)

@@ -8,6 +8,10 @@
         - by: {jwt_claim: sub}         # or {header: x-api-key} or {remote_ip: true}
           max_tokens: 10
           fill_interval: 1s
+      store: main              # optional: buckets in that Redis store (`stores:`), shared by
+      on_store_error: fail_open    # every replica; fail_open (default) or fail_closed
+
+Without ``store`` the buckets are the sidecar's: every worker takes from the same bucket.
 
 Unlike Envoy's, the native filter limits by default (``enabled`` and ``enforced`` 100 %).
 """
@@ -27,12 +31,13 @@ from filters.local_ratelimit.config import (
 )
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.core.limits import FailurePolicy
 from sidecar.core.message import Request
 
 NATIVE_MAX_KEYS = 10_000
 _KEYS = ("stat_prefix", "max_tokens", "tokens_per_fill", "fill_interval", "status", "enabled",
          "enforced", "headers", "response_headers", "descriptors", "always_consume_default",
-         "disabled")
+         "disabled", "store", "on_store_error")
 
 
 def _bucket(d: dict[str, object], path: str) -> TokenBucketConfig:
@@ -130,7 +135,16 @@ def from_native(raw: object, path: str) -> LocalRateLimitConfig:
         x_ratelimit_headers=w.boolean(d, "headers", path, True),
         always_consume_default=w.boolean(d, "always_consume_default", path, True),
         max_dynamic=max_keys,
+        store=w.string(d, "store", path, ""),
+        on_store_error=_policy(d, path),
         fingerprint="native:" + fingerprint(d))
+
+
+def _policy(d: dict[str, object], path: str) -> FailurePolicy:
+    if "on_store_error" in d and not d.get("store"):
+        raise ConfigError(w.join(path, "on_store_error"), "needs store")
+    return FailurePolicy(w.string(d, "on_store_error", path, FailurePolicy.FAIL_OPEN.value,
+                                  choices=tuple(p.value for p in FailurePolicy)))
 
 
 def per_route_from_native(d: object, path: str) -> LocalRateLimitConfig:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -361,6 +362,9 @@ class Sampler:
             "routes": routes[:MAX_ROUTES],
             "routes_total": len(routes),
             "clusters": clusters,
+            # Redis stores and rate limit services: up/down, last error, failure-policy decisions
+            "dependencies": [dataclasses.asdict(d) for d in app.stores.statuses()]
+            if getattr(app, "stores", None) is not None else [],
         }
 
 

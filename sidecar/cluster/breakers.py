@@ -14,6 +14,11 @@ import asyncio
 from collections import deque
 
 from sidecar.config.cluster import Thresholds
+from sidecar.shared.api import BreakerCounters, BreakerSnapshot, Priority, Resource
+
+_D = Priority.DEFAULT            # routes here use the default priority (HIGH is refused)
+_NO_LIMIT = 1 << 62
+PENDING_POLL_S = 0.05
 
 
 class ConnectionWaiters:
@@ -68,60 +73,85 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 class BreakerState:
-    """The counters every breaker threshold is checked against, for one cluster name.
+    """The counters every breaker threshold is checked against, for one cluster name. They
+    live in ``sidecar.shared`` (``BreakerCounters``): with several workers every threshold is
+    the sidecar's, not the worker's (announce-then-check admission; at most N-1 over a limit
+    in a race of N workers, see ``sidecar/shared/counters.py``).
 
     ``active_requests`` counts attempts in flight (admitted, not pending); ``pending_requests``
     those waiting for a connection; ``active_retries`` retries admitted and not finished
     (held from the retry decision, through the backoff, to the end of the retried attempt).
-    Open connections are counted by the pools themselves.
+    Open connections are counted by each worker's pools and published as its share.
     """
 
-    __slots__ = ("active_requests", "pending_requests", "active_retries", "overflow", "waiters")
+    __slots__ = ("counters", "overflow", "waiters", "poll_s")
 
-    def __init__(self) -> None:
-        self.active_requests = 0
-        self.pending_requests = 0
-        self.active_retries = 0
-        self.overflow = 0                # admissions refused (any threshold), for /clusters
+    def __init__(self, counters: BreakerCounters, workers: int = 1) -> None:
+        self.counters = counters
+        self.overflow = 0                # admissions refused (any threshold), this worker
         self.waiters = ConnectionWaiters()
+        # another worker freeing a connection cannot wake this one's waiters: with several
+        # workers a pending request also looks again every poll_s (overload only)
+        self.poll_s = PENDING_POLL_S if workers > 1 else None
+
+    @property
+    def active_requests(self) -> int:
+        return self.counters.total(_D, Resource.REQUESTS)
+
+    @property
+    def pending_requests(self) -> int:
+        return self.counters.total(_D, Resource.PENDING)
+
+    @property
+    def active_retries(self) -> int:
+        return self.counters.total(_D, Resource.RETRIES)
+
+    def own(self) -> BreakerSnapshot:
+        """This worker's share of each gauge (per-worker metrics add up to the sidecar's)."""
+        return self.counters.own(_D)
 
     def admit_request(self, t: Thresholds) -> bool:
-        if self.active_requests >= t.max_requests:
+        if not self.counters.try_acquire(_D, Resource.REQUESTS, t.max_requests):
             self.overflow += 1
             return False
-        self.active_requests += 1
         return True
 
     def release_request(self) -> None:
-        self.active_requests -= 1
-        if self.pending_requests:
+        self.counters.release(_D, Resource.REQUESTS)
+        if self.waiters:
             self.waiters.wake()       # this attempt's connection may have been freed
 
     def admit_pending(self, t: Thresholds) -> bool:
         """Turn an admitted request into a pending one (it waits for a connection)."""
-        if self.pending_requests >= t.max_pending_requests:
+        c = self.counters
+        if not c.try_acquire(_D, Resource.PENDING, t.max_pending_requests):
             self.overflow += 1
             return False
-        self.pending_requests += 1
-        self.active_requests -= 1
+        c.release(_D, Resource.REQUESTS)
         return True
 
     def end_pending(self) -> None:
-        self.pending_requests -= 1
-        self.active_requests += 1
+        c = self.counters
+        c.release(_D, Resource.PENDING)
+        c.try_acquire(_D, Resource.REQUESTS, _NO_LIMIT)     # admitted already: back to active
 
     def admit_retry(self, t: Thresholds) -> bool:
         b = t.retry_budget
-        if not retry_allowed(self.active_retries, self.active_requests + self.pending_requests,
-                             t.max_retries, b.budget_percent if b is not None else None,
-                             b.min_retry_concurrency if b is not None else 0):
+        if not self.counters.try_acquire_retry(_D, t.max_retries,
+                                               b.budget_percent if b is not None else None,
+                                               b.min_retry_concurrency if b is not None else 0):
             self.overflow += 1
             return False
-        self.active_retries += 1
         return True
 
     def release_retry(self) -> None:
-        self.active_retries -= 1
+        self.counters.release(_D, Resource.RETRIES)
+
+    def open_connections(self, local: int) -> int:
+        """Publish this worker's open connections; the sidecar's total."""
+        c = self.counters
+        c.publish(_D, Resource.CONNECTIONS, local)
+        return c.total(_D, Resource.CONNECTIONS)
 
 
 def retry_limit(active_requests: int, max_retries: int, budget_percent: float | None,

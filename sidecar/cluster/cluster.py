@@ -9,6 +9,10 @@ same place.
 
 Every caller (route stacks, shadowing, filters calling a service, health checks) goes through
 the cluster: it is the only writer of cluster and endpoint counters.
+
+Breaker gauges, requests in flight per endpoint and the health board (active-check verdicts,
+ejections) live in ``sidecar.shared`` so that with several workers they are the sidecar's: a
+worker re-reads its endpoints' verdicts when the board's epoch moves (one read per pick).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 from sidecar.cluster.balancers import make_balancer
 from sidecar.cluster.breakers import BreakerState
@@ -34,6 +39,8 @@ from sidecar.core.errors import (
 )
 from sidecar.core.message import Request, Response
 from sidecar.observability.stats import ClusterStats
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
 from sidecar.upstream.http2 import Http2UpstreamConnection
 from sidecar.upstream.http2_pool import Http2Pool
@@ -61,12 +68,13 @@ class ClusterState:
     requests go to (None once the cluster is removed: requests then get 503 NC)."""
 
     __slots__ = ("name", "current", "breakers", "endpoints", "stats", "outlier", "health",
-                 "removed", "__weakref__")
+                 "removed", "shared", "__weakref__")
 
-    def __init__(self, name: str, stats: ClusterStats):
+    def __init__(self, name: str, stats: ClusterStats, shared: SharedState | None = None):
         self.name = name
         self.current: Cluster | None = None
-        self.breakers = BreakerState()
+        self.shared: SharedState = shared if shared is not None else LocalState()
+        self.breakers = BreakerState(self.shared.breaker(name), self.shared.workers)
         self.endpoints: dict[str, EndpointState] = {}     # address -> state, current version
         self.stats = stats
         self.outlier: OutcomeObserver | None = None
@@ -84,7 +92,8 @@ class Cluster:
     """One version of a cluster: config, endpoint set, load balancer, TLS context."""
 
     __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "ssl_context_h2",
-                 "thresholds", "stats", "warm", "_sni", "protocol")
+                 "thresholds", "stats", "warm", "_sni", "protocol", "_epoch", "_epoch_seen",
+                 "_uneject_timer")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
@@ -99,6 +108,9 @@ class Cluster:
         self.stats = state.stats
         self.warm = warm              # an EDS cluster is warm once its first assignment came
         self._sni = config.tls.sni if config.tls is not None else ""
+        self._epoch = state.shared.health_epoch
+        self._epoch_seen = -1            # the first pick reads the board
+        self._uneject_timer: asyncio.TimerHandle | None = None
         self.hosts: list[EndpointState] = [self._endpoint_state(ep) for ep in endpoints]
         self.lb = make_balancer(config.lb)
         self.rebuild()
@@ -110,8 +122,11 @@ class Cluster:
         if st is None or st.removed:
             pool = ConnectionPool(ep.host, ep.port, cfg.connect_timeout_s,
                                   cfg.max_idle_connections, cfg.idle_timeout_s,
-                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni)
-            st = EndpointState(ep, pool, cfg.lb.ewma_default_rtt_s)
+                                  cfg.per_connection_buffer_limit, self.ssl_context, self._sni,
+                                  cfg.max_response_headers_count,
+                                  cfg.max_response_headers_kb * 1024)
+            st = EndpointState(ep, pool, self.state.shared.endpoint(self.name, ep.address),
+                               cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
         if st.h2 is None and cfg.protocol != "http1":
@@ -128,12 +143,15 @@ class Cluster:
             if addr not in new:
                 old.removed = True
                 old.close_pools()
+                state.shared.forget(self.name, addr)
         waiters = state.breakers.waiters
         for h in self.hosts:
             p = h.pool
             p.connect_timeout = cfg.connect_timeout_s
             p.max_idle = cfg.max_idle_connections
             p.idle_timeout = cfg.idle_timeout_s
+            p.max_headers_count = cfg.max_response_headers_count
+            p.max_header_bytes = cfg.max_response_headers_kb * 1024
             p.on_free = waiters.wake
             if p.ssl is not self.ssl_context:
                 p.ssl = self.ssl_context        # new TLS settings need new connections
@@ -161,7 +179,37 @@ class Cluster:
             avail = list(hosts)      # panic: too few healthy hosts, use them all (Envoy)
         self.lb.rebuild(avail)
 
+    def sync_health(self) -> None:
+        """The board moved (a verdict or an ejection, from any worker): take every endpoint's
+        state from it, rebuild the eligible set, and come back when the next ejection ends."""
+        self._epoch_seen = self._epoch()
+        for h in self.hosts:
+            h.sync()
+        self.rebuild()
+        now = time.monotonic()
+        ends = [h.ejected_until for h in self.hosts if h.ejected_until > now]
+        if self._uneject_timer is not None:
+            self._uneject_timer.cancel()
+            self._uneject_timer = None
+        if ends:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._uneject_timer = loop.call_later(min(ends) - now + 0.001, self._ejection_ended)
+
+    def _ejection_ended(self) -> None:
+        self._uneject_timer = None
+        if self.state.current is self:
+            self.sync_health()
+
+    def refresh_health(self) -> None:
+        if self._epoch() != self._epoch_seen:
+            self.sync_health()
+
     def pick(self, ctx: RequestContext | None) -> EndpointState | None:
+        if self._epoch() != self._epoch_seen:
+            self.sync_health()
         tried = ctx.tried_hosts if ctx is not None else ()
         h = self.lb.pick(ctx, tried)
         if h is not None and h.ejected_until and not h.available:
@@ -170,12 +218,14 @@ class Cluster:
         return h
 
     def open_connections(self) -> int:
+        """Open (and opening) connections of the cluster, every worker's (each publishes its
+        own share when it checks, connects, and every second)."""
         n = 0
         for h in self.hosts:
             n += h.pool.active + h.pool.connecting
             if h.h2 is not None:
                 n += h.h2.active + h.h2.connecting
-        return n
+        return self.state.breakers.open_connections(n)
 
     # ---- the request --------------------------------------------------------------------------
     async def send(self, req: Request, auto_host: bool = False) -> Response:
@@ -194,7 +244,7 @@ class Cluster:
         ctx.upstream_host = host.address
         span = ctx.span
         client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
-        host.active_requests += 1
+        host.begin()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         ctx.upstream_start = t0
@@ -212,7 +262,7 @@ class Cluster:
                 raise RouteTimeout() from None
             raise
         finally:
-            host.active_requests -= 1
+            host.end()
             breakers.release_request()
         elapsed = loop.time() - t0
         ctx.upstream_duration = elapsed
@@ -220,6 +270,7 @@ class Cluster:
         ctx.upstream_status = status
         stats = self.stats
         stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+        stats.rq_code(status).inc()
         stats.latency.observe(elapsed)
         self.record(host, status, elapsed, None)
         if client_span is not None:
@@ -319,7 +370,8 @@ class Cluster:
         if not breakers.admit_pending(self.thresholds):
             self.stats.rq_pending_overflow.inc()
             raise Overflow("max_pending_requests")
-        host.active_requests -= 1           # pending, not active (Envoy's accounting)
+        host.end()                          # pending, not active (Envoy's accounting)
+        poll = breakers.poll_s
         try:
             while True:
                 conn = pool.acquire()
@@ -335,10 +387,14 @@ class Cluster:
                             return conn
                         continue
                     self.stats.cx_overflow.inc()
-                await pool.wait(loop, deadline)
+                until = deadline
+                if poll is not None:     # another worker may free a connection: look again
+                    until = loop.time() + poll if deadline is None else \
+                        min(deadline, loop.time() + poll)
+                await pool.wait(loop, until)
         finally:
             breakers.end_pending()
-            host.active_requests += 1
+            host.begin()
 
     async def _connect_h2(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
                           loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
@@ -359,6 +415,7 @@ class Cluster:
             self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
             raise
         self.stats.cx_total.inc()
+        self.open_connections()           # publish this worker's new count at once
         return conn
 
     async def _connect(self, host: EndpointState, pool: ConnectionPool, deadline: float | None,
@@ -382,6 +439,7 @@ class Cluster:
             self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
             raise
         self.stats.cx_total.inc()
+        self.open_connections()           # publish this worker's new count at once
         return conn
 
     async def _wait_for_connection(self, host: EndpointState, pool: ConnectionPool,
@@ -397,14 +455,19 @@ class Cluster:
         if not breakers.admit_pending(self.thresholds):
             self.stats.rq_pending_overflow.inc()
             raise Overflow("max_pending_requests")
-        host.active_requests -= 1           # pending, not active (Envoy's accounting)
+        host.end()                          # pending, not active (Envoy's accounting)
         waiters = breakers.waiters
+        poll = breakers.poll_s
         front = False
         try:
             while True:
                 if deadline is not None and loop.time() >= deadline:
                     raise PendingTimeout()
-                await waiters.wait(loop, deadline, front)
+                until = deadline
+                if poll is not None:
+                    until = loop.time() + poll if deadline is None else \
+                        min(deadline, loop.time() + poll)
+                await waiters.wait(loop, until, front)
                 front = True
                 conn = pool.take_idle()
                 if conn is not None:
@@ -415,7 +478,7 @@ class Cluster:
                     return None
         finally:
             breakers.end_pending()
-            host.active_requests += 1
+            host.begin()
             if breakers.pending_requests and \
                     self.open_connections() < self.thresholds.max_connections:
                 waiters.wake()      # pass on a slot this waiter did not use
@@ -443,12 +506,17 @@ class Cluster:
             outlier.on_outcome(host, status, latency, local_error)
 
     def set_health(self, host: EndpointState, healthy: bool, detail: str) -> None:
-        """The active health checker's verdict for ``host``."""
+        """The active health checker's verdict for ``host``: published on the board for every
+        worker."""
         host.last_hc = detail
+        host.counters.set_healthy(healthy)
         if host.hc_healthy != healthy:
             host.hc_healthy = healthy
             self.rebuild()
 
     def close(self) -> None:
+        if self._uneject_timer is not None:
+            self._uneject_timer.cancel()
+            self._uneject_timer = None
         for h in self.hosts:
             h.close_pools()

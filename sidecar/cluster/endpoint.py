@@ -3,6 +3,12 @@
 An ``EndpointState`` outlives config updates that keep its address: its pool, counters, EWMA
 estimate, health verdict and ejection stay. Only the cluster that owns it writes to it (from
 ``Cluster.send``, its outlier detector and its health checker).
+
+What the balancers and outlier detection must see sidecar-wide lives in ``counters``
+(``sidecar.shared.EndpointCounters``): requests in flight, outcome streaks and totals, and the
+health board (active-check verdict, ejection). ``hc_healthy``, ``ejected_until`` and
+``ejections`` are this worker's copy of the board, refreshed by ``Cluster.sync_health`` when
+the board's epoch moves; the rest (pool, EWMA, per-attempt counters) is this worker's own.
 """
 
 from __future__ import annotations
@@ -10,38 +16,54 @@ from __future__ import annotations
 import time
 
 from sidecar.config.cluster import Endpoint
+from sidecar.shared.api import EndpointCounters
 from sidecar.upstream.http1 import ConnectionPool
 from sidecar.upstream.http2_pool import Http2Pool
 
 
 class EndpointState:
-    __slots__ = ("endpoint", "address", "pool", "h2", "active_requests", "hc_healthy", "ejected_until",
+    __slots__ = ("endpoint", "address", "pool", "h2", "counters", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
-                 "consecutive_5xx", "consecutive_gateway", "consecutive_local", "sr_success",
-                 "sr_total", "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
+                 "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
 
-    def __init__(self, endpoint: Endpoint, pool: ConnectionPool, default_rtt: float = 0.030):
+    def __init__(self, endpoint: Endpoint, pool: ConnectionPool, counters: EndpointCounters,
+                 default_rtt: float = 0.030):
         self.endpoint = endpoint
         self.address = endpoint.address
         self.pool = pool
         self.h2: Http2Pool | None = None    # HTTP/2 connections (clusters that speak it)
-        self.active_requests = 0
-        self.hc_healthy = True           # active health checking verdict
+        self.counters = counters
+        self.hc_healthy = True           # active health checking verdict (the board's)
         self.ejected_until = 0.0         # outlier detection (monotonic time)
         self.ejections = 0
         self.rq_total = 0
         self.rq_error = 0
         self.rq_timeout = 0
         self.cx_connect_fail = 0
-        self.consecutive_5xx = 0
-        self.consecutive_gateway = 0
-        self.consecutive_local = 0
-        self.sr_success = 0
-        self.sr_total = 0
         self.ewma = default_rtt          # peak-EWMA latency estimate, seconds
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
         self.removed = False
+        self.sync()                      # another worker may have judged it already
+
+    @property
+    def active_requests(self) -> int:
+        """Requests in flight to this endpoint from every worker (least-request, peak-EWMA)."""
+        return self.counters.active()
+
+    def begin(self) -> None:
+        self.counters.begin()
+
+    def end(self) -> None:
+        self.counters.end()
+
+    def sync(self) -> None:
+        """Copy the board's verdict and ejection into this worker's fields."""
+        hb = self.counters.health()
+        self.hc_healthy = hb.healthy
+        until = hb.ejected_until
+        self.ejected_until = until if until > time.monotonic() else 0.0
+        self.ejections = hb.ejections
 
     @property
     def cx_active(self) -> int:

@@ -12,21 +12,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from sidecar.cluster.cluster import Cluster, ClusterState
+from sidecar.cluster.dns import DnsResolver
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
+from sidecar.config.errors import ConfigError
 from sidecar.config.tls import UpstreamTls
 from sidecar.observability.stats import StatsCache
+from sidecar.shared.api import SharedState
+from sidecar.shared.host import TableFull
+from sidecar.shared.local import LocalState
 from sidecar.tls.context import client_context
 from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.cluster")
 
 ClusterHook = Callable[[ClusterState], None]
+
+
+_FAMILY = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6, "AUTO": socket.AF_UNSPEC,
+           "V4_PREFERRED": socket.AF_UNSPEC, "ALL": socket.AF_UNSPEC}
+
+
+def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[str]:
+    """The addresses a DNS cluster uses, by ``dns_lookup_family`` (Envoy's semantics): AUTO
+    takes the IPv6 ones if there are any, else IPv4; V4_PREFERRED the reverse; ALL both."""
+    v4 = [a for fam, a in found if fam == socket.AF_INET]
+    v6 = [a for fam, a in found if fam == socket.AF_INET6]
+    if family == "AUTO":
+        picked = v6 or v4
+    elif family == "V4_PREFERRED":
+        picked = v4 or v6
+    elif family == "V4_ONLY":
+        picked = v4
+    elif family == "V6_ONLY":
+        picked = v6
+    else:
+        picked = [a for _, a in found]
+    out: list[str] = []
+    for a in picked:
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None,
@@ -40,14 +72,24 @@ def ssl_contexts(cfg: ClusterConfig, secrets: SecretStore | None
                  ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """(HTTP/1.1 context, HTTP/2 context) for the protocols the cluster speaks."""
     h1 = make_ssl_context(cfg.tls, secrets) if cfg.protocol != "http2" else None
-    h2 = make_ssl_context(cfg.tls, secrets, ("h2",)) if cfg.protocol != "http1" else None
+    h2 = make_ssl_context(cfg.tls, secrets, ("h2",)) if speaks_h2(cfg) else None
     return h1, h2
 
 
+def speaks_h2(cfg: ClusterConfig) -> bool:
+    """The cluster opens HTTP/2 connections: its traffic, or gRPC health checks (which speak
+    HTTP/2 whatever the cluster's protocol, as Envoy's)."""
+    return cfg.protocol != "http1" or any(hc.grpc_service is not None for hc in cfg.health_checks)
+
+
 class ClusterManager:
-    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None):
+    def __init__(self, stats: StatsCache, secrets: SecretStore | None = None,
+                 shared: SharedState | None = None):
         self.stats = stats
         self.secrets = secrets          # SDS certificates for clusters' TLS
+        # breaker gauges, requests in flight and the health board: the sidecar's, across
+        # workers (shared memory) or this process's alone (LocalState)
+        self.shared: SharedState = shared if shared is not None else LocalState()
         self.states: dict[str, ClusterState] = {}
         self._dns_tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -62,7 +104,11 @@ class ClusterManager:
         build time; ``current`` is None until the cluster exists."""
         st = self.states.get(name)
         if st is None:
-            st = self.states[name] = ClusterState(name, self.stats.cluster(name))
+            try:
+                st = ClusterState(name, self.stats.cluster(name), self.shared)
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
+            self.states[name] = st
         return st
 
     def configured(self, name: str) -> bool:
@@ -96,7 +142,10 @@ class ClusterManager:
             old = st.current
             if old is not None and old.config == cfg:
                 continue
-            built.append(self._build(cfg, st, old))
+            try:
+                built.append(self._build(cfg, st, old))
+            except TableFull as e:
+                raise ConfigError("shared_state.counter_rows", str(e)) from None
         for c in built:
             self._activate(c)
         for name, st in list(self.states.items()):
@@ -104,7 +153,8 @@ class ClusterManager:
                 self._remove(st)
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
-        if old is not None and old.config.tls == cfg.tls and old.config.protocol == cfg.protocol:
+        if old is not None and old.config.tls == cfg.tls and \
+                old.config.protocol == cfg.protocol and speaks_h2(old.config) == speaks_h2(cfg):
             ctx, ctx2 = old.ssl_context, old.ssl_context_h2
         else:
             ctx, ctx2 = ssl_contexts(cfg, self.secrets)
@@ -121,6 +171,8 @@ class ClusterManager:
 
     def _activate(self, c: Cluster) -> None:
         st = c.state
+        if st.removed:                  # back after a removal: attach its counters again
+            st.breakers.counters = self.shared.breaker(st.name)
         st.removed = False
         c.activate()
         for cb in self._on_activated:
@@ -142,6 +194,7 @@ class ClusterManager:
         for h in st.endpoints.values():
             h.removed = True
         st.endpoints = {}
+        self.shared.forget(st.name)
 
     def set_endpoints(self, name: str, endpoints: tuple[Endpoint, ...]) -> bool:
         """A new endpoint set (EDS, DNS) for a configured cluster: a new version, swapped in."""
@@ -149,8 +202,13 @@ class ClusterManager:
         if st is None or st.current is None:
             return False
         old = st.current
-        self._activate(Cluster(old.config, st, endpoints, old.ssl_context, warm=True,
-                               ssl_context_h2=old.ssl_context_h2))
+        try:
+            c = Cluster(old.config, st, endpoints, old.ssl_context, warm=True,
+                        ssl_context_h2=old.ssl_context_h2)
+        except TableFull as e:
+            log.error("cluster %s: endpoint update refused: %s", name, e)
+            return False
+        self._activate(c)
         return True
 
     # ---- background work -----------------------------------------------------------------------
@@ -169,6 +227,7 @@ class ClusterManager:
                     h.pool.sweep(now)
                     if h.h2 is not None:
                         h.h2.sweep(now)
+                c.open_connections()      # publish this worker's count (closes since)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current
@@ -187,24 +246,35 @@ class ClusterManager:
 
     async def _dns_loop(self, st: ClusterState) -> None:
         """STRICT_DNS: every name resolves to all its addresses (LOGICAL_DNS: the first),
-        re-resolved every ``dns_refresh`` (jittered)."""
+        re-resolved every ``dns_refresh`` (jittered), or when the records' TTL runs out
+        (``respect_dns_ttl``)."""
         loop = asyncio.get_running_loop()
+        resolver: DnsResolver | None = None
         while st.current is not None:
             cfg = st.current.config
+            if cfg.respect_dns_ttl or cfg.dns_resolvers:
+                # the system resolver reports no TTLs and cannot be pointed elsewhere: c-ares
+                if resolver is None or resolver.servers != cfg.dns_resolvers:
+                    resolver = DnsResolver(cfg.dns_resolvers)
+            else:
+                resolver = None
             resolved: list[Endpoint] = []
             ok = True
+            ttl: float | None = None
             for ep in cfg.endpoints:
                 try:
-                    infos = await loop.getaddrinfo(ep.host, ep.port, type=1)  # SOCK_STREAM
+                    if resolver is not None:
+                        found, rec_ttl = await resolver.resolve(ep.host, cfg.dns_lookup_family)
+                        ttl = rec_ttl if ttl is None else min(ttl, rec_ttl)
+                    else:
+                        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
+                                                       family=_FAMILY[cfg.dns_lookup_family])
+                        found = [(info[0], str(info[4][0])) for info in infos]
                 except OSError as e:
                     ok = False
                     log.warning("cluster %s: DNS resolution of %s failed: %s", st.name, ep.host, e)
                     continue
-                addrs: list[str] = []
-                for info in infos:
-                    a = str(info[4][0])
-                    if a not in addrs:
-                        addrs.append(a)
+                addrs = lookup_family_addresses(cfg.dns_lookup_family, found)
                 if cfg.type == "logical_dns":
                     addrs = addrs[:1]
                 for a in addrs:
@@ -214,7 +284,10 @@ class ClusterManager:
             if current is not None and (resolved or ok) and \
                     tuple(h.endpoint for h in current.hosts) != tuple(resolved):
                 self.set_endpoints(st.name, tuple(resolved))
-            await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
+            if cfg.respect_dns_ttl and ttl:
+                await asyncio.sleep(ttl)
+            else:
+                await asyncio.sleep(cfg.dns_refresh_s * (0.9 + random.random() * 0.2))
 
     def close(self) -> None:
         if self._sweeper is not None:

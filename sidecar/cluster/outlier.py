@@ -23,6 +23,15 @@ ejection and down by one each interval the host stays in), capped at
 are ejected at once, but always at least one may be (Envoy). Un-ejection is a timer at the
 ejection's end, so the host is back in the load-balancing set on time, not on the next pick.
 If too many hosts are out, ``Cluster.rebuild`` applies the panic threshold.
+
+With several workers, detection is the sidecar's: outcomes are counted in ``sidecar.shared``
+(per worker, summed), so a streak is every worker's failures since the latest success
+anywhere; the worker whose outcome completes a streak ejects on the shared health board (one
+ejection: the board refuses a second one for an ejected host), and every worker reads the
+board. The interval work (success rate over every worker's outcomes, the multiplier's decay)
+runs in one worker, the ``main`` one, as Envoy runs it on its main thread. Bounds: a streak
+may be one failure off per other worker when outcomes race, and two workers ejecting two
+hosts at the same instant may pass ``max_ejection_percent`` by one host each.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ from sidecar.config.cluster import OutlierDetection
 from sidecar.core.metrics import NULL
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ClusterStats
+from sidecar.shared.api import Outcome, OutcomeTotals, Streak
 
 log = logging.getLogger("sidecar.outlier")
 
 REASONS = ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_local_origin_failure",
            "success_rate")
-_LOCAL_AS_STATUS = {"connect_failure": 503, "reset": 503, "timeout": 504}
+# without split_external_local_origin_errors a local failure counts as 503 (connect failure,
+# reset) or 504 (timeout): a gateway error either way (Outcome.GATEWAY)
 
 
 class _Stats:
@@ -75,13 +86,16 @@ class _Stats:
 class OutlierDetector(OutcomeObserver):
     """Outlier detection for one cluster (see the module docstring)."""
 
-    def __init__(self, state: ClusterState, cfg: OutlierDetection, metrics: Metrics):
+    def __init__(self, state: ClusterState, cfg: OutlierDetection, metrics: Metrics,
+                 main: bool = True):
         self.state = state
         self.cfg = cfg
+        self.main = main                        # runs the interval work (one worker)
         self.stats = _Stats(metrics, state.stats, state.name)
-        self.multiplier: dict[str, int] = {}    # address -> ejections in a row
-        self._tick_handle = None
-        self._uneject_handle = None
+        self.judged: dict[tuple[str, Streak], int] = {}   # (address, kind) -> streak judged
+        self.sr_last: dict[str, OutcomeTotals] = {}       # address -> totals at the last tick
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._uneject_handle: asyncio.TimerHandle | None = None
         self._uneject_at = 0.0
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,7 +118,8 @@ class OutlierDetector(OutcomeObserver):
         except RuntimeError:
             return                     # started from the first outcome, inside the loop
         self._loop = loop
-        self._tick_handle = loop.call_later(self.cfg.interval_s, self._tick)
+        if self.main:
+            self._tick_handle = loop.call_later(self.cfg.interval_s, self._tick)
 
     def reconfigure(self, cfg: OutlierDetection) -> None:
         if cfg != self.cfg:
@@ -119,55 +134,66 @@ class OutlierDetector(OutcomeObserver):
         if self.closed:
             return
         self.closed = True
-        for h in (self._tick_handle, self._uneject_handle):
-            if h is not None:
-                h.cancel()
+        for handle in (self._tick_handle, self._uneject_handle):
+            if handle is not None:
+                handle.cancel()
         changed = False
         for h in self.hosts:
             if h.ejected_until:
+                h.counters.uneject()
                 h.ejected_until = 0.0
                 changed = True
         if changed:
             self._rebuild()
 
     # ---- the hot path: one call per attempt ------------------------------------------------
-    def on_outcome(self, host, status: int | None, latency: float, local_error: str | None) -> None:
-        if self._tick_handle is None and not self.closed:
+    def on_outcome(self, host: EndpointState, status: int | None, latency: float,
+                   local_error: str | None) -> None:
+        if self._loop is None and not self.closed:
             self._start_timer()
         cfg = self.cfg
+        c = host.counters
         if local_error is not None:
             if cfg.split_external_local_origin_errors:
-                host.consecutive_local += 1
-                if host.consecutive_local == cfg.consecutive_local_origin_failure:
-                    self._maybe_eject(host, "consecutive_local_origin_failure",
-                                      cfg.enforcing_consecutive_local_origin_failure)
+                c.record(Outcome.LOCAL_ORIGIN)
+                self._judge(host, Streak.CONSECUTIVE_LOCAL_ORIGIN,
+                            cfg.consecutive_local_origin_failure,
+                            "consecutive_local_origin_failure",
+                            cfg.enforcing_consecutive_local_origin_failure)
                 return
-            status = _LOCAL_AS_STATUS.get(local_error, 503)
-        elif cfg.split_external_local_origin_errors:
-            host.consecutive_local = 0      # the connection worked: a local-origin success
-        host.sr_total += 1
-        if status < 500:
-            host.sr_success += 1
-            host.consecutive_5xx = 0
-            host.consecutive_gateway = 0
+            c.record(Outcome.GATEWAY)
+        elif status is None or status < 500:
+            c.record(Outcome.SUCCESS)
             return
-        host.consecutive_5xx += 1
-        if 502 <= status <= 504:
-            host.consecutive_gateway += 1
         else:
-            host.consecutive_gateway = 0
+            c.record(Outcome.GATEWAY if 502 <= status <= 504 else Outcome.ERROR_5XX)
         # the gateway check first: its enforcement is off by default, so a host that also hits
         # consecutive_5xx is then ejected for that
-        if host.consecutive_gateway == cfg.consecutive_gateway_failure:
-            if self._maybe_eject(host, "consecutive_gateway_failure",
-                                 cfg.enforcing_consecutive_gateway_failure):
-                return
-        if host.consecutive_5xx == cfg.consecutive_5xx:
-            self._maybe_eject(host, "consecutive_5xx", cfg.enforcing_consecutive_5xx)
+        if self._judge(host, Streak.CONSECUTIVE_GATEWAY, cfg.consecutive_gateway_failure,
+                       "consecutive_gateway_failure", cfg.enforcing_consecutive_gateway_failure):
+            return
+        self._judge(host, Streak.CONSECUTIVE_5XX, cfg.consecutive_5xx, "consecutive_5xx",
+                    cfg.enforcing_consecutive_5xx)
+
+    def _judge(self, host: EndpointState, kind: Streak, threshold: int, reason: str, enforcing: float) -> bool:
+        """A streak is judged once, when it reaches its threshold (a threshold of 0: off)."""
+        if threshold <= 0:
+            return False
+        length, start = host.counters.streak(kind)
+        if length < threshold:
+            return False
+        key = (host.address, kind)
+        if self.judged.get(key) == start:
+            return False
+        self.judged[key] = start
+        return self._maybe_eject(host, reason, enforcing)
 
     # ---- ejection -------------------------------------------------------------------------
-    def _maybe_eject(self, host, reason: str, enforcing: float) -> bool:
+    def _maybe_eject(self, host: EndpointState, reason: str, enforcing: float) -> bool:
         now = time.monotonic()
+        c = self.state.current
+        if c is not None:
+            c.refresh_health()             # another worker may have ejected hosts meanwhile
         if host.ejected_until > now or host.removed:
             return False
         self.stats.detected[reason].inc()
@@ -178,23 +204,23 @@ class OutlierDetector(OutcomeObserver):
         if ejected and (ejected + 1) * 100.0 > len(hosts) * self.cfg.max_ejection_percent:
             self.stats.overflow.inc()
             return False
-        self._eject(host, reason, now)
-        return True
+        return self._eject(host, reason, now)
 
-    def _eject(self, host, reason: str, now: float) -> None:
+    def _eject(self, host: EndpointState, reason: str, now: float) -> bool:
         cfg = self.cfg
-        n = self.multiplier.get(host.address, 0) + 1
-        self.multiplier[host.address] = n
-        duration = min(cfg.base_ejection_time_s * n, max(cfg.base_ejection_time_s, cfg.max_ejection_time_s))
-        host.ejected_until = now + duration
-        host.ejections += 1
-        host.consecutive_5xx = host.consecutive_gateway = host.consecutive_local = 0
+        hb = host.counters.eject(now, cfg.base_ejection_time_s, cfg.max_ejection_time_s)
+        if hb is None:
+            return False                   # another worker ejected it a moment ago
+        host.counters.reset_streaks()
+        host.ejected_until = hb.ejected_until
+        host.ejections = hb.ejections
         self.stats.enforced[reason].inc()
         self.stats.enforced_total.inc()
         self._rebuild()
         self._schedule_uneject(host.ejected_until)
         log.warning("cluster %s: ejected %s (%s) for %.1fs (ejection %d in a row)",
-                    self.state.name, host.address, reason, duration, n)
+                    self.state.name, host.address, reason, hb.ejected_until - now, hb.multiplier)
+        return True
 
     def _schedule_uneject(self, at: float) -> None:
         loop = self._loop
@@ -233,17 +259,31 @@ class OutlierDetector(OutcomeObserver):
         if nxt is not None:
             self._schedule_uneject(nxt)
 
-    # ---- the interval: success rate, ejection multipliers -----------------------------------
+    # ---- the interval: success rate, ejection multipliers (the main worker) ---------------
     def _tick(self) -> None:
         if self.closed:
             return
         cfg = self.cfg
+        assert self._loop is not None
         self._tick_handle = self._loop.call_later(cfg.interval_s, self._tick)
         now = time.monotonic()
         hosts = list(self.hosts)
-        # success rate over the interval just ended
-        sample = [(h, h.sr_success / h.sr_total) for h in hosts
-                  if h.sr_total >= cfg.success_rate_request_volume and h.sr_total > 0]
+        # success rate over the interval just ended, every worker's outcomes
+        sample = []
+        last = self.sr_last
+        seen = {}
+        for h in hosts:
+            t = h.counters.totals()
+            seen[h.address] = t
+            prev = last.get(h.address)
+            if prev is None:
+                continue
+            total = (t.total - t.local_origin) - (prev.total - prev.local_origin) \
+                if cfg.split_external_local_origin_errors else t.total - prev.total
+            if total >= cfg.success_rate_request_volume and total > 0:
+                success = t.success - prev.success
+                sample.append((h, success / total))
+        self.sr_last = seen
         if sample and len(sample) >= cfg.success_rate_minimum_hosts:
             threshold = success_rate_threshold([r for _, r in sample], cfg.success_rate_stdev_factor)
             for h, rate in sample:
@@ -251,17 +291,11 @@ class OutlierDetector(OutcomeObserver):
                     self._maybe_eject(h, "success_rate", cfg.enforcing_success_rate)
         addresses = set()
         for h in hosts:
-            h.sr_success = h.sr_total = 0
             addresses.add(h.address)
             if h.ejected_until <= now:
-                n = self.multiplier.get(h.address)
-                if n:
-                    if n > 1:
-                        self.multiplier[h.address] = n - 1
-                    else:
-                        del self.multiplier[h.address]
-        for a in [a for a in self.multiplier if a not in addresses]:
-            del self.multiplier[a]
+                h.counters.decay_multiplier()
+        for k in [k for k in self.judged if k[0] not in addresses]:
+            del self.judged[k]
         # a safety net for un-ejection (the timer is the normal path)
         if any(0 < h.ejected_until <= now for h in hosts):
             self._uneject_due()
@@ -277,9 +311,10 @@ def success_rate_threshold(rates: list[float], stdev_factor: float) -> float:
 
 # ---- wiring ----------------------------------------------------------------------------------
 
-def follow(clusters: ClusterManager, metrics: Metrics) -> None:
+def follow(clusters: ClusterManager, metrics: Metrics, main: bool = True) -> None:
     """Give every cluster whose config asks for outlier detection a detector (and take it
-    away when the config stops asking or the cluster goes)."""
+    away when the config stops asking or the cluster goes). ``main``: this worker runs the
+    interval work (one worker of the sidecar)."""
 
     def on_activated(state: ClusterState) -> None:
         c = state.current
@@ -293,7 +328,7 @@ def follow(clusters: ClusterManager, metrics: Metrics) -> None:
         if isinstance(d, OutlierDetector) and not d.closed:
             d.reconfigure(cfg)
         else:
-            state.outlier = OutlierDetector(state, cfg, metrics)
+            state.outlier = OutlierDetector(state, cfg, metrics, main)
 
     def on_removed(state: ClusterState) -> None:
         d = state.outlier

@@ -19,9 +19,10 @@ ROUTER_CONSUMED = frozenset({"x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-env
                              "x-envoy-upstream-rq-timeout-alt-response",
                              "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names"})
 
-# Request headers never copied upstream as they are: hop-by-hop ones, the framing we redo,
-# Expect (answered locally) and the router's control headers (``te: trailers`` is let through).
-NOT_FORWARDED = HOP_BY_HOP | {"content-length", "expect"} | ROUTER_CONSUMED
+# Request headers never copied upstream as they are: hop-by-hop ones, the framing we redo and
+# the router's control headers (``te: trailers`` is let through). ``Expect: 100-continue`` is
+# answered and removed by the downstream codec; other expectations are forwarded, as by Envoy.
+NOT_FORWARDED = HOP_BY_HOP | {"content-length"} | ROUTER_CONSUMED
 
 
 def connection_drop(base: frozenset[str], connection: str | None) -> frozenset[str]:

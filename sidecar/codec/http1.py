@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from multidict import MultiDict
 
 from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
-from sidecar.core.body import BodyStream
+from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.context import RequestContext
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
@@ -30,7 +31,35 @@ from sidecar.tls.context import peer_uri_san
 log = logging.getLogger("sidecar.server")
 
 _BODYLESS = (204, 304)
+DELAYED_CLOSE_S = 1.0     # Envoy's delayed_close_timeout default
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# Host / absolute-form authority: RFC 3986 reg-name, IP literal and port characters (nghttp2's
+# and Envoy's check); anything else (SP, "/", "?", "#", "\\", quotes, obs-text) is a 400.
+_VALID_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*").fullmatch
+
+# Host values already found valid (bounded): most connections send the same few
+_GOOD_HOSTS: set[str] = set()
+
+# headers_with_underscores_action
+ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
+
+
+class _Refusal(Exception):
+    """Raised from an llhttp callback to stop parsing: the message is refused."""
+
+
+class StreamLimits(Protocol):
+    """The per-stream timeouts a listener enforces (seconds; 0 = off)."""
+
+    @property
+    def request_timeout_s(self) -> float: ...
+
+    @property
+    def stream_idle_timeout_s(self) -> float: ...
+
+    @property
+    def max_stream_duration_s(self) -> float: ...
 
 
 class StreamOwner(Protocol):
@@ -38,9 +67,13 @@ class StreamOwner(Protocol):
 
     name: str
     bound_port: int
-    max_header_bytes: int
+    max_header_bytes: int     # request line + header fields (Envoy's max_request_headers_kb)
+    max_headers_count: int
+    headers_with_underscores: str    # ALLOW | REJECT_REQUEST | DROP_HEADER
     server_header: str
     accept_http_10: bool
+    suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
+    stream_idle_timeout_s: float     # an upgraded connection's idle bound (a route's overrides)
     draining: bool
 
     def connection_opened(self, conn: "DownstreamConnection") -> None: ...
@@ -56,17 +89,27 @@ class StreamOwner(Protocol):
         ...
 
 
+def _new_parser(conn: "DownstreamConnection") -> httptools.HttpRequestParser:
+    p = httptools.HttpRequestParser(conn)
+    # Bytes after a request that ends the connection (Connection: close, HTTP/1.0) are ignored,
+    # as in Envoy, rather than an error. Versions other than 1.1 are parsed so that a
+    # well-formed HTTP/d.d gets 426 (checked in on_headers_complete), not 400.
+    p.set_dangerous_leniencies(lenient_data_after_close=True, lenient_version=True)
+    return p
+
+
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
-                 "peer_identity", "requests", "_h2c", "_idle_waiter", "_upgrade_req",
+                 "peer_identity", "requests", "_h2c", "_idle_waiter", "_refusal", "_stopped", "_pending_error", "_task", "_current",
+                 "_responding", "_timed_out", "_close_after", "_last_io", "_upgrade_req",
                  "_upgraded")
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
         self.transport = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = _new_parser(self)
         self.peer = None
         self._url: list[bytes] = []
         self._headers: list = []
@@ -87,8 +130,17 @@ class DownstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
+        self._refusal: tuple[int, str] | None = None   # set by a callback that refused
+        self._stopped = False          # no more parsing (a protocol error was answered/queued)
+        self._pending_error: tuple[int, str] | None = None   # owed after the queued responses
+        self._task: asyncio.Task | None = None
+        self._current: Request | None = None   # the request being served
+        self._responding = False       # its response head was written
+        self._timed_out: tuple[int, str, str | None] | None = None
+        self._close_after = False
+        self._last_io = 0.0            # last byte in or out of the stream being served
         self._upgrade_req: Request | None = None   # an upgrade request, until its head is parsed
-        self._upgraded = False                     # the connection is a tunnel
+        self._upgraded = False                     # the connection is a tunnel (codec.tunnel)
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -116,10 +168,16 @@ class DownstreamConnection(asyncio.Protocol):
         self.lr.connection_closed(self)
         s = self._stream
         if s is not None and not self._complete:
-            s.feed_error(ConnectionResetError("downstream connection closed"))
+            s.feed_error(BodyAborted("downstream connection closed"))
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
+        # the client is gone: end the stream in flight at once, so that what it holds
+        # upstream (the connection with a partial request or an unread response, its pool and
+        # breaker slots) is released now, not when the upstream or a timeout ends it
+        t = self._task
+        if t is not None and self._busy and not t.done():
+            t.cancel()
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -133,7 +191,9 @@ class DownstreamConnection(asyncio.Protocol):
                 w.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        if self._stopped:
+            return          # after a protocol error, or bytes after a request that closes
+        self.last_active = self._last_io = time.monotonic()
         if self._upgraded:
             cast(BodyStream, self._stream).feed(data)      # a tunnel (codec.tunnel): raw bytes
             return
@@ -142,11 +202,12 @@ class DownstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as e:
             # llhttp stops after an Upgrade/CONNECT request. h2c upgrades were stripped in
             # on_headers_complete and are served as plain HTTP/1.1: parse on with a new
-            # parser. Anything else was answered there (403/404) and the connection closes.
+            # parser. An upgrade the connection manager may allow becomes a tunnel; anything
+            # else was answered there (404) and the connection closes.
             offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
             if self._h2c:
                 self._h2c = False
-                self.parser = httptools.HttpRequestParser(self)
+                self.parser = _new_parser(self)
                 if offset < len(data):
                     self.data_received(data[offset:])
                 return
@@ -162,12 +223,15 @@ class DownstreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
             return
         except httptools.HttpParserError as e:
-            if self._hsize < 0:
-                self._reject(431, "request header fields too large")
-            elif "invalid `Transfer-Encoding`" in str(e) or "invalid Transfer-Encoding" in str(e):
-                self._reject(501, "Not Implemented")
-            else:
-                self._reject(400, f"bad request: {e}")
+            refusal = self._refusal
+            if refusal is None:
+                text = str(e)
+                low = text.lower()
+                if "transfer-encoding" in low and "content-length" not in low:
+                    refusal = (501, "Not Implemented")
+                else:
+                    refusal = (400, f"bad request: {text}")
+            self._protocol_error(*refusal)
             return
         req = self._req
         if req is not None:
@@ -193,47 +257,87 @@ class DownstreamConnection(asyncio.Protocol):
         self._stream = None
         self._headers_started = time.monotonic()
 
+    def _refuse(self, status: int, details: str) -> None:
+        self._refusal = (status, details)
+        raise _Refusal(details)
+
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
+        # the request line counts toward the header size limit, as in Envoy
+        self._hsize += len(url)
+        if self._hsize > self.lr.max_header_bytes:
+            self._refuse(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # the hot path: only the limits that bound memory are checked per line; the rest of
+        # the validation runs once, on the whole head, in on_headers_complete
+        h = self._headers
+        h.append((name, value))
         self._hsize += len(name) + len(value)
         if self._hsize > self.lr.max_header_bytes:
-            self._hsize = -1
-            raise httptools.HttpParserError("headers too large")
-        self._headers.append((name, value))
+            self._refuse(431, "request header fields too large")
+        if len(h) > self.lr.max_headers_count:
+            self._refuse(431, "too many request headers")
+
+    def _underscores(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """headers_with_underscores_action other than ALLOW."""
+        if self.lr.headers_with_underscores == DROP_HEADER:
+            return [(n, v) for n, v in raw if b"_" not in n]
+        for n, _ in raw:
+            if b"_" in n:
+                self._refuse(400, "header name with an underscore")
+        return raw
 
     def on_headers_complete(self) -> None:
         self._headers_started = 0.0
-        headers = MultiDict()
-        for name, value in self._headers:
-            headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        lr = self.lr
+        raw_headers = self._headers
+        if lr.headers_with_underscores != ALLOW:
+            raw_headers = self._underscores(raw_headers)
+        headers: MultiDict[str] = MultiDict()
+        add = headers.add
+        for name, value in raw_headers:
+            add(name.decode("latin-1").lower(), value.decode("latin-1"))
         raw = b"".join(self._url) if len(self._url) != 1 else self._url[0]
-        url = raw.decode("latin-1")
-        if url[:1] != "/" and url[:4].lower() == "http":
-            # absolute-form target: its authority replaces Host (RFC 9112 3.2.2)
-            scheme, sep, rest = url.partition("://")
-            if sep:
-                authority, slash, tail = rest.partition("/")
-                headers["host"] = authority
-                url = slash + tail if slash else "/"
-        path, _, query = url.partition("?")
-        if "#" in query:
-            query = query.partition("#")[0]
-        elif "#" in path:
-            path = path.partition("#")[0]
         p = self.parser
-        ctx = RequestContext(self.lr.name, self.peer, time.perf_counter(), self.lr.bound_port)
-        ctx.tls = self._tls
-        ctx.peer_identity = self.peer_identity
         method = p.get_method().decode("latin-1")
         version = p.get_http_version()
+        te_lines = 0
+        if "transfer-encoding" in headers:
+            # exactly one Transfer-Encoding line whose value is "chunked" (Envoy): anything
+            # else (codings lists, repeats) is how a TE.TE desync is set up
+            te = headers.getall("transfer-encoding")
+            te_lines = len(te)
+            if te_lines > 1 or te[0].strip(" \t").lower() != "chunked":
+                self._refuse(501, "Not Implemented")
+        hosts = headers.getall("host", None)
+        if hosts is not None and len(hosts) > 1:
+            # RFC 9112 3.2: more than one Host is a 400 (Envoy joins them; refusing is safe)
+            self._refuse(400, "duplicate host")
+        if b"#" in raw:
+            self._refuse(400, "fragment in the request target")
+        url = raw.decode("latin-1")
+        if raw[0] != 47:                     # not "/": asterisk, absolute or authority form
+            url = self._other_target_form(url, method, headers)
+        elif method == "CONNECT":
+            self._refuse(400, "CONNECT needs an authority-form target")
+        host = headers.get("host")
+        if host is not None and host not in _GOOD_HOSTS:
+            if not _VALID_AUTHORITY(host):
+                self._refuse(400, "invalid host")
+            if len(_GOOD_HOSTS) >= 1024:
+                _GOOD_HOSTS.clear()
+            _GOOD_HOSTS.add(host)
+        path, _, query = url.partition("?")
+        ctx = RequestContext(lr.name, self.peer, time.perf_counter(), lr.bound_port)
+        ctx.tls = self._tls
+        ctx.peer_identity = self.peer_identity
         req = self._req = Request(method, path, query, headers, b"", ctx, version)
         req.keep_alive = p.should_keep_alive()
-        req.chunked = "transfer-encoding" in headers
-        if version != "1.1" and not (version == "1.0" and self.lr.accept_http_10):
+        req.chunked = te_lines > 0
+        if version != "1.1" and not (version == "1.0" and lr.accept_http_10):
             req.reject = (426, "Upgrade Required")
-        elif version == "1.1" and "host" not in headers:
+        elif version == "1.1" and host is None:
             req.reject = (400, "")
         elif method == "CONNECT":
             req.reject = (404, "")
@@ -245,9 +349,36 @@ class DownstreamConnection(asyncio.Protocol):
                 # the connection manager decides (upgrade_configs); 403 when not allowed
                 req.upgrade = up.partition(",")[0].strip()
                 self._upgrade_req = req
-        if headers.get("expect", "").lower() == "100-continue" and req.reject is None:
-            # Envoy's default: answer 100-continue locally, strip Expect upstream
-            self.transport.write(_CONTINUE)
+        if "expect" in headers and headers["expect"].lower() == "100-continue":
+            # Envoy's default: answer 100-continue locally and do not forward it; other
+            # expectations go upstream untouched
+            del headers["expect"]
+            if req.reject is None:
+                self.transport.write(_CONTINUE)
+
+    def _other_target_form(self, url: str, method: str, headers: MultiDict[str]) -> str:
+        """Asterisk-form (OPTIONS only), authority-form (CONNECT) or absolute-form, whose
+        authority replaces Host (RFC 9112 3.2.2); returns the origin-form URL."""
+        if url == "*":
+            if method != "OPTIONS":
+                self._refuse(400, "asterisk-form is only for OPTIONS")
+            return url
+        if method == "CONNECT":
+            return url
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            self._refuse(400, "invalid request target")
+        end = len(rest)
+        for sep_char in "/?":
+            i = rest.find(sep_char)
+            if 0 <= i < end:
+                end = i
+        authority, tail = rest[:end], rest[end:]
+        authority = authority.rpartition("@")[2]     # userinfo never goes on
+        if not authority:
+            self._refuse(400, "absolute-form without a host")
+        headers["host"] = authority
+        return tail if tail[:1] == "/" else "/" + tail
 
     def on_body(self, body: bytes) -> None:
         s = self._stream
@@ -286,7 +417,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._idle_waiter = None
             w.set_result(req)
             return
-        asyncio.get_running_loop().create_task(self._serve(req))
+        self._task = asyncio.get_running_loop().create_task(self._serve(req))
 
     async def _serve(self, req: Request) -> None:
         """One task per connection: serves its requests in order, parks while it is idle."""
@@ -294,11 +425,16 @@ class DownstreamConnection(asyncio.Protocol):
         while True:
             keep = await self._handle(req)
             if not keep or self._closing:
-                self._close()
+                self._end()
                 return
             if self._queue:
                 req = self._queue.popleft()
                 continue
+            err = self._pending_error
+            if err is not None:
+                # a protocol error after the requests already answered: its reply comes last
+                self._write_error(*err)
+                return
             self._busy = False
             w = self._idle_waiter = loop.create_future()
             req = await w
@@ -309,12 +445,12 @@ class DownstreamConnection(asyncio.Protocol):
         lr = self.lr
         ctx = req.ctx
         self.requests += 1
-        # after an upgrade request the parser is done: the connection closes (or tunnels)
-        keep_alive = req.keep_alive and not lr.draining and req.upgrade is None
+        self._current = req
+        self._responding = False
+        self._last_io = time.monotonic()
         if req.reject is not None:
             status, text = req.reject
             resp = local_reply(ctx, status, text, "DPE")
-            keep_alive = False
             lr.protocol_error(status)
             try:
                 await self._write(req, resp, False)
@@ -324,20 +460,36 @@ class DownstreamConnection(asyncio.Protocol):
             return False
         try:
             resp = await lr.dispatch(req)
+        except asyncio.CancelledError:
+            # the client left (connection_lost) or a stream timeout fired: everything below
+            # was unwound by the cancellation (upstream connection closed, slots returned)
+            return await self._after_cancel(req)
+        except BodyAborted as e:
+            resp = local_reply(ctx, e.status, "bad request body" if e.status == 400
+                               else "downstream disconnected", "DPE" if e.status == 400 else e.flag)
         except Exception:
             log.exception("unhandled error in request chain")
             resp = local_reply(ctx, 500, "internal error", "DPE")
+        # read after dispatch: the connection manager may have decided the connection closes;
+        # after an upgrade request the parser is done: the connection closes (or tunnels)
+        keep_alive = req.keep_alive and not lr.draining and req.upgrade is None
         if self._closing:
             resp.discard()
+            if "DC" not in ctx.flags:
+                ctx.flags.append("DC")
             lr.finish(req, resp, 0)
             return False
         if resp.status == 101 and req.upgrade is not None:
+            idle = ctx.stream_idle_timeout
             sent = await serve_tunnel(cast(asyncio.Transport, self.transport), self.wait_writable,
-                                      lr.server_header, req, resp)
+                                      lr.server_header, req, resp,
+                                      lr.stream_idle_timeout_s if idle is None else idle)
             lr.finish(req, resp, sent)
             return False
         body = resp.body
-        if not isinstance(req.body, bytes) and not req.body.at_eof:
+        if self._close_after:
+            keep_alive = False
+        elif not isinstance(req.body, bytes) and not req.body.at_eof:
             keep_alive = False       # the upstream answered before our client finished sending
         elif not ctx.upstream_host and (req.chunked or req.headers.get("content-length", "0") != "0"):
             keep_alive = False       # a local reply to a request with a body closes, as in Envoy
@@ -345,6 +497,8 @@ class DownstreamConnection(asyncio.Protocol):
             sent = await self._write(req, resp, keep_alive)
         except (ConnectionError, OSError, asyncio.CancelledError):
             resp.discard()
+            if self._timed_out is not None or self._closing:
+                self._note_abort(ctx)
             lr.finish(req, resp, 0)
             return False
         except Exception as e:   # an upstream body that failed mid-stream
@@ -356,6 +510,45 @@ class DownstreamConnection(asyncio.Protocol):
             return False
         lr.finish(req, resp, sent)
         return keep_alive and (isinstance(body, bytes) or sent >= 0)
+
+    def _note_abort(self, ctx: RequestContext) -> None:
+        t = self._timed_out
+        flag = t[2] if t is not None else "DC"
+        if flag is not None and flag not in ctx.flags:
+            ctx.flags.append(flag)
+
+    async def _after_cancel(self, req: Request) -> bool:
+        """The stream in flight was cancelled before its response started: the client left,
+        or a stream timeout fired (then it is answered: 504 when the whole request had
+        arrived, the connection staying usable; 408 and close while it was still arriving)."""
+        ctx = req.ctx
+        t = self._timed_out
+        self._timed_out = None
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()          # handled here: later awaits of this task run normally
+        if t is None or self._closing:
+            resp = local_reply(ctx, 400, "downstream disconnected", "DC")
+            self.lr.finish(req, resp, 0)
+            return False
+        status, text, flag = t
+        resp = local_reply(ctx, status, text, flag)
+        keep = status != 408 and req.keep_alive and not self.lr.draining
+        try:
+            await self._write(req, resp, keep)
+        except (ConnectionError, OSError):
+            keep = False
+        self.lr.finish(req, resp, 0)
+        return keep
+
+    def _write_local(self, resp: Response) -> None:
+        body = resp.body if isinstance(resp.body, bytes) else b""
+        head = [status_line(resp.status)]
+        for k, v in resp.headers.items():
+            head.append(f"{k}: {v}\r\n")
+        head.append(f"content-length: {len(body)}\r\n{self.lr.server_header}"
+                    f"date: {DATE.get()}\r\nconnection: close\r\n\r\n")
+        self.transport.write("".join(head).encode("latin-1") + body)
 
     async def _write(self, req: Request, resp: Response, keep_alive: bool) -> int:
         headers = resp.headers
@@ -385,7 +578,7 @@ class DownstreamConnection(asyncio.Protocol):
         if "date" not in headers:
             parts.append(f"date: {DATE.get()}\r\n")
         ctx = req.ctx
-        if ctx.upstream_duration is not None:
+        if ctx.upstream_duration is not None and not lr.suppress_envoy_headers:
             parts.append(f"x-envoy-upstream-service-time: {int(ctx.upstream_duration * 1000)}\r\n")
         if not keep_alive:
             parts.append("connection: close\r\n")
@@ -419,11 +612,13 @@ class DownstreamConnection(asyncio.Protocol):
             parts.append("transfer-encoding: chunked\r\n")
         parts.append("\r\n")
         t.write("".join(parts).encode("latin-1"))
+        self._responding = True
         sent = 0
         async for chunk in body:
             if self._closing:
                 resp.discard()
                 raise ConnectionResetError("downstream closed")
+            self._last_io = time.monotonic()
             sent += len(chunk)
             if chunked:
                 t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
@@ -438,19 +633,60 @@ class DownstreamConnection(asyncio.Protocol):
             return -1    # short body from upstream: the connection must close
         return sent
 
-    def _reject(self, status: int, message: str) -> None:
-        """A protocol-level error: answer and close (nothing reached the upstream)."""
-        if self._closing:
+    def _protocol_error(self, status: int, message: str) -> None:
+        """A message the parser refused: stop reading; answer the requests already parsed, in
+        order, then this error with ``connection: close`` (nothing of it went upstream)."""
+        if self._closing or self._stopped:
             return
+        self._stopped = True
+        self.transport.pause_reading()
+        s = self._stream
+        if s is not None and not self._complete:
+            # the body of the request in flight is malformed: its forwarding is aborted (the
+            # upstream connection holding the partial body closes) and it is answered 400
+            self._stream = None
+            self._close_after = True
+            self.lr.protocol_error(status)
+            s.feed_error(BodyAborted(message, 400, "DPE"))
+            return
+        self._req = None
+        self._chunks = []
+        if self._busy:
+            self._pending_error = (status, message)
+        else:
+            self._write_error(status, message)
+
+    def _write_error(self, status: int, message: str) -> None:
+        self.lr.protocol_error(status)
         body = message.encode()
         head = (f"{status_line(status)}content-length: {len(body)}\r\ncontent-type: text/plain\r\n"
                 f"{self.lr.server_header}date: {DATE.get()}\r\nconnection: close\r\n\r\n")
-        self.lr.protocol_error(status)
-        if not self._busy:
-            self.transport.write(head.encode("latin-1") + body)
+        self.transport.write(head.encode("latin-1") + body)
+        self._end()
+
+    def _end(self) -> None:
+        """Close after our last response: FIN at once, the socket a little later, reading and
+        discarding meanwhile (Envoy's delayed close). Closing a socket that still receives makes
+        the kernel send an RST, and a client whose stack sees it may drop our response unread."""
+        t = self.transport
+        if t is None or t.is_closing() or self._closing or not t.can_write_eof():
             self._close()
-        else:
-            self._closing = True   # finish the in-flight response, then close
+            return
+        self._closing = True
+        self._stopped = True          # what still arrives is read and dropped
+        self._busy = False
+        self._headers_started = 0.0
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            self._close()
+            return
+        asyncio.get_running_loop().call_later(DELAYED_CLOSE_S, self._really_close)
+
+    def _really_close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
 
     def _close(self) -> None:
         self._closing = True
@@ -460,20 +696,64 @@ class DownstreamConnection(asyncio.Protocol):
     async def wait_writable(self) -> None:
         """Until the transport's buffer drained below its high-water mark."""
         if self._paused_writing and not self._closing:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiter = fut     # type: ignore[assignment]
+            await fut
 
     def in_flight(self) -> int:
         """Requests being served or queued (pipelined) on this connection."""
         return 1 + len(self._queue) if self._busy else 0
 
-    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None:
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
+                   limits: StreamLimits | None = None) -> None:
+        """Called by the listener's sweep: connection idle and header-read timeouts, and the
+        timeouts of the stream in flight (request, stream idle, max duration); a tunnel keeps
+        its own idle timer (codec.tunnel)."""
         if self._busy:
+            if limits is not None and not self._upgraded:
+                self._stream_check(now, limits)
             return
         if self._headers_started and headers_timeout and now - self._headers_started > headers_timeout:
-            self._reject(408, "request header read timeout")
+            self._stopped = True
+            self._write_error(408, "request header read timeout")
             return
         if idle_timeout and now - self.last_active > idle_timeout:
             self._close()
 
+    def _stream_check(self, now: float, limits: StreamLimits) -> None:
+        req = self._current
+        if req is None or self._timed_out is not None or self._closing:
+            return
+        ctx = req.ctx
+        age = time.perf_counter() - ctx.start
+        t: tuple[int, str, str | None] | None = None
+        duration = ctx.max_stream_duration if ctx.max_stream_duration is not None \
+            else limits.max_stream_duration_s
+        idle = ctx.stream_idle_timeout if ctx.stream_idle_timeout is not None \
+            else limits.stream_idle_timeout_s
+        received = _request_received(req)
+        if duration and age > duration:
+            t = (504 if received else 408, "downstream duration timeout", "DT")
+        elif idle and now - self._last_io > idle:
+            t = (504 if received else 408, "stream timeout", "SI")
+        elif limits.request_timeout_s and age > limits.request_timeout_s and \
+                not self._responding and not received:
+            t = (408, "request timeout", None)
+        if t is None:
+            return
+        self._timed_out = t
+        if t[0] == 408:
+            self._stopped = True     # the rest of that request is never read: the connection closes
+        if self._responding:
+            # the response has started: all that is left is to reset the stream
+            self._stopped = True
+            if self.transport is not None:
+                self.transport.abort()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
 
+
+def _request_received(req: Request) -> bool:
+    body = req.body
+    return isinstance(body, bytes) or (isinstance(body, BodyStream) and body.ended)

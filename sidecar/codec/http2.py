@@ -45,10 +45,17 @@ from sidecar.codec.http2_common import (
     server_config,
 )
 from sidecar.codec.http2_guard import Abuse, Http2Guard
-from sidecar.codec.http2_request import Malformed, request_from_headers, trailers_from_headers
-from sidecar.codec.stream_owner import StreamOwner
+from sidecar.codec.http2_request import (
+    Malformed,
+    Refused,
+    header_count,
+    request_from_headers,
+    trailers_from_headers,
+)
+from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import Headers
+from sidecar.core.grpc import grpc_local_reply, grpc_reply
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
@@ -60,7 +67,7 @@ _BODYLESS = (204, 304)
 
 class _Stream:
     __slots__ = ("sid", "req", "chunks", "body", "trailers", "ended", "reset", "done", "started",
-                 "waiter", "task")
+                 "waiter", "task", "last_io", "responding", "timed_out")
 
     def __init__(self, sid: int, req: Request) -> None:
         self.sid = sid
@@ -74,6 +81,9 @@ class _Stream:
         self.started = time.monotonic()
         self.waiter: asyncio.Future[None] | None = None    # window or drain
         self.task: asyncio.Task[None] | None = None
+        self.last_io = self.started          # last frame of this stream, either way
+        self.responding = False              # our response headers went out
+        self.timed_out: tuple[int, str, str] | None = None   # a stream timeout fired
 
 
 class _StreamGone(Exception):
@@ -112,12 +122,48 @@ class Http2Connection(asyncio.Protocol):
     def in_flight(self) -> int:
         return len(self.streams)
 
-    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None:
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
+                   limits: StreamLimits | None = None) -> None:
+        """Called by the listener's sweep: drain, the connection's idle timeout, and each
+        stream's timeouts (request, stream idle, max duration; a route's override the
+        listener's)."""
         if self.owner.draining and not self._going_away:
             self.send_goaway()
         if not self.streams and (self._going_away or
                                  (idle_timeout and now - self.last_active > idle_timeout)):
             self._close()
+            return
+        if limits is not None and self.streams:
+            for st in list(self.streams.values()):
+                if st.timed_out is None and not st.reset and not st.done and st.task is not None:
+                    self._stream_check(st, now, limits)
+
+    def _stream_check(self, st: _Stream, now: float, limits: StreamLimits) -> None:
+        """Envoy's stream timeouts: before the response a local reply (504 once the request
+        had all arrived, else 408), after it a reset of the stream."""
+        ctx = st.req.ctx
+        age = time.perf_counter() - ctx.start
+        duration = ctx.max_stream_duration if ctx.max_stream_duration is not None \
+            else limits.max_stream_duration_s
+        idle = ctx.stream_idle_timeout if ctx.stream_idle_timeout is not None \
+            else limits.stream_idle_timeout_s
+        received = st.ended
+        t: tuple[int, str, str] | None = None
+        if duration and age > duration:
+            t = (504 if received else 408, "downstream duration timeout", "DT")
+        elif idle and now - st.last_io > idle:
+            t = (504 if received else 408, "stream timeout", "SI")
+        elif limits.request_timeout_s and age > limits.request_timeout_s and \
+                not st.responding and not received:
+            t = (408, "request timeout", "")
+        if t is None:
+            return
+        st.timed_out = t
+        if st.responding:
+            self._reset(st, ErrorCodes.NO_ERROR)
+        task = st.task
+        if task is not None and not task.done():
+            task.cancel()
 
     def _close(self) -> None:
         """Close gracefully: a GOAWAY (if none was sent), then the socket."""
@@ -241,6 +287,7 @@ class Http2Connection(asyncio.Protocol):
                     continue
                 if pad:
                     self.conn.acknowledge_received_data(pad, e.stream_id)
+                s.last_io = self.last_active
                 if s.chunks is not None:
                     s.chunks.append(e.data)
                 elif s.body is not None and e.data:
@@ -310,14 +357,22 @@ class Http2Connection(asyncio.Protocol):
         size = 0
         for name, value in raw:
             size += len(name) + len(value)
-        if size > self.owner.max_header_bytes:
-            # Envoy: header_list_size_too_large resets the stream, the connection lives
-            self.owner.http2_abuse("headers_too_large")
+        owner = self.owner
+        if size > owner.max_header_bytes or header_count(raw) > owner.max_headers_count:
+            # Envoy: header_list_size_too_large / too_many_headers reset the stream, the
+            # connection lives
+            owner.http2_abuse("headers_too_large")
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
             return None
         try:
-            req = request_from_headers(raw, self.owner.name, self.peer, self.owner.bound_port,
-                                       self.tls, self.peer_identity)
+            req = request_from_headers(raw, owner.name, self.peer, owner.bound_port,
+                                       self.tls, self.peer_identity, owner.headers_with_underscores)
+        except Refused:
+            # headers_with_underscores_action REJECT_REQUEST: Envoy's HTTP/2 codec resets the
+            # stream (HTTP/1.1 gets a 400)
+            owner.http2_abuse("underscore_header")
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            return None
         except Malformed as m:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
@@ -379,6 +434,10 @@ class Http2Connection(asyncio.Protocol):
         else:
             try:
                 resp = await owner.dispatch(req)
+            except asyncio.CancelledError:
+                if s.timed_out is None:
+                    raise
+                resp = self._timeout_reply(s)     # unwound below (upstream reset, slots back)
             except Exception:
                 log.exception("unhandled error in request chain")
                 resp = local_reply(ctx, 500, "internal error", "DPE")
@@ -391,12 +450,32 @@ class Http2Connection(asyncio.Protocol):
             except _StreamGone:
                 resp.discard()
                 sent = 0
+            except asyncio.CancelledError:
+                if s.timed_out is None:
+                    raise
+                _uncancel()
+                resp.discard()
+                if s.timed_out[2] not in ctx.flags:
+                    ctx.flags.append(s.timed_out[2])
             except Exception as e:   # the upstream body failed mid-stream: reset this stream
                 resp.discard()
                 ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
                 self._reset(s, ErrorCodes.INTERNAL_ERROR)
         owner.finish(req, resp, sent)
         self._stream_closed(s)
+
+    def _timeout_reply(self, s: _Stream) -> Response:
+        """The local reply of a stream timeout that fired before the response (gRPC-shaped
+        for gRPC clients, DEADLINE_EXCEEDED for the duration timeout, as Envoy)."""
+        _uncancel()
+        assert s.timed_out is not None
+        status, text, flag = s.timed_out
+        ctx = s.req.ctx
+        if flag == "DT" and ctx.grpc:
+            ctx.flags.append(flag)
+            return grpc_reply(4, text)
+        resp = local_reply(ctx, status, text, flag or None)
+        return grpc_local_reply(resp) if ctx.grpc else resp
 
     def _response_headers(self, req: Request, resp: Response) -> list[tuple[bytes, bytes]]:
         out = [(b":status", str(resp.status).encode())]
@@ -412,7 +491,7 @@ class Http2Connection(asyncio.Protocol):
         if "date" not in resp.headers:
             out.append(header(b"date", DATE.get().encode()))
         ctx = req.ctx
-        if ctx.upstream_duration is not None:
+        if ctx.upstream_duration is not None and not self.owner.suppress_envoy_headers:
             out.append(header(b"x-envoy-upstream-service-time",
                               str(int(ctx.upstream_duration * 1000)).encode()))
         return out
@@ -481,6 +560,8 @@ class Http2Connection(asyncio.Protocol):
             self.conn.send_headers(s.sid, block, end_stream=end)
         except h2.exceptions.StreamClosedError:
             raise _StreamGone() from None
+        s.responding = True
+        s.last_io = time.monotonic()
         self._count_frame()
         if end:
             self._after_end(s)
@@ -507,6 +588,7 @@ class Http2Connection(asyncio.Protocol):
             except h2.exceptions.StreamClosedError:
                 raise _StreamGone() from None
             self._count_frame(data=True)
+            s.last_io = time.monotonic()
             pos += n
             if self._write_paused:
                 self._flush()
@@ -628,6 +710,14 @@ class Http2Connection(asyncio.Protocol):
             t.close()       # the GOAWAY is flushed before the socket closes
         else:
             t.abort()
+
+
+def _uncancel() -> None:
+    """The cancellation of a stream's task by its timeout was handled: later awaits of the
+    task run normally."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _trailer_block(trailers: Headers) -> list[tuple[bytes, bytes]]:

@@ -25,6 +25,10 @@ class Malformed(Exception):
     """A request RFC 9113 8.2 calls malformed."""
 
 
+class Refused(Exception):
+    """A request the listener's limits refuse (its stream is reset, as Envoy's codec does)."""
+
+
 def trailers_from_headers(raw: RawHeaders) -> Headers:
     out: Headers = MultiDict()
     for name, value in raw:
@@ -34,10 +38,19 @@ def trailers_from_headers(raw: RawHeaders) -> Headers:
     return out
 
 
+def header_count(raw: RawHeaders) -> int:
+    """The fields Envoy counts against ``max_headers_count``: pseudo-headers included, the
+    crumbled cookies as the one header they are joined into."""
+    cookies = sum(1 for name, _ in raw if name == b"cookie")
+    return len(raw) - cookies + (1 if cookies else 0)
+
+
 def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] | None, port: int,
-                         tls: bool, peer_identity: str | None) -> Request:
-    """The request; raises ``Malformed``. Without ``:authority`` nor ``host`` the request is
-    answered 400 (``req.reject``)."""
+                         tls: bool, peer_identity: str | None,
+                         underscores: str = "ALLOW") -> Request:
+    """The request; raises ``Malformed``, or ``Refused`` for a header name with an underscore
+    under ``underscores`` REJECT_REQUEST (DROP_HEADER drops it). Without ``:authority`` nor
+    ``host`` the request is answered 400 (``req.reject``)."""
     method = path = scheme = authority = None
     host = None
     seen_regular = False
@@ -74,6 +87,10 @@ def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] |
             raise Malformed(f"header value of {name!r}")
         if name == b"te" and value.strip().lower() != b"trailers":
             raise Malformed("te other than trailers")
+        if underscores != "ALLOW" and b"_" in name:
+            if underscores == "DROP_HEADER":
+                continue
+            raise Refused(f"header name with an underscore {name!r}")
         n = name.decode("latin-1")
         v = value.decode("latin-1")
         if n == "cookie":

@@ -10,6 +10,20 @@ from typing import Protocol
 from sidecar.core.message import Request, Response
 
 
+class StreamLimits(Protocol):
+    """The per-stream timeouts a listener enforces (seconds; 0 = off; a route's own, in the
+    request context, override them)."""
+
+    @property
+    def request_timeout_s(self) -> float: ...
+
+    @property
+    def stream_idle_timeout_s(self) -> float: ...
+
+    @property
+    def max_stream_duration_s(self) -> float: ...
+
+
 class ServedConnection(Protocol):
     """A downstream connection as its listener sees it (HTTP/1.1 or HTTP/2 codec)."""
 
@@ -20,7 +34,8 @@ class ServedConnection(Protocol):
 
     def in_flight(self) -> int: ...
 
-    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float) -> None: ...
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
+                   limits: StreamLimits | None = None) -> None: ...
 
     def _close(self) -> None: ...
 
@@ -29,7 +44,10 @@ class StreamOwner(Protocol):
     name: str
     bound_port: int
     max_header_bytes: int
+    max_headers_count: int
+    headers_with_underscores: str    # ALLOW | REJECT_REQUEST | DROP_HEADER
     server_name: str
+    suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
     draining: bool
 
     def connection_opened(self, conn: ServedConnection) -> None: ...

@@ -4,8 +4,9 @@ types the listener's ``upgrade_configs`` allow).
 The HTTP/1.1 codec hands over at two points: after the upgrade request's head (the bytes the
 client sends from then on feed ``TunnelInput``, which the upstream half copies upstream), and
 when the route's answer is a 101 (``serve_tunnel`` writes the 101 and copies the upstream's
-bytes to the client until either side closes or the tunnel is idle for the route's
-``idle_timeout``, Envoy's default stream idle timeout otherwise). Then the connection closes.
+bytes to the client until either side closes or the tunnel is idle for the stream idle timeout:
+the route's ``idle_timeout``, else the listener's ``stream_idle_timeout``). Then the connection
+closes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from sidecar.codec.headers import DATE
 from sidecar.core.body import BodyStream
 from sidecar.core.message import Request, Response
 
-DEFAULT_IDLE_TIMEOUT_S = 300.0     # Envoy's stream_idle_timeout default
 _DROP = frozenset({"server", "content-length", "transfer-encoding", "keep-alive",
                    "proxy-connection"})
 
@@ -61,10 +61,11 @@ def _head(resp: Response, server_header: str) -> bytes:
 
 
 async def serve_tunnel(t: asyncio.Transport, wait_writable: Callable[[], Awaitable[None]],
-                       server_header: str, req: Request, resp: Response) -> int:
+                       server_header: str, req: Request, resp: Response, idle: float) -> int:
     """Write the 101 and copy the upstream's bytes to the client until the tunnel ends
-    (``wait_writable``: the connection's write backpressure); returns the bytes sent to the
-    client. The caller closes the connection after."""
+    (``wait_writable``: the connection's write backpressure; ``idle``: the stream idle
+    timeout, 0 = none); returns the bytes sent to the client. The caller closes the
+    connection after."""
     t.write(_head(resp, server_header))
     body = resp.body
     if isinstance(body, bytes):
@@ -72,7 +73,6 @@ async def serve_tunnel(t: asyncio.Transport, wait_writable: Callable[[], Awaitab
             t.write(body)
         resp.discard()
         return len(body)
-    idle = req.ctx.idle_timeout or DEFAULT_IDLE_TIMEOUT_S
     inp = req.body if isinstance(req.body, TunnelInput) else None
     loop = asyncio.get_running_loop()
     last = time.monotonic()
@@ -88,7 +88,7 @@ async def serve_tunnel(t: asyncio.Transport, wait_writable: Callable[[], Awaitab
         else:
             timer = loop.call_later(left, check)
 
-    timer = loop.call_later(idle, check)
+    timer = loop.call_later(idle, check) if idle > 0 else None
     sent = 0
     try:
         async for chunk in body:

@@ -119,6 +119,11 @@ class HealthCheck:
         return False
 
 
+# Envoy's DnsLookupFamily: AUTO prefers IPv6 and falls back to IPv4; V4_PREFERRED the other
+# way round; ALL takes both families
+DNS_LOOKUP_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
@@ -127,10 +132,18 @@ class Cluster:
     connect_timeout_s: float = 5.0
     lb: LbConfig = LbConfig()
     dns_refresh_s: float = 5.0
+    dns_lookup_family: str = "ALL"       # native default; Envoy's default (AUTO) when translated
+    # re-resolve when the records' TTL runs out rather than every dns_refresh_s (a TTL of 0:
+    # dns_refresh_s); and/or ask these resolvers ("ip:port") instead of the system's
+    respect_dns_ttl: bool = False
+    dns_resolvers: tuple[str, ...] = ()
     eds_service_name: str = ""
     max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
+    # response head limits: over them the response is a 502 and the connection closes
+    max_response_headers_count: int = 100     # Envoy's common_http_protocol_options default
+    max_response_headers_kb: int = 80         # Envoy's HTTP/1 default
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()

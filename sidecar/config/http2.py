@@ -98,7 +98,7 @@ def http2_options_from_wire(d: object, path: str, defaults: Http2Options,
     if native:
         d = {_NATIVE_ALIASES.get(str(k), str(k)): v for k, v in d.items()}
     for key, why in _REFUSED.items():
-        if key in d and d[key] not in (None, False, {}, []):
+        if key in d and d[key] is not None and d[key] is not False:   # false: the default
             raise ConfigError(w.join(path, key), why)
     if d.get("use_oghttp2_codec"):
         raise ConfigError(w.join(path, "use_oghttp2_codec"), "only the default codec is available")

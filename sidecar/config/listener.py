@@ -3,6 +3,7 @@ vocabulary native access logs may name), TLS, tracing, sidecar mode and admin.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,56 @@ from sidecar.config.tls import DownstreamTls
 @dataclass(frozen=True, slots=True)
 class AccessLogConfig:
     path: str = "/dev/stdout"
-    format: str = "json"            # json | text
+    format: str = "json"            # json | text | dev (fields below) | envoy (Envoy's formats)
     fields: tuple[str, ...] = ()    # empty: the default field set
+    # format "envoy": a SubstitutionFormatString, text or a JSON object (kept as JSON text);
+    # neither: Envoy's default text format
+    text_format: str | None = None
+    json_format: str | None = None
+    omit_empty_values: bool = False
+
+
+# Envoy command operators the access log honours (sidecar.observability.formatter implements
+# exactly these); anything else in a format is refused by name
+LOG_OPERATORS = frozenset((
+    "START_TIME", "REQ", "RESP", "TRAILER", "RESPONSE_CODE", "RESPONSE_FLAGS",
+    "RESPONSE_CODE_DETAILS", "DURATION", "BYTES_RECEIVED", "BYTES_SENT", "UPSTREAM_HOST",
+    "UPSTREAM_CLUSTER", "UPSTREAM_REQUEST_ATTEMPT_COUNT", "DOWNSTREAM_REMOTE_ADDRESS",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS",
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_PEER_URI_SAN", "PROTOCOL",
+    "GRPC_STATUS", "GRPC_STATUS_NUMBER", "ROUTE_NAME", "HOSTNAME", "DYNAMIC_METADATA",
+    "ENVIRONMENT"))
+_LOG_OPERATOR = re.compile(r"%([A-Z_0-9]+)(?:\(([^)]*)\))?(?::(\d+))?%")
+
+
+def check_log_format(value: object, path: str) -> None:
+    """A format string (or, recursively, a JSON format's values) uses only known operators,
+    and never logs a header that may carry credentials."""
+    from sidecar.config.errors import ConfigError
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_log_format(v, f"{path}.{k}")
+        return
+    if not isinstance(value, str):
+        if isinstance(value, (int, float, bool)) or value is None:
+            return
+        raise ConfigError(path, "must be a format string, a number, a bool or a mapping")
+    for m in _LOG_OPERATOR.finditer(value):
+        name, arg = m.group(1), m.group(2)
+        if name not in LOG_OPERATORS:
+            raise ConfigError(path, f"unsupported command operator %{name}% (supported: "
+                              f"{', '.join(sorted(LOG_OPERATORS))})")
+        if name in ("REQ", "RESP", "TRAILER"):
+            for h in (arg or "").split("?"):
+                h = h.strip()
+                if h and not h.startswith(":") and is_sensitive_header(h):
+                    raise ConfigError(path, f"header {h!r} may carry credentials and "
+                                      "is never logged")
+
+
+ESCAPED_SLASHES_ACTIONS = ("KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
+                           "UNESCAPE_AND_FORWARD")
+UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +81,17 @@ class Listener:
     direction: str = "outbound"           # inbound | outbound (sidecar mode)
     idle_timeout_s: float = 3600.0        # downstream connection idle timeout (Envoy 1 h)
     request_headers_timeout_s: float = 10.0   # slow-loris guard
-    request_timeout_s: float = 0.0        # whole downstream request, 0 = off
-    max_request_headers_kb: int = 60
+    request_timeout_s: float = 0.0        # until the whole request is received, 0 = off
+    stream_idle_timeout_s: float = 300.0  # no byte in or out on a stream (Envoy 5 min), 0 = off
+    max_stream_duration_s: float = 0.0    # a stream's whole life, 0 = off
+    max_request_headers_kb: int = 60      # request line + header fields
+    max_headers_count: int = 100          # header lines of a request (Envoy's default)
+    headers_with_underscores_action: str = "ALLOW"   # ALLOW | REJECT_REQUEST | DROP_HEADER
+    # path normalisation before filters and routing (the upstream gets the normalised path)
+    normalize_path: bool = False          # RFC 3986 dot segments, unreserved %XX decoded
+    merge_slashes: bool = False
+    path_with_escaped_slashes_action: str = "KEEP_UNCHANGED"   # | REJECT_REQUEST |
+    #                                      UNESCAPE_AND_REDIRECT | UNESCAPE_AND_FORWARD
     accept_http_10: bool = False          # Envoy answers 426 to HTTP/1.0 unless enabled
     generate_request_id: bool = True
     xff_num_trusted_hops: int = 0
@@ -43,6 +101,9 @@ class Listener:
     trust_private_peers: bool = False
     preserve_external_request_id: bool = False
     server_name: str = "envoy"
+    # the router adds no x-envoy-* headers of its own (expected-rq-timeout-ms upstream;
+    # upstream-service-time and overloaded downstream)
+    suppress_envoy_headers: bool = False
     # strip ":port" from Host before virtual-host matching: "any" | "matching" (only when it is
     # the listener's port) | "none" (Envoy's default; native configs default to "any")
     strip_host_port: str = "none"

@@ -114,6 +114,7 @@ _STRING_KINDS = ("exact", "prefix", "suffix", "contains", "safe_regex")
 
 def _regex(d: object, path: str) -> re.Pattern[str]:
     r = w.check_keys(d, ("regex", "google_re2"), path)
+    w.google_re2(r, path)
     return w.compile_regex(w.string(r, "regex", path), w.join(path, "regex"))
 
 

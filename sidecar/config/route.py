@@ -72,11 +72,10 @@ class HashPolicy:
 
 @dataclass(frozen=True, slots=True)
 class StreamDuration:
-    """Envoy's route ``max_stream_duration``. When set, the route ``timeout`` no longer applies
-    (as in Envoy); the stream may last ``max_s`` (0 = no bound) or, for gRPC requests with a
-    ``grpc-timeout`` header and ``grpc_header_max_s`` set, that timeout capped at
-    ``grpc_header_max_s`` (0 = no cap) minus ``grpc_header_offset_s``."""
-    max_s: float = 0.0
+    """Envoy's route ``max_stream_duration`` (its presence: the route ``timeout`` then no longer
+    applies, as in Envoy; the bound itself is ``RouteAction.max_stream_duration_s``). For gRPC
+    requests with a ``grpc-timeout`` header and ``grpc_header_max_s`` set, the stream may last
+    that timeout capped at ``grpc_header_max_s`` (0 = no cap) minus ``grpc_header_offset_s``."""
     grpc_header_max_s: float | None = None
     grpc_header_offset_s: float = 0.0
 
@@ -99,8 +98,10 @@ class RouteAction:
     max_stream_duration: StreamDuration | None = None
     # per-route upgrade_configs: enable or disable upgrade types the listener allows
     upgrades: tuple[UpgradeConfig, ...] = ()
-    # idle timeout of an upgraded (tunnelled) connection on this route, 0 = the listener's
-    idle_timeout_s: float = 0.0
+    # the listener's stream_idle_timeout / max_stream_duration for this route (None: the
+    # listener's; 0 turns it off on this route)
+    idle_timeout_s: float | None = None
+    max_stream_duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

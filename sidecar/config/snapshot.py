@@ -10,6 +10,7 @@ from sidecar.config.control_plane import ControlPlaneConfig
 from sidecar.config.errors import ErrorCollector
 from sidecar.config.listener import Admin, Listener, SidecarConfig, TracingConfig
 from sidecar.config.route import RouteAction
+from sidecar.config.stores import StoresConfig
 from sidecar.config.telemetry import MetricsListener
 
 
@@ -24,6 +25,7 @@ class Snapshot:
     node: dict[str, object] | None = None             # the xDS node identity, as given
     source_format: str = "native"        # native | envoy
     sidecar: SidecarConfig | None = None  # native `sidecar:` section (sidecar mode)
+    stores: StoresConfig = StoresConfig()  # shared_state sizes and named Redis stores
     metrics: MetricsListener | None = None   # the metrics-only listener (worker 0)
 
     def cluster(self, name: str) -> Cluster | None:

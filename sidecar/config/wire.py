@@ -239,6 +239,13 @@ def compile_regex(pattern: object, path: str, flags: int = 0) -> re.Pattern[str]
         raise ConfigError(path, f"invalid regular expression: {e}") from None
 
 
+def google_re2(r: Raw, path: str) -> None:
+    """A RegexMatcher's ``google_re2``: the (only) engine, selected by ``{}``; its deprecated
+    ``max_program_size`` is refused by name (Python's ``re`` compiles the pattern)."""
+    if "google_re2" in r:
+        check_keys(r["google_re2"] or {}, (), join(path, "google_re2"))
+
+
 @overload
 def one_of(d: Raw, keys: Iterable[str], path: str, required: Literal[True] = True) -> str: ...
 @overload

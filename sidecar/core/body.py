@@ -22,6 +22,19 @@ class BodyTooLarge(Exception):
     """A body exceeded the buffering limit of the layer that wanted to buffer it."""
 
 
+class BodyAborted(ConnectionError):
+    """The producer of a streamed body went away or sent a malformed body: whoever was
+    forwarding it must drop what it holds (an upstream connection with a partial request).
+
+    ``status`` and ``flag`` are the local reply owed when no response has started yet
+    (400 DPE for a malformed body; DC when the downstream connection closed)."""
+
+    def __init__(self, reason: str, status: int = 400, flag: str = "DC"):
+        super().__init__(reason)
+        self.status = status
+        self.flag = flag
+
+
 class BodySource:
     """A body arriving in chunks. ``read()`` returns the next chunk, ``b""`` at the end."""
 
@@ -121,6 +134,11 @@ class BodyStream(BodySource):
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+
+    @property
+    def ended(self) -> bool:
+        """The producer delivered the whole body (it may not all have been read yet)."""
+        return self._eof
 
     @property
     def buffered(self) -> int:

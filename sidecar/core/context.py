@@ -80,7 +80,8 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "abort", "grpc_status", "idle_timeout", "grpc_timeout",
+                 "original_path", "stream_idle_timeout", "max_stream_duration", "abort",
+                 "grpc_status", "grpc_timeout",
                  "peer_workload")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
@@ -124,8 +125,9 @@ class RequestContext:
         # the client's grpc-timeout in seconds, read when the request arrived (before any
         # route header mutation), for routes with max_stream_duration.grpc_timeout_header_max
         self.grpc_timeout: float | None = None
-        # the route's idle timeout for an upgraded (tunnelled) connection, 0 = the listener's
-        self.idle_timeout = 0.0
+        # a route's own stream timeouts (seconds, 0 = off), overriding the listener's
+        self.stream_idle_timeout: float | None = None
+        self.max_stream_duration: float | None = None
         # the peer's workload labels from Istio metadata exchange, once checked against its
         # verified identity (a sidecar.observability.workload.WorkloadLabels); Istio metrics
         self.peer_workload: object | None = None

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from sidecar.core.context import RouteInfo
+from sidecar.core.limits import (
+    FailurePolicy,
+    RateLimitService,
+    RemoteBuckets,
+    RemoteReplayCache,
+    ReplayCache,
+    TokenBuckets,
+)
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import MetricFactory
 
@@ -53,6 +61,30 @@ class FilterEnv(Protocol):
 
     def upstream(self, cluster: str) -> UpstreamClient:
         """A client for ``cluster`` (raises ``KeyError`` when no such cluster is configured)."""
+        ...
+
+    # ---- limits that are the sidecar's (every worker), or every replica's (a store) -------
+    def token_buckets(self) -> TokenBuckets:
+        """Token buckets shared by every worker of the sidecar (exact; see docs/resilience.md)."""
+        ...
+
+    def replay_cache(self) -> ReplayCache:
+        """The sidecar's ``jti`` replay cache, shared by every worker."""
+        ...
+
+    def replay_store(self, store: str, policy: FailurePolicy) -> RemoteReplayCache:
+        """The replay cache in the named store (``stores:``), shared by every replica; with
+        ``fail_open`` it falls back on the sidecar's own cache while the store is down.
+        Raises ``KeyError`` when no such store is configured."""
+        ...
+
+    def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
+        """Token buckets in the named store, shared by every replica. Raises ``KeyError``."""
+        ...
+
+    def rate_limit_service(self, cluster: str) -> RateLimitService:
+        """Envoy's rate limit service behind ``cluster`` (gRPC). Raises ``KeyError`` when no
+        such cluster is configured."""
         ...
 
 

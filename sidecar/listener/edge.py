@@ -98,6 +98,13 @@ def apply_edge_policy(req: Request, cfg: Listener, bound_port: int) -> None:
         else:
             headers["x-envoy-internal"] = "true"
     else:
+        # not the edge: the client is the last X-Forwarded-For entry (before the trusted
+        # hops), as in Envoy
+        xff = headers.get("x-forwarded-for")
+        if xff:
+            hops = [h.strip() for h in xff.split(",")]
+            if len(hops) > cfg.xff_num_trusted_hops:
+                ctx.remote_ip = hops[-1 - cfg.xff_num_trusted_hops]
         if "x-envoy-internal" in headers:
             del headers["x-envoy-internal"]
         if "x-forwarded-proto" not in headers:

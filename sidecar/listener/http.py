@@ -7,12 +7,16 @@ no route are answered 404 NR here and observed by the listener-level ``unmatched
 
 from __future__ import annotations
 
+from multidict import MultiDict
+
 from sidecar.config.listener import Listener
 from sidecar.config.route import RouteAction
 from sidecar.core.filter import FilterLike
-from sidecar.core.message import Request, Response
+from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import NULL, CounterChild
 from sidecar.listener.edge import apply_edge_policy
+from sidecar.listener.path import REJECT, PathPolicy
+from sidecar.listener.path import apply as normalise_path
 from sidecar.observability.access_log import RequestLogger
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import ListenerTracer
@@ -64,7 +68,7 @@ class HttpConnectionManager:
     """Routes and observers of one listener for one config snapshot."""
 
     __slots__ = ("config", "table", "tracer", "unmatched", "filters", "bound_port", "access_logs",
-                 "upgrades")
+                 "path_policy", "upgrades")
 
     def __init__(self, config: Listener, table: RouteTable | None, unmatched: RouteObserver,
                  tracer: ListenerTracer | None, filters: list[FilterLike], bound_port: int,
@@ -76,6 +80,9 @@ class HttpConnectionManager:
         self.tracer = tracer
         self.filters = tuple(filters)    # built filter objects, closed when retired
         self.bound_port = bound_port
+        pp = PathPolicy(config.normalize_path, config.merge_slashes,
+                        config.path_with_escaped_slashes_action)
+        self.path_policy = pp if pp.active else None
         self.upgrades = {u.upgrade_type: u.enabled for u in config.upgrades}
 
     async def dispatch(self, req: Request) -> Response:
@@ -90,11 +97,25 @@ class HttpConnectionManager:
         apply_edge_policy(req, self.config, self.bound_port)
         if req.upgrade is not None and req.upgrade not in self.upgrades:
             return upgrade_refused(req)      # before routing, as Envoy's connection manager
+        pp = self.path_policy
+        if pp is not None:
+            # before routing and every filter: RBAC, routes and the upstream see one path
+            path, verdict = normalise_path(pp, req.path)
+            if verdict is not None:
+                if verdict == REJECT:
+                    ctx.response_code_details = "path_normalization_failed"
+                    req.keep_alive = False          # Envoy closes the connection too
+                    return local_reply(ctx, 400, "Bad Request", "DPE")
+                loc: MultiDict[str] = MultiDict()
+                loc["location"] = path + "?" + req.query if req.query else path
+                return local_reply(ctx, 307, "", None, loc)
+            req.path = path
         table = self.table
         vh = table.virtual_host(req.authority) if table is not None else None
         route = vh.match(req.method, req.path, req.query, req.headers) if vh is not None else None
         if route is None:
             ctx.flags.append("NR")
+            ctx.response_code_details = "route_not_found"
             resp = Response(404)
             resp.local = True
             return grpc_local_reply(resp) if ctx.grpc else resp
@@ -117,7 +138,6 @@ class HttpConnectionManager:
         for u in action.upgrades:
             if u.upgrade_type == up:
                 enabled = u.enabled
-        req.ctx.idle_timeout = action.idle_timeout_s
         return enabled
 
     def retire(self) -> None:

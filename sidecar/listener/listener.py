@@ -20,6 +20,15 @@ from sidecar.tls.context import server_context
 from sidecar.tls.secrets import SecretStore
 
 
+def sweep_interval(cfg: Listener) -> float:
+    """Timeouts are checked by one sweep per listener, not a timer per request: once a second,
+    or more often when a configured timeout is short (a fifth of it, at least every 50 ms)."""
+    shortest = min((t for t in (cfg.request_timeout_s, cfg.stream_idle_timeout_s,
+                                cfg.max_stream_duration_s, cfg.request_headers_timeout_s,
+                                cfg.idle_timeout_s) if t > 0), default=5.0)
+    return max(0.05, min(1.0, shortest / 5))
+
+
 async def _no_routes(req: Request) -> Response:
     return local_reply(req.ctx, 404, "", "NR")
 
@@ -36,10 +45,7 @@ class ListenerRuntime:
         self.draining = False
         # swapped by the config store in one assignment; a stream reads it once, at dispatch
         self.hcm: HttpConnectionManager | None = None
-        self.max_header_bytes = config.max_request_headers_kb * 1024
-        self.server_header = f"server: {config.server_name}\r\n"
-        self.server_name = config.server_name
-        self.accept_http_10 = config.accept_http_10
+        self._limits(config)
         self._sweeper: asyncio.Task[None] | None = None
         self.bound_port = config.port
         self.downstream_cx_active = 0
@@ -52,12 +58,20 @@ class ListenerRuntime:
     def swap(self, config: Listener, hcm: HttpConnectionManager) -> HttpConnectionManager | None:
         """Serve ``hcm`` (a new config's routes) from now on; returns the one it replaces."""
         self.config = config
+        self._limits(config)
+        old, self.hcm = self.hcm, hcm
+        return old
+
+    def _limits(self, config: Listener) -> None:
+        """What the codec reads from its listener on every request (no config lookups)."""
         self.max_header_bytes = config.max_request_headers_kb * 1024
+        self.max_headers_count = config.max_headers_count
+        self.headers_with_underscores = config.headers_with_underscores_action
         self.server_header = f"server: {config.server_name}\r\n"
         self.server_name = config.server_name
         self.accept_http_10 = config.accept_http_10
-        old, self.hcm = self.hcm, hcm
-        return old
+        self.suppress_envoy_headers = config.suppress_envoy_headers
+        self.stream_idle_timeout_s = config.stream_idle_timeout_s
 
     def port_bound(self) -> None:
         """Port 0 was bound to a real port: routes that strip a matching port must know it."""
@@ -121,11 +135,12 @@ class ListenerRuntime:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            cfg = self.config
+            await asyncio.sleep(sweep_interval(cfg))
             now = time.monotonic()
             cfg = self.config
             for c in list(self.connections):
-                c.idle_check(now, cfg.idle_timeout_s, cfg.request_headers_timeout_s)
+                c.idle_check(now, cfg.idle_timeout_s, cfg.request_headers_timeout_s, cfg)
 
     async def stop_accepting(self) -> None:
         if self.server is not None:

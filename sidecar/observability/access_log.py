@@ -33,6 +33,7 @@ from sidecar.config.listener import (
 )
 from sidecar.core.message import Request, Response
 from sidecar.observability.devlog import DevLogger
+from sidecar.observability.formatter import make_format
 
 log = logging.getLogger("sidecar.access_log")
 
@@ -310,7 +311,30 @@ class AccessLogger:
         self._sink.write(line)
 
 
+class EnvoyFormatLogger:
+    """An access log in one of Envoy's formats (text or JSON command operators)."""
+
+    __slots__ = ("_format", "_sink")
+
+    def __init__(self, cfg: AccessLogConfig):
+        self._format = make_format(cfg.text_format, cfg.json_format, cfg.omit_empty_values)
+        self._sink = sink_for(cfg.path)
+
+    def format_line(self, req: Request, resp: Response, duration: float) -> str:
+        return self._format.format(req, resp, duration)
+
+    def log(self, req: Request, resp: Response, duration: float) -> None:
+        try:
+            line = self._format.format(req, resp, duration)
+        except Exception:  # a log line must never fail a request
+            log.exception("access log formatting failed")
+            return
+        self._sink.write(line)
+
+
 def make_access_logger(cfg: AccessLogConfig, listener_name: str) -> RequestLogger:
     if cfg.format == "dev":
         return DevLogger(cfg.path, listener_name)
+    if cfg.format == "envoy":
+        return EnvoyFormatLogger(cfg)
     return AccessLogger(cfg.path, cfg.format, cfg.fields, listener_name)

@@ -39,14 +39,24 @@ class ClusterStats:
     __slots__ = ("rq_by_class", "rq_total", "cx_connect_fail", "rq_timeout", "rq_retry",
                  "rq_retry_success", "rq_retry_overflow", "rq_overflow", "latency",
                  "cx_total", "cx_overflow", "rq_reset", "rq_per_try_timeout", "retry_limit_exceeded",
-                 "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced")
+                 "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
+                 "_codes", "_code_family", "_cluster")
 
     def __init__(self, m: Metrics, cluster: str):
+        self._codes: dict[int, Any] = {}
+        self._cluster = cluster
+        self._code_family: Any = None
         if not m.enabled:
             for s in self.__slots__:
-                setattr(self, s, NULL)
+                if not s.startswith("_"):
+                    setattr(self, s, NULL)
             self.rq_by_class = (NULL,) * 5
             return
+        # per response code, as Envoy's envoy_cluster_upstream_rq{envoy_response_code}: success
+        # rate per code can be graphed (codes are bounded: 100..599)
+        self._code_family = m.counter("sidecar_upstream_rq_code_total",
+                                      "Upstream requests (attempts) answered, by response code",
+                                      ("cluster", "envoy_response_code"))
         rq = m.counter("sidecar_upstream_rq_total", "Upstream requests (attempts) answered, by response class",
                        ("cluster", "status_class"))
         self.rq_by_class = tuple(rq.labels(cluster, c) for c in STATUS_CLASSES)
@@ -85,6 +95,18 @@ class ClusterStats:
         self.ejections_enforced = m.counter(
             "sidecar_upstream_outlier_ejections_enforced_total",
             "Endpoints ejected by outlier detection", ("cluster",)).labels(cluster)
+
+
+    def rq_code(self, status: int) -> Any:
+        """The counter of one response code (bound on first use)."""
+        c = self._codes.get(status)
+        if c is None:
+            fam = self._code_family
+            if fam is None:
+                return NULL
+            label = str(status) if 100 <= status <= 599 else "other"
+            c = self._codes[status] = fam.labels(self._cluster, label)
+        return c
 
 
 class RouteStats:

@@ -24,23 +24,34 @@ from sidecar.route.table import parse_cookies
 RESET_BODY = "upstream connect error or disconnect/reset before headers. reset reason: "
 
 
-def local_reply_for_error(ctx: RequestContext, e: UpstreamError) -> Response:
+def local_reply_for_error(ctx: RequestContext, e: UpstreamError,
+                          suppress_envoy_headers: bool = False) -> Response:
     flag = e.flag
+    # response code details as Envoy words them (%RESPONSE_CODE_DETAILS%)
     if flag == "UT":
-        return local_reply(ctx, 504, "upstream request timeout", "UT")
+        return local_reply(ctx, 504, "upstream request timeout", "UT",
+                           details="upstream_response_timeout")
     if flag == "UF":
-        return local_reply(ctx, 503, RESET_BODY + "remote connection failure", "UF")
+        return local_reply(ctx, 503, RESET_BODY + "remote connection failure", "UF",
+                           details=_RESET_DETAILS + "{remote_connection_failure}")
     if flag == "UPE":
-        return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE")
+        return local_reply(ctx, 502, RESET_BODY + "protocol error", "UPE",
+                           details=_RESET_DETAILS + "{protocol_error}")
     if flag == "UO":
         h: Headers = MultiDict()
-        h["x-envoy-overloaded"] = "true"
-        return local_reply(ctx, 503, RESET_BODY + "overflow", "UO", h)
+        if not suppress_envoy_headers:
+            h["x-envoy-overloaded"] = "true"
+        return local_reply(ctx, 503, RESET_BODY + "overflow", "UO", h,
+                           details=_RESET_DETAILS + "{overflow}")
     if flag == "UH":
-        return local_reply(ctx, 503, "no healthy upstream", "UH")
+        return local_reply(ctx, 503, "no healthy upstream", "UH", details="no_healthy_upstream")
     if flag == "NC":
-        return local_reply(ctx, 503, "", "NC")
-    return local_reply(ctx, 503, RESET_BODY + "connection termination", flag or "UC")
+        return local_reply(ctx, 503, "", "NC", details="cluster_not_found")
+    return local_reply(ctx, 503, RESET_BODY + "connection termination", flag or "UC",
+                       details=_RESET_DETAILS + "{connection_termination}")
+
+
+_RESET_DETAILS = "upstream_reset_before_response_started"
 
 
 # ---- header mutations -----------------------------------------------------------------------
@@ -160,13 +171,16 @@ class RouteActionLayer:
 
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
                  "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured",
-                 "single", "single_stack", "mutates_request", "mutates_response")
+                 "single", "single_stack", "mutates_request", "mutates_response",
+                 "idle_timeout", "max_stream_duration", "suppress_envoy_headers")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
     def __init__(self, action: RouteAction, match_len: int, mutation: HeaderMutation,
                  make_stack: UpstreamStackFactory,
-                 configured: Callable[[str], bool] = lambda name: True):
+                 configured: Callable[[str], bool] = lambda name: True,
+                 suppress_envoy_headers: bool = False):
+        self.suppress_envoy_headers = suppress_envoy_headers
         self.mutation = mutation
         # a cluster_header names clusters at request time: only configured ones get a stack
         # (the header is client-controlled; unknown names answer 503 NC and cost nothing)
@@ -185,6 +199,8 @@ class RouteActionLayer:
         self.regex_rewrite: tuple[re.Pattern[str], str] | None = action.regex_rewrite
         self.host_rewrite = action.host_rewrite
         self.hash_policy = action.hash_policy
+        self.idle_timeout = action.idle_timeout_s
+        self.max_stream_duration = action.max_stream_duration_s
 
     def _stack_for(self, name: str) -> Handler:
         stack = self.stacks.get(name)
@@ -202,6 +218,10 @@ class RouteActionLayer:
     async def __call__(self, req: Request) -> Response:
         ctx = req.ctx
         headers = req.headers
+        if self.idle_timeout is not None:
+            ctx.stream_idle_timeout = self.idle_timeout      # enforced by the codec's sweep
+        if self.max_stream_duration is not None:
+            ctx.max_stream_duration = self.max_stream_duration
         stack = self.single_stack
         extra: HeaderMutation | None = None
         if stack is not None:
@@ -233,7 +253,7 @@ class RouteActionLayer:
         try:
             resp = await stack(req)
         except UpstreamError as e:
-            return local_reply_for_error(ctx, e)
+            return local_reply_for_error(ctx, e, self.suppress_envoy_headers)
         if extra is not None:
             apply_response_mutation(extra, resp.headers)
         if self.mutates_response:

@@ -9,10 +9,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from multidict import MultiDict
-
 from sidecar.core.context import RouteInfo, StreamObserver
 from sidecar.core.filter import Handler
+from sidecar.core.grpc import grpc_local_reply, grpc_message, grpc_reply, is_grpc
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import CounterChild
 from sidecar.observability.access_log import RequestLogger
@@ -21,52 +20,8 @@ from sidecar.observability.tracing import ListenerTracer, ServerSpan
 
 log = logging.getLogger("sidecar.route")
 
-# Envoy's Grpc::Utility::httpToGrpcStatus
-_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
-
-
-def is_grpc(req: Request) -> bool:
-    ct = req.headers.get("content-type")
-    return ct is not None and ct.startswith("application/grpc")
-
-
-def grpc_message(text: str) -> str:
-    """gRPC's percent-encoding of ``grpc-message`` (printable ASCII except ``%`` kept)."""
-    if all(" " <= c <= "~" and c != "%" for c in text):
-        return text
-    return "".join(c if " " <= c <= "~" and c != "%" else
-                   "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in text)
-
-
-def grpc_local_reply(resp: Response) -> Response:
-    """A local reply to a gRPC request, as Envoy sends it: HTTP 200, trailers-only (one
-    HEADERS frame over HTTP/2, ``content-length: 0`` over HTTP/1.1), the gRPC status from the
-    HTTP status (Envoy's ``httpToGrpcStatus``) and the reply body as ``grpc-message``; other
-    headers of the reply (``www-authenticate``, ``x-envoy-overloaded``) are kept."""
-    if "grpc-status" in resp.headers:
-        return resp
-    body = resp.body if isinstance(resp.body, bytes) else b""
-    h = MultiDict(resp.headers)
-    h.popall("content-length", None)
-    h["content-type"] = "application/grpc"
-    h["grpc-status"] = str(_HTTP_TO_GRPC.get(resp.status, 2))
-    if body:
-        h["grpc-message"] = grpc_message(body.decode("utf-8", "replace"))
-    out = Response(200, h, b"")
-    out.local = True
-    return out
-
-
-def grpc_reply(status: int, message: str) -> Response:
-    """A local reply with an explicit gRPC status (e.g. DEADLINE_EXCEEDED)."""
-    h: MultiDict[str] = MultiDict()
-    h["content-type"] = "application/grpc"
-    h["grpc-status"] = str(status)
-    if message:
-        h["grpc-message"] = grpc_message(message)
-    out = Response(200, h, b"")
-    out.local = True
-    return out
+__all__ = ["ObserveLayer", "RouteObserver", "grpc_local_reply", "grpc_message", "grpc_reply",
+           "grpc_status_of", "is_grpc"]
 
 
 def grpc_status_of(resp: Response) -> str | None:

@@ -171,12 +171,15 @@ async def buffer_for_replay(req: Request, limit: int) -> bool:
 class RetryLayer:
     """Attempts under one route deadline (see the module docstring)."""
 
-    __slots__ = ("next", "policy", "cluster", "stats", "attempt_header", "clock", "sleep", "rand")
+    __slots__ = ("next", "policy", "cluster", "stats", "attempt_header", "clock", "sleep", "rand",
+                 "expected_header")
 
     def __init__(self, policy: RetryPolicy, next: Handler, cluster: ClusterState,
                  stats: ClusterStats, attempt_header: bool, clock: Clock | None = None,
-                 sleep: Sleep = asyncio.sleep, rand: Callable[[], float] = random.random):
+                 sleep: Sleep = asyncio.sleep, rand: Callable[[], float] = random.random,
+                 expected_header: bool = True):
         self.next = next
+        self.expected_header = expected_header   # false: the router's suppress_envoy_headers
         self.policy = policy
         self.cluster = cluster
         self.stats = stats
@@ -218,7 +221,7 @@ class RetryLayer:
                     if try_deadline is None or pt < try_deadline:
                         try_deadline = pt
                 ctx.attempt_deadline = try_deadline
-                if try_deadline is not None:
+                if try_deadline is not None and self.expected_header:
                     # Envoy: min(per-try timeout, what is left of the route timeout)
                     ms = int((try_deadline - clock()) * 1000 + 0.5)
                     headers["x-envoy-expected-rq-timeout-ms"] = str(ms if ms > 0 else 1)

@@ -126,8 +126,9 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
     else:
         match_len = len(cfg.match.prefix or cfg.match.path or "")
         core = RouteActionLayer(action, match_len, mutation,
-                                lambda cluster: upstream_stack(route, action, cluster, env),
-                                env.clusters.configured)
+                                lambda cluster: upstream_stack(route, action, cluster, env,
+                                                               listener.suppress_envoy_headers),
+                                env.clusters.configured, listener.suppress_envoy_headers)
         route.choice = core.choice
     istio = env.istio
     observer = RouteObserver(
@@ -142,7 +143,7 @@ def build_route_stack(route: CompiledRoute, listener: Listener, env: StackEnv) -
 
 
 def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
-                   env: StackEnv) -> Handler:
+                   env: StackEnv, suppress_envoy_headers: bool = False) -> Handler:
     """The part of a route's stack after the cluster choice, for one cluster."""
     state = env.clusters.state(cluster)
     stats = env.stats.cluster(cluster)
@@ -150,9 +151,11 @@ def upstream_stack(route: CompiledRoute, action: RouteAction, cluster: str,
     policy = action.retry_policy or vh.retry_policy
     mirrors = tuple((m, env.clusters.state(m.cluster)) for m in action.mirrors)
     return compose([
-        lambda nxt: TimeoutLayer(action, nxt, set_expected_header=action.retry_policy is None),
+        lambda nxt: TimeoutLayer(action, nxt, set_expected_header=action.retry_policy is None
+                                 and not suppress_envoy_headers),
         (lambda nxt: ShadowLayer(mirrors, nxt, env.shadow)) if mirrors else None,
-        (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count))
+        (lambda nxt: RetryLayer(policy, nxt, state, stats, vh.include_attempt_count,
+                                expected_header=not suppress_envoy_headers))
         if policy is not None else None,
     ], ClusterSend(state, action.auto_host_rewrite))
 

@@ -9,9 +9,9 @@ it on the cluster (``Cluster.send``, the retry layer's backoff).
 A route with ``max_stream_duration`` uses it instead of ``timeout`` (as Envoy does): the stream
 may last ``max_stream_duration``, or what a gRPC client's ``grpc-timeout`` asks (capped by
 ``grpc_timeout_header_max``, less ``grpc_timeout_header_offset``); past it the client gets
-408 "downstream duration timeout" (gRPC: DEADLINE_EXCEEDED). A route ``idle_timeout`` bounds the
-wait for the response headers of an ordinary request (504 "stream timeout", flag SI); tunnels
-apply it themselves (``codec.tunnel``).
+504 (408 if its request had not all arrived) "downstream duration timeout" (gRPC:
+DEADLINE_EXCEEDED). The codecs' sweeps also enforce ``ctx.max_stream_duration`` and the stream
+idle timeout over the whole stream.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from sidecar.config.route import RouteAction, StreamDuration
+from sidecar.core.body import BodyStream
 from sidecar.core.errors import UpstreamTimeout
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
@@ -42,8 +43,9 @@ def parse_grpc_timeout(v: str | None) -> float | None:
     return int(digits) * scale
 
 
-def stream_duration(d: StreamDuration, req: Request) -> float:
-    """The stream's allowed duration under ``max_stream_duration`` (0 = unbounded)."""
+def stream_duration(d: StreamDuration, req: Request) -> float | None:
+    """What a gRPC client's ``grpc-timeout`` allows the stream under ``max_stream_duration``
+    (0 = unbounded), None when it does not apply (the route's ``max_stream_duration_s`` does)."""
     if d.grpc_header_max_s is not None and req.ctx.grpc:
         t = req.ctx.grpc_timeout
         if t is not None:
@@ -53,7 +55,7 @@ def stream_duration(d: StreamDuration, req: Request) -> float:
             if d.grpc_header_offset_s > 0 and t > 0:
                 t = max(t - d.grpc_header_offset_s, 0.001)
             return t
-    return d.max_s
+    return None
 
 
 def duration_timeout_reply(req: Request) -> Response:
@@ -62,7 +64,10 @@ def duration_timeout_reply(req: Request) -> Response:
     ctx.response_code_details = "max_duration_timeout"
     if ctx.grpc:
         return grpc_reply(DEADLINE_EXCEEDED, "downstream duration timeout")
-    return local_reply(ctx, 408, "downstream duration timeout")
+    body = req.body
+    received = isinstance(body, bytes) or (isinstance(body, BodyStream) and body.ended)
+    # Envoy: 504 once the whole request had arrived, else 408
+    return local_reply(ctx, 504 if received else 408, "downstream duration timeout")
 
 
 def loop_clock() -> float:
@@ -82,7 +87,7 @@ class TimeoutLayer:
     it per attempt)."""
 
     __slots__ = ("next", "timeout", "timeout_ms", "allow_header", "set_expected", "clock",
-                 "duration", "idle")
+                 "duration")
 
     def __init__(self, action: RouteAction, next: Handler, set_expected_header: bool,
                  clock: Clock | None = None):
@@ -93,7 +98,6 @@ class TimeoutLayer:
         self.set_expected = set_expected_header
         self.clock = clock if clock is not None else bound_clock()
         self.duration = action.max_stream_duration
-        self.idle = action.idle_timeout_s
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         if self.duration is not None:
@@ -116,15 +120,17 @@ class TimeoutLayer:
             if self.set_expected:
                 headers["x-envoy-expected-rq-timeout-ms"] = (
                     self.timeout_ms if timeout == self.timeout else str(int(timeout * 1000)))
-        if self.idle > 0 and req.upgrade is None:
-            return self._idle_bounded(req)
         return self.next(req)
 
     async def _bounded_stream(self, req: Request, d: StreamDuration) -> Response:
         """``max_stream_duration``: the route timeout does not apply (Envoy)."""
         req.headers.popall("x-envoy-upstream-rq-timeout-ms", None)
-        timeout = stream_duration(d, req)
         ctx = req.ctx
+        timeout = stream_duration(d, req)
+        if timeout is not None:
+            ctx.max_stream_duration = timeout     # the codec's sweep bounds the rest of the stream
+        else:
+            timeout = ctx.max_stream_duration or 0.0
         if timeout <= 0:
             ctx.deadline = None
             return await self.next(req)
@@ -135,22 +141,3 @@ class TimeoutLayer:
             if self.clock() >= deadline:
                 return duration_timeout_reply(req)
             raise
-
-    async def _idle_bounded(self, req: Request) -> Response:
-        """Wait for the response headers at most the route's idle timeout. The attempt is not
-        cancelled on expiry (cancellation is not safe everywhere below); it runs on to its own
-        deadline and its response is discarded."""
-        task = asyncio.ensure_future(self.next(req))
-        done, _ = await asyncio.wait((task,), timeout=self.idle)
-        if done:
-            return task.result()
-        task.add_done_callback(_discard_late)
-        ctx = req.ctx
-        ctx.flags.append("SI")
-        ctx.response_code_details = "stream_idle_timeout"
-        return local_reply(ctx, 504, "stream timeout")
-
-
-def _discard_late(task: asyncio.Future[Response]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result().discard()

@@ -32,7 +32,10 @@ from sidecar.runtime.loader import filter_source_files, load_file
 from sidecar.runtime.metrics_port import MetricsPort, Renderer
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.runtime.store import ConfigStore
+from sidecar.runtime.stores import StoreRuntime
 from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S, LoopWatchdog
+from sidecar.shared.api import SharedState
+from sidecar.shared.local import LocalState
 from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar")
@@ -78,21 +81,30 @@ class App:
                  watch_config: bool = True, worker_id: int = 0, workers: int = 1,
                  cache_dir: str | None = None, admin: AdminStarter | None = None,
                  companions: tuple[Companion, ...] = (),
-                 loop_lag_threshold_s: float = DEFAULT_THRESHOLD_S):
+                 loop_lag_threshold_s: float = DEFAULT_THRESHOLD_S,
+                 shared: SharedState | None = None):
         self.initial = snapshot
         self.config_path = config_path
         self.metrics = Metrics(enabled=metrics_enabled)
         self.stats = StatsCache(self.metrics)
         self.secrets = SecretStore()         # certificates from the control plane (SDS)
-        self.clusters = ClusterManager(self.stats, self.secrets)
-        outlier.follow(self.clusters, self.metrics)
-        health.follow(self.clusters, self.metrics)
-        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters)
+        # the sidecar's shared state: the segment of the worker group, or this process's own
+        self.shared: SharedState = shared if shared is not None else \
+            LocalState(snapshot.stores.shared_state)
+        self.clusters = ClusterManager(self.stats, self.secrets, self.shared)
+        # outlier detection in every worker (each sees its own outcomes); its interval work
+        # and active health checking in one (worker 0): one prober per sidecar
+        outlier.follow(self.clusters, self.metrics, main=worker_id == 0)
+        if worker_id == 0:
+            health.follow(self.clusters, self.metrics)
+        self.stores = StoreRuntime(snapshot.stores, self.metrics)
+        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port,
                                  workload=Workload.from_env(os.environ), secrets=self.secrets)
         self.store.on_applied.append(self.on_snapshot_applied)
+        self.store.before_apply.append(self._check_shared_state)
         # user filter source files of the config in force -> filter name (reload, watchdog)
         self.filter_files: dict[str, str] = {}
         self._filter_mtimes: dict[str, float] = {}
@@ -127,6 +139,7 @@ class App:
         # -> a note shown by a 200 /ready (e.g. "serving the last-known-good config") or None
         self.ready_notes: list[Callable[[], str | None]] = []
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
+        self.ready_notes.append(self.stores.ready_note)
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._config_mtime = 0.0
@@ -173,6 +186,13 @@ class App:
         self._filter_mtimes = {f: _mtime(f) for f in self.filter_files}
         for cb in self.snapshot_listeners:
             cb(snap)
+
+    def _check_shared_state(self, snap: Snapshot) -> None:
+        """The shared-memory segment is sized once, before the workers start: a reload may
+        name new stores, not resize it."""
+        if snap.stores.shared_state != self.initial.stores.shared_state:
+            raise ConfigError("shared_state", "is sized at start; restart the sidecar to change it")
+        self.stores.configure(snap.stores)
 
     def count_update(self, source: str, ok: bool, error: str = "") -> None:
         if ok:
@@ -366,6 +386,7 @@ class App:
             await self.control_plane.close()
         self.store.close()
         self.clusters.close()
+        await self.stores.close()
         if self.admin is not None:
             await self.admin.cleanup()
         await self.metrics_port.close()

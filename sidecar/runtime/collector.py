@@ -1,6 +1,13 @@
 """Scrape-time state: what the data plane already keeps (connections, requests in flight,
 endpoint health, ejections, EWMA, breaker occupancy, per-endpoint counters) is read when
-Prometheus scrapes, never recorded per request."""
+Prometheus scrapes, never recorded per request.
+
+With several workers, worker 0 merges every worker's scrape (``sidecar.runtime.workers``).
+Gauges counted per worker (requests in flight, connections) are reported as this worker's
+share, so the merged sum is the sidecar's; facts that are the sidecar's (an endpoint's health
+verdict or ejection, whether a breaker is open) are the same in every worker and merged by
+max (``SIDECAR_FACTS``).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,16 @@ from sidecar.observability.access_log import access_log_sinks
 # still counted in the per-cluster series): a 10,000-endpoint EDS cluster must not make a
 # scrape explode.
 MAX_ENDPOINT_SERIES_PER_CLUSTER = 256
+
+
+# families whose value is the sidecar's in every worker: merged by max, not summed
+SIDECAR_FACTS = frozenset((
+    "sidecar_upstream_circuit_breaker_open", "sidecar_upstream_endpoints",
+    "sidecar_upstream_outlier_ejections_active", "sidecar_upstream_cluster_warm",
+    "sidecar_upstream_endpoint_available", "sidecar_upstream_endpoint_health_check_healthy",
+    "sidecar_upstream_endpoint_ejected", "sidecar_upstream_endpoint_ejections",
+    "sidecar_upstream_endpoint_weight", "sidecar_config_resources",
+))
 
 
 def install_state_collector(app) -> bool:
@@ -122,10 +139,11 @@ class StateCollector:
         now = time.monotonic()
         for cs in sorted(app.clusters.clusters(), key=lambda c: c.name):
             name = cs.name
-            br = cs.state.breakers
-            up_rq_active.add_metric((name,), br.active_requests)
-            up_pending.add_metric((name,), br.pending_requests)
-            up_retries.add_metric((name,), br.active_retries)
+            cs.refresh_health()
+            own = cs.state.breakers.own()
+            up_rq_active.add_metric((name,), own.requests)
+            up_pending.add_metric((name,), own.pending)
+            up_retries.add_metric((name,), own.retries)
             warm.add_metric((name,), int(cs.warm))
             for b, v in breaker_open(cs).items():
                 breaker.add_metric((name, b), v)
@@ -153,7 +171,7 @@ class StateCollector:
                 if ew is not None:
                     e_ewma.add_metric(lv, ew[0])
                     e_cost.add_metric(lv, ew[1])
-                e_rq_active.add_metric(lv, h.active_requests)
+                e_rq_active.add_metric(lv, h.counters.own_active())
                 e_rq.add_metric(lv, h.rq_total)
                 e_err.add_metric(lv, h.rq_error)
                 e_to.add_metric(lv, h.rq_timeout)

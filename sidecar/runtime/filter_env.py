@@ -1,13 +1,28 @@
-"""What the proxy offers filters while they are built (``sidecar.core.filter.FilterEnv``)."""
+"""What the proxy offers filters while they are built (``sidecar.core.filter.FilterEnv``):
+clusters to call, and the limits that are the sidecar's (token buckets and the replay cache in
+``sidecar.shared``, shared by every worker) or every replica's (Redis stores, Envoy's rate
+limit service)."""
 
 from __future__ import annotations
 
 from sidecar.cluster.cluster import ClusterState
 from sidecar.cluster.manager import ClusterManager
+from sidecar.config.stores import StoresConfig
 from sidecar.core.filter import UpstreamClient
+from sidecar.core.limits import (
+    FailurePolicy,
+    RateLimitService,
+    RemoteBuckets,
+    RemoteReplayCache,
+    ReplayCache,
+    TokenBuckets,
+)
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import MetricFactory
 from sidecar.observability.metrics import Metrics
+from sidecar.runtime.stores import StoreRuntime
+from sidecar.shared.api import SharedState
+from sidecar.shared.redis_store import RedisBuckets, RedisReplayCache
 
 
 class ClusterClient:
@@ -28,11 +43,16 @@ class ClusterClient:
 
 
 class ProxyFilterEnv:
-    __slots__ = ("_metrics", "_clusters")
+    __slots__ = ("_metrics", "_clusters", "_shared", "_stores", "_remote")
 
-    def __init__(self, metrics: Metrics, clusters: ClusterManager):
+    def __init__(self, metrics: Metrics, clusters: ClusterManager,
+                 shared: SharedState | None = None, stores: StoreRuntime | None = None):
         self._metrics = metrics
         self._clusters = clusters
+        self._shared = shared if shared is not None else clusters.shared
+        self._stores = stores if stores is not None else StoreRuntime(StoresConfig(), metrics)
+        # one client per (store, policy), kept while the store's config is unchanged
+        self._remote: dict[tuple[str, str, FailurePolicy], object] = {}
 
     @property
     def metrics(self) -> MetricFactory:
@@ -43,3 +63,31 @@ class ProxyFilterEnv:
         if state is None or state.current is None:
             raise KeyError(cluster)
         return ClusterClient(state)
+
+    def token_buckets(self) -> TokenBuckets:
+        return self._shared.buckets()
+
+    def replay_cache(self) -> ReplayCache:
+        return self._shared.replay()
+
+    def replay_store(self, store: str, policy: FailurePolicy) -> RemoteReplayCache:
+        st = self._stores.redis(store)
+        key = ("replay", store, policy)
+        c = self._remote.get(key)
+        if not isinstance(c, RedisReplayCache) or c.store is not st:
+            c = self._remote[key] = RedisReplayCache(st, policy, local=self._shared.replay())
+        return c
+
+    def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
+        st = self._stores.redis(store)
+        key = ("buckets", store, policy)
+        c = self._remote.get(key)
+        if not isinstance(c, RedisBuckets) or c.store is not st:
+            c = self._remote[key] = RedisBuckets(st, policy)
+        return c
+
+    def rate_limit_service(self, cluster: str) -> RateLimitService:
+        state = self._clusters.states.get(cluster)
+        if state is None or state.current is None:
+            raise KeyError(cluster)
+        return self._stores.rate_limit_service(state)

@@ -57,6 +57,7 @@ class ConfigStore:
         self.applied_at = 0.0
         self.history: list[tuple[str, float]] = []
         self.on_applied: list[Callable[[Snapshot], None]] = []
+        self.before_apply: list[Callable[[Snapshot], None]] = []   # before anything is built
         self.workload = workload or Workload()   # this pod, for Istio metrics' labels
         self.secrets = secrets                     # SDS certificates for TLS listeners
         self._istio: IstioFamilies | None = None   # made when a listener first asks for them
@@ -89,6 +90,8 @@ class ConfigStore:
         new_names = {lc.name for lc in snap.listeners}
         started: list[ListenerRuntime] = []
         swaps: list[tuple[ListenerRuntime, Listener, HttpConnectionManager]] = []
+        for cb in self.before_apply:
+            cb(snap)
         self.clusters.apply(snap.clusters)
         try:
             for lc in snap.listeners:

@@ -9,7 +9,11 @@ Shape:
   certificates: exit code 1).
 * Every worker is a full sidecar (its own event loop, config store, cluster manager and upstream
   pools) binding each listener with ``SO_REUSEPORT``, so the kernel spreads connections across
-  workers. Each worker follows config updates itself (the same file watched by each, or its own
+  workers. Limits are the sidecar's: before forking, the supervisor maps one shared-memory
+  segment (``sidecar.shared``) that every worker inherits - circuit breakers, requests in flight
+  per endpoint, the health board (one prober, worker 0), token buckets and the JWT replay
+  cache live there. A worker that dies leaves its share counted until the supervisor reclaims
+  its slots, which it does before forking the replacement. Each worker follows config updates itself (the same file watched by each, or its own
   control-plane stream): there is no shared config state to lock. Listener ports must be fixed
   (port 0 would give each worker a different port).
 * Admin (and the metrics-only listener, ``metrics:``) is served by worker 0 only, and aggregated: every worker serves its own metrics and
@@ -52,7 +56,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import __version__
 from sidecar.runtime.app import App, Companion, install_uvloop
+from sidecar.runtime.collector import SIDECAR_FACTS
 from sidecar.runtime.sidecar_mode import attach
+from sidecar.shared.host import SharedHost
 
 log = logging.getLogger("sidecar.workers")
 
@@ -82,16 +88,23 @@ def run_workers(args, snap, concurrency: int, admin_app: AdminAppFactory,
         return 1
     rundir = tempfile.mkdtemp(prefix="sidecar-workers-")
     os.chmod(rundir, 0o700)
-    sup = Supervisor(args, snap, concurrency, rundir, admin_app, companions)
+    # before any fork. SIDECAR_SHARED_STATE=per_worker (bench/shared_cost.py only) gives each
+    # worker its own state instead, to measure what sharing costs
+    host = None if os.environ.get("SIDECAR_SHARED_STATE") == "per_worker" else \
+        SharedHost.create(snap.stores.shared_state, concurrency)
+    sup = Supervisor(args, snap, concurrency, rundir, admin_app, companions, host)
     try:
         return sup.run()
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+        if host is not None:
+            host.close()
 
 
 class Supervisor:
     def __init__(self, args, snap, n: int, rundir: str, admin_app: AdminAppFactory,
-                 companions: tuple[Companion, ...] = ()):
+                 companions: tuple[Companion, ...] = (), host: SharedHost | None = None):
+        self.host = host
         self.admin_app = admin_app
         self.companions = companions
         self.args = args
@@ -115,7 +128,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(supervisor)
                 code = worker_process(self.args, self.snap, wid, self.n, self.rundir, self.admin_app,
-                                      supervisor, self.companions)
+                                      supervisor, self.companions, self.host)
             except BaseException:                      # noqa: BLE001 - report and leave
                 log.exception("worker %d failed", wid)
             finally:
@@ -177,6 +190,8 @@ class Supervisor:
                     self.stop_all()
                 else:
                     log.warning("worker %d died (%s): restarting it", wid, _describe(code))
+                    if self.host is not None:
+                        self.host.reclaim(wid)     # its gauges and names, before the new one
                     self.spawn(wid)
         return self.rc
 
@@ -202,22 +217,25 @@ def _describe(code: int) -> str:
 # ================================================================================================
 
 def worker_process(args, snap, wid: int, n: int, rundir: str, admin_app: AdminAppFactory,
-                   supervisor: int = 0, companions: tuple[Companion, ...] = ()) -> int:
+                   supervisor: int = 0, companions: tuple[Companion, ...] = (),
+                   host: SharedHost | None = None) -> int:
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [w{wid}] %(name)s: %(message)s")
     for h in logging.getLogger().handlers:
         h.setFormatter(fmt)
     uv = install_uvloop() if not getattr(args, "no_uvloop", False) else False
     return asyncio.run(_worker_main(args, snap, wid, n, rundir, uv, admin_app, supervisor,
-                                    companions))
+                                    companions, host))
 
 
 async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
                        admin_app: AdminAppFactory, supervisor: int = 0,
-                       companions: tuple[Companion, ...] = ()) -> int:
+                       companions: tuple[Companion, ...] = (),
+                       host: SharedHost | None = None) -> int:
+    shared = host.worker(wid) if host is not None else None
     app = App(snap, config_path=getattr(args, "config", None),
               metrics_enabled=not getattr(args, "no_metrics", False), reuse_port=True,
               loop_lag_threshold_s=getattr(args, "loop_lag_threshold", 250.0) / 1000.0,
-              worker_id=wid, workers=n, companions=companions)
+              worker_id=wid, workers=n, companions=companions, shared=shared)
     if wid == 0:
         async def render_merged(accept: str) -> tuple[bytes, str]:
             others = await ask_all(rundir, n, "GET", "/metrics", skip=0)
@@ -254,7 +272,9 @@ async def _start_private(app, path: str, wid: int):
 
     async def ready(request):
         reason = app.not_ready_reason()
-        return web.Response(status=200 if reason is None else 503, text=reason or "LIVE")
+        if reason is not None:
+            return web.Response(status=503, text=reason)
+        return web.Response(text="LIVE\n" + app.ready_notes_text())
 
     async def info(request):
         snap = app.store.snapshot
@@ -324,12 +344,19 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
             local = app.not_ready_reason()
             if local:
                 reasons.append(f"worker 0: {local}")
-            for wid, (status, text) in sorted((await ask_all(rundir, n, "GET", "/ready", skip=0)).items()):
+            answers = await ask_all(rundir, n, "GET", "/ready", skip=0)
+            for wid, (status, text) in sorted(answers.items()):
                 if status != 200:
                     reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
             if reasons:
                 return web.Response(status=503, text="\n".join(reasons) + "\n")
-            return web.Response(text="LIVE\n" + app.ready_notes_text())
+            # notes (a store down, the last-known-good config...): each worker's, once
+            text = "".join(f"note: worker 0: {line[6:]}\n"
+                           for line in app.ready_notes_text().splitlines())
+            for wid, (_status, body) in sorted(answers.items()):
+                text += "".join(f"note: worker {wid}: {line[6:]}\n"
+                                for line in body.splitlines() if line.startswith("note: "))
+            return web.Response(text="LIVE\n" + text)
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",
@@ -359,7 +386,13 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
     return runner, port
 
 
-def _gauge_mode(name: str) -> str:
+def _merge_mode(name: str, typ: str) -> str:
+    if name in SIDECAR_FACTS:
+        return "max"                  # the sidecar's fact, the same in every worker
+    if name == "sidecar_dependency_up":
+        return "min"                  # down if any worker cannot reach it
+    if typ != "gauge":
+        return "sum"
     if name.endswith("start_time_seconds"):
         return "min"
     if name.endswith(("_info", "_timestamp_seconds", "max_fds")):
@@ -390,7 +423,7 @@ def merged_metrics(local_metrics, others: dict[int, tuple[int, str]], accept: st
             if entry is None:
                 entry = families[f.name] = [f.type, f.documentation, {}]
             values = entry[2]
-            mode = _gauge_mode(f.name) if f.type == "gauge" else "sum"
+            mode = _merge_mode(f.name, f.type)
             for s in f.samples:
                 labels = {**s.labels, "worker": str(wid)} if per_worker else s.labels
                 key = (s.name, tuple(sorted(labels.items())))

@@ -13,6 +13,19 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from sidecar.core.limits import (
+    BucketDecision,
+    BucketSpec,
+    ReplayCache,
+    ReplayVerdict,
+    TokenBuckets,
+)
+
+__all__ = ["BreakerCounters", "BreakerSnapshot", "BucketDecision", "BucketSpec", "EndpointCounters",
+           "EndpointHealth", "Outcome", "OutcomeTotals", "Priority", "ReplayCache",
+           "ReplayVerdict", "Resource", "SharedState", "Streak", "TokenBuckets", "refill",
+           "reset_after", "retry_limit"]
+
 
 class Priority(enum.IntEnum):
     """Envoy's routing priority: each has its own breaker thresholds and counters."""
@@ -43,13 +56,6 @@ class Streak(enum.IntEnum):
     CONSECUTIVE_LOCAL_ORIGIN = 2
 
 
-class ReplayVerdict(enum.Enum):
-    FRESH = "fresh"          # first use: recorded until its expiry
-    REPLAYED = "replayed"    # seen before and not yet expired: refuse
-    FULL = "full"            # no room without forgetting a live jti: refuse (fail closed)
-    UNAVAILABLE = "store_unavailable"   # the cross-replica store could not answer: refuse
-
-
 @dataclass(frozen=True, slots=True)
 class BreakerSnapshot:
     """One priority's gauges, summed over every worker."""
@@ -75,26 +81,12 @@ class EndpointHealth:
     """What the single health/outlier writer published for one endpoint."""
     healthy: bool = True          # active health checking verdict
     ejected_until: float = 0.0    # outlier ejection end, time.monotonic() seconds (0: none)
-    ejections: int = 0            # times ejected so far (Envoy's ejection multiplier input)
+    ejections: int = 0            # times ejected so far
+    multiplier: int = 0           # ejections in a row (Envoy's ejection time multiplier)
     epoch: int = 0                # bumped on every publication for this endpoint
 
     def available(self, now: float) -> bool:
         return self.healthy and self.ejected_until <= now
-
-
-@dataclass(frozen=True, slots=True)
-class BucketSpec:
-    """Envoy token bucket: holds up to max_tokens, gains tokens_per_fill every fill_interval."""
-    max_tokens: int
-    tokens_per_fill: int
-    fill_interval_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class BucketDecision:
-    allowed: bool
-    remaining: int          # whole tokens left after this request
-    reset_s: int            # whole seconds until the next fill (x-ratelimit-reset)
 
 
 # ---- the interfaces ----------------------------------------------------------------------------
@@ -107,7 +99,16 @@ class BreakerCounters(Protocol):
     def try_acquire_retry(self, priority: Priority, max_retries: int,
                           budget_percent: float | None, min_retry_concurrency: int) -> bool: ...
     def release(self, priority: Priority, resource: Resource) -> None: ...
+    def total(self, priority: Priority, resource: Resource) -> int:
+        """One gauge, summed over every worker."""
+        ...
+    def publish(self, priority: Priority, resource: Resource, value: int) -> None:
+        """Set this worker's share of a gauge it counts itself (open connections)."""
+        ...
     def snapshot(self, priority: Priority) -> BreakerSnapshot: ...
+    def own(self, priority: Priority) -> BreakerSnapshot:
+        """This worker's share (per-worker metrics add up to the sidecar's)."""
+        ...
     def close(self) -> None: ...
 
 
@@ -118,34 +119,30 @@ class EndpointCounters(Protocol):
     def begin(self) -> None: ...
     def end(self) -> None: ...
     def active(self) -> int: ...
+    def own_active(self) -> int:
+        """This worker's share of ``active`` (per-worker metrics add up to the sidecar's)."""
+        ...
     def record(self, outcome: Outcome) -> None: ...
-    def streak(self, which: Streak) -> int: ...
+    def streak(self, which: Streak) -> tuple[int, int]:
+        """(length, start): failures of this kind since the latest success anywhere, and an
+        identity of the streak (the same while no success or reset intervenes)."""
+        ...
+    def reset_streaks(self) -> None:
+        """Start every streak over (after an ejection), sidecar-wide."""
+        ...
     def totals(self) -> OutcomeTotals: ...
     def health(self) -> EndpointHealth: ...
+    # the health board: any worker may write (serialized; each write bumps the epochs)
+    def set_healthy(self, healthy: bool) -> None: ...
+    def eject(self, now: float, base_s: float, max_s: float) -> EndpointHealth | None:
+        """Eject for ``base_s x multiplier`` (capped at ``max(base_s, max_s)``); None when
+        the endpoint is already ejected (another worker got there first)."""
+        ...
+    def uneject(self) -> None: ...
+    def decay_multiplier(self) -> None:
+        """One interval without ejection: the multiplier goes down by one (Envoy)."""
+        ...
     def close(self) -> None: ...
-
-
-class HealthWriter(Protocol):
-    """The one writer of health and ejection state (the prober / outlier detector)."""
-
-    def publish(self, cluster: str, address: str, health: EndpointHealth) -> bool: ...
-    def epoch(self) -> int: ...
-
-
-class TokenBuckets(Protocol):
-    """Token buckets keyed by ``scope`` (one filter config) and ``descriptor`` (its entries,
-    () for the default bucket). ``pinned`` buckets (the config's own) are never evicted;
-    dynamic ones (one per header value, client address...) may be, as documented."""
-
-    def consume(self, scope: str, descriptor: tuple[tuple[str, str], ...], spec: BucketSpec,
-                now: float, pinned: bool = True) -> BucketDecision: ...
-    def release(self, scope: str) -> None: ...
-
-
-class ReplayCache(Protocol):
-    """jti values seen until their expiry; insert-if-absent is one atomic step."""
-
-    def check_and_add(self, namespace: str, jti: str, until: float, now: float) -> ReplayVerdict: ...
 
 
 class SharedState(Protocol):
@@ -156,8 +153,12 @@ class SharedState(Protocol):
     def forget(self, cluster: str, address: str | None = None) -> None: ...
     def buckets(self) -> TokenBuckets: ...
     def replay(self) -> ReplayCache: ...
-    def health_writer(self) -> HealthWriter: ...
-    def health_epoch(self) -> int: ...
+    def health_epoch(self) -> int:
+        """Bumped on every health-board write: a worker that sees it change re-reads the
+        verdicts of its endpoints."""
+        ...
+    @property
+    def workers(self) -> int: ...
 
 
 def retry_limit(active: int, max_retries: int, budget_percent: float | None,

@@ -66,6 +66,10 @@ class ShmBuckets:
             return BucketDecision(True, spec.max_tokens, reset_after(now, spec, now))
         if pinned:
             self._pinned.setdefault(scope, set()).add(row)
+        elif len(self._rows) >= 2 * seg.layout.bucket_rows:
+            # bound this worker's map: forget where dynamic buckets are (found again by name)
+            pins = {r for rows in self._pinned.values() for r in rows}
+            self._rows = {k: v for k, v in self._rows.items() if v[0] in pins}
         self._rows[key] = (row, digest)
         decision = self._consume_at(row, digest, spec, now)
         if decision is None:                       # evicted between attach and use: rare

@@ -1,5 +1,6 @@
 """Cross-worker counters in the shared segment: a cluster's breaker gauges, an endpoint's
-in-flight requests and outcome counts, and the health board (one writer, every worker reads).
+in-flight requests and outcome counts, and the health board (writes serialized by one record
+lock, since they are rare: a verdict change, an ejection; reads lock-free by a seqlock).
 
 Every counter word has one writer: the worker that owns the slab. Readers sum the slabs.
 
@@ -42,7 +43,6 @@ from sidecar.shared.segment import (
     BREAKER_WORDS,
     ENDPOINT_WORDS,
     H_EPOCH,
-    H_WRITER,
     LOCK_WRITER,
     Directory,
     SharedSegment,
@@ -53,7 +53,7 @@ ACTIVE, TOTAL, SUCCESS, E5XX, GATEWAY, LOCAL, M5XX, MGATEWAY, MLOCAL = range(END
 _STREAK_WORDS = {Streak.CONSECUTIVE_5XX: (E5XX, M5XX),
                  Streak.CONSECUTIVE_GATEWAY: (GATEWAY, MGATEWAY),
                  Streak.CONSECUTIVE_LOCAL_ORIGIN: (LOCAL, MLOCAL)}
-_BOARD = struct.Struct("<qdqq")        # healthy, ejected_until, ejections, epoch (after seq)
+_BOARD = struct.Struct("<qdqqq")       # healthy, ejected_until, ejections, multiplier, epoch
 SEQLOCK_SPINS = 64                     # then the last value read stands (writer died mid-way)
 
 
@@ -129,6 +129,15 @@ class ShmBreaker(_Handle):
         if self._closing:
             self._released()
 
+    def publish(self, priority: Priority, resource: Resource, value: int) -> None:
+        self._words[self._own + priority * 4 + resource] = value
+
+    def total(self, priority: Priority, resource: Resource) -> int:
+        words, k, total = self._words, priority * 4 + resource, 0
+        for b in self._bases:
+            total += words[b + k]
+        return total
+
     def snapshot(self, priority: Priority) -> BreakerSnapshot:
         words, k = self._words, priority * 4
         s = [0, 0, 0, 0]
@@ -136,6 +145,10 @@ class ShmBreaker(_Handle):
             for r in range(4):
                 s[r] += words[b + k + r]
         return BreakerSnapshot(*s)
+
+    def own(self, priority: Priority) -> BreakerSnapshot:
+        words, at = self._words, self._own + priority * 4
+        return BreakerSnapshot(words[at], words[at + 1], words[at + 2], words[at + 3])
 
 
 class ShmEndpoint(_Handle):
@@ -162,6 +175,9 @@ class ShmEndpoint(_Handle):
             total += words[b]
         return total
 
+    def own_active(self) -> int:
+        return self._words[self._own]
+
     def _sum(self, k: int) -> int:
         words, total = self._words, 0
         for b in self._bases:
@@ -169,8 +185,8 @@ class ShmEndpoint(_Handle):
         return total
 
     def record(self, outcome: Outcome) -> None:
-        if self._closing and self._own_gauges_zero():
-            return                              # detached: the row may belong to another name
+        if self._detached():
+            return
         words, o = self._words, self._own
         words[o + TOTAL] += 1
         if outcome is Outcome.SUCCESS:
@@ -194,7 +210,7 @@ class ShmEndpoint(_Handle):
                 words[o + MGATEWAY] = self._sum(GATEWAY)
             words[o + MLOCAL] = self._sum(LOCAL)  # a response came: the host is reachable
 
-    def streak(self, which: Streak) -> int:
+    def streak(self, which: Streak) -> tuple[int, int]:
         count, mark = _STREAK_WORDS[which]
         words, total, latest = self._words, 0, 0
         for b in self._bases:
@@ -202,7 +218,13 @@ class ShmEndpoint(_Handle):
             m = words[b + mark]
             if m > latest:
                 latest = m
-        return total - latest if total > latest else 0
+        return (total - latest if total > latest else 0), latest
+
+    def reset_streaks(self) -> None:
+        words, o = self._words, self._own
+        words[o + M5XX] = self._sum(E5XX)
+        words[o + MGATEWAY] = self._sum(GATEWAY)
+        words[o + MLOCAL] = self._sum(LOCAL)
 
     def totals(self) -> OutcomeTotals:
         return OutcomeTotals(self._sum(TOTAL), self._sum(SUCCESS), self._sum(E5XX),
@@ -211,9 +233,67 @@ class ShmEndpoint(_Handle):
     def health(self) -> EndpointHealth:
         return read_board(self._seg, self._board)
 
+    # ---- the board: writers serialized by LOCK_WRITER, readers by the seqlock -------------
+    def _write(self, healthy: int, ejected_until: float, ejections: int, multiplier: int) -> None:
+        seg, at = self._seg, self._board
+        words, i = seg.words, at // 8
+        seq = words[i]
+        epoch = _BOARD.unpack_from(seg.mm, at + 8)[4] + 1
+        words[i] = seq + 1                                 # odd: writing
+        _BOARD.pack_into(seg.mm, at + 8, healthy, ejected_until, ejections, multiplier, epoch)
+        words[i] = seq + 2                                 # even: stable
+        words[H_EPOCH] += 1
+
+    def _detached(self) -> bool:
+        """Closed and let go: the row may already carry another endpoint's name."""
+        return self._closing and self._own_gauges_zero()
+
+    def _update(self, healthy: bool | None = None, ejected_until: float | None = None,
+                ejections: int | None = None, multiplier: int | None = None) -> None:
+        if self._detached():
+            return
+        seg = self._seg
+        seg.lock(LOCK_WRITER)
+        try:
+            h, e, n, m, _ = _BOARD.unpack_from(seg.mm, self._board + 8)
+            self._write(h if healthy is None else int(healthy),
+                        e if ejected_until is None else ejected_until,
+                        n if ejections is None else ejections, m if multiplier is None else multiplier)
+        finally:
+            seg.unlock(LOCK_WRITER)
+
+    def set_healthy(self, healthy: bool) -> None:
+        if self.health().healthy != healthy:
+            self._update(healthy=healthy)
+
+    def eject(self, now: float, base_s: float, max_s: float) -> EndpointHealth | None:
+        if self._detached():
+            return None
+        seg = self._seg
+        seg.lock(LOCK_WRITER)
+        try:
+            h, e, n, m, _ = _BOARD.unpack_from(seg.mm, self._board + 8)
+            if e > now:
+                return None
+            m += 1
+            until = now + min(base_s * m, max(base_s, max_s))
+            self._write(h, until, n + 1, m)
+        finally:
+            seg.unlock(LOCK_WRITER)
+        return self.health()
+
+    def uneject(self) -> None:
+        if self.health().ejected_until:
+            self._update(ejected_until=0.0)
+
+    def decay_multiplier(self) -> None:
+        hb = self.health()
+        if hb.multiplier > 0:
+            self._update(multiplier=hb.multiplier - 1)
+
 
 def read_board(seg: SharedSegment, at: int) -> EndpointHealth:
-    """Seqlock read: retry while the writer is mid-publication (odd sequence) or published
+    """Seqlock read: retry while a writer is mid-publication (odd sequence) or published
     meanwhile; x86-64 keeps loads in order, so seq-fields-seq is enough."""
     words, mm, i = seg.words, seg.mm, at // 8
     fields = _BOARD.unpack_from(mm, at + 8)
@@ -222,54 +302,5 @@ def read_board(seg: SharedSegment, at: int) -> EndpointHealth:
         fields = _BOARD.unpack_from(mm, at + 8)
         if not s1 & 1 and words[i] == s1:
             break
-    healthy, ejected_until, ejections, epoch = fields
-    return EndpointHealth(bool(healthy), ejected_until, ejections, epoch)
-
-
-class ShmHealthWriter:
-    """The single writer of the health board. Claimed by one worker (the one that runs the
-    health checker and the outlier detector); a second live claimer is refused. The claim
-    dies with the worker (``SharedSegment.reclaim``), so its replacement claims again."""
-
-    __slots__ = ("_seg", "_worker", "_rows")
-
-    def __init__(self, seg: SharedSegment, worker: int) -> None:
-        seg.lock(LOCK_WRITER)
-        try:
-            holder = seg.words[H_WRITER]
-            if holder not in (0, worker + 1):
-                raise RuntimeError(f"worker {holder - 1} already publishes health; "
-                                   f"worker {worker} may only read it")
-            seg.words[H_WRITER] = worker + 1
-        finally:
-            seg.unlock(LOCK_WRITER)
-        self._seg, self._worker = seg, worker
-        self._rows: dict[tuple[str, str], int] = {}
-
-    def publish(self, cluster: str, address: str, health: EndpointHealth) -> bool:
-        """Publish one endpoint's verdict; False when the endpoint table is full."""
-        seg = self._seg
-        row = self._rows.get((cluster, address))
-        if row is None:
-            row = seg.attach(seg.layout.endpoint_dir, seg.digest(cluster, address), self._worker)
-            if row < 0:
-                return False
-            self._rows[(cluster, address)] = row
-        at = seg.layout.board + row * BOARD_WORDS * 8
-        words, i = seg.words, at // 8
-        seq = words[i]
-        epoch = _BOARD.unpack_from(seg.mm, at + 8)[3] + 1
-        words[i] = seq + 1                                 # odd: writing
-        _BOARD.pack_into(seg.mm, at + 8, 1 if health.healthy else 0, health.ejected_until,
-                         health.ejections, epoch)
-        words[i] = seq + 2                                 # even: stable
-        words[H_EPOCH] += 1
-        return True
-
-    def forget(self, cluster: str, address: str) -> None:
-        row = self._rows.pop((cluster, address), None)
-        if row is not None:
-            self._seg.detach(self._seg.layout.endpoint_dir, row, self._worker)
-
-    def epoch(self) -> int:
-        return self._seg.words[H_EPOCH]
+    healthy, ejected_until, ejections, multiplier, epoch = fields
+    return EndpointHealth(bool(healthy), ejected_until, ejections, multiplier, epoch)

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.shared.config import Backoff, FailurePolicy
+from sidecar.config.stores import Backoff
+from sidecar.core.limits import DependencyUnavailable, FailurePolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,7 @@ class DependencyStatus:
     warning: str = ""            # e.g. Redis with an evicting maxmemory-policy
 
 
-class Unavailable(Exception):
+class Unavailable(DependencyUnavailable):
     """The dependency could not answer (down, timed out, refused): apply the failure policy."""
 
 

@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
+from sidecar.config.stores import SharedStateConfig
 from sidecar.shared.api import SharedState
 from sidecar.shared.buckets import ShmBuckets
-from sidecar.shared.config import SharedStateConfig
-from sidecar.shared.counters import ShmBreaker, ShmEndpoint, ShmHealthWriter
+from sidecar.shared.counters import ShmBreaker, ShmEndpoint
 from sidecar.shared.local import LocalState
 from sidecar.shared.replay import ShmReplay
 from sidecar.shared.segment import H_EPOCH, SharedSegment
@@ -36,7 +36,6 @@ class WorkerShared:
         self._endpoints: dict[tuple[str, str], ShmEndpoint] = {}
         self._buckets = ShmBuckets(seg, worker)
         self._replay = ShmReplay(seg)
-        self._writer: ShmHealthWriter | None = None
 
     def breaker(self, cluster: str) -> ShmBreaker:
         b = self._breakers.get(cluster)
@@ -81,13 +80,12 @@ class WorkerShared:
     def replay(self) -> ShmReplay:
         return self._replay
 
-    def health_writer(self) -> ShmHealthWriter:
-        if self._writer is None:
-            self._writer = ShmHealthWriter(self.segment, self.worker)
-        return self._writer
-
     def health_epoch(self) -> int:
         return self.segment.words[H_EPOCH]
+
+    @property
+    def workers(self) -> int:
+        return self.segment.layout.workers
 
 
 class SharedHost:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
+from sidecar.config.stores import DEFAULT_SHARED_STATE, SharedStateConfig
 from sidecar.shared.api import (
     BreakerSnapshot,
     BucketDecision,
@@ -26,7 +27,6 @@ from sidecar.shared.api import (
     reset_after,
     retry_limit,
 )
-from sidecar.shared.config import DEFAULT_SHARED_STATE, SharedStateConfig
 
 
 class LocalBreaker:
@@ -54,7 +54,16 @@ class LocalBreaker:
         if c[resource] > 0:
             c[resource] -= 1
 
+    def total(self, priority: Priority, resource: Resource) -> int:
+        return self._counts[priority][resource]
+
+    def publish(self, priority: Priority, resource: Resource, value: int) -> None:
+        self._counts[priority][resource] = value
+
     def snapshot(self, priority: Priority) -> BreakerSnapshot:
+        return BreakerSnapshot(*self._counts[priority])
+
+    def own(self, priority: Priority) -> BreakerSnapshot:
         return BreakerSnapshot(*self._counts[priority])
 
     def close(self) -> None:
@@ -62,13 +71,15 @@ class LocalBreaker:
 
 
 class LocalEndpoint:
-    __slots__ = ("_active", "_counts", "_streaks", "_health")
+    __slots__ = ("_active", "_counts", "_streaks", "_starts", "_health", "_state")
 
-    def __init__(self) -> None:
+    def __init__(self, state: "LocalState") -> None:
         self._active = 0
         self._counts = [0, 0, 0, 0, 0]      # total, success, 5xx, gateway, local_origin
         self._streaks = [0, 0, 0]
+        self._starts = [0, 0, 0]            # a streak's identity: bumped when it starts over
         self._health = EndpointHealth()
+        self._state = state
 
     def begin(self) -> None:
         self._active += 1
@@ -80,13 +91,21 @@ class LocalEndpoint:
     def active(self) -> int:
         return self._active
 
+    def own_active(self) -> int:
+        return self._active
+
+    def _restart(self, which: Streak) -> None:
+        if self._streaks[which]:
+            self._streaks[which] = 0
+            self._starts[which] += 1
+
     def record(self, outcome: Outcome) -> None:
         c, s = self._counts, self._streaks
         c[0] += 1
         if outcome is Outcome.SUCCESS:
             c[1] += 1
-            s[Streak.CONSECUTIVE_5XX] = s[Streak.CONSECUTIVE_GATEWAY] = 0
-            s[Streak.CONSECUTIVE_LOCAL_ORIGIN] = 0
+            for k in Streak:
+                self._restart(k)
         elif outcome is Outcome.LOCAL_ORIGIN:
             c[4] += 1
             s[Streak.CONSECUTIVE_LOCAL_ORIGIN] += 1
@@ -97,17 +116,50 @@ class LocalEndpoint:
                 c[3] += 1
                 s[Streak.CONSECUTIVE_GATEWAY] += 1
             else:
-                s[Streak.CONSECUTIVE_GATEWAY] = 0
-            s[Streak.CONSECUTIVE_LOCAL_ORIGIN] = 0     # a response came: the host is reachable
+                self._restart(Streak.CONSECUTIVE_GATEWAY)
+            self._restart(Streak.CONSECUTIVE_LOCAL_ORIGIN)   # a response came: reachable
 
-    def streak(self, which: Streak) -> int:
-        return self._streaks[which]
+    def streak(self, which: Streak) -> tuple[int, int]:
+        return self._streaks[which], self._starts[which]
+
+    def reset_streaks(self) -> None:
+        for k in Streak:
+            self._restart(k)
 
     def totals(self) -> OutcomeTotals:
         return OutcomeTotals(*self._counts)
 
     def health(self) -> EndpointHealth:
         return self._health
+
+    def _publish(self, healthy: bool, ejected_until: float, ejections: int,
+                 multiplier: int) -> None:
+        self._health = EndpointHealth(healthy, ejected_until, ejections, multiplier,
+                                      self._health.epoch + 1)
+        self._state.epoch += 1
+
+    def set_healthy(self, healthy: bool) -> None:
+        h = self._health
+        if h.healthy != healthy:
+            self._publish(healthy, h.ejected_until, h.ejections, h.multiplier)
+
+    def eject(self, now: float, base_s: float, max_s: float) -> EndpointHealth | None:
+        h = self._health
+        if h.ejected_until > now:
+            return None
+        m = h.multiplier + 1
+        self._publish(h.healthy, now + min(base_s * m, max(base_s, max_s)), h.ejections + 1, m)
+        return self._health
+
+    def uneject(self) -> None:
+        h = self._health
+        if h.ejected_until:
+            self._publish(h.healthy, 0.0, h.ejections, h.multiplier)
+
+    def decay_multiplier(self) -> None:
+        h = self._health
+        if h.multiplier > 0:
+            self._publish(h.healthy, h.ejected_until, h.ejections, h.multiplier - 1)
 
     def close(self) -> None:
         pass
@@ -200,25 +252,6 @@ class LocalReplay:
         return ReplayVerdict.FRESH
 
 
-class LocalHealthWriter:
-    __slots__ = ("_state", "_epoch")
-
-    def __init__(self, state: "LocalState") -> None:
-        self._state = state
-        self._epoch = 0
-
-    def publish(self, cluster: str, address: str, health: EndpointHealth) -> bool:
-        ep = self._state.endpoint(cluster, address)
-        self._epoch += 1
-        self._state.epoch = self._epoch
-        ep._health = EndpointHealth(health.healthy, health.ejected_until, health.ejections,
-                                    ep._health.epoch + 1)
-        return True
-
-    def epoch(self) -> int:
-        return self._epoch
-
-
 class LocalState:
     """``SharedState`` for one process. Handles are kept by name, so a config update that
     keeps a cluster or an endpoint finds its counts again."""
@@ -229,7 +262,6 @@ class LocalState:
         self._endpoints: dict[tuple[str, str], LocalEndpoint] = {}
         self._buckets = LocalBuckets(config.bucket_rows)
         self._replay = LocalReplay(config.replay_entries)
-        self._writer = LocalHealthWriter(self)
         self.epoch = 0
 
     def breaker(self, cluster: str) -> LocalBreaker:
@@ -241,7 +273,7 @@ class LocalState:
     def endpoint(self, cluster: str, address: str) -> LocalEndpoint:
         e = self._endpoints.get((cluster, address))
         if e is None:
-            e = self._endpoints[(cluster, address)] = LocalEndpoint()
+            e = self._endpoints[(cluster, address)] = LocalEndpoint(self)
         return e
 
     def forget(self, cluster: str, address: str | None = None) -> None:
@@ -260,8 +292,9 @@ class LocalState:
     def replay(self) -> LocalReplay:
         return self._replay
 
-    def health_writer(self) -> LocalHealthWriter:
-        return self._writer
-
     def health_epoch(self) -> int:
         return self.epoch
+
+    @property
+    def workers(self) -> int:
+        return 1

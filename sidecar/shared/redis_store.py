@@ -37,11 +37,43 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from sidecar.config.stores import RedisStoreConfig
+from sidecar.core.limits import BucketDecision, BucketSpec, FailurePolicy
 from sidecar.shared.api import ReplayCache, ReplayVerdict
-from sidecar.shared.config import FailurePolicy, RedisStoreConfig
 from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
 
 T = TypeVar("T")
+
+# Envoy's token bucket (whole fills) on Redis's clock, so replicas need not agree on time:
+# one token from each bucket in order, stopping at the first empty one, in one atomic step
+_BUCKETS_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last_i, last_tokens, last_reset = 0, 0, 0
+for i, key in ipairs(KEYS) do
+  local mx = tonumber(ARGV[3 * i - 2])
+  local per = tonumber(ARGV[3 * i - 1])
+  local iv = tonumber(ARGV[3 * i])
+  local b = redis.call('HMGET', key, 't', 'l')
+  local tokens, last = tonumber(b[1]), tonumber(b[2])
+  if tokens == nil or last == nil then
+    tokens, last = mx, now
+  elseif now >= last + iv then
+    local n = math.floor((now - last) / iv)
+    tokens = math.min(mx, tokens + n * per)
+    last = last + n * iv
+  elseif now < last then
+    last = now
+  end
+  local allowed = tokens >= 1
+  if allowed then tokens = tokens - 1 end
+  redis.call('HSET', key, 't', tokens, 'l', last)
+  redis.call('PEXPIRE', key, math.ceil(mx / per) * iv + iv)
+  last_i, last_tokens, last_reset = i, tokens, last + iv - now
+  if not allowed then return {i, 0, tokens, last_reset} end
+end
+return {last_i, 1, last_tokens, last_reset}
+"""
 
 _WINDOW_LUA = """
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -59,6 +91,7 @@ class RedisStore:
             socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
             retry=Retry(NoBackoff(), 0), max_connections=256, client_name="pysidecar")
         self._window = self.client.register_script(_WINDOW_LUA)
+        self._buckets = self.client.register_script(_BUCKETS_LUA)
         self.health = HealthTracker(cfg.name, cfg.describe(), cfg.timeout_s, cfg.backoff, clock)
 
     @property
@@ -96,6 +129,20 @@ class RedisStore:
         async def op(client: aioredis.Redis) -> int:
             return int(await script(keys=[key], args=[hits, ms], client=client))
         return await self.run(op)
+
+    async def buckets_take(self, keys: list[str], args: list[int]) -> list[int]:
+        """Run the token-bucket script (see ``RedisBuckets``)."""
+        script = self._buckets
+
+        async def op(client: aioredis.Redis) -> list[int]:
+            return [int(x) for x in await script(keys=keys, args=args, client=client)]
+        return await self.run(op)
+
+    async def ping(self) -> None:
+        """A call for its answer alone (``Unavailable`` while down and not yet due a probe)."""
+        async def op(client: aioredis.Redis) -> bool:
+            return bool(await client.ping())
+        await self.run(op)
 
     async def check_eviction_policy(self) -> None:
         async def op(client: aioredis.Redis) -> dict:
@@ -163,6 +210,48 @@ class RedisReplayCache:
             self._policy_checked = True
             await store.check_eviction_policy()
         return ReplayVerdict.FRESH if fresh else ReplayVerdict.REPLAYED
+
+
+def bucket_key(prefix: str, name: str) -> str:
+    h = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"{prefix}tb:{h.hexdigest()}"
+
+
+class RedisBuckets:
+    """Token buckets in Redis (``RemoteBuckets``), Envoy's whole-fill semantics on Redis's
+    clock: exact across every replica using the store (Redis runs each script alone).
+    While the store cannot answer: ``fail_open`` allows, ``fail_closed`` refuses (index -1),
+    counted in the store's status."""
+
+    def __init__(self, store: RedisStore, policy: FailurePolicy) -> None:
+        self.store = store
+        self.policy = policy
+        self._keys: dict[str, str] = {}
+
+    async def consume_all(self, buckets: tuple[tuple[str, BucketSpec], ...]
+                          ) -> tuple[int, BucketDecision]:
+        keys: list[str] = []
+        args: list[int] = []
+        cache, prefix = self._keys, self.store.cfg.key_prefix
+        for name, spec in buckets:
+            k = cache.get(name)
+            if k is None:
+                if len(cache) >= 65536:
+                    cache.clear()
+                k = cache[name] = bucket_key(prefix, name)
+            keys.append(k)
+            args += (spec.max_tokens, spec.tokens_per_fill,
+                     max(1, int(spec.fill_interval_s * 1000)))
+        try:
+            i, allowed, tokens, reset_ms = await self.store.buckets_take(keys, args)
+        except Unavailable:
+            self.store.health.count_policy(self.policy)
+            spec = buckets[-1][1]
+            ok = self.policy is FailurePolicy.FAIL_OPEN
+            return -1, BucketDecision(ok, spec.max_tokens if ok else 0,
+                                      max(0, int(-(-spec.fill_interval_s // 1))))
+        return i - 1, BucketDecision(bool(allowed), max(0, tokens),
+                                     max(0, -(-reset_ms // 1000)))
 
 
 @dataclass(frozen=True, slots=True)

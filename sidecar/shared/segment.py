@@ -33,17 +33,17 @@ import struct
 import time
 from dataclasses import dataclass
 
+from sidecar.config.stores import MAX_WORKERS, SharedStateConfig
 from sidecar.shared.api import BucketSpec, refill
-from sidecar.shared.config import MAX_WORKERS, SharedStateConfig
 
 MAGIC = b"PYSCSHM1"
 HEADER = 4096
 # header words (int64 slots after the 8-byte magic)
-H_WORKERS, H_WRITER, H_EPOCH = 1, 2, 3
+H_WORKERS, H_EPOCH = 1, 3
 
 BREAKER_WORDS = 8                # [priority][resource]
 ENDPOINT_WORDS = 9               # see counters.py
-BOARD_WORDS = 5                  # seq, healthy, ejected_until (f64), ejections, epoch
+BOARD_WORDS = 6                  # seq, healthy, ejected_until (f64), ejections, multiplier, epoch
 BUCKET_FIELDS = 6                # tokens, last, max_tokens, tokens_per_fill, interval, touched
 REPLAY_WAYS = 8
 
@@ -51,7 +51,7 @@ REPLAY_WAYS = 8
 LOCK_BREAKER_DIR = 0
 LOCK_ENDPOINT_DIR = 1
 LOCK_BUCKET_DIR = 2
-LOCK_WRITER = 3
+LOCK_WRITER = 3                  # the health board (serializes its writers)
 LOCK_BUCKET_BASE = 1 << 32
 LOCK_REPLAY = 4
 
@@ -307,12 +307,11 @@ class SharedSegment:
                 self.unlock(d.lock)
         self.lock(LOCK_WRITER)
         try:
-            if words[H_WRITER] == worker + 1:
-                words[H_WRITER] = 0
-                b = lay.board // 8
-                for row in range(n):                   # a publication cut short: seal it
-                    if words[b + row * BOARD_WORDS] & 1:
-                        words[b + row * BOARD_WORDS] += 1
+            b = lay.board // 8
+            for row in range(n):                   # a board write cut short by the death: seal it
+                if words[b + row * BOARD_WORDS] & 1:
+                    words[b + row * BOARD_WORDS] += 1
+                    words[H_EPOCH] += 1
         finally:
             self.unlock(LOCK_WRITER)
 

@@ -42,7 +42,8 @@ from envoy_data_plane.envoy.service.ratelimit.v3 import (
     RateLimitResponseRateLimitUnit,
 )
 
-from sidecar.shared.config import FailurePolicy, RedisStoreConfig
+from sidecar.config.stores import RedisStoreConfig
+from sidecar.core.limits import FailurePolicy
 from sidecar.shared.redis_store import RedisRateLimit, RedisStore
 from sidecar.shared.rls import UNIT_SECONDS, RlsUnit
 

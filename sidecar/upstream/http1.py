@@ -18,7 +18,7 @@ import httptools
 from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
-from sidecar.core.body import BodyStream
+from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.errors import (
     ConnectFailure,
     UpstreamError,
@@ -29,11 +29,16 @@ from sidecar.core.errors import (
 from sidecar.core.message import Request, Response
 
 
+class _Refusal(Exception):
+    """Raised from an llhttp callback: the response is malformed (502, connection closed)."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "_headers", "_status", "_future", "_stream",
                  "_chunks", "_complete", "_head_done", "_keep_alive", "_closed", "_timer",
                  "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "requests",
-                 "_got_bytes", "_counted_gone", "_spare_parser")
+                 "_got_bytes", "_counted_gone", "_spare_parser", "_hsize", "_refusal",
+                 "_until_close", "_after_end", "_resp_headers")
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
@@ -57,6 +62,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._chunks = []
         self._status = 0
+        self._hsize = 0
+        self._resp_headers: MultiDict[str] = MultiDict()
+        self._refusal: str | None = None
+        self._until_close = False      # a close-delimited body (no length, not chunked)
+        self._after_end = False        # bytes came after a response that has no body
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -68,15 +78,31 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        err = UpstreamReset("UC", "upstream connection termination"
-                            if exc is None else f"upstream reset: {exc}", sent=self._got_bytes or True)
+        if self._until_close and self._head_done and not self._complete:
+            # a close-delimited body ends when the upstream closes (RFC 9112 6.3 rule 8),
+            # even with a reset, as in Envoy: it is complete, not truncated
+            self._complete = True
+            fut = self._future
+            if fut is not None and not fut.done():
+                self._resolve()
+            elif self._stream is not None:
+                self._stream.feed_eof()
+                self._stream = None
+            return
         fut = self._future
         if fut is not None and not fut.done():
-            # a reused connection closed by the server before any response byte
-            err.sent = self._got_bytes
-            fut.set_exception(err)
+            if self._got_bytes and not self._head_done:
+                # closed in the middle of the response head: a malformed response
+                fut.set_exception(UpstreamProtocolError("upstream protocol error: "
+                                                        "incomplete response head"))
+            else:
+                # the request was written: whether the upstream processed it is unknown, so
+                # it is not sent again unless the route's retry policy says so (as Envoy)
+                fut.set_exception(UpstreamReset("UC", "upstream connection termination"
+                                                if exc is None else f"upstream reset: {exc}"))
         elif self._stream is not None and not self._complete:
-            self._stream.feed_error(err)
+            self._stream.feed_error(UpstreamReset("UC", "upstream connection termination"
+                                                  if exc is None else f"upstream reset: {exc}"))
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -105,11 +131,19 @@ class UpstreamConnection(asyncio.Protocol):
             # bytes with no request outstanding: the server is misbehaving
             self.close()
             return
-        self._got_bytes = True
+        if not self._got_bytes:
+            self._got_bytes = True
+            if data[:1] in (b"\r", b"\n"):
+                # an empty line before the status line: refused, as in Envoy
+                self._fail(UpstreamProtocolError("upstream protocol error: empty line "
+                                                 "before the status line"))
+                self.close()
+                return
         try:
             parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(UpstreamProtocolError(f"upstream protocol error: {e}"))
+            why = self._refusal or str(e)
+            self._fail(UpstreamProtocolError(f"upstream protocol error: {why}"))
             self.close()
             return
         if self._head_done:
@@ -121,23 +155,74 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     # ---- httptools callbacks -------------------------------------------------------------
+    def _refuse(self, why: str) -> None:
+        self._refusal = why
+        raise _Refusal(why)
+
+    def on_status(self, reason: bytes) -> None:
+        if b"\x00" in reason:
+            self._refuse("NUL in the reason phrase")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            if self._complete:
+                self._after_end = True
+            return        # trailers are dropped (Envoy's enable_trailers is off), never merged
+        # the hot path: only the size, which bounds memory (and so the count), per line
         self._headers.append((name, value))
+        self._hsize += len(name) + len(value)
+        if self._hsize > self.pool.max_header_bytes:
+            self._refuse("response headers too large")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self._headers = []      # interim response: wait for the final one
+        parser = self.parser
+        if parser is None:
+            self._after_end = True      # a second head in the bytes after a HEAD response
             return
+        status = parser.get_status_code()
+        if status < 100:
+            self._refuse(f"status {status}")
+        if len(self._headers) > self.pool.max_headers_count:
+            self._refuse("too many response headers")
+        headers: MultiDict[str] = MultiDict()
+        add = headers.add
+        for name, value in self._headers:
+            add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        has_cl = "content-length" in headers
+        if status < 200 and status != 101:
+            if has_cl:
+                self._refuse("Content-Length in a 1xx response")
+            # interim response: wait for the final one (its bytes start a new head)
+            self._headers = []
+            self._hsize = 0
+            self._got_bytes = False
+            return
+        if status == 204 and has_cl:
+            self._refuse("Content-Length in a 204 response")
+        has_te = "transfer-encoding" in headers
+        if has_te:
+            # exactly one Transfer-Encoding line whose value is "chunked", as in Envoy
+            te = headers.getall("transfer-encoding")
+            if len(te) > 1 or te[0].strip(" \t").lower() != "chunked":
+                self._refuse("Transfer-Encoding other than chunked")
+        self._resp_headers = headers
         self._status = status
         self._head_done = True
-        self._keep_alive = self.parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive()
         if self._no_body:
             # HEAD: llhttp would wait for Content-Length bytes that never come
             self._complete = True
             self.parser = None
+        elif not has_te and not has_cl and status != 204 and status != 304:
+            self._until_close = True
+            self._keep_alive = False
 
     def on_body(self, body: bytes) -> None:
+        if self._complete:
+            # bytes after the end of the response (a body after a HEAD response, a second
+            # response in the same read): never part of this response; never reuse
+            self._after_end = True
+            return
         s = self._stream
         if s is not None:
             s.feed(body)
@@ -145,8 +230,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if not self._head_done:
-            return               # end of an interim 1xx message
+        if not self._head_done or self._complete:
+            return               # end of an interim 1xx message, or bytes after the response
         self._complete = True
         self._spare_parser = self.parser
         self.parser = None
@@ -157,9 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ---- request/response ------------------------------------------------------------------
     def _resolve(self) -> None:
-        headers = MultiDict()
-        for name, value in self._headers:
-            headers.add(name.decode("latin-1").lower(), value.decode("latin-1"))
+        headers = self._resp_headers
         if self._complete:
             chunks = self._chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -201,7 +284,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._stream = None
-        if self._keep_alive and not self._closed:
+        if self._keep_alive and not self._closed and not self._after_end:
             self.pool.release(self)
         else:
             self.close()
@@ -238,42 +321,56 @@ class UpstreamConnection(asyncio.Protocol):
         self._no_body = no_body_response
         self._stream = None
         self._got_bytes = False
+        self._hsize = 0
+        self._refusal = None
+        self._until_close = False
+        self._after_end = False
         self.requests += 1
         fut = self._future = loop.create_future()
         if deadline is not None:
             self._timer = loop.call_at(deadline, self._on_timeout)
         t = self.transport
-        if isinstance(body, bytes):
-            if chunked:
-                t.write(head + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
-            else:
-                t.write(head + body if body else head)
-        else:
-            t.write(head)
-            async for chunk in body:
-                if fut.done():
-                    break           # early response (e.g. 413) or failure: stop sending
+        try:
+            if isinstance(body, bytes):
                 if chunked:
-                    t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    t.write(head + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
                 else:
-                    t.write(chunk)
-                if self._paused_writing:
-                    await self._drain()
-            if chunked and not fut.done():
-                t.write(b"0\r\n\r\n")
-        return await fut
-
+                    t.write(head + body if body else head)
+            else:
+                t.write(head)
+                async for chunk in body:
+                    if fut.done():
+                        break           # early response (e.g. 413) or failure: stop sending
+                    if chunked:
+                        t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    else:
+                        t.write(chunk)
+                    if self._paused_writing:
+                        await self._drain()
+                if chunked and not fut.done():
+                    t.write(b"0\r\n\r\n")
+            return await fut
+        except (BodyAborted, asyncio.CancelledError):
+            # the downstream went away (or its body was malformed) with this request half
+            # sent, or nobody waits for its response any more: the connection cannot be
+            # reused, close it now so its pool and breaker slots are free at once
+            self.close()
+            if fut.done() and not fut.cancelled():
+                fut.exception()        # retrieved: no "never retrieved" warning
+            raise
 
 class ConnectionPool:
     """Idle keep-alive connections to one endpoint, most recently used first."""
 
     __slots__ = ("host", "port", "idle", "active", "connect_timeout", "max_idle", "idle_timeout",
                  "buffer_limit", "ssl", "server_hostname", "connecting", "total_connects",
-                 "connect_failures", "on_free", "__weakref__")
+                 "connect_failures", "on_free", "max_headers_count", "max_header_bytes",
+                 "__weakref__")
 
     def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 64,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
-                 ssl_context: ssl.SSLContext | None = None, server_hostname: str = ""):
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str = "",
+                 max_headers_count: int = 100, max_header_bytes: int = 80 * 1024):
         self.host = host
         self.port = port
         self.idle: deque[UpstreamConnection] = deque()
@@ -287,6 +384,9 @@ class ConnectionPool:
         self.server_hostname = server_hostname
         self.total_connects = 0
         self.connect_failures = 0
+        # response head limits (the cluster's max_headers_count / max_response_headers_kb)
+        self.max_headers_count = max_headers_count
+        self.max_header_bytes = max_header_bytes
         # called when a connection becomes idle or closes: wakes requests waiting at the
         # cluster's max_connections (sidecar.circuit_breaker)
         self.on_free: Callable[[], None] | None = None

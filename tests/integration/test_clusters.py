@@ -14,12 +14,15 @@ from sidecar.config.cluster import Cluster, Endpoint, LbConfig
 from sidecar.core.context import RequestContext
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
+from sidecar.shared.local import LocalState
 from sidecar.testing import Upstream, native_config, running_proxy
 from sidecar.upstream.http1 import ConnectionPool
 
 
 def hosts(weights):
-    return [EndpointState(Endpoint("127.0.0.1", 1000 + i, w), ConnectionPool("127.0.0.1", 1000 + i, 1.0))
+    state = LocalState()
+    return [EndpointState(Endpoint("127.0.0.1", 1000 + i, w), ConnectionPool("127.0.0.1", 1000 + i, 1.0),
+                          state.endpoint("c", f"127.0.0.1:{1000 + i}"))
             for i, w in enumerate(weights)]
 
 
@@ -55,8 +58,9 @@ def test_random_is_roughly_uniform():
 def test_least_request_prefers_idle_hosts():
     lb = LeastRequest(LbConfig(policy="least_request"))
     hs = hosts([1, 1, 1])
-    hs[0].active_requests = 50
-    hs[1].active_requests = 50
+    for _ in range(50):
+        hs[0].begin()
+        hs[1].begin()
     lb.rebuild(hs)
     counts = collections.Counter(lb.pick(ctx()).endpoint.port for _ in range(3000))
     # power of two choices: the idle host wins every pair it is in (5/9 of draws)

@@ -118,7 +118,8 @@ def test_ewma_new_endpoint_starts_at_default_rtt():
     a, b = cs.hosts
     now = time.monotonic() + 100        # no decay for endpoints without samples
     assert lb.estimate(a, now) == pytest.approx(0.05)
-    a.active_requests = 3
+    for _ in range(3):
+        a.begin()                        # requests in flight (any worker's)
     assert lb.cost(a, now) == pytest.approx(0.2)
     cs.record(b, 200, 0.010, None)
     assert lb.estimate(b, time.monotonic()) == pytest.approx(0.010, rel=0.05)
@@ -159,7 +160,9 @@ def test_ewma_steers_to_fast_host_by_active_requests_and_latency():
     picks = Counter(cs.pick(Ctx()) for _ in range(300))
     assert picks[slow] == 0
     # loaded fast hosts: 15 in flight each costs 0.16 > slow's 0.1 -> slow gets picked
-    f1.active_requests = f2.active_requests = 15
+    for _ in range(15):
+        f1.begin()
+        f2.begin()
     picks = Counter(cs.pick(Ctx()) for _ in range(300))
     assert picks[slow] > 100
 

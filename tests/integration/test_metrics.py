@@ -215,9 +215,11 @@ async def test_endpoint_ejection_and_health_state_are_read_at_scrape_time():
         async with running_proxy(cfg) as p:
             cs = p.app.clusters.get("svc")
             ha, hb = cs.state.endpoints[a.address], cs.state.endpoints[b.address]
-            ha.ejected_until = time.monotonic() + 30
-            ha.ejections = 2
-            hb.hc_healthy = False
+            # written on the health board, as outlier detection and the prober do
+            now = time.monotonic()
+            ha.counters.eject(now - 100, 1.0, 1.0)       # an old ejection, long over
+            ha.counters.eject(now, 30.0, 30.0)
+            hb.counters.set_healthy(False)
             m, _, _ = await scrape(p)
     assert val(m, "sidecar_upstream_endpoint_ejected", cluster="svc", endpoint=a.address) == 1
     assert val(m, "sidecar_upstream_endpoint_ejections_total", cluster="svc", endpoint=a.address) == 2

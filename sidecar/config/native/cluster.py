@@ -6,6 +6,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DNS_LOOKUP_FAMILIES,
     LB_POLICIES,
     CircuitBreakers,
     Cluster,
@@ -44,8 +45,20 @@ def endpoint_from_native(v: Any, path: str) -> Endpoint:
                     weight=w.integer(v, "weight", path, 1, lo=1, hi=1_000_000))
 
 
+def _resolver(v: Any, path: str) -> str:
+    """A DNS resolver: "ip" or "ip:port" (53 by default)."""
+    if not isinstance(v, str) or not v:
+        raise ConfigError(path, "must be an address like 10.0.0.2 or 10.0.0.2:53")
+    host, sep, port = v.rpartition(":")
+    if sep and port.isdigit() and "]" not in port:
+        return v
+    return f"{v}:53"
+
+
 def cluster_from_native(d: Raw, path: str) -> Cluster:
     w.check_keys(d, ("name", "type", "endpoints", "lb", "connect_timeout", "dns_refresh",
+                     "dns_lookup_family", "max_response_headers_count", "max_response_headers_kb",
+                     "respect_dns_ttl", "dns_resolvers",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
                      "protocol", "http2"), path)
@@ -75,12 +88,18 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
         if protocol == "http1":
             raise ConfigError(w.join(path, "http2"), "needs protocol: http2 or downstream")
         kw["http2"] = upstream_http2_options(d["http2"], w.join(path, "http2"))
-    for check in kw.get("health_checks", ()):
-        if check.grpc_service is not None and protocol == "http1":
-            raise ConfigError(w.join(path, "health_check.grpc"), "needs protocol: http2")
     return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
+                   dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
+                                              choices=DNS_LOOKUP_FAMILIES),
+                   respect_dns_ttl=w.boolean(d, "respect_dns_ttl", path, False),
+                   dns_resolvers=tuple(_resolver(r, w.join(w.join(path, "dns_resolvers"), i))
+                                       for i, r in enumerate(w.seq(d, "dns_resolvers", path, []))),
+                   max_response_headers_count=w.integer(d, "max_response_headers_count", path,
+                                                        100, lo=1),
+                   max_response_headers_kb=w.integer(d, "max_response_headers_kb", path, 80,
+                                                     lo=1, hi=8192),
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)

@@ -19,11 +19,12 @@ from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.native.listener import listener_from_native, tracing_from_native
 from sidecar.config.native.sidecar_mode import sidecar_from_native
 from sidecar.config.snapshot import Snapshot, check_references
+from sidecar.config.stores import StoresConfig, stores_from_native
 from sidecar.config.telemetry import MetricsListener
 from sidecar.config.wire import Raw
 
 TOP_LEVEL = ("admin", "listeners", "clusters", "tracing", "control_plane", "node", "version",
-             "sidecar", "metrics")
+             "sidecar", "metrics", "shared_state", "stores")
 
 T = TypeVar("T")
 
@@ -80,6 +81,11 @@ def snapshot(d: Raw, filters: FilterCatalog) -> Snapshot:
             control_plane = control_plane_from_native(d["control_plane"], "control_plane")
         except (ConfigError, ConfigErrors) as e:
             errs.capture(e)
+    stores = StoresConfig()
+    try:
+        stores = stores_from_native(d)
+    except ConfigError as e:
+        errs.capture(e)
     metrics: MetricsListener | None = None
     if "metrics" in d:
         try:
@@ -91,7 +97,8 @@ def snapshot(d: Raw, filters: FilterCatalog) -> Snapshot:
     snap = Snapshot(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
                     tracing=tracing, control_plane=control_plane,
                     node=node if isinstance(node, dict) else None, source_format="native",
-                    version=str(d.get("version", "0")), sidecar=sidecar, metrics=metrics)
+                    version=str(d.get("version", "0")), sidecar=sidecar, metrics=metrics,
+                    stores=stores)
     check_references(snap, native=True)
     return snap
 

@@ -3,6 +3,7 @@ access log, TLS; and native tracing."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -15,7 +16,15 @@ from sidecar.config.http2 import (
     http2_options_from_wire,
     upgrade_configs_from_wire,
 )
-from sidecar.config.listener import AccessLogConfig, Listener, TracingConfig, check_fields
+from sidecar.config.listener import (
+    ESCAPED_SLASHES_ACTIONS,
+    UNDERSCORE_ACTIONS,
+    AccessLogConfig,
+    Listener,
+    TracingConfig,
+    check_fields,
+    check_log_format,
+)
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
 from sidecar.config.telemetry import IstioMetrics
@@ -70,7 +79,10 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
                      "server_name", "drain_timeout", "max_request_headers_kb",
                      "request_headers", "response_headers", "strip_host_port",
                      "accept_http_10", "trust_private_peers", "preserve_external_request_id",
-                     "codec", "http2", "upgrades", "istio_metrics"), path)
+                     "stream_idle_timeout", "max_stream_duration", "max_headers_count",
+                     "headers_with_underscores_action", "normalize_path", "merge_slashes",
+                     "path_with_escaped_slashes_action", "codec", "http2", "upgrades",
+                     "istio_metrics"), path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
@@ -96,11 +108,27 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         a = d["access_log"]
         if isinstance(a, str):
             a = {"path": a}
-        w.check_keys(a, ("path", "format", "fields"), ap)
-        access_log = (AccessLogConfig(path={"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
-            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout")),
-            format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
-            fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
+        w.check_keys(a, ("path", "format", "fields", "text_format", "json_format",
+                         "omit_empty_values"), ap)
+        dest = {"stdout": "/dev/stdout", "stderr": "/dev/stderr"}.get(
+            w.string(a, "path", ap, "stdout"), a.get("path", "/dev/stdout"))
+        if "text_format" in a or "json_format" in a:
+            # Envoy's command operators (%REQ(...)%, %RESPONSE_CODE%, ...), as in log_format
+            kind = w.one_of(a, ("text_format", "json_format"), ap)
+            for k in ("format", "fields"):
+                if k in a:
+                    raise ConfigError(w.join(ap, k), f"does not apply with {kind}")
+            tmpl = w.string(a, kind, ap) if kind == "text_format" else w.mapping(a, kind, ap)
+            check_log_format(tmpl, w.join(ap, kind))
+            access_log = (AccessLogConfig(
+                path=dest, format="envoy",
+                text_format=tmpl if isinstance(tmpl, str) else None,
+                json_format=json.dumps(tmpl) if isinstance(tmpl, dict) else None,
+                omit_empty_values=w.boolean(a, "omit_empty_values", ap, False)),)
+        else:
+            access_log = (AccessLogConfig(
+                path=dest, format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
+                fields=check_fields(w.seq(a, "fields", ap, []), w.join(ap, "fields"))),)
     tls = None
     if "tls" in d:
         tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls"))
@@ -113,7 +141,16 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0),
         request_headers_timeout_s=w.duration(d, "request_headers_timeout", path, 10.0),
         request_timeout_s=w.duration(d, "request_timeout", path, 0.0),
+        stream_idle_timeout_s=w.duration(d, "stream_idle_timeout", path, 300.0),
+        max_stream_duration_s=w.duration(d, "max_stream_duration", path, 0.0),
         max_request_headers_kb=w.integer(d, "max_request_headers_kb", path, 60, lo=1, hi=8192),
+        max_headers_count=w.integer(d, "max_headers_count", path, 100, lo=1),
+        headers_with_underscores_action=w.string(d, "headers_with_underscores_action", path,
+                                                 "ALLOW", choices=UNDERSCORE_ACTIONS),
+        normalize_path=w.boolean(d, "normalize_path", path, False),
+        merge_slashes=w.boolean(d, "merge_slashes", path, False),
+        path_with_escaped_slashes_action=w.string(d, "path_with_escaped_slashes_action", path,
+                                                  "KEEP_UNCHANGED", choices=ESCAPED_SLASHES_ACTIONS),
         accept_http_10=w.boolean(d, "accept_http_10", path, True),
         use_remote_address=w.boolean(d, "use_remote_address", path, True),
         trust_private_peers=w.boolean(d, "trust_private_peers", path, True),

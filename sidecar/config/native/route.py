@@ -150,11 +150,12 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
             kw["auto_host_rewrite"] = w.boolean(r, "auto_host", rp, False)
         kw["timeout_s"] = w.duration(d, "timeout", path, 15.0)
         kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
-        kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, 0.0)
+        kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
+        kw["max_stream_duration_s"] = w.duration(d, "max_stream_duration", path, None)
         if "max_stream_duration" in d or "grpc_timeout_max" in d:
-            # max_stream_duration: 30s; grpc_timeout_max: 5s (honour grpc-timeout up to 5 s; 0 = no cap)
+            # either one: the route timeout no longer applies (Envoy); grpc_timeout_max: 5s
+            # honours a client's grpc-timeout up to 5 s (0 = no cap)
             kw["max_stream_duration"] = StreamDuration(
-                max_s=w.duration(d, "max_stream_duration", path, 0.0),
                 grpc_header_max_s=w.duration(d, "grpc_timeout_max", path, None))
         kw["upgrades"] = upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"),
                                                    native=True)

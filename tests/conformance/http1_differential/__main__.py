@@ -12,7 +12,7 @@ import sys
 import time
 
 from .corpus import ALL
-from .expected import DOCUMENTED, EXPECTED, FINDINGS, STRICTER, TO_FIX
+from .expected import DOCUMENTED, EXPECTED, FINDINGS, FIXED_FINDINGS, STRICTER, TO_FIX
 from .normalise import differences, outcome, summary, verdict
 from .runner import Harness, Side
 from .variants import VARIANTS
@@ -58,6 +58,12 @@ def write_doc(path: str, rows, counts: dict[str, int]) -> None:
             out += [f"#### {f.id}", "", f"**{f.title}** ({_n(len(names), 'case')}: {listing})", "",
                     f"- Envoy: {f.envoy}", f"- Sidecar today: {f.sidecar}",
                     f"- {'Fix' if f.verdict == TO_FIX else 'Why'}: {f.fix}", ""]
+    if FIXED_FINDINGS:
+        out += [f"### Fixed ({_n(len(FIXED_FINDINGS), 'finding')}: the sidecar now does what "
+                "Envoy does, or the finding became a stricter one above)", ""]
+        for f in FIXED_FINDINGS.values():
+            out += [f"#### {f.id}", "", f"**{f.title}**", "", f"- Envoy: {f.envoy}",
+                    f"- Sidecar before: {f.sidecar}", f"- Fixed by: {f.fix}", ""]
     legend = ("`statuses | client connection | upstream: [requests per upstream connection]`; "
               "`(closed)`: the proxy closed that upstream connection; `upstream: -`: nothing "
               "reached the upstream; `=`: the sidecar's outcome is Envoy's. Sources: RFC "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 TO_FIX = "to fix"
 STRICTER = "stricter (safe)"
 DOCUMENTED = "documented deviation"
+FIXED = "fixed"          # was "to fix"; the sidecar now behaves as Envoy (no case lists it)
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Finding:
 
 _F = [
     # ---- requests: to fix ----------------------------------------------------------------------
-    Finding("PIPELINED-ERROR-DROPS-RESPONSE", TO_FIX,
+    Finding("PIPELINED-ERROR-DROPS-RESPONSE", FIXED,
             "A bad request pipelined after a good one loses the good one's response",
             "Answers the good request first, then the error (400/501) with `connection: close`, "
             "then closes. Bytes after a `Connection: close` request are ignored.",
@@ -44,7 +45,7 @@ _F = [
             "Note: Envoy validates the next request only once its request line is complete "
             "(`cl.body-longer` stays open waiting), llhttp fails on the first impossible byte; "
             "after the fix those cases answer 200 then 400: record them as stricter."),
-    Finding("ABORT-KEEPS-UPSTREAM", TO_FIX,
+    Finding("ABORT-KEEPS-UPSTREAM", FIXED,
             "A client that goes away mid-request leaves the upstream connection open",
             "Resets the stream at once: the upstream connection holding the partial request (or "
             "waiting for the response) is closed.",
@@ -54,7 +55,7 @@ _F = [
             "When the downstream connection closes (FIN or RST) with a request in flight, abort the "
             "upstream connection carrying it (never return it to the pool) and release its pool, "
             "circuit-breaker and pending-request slots immediately (issue 14 item 4)."),
-    Finding("TE-NOT-EXACTLY-CHUNKED", TO_FIX,
+    Finding("TE-NOT-EXACTLY-CHUNKED", FIXED,
             "Transfer-Encoding other than exactly `chunked`",
             "501 and close for any Transfer-Encoding whose value is not exactly one `chunked` "
             "(case-insensitive, OWS trimmed): lists (`gzip, chunked`, `identity, chunked`, "
@@ -69,7 +70,7 @@ _F = [
             "After the head: if any Transfer-Encoding line is present, require exactly one line "
             "whose value, trimmed of SP/HTAB, equals `chunked` case-insensitively; otherwise "
             "answer 501 and close, before anything is forwarded. (CL + TE stays 400.)"),
-    Finding("HOST-INVALID-CHARS", TO_FIX,
+    Finding("HOST-INVALID-CHARS", FIXED,
             "Host with characters outside the authority grammar",
             "400 and close when Host (or an absolute-form authority) has a character outside "
             "unreserved / sub-delims / `:` `@` `[` `]` `%` (nghttp2's authority check): SP, HTAB, "
@@ -77,19 +78,19 @@ _F = [
             "Forwards the request with that Host.",
             "Validate Host / `:authority` with the same character set (ALPHA DIGIT `-._~!$&'()*+,;=:@[]%`); "
             "400 and close otherwise, before routing."),
-    Finding("HOST-DUPLICATED", TO_FIX,
+    Finding("HOST-DUPLICATED", FIXED,
             "More than one Host line",
             "Joins them with a comma (`host: a.test,b.test`), routes on that and forwards one line.",
             "Forwards both Host lines and routes on the first: the upstream may pick the other one.",
             "Answer 400 and close (RFC 9112 §3.2 MUST; stricter than Envoy and safe), or join "
             "like Envoy; never forward two Host lines."),
-    Finding("ABSOLUTE-FORM-USERINFO", TO_FIX,
+    Finding("ABSOLUTE-FORM-USERINFO", FIXED,
             "Absolute-form target with userinfo",
             "Drops the userinfo: forwards `host: abs.test`.",
             "Puts `user:pw@abs.test` into Host (credentials go upstream and into routing).",
             "Strip `userinfo@` from an absolute-form authority before it replaces Host (or answer "
             "400)."),
-    Finding("REQUEST-TARGET-FORM", TO_FIX,
+    Finding("REQUEST-TARGET-FORM", FIXED,
             "Request-target forms Envoy refuses",
             "400 and close for: a `#` anywhere in the target (fragment), asterisk-form with a "
             "method other than OPTIONS, absolute-form with a scheme other than http/https, "
@@ -97,33 +98,33 @@ _F = [
             "Strips the fragment and forwards; answers 404 (no route) for `GET *`, `ftp://` and "
             "`CONNECT /`, keeping the connection; forwards `http:///p` with the old Host.",
             "Refuse these with 400 and close, in the codec, before routing."),
-    Finding("MAX-HEADERS-COUNT", TO_FIX,
+    Finding("MAX-HEADERS-COUNT", FIXED,
             "Request header count limit",
             "431 and close above `common_http_protocol_options.max_headers_count` (default 100).",
             "No count limit: forwards 101 and 200 headers.",
             "Count header lines (Host included) and answer 431 + close above the limit; honour "
             "`max_headers_count` from the config (issue 14 item 2)."),
-    Finding("URL-COUNTS-TO-HEADER-LIMIT", TO_FIX,
+    Finding("URL-COUNTS-TO-HEADER-LIMIT", FIXED,
             "The request line counts toward `max_request_headers_kb`",
             "431 and close for a 70 KiB request-target (the URL is counted with the headers "
             "against `max_request_headers_kb`, default 60).",
             "Counts header names and values only: forwards the 70 KiB URL.",
             "Add the request-target's length to the header-size budget."),
-    Finding("VERSION-426", TO_FIX,
+    Finding("VERSION-426", FIXED,
             "HTTP/1.x versions other than 1.1",
             "426 Upgrade Required for `HTTP/1.2` (any version but 1.1, and 1.0 unless "
             "`accept_http_10`).",
             "400 (llhttp rejects the version).",
             "Answer 426 and close for a well-formed `HTTP/d.d` that is not 1.1 (or 1.0 when "
             "accepted). Low priority: both refuse and close."),
-    Finding("EXPECT-NOT-100-CONTINUE", TO_FIX,
+    Finding("EXPECT-NOT-100-CONTINUE", FIXED,
             "Expect values other than 100-continue",
             "Forwards `expect: something` untouched (only `100-continue` is answered locally and "
             "removed).",
             "Drops every Expect header.",
             "Remove Expect only when it is `100-continue`."),
     # ---- responses: to fix ---------------------------------------------------------------------
-    Finding("RESP-CLOSE-DELIMITED-TRUNCATED", TO_FIX,
+    Finding("RESP-CLOSE-DELIMITED-TRUNCATED", FIXED,
             "Close-delimited response bodies are truncated",
             "A response without Content-Length and Transfer-Encoding (HTTP/1.1 or 1.0, even with "
             "`connection: keep-alive`; also when the upstream ends it with an RST) is forwarded "
@@ -134,7 +135,7 @@ _F = [
             "Treat upstream EOF as the end of a close-delimited body (llhttp: finish the parser "
             "on EOF and take its on_message_complete): write `0\\r\\n\\r\\n` and keep the client "
             "connection."),
-    Finding("RESP-TE-NOT-EXACTLY-CHUNKED", TO_FIX,
+    Finding("RESP-TE-NOT-EXACTLY-CHUNKED", FIXED,
             "Response Transfer-Encoding other than exactly `chunked`",
             "502 (`protocol error`) and closes the upstream connection for `gzip`, "
             "`gzip, chunked`, `chunked, gzip` and two Transfer-Encoding lines.",
@@ -142,7 +143,7 @@ _F = [
             "`gzip` and `chunked, gzip` as close-delimited (then truncates, see above).",
             "Same rule as requests on the upstream codec: exactly one `chunked`, else 502 and "
             "close the upstream connection."),
-    Finding("RESP-STATUS-BELOW-100", TO_FIX,
+    Finding("RESP-STATUS-BELOW-100", FIXED,
             "Status codes below 100",
             "502 and closes the upstream connection for `099`.",
             "Forwards `HTTP/1.1 99 Unknown` with the upstream's Content-Length but without its "
@@ -150,45 +151,45 @@ _F = [
             "body (response desync on the client connection).",
             "Refuse status < 100 with 502 and close the upstream connection. (Envoy forwards 600 "
             "and 999; the sidecar does too.)"),
-    Finding("RESP-STATUS-LINE", TO_FIX,
+    Finding("RESP-STATUS-LINE", FIXED,
             "Status-line details",
             "502 for a NUL in the reason phrase and for an empty line before the status line.",
             "Accepts both (the reason phrase is never forwarded, so the NUL does not reach the "
             "client).",
             "Refuse both with 502 and close the upstream connection. Low priority."),
-    Finding("RESP-PARTIAL-HEAD-502", TO_FIX,
+    Finding("RESP-PARTIAL-HEAD-502", FIXED,
             "Upstream closes in the middle of the response head",
             "502 (`protocol error`).",
             "503 (`connection termination`).",
             "An EOF after some response bytes but before the end of the head is a protocol error: "
             "502, flag UPE."),
-    Finding("RESP-CL-ON-1XX-204", TO_FIX,
+    Finding("RESP-CL-ON-1XX-204", FIXED,
             "Content-Length on a 1xx or 204 response",
             "502 and closes the upstream connection (`100 Continue` with Content-Length; `204` "
             "with Content-Length and no body).",
             "Ignores the header: forwards the final response / the 204.",
             "Refuse with 502 and close the upstream connection."),
-    Finding("RESP-BYTES-AFTER-HEAD", TO_FIX,
+    Finding("RESP-BYTES-AFTER-HEAD", FIXED,
             "A body sent in answer to HEAD",
             "Forwards the head and closes the upstream connection (the bytes are never read).",
             "llhttp, not told the request was HEAD while it parses the same read, consumes the "
             "body by its Content-Length/chunked framing and the connection goes back to the pool.",
             "After a HEAD (or 204/304) response, any further byte before the next request is a "
             "protocol error: close the upstream connection, never reuse it."),
-    Finding("RESP-MAX-HEADERS-COUNT", TO_FIX,
+    Finding("RESP-MAX-HEADERS-COUNT", FIXED,
             "Response header count limit",
             "502 above the cluster's `common_http_protocol_options.max_headers_count` (default "
             "100).",
             "No limit.",
             "Count response header lines; 502 and close the upstream connection above the limit."),
-    Finding("RESP-TRAILERS-MERGED", TO_FIX,
+    Finding("RESP-TRAILERS-MERGED", FIXED,
             "Response trailers merged into the header section",
             "Drops trailers (`enable_trailers` is false by default).",
             "When the whole response is read at once, llhttp's trailer callbacks append the "
             "trailer fields to the response headers: `x-t: v` is sent as a header.",
             "Stop collecting header fields at on_headers_complete; drop trailers (or forward them "
             "as trailers once `enable_trailers` is supported). RFC 9110 §6.5.1 forbids the merge."),
-    Finding("RESP-RESENT-AFTER-WRITE", TO_FIX,
+    Finding("RESP-RESENT-AFTER-WRITE", FIXED,
             "A written request is sent again",
             "The upstream resets a reused connection after receiving the request: 503 "
             "(`connection termination`); no retry without a retry policy.",
@@ -273,4 +274,31 @@ _F = [
             "A switch nobody requested is a protocol error; refusing it keeps both sides in step."),
 ]
 
-FINDINGS: dict[str, Finding] = {f.id: f for f in _F}
+_F += [
+    Finding("S-PIPELINED-ERROR-EARLY", STRICTER,
+            "A malformed pipelined request is refused before its request line is complete",
+            "Validates the next request only once its request line is complete: with bytes "
+            "left over after a body shorter than its Content-Length says, it answers the first "
+            "request and keeps waiting.",
+            "Answers the first request, then refuses the leftover bytes at the first impossible "
+            "byte (llhttp) with 400 and closes.",
+            "The leftover bytes can never become a valid request; refusing them as soon as "
+            "llhttp sees they cannot forwards nothing and frees the connection sooner."),
+    Finding("S-TE-TRAILING-HTAB", STRICTER,
+            "`Transfer-Encoding: chunked<HTAB>` is refused",
+            "Trims the trailing HTAB (OWS) and reads the body as chunked.",
+            "501 and close: llhttp does not trim a trailing HTAB in Transfer-Encoding, and the "
+            "sidecar does not second-guess its framing decision.",
+            "Refusing an unusual Transfer-Encoding forwards nothing; no client library sends a "
+            "trailing HTAB there."),
+    Finding("S-HOST-DUPLICATED", STRICTER,
+            "More than one Host line is a 400",
+            "Joins them with a comma (`host: a.test,b.test`), routes on that and forwards one "
+            "line.",
+            "400 and close (RFC 9112 §3.2: MUST respond with 400).",
+            "RFC 9112 requires the 400; forwarding nothing cannot desynchronise the upstream's "
+            "idea of the authority from the sidecar's routing decision."),
+]
+
+FINDINGS: dict[str, Finding] = {f.id: f for f in _F if f.verdict != FIXED}
+FIXED_FINDINGS: dict[str, Finding] = {f.id: f for f in _F if f.verdict == FIXED}

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from sidecar.config.stores import Backoff, FailurePolicy, RedisStoreConfig
 from sidecar.shared.api import ReplayVerdict
-from sidecar.shared.config import Backoff, FailurePolicy, RedisStoreConfig
 from sidecar.shared.local import LocalReplay
 from sidecar.shared.redis_store import RedisRateLimit, RedisReplayCache, RedisStore
 
@@ -27,7 +27,7 @@ def store_for(redis_server, timeout=0.2, base=0.05, prefix="t:") -> RedisStore:
 
 REPLICA = r"""
 import asyncio, json, sys, time
-from sidecar.shared.config import Backoff, FailurePolicy, RedisStoreConfig
+from sidecar.config.stores import Backoff, FailurePolicy, RedisStoreConfig
 from sidecar.shared.redis_store import RedisRateLimit, RedisReplayCache, RedisStore
 
 async def main(port, op, args):

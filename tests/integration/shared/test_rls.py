@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sidecar.shared.config import Backoff
+from sidecar.config.stores import Backoff
 from sidecar.shared.health import Unavailable
 from sidecar.shared.rls import RateLimitClient, RlsCode, RlsUnit, x_ratelimit_headers
 from sidecar.shared.testing import free_port

@@ -11,8 +11,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from sidecar.shared.api import BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict, Resource, Streak
-from sidecar.shared.config import SharedStateConfig
+from sidecar.config.stores import SharedStateConfig
+from sidecar.shared.api import BucketSpec, Outcome, Priority, ReplayVerdict, Resource, Streak
 from sidecar.shared.host import SharedHost
 from sidecar.shared.testing import free_port
 
@@ -219,9 +219,9 @@ def test_active_requests_and_streaks_seen_by_every_worker():
     other = host.worker(0).endpoint("svc", "10.0.0.2:80")
     assert (e.active(), other.active()) == (5, 0)       # least-request sees the busy host
     e.record(Outcome.GATEWAY)
-    assert e.streak(Streak.CONSECUTIVE_GATEWAY) == 3    # 2 over there + 1 here
+    assert e.streak(Streak.CONSECUTIVE_GATEWAY)[0] == 3    # 2 over there + 1 here
     e.record(Outcome.SUCCESS)
-    assert e.streak(Streak.CONSECUTIVE_GATEWAY) == 0
+    assert e.streak(Streak.CONSECUTIVE_GATEWAY)[0] == 0
     assert e.totals().total == 4
     host.reclaim(1)
     assert e.active() == 0                              # the dead worker's in-flight: gone
@@ -313,7 +313,7 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
         b.try_acquire(D, REQ, 10)
         b.try_acquire(D, Resource.CONNECTIONS, 10)
         state.endpoint("svc", "10.0.0.1:80").begin()
-        state.health_writer().publish("svc", "10.0.0.1:80", EndpointHealth(False))
+        state.endpoint("svc", "10.0.0.1:80").set_healthy(False)
         seg.lock(12345)                                # dies holding a record lock
         os.write(ready_w, b"r")
         time.sleep(3600)
@@ -334,8 +334,8 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
     assert (snap.requests, snap.connections, e.active()) == (0, 0, 0)
     assert e.health().healthy is False                 # its last publication stays...
 
-    def new_writer(state):                             # ...and its replacement takes over
-        state.health_writer().publish("svc", "10.0.0.1:80", EndpointHealth(True))
+    def new_writer(state):                             # ...and its replacement writes again
+        state.endpoint("svc", "10.0.0.1:80").set_healthy(True)
         return True
 
     assert run_workers(host, [lambda s: None, new_writer])[1] is True
@@ -345,40 +345,38 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
 
 # ---- health board --------------------------------------------------------------------------
 
-def test_one_health_writer_seen_by_all_readers():
+def test_health_board_writers_serialized_readers_never_torn():
     host = new_host(workers=3)
 
     def writer(state):
-        w = state.health_writer()
+        e = state.endpoint("svc", "10.0.0.1:80")
         for i in range(50):
-            w.publish("svc", "10.0.0.1:80", EndpointHealth(i % 2 == 0, 100.0 + i, i))
-        w.publish("svc", "10.0.0.2:80", EndpointHealth(True, 123.5, 2))
-        return w.epoch()
+            e.set_healthy(i % 2 == 0)
+            e.eject(1000.0 * (i + 1), 1.0, 1.0)     # ends at 1000(i+1)+1: never overlaps
+        return state.health_epoch()
 
     def reader(state):
         e = state.endpoint("svc", "10.0.0.1:80")
         torn = 0
         for _ in range(5000):       # a torn read would mix fields of two publications
             h = e.health()
-            if h.epoch and (h.healthy != (h.ejections % 2 == 0)
-                            or h.ejected_until != 100.0 + h.ejections):
+            if h.ejections and h.ejected_until != 1000.0 * h.ejections + 1.0:
                 torn += 1
         return torn == 0
 
     def second_writer(state):
-        time.sleep(0.2)
-        try:
-            state.health_writer()
-        except RuntimeError as e:
-            return str(e)
-        return "accepted"
+        e = state.endpoint("svc", "10.0.0.2:80")
+        for _ in range(50):
+            e.eject(5.0, 1.0, 1.0)
+            e.uneject()
+        return True
 
-    epoch, consistent, refused = run_workers(host, [writer, reader, second_writer])
-    assert epoch == 51 and consistent is True
-    assert "already publishes health" in refused
+    epoch, consistent, wrote = run_workers(host, [writer, reader, second_writer])
+    assert consistent is True and wrote is True
     r = host.worker(1)
-    assert r.health_epoch() == 51
+    assert r.health_epoch() == 199      # 49 verdict changes + 50 ejections, 100 over there: none lost
+    h = r.endpoint("svc", "10.0.0.1:80").health()
+    assert (h.ejections, h.ejected_until) == (50, 50001.0)
     h2 = r.endpoint("svc", "10.0.0.2:80").health()
-    assert (h2.healthy, h2.ejected_until, h2.ejections) == (True, 123.5, 2)
-    assert not h2.available(100.0) and h2.available(200.0)
+    assert (h2.ejections, h2.ejected_until) == (50, 0.0)
     host.close()

@@ -5,6 +5,7 @@ trailers both ways, flow control, header limits, the abuse guard and HPACK limit
 from __future__ import annotations
 
 import asyncio
+import time
 
 import h2.config
 import h2.connection
@@ -64,7 +65,10 @@ class Owner:
     name = "test"
     bound_port = 8080
     max_header_bytes = 60 * 1024
+    max_headers_count = 100
+    headers_with_underscores = "ALLOW"
     server_name = "envoy"
+    suppress_envoy_headers = False
     draining = False
 
     def __init__(self, handler=None) -> None:
@@ -379,3 +383,106 @@ async def test_ping_and_priority_and_window_frames_are_counted():
     p = Peer()
     p.codec.data_received(raw(*[PingFrame(0, b"12345678") for _ in range(1500)]))
     assert p.t.aborted and p.owner.abuse == ["outbound_control_flood"]
+
+
+async def test_listener_header_limits_over_http2():
+    """max_headers_count and headers_with_underscores_action REJECT_REQUEST reset the stream
+    (Envoy's HTTP/2 codec); DROP_HEADER drops the field; the connection lives."""
+    p = Peer()
+    p.owner.max_headers_count = 10          # 4 pseudo-headers + 7 fields: one too many
+    p.client.send_headers(1, p.headers([(f"x-{i}", "v") for i in range(7)]), end_stream=True)
+    p.client.send_headers(3, p.headers([(f"x-{i}", "v") for i in range(6)]), end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.of(h2.events.StreamReset, 1)[0].error_code == 2
+    assert p.of(h2.events.ResponseReceived, 3) and not p.t.closed
+    p = Peer()
+    p.owner.headers_with_underscores = "REJECT_REQUEST"
+    p.client.send_headers(1, p.headers([("x_a", "v")]), end_stream=True)
+    p.client.send_headers(3, p.headers([("x-a", "v")]), end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.of(h2.events.StreamReset, 1)[0].error_code == 2
+    assert p.of(h2.events.ResponseReceived, 3) and not p.t.closed
+    assert p.owner.abuse == ["underscore_header"]
+    p = Peer()
+    p.owner.headers_with_underscores = "DROP_HEADER"
+    p.client.send_headers(1, p.headers([("x_a", "v"), ("x-b", "w")]), end_stream=True)
+    p.send()
+    await p.settle()
+    h = p.owner.requests[0].headers
+    assert "x_a" not in h and h["x-b"] == "w"
+
+
+async def test_suppress_envoy_headers():
+    async def handler(req: Request) -> Response:
+        req.ctx.upstream_duration = 0.002
+        return Response(200, MultiDict(), b"ok")
+
+    for suppress, expect in ((False, True), (True, False)):
+        p = Peer(handler=handler)
+        p.owner.suppress_envoy_headers = suppress
+        p.client.send_headers(1, p.headers(), end_stream=True)
+        p.send()
+        await p.settle()
+        names = [k for k, _ in p.of(h2.events.ResponseReceived, 1)[0].headers]
+        assert ("x-envoy-upstream-service-time" in names) is expect
+
+
+class Limits:
+    request_timeout_s = 0.0
+    stream_idle_timeout_s = 0.0
+    max_stream_duration_s = 0.0
+
+
+async def test_stream_timeouts_before_and_after_the_response():
+    """The listener's sweep: before the response a local reply (504 once the request had all
+    arrived, 408 while it is still arriving), after it a reset of the stream; gRPC clients
+    get DEADLINE_EXCEEDED for the duration timeout."""
+    hold = asyncio.Event()
+
+    async def slow(req: Request) -> Response:
+        # the connection manager marks gRPC requests (listener.http)
+        req.ctx.grpc = req.headers.get("content-type", "").startswith("application/grpc")
+        await hold.wait()
+        return Response(200, MultiDict(), b"late")
+
+    lim = Limits()
+    lim.max_stream_duration_s = 0.001
+    p = Peer(handler=slow)
+    p.client.send_headers(1, p.headers(), end_stream=True)                 # complete: 504
+    p.client.send_headers(3, p.headers(method="POST"))                     # still sending: 408
+    p.client.send_headers(5, p.headers([("content-type", "application/grpc")], method="POST"),
+                          end_stream=True)
+    p.send()
+    await p.settle()
+    await asyncio.sleep(0.01)
+    p.codec.idle_check(time.monotonic(), 0, 0, lim)
+    await p.settle()
+    status = {sid: dict(p.of(h2.events.ResponseReceived, sid)[0].headers)
+              for sid in (1, 3, 5)}
+    assert status[1][":status"] == "504" and status[3][":status"] == "408"
+    assert status[5][":status"] == "200" and status[5]["grpc-status"] == "4"
+    assert p.of(h2.events.StreamReset, 3)           # the rest of its upload is refused
+    flags = {r.ctx.flags[0] for r, _, _ in p.owner.finished}
+    assert flags == {"DT"} and not p.t.closed
+
+    async def streaming(req: Request) -> Response:
+        async def gen():
+            yield b"first"
+            await hold.wait()
+            yield b"never"
+        return Response(200, MultiDict(), gen())
+
+    lim = Limits()
+    lim.stream_idle_timeout_s = 0.001
+    p = Peer(handler=streaming)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.of(h2.events.ResponseReceived, 1)
+    await asyncio.sleep(0.01)
+    p.codec.idle_check(time.monotonic(), 0, 0, lim)
+    await p.settle()
+    assert p.of(h2.events.StreamReset, 1)[0].error_code == 0       # NO_ERROR, as Envoy
+    assert p.owner.finished[0][0].ctx.flags == ["SI"] and not p.codec.streams

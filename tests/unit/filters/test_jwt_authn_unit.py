@@ -17,8 +17,9 @@ from filters.jwt_authn import verify
 from filters.jwt_authn.config import DEFAULT_LOCATIONS
 from filters.jwt_authn.filter import provider_runtime
 from filters.jwt_authn.keys import ALGORITHM, parse_jwks
-from filters.jwt_authn.replay import ReplayCache
+from filters.jwt_authn.replay import ReplayCheck
 from sidecar.config.errors import ConfigError
+from sidecar.shared.local import LocalReplay
 from sidecar.testing import build_filter
 from tests.jwt_helpers import (
     ATTACKS,
@@ -143,14 +144,20 @@ async def test_replayed_jti(std):
 
 
 def test_replay_cache_is_bounded_and_forgets_expired():
-    c = ReplayCache(2)
-    assert c.check_and_add("a", 100.0, 10.0) is None
-    assert c.check_and_add("b", 200.0, 10.0) is None
-    assert c.check_and_add("a", 100.0, 20.0) is S.REPLAYED
-    assert c.check_and_add("c", 300.0, 20.0) is S.REPLAY_FULL     # fail closed while full
-    assert c.check_and_add("c", 300.0, 150.0) is None             # "a" expired and purged
-    assert c.check_and_add("a", 400.0, 150.0) is S.REPLAY_FULL
-    assert len(c.seen) == 2
+    c = ReplayCheck("iss", LocalReplay(2), None)
+    assert c.check("a", 100.0, 10.0) is None
+    assert c.check("b", 200.0, 10.0) is None
+    assert c.check("a", 100.0, 20.0) is S.REPLAYED
+    assert c.check("c", 300.0, 20.0) is S.REPLAY_FULL     # fail closed while full
+    assert c.check("c", 300.0, 150.0) is None             # "a" expired and purged
+    assert c.check("a", 400.0, 150.0) is S.REPLAY_FULL
+    assert ReplayCheck("other", c.local, None).check("a", 400.0, 150.0) is S.REPLAY_FULL
+
+
+def test_replay_max_entries_refused_pointing_at_shared_state():
+    with pytest.raises(ConfigError) as e:
+        native({"once": rsa_provider(replay_protection={"max_entries": 10})})
+    assert "replay_protection.max_entries" in str(e.value) and "shared_state.replay_entries" in str(e.value)
 
 
 # ---- token locations and outputs -----------------------------------------------------------------

@@ -84,14 +84,15 @@ def test_parse_grpc_timeout_invalid(v):
 
 
 def test_stream_duration_caps_and_offsets():
-    d = StreamDuration(max_s=30.0, grpc_header_max_s=5.0, grpc_header_offset_s=0.5)
+    d = StreamDuration(grpc_header_max_s=5.0, grpc_header_offset_s=0.5)
     assert stream_duration(d, grpc_req([("grpc-timeout", "2S")])) == pytest.approx(1.5)
     assert stream_duration(d, grpc_req([("grpc-timeout", "60S")])) == pytest.approx(4.5)
-    assert stream_duration(d, grpc_req()) == 30.0       # no header: max_stream_duration
-    assert stream_duration(StreamDuration(0.0, 0.0), grpc_req([("grpc-timeout", "9S")])) == 9.0
+    assert stream_duration(d, grpc_req()) is None       # no header: max_stream_duration applies
+    assert stream_duration(StreamDuration(0.0), grpc_req([("grpc-timeout", "9S")])) == 9.0
+    assert stream_duration(StreamDuration(), grpc_req([("grpc-timeout", "9S")])) is None
     plain = grpc_req([("grpc-timeout", "2S")])
     plain.ctx.grpc = False
-    assert stream_duration(d, plain) == 30.0            # only gRPC requests use the header
+    assert stream_duration(d, plain) is None            # only gRPC requests use the header
 
 
 class Clock:
@@ -114,9 +115,12 @@ async def test_timeout_layer_with_max_stream_duration():
     action = RouteAction(cluster="c", timeout_s=15.0,
                          max_stream_duration=StreamDuration(grpc_header_max_s=5.0))
     layer = TimeoutLayer(action, slow, True, clock)
-    resp = await layer(grpc_req([("grpc-timeout", "200m")]))
-    # the route timeout no longer applies (no expected-timeout header), the grpc-timeout does
+    req = grpc_req([("grpc-timeout", "200m")])
+    resp = await layer(req)
+    # the route timeout no longer applies (no expected-timeout header), the grpc-timeout does,
+    # and the codec's sweep bounds the rest of the stream with it
     assert seen == [(pytest.approx(100.2), None)]
+    assert req.ctx.max_stream_duration == pytest.approx(0.2)
     assert resp.status == 200 and resp.headers["grpc-status"] == "4"
     assert resp.headers["grpc-message"] == "downstream duration timeout" and resp.local
 
@@ -127,6 +131,22 @@ async def test_timeout_layer_with_max_stream_duration():
     seen.clear()
     await TimeoutLayer(action, ok, True, clock)(grpc_req())
     assert seen == [(None, None)]       # no header, no max: unbounded (Envoy)
+    seen.clear()
+    req = grpc_req()
+    req.ctx.max_stream_duration = 2.0     # the route's max_stream_duration (route.action sets it)
+    await TimeoutLayer(action, ok, True, clock)(req)
+    assert seen == [(pytest.approx(clock.now + 2.0), None)]
+
+
+async def test_duration_timeout_reply_for_plain_http():
+    """Envoy: 504 once the whole request had arrived, 408 while it was still arriving."""
+    from sidecar.core.body import BodyStream
+    from sidecar.route.timeout import duration_timeout_reply
+    req = grpc_req()
+    req.ctx.grpc = False
+    assert duration_timeout_reply(req).status == 504
+    req.body = BodyStream(lambda: None, lambda: None)
+    assert duration_timeout_reply(req).status == 408
 
 
 # ---- retries -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from filters.ratelimit.config import (
     route_rate_limits_from_envoy,
 )
 from sidecar.config.errors import ConfigError
-from sidecar.shared.config import (
+from sidecar.config.stores import (
     FailurePolicy,
     SharedStateConfig,
     StoreRef,

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from sidecar.shared.api import BucketSpec, EndpointHealth, Outcome, Priority, ReplayVerdict, Resource, Streak
-from sidecar.shared.config import SharedStateConfig
+from sidecar.config.stores import SharedStateConfig
+from sidecar.shared.api import BucketSpec, Outcome, Priority, ReplayVerdict, Resource, Streak
 from sidecar.shared.host import SharedHost, TableFull
 from sidecar.shared.local import LocalState
 
@@ -63,31 +63,41 @@ def test_endpoint_counts_streaks_totals(state):
     assert e.active() == 1
     for o in (Outcome.ERROR_5XX, Outcome.GATEWAY, Outcome.GATEWAY):
         e.record(o)
-    assert e.streak(Streak.CONSECUTIVE_5XX) == 3
-    assert e.streak(Streak.CONSECUTIVE_GATEWAY) == 2       # the plain 5xx reset it
+    assert e.streak(Streak.CONSECUTIVE_5XX)[0] == 3
+    assert e.streak(Streak.CONSECUTIVE_GATEWAY)[0] == 2    # the plain 5xx reset it
+    start = e.streak(Streak.CONSECUTIVE_5XX)[1]
     e.record(Outcome.LOCAL_ORIGIN)
     e.record(Outcome.LOCAL_ORIGIN)
-    assert e.streak(Streak.CONSECUTIVE_LOCAL_ORIGIN) == 2
-    assert e.streak(Streak.CONSECUTIVE_5XX) == 3           # no response: not a 5xx streak end
+    assert e.streak(Streak.CONSECUTIVE_LOCAL_ORIGIN)[0] == 2
+    assert e.streak(Streak.CONSECUTIVE_5XX) == (3, start)  # no response: not a 5xx streak end
     e.record(Outcome.ERROR_5XX)
-    assert e.streak(Streak.CONSECUTIVE_LOCAL_ORIGIN) == 0  # a response came
+    assert e.streak(Streak.CONSECUTIVE_LOCAL_ORIGIN)[0] == 0   # a response came
     e.record(Outcome.SUCCESS)
-    assert [e.streak(s) for s in Streak] == [0, 0, 0]
+    assert [e.streak(s)[0] for s in Streak] == [0, 0, 0]
+    e.record(Outcome.ERROR_5XX)
+    assert e.streak(Streak.CONSECUTIVE_5XX)[1] != start    # a new streak
+    e.reset_streaks()
+    assert e.streak(Streak.CONSECUTIVE_5XX)[0] == 0
     t = e.totals()
-    assert (t.total, t.success, t.errors_5xx, t.gateway, t.local_origin) == (7, 1, 4, 2, 2)
+    assert (t.total, t.success, t.errors_5xx, t.gateway, t.local_origin) == (8, 1, 5, 2, 2)
 
 
 def test_health_board(state):
     e = state.endpoint("svc", "10.0.0.1:80")
     assert e.health().healthy and e.health().available(time.monotonic())
-    w = state.health_writer()
-    assert w.publish("svc", "10.0.0.1:80", EndpointHealth(True, 50.0, 1))
-    h = e.health()
-    assert (h.healthy, h.ejected_until, h.ejections, h.epoch) == (True, 50.0, 1, 1)
+    h = e.eject(40.0, 10.0, 300.0)
+    assert h is not None and h == e.health()
+    assert (h.healthy, h.ejected_until, h.ejections, h.multiplier, h.epoch) == (True, 50.0, 1, 1, 1)
     assert not h.available(49.0) and h.available(50.0)
-    w.publish("svc", "10.0.0.1:80", EndpointHealth(False))
-    assert e.health().epoch == 2 and not e.health().healthy
-    assert state.health_epoch() == w.epoch() == 2
+    assert e.eject(45.0, 10.0, 300.0) is None              # already ejected: nothing written
+    h = e.eject(60.0, 10.0, 300.0)                          # again: twice as long
+    assert h is not None and (h.ejected_until, h.ejections, h.multiplier) == (80.0, 2, 2)
+    e.decay_multiplier()
+    e.set_healthy(False)
+    e.uneject()
+    h = e.health()
+    assert (h.healthy, h.ejected_until, h.ejections, h.multiplier, h.epoch) == (False, 0.0, 2, 1, 5)
+    assert state.health_epoch() == 5
 
 
 def test_bucket_envoy_semantics(state):

@@ -1,4 +1,5 @@
-"""Config of shared state, parsed once into frozen dataclasses (native YAML).
+"""Config of shared state and stores (``shared_state:``, ``stores:`` at the top of a native
+config), parsed once into frozen dataclasses (native YAML).
 
 ::
 
@@ -27,13 +28,14 @@ several workers): a laptop needs no Redis.
 
 from __future__ import annotations
 
-import enum
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.core.limits import FailurePolicy
 
 MAX_WORKERS = 64             # one bit per worker in a row's attach mask
 
@@ -46,11 +48,6 @@ class SharedStateConfig:
 
 
 DEFAULT_SHARED_STATE = SharedStateConfig()
-
-
-class FailurePolicy(enum.Enum):
-    FAIL_OPEN = "fail_open"        # the store cannot answer: let the request through
-    FAIL_CLOSED = "fail_closed"    # the store cannot answer: refuse the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +122,7 @@ def _address(v: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _env_name(d: dict, key: str, path: str) -> str:
+def _env_name(d: Mapping[str, Any], key: str, path: str) -> str:
     v = w.string(d, key, path, "")
     if v and not v.replace("_", "").isalnum():
         raise ConfigError(w.join(path, key), "must be an environment variable name")
@@ -160,7 +157,7 @@ def redis_from_native(name: str, d: Any, path: str) -> RedisStoreConfig:
         backoff=backoff)
 
 
-def stores_from_native(root: dict, path: str = "") -> StoresConfig:
+def stores_from_native(root: Mapping[str, Any], path: str = "") -> StoresConfig:
     """``shared_state`` and ``stores`` of a native config root (other keys are not ours)."""
     shared = SharedStateConfig()
     if root.get("shared_state") is not None:

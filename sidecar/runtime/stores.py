@@ -1,0 +1,188 @@
+"""The sidecar's connections to what it shares with other replicas: the Redis stores named in
+``stores:`` and the rate limit services that ``envoy.filters.http.ratelimit`` calls.
+
+Each is made on first use (a store no filter uses is never connected), kept across config
+reloads while its config is unchanged, and reports a ``DependencyStatus`` (up/down, last
+error, calls, failures, fail-open/fail-closed decisions) for ``/ready``'s detail, the metrics
+(``sidecar_dependency_*``) and the dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sidecar.cluster.cluster import ClusterState
+from sidecar.config.stores import DEFAULT_BACKOFF, StoresConfig
+from sidecar.core.limits import Descriptor, RlsResponse
+from sidecar.observability.metrics import Metrics
+from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
+from sidecar.shared.redis_store import RedisStore
+from sidecar.shared.rls import RateLimitClient
+
+PROBE_EVERY_S = 0.5
+
+
+class ClusterRateLimitService:
+    """``RateLimitService`` behind one cluster: each call goes to an endpoint the cluster's
+    balancer picks (its health and ejections apply), over gRPC (grpclib, one HTTP/2 channel
+    per endpoint). One health record for the service: a failure makes the next calls fail fast
+    until a probe succeeds (``sidecar.shared.health``)."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.health = HealthTracker(f"ratelimit_service:{state.name}", f"cluster {state.name}",
+                                    0.0, DEFAULT_BACKOFF)
+        self._clients: dict[str, RateLimitClient] = {}
+
+    async def should_rate_limit(self, domain: str, descriptors: tuple[Descriptor, ...],
+                                hits_addend: int, timeout_s: float) -> RlsResponse:
+        c = self.state.current
+        host = c.pick(None) if c is not None else None
+        if host is None:
+            self.health.skipped += 1
+            raise Unavailable(f"cluster {self.state.name}: no endpoint")
+        client = self._clients.get(host.address)
+        if client is None:
+            for addr in [a for a in self._clients if a not in self.state.endpoints]:
+                self._clients.pop(addr).close()
+            ep = host.endpoint
+            client = self._clients[host.address] = RateLimitClient(
+                self.health.name, ep.host, ep.port, timeout_s, health=self.health)
+        self.health.timeout_s = timeout_s
+        return await client.should_rate_limit(domain, descriptors, hits_addend, timeout_s)
+
+    def count_failure_mode(self, denied: bool) -> None:
+        h = self.health
+        if denied:
+            h.fail_closed += 1
+        else:
+            h.fail_open += 1
+
+    def status(self) -> DependencyStatus:
+        return self.health.status()
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+class StoreRuntime:
+    def __init__(self, config: StoresConfig, metrics: Metrics) -> None:
+        self.config = config
+        self._redis: dict[str, RedisStore] = {}
+        self._rls: dict[str, ClusterRateLimitService] = {}
+        self._retired: list[RedisStore] = []
+        self._prober: asyncio.Task[None] | None = None
+        if metrics.enabled:
+            metrics.add_collector("dependencies", DependencyCollector(self))
+
+    def configure(self, config: StoresConfig) -> None:
+        """A new config: stores whose settings changed are replaced on their next use."""
+        self.config = config
+
+    def redis(self, name: str) -> RedisStore:
+        cfg = self.config.get(name)
+        if cfg is None:
+            raise KeyError(name)
+        st = self._redis.get(name)
+        if st is None or st.cfg != cfg:
+            if st is not None:
+                self._retired.append(st)
+            st = self._redis[name] = RedisStore(cfg)
+            self._start_prober()
+        return st
+
+    def _start_prober(self) -> None:
+        if self._prober is not None:
+            return
+        try:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_down_stores())
+        except RuntimeError:
+            pass                        # built outside a loop (tests): traffic probes alone
+
+    async def _probe_down_stores(self) -> None:
+        """A store that is down comes back on the next call after its backoff; a worker with
+        no traffic would go on reporting it down, so ping it (one call per backoff step)."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            for st in list(self._redis.values()):
+                if not st.up:
+                    try:
+                        await st.ping()
+                    except Unavailable:
+                        pass
+
+    def rate_limit_service(self, state: ClusterState) -> ClusterRateLimitService:
+        svc = self._rls.get(state.name)
+        if svc is None or svc.state is not state:
+            svc = self._rls[state.name] = ClusterRateLimitService(state)
+        return svc
+
+    def statuses(self) -> list[DependencyStatus]:
+        out = [s.status() for s in self._redis.values()]
+        out += [s.status() for s in self._rls.values()]
+        return out
+
+    def ready_note(self) -> str | None:
+        """Shown by a 200 ``/ready``: which remote is down and what the filters answer."""
+        notes = []
+        for s in self.statuses():
+            if s.up and not s.warning:
+                continue
+            if not s.up:
+                since = time.strftime("%H:%M:%S", time.localtime(s.since)) if s.since else "?"
+                notes.append(f"{s.name} ({s.address}) down since {since}: {s.last_error}; "
+                             f"answered by policy: {s.fail_open} fail_open, "
+                             f"{s.fail_closed} fail_closed")
+            if s.warning:
+                notes.append(f"{s.name}: {s.warning}")
+        return "; ".join(notes) or None
+
+    async def close(self) -> None:
+        for st in [*self._redis.values(), *self._retired]:
+            try:
+                await asyncio.wait_for(st.close(), 1.0)
+            except (TimeoutError, OSError):
+                pass
+        self._redis.clear()
+        self._retired.clear()
+        if self._prober is not None:
+            self._prober.cancel()
+        for svc in self._rls.values():
+            svc.close()
+
+
+class DependencyCollector:
+    """Scrape-time metrics of the stores and services (every worker has its own clients:
+    counters add up; ``up`` is merged by min across workers)."""
+
+    def __init__(self, stores: StoreRuntime) -> None:
+        self.stores = stores
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("sidecar_dependency_up",
+                               "1 while the store or service answers (0: failure policy in force)",
+                               labels=("name", "address"))
+        calls = CounterMetricFamily("sidecar_dependency_calls_total",
+                                    "Calls to a store or service by outcome",
+                                    labels=("name", "outcome"))
+        decisions = CounterMetricFamily("sidecar_dependency_policy_decisions_total",
+                                        "Requests answered by the failure policy while the store "
+                                        "or service could not answer", labels=("name", "policy"))
+        for s in self.stores.statuses():
+            up.add_metric((s.name, s.address), 1 if s.up else 0)
+            calls.add_metric((s.name, "ok"), max(0, s.calls - s.failures))
+            calls.add_metric((s.name, "failed"), s.failures - s.timeouts)
+            calls.add_metric((s.name, "timeout"), s.timeouts)
+            calls.add_metric((s.name, "skipped"), s.skipped)
+            decisions.add_metric((s.name, "fail_open"), s.fail_open)
+            decisions.add_metric((s.name, "fail_closed"), s.fail_closed)
+        yield from (up, calls, decisions)
