@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from sidecar.config.route import RouteAction, StreamDuration
 from sidecar.core.body import BodyStream
-from sidecar.core.errors import UpstreamTimeout
+from sidecar.core.errors import RouteTimeout, UpstreamTimeout
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.route.observe import grpc_reply
@@ -30,6 +30,7 @@ Clock = Callable[[], float]
 
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 DEADLINE_EXCEEDED = 4
+_TIMER_SLACK_S = 0.005
 
 
 def parse_grpc_timeout(v: str | None) -> float | None:
@@ -137,7 +138,8 @@ class TimeoutLayer:
         deadline = ctx.deadline = self.clock() + timeout
         try:
             return await self.next(req)
-        except UpstreamTimeout:
-            if self.clock() >= deadline:
+        except UpstreamTimeout as e:
+            # the loop's timers may fire a little early (uvloop rounds to milliseconds)
+            if isinstance(e, RouteTimeout) or self.clock() >= deadline - _TIMER_SLACK_S:
                 return duration_timeout_reply(req)
             raise
