@@ -91,6 +91,28 @@ async def test_retries_and_timeouts(via):
 
 
 @pytest.mark.parametrize("via", VIA)
+async def test_route_stream_timeouts(via):
+    """A route's idle_timeout and max_stream_duration (the listener's stream timeouts, which
+    the codecs' sweeps enforce) answer the same over both protocols."""
+    async def slow(request):
+        await asyncio.sleep(1.5)
+        return web.Response(text="late")
+
+    async with Upstream(slow) as up:
+        cfg = native_config(clusters={"svc": [up.address]}, routes=[
+            {"match": {"prefix": "/idle"}, "cluster": "svc", "idle_timeout": "300ms"},
+            {"match": {"prefix": "/dur"}, "cluster": "svc", "max_stream_duration": "300ms"},
+            {"match": {"prefix": "/"}, "cluster": "svc"}])
+        async with running_proxy(cfg, admin=False) as p:
+            st, _, body = await fetch(via, p.port(), path="/idle")
+            assert (st, body) == (504, b"stream timeout")
+            st, _, body = await fetch(via, p.port(), path="/dur")
+            assert (st, body) == (504, b"downstream duration timeout")
+            st, _, body = await fetch(via, p.port(), path="/ok")
+            assert (st, body) == (200, b"late")
+
+
+@pytest.mark.parametrize("via", VIA)
 async def test_filters(via):
     async with Upstream() as up:
         cfg = native_config(
