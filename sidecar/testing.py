@@ -134,6 +134,87 @@ class Upstream:
         await self.stop()
 
 
+class TcpServer:
+    """A real TCP server on 127.0.0.1 in the current event loop (the TCP proxy's upstream).
+
+    Default: echo every byte; on the client's FIN, send ``farewell`` (if any) and close (so a
+    test sees half-close pass both ways). ``greeting`` is sent first on every connection.
+    ``source=N``: send N bytes as fast as the connection takes them (ignoring the client),
+    counting what was written in ``sent``. ``ssl``: serve TLS.
+    """
+
+    def __init__(self, *, greeting: bytes = b"", farewell: bytes = b"", source: int = 0,
+                 ssl: Any = None, name: str = "tcp"):
+        self.greeting = greeting
+        self.farewell = farewell
+        self.source = source
+        self.ssl = ssl
+        self.name = name
+        self.port = 0
+        self.connections = 0
+        self.open = 0
+        self.received = bytearray()
+        self.sent = 0
+        self.peers: list[tuple[str, int]] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self._writers.add(w)
+        self.peers.append(w.get_extra_info("peername"))
+        try:
+            if self.greeting:
+                w.write(self.greeting)
+            if self.source:
+                chunk = b"x" * 65536
+                left = self.source
+                while left > 0:
+                    n = min(left, len(chunk))
+                    w.write(chunk[:n])
+                    await w.drain()
+                    self.sent += n
+                    left -= n
+                if w.can_write_eof():
+                    w.write_eof()
+                await r.read()
+                return
+            while True:
+                data = await r.read(65536)
+                if not data:
+                    break
+                self.received += data
+                w.write(data)
+                await w.drain()
+            if self.farewell:
+                w.write(self.farewell)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open -= 1
+            self._writers.discard(w)
+            w.close()
+
+    async def __aenter__(self) -> "TcpServer":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port or 0,
+                                                  ssl=self.ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.close()
+            self._server = None
+
+
 def native_config(*, clusters: dict[str, Any] | None = None, routes: list | None = None,
                   listener: dict | None = None, filters: list | None = None,
                   extra_listeners: list | None = None, **top: Any) -> dict:

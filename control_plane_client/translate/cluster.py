@@ -3,6 +3,8 @@ outlier detection, health checks, upstream TLS, protocol options)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
 from control_plane_client.translate.dynamic import config_source
 from control_plane_client.translate.tls import Secrets, upstream_tls_from_envoy
@@ -14,6 +16,7 @@ from sidecar.config.cluster import (
     Endpoint,
     HealthCheck,
     LbConfig,
+    TcpHealthCheck,
     Thresholds,
     _positive,
     _statuses,
@@ -75,16 +78,24 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
                      "eds_cluster_config", "common_lb_config", "least_request_lb_config",
                      "ring_hash_lb_config", "load_balancing_policy", "per_connection_buffer_limit_bytes",
                      "typed_extension_protocol_options", "@type", "respect_dns_ttl",
-                     "typed_dns_resolver_config"), path)
+                     "typed_dns_resolver_config", "original_dst_lb_config", "cleanup_interval",
+                     "upstream_bind_config"), path)
     name = w.string(d, "name", path, nonempty=True)
     ctype = w.string(d, "type", path, "STATIC",
-                     choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS")).lower()
+                     choices=("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS", "ORIGINAL_DST")).lower()
     kw: dict = {}
     eps: tuple = ()
-    if "load_assignment" in d:
+    if ctype == "original_dst":
+        kw.update(_original_dst(d, path))
+    elif "load_assignment" in d:
         _, eps = load_assignment(d["load_assignment"], w.join(path, "load_assignment"))
     elif ctype != "eds":
         raise ConfigError(w.join(path, "load_assignment"), f"is required for a {ctype.upper()} cluster")
+    for key in ("original_dst_lb_config", "cleanup_interval"):
+        if key in d and ctype != "original_dst":
+            raise ConfigError(w.join(path, key), "only applies to an ORIGINAL_DST cluster")
+    if "upstream_bind_config" in d:
+        kw["bind_address"] = _bind_address(d["upstream_bind_config"], w.join(path, "upstream_bind_config"))
     if ctype != "eds" and "eds_cluster_config" in d:
         raise ConfigError(w.join(path, "eds_cluster_config"), "only applies to an EDS cluster")
     if ctype == "eds":
@@ -135,6 +146,10 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
                      ewma_default_rtt_s=w.duration(body, "default_rtt", bp, 0.030),
                      choice_count=w.integer(body, "choice_count", bp, 2, lo=2),
                      ewma_failure_penalty_s=w.duration(body, "failure_penalty", bp, 0.0))
+    if lb_kw["policy"] == "cluster_provided" and ctype == "original_dst":
+        lb_kw["policy"] = "round_robin"     # unused: the connection names its host
+    elif ctype == "original_dst":
+        raise ConfigError(w.join(path, "lb_policy"), "an ORIGINAL_DST cluster needs CLUSTER_PROVIDED")
     if lb_kw["policy"] in ("cluster_provided", "load_balancing_policy_config") and lb_kw["policy"] != "peak_ewma":
         if "load_balancing_policy" not in d:
             raise ConfigError(w.join(path, "lb_policy"), f"{lb_policy} is not supported")
@@ -247,6 +262,48 @@ def protocol_options(d: dict, path: str) -> dict:
     return out
 
 
+def _original_dst(d: dict, path: str) -> dict:
+    """ORIGINAL_DST: no endpoints (the connection names its destination), Envoy's
+    ``original_dst_lb_config`` and ``cleanup_interval``."""
+    if "load_assignment" in d:
+        raise ConfigError(w.join(path, "load_assignment"),
+                          "an ORIGINAL_DST cluster takes its hosts from the connections: no "
+                          "load_assignment")
+    for key in ("health_checks", "outlier_detection"):
+        if key in d:
+            raise ConfigError(w.join(path, key), "is not supported on an ORIGINAL_DST cluster "
+                                                 "(its hosts come and go with connections)")
+    kw: dict = {"cleanup_interval_s": w.duration(d, "cleanup_interval", path, 5.0)}
+    if kw["cleanup_interval_s"] <= 0:
+        raise ConfigError(w.join(path, "cleanup_interval"), "must be greater than zero")
+    if "original_dst_lb_config" in d:
+        op = w.join(path, "original_dst_lb_config")
+        o = w.check_keys(d["original_dst_lb_config"], ("use_http_header", "http_header_name",
+                                                       "upstream_port_override", "metadata_key"), op)
+        for key in ("use_http_header", "http_header_name", "metadata_key"):
+            if key in o:
+                raise ConfigError(w.join(op, key), "is not supported (the destination is the "
+                                                   "connection's original destination)")
+        kw["upstream_port_override"] = w.integer(o, "upstream_port_override", op, 0, lo=0, hi=65535)
+    return kw
+
+
+def _bind_address(d: dict, path: str) -> str:
+    sp = w.join(path, "source_address")
+    for key in ("freebind", "socket_options", "extra_source_addresses",
+                "additional_source_addresses", "local_address_selector"):
+        if key in d:
+            raise ConfigError(w.join(path, key), "is not supported")
+    w.check_keys(d, ("source_address",), path)
+    sa = w.check_keys(w.mapping(d, "source_address", path),
+                      ("address", "port_value", "protocol"), sp)
+    if w.integer(sa, "port_value", sp, 0) != 0:
+        raise ConfigError(w.join(sp, "port_value"), "only 0 (any local port) is supported")
+    if sa.get("protocol", "TCP") != "TCP":
+        raise ConfigError(w.join(sp, "protocol"), "only TCP is supported")
+    return w.string(sa, "address", sp, nonempty=True)
+
+
 def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
     w.check_keys(d, ("thresholds",), path)
     default = high = Thresholds()
@@ -264,16 +321,53 @@ def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
     return CircuitBreakers(default=default, high=high)
 
 
+def _payload(d: object, path: str) -> bytes:
+    """A health check ``Payload``: ``{text: <hex>}`` or ``{binary: <base64>}``."""
+    import base64
+    import binascii
+    w.check_keys(d, ("text", "binary"), path)
+    assert isinstance(d, dict)
+    kind = w.one_of(d, ("text", "binary"), path)
+    assert kind is not None         # one_of raises when neither is set
+    v = w.string(d, kind, path, nonempty=True)
+    try:
+        return bytes.fromhex(v) if kind == "text" else base64.b64decode(v, validate=True)
+    except (ValueError, binascii.Error):
+        raise ConfigError(w.join(path, kind), "must be hex" if kind == "text" else "must be base64")
+
+
+def _tcp_health_check(d: dict, path: str) -> HealthCheck:
+    tp = w.join(path, "tcp_health_check")
+    t = w.check_keys(d["tcp_health_check"] or {}, ("send", "receive", "proxy_protocol_config"), tp)
+    if "proxy_protocol_config" in t:
+        raise ConfigError(w.join(tp, "proxy_protocol_config"), "is not supported")
+    send = _payload(t["send"], w.join(tp, "send")) if t.get("send") else b""
+    receive = tuple(_payload(r, w.join(w.join(tp, "receive"), i))
+                    for i, r in enumerate(w.seq(t, "receive", tp, [])))
+    if w.boolean(d, "reuse_connection", path, False):
+        raise ConfigError(w.join(path, "reuse_connection"),
+                          "true is not supported with tcp_health_check (every check connects anew)")
+    base = health_check_from_envoy({k: v for k, v in d.items()
+                                    if k not in ("tcp_health_check", "reuse_connection")}
+                                   | {"http_health_check": {"path": "/"}}, path)
+    return replace(base, path="", tcp=TcpHealthCheck(send=send, receive=receive),
+                   reuse_connection=False)
+
+
 def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
     w.check_keys(d, ("timeout", "interval", "interval_jitter", "interval_jitter_percent",
                      "healthy_threshold", "unhealthy_threshold", "http_health_check",
                      "no_traffic_interval", "unhealthy_interval", "healthy_edge_interval",
                      "unhealthy_edge_interval", "initial_jitter", "reuse_connection",
-                     "grpc_health_check"), path)
-    kind = w.one_of(d, ("http_health_check", "grpc_health_check"), path, required=False)
+                     "grpc_health_check", "tcp_health_check"), path)
+    kind = w.one_of(d, ("http_health_check", "grpc_health_check", "tcp_health_check"), path,
+                    required=False)
     if kind is None:
-        raise ConfigError(path, "one of http_health_check, grpc_health_check is required "
-                                "(tcp and custom health checks are not supported)")
+        raise ConfigError(path, "one of http_health_check, grpc_health_check, tcp_health_check "
+                                "is required (redis, thrift and custom health checks are not "
+                                "supported)")
+    if kind == "tcp_health_check":
+        return _tcp_health_check(d, path)
     opt = lambda k: w.duration(d, k, path, None)  # noqa: E731
     common: dict = dict(
         interval_s=_positive(w.duration(d, "interval", path), w.join(path, "interval")),

@@ -1,9 +1,10 @@
-"""Envoy v3 Listener with its HTTP connection manager -> the listener model (HTTP filters, access
-logs, tracing, timeouts, edge options)."""
+"""Envoy v3 Listener -> the listener model: an HTTP connection manager's settings (HTTP filters,
+access logs, tracing, timeouts, edge options), and for L4 listeners their filter chains."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import filters as filter_registry
 from control_plane_client.translate.common import (
@@ -15,15 +16,23 @@ from control_plane_client.translate.common import (
     typed,
 )
 from control_plane_client.translate.dynamic import config_source
+from control_plane_client.translate.l4 import (
+    connection_logs,
+    filter_chain_match,
+    listener_filters,
+    tcp_chain,
+)
 from control_plane_client.translate.route import route_configuration
 from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
 from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
+from sidecar.config.l4 import FilterChainMatch
 from sidecar.config.listener import (
     ESCAPED_SLASHES_ACTIONS,
     AccessLogConfig,
+    FilterChain,
     Listener,
     TracingConfig,
     check_log_format,
@@ -160,28 +169,97 @@ def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
     return tuple(out)
 
 
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+_LISTENER_FIELDS = ("name", "address", "filter_chains", "@type", "traffic_direction",
+                    "listener_filters", "listener_filters_timeout",
+                    "continue_on_listener_filters_timeout", "default_filter_chain", "access_log",
+                    "per_connection_buffer_limit_bytes")
+_CHAIN_FIELDS = ("filters", "transport_socket", "name", "filter_chain_match")
+
+
 def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = None,
              secrets: Secrets | None = None) -> Listener:
-    """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap."""
-    w.check_keys(d, ("name", "address", "filter_chains", "@type", "traffic_direction"), path)
+    """``rds_routes``: route configs by name already known (RDS), or None for a bootstrap.
+
+    A listener with one HTTP connection manager chain, no match and no listener filters is an
+    HTTP listener (its fields carry the HCM settings); anything else keeps its filter chains
+    (``Listener.filter_chains``), each an HTTP or a TCP chain, picked per connection."""
+    w.check_keys(d, _LISTENER_FIELDS, path)
     host, port_ = socket_address(w.mapping(d, "address", path), w.join(path, "address"))
-    chains = w.seq(d, "filter_chains", path)
-    if len(chains) != 1:
-        raise ConfigError(w.join(path, "filter_chains"), "exactly one filter chain is supported")
-    cp = w.join(w.join(path, "filter_chains"), 0)
-    chain = w.check_keys(chains[0], ("filters", "transport_socket", "name"), cp)
+    name = w.string(d, "name", path, "") or f"{host}:{port_}"
+    direction = w.string(d, "traffic_direction", path, "OUTBOUND",
+                         choices=("UNSPECIFIED", "INBOUND", "OUTBOUND")).lower()
+    direction = "inbound" if direction == "inbound" else "outbound"
+    base = Listener(name=name, host=host, port=port_, direction=direction, source=d)
+    chains = w.seq(d, "filter_chains", path, [])
+    cp = w.join(path, "filter_chains")
+    parsed = [filter_chain(c, w.join(cp, i), base, rds_routes, secrets)
+              for i, c in enumerate(chains)]
+    default = None
+    if d.get("default_filter_chain") is not None:
+        default = filter_chain(d["default_filter_chain"], w.join(path, "default_filter_chain"),
+                               base, rds_routes, secrets, default=True)
+    if not parsed and default is None:
+        raise ConfigError(cp, "needs at least one filter chain (or a default_filter_chain)")
+    lfilters = listener_filters(d, path)
+    logs = connection_logs(w.seq(d, "access_log", path, []), w.join(path, "access_log"))
+    check_unique_matches(parsed, cp)
+    only = parsed[0] if len(parsed) == 1 else None
+    if only is not None and only.http is not None and default is None and not lfilters.filters \
+            and only.match == FilterChainMatch() and not logs:
+        if "per_connection_buffer_limit_bytes" in d:
+            raise ConfigError(w.join(path, "per_connection_buffer_limit_bytes"),
+                              "only applies to L4 listeners (filter chains, tcp_proxy)")
+        return replace(only.http, tls=only.tls)      # the common HTTP listener
+    return replace(base, buffer_limit_bytes=w.integer(d, "per_connection_buffer_limit_bytes",
+                                                      path, 1024 * 1024, lo=1024),
+                   filter_chains=tuple(parsed), default_filter_chain=default,
+                   listener_filters=lfilters, connection_log=logs)
+
+
+def check_unique_matches(parsed: list[FilterChain], path: str) -> None:
+    """Envoy refuses two chains with the same match: the second could never be picked."""
+    seen: dict[FilterChainMatch, int] = {}
+    for i, c in enumerate(parsed):
+        j = seen.get(c.match)
+        if j is not None:
+            raise ConfigError(w.join(path, i), f"filter_chain_match is the same as that of "
+                                               f"filter_chains[{j}]: it could never be picked")
+        seen[c.match] = i
+
+
+def filter_chain(d: dict, path: str, base: Listener, rds_routes: dict[str, RouteConfig] | None,
+                 secrets: Secrets | None, default: bool = False) -> FilterChain:
+    w.check_keys(d, _CHAIN_FIELDS, path)
+    if default and "filter_chain_match" in d:
+        raise ConfigError(w.join(path, "filter_chain_match"), "a default filter chain has no match")
+    match = FilterChainMatch()
+    if d.get("filter_chain_match") is not None:
+        match = filter_chain_match(d["filter_chain_match"], w.join(path, "filter_chain_match"))
     tls = None
-    if "transport_socket" in chain:
-        tls = downstream_tls_from_envoy(chain["transport_socket"], w.join(cp, "transport_socket"),
+    if "transport_socket" in d:
+        tls = downstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"),
                                         secrets)
-    fl = w.seq(chain, "filters", cp)
-    if len(fl) != 1 or fl[0].get("name") != "envoy.filters.network.http_connection_manager":
-        raise ConfigError(w.join(cp, "filters"),
-                          "exactly one filter, envoy.filters.network.http_connection_manager, is supported")
-    fp = w.join(w.join(cp, "filters"), 0)
-    w.check_keys(fl[0], ("name", "typed_config"), fp)
-    hp = w.join(fp, "typed_config")
-    hcm = typed(w.mapping(fl[0], "typed_config", fp), hp, T_HCM)
+    name = w.string(d, "name", path, "")
+    fl = w.seq(d, "filters", path)
+    fp = w.join(path, "filters")
+    if not fl:
+        raise ConfigError(fp, "needs a terminal filter (http_connection_manager or tcp_proxy)")
+    if any(isinstance(f, dict) and f.get("name") == HCM_FILTER for f in fl):
+        if len(fl) != 1:
+            raise ConfigError(fp, f"{HCM_FILTER} must be the chain's only network filter")
+        f0 = w.join(fp, 0)
+        w.check_keys(fl[0], ("name", "typed_config"), f0)
+        hp = w.join(f0, "typed_config")
+        hcm = typed(w.mapping(fl[0], "typed_config", f0), hp, T_HCM)
+        return FilterChain(name=name, match=match, tls=tls,
+                           http=http_connection_manager(hcm, hp, base, rds_routes))
+    return FilterChain(name=name, match=match, tls=tls, tcp=tcp_chain(fl, fp))
+
+
+def http_connection_manager(hcm: dict, hp: str, base: Listener,
+                            rds_routes: dict[str, RouteConfig] | None) -> Listener:
+    """An HCM's settings, in the shape of an HTTP listener (name, address from ``base``)."""
     w.check_keys(hcm, ("stat_prefix", "codec_type", "route_config", "rds", "http_filters",
                        "access_log", "generate_request_id", "use_remote_address",
                        "xff_num_trusted_hops", "common_http_protocol_options",
@@ -220,15 +298,12 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
     stat_prefix = w.string(hcm, "stat_prefix", hp, nonempty=True)
     istio: list[IstioMetrics] = []
     chain_filters = http_filters(w.seq(hcm, "http_filters", hp, []), w.join(hp, "http_filters"), istio)
-    direction = w.string(d, "traffic_direction", path, "OUTBOUND",
-                         choices=("UNSPECIFIED", "INBOUND", "OUTBOUND")).lower()
-    return Listener(
-        name=w.string(d, "name", path, "") or f"{host}:{port_}",
-        host=host, port=port_, route_config=rc, rds_name=rds_name,
+    return replace(
+        base,
+        route_config=rc, rds_name=rds_name,
         http_filters=chain_filters,
         istio_metrics=istio[0] if istio else None,
         stat_prefix=stat_prefix,
-        direction="inbound" if direction == "inbound" else "outbound",
         idle_timeout_s=w.duration(cho, "idle_timeout", chp, 3600.0),
         request_headers_timeout_s=w.duration(hcm, "request_headers_timeout", hp, 10.0),
         request_timeout_s=w.duration(hcm, "request_timeout", hp, 0.0),
@@ -255,10 +330,8 @@ def listener(d: dict, path: str, rds_routes: dict[str, RouteConfig] | None = Non
         strip_host_header=True,
         access_log=access_logs(w.seq(hcm, "access_log", hp, []), w.join(hp, "access_log")),
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
-        tls=tls,
         tracing=hcm_tracing(hcm["tracing"], w.join(hp, "tracing")) if "tracing" in hcm else None,
         codec=codec, http2=http2, upgrades=upgrades,
-        source=d,
     )
 
 

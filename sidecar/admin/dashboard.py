@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.admin import dashboard_l4
 from sidecar.runtime.collector import breaker_open, endpoint_ewma, install_state_collector
 
 log = logging.getLogger("sidecar.dashboard")
@@ -118,7 +119,7 @@ def quantile(q: float, new: tuple, old: tuple | None) -> float | None:
 
 class _Sample:
     __slots__ = ("t", "routes", "route_hist", "clusters", "cluster_hist", "endpoints",
-                 "cluster_events")
+                 "cluster_events", "l4")
 
     def __init__(self, t: float):
         self.t = t
@@ -128,6 +129,7 @@ class _Sample:
         self.cluster_hist: dict = {}
         self.endpoints: dict = {}         # cluster -> (attempts, errors) from endpoint state
         self.cluster_events: dict = {}    # cluster -> {retries, timeouts, overflow}
+        self.l4 = dashboard_l4.L4Sample()  # TCP proxy and Kafka counters
 
 
 class Sampler:
@@ -161,6 +163,7 @@ class Sampler:
                 s.cluster_events.setdefault(name, {})["timeouts"] = sum(d.values())
             for (name,), d in overflow.items():
                 s.cluster_events.setdefault(name, {})["overflow"] = sum(d.values())
+            s.l4 = dashboard_l4.sample(m)
         for cs in app.clusters.clusters():
             name = cs.name
             tot = err = 0
@@ -306,7 +309,7 @@ class Sampler:
                     "cost": round(ew[1] * 1000, 3) if ew is not None else None,
                     "rq_active": host.active_requests,
                     "rq_total": host.rq_total, "rq_error": host.rq_error,
-                    "cx_active": host.cx_active,
+                    "cx_active": host.http_cx_active + host.cx_active,
                 })
             clusters.append({
                 "name": name, "type": cs.config.type, "lb_policy": cs.config.lb.policy,
@@ -332,11 +335,23 @@ class Sampler:
 
         # listeners, config, tracing
         listeners = []
+        sessions: dict[str, int] = {}
         for name, lr in list(app.store.listeners.items()):
+            chains = lr.chains.chains if lr.chains is not None else []
             listeners.append({"name": name, "address": f"{lr.config.host}:{lr.bound_port}",
-                              "cx_active": len(lr.connections),
+                              "cx_active": len(lr.connections) + len(lr.sessions),
                               "rq_active": lr.active_requests(),
-                              "routes": _route_count(lr)})
+                              "routes": _route_count(lr),
+                              "kind": "l4" if lr.config.l4 else "http",
+                              "chains": [{"name": c.name or (c.tcp.config.stat_prefix
+                                                             if c.tcp is not None else "http"),
+                                          "kind": "http" if c.http is not None else
+                                          "kafka" if c.tcp is not None and c.tcp.kafka is not None
+                                          else "tcp"} for c in chains]})
+            for sess in list(lr.sessions):
+                prefix = sess.f.config.stat_prefix
+                sessions[prefix] = sessions.get(prefix, 0) + 1
+        l4 = dashboard_l4.view(new.l4, old.l4 if old is not None else None, rate, sessions)
         snap = app.store.snapshot
         tr = snap.tracing if snap is not None else None
         cp = getattr(app, "control_plane", None)
@@ -362,6 +377,8 @@ class Sampler:
             "routes": routes[:MAX_ROUTES],
             "routes_total": len(routes),
             "clusters": clusters,
+            "tcp": l4["tcp"],
+            "kafka": l4["kafka"],
             # Redis stores and rate limit services: up/down, last error, failure-policy decisions
             "dependencies": [dataclasses.asdict(d) for d in app.stores.statuses()]
             if getattr(app, "stores", None) is not None else [],

@@ -1,4 +1,4 @@
-"""Command line: ``sidecar run|validate|version|dev|certs|token``."""
+"""Command line: ``sidecar run|validate|version|iptables|dev|certs|token|inject``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sidecar import __version__
 from sidecar.admin.server import make_admin_app, start_admin
 from sidecar.cli.demo import demo_snapshot, print_banner, start_demo_services
 from sidecar.config.errors import ConfigError, ConfigErrors
+from sidecar.k8s import iptables
 from sidecar.k8s.probes import start_from_env
 from sidecar.runtime.app import App, ParserError, check_compiled_parsers, install_uvloop, setup_logging
 from sidecar.runtime.loader import load_file
@@ -51,7 +52,7 @@ async def _dry_compile(snap) -> None:
     try:
         app.clusters.apply(snap.clusters)
         for lc in snap.listeners:
-            app.store.compile_listener(lc, lc.port)
+            app.store.validate_listener(lc)
     finally:
         await app.close()
 
@@ -139,7 +140,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     return 0
 
 
-CORE_COMMANDS = ("run", "validate", "version")
+CORE_COMMANDS = ("run", "validate", "version", "iptables")
 
 # servers started beside the proxy on worker 0: the kubelet prober of injected pods (only
 # when SIDECAR_PROBE_PORT is set)
@@ -168,6 +169,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
+    iptables.add_parser(sub)
     if extra:
         # lazily: these commands pull in cryptography, which `run` without TLS or JWT need not load
         from sidecar.cli import dev as cli_extra  # noqa: PLC0415

@@ -21,14 +21,18 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from sidecar.cluster.balancers import make_balancer
 from sidecar.cluster.breakers import BreakerState
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
+from sidecar.core.connection import ConnectionContext
 from sidecar.core.context import RequestContext
 from sidecar.core.errors import (
+    ConnectFailure,
     NoCluster,
     NoHealthyUpstream,
     Overflow,
@@ -47,6 +51,8 @@ from sidecar.upstream.http2_pool import Http2Pool
 from sidecar.upstream.tunnel import open_tunnel
 
 log = logging.getLogger("sidecar.cluster")
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 # outcome kinds of a local failure (fed to outlier detection and the EWMA)
 CONNECT_FAILURE, TIMEOUT, RESET = "connect_failure", "timeout", "reset"
@@ -153,6 +159,7 @@ class Cluster:
             p.max_headers_count = cfg.max_response_headers_count
             p.max_header_bytes = cfg.max_response_headers_kb * 1024
             p.on_free = waiters.wake
+            p.local_addr = (cfg.bind_address, 0) if cfg.bind_address else None
             if p.ssl is not self.ssl_context:
                 p.ssl = self.ssl_context        # new TLS settings need new connections
                 p.server_hostname = self._sni
@@ -162,6 +169,7 @@ class Cluster:
                 h2.connect_timeout = cfg.connect_timeout_s
                 h2.idle_timeout = cfg.idle_timeout_s
                 h2.on_free = waiters.wake
+                h2.local_addr = p.local_addr
                 if h2.ssl is not self.ssl_context_h2 or h2.options != cfg.http2:
                     h2.ssl = self.ssl_context_h2     # new settings: new connections
                     h2.server_hostname = self._sni
@@ -207,7 +215,9 @@ class Cluster:
         if self._epoch() != self._epoch_seen:
             self.sync_health()
 
-    def pick(self, ctx: RequestContext | None) -> EndpointState | None:
+    def pick(self, ctx: RequestContext | ConnectionContext | None) -> EndpointState | None:
+        if self.original_dst:
+            return self._original_dst_host(ctx) if isinstance(ctx, ConnectionContext) else None
         if self._epoch() != self._epoch_seen:
             self.sync_health()
         tried = ctx.tried_hosts if ctx is not None else ()
@@ -219,10 +229,11 @@ class Cluster:
 
     def open_connections(self) -> int:
         """Open (and opening) connections of the cluster, every worker's (each publishes its
-        own share when it checks, connects, and every second)."""
+        own share when it checks, connects, and every second): HTTP/1.1, HTTP/2 and TCP proxy
+        connections."""
         n = 0
         for h in self.hosts:
-            n += h.pool.active + h.pool.connecting
+            n += h.pool.active + h.pool.connecting + h.cx_active + h.cx_connecting
             if h.h2 is not None:
                 n += h.h2.active + h.h2.connecting
         return self.state.breakers.open_connections(n)
@@ -324,7 +335,7 @@ class Cluster:
         try:
             resp = await open_tunnel(ep.host, ep.port, self.ssl_context, self._sni,
                                      cfg.connect_timeout_s, req, host_header, deadline,
-                                     cfg.per_connection_buffer_limit)
+                                     cfg.per_connection_buffer_limit, host.pool.local_addr)
         except UpstreamError as e:
             elapsed = loop.time() - t0
             if e.flag == "UF":
@@ -492,6 +503,118 @@ class Cluster:
                 p.idle.popleft().close()
                 return True
         return False
+
+    # ---- a TCP connection (tcp_proxy) ----------------------------------------------------------
+    async def connect(self, ctx: ConnectionContext,
+                      protocol_factory: Callable[[], P]) -> tuple[EndpointState, asyncio.Transport, P]:
+        """One upstream connection attempt: admission (``max_connections``) -> pick (the
+        balancer, or the original destination) -> connect (the cluster's TLS, connect timeout,
+        bind address) -> record (counters, the balancer's estimate, outlier detection).
+        Raises ``UpstreamError`` with the connection's response flag (UO, UH, UF)."""
+        host = self.pick(ctx)
+        if host is None:
+            raise NoHealthyUpstream()
+        if self.open_connections() >= self.thresholds.max_connections:
+            self.state.breakers.overflow += 1
+            self.stats.cx_overflow.inc()
+            raise Overflow("max_connections")
+        ctx.tried_hosts.append(host)
+        ctx.upstream_host = host.address
+        ctx.attempts += 1
+        ep = host.endpoint
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tls = self.ssl_context
+        sni = (self._sni or ep.hostname or ep.host) if tls is not None else None
+        bind = (self.config.bind_address, 0) if self.config.bind_address else None
+        host.cx_connecting += 1
+        host.last_used = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                transport, proto = await loop.create_connection(
+                    protocol_factory, ep.host, ep.port, ssl=tls, server_hostname=sni,
+                    local_addr=bind)
+        except TimeoutError:
+            self._connect_failed(host, ctx, loop.time() - t0, "connect timeout", TIMEOUT)
+            self.stats.cx_connect_timeout.inc()
+            raise ConnectFailure("upstream connect timeout") from None
+        except (OSError, ssl.SSLError) as e:
+            reason = f"TLS error: {e.reason or e}" if isinstance(e, ssl.SSLError) \
+                else f"connection failure: {e.strerror or e}"
+            self._connect_failed(host, ctx, loop.time() - t0, reason, CONNECT_FAILURE)
+            raise ConnectFailure(reason) from None
+        finally:
+            host.cx_connecting -= 1
+        elapsed = loop.time() - t0
+        host.cx_active += 1
+        host.cx_total += 1
+        host.begin()                    # an active request while it lasts (least-request)
+        stats = self.stats
+        stats.cx_total.inc()
+        stats.cx_connect_time.observe(elapsed)
+        # Envoy counts a TCP proxy connection as a request; a made connection is a
+        # local-origin success for outlier detection
+        self.record(host, 200, elapsed, None)
+        self.open_connections()         # publish this worker's new count at once
+        return host, transport, proto
+
+    def _connect_failed(self, host: EndpointState, ctx: ConnectionContext, elapsed: float,
+                        reason: str, kind: str) -> None:
+        ctx.upstream_failure = reason
+        host.cx_connect_fail += 1
+        self.stats.cx_connect_fail.inc()
+        self.record(host, None, elapsed, kind)
+
+    def connection_closed(self, host: EndpointState, received: int, sent: int) -> None:
+        """A connection ``connect`` opened is over; ``received``/``sent``: bytes from/to the
+        upstream not yet counted."""
+        host.cx_active -= 1
+        host.end()
+        host.last_used = time.monotonic()
+        self.count_bytes(received, sent)
+        if self.state.breakers.pending_requests:
+            self.state.breakers.waiters.wake()      # an HTTP request may use the slot
+
+    def count_bytes(self, received: int, sent: int) -> None:
+        if received:
+            self.stats.cx_rx_bytes.inc(received)
+        if sent:
+            self.stats.cx_tx_bytes.inc(sent)
+
+    # ---- ORIGINAL_DST ------------------------------------------------------------------------
+    @property
+    def original_dst(self) -> bool:
+        return self.config.type == "original_dst"
+
+    def _original_dst_host(self, ctx: ConnectionContext) -> EndpointState | None:
+        """The host of the connection's original destination, made on first use."""
+        ip, port = ctx.original_dst or ctx.local_addr
+        if self.config.upstream_port_override:
+            port = self.config.upstream_port_override
+        ep = Endpoint(host=ip, port=port)
+        st = self.state.endpoints.get(ep.address)
+        if st is None or st.removed:
+            st = self._endpoint_state(ep)
+            st.pool.on_free = self.state.breakers.waiters.wake
+            if self.config.bind_address:
+                st.pool.local_addr = (self.config.bind_address, 0)
+            self.hosts.append(st)
+            self.state.endpoints[ep.address] = st
+        return st
+
+    def sweep_original_dst(self, now: float) -> None:
+        """Forget original-destination hosts with no connection for ``cleanup_interval``."""
+        limit = self.config.cleanup_interval_s
+        keep = []
+        for h in self.hosts:
+            if h.cx_active or h.cx_connecting or h.http_cx_active or now - h.last_used < limit:
+                keep.append(h)
+            else:
+                h.removed = True
+                h.close_pools()
+                self.state.endpoints.pop(h.address, None)
+        if len(keep) != len(self.hosts):
+            self.hosts[:] = keep
 
     # ---- outcomes -----------------------------------------------------------------------------
     def record(self, host: EndpointState, status: int | None, latency: float,

@@ -24,7 +24,8 @@ from sidecar.upstream.http2_pool import Http2Pool
 class EndpointState:
     __slots__ = ("endpoint", "address", "pool", "h2", "counters", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
-                 "ewma", "ewma_stamp", "last_hc", "removed", "__weakref__")
+                 "ewma", "ewma_stamp", "last_hc", "removed", "cx_active", "cx_connecting",
+                 "cx_total", "last_used", "__weakref__")
 
     def __init__(self, endpoint: Endpoint, pool: ConnectionPool, counters: EndpointCounters,
                  default_rtt: float = 0.030):
@@ -44,6 +45,11 @@ class EndpointState:
         self.ewma_stamp = time.monotonic()
         self.last_hc = ""
         self.removed = False
+        # TCP proxy connections (the HTTP pool counts its own): open, connecting, ever opened
+        self.cx_active = 0
+        self.cx_connecting = 0
+        self.cx_total = 0
+        self.last_used = 0.0             # monotonic; ORIGINAL_DST hosts unused a while go
         self.sync()                      # another worker may have judged it already
 
     @property
@@ -66,8 +72,9 @@ class EndpointState:
         self.ejections = hb.ejections
 
     @property
-    def cx_active(self) -> int:
-        """Open connections to the endpoint (HTTP/1.1 and HTTP/2)."""
+    def http_cx_active(self) -> int:
+        """Open HTTP connections to the endpoint (HTTP/1.1 and HTTP/2; ``cx_active`` counts
+        the TCP proxy's)."""
         h2 = self.h2
         return self.pool.active + (h2.active if h2 is not None else 0)
 

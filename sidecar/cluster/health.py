@@ -1,4 +1,5 @@
-"""Active HTTP and gRPC health checking at run time (config: ``sidecar.config.cluster.HealthCheck``).
+"""Active HTTP, gRPC and TCP (``tcp_probe``) health checking at run time (config:
+``sidecar.config.cluster.HealthCheck``).
 
 Per cluster with ``health_checks``, one asyncio task per (check, host) sends ``GET <path>``
 through the upstream HTTP/1.1 codec, or a ``grpc.health.v1.Health/Check`` call through the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 
 from multidict import MultiDict
 
@@ -171,6 +173,46 @@ async def probe_grpc(pool: Http2Pool, check: HealthCheck, authority: str) -> tup
     if resp.status != 200 or gs != "0":
         return "failure", int(gs) if gs is not None and gs.isdigit() else 2
     return ("success", 0) if serving_status(data) == GRPC_SERVING else ("failure", -1)
+
+
+async def tcp_probe(host: EndpointState, check: HealthCheck, ssl_ctx: ssl.SSLContext | None,
+                    sni: str) -> tuple[str, int]:
+    """One TCP health check (Envoy ``tcp_health_check``): connect (with the cluster's TLS),
+    send ``check.tcp.send``, pass once every ``receive`` block was seen in order."""
+    tcp = check.tcp
+    assert tcp is not None
+    ep = host.endpoint
+    w: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(check.timeout_s):
+            r, w = await asyncio.open_connection(
+                ep.host, ep.port, ssl=ssl_ctx,
+                server_hostname=(sni or ep.hostname or ep.host) if ssl_ctx is not None else None)
+            if tcp.send:
+                w.write(tcp.send)
+                await w.drain()
+            got = b""
+            pos = 0
+            for block in tcp.receive:
+                while True:
+                    i = got.find(block, pos)
+                    if i >= 0:
+                        pos = i + len(block)
+                        break
+                    data = await r.read(65536)
+                    if not data:
+                        return "failure", 0
+                    got += data
+                    if len(got) > _MAX_DRAIN:
+                        return "failure", 0
+        return "success", 0
+    except TimeoutError:
+        return "timeout", 0
+    except (OSError, ssl.SSLError):
+        return "network_failure", 0
+    finally:
+        if w is not None:
+            w.close()
 
 
 class _HostState:
@@ -325,11 +367,20 @@ class ClusterChecker:
             verdict: tuple[str, int] | None = None
             self._in_flight[i] += 1
             try:
-                pool = self._pool(i, host)
-                if isinstance(pool, Http2Pool):
-                    verdict = await probe_grpc(pool, check, check.grpc_authority or host_header)
+                if check.tcp is not None:
+                    c = self.state.current
+                    tls = c.config.tls if c is not None else None
+                    outcome, status = await tcp_probe(
+                        host, check, (c.ssl_context or c.ssl_context_h2) if c is not None else None,
+                        tls.sni if tls is not None else "")
                 else:
-                    verdict = await probe(pool, check, host_header)
+                    pool = self._pool(i, host)
+                    if isinstance(pool, Http2Pool):
+                        outcome, status = await probe_grpc(pool, check,
+                                                           check.grpc_authority or host_header)
+                    else:
+                        outcome, status = await probe(pool, check, host_header)
+                verdict = (outcome, status)
             except asyncio.CancelledError:
                 raise
             except Exception:      # a bug must not end health checking for the host

@@ -228,6 +228,8 @@ class ClusterManager:
                     if h.h2 is not None:
                         h.h2.sweep(now)
                 c.open_connections()      # publish this worker's count (closes since)
+                if c.original_dst:
+                    c.sweep_original_dst(now)
 
     def _ensure_dns(self, st: ClusterState) -> None:
         c = st.current

@@ -66,7 +66,6 @@ class StreamOwner(Protocol):
     """What the codec needs from the listener that accepted the connection."""
 
     name: str
-    bound_port: int
     max_header_bytes: int     # request line + header fields (Envoy's max_request_headers_kb)
     max_headers_count: int
     headers_with_underscores: str    # ALLOW | REJECT_REQUEST | DROP_HEADER
@@ -74,7 +73,12 @@ class StreamOwner(Protocol):
     accept_http_10: bool
     suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
     stream_idle_timeout_s: float     # an upgraded connection's idle bound (a route's overrides)
-    draining: bool
+
+    @property
+    def bound_port(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
 
     def connection_opened(self, conn: "DownstreamConnection") -> None: ...
 

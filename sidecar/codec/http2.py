@@ -116,6 +116,11 @@ class Http2Connection(asyncio.Protocol):
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
     @property
+    def lr(self) -> StreamOwner:
+        """The stream owner, under the HTTP/1.1 codec's name for it."""
+        return self.owner
+
+    @property
     def _busy(self) -> bool:
         return bool(self.streams)
 

@@ -32,6 +32,11 @@ class ServedConnection(Protocol):
         """A request or stream is in progress."""
         ...
 
+    @property
+    def lr(self) -> object:
+        """The stream owner that accepted it (its listener, or an L4 listener's HTTP chain)."""
+        ...
+
     def in_flight(self) -> int: ...
 
     def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
@@ -42,13 +47,17 @@ class ServedConnection(Protocol):
 
 class StreamOwner(Protocol):
     name: str
-    bound_port: int
     max_header_bytes: int
     max_headers_count: int
     headers_with_underscores: str    # ALLOW | REJECT_REQUEST | DROP_HEADER
     server_name: str
     suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
-    draining: bool
+
+    @property
+    def bound_port(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
 
     def connection_opened(self, conn: ServedConnection) -> None: ...
 

@@ -83,6 +83,16 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpHealthCheck:
+    """Envoy ``tcp_health_check``: connect, send ``send`` (if any), and pass when every
+    ``receive`` block is found in the answer, in order (not necessarily contiguous); with
+    neither, a successful connect passes."""
+
+    send: bytes = b""
+    receive: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     path: str = "/healthz"
     host: str = ""                       # Host header; "" = the cluster name (as Envoy)
@@ -105,6 +115,7 @@ class HealthCheck:
     # the service name asked about ("" = the server as a whole), and the :authority sent
     grpc_service: str | None = None
     grpc_authority: str = ""
+    tcp: TcpHealthCheck | None = None    # a TCP check instead of the HTTP GET above
 
     def status_ok(self, status: int) -> bool:
         for s, e in self.expected_statuses:
@@ -127,7 +138,7 @@ DNS_LOOKUP_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
-    type: str = "static"                 # static | strict_dns | logical_dns | eds
+    type: str = "static"                 # static | strict_dns | logical_dns | eds | original_dst
     endpoints: tuple[Endpoint, ...] = ()
     connect_timeout_s: float = 5.0
     lb: LbConfig = LbConfig()
@@ -152,6 +163,12 @@ class Cluster:
     # Envoy's use_downstream_protocol_config)
     protocol: str = "http1"
     http2: Http2Options = UPSTREAM_DEFAULTS
+    # ORIGINAL_DST: hosts are the downstream connections' original destinations, made on use
+    # and dropped after cleanup_interval without connections; upstream_port_override replaces
+    # their port (0: keep it)
+    cleanup_interval_s: float = 5.0
+    upstream_port_override: int = 0
+    bind_address: str = ""               # upstream_bind_config: local address of connections
     source: Any = None                   # the wire dict it came from, for config_dump
 
     def __hash__(self) -> int:

@@ -1,5 +1,6 @@
 """Listener config: address, HTTP options and timeouts, edge policy, access logs (and the field
-vocabulary native access logs may name), TLS, tracing, sidecar mode and admin."""
+vocabulary native access logs may name), TLS, tracing, sidecar mode and admin; and, for L4
+listeners, their filter chains (``FilterChain``), listener filters and connection logs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, Http2Options, UpgradeConfig
+from sidecar.config.l4 import ConnectionLog, FilterChainMatch, ListenerFilters, TcpProxy
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
@@ -120,7 +122,34 @@ class Listener:
     http2: Http2Options = DOWNSTREAM_DEFAULTS
     upgrades: tuple[UpgradeConfig, ...] = ()   # Upgrade tokens tunnelled (upgrade_configs)
     istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
+    # L4: several filter chains, picked per connection by their match (sidecar.listener.chains).
+    # Empty: the listener is one HTTP chain made of the fields above (the common case). Set:
+    # the HTTP fields above are unused and each HTTP chain carries its own (FilterChain.http).
+    filter_chains: tuple["FilterChain", ...] = ()
+    default_filter_chain: "FilterChain | None" = None
+    listener_filters: ListenerFilters = ListenerFilters()
+    connection_log: tuple[ConnectionLog, ...] = ()   # the listener's own access_log (L4)
+    # per_connection_buffer_limit_bytes: bytes a TCP proxy buffers toward a slow side before
+    # it stops reading the other (L4 listeners)
+    buffer_limit_bytes: int = 1024 * 1024
     source: Any = None
+
+    @property
+    def l4(self) -> bool:
+        """Whether connections are dispatched to filter chains (not one HTTP chain)."""
+        return bool(self.filter_chains) or self.default_filter_chain is not None
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChain:
+    """One filter chain: its match, its TLS termination, and either an HTTP connection manager
+    (``http``: the HCM settings, in the shape of an HTTP ``Listener``) or a ``tcp_proxy``."""
+
+    name: str
+    match: FilterChainMatch = FilterChainMatch()
+    tls: DownstreamTls | None = None
+    http: Listener | None = None
+    tcp: TcpProxy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,14 @@ class HostInfo(Protocol):
     def address(self) -> str: ...
 
 
+class PickContext(Protocol):
+    """What a load balancer may read of the request (``RequestContext``) or the connection
+    (``sidecar.core.connection.ConnectionContext``) it picks a host for."""
+
+    @property
+    def hash_key(self) -> int | None: ...
+
+
 class RouteInfo(Protocol):
     """What a layer may know of the route that matched (``sidecar.route.table.CompiledRoute``)."""
 

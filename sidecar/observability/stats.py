@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.core.metrics import NULL, CounterChild
+from sidecar.core.metrics import NULL, CounterChild, CounterFamily
 from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 
 # Envoy response flags (short codes); anything else is counted as "other" so a bug or a new
@@ -40,6 +40,7 @@ class ClusterStats:
                  "rq_retry_success", "rq_retry_overflow", "rq_overflow", "latency",
                  "cx_total", "cx_overflow", "rq_reset", "rq_per_try_timeout", "retry_limit_exceeded",
                  "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
+                 "cx_connect_timeout", "cx_connect_time", "cx_rx_bytes", "cx_tx_bytes",
                  "_codes", "_code_family", "_cluster")
 
     def __init__(self, m: Metrics, cluster: str):
@@ -68,6 +69,20 @@ class ClusterStats:
                                      ("cluster",)).labels(cluster)
         self.cx_total = m.counter("sidecar_upstream_cx_total", "Upstream connections opened",
                                   ("cluster",)).labels(cluster)
+        # TCP proxy connections (Envoy's upstream_cx_connect_timeout, upstream_cx_connect_ms,
+        # upstream_cx_rx_bytes_total, upstream_cx_tx_bytes_total)
+        self.cx_connect_timeout = m.counter("sidecar_upstream_cx_connect_timeout_total",
+                                            "Upstream connections that timed out connecting",
+                                            ("cluster",)).labels(cluster)
+        self.cx_connect_time = m.histogram("sidecar_upstream_cx_connect_time_seconds",
+                                           "Time to establish TCP proxy upstream connections",
+                                           ("cluster",)).labels(cluster)
+        self.cx_rx_bytes = m.counter("sidecar_upstream_cx_rx_bytes_total",
+                                     "Bytes received from upstream TCP proxy connections",
+                                     ("cluster",)).labels(cluster)
+        self.cx_tx_bytes = m.counter("sidecar_upstream_cx_tx_bytes_total",
+                                     "Bytes sent on upstream TCP proxy connections",
+                                     ("cluster",)).labels(cluster)
         self.rq_timeout = m.counter("sidecar_upstream_rq_timeout_total",
                                     "Upstream requests that hit the route timeout", ("cluster",)).labels(cluster)
         self.rq_per_try_timeout = m.counter("sidecar_upstream_rq_per_try_timeout_total",
@@ -166,6 +181,84 @@ class RouteStats:
         return c
 
 
+class TcpStats:
+    """Downstream stats of one tcp_proxy ``stat_prefix`` (Envoy's ``tcp.<stat_prefix>.*``)."""
+
+    __slots__ = ("cx_total", "no_route", "rx_bytes", "tx_bytes", "paused", "resumed",
+                 "idle_timeout", "max_duration_reached", "attempts_exceeded", "duration")
+
+    def __init__(self, m: Metrics, stat_prefix: str):
+        if not m.enabled:
+            for s in self.__slots__:
+                setattr(self, s, NULL)
+            return
+        lbl = ("stat_prefix",)
+
+        def c(name: str, doc: str) -> CounterChild:
+            return m.counter(name, doc, lbl).labels(stat_prefix)
+        self.cx_total = c("sidecar_tcp_downstream_cx_total", "Connections handled by tcp_proxy")
+        self.no_route = c("sidecar_tcp_downstream_cx_no_route_total",
+                          "Connections whose cluster was not found (NC)")
+        self.rx_bytes = c("sidecar_tcp_downstream_cx_rx_bytes_total",
+                          "Bytes received from downstream clients")
+        self.tx_bytes = c("sidecar_tcp_downstream_cx_tx_bytes_total",
+                          "Bytes sent to downstream clients")
+        self.paused = c("sidecar_tcp_downstream_flow_control_paused_reading_total",
+                        "Times reading the client paused because the upstream was slow")
+        self.resumed = c("sidecar_tcp_downstream_flow_control_resumed_reading_total",
+                         "Times reading the client resumed")
+        self.idle_timeout = c("sidecar_tcp_idle_timeout_total",
+                              "Connections closed by the idle timeout")
+        self.max_duration_reached = c("sidecar_tcp_max_downstream_connection_duration_total",
+                                      "Connections closed by max_downstream_connection_duration")
+        self.attempts_exceeded = c("sidecar_tcp_upstream_connect_attempts_exceeded_total",
+                                   "Connections closed after max_connect_attempts failed connects")
+        self.duration = m.histogram("sidecar_tcp_downstream_cx_length_seconds",
+                                    "Duration of tcp_proxy connections", lbl,
+                                    buckets=CONNECTION_BUCKETS).labels(stat_prefix)
+
+
+CONNECTION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0,
+                      3600.0)
+
+
+class ListenerL4Stats:
+    """Connection-level stats of one listener with filter chains (Envoy's ``listener.*``
+    and the listener filters' own)."""
+
+    __slots__ = ("no_filter_chain", "filter_timeout", "_filter_family", "_filters", "_listener")
+
+    def __init__(self, m: Metrics, listener: str):
+        self._listener = listener
+        self._filters: dict[tuple[str, str], CounterChild] = {}
+        self.no_filter_chain: CounterChild = NULL
+        self.filter_timeout: CounterChild = NULL
+        self._filter_family: CounterFamily | None = None
+        if not m.enabled:
+            return
+        self.no_filter_chain = m.counter("sidecar_listener_no_filter_chain_match_total",
+                                         "Connections closed because no filter chain matched",
+                                         ("listener",)).labels(listener)
+        self.filter_timeout = m.counter("sidecar_listener_filters_timeout_total",
+                                        "Connections whose listener filters timed out",
+                                        ("listener",)).labels(listener)
+        self._filter_family = m.counter("sidecar_listener_filter_total",
+                                        "Listener filter outcomes (tls_found, sni_found, "
+                                        "alpn_found, tls_not_found, http11, http10, h2c, "
+                                        "http_not_found, client_hello_error, "
+                                        "original_dst_found, original_dst_not_found)",
+                                        ("listener", "filter", "outcome"))
+
+    def filter(self, name: str, outcome: str) -> CounterChild:
+        key = (name, outcome)
+        c = self._filters.get(key)
+        if c is None:
+            fam = self._filter_family
+            c = self._filters[key] = fam.labels(self._listener, name, outcome) \
+                if fam is not None else NULL
+        return c
+
+
 class StatsCache:
     """One ClusterStats / RouteStats per name for the life of the process (children reused
     across reloads)."""
@@ -175,6 +268,20 @@ class StatsCache:
         self._clusters: dict[str, ClusterStats] = {}
         self._routes: dict[tuple, RouteStats] = {}
         self._no_route: dict[str, CounterChild] = {}
+        self._tcp: dict[str, TcpStats] = {}
+        self._listeners_l4: dict[str, ListenerL4Stats] = {}
+
+    def tcp(self, stat_prefix: str) -> TcpStats:
+        s = self._tcp.get(stat_prefix)
+        if s is None:
+            s = self._tcp[stat_prefix] = TcpStats(self.metrics, stat_prefix)
+        return s
+
+    def listener_l4(self, listener: str) -> ListenerL4Stats:
+        s = self._listeners_l4.get(listener)
+        if s is None:
+            s = self._listeners_l4[listener] = ListenerL4Stats(self.metrics, listener)
+        return s
 
     def cluster(self, name: str) -> ClusterStats:
         s = self._clusters.get(name)

@@ -94,7 +94,7 @@ class StateCollector:
         store = getattr(app, "store", None)
         listeners = getattr(store, "listeners", {}) if store is not None else {}
         for name, lr in list(listeners.items()):
-            cx_active.add_metric((name,), len(lr.connections))
+            cx_active.add_metric((name,), len(lr.connections) + len(lr.sessions))
             rq_active.add_metric((name,), _listener_active_requests(lr))
         yield cx_active
         yield rq_active
@@ -155,7 +155,7 @@ class StateCollector:
                 n_avail += avail
                 n_ejected += ejected
                 n_hc_fail += not h.hc_healthy
-                hcx = h.cx_active
+                hcx = h.http_cx_active + h.cx_active
                 cx += hcx
                 if i >= MAX_ENDPOINT_SERIES_PER_CLUSTER:
                     continue

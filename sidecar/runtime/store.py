@@ -13,12 +13,18 @@ import time
 from collections.abc import Callable
 
 from sidecar.cluster.manager import ClusterManager
-from sidecar.config.listener import Listener
+from sidecar.config.kafka import KafkaBrokerConfig
+from sidecar.config.listener import FilterChain, Listener
 from sidecar.config.snapshot import Snapshot
+from sidecar.config.tls import DownstreamTls
 from sidecar.core.filter import FilterEnv
+from sidecar.l4.kafka_broker import KafkaBrokerFilter
+from sidecar.l4.tcp_proxy import TcpProxyFilter
 from sidecar.listener.http import HttpConnectionManager
-from sidecar.listener.listener import ListenerRuntime
+from sidecar.listener.listener import ListenerRuntime, socket_key
+from sidecar.listener.network import ChainRuntime, HttpChain, ListenerChains
 from sidecar.observability.access_log import RequestLogger, make_access_logger
+from sidecar.observability.connection_log import ConnectionLogger
 from sidecar.observability.istio import IstioFamilies
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
@@ -29,6 +35,7 @@ from sidecar.route.observe import RouteObserver
 from sidecar.route.shadow import ShadowState
 from sidecar.route.stack import FilterCatalog, FilterStates, StackEnv, build_route_stack
 from sidecar.route.table import RouteTable
+from sidecar.tls.context import ReloadingContext, server_context
 from sidecar.tls.secrets import SecretStore
 
 log = logging.getLogger("sidecar.store")
@@ -61,6 +68,10 @@ class ConfigStore:
         self.workload = workload or Workload()   # this pod, for Istio metrics' labels
         self.secrets = secrets                     # SDS certificates for TLS listeners
         self._istio: IstioFamilies | None = None   # made when a listener first asks for them
+        # kept across snapshots while their config stays: TLS contexts (they watch their
+        # files) and Kafka filters (they learn topic ids)
+        self._server_tls: dict[DownstreamTls, ReloadingContext] = {}
+        self._kafka: dict[tuple[str, str], tuple[KafkaBrokerConfig, KafkaBrokerFilter]] = {}
 
     def compile_listener(self, lc: Listener, bound_port: int) -> HttpConnectionManager:
         """Routes and stacks of one listener, built aside (nothing is bound or swapped)."""
@@ -85,27 +96,83 @@ class ConfigStore:
         return HttpConnectionManager(lc, table, unmatched, env.tracer, env.built, bound_port,
                                      access_logs)
 
+    def compile_chains(self, lc: Listener, lr: ListenerRuntime,
+                       bound_port: int) -> ListenerChains:
+        """The filter chains of an L4 listener, built aside."""
+        listener_logs = tuple(ConnectionLogger(c) for c in lc.connection_log)
+        tls_used: dict[DownstreamTls, ReloadingContext] = {}
+
+        def build(i: int, chain: FilterChain) -> ChainRuntime:
+            ssl_ctx = None
+            if chain.tls is not None:
+                ssl_ctx = self._server_tls.get(chain.tls) or server_context(chain.tls, self.secrets)
+                tls_used[chain.tls] = ssl_ctx
+            rt = ChainRuntime(name=chain.name, match=chain.match, ssl=ssl_ctx)
+            if chain.http is not None:
+                rt.http = HttpChain(lr, chain.http, self.compile_listener(chain.http, bound_port))
+                return rt
+            tcp = chain.tcp
+            assert tcp is not None
+            kafka = None
+            if tcp.kafka is not None:
+                key = (lc.name, chain.name or str(i))
+                old = self._kafka.get(key)
+                if old is not None and old[0] == tcp.kafka:
+                    kafka = old[1]
+                else:
+                    kafka = KafkaBrokerFilter(tcp.kafka, self.metrics)
+                    self._kafka[key] = (tcp.kafka, kafka)
+            rt.tcp = TcpProxyFilter(
+                tcp, [self.clusters.state(n) for n in tcp.cluster_names],
+                self.stats.tcp(tcp.stat_prefix), kafka,
+                tuple(ConnectionLogger(c) for c in tcp.access_log), listener_logs,
+                lc.buffer_limit_bytes)
+            return rt
+
+        chains = [build(i, c) for i, c in enumerate(lc.filter_chains)]
+        default = build(-1, lc.default_filter_chain) \
+            if lc.default_filter_chain is not None else None
+        self._server_tls.update(tls_used)
+        return ListenerChains(chains, default, listener_logs)
+
+    def validate_listener(self, lc: Listener) -> None:
+        """Build what ``apply`` would for ``lc``, binding nothing (``sidecar validate``)."""
+        if lc.l4:
+            self.compile_chains(lc, ListenerRuntime(lc, self.metrics, self.secrets), lc.port)
+        else:
+            self.compile_listener(lc, lc.port)
+
+    def _install(self, lr: ListenerRuntime, lc: Listener, bound_port: int) -> None:
+        """Give a new listener runtime its routes or chains."""
+        if lc.l4:
+            lr.swap_chains(lc, self.compile_chains(lc, lr, bound_port))
+        else:
+            lr.swap(lc, self.compile_listener(lc, bound_port))
+
     async def apply(self, snap: Snapshot, *, bind: bool = True) -> None:
         """Swap to ``snap``. Raises (and changes nothing) if a new listener cannot bind."""
         new_names = {lc.name for lc in snap.listeners}
         started: list[ListenerRuntime] = []
-        swaps: list[tuple[ListenerRuntime, Listener, HttpConnectionManager]] = []
+        swaps: list[tuple[ListenerRuntime, Listener,
+                          HttpConnectionManager | ListenerChains]] = []
         for cb in self.before_apply:
             cb(snap)
         self.clusters.apply(snap.clusters)
         try:
             for lc in snap.listeners:
                 lr = self.listeners.get(lc.name)
-                if lr is not None and (lr.config.host, lr.config.port, lr.config.tls) != \
-                        (lc.host, lc.port, lc.tls):
+                if lr is not None and socket_key(lr.config) != socket_key(lc):
                     lr = None   # address or TLS changed: a new socket; the old one drains below
                 if lr is None:
-                    lr = ListenerRuntime(lc, self.metrics, self.secrets)
-                    lr.swap(lc, self.compile_listener(lc, lc.port))
+                    lr = ListenerRuntime(lc, self.metrics, self.secrets,
+                                         self.stats.listener_l4(lc.name))
+                    self._install(lr, lc, lc.port)
                     if bind:
                         await lr.start(reuse_port=self.reuse_port)
                         lr.port_bound()
                     started.append(lr)
+                elif lc.l4:
+                    swaps.append((lr, lc, self.compile_chains(lc, lr, lr.bound_port)))
                 else:
                     swaps.append((lr, lc, self.compile_listener(lc, lr.bound_port)))
         except Exception:
@@ -113,8 +180,12 @@ class ConfigStore:
                 lr.close()
             raise
         loop = asyncio.get_running_loop()
-        for lr, lc, hcm in swaps:
-            old = lr.swap(lc, hcm)
+        for lr, lc, built in swaps:
+            old: HttpConnectionManager | ListenerChains | None
+            if isinstance(built, ListenerChains):
+                old = lr.swap_chains(lc, built)
+            else:
+                old = lr.swap(lc, built)
             if old is not None:
                 loop.call_later(RETIRE_AFTER_S, old.retire)
         for lr in started:

@@ -365,7 +365,7 @@ class ConnectionPool:
     __slots__ = ("host", "port", "idle", "active", "connect_timeout", "max_idle", "idle_timeout",
                  "buffer_limit", "ssl", "server_hostname", "connecting", "total_connects",
                  "connect_failures", "on_free", "max_headers_count", "max_header_bytes",
-                 "__weakref__")
+                 "local_addr", "__weakref__")
 
     def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 64,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
@@ -390,6 +390,7 @@ class ConnectionPool:
         # called when a connection becomes idle or closes: wakes requests waiting at the
         # cluster's max_connections (sidecar.circuit_breaker)
         self.on_free: Callable[[], None] | None = None
+        self.local_addr: tuple[str, int] | None = None     # the cluster's upstream_bind_config
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -404,9 +405,11 @@ class ConnectionPool:
         self.connecting += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
-                kw = {}
+                kw: dict = {}
                 if self.ssl is not None:
                     kw = {"ssl": self.ssl, "server_hostname": self.server_hostname or self.host}
+                if self.local_addr is not None:
+                    kw["local_addr"] = self.local_addr
                 _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
                                                        self.host, self.port, **kw)
         except TimeoutError:

@@ -19,7 +19,7 @@ class Http2Pool:
 
     __slots__ = ("host", "port", "connect_timeout", "options", "ssl", "server_hostname",
                  "idle_timeout", "conns", "connecting", "total_connects", "connect_failures",
-                 "on_free", "_waiters", "__weakref__")
+                 "on_free", "local_addr", "_waiters", "__weakref__")
 
     def __init__(self, host: str, port: int, connect_timeout: float, options: Http2Options,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str = "",
@@ -37,6 +37,7 @@ class Http2Pool:
         self.connect_failures = 0
         # called when a connection closes (a max_connections slot frees in the cluster)
         self.on_free: Callable[[], None] | None = None
+        self.local_addr: tuple[str, int] | None = None     # the cluster's upstream_bind_config
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -75,7 +76,8 @@ class Http2Pool:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await loop.create_connection(
                     lambda: Http2UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None)
+                    server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None,
+                    local_addr=self.local_addr)
                 conn = proto
                 sock = proto.transport.get_extra_info("socket") if proto.transport else None
                 if sock is not None:

@@ -166,7 +166,7 @@ class TunnelConnection(asyncio.Protocol):
 async def open_tunnel(host: str, port: int, ssl_context: ssl.SSLContext | None,
                       server_hostname: str, connect_timeout: float, req: Request,
                       host_header: str | None, deadline: float | None,
-                      buffer_limit: int) -> Response:
+                      buffer_limit: int, local_addr: tuple[str, int] | None = None) -> Response:
     """Connect, send the upgrade request, return the response head (a 101's body is the
     tunnel from upstream; the client's bytes in ``req.body`` are copied upstream)."""
     loop = asyncio.get_running_loop()
@@ -174,7 +174,8 @@ async def open_tunnel(host: str, port: int, ssl_context: ssl.SSLContext | None,
         async with asyncio.timeout(connect_timeout):
             _, conn = await loop.create_connection(
                 lambda: TunnelConnection(buffer_limit), host, port, ssl=ssl_context,
-                server_hostname=(server_hostname or host) if ssl_context is not None else None)
+                server_hostname=(server_hostname or host) if ssl_context is not None else None,
+                local_addr=local_addr)
     except TimeoutError:
         raise ConnectFailure("upstream connect timeout") from None
     except OSError as e:

@@ -539,3 +539,30 @@ def test_probe_prestop_and_sigterm_against_the_real_sidecar(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- interception
+
+
+def test_init_container_agrees_with_the_injector():
+    """The hand-written demo pod intercepts traffic exactly as an injected pod does: the same
+    init container (`sidecar iptables` with the same flags), and the sidecar runs as the UID
+    those rules exclude."""
+    from sidecar.k8s.inject import _init_container
+    from sidecar.k8s.settings import PROXY_UID, InjectorConfig, proxy_settings
+
+    config = InjectorConfig()
+    expected = _init_container(proxy_settings({}, config), config)
+    spec = find("Deployment", "demo-app")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    # (its name differs: the injector refuses pods that already have a pysidecar-init)
+    for key in ("image", "args", "securityContext", "resources"):
+        assert init[key] == expected[key], key
+    side = next(c for c in spec["containers"] if c["name"] == "sidecar")
+    assert side["securityContext"]["runAsUser"] == PROXY_UID
+
+
+def test_sidecar_image_carries_iptables():
+    runs = " ".join(rest for instr, rest in stages(parse_dockerfile(DEPLOY / "Dockerfile"))[-1][1]
+                    if instr == "RUN")
+    assert re.search(r"apt-get install .*\biptables=", runs), "the init container needs iptables"

@@ -9,9 +9,11 @@ examples promise the same routing, so the same checks run against both.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -108,3 +110,15 @@ def test_envoy_example_is_valid_envoy_config_unchanged():
                            str(EXAMPLES["envoy"])], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout + proc.stderr
+
+
+def test_kafka_example_runs_in_one_command():
+    """examples/kafka/run.py: producer and consumer through two sidecars with mTLS (mock
+    brokers), its own checks, and the per-topic numbers read from the dashboard's data."""
+    cp = subprocess.run([sys.executable, str(ROOT / "examples" / "kafka" / "run.py"),
+                         "--free-ports", "--messages", "50"],
+                        capture_output=True, text=True, timeout=240, cwd=ROOT,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "all checks passed" in cp.stdout
+    assert "topic orders: produced 50 records" in cp.stdout

@@ -91,6 +91,53 @@
     }).join("");
   }
 
+  function fmtBytes(v) {
+    if (v == null) return "–";
+    var u = ["B", "kB", "MB", "GB", "TB"], i = 0;
+    while (v >= 1000 && i < u.length - 1) { v /= 1000; i++; }
+    return (i ? v.toFixed(1) : v.toFixed(0)) + " " + u[i];
+  }
+
+  function renderL4(d) {
+    var tcp = d.tcp || [], kafka = d.kafka || [];
+    $("l4").hidden = !tcp.length && !kafka.length;
+    $("tcp").tBodies[0].innerHTML = tcp.map(function (t) {
+      return '<tr data-tcp="' + esc(t.stat_prefix) + '"><td><b>' + esc(t.stat_prefix) + "</b></td>" +
+        '<td class="num tcp-open">' + t.cx_active + "</td>" +
+        '<td class="num">' + fmtRate(t.cx_per_s) + "</td>" +
+        '<td class="num">' + fmtBytes(t.rx_bytes_per_s) + "</td>" +
+        '<td class="num">' + fmtBytes(t.tx_bytes_per_s) + "</td>" +
+        '<td class="num tcp-total">' + t.cx_total + "</td>" +
+        '<td class="num">' + fmtBytes(t.rx_bytes) + "</td>" +
+        '<td class="num">' + fmtBytes(t.tx_bytes) + "</td></tr>";
+    }).join("") || '<tr><td colspan="8" class="dim">no TCP proxy traffic yet</td></tr>';
+    $("kafka").innerHTML = kafka.map(function (k) {
+      var apis = k.apis.slice(0, 8).map(function (a) {
+        return '<span class="kv">' + esc(a.api) + " <b>" + fmtRate(a.per_s) + "/s</b></span>";
+      }).join("");
+      var errs = Object.keys(k.errors).map(function (e) {
+        return '<span class="pill bad">' + esc(e) + " " + k.errors[e] + "</span>";
+      }).join(" ");
+      var topics = k.topics.map(function (t) {
+        return '<tr data-topic="' + esc(t.topic) + '"><td class="topic-name"><b>' + esc(t.topic) + "</b></td>" +
+          '<td class="num">' + fmtRate(t.produce_records_per_s) + "</td>" +
+          '<td class="num">' + fmtBytes(t.produce_bytes_per_s) + "</td>" +
+          '<td class="num">' + fmtRate(t.fetch_records_per_s) + "</td>" +
+          '<td class="num">' + fmtBytes(t.fetch_bytes_per_s) + "</td>" +
+          '<td class="num topic-produced">' + (t.produce_records || 0) + "</td>" +
+          '<td class="num topic-fetched">' + (t.fetch_records || 0) + "</td>" +
+          '<td class="num topic-denied">' + ((t.produce_denied || 0) + (t.fetch_denied || 0)) + "</td></tr>";
+      }).join("");
+      return '<div class="cluster" data-kafka="' + esc(k.stat_prefix) + '"><div class="cluster-head">' +
+        "<h3>Kafka " + esc(k.stat_prefix) + "</h3>" +
+        '<span class="kv">requests/s <b>' + fmtRate(k.requests_per_s) + "</b></span>" + apis + " " + errs +
+        "</div><table><thead><tr><th>topic</th><th class=\"num\">produced rec/s</th>" +
+        '<th class="num">produced /s</th><th class="num">fetched rec/s</th><th class="num">fetched /s</th>' +
+        '<th class="num">produced</th><th class="num">fetched</th><th class="num">denied</th></tr></thead><tbody>' +
+        (topics || '<tr><td colspan="8" class="dim">no records yet</td></tr>') + "</tbody></table></div>";
+    }).join("");
+  }
+
   function render(d) {
     $("config-version").textContent = d.config.version == null ? "–" : d.config.version;
     $("config-updates").textContent = d.config.accepted + " ok / " + d.config.rejected + " refused";
@@ -107,11 +154,14 @@
     ts.className = "big " + pctClass(d.totals.success_rate);
     $("total-requests").textContent = d.totals.requests;
     $("listeners").innerHTML = d.listeners.map(function (l) {
+      var chains = (l.chains || []).map(function (c) { return c.name + " (" + c.kind + ")"; }).join(", ");
       return "<div><b>" + esc(l.name) + "</b> " + esc(l.address) + ' <span class="dim">' +
-        l.cx_active + " conns, " + l.rq_active + " active</span></div>";
+        l.cx_active + " conns, " + l.rq_active + " active" + (chains ? "; " + esc(chains) : "") +
+        "</span></div>";
     }).join("") || "–";
     $("window").textContent = d.window_s ? "(last " + Math.round(d.window_s) + " s)" : "";
     renderRoutes(d);
+    renderL4(d);
     renderClusters(d);
   }
 

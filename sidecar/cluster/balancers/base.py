@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 
 class LoadBalancer:
@@ -22,7 +22,7 @@ class LoadBalancer:
     def rebuild(self, hosts: Sequence[EndpointState]) -> None:
         self.hosts = hosts
 
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         raise NotImplementedError
 

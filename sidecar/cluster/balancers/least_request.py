@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.endpoint import EndpointState
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 
 class LeastRequest(LoadBalancer):
     """Power of N choices on active requests (Envoy's LEAST_REQUEST, default N=2)."""
 
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         n = len(hosts)

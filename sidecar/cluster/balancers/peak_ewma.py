@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 DEFAULT_PENALTY_FLOOR_S = 1.0
 DEFAULT_PENALTY_RTT_FACTOR = 10.0
@@ -76,7 +76,7 @@ class PeakEwmaBalancer(LoadBalancer):
         return c
 
     # ---- pick --------------------------------------------------------------------------
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         n = len(hosts)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.endpoint import EndpointState
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 
 class Random(LoadBalancer):
@@ -16,7 +16,7 @@ class Random(LoadBalancer):
         self._weights = [h.endpoint.weight for h in hosts]
         self._uniform = len(set(self._weights)) <= 1
 
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         if not hosts:

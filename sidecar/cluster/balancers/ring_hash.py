@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import LbConfig
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 MAX_RING_SIZE = 65536
 
@@ -80,7 +80,7 @@ class RingHashBalancer(LoadBalancer):
         self._keys = [p[0] for p in points]
         self._owners = [p[2] for p in points]
 
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         hosts = self.hosts
         if not hosts:

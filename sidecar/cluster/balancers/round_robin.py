@@ -8,7 +8,7 @@ from math import gcd
 
 from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.endpoint import EndpointState
-from sidecar.core.context import HostInfo, RequestContext
+from sidecar.core.context import HostInfo, PickContext
 
 
 class RoundRobin(LoadBalancer):
@@ -41,7 +41,7 @@ class RoundRobin(LoadBalancer):
         # start at a random offset so many sidecars do not hit hosts in lockstep
         self._i = random.randrange(len(self._sched)) if self._sched else 0
 
-    def pick(self, ctx: RequestContext | None,
+    def pick(self, ctx: PickContext | None,
              exclude: Sequence[HostInfo] = ()) -> EndpointState | None:
         sched = self._sched
         if not sched:

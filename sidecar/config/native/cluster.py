@@ -13,6 +13,7 @@ from sidecar.config.cluster import (
     Endpoint,
     HealthCheck,
     LbConfig,
+    TcpHealthCheck,
     _positive,
     _statuses,
     _thresholds,
@@ -61,10 +62,24 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
                      "respect_dns_ttl", "dns_resolvers",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
-                     "protocol", "http2"), path)
+                     "cleanup_interval", "port_override", "bind_address", "protocol", "http2"), path)
+    ctype = w.string(d, "type", path, "static",
+                     choices=("static", "strict_dns", "logical_dns", "eds", "original_dst"))
     ep = w.join(path, "endpoints")
-    eps = tuple(endpoint_from_native(e, w.join(ep, i)) for i, e in enumerate(w.seq(d, "endpoints", path)))
-    ctype = w.string(d, "type", path, "static", choices=("static", "strict_dns", "logical_dns", "eds"))
+    if ctype == "original_dst":
+        # the hosts are the connections' original destinations (transparent interception)
+        for key in ("endpoints", "health_check", "outlier_detection", "lb"):
+            if key in d:
+                raise ConfigError(w.join(path, key), "does not apply to an original_dst cluster "
+                                                     "(its hosts are the connections' original "
+                                                     "destinations)")
+        eps: tuple[Endpoint, ...] = ()
+    else:
+        for key in ("cleanup_interval", "port_override"):
+            if key in d:
+                raise ConfigError(w.join(path, key), "only applies to an original_dst cluster")
+        eps = tuple(endpoint_from_native(e, w.join(ep, i))
+                    for i, e in enumerate(w.seq(d, "endpoints", path)))
     lb_kw: dict[str, Any] = {"policy": w.string(d, "lb", path, "round_robin", choices=LB_POLICIES)}
     if "ewma" in d:
         xp = w.join(path, "ewma")
@@ -83,12 +98,19 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
         kw["health_checks"] = (health_check_from_native(d["health_check"], w.join(path, "health_check")),)
     if "tls" in d:
         kw["tls"] = upstream_tls_from_native(d["tls"], w.join(path, "tls"))
+    if ctype == "original_dst":
+        kw["cleanup_interval_s"] = _positive(w.duration(d, "cleanup_interval", path, 5.0),
+                                             w.join(path, "cleanup_interval"))
+        kw["upstream_port_override"] = w.integer(d, "port_override", path, 0, lo=0, hi=65535)
+    if "bind_address" in d:
+        kw["bind_address"] = w.string(d, "bind_address", path, nonempty=True)
     protocol = w.string(d, "protocol", path, "http1", choices=UPSTREAM_PROTOCOLS)
     if "http2" in d:
         if protocol == "http1":
             raise ConfigError(w.join(path, "http2"), "needs protocol: http2 or downstream")
         kw["http2"] = upstream_http2_options(d["http2"], w.join(path, "http2"))
-    return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
+    return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype,
+                   endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
                    dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
@@ -147,11 +169,28 @@ def circuit_breakers_from_native(d: Raw, path: str) -> CircuitBreakers:
     return CircuitBreakers(default=_thresholds(d, path, False))
 
 
+_HC_HTTP_ONLY = ("path", "host", "expected_statuses", "retriable_statuses", "reuse_connection")
+
+
 def health_check_from_native(d: Raw, path: str) -> HealthCheck:
+    """HTTP (``path``...), gRPC (``grpc: {service, authority}``, or ``grpc: true``) or TCP
+    (``tcp: {send, receive}``: hex payloads, or ``tcp: {}`` for a connect-only check)."""
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
-                     "reuse_connection", "grpc"), path)
+                     "reuse_connection", "tcp", "grpc"), path)
+    w.one_of(d, ("tcp", "grpc"), path, required=False)
+    tcp = None
+    if "tcp" in d:
+        for key in _HC_HTTP_ONLY:
+            if key in d:
+                raise ConfigError(w.join(path, key), "is an HTTP check field; this is a tcp check")
+        tp = w.join(path, "tcp")
+        t = w.check_keys(d["tcp"] or {}, ("send", "receive"), tp)
+        tcp = TcpHealthCheck(
+            send=_hex(t["send"], w.join(tp, "send")) if t.get("send") else b"",
+            receive=tuple(_hex(r, w.join(w.join(tp, "receive"), i))
+                          for i, r in enumerate(w.seq(t, "receive", tp, []))))
     grpc: dict[str, Any] = {}
     if "grpc" in d:
         # grpc: {service: name, authority: host} (or grpc: true for the server as a whole)
@@ -162,8 +201,11 @@ def health_check_from_native(d: Raw, path: str) -> HealthCheck:
                 raise ConfigError(w.join(path, k), "does not apply to a gRPC health check")
         grpc = {"grpc_service": w.string(g, "service", gp, ""), "path": "/grpc.health.v1.Health/Check",
                 "grpc_authority": w.string(g, "authority", gp, "")}
+    hc_path = grpc.pop("path") if grpc else w.string(d, "path", path, "/healthz", nonempty=True)
     return HealthCheck(
-        path=w.string(d, "path", path, "/healthz", nonempty=True), host=w.string(d, "host", path, ""),
+        tcp=tcp,
+        path=hc_path,
+        host=w.string(d, "host", path, ""),
         interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
         interval_jitter_s=w.duration(d, "jitter", path, 0.0),
         initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
@@ -177,15 +219,14 @@ def health_check_from_native(d: Raw, path: str) -> HealthCheck:
         unhealthy_interval_s=w.duration(d, "unhealthy_interval", path, None),
         # native: checks run at `interval` from the start unless this is set
         no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
-        reuse_connection=w.boolean(d, "reuse_connection", path, True),
-    ) if not grpc else HealthCheck(
-        host=w.string(d, "host", path, ""),
-        interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
-        interval_jitter_s=w.duration(d, "jitter", path, 0.0),
-        initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
-        timeout_s=_positive(w.duration(d, "timeout", path, 1.0), w.join(path, "timeout")),
-        healthy_threshold=w.integer(d, "healthy_threshold", path, 1, lo=1),
-        unhealthy_threshold=w.integer(d, "unhealthy_threshold", path, 3, lo=1),
-        unhealthy_interval_s=w.duration(d, "unhealthy_interval", path, None),
-        no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
-        reuse_connection=w.boolean(d, "reuse_connection", path, True), **grpc)
+        reuse_connection=w.boolean(d, "reuse_connection", path, tcp is None),
+        **grpc)
+
+
+def _hex(v: object, path: str) -> bytes:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(path, "must be a hex string")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise ConfigError(path, "must be a hex string") from None

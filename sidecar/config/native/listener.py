@@ -1,10 +1,11 @@
 """Native YAML listeners: routes or virtual hosts, the HTTP filter list, timeouts, edge policy,
-access log, TLS; and native tracing."""
+access log, TLS; L4 listeners (``sidecar.config.native.l4``); and native tracing."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from sidecar.config import wire as w
@@ -16,14 +17,26 @@ from sidecar.config.http2 import (
     http2_options_from_wire,
     upgrade_configs_from_wire,
 )
+from sidecar.config.l4 import ConnectionLog, FilterChainMatch
 from sidecar.config.listener import (
     ESCAPED_SLASHES_ACTIONS,
     UNDERSCORE_ACTIONS,
     AccessLogConfig,
+    FilterChain,
     Listener,
     TracingConfig,
     check_fields,
     check_log_format,
+)
+from sidecar.config.native.l4 import (
+    CHAIN_KEYS,
+    L4_LISTENER_KEYS,
+    check_chain_keys,
+    connection_log_from_native,
+    is_l4,
+    listener_filters_from_native,
+    match_from_native,
+    tcp_chain_from_native,
 )
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
@@ -72,17 +85,22 @@ def route_filter_catalog(http_filters: tuple[HttpFilter, ...],
     return ListenerFilterCatalog(filters, instances) if instances else filters
 
 
+_BASE_KEYS = ("name", "address", "port", "direction")
+# what an HTTP listener (or an HTTP chain of an L4 listener) may set
+HTTP_KEYS = ("routes", "virtual_hosts", "filters", "idle_timeout", "request_headers_timeout",
+             "request_timeout", "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
+             "server_name", "drain_timeout", "max_request_headers_kb", "request_headers",
+             "response_headers", "strip_host_port", "accept_http_10", "trust_private_peers",
+             "preserve_external_request_id", "stream_idle_timeout", "max_stream_duration",
+             "max_headers_count", "headers_with_underscores_action", "normalize_path",
+             "merge_slashes", "path_with_escaped_slashes_action", "istio_metrics", "codec",
+             "http2", "upgrades")
+
+
 def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
-    w.check_keys(d, ("name", "address", "port", "routes", "virtual_hosts", "filters",
-                     "direction", "idle_timeout", "request_headers_timeout", "request_timeout",
-                     "access_log", "tls", "use_remote_address", "xff_num_trusted_hops",
-                     "server_name", "drain_timeout", "max_request_headers_kb",
-                     "request_headers", "response_headers", "strip_host_port",
-                     "accept_http_10", "trust_private_peers", "preserve_external_request_id",
-                     "stream_idle_timeout", "max_stream_duration", "max_headers_count",
-                     "headers_with_underscores_action", "normalize_path", "merge_slashes",
-                     "path_with_escaped_slashes_action", "codec", "http2", "upgrades",
-                     "istio_metrics"), path)
+    if isinstance(d, dict) and is_l4(d):
+        return l4_listener_from_native(d, path, filters)
+    w.check_keys(d, _BASE_KEYS + HTTP_KEYS, path)
     if "routes" in d and "virtual_hosts" in d:
         raise ConfigError(path, "only one of routes, virtual_hosts may be set")
     http_filters = http_filters_from_native(w.seq(d, "filters", path, []), w.join(path, "filters"),
@@ -167,6 +185,84 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
         if d.get("istio_metrics") not in (None, False) else None,
     )
+
+
+def l4_listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
+    """A TCP listener (``tcp_proxy`` [+ ``kafka_broker``], ``tls``) or one with
+    ``filter_chains`` (see ``sidecar.config.native.l4``)."""
+    w.check_keys(d, _BASE_KEYS + L4_LISTENER_KEYS + ("tls", "drain_timeout"), path)
+    name = w.string(d, "name", path, nonempty=True)
+    base = Listener(name=name, host=w.string(d, "address", path, "127.0.0.1"),
+                    port=w.integer(d, "port", path, lo=0, hi=65535), stat_prefix=name,
+                    direction=w.string(d, "direction", path, "outbound",
+                                       choices=("inbound", "outbound")),
+                    drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0), source=d)
+    flat = "tcp_proxy" in d or "kafka_broker" in d
+    if flat and ("filter_chains" in d or "default_filter_chain" in d):
+        raise ConfigError(w.join(path, "tcp_proxy" if "tcp_proxy" in d else "kafka_broker"),
+                          "a listener with filter_chains sets tcp_proxy in its chains")
+    if not flat and "tls" in d:
+        raise ConfigError(w.join(path, "tls"), "with filter_chains, each chain sets its own tls")
+    chains: list[FilterChain] = []
+    default = None
+    if flat:
+        tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+            if "tls" in d else None
+        chains.append(FilterChain(name="", tls=tls, tcp=tcp_chain_from_native(d, path, name)))
+    else:
+        cp = w.join(path, "filter_chains")
+        for i, c in enumerate(w.seq(d, "filter_chains", path, [])):
+            chains.append(_chain_from_native(c, w.join(cp, i), base, filters))
+        if d.get("default_filter_chain") is not None:
+            default = _chain_from_native(d["default_filter_chain"],
+                                         w.join(path, "default_filter_chain"), base, filters,
+                                         default=True)
+        if not chains and default is None:
+            raise ConfigError(cp, "needs at least one chain (or a default_filter_chain, or "
+                                  "tcp_proxy for a TCP listener)")
+        seen: dict[object, int] = {}
+        for i, ch in enumerate(chains):
+            if ch.match in seen:
+                raise ConfigError(w.join(cp, i), f"match is the same as that of "
+                                                 f"filter_chains[{seen[ch.match]}]: it could "
+                                                 "never be picked")
+            seen[ch.match] = i
+    return replace(base, filter_chains=tuple(chains), default_filter_chain=default,
+                   listener_filters=listener_filters_from_native(d, path),
+                   connection_log=_connection_logs(d, path),
+                   buffer_limit_bytes=w.integer(d, "buffer_limit", path, 1024 * 1024, lo=1024))
+
+
+def _connection_logs(d: Raw, path: str) -> tuple[ConnectionLog, ...]:
+    if "connection_log" not in d:
+        return ()
+    v = d["connection_log"]
+    kp = w.join(path, "connection_log")
+    if isinstance(v, list):
+        return tuple(connection_log_from_native(x, w.join(kp, i)) for i, x in enumerate(v))
+    return (connection_log_from_native(v, kp),)
+
+
+def _chain_from_native(c: object, path: str, base: Listener, filters: FilterCatalog,
+                       default: bool = False) -> FilterChain:
+    d = w.check_keys(c, CHAIN_KEYS + HTTP_KEYS, path)
+    check_chain_keys(d, path, HTTP_KEYS)
+    if default and "match" in d:
+        raise ConfigError(w.join(path, "match"), "a default chain has no match")
+    match = match_from_native(d["match"], w.join(path, "match")) if d.get("match") is not None \
+        else FilterChainMatch()
+    tls = downstream_tls_from_native(w.mapping(d, "tls", path), w.join(path, "tls")) \
+        if "tls" in d else None
+    name = w.string(d, "name", path, "")
+    if "tcp_proxy" in d or "kafka_broker" in d:
+        return FilterChain(name=name, match=match, tls=tls,
+                           tcp=tcp_chain_from_native(d, path, name or base.name))
+    if "routes" not in d and "virtual_hosts" not in d:
+        raise ConfigError(path, "a chain needs tcp_proxy (TCP) or routes / virtual_hosts (HTTP)")
+    http_d = {k: v for k, v in d.items() if k in HTTP_KEYS and k != "tls"}
+    http_d.update(name=base.name, address=base.host, port=base.port, direction=base.direction)
+    http = listener_from_native(http_d, path, filters)
+    return FilterChain(name=name, match=match, tls=tls, http=replace(http, source=d))
 
 
 def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:

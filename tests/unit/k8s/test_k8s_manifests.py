@@ -148,8 +148,9 @@ def test_opted_out_examples_pass_through_and_a_hand_written_sidecar_is_refused(t
     src.write_text(yaml.safe_dump(doc))
     cp = run_inject("-f", str(src), "-o", str(out))
     assert cp.returncode == 1
-    assert "document 1 (Deployment demo/demo-app): error: cannot inject: container 'sidecar' " \
-           "already runs the sidecar image" in cp.stderr
+    # (its init container, first in the pod, runs the sidecar image: `sidecar iptables`)
+    assert "document 1 (Deployment demo/demo-app): error: cannot inject: container " \
+           "'sidecar-init' already runs the sidecar image" in cp.stderr
     assert not out.exists()
     cp = run_inject("-f", str(src), "-o", str(out), "--skip-refused")
     assert cp.returncode == 0 and "warning: cannot inject" in cp.stderr

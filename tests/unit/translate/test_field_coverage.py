@@ -28,6 +28,10 @@ from tests.unit.translate.walk import Instance, base_doc, walk
 # honoured message fields whose message is walked from its own root (it needs siblings set)
 ROOTED_ELSEWHERE = {
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"),
+    # an ORIGINAL_DST cluster's own settings and a TCP health check are walked from roots that
+    # make the cluster ORIGINAL_DST / replace the HTTP check (they cannot sit beside them)
+    ("envoy.config.cluster.v3.Cluster", "original_dst_lb_config"),
+    ("envoy.config.core.v3.HealthCheck", "tcp_health_check"),
     # a ConfigSource is walked where every kind of source is valid (an RDS config_source)
     ("envoy.config.bootstrap.v3.BootstrapDynamicResources", "cds_config"),
     ("envoy.config.bootstrap.v3.BootstrapDynamicResources", "lds_config"),

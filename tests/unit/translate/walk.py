@@ -39,6 +39,16 @@ TRACING = {"provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
         "uri": "http://127.0.0.1:4318/v1/traces", "cluster": "c0", "timeout": "1s"}}}}}
 
 # Any targets: (message, where its instance is, what to put there first)
+TCP_PROXY = {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+    "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "t",
+    "cluster": "c0"}}
+TLS_INSPECTOR = {"name": "tls", "typed_config": {
+    "@type": T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
+ORIGINAL_DST = {"name": "pass", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                "original_dst_lb_config": {}}
+TCP_CHECK = [{"timeout": "1s", "interval": "1s", "healthy_threshold": 1,
+              "unhealthy_threshold": 1, "tcp_health_check": {}}]
+
 ROOTS: list[tuple[str, str, Setup]] = [
     ("envoy.config.bootstrap.v3.Bootstrap", "", ()),
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", HCM_AT, ()),
@@ -93,6 +103,21 @@ ROOTS: list[tuple[str, str, Setup]] = [
          "@type": T + UPSTREAM_HTTP, "explicit_http_config": {"http_protocol_options": {}}}}),)),
     ("envoy.config.trace.v3.OpenTelemetryConfig", HCM_AT + ".tracing.provider.typed_config",
      ((HCM_AT + ".tracing", TRACING),)),
+    # L4: tcp_proxy as a chain's network filter, tls_inspector as a listener filter, an
+    # ORIGINAL_DST cluster beside the probe's, a TCP health check instead of the HTTP one
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+     LISTENER_AT + ".filter_chains[0].filters[0].typed_config",
+     ((LISTENER_AT + ".filter_chains[0].filters", [TCP_PROXY]),)),
+    ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+     LISTENER_AT + ".listener_filters[0].typed_config",
+     ((LISTENER_AT + ".listener_filters", [TLS_INSPECTOR]),)),
+    ("envoy.config.cluster.v3.ClusterOriginalDstLbConfig",
+     "static_resources.clusters[1].original_dst_lb_config",
+     (("static_resources.clusters",
+       [probe_bootstrap()["static_resources"]["clusters"][0], ORIGINAL_DST]),)),
+    ("envoy.config.core.v3.HealthCheckTcpHealthCheck",
+     CLUSTER_AT + ".health_checks[0].tcp_health_check",
+     ((CLUSTER_AT + ".health_checks", TCP_CHECK),)),
     ("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
      CLUSTER_AT + ".typed_dns_resolver_config.typed_config",
      ((CLUSTER_AT + ".typed_dns_resolver_config", {"name": "cares", "typed_config": {
@@ -117,6 +142,28 @@ ROOTS: list[tuple[str, str, Setup]] = [
 
 # valid instances of messages the probe bootstrap does not already hold, by (message, field)
 PROBES: dict[tuple[str, str], object] = {
+    ("envoy.config.listener.v3.Listener", "listener_filters"): [TLS_INSPECTOR],
+    ("envoy.config.listener.v3.Listener", "default_filter_chain"): {"filters": [TCP_PROXY]},
+    ("envoy.config.listener.v3.Listener", "access_log"): [{"name": "f", "typed_config": {
+        "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/null"}}],
+    ("envoy.config.listener.v3.FilterChain", "filter_chain_match"): {"destination_port": 10000},
+    ("envoy.config.listener.v3.FilterChainMatch", "prefix_ranges"):
+        [{"address_prefix": "127.0.0.0", "prefix_len": 8}],
+    ("envoy.config.cluster.v3.Cluster", "upstream_bind_config"):
+        {"source_address": {"address": "127.0.0.6", "port_value": 0}},
+    ("envoy.config.core.v3.HealthCheckTcpHealthCheck", "send"): {"text": "50494e47"},
+    ("envoy.config.core.v3.HealthCheckTcpHealthCheck", "receive"): [{"text": "50"}],
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "weighted_clusters"):
+        {"clusters": [{"name": "c0", "weight": 1}]},
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "hash_policy"):
+        [{"source_ip": {}}],
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "access_log"):
+        [{"name": "f", "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": "/dev/null"}}],
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxyWeightedCluster", "clusters"):
+        [{"name": "c0", "weight": 1}],
     ("envoy.config.bootstrap.v3.BootstrapStaticResources", "secrets"):
         [{"name": "s", "tls_certificate": CERT}],
     ("envoy.config.bootstrap.v3.Bootstrap", "dynamic_resources"):
