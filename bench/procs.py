@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.shared.testing import free_port as free_port  # re-exported for the bench scripts
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
 
@@ -46,10 +48,6 @@ def pin_prefix(cores: str | None) -> list[str]:
     return ["taskset", "-c", cores] if cores else []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- /proc readers

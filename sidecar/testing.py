@@ -57,12 +57,7 @@ from sidecar.runtime.watchdog import DEFAULT_THRESHOLD_S
 from sidecar.sdk import UserFilter
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sidecar.shared.testing import free_port as free_port  # re-exported: the tests take it from here
 
 
 @dataclass

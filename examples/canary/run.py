@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,7 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
 from examples.canary import services  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sidecar.shared.testing import free_port  # noqa: E402
 
 
 def load_config(free_ports: bool) -> tuple[dict, list[int]]:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import sys
 import time
 from collections import Counter
@@ -31,14 +30,11 @@ if ROOT not in sys.path:
 import aiohttp  # noqa: E402
 
 from examples.flaky import services  # noqa: E402
+from sidecar.shared.testing import free_port  # noqa: E402
 
 DEFAULT_PORTS = {"listener": 10001, "admin": 9902, "steady": 18081, "flaky": 18082, "broken": 18083}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(envoy: bool, ports: dict[str, int]) -> str:

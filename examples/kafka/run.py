@@ -42,6 +42,7 @@ if ROOT not in sys.path:
 from confluent_kafka import Consumer, KafkaError, Producer  # noqa: E402
 
 from sidecar.cli.certs import DevCA  # noqa: E402
+from sidecar.shared.testing import free_port  # noqa: E402
 from sidecar.testing import stop_process  # noqa: E402
 
 APPS = "spiffe://cluster.local/ns/shop/sa/apps-sidecar"
@@ -51,10 +52,6 @@ FIXED = {"CLIENT_PORT_1": 19092, "CLIENT_PORT_2": 19093, "CLIENT_PORT_3": 19094,
 WAIT = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MockKafka:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,13 @@ import yaml  # noqa: E402
 
 from examples.tracing import services  # noqa: E402
 from examples.tracing.otlp_receiver import Receiver, format_trace  # noqa: E402
+from sidecar.shared.testing import free_port  # noqa: E402
 from sidecar.testing import stop_process  # noqa: E402
 
 W3C_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 B3_PARENT = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_of(addr: str) -> int:

@@ -5,6 +5,7 @@ imports the whole app, which this layer must not.)"""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -13,10 +14,45 @@ import tempfile
 import time
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = f.read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, picked at random BELOW the kernel's ephemeral range.
+
+    A port from ``bind(0)`` is an ephemeral one: between closing it here and the server under
+    test binding it, any outgoing connection on the machine (this test's or a parallel run's)
+    may take it as its source port, and the server fails with EADDRINUSE. Ports below the
+    range are never handed to outgoing connections; random picks make a clash between
+    parallel runs unlikely, and this process never hands out the same port twice."""
+    lo = 10000
+    hi = min(_EPHEMERAL[0], 65536) - 1
+    if hi - lo < 1000:                  # an unusual range: fall back to the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 class RedisServer:
