@@ -28,14 +28,9 @@ if ROOT not in sys.path:
 
 import grpc  # noqa: E402
 from examples.grpc.service import SERVICE, serve  # noqa: E402
+from sidecar.shared.testing import free_port  # noqa: E402
 
 DEFAULT_PORTS = {"listener": 10003, "admin": 9903, "service": 50051}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(envoy: bool, ports: dict[str, int]) -> str:
