@@ -10,7 +10,7 @@ process answering directly):
 * ``core``: circuit breakers and least-request balancing (breaker admit/release, requests in
   flight per endpoint, the health-board epoch read on every pick);
 * ``ratelimit``: the same plus a local rate limit that never limits (one exact bucket consume
-  per request, under a record lock when shared).
+  per request, under a robust mutex when shared).
 
 Needs ``wrk``. The machine is shared: expect a few per cent of noise between runs.
 """

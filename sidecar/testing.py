@@ -39,11 +39,13 @@ from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
 from sidecar.core.filter import FilterSpec, UpstreamClient
 from sidecar.core.limits import (
+    NO_RATE_LIMITS,
     FailurePolicy,
     RateLimitService,
     RemoteBuckets,
     RemoteReplayCache,
     ReplayCache,
+    RouteRateLimits,
     TokenBuckets,
 )
 from sidecar.core.message import Request, Response
@@ -430,8 +432,10 @@ class FilterTestEnv:
     def __init__(self, metrics: Metrics | None = None,
                  clusters: dict[str, Any] | None = None,
                  upstreams: dict[str, Upstream_] | None = None,
-                 stores: StoresConfig | None = None, shared: SharedState | None = None):
+                 stores: StoresConfig | None = None, shared: SharedState | None = None,
+                 local_cluster: str = ""):
         self.metrics = metrics or Metrics()
+        self.local_cluster = local_cluster
         self._states: dict[str, object] = {}
         self.shared = shared if shared is not None else LocalState()
         self.clusters = ClusterManager(StatsCache(self.metrics), shared=self.shared)
@@ -440,7 +444,8 @@ class FilterTestEnv:
                                 f"clusters.{name}")
             for name, v in (clusters or {}).items()))
         self.stores = StoreRuntime(stores or StoresConfig(), self.metrics)
-        self._env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
+        self._env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores,
+                                   local_cluster)
         self.upstreams = {name: FakeCluster(name, h) for name, h in (upstreams or {}).items()}
 
     def upstream(self, cluster: str) -> UpstreamClient:
@@ -485,12 +490,14 @@ class FakeRoute:
     """Stands in for the compiled route a filter is built for."""
 
     def __init__(self, name: str = "r1", clusters: tuple[str, ...] = ("svc",),
-                 pick: Callable[[Request], str] | None = None):
+                 pick: Callable[[Request], str] | None = None,
+                 rate_limits: RouteRateLimits = NO_RATE_LIMITS):
         self.name = name
         self.stat_name = name
         self.vhost_name = "vh"
         self.cluster_names = clusters
         self._pick = pick
+        self.rate_limits = rate_limits
 
     def pick_cluster(self, req: Request) -> str:
         if self._pick is not None:

@@ -1,11 +1,15 @@
 """Envoy v3 -> L4 config: filter chain matches, listener filters, tcp_proxy (with kafka_broker
-in front) and connection access logs. Every field is honoured or refused with its path."""
+and Istio's ``istio.stats`` in front). Every field is honoured or refused with its path.
+Connection access logs are read by ``control_plane_client.translate.access_log``."""
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
-from control_plane_client.translate.common import T_FILE_LOG, T_STDOUT_LOG, typed
+from control_plane_client.translate.access_log import connection_logs
+from control_plane_client.translate.common import typed
+from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.kafka import (
@@ -17,25 +21,16 @@ from sidecar.config.kafka import (
 from sidecar.config.l4 import (
     LISTENER_FILTERS,
     SOURCE_TYPES,
-    ConnectionLog,
     FilterChainMatch,
     IpNetwork,
     ListenerFilters,
     TcpProxy,
     WeightedCluster,
 )
-from sidecar.config.log_format import (
-    CONNECTION_OPERATORS,
-    CONNECTION_OPERATORS_WITH_ARGS,
-    DEFAULT_FORMAT,
-    LogFormat,
-    parse_format_string,
-    parse_json_format,
-)
+from sidecar.config.telemetry import IstioMetrics
 
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 T_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-T_STDERR_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog"
 _LISTENER_FILTER_TYPES = {
     "tls_inspector": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3."
                      "TlsInspector",
@@ -165,63 +160,6 @@ def _tls_inspector(body: dict, path: str) -> int:
     return w.integer(body, "max_client_hello_size", path, 0, lo=0, hi=65536)
 
 
-# ---- connection access logs ------------------------------------------------------------------
-
-def log_format(d: dict | None, path: str) -> LogFormat:
-    """A ``SubstitutionFormatString`` (None: Envoy's default format)."""
-    if d is None:
-        return LogFormat(text=parse_format_string(DEFAULT_FORMAT, path, CONNECTION_OPERATORS,
-                                                  CONNECTION_OPERATORS_WITH_ARGS))
-    for key in ("content_type", "formatters", "json_format_options"):
-        if key in d:
-            raise ConfigError(w.join(path, key), "is not supported in a connection log")
-    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values"),
-                 path)
-    kind = w.one_of(d, ("text_format", "text_format_source", "json_format"), path)
-    omit = w.boolean(d, "omit_empty_values", path, False)
-    if kind == "json_format":
-        return LogFormat(json=parse_json_format(d["json_format"], w.join(path, "json_format"),
-                                                CONNECTION_OPERATORS, CONNECTION_OPERATORS_WITH_ARGS),
-                         omit_empty_values=omit)
-    if kind == "text_format":
-        text = w.string(d, "text_format", path)
-        tp = w.join(path, "text_format")
-    else:
-        sp = w.join(path, "text_format_source")
-        src = w.check_keys(d["text_format_source"], ("inline_string", "filename", "inline_bytes",
-                                                     "environment_variable"), sp)
-        if "inline_string" not in src:
-            raise ConfigError(sp, "only inline_string is supported")
-        text = w.string(src, "inline_string", sp)
-        tp = w.join(sp, "inline_string")
-    return LogFormat(text=parse_format_string(text, tp, CONNECTION_OPERATORS,
-                                              CONNECTION_OPERATORS_WITH_ARGS),
-                     omit_empty_values=omit)
-
-
-def connection_logs(items: list, path: str) -> tuple[ConnectionLog, ...]:
-    out = []
-    for i, a in enumerate(items):
-        ap = w.join(path, i)
-        w.check_keys(a, ("name", "typed_config", "filter"), ap)
-        if "filter" in a:
-            raise ConfigError(w.join(ap, "filter"), "access log filters are not supported")
-        tp = w.join(ap, "typed_config")
-        tc = w.mapping(a, "typed_config", ap)
-        t = tc.get("@type")
-        if t == T_FILE_LOG:
-            body = typed(tc, tp, T_FILE_LOG)
-            w.check_keys(body, ("path", "log_format"), tp)
-            dest = w.string(body, "path", tp, nonempty=True)
-        else:
-            body = typed(tc, tp, (T_STDOUT_LOG, T_STDERR_LOG))
-            w.check_keys(body, ("log_format",), tp)
-            dest = "/dev/stdout" if t == T_STDOUT_LOG else "/dev/stderr"
-        out.append(ConnectionLog(path=dest, format=log_format(
-            w.mapping(body, "log_format", tp, None), w.join(tp, "log_format"))))
-    return tuple(out)
-
-
 # ---- tcp_proxy -------------------------------------------------------------------------------
 
 _TCP_PROXY_FIELDS = ("stat_prefix", "cluster", "weighted_clusters", "idle_timeout",
@@ -286,9 +224,11 @@ def tcp_proxy(d: dict, path: str, kafka: KafkaBrokerConfig | None = None) -> Tcp
 
 
 def tcp_chain(filters: list, path: str) -> TcpProxy:
-    """A chain's network filters for a TCP chain: [kafka_topic_acl?, kafka_broker?]
-    then tcp_proxy, last."""
+    """A chain's network filters for a TCP chain: [istio.stats?, kafka_topic_acl?,
+    kafka_broker?] then tcp_proxy, last. ``istio.stats`` (Istio puts it before tcp_proxy, with
+    the same PluginConfig as its HTTP filter) turns on the ``istio_tcp_*`` metrics."""
     kafka = kafka_broker_from_envoy_chain(filters, path)
+    istio: IstioMetrics | None = None
     proxy: TcpProxy | None = None
     for i, f in enumerate(filters):
         fp = w.join(path, i)
@@ -299,10 +239,21 @@ def tcp_chain(filters: list, path: str) -> TcpProxy:
                 raise ConfigError(fp, f"{name} must be followed by {TCP_PROXY_FILTER} (it "
                                       "inspects the traffic tcp_proxy forwards)")
             continue
+        if name == ISTIO_STATS:
+            if istio is not None:
+                raise ConfigError(fp, f"{ISTIO_STATS} is already in the chain")
+            if i == len(filters) - 1:
+                raise ConfigError(fp, f"{ISTIO_STATS} must be followed by {TCP_PROXY_FILTER} "
+                                      "(it counts the connections tcp_proxy forwards)")
+            tp = w.join(fp, "typed_config")
+            istio = istio_stats(typed(w.mapping(f, "typed_config", fp, {"@type": T_ISTIO_STATS}),
+                                      tp, T_ISTIO_STATS), tp)
+            continue
         if name != TCP_PROXY_FILTER:
             raise ConfigError(w.join(fp, "name"), f"unsupported network filter {name!r} "
                                                   f"(supported: {TCP_PROXY_FILTER}, "
                                                   f"{KAFKA_BROKER_FILTER}, {TOPIC_ACL_FILTER}, "
+                                                  f"{ISTIO_STATS}, "
                                                   "envoy.filters.network.http_connection_manager)")
         if i != len(filters) - 1:
             raise ConfigError(fp, f"{TCP_PROXY_FILTER} is a terminal filter: it must be last")
@@ -311,4 +262,4 @@ def tcp_chain(filters: list, path: str) -> TcpProxy:
     if proxy is None:
         raise ConfigError(path, f"a chain needs a terminal filter ({TCP_PROXY_FILTER} or "
                                 "envoy.filters.network.http_connection_manager)")
-    return proxy
+    return replace(proxy, istio_metrics=istio) if istio is not None else proxy

@@ -3,25 +3,13 @@ access logs, tracing, timeouts, edge options), and for L4 listeners their filter
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import filters as filter_registry
-from control_plane_client.translate.common import (
-    T_FILE_LOG,
-    T_HCM,
-    T_ROUTER,
-    T_STDOUT_LOG,
-    socket_address,
-    typed,
-)
+from control_plane_client.translate.access_log import access_logs, connection_logs
+from control_plane_client.translate.common import T_HCM, T_ROUTER, socket_address, typed
 from control_plane_client.translate.dynamic import config_source
-from control_plane_client.translate.l4 import (
-    connection_logs,
-    filter_chain_match,
-    listener_filters,
-    tcp_chain,
-)
+from control_plane_client.translate.l4 import filter_chain_match, listener_filters, tcp_chain
 from control_plane_client.translate.route import route_configuration
 from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS, istio_stats
 from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
@@ -29,14 +17,7 @@ from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
 from sidecar.config.l4 import FilterChainMatch
-from sidecar.config.listener import (
-    ESCAPED_SLASHES_ACTIONS,
-    AccessLogConfig,
-    FilterChain,
-    Listener,
-    TracingConfig,
-    check_log_format,
-)
+from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, FilterChain, Listener, TracingConfig
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.telemetry import IstioMetrics
 
@@ -107,65 +88,6 @@ def http_filters(items: list, path: str, istio: list[IstioMetrics] | None = None
         seen[instance] = i
         out.append(HttpFilter(name=instance, config=config,
                               disabled=w.boolean(f, "disabled", fp, False), kind=kind))
-    return tuple(out)
-
-
-def log_format(d: dict, path: str) -> dict:
-    """A SubstitutionFormatString -> AccessLogConfig keywords (format "envoy")."""
-    w.check_keys(d, ("text_format", "text_format_source", "json_format", "omit_empty_values",
-                     "json_format_options"), path)
-    kind = w.one_of(d, ("text_format", "text_format_source", "json_format"), path)
-    kw: dict = {"format": "envoy", "omit_empty_values": w.boolean(d, "omit_empty_values", path, False)}
-    kp = w.join(path, kind)
-    if kind == "text_format":
-        kw["text_format"] = w.string(d, kind, path)
-    elif kind == "text_format_source":
-        src = w.check_keys(w.mapping(d, kind, path), ("inline_string", "filename"), kp)
-        if w.one_of(src, ("inline_string", "filename"), kp) == "inline_string":
-            kw["text_format"] = w.string(src, "inline_string", kp)
-        else:
-            fn = w.string(src, "filename", kp, nonempty=True)
-            try:
-                with open(fn, encoding="utf-8") as f:
-                    kw["text_format"] = f.read()
-            except OSError as e:
-                raise ConfigError(w.join(kp, "filename"), f"cannot read {fn!r}: {e.strerror}") from None
-    else:
-        tmpl = w.mapping(d, kind, path)
-        sort = False
-        if "json_format_options" in d:
-            op = w.join(path, "json_format_options")
-            o = w.check_keys(d["json_format_options"], ("sort_properties",), op)
-            sort = w.boolean(o, "sort_properties", op, False)
-        kw["json_format"] = json.dumps(tmpl, sort_keys=sort)
-    check_log_format(kw.get("text_format") if kind != "json_format" else tmpl, kp)
-    if kind != "json_format" and "json_format_options" in d:
-        raise ConfigError(w.join(path, "json_format_options"), "only applies to json_format")
-    return kw
-
-
-def access_logs(items: list, path: str) -> tuple[AccessLogConfig, ...]:
-    """File and stdout access loggers with Envoy's formats (Envoy's default text format when
-    no log_format is given)."""
-    out = []
-    for i, a in enumerate(items):
-        ap = w.join(path, i)
-        w.check_keys(a, ("name", "typed_config"), ap)
-        tp = w.join(ap, "typed_config")
-        tc = w.mapping(a, "typed_config", ap)
-        t = tc.get("@type")
-        if t == T_FILE_LOG:
-            body = typed(tc, tp, T_FILE_LOG)
-            w.check_keys(body, ("path", "log_format"), tp)   # deprecated format fields: refused
-            dest = w.string(body, "path", tp, nonempty=True)
-        else:
-            body = typed(tc, tp, T_STDOUT_LOG)
-            w.check_keys(body, ("log_format",), tp)
-            dest = "/dev/stdout"
-        kw: dict = {"format": "envoy"}
-        if "log_format" in body:
-            kw = log_format(w.mapping(body, "log_format", tp), w.join(tp, "log_format"))
-        out.append(AccessLogConfig(path=dest, **kw))
     return tuple(out)
 
 

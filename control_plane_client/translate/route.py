@@ -12,6 +12,7 @@ from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import upgrade_configs_from_wire
 from sidecar.config.matchers import QueryMatcher, header_matcher_from_envoy, string_matcher_from_envoy
+from sidecar.config.ratelimit import rate_limits_from_wire
 from sidecar.config.route import (
     DirectResponse,
     HashPolicy,
@@ -108,7 +109,8 @@ def route_action(d: dict, path: str) -> RouteAction:
                      "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite", "timeout",
                      "idle_timeout", "retry_policy", "request_mirror_policies", "hash_policy",
                      "cluster_not_found_response_code", "max_stream_duration",
-                     "priority", "upgrade_configs", "max_grpc_timeout", "grpc_timeout_offset"), path)
+                     "priority", "upgrade_configs", "max_grpc_timeout", "grpc_timeout_offset",
+                     "rate_limits", "include_vh_rate_limits"), path)
     for old in ("max_grpc_timeout", "grpc_timeout_offset"):
         if old in d:
             raise ConfigError(w.join(path, old), "is deprecated in Envoy and not supported; use "
@@ -194,6 +196,9 @@ def route_action(d: dict, path: str) -> RouteAction:
             x = w.check_keys(h[kind], ("source_ip",), kp)
             hps.append(HashPolicy(source_ip=w.boolean(x, "source_ip", kp), terminal=term))
     kw["hash_policy"] = tuple(hps)
+    kw["rate_limits"] = rate_limits_from_wire(d.get("rate_limits", []), w.join(path, "rate_limits"))
+    # deprecated in Envoy (RateLimitPerRoute.vh_rate_limits replaces it), still honoured
+    kw["include_vh_rate_limits"] = w.boolean(d, "include_vh_rate_limits", path, False)
     return RouteAction(**kw)
 
 
@@ -241,7 +246,8 @@ def route(d: dict, path: str) -> Route:
 
 def virtual_host(d: dict, path: str) -> VirtualHost:
     w.check_keys(d, ("name", "domains", "routes", "typed_per_filter_config", "retry_policy",
-                     "require_tls", "include_request_attempt_count", *_MUTATION_KEYS), path)
+                     "require_tls", "include_request_attempt_count", "rate_limits",
+                     *_MUTATION_KEYS), path)
     if d.get("require_tls", "NONE") != "NONE":
         raise ConfigError(w.join(path, "require_tls"), "is not supported")
     domains = w.seq(d, "domains", path)
@@ -264,6 +270,7 @@ def virtual_host(d: dict, path: str) -> VirtualHost:
         retry_policy=retry_policy_from_envoy(d["retry_policy"], w.join(path, "retry_policy"))
         if "retry_policy" in d else None,
         include_attempt_count=w.boolean(d, "include_request_attempt_count", path, False),
+        rate_limits=rate_limits_from_wire(d.get("rate_limits", []), w.join(path, "rate_limits")),
     )
 
 

@@ -4,15 +4,28 @@ when the config names a store (``FilterEnv.remote_buckets``, Redis).
 
 A bucket is named by its scope (the filter config's content, plus the route for a per-route
 config) and its descriptor entries, so a reload that keeps a limit keeps its bucket, and two
-routes sharing a listener-wide config share its buckets (Envoy)."""
+routes sharing a listener-wide config share its buckets (Envoy). A per-connection config
+(``local_rate_limit_per_downstream_connection``) keeps its buckets per downstream connection
+instead (``PerConnection``), in the worker that serves the connection."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from weakref import WeakKeyDictionary
 
 from filters.local_ratelimit.config import DescriptorConfig, LocalRateLimitConfig, TokenBucketConfig
-from sidecar.core.limits import BucketDecision, BucketSpec, Descriptor, TokenBuckets
+from sidecar.core.context import ConnectionId, RequestContext
+from sidecar.core.limits import (
+    BucketDecision,
+    BucketSpec,
+    Descriptor,
+    TokenBuckets,
+    refill,
+    reset_after,
+)
 from sidecar.core.metrics import MetricFactory
+
+PEER_CONNECTIONS = 10_000   # connections known only by their peer address (see for_connection)
 
 
 def spec_of(cfg: TokenBucketConfig) -> BucketSpec:
@@ -79,16 +92,90 @@ class LimiterState:
         self.descriptors = [DescriptorBuckets(d, cfg.max_dynamic, buckets, scope) for d in descs]
 
 
+class ConnectionBuckets:
+    """The buckets of one downstream connection (``local_rate_limit_per_downstream_connection``):
+    plain memory of the worker serving it, Envoy's whole-fill arithmetic, at most ``cap``
+    buckets (the least recently used goes: a new bucket starts full)."""
+
+    __slots__ = ("_buckets", "_cap")
+
+    def __init__(self, cap: int):
+        self._buckets: OrderedDict[tuple[str, Descriptor], list[float]] = OrderedDict()
+        self._cap = cap
+
+    def consume(self, scope: str, descriptor: Descriptor, spec: BucketSpec, now: float,
+                pinned: bool = True) -> BucketDecision:
+        key = (scope, descriptor)
+        st = self._buckets.get(key)
+        if st is None:
+            st = self._buckets[key] = [float(spec.max_tokens), now]
+            if len(self._buckets) > self._cap:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        tokens, last = refill(st[0], st[1], spec, now)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        st[0], st[1] = tokens, last
+        return BucketDecision(allowed, int(tokens), reset_after(last, spec, now))
+
+    def release(self, scope: str) -> None:
+        for key in [k for k in self._buckets if k[0] == scope]:
+            del self._buckets[key]
+
+
+class PerConnection:
+    """Each downstream connection's buckets for one filter scope, kept across config reloads
+    (as Envoy keeps them in the connection's filter state) and dropped with the connection."""
+
+    __slots__ = ("_by_conn", "_by_peer", "_cap")
+
+    def __init__(self, cap: int):
+        self._by_conn: WeakKeyDictionary[ConnectionId, ConnectionBuckets] = WeakKeyDictionary()
+        # a request with no connection identity (a codec that does not give one): its peer
+        # address names the connection while it lives; bounded, least recently used out
+        self._by_peer: OrderedDict[tuple[str, int], ConnectionBuckets] = OrderedDict()
+        self._cap = cap
+
+    def for_connection(self, ctx: RequestContext) -> ConnectionBuckets:
+        conn = ctx.connection
+        if conn is not None:
+            b = self._by_conn.get(conn)
+            if b is None:
+                b = self._by_conn[conn] = ConnectionBuckets(self._cap)
+            return b
+        peer = ctx.downstream_addr or ("", 0)
+        b = self._by_peer.get(peer)
+        if b is None:
+            b = self._by_peer[peer] = ConnectionBuckets(self._cap)
+            if len(self._by_peer) > PEER_CONNECTIONS:
+                self._by_peer.popitem(last=False)
+        else:
+            self._by_peer.move_to_end(peer)
+        return b
+
+
 class LimiterStates:
     """Which scopes are in use by filters built from live configs (a scope's buckets are let
-    go in the sidecar's table when no filter uses it any more)."""
+    go in the sidecar's table when no filter uses it any more), and the per-connection buckets
+    of per-connection configs."""
 
-    __slots__ = ("buckets", "metrics", "_users")
+    __slots__ = ("buckets", "metrics", "_users", "_per_connection")
 
     def __init__(self, metrics: MetricFactory, buckets: TokenBuckets):
         self.metrics = metrics
         self.buckets = buckets
         self._users: dict[str, int] = {}
+        self._per_connection: dict[str, PerConnection] = {}
+
+    def per_connection(self, state: LimiterState, cfg: LocalRateLimitConfig) -> PerConnection:
+        pc = self._per_connection.get(state.scope)
+        if pc is None:
+            # room for the config's own buckets plus its dynamic ones on one connection
+            cap = 1 + len(cfg.descriptors) * cfg.max_dynamic
+            pc = self._per_connection[state.scope] = PerConnection(cap)
+        return pc
 
     def get(self, cfg: LocalRateLimitConfig, route: str | None) -> LimiterState:
         scope = cfg.fingerprint if route is None else f"{cfg.fingerprint}|route={route}"
@@ -102,4 +189,5 @@ class LimiterStates:
             self._users[state.scope] = n
             return
         self._users.pop(state.scope, None)
+        self._per_connection.pop(state.scope, None)
         self.buckets.release(state.scope)

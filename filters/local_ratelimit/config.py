@@ -69,6 +69,9 @@ class LocalRateLimitConfig:
     disabled: bool = False              # per-route: turn the filter off on this route
     store: str = ""                     # a Redis store of `stores:`: buckets every replica shares
     on_store_error: FailurePolicy = FailurePolicy.FAIL_OPEN
+    # Envoy's local_rate_limit_per_downstream_connection: each downstream connection has its
+    # own buckets (in the worker that serves it), not the sidecar's
+    per_connection: bool = False
 
 
 def fingerprint(d: object) -> str:

@@ -4,7 +4,9 @@
 Envoy semantics kept on purpose: ``filter_enabled`` and ``filter_enforced`` default to 0 % (the
 filter only counts); set them to 100 % to limit. Descriptors come from the filter's own
 ``rate_limits`` (``vh_rate_limits: OVERRIDE``); route and virtual-host rate limits, stages
-other than 0 and the cluster-wide and per-connection modes are refused by name.
+other than 0 and the cluster-wide mode are refused by name.
+``local_rate_limit_per_downstream_connection`` gives each downstream connection its own
+buckets.
 """
 
 from __future__ import annotations
@@ -209,9 +211,8 @@ def from_envoy(raw: object, path: str) -> LocalRateLimitConfig:
     d = w.check_keys(raw, _ENVOY_KEYS, path)
     if w.integer(d, "stage", path, 0) != 0:
         raise ConfigError(w.join(path, "stage"), "only stage 0 is supported")
-    for k in ("local_rate_limit_per_downstream_connection", "rate_limited_as_resource_exhausted"):
-        if w.boolean(d, k, path, False):
-            raise ConfigError(w.join(path, k), "is not supported")
+    if w.boolean(d, "rate_limited_as_resource_exhausted", path, False):
+        raise ConfigError(w.join(path, "rate_limited_as_resource_exhausted"), "is not supported")
     if d.get("local_cluster_rate_limit") is not None:
         raise ConfigError(w.join(path, "local_cluster_rate_limit"), "is not supported")
     if w.string(d, "vh_rate_limits", path, "OVERRIDE", choices=("OVERRIDE",
@@ -246,6 +247,7 @@ def from_envoy(raw: object, path: str) -> LocalRateLimitConfig:
         x_ratelimit_headers=xrl,
         always_consume_default=w.boolean(d, "always_consume_default_token_bucket", path, True),
         max_dynamic=w.integer(d, "max_dynamic_descriptors", path, DEFAULT_MAX_DYNAMIC, lo=1),
+        per_connection=w.boolean(d, "local_rate_limit_per_downstream_connection", path, False),
         fingerprint="envoy:" + fingerprint(d))
 
 

@@ -9,7 +9,13 @@ import time
 
 from multidict import MultiDict
 
-from filters.local_ratelimit.buckets import Bucket, DescriptorBuckets, LimiterState, LimiterStates
+from filters.local_ratelimit.buckets import (
+    Bucket,
+    DescriptorBuckets,
+    LimiterState,
+    LimiterStates,
+    PerConnection,
+)
 from filters.local_ratelimit.config import SKIP, Entry, HeaderOption, LocalRateLimitConfig
 from sidecar.config.errors import ConfigError
 from sidecar.core.body import Headers
@@ -52,6 +58,9 @@ class LocalRateLimitFilter(Filter):
         self.state = state
         self.states = states
         self.remote = remote            # a store shared by every replica, or None
+        # per-connection buckets (local_rate_limit_per_downstream_connection), or None
+        self.per_connection: PerConnection | None = \
+            states.per_connection(state, cfg) if cfg.per_connection else None
         fam = metrics.counter("sidecar_local_ratelimit_requests_total",
                               "Local rate limit decisions (Envoy's enabled/ok/rate_limited/"
                               "enforced counters)", ("stat_prefix", "outcome"))
@@ -123,8 +132,11 @@ class LocalRateLimitFilter(Filter):
             now = time.monotonic()
             shown, shown_d = order[0], None
             limiting, limit_d = None, None
+            conn = self.per_connection.for_connection(req.ctx) \
+                if self.per_connection is not None else None
             for b in order:
-                d = b.consume(now)
+                d = b.consume(now) if conn is None else \
+                    conn.consume(b.scope, b.descriptor, b.spec, now)
                 if shown_d is None:
                     shown_d = d
                 if not d.allowed:

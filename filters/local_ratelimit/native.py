@@ -10,6 +10,7 @@
           fill_interval: 1s
       store: main              # optional: buckets in that Redis store (`stores:`), shared by
       on_store_error: fail_open    # every replica; fail_open (default) or fail_closed
+      per_connection: false    # true: each downstream connection has its own buckets
 
 Without ``store`` the buckets are the sidecar's: every worker takes from the same bucket.
 
@@ -37,7 +38,7 @@ from sidecar.core.message import Request
 NATIVE_MAX_KEYS = 10_000
 _KEYS = ("stat_prefix", "max_tokens", "tokens_per_fill", "fill_interval", "status", "enabled",
          "enforced", "headers", "response_headers", "descriptors", "always_consume_default",
-         "disabled", "store", "on_store_error")
+         "disabled", "store", "on_store_error", "per_connection")
 
 
 def _bucket(d: dict[str, object], path: str) -> TokenBucketConfig:
@@ -137,7 +138,16 @@ def from_native(raw: object, path: str) -> LocalRateLimitConfig:
         max_dynamic=max_keys,
         store=w.string(d, "store", path, ""),
         on_store_error=_policy(d, path),
+        per_connection=_per_connection(d, path),
         fingerprint="native:" + fingerprint(d))
+
+
+def _per_connection(d: dict[str, object], path: str) -> bool:
+    on = w.boolean(d, "per_connection", path, False)
+    if on and d.get("store"):
+        raise ConfigError(w.join(path, "per_connection"),
+                          "per-connection buckets live in the worker; they cannot be in a store")
+    return on
 
 
 def _policy(d: dict[str, object], path: str) -> FailurePolicy:

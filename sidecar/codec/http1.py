@@ -24,7 +24,7 @@ from multidict import MultiDict
 from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyAborted, BodyStream
-from sidecar.core.context import RequestContext
+from sidecar.core.context import ConnectionId, RequestContext
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
@@ -107,8 +107,8 @@ class DownstreamConnection(asyncio.Protocol):
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
                  "peer_identity", "requests", "_h2c", "_idle_waiter", "_refusal", "_stopped", "_pending_error", "_task", "_current",
-                 "_responding", "_timed_out", "_close_after", "_last_io", "_upgrade_req",
-                 "_upgraded")
+                 "_responding", "_timed_out", "_close_after", "_last_io", "conn_id",
+                 "_upgrade_req", "_upgraded")
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
@@ -134,6 +134,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
+        self.conn_id = ConnectionId()         # this connection, for its requests' contexts
         self._refusal: tuple[int, str] | None = None   # set by a callback that refused
         self._stopped = False          # no more parsing (a protocol error was answered/queued)
         self._pending_error: tuple[int, str] | None = None   # owed after the queued responses
@@ -336,6 +337,7 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = RequestContext(lr.name, self.peer, time.perf_counter(), lr.bound_port)
         ctx.tls = self._tls
         ctx.peer_identity = self.peer_identity
+        ctx.connection = self.conn_id
         req = self._req = Request(method, path, query, headers, b"", ctx, version)
         req.keep_alive = p.should_keep_alive()
         req.chunked = te_lines > 0

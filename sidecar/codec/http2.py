@@ -62,6 +62,7 @@ from sidecar.codec.http2_request import (
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import Headers
+from sidecar.core.context import ConnectionId
 from sidecar.core.grpc import grpc_local_reply, grpc_reply
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
@@ -120,6 +121,7 @@ class Http2Connection(asyncio.Protocol):
         self._last_accepted = 0
         self._window_waiters: set[_Stream] = set()
         self._max_frame = 16384
+        self.conn_id = ConnectionId()         # this connection, for its streams' contexts
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
     @property
@@ -393,6 +395,7 @@ class Http2Connection(asyncio.Protocol):
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
                 return None
             raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
+        req.ctx.connection = self.conn_id
         s = _Stream(sid, req)
         self.streams[sid] = s
         self.guard.stream_opened()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sidecar.config.kafka import KafkaBrokerConfig
 from sidecar.config.log_format import LogFormat
+from sidecar.config.telemetry import IstioMetrics
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -75,7 +76,8 @@ class WeightedCluster:
 
 @dataclass(frozen=True, slots=True)
 class TcpProxy:
-    """``envoy.filters.network.tcp_proxy`` (with ``kafka_broker`` in front when ``kafka``)."""
+    """``envoy.filters.network.tcp_proxy``, with the network filters Envoy puts in front of it:
+    ``kafka_broker`` when ``kafka``, Istio's ``istio.stats`` when ``istio_metrics``."""
 
     stat_prefix: str
     cluster: str = ""
@@ -86,6 +88,9 @@ class TcpProxy:
     hash_source_ip: bool = False                # hash_policy: [{source_ip: {}}]
     access_log: tuple[ConnectionLog, ...] = ()
     kafka: KafkaBrokerConfig | None = None
+    # Istio's standard TCP metrics (istio_tcp_*) for this chain's connections: Envoy's
+    # istio.stats network filter in front of tcp_proxy, or native istio_metrics on the chain
+    istio_metrics: IstioMetrics | None = None
 
     @property
     def cluster_names(self) -> tuple[str, ...]:

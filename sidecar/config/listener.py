@@ -4,13 +4,13 @@ listeners, their filter chains (``FilterChain``), listener filters and connectio
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, Http2Options, UpgradeConfig
 from sidecar.config.l4 import ConnectionLog, FilterChainMatch, ListenerFilters, TcpProxy
+from sidecar.config.log_format import LogFormat, is_sensitive_header
 from sidecar.config.route import HttpFilter, RouteConfig
 from sidecar.config.telemetry import IstioMetrics
 from sidecar.config.tls import DownstreamTls
@@ -21,49 +21,8 @@ class AccessLogConfig:
     path: str = "/dev/stdout"
     format: str = "json"            # json | text | dev (fields below) | envoy (Envoy's formats)
     fields: tuple[str, ...] = ()    # empty: the default field set
-    # format "envoy": a SubstitutionFormatString, text or a JSON object (kept as JSON text);
-    # neither: Envoy's default text format
-    text_format: str | None = None
-    json_format: str | None = None
-    omit_empty_values: bool = False
-
-
-# Envoy command operators the access log honours (sidecar.observability.formatter implements
-# exactly these); anything else in a format is refused by name
-LOG_OPERATORS = frozenset((
-    "START_TIME", "REQ", "RESP", "TRAILER", "RESPONSE_CODE", "RESPONSE_FLAGS",
-    "RESPONSE_CODE_DETAILS", "DURATION", "BYTES_RECEIVED", "BYTES_SENT", "UPSTREAM_HOST",
-    "UPSTREAM_CLUSTER", "UPSTREAM_REQUEST_ATTEMPT_COUNT", "DOWNSTREAM_REMOTE_ADDRESS",
-    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS",
-    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_PEER_URI_SAN", "PROTOCOL",
-    "GRPC_STATUS", "GRPC_STATUS_NUMBER", "ROUTE_NAME", "HOSTNAME", "DYNAMIC_METADATA",
-    "ENVIRONMENT"))
-_LOG_OPERATOR = re.compile(r"%([A-Z_0-9]+)(?:\(([^)]*)\))?(?::(\d+))?%")
-
-
-def check_log_format(value: object, path: str) -> None:
-    """A format string (or, recursively, a JSON format's values) uses only known operators,
-    and never logs a header that may carry credentials."""
-    from sidecar.config.errors import ConfigError
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_log_format(v, f"{path}.{k}")
-        return
-    if not isinstance(value, str):
-        if isinstance(value, (int, float, bool)) or value is None:
-            return
-        raise ConfigError(path, "must be a format string, a number, a bool or a mapping")
-    for m in _LOG_OPERATOR.finditer(value):
-        name, arg = m.group(1), m.group(2)
-        if name not in LOG_OPERATORS:
-            raise ConfigError(path, f"unsupported command operator %{name}% (supported: "
-                              f"{', '.join(sorted(LOG_OPERATORS))})")
-        if name in ("REQ", "RESP", "TRAILER"):
-            for h in (arg or "").split("?"):
-                h = h.strip()
-                if h and not h.startswith(":") and is_sensitive_header(h):
-                    raise ConfigError(path, f"header {h!r} may carry credentials and "
-                                      "is never logged")
+    # format "envoy": the parsed SubstitutionFormatString (None: Envoy's default format)
+    log_format: LogFormat | None = None
 
 
 ESCAPED_SLASHES_ACTIONS = ("KEEP_UNCHANGED", "REJECT_REQUEST", "UNESCAPE_AND_REDIRECT",
@@ -183,23 +142,6 @@ REQUEST_HEADER = "request_header."
 
 
 RESPONSE_HEADER = "response_header."
-
-
-SENSITIVE_HEADERS = frozenset((
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
-    "x-auth-token", "x-amz-security-token", "x-csrf-token", "x-xsrf-token",
-))
-
-
-_SENSITIVE_WORDS = ("token", "secret", "password", "passwd", "session", "credential", "apikey",
-                    "api-key", "api_key", "auth", "cookie", "signature")
-
-
-def is_sensitive_header(name: str) -> bool:
-    n = name.lower()
-    if n in SENSITIVE_HEADERS:
-        return True
-    return any(w in n for w in _SENSITIVE_WORDS)
 
 
 def check_fields(fields: list[Any], path: str = "access_log.fields") -> tuple[str, ...]:

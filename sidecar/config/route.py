@@ -11,6 +11,7 @@ from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.http2 import UpgradeConfig
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
+from sidecar.core.limits import RateLimitPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,10 @@ class RouteAction:
     # listener's; 0 turns it off on this route)
     idle_timeout_s: float | None = None
     max_stream_duration_s: float | None = None
+    # descriptors for the global rate limit filter (sidecar.config.ratelimit); with
+    # include_vh_rate_limits the virtual host's are sent too
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
+    include_vh_rate_limits: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +147,8 @@ class VirtualHost:
     # send x-envoy-attempt-count upstream on routes with retries (Envoy:
     # include_request_attempt_count, off by default; native: on)
     include_attempt_count: bool = False
+    # the global rate limit filter's descriptors for routes without their own
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from sidecar.core.limits import RouteRateLimits
     from sidecar.core.message import Request, Response
 
 
@@ -50,6 +51,11 @@ class RouteInfo(Protocol):
         """The cluster this request will go to ("" when the route answers itself)."""
         ...
 
+    @property
+    def rate_limits(self) -> RouteRateLimits:
+        """The route's and its virtual host's ``rate_limits`` (the global rate limit filter)."""
+        ...
+
 
 class ClientSpan(Protocol):
     def end(self, status: int | None, flag: str | None = None) -> None: ...
@@ -79,6 +85,15 @@ JsonValue = object
 """A JSON-like value in dynamic metadata (str, int, float, bool, None, list, dict)."""
 
 
+class ConnectionId:
+    """The identity of one downstream connection: made by the codec when the connection
+    opens, shared by its requests, gone with it (weak-referenceable, so state kept per
+    connection, e.g. a per-connection rate limit bucket, goes when the connection does). It
+    refers to nothing, so a request holding it keeps no connection alive."""
+
+    __slots__ = ("__weakref__",)
+
+
 class RequestContext:
     """Everything the layers of one request share."""
 
@@ -89,8 +104,7 @@ class RequestContext:
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
                  "original_path", "stream_idle_timeout", "max_stream_duration", "abort",
-                 "grpc_status", "grpc_timeout",
-                 "peer_workload")
+                 "grpc_status", "grpc_timeout", "peer_workload", "connection")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -139,6 +153,9 @@ class RequestContext:
         # the peer's workload labels from Istio metadata exchange, once checked against its
         # verified identity (a sidecar.observability.workload.WorkloadLabels); Istio metrics
         self.peer_workload: object | None = None
+        # the downstream connection the request came on (a per-connection limit keys on it);
+        # None when the request came from no connection
+        self.connection: ConnectionId | None = None
 
     def flag(self, flag: str) -> None:
         self.flags.append(flag)

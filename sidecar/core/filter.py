@@ -63,6 +63,12 @@ class FilterEnv(Protocol):
         """A client for ``cluster`` (raises ``KeyError`` when no such cluster is configured)."""
         ...
 
+    @property
+    def local_cluster(self) -> str:
+        """The local service cluster (Envoy's ``--service-cluster``: the bootstrap's
+        ``node.cluster``), "" when not given."""
+        ...
+
     # ---- limits that are the sidecar's (every worker), or every replica's (a store) -------
     def token_buckets(self) -> TokenBuckets:
         """Token buckets shared by every worker of the sidecar (exact; see docs/resilience.md)."""

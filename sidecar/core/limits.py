@@ -12,7 +12,7 @@ policy.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -138,6 +138,8 @@ class RlsResponse:
     response_headers_to_add: tuple[tuple[str, str], ...] = ()
     request_headers_to_add: tuple[tuple[str, str], ...] = ()
     raw_body: bytes = b""
+    # the service's ``dynamic_metadata`` (a JSON-like mapping), None when absent
+    dynamic_metadata: dict[str, object] | None = field(default=None, compare=False)
 
     @property
     def over_limit(self) -> bool:
@@ -182,17 +184,30 @@ def x_ratelimit_headers(resp: RlsResponse) -> tuple[tuple[str, str], ...]:
 
 
 # ---- route rate limit policies (Envoy route/virtual host ``rate_limits``) --------------------
+# The config model (``sidecar.config.route``) holds them; ``descriptor_for`` turns one into a
+# descriptor for one request (the global rate limit filter calls it).
+
+class HeaderTest(Protocol):
+    """A header condition (``sidecar.config.matchers.HeaderMatcher``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def matches_value(self, value: str | None) -> bool:
+        """Whether the header's value (None: absent) satisfies the condition."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RequestHeadersAction:
-    header_name: str                        # lower case
+    header_name: str                        # lower case; ":path", ":authority"... allowed
     descriptor_key: str
     skip_if_absent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteAddressAction:
-    pass
+    """("remote_address", the trusted client address: XFF-derived when configured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,15 +218,140 @@ class GenericKeyAction:
 
 @dataclass(frozen=True, slots=True)
 class DestinationClusterAction:
-    pass
+    """("destination_cluster", the cluster the request is routed to)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceClusterAction:
+    """("source_cluster", the local service cluster: the bootstrap's ``node.cluster``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValueMatchAction:
+    descriptor_value: str
+    headers: tuple[HeaderTest, ...]
+    descriptor_key: str = "header_match"
+    expect_match: bool = True               # False: the entry when the headers do NOT match
+
+
+@dataclass(frozen=True, slots=True)
+class JwtClaimAction:
+    """Envoy's ``metadata`` action on ``envoy.filters.http.jwt_authn`` metadata: a claim of a
+    verified JWT (``provider`` "" : any provider's)."""
+    descriptor_key: str
+    provider: str
+    claim: tuple[str, ...]
+    default_value: str = ""                 # when the claim is absent ("" : no default)
+    skip_if_absent: bool = False
 
 
 RateLimitAction = (RequestHeadersAction | RemoteAddressAction | GenericKeyAction
-                   | DestinationClusterAction)
+                   | DestinationClusterAction | SourceClusterAction | HeaderValueMatchAction
+                   | JwtClaimAction)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """One entry of a route's (or virtual host's) ``rate_limits``: makes one descriptor."""
     actions: tuple[RateLimitAction, ...]
-    hits_addend: int = 0                    # 0: the service's default (1)
+    stage: int = 0                          # applies to rate limit filters of this stage
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimits:
+    """The rate limit policies a route carries: its own, its virtual host's, and whether the
+    route asks for both (``include_vh_rate_limits``)."""
+    route: tuple[RateLimitPolicy, ...] = ()
+    vhost: tuple[RateLimitPolicy, ...] = ()
+    include_vhost: bool = False
+
+
+NO_RATE_LIMITS = RouteRateLimits()
+
+
+class DescriptorSource(Protocol):
+    """What actions read of one request."""
+
+    def header(self, name: str) -> str | None:
+        """The first value of a request header (pseudo-headers ``:path``, ``:method``,
+        ``:authority``, ``:scheme`` included), or None."""
+        ...
+
+    def joined_header(self, name: str) -> str | None:
+        """Every value of a request header joined with "," (what header matchers see)."""
+        ...
+
+    @property
+    def remote_address(self) -> str: ...
+
+    def jwt_claim(self, provider: str, claim: tuple[str, ...]) -> str | None:
+        """A string or integer claim of a verified JWT (``jwt_authn``), or None."""
+        ...
+
+    @property
+    def destination_cluster(self) -> str: ...
+
+    @property
+    def source_cluster(self) -> str: ...
+
+
+def descriptor_for(policy: RateLimitPolicy, src: DescriptorSource) -> Descriptor | None:
+    """Envoy's ``RateLimitPolicyEntry::populateDescriptors``: every action must produce its
+    entry or the whole descriptor is dropped (None); a ``request_headers`` action with
+    ``skip_if_absent`` only drops its own entry. No entries at all: None."""
+    entries: list[tuple[str, str]] = []
+    for a in policy.actions:
+        if isinstance(a, RequestHeadersAction):
+            v = src.header(a.header_name)
+            if v is None:
+                if a.skip_if_absent:
+                    continue
+                return None
+            entries.append((a.descriptor_key, v))
+        elif isinstance(a, GenericKeyAction):
+            entries.append((a.descriptor_key, a.descriptor_value))
+        elif isinstance(a, RemoteAddressAction):
+            ip = src.remote_address
+            if not ip:
+                return None
+            entries.append(("remote_address", ip))
+        elif isinstance(a, HeaderValueMatchAction):
+            if all(t.matches_value(src.joined_header(t.name)) for t in a.headers) \
+                    != a.expect_match:
+                return None
+            entries.append((a.descriptor_key, a.descriptor_value))
+        elif isinstance(a, JwtClaimAction):
+            v = src.jwt_claim(a.provider, a.claim)
+            if v is None:
+                if a.default_value:
+                    v = a.default_value
+                elif a.skip_if_absent:
+                    continue
+                else:
+                    return None
+            entries.append((a.descriptor_key, v))
+        elif isinstance(a, DestinationClusterAction):
+            entries.append(("destination_cluster", src.destination_cluster))
+        else:
+            entries.append(("source_cluster", src.source_cluster))
+    return tuple(entries) if entries else None
+
+
+# ---- token bucket arithmetic (Envoy's whole fills), shared by every bucket implementation -----
+
+def refill(tokens: float, last: float, spec: BucketSpec, now: float) -> tuple[float, float]:
+    """Whole fills since ``last`` (Envoy refills in steps, not continuously)."""
+    interval = spec.fill_interval_s
+    elapsed = now - last
+    if elapsed >= interval:
+        n = int(elapsed // interval)
+        tokens = min(float(spec.max_tokens), tokens + n * spec.tokens_per_fill)
+        last += n * interval
+    elif elapsed < 0:            # a torn or future stamp (see sidecar/shared/segment.py): restart
+        last = now
+    return tokens, last
+
+
+def reset_after(last: float, spec: BucketSpec, now: float) -> int:
+    left = spec.fill_interval_s - (now - last)
+    return max(0, int(-(-left // 1)))      # ceil without importing math on the hot path

@@ -16,7 +16,9 @@ downstream ``asyncio.Protocol``) paired with an ``UpstreamSide`` once the cluste
   go on sending; the connection is closed when both directions ended (or either side
   closed). A TLS side has no half-close in asyncio: its end closes it.
 * Idle timeout and max connection duration are checked by the listener's once-a-second
-  sweep (no timer per connection); bytes are added to the counters there too, and at close.
+  sweep (no timer per connection); bytes are added to the counters there too, and at close
+  (Istio's ``istio_tcp_*`` too, when the chain has ``istio_metrics``: labels bound once per
+  connection when its upstream side is settled).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from typing import Protocol, cast
 
 from sidecar.cluster.cluster import Cluster, ClusterState
 from sidecar.cluster.endpoint import EndpointState
+from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.l4 import TcpProxy
 from sidecar.core.connection import ConnectionContext
 from sidecar.core.errors import ConnectFailure, UpstreamError
 from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter, KafkaBrokerSession
-from sidecar.observability.connection_log import ConnectionLogger
+from sidecar.observability.access_log import ConnectionLogger
+from sidecar.observability.istio import TcpRecorder, TcpReporter
 from sidecar.observability.stats import TcpStats
 from sidecar.tls.context import peer_uri_san
 
@@ -55,11 +59,12 @@ class TcpProxyFilter:
     """One tcp_proxy chain of one config snapshot."""
 
     __slots__ = ("config", "clusters", "weights", "total_weight", "stats", "kafka", "logs",
-                 "buffer_limit", "listener_logs")
+                 "buffer_limit", "listener_logs", "istio")
 
     def __init__(self, config: TcpProxy, clusters: Sequence[ClusterState], stats: TcpStats,
                  kafka: KafkaBrokerFilter | None, logs: tuple[ConnectionLogger, ...],
-                 listener_logs: tuple[ConnectionLogger, ...], buffer_limit: int):
+                 listener_logs: tuple[ConnectionLogger, ...], buffer_limit: int,
+                 istio: TcpReporter | None = None):
         self.config = config
         self.clusters = tuple(clusters)
         self.weights = tuple(w.weight for w in config.weighted_clusters) or (1,)
@@ -69,6 +74,14 @@ class TcpProxyFilter:
         self.logs = logs
         self.listener_logs = listener_logs
         self.buffer_limit = buffer_limit
+        self.istio = istio               # Istio's istio_tcp_* metrics, when the chain asks
+
+    def cluster_config(self, name: str) -> ClusterConfig | None:
+        for state in self.clusters:
+            if state.name == name:
+                c = state.current
+                return c.config if c is not None else None
+        return None
 
     def pick_cluster(self) -> ClusterState:
         clusters = self.clusters
@@ -92,7 +105,7 @@ class TcpProxySession(asyncio.Protocol):
                  "down_eof", "up_eof", "closed", "active", "last_active", "_task",
                  "down_rx", "down_tx", "up_rx", "up_tx", "_flushed", "_connected",
                  "_reading_paused", "down_closed", "up_closed", "_finished", "down_tls",
-                 "up_tls", "_early")
+                 "up_tls", "_early", "istio")
 
     def __init__(self, f: TcpProxyFilter, owner: SessionOwner, ctx: ConnectionContext):
         self.f = f
@@ -117,6 +130,7 @@ class TcpProxySession(asyncio.Protocol):
         self._reading_paused = False     # downstream reading paused by upstream backpressure
         self.down_tls = self.up_tls = False  # asyncio has no TLS half-close
         self._early: list[bytes] = []
+        self.istio: TcpRecorder | None = None    # bound once the upstream side is settled
 
     # ---- downstream (the client) ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,6 +190,8 @@ class TcpProxySession(asyncio.Protocol):
                 self._fail(e.flag, e.reason)
                 return
             self.cluster, self.host, self.up = cluster, host, transport
+            if f.istio is not None:
+                self._istio_open()
             if self.closed:              # the client went away while we connected
                 transport.close()
                 self._finish()
@@ -207,12 +223,27 @@ class TcpProxySession(asyncio.Protocol):
         if not self._connected and down is not None and not down.is_closing():
             down.pause_reading()
 
+    def _istio_open(self) -> None:
+        """Bind this connection's Istio TCP metrics (its labels, once) and count it opened:
+        when connected, or when it failed (then with its flags, UF,URX, UO...)."""
+        rep = self.f.istio
+        if rep is None or self.istio is not None:
+            return
+        ctx = self.ctx
+        rec = self.istio = rep.recorder(
+            peer_identity=ctx.peer_identity, downstream_tls=self.down_tls, cluster=ctx.cluster,
+            config=self.cluster.config if self.cluster is not None
+            else self.f.cluster_config(ctx.cluster), flags=ctx.flags)
+        rec.opened.inc()
+
     def _fail(self, flag: str, reason: str) -> None:
         """No upstream connection: close the client (Envoy sends nothing, just closes)."""
         self.ctx.flags.append(flag)
         if not self.ctx.upstream_failure and flag != "UF":
             self.ctx.upstream_failure = reason
         self.ctx.termination = reason
+        if self.f.istio is not None:
+            self._istio_open()
         down = self.down
         if down is not None:
             down.close()
@@ -375,12 +406,16 @@ class TcpProxySession(asyncio.Protocol):
         ctx.end = asyncio.get_running_loop().time()
         ctx.bytes_received = self.down_rx
         ctx.bytes_sent = self.down_tx
+        if self.f.istio is not None:
+            self._istio_open()           # the client left before the upstream side settled
         self.flush_stats()
         k = self.kafka
         if k is not None:
             k.on_close()
         if self.cluster is not None and self.host is not None:
             self.cluster.connection_closed(self.host, 0, 0)
+        if self.istio is not None:
+            self.istio.closed.inc()
         f = self.f
         f.stats.duration.observe(ctx.duration)
         for lg in f.logs:
@@ -403,6 +438,12 @@ class TcpProxySession(asyncio.Protocol):
             st.tx_bytes.inc(cur[1] - old[1])
         if self.cluster is not None:
             self.cluster.count_bytes(cur[2] - old[2], cur[3] - old[3])
+        rec = self.istio
+        if rec is not None:              # Istio: received from / sent to the downstream
+            if cur[0] != old[0]:
+                rec.received.inc(cur[0] - old[0])
+            if cur[1] != old[1]:
+                rec.sent.inc(cur[1] - old[1])
 
     def sweep(self, now: float) -> None:
         """Once a second (the listener's sweep): counters, idle timeout, max duration."""

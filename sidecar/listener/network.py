@@ -18,7 +18,7 @@ from sidecar.core.message import Request, Response
 from sidecar.l4.tcp_proxy import TcpProxyFilter
 from sidecar.listener.chains import ChainSelector
 from sidecar.listener.http import HttpConnectionManager
-from sidecar.observability.connection_log import ConnectionLogger
+from sidecar.observability.access_log import ConnectionLogger
 
 if TYPE_CHECKING:
     from sidecar.codec.stream_owner import ServedConnection

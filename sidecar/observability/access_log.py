@@ -1,4 +1,8 @@
-"""Access log: one line per request, JSON by default, to stdout, stderr or a file.
+"""Access logs: one line per request (JSON by default, or an Envoy format), one per connection
+(connection logs, always an Envoy format), to stdout, stderr or a file.
+
+* Envoy formats (``log_format``) are compiled by ``sidecar.observability.formatter``, the one
+  formatter of request and connection logs.
 
 * Fields are configurable (``fields:``); the default set is ``DEFAULT_FIELDS``. Request and
   response headers can be logged by name (``request_header.x-tenant``,
@@ -23,17 +27,20 @@ import threading
 import time
 from typing import Protocol
 
+from sidecar.config.l4 import ConnectionLog
 from sidecar.config.listener import (
     DEFAULT_FIELDS,
     KNOWN_FIELDS,
     REQUEST_HEADER,
     RESPONSE_HEADER,
     AccessLogConfig,
-    is_sensitive_header,
 )
+from sidecar.config.log_format import HTTP_OPERATORS, default_format, is_sensitive_header
+from sidecar.core.connection import ConnectionContext
 from sidecar.core.message import Request, Response
 from sidecar.observability.devlog import DevLogger
-from sidecar.observability.formatter import make_format
+from sidecar.observability.flags import flags_text
+from sidecar.observability.formatter import compile_connection, compile_http
 
 log = logging.getLogger("sidecar.access_log")
 
@@ -189,6 +196,7 @@ class _TimeCache:
 
 
 _TIME = _TimeCache()
+_DEFAULT_HTTP_FORMAT = default_format(HTTP_OPERATORS)
 
 
 def _trace_ids(req) -> tuple[str | None, str | None]:
@@ -226,7 +234,7 @@ _GETTERS = {
     "path": lambda req, resp, d: req.ctx.original_path or req.path,
     "protocol": lambda req, resp, d: f"HTTP/{req.version}",
     "status": lambda req, resp, d: resp.status,
-    "response_flags": lambda req, resp, d: ",".join(req.ctx.flags) or "-",
+    "response_flags": lambda req, resp, d: flags_text(req.ctx.flags),
     "duration_ms": lambda req, resp, d: round(d * 1000, 3),
     "upstream_duration_ms": _upstream_ms,
     "bytes_received": lambda req, resp, d: req.ctx.bytes_received,
@@ -317,17 +325,39 @@ class EnvoyFormatLogger:
     __slots__ = ("_format", "_sink")
 
     def __init__(self, cfg: AccessLogConfig):
-        self._format = make_format(cfg.text_format, cfg.json_format, cfg.omit_empty_values)
+        self._format = compile_http(cfg.log_format or _DEFAULT_HTTP_FORMAT)
         self._sink = sink_for(cfg.path)
 
     def format_line(self, req: Request, resp: Response, duration: float) -> str:
-        return self._format.format(req, resp, duration)
+        return self._format(req, resp, duration)
 
     def log(self, req: Request, resp: Response, duration: float) -> None:
         try:
-            line = self._format.format(req, resp, duration)
+            line = self._format(req, resp, duration)
         except Exception:  # a log line must never fail a request
             log.exception("access log formatting failed")
+            return
+        self._sink.write(line)
+
+
+class ConnectionLogger:
+    """A connection access log (tcp_proxy's ``access_log``, an L4 listener's own): one line per
+    connection, in an Envoy format, through the same sinks and formatter as HTTP logs."""
+
+    __slots__ = ("_format", "_sink")
+
+    def __init__(self, cfg: ConnectionLog):
+        self._format = compile_connection(cfg.format)
+        self._sink = sink_for(cfg.path)
+
+    def format_line(self, ctx: ConnectionContext) -> str:
+        return self._format(ctx)
+
+    def log(self, ctx: ConnectionContext) -> None:
+        try:
+            line = self._format(ctx)
+        except Exception:  # a log line must never break a connection
+            log.exception("connection access log formatting failed")
             return
         self._sink.write(line)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from sidecar.observability.flags import envoy_order
+
 _RESET = "\033[0m"
 _COLOURS = {2: "\033[32m", 3: "\033[36m", 4: "\033[33m", 5: "\033[31m"}
 _DIM = "\033[2m"
@@ -22,7 +24,7 @@ class DevLogger:
     def format(self, req, resp, duration: float) -> str:
         ctx = req.ctx
         status = resp.status
-        flags = ",".join(ctx.flags)
+        flags = ",".join(envoy_order(ctx.flags))
         url = req.path + (f"?{req.query}" if req.query else "")
         where = ctx.cluster or (ctx.route.name if ctx.route is not None else "no route")
         if ctx.upstream_host:

@@ -1,36 +1,42 @@
-"""Envoy's access log formats (``SubstitutionFormatString``): text with ``%COMMAND%`` operators,
-and JSON whose values are formats too (a value that is exactly one operator keeps its type:
-``"status": "%RESPONSE_CODE%"`` logs the number).
+"""Envoy's access log formats (``SubstitutionFormatString``), compiled once per log: the one
+formatter of HTTP access logs and connection (TCP) access logs.
 
-A format is compiled once, at config time, into a list of literals and getters; an unknown
-operator is a ``FormatError`` naming it, which the config parsers turn into a ``ConfigError``
-with the field's path. Missing values are ``-`` in text and ``null`` in JSON, as in Envoy.
+The config layer parses a format into segments (``sidecar.config.log_format``). Here each
+operator is bound, once, to a getter of the log's context: ``compile_http`` for a finished
+request (``(request, response, duration)``), ``compile_connection`` for a finished connection
+(``ConnectionContext``). A line is then a pass over prepared getters. Request operators on a
+connection print ``-`` (``RESPONSE_CODE`` 0), as Envoy prints them.
+
+Values follow Envoy 1.40: text prints ``-`` for a missing value (``""`` with
+``omit_empty_values``); JSON keeps the type of a value that is exactly one operator (numbers
+stay numbers), prints ``null`` for a missing one (the key is left out with
+``omit_empty_values``), and is written with its keys sorted, nested objects included.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from sidecar.config.listener import LOG_OPERATORS
+from sidecar.config.log_format import (
+    CONNECTION_OPERATORS,
+    HTTP_OPERATORS,
+    JsonField,
+    LogFormat,
+    Operator,
+    Segment,
+    header_names,
+)
+from sidecar.core.connection import ConnectionContext
 from sidecar.core.message import Request, Response
+from sidecar.observability.flags import flags_long_text, flags_text
 
-Value = str | int | None
-Getter = Callable[[Request, Response, float], Value]
-
-# Envoy's default access log format (used when a file/stdout logger sets no log_format)
-DEFAULT_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
-                  '%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
-                  '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" '
-                  '"%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" '
-                  '"%UPSTREAM_HOST%"\n')
-
-_OPERATOR = re.compile(r"%([A-Z_0-9]+)(?:\(([^)]*)\))?(?::(\d+))?%")
+Value = str | int | float | None
+HttpGetter = Callable[[Request, Response, float], Value]
+ConnectionGetter = Callable[[ConnectionContext], Value]
 
 GRPC_NAMES = ("OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
               "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
@@ -40,49 +46,56 @@ _GRPC_SNAKE = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEE
                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
                "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
                "UNAUTHENTICATED")
+# Envoy's long names of the response flags (%RESPONSE_FLAGS_LONG%)
+_HOSTNAME = socket.gethostname()
 
 
-class FormatError(ValueError):
-    """A format string Envoy would refuse, or one using an operator the sidecar cannot honour."""
+# ---- shared value helpers ----------------------------------------------------------------------
+
+class _IsoTime:
+    """``%START_TIME%``: ISO-8601 UTC with milliseconds; the seconds part formatted once per
+    second (a line is written per request: strftime each time would dominate it)."""
+
+    __slots__ = ("sec", "prefix")
+
+    def __init__(self) -> None:
+        self.sec = -1
+        self.prefix = ""
+
+    def __call__(self, t: float) -> str:
+        sec = int(t)
+        if sec != self.sec:
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self.sec = sec
+        return f"{self.prefix}.{int((t - sec) * 1000):03d}Z"
 
 
-# ---- operators -------------------------------------------------------------------------------
+def _strftime(fmt: str) -> Callable[[float], str]:
+    """``%START_TIME(...)%``: strftime with Envoy's extensions (%3f/%6f/%9f fractions, %f =
+    %9f, %s the epoch seconds)."""
+    if not fmt:
+        return _IsoTime()
 
-def _header_getter(arg: str | None, response: bool) -> Getter:
-    if not arg:
-        raise FormatError(f"%{'RESP' if response else 'REQ'}(...)% needs a header name")
-    main, _, alt = arg.partition("?")
-    names = tuple(_header_name(n.strip()) for n in (main, alt) if n.strip())
+    def render(t: float) -> str:
+        frac = t - int(t)
+        out = fmt.replace("%s", str(int(t)))
+        for digits in (9, 6, 3):
+            out = out.replace(f"%{digits}f", f"{int(frac * 10 ** digits):0{digits}d}")
+        out = out.replace("%f", f"{int(frac * 1e9):09d}")
+        return time.strftime(out, time.gmtime(t))
+    return render
 
-    if response:
-        def get(req: Request, resp: Response, d: float) -> Value:
-            h = resp.headers
-            for n in names:
-                v = h.get(n)
-                if v is None and n == "content-length" and resp.local and \
-                        isinstance(resp.body, bytes):
-                    v = str(len(resp.body))     # a local reply's length, set when written
-                if v is not None:
-                    return v
-            return None
-        return get
 
-    def get_req(req: Request, resp: Response, d: float) -> Value:
-        for n in names:
-            v = _request_value(req, n)
-            if v is not None:
-                return v
+def _addr(addr: tuple[str, int] | None, port: bool = True) -> str | None:
+    if not addr:
         return None
-    return get_req
+    if not port:
+        return addr[0]
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"{host}:{addr[1]}"
 
 
-def _header_name(n: str) -> str:
-    low = n.lower()
-    if low.startswith(":") and low not in (":method", ":path", ":authority", ":scheme",
-                                           ":protocol"):
-        raise FormatError(f"unknown pseudo-header {n!r}")
-    return low
-
+# ---- HTTP: a finished request -----------------------------------------------------------------
 
 def _request_value(req: Request, name: str) -> str | None:
     if name[0] == ":":
@@ -99,10 +112,35 @@ def _request_value(req: Request, name: str) -> str | None:
     return req.headers.get(name)
 
 
-def _trailer_getter(arg: str | None) -> Getter:
-    if not arg:
-        raise FormatError("%TRAILER(...)% needs a header name")
-    names = tuple(n.strip().lower() for n in arg.split("?") if n.strip())
+def _http_req(arg: str) -> HttpGetter:
+    names = header_names(arg)
+
+    def get(req: Request, resp: Response, d: float) -> Value:
+        for n in names:
+            v = _request_value(req, n)
+            if v is not None:
+                return v
+        return None
+    return get
+
+
+def _http_resp(arg: str) -> HttpGetter:
+    names = header_names(arg)
+
+    def get(req: Request, resp: Response, d: float) -> Value:
+        h = resp.headers
+        for n in names:
+            v = h.get(n)
+            if v is None and n == "content-length" and resp.local and isinstance(resp.body, bytes):
+                v = str(len(resp.body))     # a local reply's length, set when written
+            if v is not None:
+                return v
+        return None
+    return get
+
+
+def _http_trailer(arg: str) -> HttpGetter:
+    names = header_names(arg)
 
     def get(req: Request, resp: Response, d: float) -> Value:
         t = resp.trailers
@@ -116,30 +154,14 @@ def _trailer_getter(arg: str | None) -> Getter:
     return get
 
 
-def _start_time(arg: str | None) -> Getter:
-    if not arg:
-        def iso(req: Request, resp: Response, d: float) -> Value:
-            t = time.time() - d
-            ms = int((t - int(t)) * 1000)
-            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{ms:03d}Z"
-        return iso
-    fmt = arg
-
-    def custom(req: Request, resp: Response, d: float) -> Value:
-        t = time.time() - d
-        frac = t - int(t)
-        out = fmt.replace("%s", str(int(t)))
-        for digits in (9, 6, 3):
-            out = out.replace(f"%{digits}f", f"{int(frac * 10 ** digits):0{digits}d}")
-        out = out.replace("%f", f"{int(frac * 1e9):09d}")
-        return time.strftime(out, time.gmtime(t))
-    return custom
+def _http_start_time(arg: str) -> HttpGetter:
+    fmt = _strftime(arg)
+    return lambda req, resp, d: fmt(time.time() - d)
 
 
-def _grpc_status(arg: str | None) -> Getter:
+def _http_grpc_status(arg: str) -> HttpGetter:
     style = arg or "CAMEL_STRING"
-    if style not in ("CAMEL_STRING", "SNAKE_STRING", "NUMBER"):
-        raise FormatError(f"%GRPC_STATUS({arg})%: must be CAMEL_STRING, SNAKE_STRING or NUMBER")
+    names = GRPC_NAMES if style == "CAMEL_STRING" else _GRPC_SNAKE
 
     def get(req: Request, resp: Response, d: float) -> Value:
         if not req.ctx.grpc:
@@ -154,19 +176,11 @@ def _grpc_status(arg: str | None) -> Getter:
         code = int(v)
         if style == "NUMBER":
             return code
-        names = GRPC_NAMES if style == "CAMEL_STRING" else _GRPC_SNAKE
         return names[code] if code < len(names) else str(code)
     return get
 
 
-def _addr(addr: tuple[str, int] | None, port: bool) -> str | None:
-    if not addr:
-        return None
-    host = f"[{addr[0]}]" if ":" in addr[0] and port else addr[0]
-    return f"{host}:{addr[1]}" if port else addr[0]
-
-
-def _remote(req: Request, port: bool) -> Value:
+def _http_remote(req: Request, port: bool) -> Value:
     """The client's address: the peer, or the XFF entry trusted by xff_num_trusted_hops (then
     without a port, as Envoy prints it: ``:0``)."""
     ctx = req.ctx
@@ -178,9 +192,7 @@ def _remote(req: Request, port: bool) -> Value:
     return _addr((ctx.remote_ip, 0), port)
 
 
-def _metadata(arg: str | None) -> Getter:
-    if not arg:
-        raise FormatError("%DYNAMIC_METADATA(NAMESPACE:KEY...)% needs a namespace")
+def _http_metadata(arg: str) -> HttpGetter:
     ns, *keys = arg.split(":")
 
     def get(req: Request, resp: Response, d: float) -> Value:
@@ -195,186 +207,206 @@ def _metadata(arg: str | None) -> Getter:
     return get
 
 
-def _constant(v: Value) -> Getter:
-    def get(req: Request, resp: Response, d: float) -> Value:
-        return v
-    return get
+def _fixed(get: Callable[..., Value]) -> Callable[[str], Callable[..., Value]]:
+    """An operator without an argument: the same getter for every use."""
+    return lambda arg: get
 
 
-def _simple(fn: Callable[[Request, Response, float], Value]) -> Callable[[str | None], Getter]:
-    def make(arg: str | None) -> Getter:
-        return fn
-    return make
+def _env(arg: str) -> Callable[..., Value]:
+    v = os.environ.get(arg)         # read when the log is built, as Envoy does at config load
+    return lambda *a: v
 
 
-_HOSTNAME = socket.gethostname()
+_hostname: Callable[[str], Callable[..., Value]] = lambda arg: lambda *a: _HOSTNAME  # noqa: E731
 
-OPERATORS: dict[str, Callable[[str | None], Getter]] = {
-    "START_TIME": _start_time,
-    "REQ": lambda a: _header_getter(a, False),
-    "RESP": lambda a: _header_getter(a, True),
-    "TRAILER": _trailer_getter,
-    "RESPONSE_CODE": _simple(lambda req, resp, d: resp.status),
-    # "-" even in JSON, as Envoy logs it
-    "RESPONSE_FLAGS": _simple(lambda req, resp, d: ",".join(req.ctx.flags) or "-"),
-    "RESPONSE_CODE_DETAILS": _simple(lambda req, resp, d: req.ctx.response_code_details or (
+HTTP: dict[str, Callable[[str], HttpGetter]] = {
+    "START_TIME": _http_start_time,
+    "REQ": _http_req,
+    "RESP": _http_resp,
+    "TRAILER": _http_trailer,
+    "RESPONSE_CODE": _fixed(lambda req, resp, d: resp.status),
+    "RESPONSE_FLAGS": _fixed(lambda req, resp, d: flags_text(req.ctx.flags)),
+    "RESPONSE_FLAGS_LONG": _fixed(lambda req, resp, d: flags_long_text(req.ctx.flags)),
+    "RESPONSE_CODE_DETAILS": _fixed(lambda req, resp, d: req.ctx.response_code_details or (
         None if resp.local else "via_upstream")),
-    "DURATION": _simple(lambda req, resp, d: int(d * 1000)),
-    "BYTES_RECEIVED": _simple(lambda req, resp, d: req.ctx.bytes_received),
-    "BYTES_SENT": _simple(lambda req, resp, d: req.ctx.bytes_sent),
-    "UPSTREAM_HOST": _simple(lambda req, resp, d: req.ctx.upstream_host or None),
-    "UPSTREAM_CLUSTER": _simple(lambda req, resp, d: req.ctx.cluster or None),
-    "UPSTREAM_REQUEST_ATTEMPT_COUNT": _simple(lambda req, resp, d: req.ctx.attempts),
-    "DOWNSTREAM_REMOTE_ADDRESS": _simple(lambda req, resp, d: _remote(req, True)),
-    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": _simple(lambda req, resp, d: _remote(req, False)),
-    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": _simple(
-        lambda req, resp, d: _addr(req.ctx.downstream_addr, True)),
-    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": _simple(
+    "DURATION": _fixed(lambda req, resp, d: int(d * 1000)),
+    "BYTES_RECEIVED": _fixed(lambda req, resp, d: req.ctx.bytes_received),
+    "BYTES_SENT": _fixed(lambda req, resp, d: req.ctx.bytes_sent),
+    "UPSTREAM_HOST": _fixed(lambda req, resp, d: req.ctx.upstream_host or None),
+    "UPSTREAM_CLUSTER": _fixed(lambda req, resp, d: req.ctx.cluster or None),
+    "UPSTREAM_REQUEST_ATTEMPT_COUNT": _fixed(lambda req, resp, d: req.ctx.attempts),
+    "DOWNSTREAM_REMOTE_ADDRESS": _fixed(lambda req, resp, d: _http_remote(req, True)),
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": _fixed(lambda req, resp, d: _http_remote(req, False)),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": _fixed(
+        lambda req, resp, d: _addr(req.ctx.downstream_addr)),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": _fixed(
         lambda req, resp, d: _addr(req.ctx.downstream_addr, False)),
-    "DOWNSTREAM_PEER_URI_SAN": _simple(lambda req, resp, d: req.ctx.peer_identity),
-    "PROTOCOL": _simple(lambda req, resp, d: f"HTTP/{req.version}"),
-    "GRPC_STATUS": _grpc_status,
-    "GRPC_STATUS_NUMBER": _simple(_grpc_status("NUMBER")),
-    "ROUTE_NAME": _simple(lambda req, resp, d: req.ctx.route.name or None
-                          if req.ctx.route is not None else None),
-    "HOSTNAME": _simple(lambda req, resp, d: _HOSTNAME),
-    "DYNAMIC_METADATA": _metadata,
-    "ENVIRONMENT": lambda a: _constant(os.environ.get(a or "")),
+    "DOWNSTREAM_PEER_URI_SAN": _fixed(lambda req, resp, d: req.ctx.peer_identity),
+    "PROTOCOL": _fixed(lambda req, resp, d: f"HTTP/{req.version}"),
+    "GRPC_STATUS": _http_grpc_status,
+    "GRPC_STATUS_NUMBER": lambda arg: _http_grpc_status("NUMBER"),
+    "ROUTE_NAME": _fixed(lambda req, resp, d: req.ctx.route.name or None
+                         if req.ctx.route is not None else None),
+    "HOSTNAME": _hostname,
+    "DYNAMIC_METADATA": _http_metadata,
+    "ENVIRONMENT": _env,
 }
 
 
-# ---- compiled formats ------------------------------------------------------------------------
+# ---- connections: a finished TCP connection ---------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    get: Getter
-    max_len: int | None
-
-
-Part = str | _Op
+def _conn_start_time(arg: str) -> ConnectionGetter:
+    fmt = _strftime(arg)
+    return lambda c: fmt(c.wall_start)
 
 
-def compile_text(fmt: str) -> tuple[Part, ...]:
-    """Literals and operators of a format string; ``FormatError`` for an unknown operator."""
-    parts: list[Part] = []
-    pos = 0
-    for m in _OPERATOR.finditer(fmt):
-        if m.start() > pos:
-            parts.append(fmt[pos:m.start()])
-        name, arg, max_len = m.group(1), m.group(2), m.group(3)
-        make = OPERATORS.get(name)
-        if make is None:
-            raise FormatError(f"unsupported command operator %{name}%")
-        parts.append(_Op(make(arg), int(max_len) if max_len else None))
-        pos = m.end()
-    if pos < len(fmt):
-        parts.append(fmt[pos:])
-    return tuple(parts)
+def _none(arg: str) -> ConnectionGetter:
+    return lambda c: None
 
 
-def _value(op: _Op, req: Request, resp: Response, d: float) -> Value:
-    v = op.get(req, resp, d)
-    if op.max_len is not None and isinstance(v, str):
-        v = v[:op.max_len]
-    return v
+CONNECTION: dict[str, Callable[[str], ConnectionGetter]] = {
+    "START_TIME": _conn_start_time,
+    "DURATION": _fixed(lambda c: int(c.duration * 1000)),
+    "BYTES_RECEIVED": _fixed(lambda c: c.bytes_received),
+    "BYTES_SENT": _fixed(lambda c: c.bytes_sent),
+    "RESPONSE_FLAGS": _fixed(lambda c: flags_text(c.flags)),
+    "RESPONSE_FLAGS_LONG": _fixed(lambda c: flags_long_text(c.flags)),
+    "UPSTREAM_HOST": _fixed(lambda c: c.upstream_host or None),
+    "UPSTREAM_CLUSTER": _fixed(lambda c: c.cluster or None),
+    "UPSTREAM_REQUEST_ATTEMPT_COUNT": _fixed(lambda c: c.attempts),
+    "UPSTREAM_LOCAL_ADDRESS": _fixed(lambda c: c.upstream_local_addr or None),
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": _fixed(lambda c: c.upstream_failure or None),
+    "DOWNSTREAM_REMOTE_ADDRESS": _fixed(lambda c: _addr(c.remote_addr)),
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": _fixed(lambda c: c.remote_addr[0]),
+    "DOWNSTREAM_REMOTE_PORT": _fixed(lambda c: c.remote_addr[1]),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": _fixed(lambda c: _addr(c.direct_remote_addr)),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": _fixed(lambda c: c.direct_remote_addr[0]),
+    "DOWNSTREAM_LOCAL_ADDRESS": _fixed(lambda c: _addr(c.local_addr)),
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": _fixed(lambda c: c.local_addr[0]),
+    "DOWNSTREAM_LOCAL_PORT": _fixed(lambda c: c.local_addr[1]),
+    "REQUESTED_SERVER_NAME": _fixed(lambda c: c.server_name or None),
+    "DOWNSTREAM_PEER_URI_SAN": _fixed(lambda c: c.peer_identity),
+    "DOWNSTREAM_TLS_VERSION": _fixed(lambda c: c.tls_version or None),
+    "CONNECTION_ID": _fixed(lambda c: c.id),
+    "UPSTREAM_CONNECTION_ID": _none,
+    "CONNECTION_TERMINATION_DETAILS": _fixed(lambda c: c.termination or None),
+    "FILTER_CHAIN_NAME": _fixed(lambda c: c.filter_chain_name or None),
+    "HOSTNAME": _hostname,
+    "ENVIRONMENT": _env,
+    # request operators on a connection, as Envoy prints them
+    "RESPONSE_CODE": _fixed(lambda c: 0),
+    "PROTOCOL": _none,
+    "REQ": _none,
+    "RESP": _none,
+    "TRAILER": _none,
+    "RESPONSE_CODE_DETAILS": _none,
+    "GRPC_STATUS": _none,
+    "GRPC_STATUS_NUMBER": _none,
+    "ROUTE_NAME": _none,
+    "DYNAMIC_METADATA": _none,
+}
+
+assert set(HTTP) == HTTP_OPERATORS, "formatter and config disagree on the HTTP operators"
+assert set(CONNECTION) == CONNECTION_OPERATORS, \
+    "formatter and config disagree on the connection operators"
 
 
-class TextFormat:
-    """Envoy's text format: operators substituted, ``-`` for what is missing."""
+# ---- compiling ---------------------------------------------------------------------------------
 
-    __slots__ = ("parts",)
-
-    def __init__(self, fmt: str):
-        # the sink ends every line itself: a format's own trailing newline is not doubled
-        self.parts = compile_text(fmt[:-1] if fmt.endswith("\n") else fmt)
-
-    def format(self, req: Request, resp: Response, d: float) -> str:
-        out = []
-        for p in self.parts:
-            if isinstance(p, str):
-                out.append(p)
-            else:
-                v = _value(p, req, resp, d)
-                out.append("-" if v is None or v == "" else str(v))
-        return "".join(out)
+# a getter of either context (HttpGetter or ConnectionGetter): compiled formats are the same
+# code for both, called with the context's arguments
+_Getter = Callable[..., object]
+_Table = dict[str, Callable[[str], Callable[..., Value]]]
 
 
-JsonTemplate = dict[str, object]
+def _bind(op: Operator, table: _Table) -> _Getter:
+    get = table[op.name](op.arg)
+    n = op.max_length
+    if n is None:
+        return get
+
+    def truncated(*args: object) -> Value:
+        v = get(*args)
+        return v[:n] if isinstance(v, str) else v
+    return truncated
 
 
-@dataclass(frozen=True, slots=True)
-class _Literal:
-    value: object
-
-
-@dataclass(frozen=True, slots=True)
-class _Nested:
-    fields: tuple[tuple[str, object], ...]
-
-
-class JsonFormat:
-    """Envoy's JSON format: each value is a format; a value that is exactly one operator keeps
-    the operator's type (numbers stay numbers), missing ones are null (or left out with
-    ``omit_empty_values``)."""
-
-    __slots__ = ("fields", "omit_empty", "_dumps")
-
-    def __init__(self, template: JsonTemplate, omit_empty: bool = False):
-        self.fields = _compile_json(template)
-        self.omit_empty = omit_empty
-        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-    def record(self, req: Request, resp: Response, d: float,
-               fields: tuple[tuple[str, object], ...] | None = None) -> dict[str, object]:
-        rec: dict[str, object] = {}
-        for k, spec in (fields if fields is not None else self.fields):
-            v: object
-            if isinstance(spec, _Literal):
-                v = spec.value
-            elif isinstance(spec, _Nested):
-                v = self.record(req, resp, d, spec.fields)
-            else:
-                assert isinstance(spec, tuple)
-                if len(spec) == 1 and isinstance(spec[0], _Op):
-                    v = _value(spec[0], req, resp, d)          # typed
-                else:
-                    s = []
-                    for p in spec:
-                        if isinstance(p, str):
-                            s.append(p)
-                        else:
-                            x = _value(p, req, resp, d)
-                            s.append("-" if x is None else str(x))
-                    v = "".join(s)
-            if v is None and self.omit_empty:
-                continue
-            rec[k] = v
-        return rec
-
-    def format(self, req: Request, resp: Response, d: float) -> str:
-        return self._dumps(self.record(req, resp, d))
-
-
-def _compile_json(template: JsonTemplate) -> tuple[tuple[str, object], ...]:
-    out: list[tuple[str, object]] = []
-    for k, v in template.items():
-        if isinstance(v, dict):
-            out.append((k, _Nested(_compile_json(v))))
-        elif isinstance(v, str):
-            out.append((k, compile_text(v)))
-        elif isinstance(v, (int, float, bool)) or v is None:
-            out.append((k, _Literal(v)))
+def _text(segments: tuple[Segment, ...], table: _Table, empty: str) -> Callable[..., str]:
+    """Literals and operators of one format string as (literal before, getter) pairs."""
+    pairs: list[tuple[str, _Getter]] = []
+    lit: list[str] = []
+    for s in segments:
+        if isinstance(s, str):
+            lit.append(s)
         else:
-            raise FormatError(f"{k}: must be a string, number, bool or mapping")
-    return tuple(out)
+            pairs.append(("".join(lit), _bind(s, table)))
+            lit = []
+    ops = tuple(pairs)
+    tail = "".join(lit)
+    if not ops:
+        return lambda *args: tail
+
+    def render(*args: object) -> str:
+        out = []
+        for before, get in ops:
+            v = get(*args)
+            out.append(before)
+            out.append(empty if v is None or v == "" else v if v.__class__ is str else str(v))
+        out.append(tail)
+        return "".join(out)
+    return render
 
 
-assert set(OPERATORS) == LOG_OPERATORS, "formatter and config disagree on the operators"
+def _json(fields: tuple[JsonField, ...], table: _Table, omit: bool
+          ) -> Callable[..., dict[str, object]]:
+    empty = "" if omit else "-"
+    bound: list[tuple[str, _Getter]] = []
+    for f in sorted(fields, key=lambda f: f.key):          # Envoy writes keys sorted
+        v = f.value
+        if f.nested:
+            bound.append((f.key, _json(v, table, omit)))   # type: ignore[arg-type]
+        elif isinstance(v, tuple):
+            if len(v) == 1 and isinstance(v[0], Operator):
+                bound.append((f.key, _bind(v[0], table)))   # one operator keeps its type
+            else:
+                bound.append((f.key, _text(v, table, empty)))  # type: ignore[arg-type]
+        else:
+            bound.append((f.key, lambda *args, _v=v: _v))
+    items = tuple(bound)
+
+    def render(*args: object) -> dict[str, object]:
+        rec: dict[str, object] = {}
+        for k, get in items:
+            val = get(*args)
+            if omit and (val is None or val == {}):
+                continue
+            rec[k] = val
+        return rec
+    return render
 
 
-def make_format(text: str | None, json_template: str | None,
-                omit_empty: bool = False) -> TextFormat | JsonFormat:
-    """The compiled format of an access log config (Envoy's default when neither is given)."""
-    if json_template is not None:
-        return JsonFormat(json.loads(json_template), omit_empty)
-    return TextFormat(text if text is not None else DEFAULT_FORMAT)
+def _compile(fmt: LogFormat, table: _Table) -> Callable[..., str]:
+    if fmt.json is not None:
+        record = _json(fmt.json, table, fmt.omit_empty_values)
+        dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        return lambda *args: dumps(record(*args))
+    segments = fmt.text or ()
+    if segments and isinstance(segments[-1], str) and segments[-1].endswith("\n"):
+        # the sink ends every line itself: the format's own final newline is that one
+        segments = (*segments[:-1], segments[-1][:-1])
+    return _text(segments, table, "" if fmt.omit_empty_values else "-")
+
+
+HttpFormat = Callable[[Request, Response, float], str]
+ConnectionFormat = Callable[[ConnectionContext], str]
+
+
+def compile_http(fmt: LogFormat) -> HttpFormat:
+    """A line of an HTTP access log: ``format(request, response, duration_s)`` (no newline:
+    the sink ends each line)."""
+    return _compile(fmt, HTTP)
+
+
+def compile_connection(fmt: LogFormat) -> ConnectionFormat:
+    """A line of a connection access log: ``format(connection)``."""
+    return _compile(fmt, CONNECTION)

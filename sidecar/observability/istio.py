@@ -23,8 +23,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sidecar.config.cluster import Cluster as ClusterConfig
+from sidecar.config.telemetry import IstioMetrics
 from sidecar.core.metrics import CounterChild, CounterFamily, HistogramChild, HistogramFamily, MetricFactory
-from sidecar.observability.workload import UNKNOWN, WorkloadLabels
+from sidecar.observability.flags import KNOWN_FLAGS, envoy_order
+from sidecar.observability.workload import UNKNOWN, Workload, WorkloadLabels, peer_from_identity
 
 log = logging.getLogger("sidecar.istio")
 
@@ -47,10 +50,6 @@ SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1
 MAX_PEERS = 1000            # distinct peer label sets per process; beyond: "unknown"
 MAX_CHILDREN = 20000        # bound label-children caches per recorder (then: no caching)
 
-KNOWN_FLAGS = frozenset((
-    "DC", "DI", "DPE", "FI", "IH", "LH", "LR", "NC", "NFCF", "NR", "OM", "RL", "RLSE", "SI",
-    "UAEX", "UC", "UF", "UH", "UMSDR", "UO", "UPE", "URX", "UT", "UR", "DF", "DO", "DT",
-))
 GRPC_STATUSES = frozenset(str(i) for i in range(17))
 
 
@@ -75,10 +74,41 @@ def service_labels(host: str) -> ServiceLabels:
     return ServiceLabels(host, host, UNKNOWN)
 
 
+class ClusterFacts:
+    """What an outbound stream's or connection's destination labels come from (one cluster's
+    config)."""
+
+    __slots__ = ("service", "principal", "mtls")
+
+    def __init__(self, service: ServiceLabels, principal: str, mtls: bool):
+        self.service = service
+        self.principal = principal    # the one identity its TLS verifies, else unknown
+        self.mtls = mtls              # it presents a client certificate
+
+
+def cluster_host(name: str, config: ClusterConfig | None) -> str:
+    """The service host a cluster stands for: Istio's ``outbound|port|subset|host`` name, else
+    a DNS endpoint's host (STRICT/LOGICAL_DNS), else the cluster's name."""
+    if name.startswith("outbound|") and name.count("|") == 3:
+        return name.rsplit("|", 1)[1]
+    if config is not None and config.type in ("strict_dns", "logical_dns") and config.endpoints:
+        return config.endpoints[0].host
+    return name
+
+
+def cluster_facts(name: str, config: ClusterConfig | None) -> ClusterFacts:
+    tls = config.tls if config is not None else None
+    principal = UNKNOWN
+    if tls is not None and tls.verify and len(tls.match_san_uris) == 1:
+        principal = tls.match_san_uris[0]
+    return ClusterFacts(service_labels(cluster_host(name, config)) if name else ServiceLabels(),
+                        principal, tls is not None and tls.presents_cert)
+
+
 def flags_label(flags: list[str]) -> str:
     if not flags:
         return "-"
-    return ",".join(f if f in KNOWN_FLAGS else "other" for f in flags)
+    return ",".join(f if f in KNOWN_FLAGS else "other" for f in envoy_order(flags))
 
 
 class IstioFamilies:
@@ -192,3 +222,60 @@ class TcpRecorder:
         self.received: CounterChild = families.tcp_received.labels(*labels)
         self.opened: CounterChild = families.tcp_opened.labels(*labels)
         self.closed: CounterChild = families.tcp_closed.labels(*labels)
+
+
+class TcpReporter:
+    """The Istio TCP metrics of one tcp_proxy chain (``TcpProxy.istio_metrics``): which side
+    reports, this pod's labels, and each connection's ``TcpRecorder``, bound once per
+    connection when its upstream connection is settled (connected, or failed with its flags).
+
+    The peer is the downstream's verified mTLS identity inbound, the identity the cluster's TLS
+    verifies outbound, as for HTTP streams (``sidecar.route.istio``). TCP has no metadata
+    exchange here, so a peer is known by its identity (namespace, principal) only.
+    Recorders with the same labels are shared: they hold only the label children."""
+
+    __slots__ = ("families", "inbound", "local", "local_mtls", "service", "_facts",
+                 "_recorders")
+
+    def __init__(self, families: IstioFamilies, workload: Workload, inbound: bool,
+                 cfg: IstioMetrics):
+        self.families = families
+        self.inbound = inbound
+        self.local = workload.labels(UNKNOWN)
+        self.local_mtls = workload.labels(workload.spiffe_id)
+        self.service = service_labels(cfg.service or workload.default_service())
+        self._facts: dict[str, ClusterFacts] = {}
+        self._recorders: dict[tuple[object, ...], TcpRecorder] = {}
+
+    def facts(self, cluster: str, config: ClusterConfig | None) -> ClusterFacts:
+        f = self._facts.get(cluster)
+        if f is None:
+            f = self._facts[cluster] = cluster_facts(cluster, config)
+        return f
+
+    def recorder(self, *, peer_identity: str | None, downstream_tls: bool, cluster: str,
+                 config: ClusterConfig | None, flags: list[str]) -> TcpRecorder:
+        """The children of one connection's labels (its flags as they are now)."""
+        fl = flags_label(flags)
+        if self.inbound:
+            mtls = downstream_tls and peer_identity is not None
+            key: tuple[object, ...] = (peer_identity if mtls else None, fl)
+        else:
+            facts = self.facts(cluster, config)
+            mtls = facts.mtls
+            key = (cluster, fl)
+        rec = self._recorders.get(key)
+        if rec is not None:
+            return rec
+        if self.inbound:
+            peer = peer_from_identity(peer_identity) if mtls else WorkloadLabels()
+            service = self.service
+        else:
+            peer = peer_from_identity(facts.principal) if facts.principal != UNKNOWN \
+                else WorkloadLabels()
+            service = facts.service
+        rec = TcpRecorder(self.families, self.inbound, self.local_mtls if mtls else self.local,
+                          peer, service, mtls, fl)
+        if len(self._recorders) < MAX_CHILDREN:
+            self._recorders[key] = rec
+        return rec

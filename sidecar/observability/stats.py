@@ -19,16 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.core.metrics import NULL, CounterChild, CounterFamily
+from sidecar.observability.flags import KNOWN_FLAGS
 from sidecar.observability.metrics import STATUS_CLASSES, Metrics
-
-# Envoy response flags (short codes); anything else is counted as "other" so a bug or a new
-# filter cannot create unbounded label values.
-KNOWN_FLAGS = frozenset((
-    "DC", "DI", "DPE", "FI", "IH", "LH", "LR", "NC", "NFCF", "NR", "OM", "RL", "RLSE", "SI",
-    "UAEX", "UC", "UF", "UH", "UMSDR", "UO", "UPE", "URX", "UT", "UR", "DF", "DO", "DT",
-    "FE",   # not Envoy's: a user filter raised (filters/python.py)
-))
-
 
 GRPC_STATUSES = frozenset([str(i) for i in range(17)] + ["none"])
 

@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_contex
 
 from sidecar import __version__
 from sidecar.core.metrics import NULL
+from sidecar.observability.flags import flags_text
 
 log = logging.getLogger("sidecar.tracing")
 
@@ -276,7 +277,7 @@ class ServerSpan:
         attrs: dict[str, Any] = {"http.response.status_code": status,
                                  "sidecar.retry_count": ctx.attempts - 1 if ctx.attempts > 1 else 0}
         if ctx.flags:
-            attrs["sidecar.response_flags"] = ",".join(ctx.flags)
+            attrs["sidecar.response_flags"] = flags_text(ctx.flags)
         if ctx.cluster:
             attrs["sidecar.upstream.cluster"] = ctx.cluster
         if ctx.upstream_host:

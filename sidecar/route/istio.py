@@ -23,7 +23,13 @@ from sidecar.core.body import BodySource
 from sidecar.core.context import RouteInfo
 from sidecar.core.filter import Handler
 from sidecar.core.message import Request, Response
-from sidecar.observability.istio import HttpRecorder, IstioFamilies, ServiceLabels, service_labels
+from sidecar.observability.istio import (
+    ClusterFacts,
+    HttpRecorder,
+    IstioFamilies,
+    cluster_facts,
+    service_labels,
+)
 from sidecar.observability.workload import (
     PEER_METADATA,
     PEER_METADATA_ID,
@@ -36,28 +42,6 @@ from sidecar.observability.workload import (
 )
 
 PEER_CACHE = 1024          # decoded metadata headers kept per listener
-
-
-class ClusterFacts:
-    """What an outbound request's destination labels come from (one cluster's config)."""
-
-    __slots__ = ("service", "principal", "mtls")
-
-    def __init__(self, service: ServiceLabels, principal: str, mtls: bool):
-        self.service = service
-        self.principal = principal    # the one identity its TLS verifies, else unknown
-        self.mtls = mtls              # it presents a client certificate
-
-
-def _cluster_host(clusters: ClusterManager, name: str) -> str:
-    """The service host a cluster stands for: Istio's ``outbound|port|subset|host`` name, else
-    a DNS endpoint's host (STRICT/LOGICAL_DNS), else the cluster's name."""
-    if name.startswith("outbound|") and name.count("|") == 3:
-        return name.rsplit("|", 1)[1]
-    c = clusters.get(name)
-    if c is not None and c.config.type in ("strict_dns", "logical_dns") and c.config.endpoints:
-        return c.config.endpoints[0].host
-    return name
 
 
 class IstioListener:
@@ -97,14 +81,7 @@ class IstioListener:
         f = self._facts.get(cluster)
         if f is None:
             c = self._clusters.get(cluster)
-            tls = c.config.tls if c is not None else None
-            principal = UNKNOWN
-            if tls is not None and tls.verify and len(tls.match_san_uris) == 1:
-                principal = tls.match_san_uris[0]
-            f = ClusterFacts(service_labels(_cluster_host(self._clusters, cluster)) if cluster
-                             else ServiceLabels(), principal,
-                             tls is not None and tls.presents_cert)
-            self._facts[cluster] = f
+            f = self._facts[cluster] = cluster_facts(cluster, c.config if c is not None else None)
         return f
 
     def stream_done(self, req: Request, resp: Response, body_bytes: int) -> None:

@@ -11,9 +11,10 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from sidecar.config.route import Route, RouteConfig, RouteMatch, VirtualHost
+from sidecar.config.route import Route, RouteAction, RouteConfig, RouteMatch, VirtualHost
 from sidecar.core.body import Headers
 from sidecar.core.filter import Handler
+from sidecar.core.limits import NO_RATE_LIMITS, RouteRateLimits
 from sidecar.core.message import Request, Response
 
 
@@ -30,7 +31,7 @@ class CompiledRoute:
     (``sidecar.route.stack.build_route_stack``)."""
 
     __slots__ = ("index", "config", "name", "match", "handler", "vhost", "cluster_names",
-                 "stat_name", "_m_simple", "choice")
+                 "stat_name", "_m_simple", "choice", "rate_limits")
 
     def __init__(self, index: int, config: Route, vhost: "CompiledVirtualHost"):
         self.index = index
@@ -54,6 +55,11 @@ class CompiledRoute:
         for wc in getattr(action, "weighted_clusters", ()) or ():
             names.append(wc.name)
         self.cluster_names = tuple(names)
+        # Envoy: only routes to a cluster have rate limits (a direct response has no entry)
+        self.rate_limits: RouteRateLimits = NO_RATE_LIMITS
+        if isinstance(action, RouteAction) and (action.rate_limits or vhost.config.rate_limits):
+            self.rate_limits = RouteRateLimits(action.rate_limits, vhost.config.rate_limits,
+                                               action.include_vh_rate_limits)
 
     @property
     def vhost_name(self) -> str:

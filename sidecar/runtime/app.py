@@ -98,7 +98,10 @@ class App:
         if worker_id == 0:
             health.follow(self.clusters, self.metrics)
         self.stores = StoreRuntime(snapshot.stores, self.metrics)
-        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores)
+        # the bootstrap's node.cluster: fixed for the process (rate limit source_cluster)
+        node = snapshot.node or {}
+        self.filter_env = ProxyFilterEnv(self.metrics, self.clusters, self.shared, self.stores,
+                                         str(node.get("cluster", "") or ""))
         self.shadow = ShadowState(self.metrics)
         self.store = ConfigStore(self.metrics, self.stats, self.clusters, CATALOG,
                                  self.filter_env, self.shadow, self.make_tracer, reuse_port,

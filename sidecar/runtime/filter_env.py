@@ -20,9 +20,8 @@ from sidecar.core.limits import (
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import MetricFactory
 from sidecar.observability.metrics import Metrics
-from sidecar.runtime.stores import StoreRuntime
+from sidecar.runtime.stores import StoreRuntime, redis_module
 from sidecar.shared.api import SharedState
-from sidecar.shared.redis_store import RedisBuckets, RedisReplayCache
 
 
 class ClusterClient:
@@ -43,11 +42,13 @@ class ClusterClient:
 
 
 class ProxyFilterEnv:
-    __slots__ = ("_metrics", "_clusters", "_shared", "_stores", "_remote")
+    __slots__ = ("_metrics", "_clusters", "_shared", "_stores", "_remote", "_local_cluster")
 
     def __init__(self, metrics: Metrics, clusters: ClusterManager,
-                 shared: SharedState | None = None, stores: StoreRuntime | None = None):
+                 shared: SharedState | None = None, stores: StoreRuntime | None = None,
+                 local_cluster: str = ""):
         self._metrics = metrics
+        self._local_cluster = local_cluster
         self._clusters = clusters
         self._shared = shared if shared is not None else clusters.shared
         self._stores = stores if stores is not None else StoreRuntime(StoresConfig(), metrics)
@@ -57,6 +58,10 @@ class ProxyFilterEnv:
     @property
     def metrics(self) -> MetricFactory:
         return self._metrics
+
+    @property
+    def local_cluster(self) -> str:
+        return self._local_cluster
 
     def upstream(self, cluster: str) -> UpstreamClient:
         state = self._clusters.states.get(cluster)
@@ -74,16 +79,18 @@ class ProxyFilterEnv:
         st = self._stores.redis(store)
         key = ("replay", store, policy)
         c = self._remote.get(key)
-        if not isinstance(c, RedisReplayCache) or c.store is not st:
-            c = self._remote[key] = RedisReplayCache(st, policy, local=self._shared.replay())
+        rs = redis_module()
+        if not isinstance(c, rs.RedisReplayCache) or c.store is not st:
+            c = self._remote[key] = rs.RedisReplayCache(st, policy, local=self._shared.replay())
         return c
 
     def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
         st = self._stores.redis(store)
         key = ("buckets", store, policy)
         c = self._remote.get(key)
-        if not isinstance(c, RedisBuckets) or c.store is not st:
-            c = self._remote[key] = RedisBuckets(st, policy)
+        rs = redis_module()
+        if not isinstance(c, rs.RedisBuckets) or c.store is not st:
+            c = self._remote[key] = rs.RedisBuckets(st, policy)
         return c
 
     def rate_limit_service(self, cluster: str) -> RateLimitService:

@@ -23,9 +23,8 @@ from sidecar.l4.tcp_proxy import TcpProxyFilter
 from sidecar.listener.http import HttpConnectionManager
 from sidecar.listener.listener import ListenerRuntime, socket_key
 from sidecar.listener.network import ChainRuntime, HttpChain, ListenerChains
-from sidecar.observability.access_log import RequestLogger, make_access_logger
-from sidecar.observability.connection_log import ConnectionLogger
-from sidecar.observability.istio import IstioFamilies
+from sidecar.observability.access_log import ConnectionLogger, RequestLogger, make_access_logger
+from sidecar.observability.istio import IstioFamilies, TcpReporter
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import StatsCache
 from sidecar.observability.tracing import ListenerTracer
@@ -79,9 +78,7 @@ class ConfigStore:
             make_access_logger(c, lc.name) for c in lc.access_log)
         istio = None
         if lc.istio_metrics is not None and self.metrics.enabled:
-            if self._istio is None:
-                self._istio = IstioFamilies(self.metrics)
-            istio = IstioListener(self._istio, self.workload, lc, self.clusters)
+            istio = IstioListener(self._istio_families(), self.workload, lc, self.clusters)
         env = StackEnv(self.clusters, self.stats, self.filters, self.filter_env,
                        self.filter_states, self.shadow, self.tracer_for(lc), access_logs, istio)
         table = None
@@ -95,6 +92,11 @@ class ConfigStore:
                                   also=(istio,) if istio is not None else ())
         return HttpConnectionManager(lc, table, unmatched, env.tracer, env.built, bound_port,
                                      access_logs)
+
+    def _istio_families(self) -> IstioFamilies:
+        if self._istio is None:
+            self._istio = IstioFamilies(self.metrics)
+        return self._istio
 
     def compile_chains(self, lc: Listener, lr: ListenerRuntime,
                        bound_port: int) -> ListenerChains:
@@ -122,11 +124,15 @@ class ConfigStore:
                 else:
                     kafka = KafkaBrokerFilter(tcp.kafka, self.metrics)
                     self._kafka[key] = (tcp.kafka, kafka)
+            istio = None
+            if tcp.istio_metrics is not None and self.metrics.enabled:
+                istio = TcpReporter(self._istio_families(), self.workload,
+                                    lc.direction == "inbound", tcp.istio_metrics)
             rt.tcp = TcpProxyFilter(
                 tcp, [self.clusters.state(n) for n in tcp.cluster_names],
                 self.stats.tcp(tcp.stat_prefix), kafka,
                 tuple(ConnectionLogger(c) for c in tcp.access_log), listener_logs,
-                lc.buffer_limit_bytes)
+                lc.buffer_limit_bytes, istio)
             return rt
 
         chains = [build(i, c) for i, c in enumerate(lc.filter_chains)]

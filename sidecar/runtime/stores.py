@@ -10,20 +10,48 @@ error, calls, failures, fail-open/fail-closed decisions) for ``/ready``'s detail
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidecar.cluster.cluster import ClusterState
+from sidecar.config.errors import ConfigError
 from sidecar.config.stores import DEFAULT_BACKOFF, StoresConfig
 from sidecar.core.limits import Descriptor, RlsResponse
 from sidecar.observability.metrics import Metrics
 from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
-from sidecar.shared.redis_store import RedisStore
-from sidecar.shared.rls import RateLimitClient
+
+if TYPE_CHECKING:
+    from sidecar.shared.redis_store import RedisStore
+    from sidecar.shared.rls import RateLimitClient
 
 PROBE_EVERY_S = 0.5
+
+
+def redis_module() -> ModuleType:
+    """``sidecar.shared.redis_store``: it needs the optional ``redis`` client (``pysidecar
+    [redis]``), imported when a config first names a store."""
+    try:
+        return importlib.import_module("sidecar.shared.redis_store")
+    except ImportError as e:
+        raise ConfigError("stores", f"a Redis store needs the redis client: pip install "
+                                    f"'pysidecar[redis]' ({e})") from None
+
+
+def _rls_client() -> type[RateLimitClient]:
+    """``sidecar.shared.rls``: it needs the optional envoy-data-plane and grpclib
+    (``pysidecar[redis]``), imported when a rate limit filter is first built."""
+    try:
+        client: type[RateLimitClient] = importlib.import_module("sidecar.shared.rls").RateLimitClient
+        return client
+    except ImportError as e:
+        raise ConfigError("envoy.filters.http.ratelimit", "the rate limit service client "
+                          f"needs envoy-data-plane and grpclib: pip install 'pysidecar[redis]' "
+                          f"({e})") from None
 
 
 class ClusterRateLimitService:
@@ -32,8 +60,9 @@ class ClusterRateLimitService:
     per endpoint). One health record for the service: a failure makes the next calls fail fast
     until a probe succeeds (``sidecar.shared.health``)."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, client: type[RateLimitClient]) -> None:
         self.state = state
+        self._client = client
         self.health = HealthTracker(f"ratelimit_service:{state.name}", f"cluster {state.name}",
                                     0.0, DEFAULT_BACKOFF)
         self._clients: dict[str, RateLimitClient] = {}
@@ -50,7 +79,7 @@ class ClusterRateLimitService:
             for addr in [a for a in self._clients if a not in self.state.endpoints]:
                 self._clients.pop(addr).close()
             ep = host.endpoint
-            client = self._clients[host.address] = RateLimitClient(
+            client = self._clients[host.address] = self._client(
                 self.health.name, ep.host, ep.port, timeout_s, health=self.health)
         self.health.timeout_s = timeout_s
         return await client.should_rate_limit(domain, descriptors, hits_addend, timeout_s)
@@ -93,7 +122,7 @@ class StoreRuntime:
         if st is None or st.cfg != cfg:
             if st is not None:
                 self._retired.append(st)
-            st = self._redis[name] = RedisStore(cfg)
+            st = self._redis[name] = redis_module().RedisStore(cfg)
             self._start_prober()
         return st
 
@@ -120,7 +149,7 @@ class StoreRuntime:
     def rate_limit_service(self, state: ClusterState) -> ClusterRateLimitService:
         svc = self._rls.get(state.name)
         if svc is None or svc.state is not state:
-            svc = self._rls[state.name] = ClusterRateLimitService(state)
+            svc = self._rls[state.name] = ClusterRateLimitService(state, _rls_client())
         return svc
 
     def statuses(self) -> list[DependencyStatus]:

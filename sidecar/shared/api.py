@@ -19,6 +19,8 @@ from sidecar.core.limits import (
     ReplayCache,
     ReplayVerdict,
     TokenBuckets,
+    refill,
+    reset_after,
 )
 
 __all__ = ["BreakerCounters", "BreakerSnapshot", "BucketDecision", "BucketSpec", "EndpointCounters",
@@ -171,19 +173,3 @@ def retry_limit(active: int, max_retries: int, budget_percent: float | None,
     return share if share > min_retry_concurrency else min_retry_concurrency
 
 
-def refill(tokens: float, last: float, spec: BucketSpec, now: float) -> tuple[float, float]:
-    """Whole fills since ``last`` (Envoy refills in steps, not continuously)."""
-    interval = spec.fill_interval_s
-    elapsed = now - last
-    if elapsed >= interval:
-        n = int(elapsed // interval)
-        tokens = min(float(spec.max_tokens), tokens + n * spec.tokens_per_fill)
-        last += n * interval
-    elif elapsed < 0:            # a torn or future stamp (see segment.py): start over from now
-        last = now
-    return tokens, last
-
-
-def reset_after(last: float, spec: BucketSpec, now: float) -> int:
-    left = spec.fill_interval_s - (now - last)
-    return max(0, int(-(-left // 1)))      # ceil without importing math on the hot path

@@ -1,5 +1,5 @@
 """Cross-worker counters in the shared segment: a cluster's breaker gauges, an endpoint's
-in-flight requests and outcome counts, and the health board (writes serialized by one record
+in-flight requests and outcome counts, and the health board (writes serialized by one
 lock, since they are rare: a verdict change, an ejection; reads lock-free by a seqlock).
 
 Every counter word has one writer: the worker that owns the slab. Readers sum the slabs.

@@ -72,7 +72,9 @@ def from_response(msg: RateLimitResponse) -> RlsResponse:
                                       for h in msg.response_headers_to_add),
         request_headers_to_add=tuple((h.key.lower(), h.value)
                                      for h in msg.request_headers_to_add),
-        raw_body=msg.raw_body)
+        raw_body=msg.raw_body,
+        dynamic_metadata=msg.dynamic_metadata.to_dict() if msg.dynamic_metadata is not None
+        else None)
 
 
 class RateLimitClient:

@@ -11,22 +11,21 @@ Mechanism, and why:
   workers ever write the same cache line) and readers add the slabs up. No lock, no atomic
   instruction: an aligned 8-byte store is indivisible on every 64-bit CPU Python runs on.
 * Read-modify-write that must be exact across workers (a token bucket, a jti insert-if-absent,
-  naming a row) happens under a POSIX record lock (``fcntl``) on one byte of the memfd, one
-  byte per bucket row / replay set / directory. The kernel drops a process's record locks when
-  it dies, so a worker killed inside a critical section cannot wedge the others (a
-  ``multiprocessing.Lock`` is 8x cheaper but would stay held forever). Critical sections never
+  naming a row) happens under a robust process-shared mutex in the segment (``mutex.py``), one
+  per bucket row, per table, per directory. When a worker dies holding one, the kernel releases
+  it and the next locker repairs what it may have left half-done (``_owner_died``), so a
+  worker killed inside a critical section cannot wedge the others. Critical sections never
   await, so a lock is held for a few microseconds.
 * A worker that dies leaves gauges counted and names attached: ``reclaim(worker)``, called by
   the supervisor before it forks the replacement, zeroes its gauges and detaches its names.
 
-Layout (byte offsets, all 64-aligned): header | breaker directory | endpoint directory |
-bucket directory | breaker counters | endpoint counters | health board | bucket states |
-replay sets. See ``Layout``.
+Layout (byte offsets, all 64-aligned): header | mutexes | breaker directory | endpoint
+directory | bucket directory | breaker counters | endpoint counters | health board | bucket
+states | replay sets. See ``Layout``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import struct
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 from sidecar.config.stores import MAX_WORKERS, SharedStateConfig
 from sidecar.shared.api import BucketSpec, refill
+from sidecar.shared.mutex import RobustMutexes
 
 MAGIC = b"PYSCSHM1"
 HEADER = 4096
@@ -44,19 +44,20 @@ H_WORKERS, H_EPOCH = 1, 3
 BREAKER_WORDS = 8                # [priority][resource]
 ENDPOINT_WORDS = 9               # see counters.py
 BOARD_WORDS = 6                  # seq, healthy, ejected_until (f64), ejections, multiplier, epoch
-BUCKET_FIELDS = 6                # tokens, last, max_tokens, tokens_per_fill, interval, touched
+BUCKET_FIELDS = 6                # tokens, last, interval, max_tokens, tokens_per_fill, touched
 REPLAY_WAYS = 8
 
-# lock byte offsets (record locks may lie beyond the end of the file)
+# mutex indexes (mutex.py): the tables', then one per bucket row
 LOCK_BREAKER_DIR = 0
 LOCK_ENDPOINT_DIR = 1
 LOCK_BUCKET_DIR = 2
 LOCK_WRITER = 3                  # the health board (serializes its writers)
-LOCK_BUCKET_BASE = 1 << 32
 LOCK_REPLAY = 4
+LOCK_BUCKET_BASE = 5
 
 
 _MASK64 = (1 << 64) - 1
+_DIGEST = struct.Struct("<QQ")
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -94,6 +95,7 @@ class Layout:
     counter_rows: int
     bucket_rows: int
     replay_sets: int
+    locks: int               # offset of the mutexes (LOCK_BUCKET_BASE + bucket_rows of them)
     breaker_dir: Directory
     endpoint_dir: Directory
     bucket_dir: Directory
@@ -111,7 +113,8 @@ class Layout:
         # 2-choice placement into 8-way sets: 25 % headroom keeps a full set (a refusal) out
         # of reach until the table is ~all live entries (see replay.py)
         sets = max(2, -(-cfg.replay_entries * 5 // 4) // REPLAY_WAYS)
-        at = HEADER
+        locks = HEADER
+        at = locks + _align(RobustMutexes.size(LOCK_BUCKET_BASE + brows))
         dirs = []
         for n, lock in ((rows, LOCK_BREAKER_DIR), (rows, LOCK_ENDPOINT_DIR),
                         (brows, LOCK_BUCKET_DIR)):
@@ -130,7 +133,7 @@ class Layout:
         at += _align(sets * REPLAY_WAYS * 16)
         rexp = at
         at += _align(sets * REPLAY_WAYS * 8)
-        return Layout(workers, rows, brows, sets, dirs[0], dirs[1], dirs[2], breakers,
+        return Layout(workers, rows, brows, sets, locks, dirs[0], dirs[1], dirs[2], breakers,
                       endpoints, board, buckets, rdig, rexp, _align(at, mmap.PAGESIZE))
 
 
@@ -145,6 +148,10 @@ class SharedSegment:
         self.words = memoryview(mm).cast("q")        # int64 view of the whole segment
         self.floats = memoryview(mm).cast("d")       # float64 view of the whole segment
         self.lossy_evictions = 0      # this process's bucket evictions that forgot a debt
+        self.mutexes = RobustMutexes(mm, layout.locks, LOCK_BUCKET_BASE + layout.bucket_rows,
+                                     self._owner_died)
+        self.lock = self.mutexes.lock                # lock(index), unlock(index)
+        self.unlock = self.mutexes.unlock
 
     @classmethod
     def create(cls, cfg: SharedStateConfig, workers: int) -> "SharedSegment":
@@ -160,14 +167,29 @@ class SharedSegment:
             raise
         mm[0:8] = MAGIC
         struct.pack_into("<q", mm, H_WORKERS * 8, workers)
-        return cls(fd, layout, mm)
+        seg = cls(fd, layout, mm)
+        seg.mutexes.initialise()
+        return seg
 
     # ---- locks ---------------------------------------------------------------------------
-    def lock(self, byte: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, byte)
+    def _owner_died(self, lock: int) -> None:
+        """A worker died holding ``lock`` (now ours): repair what it may have left half-done.
+        Only a board write needs it (an odd sequence would make readers spin: seal it). A
+        directory's worst case is a row counted as used whose name was not written yet (a
+        row the table does without); a bucket row may be torn, which ``refill`` clamps (at
+        most one fill interval of accuracy); a replay slot is written digest first, expiry
+        second, so a cut-short write looks expired (see replay.py)."""
+        if lock == LOCK_WRITER:
+            self._seal_board()
 
-    def unlock(self, byte: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte)
+    def _seal_board(self) -> None:
+        """Under LOCK_WRITER: close any publication a dead writer left open (odd sequence)."""
+        words, lay = self.words, self.layout
+        b = lay.board // 8
+        for row in range(lay.counter_rows):
+            if words[b + row * BOARD_WORDS] & 1:
+                words[b + row * BOARD_WORDS] += 1
+                words[H_EPOCH] += 1
 
     # ---- hashing -------------------------------------------------------------------------
     def digest(self, *parts: str) -> bytes:
@@ -177,8 +199,7 @@ class SharedSegment:
         nobody outside can aim many names at one set. Cheaper than BLAKE2b by 1 us a call;
         2^-64 odds that a new jti meets one live digest (a needless refusal, never a
         forgotten jti)."""
-        return ((hash(parts) & _MASK64).to_bytes(8, "little")
-                + (hash((parts, 1)) & _MASK64 | 1).to_bytes(8, "little"))
+        return _DIGEST.pack(hash(parts) & _MASK64, hash((parts, 1)) & _MASK64 | 1)
 
     # ---- directories ---------------------------------------------------------------------
     def attach(self, d: Directory, digest: bytes, worker: int, pin: bool = True) -> int:
@@ -243,7 +264,7 @@ class SharedSegment:
         best, best_touch = free[0], float("inf")
         now = time.monotonic()
         for row in free:
-            tokens, last, mx, per, interval, touched = fl[base + row * BUCKET_FIELDS:
+            tokens, last, interval, mx, per, touched = fl[base + row * BUCKET_FIELDS:
                                                           base + row * BUCKET_FIELDS + 6].tolist()
             if interval > 0 and refill(tokens, last, BucketSpec(int(mx), int(per), interval),
                                        now)[0] >= mx:
@@ -307,11 +328,7 @@ class SharedSegment:
                 self.unlock(d.lock)
         self.lock(LOCK_WRITER)
         try:
-            b = lay.board // 8
-            for row in range(n):                   # a board write cut short by the death: seal it
-                if words[b + row * BOARD_WORDS] & 1:
-                    words[b + row * BOARD_WORDS] += 1
-                    words[H_EPOCH] += 1
+            self._seal_board()                    # a board write cut short by the death
         finally:
             self.unlock(LOCK_WRITER)
 

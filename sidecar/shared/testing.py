@@ -4,12 +4,14 @@ imports the whole app, which this layer must not.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -123,3 +125,46 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RateLimitServiceProcess:
+    """``python -m sidecar.shared.testing_rls`` (a real gRPC rate limit service counting in
+    Redis) on a loopback port, with ``limits`` (its JSON config, see that module) written to
+    ``workdir``. ``prefix`` keeps the counts of several services on one Redis apart."""
+
+    def __init__(self, redis_address: str, limits: dict, workdir: str, port: int | None = None,
+                 prefix: str = "rls:") -> None:
+        self.port = port or free_port()
+        self.redis_address = redis_address
+        self.prefix = prefix
+        self.config_path = os.path.join(workdir, f"rls-limits-{self.port}.json")
+        with open(self.config_path, "w") as f:
+            json.dump(limits, f)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "RateLimitServiceProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar.shared.testing_rls", "--port", str(self.port),
+             "--redis", self.redis_address, "--config", self.config_path,
+             "--prefix", self.prefix],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if "rate limit service on" not in line:
+            out = line + self.proc.stdout.read().decode(errors="replace") if \
+                self.proc.poll() is not None else line
+            raise RuntimeError(f"the rate limit service did not start: {out}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the service vanishes mid-conversation, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()

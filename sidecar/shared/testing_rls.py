@@ -17,6 +17,11 @@ the same key and no value: one counter per value); its limit is the last node's.
 descriptor over its limit makes the answer OVER_LIMIT. Counts are fixed windows in Redis
 (``RedisRateLimit``), keyed by domain, entries and window.
 
+Optional top-level keys shape every answer: ``response_headers_to_add`` and
+``request_headers_to_add`` (``{name: value}``), ``over_limit_body`` (the ``raw_body`` of an
+OVER_LIMIT answer), ``dynamic_metadata`` (a JSON object), ``delay_s`` (answer that late: a
+slow service, for timeouts).
+
 Run it: ``python -m sidecar.shared.testing_rls --port 8081 --redis 127.0.0.1:6379
 --config limits.json``.
 """
@@ -41,6 +46,7 @@ from envoy_data_plane.envoy.service.ratelimit.v3 import (
     RateLimitResponseRateLimit,
     RateLimitResponseRateLimitUnit,
 )
+from envoy_data_plane.google.protobuf import Struct
 
 from sidecar.config.stores import RedisStoreConfig
 from sidecar.core.limits import FailurePolicy
@@ -75,8 +81,14 @@ class RateLimitService:
         self.domain = config["domain"]
         self.tree = _nodes(config.get("descriptors", []))
         self.limit = RedisRateLimit(store, FailurePolicy.FAIL_CLOSED)
-        self.response_headers = response_headers
+        self.response_headers = response_headers + tuple(
+            config.get("response_headers_to_add", {}).items())
+        self.request_headers = tuple(config.get("request_headers_to_add", {}).items())
+        self.over_limit_body = config.get("over_limit_body", "").encode()
+        self.dynamic_metadata = config.get("dynamic_metadata")
+        self.delay_s = float(config.get("delay_s", 0.0))
         self.requests = 0
+        self.seen: list[RateLimitRequest] = []
 
     def _match(self, entries: list[tuple[str, str]]) -> tuple[Node | None, str]:
         level, node, path = self.tree, None, []
@@ -92,6 +104,9 @@ class RateLimitService:
     async def should_rate_limit(self, req: RateLimitRequest,
                                 context: grpc.aio.ServicerContext) -> RateLimitResponse:
         self.requests += 1
+        self.seen.append(req)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if req.domain != self.domain:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown domain {req.domain}")
         hits = req.hits_addend or 1
@@ -120,7 +135,12 @@ class RateLimitService:
         return RateLimitResponse(
             overall_code=overall, statuses=statuses,
             response_headers_to_add=[HeaderValue(key=k, value=v)
-                                     for k, v in self.response_headers])
+                                     for k, v in self.response_headers],
+            request_headers_to_add=[HeaderValue(key=k, value=v)
+                                    for k, v in self.request_headers],
+            raw_body=self.over_limit_body if overall == RateLimitResponseCode.OVER_LIMIT else b"",
+            dynamic_metadata=Struct.from_dict(self.dynamic_metadata)
+            if self.dynamic_metadata else None)
 
 
 async def serve(port: int, service: RateLimitService) -> grpc.aio.Server:
@@ -140,6 +160,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--redis", default="127.0.0.1:6379", help="host:port")
     ap.add_argument("--config", required=True, help="a JSON file of limits")
+    ap.add_argument("--prefix", default="rls:", help="Redis key prefix (several services, "
+                                                     "one Redis)")
     a = ap.parse_args()
     host, _, rport = a.redis.rpartition(":")
     with open(a.config) as f:
@@ -147,7 +169,7 @@ def main() -> None:
 
     async def run() -> None:
         store = RedisStore(RedisStoreConfig(name="rls", host=host, port=int(rport),
-                                            timeout_s=0.5, key_prefix="rls:"))
+                                            timeout_s=0.5, key_prefix=a.prefix))
         server = await serve(a.port, RateLimitService(config, store))
         print(f"rate limit service on 127.0.0.1:{a.port}", flush=True)
         await server.wait_for_termination()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.admin.dashboard import STATIC_DIR, quantile
+from sidecar.shared.testing import RedisServer, free_port
 from sidecar.testing import Upstream, native_config, running_proxy
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
@@ -248,3 +249,53 @@ async def test_dashboard_in_headless_chromium(tmp_path):
     assert count_colour(pixels, bpp, WARN_AMBER) > 50
     if os.environ.get("SIDECAR_DASHBOARD_SCREENSHOT"):
         shutil.copy(shot, os.environ["SIDECAR_DASHBOARD_SCREENSHOT"])
+
+
+# ---- dependencies: Redis stores and rate limit services -------------------------------------
+
+def dependencies_config(up, redis_address: str, closed_port: int) -> dict:
+    return native_config(
+        clusters={"svc": [up.address], "rls": [f"127.0.0.1:{closed_port}"]},
+        routes=[{"match": {"prefix": "/limited"}, "cluster": "svc",
+                 "filters": {"local_ratelimit": {"max_tokens": 100, "fill_interval": "1h",
+                                                 "store": "main"}}},
+                {"match": {"prefix": "/global"}, "cluster": "svc",
+                 "rate_limits": [{"actions": [{"remote_address": {}}]}]},
+                {"match": {"prefix": "/"}, "cluster": "svc"}],
+        filters=[{"local_ratelimit": {"disabled": True}},
+                 {"ratelimit": {"domain": "edge", "cluster": "rls", "timeout": "200ms"}}],
+        stores={"main": {"redis": {"address": redis_address, "timeout": "500ms"}}})
+
+
+async def test_dependencies_in_the_feed_and_on_the_page():
+    """A real Redis store that answers and a rate limit service that does not (nothing
+    listens): /dashboard.json lists both with their state and counts, and the page (headless
+    Chromium, when installed) draws them: "up", and "down" with the error and the fail-open
+    decision."""
+    redis = RedisServer().start()
+    try:
+        async with Upstream(handler) as up:
+            async with running_proxy(dependencies_config(up, redis.address, free_port())) as p:
+                async with aiohttp.ClientSession() as s:
+                    for path in ("/limited", "/global"):
+                        async with s.get(p.url(path)) as r:
+                            assert r.status == 200          # the service down: fail open
+                    async with s.get(p.admin_url + "/dashboard.json") as r:
+                        deps = {d["name"]: d for d in (await r.json())["dependencies"]}
+                assert set(deps) == {"main", "ratelimit_service:rls"}
+                assert deps["main"]["up"] and deps["main"]["calls"] >= 1
+                rls = deps["ratelimit_service:rls"]
+                assert not rls["up"] and rls["last_error"] and rls["fail_open"] == 1
+                if CHROMIUM is None:
+                    return                                  # the feed is checked; no browser
+                dom = await run_chromium("--dump-dom", "--virtual-time-budget=3000",
+                                         p.admin_url + "/")
+    finally:
+        redis.stop()
+    assert '<section id="dependencies-section">' in dom       # shown: it has rows
+    rows = dict(re.findall(r'<tr data-dependency="([^"]+)">(.*?)</tr>', dom))
+    assert set(rows) == {"main", "ratelimit_service:rls"}
+    assert 'data-state="up"' in rows["main"]
+    assert 'data-state="down"' in rows["ratelimit_service:rls"]
+    assert re.search(r'dep-fail-open">1<', rows["ratelimit_service:rls"])
+    assert re.search(r'dep-error">[^<]+', rows["ratelimit_service:rls"])

@@ -343,6 +343,33 @@ async def test_local_rate_limit_is_one_bucket_for_the_sidecar(sidecar_proc, port
     assert remaining == list(range(10))          # one bucket: every token counted once
 
 
+async def test_per_connection_local_rate_limit_is_the_connections(sidecar_proc, ports):
+    """``per_connection`` (Envoy's local_rate_limit_per_downstream_connection): each keep-alive
+    connection has its own 3 tokens, whichever worker serves it; the limit is not shared."""
+    port, admin = ports
+    async with Upstream() as up:
+        cfg = config(port, admin, [{"name": "svc", "endpoints": [up.address]}],
+                     [{"match": {"prefix": "/"}, "cluster": "svc"}],
+                     filters=[{"local_ratelimit": {"max_tokens": 3, "fill_interval": "1h",
+                                                   "per_connection": True}}])
+        sc = await _start(sidecar_proc(cfg), port, admin)
+        sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                    for _ in range(8)]
+        try:
+            async def on(s: aiohttp.ClientSession) -> tuple[int, str]:
+                async with s.get(sc.url("/")) as r:
+                    await r.read()
+                    return r.status, r.headers.get("x-ratelimit-remaining", "")
+            got = [[await on(s) for _ in range(4)] for s in sessions]
+        finally:
+            for s in sessions:
+                await s.close()
+        served = await sc.served_by()
+    assert len(served) == WORKERS and all(v > 0 for v in served.values()), served
+    for per_conn in got:                        # 8 connections, each its own bucket of 3
+        assert per_conn == [(200, "2"), (200, "1"), (200, "0"), (429, "0")], per_conn
+
+
 async def test_replayed_jti_refused_whichever_worker_gets_it(sidecar_proc, ports):
     port, admin = ports
     async with Upstream() as up:

@@ -91,6 +91,31 @@
     }).join("");
   }
 
+  function clock(t) {
+    return t ? new Date(t * 1000).toLocaleTimeString([], { hour12: false }) : "";
+  }
+
+  // Redis stores and rate limit services: a down one means its filters answer by policy
+  function renderDependencies(d) {
+    var deps = d.dependencies || [];
+    $("dependencies-section").hidden = !deps.length;
+    $("dependencies").tBodies[0].innerHTML = deps.map(function (x) {
+      var state = x.up
+        ? '<span class="pill ok dep-state" data-state="up">up</span>'
+        : '<span class="pill bad dep-state" data-state="down">down' +
+          (x.since ? " since " + esc(clock(x.since)) : "") + "</span>";
+      if (x.warning) state += ' <span class="pill warn" title="' + esc(x.warning) + '">warning</span>';
+      var err = x.last_error
+        ? esc(x.last_error) + ' <span class="dim">' + esc(clock(x.last_error_at)) + "</span>" : "";
+      return '<tr data-dependency="' + esc(x.name) + '"><td><b>' + esc(x.name) + "</b></td>" +
+        '<td class="dim">' + esc(x.address) + "</td><td>" + state + "</td>" +
+        '<td class="num dep-calls">' + x.calls + '</td><td class="num dep-failures">' + x.failures +
+        '</td><td class="num">' + x.timeouts + '</td><td class="num">' + x.skipped + "</td>" +
+        '<td class="num dep-fail-open">' + x.fail_open + '</td><td class="num dep-fail-closed">' +
+        x.fail_closed + '</td><td class="dep-error">' + err + "</td></tr>";
+    }).join("");
+  }
+
   function fmtBytes(v) {
     if (v == null) return "–";
     var u = ["B", "kB", "MB", "GB", "TB"], i = 0;
@@ -160,6 +185,7 @@
         "</span></div>";
     }).join("") || "–";
     $("window").textContent = d.window_s ? "(last " + Math.round(d.window_s) + " s)" : "";
+    renderDependencies(d);
     renderRoutes(d);
     renderL4(d);
     renderClusters(d);

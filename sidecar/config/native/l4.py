@@ -1,9 +1,11 @@
 """Native YAML for L4 listeners: a concise TCP listener, filter chains, listener filters.
 
-A TCP listener is an address and a ``tcp_proxy`` (with ``kafka_broker`` in front for Kafka)::
+A TCP listener is an address and a ``tcp_proxy`` (with ``kafka_broker`` in front for Kafka,
+and ``istio_metrics`` for Istio's ``istio_tcp_*`` metrics)::
 
     - name: db
       port: 15432
+      istio_metrics: true
       tcp_proxy: {cluster: postgres, idle_timeout: 30m, max_connect_attempts: 3,
                   access_log: stdout}
 
@@ -26,6 +28,7 @@ CIDR strings), each an HTTP chain (the HTTP listener keys: routes, filters, ...)
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
@@ -42,18 +45,18 @@ from sidecar.config.l4 import (
 )
 from sidecar.config.log_format import (
     CONNECTION_OPERATORS,
-    CONNECTION_OPERATORS_WITH_ARGS,
     DEFAULT_FORMAT,
-    LogFormat,
-    parse_format_string,
-    parse_json_format,
+    json_format,
+    text_format,
 )
+from sidecar.config.telemetry import istio_metrics_from_native
 from sidecar.config.wire import Raw
 
 L4_LISTENER_KEYS = ("tcp_proxy", "kafka_broker", "filter_chains", "default_filter_chain",
                     "listener_filters", "listener_filters_timeout",
-                    "continue_on_listener_filters_timeout", "connection_log", "buffer_limit")
-CHAIN_KEYS = ("name", "match", "tls", "tcp_proxy", "kafka_broker")
+                    "continue_on_listener_filters_timeout", "connection_log", "buffer_limit",
+                    "istio_metrics")
+CHAIN_KEYS = ("name", "match", "tls", "tcp_proxy", "kafka_broker", "istio_metrics")
 _MATCH_KEYS = ("destination_port", "destination_prefixes", "server_names", "transport_protocol",
                "application_protocols", "direct_source_prefixes", "source_type",
                "source_prefixes", "source_ports")
@@ -146,16 +149,12 @@ def connection_log_from_native(v: object, path: str) -> ConnectionLog:
     if "format" in d and "json" in d:
         raise ConfigError(path, "only one of format, json may be set")
     if "json" in d:
-        fmt = LogFormat(json=parse_json_format(d["json"], w.join(path, "json"),
-                                               CONNECTION_OPERATORS,
-                                               CONNECTION_OPERATORS_WITH_ARGS))
+        fmt = json_format(d["json"], w.join(path, "json"), CONNECTION_OPERATORS)
     else:
         text = w.string(d, "format", path, DEFAULT_FORMAT)
         if not text.endswith("\n"):
             text += "\n"
-        fmt = LogFormat(text=parse_format_string(text, w.join(path, "format"),
-                                                 CONNECTION_OPERATORS,
-                                                 CONNECTION_OPERATORS_WITH_ARGS))
+        fmt = text_format(text, w.join(path, "format"), CONNECTION_OPERATORS)
     return ConnectionLog(path=_DESTINATIONS.get(dest, dest), format=fmt)
 
 
@@ -202,8 +201,9 @@ def tcp_chain_from_native(d: Raw, path: str, stat_prefix: str) -> TcpProxy:
     if "tcp_proxy" not in d:
         raise ConfigError(w.join(path, "tcp_proxy"), "is required with kafka_broker (the Kafka "
                                                      "filter inspects what tcp_proxy forwards)")
-    return tcp_proxy_from_native(d["tcp_proxy"], w.join(path, "tcp_proxy"), stat_prefix,
-                                 d.get("kafka_broker"), w.join(path, "kafka_broker"))
+    return replace(tcp_proxy_from_native(d["tcp_proxy"], w.join(path, "tcp_proxy"), stat_prefix,
+                                         d.get("kafka_broker"), w.join(path, "kafka_broker")),
+                   istio_metrics=istio_metrics_from_native(d, path))
 
 
 def check_chain_keys(d: Raw, path: str, http_keys: tuple[str, ...]) -> None:

@@ -3,7 +3,6 @@ access log, TLS; L4 listeners (``sidecar.config.native.l4``); and native tracing
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -26,8 +25,8 @@ from sidecar.config.listener import (
     Listener,
     TracingConfig,
     check_fields,
-    check_log_format,
 )
+from sidecar.config.log_format import HTTP_OPERATORS, json_format, text_format
 from sidecar.config.native.l4 import (
     CHAIN_KEYS,
     L4_LISTENER_KEYS,
@@ -40,7 +39,7 @@ from sidecar.config.native.l4 import (
 )
 from sidecar.config.native.route import header_mutation_from_native, virtual_host_from_native
 from sidecar.config.route import HttpFilter, RouteConfig, VirtualHost
-from sidecar.config.telemetry import IstioMetrics
+from sidecar.config.telemetry import istio_metrics_from_native
 from sidecar.config.tls import TLS_VERSIONS, DownstreamTls
 from sidecar.config.wire import Raw
 
@@ -136,13 +135,12 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
             for k in ("format", "fields"):
                 if k in a:
                     raise ConfigError(w.join(ap, k), f"does not apply with {kind}")
-            tmpl = w.string(a, kind, ap) if kind == "text_format" else w.mapping(a, kind, ap)
-            check_log_format(tmpl, w.join(ap, kind))
-            access_log = (AccessLogConfig(
-                path=dest, format="envoy",
-                text_format=tmpl if isinstance(tmpl, str) else None,
-                json_format=json.dumps(tmpl) if isinstance(tmpl, dict) else None,
-                omit_empty_values=w.boolean(a, "omit_empty_values", ap, False)),)
+            omit = w.boolean(a, "omit_empty_values", ap, False)
+            kp = w.join(ap, kind)
+            fmt = text_format(w.string(a, kind, ap), kp, HTTP_OPERATORS, omit) \
+                if kind == "text_format" else \
+                json_format(w.mapping(a, kind, ap), kp, HTTP_OPERATORS, omit)
+            access_log = (AccessLogConfig(path=dest, format="envoy", log_format=fmt),)
         else:
             access_log = (AccessLogConfig(
                 path=dest, format=w.string(a, "format", ap, "json", choices=("json", "text", "dev")),
@@ -182,8 +180,7 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         http2=http2_options_from_wire(d.get("http2"), w.join(path, "http2"), DOWNSTREAM_DEFAULTS,
                                       native=True),
         upgrades=upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"), native=True),
-        istio_metrics=istio_metrics_from_native(d["istio_metrics"], w.join(path, "istio_metrics"))
-        if d.get("istio_metrics") not in (None, False) else None,
+        istio_metrics=istio_metrics_from_native(d, path),
     )
 
 
@@ -201,8 +198,10 @@ def l4_listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listen
     if flat and ("filter_chains" in d or "default_filter_chain" in d):
         raise ConfigError(w.join(path, "tcp_proxy" if "tcp_proxy" in d else "kafka_broker"),
                           "a listener with filter_chains sets tcp_proxy in its chains")
-    if not flat and "tls" in d:
-        raise ConfigError(w.join(path, "tls"), "with filter_chains, each chain sets its own tls")
+    for key in ("tls", "istio_metrics"):
+        if not flat and key in d:
+            raise ConfigError(w.join(path, key), f"with filter_chains, each chain sets its own "
+                                                 f"{key}")
     chains: list[FilterChain] = []
     default = None
     if flat:
@@ -263,15 +262,6 @@ def _chain_from_native(c: object, path: str, base: Listener, filters: FilterCata
     http_d.update(name=base.name, address=base.host, port=base.port, direction=base.direction)
     http = listener_from_native(http_d, path, filters)
     return FilterChain(name=name, match=match, tls=tls, http=replace(http, source=d))
-
-
-def istio_metrics_from_native(d: object, path: str) -> IstioMetrics:
-    """``istio_metrics: true`` or ``{service: web.shop.svc.cluster.local, peer_metadata: true}``."""
-    if d is True:
-        return IstioMetrics()
-    m = w.check_keys(d, ("service", "peer_metadata"), path)
-    return IstioMetrics(service=w.string(m, "service", path, ""),
-                        peer_metadata=w.boolean(m, "peer_metadata", path, True))
 
 
 def tracing_from_native(d: Raw, path: str) -> TracingConfig:

@@ -11,6 +11,7 @@ from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
 from sidecar.config.http2 import upgrade_configs_from_wire
 from sidecar.config.matchers import QueryMatcher, header_matchers_from_native, string_matcher_from_native
+from sidecar.config.ratelimit import rate_limits_from_wire
 from sidecar.config.route import (
     DirectResponse,
     HashPolicy,
@@ -103,6 +104,7 @@ def per_filter_from_native(d: Raw, path: str, filters: FilterCatalog) -> tuple[t
 _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct_response",
                "redirect", "rewrite", "timeout", "idle_timeout", "retry", "mirror", "hash",
                "allow_timeout_header", "max_stream_duration", "grpc_timeout_max", "upgrades",
+               "rate_limits", "include_vh_rate_limits",
                "request_headers", "response_headers", "filters")
 
 
@@ -111,6 +113,10 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
     match = route_match_from_native(w.mapping(d, "match", path, {}), w.join(path, "match"))
     kind = w.one_of(d, ("cluster", "weighted", "cluster_header", "direct_response", "redirect"), path)
     kp = w.join(path, kind)
+    if kind in ("direct_response", "redirect"):
+        for k in ("rate_limits", "include_vh_rate_limits"):
+            if k in d:
+                raise ConfigError(w.join(path, k), f"needs a route to a cluster, not {kind}")
     if kind == "direct_response":
         x = w.check_keys(d[kind], ("status", "body"), kp)
         action: Any = DirectResponse(status=w.integer(x, "status", kp, lo=200, hi=599),
@@ -183,6 +189,10 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
             else:
                 hashes.append(HashPolicy(source_ip=w.boolean(h, "source_ip", hp), terminal=term))
         kw["hash_policy"] = tuple(hashes)
+        # the global rate limit filter's descriptors, in Envoy's shape (docs/resilience.md)
+        kw["rate_limits"] = rate_limits_from_wire(d.get("rate_limits", []),
+                                                  w.join(path, "rate_limits"))
+        kw["include_vh_rate_limits"] = w.boolean(d, "include_vh_rate_limits", path, False)
         action = RouteAction(**kw)
     return Route(match=match, action=action, name=w.string(d, "name", path, ""),
                  headers=header_mutation_from_native(d, path),
@@ -191,7 +201,7 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
 
 def virtual_host_from_native(d: Raw, path: str, filters: FilterCatalog) -> VirtualHost:
     w.check_keys(d, ("name", "domains", "routes", "request_headers", "response_headers",
-                     "filters", "retry"), path)
+                     "filters", "retry", "rate_limits"), path)
     domains = w.seq(d, "domains", path, ["*"])
     for i, dom in enumerate(domains):
         if not isinstance(dom, str) or not dom or (dom != "*" and "*" in dom[1:-1]):
@@ -205,6 +215,7 @@ def virtual_host_from_native(d: Raw, path: str, filters: FilterCatalog) -> Virtu
         per_filter=per_filter_from_native(w.mapping(d, "filters", path, {}), w.join(path, "filters"), filters),
         retry_policy=retry_policy_from_native(d["retry"], w.join(path, "retry")) if "retry" in d else None,
         include_attempt_count=True,
+        rate_limits=rate_limits_from_wire(d.get("rate_limits", []), w.join(path, "rate_limits")),
     )
 
 

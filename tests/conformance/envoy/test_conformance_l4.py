@@ -272,6 +272,10 @@ def test_bytes_half_close_and_text_access_log(sides, peers):
     envoy, sidecar = (s.since("tcp", m) for s, m in zip(sides, marks, strict=True))
     assert sidecar == envoy
     assert envoy == [f"greeter_a 5 15 - 127.0.0.1:{peers.ports['A']} - 0 -"]
+    # omit_empty_values: an empty value is nothing rather than "-"
+    envoy, sidecar = (s.log("tcp-omit", m + 1)[m:] for s, m in zip(sides, marks, strict=True))
+    assert sidecar == envoy
+    assert envoy == ["greeter_a [] [] [] 0 1 [] [] [] []"]
 
 
 def test_json_access_log(sides):
@@ -281,6 +285,9 @@ def test_json_access_log(sides):
     assert sidecar == envoy          # the same text: values, types and key order
     envoy = [json.loads(x) for x in envoy]
     assert envoy[0]["received"] == 8 and envoy[0]["cluster"] == "greeter_b"
+    envoy, sidecar = (s.log("json-omit", m + 1)[m:] for s, m in zip(sides, marks, strict=True))
+    assert sidecar == envoy
+    assert envoy == ['{"cluster":"greeter_b","empty":"","mixed":"/greeter_b"}']
 
 
 def test_idle_timeout(sides):
@@ -299,6 +306,7 @@ def test_connect_failure(sides):
     envoy, sidecar = (s.since("refused", m) for s, m in zip(sides, marks, strict=True))
     assert sidecar == envoy
     assert envoy[0].split()[:4] == ["closed", "0", "0", "UF,URX"]
+    assert envoy[0].split()[-2:] == ["UpstreamConnectionFailure,UpstreamRetryLimitExceeded", "1"]
 
 
 def test_max_connect_attempts_reaches_the_live_host(sides):

@@ -31,7 +31,7 @@ TEXT = ('%REQ(X-CASE)% [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH
         '%GRPC_STATUS(NUMBER)% %GRPC_STATUS(SNAKE_STRING)% %UPSTREAM_REQUEST_ATTEMPT_COUNT% '
         '%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% '
         '%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %REQ(:AUTHORITY)% %REQ(:SCHEME)% '
-        '%START_TIME(%Y/%m/%d)% %RESPONSE_CODE_DETAILS%\n')
+        '%START_TIME(%Y/%m/%d)% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS_LONG%\n')
 
 JSON = {"case": "%REQ(X-CASE)%", "status": "%RESPONSE_CODE%", "method": "%REQ(:METHOD)%",
         "sent": "%BYTES_SENT%", "received": "%BYTES_RECEIVED%", "combo": "%REQ(:METHOD)% %RESPONSE_CODE%",
@@ -132,3 +132,9 @@ def test_json_line_as_envoy(logs, case):
     assert envoy is not None and sidecar is not None, (envoy, sidecar)
     assert _mask_json(json.loads(sidecar)) == _mask_json(json.loads(envoy)), (
         f"\n  envoy:   {envoy}\n  sidecar: {sidecar}")
+    # and the keys in Envoy's order (sorted, nested objects too)
+    assert _order(json.loads(sidecar)) == _order(json.loads(envoy))
+
+
+def _order(rec: object) -> object:
+    return [(k, _order(v)) for k, v in rec.items()] if isinstance(rec, dict) else None

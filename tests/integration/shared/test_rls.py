@@ -2,10 +2,6 @@
 in its own process by the test."""
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +9,7 @@ import pytest
 from sidecar.config.stores import Backoff
 from sidecar.shared.health import Unavailable
 from sidecar.shared.rls import RateLimitClient, RlsCode, RlsUnit, x_ratelimit_headers
-from sidecar.shared.testing import free_port
+from sidecar.shared.testing import RateLimitServiceProcess
 
 HANG_GUARD_S = 5.0
 
@@ -29,35 +25,9 @@ LIMITS = {
 }
 
 
-class RlsProcess:
-    def __init__(self, redis_server, tmp_path, port=None):
-        self.port = port or free_port()
-        self.cfg = tmp_path / "limits.json"
-        self.cfg.write_text(json.dumps(LIMITS))
-        self.redis = redis_server
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.shared.testing_rls", "--port", str(self.port),
-             "--redis", self.redis.address, "--config", str(self.cfg)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
-        line = self.proc.stdout.readline().decode()
-        assert "rate limit service on" in line, line
-        return self
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.kill()
-
-
 @pytest.fixture
 def rls(redis_server, tmp_path):
-    p = RlsProcess(redis_server, tmp_path).start()
+    p = RateLimitServiceProcess(redis_server.address, LIMITS, str(tmp_path)).start()
     yield p
     p.stop()
 

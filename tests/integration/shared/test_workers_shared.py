@@ -14,6 +14,7 @@ from aiohttp import web
 from sidecar.config.stores import SharedStateConfig
 from sidecar.shared.api import BucketSpec, Outcome, Priority, ReplayVerdict, Resource, Streak
 from sidecar.shared.host import SharedHost
+from sidecar.shared.segment import LOCK_BUCKET_BASE, LOCK_WRITER
 from sidecar.shared.testing import free_port
 
 D, REQ = Priority.DEFAULT, Resource.REQUESTS
@@ -314,7 +315,7 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
         b.try_acquire(D, Resource.CONNECTIONS, 10)
         state.endpoint("svc", "10.0.0.1:80").begin()
         state.endpoint("svc", "10.0.0.1:80").set_healthy(False)
-        seg.lock(12345)                                # dies holding a record lock
+        seg.lock(LOCK_BUCKET_BASE + 7)                 # dies holding a bucket row's mutex
         os.write(ready_w, b"r")
         time.sleep(3600)
 
@@ -327,8 +328,12 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
     b = w0.breaker("svc")
     e = w0.endpoint("svc", "10.0.0.1:80")
     assert b.snapshot(D).requests == 1 and e.active() == 1      # leaked until reclaimed
-    seg.lock(12345)                                    # the kernel released its lock
-    seg.unlock(12345)
+    seg.lock(LOCK_BUCKET_BASE + 7)                     # the kernel released it (EOWNERDEAD)
+    seg.unlock(LOCK_BUCKET_BASE + 7)
+    assert seg.mutexes.owner_died == 1
+    seg.lock(LOCK_BUCKET_BASE + 7)                     # consistent again: an ordinary lock
+    seg.unlock(LOCK_BUCKET_BASE + 7)
+    assert seg.mutexes.owner_died == 1
     host.reclaim(1)                                    # what the supervisor does on restart
     snap = b.snapshot(D)
     assert (snap.requests, snap.connections, e.active()) == (0, 0, 0)
@@ -340,6 +345,36 @@ def test_killed_worker_slots_reclaimed_and_locks_released():
 
     assert run_workers(host, [lambda s: None, new_writer])[1] is True
     assert e.health().healthy is True
+    host.close()
+
+
+def test_board_writer_killed_mid_publication_is_sealed_by_the_next_writer():
+    """A writer dies inside a board publication, holding the writers' mutex: the next writer
+    gets the mutex (EOWNERDEAD), seals the open publication and writes; readers never spin on
+    an odd sequence. No reclaim needed first."""
+    host = new_host()
+    seg = host.segment
+    ready_r, ready_w = os.pipe()
+    w0 = host.worker(0)
+    e = w0.endpoint("svc", "10.0.0.1:80")
+    board = e._board // 8
+
+    def die_mid_write(state):
+        state.endpoint("svc", "10.0.0.1:80")
+        seg.lock(LOCK_WRITER)
+        seg.words[board] += 1                          # odd: a publication begun...
+        os.write(ready_w, b"r")
+        time.sleep(3600)                               # ...and never finished
+
+    child = Forked(host, 1, die_mid_write)
+    child.go()
+    assert os.read(ready_r, 1) == b"r"
+    child.kill()
+    assert seg.words[board] & 1                        # left open by the dead writer
+    e.set_healthy(False)                               # the next writer: repairs, then writes
+    assert seg.mutexes.owner_died == 1
+    assert seg.words[board] % 2 == 0
+    assert e.health().healthy is False
     host.close()
 
 

@@ -1,6 +1,6 @@
 """A real Prometheus (the Debian package) scrapes the metrics ports of two real sidecars
-(productpage -> reviews over mTLS), and the PromQL of panels of Istio's Grafana dashboards,
-evaluated through Prometheus' HTTP API, returns the expected series and values.
+(productpage -> reviews over mTLS, HTTP and TCP), and the PromQL of panels of Istio's Grafana
+dashboards, evaluated through Prometheus' HTTP API, returns the expected series and values.
 
 The panel queries are quoted from Istio's ``manifests/addons/dashboards/
 istio-service-dashboard.json`` (Grafana's ``$__rate_interval`` becomes ``1m``; the template
@@ -8,9 +8,10 @@ variables get the values a user picks: ``$service`` the reviews service, ``$qrep
 reporter, ``$srcwl`` / ``$srcns`` "All", i.e. ``.*``).
 
 Every panel uses ``irate``: the rate between a series' last two samples. The test sends a
-burst of requests between two consecutive scrapes of each target (and retries the burst if a
-scrape fell inside it), then evaluates the panels at the first scrape after the burst, so the
-expected values are exact: the burst's counts over the two samples' time apart.
+burst of requests and TCP connections between two consecutive scrapes of each target (and
+retries the burst if a scrape fell inside it), then evaluates the panels at the first scrape
+after the burst, so the expected values are exact: the burst's counts (and TCP bytes, counted
+when each connection closes) over the two samples' time apart.
 """
 
 from __future__ import annotations
@@ -68,11 +69,17 @@ PANELS = {
         'connection_security_policy="mutual_tls", destination_service="$service", '
         'source_workload=~"$srcwl", source_workload_namespace=~"$srcns"}[$__rate_interval])) by '
         '(source_workload, source_workload_namespace, le))',
+    "TCP Received Bytes":
+        'sum(irate(istio_tcp_received_bytes_total{reporter=~"$qrep", destination_service='
+        '"$service"}[$__rate_interval]))',
 }
 
 # the burst: path -> (requests, response code)
 BURST = {"/reviews/1": (6, "200"), "/missing": (2, "404"), "/fail": (1, "503")}
 BODY = b"x" * 10
+# the burst's TCP connections: bytes each client sends (the app answers twice as many)
+TCP_BURST = (1000, 2500, 500)
+TCP_METRIC = "istio_tcp_received_bytes_total"
 
 
 def panel(name: str, qrep: str) -> str:
@@ -140,10 +147,11 @@ async def world(tmp_path):
         await mesh.stop()
 
 
-async def totals(prom: Prometheus, s: aiohttp.ClientSession, at: float | None = None) -> dict:
-    """Per reporter: [(scrape time, total requests)] of the last 30 s, from the raw samples."""
+async def totals(prom: Prometheus, s: aiohttp.ClientSession, at: float | None = None,
+                 metric: str = "istio_requests_total") -> dict:
+    """Per reporter: [(scrape time, total)] of the last 30 s, from the raw samples."""
     out: dict[str, dict[float, float]] = {}
-    for r in await prom.query(s, 'istio_requests_total[30s]', at):
+    for r in await prom.query(s, f'{metric}{{destination_service="{REVIEWS_HOST}"}}[30s]', at):
         rows = out.setdefault(r["metric"]["reporter"], {})
         for t, v in r["values"]:
             rows[float(t)] = rows.get(float(t), 0.0) + float(v)
@@ -156,11 +164,14 @@ async def send_burst(mesh: Mesh, s: aiohttp.ClientSession) -> None:
             async with s.post(f"http://127.0.0.1:{mesh.outbound_port}{path}", data=BODY,
                               headers={"host": "reviews"}) as r:
                 await r.read()
+    for n in TCP_BURST:
+        assert await mesh.tcp_exchange(b"t" * n) == b"t" * 2 * n
 
 
 async def test_istio_dashboard_panels_over_a_real_prometheus(world):
     mesh, prom = world
     n = sum(c for c, _ in BURST.values())
+    tcp = sum(TCP_BURST)
     async with aiohttp.ClientSession() as s:
         await prom.ready(s)
         await send_burst(mesh, s)          # the series exist before the measured burst
@@ -168,24 +179,34 @@ async def test_istio_dashboard_panels_over_a_real_prometheus(world):
         while True:
             assert time.monotonic() < deadline, "no clean burst between two scrapes"
             before = await totals(prom, s)
+            before_tcp = await totals(prom, s, metric=TCP_METRIC)
             if {"source", "destination"} <= set(before) and \
-                    all(rows[-1][1] % n == 0 for rows in before.values()):
+                    {"source", "destination"} <= set(before_tcp) and \
+                    all(rows[-1][1] % n == 0 for rows in before.values()) and \
+                    all(rows[-1][1] % tcp == 0 for rows in before_tcp.values()):
                 base = {rep: rows[-1][1] for rep, rows in before.items()}
+                base_tcp = {rep: rows[-1][1] for rep, rows in before_tcp.items()}
                 await send_burst(mesh, s)
                 # wait for both targets' first scrape after the burst
                 for _ in range(100):
                     after = await totals(prom, s)
-                    if all(after[rep][-1][1] > base[rep] for rep in base):
+                    after_tcp = await totals(prom, s, metric=TCP_METRIC)
+                    if all(after[rep][-1][1] > base[rep] for rep in base) and \
+                            all(after_tcp[rep][-1][1] > base_tcp[rep] for rep in base_tcp):
                         break
                     await asyncio.sleep(0.1)
                 # clean: each target's last two samples are "before" and "all of the burst"
-                clean = {rep: len(rows) >= 2 and rows[-2][1] == base[rep] and
-                         rows[-1][1] == base[rep] + n for rep, rows in after.items()}
-                if all(clean.values()):
+                # (for the TCP bytes too: every connection of the burst closed before it)
+                clean = [len(rows) >= 2 and rows[-2][1] == b[rep] and rows[-1][1] == b[rep] + k
+                         for got, b, k in ((after, base, n), (after_tcp, base_tcp, tcp))
+                         for rep, rows in got.items()]
+                if all(clean):
                     break
             await asyncio.sleep(1.1)       # a scrape fell inside the burst: try again
         at = max(rows[-1][0] for rows in after.values())
         gap = {rep: rows[-1][0] - rows[-2][0] for rep, rows in after.items()}
+        # one scrape of a target holds both series: the same two sample times
+        assert gap == {rep: rows[-1][0] - rows[-2][0] for rep, rows in after_tcp.items()}
 
         async def ask(name: str, qrep: str) -> list:
             return await prom.query(s, panel(name, qrep), at)
@@ -219,3 +240,8 @@ async def test_istio_dashboard_panels_over_a_real_prometheus(world):
         rows = await ask("Incoming Request Size By Source", "destination")
         assert [(r["metric"], float(r["value"][1])) for r in rows] == \
             [({"source_workload": "productpage-v1", "source_workload_namespace": NS}, 5.5)]
+
+        # TCP: the bytes the burst's connections sent, per second, seen by both reporters
+        for rep in ("destination", "source"):
+            assert one(await ask("TCP Received Bytes", rep)) == \
+                pytest.approx(tcp / gap[rep], rel=1e-6)

@@ -1,10 +1,12 @@
 """Istio standard metrics between two real sidecars (productpage -> reviews over mTLS): both
 reporters, Istio's label set from the pods' env and the peers' verified identities, metadata
-exchange that never reaches the apps, and forged metadata ignored. The scrapes are parsed with
-prometheus_client's text parser."""
+exchange that never reaches the apps, and forged metadata ignored; and the TCP metrics of real
+TCP connections through their tcp_proxy listeners. The scrapes (of the metrics-only
+listeners) are parsed with prometheus_client's text parser."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 
@@ -13,7 +15,7 @@ import pytest
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.observability.istio import HTTP_LABELS
+from sidecar.observability.istio import HTTP_LABELS, TCP_LABELS
 from tests.integration.telemetry.mesh import NS, PRODUCTPAGE_ID, REVIEWS_HOST, REVIEWS_ID, Mesh
 
 ISTIO_HTTP = ("istio_requests", "istio_request_duration_milliseconds", "istio_request_bytes",
@@ -127,3 +129,95 @@ async def test_metadata_must_agree_with_the_verified_identity(mesh):
     intruder = f"spiffe://cluster.local/ns/{NS}/sa/intruder"
     assert rows == {("unknown", intruder): 3, ("intruder-v9", intruder): 1}
     assert not any(k.lower().startswith("x-envoy-peer") for h in mesh.seen_headers for k in h)
+
+
+def tcp_by(fams: dict, family: str) -> dict[tuple, float]:
+    """istio_tcp_<family>_total by (reporter, response_flags), with every sample's labels
+    checked to be exactly Istio's TCP set."""
+    out: dict[tuple, float] = {}
+    for s in fams[f"istio_tcp_{family}"].samples:
+        if s.name != f"istio_tcp_{family}_total":
+            continue
+        assert set(s.labels) == set(TCP_LABELS), s
+        key = (s.labels["reporter"], s.labels["response_flags"])
+        out[key] = out.get(key, 0) + s.value
+    return out
+
+
+def tcp_labels(fams: dict, flags: str = "-") -> dict[str, str]:
+    (s,) = [s for s in fams["istio_tcp_connections_opened"].samples
+            if s.name.endswith("_total") and s.labels["response_flags"] == flags]
+    return s.labels
+
+
+async def test_tcp_connections_through_both_sidecars(mesh):
+    """Real TCP connections, productpage -> reviews over mTLS through the tcp_proxy listeners:
+    both reporters count them opened and closed, with the bytes each way, labelled from the
+    pods' env and the verified identities; a refused connection is counted with UF,URX."""
+    families = ("connections_opened", "connections_closed", "received_bytes", "sent_bytes")
+
+    async def counts() -> tuple[dict, dict, dict]:
+        server, client = await scrape(mesh.server_metrics), await scrape(mesh.client_metrics)
+        return server, client, {(side_, f): tcp_by(fams, f) for side_, fams in
+                                (("server", server), ("client", client)) for f in families}
+
+    async def until(done, what: str) -> tuple[dict, dict, dict]:
+        # a close is counted once the proxy has seen both sides closed: wait for it (bounded)
+        for _ in range(100):
+            got = await counts()
+            if done(got[2]):
+                return got
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{what}: {got[2]}")
+
+    def quiet(c: dict) -> bool:
+        return all(c[(s_, "connections_opened")] == c[(s_, "connections_closed")]
+                   for s_ in ("server", "client"))
+
+    # the start-up probes (wait_for_port) were connections too: count from when they are done
+    # (all closed, and nothing new between two scrapes)
+    seen: list[dict] = []
+
+    def settled(c: dict) -> bool:
+        seen.append(c)
+        return quiet(c) and len(seen) > 1 and seen[-2] == c
+    *_, base = await until(settled, "start-up connections never settled")
+    for i in range(3):
+        assert await mesh.tcp_exchange(b"%d" % i * 1000) == b"%d" % i * 2000
+    assert await mesh.tcp_refused() == b""
+
+    def delta(c: dict, side_: str, family: str, key: tuple) -> float:
+        return c[(side_, family)].get(key, 0) - base[(side_, family)].get(key, 0)
+
+    server, client, now = await until(
+        lambda c: quiet(c) and delta(c, "server", "connections_closed", ("destination", "-")) == 3
+        and delta(c, "client", "connections_closed", ("source", "-")) == 3
+        and delta(c, "client", "connections_closed", ("source", "UF,URX")) == 1,
+        "closes not counted")
+    for side_, rep in (("server", "destination"), ("client", "source")):
+        assert delta(now, side_, "connections_opened", (rep, "-")) == 3
+        assert delta(now, side_, "received_bytes", (rep, "-")) == 3000    # from the downstream
+        assert delta(now, side_, "sent_bytes", (rep, "-")) == 6000        # to the downstream
+    # the refused connection: opened and closed, no bytes, its flags
+    assert delta(now, "client", "connections_opened", ("source", "UF,URX")) == 1
+    assert delta(now, "client", "received_bytes", ("source", "UF,URX")) == 0
+
+    service = {"destination_service": REVIEWS_HOST, "destination_service_name": "reviews",
+               "destination_service_namespace": NS, "request_protocol": "tcp",
+               "response_flags": "-"}
+    # reviews' side: the caller is known by its verified identity (no metadata exchange on TCP)
+    assert tcp_labels(server) == {
+        "reporter": "destination", **side("destination", REVIEWS), **service,
+        **side("source", {**{k: "unknown" for k in REVIEWS}, "workload_namespace": NS,
+                          "principal": PRODUCTPAGE_ID}),
+        "connection_security_policy": "mutual_tls"}
+    # productpage's side: the destination from the cluster (Istio's outbound|port||host name)
+    # and the identity its TLS verifies
+    assert tcp_labels(client) == {
+        "reporter": "source", **side("source", PRODUCTPAGE), **service,
+        **side("destination", {**{k: "unknown" for k in REVIEWS}, "workload_namespace": NS,
+                               "principal": REVIEWS_ID}),
+        "connection_security_policy": "unknown"}
+    dead = tcp_labels(client, "UF,URX")
+    assert (dead["destination_service"], dead["destination_principal"],
+            dead["source_principal"]) == ("dead", "unknown", "unknown")      # plain, no mTLS

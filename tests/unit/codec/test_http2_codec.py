@@ -486,3 +486,20 @@ async def test_stream_timeouts_before_and_after_the_response():
     await p.settle()
     assert p.of(h2.events.StreamReset, 1)[0].error_code == 0       # NO_ERROR, as Envoy
     assert p.owner.finished[0][0].ctx.flags == ["SI"] and not p.codec.streams
+
+
+async def test_streams_of_a_connection_share_its_identity():
+    """Per-connection state (e.g. a per-connection rate limit bucket) keys on ctx.connection:
+    the same for every stream of one HTTP/2 connection, another for the next connection."""
+    p = Peer()
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.client.send_headers(3, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    a, b = (r.ctx.connection for r in p.owner.requests)
+    assert a is not None and a is b
+    q = Peer()
+    q.client.send_headers(1, q.headers(), end_stream=True)
+    q.send()
+    await q.settle()
+    assert q.owner.requests[0].ctx.connection is not a

@@ -227,7 +227,7 @@ def test_native_tcp_listener_and_chains():
     ({"filter_chains": [{"tcp_proxy": {"weighted_clusters": [{"name": "up", "weight": 1},
                                                              {"name": "nope", "weight": 1}]}}]},
      "listeners[0].filter_chains[0].tcp_proxy.weighted_clusters[1].name"),
-    ({"tcp_proxy": {"cluster": "up", "access_log": {"format": "%DYNAMIC_METADATA(x)%"}}},
+    ({"tcp_proxy": {"cluster": "up", "access_log": {"format": "%UPSTREAM_PEER_SUBJECT%"}}},
      "listeners[0].tcp_proxy.access_log.format"),
 ])
 def test_native_errors_have_paths(listener, where):

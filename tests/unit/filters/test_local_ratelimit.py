@@ -12,6 +12,7 @@ from filters import local_ratelimit as L
 from filters.local_ratelimit import filter as limiter
 from filters.local_ratelimit.envoy import fraction
 from sidecar.config.errors import ConfigError
+from sidecar.core.context import ConnectionId
 from sidecar.testing import build_filter
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
@@ -220,8 +221,8 @@ async def test_real_clock_refill():
     ({"stat_prefix": "x", "token_bucket": {"max_tokens": 0, "fill_interval": "1s"}}, "t.token_bucket.max_tokens"),
     ({"stat_prefix": "x", "token_bucket": {"max_tokens": 1, "fill_interval": "1ms"}}, "t.token_bucket.fill_interval"),
     ({"token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}, "t.stat_prefix"),
-    ({"stat_prefix": "x", "local_rate_limit_per_downstream_connection": True},
-     "t.local_rate_limit_per_downstream_connection"),
+    ({"stat_prefix": "x", "rate_limited_as_resource_exhausted": True},
+     "t.rate_limited_as_resource_exhausted"),
     ({"stat_prefix": "x", "rate_limits": [{"actions": [{"source_cluster": {}}]}]},
      "t.rate_limits[0].actions[0].source_cluster"),
     ({"stat_prefix": "x", "enable_x_ratelimit_headers": "V2"}, "t.enable_x_ratelimit_headers"),
@@ -242,8 +243,46 @@ def test_envoy_config_errors(cfg, path):
     ({"descriptors": [{"by": {"header": "x", "remote_ip": True}, "max_tokens": 1}]}, "n.descriptors[0].by"),
     ({"descriptors": [{"by": {"header": "x"}}]}, "n.descriptors[0].max_tokens"),
     ({"max_tokens": 1, "unknown": 1}, "n.unknown"),
+    ({"max_tokens": 1, "store": "main", "per_connection": True}, "n.per_connection"),
 ])
 def test_native_config_errors(cfg, path):
     with pytest.raises(ConfigError) as e:
         L.SPEC.from_native(cfg, "n")
     assert e.value.path == path
+
+
+async def test_per_connection_buckets(clock):
+    """local_rate_limit_per_downstream_connection: each connection has its own bucket (the
+    descriptors' too); the sidecar-wide bucket is not touched; a connection's buckets go with
+    it; a request without a connection identity is known by its peer address."""
+    cfg = L.SPEC.from_envoy({
+        "stat_prefix": "x", "local_rate_limit_per_downstream_connection": True,
+        "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "60s"},
+        "filter_enabled": {"default_value": {"numerator": 100}},
+        "filter_enforced": {"default_value": {"numerator": 100}}}, "t")
+    assert cfg.per_connection
+    rt = runtime()
+    f = build_filter(L.SPEC, cfg, None, rt, RouteInfo())
+    a, b = ConnectionId(), ConnectionId()
+
+    def on(conn, ip="10.0.0.1"):
+        r = rq(ip=ip)
+        r.ctx.connection = conn
+        return r
+
+    assert [(await f(on(a), Next())).status for _ in range(3)] == [200, 200, 429]
+    assert [(await f(on(b), Next())).status for _ in range(2)] == [200, 200]
+    assert (await f(on(a), Next())).status == 429
+    clock.t += 60
+    assert (await f(on(a), Next())).status == 200                 # refilled
+    # the sidecar-wide bucket of the same config was never used
+    shared = rt.token_buckets().consume(f.state.scope, (), f.state.default.spec, clock.t)
+    assert shared.remaining == 1
+    # a connection's buckets go with it
+    per = f.per_connection
+    assert len(per._by_conn) == 2
+    del a
+    assert len(per._by_conn) == 1
+    # no connection identity: the peer (address, port) names the connection
+    assert [(await f(on(None, "10.9.9.9"), Next())).status for _ in range(3)] == [200, 200, 429]
+    assert (await f(on(None, "10.9.9.8"), Next())).status == 200

@@ -10,11 +10,17 @@ import pytest
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config.cluster import Cluster, Endpoint
+from sidecar.config.telemetry import IstioMetrics
+from sidecar.config.tls import UpstreamTls
 from sidecar.observability.istio import (
     HTTP_LABELS,
     MAX_PEERS,
+    TCP_LABELS,
     HttpRecorder,
     IstioFamilies,
+    TcpReporter,
+    cluster_facts,
     flags_label,
     service_labels,
 )
@@ -157,3 +163,59 @@ def test_peers_beyond_the_bound_are_unknown():
         record(rec, WorkloadLabels(workload=f"w{i}", namespace="shop"))
     workloads = {s.labels["source_workload"] for s in samples(m, "istio_requests_total")}
     assert len(workloads) == MAX_PEERS + 1 and UNKNOWN in workloads
+
+
+def test_cluster_facts_name_the_destination_service_and_identity():
+    tls = UpstreamTls(cert_file="c.pem", key_file="k.pem", match_san_uris=(REVIEWS,))
+    f = cluster_facts("outbound|9080||reviews.shop.svc.cluster.local", Cluster("x", tls=tls))
+    assert (f.service.values(), f.principal, f.mtls) == (
+        ("reviews.shop.svc.cluster.local", "reviews", "shop"), REVIEWS, True)
+    dns = Cluster("db", type="strict_dns", endpoints=(Endpoint("db.data.svc.cluster.local", 5432),))
+    f = cluster_facts("db", dns)
+    assert (f.service.values(), f.principal, f.mtls) == (
+        ("db.data.svc.cluster.local", "db", "data"), UNKNOWN, False)
+    assert cluster_facts("gone", None).service.values() == ("gone", "gone", UNKNOWN)
+
+
+def tcp_rows(m: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    return {tuple(s.labels[k] for k in ("reporter", "source_workload", "source_principal",
+                                        "destination_workload", "destination_principal",
+                                        "destination_service", "response_flags",
+                                        "connection_security_policy")): s.value
+            for s in samples(m, name)}
+
+
+def test_tcp_reporter_labels_each_connection_once_and_shares_recorders():
+    m = Metrics()
+    fam = IstioFamilies(m)
+    me = Workload.from_env(ENV)
+    inbound = TcpReporter(fam, me, True, IstioMetrics())
+    caller = "spiffe://cluster.local/ns/shop/sa/productpage"
+    a = inbound.recorder(peer_identity=caller, downstream_tls=True, cluster="local_app",
+                         config=None, flags=[])
+    assert inbound.recorder(peer_identity=caller, downstream_tls=True, cluster="other",
+                            config=None, flags=[]) is a        # same labels: shared children
+    a.opened.inc()
+    a.received.inc(10)
+    plain = inbound.recorder(peer_identity=None, downstream_tls=False, cluster="local_app",
+                             config=None, flags=["UF", "URX"])
+    plain.opened.inc()
+    s = samples(m, "istio_tcp_connections_opened_total")[0]
+    assert set(s.labels) == set(TCP_LABELS) and s.labels["request_protocol"] == "tcp"
+    assert tcp_rows(m, "istio_tcp_connections_opened_total") == {
+        ("destination", UNKNOWN, caller, "reviews-v2", REVIEWS, "reviews.shop.svc.cluster.local",
+         "-", "mutual_tls"): 1,
+        ("destination", UNKNOWN, UNKNOWN, "reviews-v2", UNKNOWN, "reviews.shop.svc.cluster.local",
+         "UF,URX", "none"): 1}
+    assert tcp_rows(m, "istio_tcp_received_bytes_total")[
+        ("destination", UNKNOWN, caller, "reviews-v2", REVIEWS, "reviews.shop.svc.cluster.local",
+         "-", "mutual_tls")] == 10
+    # outbound: the destination is the cluster's service and the identity its TLS verifies
+    outbound = TcpReporter(fam, me, False, IstioMetrics(service="ignored.outbound"))
+    db = "spiffe://cluster.local/ns/data/sa/db"
+    cfg = Cluster("outbound|5432||db.data.svc.cluster.local",
+                  tls=UpstreamTls(cert_file="c", key_file="k", match_san_uris=(db,)))
+    outbound.recorder(peer_identity=caller, downstream_tls=True, cluster=cfg.name, config=cfg,
+                      flags=[]).opened.inc()
+    assert ("source", "reviews-v2", REVIEWS, UNKNOWN, db, "db.data.svc.cluster.local", "-",
+            "unknown") in tcp_rows(m, "istio_tcp_connections_opened_total")

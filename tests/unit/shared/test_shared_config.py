@@ -1,16 +1,6 @@
 import pytest
 import yaml
 
-from filters.ratelimit.config import (
-    DestinationClusterAction,
-    GenericKeyAction,
-    RemoteAddressAction,
-    RequestHeadersAction,
-    RouteRateLimit,
-    descriptor_for,
-    filter_from_envoy,
-    route_rate_limits_from_envoy,
-)
 from sidecar.config.errors import ConfigError
 from sidecar.config.stores import (
     FailurePolicy,
@@ -101,99 +91,6 @@ def test_store_ref():
     with pytest.raises(ConfigError):
         store_ref_from_native({"store": "main", "on_store_error": "maybe"}, "p", s,
                               FailurePolicy.FAIL_CLOSED)
-
-
-# ---- envoy.filters.http.ratelimit -----------------------------------------------------------
-
-FILTER = yaml.safe_load("""
-domain: edge
-timeout: 0.05s
-failure_mode_deny: true
-enable_x_ratelimit_headers: DRAFT_VERSION_03
-rate_limited_status: {code: 503}
-rate_limit_service:
-  transport_api_version: V3
-  grpc_service: {envoy_grpc: {cluster_name: ratelimit}}
-""")
-
-
-def test_filter_config():
-    c = filter_from_envoy(FILTER, "f")
-    assert (c.domain, c.service_cluster, c.timeout_s, c.failure_mode_deny,
-            c.x_ratelimit_headers, c.rate_limited_status, c.status_on_error) == \
-        ("edge", "ratelimit", 0.05, True, True, 503, 500)
-    d = filter_from_envoy({"domain": "x", "rate_limit_service": FILTER["rate_limit_service"]}, "f")
-    assert d.timeout_s == 0.020 and not d.failure_mode_deny and d.x_envoy_ratelimited
-
-
-@pytest.mark.parametrize("patch,path", [
-    ({"stage": 1}, "f.stage"),
-    ({"request_type": "internal"}, "f.request_type"),
-    ({"filter_enabled": {"default_value": {"numerator": 50}}}, "f.filter_enabled"),
-    ({"rate_limits": [{"actions": []}]}, "f.rate_limits"),
-    ({"rate_limit_service": {"grpc_service": {"google_grpc": {}}}},
-     "f.rate_limit_service.grpc_service.google_grpc"),
-    ({"rate_limit_service": {"transport_api_version": "V2", "grpc_service": {}}},
-     "f.rate_limit_service.transport_api_version"),
-    ({"enable_x_ratelimit_headers": "ON"}, "f.enable_x_ratelimit_headers"),
-    ({"bogus": 1}, "f.bogus"),
-])
-def test_filter_config_refusals(patch, path):
-    with pytest.raises(ConfigError) as e:
-        filter_from_envoy({**FILTER, **patch}, "f")
-    assert e.value.path == path
-
-
-ROUTE = yaml.safe_load("""
-- actions:
-  - request_headers: {header_name: X-User, descriptor_key: user, skip_if_absent: true}
-  - remote_address: {}
-  - generic_key: {descriptor_value: api}
-  hits_addend: {number: 2}
-- actions:
-  - destination_cluster: {}
-  - request_headers: {header_name: x-tenant, descriptor_key: tenant}
-""")
-
-
-class View:
-    def __init__(self, headers, ip="10.0.0.9", cluster="svc"):
-        self.headers, self.remote_address, self.route_cluster = headers, ip, cluster
-
-    def header(self, name):
-        return self.headers.get(name)
-
-
-def test_route_actions_build_descriptors():
-    a, b = route_rate_limits_from_envoy(ROUTE, "r")
-    assert a == RouteRateLimit((RequestHeadersAction("x-user", "user", True),
-                                RemoteAddressAction(), GenericKeyAction("api")), 2)
-    assert b.actions == (DestinationClusterAction(), RequestHeadersAction("x-tenant", "tenant"))
-    full = View({"x-user": "ann", "x-tenant": "t1"})
-    assert descriptor_for(a, full) == (("user", "ann"), ("remote_address", "10.0.0.9"),
-                                       ("generic_key", "api"))
-    assert descriptor_for(b, full) == (("destination_cluster", "svc"), ("tenant", "t1"))
-    bare = View({})
-    # skip_if_absent drops the entry only; a missing header without it drops the descriptor
-    assert descriptor_for(a, bare) == (("remote_address", "10.0.0.9"), ("generic_key", "api"))
-    assert descriptor_for(b, bare) is None
-    assert descriptor_for(a, View({}, ip=None)) is None
-
-
-@pytest.mark.parametrize("item,path", [
-    ({"actions": [{"source_cluster": {}}]}, "r[0].actions[0].source_cluster"),
-    ({"actions": [{"header_value_match": {}}]}, "r[0].actions[0].header_value_match"),
-    ({"actions": []}, "r[0].actions"),
-    ({"actions": [{"generic_key": {}}]}, "r[0].actions[0].generic_key.descriptor_value"),
-    ({"actions": [{"remote_address": {}}], "limit": {}}, "r[0].limit"),
-    ({"actions": [{"remote_address": {}}], "stage": 2}, "r[0].stage"),
-    ({"actions": [{"remote_address": {}, "generic_key": {"descriptor_value": "x"}}]},
-     "r[0].actions[0]"),
-])
-def test_route_action_refusals(item, path):
-    with pytest.raises(ConfigError) as e:
-        route_rate_limits_from_envoy([item], "r")
-    assert e.value.path == path
 
 
 def test_x_ratelimit_headers_from_least_remaining():

@@ -205,7 +205,7 @@ def test_torn_bucket_row_is_sanitised():
     spec = BucketSpec(5, 5, 1.0)
     now = time.monotonic()
     bk.consume("cfg", (), spec, now)
-    row, _ = bk._rows[("cfg", ())]
+    row = bk._rows[("cfg", ())][0]
     seg = host.segment
     base = seg.layout.buckets // 8 + row * 6
     seg.floats[base] = -3.0                    # as if a writer died mid-update

@@ -8,8 +8,13 @@ import base64
 import copy
 import json
 
+from multidict import MultiDict
+
 from control_plane_client.translate.bootstrap import bootstrap
 from sidecar.config.route import Redirect, RouteAction
+from sidecar.core.context import RequestContext
+from sidecar.core.message import Request, Response
+from sidecar.observability.formatter import compile_http
 from tests.jwt_helpers import jwks, public_jwk, rsa_key
 from tests.unit.translate.probe import CLUSTER_AT, HCM_AT, ROUTE_AT, get, probe_bootstrap, put
 
@@ -178,11 +183,16 @@ def test_access_log_fields():
     stdout = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
     snap = translate((HCM_AT + ".access_log", [
         {"name": "a", "typed_config": {"@type": stdout, "log_format": {
-            "text_format": "%RESPONSE_CODE%", "omit_empty_values": True}}},
+            "text_format": "[%RESPONSE_CODE%] [%REQ(X-NONE)%]", "omit_empty_values": True}}},
         {"name": "b", "typed_config": {"@type": stdout, "log_format": {
-            "json_format": {"b": "%RESPONSE_CODE%", "a": "x"},
-            "json_format_options": {"sort_properties": True}}}}]))
+            "json_format": {"b": "%RESPONSE_CODE%", "a": "x", "n": {"z": 1, "y": "%PROTOCOL%"}},
+            "json_format_options": {"sort_properties": False}}}}]))
     text, js = snap.listeners[0].access_log
-    assert (text.path, text.format, text.text_format, text.omit_empty_values) == (
-        "/dev/stdout", "envoy", "%RESPONSE_CODE%", True)
-    assert js.json_format == '{"a": "x", "b": "%RESPONSE_CODE%"}'     # sorted
+    assert (text.path, text.format) == ("/dev/stdout", "envoy")
+    req = Request("GET", "/", "", MultiDict(), b"", RequestContext("l", None, 0.0))
+    assert compile_http(text.log_format)(req, Response(200), 0.0) == "[200] []"   # omitted: ""
+    # keys sorted at every level whatever sort_properties says, as Envoy 1.40 writes them
+    assert compile_http(js.log_format)(req, Response(200), 0.0) == \
+        '{"a":"x","b":200,"n":{"y":"HTTP/1.1","z":1}}'
+
+

@@ -125,6 +125,15 @@ ROOTS: list[tuple[str, str, Setup]] = [
          "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": 53}}]}}),)),
     ("envoy.config.cluster.v3.ClusterEdsClusterConfig", CLUSTER_AT + ".eds_cluster_config",
      ((CLUSTER_AT + ".type", "EDS"), (CLUSTER_AT + ".eds_cluster_config", {"service_name": "c0"}))),
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", FILTERS_AT + "[3].typed_config",
+     ((FILTERS_AT + "[3]", {"name": "envoy.filters.http.ratelimit", "typed_config": {
+         "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimit", "domain": "d",
+         "rate_limit_service": {"transport_api_version": "V3", "grpc_service": {
+             "envoy_grpc": {"cluster_name": "c0"}}}}}),)),
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute",
+     ROUTE_AT + ".typed_per_filter_config.{envoy.filters.http.ratelimit}",
+     ((ROUTE_AT + ".typed_per_filter_config", {"envoy.filters.http.ratelimit": {
+         "@type": T + "envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"}}),)),
     ("envoy.extensions.filters.http.rbac.v3.RbacPerRoute",
      ROUTE_AT + ".typed_per_filter_config.{envoy.filters.http.rbac}",
      ((ROUTE_AT + ".typed_per_filter_config", {"envoy.filters.http.rbac": {
@@ -194,6 +203,26 @@ PROBES: dict[tuple[str, str], object] = {
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "use_downstream_protocol_config"):
         {"http_protocol_options": {}},
     ("envoy.config.route.v3.VirtualHost", "retry_policy"): {"retry_on": "5xx"},
+    ("envoy.config.route.v3.VirtualHost", "rate_limits"):
+        [{"actions": [{"generic_key": {"descriptor_value": "vh"}}]}],
+    ("envoy.config.route.v3.RouteAction", "rate_limits"):
+        [{"actions": [{"request_headers": {"header_name": "x-k", "descriptor_key": "k"}}]}],
+    ("envoy.config.route.v3.RateLimit", "actions"):
+        [{"request_headers": {"header_name": "x-k", "descriptor_key": "k"}}],
+    ("envoy.config.route.v3.RateLimitAction", "request_headers"):
+        {"header_name": "x-k", "descriptor_key": "k"},
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", "rate_limits"):
+        [{"actions": [{"remote_address": {}}]}],
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute", "rate_limits"):
+        [{"actions": [{"remote_address": {}}]}],
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", "response_headers_to_add"):
+        [{"header": {"key": "x-k", "value": "v"}}],
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", "filter_enabled"):
+        {"default_value": {"numerator": 100}},
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", "filter_enforced"):
+        {"default_value": {"numerator": 100}},
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", "failure_mode_deny_percent"):
+        {"default_value": {"numerator": 100}},
     ("envoy.config.route.v3.RetryPolicy", "retry_back_off"): {"base_interval": "0.1s"},
     ("envoy.config.route.v3.RetryPolicy", "retry_host_predicate"):
         [{"name": "envoy.retry_host_predicates.previous_hosts"}],
