@@ -24,6 +24,8 @@ from sidecar.config.cluster import (
     outlier_detection_from_wire,
 )
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import DOWNSTREAM_ONLY, UPSTREAM_DEFAULTS, Http2Options, http2_options_from_wire
+from sidecar.config.tls import UpstreamTls
 
 
 def load_assignment(d: dict, path: str) -> tuple[str, tuple[Endpoint, ...]]:
@@ -152,27 +154,8 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
         if "load_balancing_policy" not in d:
             raise ConfigError(w.join(path, "lb_policy"), f"{lb_policy} is not supported")
     if "typed_extension_protocol_options" in d:
-        tp = w.join(path, "typed_extension_protocol_options")
-        for k, v in d["typed_extension_protocol_options"].items():
-            kp = w.join(tp, k)
-            if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
-                raise ConfigError(kp, "unsupported protocol options")
-            body = typed(v, kp, T_HTTP_OPTIONS)
-            w.check_keys(body, ("explicit_http_config", "common_http_protocol_options"), kp)
-            # HTTP/1.1 upstreams only: http2/http3_protocol_options are refused by name
-            ehp = w.join(kp, "explicit_http_config")
-            eh = w.check_keys(body.get("explicit_http_config", {}), ("http_protocol_options",), ehp)
-            if eh.get("http_protocol_options"):
-                w.check_keys(eh["http_protocol_options"], (), w.join(ehp, "http_protocol_options"))
-            cho = body.get("common_http_protocol_options", {})
-            cp = w.join(kp, "common_http_protocol_options")
-            w.check_keys(cho, ("idle_timeout", "max_headers_count", "max_response_headers_kb"), cp)
-            if "idle_timeout" in cho:
-                kw["idle_timeout_s"] = w.duration(cho, "idle_timeout", cp)
-            # response head limits (a 502 and the connection closed above them)
-            kw["max_response_headers_count"] = w.integer(cho, "max_headers_count", cp, 100, lo=1)
-            kw["max_response_headers_kb"] = w.integer(cho, "max_response_headers_kb", cp, 80,
-                                                      lo=1, hi=8192)
+        kw.update(protocol_options(w.mapping(d, "typed_extension_protocol_options", path),
+                                   w.join(path, "typed_extension_protocol_options")))
     if "circuit_breakers" in d:
         kw["circuit_breakers"] = circuit_breakers_from_envoy(d["circuit_breakers"], w.join(path, "circuit_breakers"))
     if "outlier_detection" in d:
@@ -183,6 +166,8 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
     if "transport_socket" in d:
         kw["tls"] = upstream_tls_from_envoy(d["transport_socket"], w.join(path, "transport_socket"),
                                             secrets)
+        check_alpn(kw.get("protocol", "http1"), kw["tls"],
+                   w.join(path, "transport_socket.typed_config.common_tls_context.alpn_protocols"))
     if "per_connection_buffer_limit_bytes" in d:
         kw["per_connection_buffer_limit"] = w.integer(d, "per_connection_buffer_limit_bytes", path, lo=1024)
     kw["dns_lookup_family"] = w.string(d, "dns_lookup_family", path, "AUTO",
@@ -195,6 +180,86 @@ def cluster(d: dict, path: str, secrets: Secrets | None = None) -> Cluster:
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh_rate", path, 5.0),
                    lb=LbConfig(**lb_kw), source=d, **kw)
+
+
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _http1_options(d: object, path: str) -> None:
+    """``http_protocol_options`` of an HTTP/1.1 upstream: the defaults only."""
+    if d is None:
+        return
+    w.check_keys(d, (), path)
+
+
+def upstream_http2_options(d: object, path: str, native: bool = False) -> Http2Options:
+    """HTTP/2 settings of a cluster's connections: streams per connection and windows (the
+    flood limits protect the proxy from its clients and are refused here)."""
+    opts = http2_options_from_wire(d, path, UPSTREAM_DEFAULTS, native)
+    for f in DOWNSTREAM_ONLY:
+        if getattr(opts, f) != getattr(UPSTREAM_DEFAULTS, f):
+            raise ConfigError(w.join(path, f), "applies to listeners only (upstream HTTP/2 "
+                                               "connections use the defaults)")
+    return opts
+
+
+def check_alpn(protocol: str, tls: UpstreamTls | None, path: str) -> None:
+    """An explicit upstream ALPN list must offer the cluster's protocol."""
+    if tls is None or not tls.alpn:
+        return
+    need = {"http1": ("http/1.1",), "http2": ("h2",), "downstream": ("http/1.1", "h2")}[protocol]
+    for p in need:
+        if p not in tls.alpn:
+            raise ConfigError(path, f"must offer {p!r} for this cluster's protocol")
+
+
+def protocol_options(d: dict, path: str) -> dict:
+    """``typed_extension_protocol_options``: the upstream protocol (HTTP/1.1, HTTP/2, or the
+    downstream's), its HTTP/2 settings and the upstream idle timeout."""
+    out: dict = {}
+    for k, v in d.items():
+        kp = w.join(path, k)
+        if k != HTTP_OPTIONS_KEY:
+            raise ConfigError(kp, f"unsupported protocol options (supported: {HTTP_OPTIONS_KEY})")
+        body = typed(v, kp, T_HTTP_OPTIONS)
+        w.check_keys(body, ("explicit_http_config", "use_downstream_protocol_config", "auto_config",
+                            "common_http_protocol_options", "upstream_http_protocol_options",
+                            "http_filters", "header_validation_config"), kp)
+        for refused, why in (("auto_config", "ALPN-negotiated upstream protocols are not supported; "
+                                             "use explicit_http_config"),
+                             ("http_filters", "upstream HTTP filters are not supported"),
+                             ("header_validation_config", "is not supported"),
+                             ("upstream_http_protocol_options", "is not supported (auto_sni, "
+                                                                "auto_san_validation)")):
+            if refused in body:
+                raise ConfigError(w.join(kp, refused), why)
+        kind = w.one_of(body, ("explicit_http_config", "use_downstream_protocol_config"), kp,
+                        required=False)
+        if kind is not None:
+            ep = w.join(kp, kind)
+            eh = w.check_keys(body[kind], ("http_protocol_options", "http2_protocol_options",
+                                           "http3_protocol_options"), ep)
+            if "http3_protocol_options" in eh:
+                raise ConfigError(w.join(ep, "http3_protocol_options"), "HTTP/3 is not supported")
+            if kind == "explicit_http_config":
+                which = w.one_of(eh, ("http_protocol_options", "http2_protocol_options"), ep)
+                out["protocol"] = "http2" if which == "http2_protocol_options" else "http1"
+            else:
+                out["protocol"] = "downstream"
+            _http1_options(eh.get("http_protocol_options"), w.join(ep, "http_protocol_options"))
+            if "http2_protocol_options" in eh:
+                out["http2"] = upstream_http2_options(eh["http2_protocol_options"],
+                                                      w.join(ep, "http2_protocol_options"))
+        cp = w.join(kp, "common_http_protocol_options")
+        cho = w.check_keys(w.mapping(body, "common_http_protocol_options", kp, {}),
+                           ("idle_timeout", "max_headers_count", "max_response_headers_kb"), cp)
+        if "idle_timeout" in cho:
+            out["idle_timeout_s"] = w.duration(cho, "idle_timeout", cp)
+        # response head limits (a 502 and the connection closed above them)
+        out["max_response_headers_count"] = w.integer(cho, "max_headers_count", cp, 100, lo=1)
+        out["max_response_headers_kb"] = w.integer(cho, "max_response_headers_kb", cp, 80,
+                                                   lo=1, hi=8192)
+    return out
 
 
 def _original_dst(d: dict, path: str) -> dict:
@@ -294,20 +359,17 @@ def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
                      "healthy_threshold", "unhealthy_threshold", "http_health_check",
                      "no_traffic_interval", "unhealthy_interval", "healthy_edge_interval",
                      "unhealthy_edge_interval", "initial_jitter", "reuse_connection",
-                     "tcp_health_check"), path)
-    kind = w.one_of(d, ("http_health_check", "tcp_health_check"), path, required=False)
+                     "grpc_health_check", "tcp_health_check"), path)
+    kind = w.one_of(d, ("http_health_check", "grpc_health_check", "tcp_health_check"), path,
+                    required=False)
     if kind is None:
-        raise ConfigError(path, "one of http_health_check, tcp_health_check is required (grpc, "
-                                "redis, thrift and custom health checks are not supported)")
+        raise ConfigError(path, "one of http_health_check, grpc_health_check, tcp_health_check "
+                                "is required (redis, thrift and custom health checks are not "
+                                "supported)")
     if kind == "tcp_health_check":
         return _tcp_health_check(d, path)
-    hp = w.join(path, "http_health_check")
-    h = w.check_keys(d["http_health_check"], ("path", "host", "expected_statuses",
-                                              "retriable_statuses", "codec_client_type"), hp)
-    w.string(h, "codec_client_type", hp, "HTTP1", choices=("HTTP1",))
     opt = lambda k: w.duration(d, k, path, None)  # noqa: E731
-    return HealthCheck(
-        path=w.string(h, "path", hp, nonempty=True), host=w.string(h, "host", hp, ""),
+    common: dict = dict(
         interval_s=_positive(w.duration(d, "interval", path), w.join(path, "interval")),
         timeout_s=_positive(w.duration(d, "timeout", path), w.join(path, "timeout")),
         interval_jitter_s=w.duration(d, "interval_jitter", path, 0.0),
@@ -315,14 +377,31 @@ def health_check_from_envoy(d: dict, path: str) -> HealthCheck:
         initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
         healthy_threshold=w.integer(d, "healthy_threshold", path, lo=1),
         unhealthy_threshold=w.integer(d, "unhealthy_threshold", path, lo=1),
-        expected_statuses=_statuses(h["expected_statuses"], w.join(hp, "expected_statuses"))
-        if "expected_statuses" in h else ((200, 201),),
-        retriable_statuses=_statuses(h["retriable_statuses"], w.join(hp, "retriable_statuses"))
-        if "retriable_statuses" in h else (),
         unhealthy_interval_s=opt("unhealthy_interval"),
         unhealthy_edge_interval_s=opt("unhealthy_edge_interval"),
         healthy_edge_interval_s=opt("healthy_edge_interval"),
         # Envoy: 60 s until the cluster has carried traffic
         no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, 60.0),
         reuse_connection=w.boolean(d, "reuse_connection", path, True),
+    )
+    if kind == "grpc_health_check":
+        gp = w.join(path, "grpc_health_check")
+        g = w.check_keys(d["grpc_health_check"] or {}, ("service_name", "authority",
+                                                        "initial_metadata"), gp)
+        if g.get("initial_metadata"):
+            raise ConfigError(w.join(gp, "initial_metadata"), "is not supported")
+        return HealthCheck(path="/grpc.health.v1.Health/Check",
+                           grpc_service=w.string(g, "service_name", gp, ""),
+                           grpc_authority=w.string(g, "authority", gp, ""), **common)
+    hp = w.join(path, "http_health_check")
+    h = w.check_keys(d["http_health_check"], ("path", "host", "expected_statuses",
+                                              "retriable_statuses", "codec_client_type"), hp)
+    w.string(h, "codec_client_type", hp, "HTTP1", choices=("HTTP1",))
+    return HealthCheck(
+        path=w.string(h, "path", hp, nonempty=True), host=w.string(h, "host", hp, ""),
+        expected_statuses=_statuses(h["expected_statuses"], w.join(hp, "expected_statuses"))
+        if "expected_statuses" in h else ((200, 201),),
+        retriable_statuses=_statuses(h["retriable_statuses"], w.join(hp, "retriable_statuses"))
+        if "retriable_statuses" in h else (),
+        **common,
     )

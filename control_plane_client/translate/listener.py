@@ -15,6 +15,7 @@ from control_plane_client.translate.telemetry import ISTIO_STATS, T_ISTIO_STATS,
 from control_plane_client.translate.tls import Secrets, downstream_tls_from_envoy
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, http2_options_from_wire, upgrade_configs_from_wire
 from sidecar.config.l4 import FilterChainMatch
 from sidecar.config.listener import ESCAPED_SLASHES_ACTIONS, FilterChain, Listener, TracingConfig
 from sidecar.config.route import HttpFilter, RouteConfig
@@ -189,8 +190,14 @@ def http_connection_manager(hcm: dict, hp: str, base: Listener,
                        "preserve_external_request_id", "normalize_path",
                        "merge_slashes", "path_with_escaped_slashes_action",
                        "strip_any_host_port", "strip_matching_host_port",
-                       "http_protocol_options", "tracing"), hp)
-    w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1"))
+                       "http_protocol_options", "tracing", "http2_protocol_options",
+                       "upgrade_configs"), hp)
+    codec = w.string(hcm, "codec_type", hp, "AUTO", choices=("AUTO", "HTTP1", "HTTP2")).lower()
+    http2 = http2_options_from_wire(hcm.get("http2_protocol_options"),
+                                    w.join(hp, "http2_protocol_options"), DOWNSTREAM_DEFAULTS)
+    if codec == "http1" and "http2_protocol_options" in hcm:
+        raise ConfigError(w.join(hp, "http2_protocol_options"), "codec_type HTTP1 never speaks HTTP/2")
+    upgrades = upgrade_configs_from_wire(hcm.get("upgrade_configs"), w.join(hp, "upgrade_configs"))
     rc = None
     rds_name = ""
     kind = w.one_of(hcm, ("route_config", "rds"), hp)
@@ -246,6 +253,7 @@ def http_connection_manager(hcm: dict, hp: str, base: Listener,
         access_log=access_logs(w.seq(hcm, "access_log", hp, []), w.join(hp, "access_log")),
         drain_timeout_s=w.duration(hcm, "drain_timeout", hp, 5.0),
         tracing=hcm_tracing(hcm["tracing"], w.join(hp, "tracing")) if "tracing" in hcm else None,
+        codec=codec, http2=http2, upgrades=upgrades,
     )
 
 

@@ -10,6 +10,7 @@ import filters as filter_registry
 from control_plane_client.translate.common import _MUTATION_KEYS, header_mutation, runtime_fraction, typed
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import upgrade_configs_from_wire
 from sidecar.config.matchers import QueryMatcher, header_matcher_from_envoy, string_matcher_from_envoy
 from sidecar.config.ratelimit import rate_limits_from_wire
 from sidecar.config.route import (
@@ -22,6 +23,7 @@ from sidecar.config.route import (
     RouteAction,
     RouteConfig,
     RouteMatch,
+    StreamDuration,
     VirtualHost,
     WeightedCluster,
     _status_codes,
@@ -66,7 +68,7 @@ def route_match(d: dict, path: str) -> RouteMatch:
     w.check_keys(d, ("prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive",
                      "headers", "query_parameters", "runtime_fraction", "grpc"), path)
     if "grpc" in d:
-        raise ConfigError(w.join(path, "grpc"), "gRPC route matching is not supported")
+        w.check_keys(d["grpc"] or {}, (), w.join(path, "grpc"))
     kind = w.one_of(d, ("prefix", "path", "safe_regex", "path_separated_prefix"), path)
     cs = w.boolean(d, "case_sensitive", path, True)
     headers, methods = [], []
@@ -99,7 +101,7 @@ def route_match(d: dict, path: str) -> RouteMatch:
     rf = runtime_fraction(d["runtime_fraction"], w.join(path, "runtime_fraction")) \
         if "runtime_fraction" in d else None
     return RouteMatch(case_sensitive=cs, headers=tuple(headers), query_params=tuple(qps),
-                      methods=tuple(methods), runtime_fraction=rf, **kw)
+                      methods=tuple(methods), runtime_fraction=rf, grpc="grpc" in d, **kw)
 
 
 def route_action(d: dict, path: str) -> RouteAction:
@@ -107,7 +109,12 @@ def route_action(d: dict, path: str) -> RouteAction:
                      "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite", "timeout",
                      "idle_timeout", "retry_policy", "request_mirror_policies", "hash_policy",
                      "cluster_not_found_response_code", "max_stream_duration",
-                     "priority", "rate_limits", "include_vh_rate_limits"), path)
+                     "priority", "upgrade_configs", "max_grpc_timeout", "grpc_timeout_offset",
+                     "rate_limits", "include_vh_rate_limits"), path)
+    for old in ("max_grpc_timeout", "grpc_timeout_offset"):
+        if old in d:
+            raise ConfigError(w.join(path, old), "is deprecated in Envoy and not supported; use "
+                                                 "max_stream_duration.grpc_timeout_header_max")
     kind = w.one_of(d, ("cluster", "weighted_clusters", "cluster_header"), path)
     w.string(d, "priority", path, "DEFAULT", choices=("DEFAULT",))   # HIGH routing: not supported
     # a cluster_header naming no cluster is a 503, as Envoy's default
@@ -154,8 +161,10 @@ def route_action(d: dict, path: str) -> RouteAction:
     kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
     if "max_stream_duration" in d:
         mp = w.join(path, "max_stream_duration")
-        m = w.check_keys(d["max_stream_duration"], ("max_stream_duration",), mp)
+        m = w.mapping(d, "max_stream_duration", path)
+        kw["max_stream_duration"] = stream_duration(m, mp)
         kw["max_stream_duration_s"] = w.duration(m, "max_stream_duration", mp, None)
+    kw["upgrades"] = upgrade_configs_from_wire(d.get("upgrade_configs"), w.join(path, "upgrade_configs"))
     if "retry_policy" in d:
         kw["retry_policy"] = retry_policy_from_envoy(w.mapping(d, "retry_policy", path),
                                                      w.join(path, "retry_policy"))
@@ -191,6 +200,13 @@ def route_action(d: dict, path: str) -> RouteAction:
     # deprecated in Envoy (RateLimitPerRoute.vh_rate_limits replaces it), still honoured
     kw["include_vh_rate_limits"] = w.boolean(d, "include_vh_rate_limits", path, False)
     return RouteAction(**kw)
+
+
+def stream_duration(d: dict, path: str) -> StreamDuration:
+    w.check_keys(d, ("max_stream_duration", "grpc_timeout_header_max", "grpc_timeout_header_offset"),
+                 path)
+    return StreamDuration(grpc_header_max_s=w.duration(d, "grpc_timeout_header_max", path, None),
+                          grpc_header_offset_s=w.duration(d, "grpc_timeout_header_offset", path, 0.0))
 
 
 def route(d: dict, path: str) -> Route:

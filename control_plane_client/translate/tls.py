@@ -189,9 +189,13 @@ def _common(ctx: dict, path: str, secrets: Secrets | None = None) -> dict:
             raise ConfigError(w.join(tp, "tls_maximum_protocol_version"),
                               "only TLS_AUTO or TLSv1_3 is supported (no maximum below TLS 1.3)")
     alpn = w.seq(ctx, "alpn_protocols", path, [])
-    if any(p != "http/1.1" for p in alpn):
-        raise ConfigError(w.join(path, "alpn_protocols"),
-                          "only http/1.1 is supported (the sidecar speaks HTTP/1.1)")
+    for i, p in enumerate(alpn):
+        if p not in ("h2", "http/1.1"):
+            raise ConfigError(w.join(w.join(path, "alpn_protocols"), i),
+                              f"unsupported ALPN protocol {p!r} (supported: h2, http/1.1)")
+    if len(set(alpn)) != len(alpn):
+        raise ConfigError(w.join(path, "alpn_protocols"), "lists a protocol twice")
+    out["alpn"] = tuple(alpn)
     return out
 
 
@@ -221,7 +225,8 @@ def downstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None
     return DownstreamTls(cert_file=c.get("cert_file", ""), key_file=c.get("key_file", ""),
                          ca_file=c.get("ca_file"), require_client_cert=require,
                          min_version=c.get("min_version", "TLSv1_2"),
-                         cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""))
+                         cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""),
+                         alpn=c["alpn"])
 
 
 def upstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) -> UpstreamTls:
@@ -238,4 +243,5 @@ def upstream_tls_from_envoy(d: dict, path: str, secrets: Secrets | None = None) 
                        cert_file=c.get("cert_file"), key_file=c.get("key_file"),
                        verify=has_ca, min_version=c.get("min_version", "TLSv1_2"),
                        match_san_uris=c.get("match_san_uris", ()),
-                       cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""))
+                       cert_secret=c.get("cert_secret", ""), ca_secret=c.get("ca_secret", ""),
+                       alpn=c["alpn"])

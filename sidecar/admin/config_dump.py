@@ -67,7 +67,7 @@ def clusters_view(app) -> dict:
                 "ejected_for_s": round(max(0.0, h.ejected_until - now), 3),
                 "active_hc": h.last_hc or None,
                 "rq_active": h.active_requests, "rq_total": h.rq_total, "rq_error": h.rq_error,
-                "rq_timeout": h.rq_timeout, "cx_active": h.pool.active + h.cx_active, "cx_idle": len(h.pool.idle),
+                "rq_timeout": h.rq_timeout, "cx_active": h.http_cx_active + h.cx_active, "cx_idle": len(h.pool.idle),
                 "cx_connect_fail": h.cx_connect_fail, "ewma_ms": round(h.ewma * 1000, 3),
             })
         t = cs.config.circuit_breakers.default

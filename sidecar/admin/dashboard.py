@@ -309,7 +309,7 @@ class Sampler:
                     "cost": round(ew[1] * 1000, 3) if ew is not None else None,
                     "rq_active": host.active_requests,
                     "rq_total": host.rq_total, "rq_error": host.rq_error,
-                    "cx_active": host.pool.active + host.cx_active,
+                    "cx_active": host.http_cx_active + host.cx_active,
                 })
             clusters.append({
                 "name": name, "type": cs.config.type, "lb_policy": cs.config.lb.policy,

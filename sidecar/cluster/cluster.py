@@ -46,6 +46,9 @@ from sidecar.observability.stats import ClusterStats
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
+from sidecar.upstream.http2 import Http2UpstreamConnection
+from sidecar.upstream.http2_pool import Http2Pool
+from sidecar.upstream.tunnel import open_tunnel
 
 log = logging.getLogger("sidecar.cluster")
 
@@ -94,16 +97,19 @@ class ClusterState:
 class Cluster:
     """One version of a cluster: config, endpoint set, load balancer, TLS context."""
 
-    __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "thresholds", "stats",
-                 "warm", "_sni", "_epoch", "_epoch_seen", "_uneject_timer")
+    __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "ssl_context_h2",
+                 "thresholds", "stats", "warm", "_sni", "protocol", "_epoch", "_epoch_seen",
+                 "_uneject_timer")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
-                 warm: bool = True):
+                 warm: bool = True, ssl_context_h2: ssl.SSLContext | None = None):
         self.name = config.name
         self.config = config
         self.state = state
-        self.ssl_context = ssl_context
+        self.protocol = config.protocol       # http1 | http2 | downstream
+        self.ssl_context = ssl_context        # HTTP/1.1 connections (ALPN http/1.1)
+        self.ssl_context_h2 = ssl_context_h2  # HTTP/2 connections (ALPN h2)
         self.thresholds = config.circuit_breakers.default
         self.stats = state.stats
         self.warm = warm              # an EDS cluster is warm once its first assignment came
@@ -129,6 +135,9 @@ class Cluster:
                                cfg.lb.ewma_default_rtt_s)
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
+        if st.h2 is None and cfg.protocol != "http1":
+            st.h2 = Http2Pool(ep.host, ep.port, cfg.connect_timeout_s, cfg.http2,
+                              self.ssl_context_h2, self._sni, cfg.idle_timeout_s)
         return st
 
     def activate(self) -> None:
@@ -139,7 +148,7 @@ class Cluster:
         for addr, old in state.endpoints.items():
             if addr not in new:
                 old.removed = True
-                old.pool.close_all()
+                old.close_pools()
                 state.shared.forget(self.name, addr)
         waiters = state.breakers.waiters
         for h in self.hosts:
@@ -155,6 +164,17 @@ class Cluster:
                 p.ssl = self.ssl_context        # new TLS settings need new connections
                 p.server_hostname = self._sni
                 p.close_all()
+            h2 = h.h2
+            if h2 is not None:
+                h2.connect_timeout = cfg.connect_timeout_s
+                h2.idle_timeout = cfg.idle_timeout_s
+                h2.on_free = waiters.wake
+                h2.local_addr = p.local_addr
+                if h2.ssl is not self.ssl_context_h2 or h2.options != cfg.http2:
+                    h2.ssl = self.ssl_context_h2     # new settings: new connections
+                    h2.server_hostname = self._sni
+                    h2.options = cfg.http2
+                    h2.close_all()
         state.endpoints = new
         state.current = self
 
@@ -209,10 +229,14 @@ class Cluster:
 
     def open_connections(self) -> int:
         """Open (and opening) connections of the cluster, every worker's (each publishes its
-        own share when it checks, connects, and every second); TCP proxy connections too."""
-        return self.state.breakers.open_connections(
-            sum(h.pool.active + h.pool.connecting + h.cx_active + h.cx_connecting
-                for h in self.hosts))
+        own share when it checks, connects, and every second): HTTP/1.1, HTTP/2 and TCP proxy
+        connections."""
+        n = 0
+        for h in self.hosts:
+            n += h.pool.active + h.pool.connecting + h.cx_active + h.cx_connecting
+            if h.h2 is not None:
+                n += h.h2.active + h.h2.connecting
+        return self.state.breakers.open_connections(n)
 
     # ---- the request --------------------------------------------------------------------------
     async def send(self, req: Request, auto_host: bool = False) -> Response:
@@ -267,6 +291,11 @@ class Cluster:
     async def _exchange(self, req: Request, host: EndpointState, host_header: str | None,
                         deadline: float | None, loop: asyncio.AbstractEventLoop,
                         t0: float) -> Response:
+        if req.upgrade is not None:
+            return await self._exchange_tunnel(req, host, host_header, deadline, loop, t0)
+        h2 = host.h2
+        if h2 is not None and (self.protocol == "http2" or req.version == "2"):
+            return await self._exchange_h2(req, host, h2, host_header, deadline, loop, t0)
         pool = host.pool
         conn = pool.take_idle()
         reused = conn is not None
@@ -296,6 +325,109 @@ class Cluster:
                 self.stats.rq_reset.inc()
                 self.record(host, None, elapsed, RESET)
             raise
+
+    async def _exchange_tunnel(self, req: Request, host: EndpointState, host_header: str | None,
+                               deadline: float | None, loop: asyncio.AbstractEventLoop,
+                               t0: float) -> Response:
+        """An upgrade request on a connection of its own (it becomes a tunnel on a 101)."""
+        ep = host.endpoint
+        cfg = self.config
+        try:
+            resp = await open_tunnel(ep.host, ep.port, self.ssl_context, self._sni,
+                                     cfg.connect_timeout_s, req, host_header, deadline,
+                                     cfg.per_connection_buffer_limit, host.pool.local_addr)
+        except UpstreamError as e:
+            elapsed = loop.time() - t0
+            if e.flag == "UF":
+                self.stats.cx_connect_fail.inc()
+                host.cx_connect_fail += 1
+                self.record(host, None, elapsed, CONNECT_FAILURE)
+            elif e.flag == "UT":
+                host.rq_timeout += 1
+                self.record(host, None, elapsed, TIMEOUT)
+            else:
+                self.stats.rq_reset.inc()
+                self.record(host, None, elapsed, RESET)
+            raise
+        self.stats.cx_total.inc()
+        return resp
+
+    async def _exchange_h2(self, req: Request, host: EndpointState, pool: Http2Pool,
+                           host_header: str | None, deadline: float | None,
+                           loop: asyncio.AbstractEventLoop, t0: float) -> Response:
+        """One attempt as a stream on a pooled HTTP/2 connection: breakers count requests and
+        connections, not requests per connection (Envoy); a request that finds every
+        connection full waits as *pending*."""
+        try:
+            conn = pool.acquire()
+            if conn is None:
+                conn = await self._wait_for_stream(host, pool, deadline, loop, t0)
+            authority = host_header if host_header is not None else req.headers.get("host", "")
+            return await conn.send(req, authority, deadline)
+        except UpstreamError as e:
+            elapsed = loop.time() - t0
+            if e.flag == "UT":
+                if not isinstance(e, PendingTimeout):
+                    host.rq_timeout += 1
+                    self.record(host, None, elapsed, TIMEOUT)
+            elif e.flag not in ("UF", "UO"):
+                self.stats.rq_reset.inc()
+                self.record(host, None, elapsed, RESET)
+            raise
+
+    async def _wait_for_stream(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
+                               loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
+        breakers = self.state.breakers
+        if not breakers.admit_pending(self.thresholds):
+            self.stats.rq_pending_overflow.inc()
+            raise Overflow("max_pending_requests")
+        host.end()                          # pending, not active (Envoy's accounting)
+        poll = breakers.poll_s
+        try:
+            while True:
+                conn = pool.acquire()
+                if conn is not None:
+                    return conn
+                if deadline is not None and loop.time() >= deadline:
+                    raise PendingTimeout()
+                if not pool.pending_room():
+                    if self.open_connections() < self.thresholds.max_connections:
+                        conn = await self._connect_h2(host, pool, deadline, loop, t0)
+                        if conn.has_room():
+                            conn.used += 1     # the new connection serves its opener first
+                            return conn
+                        continue
+                    self.stats.cx_overflow.inc()
+                until = deadline
+                if poll is not None:     # another worker may free a connection: look again
+                    until = loop.time() + poll if deadline is None else \
+                        min(deadline, loop.time() + poll)
+                await pool.wait(loop, until)
+        finally:
+            breakers.end_pending()
+            host.begin()
+
+    async def _connect_h2(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
+                          loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
+        try:
+            if deadline is None:
+                conn = await pool.connect()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        conn = await pool.connect()
+                except TimeoutError:
+                    raise UpstreamTimeout() from None
+        except UpstreamTimeout:
+            raise
+        except UpstreamError:
+            self.stats.cx_connect_fail.inc()
+            host.cx_connect_fail += 1
+            self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
+            raise
+        self.stats.cx_total.inc()
+        self.open_connections()           # publish this worker's new count at once
+        return conn
 
     async def _connect(self, host: EndpointState, pool: ConnectionPool, deadline: float | None,
                        loop: asyncio.AbstractEventLoop, t0: float) -> UpstreamConnection:
@@ -475,11 +607,11 @@ class Cluster:
         limit = self.config.cleanup_interval_s
         keep = []
         for h in self.hosts:
-            if h.cx_active or h.cx_connecting or h.pool.active or now - h.last_used < limit:
+            if h.cx_active or h.cx_connecting or h.http_cx_active or now - h.last_used < limit:
                 keep.append(h)
             else:
                 h.removed = True
-                h.pool.close_all()
+                h.close_pools()
                 self.state.endpoints.pop(h.address, None)
         if len(keep) != len(self.hosts):
             self.hosts[:] = keep
@@ -510,4 +642,4 @@ class Cluster:
             self._uneject_timer.cancel()
             self._uneject_timer = None
         for h in self.hosts:
-            h.pool.close_all()
+            h.close_pools()

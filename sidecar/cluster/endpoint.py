@@ -18,10 +18,11 @@ import time
 from sidecar.config.cluster import Endpoint
 from sidecar.shared.api import EndpointCounters
 from sidecar.upstream.http1 import ConnectionPool
+from sidecar.upstream.http2_pool import Http2Pool
 
 
 class EndpointState:
-    __slots__ = ("endpoint", "address", "pool", "counters", "hc_healthy", "ejected_until",
+    __slots__ = ("endpoint", "address", "pool", "h2", "counters", "hc_healthy", "ejected_until",
                  "ejections", "rq_total", "rq_error", "rq_timeout", "cx_connect_fail",
                  "ewma", "ewma_stamp", "last_hc", "removed", "cx_active", "cx_connecting",
                  "cx_total", "last_used", "__weakref__")
@@ -31,6 +32,7 @@ class EndpointState:
         self.endpoint = endpoint
         self.address = endpoint.address
         self.pool = pool
+        self.h2: Http2Pool | None = None    # HTTP/2 connections (clusters that speak it)
         self.counters = counters
         self.hc_healthy = True           # active health checking verdict (the board's)
         self.ejected_until = 0.0         # outlier detection (monotonic time)
@@ -68,6 +70,18 @@ class EndpointState:
         until = hb.ejected_until
         self.ejected_until = until if until > time.monotonic() else 0.0
         self.ejections = hb.ejections
+
+    @property
+    def http_cx_active(self) -> int:
+        """Open HTTP connections to the endpoint (HTTP/1.1 and HTTP/2; ``cx_active`` counts
+        the TCP proxy's)."""
+        h2 = self.h2
+        return self.pool.active + (h2.active if h2 is not None else 0)
+
+    def close_pools(self) -> None:
+        self.pool.close_all()
+        if self.h2 is not None:
+            self.h2.close_all()
 
     @property
     def ejected(self) -> bool:

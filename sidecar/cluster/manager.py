@@ -61,9 +61,25 @@ def lookup_family_addresses(family: str, found: list[tuple[int, str]]) -> list[s
     return out
 
 
-def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None
-                     ) -> ssl.SSLContext | None:
-    return client_context(tls, secrets) if tls is not None else None
+def make_ssl_context(tls: UpstreamTls | None, secrets: SecretStore | None = None,
+                     alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext | None:
+    """The TLS context of a cluster's connections of one protocol (the config's explicit ALPN
+    list, else ``alpn``)."""
+    return client_context(tls, secrets, tls.alpn or alpn) if tls is not None else None
+
+
+def ssl_contexts(cfg: ClusterConfig, secrets: SecretStore | None
+                 ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(HTTP/1.1 context, HTTP/2 context) for the protocols the cluster speaks."""
+    h1 = make_ssl_context(cfg.tls, secrets) if cfg.protocol != "http2" else None
+    h2 = make_ssl_context(cfg.tls, secrets, ("h2",)) if speaks_h2(cfg) else None
+    return h1, h2
+
+
+def speaks_h2(cfg: ClusterConfig) -> bool:
+    """The cluster opens HTTP/2 connections: its traffic, or gRPC health checks (which speak
+    HTTP/2 whatever the cluster's protocol, as Envoy's)."""
+    return cfg.protocol != "http1" or any(hc.grpc_service is not None for hc in cfg.health_checks)
 
 
 class ClusterManager:
@@ -137,17 +153,21 @@ class ClusterManager:
                 self._remove(st)
 
     def _build(self, cfg: ClusterConfig, st: ClusterState, old: Cluster | None) -> Cluster:
-        ctx = old.ssl_context if old is not None and old.config.tls == cfg.tls \
-            else make_ssl_context(cfg.tls, self.secrets)
+        if old is not None and old.config.tls == cfg.tls and \
+                old.config.protocol == cfg.protocol and speaks_h2(old.config) == speaks_h2(cfg):
+            ctx, ctx2 = old.ssl_context, old.ssl_context_h2
+        else:
+            ctx, ctx2 = ssl_contexts(cfg, self.secrets)
         if cfg.type in ("static",) or (cfg.type == "eds" and cfg.endpoints):
-            return Cluster(cfg, st, cfg.endpoints, ctx)
+            return Cluster(cfg, st, cfg.endpoints, ctx, ssl_context_h2=ctx2)
         if old is not None:
             # DNS clusters keep their resolved addresses until the next resolution; EDS
             # clusters keep their endpoints until the next ClusterLoadAssignment
-            return Cluster(cfg, st, tuple(h.endpoint for h in old.hosts), ctx, warm=old.warm)
+            return Cluster(cfg, st, tuple(h.endpoint for h in old.hosts), ctx, warm=old.warm,
+                           ssl_context_h2=ctx2)
         if cfg.type == "eds":
-            return Cluster(cfg, st, (), ctx, warm=False)
-        return Cluster(cfg, st, (), ctx)        # DNS: resolved by its task, soon
+            return Cluster(cfg, st, (), ctx, warm=False, ssl_context_h2=ctx2)
+        return Cluster(cfg, st, (), ctx, ssl_context_h2=ctx2)   # DNS: resolved by its task, soon
 
     def _activate(self, c: Cluster) -> None:
         st = c.state
@@ -183,7 +203,8 @@ class ClusterManager:
             return False
         old = st.current
         try:
-            c = Cluster(old.config, st, endpoints, old.ssl_context, warm=True)
+            c = Cluster(old.config, st, endpoints, old.ssl_context, warm=True,
+                        ssl_context_h2=old.ssl_context_h2)
         except TableFull as e:
             log.error("cluster %s: endpoint update refused: %s", name, e)
             return False
@@ -204,6 +225,8 @@ class ClusterManager:
             for c in self.clusters():
                 for h in c.hosts:
                     h.pool.sweep(now)
+                    if h.h2 is not None:
+                        h.h2.sweep(now)
                 c.open_connections()      # publish this worker's count (closes since)
                 if c.original_dst:
                     c.sweep_original_dst(now)

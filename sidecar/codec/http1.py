@@ -16,12 +16,13 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 from multidict import MultiDict
 
 from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
+from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.context import ConnectionId, RequestContext
 from sidecar.core.message import Request, Response, local_reply
@@ -71,6 +72,7 @@ class StreamOwner(Protocol):
     server_header: str
     accept_http_10: bool
     suppress_envoy_headers: bool     # the router's: no x-envoy-upstream-service-time
+    stream_idle_timeout_s: float     # an upgraded connection's idle bound (a route's overrides)
 
     @property
     def bound_port(self) -> int: ...
@@ -105,7 +107,8 @@ class DownstreamConnection(asyncio.Protocol):
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
                  "_headers_started", "_paused_writing", "_drain_waiter", "_closing", "_tls",
                  "peer_identity", "requests", "_h2c", "_idle_waiter", "_refusal", "_stopped", "_pending_error", "_task", "_current",
-                 "_responding", "_timed_out", "_close_after", "_last_io", "conn_id")
+                 "_responding", "_timed_out", "_close_after", "_last_io", "conn_id",
+                 "_upgrade_req", "_upgraded")
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
@@ -141,6 +144,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._timed_out: tuple[int, str, str | None] | None = None
         self._close_after = False
         self._last_io = 0.0            # last byte in or out of the stream being served
+        self._upgrade_req: Request | None = None   # an upgrade request, until its head is parsed
+        self._upgraded = False                     # the connection is a tunnel (codec.tunnel)
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -194,18 +199,31 @@ class DownstreamConnection(asyncio.Protocol):
         if self._stopped:
             return          # after a protocol error, or bytes after a request that closes
         self.last_active = self._last_io = time.monotonic()
+        if self._upgraded:
+            cast(BodyStream, self._stream).feed(data)      # a tunnel (codec.tunnel): raw bytes
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             # llhttp stops after an Upgrade/CONNECT request. h2c upgrades were stripped in
             # on_headers_complete and are served as plain HTTP/1.1: parse on with a new
-            # parser. Anything else was answered there (403/404) and the connection closes.
+            # parser. An upgrade the connection manager may allow becomes a tunnel; anything
+            # else was answered there (404) and the connection closes.
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
             if self._h2c:
                 self._h2c = False
                 self.parser = _new_parser(self)
-                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
                 if offset < len(data):
                     self.data_received(data[offset:])
+                return
+            up = self._upgrade_req
+            if up is not None:
+                # what the client sends from now on is the tunnel's (codec.tunnel)
+                self._upgrade_req = None
+                self._stream = tunnel_input(up, cast(asyncio.Transport, self.transport),
+                                            data[offset:])
+                self._complete = False
+                self._upgraded = True
                 return
             self.transport.pause_reading()
             return
@@ -334,7 +352,9 @@ class DownstreamConnection(asyncio.Protocol):
             if up.startswith("h2c"):
                 self._h2c = True    # ignore the h2c upgrade offer, as Envoy does
             else:
-                req.reject = (403, "")
+                # the connection manager decides (upgrade_configs); 403 when not allowed
+                req.upgrade = up.partition(",")[0].strip()
+                self._upgrade_req = req
         if "expect" in headers and headers["expect"].lower() == "100-continue":
             # Envoy's default: answer 100-continue locally and do not forward it; other
             # expectations go upstream untouched
@@ -456,13 +476,21 @@ class DownstreamConnection(asyncio.Protocol):
         except Exception:
             log.exception("unhandled error in request chain")
             resp = local_reply(ctx, 500, "internal error", "DPE")
-        # read after dispatch: the connection manager may have decided the connection closes
-        keep_alive = req.keep_alive and not lr.draining
+        # read after dispatch: the connection manager may have decided the connection closes;
+        # after an upgrade request the parser is done: the connection closes (or tunnels)
+        keep_alive = req.keep_alive and not lr.draining and req.upgrade is None
         if self._closing:
             resp.discard()
             if "DC" not in ctx.flags:
                 ctx.flags.append("DC")
             lr.finish(req, resp, 0)
+            return False
+        if resp.status == 101 and req.upgrade is not None:
+            idle = ctx.stream_idle_timeout
+            sent = await serve_tunnel(cast(asyncio.Transport, self.transport), self.wait_writable,
+                                      lr.server_header, req, resp,
+                                      lr.stream_idle_timeout_s if idle is None else idle)
+            lr.finish(req, resp, sent)
             return False
         body = resp.body
         if self._close_after:
@@ -671,12 +699,24 @@ class DownstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    async def wait_writable(self) -> None:
+        """Until the transport's buffer drained below its high-water mark."""
+        if self._paused_writing and not self._closing:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiter = fut     # type: ignore[assignment]
+            await fut
+
+    def in_flight(self) -> int:
+        """Requests being served or queued (pipelined) on this connection."""
+        return 1 + len(self._queue) if self._busy else 0
+
     def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
                    limits: StreamLimits | None = None) -> None:
         """Called by the listener's sweep: connection idle and header-read timeouts, and the
-        timeouts of the stream in flight (request, stream idle, max duration)."""
+        timeouts of the stream in flight (request, stream idle, max duration); a tunnel keeps
+        its own idle timer (codec.tunnel)."""
         if self._busy:
-            if limits is not None:
+            if limits is not None and not self._upgraded:
                 self._stream_check(now, limits)
             return
         if self._headers_started and headers_timeout and now - self._headers_started > headers_timeout:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
 from sidecar.config.tls import UpstreamTls
 from sidecar.config.wire import Raw
 
@@ -110,6 +111,10 @@ class HealthCheck:
     healthy_edge_interval_s: float | None = None    # right after turning healthy
     no_traffic_interval_s: float | None = None      # until the cluster has seen traffic
     reuse_connection: bool = True        # keep the check's connection between checks (Envoy)
+    # gRPC health checking (grpc.health.v1.Health/Check over HTTP/2) instead of GET <path>:
+    # the service name asked about ("" = the server as a whole), and the :authority sent
+    grpc_service: str | None = None
+    grpc_authority: str = ""
     tcp: TcpHealthCheck | None = None    # a TCP check instead of the HTTP GET above
 
     def status_ok(self, status: int) -> bool:
@@ -154,6 +159,10 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
     tls: UpstreamTls | None = None
+    # the upstream protocol: "http1", "http2", or "downstream" (the client's protocol:
+    # Envoy's use_downstream_protocol_config)
+    protocol: str = "http1"
+    http2: Http2Options = UPSTREAM_DEFAULTS
     # ORIGINAL_DST: hosts are the downstream connections' original destinations, made on use
     # and dropped after cleanup_interval without connections; upstream_port_override replaces
     # their port (0: keep it)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import DOWNSTREAM_DEFAULTS, Http2Options, UpgradeConfig
 from sidecar.config.l4 import ConnectionLog, FilterChainMatch, ListenerFilters, TcpProxy
 from sidecar.config.log_format import LogFormat, is_sensitive_header
 from sidecar.config.route import HttpFilter, RouteConfig
@@ -74,6 +75,11 @@ class Listener:
     tls: DownstreamTls | None = None
     drain_timeout_s: float = 5.0
     tracing: "TracingConfig" | None = None   # Envoy HCM tracing (becomes Snapshot.tracing)
+    # the downstream codec: "auto" (HTTP/2 by ALPN h2 or the connection preface, else
+    # HTTP/1.1), "http1", "http2" (Envoy's codec_type)
+    codec: str = "auto"
+    http2: Http2Options = DOWNSTREAM_DEFAULTS
+    upgrades: tuple[UpgradeConfig, ...] = ()   # Upgrade tokens tunnelled (upgrade_configs)
     istio_metrics: IstioMetrics | None = None   # opt-in Istio standard metrics
     # L4: several filter chains, picked per connection by their match (sidecar.listener.chains).
     # Empty: the listener is one HTTP chain made of the fields above (the common case). Set:
@@ -122,7 +128,7 @@ class TracingConfig:
 DEFAULT_FIELDS = ("start_time", "method", "path", "protocol", "status", "response_flags",
                   "duration_ms", "upstream_duration_ms", "bytes_received", "bytes_sent",
                   "upstream_host", "route", "cluster", "request_id", "trace_id", "user_agent",
-                  "downstream_address", "authority", "listener")
+                  "downstream_address", "authority", "listener", "grpc_status")
 
 
 EXTRA_FIELDS = ("attempts", "upstream_cluster", "virtual_host", "peer_identity", "span_id",

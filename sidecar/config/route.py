@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import UpgradeConfig
 from sidecar.config.matchers import HeaderMatcher, QueryMatcher, StringMatcher
 from sidecar.core.limits import RateLimitPolicy
 
@@ -25,6 +26,7 @@ class RouteMatch:
     methods: tuple[str, ...] = ()           # empty = any
     cookies: tuple[tuple[str, StringMatcher], ...] = ()   # native: cookie-based version routing
     runtime_fraction: float | None = None  # percent of requests that match (0..100)
+    grpc: bool = False                      # only gRPC requests (content-type application/grpc*)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,16 @@ class HashPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamDuration:
+    """Envoy's route ``max_stream_duration`` (its presence: the route ``timeout`` then no longer
+    applies, as in Envoy; the bound itself is ``RouteAction.max_stream_duration_s``). For gRPC
+    requests with a ``grpc-timeout`` header and ``grpc_header_max_s`` set, the stream may last
+    that timeout capped at ``grpc_header_max_s`` (0 = no cap) minus ``grpc_header_offset_s``."""
+    grpc_header_max_s: float | None = None
+    grpc_header_offset_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class RouteAction:
     cluster: str | None = None
     weighted_clusters: tuple[WeightedCluster, ...] = ()
@@ -84,6 +96,9 @@ class RouteAction:
     hash_policy: tuple[HashPolicy, ...] = ()
     # honour a client's x-envoy-upstream-rq-timeout-ms (shorten only); off unless the route opts in
     allow_timeout_header: bool = False
+    max_stream_duration: StreamDuration | None = None
+    # per-route upgrade_configs: enable or disable upgrade types the listener allows
+    upgrades: tuple[UpgradeConfig, ...] = ()
     # the listener's stream_idle_timeout / max_stream_duration for this route (None: the
     # listener's; 0 turns it off on this route)
     idle_timeout_s: float | None = None
@@ -175,9 +190,14 @@ class RetryPolicy:
     allow_override_headers: bool = False         # honour x-envoy-max-retries / x-envoy-retry-on
 
 
+# gRPC status codes retried by Envoy's gRPC retry_on conditions (x-envoy-retry-grpc-on)
+GRPC_RETRY_ON = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8,
+                 "internal": 13, "unavailable": 14}
+
 RETRY_ON = frozenset({
     "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
     "retriable-status-codes", "reset-before-request", "envoy-ratelimited", "http3-post-connect-failure",
+    *GRPC_RETRY_ON,
 })
 
 

@@ -16,6 +16,8 @@ class DownstreamTls:
     ca_file: str | None = None        # set: request and verify client certs (mTLS)
     require_client_cert: bool = False    # with a CA: refuse clients without a valid cert
     min_version: str = "TLSv1_2"
+    # ALPN protocols offered, in preference order ("h2", "http/1.1"); empty: http/1.1 only
+    alpn: tuple[str, ...] = ()
     cert_secret: str = ""             # SDS: the tls_certificate secret's name
     ca_secret: str = ""               # SDS: the validation_context secret's name (mTLS)
 
@@ -38,6 +40,8 @@ class UpstreamTls:
     min_version: str = "TLSv1_2"
     match_san_uris: tuple[str, ...] = ()
     check_hostname: bool = False         # verify the server's DNS name against SNI / host
+    # ALPN offered; empty: the cluster's protocol decides (h2 for HTTP/2, http/1.1 otherwise)
+    alpn: tuple[str, ...] = ()
     cert_secret: str = ""             # SDS: the client certificate's secret
     ca_secret: str = ""               # SDS: the validation_context secret (trusted CA)
 

@@ -7,6 +7,7 @@ use to hand facts to later filters and to the access log, exactly as in Envoy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -102,8 +103,8 @@ class RequestContext:
                  "upstream_host", "upstream_start", "upstream_duration", "deadline",
                  "attempt_deadline", "hash_key", "span", "jwt_payloads", "metadata",
                  "bytes_received", "bytes_sent", "grpc", "observer", "upstream_status",
-                 "original_path", "stream_idle_timeout", "max_stream_duration",
-                 "peer_workload", "connection")
+                 "original_path", "stream_idle_timeout", "max_stream_duration", "abort",
+                 "grpc_status", "grpc_timeout", "peer_workload", "connection")
 
     def __init__(self, listener_name: str, downstream_addr: tuple[str, int] | None,
                  start: float, local_port: int = 0):
@@ -139,6 +140,13 @@ class RequestContext:
         self.grpc = False                          # content-type application/grpc*
         self.observer: StreamObserver | None = None
         self.original_path = ""                    # the path before a route rewrote it
+        # set by an upstream exchange in progress (an HTTP/2 stream): the downstream codec
+        # calls it when its client resets the stream, so the upstream stream is reset too
+        self.abort: Callable[[], None] | None = None
+        self.grpc_status: str | None = None        # of the response (headers or trailers)
+        # the client's grpc-timeout in seconds, read when the request arrived (before any
+        # route header mutation), for routes with max_stream_duration.grpc_timeout_header_max
+        self.grpc_timeout: float | None = None
         # a route's own stream timeouts (seconds, 0 = off), overriding the listener's
         self.stream_idle_timeout: float | None = None
         self.max_stream_duration: float | None = None

@@ -16,7 +16,7 @@ from sidecar.core.context import RequestContext
 
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body", "ctx", "version", "authority",
-                 "keep_alive", "chunked", "reject", "trailers", "scheme")
+                 "keep_alive", "chunked", "reject", "trailers", "scheme", "upgrade")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers, body: Body,
                  ctx: RequestContext, version: str = "1.1"):
@@ -34,6 +34,10 @@ class Request:
         self.trailers: Headers | None = None    # of a complete body
         # set by the codec: answer locally with (status, details) and close
         self.reject: tuple[int, str] | None = None
+        # the Upgrade token of an HTTP/1.1 upgrade request ("websocket"): if the listener and
+        # route allow it and the upstream answers 101, the connection becomes a tunnel and
+        # ``body`` carries the client's bytes after the request
+        self.upgrade: str | None = None
 
     @property
     def url(self) -> str:

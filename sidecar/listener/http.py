@@ -10,6 +10,7 @@ from __future__ import annotations
 from multidict import MultiDict
 
 from sidecar.config.listener import Listener
+from sidecar.config.route import RouteAction
 from sidecar.core.filter import FilterLike
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import NULL, CounterChild
@@ -21,6 +22,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.observability.tracing import ListenerTracer
 from sidecar.route.observe import RouteObserver, grpc_local_reply
 from sidecar.route.table import RouteTable
+from sidecar.route.timeout import parse_grpc_timeout
 
 PROTOCOL_ERROR_STATUSES = (400, 408, 413, 426, 431, 501)
 
@@ -28,13 +30,19 @@ PROTOCOL_ERROR_STATUSES = (400, 408, 413, 426, 431, 501)
 class ListenerCounters:
     """Listener-level counters that do not depend on the route."""
 
-    __slots__ = ("cx_total", "proto_err")
+    __slots__ = ("cx_total", "proto_err", "_h2_abuse", "_h2_family", "_listener")
 
     def __init__(self, m: Metrics, listener: str):
         self.cx_total: CounterChild = NULL
         self.proto_err: dict[int, CounterChild] = {}
+        self._h2_abuse: dict[str, CounterChild] = {}
+        self._h2_family = None
+        self._listener = listener
         if not m.enabled:
             return
+        self._h2_family = m.counter("sidecar_downstream_http2_abuse_total",
+                                    "HTTP/2 connections or streams ended by a protocol limit "
+                                    "(floods, rapid reset, malformed requests)", ("listener", "kind"))
         self.cx_total = m.counter("sidecar_downstream_cx_total", "Downstream connections accepted",
                                   ("listener",)).labels(listener)
         fam = m.counter("sidecar_downstream_rq_protocol_error_total",
@@ -47,12 +55,20 @@ class ListenerCounters:
         if c is not None:
             c.inc()
 
+    def http2_abuse(self, kind: str) -> None:
+        """Counted by kind (a fixed set named by the HTTP/2 codec), bound on first use."""
+        c = self._h2_abuse.get(kind)
+        if c is None:
+            fam = self._h2_family
+            c = self._h2_abuse[kind] = fam.labels(self._listener, kind) if fam is not None else NULL
+        c.inc()
+
 
 class HttpConnectionManager:
     """Routes and observers of one listener for one config snapshot."""
 
     __slots__ = ("config", "table", "tracer", "unmatched", "filters", "bound_port", "access_logs",
-                 "path_policy")
+                 "path_policy", "upgrades")
 
     def __init__(self, config: Listener, table: RouteTable | None, unmatched: RouteObserver,
                  tracer: ListenerTracer | None, filters: list[FilterLike], bound_port: int,
@@ -67,6 +83,7 @@ class HttpConnectionManager:
         pp = PathPolicy(config.normalize_path, config.merge_slashes,
                         config.path_with_escaped_slashes_action)
         self.path_policy = pp if pp.active else None
+        self.upgrades = {u.upgrade_type: u.enabled for u in config.upgrades}
 
     async def dispatch(self, req: Request) -> Response:
         ctx = req.ctx
@@ -74,7 +91,12 @@ class HttpConnectionManager:
         ct = req.headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             ctx.grpc = True
+            gt = req.headers.get("grpc-timeout")
+            if gt is not None:
+                ctx.grpc_timeout = parse_grpc_timeout(gt)
         apply_edge_policy(req, self.config, self.bound_port)
+        if req.upgrade is not None and req.upgrade not in self.upgrades:
+            return upgrade_refused(req)      # before routing, as Envoy's connection manager
         pp = self.path_policy
         if pp is not None:
             # before routing and every filter: RBAC, routes and the upstream see one path
@@ -98,13 +120,37 @@ class HttpConnectionManager:
             resp.local = True
             return grpc_local_reply(resp) if ctx.grpc else resp
         ctx.vhost_name = vh.name                # type: ignore[union-attr]
+        if req.upgrade is not None and not self._upgrade_allowed(req, route.config.action):
+            return upgrade_refused(req)
         resp = await route.handler(req)
         if ctx.grpc and resp.local:
             return grpc_local_reply(resp)
         return resp
+
+    def _upgrade_allowed(self, req: Request, action: object) -> bool:
+        """Envoy's upgrade_configs: the listener lists the upgrade types it tunnels (enabled or
+        not by default); a route may turn a listed type on or off. Sets the route's tunnel idle
+        timeout."""
+        up = req.upgrade
+        enabled = self.upgrades.get(up)        # type: ignore[arg-type]
+        if enabled is None or not isinstance(action, RouteAction):
+            return False
+        for u in action.upgrades:
+            if u.upgrade_type == up:
+                enabled = u.enabled
+        return enabled
 
     def retire(self) -> None:
         for f in self.filters:
             close = getattr(f, "close", None)
             if close is not None:
                 close()
+
+
+def upgrade_refused(req: Request) -> Response:
+    """403 with an empty body (Envoy's answer to an upgrade it does not tunnel); the HTTP/1.1
+    codec closes the connection after it."""
+    req.ctx.response_code_details = "upgrade_failed"
+    resp = Response(403)
+    resp.local = True
+    return resp

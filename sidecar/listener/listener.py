@@ -16,7 +16,8 @@ import socket
 import time
 from collections.abc import Awaitable
 
-from sidecar.codec.http1 import DownstreamConnection
+from sidecar.codec.detect import server_protocol
+from sidecar.codec.stream_owner import ServedConnection
 from sidecar.config.l4 import FilterChainMatch
 from sidecar.config.listener import Listener
 from sidecar.core.connection import ConnectionContext
@@ -71,7 +72,7 @@ class ListenerRuntime:
         self.config = config
         self.secrets = secrets          # SDS certificates by name
         self.name = config.name
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[ServedConnection] = set()
         # L4 listeners: the chains (swapped like hcm), TCP proxy sessions, the acceptor
         self.chains: ListenerChains | None = None
         self.sessions: set[TcpProxySession] = set()
@@ -89,11 +90,7 @@ class ListenerRuntime:
 
     def active_requests(self) -> int:
         """Requests being served or queued (pipelined) on this listener's connections."""
-        n = 0
-        for c in self.connections:
-            if c._busy:
-                n += 1 + len(c._queue)
-        return n
+        return sum(c.in_flight() for c in self.connections)
 
     def swap(self, config: Listener, hcm: HttpConnectionManager) -> HttpConnectionManager | None:
         """Serve ``hcm`` (a new config's routes) from now on; returns the one it replaces."""
@@ -108,8 +105,10 @@ class ListenerRuntime:
         self.max_headers_count = config.max_headers_count
         self.headers_with_underscores = config.headers_with_underscores_action
         self.server_header = f"server: {config.server_name}\r\n"
+        self.server_name = config.server_name
         self.accept_http_10 = config.accept_http_10
         self.suppress_envoy_headers = config.suppress_envoy_headers
+        self.stream_idle_timeout_s = config.stream_idle_timeout_s
 
     def swap_chains(self, config: Listener, chains: ListenerChains) -> ListenerChains | None:
         """Serve a new config's filter chains from now on; returns the ones they replace."""
@@ -130,17 +129,25 @@ class ListenerRuntime:
                 hcm.table.listener_port = str(self.bound_port)
 
     # ---- what the codec asks of its listener (codec.http1.StreamOwner) ---------------------
-    def connection_opened(self, conn: DownstreamConnection) -> None:
+    def connection_opened(self, conn: ServedConnection) -> None:
         self.connections.add(conn)
         self.downstream_cx_active += 1
         self.counters.cx_total.inc()
 
-    def connection_closed(self, conn: DownstreamConnection) -> None:
+    def connection_closed(self, conn: ServedConnection) -> None:
         self.connections.discard(conn)
         self.downstream_cx_active -= 1
 
     def protocol_error(self, status: int) -> None:
         self.counters.protocol_error(status)
+
+    def http2_abuse(self, kind: str) -> None:
+        self.counters.http2_abuse(kind)
+
+    def new_connection(self) -> asyncio.Protocol:
+        """The codec for a connection just accepted (the listener's codec_type, read now)."""
+        cfg = self.config
+        return server_protocol(self, cfg.codec, cfg.http2, cfg.idle_timeout_s)
 
     def dispatch(self, req: Request) -> Awaitable[Response]:
         """The current manager's dispatch (its coroutine: no frame here)."""
@@ -178,7 +185,8 @@ class ListenerRuntime:
     def _protocol(self, chain: ChainRuntime, ctx: ConnectionContext | None
                   ) -> asyncio.BaseProtocol:
         if chain.http is not None:
-            return DownstreamConnection(chain.http)
+            hc = chain.http.config          # its codec_type: HTTP/1.1, HTTP/2 or either
+            return server_protocol(chain.http, hc.codec, hc.http2, hc.idle_timeout_s)
         assert chain.tcp is not None
         if ctx is None:
             return _LateSession(self, chain)
@@ -250,13 +258,14 @@ class ListenerRuntime:
         loop = asyncio.get_running_loop()
         ssl_ctx = server_context(self.config.tls, self.secrets) if self.config.tls is not None \
             else None
-        kw = dict(backlog=1024, ssl=ssl_ctx)
         if sock is not None:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self), sock=sock, **kw)
+            self.server = await loop.create_server(self.new_connection, sock=sock, backlog=1024,
+                                                   ssl=ssl_ctx)
         else:
-            self.server = await loop.create_server(lambda: DownstreamConnection(self),
+            self.server = await loop.create_server(self.new_connection,
                                                    self.config.host, self.config.port,
-                                                   reuse_port=reuse_port or None, **kw)
+                                                   reuse_port=reuse_port or None, backlog=1024,
+                                                   ssl=ssl_ctx)
         self.bound_port = self.server.sockets[0].getsockname()[1]
         self._sweeper = loop.create_task(self._sweep())
 

@@ -21,7 +21,7 @@ from sidecar.listener.http import HttpConnectionManager
 from sidecar.observability.access_log import ConnectionLogger
 
 if TYPE_CHECKING:
-    from sidecar.codec.http1 import DownstreamConnection
+    from sidecar.codec.stream_owner import ServedConnection
     from sidecar.listener.listener import ListenerRuntime
 
 
@@ -30,7 +30,7 @@ class HttpChain:
 
     __slots__ = ("lr", "config", "hcm", "name", "max_header_bytes", "max_headers_count",
                  "headers_with_underscores", "server_header", "accept_http_10",
-                 "suppress_envoy_headers")
+                 "suppress_envoy_headers", "server_name", "stream_idle_timeout_s")
 
     def __init__(self, lr: ListenerRuntime, config: Listener, hcm: HttpConnectionManager):
         self.lr = lr
@@ -44,6 +44,8 @@ class HttpChain:
         self.server_header = f"server: {config.server_name}\r\n"
         self.accept_http_10 = config.accept_http_10
         self.suppress_envoy_headers = config.suppress_envoy_headers
+        self.server_name = config.server_name
+        self.stream_idle_timeout_s = config.stream_idle_timeout_s
 
     @property
     def bound_port(self) -> int:
@@ -53,14 +55,17 @@ class HttpChain:
     def draining(self) -> bool:
         return self.lr.draining
 
-    def connection_opened(self, conn: DownstreamConnection) -> None:
+    def connection_opened(self, conn: ServedConnection) -> None:
         self.lr.connection_opened(conn)
 
-    def connection_closed(self, conn: DownstreamConnection) -> None:
+    def connection_closed(self, conn: ServedConnection) -> None:
         self.lr.connection_closed(conn)
 
     def protocol_error(self, status: int) -> None:
         self.lr.protocol_error(status)
+
+    def http2_abuse(self, kind: str) -> None:
+        self.lr.http2_abuse(kind)
 
     async def dispatch(self, req: Request) -> Response:
         return await self.hcm.dispatch(req)

@@ -254,6 +254,8 @@ _GETTERS = {
     "peer_identity": lambda req, resp, d: req.ctx.peer_identity,
     "x_forwarded_for": lambda req, resp, d: req.headers.get("x-forwarded-for"),
     "referer": lambda req, resp, d: req.headers.get("referer"),
+    # of gRPC requests (headers or trailers), set when the stream ended; null otherwise
+    "grpc_status": lambda req, resp, d: req.ctx.grpc_status,
 }
 assert set(_GETTERS) == KNOWN_FIELDS - {"listener"}
 

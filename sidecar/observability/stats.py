@@ -22,6 +22,8 @@ from sidecar.core.metrics import NULL, CounterChild, CounterFamily
 from sidecar.observability.flags import KNOWN_FLAGS
 from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 
+GRPC_STATUSES = frozenset([str(i) for i in range(17)] + ["none"])
+
 
 class ClusterStats:
     """Upstream event counters for one cluster (per attempt, not per downstream request)."""
@@ -118,15 +120,17 @@ class RouteStats:
     """Downstream request stats for one route on one listener."""
 
     __slots__ = ("rq_by_class", "latency", "bytes_in", "bytes_out", "_flags", "_flag_family",
-                 "_labels")
+                 "_labels", "_grpc", "_grpc_family")
 
     def __init__(self, m: Metrics, listener: str, vhost: str, route: str):
         self._flags: dict[str, Any] = {}
+        self._grpc: dict[str, Any] = {}
         self._labels = (listener, vhost, route)
         if not m.enabled:
             self.rq_by_class = (NULL,) * 5
             self.latency = self.bytes_in = self.bytes_out = NULL
             self._flag_family = None
+            self._grpc_family = None
             return
         rq = m.counter("sidecar_http_downstream_rq_total", "Downstream requests by response class",
                        ("listener", "virtual_host", "route", "status_class"))
@@ -141,6 +145,21 @@ class RouteStats:
         self._flag_family = m.counter("sidecar_http_downstream_rq_flag_total",
                                       "Downstream requests by Envoy response flag",
                                       ("listener", "virtual_host", "route", "flag"))
+        self._grpc_family = m.counter("sidecar_grpc_downstream_rq_total",
+                                      "gRPC requests by gRPC status (0..16, \"none\" when the "
+                                      "response carried none)",
+                                      ("listener", "virtual_host", "route", "grpc_status"))
+
+    def grpc(self, status: str):
+        """The counter for one gRPC status (bound on first use; 17 values at most)."""
+        c = self._grpc.get(status)
+        if c is None:
+            fam = self._grpc_family
+            if fam is None:
+                return NULL
+            label = status if status in GRPC_STATUSES else "other"
+            c = self._grpc[status] = fam.labels(*self._labels, label)
+        return c
 
     def flag(self, flag: str):
         """The counter for one response flag (bound on first use: flags are the rare path)."""

@@ -9,10 +9,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from multidict import MultiDict
-
 from sidecar.core.context import RouteInfo, StreamObserver
 from sidecar.core.filter import Handler
+from sidecar.core.grpc import grpc_local_reply, grpc_message, grpc_reply, is_grpc
 from sidecar.core.message import Request, Response
 from sidecar.core.metrics import CounterChild
 from sidecar.observability.access_log import RequestLogger
@@ -21,30 +20,20 @@ from sidecar.observability.tracing import ListenerTracer, ServerSpan
 
 log = logging.getLogger("sidecar.route")
 
-# Envoy's Grpc::Utility::httpToGrpcStatus
-_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+__all__ = ["ObserveLayer", "RouteObserver", "grpc_local_reply", "grpc_message", "grpc_reply",
+           "grpc_status_of", "is_grpc"]
 
 
-def is_grpc(req: Request) -> bool:
-    ct = req.headers.get("content-type")
-    return ct is not None and ct.startswith("application/grpc")
-
-
-def grpc_local_reply(resp: Response) -> Response:
-    """A local reply to a gRPC request, as Envoy sends it: HTTP 200, trailers-only, the gRPC
-    status from the HTTP status and the reply body as ``grpc-message``."""
-    if "grpc-status" in resp.headers:
-        return resp
-    body = resp.body if isinstance(resp.body, bytes) else b""
-    h = MultiDict(resp.headers)
-    h.popall("content-length", None)
-    h["content-type"] = "application/grpc"
-    h["grpc-status"] = str(_HTTP_TO_GRPC.get(resp.status, 2))
-    if body:
-        h["grpc-message"] = body.decode("utf-8", "replace")
-    out = Response(200, h, b"")
-    out.local = True
-    return out
+def grpc_status_of(resp: Response) -> str | None:
+    """The gRPC status of a response: in its headers (trailers-only) or its trailers."""
+    v = resp.headers.get("grpc-status")
+    if v is not None:
+        return v
+    t = resp.trailers
+    if t is None:
+        src = resp.body_source()
+        t = src.trailers if src is not None else None
+    return t.get("grpc-status") if t is not None else None
 
 
 class RouteObserver:
@@ -72,6 +61,9 @@ class RouteObserver:
     def stream_done(self, req: Request, resp: Response, body_bytes: int) -> None:
         ctx = req.ctx
         duration = time.perf_counter() - ctx.start
+        if ctx.grpc:
+            gs = ctx.grpc_status = grpc_status_of(resp)
+            self.stats.grpc(gs if gs is not None else "none").inc()
         ctx.bytes_sent = body_bytes if body_bytes > 0 else 0
         body = req.body
         n = ctx.bytes_received = len(body) if body.__class__ is bytes else body.total  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from sidecar.cluster.cluster import ClusterState
-from sidecar.config.route import RETRY_ON, RetryPolicy
+from sidecar.config.route import GRPC_RETRY_ON, RETRY_ON, RetryPolicy
 from sidecar.core.backoff import backoff_delay
 from sidecar.core.body import Headers, PrefixedStream
 from sidecar.core.errors import RouteTimeout, UpstreamError
@@ -39,6 +39,30 @@ def status_is_retriable(policy: RetryPolicy, status: int) -> bool:
     if "retriable-status-codes" in on and status in policy.retriable_status_codes:
         return True
     return False
+
+
+_GRPC_CODES: dict[frozenset[str], frozenset[str]] = {}
+
+
+def grpc_codes(retry_on: frozenset[str]) -> frozenset[str]:
+    """The gRPC status codes (as sent in ``grpc-status``) the conditions retry."""
+    codes = _GRPC_CODES.get(retry_on)
+    if codes is None:
+        if len(_GRPC_CODES) > 256:
+            _GRPC_CODES.clear()
+        codes = _GRPC_CODES[retry_on] = frozenset(str(GRPC_RETRY_ON[t]) for t in retry_on
+                                                  if t in GRPC_RETRY_ON)
+    return codes
+
+
+def grpc_is_retriable(policy: RetryPolicy, headers: Headers) -> bool:
+    """Envoy's gRPC retry conditions look at ``grpc-status`` in the response *headers* only
+    (a trailers-only answer): a status in trailers comes after the body started."""
+    codes = grpc_codes(policy.retry_on)
+    if not codes:
+        return False
+    v = headers.get("grpc-status")
+    return v is not None and v in codes
 
 
 _RESET_ANY = frozenset({"reset", "5xx", "gateway-error"})
@@ -69,8 +93,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 # ---- per-request override headers (honoured only when the route allows them) ---------------
 
-OVERRIDE_HEADERS = ("x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-retriable-status-codes",
-                    "x-envoy-upstream-rq-per-try-timeout-ms")
+OVERRIDE_HEADERS = ("x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-retry-grpc-on",
+                    "x-envoy-retriable-status-codes", "x-envoy-upstream-rq-per-try-timeout-ms")
 
 
 def request_overrides(headers: Headers, policy: RetryPolicy) -> tuple[int, RetryPolicy, float]:
@@ -91,6 +115,12 @@ def request_overrides(headers: Headers, policy: RetryPolicy) -> tuple[int, Retry
     if v is not None:
         headers.popall("x-envoy-retry-on")
         extra = frozenset(t for t in (s.strip() for s in v.split(",")) if t in RETRY_ON)
+        if not extra <= policy.retry_on:
+            policy = replace(policy, retry_on=policy.retry_on | extra)
+    v = headers.get("x-envoy-retry-grpc-on")
+    if v is not None:
+        headers.popall("x-envoy-retry-grpc-on")
+        extra = frozenset(t for t in (s.strip() for s in v.split(",")) if t in GRPC_RETRY_ON)
         if not extra <= policy.retry_on:
             policy = replace(policy, retry_on=policy.retry_on | extra)
     v = headers.get("x-envoy-retriable-status-codes")
@@ -159,6 +189,8 @@ class RetryLayer:
         self.rand = rand
 
     async def __call__(self, req: Request) -> Response:
+        if req.upgrade is not None:
+            return await self.next(req)      # an upgrade (tunnel) is never retried
         ctx = req.ctx
         headers = req.headers
         policy = self.policy
@@ -207,7 +239,8 @@ class RetryLayer:
                 if resp is not None:
                     if not (status_is_retriable(on, resp.status)
                             or ("envoy-ratelimited" in on.retry_on
-                                and "x-envoy-ratelimited" in resp.headers)):
+                                and "x-envoy-ratelimited" in resp.headers)
+                            or (ctx.grpc and grpc_is_retriable(on, resp.headers))):
                         if attempt:
                             stats.rq_retry_success.inc()
                         return resp

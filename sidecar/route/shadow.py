@@ -237,6 +237,8 @@ class ShadowLayer:
                              for m, state in mirrors)
 
     async def __call__(self, req: Request) -> Response:
+        if req.upgrade is not None:
+            return await self.next(req)      # a tunnel is not mirrored (nor is it by Envoy)
         chosen: list[Mirror] | None = None
         for m in self.mirrors:
             if m.fraction < 1.0 and random.random() >= m.fraction:

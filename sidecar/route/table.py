@@ -45,7 +45,7 @@ class CompiledRoute:
         m = self.match
         # path-only routes need no further check once the index picked them
         self._m_simple = not (m.headers or m.query_params or m.methods or m.cookies
-                              or m.runtime_fraction is not None)
+                              or m.runtime_fraction is not None or m.grpc)
         action = config.action
         names = []
         for attr in ("cluster",):
@@ -79,6 +79,8 @@ class CompiledRoute:
         if self._m_simple:
             return True
         if m.methods and method not in m.methods:
+            return False
+        if m.grpc and not headers.get("content-type", "").startswith("application/grpc"):
             return False
         for h in m.headers:
             if not h.matches(headers):

@@ -155,7 +155,7 @@ class StateCollector:
                 n_avail += avail
                 n_ejected += ejected
                 n_hc_fail += not h.hc_healthy
-                hcx = h.pool.active + h.cx_active
+                hcx = h.http_cx_active + h.cx_active
                 cx += hcx
                 if i >= MAX_ENDPOINT_SERIES_PER_CLUSTER:
                     continue

@@ -199,7 +199,8 @@ def _build_server(cfg: DownstreamTls, secrets: SecretStore | None = None) -> ssl
         _load_ca(ctx, cfg.ca_file)
     if cfg.verifies_clients:
         ctx.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_cert else ssl.CERT_OPTIONAL
-    ctx.set_alpn_protocols(ALPN)
+    # the listener's alpn_protocols in its order of preference (the server's order wins)
+    ctx.set_alpn_protocols(list(cfg.alpn) if cfg.alpn else ALPN)
     return ctx
 
 
@@ -235,7 +236,8 @@ class _SanCheckingSSLObject(ssl.SSLObject):
             raise err
 
 
-def _build_client(cfg: UpstreamTls, secrets: SecretStore | None = None) -> ssl.SSLContext:
+def _build_client(cfg: UpstreamTls, secrets: SecretStore | None = None,
+                  alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = _MIN_VERSIONS.get(cfg.min_version, ssl.TLSVersion.TLSv1_2)
     ctx.options |= ssl.OP_NO_COMPRESSION
@@ -258,18 +260,20 @@ def _build_client(cfg: UpstreamTls, secrets: SecretStore | None = None) -> ssl.S
     if cfg.match_san_uris:
         ctx.sslobject_class = type("SanCheckingSSLObject", (_SanCheckingSSLObject,),
                                    {"allowed_uris": frozenset(cfg.match_san_uris)})
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
-def client_context(cfg: UpstreamTls, secrets: SecretStore | None = None) -> ReloadingContext:
-    """The SSLContext for a cluster's upstream connections (SDS secrets: as server_context)."""
+def client_context(cfg: UpstreamTls, secrets: SecretStore | None = None,
+                   alpn: tuple[str, ...] = ("http/1.1",)) -> ReloadingContext:
+    """The SSLContext for a cluster's upstream connections of one protocol (``alpn``: "h2" for
+    HTTP/2 connections; SDS secrets: as server_context)."""
     if cfg.secrets and secrets is not None:
         return _shell(ssl.PROTOCOL_TLS_CLIENT, _SecretReloader(
-            lambda: _build_client(cfg, secrets), secrets, cfg.secrets, ssl.PROTOCOL_TLS_CLIENT,
-            f"cluster TLS (secrets {', '.join(cfg.secrets)})"))
+            lambda: _build_client(cfg, secrets, alpn), secrets, cfg.secrets,
+            ssl.PROTOCOL_TLS_CLIENT, f"cluster TLS (secrets {', '.join(cfg.secrets)})"))
     files = tuple(f for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f)
-    return _shell(ssl.PROTOCOL_TLS_CLIENT, _Reloader(lambda: _build_client(cfg), files,
+    return _shell(ssl.PROTOCOL_TLS_CLIENT, _Reloader(lambda: _build_client(cfg, None, alpn), files,
                                                      f"cluster TLS ({cfg.sni or cfg.ca_file or 'system CAs'})"))
 
 

@@ -103,13 +103,13 @@ async def test_ads_nack_keeps_old_config(server, upstreams):
         assert await eventually(lambda: who(s, lp)) == "a"
         version = p.app.store.snapshot.version
         bad = route("main", "svc")
-        bad["virtual_hosts"][0]["routes"][0]["match"]["grpc"] = {}      # not supported here
+        bad["virtual_hosts"][0]["routes"][0]["match"]["tls_context"] = {}   # not supported here
         server.set(RDS, [bad])
         await server.wait(lambda: server.nacks("n1", RDS))
         nack = server.nacks("n1", RDS)[-1]
         assert nack.version_info == "v1"               # the previous (accepted) version
         assert nack.acked_version == "v2"              # ...with the nonce of the rejected one
-        assert "match.grpc" in nack.error and "not supported" in nack.error
+        assert "match.tls_context" in nack.error and "unsupported" in nack.error
         assert await who(s, lp) == "a"                 # the old config serves on
         assert p.app.store.snapshot.version == version
         # an unknown HTTP filter in a listener: NACK too, the listener keeps its old config

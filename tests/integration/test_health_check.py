@@ -216,7 +216,8 @@ def test_health_check_config_both_formats():
 
 @pytest.mark.parametrize("fn,d,where", [
     (health_check_from_envoy, {"timeout": "1s", "interval": "1s", "healthy_threshold": 1, "unhealthy_threshold": 1,
-                               "grpc_health_check": {}}, "hc.grpc_health_check"),
+                               "grpc_health_check": {"initial_metadata": [{"key": "k", "value": "v"}]}},
+     "hc.grpc_health_check.initial_metadata"),
     (health_check_from_envoy, {"timeout": "1s", "interval": "1s", "healthy_threshold": 1, "unhealthy_threshold": 1,
                                "tcp_health_check": {"send": {"text": "zz"}}}, "hc.tcp_health_check.send.text"),
     (health_check_from_envoy, {"timeout": "1s", "interval": "1s", "healthy_threshold": 1, "unhealthy_threshold": 1},

@@ -600,8 +600,9 @@ def test_envoy_tls_refuses_what_it_cannot_honour(pki):
             "common_tls_context": {"tls_certificates": [{"certificate_chain": {"filename": cert},
                                                          "private_key": {"filename": key}}], **common}}}
     assert downstream_tls_from_envoy(ds(alpn_protocols=["http/1.1"]), "t").cert_file == cert
-    with pytest.raises(ConfigError, match="alpn_protocols: only http/1.1"):
-        downstream_tls_from_envoy(ds(alpn_protocols=["h2", "http/1.1"]), "t")
+    assert downstream_tls_from_envoy(ds(alpn_protocols=["h2", "http/1.1"]), "t").alpn == ("h2", "http/1.1")
+    with pytest.raises(ConfigError, match=r"alpn_protocols\[1\]: unsupported ALPN protocol 'h3'"):
+        downstream_tls_from_envoy(ds(alpn_protocols=["h2", "h3"]), "t")
     with pytest.raises(ConfigError, match="tls_maximum_protocol_version: only TLS_AUTO or TLSv1_3"):
         downstream_tls_from_envoy(ds(tls_params={"tls_maximum_protocol_version": "TLSv1_2"}), "t")
     with pytest.raises(ConfigError, match="match_typed_subject_alt_names: is not supported on listeners"):

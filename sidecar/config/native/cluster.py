@@ -20,6 +20,13 @@ from sidecar.config.cluster import (
     outlier_detection_from_wire,
 )
 from sidecar.config.errors import ConfigError
+from sidecar.config.http2 import (
+    DOWNSTREAM_ONLY,
+    UPSTREAM_DEFAULTS,
+    UPSTREAM_PROTOCOLS,
+    Http2Options,
+    http2_options_from_wire,
+)
 from sidecar.config.native.listener import _file, _min_version
 from sidecar.config.tls import UpstreamTls
 from sidecar.config.wire import Raw
@@ -55,7 +62,7 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
                      "respect_dns_ttl", "dns_resolvers",
                      "circuit_breakers", "outlier_detection", "health_check", "tls",
                      "max_idle_connections", "idle_timeout", "ewma", "panic_threshold",
-                     "cleanup_interval", "port_override", "bind_address"), path)
+                     "cleanup_interval", "port_override", "bind_address", "protocol", "http2"), path)
     ctype = w.string(d, "type", path, "static",
                      choices=("static", "strict_dns", "logical_dns", "eds", "original_dst"))
     ep = w.join(path, "endpoints")
@@ -97,7 +104,13 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
         kw["upstream_port_override"] = w.integer(d, "port_override", path, 0, lo=0, hi=65535)
     if "bind_address" in d:
         kw["bind_address"] = w.string(d, "bind_address", path, nonempty=True)
-    return Cluster(name=w.string(d, "name", path, nonempty=True), type=ctype, endpoints=eps,
+    protocol = w.string(d, "protocol", path, "http1", choices=UPSTREAM_PROTOCOLS)
+    if "http2" in d:
+        if protocol == "http1":
+            raise ConfigError(w.join(path, "http2"), "needs protocol: http2 or downstream")
+        kw["http2"] = upstream_http2_options(d["http2"], w.join(path, "http2"))
+    return Cluster(protocol=protocol, name=w.string(d, "name", path, nonempty=True), type=ctype,
+                   endpoints=eps,
                    connect_timeout_s=w.duration(d, "connect_timeout", path, 5.0),
                    dns_refresh_s=w.duration(d, "dns_refresh", path, 5.0),
                    dns_lookup_family=w.string(d, "dns_lookup_family", path, "ALL",
@@ -112,6 +125,16 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
                    lb=LbConfig(**lb_kw),
                    max_idle_connections=w.integer(d, "max_idle_connections", path, 64, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
+
+
+def upstream_http2_options(d: object, path: str) -> Http2Options:
+    """Cluster ``http2: {max_concurrent_streams, initial_stream_window, initial_connection_window,
+    hpack_table_size}``."""
+    opts = http2_options_from_wire(d, path, UPSTREAM_DEFAULTS, native=True)
+    for f in DOWNSTREAM_ONLY:
+        if getattr(opts, f) != getattr(UPSTREAM_DEFAULTS, f):
+            raise ConfigError(w.join(path, f), "applies to listeners only")
+    return opts
 
 
 def upstream_tls_from_native(v: object, path: str) -> UpstreamTls:
@@ -150,12 +173,13 @@ _HC_HTTP_ONLY = ("path", "host", "expected_statuses", "retriable_statuses", "reu
 
 
 def health_check_from_native(d: Raw, path: str) -> HealthCheck:
-    """HTTP (``path``...) or TCP (``tcp: {send, receive}``: hex payloads, or ``tcp: {}`` for a
-    connect-only check)."""
+    """HTTP (``path``...), gRPC (``grpc: {service, authority}``, or ``grpc: true``) or TCP
+    (``tcp: {send, receive}``: hex payloads, or ``tcp: {}`` for a connect-only check)."""
     w.check_keys(d, ("path", "host", "interval", "jitter", "initial_jitter", "timeout",
                      "healthy_threshold", "unhealthy_threshold", "expected_statuses",
                      "retriable_statuses", "unhealthy_interval", "no_traffic_interval",
-                     "reuse_connection", "tcp"), path)
+                     "reuse_connection", "tcp", "grpc"), path)
+    w.one_of(d, ("tcp", "grpc"), path, required=False)
     tcp = None
     if "tcp" in d:
         for key in _HC_HTTP_ONLY:
@@ -167,9 +191,21 @@ def health_check_from_native(d: Raw, path: str) -> HealthCheck:
             send=_hex(t["send"], w.join(tp, "send")) if t.get("send") else b"",
             receive=tuple(_hex(r, w.join(w.join(tp, "receive"), i))
                           for i, r in enumerate(w.seq(t, "receive", tp, []))))
+    grpc: dict[str, Any] = {}
+    if "grpc" in d:
+        # grpc: {service: name, authority: host} (or grpc: true for the server as a whole)
+        gp = w.join(path, "grpc")
+        g = {} if d["grpc"] is True else w.check_keys(d["grpc"], ("service", "authority"), gp)
+        for k in ("path", "expected_statuses", "retriable_statuses"):
+            if k in d:
+                raise ConfigError(w.join(path, k), "does not apply to a gRPC health check")
+        grpc = {"grpc_service": w.string(g, "service", gp, ""), "path": "/grpc.health.v1.Health/Check",
+                "grpc_authority": w.string(g, "authority", gp, "")}
+    hc_path = grpc.pop("path") if grpc else w.string(d, "path", path, "/healthz", nonempty=True)
     return HealthCheck(
         tcp=tcp,
-        path=w.string(d, "path", path, "/healthz", nonempty=True), host=w.string(d, "host", path, ""),
+        path=hc_path,
+        host=w.string(d, "host", path, ""),
         interval_s=_positive(w.duration(d, "interval", path, 5.0), w.join(path, "interval")),
         interval_jitter_s=w.duration(d, "jitter", path, 0.0),
         initial_jitter_s=w.duration(d, "initial_jitter", path, 0.0),
@@ -184,7 +220,7 @@ def health_check_from_native(d: Raw, path: str) -> HealthCheck:
         # native: checks run at `interval` from the start unless this is set
         no_traffic_interval_s=w.duration(d, "no_traffic_interval", path, None),
         reuse_connection=w.boolean(d, "reuse_connection", path, tcp is None),
-    )
+        **grpc)
 
 
 def _hex(v: object, path: str) -> bytes:

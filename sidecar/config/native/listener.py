@@ -10,6 +10,12 @@ from typing import Any
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog, InstanceParsers, ListenerFilterCatalog
+from sidecar.config.http2 import (
+    CODECS,
+    DOWNSTREAM_DEFAULTS,
+    http2_options_from_wire,
+    upgrade_configs_from_wire,
+)
 from sidecar.config.l4 import ConnectionLog, FilterChainMatch
 from sidecar.config.listener import (
     ESCAPED_SLASHES_ACTIONS,
@@ -86,7 +92,8 @@ HTTP_KEYS = ("routes", "virtual_hosts", "filters", "idle_timeout", "request_head
              "response_headers", "strip_host_port", "accept_http_10", "trust_private_peers",
              "preserve_external_request_id", "stream_idle_timeout", "max_stream_duration",
              "max_headers_count", "headers_with_underscores_action", "normalize_path",
-             "merge_slashes", "path_with_escaped_slashes_action", "istio_metrics")
+             "merge_slashes", "path_with_escaped_slashes_action", "istio_metrics", "codec",
+             "http2", "upgrades")
 
 
 def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
@@ -169,6 +176,10 @@ def listener_from_native(d: Raw, path: str, filters: FilterCatalog) -> Listener:
         strip_host_port=w.string(d, "strip_host_port", path, "any", choices=("any", "matching", "none")),
         drain_timeout_s=w.duration(d, "drain_timeout", path, 5.0),
         access_log=access_log, tls=tls, source=d,
+        codec=w.string(d, "codec", path, "auto", choices=CODECS),
+        http2=http2_options_from_wire(d.get("http2"), w.join(path, "http2"), DOWNSTREAM_DEFAULTS,
+                                      native=True),
+        upgrades=upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"), native=True),
         istio_metrics=istio_metrics_from_native(d, path),
     )
 
@@ -292,7 +303,13 @@ def downstream_tls_from_native(d: Raw, path: str) -> DownstreamTls:
 
     ``ca`` turns on client-certificate verification (mTLS); with it, ``require_client_cert``
     defaults to true (set false to accept clients without a certificate too)."""
-    w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version"), path)
+    w.check_keys(d, ("cert", "key", "ca", "require_client_cert", "min_version", "alpn"), path)
+    alpn = w.seq(d, "alpn", path, [])
+    for i, p in enumerate(alpn):
+        if p not in ("h2", "http/1.1"):
+            raise ConfigError(w.join(w.join(path, "alpn"), i), "must be h2 or http/1.1")
+    if len(set(alpn)) != len(alpn):
+        raise ConfigError(w.join(path, "alpn"), "lists a protocol twice")
     cert = _required_file(d, "cert", path)
     key = _required_file(d, "key", path)
     ca = _file(d, "ca", path)
@@ -300,4 +317,4 @@ def downstream_tls_from_native(d: Raw, path: str) -> DownstreamTls:
     if require and ca is None:
         raise ConfigError(w.join(path, "require_client_cert"), "needs ca (the CA that signs client certificates)")
     return DownstreamTls(cert_file=cert, key_file=key, ca_file=ca, require_client_cert=require,
-                         min_version=_min_version(d, path))
+                         min_version=_min_version(d, path), alpn=tuple(alpn))

@@ -9,6 +9,7 @@ from typing import Any
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
+from sidecar.config.http2 import upgrade_configs_from_wire
 from sidecar.config.matchers import QueryMatcher, header_matchers_from_native, string_matcher_from_native
 from sidecar.config.ratelimit import rate_limits_from_wire
 from sidecar.config.route import (
@@ -22,6 +23,7 @@ from sidecar.config.route import (
     Route,
     RouteAction,
     RouteMatch,
+    StreamDuration,
     VirtualHost,
     WeightedCluster,
     _status_codes,
@@ -32,7 +34,7 @@ from sidecar.config.wire import Raw
 
 def route_match_from_native(d: Raw, path: str) -> RouteMatch:
     w.check_keys(d, ("prefix", "path", "regex", "path_separated_prefix", "case_sensitive",
-                     "headers", "query", "methods", "cookies", "percent"), path)
+                     "headers", "query", "methods", "cookies", "percent", "grpc"), path)
     kind = w.one_of(d, ("prefix", "path", "regex", "path_separated_prefix"), path, required=False)
     kw: dict[str, Any] = {}
     cs = w.boolean(d, "case_sensitive", path, True)
@@ -61,7 +63,7 @@ def route_match_from_native(d: Raw, path: str) -> RouteMatch:
     return RouteMatch(case_sensitive=cs,
                       headers=header_matchers_from_native(d["headers"], w.join(path, "headers")) if "headers" in d else (),
                       query_params=tuple(q), methods=tuple(m.upper() for m in methods),
-                      cookies=cookies,
+                      cookies=cookies, grpc=w.boolean(d, "grpc", path, False),
                       runtime_fraction=w.number(d, "percent", path, None, lo=0, hi=100), **kw)
 
 
@@ -101,8 +103,8 @@ def per_filter_from_native(d: Raw, path: str, filters: FilterCatalog) -> tuple[t
 
 _ROUTE_KEYS = ("name", "match", "cluster", "weighted", "cluster_header", "direct_response",
                "redirect", "rewrite", "timeout", "idle_timeout", "retry", "mirror", "hash",
-               "allow_timeout_header", "max_stream_duration", "rate_limits",
-               "include_vh_rate_limits",
+               "allow_timeout_header", "max_stream_duration", "grpc_timeout_max", "upgrades",
+               "rate_limits", "include_vh_rate_limits",
                "request_headers", "response_headers", "filters")
 
 
@@ -156,6 +158,13 @@ def route_from_native(d: Raw, path: str, filters: FilterCatalog) -> Route:
         kw["allow_timeout_header"] = w.boolean(d, "allow_timeout_header", path, False)
         kw["idle_timeout_s"] = w.duration(d, "idle_timeout", path, None)
         kw["max_stream_duration_s"] = w.duration(d, "max_stream_duration", path, None)
+        if "max_stream_duration" in d or "grpc_timeout_max" in d:
+            # either one: the route timeout no longer applies (Envoy); grpc_timeout_max: 5s
+            # honours a client's grpc-timeout up to 5 s (0 = no cap)
+            kw["max_stream_duration"] = StreamDuration(
+                grpc_header_max_s=w.duration(d, "grpc_timeout_max", path, None))
+        kw["upgrades"] = upgrade_configs_from_wire(d.get("upgrades"), w.join(path, "upgrades"),
+                                                   native=True)
         if "retry" in d:
             kw["retry_policy"] = retry_policy_from_native(w.mapping(d, "retry", path), w.join(path, "retry"))
         mirrors = []

@@ -9,12 +9,13 @@ from sidecar.config import wire as w
 from sidecar.config.cluster import Cluster
 from sidecar.config.errors import ConfigError
 from sidecar.config.filters import FilterCatalog
+from sidecar.config.http2 import UPSTREAM_PROTOCOLS
 from sidecar.config.listener import APP_CLUSTER, Listener, SidecarConfig
 from sidecar.config.native.cluster import cluster_from_native
 from sidecar.config.native.listener import listener_from_native
 from sidecar.config.route import RouteAction
 
-_KEYS = ("service", "app", "app_health", "inbound", "outbound")
+_KEYS = ("service", "app", "app_protocol", "app_health", "inbound", "outbound")
 
 
 def _app_address(v: Any, path: str) -> tuple[str, int]:
@@ -83,8 +84,15 @@ def sidecar_from_native(d: Any, path: str, filters: FilterCatalog, clusters: Any
                 raise ConfigError("clusters", f"the name {APP_CLUSTER!r} is reserved for the "
                                   "sidecar's app")
             known.add(c["name"])
+    # app_protocol: http1 (default), http2 (a gRPC or h2c app), downstream (the client's)
+    protocol = w.string(d, "app_protocol", path, "http1", choices=UPSTREAM_PROTOCOLS)
+    if protocol != "http1" and kw.get("health_path"):
+        raise ConfigError(w.join(path, "app_health.path"),
+                          "the app probe is an HTTP/1.1 GET; with app_protocol "
+                          f"{protocol} leave path unset (a TCP connect is the probe)")
     app_cluster = cluster_from_native({"name": APP_CLUSTER, "endpoints": [f"{host}:{port}"],
-                            "connect_timeout": "1s", "panic_threshold": 0}, ap)
+                                       "connect_timeout": "1s", "panic_threshold": 0,
+                                       "protocol": protocol}, ap)
     listeners = []
     for name, defaults, required in (("inbound", {"address": "0.0.0.0", "port": 15006}, True),
                                      ("outbound", {"address": "127.0.0.1", "port": 15001}, False)):

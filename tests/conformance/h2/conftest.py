@@ -51,7 +51,7 @@ from jwt.algorithms import ECAlgorithm
 
 from sidecar.testing import ProxyProcess, free_port, stop_process, wait_for_port
 
-SIDECAR_SUPPORTS_H2 = False
+SIDECAR_SUPPORTS_H2 = True
 SIDECAR_SUPPORTS_H2 = SIDECAR_SUPPORTS_H2 or os.environ.get("SIDECAR_SUPPORTS_H2") == "1"
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -282,7 +282,9 @@ class ProxyRegistry:
                      "--disable-hot-restart"], stdout=logf, stderr=subprocess.STDOUT)
             _wait_envoy_ready(proxy.process, admin, proxy.log_path)
         else:
-            proc = ProxyProcess(str(path), str(d), args=("--log-level", "error"))
+            # one worker, as the Envoy it is compared with (--concurrency 1): the same number of
+            # health checkers, connection pools and event loops on each side
+            proc = ProxyProcess(str(path), str(d), args=("--log-level", "error", "--concurrency", "1"))
             proc.log_path = str(proxy.log_path)
             proxy.process = proc.start()
             for port in ports.values():

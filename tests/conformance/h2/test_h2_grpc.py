@@ -337,6 +337,9 @@ def test_grpc_health_checking(grpc_pair):
             set_service(b, False)
             steps["a_only"] = wait_until(lambda: _served_by(p) == {"grpc_a"})
             set_service(b, True)
+            # b back before a goes: swapping both at once lets a check round see both down
+            # (no healthy upstream) on a loaded machine, for either proxy
+            steps["both_again"] = wait_until(lambda: _served_by(p) == {"grpc_a", "grpc_b"})
             set_service(a, False)
             steps["b_only"] = wait_until(lambda: _served_by(p) == {"grpc_b"})
         finally:
@@ -344,7 +347,8 @@ def test_grpc_health_checking(grpc_pair):
             set_service(b, True)
         wait_until(lambda: _served_by(p) == {"grpc_a", "grpc_b"})
         return steps
-    assert grpc_pair.same("health-check", run) == {"both": True, "a_only": True, "b_only": True}
+    assert grpc_pair.same("health-check", run) == {"both": True, "a_only": True,
+                                                    "both_again": True, "b_only": True}
 
 
 def test_raw_grpc_success_shape(grpc_pair):

@@ -197,6 +197,11 @@ PROBES: dict[tuple[str, str], object] = {
     ("envoy.config.route.v3.RouteAction", "hash_policy"): [{"header": {"header_name": "x"}}],
     ("envoy.config.route.v3.RouteAction", "request_mirror_policies"): [{"cluster": "c0"}],
     ("envoy.config.route.v3.RouteAction", "max_stream_duration"): {"max_stream_duration": "1s"},
+    ("envoy.config.route.v3.RouteAction", "upgrade_configs"): [{"upgrade_type": "websocket"}],
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+     "upgrade_configs"): [{"upgrade_type": "websocket"}],
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "use_downstream_protocol_config"):
+        {"http_protocol_options": {}},
     ("envoy.config.route.v3.VirtualHost", "retry_policy"): {"retry_on": "5xx"},
     ("envoy.config.route.v3.VirtualHost", "rate_limits"):
         [{"actions": [{"generic_key": {"descriptor_value": "vh"}}]}],

@@ -1,0 +1,5 @@
+import sys
+
+from examples.grpc.run import main
+
+sys.exit(main())

@@ -1,0 +1,740 @@
+"""The downstream HTTP/2 codec: one connection, many concurrent streams, on hyper's ``h2``.
+
+Each stream becomes a ``Request`` handed to the connection's ``StreamOwner`` (the listener's
+HTTP connection manager), exactly as the HTTP/1.1 codec does, and its ``Response`` is written
+back on the stream; routing, filters and clusters never know the wire protocol.
+
+* **Bodies.** A request whose DATA all arrived with its HEADERS (the common small request and
+  gRPC unary call) is dispatched with a complete ``bytes`` body; others stream through a
+  ``CreditedBody`` that credits the client's window as the body is read (flow control end to
+  end). Response bodies are written as the peer's windows allow, and the transport's write
+  buffer is respected. Trailers pass both ways.
+* **Validation** (RFC 9113 8.2, with Envoy's choices): connection-specific headers, ``te`` other
+  than "trailers", upper-case or invalid names and bad pseudo-headers make the request
+  malformed; by default the whole connection is closed with GOAWAY PROTOCOL_ERROR (Envoy's
+  default closes it too), or only the stream is reset with
+  ``override_stream_error_on_invalid_http_message``. Headers larger than
+  ``max_request_headers_kb`` reset the stream (INTERNAL_ERROR), keeping the connection.
+* **Abuse** (``Http2Guard``): rapid reset, floods of control, empty, PRIORITY and WINDOW_UPDATE
+  frames close the connection; ``h2`` itself bounds CONTINUATION frames and flow control.
+* **Drain**: a GOAWAY NO_ERROR naming the last stream accepted; streams already open finish.
+* **Stream timeouts** (the listener's sweep calls ``idle_check``): request, stream idle and
+  max duration per stream, a route's own overriding the listener's, as the HTTP/1.1 codec.
+
+Over 600 lines on purpose: everything here reads or writes the one ``h2`` connection state
+(events, windows, the output buffer) of a connection; what does not (request validation,
+abuse counting, HPACK bounds, frames) lives in ``http2_request``, ``http2_guard`` and
+``http2_common``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import cast
+
+import h2.events as ev
+import h2.exceptions
+import h2.settings
+
+from sidecar.codec.headers import DATE
+from sidecar.codec.http2_common import (
+    CONNECTION_SPECIFIC_STR,
+    BoundedDecoder,
+    CreditedBody,
+    ErrorCodes,
+    H2Connection,
+    goaway_frame,
+    header,
+    server_config,
+)
+from sidecar.codec.http2_guard import Abuse, Http2Guard
+from sidecar.codec.http2_request import (
+    Malformed,
+    Refused,
+    header_count,
+    request_from_headers,
+    trailers_from_headers,
+)
+from sidecar.codec.stream_owner import StreamLimits, StreamOwner
+from sidecar.config.http2 import Http2Options
+from sidecar.core.body import Headers
+from sidecar.core.context import ConnectionId
+from sidecar.core.grpc import grpc_local_reply, grpc_reply
+from sidecar.core.message import Request, Response, local_reply
+from sidecar.tls.context import peer_uri_san
+
+log = logging.getLogger("sidecar.http2")
+
+S = h2.settings.SettingCodes
+_BODYLESS = (204, 304)
+
+
+class _Stream:
+    __slots__ = ("sid", "req", "chunks", "body", "trailers", "ended", "reset", "done", "started",
+                 "waiter", "task", "last_io", "responding", "timed_out")
+
+    def __init__(self, sid: int, req: Request) -> None:
+        self.sid = sid
+        self.req = req
+        self.chunks: list[bytes] | None = []   # DATA of this batch, until dispatch
+        self.body: CreditedBody | None = None
+        self.trailers: Headers | None = None
+        self.ended = False                     # the client finished sending
+        self.reset = False                     # reset by either side: nothing more to write
+        self.done = False                      # our response is complete
+        self.started = time.monotonic()
+        self.waiter: asyncio.Future[None] | None = None    # window or drain
+        self.task: asyncio.Task[None] | None = None
+        self.last_io = self.started          # last frame of this stream, either way
+        self.responding = False              # our response headers went out
+        self.timed_out: tuple[int, str, str] | None = None   # a stream timeout fired
+
+
+class _StreamGone(Exception):
+    pass
+
+
+class Http2Connection(asyncio.Protocol):
+    """One downstream HTTP/2 connection (see the module docstring)."""
+
+    def __init__(self, owner: StreamOwner, options: Http2Options) -> None:
+        self.owner = owner
+        self.options = options
+        self.transport: asyncio.Transport | None = None
+        self.conn = H2Connection(server_config())
+        self.streams: dict[int, _Stream] = {}
+        self.peer: tuple[str, int] | None = None
+        self.tls = False
+        self.peer_identity: str | None = None
+        self.last_active = time.monotonic()
+        self.guard = Http2Guard(options)
+        self.requests = 0
+        self._closing = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._going_away = False
+        self._last_accepted = 0
+        self._window_waiters: set[_Stream] = set()
+        self._max_frame = 16384
+        self.conn_id = ConnectionId()         # this connection, for its streams' contexts
+
+    # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
+    @property
+    def lr(self) -> StreamOwner:
+        """The stream owner, under the HTTP/1.1 codec's name for it."""
+        return self.owner
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self.streams)
+
+    def in_flight(self) -> int:
+        return len(self.streams)
+
+    def idle_check(self, now: float, idle_timeout: float, headers_timeout: float,
+                   limits: StreamLimits | None = None) -> None:
+        """Called by the listener's sweep: drain, the connection's idle timeout, and each
+        stream's timeouts (request, stream idle, max duration; a route's override the
+        listener's)."""
+        if self.owner.draining and not self._going_away:
+            self.send_goaway()
+        if not self.streams and (self._going_away or
+                                 (idle_timeout and now - self.last_active > idle_timeout)):
+            self._close()
+            return
+        if limits is not None and self.streams:
+            for st in list(self.streams.values()):
+                if st.timed_out is None and not st.reset and not st.done and st.task is not None:
+                    self._stream_check(st, now, limits)
+
+    def _stream_check(self, st: _Stream, now: float, limits: StreamLimits) -> None:
+        """Envoy's stream timeouts: before the response a local reply (504 once the request
+        had all arrived, else 408), after it a reset of the stream."""
+        ctx = st.req.ctx
+        age = time.perf_counter() - ctx.start
+        duration = ctx.max_stream_duration if ctx.max_stream_duration is not None \
+            else limits.max_stream_duration_s
+        idle = ctx.stream_idle_timeout if ctx.stream_idle_timeout is not None \
+            else limits.stream_idle_timeout_s
+        received = st.ended
+        t: tuple[int, str, str] | None = None
+        if duration and age > duration:
+            t = (504 if received else 408, "downstream duration timeout", "DT")
+        elif idle and now - st.last_io > idle:
+            t = (504 if received else 408, "stream timeout", "SI")
+        elif limits.request_timeout_s and age > limits.request_timeout_s and \
+                not st.responding and not received:
+            t = (408, "request timeout", "")
+        if t is None:
+            return
+        st.timed_out = t
+        if st.responding:
+            self._reset(st, ErrorCodes.NO_ERROR)
+        task = st.task
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _close(self) -> None:
+        """Close gracefully: a GOAWAY (if none was sent), then the socket."""
+        if self._closing:
+            return
+        if not self._going_away:
+            self.send_goaway()
+        self._closing = True
+        self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def send_goaway(self, error: int = 0) -> None:
+        """Stop accepting streams after the highest one seen (graceful when ``error`` is 0)."""
+        if self._going_away or self.transport is None:
+            return
+        self._going_away = True
+        self._last_accepted = self.conn.highest_inbound_stream_id
+        self._flush()
+        self.transport.write(goaway_frame(self._last_accepted, error))
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.tls = True
+            self.peer_identity = peer_uri_san(sslobj)
+        o = self.options
+        conn = self.conn
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            S.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
+            S.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
+            S.HEADER_TABLE_SIZE: o.hpack_table_size,
+            S.ENABLE_CONNECT_PROTOCOL: 0,
+        })
+        conn.decoder = BoundedDecoder(max(64 * 1024, 2 * self.owner.max_header_bytes))
+        conn.decoder.max_allowed_table_size = o.hpack_table_size
+        conn.initiate_connection()
+        extra = o.initial_connection_window_size - 65535
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+        self._flush()
+        self.owner.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self.owner.connection_closed(self)
+        gone = ConnectionResetError("downstream connection closed")
+        for s in list(self.streams.values()):
+            self._on_reset(s, gone, by_peer=False)
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.guard.flushed()
+        d = self._drain
+        if d is not None:
+            self._drain = None
+            if not d.done():
+                d.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.last_active = time.monotonic()
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.TooManyStreamsError:
+            # a stream past max_concurrent_streams once our SETTINGS were acknowledged: close
+            # without a GOAWAY, as Envoy does
+            self.owner.http2_abuse("too_many_streams")
+            self._abort()
+            return
+        except h2.exceptions.ProtocolError as e:
+            self.owner.http2_abuse("protocol_error")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("HTTP/2 protocol error from %s: %s", self.peer, e)
+            self._fail_connection()      # h2 queued the GOAWAY with the error's code
+            return
+        try:
+            self._events(events)
+        except Abuse as e:
+            self.owner.http2_abuse(e.kind)
+            self._abort(e.goaway)
+            return
+        self._flush()
+        if not self._write_paused:
+            self.guard.flushed()
+
+    # ---- events --------------------------------------------------------------------------------
+    def _events(self, events: list[ev.Event]) -> None:
+        new: list[_Stream] = []
+        guard = self.guard
+        streams = self.streams
+        for e in events:
+            if isinstance(e, ev.DataReceived):
+                s = streams.get(e.stream_id)
+                guard.data(len(e.data), e.stream_ended is not None)
+                pad = e.flow_controlled_length - len(e.data)
+                if s is None or s.reset or (s.body is not None and s.body.discarding):
+                    self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                    continue
+                if pad:
+                    self.conn.acknowledge_received_data(pad, e.stream_id)
+                s.last_io = self.last_active
+                if s.chunks is not None:
+                    s.chunks.append(e.data)
+                elif s.body is not None and e.data:
+                    s.body.feed(e.data)
+            elif isinstance(e, ev.RequestReceived):
+                guard.headers()
+                s = self._on_request(e)
+                if s is not None:
+                    new.append(s)
+            elif isinstance(e, ev.StreamEnded):
+                s = streams.get(e.stream_id)
+                if s is not None and not s.ended:
+                    s.ended = True
+                    if s.body is not None:
+                        s.body.feed_eof(s.trailers)
+            elif isinstance(e, ev.TrailersReceived):
+                guard.headers()
+                s = streams.get(e.stream_id)
+                if s is not None:
+                    try:
+                        s.trailers = trailers_from_headers(e.headers)
+                    except Malformed:
+                        raise Abuse("malformed_trailers", ErrorCodes.PROTOCOL_ERROR) from None
+            elif isinstance(e, ev.StreamReset):
+                s = streams.get(e.stream_id)
+                if e.remote_reset:
+                    guard.reset_by_peer(s is not None and not s.done and
+                                        time.monotonic() - s.started < 1.0)
+                elif e.error_code == ErrorCodes.FLOW_CONTROL_ERROR:
+                    # h2 made it a stream error; Envoy closes the connection (RFC 9113 allows it)
+                    raise Abuse("flow_control", ErrorCodes.FLOW_CONTROL_ERROR)
+                if s is not None:
+                    self._on_reset(s, ConnectionResetError("stream reset by the client"), True)
+            elif isinstance(e, ev.WindowUpdated):
+                guard.window_update()
+                self._wake_writers(e.stream_id)
+            elif isinstance(e, ev.RemoteSettingsChanged):
+                guard.control_frame()
+                changed = e.changed_settings
+                if S.INITIAL_WINDOW_SIZE in changed:
+                    self._wake_writers(0)
+                if S.MAX_FRAME_SIZE in changed:
+                    self._max_frame = self.conn.max_outbound_frame_size
+            elif isinstance(e, ev.PingReceived):
+                guard.control_frame()
+            elif isinstance(e, ev.PriorityUpdated):
+                guard.priority(len(streams))
+            elif isinstance(e, ev.ConnectionTerminated):
+                # the client is going away: finish what is open (after a graceful GOAWAY),
+                # accept nothing new; a GOAWAY with an error ends everything now
+                self._going_away = True
+                if not streams or e.error_code:
+                    self._closing = True
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+        for s in new:
+            if not s.reset:
+                self._dispatch(s)
+
+    def _on_request(self, e: ev.RequestReceived) -> _Stream | None:
+        sid = e.stream_id
+        if self._going_away and sid > self._last_accepted:
+            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return None
+        raw = e.headers
+        size = 0
+        for name, value in raw:
+            size += len(name) + len(value)
+        owner = self.owner
+        if size > owner.max_header_bytes or header_count(raw) > owner.max_headers_count:
+            # Envoy: header_list_size_too_large / too_many_headers reset the stream, the
+            # connection lives
+            owner.http2_abuse("headers_too_large")
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            return None
+        try:
+            req = request_from_headers(raw, owner.name, self.peer, owner.bound_port,
+                                       self.tls, self.peer_identity, owner.headers_with_underscores)
+        except Refused:
+            # headers_with_underscores_action REJECT_REQUEST: Envoy's HTTP/2 codec resets the
+            # stream (HTTP/1.1 gets a 400)
+            owner.http2_abuse("underscore_header")
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            return None
+        except Malformed as m:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
+            if self.options.override_stream_error_on_invalid_http_message:
+                self.owner.http2_abuse("malformed_request")
+                self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+                return None
+            raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
+        req.ctx.connection = self.conn_id
+        s = _Stream(sid, req)
+        self.streams[sid] = s
+        self.guard.stream_opened()
+        if e.stream_ended is not None:
+            s.ended = True
+            s.chunks = None
+        return s
+
+    def _dispatch(self, s: _Stream) -> None:
+        req = s.req
+        if s.chunks is not None:
+            if s.ended:
+                # the whole body came with the headers: a complete body, credited now
+                data = s.chunks[0] if len(s.chunks) == 1 else b"".join(s.chunks)
+                req.body = data
+                req.trailers = s.trailers
+                if data:
+                    self.conn.acknowledge_received_data(len(data), s.sid)
+                    if "content-length" not in req.headers:
+                        req.chunked = True   # no length given: an HTTP/1.1 upstream gets chunks
+            else:
+                body = s.body = CreditedBody(self._credit_for(s.sid))
+                for c in s.chunks:
+                    if c:
+                        body.feed(c)
+                req.body = body
+                req.chunked = "content-length" not in req.headers
+                if req.headers.get("expect", "").lower() == "100-continue":
+                    self.conn.send_headers(s.sid, [(b":status", b"100")])
+            s.chunks = None
+        req.headers.popall("expect", None)     # answered here, never forwarded
+        self.requests += 1
+        s.task = asyncio.get_running_loop().create_task(self._serve(s))
+
+    def _credit_for(self, sid: int) -> Callable[[int], None]:
+        def credit(n: int) -> None:
+            if not self._closing:
+                self.conn.acknowledge_received_data(n, sid)
+                self._schedule_flush()
+        return credit
+
+    # ---- serving a stream ------------------------------------------------------------------------
+    async def _serve(self, s: _Stream) -> None:
+        req = s.req
+        owner = self.owner
+        ctx = req.ctx
+        if req.reject is not None:
+            status, text = req.reject
+            owner.protocol_error(status)
+            resp = local_reply(ctx, status, text, "DPE")
+        else:
+            try:
+                resp = await owner.dispatch(req)
+            except asyncio.CancelledError:
+                if s.timed_out is None:
+                    raise
+                resp = self._timeout_reply(s)     # unwound below (upstream reset, slots back)
+            except Exception:
+                log.exception("unhandled error in request chain")
+                resp = local_reply(ctx, 500, "internal error", "DPE")
+        sent = 0
+        if s.reset or self._closing:
+            resp.discard()
+        else:
+            try:
+                sent = await self._respond(s, req, resp)
+            except _StreamGone:
+                resp.discard()
+                sent = 0
+            except asyncio.CancelledError:
+                if s.timed_out is None:
+                    raise
+                _uncancel()
+                resp.discard()
+                if s.timed_out[2] not in ctx.flags:
+                    ctx.flags.append(s.timed_out[2])
+            except Exception as e:   # the upstream body failed mid-stream: reset this stream
+                resp.discard()
+                ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
+                self._reset(s, ErrorCodes.INTERNAL_ERROR)
+        owner.finish(req, resp, sent)
+        self._stream_closed(s)
+
+    def _timeout_reply(self, s: _Stream) -> Response:
+        """The local reply of a stream timeout that fired before the response (gRPC-shaped
+        for gRPC clients, DEADLINE_EXCEEDED for the duration timeout, as Envoy)."""
+        _uncancel()
+        assert s.timed_out is not None
+        status, text, flag = s.timed_out
+        ctx = s.req.ctx
+        if flag == "DT" and ctx.grpc:
+            ctx.flags.append(flag)
+            return grpc_reply(4, text)
+        resp = local_reply(ctx, status, text, flag or None)
+        return grpc_local_reply(resp) if ctx.grpc else resp
+
+    def _response_headers(self, req: Request, resp: Response) -> list[tuple[bytes, bytes]]:
+        out = [(b":status", str(resp.status).encode())]
+        drop = CONNECTION_SPECIFIC_STR
+        conn_tokens = resp.headers.get("connection")
+        if conn_tokens:
+            drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+        for k, v in resp.headers.items():
+            if k in drop or k == "server" or k == "te":
+                continue
+            out.append(header(k.encode("latin-1"), v.encode("latin-1")))
+        out.append((b"server", self.owner.server_name.encode("latin-1")))
+        if "date" not in resp.headers:
+            out.append(header(b"date", DATE.get().encode()))
+        ctx = req.ctx
+        if ctx.upstream_duration is not None and not self.owner.suppress_envoy_headers:
+            out.append(header(b"x-envoy-upstream-service-time",
+                              str(int(ctx.upstream_duration * 1000)).encode()))
+        return out
+
+    async def _respond(self, s: _Stream, req: Request, resp: Response) -> int:
+        conn = self.conn
+        sid = s.sid
+        status = resp.status
+        body = resp.body
+        head = self._response_headers(req, resp)
+        if req.method == "HEAD" or status in _BODYLESS or status < 200:
+            self._send_headers(s, head, True)
+            resp.discard()
+            return 0
+        if isinstance(body, bytes):
+            trailers = resp.trailers
+            if resp.local and body and "content-length" not in resp.headers:
+                head.append(header(b"content-length", str(len(body)).encode()))
+            if not body and not trailers:
+                self._send_headers(s, head, True)    # gRPC trailers-only replies take this way
+                return 0
+            self._send_headers(s, head, False)
+            if body:
+                await self._send_data(s, body, not trailers)
+            if trailers:
+                self._send_headers(s, _trailer_block(trailers), True)
+            return len(body)
+        self._send_headers(s, head, False)
+        sent = 0
+        async for chunk in body:
+            if s.reset:
+                raise _StreamGone()
+            if chunk:
+                sent += len(chunk)
+                await self._send_data(s, chunk, False)
+        trailers = body.trailers
+        if s.reset:
+            raise _StreamGone()
+        if trailers:
+            self._send_headers(s, _trailer_block(trailers), True)
+        else:
+            try:
+                conn.end_stream(sid)
+            except h2.exceptions.StreamClosedError:
+                raise _StreamGone() from None
+            self._after_end(s)
+            self._schedule_flush()
+        return sent
+
+    def _count_frame(self, data: bool = False) -> None:
+        """A frame queued from a stream's task: over the outbound limit the connection goes."""
+        try:
+            if data:
+                self.guard.data_sent()
+            else:
+                self.guard.frame_queued()
+        except Abuse as e:
+            self.owner.http2_abuse(e.kind)
+            self._abort(e.goaway)
+            raise _StreamGone() from None
+
+    def _send_headers(self, s: _Stream, block: list[tuple[bytes, bytes]], end: bool) -> None:
+        if s.reset:
+            raise _StreamGone()
+        try:
+            self.conn.send_headers(s.sid, block, end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            raise _StreamGone() from None
+        s.responding = True
+        s.last_io = time.monotonic()
+        self._count_frame()
+        if end:
+            self._after_end(s)
+        self._schedule_flush()
+
+    async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
+        conn = self.conn
+        sid = s.sid
+        view = memoryview(data)
+        total = len(data)
+        pos = 0
+        while pos < total:
+            if s.reset:
+                raise _StreamGone()
+            window = conn.local_flow_control_window(sid)
+            if window <= 0:
+                await self._wait(s, True)
+                continue
+            n = min(window, total - pos, self._max_frame)
+            last = pos + n == total
+            try:
+                conn.send_data(sid, data if n == total else view[pos:pos + n],
+                               end_stream=end and last)
+            except h2.exceptions.StreamClosedError:
+                raise _StreamGone() from None
+            self._count_frame(data=True)
+            s.last_io = time.monotonic()
+            pos += n
+            if self._write_paused:
+                self._flush()
+                await self._wait(s, False)
+        if end:
+            self._after_end(s)
+        self._schedule_flush()
+
+    async def _wait(self, s: _Stream, for_window: bool) -> None:
+        """Park a writer until the peer's window opens (or the transport drains)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None]
+        if for_window:
+            fut = s.waiter = loop.create_future()
+            self._window_waiters.add(s)
+            self._flush()
+        else:
+            drain = self._drain
+            if drain is None or drain.done():
+                drain = self._drain = loop.create_future()
+            fut = drain
+        try:
+            await fut
+        finally:
+            if for_window:
+                s.waiter = None
+                self._window_waiters.discard(s)
+        if s.reset or self._closing:
+            raise _StreamGone()
+
+    def _wake_writers(self, sid: int) -> None:
+        for s in list(self._window_waiters):
+            if sid == 0 or s.sid == sid:
+                w = s.waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
+
+    def _after_end(self, s: _Stream) -> None:
+        s.done = True
+        if not s.ended and not s.reset:
+            # answered before the client finished sending: stop its upload (as Envoy does)
+            self._reset(s, ErrorCodes.NO_ERROR)
+
+    def _reset(self, s: _Stream, code: int) -> None:
+        if not s.reset:
+            s.reset = True
+            try:
+                self.conn.reset_stream(s.sid, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            body = s.body
+            if body is not None and not s.ended:
+                # whoever still reads the request body (an upstream copying it) must stop
+                body.feed_error(ConnectionResetError("stream reset"))
+            self._discard_body(s)
+            self._schedule_flush()
+
+    def _on_reset(self, s: _Stream, exc: BaseException, by_peer: bool) -> None:
+        s.reset = True
+        body = s.body
+        if body is not None and not s.ended:
+            body.feed_error(exc)
+        self._discard_body(s)
+        w = s.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        abort = s.req.ctx.abort
+        if abort is not None and not s.done:
+            s.req.ctx.abort = None
+            abort()           # reset the upstream request too
+        if s.task is None:
+            self._stream_closed(s)   # never dispatched (reset in the batch that opened it)
+
+    def _discard_body(self, s: _Stream) -> None:
+        body = s.body
+        if body is not None and not body.discarding:
+            n = body.discard()
+            if n and not self._closing:
+                self.conn.acknowledge_received_data(n, s.sid)
+
+    def _stream_closed(self, s: _Stream) -> None:
+        if self.streams.pop(s.sid, None) is None:
+            return
+        self._discard_body(s)
+        self.guard.stream_closed()
+        self.last_active = time.monotonic()
+        if not self.streams and self._going_away and not self._closing:
+            self._close()
+
+    # ---- output ----------------------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self._closing:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        data = self.conn.data_to_send()
+        t = self.transport
+        if data and t is not None and not t.is_closing():
+            t.write(data)
+
+    def _fail_connection(self) -> None:
+        """h2 found a connection error and queued its GOAWAY: send it and close."""
+        self._going_away = True
+        self._flush()
+        self._abort(None)
+
+    def _abort(self, goaway: int | None = None) -> None:
+        """Close now (abuse): with a GOAWAY of ``goaway``'s code, or silently."""
+        if self._closing:
+            return
+        self._closing = True
+        t = self.transport
+        if t is None:
+            return
+        if goaway is not None:
+            self.conn.data_to_send()          # nothing else goes out
+            t.write(goaway_frame(self.conn.highest_inbound_stream_id, goaway))
+            t.close()       # the GOAWAY is flushed before the socket closes
+        else:
+            t.abort()
+
+
+def _uncancel() -> None:
+    """The cancellation of a stream's task by its timeout was handled: later awaits of the
+    task run normally."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _trailer_block(trailers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
+            if k not in CONNECTION_SPECIFIC_STR and k[:1] != ":"]

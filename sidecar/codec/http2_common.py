@@ -1,0 +1,158 @@
+"""What the downstream and upstream HTTP/2 codecs share. Both run hyper's ``h2`` state machine
+(framing, HPACK, stream states, flow-control windows); nothing here encodes frames or headers by
+hand. Two behaviours of ``h2`` are adjusted, each for a stated protocol reason:
+
+* ``H2Connection`` reports a graceful GOAWAY (NO_ERROR) without closing the connection: ``h2``
+  refuses every frame after any GOAWAY, while RFC 9113 section 6.8 lets the streams the GOAWAY
+  covers finish. A GOAWAY carrying an error still closes everything, as in ``h2``.
+* ``BoundedDecoder`` applies nghttp2's (so Envoy's) HPACK limits and reports their violation with
+  the code Envoy sends (COMPRESSION_ERROR), instead of ``h2``'s PROTOCOL_ERROR. The decoded size
+  of a header list is left to the codec, which resets just that stream (Envoy's behaviour): the
+  block is always decoded to its end so the dynamic table stays in sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import hpack
+import hpack.hpack
+from hpack import NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hyperframe.frame import GoAwayFrame
+
+from sidecar.core.body import BodyStream
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# RFC 9113 8.2.2: header fields that never appear in HTTP/2 (``te`` only as "trailers")
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                                 b"transfer-encoding", b"upgrade"})
+# the same as str, for messages going out (plus hop-by-hop names we never forward)
+CONNECTION_SPECIFIC_STR = frozenset({"connection", "keep-alive", "proxy-connection",
+                                     "transfer-encoding", "upgrade", "http2-settings"})
+
+MAX_LITERAL = 65536          # nghttp2: a longer header name or value is a compression error
+MAX_INFLATED = 64 * 1024 * 1024   # hpack's decoded-size accounting (table refs are cheap)
+
+ErrorCodes = h2.errors.ErrorCodes
+
+# hpack logs every header it encodes or decodes through ``logging`` at DEBUG: a method call per
+# header even with DEBUG off, about a tenth of an HTTP/2 request's cost here. h2 gives its own
+# logging a no-op logger by default; hpack gets the same.
+hpack.hpack.log = h2.config.DummyLogger()  # type: ignore[assignment]
+
+# Header values unique to each message (ids): kept out of the HPACK dynamic table (a literal,
+# never indexed) so they do not push out the values that repeat (date, content-length, ...),
+# which then go out as one-byte indexes and need no Huffman coding.
+VOLATILE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid",
+                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id"})
+
+
+def header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A header for ``h2``'s encoder: volatile ones are never indexed (see VOLATILE)."""
+    if name in VOLATILE:
+        return NeverIndexedHeaderTuple(name, value)
+    return (name, value)
+
+
+class CompressionError(h2.exceptions.ProtocolError):
+    """A header block nghttp2 would refuse: GOAWAY COMPRESSION_ERROR."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class BoundedDecoder(hpack.Decoder):
+    """HPACK decoding with a bound on the encoded block and on each literal (see the module
+    docstring)."""
+
+    def __init__(self, max_block: int) -> None:
+        super().__init__(max_header_list_size=MAX_INFLATED)
+        self.max_block = max_block
+
+    def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
+        if len(data) > self.max_block:
+            raise CompressionError(f"header block of {len(data)} bytes")
+        try:
+            headers = super().decode(data, raw)
+        except OversizedHeaderListError as e:
+            raise h2.exceptions.DenialOfServiceError(f"HPACK bomb: {e}") from e
+        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
+            raise CompressionError(f"header block: {e}") from e
+        for name, value in headers:
+            if len(value) > MAX_LITERAL or len(name) > MAX_LITERAL:
+                raise CompressionError("header field longer than 64 KiB")
+        return headers
+
+
+class H2Connection(h2.connection.H2Connection):
+    """``h2.connection.H2Connection`` that lets a graceful GOAWAY drain (module docstring)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = ErrorCodes.NO_ERROR
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    """A GOAWAY written beside ``h2`` (which would stop serving the connection after its own):
+    the codec keeps serving streams up to ``last_stream_id`` and refuses later ones."""
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code).serialize()
+
+
+def server_config() -> h2.config.H2Configuration:
+    # inbound validation is the codec's (RFC 9113 8.2 with Envoy's choices: a Host next to
+    # :authority is accepted); outbound headers are built clean by the codec
+    return h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                     validate_inbound_headers=False,
+                                     normalize_inbound_headers=False,
+                                     validate_outbound_headers=False,
+                                     normalize_outbound_headers=False)
+
+
+def client_config() -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                     validate_inbound_headers=True,
+                                     normalize_inbound_headers=False,
+                                     validate_outbound_headers=False,
+                                     normalize_outbound_headers=False)
+
+
+class CreditedBody(BodyStream):
+    """A body received in DATA frames: the peer's window is credited as the consumer reads, so
+    a slow reader holds at most a window's worth of data (HTTP/2 flow control end to end)."""
+
+    __slots__ = ("_credit", "discarding")
+
+    def __init__(self, credit: Callable[[int], None]) -> None:
+        super().__init__()
+        self._credit = credit
+        self.discarding = False     # nobody will read: data is credited and dropped on arrival
+
+    async def read(self) -> bytes:
+        data = await super().read()
+        if data:
+            self._credit(len(data))
+        return data
+
+    def discard(self) -> int:
+        """Stop buffering (the reader is gone); returns the bytes to credit now."""
+        self.discarding = True
+        n = self.buffered
+        self._chunks.clear()
+        self._size = 0
+        return n
+
+
+def latin1(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header values as the bytes they came from (codecs decode latin-1)."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]

@@ -1,0 +1,116 @@
+"""Limits on what one HTTP/2 client may make the downstream codec do (Envoy's
+``http2_protocol_options`` flood limits and its premature-reset check, CVE-2023-44487).
+
+The codec reports what it saw; a method raises ``Abuse`` when a limit is crossed, and the codec
+then closes that connection (with a GOAWAY where Envoy sends one or RFC 9113 names a code)
+and nothing else. ``h2`` itself bounds CONTINUATION frames (64 per header block), frame sizes
+and flow-control windows; the header list size is checked by the codec per stream.
+"""
+
+from __future__ import annotations
+
+from sidecar.codec.http2_common import ErrorCodes
+from sidecar.config.http2 import Http2Options
+
+# Envoy's runtime defaults for the premature-reset check (overload.premature_reset_*)
+PREMATURE_RESET_TOTAL_STREAM_COUNT = 500
+PREMATURE_RESET_MIN_STREAM_LIFETIME_S = 1.0
+
+
+class Abuse(Exception):
+    """A limit was crossed: close the connection (``goaway``: the code to send, or None to
+    close without one)."""
+
+    def __init__(self, kind: str, goaway: int | None) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.goaway = goaway
+
+
+class Http2Guard:
+    __slots__ = ("o", "streams_opened", "streams_closed", "premature_resets", "empty_frames",
+                 "priority_frames", "window_updates", "data_frames_sent",
+                 "control_frames_queued", "frames_queued")
+
+    def __init__(self, options: Http2Options) -> None:
+        self.o = options
+        self.streams_opened = 0
+        self.streams_closed = 0
+        self.premature_resets = 0
+        self.empty_frames = 0          # consecutive frames with an empty payload
+        self.priority_frames = 0
+        self.window_updates = 0
+        self.data_frames_sent = 0
+        self.control_frames_queued = 0   # answers queued while the client is not reading
+        self.frames_queued = 0           # any frame queued while the client is not reading
+
+    # ---- streams -------------------------------------------------------------------------------
+    def stream_opened(self) -> None:
+        self.streams_opened += 1
+
+    def stream_closed(self) -> None:
+        self.streams_closed += 1
+
+    def reset_by_peer(self, premature: bool) -> None:
+        """Envoy's rule: past half of ``PREMATURE_RESET_TOTAL_STREAM_COUNT`` premature resets,
+        or past that many closed streams when half or more of them were reset early."""
+        if not premature:
+            return
+        self.premature_resets += 1
+        closed = self.streams_closed + 1
+        limit = PREMATURE_RESET_TOTAL_STREAM_COUNT
+        if (closed < limit and self.premature_resets >= limit // 2) or \
+                (closed >= limit and self.premature_resets * 2 >= closed):
+            raise Abuse("premature_resets", ErrorCodes.ENHANCE_YOUR_CALM)
+
+    # ---- inbound frames ------------------------------------------------------------------------
+    def headers(self) -> None:
+        self.empty_frames = 0
+
+    def data(self, size: int, end_stream: bool) -> None:
+        if size or end_stream:
+            self.empty_frames = 0
+            return
+        self.empty_frames += 1
+        if self.empty_frames > self.o.max_consecutive_inbound_frames_with_empty_payload:
+            raise Abuse("inbound_empty_frames_flood", ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def priority(self, open_streams: int) -> None:
+        self.priority_frames += 1
+        if self.priority_frames > self.o.max_inbound_priority_frames_per_stream * \
+                (1 + self.streams_opened):
+            raise Abuse("inbound_priority_frames_flood", ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def window_update(self) -> None:
+        self.window_updates += 1
+        o = self.o
+        if self.window_updates > 5 + 2 * (self.streams_opened + o.max_inbound_window_update_frames_per_data_frame_sent
+                                          * self.data_frames_sent):
+            raise Abuse("inbound_window_update_frames_flood", ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def control_frame(self) -> None:
+        """A frame ``h2`` answers (PING, SETTINGS ACK). More answers queued than
+        ``max_outbound_control_frames`` before they reach the socket (one read's worth of
+        frames, plus whatever waits while the client does not read) is Envoy's outbound
+        control-frame flood: the connection is closed without a GOAWAY (it would queue too)."""
+        self.control_frames_queued += 1
+        if self.control_frames_queued > self.o.max_outbound_control_frames:
+            raise Abuse("outbound_control_flood", None)
+        self.frame_queued()
+
+    def frame_queued(self) -> None:
+        """Any frame we queue (HEADERS, DATA, RST_STREAM, an ACK): past ``max_outbound_frames``
+        waiting for the socket (a client that does not read), the connection is closed."""
+        self.frames_queued += 1
+        if self.frames_queued > self.o.max_outbound_frames:
+            raise Abuse("outbound_flood", None)
+
+    # ---- outbound ------------------------------------------------------------------------------
+    def data_sent(self) -> None:
+        self.data_frames_sent += 1
+        self.frame_queued()
+
+    def flushed(self) -> None:
+        """What was queued reached the socket (the transport is not holding it back)."""
+        self.control_frames_queued = 0
+        self.frames_queued = 0
