@@ -294,3 +294,63 @@ def write_body_files(files_dir: Path, sizes: dict[str, int]) -> None:
                 piece = chunk[: min(left, len(chunk))]
                 f.write(piece)
                 left -= len(piece)
+
+
+# --------------------------------------------------------------------------- feature costs
+#
+# Issue 18: what each feature costs on top of the bare router, the same Envoy v3 file for both
+# proxies. Each variant adds one thing to ``basic_config``.
+
+_FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def _hcm(doc: dict) -> dict:
+    return doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _base_doc(listen_port: int, admin_port: int, upstream_port: int, **kw) -> dict:
+    return envoy_bootstrap(listen_port=listen_port, admin_port=admin_port,
+                           upstream_port=upstream_port, **kw)
+
+
+def tracing_config(listen_port: int, admin_port: int, upstream_port: int) -> ProxyConfig:
+    doc = add_tracing(_base_doc(listen_port, admin_port, upstream_port), upstream_port, 1.0)
+    return ProxyConfig(dump(doc), description="router + OpenTelemetry tracing sampled at 1%")
+
+
+def access_log_config(listen_port: int, admin_port: int, upstream_port: int,
+                      log_path: str = "/dev/null") -> ProxyConfig:
+    """A file access log in Envoy's default format (written to /dev/null: the formatting and
+    the write are what is measured, not the disk)."""
+    doc = _base_doc(listen_port, admin_port, upstream_port)
+    _hcm(doc)["access_log"] = [{"name": "envoy.access_loggers.file",
+                                "typed_config": {"@type": _FILE_LOG, "path": log_path}}]
+    return ProxyConfig(dump(doc), description="router + file access log (default format)")
+
+
+def jwt_config(listen_port: int, admin_port: int, upstream_port: int) -> ProxyConfig:
+    jwks, token = make_jwt_material()
+    doc = _base_doc(listen_port, admin_port, upstream_port,
+                    http_filters=filter_chain(jwks)[:1])
+    return ProxyConfig(dump(doc), headers=(("authorization", f"Bearer {token}"),),
+                       description="jwt_authn, valid RS256 token, inline JWKS")
+
+
+def fault_config(listen_port: int, admin_port: int, upstream_port: int) -> ProxyConfig:
+    doc = _base_doc(listen_port, admin_port, upstream_port, http_filters=filter_chain("{}")[1:])
+    return ProxyConfig(dump(doc), description="fault filter, abort at 0%")
+
+
+def retry_config(listen_port: int, admin_port: int, upstream_port: int) -> ProxyConfig:
+    doc = _base_doc(listen_port, admin_port, upstream_port, retry=True)
+    return ProxyConfig(dump(doc), description="route retry policy (5xx, 2 retries)")
+
+
+# (scenario name, config builder): run by ``bench.run --features``
+FEATURES = (
+    ("tracing 1%", tracing_config),
+    ("access log", access_log_config),
+    ("jwt_authn", jwt_config),
+    ("fault 0%", fault_config),
+    ("retry policy", retry_config),
+)

@@ -4,6 +4,7 @@ nginx as a proxy, and through the sidecar, in one run on loopback, one worker pe
     python -m bench.run --quick              # smoke run (~1 min)
     python -m bench.run                      # default: 10 s per closed-loop measurement
     python -m bench.run --routes 10000 --body 1MB,100MB --concurrency 2 --filters
+    python -m bench.run --issue18 --markdown  # issue 18's table, targets and feature costs
 
 Closed loop: wrk -t1 -c50 keep-alive with --latency. Open loop: bench/openloop.py at fixed
 rates (default 500 and 2000 req/s), latency measured from the intended send time.
@@ -49,6 +50,7 @@ from bench.procs import (  # noqa: E402
     wait_http_ok,
     wait_port_free,
 )
+from bench.targets import feature_costs, issue18_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TARGETS = ("direct", "envoy", "nginx", "sidecar")
@@ -148,11 +150,12 @@ class Bench:
         self.upstream: Child | None = None
         self.envoy_bin = _envoy_binary()
         self._sidecar_help: str | None = None
+        self.soak_result = ""
 
     # ---------------------------------------------------------------- processes
 
     def start_upstream(self) -> None:
-        sizes = {name: size for name, size in self.args.body}
+        sizes = {name: size for name, size in [*self.args.body, *self.args.keepalive_bodies]}
         configs.write_body_files(self.files_dir, sizes)
         d = self.workdir / "nginx-upstream"
         d.mkdir()
@@ -415,6 +418,17 @@ class Bench:
                     for n in (10, a.routes):
                         self.run_target(t, f"routes={n}",
                                         lambda p, ad, up, n=n: configs.routes_config(p, ad, up, n))
+        for name, size in a.keepalive_bodies:
+            print(f"scenario keep-alive body: GET of a {name} body, wrk -c{a.connections}")
+            for t in targets:
+                self.run_target(t, f"{name} body", base, body_size=size, path=f"/body/{name}")
+        if a.features:
+            print("scenario features: the bare router plus one feature each (same Envoy file "
+                  "for both proxies); metrics off is the sidecar's --no-metrics")
+            for name, builder in configs.FEATURES:
+                for t in targets:
+                    if t in ("envoy", "sidecar"):
+                        self.run_target(t, name, builder)
         for name, size in a.body:
             print(f"scenario body: GET of a {name} body, wrk -c{a.body_connections}")
             for t in targets:
@@ -426,6 +440,16 @@ class Bench:
             for t in targets:
                 if t in ("envoy", "sidecar"):
                     self.run_target(t, f"c={a.concurrency}", base, concurrency=a.concurrency)
+
+    def soak(self) -> None:
+        """bench.soak's run (its own upstream and sidecar), its lines kept for the report."""
+        print(f"scenario soak: {self.args.soak:g} minutes of wrk -c50 on the base config")
+        cp = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", str(self.args.soak)],
+                            capture_output=True, text=True, env=self.sidecar_env(), cwd=REPO)
+        lines = (cp.stdout + cp.stderr).strip().splitlines()
+        for line in lines[:-1]:
+            print("  " + line.strip())
+        self.soak_result = lines[-1] if lines else f"soak failed ({cp.returncode})"
 
     def cleanup(self) -> None:
         self.group.stop_all()
@@ -637,6 +661,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--body", type=parse_sizes, default=[], metavar="SIZES",
                    help="also measure GETs of bodies of these sizes, e.g. 1MB,100MB")
     p.add_argument("--body-connections", type=int, default=4)
+    p.add_argument("--keepalive-bodies", type=parse_sizes, default=[], metavar="SIZES",
+                   help="bodies measured like base (wrk -c CONNECTIONS), e.g. 100B,10KB")
+    p.add_argument("--features", action="store_true",
+                   help="one scenario per feature on the bare router (bench.configs.FEATURES)")
+    p.add_argument("--soak", type=float, default=0, metavar="MINUTES",
+                   help="also run bench.soak for MINUTES at the end")
+    p.add_argument("--issue18", action="store_true",
+                   help="issue 18's run: base with open loop, 100B and 10KB bodies, metrics "
+                        "off, --features, a 10-minute soak, and the targets met or not")
     p.add_argument("--concurrency", type=int, default=0, metavar="N",
                    help="also run Envoy and the sidecar with N workers")
     p.add_argument("--filters", action="store_true",
@@ -659,6 +692,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     a = p.parse_args(argv)
+    if a.issue18:
+        a.keepalive_bodies = a.keepalive_bodies or parse_sizes("100B,10KB")
+        a.features = a.compare_metrics = True
+        a.soak = a.soak or 10.0
     if a.quick:
         a.duration, a.warmup, a.ol_duration, a.ol_warmup = 3.0, 1.0, 3.0, 0.5
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -684,7 +721,8 @@ def estimate_seconds(a) -> float:
         total += per
     total += 2 * per * a.filters + 4 * per * bool(a.routes)
     total += len(a.body) * n_proxy * per + 2 * per * bool(a.concurrency and a.concurrency > 1)
-    return total
+    total += len(a.keepalive_bodies) * n_proxy * per + 2 * per * len(configs.FEATURES) * a.features
+    return total + 60 * a.soak * 1.1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -734,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         bench.run()
+        if a.soak:
+            bench.group.stop_all()
+            bench.soak()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr)
         status = 130
@@ -772,6 +813,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps({
             "args": {k: v for k, v in vars(a).items()},
             "rows": [asdict(r) for r in bench.rows]}, indent=2, default=str))
+    if a.features or a.issue18 or a.soak:
+        print()
+        print("\n".join(feature_costs(bench.rows)))
+    if a.issue18:
+        print()
+        print("\n".join(issue18_targets(bench.rows, a.rates, bench.soak_result)))
+    elif bench.soak_result:
+        print("soak: " + bench.soak_result)
     if status == 0 and any(r.note.startswith("did not start") for r in bench.rows):
         status = 1
     return status

@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.cluster.balancers import make_balancer
 from sidecar.cluster.breakers import BreakerState
@@ -46,9 +46,12 @@ from sidecar.observability.stats import ClusterStats
 from sidecar.shared.api import SharedState
 from sidecar.shared.local import LocalState
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
-from sidecar.upstream.http2 import Http2UpstreamConnection
-from sidecar.upstream.http2_pool import Http2Pool
 from sidecar.upstream.tunnel import open_tunnel
+
+if TYPE_CHECKING:
+    # The HTTP/2 upstream (h2, hpack: ~3 MB) is loaded only for clusters that speak HTTP/2.
+    from sidecar.upstream.http2 import Http2UpstreamConnection
+    from sidecar.upstream.http2_pool import Http2Pool
 
 log = logging.getLogger("sidecar.cluster")
 
@@ -136,6 +139,7 @@ class Cluster:
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
         if st.h2 is None and cfg.protocol != "http1":
+            from sidecar.upstream.http2_pool import Http2Pool  # lazy: h2 only when a cluster uses it
             st.h2 = Http2Pool(ep.host, ep.port, cfg.connect_timeout_s, cfg.http2,
                               self.ssl_context_h2, self._sni, cfg.idle_timeout_s)
         return st

@@ -14,11 +14,14 @@ the board's epoch moves; the rest (pool, EWMA, per-attempt counters) is this wor
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from sidecar.config.cluster import Endpoint
 from sidecar.shared.api import EndpointCounters
 from sidecar.upstream.http1 import ConnectionPool
-from sidecar.upstream.http2_pool import Http2Pool
+
+if TYPE_CHECKING:
+    from sidecar.upstream.http2_pool import Http2Pool  # h2 is loaded only when a cluster speaks it
 
 
 class EndpointState:

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import random
 import ssl
+from typing import TYPE_CHECKING
 
 from multidict import MultiDict
 
@@ -44,7 +45,9 @@ from sidecar.core.metrics import NULL
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool
-from sidecar.upstream.http2_pool import Http2Pool
+
+if TYPE_CHECKING:
+    from sidecar.upstream.http2_pool import Http2Pool  # h2 is loaded only for gRPC health checks
 
 log = logging.getLogger("sidecar.health_check")
 
@@ -321,6 +324,7 @@ class ClusterChecker:
             ep = host.endpoint
             tls = c.config.tls if c is not None else None
             if self.checks[i].grpc_service is not None:
+                from sidecar.upstream.http2_pool import Http2Pool  # lazy: h2 only for gRPC checks
                 pool = self.pools[(i, host.address)] = Http2Pool(
                     ep.host, ep.port, c.config.connect_timeout_s if c is not None else 5.0,
                     c.config.http2 if c is not None else UPSTREAM_DEFAULTS,
@@ -375,11 +379,11 @@ class ClusterChecker:
                         tls.sni if tls is not None else "")
                 else:
                     pool = self._pool(i, host)
-                    if isinstance(pool, Http2Pool):
+                    if isinstance(pool, ConnectionPool):
+                        outcome, status = await probe(pool, check, host_header)
+                    else:
                         outcome, status = await probe_grpc(pool, check,
                                                            check.grpc_authority or host_header)
-                    else:
-                        outcome, status = await probe(pool, check, host_header)
                 verdict = (outcome, status)
             except asyncio.CancelledError:
                 raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import time
 from collections import deque
@@ -19,9 +18,10 @@ from collections.abc import Awaitable
 from typing import Protocol, cast
 
 import httptools
-from multidict import MultiDict
 
-from sidecar.codec.headers import DATE, HOP_BY_HOP, status_line
+from sidecar.codec.http1_request import Refusal, new_parser, parse_head
+from sidecar.codec.http1_response import Head, local_head
+from sidecar.codec.stream_owner import StreamLimits
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.context import ConnectionId, RequestContext
@@ -30,37 +30,8 @@ from sidecar.tls.context import peer_uri_san
 
 log = logging.getLogger("sidecar.server")
 
-_BODYLESS = (204, 304)
 DELAYED_CLOSE_S = 1.0     # Envoy's delayed_close_timeout default
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-# Host / absolute-form authority: RFC 3986 reg-name, IP literal and port characters (nghttp2's
-# and Envoy's check); anything else (SP, "/", "?", "#", "\\", quotes, obs-text) is a 400.
-_VALID_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*").fullmatch
-
-# Host values already found valid (bounded): most connections send the same few
-_GOOD_HOSTS: set[str] = set()
-
-# headers_with_underscores_action
-ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
-
-
-class _Refusal(Exception):
-    """Raised from an llhttp callback to stop parsing: the message is refused."""
-
-
-class StreamLimits(Protocol):
-    """The per-stream timeouts a listener enforces (seconds; 0 = off)."""
-
-    @property
-    def request_timeout_s(self) -> float: ...
-
-    @property
-    def stream_idle_timeout_s(self) -> float: ...
-
-    @property
-    def max_stream_duration_s(self) -> float: ...
-
 
 class StreamOwner(Protocol):
     """What the codec needs from the listener that accepted the connection."""
@@ -93,15 +64,6 @@ class StreamOwner(Protocol):
         ...
 
 
-def _new_parser(conn: "DownstreamConnection") -> httptools.HttpRequestParser:
-    p = httptools.HttpRequestParser(conn)
-    # Bytes after a request that ends the connection (Connection: close, HTTP/1.0) are ignored,
-    # as in Envoy, rather than an error. Versions other than 1.1 are parsed so that a
-    # well-formed HTTP/d.d gets 426 (checked in on_headers_complete), not 400.
-    p.set_dangerous_leniencies(lenient_data_after_close=True, lenient_version=True)
-    return p
-
-
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = ("lr", "transport", "parser", "peer", "_url", "_headers", "_hsize", "_req",
                  "_chunks", "_stream", "_complete", "_queue", "_busy", "last_active",
@@ -113,7 +75,7 @@ class DownstreamConnection(asyncio.Protocol):
     def __init__(self, lr: StreamOwner):
         self.lr = lr
         self.transport = None
-        self.parser = _new_parser(self)
+        self.parser = new_parser(self)
         self.peer = None
         self._url: list[bytes] = []
         self._headers: list = []
@@ -212,7 +174,7 @@ class DownstreamConnection(asyncio.Protocol):
             offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
             if self._h2c:
                 self._h2c = False
-                self.parser = _new_parser(self)
+                self.parser = new_parser(self)
                 if offset < len(data):
                     self.data_received(data[offset:])
                 return
@@ -264,7 +226,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, details: str) -> None:
         self._refusal = (status, details)
-        raise _Refusal(details)
+        raise Refusal(status, details)
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -284,107 +246,22 @@ class DownstreamConnection(asyncio.Protocol):
         if len(h) > self.lr.max_headers_count:
             self._refuse(431, "too many request headers")
 
-    def _underscores(self, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """headers_with_underscores_action other than ALLOW."""
-        if self.lr.headers_with_underscores == DROP_HEADER:
-            return [(n, v) for n, v in raw if b"_" not in n]
-        for n, _ in raw:
-            if b"_" in n:
-                self._refuse(400, "header name with an underscore")
-        return raw
-
     def on_headers_complete(self) -> None:
         self._headers_started = 0.0
-        lr = self.lr
-        raw_headers = self._headers
-        if lr.headers_with_underscores != ALLOW:
-            raw_headers = self._underscores(raw_headers)
-        headers: MultiDict[str] = MultiDict()
-        add = headers.add
-        for name, value in raw_headers:
-            add(name.decode("latin-1").lower(), value.decode("latin-1"))
-        raw = b"".join(self._url) if len(self._url) != 1 else self._url[0]
         p = self.parser
-        method = p.get_method().decode("latin-1")
-        version = p.get_http_version()
-        te_lines = 0
-        if "transfer-encoding" in headers:
-            # exactly one Transfer-Encoding line whose value is "chunked" (Envoy): anything
-            # else (codings lists, repeats) is how a TE.TE desync is set up
-            te = headers.getall("transfer-encoding")
-            te_lines = len(te)
-            if te_lines > 1 or te[0].strip(" \t").lower() != "chunked":
-                self._refuse(501, "Not Implemented")
-        hosts = headers.getall("host", None)
-        if hosts is not None and len(hosts) > 1:
-            # RFC 9112 3.2: more than one Host is a 400 (Envoy joins them; refusing is safe)
-            self._refuse(400, "duplicate host")
-        if b"#" in raw:
-            self._refuse(400, "fragment in the request target")
-        url = raw.decode("latin-1")
-        if raw[0] != 47:                     # not "/": asterisk, absolute or authority form
-            url = self._other_target_form(url, method, headers)
-        elif method == "CONNECT":
-            self._refuse(400, "CONNECT needs an authority-form target")
-        host = headers.get("host")
-        if host is not None and host not in _GOOD_HOSTS:
-            if not _VALID_AUTHORITY(host):
-                self._refuse(400, "invalid host")
-            if len(_GOOD_HOSTS) >= 1024:
-                _GOOD_HOSTS.clear()
-            _GOOD_HOSTS.add(host)
-        path, _, query = url.partition("?")
-        ctx = RequestContext(lr.name, self.peer, time.perf_counter(), lr.bound_port)
-        ctx.tls = self._tls
-        ctx.peer_identity = self.peer_identity
-        ctx.connection = self.conn_id
-        req = self._req = Request(method, path, query, headers, b"", ctx, version)
-        req.keep_alive = p.should_keep_alive()
-        req.chunked = te_lines > 0
-        if version != "1.1" and not (version == "1.0" and lr.accept_http_10):
-            req.reject = (426, "Upgrade Required")
-        elif version == "1.1" and host is None:
-            req.reject = (400, "")
-        elif method == "CONNECT":
-            req.reject = (404, "")
-        elif p.should_upgrade():
-            up = headers.get("upgrade", "").lower()
-            if up.startswith("h2c"):
-                self._h2c = True    # ignore the h2c upgrade offer, as Envoy does
-            else:
-                # the connection manager decides (upgrade_configs); 403 when not allowed
-                req.upgrade = up.partition(",")[0].strip()
-                self._upgrade_req = req
-        if "expect" in headers and headers["expect"].lower() == "100-continue":
-            # Envoy's default: answer 100-continue locally and do not forward it; other
-            # expectations go upstream untouched
-            del headers["expect"]
-            if req.reject is None:
-                self.transport.write(_CONTINUE)
-
-    def _other_target_form(self, url: str, method: str, headers: MultiDict[str]) -> str:
-        """Asterisk-form (OPTIONS only), authority-form (CONNECT) or absolute-form, whose
-        authority replaces Host (RFC 9112 3.2.2); returns the origin-form URL."""
-        if url == "*":
-            if method != "OPTIONS":
-                self._refuse(400, "asterisk-form is only for OPTIONS")
-            return url
-        if method == "CONNECT":
-            return url
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme.lower() not in ("http", "https"):
-            self._refuse(400, "invalid request target")
-        end = len(rest)
-        for sep_char in "/?":
-            i = rest.find(sep_char)
-            if 0 <= i < end:
-                end = i
-        authority, tail = rest[:end], rest[end:]
-        authority = authority.rpartition("@")[2]     # userinfo never goes on
-        if not authority:
-            self._refuse(400, "absolute-form without a host")
-        headers["host"] = authority
-        return tail if tail[:1] == "/" else "/" + tail
+        try:
+            req, send_continue = parse_head(self.lr, p, self._url, self._headers, self.peer,
+                                            self._tls, self.peer_identity, self.conn_id)
+        except Refusal as e:
+            self._refusal = (e.status, e.details)
+            raise
+        self._req = req
+        if req.upgrade is not None:
+            self._upgrade_req = req
+        elif req.reject is None and p.should_upgrade():
+            self._h2c = True     # an h2c offer is ignored: parse on as HTTP/1.1 (Envoy)
+        if send_continue:
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         s = self._stream
@@ -549,75 +426,23 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _write_local(self, resp: Response) -> None:
         body = resp.body if isinstance(resp.body, bytes) else b""
-        head = [status_line(resp.status)]
-        for k, v in resp.headers.items():
-            head.append(f"{k}: {v}\r\n")
-        head.append(f"content-length: {len(body)}\r\n{self.lr.server_header}"
-                    f"date: {DATE.get()}\r\nconnection: close\r\n\r\n")
-        self.transport.write("".join(head).encode("latin-1") + body)
+        self.transport.write(local_head(resp.status, resp.headers.items(), len(body),
+                                        self.lr.server_header) + body)
 
     async def _write(self, req: Request, resp: Response, keep_alive: bool) -> int:
-        headers = resp.headers
-        status = resp.status
         lr = self.lr
-        parts = [status_line(status)]
-        conn_tokens = headers.get("connection")
-        drop = HOP_BY_HOP
-        if conn_tokens:
-            drop = HOP_BY_HOP | {t.strip().lower() for t in conn_tokens.split(",")}
-        head_only = req.method == "HEAD" or status in _BODYLESS or status < 200
+        head = Head(req, resp, keep_alive, lr.server_header, lr.suppress_envoy_headers)
         body = resp.body
-        stream_len = None
-        te = headers.get("transfer-encoding")
-        # keep the upstream's chunked framing (Envoy does), even for a body read whole
-        up_chunked = te is not None and "chunked" in te.lower()
-        for k, v in headers.items():
-            if k in drop or k == "server":
-                continue
-            if k == "content-length":
-                if head_only or not isinstance(body, bytes):
-                    stream_len = v     # keep the upstream's length for HEAD and streams
-                    parts.append(f"content-length: {v}\r\n")
-                continue
-            parts.append(f"{k}: {v}\r\n")
-        parts.append(lr.server_header)
-        if "date" not in headers:
-            parts.append(f"date: {DATE.get()}\r\n")
-        ctx = req.ctx
-        if ctx.upstream_duration is not None and not lr.suppress_envoy_headers:
-            parts.append(f"x-envoy-upstream-service-time: {int(ctx.upstream_duration * 1000)}\r\n")
-        if not keep_alive:
-            parts.append("connection: close\r\n")
         t = self.transport
         if isinstance(body, bytes):
-            if not head_only:
-                if up_chunked:
-                    parts.append("transfer-encoding: chunked\r\n\r\n")
-                    t.write("".join(parts).encode("latin-1")
-                            + (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
-                    return len(body)
-                parts.append(f"content-length: {len(body)}\r\n\r\n")
-                t.write("".join(parts).encode("latin-1") + body)
-                return len(body)
-            if stream_len is None:
-                if up_chunked:
-                    parts.append("transfer-encoding: chunked\r\n")
-                elif body and status >= 200 and status not in _BODYLESS:
-                    # HEAD of a local reply: the length of the body a GET would get
-                    parts.append(f"content-length: {len(body)}\r\n")
-            parts.append("\r\n")
-            t.write("".join(parts).encode("latin-1"))
-            return 0
-        if head_only:
-            parts.append("\r\n")
-            t.write("".join(parts).encode("latin-1"))
+            t.write(head.whole(body, resp.status))
+            return 0 if head.head_only else len(body)
+        if head.head_only:
+            t.write(head.bodyless())
             resp.discard()
             return 0
-        chunked = stream_len is None
-        if chunked:
-            parts.append("transfer-encoding: chunked\r\n")
-        parts.append("\r\n")
-        t.write("".join(parts).encode("latin-1"))
+        data, chunked = head.streaming()
+        t.write(data)
         self._responding = True
         sent = 0
         async for chunk in body:
@@ -633,6 +458,7 @@ class DownstreamConnection(asyncio.Protocol):
             if self._paused_writing:
                 self._drain_waiter = asyncio.get_running_loop().create_future()
                 await self._drain_waiter
+        stream_len = head.stream_len
         if chunked:
             t.write(b"0\r\n\r\n")
         elif stream_len is not None and stream_len.isdigit() and sent != int(stream_len):
@@ -665,9 +491,8 @@ class DownstreamConnection(asyncio.Protocol):
     def _write_error(self, status: int, message: str) -> None:
         self.lr.protocol_error(status)
         body = message.encode()
-        head = (f"{status_line(status)}content-length: {len(body)}\r\ncontent-type: text/plain\r\n"
-                f"{self.lr.server_header}date: {DATE.get()}\r\nconnection: close\r\n\r\n")
-        self.transport.write(head.encode("latin-1") + body)
+        self.transport.write(local_head(status, (), len(body), self.lr.server_header,
+                                        "text/plain") + body)
         self._end()
 
     def _end(self) -> None:

@@ -30,7 +30,7 @@ import socket
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sidecar.cluster.cluster import Cluster, ClusterState
 from sidecar.cluster.endpoint import EndpointState
@@ -38,11 +38,15 @@ from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.l4 import TcpProxy
 from sidecar.core.connection import ConnectionContext
 from sidecar.core.errors import ConnectFailure, UpstreamError
-from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter, KafkaBrokerSession
 from sidecar.observability.access_log import ConnectionLogger
 from sidecar.observability.istio import TcpRecorder, TcpReporter
 from sidecar.observability.stats import TcpStats
 from sidecar.tls.context import peer_uri_san
+
+if TYPE_CHECKING:
+    # kafka_broker pulls in kio (and kio pulls in hypothesis): ~11 MB, loaded only when a
+    # config has a Kafka filter (runtime/store.py builds it).
+    from sidecar.l4.kafka_broker import FilterOutput, KafkaBrokerFilter, KafkaBrokerSession
 
 log = logging.getLogger("sidecar.tcp_proxy")
 

@@ -33,13 +33,18 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-
 from sidecar import __version__
 from sidecar.core.metrics import NULL
 from sidecar.observability.flags import flags_text
 
 log = logging.getLogger("sidecar.tracing")
+
+
+def _api() -> Any:
+    # Lazy: the OpenTelemetry API (and SDK, below) is loaded when a span is first made, so a
+    # proxy without tracing does not carry it (~3 MB of RSS). The import is a dict hit after that.
+    import opentelemetry.trace
+    return opentelemetry.trace
 
 TRACE_HEADERS = frozenset(("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
                            "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"))
@@ -229,7 +234,7 @@ class ServerSpan:
     def _context(self):
         c = self._ctx
         if c is None:
-            c = self._ctx = set_span_in_context(self.otel)
+            c = self._ctx = _api().set_span_in_context(self.otel)
         return c
 
     def start_client(self, req, host, attempt_no: int = 1, shadow: bool = False,
@@ -263,7 +268,7 @@ class ServerSpan:
             attrs["sidecar.shadow"] = True
         name = f"{method} {cluster}" + (" (shadow)" if shadow else "")
         otel = self.tracer.tracing.tracer.start_span(name, context=self._context(),
-                                                     kind=SpanKind.CLIENT, attributes=attrs)
+                                                     kind=_api().SpanKind.CLIENT, attributes=attrs)
         return ClientSpan(otel, self)
 
     def finish(self, req, resp, duration: float) -> None:
@@ -288,7 +293,7 @@ class ServerSpan:
             attrs["http.request.body.size"] = ctx.bytes_received
         if status >= 500:
             attrs["error.type"] = str(status)
-            otel.set_status(Status(StatusCode.ERROR))
+            otel.set_status(_api().Status(_api().StatusCode.ERROR))
         otel.set_attributes(attrs)
         otel.end(end_time=self.start_ns + int(duration * 1e9))
 
@@ -336,12 +341,12 @@ class ClientSpan:
             otel.set_attribute("http.response.status_code", status)
             if status >= 400:
                 otel.set_attribute("error.type", str(status))
-                otel.set_status(Status(StatusCode.ERROR))
+                otel.set_status(_api().Status(_api().StatusCode.ERROR))
         if flag:
             otel.set_attribute("sidecar.response_flags", flag)
             if status is None:
                 otel.set_attribute("error.type", flag)
-                otel.set_status(Status(StatusCode.ERROR, flag))
+                otel.set_status(_api().Status(_api().StatusCode.ERROR, flag))
         otel.end()
 
 
@@ -454,7 +459,7 @@ class ListenerTracer:
         if inc is not None:
             parent_ctx = self.tracing.parent_context(inc)
         name = f"{req.method} {template}" if template else req.method
-        otel = self.tracing.tracer.start_span(name, context=parent_ctx, kind=SpanKind.SERVER,
+        otel = self.tracing.tracer.start_span(name, context=parent_ctx, kind=_api().SpanKind.SERVER,
                                               attributes=attrs, start_time=start_ns)
         return ServerSpan(otel, self, inc, start_ns)
 

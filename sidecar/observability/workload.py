@@ -17,9 +17,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from google.protobuf import struct_pb2
-from google.protobuf.message import DecodeError
+from typing import Any
 
 UNKNOWN = "unknown"
 
@@ -121,7 +119,7 @@ class Workload:
 
     # ---- metadata exchange (ours, as Istio encodes it) ----------------------------------------
     def metadata_headers(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        s = struct_pb2.Struct()
+        s = _struct()
         s.update({"NAME": self.pod_name, "NAMESPACE": self.namespace,
                   "WORKLOAD_NAME": self.workload, "SERVICE_ACCOUNT": self.service_account,
                   "CLUSTER_ID": self.cluster_id,
@@ -131,6 +129,17 @@ class Workload:
         value = base64.b64encode(s.SerializeToString()).decode("ascii")
         ident = f"sidecar~{self.pod_name}.{self.namespace}~{self.namespace}.svc.{self.dns_domain}"
         return (PEER_METADATA, value), (PEER_METADATA_ID, ident)
+
+
+def _struct() -> Any:
+    # Lazy: protobuf (~2 MB of RSS) is loaded only by Istio metadata exchange.
+    from google.protobuf import struct_pb2
+    return struct_pb2.Struct()
+
+
+def _decode_error() -> type[Exception]:
+    from google.protobuf.message import DecodeError  # lazy, as in _struct
+    return DecodeError
 
 
 def spiffe_parts(identity: str | None) -> tuple[str, str, str] | None:
@@ -163,9 +172,9 @@ def peer_from_metadata(header: str, identity: str) -> WorkloadLabels | None:
         return None
     try:
         raw = base64.b64decode(header, validate=True)
-        s = struct_pb2.Struct()
+        s = _struct()
         s.ParseFromString(raw)
-    except (binascii.Error, ValueError, DecodeError):
+    except (binascii.Error, ValueError, _decode_error()):
         return None
     fields = s.fields
     ns = fields["NAMESPACE"].string_value if "NAMESPACE" in fields else ""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.kafka import KafkaBrokerConfig
@@ -18,7 +19,6 @@ from sidecar.config.listener import FilterChain, Listener
 from sidecar.config.snapshot import Snapshot
 from sidecar.config.tls import DownstreamTls
 from sidecar.core.filter import FilterEnv
-from sidecar.l4.kafka_broker import KafkaBrokerFilter
 from sidecar.l4.tcp_proxy import TcpProxyFilter
 from sidecar.listener.http import HttpConnectionManager
 from sidecar.listener.listener import ListenerRuntime, socket_key
@@ -36,6 +36,9 @@ from sidecar.route.stack import FilterCatalog, FilterStates, StackEnv, build_rou
 from sidecar.route.table import RouteTable
 from sidecar.tls.context import ReloadingContext, server_context
 from sidecar.tls.secrets import SecretStore
+
+if TYPE_CHECKING:
+    from sidecar.l4.kafka_broker import KafkaBrokerFilter
 
 log = logging.getLogger("sidecar.store")
 
@@ -122,6 +125,8 @@ class ConfigStore:
                 if old is not None and old[0] == tcp.kafka:
                     kafka = old[1]
                 else:
+                    # Lazy: kafka_broker loads kio (+ hypothesis), ~11 MB, only for configs using it.
+                    from sidecar.l4.kafka_broker import KafkaBrokerFilter
                     kafka = KafkaBrokerFilter(tcp.kafka, self.metrics)
                     self._kafka[key] = (tcp.kafka, kafka)
             istio = None
