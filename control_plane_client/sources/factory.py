@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from control_plane_client.sources.ads import GrpcTransport
 from control_plane_client.sources.file import FileTransport
-from control_plane_client.sources.rest import RestTransport
 from control_plane_client.sources.transport import DiscoveryHandler, Transport
 from sidecar.config.control_plane import ControlPlaneConfig, SourceSpec
 from sidecar.config.errors import ConfigError
@@ -34,10 +32,14 @@ def _endpoints(spec: SourceSpec, cfg: ControlPlaneConfig, base: Snapshot
 def open_transport(spec: SourceSpec, handler: DiscoveryHandler, cfg: ControlPlaneConfig,
                    base: Snapshot) -> Transport:
     backoff = (cfg.backoff_base_s, cfg.backoff_max_s)
+    # Lazy: each network transport loads its client library (aiohttp for REST, grpclib for
+    # gRPC: several MB each) only when a config has such a source.
     if spec.kind == "rest":
+        from control_plane_client.sources.rest import RestTransport
         eps, ctx = _endpoints(spec, cfg, base)
         return RestTransport(spec, handler, eps, ctx, backoff=backoff)
     if spec.kind in ("ads", "grpc"):
+        from control_plane_client.sources.ads import GrpcTransport
         eps, ctx = _endpoints(spec, cfg, base)
         return GrpcTransport(spec, handler, eps, ctx, backoff=backoff, ads=spec.kind == "ads",
                              connect_timeout=max(1.0, spec.request_timeout_s))

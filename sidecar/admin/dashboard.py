@@ -26,10 +26,10 @@ import os
 import time
 from typing import Any
 
-from aiohttp import web
-
 from sidecar.admin import dashboard_l4
+from sidecar.core.message import Response
 from sidecar.runtime.collector import breaker_open, endpoint_ewma, install_state_collector
+from sidecar.runtime.local_http import LocalRequest, Router, json_response, respond, text
 
 log = logging.getLogger("sidecar.dashboard")
 
@@ -392,41 +392,33 @@ def _route_count(lr) -> int:
 
 # ---- routes -------------------------------------------------------------------------------
 
-def _static(name: str) -> web.StreamResponse:
+def _static(name: str) -> Response:
     path = os.path.join(STATIC_DIR, name)
-    if os.path.dirname(os.path.abspath(path)) != STATIC_DIR or not os.path.isfile(path):
-        raise web.HTTPNotFound()
+    if "/" in name or os.path.dirname(os.path.abspath(path)) != STATIC_DIR or \
+            not os.path.isfile(path):
+        return text("404: Not Found", 404)
     with open(path, "rb") as f:
         body = f.read()
     ctype = _STATIC_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
-    resp = web.Response(body=body, content_type=ctype)
-    resp.headers["Cache-Control"] = "no-cache"
-    return resp
+    return respond(body, ctype, headers=(("cache-control", "no-cache"),))
 
 
-SAMPLER_KEY = web.AppKey("dashboard_sampler", Sampler)
-
-
-def add_dashboard_routes(web_app: web.Application, app) -> None:
+def add_dashboard_routes(router: Router, app) -> None:
     install_state_collector(app)
     sampler = Sampler(app)
-    web_app[SAMPLER_KEY] = sampler
 
-    async def index(request):
+    async def index(request: LocalRequest) -> Response:
         return _static("dashboard.html")
 
-    async def static(request):
-        return _static(request.match_info["name"])
+    async def static(request: LocalRequest) -> Response:
+        return _static(request.tail)
 
-    async def data(request):
+    async def data(request: LocalRequest) -> Response:
         sampler.start()
-        return web.json_response(sampler.view(), headers={"Cache-Control": "no-store"})
+        return json_response(sampler.view(), headers=(("cache-control", "no-store"),))
 
-    async def on_cleanup(_):
-        await sampler.stop()
-
-    web_app.router.add_get("/", index)
-    web_app.router.add_get("/dashboard", index)
-    web_app.router.add_get("/dashboard.json", data)
-    web_app.router.add_get("/static/{name}", static)
-    web_app.on_cleanup.append(on_cleanup)
+    router.get("/", index)
+    router.get("/dashboard", index)
+    router.get("/dashboard.json", data)
+    router.prefix("GET", "/static/", static)
+    router.on_cleanup.append(sampler.stop)

@@ -1,4 +1,5 @@
-"""Admin server (aiohttp), on its own port, loopback by default.
+"""Admin server (``runtime.local_http``: the proxy's own HTTP/1.1 codec), on its own port,
+loopback by default.
 
 GET /ready, /stats/prometheus, /config_dump, /clusters, /stats.json, / (dashboard);
 POST /healthcheck/fail, /healthcheck/ok, /drain_listeners, /quitquitquit.
@@ -11,40 +12,33 @@ import json
 import logging
 import time
 
-from aiohttp import web
-
 from sidecar import __version__
 from sidecar.admin.config_dump import clusters_view, config_dump
+from sidecar.runtime.local_http import LocalServer, Router, json_response, respond, text
 
 log = logging.getLogger("sidecar.admin")
 
 
-def make_admin_app(app) -> web.Application:
-    routes = web.RouteTableDef()
+def make_admin_app(app) -> Router:
+    routes = Router()
 
-    @routes.get("/ready")
     async def ready(request):
         reason = app.not_ready_reason()
         if reason is None:
-            return web.Response(text="LIVE\n" + app.ready_notes_text())
-        return web.Response(status=503, text=f"{reason}\n")
+            return text("LIVE\n" + app.ready_notes_text())
+        return text(f"{reason}\n", 503)
 
-    @routes.get("/stats/prometheus")
     async def prometheus(request):
         body, ctype = app.metrics.render(request.headers.get("Accept", ""))
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = ctype
-        return resp
+        return respond(body, ctype)
 
-    @routes.get("/config_dump")
     async def dump(request):
-        return web.json_response(config_dump(app), dumps=lambda o: json.dumps(o, indent=2, default=str))
+        return json_response(config_dump(app), dumps=lambda o: json.dumps(o, indent=2, default=str))
 
-    @routes.get("/clusters")
     async def clusters(request):
         view = clusters_view(app)
         if request.query.get("format") == "json":
-            return web.json_response(view)
+            return json_response(view)
         lines = []
         for c in view["clusters"]:
             for h in c["hosts"]:
@@ -53,49 +47,46 @@ def make_admin_app(app) -> web.Application:
                           f"{pre}::rq_active::{h['rq_active']}", f"{pre}::rq_total::{h['rq_total']}",
                           f"{pre}::rq_error::{h['rq_error']}", f"{pre}::cx_active::{h['cx_active']}",
                           f"{pre}::cx_connect_fail::{h['cx_connect_fail']}"]
-        return web.Response(text="\n".join(lines) + "\n")
+        return text("\n".join(lines) + "\n")
 
-    @routes.get("/server_info")
     async def server_info(request):
-        return web.json_response({"version": __version__, "state": "DRAINING" if app.draining else "LIVE",
-                                  "uptime_s": round(time.time() - app.started_at, 1),
-                                  "config_version": app.store.snapshot.version if app.store.snapshot else None})
+        return json_response({"version": __version__, "state": "DRAINING" if app.draining else "LIVE",
+                              "uptime_s": round(time.time() - app.started_at, 1),
+                              "config_version": app.store.snapshot.version if app.store.snapshot else None})
 
-    @routes.post("/healthcheck/fail")
     async def hc_fail(request):
         app.healthy = False
-        return web.Response(text="OK\n")
+        return text("OK\n")
 
-    @routes.post("/healthcheck/ok")
     async def hc_ok(request):
         app.healthy = True
-        return web.Response(text="OK\n")
+        return text("OK\n")
 
-    @routes.post("/drain_listeners")
     async def drain(request):
         asyncio.get_running_loop().create_task(app.drain())
-        return web.Response(text="OK\n")
+        return text("OK\n")
 
-    @routes.post("/quitquitquit")
     async def quit(request):
         asyncio.get_running_loop().call_later(0.05, app.request_stop)
-        return web.Response(text="OK\n")
+        return text("OK\n")
 
-    web_app = web.Application()
-    web_app.add_routes(routes)
+    for path, handler in (("/ready", ready), ("/stats/prometheus", prometheus),
+                          ("/config_dump", dump), ("/clusters", clusters),
+                          ("/server_info", server_info)):
+        routes.get(path, handler)
+    for path, handler in (("/healthcheck/fail", hc_fail), ("/healthcheck/ok", hc_ok),
+                          ("/drain_listeners", drain), ("/quitquitquit", quit)):
+        routes.post(path, handler)
     try:
         from sidecar.admin.dashboard import add_dashboard_routes
     except ImportError:
         add_dashboard_routes = None
     if add_dashboard_routes is not None:
-        add_dashboard_routes(web_app, app)
-    return web_app
+        add_dashboard_routes(routes, app)
+    return routes
 
 
-async def start_admin(app, host: str, port: int):
-    runner = web.AppRunner(make_admin_app(app), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
+async def start_admin(app, host: str, port: int) -> tuple[LocalServer, int]:
+    server = LocalServer(make_admin_app(app))
+    bound = await server.start_tcp(host, port)
+    return server, bound

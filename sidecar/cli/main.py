@@ -8,15 +8,13 @@ import logging
 import os
 import sys
 
-import aiohttp
 import httptools
 
 from sidecar import __version__
 from sidecar.admin.server import make_admin_app, start_admin
-from sidecar.cli.demo import demo_snapshot, print_banner, start_demo_services
 from sidecar.config.errors import ConfigError, ConfigErrors
 from sidecar.k8s import iptables
-from sidecar.k8s.probes import start_from_env
+from sidecar.k8s.probe_rewrite import ENV_PROBE_PORT
 from sidecar.runtime.app import App, ParserError, check_compiled_parsers, install_uvloop, setup_logging
 from sidecar.runtime.loader import load_file
 from sidecar.runtime.workers import run_workers
@@ -76,6 +74,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_version(args) -> int:
+    import aiohttp  # lazy: `sidecar run` does not load aiohttp (~9 MB) unless a feature needs it
     print(f"sidecar {__version__} (python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
           f"httptools {httptools.__version__})")
     return 0
@@ -112,6 +111,8 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     demo_servers = None
     demo = snap is None
     if demo:
+        # lazy: the demo's backends are aiohttp apps (~9 MB), loaded only without -c
+        from sidecar.cli.demo import demo_snapshot, print_banner, start_demo_services
         demo_servers, ports = await start_demo_services()
         snap = demo_snapshot(ports)
     app = App(snap, config_path=args.config, metrics_enabled=not args.no_metrics,
@@ -132,6 +133,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     log.info("sidecar %s serving (%s; event loop: %s); admin http://%s:%s/", __version__, ports,
              "uvloop" if uv else "asyncio", snap.admin.host, app.admin_port)
     if demo:
+        from sidecar.cli.demo import print_banner
         print_banner(app)
     await app.run_until_stopped()
     if demo_servers is not None:
@@ -144,7 +146,18 @@ CORE_COMMANDS = ("run", "validate", "version", "iptables")
 
 # servers started beside the proxy on worker 0: the kubelet prober of injected pods (only
 # when SIDECAR_PROBE_PORT is set)
-COMPANIONS = (start_from_env,)
+
+
+async def start_probes_from_env(app):
+    """The probe port of injected pods (``sidecar.k8s.probes``), when its variable is set."""
+    if not os.environ.get(ENV_PROBE_PORT):
+        return None
+    # lazy: the probe rewriter's HTTP client is aiohttp, loaded only in pods that use it
+    from sidecar.k8s.probes import start_from_env
+    return await start_from_env(app)
+
+
+COMPANIONS = (start_probes_from_env,)
 
 
 def build_parser(extra: bool = True) -> argparse.ArgumentParser:

@@ -16,9 +16,9 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sidecar.cluster.cluster import Cluster, ClusterState
-from sidecar.cluster.dns import DnsResolver
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.cluster import Endpoint
 from sidecar.config.errors import ConfigError
@@ -29,6 +29,9 @@ from sidecar.shared.host import TableFull
 from sidecar.shared.local import LocalState
 from sidecar.tls.context import client_context
 from sidecar.tls.secrets import SecretStore
+
+if TYPE_CHECKING:
+    from sidecar.cluster.dns import DnsResolver  # aiodns/pycares: only for c-ares DNS clusters
 
 log = logging.getLogger("sidecar.cluster")
 
@@ -257,6 +260,8 @@ class ClusterManager:
             if cfg.respect_dns_ttl or cfg.dns_resolvers:
                 # the system resolver reports no TTLs and cannot be pointed elsewhere: c-ares
                 if resolver is None or resolver.servers != cfg.dns_resolvers:
+                    # lazy: aiodns/pycares are loaded only by clusters that use c-ares
+                    from sidecar.cluster.dns import DnsResolver
                     resolver = DnsResolver(cfg.dns_resolvers)
             else:
                 resolver = None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-
-from aiohttp import http_parser
 
 from control_plane_client.client import ControlPlaneClient, start_control_plane
 from filters import CATALOG
@@ -54,13 +53,19 @@ class ParserError(RuntimeError):
 
 def check_compiled_parsers() -> None:
     """Refuse to run on pure-Python HTTP parsing: strict, fast llhttp parsing is a requirement
-    (httptools for proxied traffic, aiohttp's C parser for admin and control-plane traffic)."""
+    (httptools for proxied and admin traffic, aiohttp's C parser for control-plane traffic).
+    aiohttp itself is not imported here: it is loaded only by the features that use it."""
     try:
         import httptools.parser.parser  # noqa: F401  (the compiled llhttp binding)
     except ImportError as e:  # pragma: no cover
         raise ParserError(f"httptools' compiled llhttp parser is not available: {e}") from None
-    cls = http_parser.HttpRequestParser
-    if getattr(cls, "__module__", "") != "aiohttp._http_parser":
+    # aiohttp uses its compiled parser when the extension is there and not disabled (looked
+    # for on disk: find_spec of a submodule would import aiohttp itself)
+    spec = importlib.util.find_spec("aiohttp")
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if os.environ.get("AIOHTTP_NO_EXTENSIONS") or not any(
+            f.startswith("_http_parser.") and f.endswith((".so", ".pyd"))
+            for d in dirs for f in os.listdir(d)):
         raise ParserError("aiohttp's compiled (llhttp) parser is not active: the pure-Python "
                           "parser is in use (is AIOHTTP_NO_EXTENSIONS set, or was aiohttp "
                           "installed without its C extensions?)")

@@ -15,29 +15,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from sidecar.config.telemetry import METRICS_PATH, MetricsListener
+from sidecar.core.message import Response
+from sidecar.runtime.local_http import LocalRequest, LocalServer, Router, respond, text
 
 log = logging.getLogger("sidecar.metrics_port")
 
 Renderer = Callable[[str], Awaitable[tuple[bytes, str]]]
 
 
-def _app(render: Renderer) -> web.Application:
-    async def serve(request: web.Request) -> web.StreamResponse:
+def _app(render: Renderer) -> Router:
+    async def serve(request: LocalRequest) -> Response:
         if request.path != METRICS_PATH:
-            return web.Response(status=404, text=f"only {METRICS_PATH} is served here\n")
+            return text(f"only {METRICS_PATH} is served here\n", 404)
         if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, headers={"Allow": "GET, HEAD"})
-        if request.query_string:
-            return web.Response(status=400, text="query parameters are not supported\n")
+            return respond(b"", status=405, headers=(("allow", "GET, HEAD"),))
+        if request.query:
+            return text("query parameters are not supported\n", 400)
         body, ctype = await render(request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        return respond(body, ctype)
 
-    web_app = web.Application()
-    web_app.router.add_route("*", "/{tail:.*}", serve)
-    return web_app
+    router = Router()
+    router.fallback = serve
+    return router
 
 
 class MetricsPort:
@@ -47,21 +47,15 @@ class MetricsPort:
         # looked up per request: the multi-worker renderer is installed after construction
         self._render = render
         self.config: MetricsListener | None = None
-        self.runner: web.AppRunner | None = None
+        self.runner: LocalServer | None = None
         self.bound_port: int | None = None
 
-    async def _start(self, cfg: MetricsListener) -> tuple[web.AppRunner, int]:
+    async def _start(self, cfg: MetricsListener) -> tuple[LocalServer, int]:
         async def render(accept: str) -> tuple[bytes, str]:
             return await self._render()(accept)
 
-        runner = web.AppRunner(_app(render), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        port = runner.addresses[0][1] if runner.addresses else cfg.port
+        runner = LocalServer(_app(render), "metrics")
+        port = await runner.start_tcp(cfg.host, cfg.port)
         log.info("metrics listener %s on %s:%s%s", cfg.name, cfg.host, port, METRICS_PATH)
         return runner, port
 

@@ -45,8 +45,6 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -55,14 +53,25 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_lates
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import __version__
+from sidecar.core.message import Response
 from sidecar.runtime.app import App, Companion, install_uvloop
 from sidecar.runtime.collector import SIDECAR_FACTS
+from sidecar.runtime.local_http import (
+    Handler,
+    LocalRequest,
+    LocalServer,
+    Router,
+    fetch_unix,
+    json_response,
+    respond,
+)
+from sidecar.runtime.local_http import text as text_reply
 from sidecar.runtime.sidecar_mode import attach
 from sidecar.shared.host import SharedHost
 
 log = logging.getLogger("sidecar.workers")
 
-AdminAppFactory = Callable[[App], web.Application]
+AdminAppFactory = Callable[[App], Router]
 
 EXIT_CANNOT_START = 78          # EX_CONFIG: a worker could not bind / load; do not restart it
 MAX_RESTARTS = 5
@@ -264,60 +273,52 @@ async def _worker_main(args, snap, wid: int, n: int, rundir: str, uv: bool,
 
 # ---- the private per-worker endpoint -------------------------------------------------------------
 
-async def _start_private(app, path: str, wid: int):
+async def _start_private(app, path: str, wid: int) -> LocalServer:
 
-    async def metrics(request):
+    async def metrics(request: LocalRequest) -> Response:
         body, ctype = app.metrics.render("")
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        return respond(body, ctype)
 
-    async def ready(request):
+    async def ready(request: LocalRequest) -> Response:
         reason = app.not_ready_reason()
         if reason is not None:
-            return web.Response(status=503, text=reason)
-        return web.Response(text="LIVE\n" + app.ready_notes_text())
+            return text_reply(reason, 503)
+        return text_reply("LIVE\n" + app.ready_notes_text())
 
-    async def info(request):
+    async def info(request: LocalRequest) -> Response:
         snap = app.store.snapshot
-        return web.json_response({"worker": wid, "pid": os.getpid(),
-                                  "config_version": snap.version if snap else None,
-                                  "ready": app.not_ready_reason() is None,
-                                  "reason": app.not_ready_reason() or "",
-                                  "connections": sum(lr.downstream_cx_active
-                                                     for lr in app.store.listeners.values())})
+        return json_response({"worker": wid, "pid": os.getpid(),
+                              "config_version": snap.version if snap else None,
+                              "ready": app.not_ready_reason() is None,
+                              "reason": app.not_ready_reason() or "",
+                              "connections": sum(lr.downstream_cx_active
+                                                 for lr in app.store.listeners.values())})
 
-    async def hc(request):
-        app.healthy = request.match_info["what"] == "ok"
-        return web.Response(text="OK\n")
+    async def hc(request: LocalRequest) -> Response:
+        app.healthy = request.path.endswith("/ok")
+        return text_reply("OK\n")
 
-    async def drain(request):
+    async def drain(request: LocalRequest) -> Response:
         asyncio.get_running_loop().create_task(app.drain())
-        return web.Response(text="OK\n")
+        return text_reply("OK\n")
 
-    w = web.Application()
-    w.router.add_get("/metrics", metrics)
-    w.router.add_get("/ready", ready)
-    w.router.add_get("/info", info)
-    w.router.add_post("/healthcheck/{what:fail|ok}", hc)
-    w.router.add_post("/drain_listeners", drain)
-    runner = web.AppRunner(w, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        os.unlink(path)          # a restarted worker takes over its predecessor's socket
-    except FileNotFoundError:
-        pass
-    await web.UnixSite(runner, path).start()
-    return runner
+    w = Router()
+    w.get("/metrics", metrics)
+    w.get("/ready", ready)
+    w.get("/info", info)
+    w.post("/healthcheck/fail", hc)
+    w.post("/healthcheck/ok", hc)
+    w.post("/drain_listeners", drain)
+    server = LocalServer(w, f"worker{wid}")
+    await server.start_unix(path)
+    return server
 
 
 async def _ask(rundir: str, wid: int, method: str, path: str) -> tuple[int, str]:
     """One request to a worker's private socket; (0, reason) when it does not answer."""
     try:
-        conn = aiohttp.UnixConnector(path=socket_path(rundir, wid))
-        async with aiohttp.ClientSession(connector=conn,
-                                         timeout=aiohttp.ClientTimeout(total=SOCK_TIMEOUT_S)) as s:
-            async with s.request(method, f"http://worker{wid}{path}") as r:
-                return r.status, await r.text()
-    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        return await fetch_unix(socket_path(rundir, wid), method, path, SOCK_TIMEOUT_S)
+    except (TimeoutError, OSError, ValueError) as e:
         return 0, f"worker {wid} not answering: {e or type(e).__name__}"
 
 
@@ -329,42 +330,42 @@ async def ask_all(rundir: str, n: int, method: str, path: str, skip: int = -1) -
 
 # ---- worker 0's admin: aggregation --------------------------------------------------------------
 
-async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
+async def _start_admin(app, router: Router, rundir: str, n: int,
+                       supervisor: int = 0) -> tuple[LocalServer, int]:
 
-    @web.middleware
-    async def aggregate(request, handler):
+    async def aggregate(request: LocalRequest, handler: Handler) -> Response:
         path, method = request.path, request.method
         if method == "GET" and path == "/stats/prometheus":
             others = await ask_all(rundir, n, "GET", "/metrics", skip=0)
             body, ctype = merged_metrics(app.metrics, others, request.headers.get("Accept", ""),
                                          per_worker=request.query.get("per_worker") in ("1", "true"))
-            return web.Response(body=body, headers={"Content-Type": ctype})
+            return respond(body, ctype)
         if method == "GET" and path == "/ready":
             reasons = []
             local = app.not_ready_reason()
             if local:
                 reasons.append(f"worker 0: {local}")
             answers = await ask_all(rundir, n, "GET", "/ready", skip=0)
-            for wid, (status, text) in sorted(answers.items()):
+            for wid, (status, answer) in sorted(answers.items()):
                 if status != 200:
-                    reasons.append(text if status == 0 else f"worker {wid}: {text.strip()}")
+                    reasons.append(answer if status == 0 else f"worker {wid}: {answer.strip()}")
             if reasons:
-                return web.Response(status=503, text="\n".join(reasons) + "\n")
+                return text_reply("\n".join(reasons) + "\n", 503)
             # notes (a store down, the last-known-good config...): each worker's, once
-            text = "".join(f"note: worker 0: {line[6:]}\n"
-                           for line in app.ready_notes_text().splitlines())
+            notes = "".join(f"note: worker 0: {line[6:]}\n"
+                            for line in app.ready_notes_text().splitlines())
             for wid, (_status, body) in sorted(answers.items()):
-                text += "".join(f"note: worker {wid}: {line[6:]}\n"
+                notes += "".join(f"note: worker {wid}: {line[6:]}\n"
                                 for line in body.splitlines() if line.startswith("note: "))
-            return web.Response(text="LIVE\n" + text)
+            return text_reply("LIVE\n" + notes)
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
                      "reason": app.not_ready_reason() or "",
                      "config_version": app.store.snapshot.version if app.store.snapshot else None}]
-            for wid, (status, text) in sorted((await ask_all(rundir, n, "GET", "/info", skip=0)).items()):
-                rows.append(json.loads(text) if status == 200 else
-                            {"worker": wid, "ready": False, "reason": text})
-            return web.json_response({"workers": rows, "supervisor_pid": supervisor})
+            for wid, (status, answer) in sorted((await ask_all(rundir, n, "GET", "/info", skip=0)).items()):
+                rows.append(json.loads(answer) if status == 200 else
+                            {"worker": wid, "ready": False, "reason": answer})
+            return json_response({"workers": rows, "supervisor_pid": supervisor})
         if method == "POST" and path in ("/healthcheck/fail", "/healthcheck/ok", "/drain_listeners"):
             await ask_all(rundir, n, "POST", path, skip=0)
             return await handler(request)
@@ -373,17 +374,14 @@ async def _start_admin(app, web_app, rundir: str, n: int, supervisor: int = 0):
                 os.kill(supervisor, signal.SIGTERM)      # the supervisor drains everyone
             else:
                 asyncio.get_running_loop().call_later(0.05, app.request_stop)
-            return web.Response(text="OK\n")
+            return text_reply("OK\n")
         return await handler(request)
 
-    web_app.middlewares.append(aggregate)
-    runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
-    await runner.setup()
+    router.middleware = aggregate
+    server = LocalServer(router)
     snap = app.initial
-    site = web.TCPSite(runner, snap.admin.host, snap.admin.port, reuse_address=True)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else snap.admin.port
-    return runner, port
+    port = await server.start_tcp(snap.admin.host, snap.admin.port)
+    return server, port
 
 
 def _merge_mode(name: str, typ: str) -> str:
