@@ -15,7 +15,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -74,9 +74,11 @@ class DownstreamConnection(asyncio.Protocol):
 
     def __init__(self, lr: StreamOwner):
         self.lr = lr
-        self.transport = None
+        # Any, not asyncio.Transport: uvloop's transports are not its subclasses, and compiled
+        # (mypyc) classes check declared attribute types at run time
+        self.transport: Any = None
         self.parser = new_parser(self)
-        self.peer = None
+        self.peer: Any = None
         self._url: list[bytes] = []
         self._headers: list = []
         self._hsize = 0
@@ -89,10 +91,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self._headers_started = 0.0
         self._paused_writing = False
-        self._drain_waiter = None
+        self._drain_waiter: Any = None
         self._closing = False
         self._tls = False
-        self.peer_identity = None
+        self.peer_identity: str | None = None
         self.requests = 0
         self._h2c = False
         self._idle_waiter: asyncio.Future | None = None
@@ -528,7 +530,7 @@ class DownstreamConnection(asyncio.Protocol):
         """Until the transport's buffer drained below its high-water mark."""
         if self._paused_writing and not self._closing:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._drain_waiter = fut     # type: ignore[assignment]
+            self._drain_waiter = fut
             await fut
 
     def in_flight(self) -> int:

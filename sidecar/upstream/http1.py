@@ -13,6 +13,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 from multidict import MultiDict
@@ -42,13 +43,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.parser = None
-        self._spare_parser = None    # llhttp resets itself after a complete message: reuse it
-        self._future: asyncio.Future | None = None
+        # Any, not asyncio.Transport: uvloop's transports are not its subclasses, and compiled
+        # (mypyc) classes check declared attribute types at run time
+        self.transport: Any = None
+        self.parser: Any = None
+        self._spare_parser: Any = None    # llhttp resets itself after a complete message: reuse it
+        self._future: Any = None
         self._stream: BodyStream | None = None
         self._closed = False
-        self._timer = None
+        self._timer: Any = None
         self._paused_writing = False
         self._drain_waiter: asyncio.Future | None = None
         self.idle_since = 0.0
@@ -59,8 +62,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._keep_alive = False
         self._no_body = False
-        self._headers = []
-        self._chunks = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: list[bytes] = []
         self._status = 0
         self._hsize = 0
         self._resp_headers: MultiDict[str] = MultiDict()
