@@ -347,8 +347,14 @@ class Bench:
             return (lambda: self.start_envoy(path, concurrency, cores)), ""
         if target == "nginx":
             return (lambda: self.start_nginx_proxy(port)), ""
-        if target in ("sidecar", "sidecar-base"):
-            tree = REPO if target == "sidecar" else Path(self.args.baseline)
+        if target in ("sidecar", "sidecar-base", "sidecar-mypyc"):
+            if target == "sidecar-mypyc":
+                try:
+                    tree = self.compiled_tree()
+                except StartError as e:
+                    return None, str(e).splitlines()[0][:150]
+            else:
+                tree = REPO if target == "sidecar" else Path(self.args.baseline)
             if not any((tree / "sidecar" / p).exists() for p in ("cli.py", "cli")):
                 return None, f"no sidecar CLI in {tree}"
             path = self._write(f"{name}.yaml", cfg.text)
@@ -398,6 +404,9 @@ class Bench:
                 # the same scenario on another source tree (e.g. before a codec change),
                 # in the same run, so the two are compared under the same conditions
                 self.run_target("sidecar-base", "base", base, rates=tuple(a.rates))
+            if a.compiled and "sidecar" in targets:
+                # the same tree with the hot modules compiled by mypyc (scripts/build_compiled)
+                self.run_target("sidecar-mypyc", "base", base, rates=tuple(a.rates))
             if a.compare_metrics and "sidecar" in targets:
                 flag = a.metrics_off_flag
                 if flag in self.sidecar_help():
@@ -420,7 +429,7 @@ class Bench:
                                         lambda p, ad, up, n=n: configs.routes_config(p, ad, up, n))
         for name, size in a.keepalive_bodies:
             print(f"scenario keep-alive body: GET of a {name} body, wrk -c{a.connections}")
-            for t in targets:
+            for t in [*targets, *(["sidecar-mypyc"] if a.compiled and "sidecar" in targets else [])]:
                 self.run_target(t, f"{name} body", base, body_size=size, path=f"/body/{name}")
         if a.features:
             print("scenario features: the bare router plus one feature each (same Envoy file "
@@ -440,6 +449,16 @@ class Bench:
             for t in targets:
                 if t in ("envoy", "sidecar"):
                     self.run_target(t, f"c={a.concurrency}", base, concurrency=a.concurrency)
+
+    def compiled_tree(self) -> Path:
+        """This tree with scripts/compiled_modules compiled (built once per run)."""
+        out = self.workdir / "compiled"
+        if not out.exists():
+            cp = subprocess.run([str(REPO / "scripts" / "build_compiled"), str(out)],
+                                capture_output=True, text=True, cwd=REPO)
+            if cp.returncode != 0:
+                raise StartError("scripts/build_compiled failed: " + (cp.stderr or cp.stdout)[-300:])
+        return out
 
     def soak(self) -> None:
         """bench.soak's run (its own upstream and sidecar), its lines kept for the report."""
@@ -620,7 +639,7 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-_SIZE = re.compile(r"(\d+)\s*([KMG]i?B?)?", re.I)
+_SIZE = re.compile(r"(\d+)\s*([KMG]i?B?|B)?", re.I)
 
 
 def parse_sizes(text: str) -> list[tuple[str, int]]:
@@ -667,6 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one scenario per feature on the bare router (bench.configs.FEATURES)")
     p.add_argument("--soak", type=float, default=0, metavar="MINUTES",
                    help="also run bench.soak for MINUTES at the end")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run base and --keepalive-bodies with the hot modules compiled by "
+                        "mypyc (target sidecar-mypyc; scripts/build_compiled)")
     p.add_argument("--issue18", action="store_true",
                    help="issue 18's run: base with open loop, 100B and 10KB bodies, metrics "
                         "off, --features, a 10-minute soak, and the targets met or not")
@@ -694,7 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.issue18:
         a.keepalive_bodies = a.keepalive_bodies or parse_sizes("100B,10KB")
-        a.features = a.compare_metrics = True
+        a.features = a.compare_metrics = a.compiled = True
         a.soak = a.soak or 10.0
     if a.quick:
         a.duration, a.warmup, a.ol_duration, a.ol_warmup = 3.0, 1.0, 3.0, 0.5
@@ -722,6 +744,8 @@ def estimate_seconds(a) -> float:
     total += 2 * per * a.filters + 4 * per * bool(a.routes)
     total += len(a.body) * n_proxy * per + 2 * per * bool(a.concurrency and a.concurrency > 1)
     total += len(a.keepalive_bodies) * n_proxy * per + 2 * per * len(configs.FEATURES) * a.features
+    if a.compiled:
+        total += 60 + (per + ol) + len(a.keepalive_bodies) * per
     return total + 60 * a.soak * 1.1
 
 
