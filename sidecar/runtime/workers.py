@@ -168,9 +168,9 @@ class Supervisor:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            wid = self.children.pop(pid, None)
-            if wid is None:
+            if pid not in self.children:
                 continue
+            wid = self.children.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 continue
