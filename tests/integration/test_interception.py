@@ -261,9 +261,12 @@ def test_the_sidecar_runs_as_the_proxy_uid_and_its_traffic_takes_the_uid_rule(po
     assert status["Gid"].split() == [str(PROXY_UID)] * 4
     assert status["Groups"].strip() == ""
     assert int(status["CapEff"], 16) == CAP_DAC_READ_SEARCH     # reads files; nothing else
+    logged = len(log_lines(pod, 0))
     before = owner_rule_packets(pod)
     assert pod.call(pod.pod, PEER_IP, 9000, "egress") == f"peer9000 sees {POD_IP}\negress"
     after = owner_rule_packets(pod)
+    # it went through the sidecar (and the next test counts log lines from here)
+    assert f"outbound {PEER_IP}:9000 {PEER_IP}:9000" in log_lines(pod, logged + 1)[logged:]
     # the sidecar's connection to the peer left through the UID rule (the GID rule comes
     # after it, so it saw nothing); without it the connection would loop back into 15001
     print("owner RETURN rule packets", before, after)
