@@ -1,0 +1,344 @@
+"""The features of the HTTP/1.1 integration tests over HTTP/2 downstream (h2c prior knowledge,
+and TLS with ALPN ``h2``), with real peers on loopback: jwt_authn with a remote JWKS fetched
+through a cluster, ext_authz against a real HTTP authorization service, header_to_metadata and
+a user ``python`` filter, the global ``ratelimit`` filter against the real rate limit service
+(grpcio + redis-server), per-connection local rate limits (streams of one connection share a
+bucket), multi-worker daemon mode with metrics aggregated across workers, and the dashboard's
+data. tests/integration/test_http2.py has the routing/retry/timeout/drain scenarios."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import ssl
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from h2_helpers import H2Client, H2Response
+from resilience_helpers import metric, prometheus
+
+from sidecar.testing import Upstream, native_config, running_proxy
+from tests.jwt_helpers import AUDIENCE, ISSUER, jwks, mint, public_jwk, rsa_key
+from tests.paths import REPO
+
+VIA = ["h2c", "h2-tls"]
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+PYTHON_FILTER = "type.googleapis.com/pysidecar.filter.v1.PythonFilter"
+
+# A user filter that shows the test what the proxy knew of the request: its dynamic metadata
+# and verified JWT payloads (as a response header), and the request body it read (as a header
+# added upstream), so a streamed HTTP/2 body is read through the SDK.
+SHOW = '''
+import json
+from sidecar import sdk
+
+class Show(sdk.UserFilter):
+    async def __call__(self, req, next):
+        body = await req.read_body(1 << 20)
+        req.headers["x-body-seen"] = str(len(body))
+        req.body = body
+        resp = await next(req)
+        resp.headers["x-metadata"] = json.dumps(req.ctx.metadata, sort_keys=True, default=str)
+        resp.headers["x-jwt"] = json.dumps(req.ctx.jwt_payloads, sort_keys=True, default=str)
+        return resp
+'''
+
+
+def seen(up: Upstream, i: int = -1) -> dict[str, str]:
+    return {k.lower(): v for k, v in up.requests[i].headers.items()}
+
+
+# ---- TLS with ALPN h2 ------------------------------------------------------------------------------
+
+def server_cert(d: Path) -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 (its own CA): (cert, key) paths."""
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = d / "server.pem", d / "server-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+class Downstream:
+    """How the test's HTTP/2 client reaches the listener: h2c prior knowledge, or TLS whose
+    ALPN must pick ``h2`` (``listener`` is the native listener part that sets it up)."""
+
+    def __init__(self, via: str, tmp_path: Path):
+        self.via = via
+        self.listener: dict = {}
+        self.tls: ssl.SSLContext | None = None
+        if via == "h2-tls":
+            cert, key = server_cert(tmp_path)
+            self.listener = {"tls": {"cert": cert, "key": key, "alpn": ["h2", "http/1.1"]}}
+            self.tls = ssl.create_default_context(cafile=cert)
+            self.tls.set_alpn_protocols(["h2", "http/1.1"])
+
+    def client(self, port: int) -> H2Client:
+        return H2Client(port, tls=self.tls)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def check(self, c: H2Client) -> None:
+        """The connection really is HTTP/2 (over TLS: chosen by ALPN)."""
+        if self.tls is not None:
+            assert c.alpn == "h2"
+
+
+# ---- jwt_authn: a remote JWKS fetched through a cluster ---------------------------------------------
+
+def jwt_envoy_doc(jwks_port: int, app: str) -> dict:
+    """Envoy v3: jwt_authn whose remote JWKS is fetched through cluster ``idp`` (the URI's host
+    does not resolve: only the cluster reaches the server), forwarding the payload as a header,
+    a claim as a header and the payload as metadata; a user filter shows what it saw."""
+    def cluster(name: str, address: str) -> dict:
+        host, port = address.split(":")
+        return {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+            "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": int(port)}}}}]}]}}
+
+    jwt_filter = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"idp": {
+            "issuer": ISSUER, "audiences": [AUDIENCE],
+            "remote_jwks": {"http_uri": {"uri": "http://idp.invalid/keys/jwks.json",
+                                         "cluster": "idp", "timeout": "2s"},
+                            "cache_duration": "300s"},
+            "forward_payload_header": "x-jwt-payload",
+            "claim_to_headers": [{"header_name": "x-jwt-sub", "claim_name": "sub"}],
+            "payload_in_metadata": "jwt_payload"}},
+        "rules": [{"match": {"prefix": "/public"}},
+                  {"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}}]}}
+    hcm = {"@type": HCM, "stat_prefix": "in", "codec_type": "AUTO",
+           "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
+           "http_filters": [jwt_filter, ROUTER]}
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {
+                "listeners": [{"name": "in", "address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": hcm}]}]}],
+                "clusters": [cluster("app", app), cluster("idp", f"127.0.0.1:{jwks_port}")]}}
+
+
+def unb64(seg: str) -> bytes:
+    return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
+
+
+async def test_jwt_authn_over_h2_with_jwks_through_a_cluster():
+    keys = jwks(public_jwk(rsa_key("a"), "k1"))
+
+    async def jwks_handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(keys)
+
+    async with Upstream() as app, Upstream(jwks_handler, name="idp") as idp:
+        async with running_proxy(jwt_envoy_doc(int(idp.address.rsplit(":", 1)[1]), app.address),
+                                 admin=False) as p:
+            async with H2Client(p.port()) as c:
+                good = mint(sub="alice", groups=["dev"])
+                # concurrent streams on one connection: valid, invalid, missing, public
+                sids = [await c.start("GET", "/api/x", [("authorization", "Bearer " + good)]),
+                        await c.start("GET", "/api/x", [("authorization", "Bearer "
+                                                         + mint(key=rsa_key("evil")))]),
+                        await c.start("GET", "/api/x"),
+                        await c.start("GET", "/public/x", [("x-jwt-sub", "spoofed")])]
+                ok, forged, missing, public = [await c.response(s) for s in sids]
+                expired = await c.request("GET", "/api/y", [
+                    ("authorization", "Bearer " + mint(exp=1, iat=0))])
+            assert ok.status == 200
+            assert (forged.status, forged.body) == (401, b"Jwt verification fails")
+            assert forged.get("www-authenticate", "").endswith('error="invalid_token"')
+            assert (missing.status, missing.body) == (401, b"Jwt is missing")
+            assert missing.get("www-authenticate") == 'Bearer realm="http://example.test/api/x"'
+            assert (expired.status, expired.body) == (401, b"Jwt is expired")
+            assert public.status == 200
+            # the valid request reached the app with the claim and the payload forwarded; the
+            # spoofed claim header on the public path was removed
+            assert len(app.requests) == 2
+            by_path = {r.path: {k.lower(): v for k, v in r.headers.items()} for r in app.requests}
+            up = by_path["/api/x"]
+            assert up["x-jwt-sub"] == "alice"
+            payload = json.loads(unb64(up["x-jwt-payload"]))
+            assert payload["sub"] == "alice" and payload["groups"] == ["dev"]
+            assert payload["iss"] == ISSUER
+            assert "x-jwt-sub" not in by_path["/public/x"]
+            # the keys came from the JWKS server, through cluster idp (Host of the URI)
+            assert idp.requests and idp.requests[0].path == "/keys/jwks.json"
+            assert idp.requests[0].headers["Host"] == "idp.invalid"
+
+
+async def test_jwt_payload_in_metadata_over_h2_tls(tmp_path):
+    """The same provider over TLS (ALPN h2): the payload kept for later filters reaches a
+    user filter, read from a request whose body streams in DATA frames."""
+    keys = jwks(public_jwk(rsa_key("a"), "k1"))
+    show = tmp_path / "show.py"
+    show.write_text(SHOW)
+    ds = Downstream("h2-tls", tmp_path)
+
+    async def jwks_handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(keys)
+
+    async with Upstream() as app, Upstream(jwks_handler, name="idp") as idp:
+        doc = jwt_envoy_doc(int(idp.address.rsplit(":", 1)[1]), app.address)
+        cert, key = ds.listener["tls"]["cert"], ds.listener["tls"]["key"]
+        listener = doc["static_resources"]["listeners"][0]
+        chain = listener["filter_chains"][0]
+        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [{"certificate_chain": {"filename": cert},
+                                      "private_key": {"filename": key}}]}}}
+        filters = chain["filters"][0]["typed_config"]["http_filters"]
+        filters.insert(1, {"name": "show", "typed_config": {
+            "@type": PYTHON_FILTER, "module": str(show), "class": "Show"}})
+        async with running_proxy(doc, admin=False) as p:
+            async with ds.client(p.port()) as c:
+                ds.check(c)
+                r = await c.request("POST", "/api/x", [
+                    ("authorization", "Bearer " + mint(sub="alice", tenant="t1"))],
+                    body=b"z" * 40000)
+                bad = await c.request("POST", "/api/x", [("authorization", "Bearer nope")],
+                                      body=b"z")
+            assert r.status == 200, r.body
+            assert json.loads(r.get("x-jwt"))["jwt_payload"]["tenant"] == "t1"
+            assert seen(app)["x-body-seen"] == "40000" and app.requests[-1].body == b"z" * 40000
+            assert seen(app)["x-forwarded-proto"] == "https"
+            assert bad.status == 401 and len(app.requests) == 1
+
+
+# ---- ext_authz: a real HTTP authorization service ----------------------------------------------------
+
+class HttpAuthz:
+    """Allows requests with ``x-allow: yes`` (adding headers for the upstream and the client);
+    denies the others with 401, a body and headers."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.seen.append((request.method, request.path_qs,
+                          {k.lower(): v for k, v in request.headers.items()}))
+        if request.headers.get("x-allow") == "yes":
+            return web.Response(status=200, headers={
+                "x-auth-user": "alice", "x-auth-extra": "no", "x-client-note": "seen"})
+        return web.Response(status=401, text="go away", headers={
+            "www-authenticate": "Bearer", "x-auth-debug": "nope"})
+
+
+@pytest.mark.parametrize("via", VIA)
+async def test_ext_authz_http_service_over_h2(via, tmp_path):
+    authz = HttpAuthz()
+    ds = Downstream(via, tmp_path)
+    async with Upstream() as app, Upstream(authz, name="authz") as az:
+        cfg = native_config(
+            clusters={"app": [app.address], "authz": [az.address]},
+            filters=[{"ext_authz": {"http_service": {
+                "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "2s"},
+                "path_prefix": "/auth",
+                "authorization_request": {
+                    "allowed_headers": {"patterns": [{"exact": "x-allow"}]},
+                    "headers_to_add": [{"key": "x-from", "value": "sidecar"}]},
+                "authorization_response": {
+                    "allowed_upstream_headers": {"patterns": [{"exact": "x-auth-user"}]},
+                    "allowed_client_headers": {"patterns": [{"exact": "www-authenticate"}]},
+                    "allowed_client_headers_on_success": {"patterns": [{"exact": "x-client-note"}]}}}}}],
+            routes=[{"match": {"prefix": "/"}, "cluster": "app"}],
+            listener=ds.listener)
+        async with running_proxy(cfg) as p:
+            async with ds.client(p.port()) as c:
+                ds.check(c)
+                # allowed and denied streams at once on one connection
+                sids = [await c.start("GET", "/orders?id=1", [("x-allow", "yes"), ("x-other", "o")]),
+                        await c.start("GET", "/orders?id=2", [("x-allow", "no")]),
+                        await c.start("POST", "/orders?id=3", [("x-allow", "yes")], b"payload")]
+                allowed, denied, posted = [await c.response(s) for s in sids]
+            assert allowed.status == 200 and allowed.get("x-client-note") == "seen"
+            assert (denied.status, denied.body) == (401, b"go away")
+            assert denied.get("www-authenticate") == "Bearer" and denied.get("x-auth-debug") is None
+            assert posted.status == 200
+            assert sorted(r.path for r in app.requests) == ["/orders?id=1", "/orders?id=3"]
+            for r in app.requests:
+                h = {k.lower(): v for k, v in r.headers.items()}
+                assert h["x-auth-user"] == "alice" and "x-auth-extra" not in h
+                assert h["x-forwarded-proto"] == ds.scheme
+            assert next(r for r in app.requests if r.method == "POST").body == b"payload"
+            asked = {path: (method, h) for method, path, h in authz.seen}
+            assert set(asked) == {"/auth/orders?id=1", "/auth/orders?id=2", "/auth/orders?id=3"}
+            method, h = asked["/auth/orders?id=1"]
+            assert method == "GET" and h["x-allow"] == "yes" and h["x-from"] == "sidecar"
+            assert "x-other" not in h
+            text = await prometheus(p)
+            assert metric(text, "sidecar_ext_authz_total", outcome="denied") == 1
+            assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="2xx") == 2
+            assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="4xx") == 1
+
+
+# ---- header_to_metadata and a user python filter -----------------------------------------------------
+
+@pytest.mark.parametrize("via", VIA)
+async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
+    show = tmp_path / "show.py"
+    show.write_text(SHOW)
+    ds = Downstream(via, tmp_path)
+    examples = REPO / "examples" / "filters"
+
+    async def app_handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        return web.json_response({"body": body.decode(), "password": "hunter2",
+                                  "tenant": request.headers.get("x-tenant")})
+
+    async with Upstream(app_handler) as app:
+        cfg = native_config(
+            clusters={"app": [app.address]},
+            filters=[{"python": {"name": "show", "module": str(show), "class": "Show"}},
+                     {"header_to_metadata": {"request_rules": [{
+                         "header": "x-tenant", "remove": True,
+                         "on_header_present": {"metadata_namespace": "tenancy", "key": "tenant"}}]}},
+                     {"python": {"name": "json", "module": str(examples / "json_transform.py"),
+                                 "class": "JsonTransform",
+                                 "config": {"set": {"source": "edge"}, "redact": ["password"]}}}],
+            routes=[{"match": {"prefix": "/"}, "cluster": "app"}],
+            listener=ds.listener)
+        async with running_proxy(cfg, admin=False) as p:
+            async with ds.client(p.port()) as c:
+                ds.check(c)
+                sids = [await c.start("POST", f"/t/{i}", [("x-tenant", f"acme{i}"),
+                                                          ("content-type", "application/json")],
+                                      json.dumps({"item": i}).encode()) for i in range(3)]
+                rs: list[H2Response] = [await c.response(s) for s in sids]
+                plain = await c.request("GET", "/plain")
+            for i, r in enumerate(rs):
+                assert r.status == 200, r.body
+                # header_to_metadata: the header became this stream's metadata, removed upstream
+                assert json.loads(r.get("x-metadata")) == {"tenancy": {"tenant": f"acme{i}"}}
+                got = json.loads(r.body)
+                assert got["tenant"] is None and "password" not in got      # response redacted
+                assert json.loads(got["body"]) == {"item": i, "source": "edge"}   # transformed
+            assert plain.status == 200 and json.loads(plain.get("x-metadata")) == {}
+            assert all("x-tenant" not in seen(app, i) for i in range(len(app.requests)))
