@@ -8,6 +8,7 @@ data. tests/integration/test_http2.py has the routing/retry/timeout/drain scenar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import ipaddress
@@ -15,6 +16,7 @@ import json
 import ssl
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -22,9 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from h2_helpers import H2Client, H2Response
+from prometheus_client.parser import text_string_to_metric_families
 from resilience_helpers import metric, prometheus
 
-from sidecar.testing import Upstream, native_config, running_proxy
+from sidecar.config.stores import RedisStoreConfig
+from sidecar.shared.redis_store import RedisStore
+from sidecar.shared.testing import RedisServer
+from sidecar.shared.testing_rls import RateLimitService, serve
+from sidecar.testing import ProxyProcess, Upstream, free_port, native_config, running_proxy, wait_for_port
 from tests.jwt_helpers import AUDIENCE, ISSUER, jwks, mint, public_jwk, rsa_key
 from tests.paths import REPO
 
@@ -342,3 +349,247 @@ async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
                 assert json.loads(got["body"]) == {"item": i, "source": "edge"}   # transformed
             assert plain.status == 200 and json.loads(plain.get("x-metadata")) == {}
             assert all("x-tenant" not in seen(app, i) for i in range(len(app.requests)))
+
+
+# ---- the global ratelimit filter against the real rate limit service --------------------------------
+
+RLS_LIMITS = {
+    "domain": "edge",
+    "descriptors": [{"key": "user", "rate_limit": {"unit": "hour", "requests_per_unit": 2}}],
+    "response_headers_to_add": {"x-rls": "seen"},
+    "request_headers_to_add": {"x-rls-checked": "yes"},
+    "over_limit_body": "slow down",
+}
+
+
+@pytest.fixture
+def redis_server():
+    srv = RedisServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("via", VIA)
+async def test_global_ratelimit_over_h2(via, tmp_path, redis_server):
+    """Streams of one HTTP/2 connection are checked one by one with the service (grpcio,
+    counting in redis-server): two of three concurrent streams pass, the third gets Envoy's
+    429; a gRPC call over the limit gets the gRPC-shaped reply."""
+    host, _, rport = redis_server.address.rpartition(":")
+    store = RedisStore(RedisStoreConfig(name="rls", host=host, port=int(rport), timeout_s=1.0,
+                                        key_prefix="rls:"))
+    service = RateLimitService(RLS_LIMITS, store)
+    rls_port = free_port()
+    server = await serve(rls_port, service)
+    ds = Downstream(via, tmp_path)
+    try:
+        async with Upstream() as app:
+            cfg = native_config(
+                clusters={"app": [app.address], "rls": [f"127.0.0.1:{rls_port}"]},
+                filters=[{"ratelimit": {"domain": "edge", "cluster": "rls", "timeout": "2s",
+                                        "failure_mode_deny": True}}],
+                routes=[{"match": {"prefix": "/"}, "cluster": "app", "rate_limits": [
+                    {"actions": [{"request_headers": {"header_name": "x-user",
+                                                      "descriptor_key": "user"}}]}]}],
+                listener=ds.listener)
+            async with running_proxy(cfg) as p:
+                async with ds.client(p.port()) as c:
+                    ds.check(c)
+                    sids = [await c.start("GET", f"/r{i}", [("x-user", "ann")]) for i in range(3)]
+                    rs = [await c.response(s) for s in sids]
+                    grpc_call = await c.request("POST", "/pkg.Svc/M", [
+                        ("x-user", "ann"), ("content-type", "application/grpc"),
+                        ("te", "trailers")], b"\x00\x00\x00\x00\x00")
+                    other = await c.request("GET", "/bob", [("x-user", "bob")])
+                assert sorted(r.status for r in rs) == [200, 200, 429]
+                limited = next(r for r in rs if r.status == 429)
+                assert limited.get("x-envoy-ratelimited") == "true" and limited.body == b"slow down"
+                assert all(r.get("x-rls") == "seen" for r in rs)
+                assert grpc_call.status == 200 and grpc_call.get("grpc-status") == "14"
+                assert grpc_call.get("x-envoy-ratelimited") == "true"
+                assert other.status == 200
+                # the service was asked once per stream, with the stream's descriptor
+                assert len(service.seen) == 5
+                assert [[(e.key, e.value) for e in d.entries] for d in service.seen[0].descriptors] \
+                    == [[("user", "ann")]]
+                # only the streams let through reached the app, with the service's header
+                assert len(app.requests) == 3
+                assert all(seen(app, i)["x-rls-checked"] == "yes" for i in range(3))
+                text = await prometheus(p)
+                assert metric(text, "sidecar_ratelimit_total", cluster="app", outcome="ok") == 3
+                assert metric(text, "sidecar_ratelimit_total", cluster="app",
+                              outcome="over_limit") == 2
+    finally:
+        await server.stop(None)
+        await store.close()
+
+
+# ---- local_ratelimit per downstream connection ----------------------------------------------------
+
+@pytest.mark.parametrize("via", VIA)
+async def test_local_ratelimit_per_connection_over_h2(via, tmp_path):
+    """``local_rate_limit_per_downstream_connection``: the streams of one HTTP/2 connection
+    share one bucket; another connection has its own; a listener-wide bucket next to it is
+    shared by every connection."""
+    ds = Downstream(via, tmp_path)
+    async with Upstream() as app:
+        cfg = native_config(
+            clusters={"app": [app.address]},
+            filters=[{"local_ratelimit": {"max_tokens": 2, "fill_interval": "1h",
+                                          "per_connection": True}}],
+            routes=[{"match": {"prefix": "/shared"}, "cluster": "app",
+                     "filters": {"local_ratelimit": {"max_tokens": 3, "fill_interval": "1h"}}},
+                    {"match": {"prefix": "/"}, "cluster": "app"}],
+            listener=ds.listener)
+        async with running_proxy(cfg, admin=False) as p:
+            async with ds.client(p.port()) as a, ds.client(p.port()) as b:
+                ds.check(a)
+                ds.check(b)
+                # three concurrent streams on connection a: two tokens
+                sids = [await a.start("GET", f"/a{i}") for i in range(3)]
+                on_a = [(await a.response(s)).status for s in sids]
+                # connection b has its own bucket, spent the same way
+                sids = [await b.start("GET", f"/b{i}") for i in range(3)]
+                on_b = [(await b.response(s)).status for s in sids]
+                again_a = await a.request("GET", "/a-again")
+                # the per-route override is not per connection: 3 tokens for everyone
+                shared = [(await a.request("GET", "/shared/1")).status,
+                          (await b.request("GET", "/shared/2")).status,
+                          (await a.request("GET", "/shared/3")).status,
+                          (await b.request("GET", "/shared/4")).status]
+            assert sorted(on_a) == [200, 200, 429] and sorted(on_b) == [200, 200, 429]
+            assert again_a.status == 429 and again_a.body == b"local_rate_limited"
+            assert shared == [200, 200, 200, 429]
+            # a new connection: a fresh bucket
+            async with ds.client(p.port()) as c:
+                assert (await c.request("GET", "/c")).status == 200
+            assert len(app.requests) == 2 + 2 + 3 + 1
+
+
+# ---- multi-worker daemon mode ---------------------------------------------------------------------
+
+def samples(text: str, name: str) -> dict[tuple, float]:
+    out = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    return sum(v for k, v in samples(text, name).items()
+               if all(dict(k).get(lk) == lv for lk, lv in labels.items()))
+
+
+async def admin_get(admin: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}{path}") as r:
+            return r.status, await r.text()
+
+
+async def test_workers_serve_h2c_and_aggregate_metrics(tmp_path):
+    """``sidecar run --concurrency 2``: h2c connections spread over the workers by the kernel,
+    each carrying several streams; /stats/prometheus adds the workers' counts up exactly."""
+    conns, streams = 16, 5
+    async with Upstream() as app:
+        port, admin = free_port(), free_port()
+        cfg = native_config(clusters={"app": [app.address]},
+                            routes=[{"name": "main", "match": {"prefix": "/"}, "cluster": "app"}],
+                            listener={"port": port})
+        cfg["admin"]["port"] = admin
+        proc = ProxyProcess(cfg, str(tmp_path), args=("--concurrency", "2"))
+        proc.start()
+        try:
+            await asyncio.to_thread(wait_for_port, admin, 20, proc)
+            for _ in range(200):       # every worker up
+                if (await admin_get(admin, "/ready"))[0] == 200:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(wait_for_port, port, 20, proc)
+            _, before = await admin_get(admin, "/stats/prometheus")
+            cx_before = total(before, "sidecar_downstream_cx_total", listener="test")
+
+            async def one_connection(n: int) -> list[H2Response]:
+                async with H2Client(port) as c:
+                    sids = [await c.start("GET", f"/c{n}/s{i}") for i in range(streams)]
+                    return [await c.response(s) for s in sids]
+
+            results = await asyncio.gather(*[one_connection(n) for n in range(conns)])
+            assert [r.status for rs in results for r in rs] == [200] * conns * streams
+            assert len(app.requests) == conns * streams
+            status, text = await admin_get(admin, "/stats/prometheus")
+            assert status == 200
+            assert total(text, "sidecar_http_downstream_rq_total", route="main",
+                         status_class="2xx") == conns * streams
+            assert total(text, "sidecar_upstream_rq_total", cluster="app") == conns * streams
+            assert total(text, "sidecar_downstream_cx_total", listener="test") - cx_before == conns
+            assert samples(text, "sidecar_workers") == {(("worker", "0"),): 1.0,
+                                                        (("worker", "1"),): 1.0}
+            # per worker: the streams add up, and both workers served HTTP/2 connections
+            _, per_text = await admin_get(admin, "/stats/prometheus?per_worker=1")
+            per: dict[str, float] = {}
+            for k, v in samples(per_text, "sidecar_http_downstream_rq_total").items():
+                kd = dict(k)
+                if kd.get("route") == "main":
+                    per[kd["worker"]] = per.get(kd["worker"], 0) + v
+            assert sum(per.values()) == conns * streams
+            assert sum(1 for v in per.values() if v > 0) == 2, per
+            # streams of one connection stay on one worker: each worker's count is a
+            # multiple of the streams per connection
+            assert all(v % streams == 0 for v in per.values()), per
+        finally:
+            proc.stop()
+
+
+# ---- the dashboard's data -------------------------------------------------------------------------
+
+async def test_dashboard_json_counts_h2_traffic():
+    """/dashboard.json after HTTP/2 traffic: per-route counts by class, the cluster's attempts,
+    and, while streams are open on one connection, one connection and its in-flight streams."""
+    release = asyncio.Event()
+
+    async def app_handler(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/api/hold"):
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with Upstream(app_handler) as app:
+        cfg = native_config(clusters={"app": [app.address]},
+                            routes=[{"name": "api", "match": {"prefix": "/api"}, "cluster": "app"},
+                                    {"name": "down", "match": {"path": "/down"},
+                                     "direct_response": {"status": 503}}])
+        async with running_proxy(cfg) as p, aiohttp.ClientSession() as s:
+            async def dashboard() -> dict:
+                async with s.get(p.admin_url + "/dashboard.json") as r:
+                    assert r.status == 200
+                    return await r.json()
+
+            assert (await dashboard())["totals"]["requests"] == 0
+            async with H2Client(p.port()) as c:
+                sids = [await c.start("GET", f"/api/{i}") for i in range(10)]
+                assert [(await c.response(sid)).status for sid in sids] == [200] * 10
+                assert (await c.request("GET", "/down")).status == 503
+                held = [await c.start("GET", f"/api/hold/{i}") for i in range(2)]
+                for _ in range(500):
+                    if len(app.requests) == 12:
+                        break
+                    await asyncio.sleep(0.01)
+                during = await dashboard()
+                release.set()
+                assert [(await c.response(sid)).status for sid in held] == [200, 200]
+            for _ in range(500):       # the proxy sees the client's close on its own time
+                after = await dashboard()
+                if next(x for x in after["listeners"] if x["name"] == "test")["cx_active"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+        lst = next(x for x in during["listeners"] if x["name"] == "test")
+        assert (lst["kind"], lst["cx_active"], lst["rq_active"]) == ("http", 1, 2)
+        routes = {r["route"]: r for r in after["routes"]}
+        assert routes["api"]["requests"] == 12 and routes["api"]["errors_5xx"] == 0
+        assert {k: v for k, v in routes["api"]["by_class"].items() if v} == {"2xx": 12}
+        assert routes["down"]["requests"] == 1 and routes["down"]["errors_5xx"] == 1
+        assert {x["name"]: x for x in after["clusters"]}["app"]["attempts"] == 12
+        assert after["totals"]["requests"] == 13
+        assert next(x for x in after["listeners"] if x["name"] == "test")["cx_active"] == 0
