@@ -40,6 +40,7 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 PYTHON_FILTER = "type.googleapis.com/pysidecar.filter.v1.PythonFilter"
+GRPC_EMPTY = b"\x00\x00\x00\x00\x00"     # one empty gRPC message
 
 # A user filter that shows the test what the proxy knew of the request: its dynamic metadata
 # and verified JWT payloads (as a response header), and the request body it read (as a header
@@ -57,6 +58,19 @@ class Show(sdk.UserFilter):
         resp.headers["x-metadata"] = json.dumps(req.ctx.metadata, sort_keys=True, default=str)
         resp.headers["x-jwt"] = json.dumps(req.ctx.jwt_payloads, sort_keys=True, default=str)
         return resp
+'''
+
+# A user filter that raises on /boom (500 FE for that stream only) and answers /deny itself.
+GATE = '''
+from sidecar import sdk
+
+class Gate(sdk.UserFilter):
+    async def __call__(self, req, next):
+        if req.path.startswith("/boom"):
+            raise RuntimeError("boom")
+        if req.path.startswith("/deny"):
+            return sdk.local_reply(req.ctx, 403, "not you")
+        return await next(req)
 '''
 
 
@@ -283,12 +297,18 @@ async def test_ext_authz_http_service_over_h2(via, tmp_path):
                 # allowed and denied streams at once on one connection
                 sids = [await c.start("GET", "/orders?id=1", [("x-allow", "yes"), ("x-other", "o")]),
                         await c.start("GET", "/orders?id=2", [("x-allow", "no")]),
-                        await c.start("POST", "/orders?id=3", [("x-allow", "yes")], b"payload")]
-                allowed, denied, posted = [await c.response(s) for s in sids]
+                        await c.start("POST", "/orders?id=3", [("x-allow", "yes")], b"payload"),
+                        await c.start("POST", "/pkg.Svc/M", [("content-type", "application/grpc"),
+                                                             ("te", "trailers")], GRPC_EMPTY)]
+                allowed, denied, posted, grpc_denied = [await c.response(s) for s in sids]
             assert allowed.status == 200 and allowed.get("x-client-note") == "seen"
             assert (denied.status, denied.body) == (401, b"go away")
             assert denied.get("www-authenticate") == "Bearer" and denied.get("x-auth-debug") is None
             assert posted.status == 200
+            # a gRPC call denied: trailers-only, the service's status as gRPC's (as Envoy)
+            assert (grpc_denied.status, grpc_denied.body) == (200, b"")
+            assert grpc_denied.get("grpc-status") == "16" and grpc_denied.get("grpc-message") == "go away"
+            assert grpc_denied.get("www-authenticate") == "Bearer"
             assert sorted(r.path for r in app.requests) == ["/orders?id=1", "/orders?id=3"]
             for r in app.requests:
                 h = {k.lower(): v for k, v in r.headers.items()}
@@ -296,14 +316,15 @@ async def test_ext_authz_http_service_over_h2(via, tmp_path):
                 assert h["x-forwarded-proto"] == ds.scheme
             assert next(r for r in app.requests if r.method == "POST").body == b"payload"
             asked = {path: (method, h) for method, path, h in authz.seen}
-            assert set(asked) == {"/auth/orders?id=1", "/auth/orders?id=2", "/auth/orders?id=3"}
+            assert set(asked) == {"/auth/orders?id=1", "/auth/orders?id=2", "/auth/orders?id=3",
+                                  "/auth/pkg.Svc/M"}
             method, h = asked["/auth/orders?id=1"]
             assert method == "GET" and h["x-allow"] == "yes" and h["x-from"] == "sidecar"
             assert "x-other" not in h
             text = await prometheus(p)
-            assert metric(text, "sidecar_ext_authz_total", outcome="denied") == 1
+            assert metric(text, "sidecar_ext_authz_total", outcome="denied") == 2
             assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="2xx") == 2
-            assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="4xx") == 1
+            assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="4xx") == 2
 
 
 # ---- header_to_metadata and a user python filter -----------------------------------------------------
@@ -312,6 +333,8 @@ async def test_ext_authz_http_service_over_h2(via, tmp_path):
 async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
     show = tmp_path / "show.py"
     show.write_text(SHOW)
+    gate = tmp_path / "gate.py"
+    gate.write_text(GATE)
     ds = Downstream(via, tmp_path)
     examples = REPO / "examples" / "filters"
 
@@ -323,7 +346,8 @@ async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
     async with Upstream(app_handler) as app:
         cfg = native_config(
             clusters={"app": [app.address]},
-            filters=[{"python": {"name": "show", "module": str(show), "class": "Show"}},
+            filters=[{"python": {"name": "gate", "module": str(gate), "class": "Gate"}},
+                     {"python": {"name": "show", "module": str(show), "class": "Show"}},
                      {"header_to_metadata": {"request_rules": [{
                          "header": "x-tenant", "remove": True,
                          "on_header_present": {"metadata_namespace": "tenancy", "key": "tenant"}}]}},
@@ -338,8 +362,13 @@ async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
                 sids = [await c.start("POST", f"/t/{i}", [("x-tenant", f"acme{i}"),
                                                           ("content-type", "application/json")],
                                       json.dumps({"item": i}).encode()) for i in range(3)]
+                # a stream whose filter raises, beside them on the same connection
+                boom = await c.start("POST", "/boom", [], b"x" * 1000)
                 rs: list[H2Response] = [await c.response(s) for s in sids]
+                boomed = await c.response(boom)
                 plain = await c.request("GET", "/plain")
+                denied = await c.request("POST", "/deny", [("content-type", "application/grpc")],
+                                         GRPC_EMPTY)
             for i, r in enumerate(rs):
                 assert r.status == 200, r.body
                 # header_to_metadata: the header became this stream's metadata, removed upstream
@@ -348,6 +377,11 @@ async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
                 assert got["tenant"] is None and "password" not in got      # response redacted
                 assert json.loads(got["body"]) == {"item": i, "source": "edge"}   # transformed
             assert plain.status == 200 and json.loads(plain.get("x-metadata")) == {}
+            assert (boomed.status, boomed.body) == (500, b"filter error")
+            # the filter's own reply to a gRPC client is gRPC-shaped
+            assert denied.status == 200 and denied.get("grpc-status") == "7"
+            assert denied.get("grpc-message") == "not you"
+            assert len(app.requests) == 4
             assert all("x-tenant" not in seen(app, i) for i in range(len(app.requests)))
 
 
@@ -400,7 +434,7 @@ async def test_global_ratelimit_over_h2(via, tmp_path, redis_server):
                     rs = [await c.response(s) for s in sids]
                     grpc_call = await c.request("POST", "/pkg.Svc/M", [
                         ("x-user", "ann"), ("content-type", "application/grpc"),
-                        ("te", "trailers")], b"\x00\x00\x00\x00\x00")
+                        ("te", "trailers")], GRPC_EMPTY)
                     other = await c.request("GET", "/bob", [("x-user", "bob")])
                 assert sorted(r.status for r in rs) == [200, 200, 429]
                 limited = next(r for r in rs if r.status == 429)
