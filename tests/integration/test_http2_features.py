@@ -13,11 +13,16 @@ import base64
 import datetime as dt
 import ipaddress
 import json
+import os
+import shutil
 import ssl
+import subprocess
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +36,15 @@ from sidecar.config.stores import RedisStoreConfig
 from sidecar.shared.redis_store import RedisStore
 from sidecar.shared.testing import RedisServer
 from sidecar.shared.testing_rls import RateLimitService, serve
-from sidecar.testing import ProxyProcess, Upstream, free_port, native_config, running_proxy, wait_for_port
+from sidecar.testing import (
+    ProxyProcess,
+    Upstream,
+    free_port,
+    native_config,
+    running_proxy,
+    stop_process,
+    wait_for_port,
+)
 from tests.jwt_helpers import AUDIENCE, ISSUER, jwks, mint, public_jwk, rsa_key
 from tests.paths import REPO
 
@@ -325,6 +338,94 @@ async def test_ext_authz_http_service_over_h2(via, tmp_path):
             assert metric(text, "sidecar_ext_authz_total", outcome="denied") == 2
             assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="2xx") == 2
             assert metric(text, "sidecar_upstream_rq_total", cluster="authz", status_class="4xx") == 2
+
+
+@pytest.mark.skipif(shutil.which("envoy") is None, reason="envoy binary not installed")
+async def test_jwt_and_ext_authz_over_h2_match_envoy():
+    """One Envoy v3 bootstrap (jwt_authn with its JWKS through a cluster, then ext_authz)
+    through Envoy 1.40 and through the sidecar, the same HTTP/2 streams on one connection
+    each: the same statuses, headers, bodies for plain and gRPC requests."""
+    keys = jwks(public_jwk(rsa_key("a"), "k1"))
+
+    async def jwks_handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(keys)
+
+    def doc(port: int, jwks_port: int, app: str, authz: str) -> dict:
+        d = jwt_envoy_doc(jwks_port, app)
+        d["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = port
+        hcm = d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"].insert(1, {"name": "envoy.filters.http.ext_authz", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "2s"},
+                "authorization_request": {"allowed_headers": {"patterns": [{"exact": "x-allow"}]}},
+                "authorization_response": {
+                    "allowed_upstream_headers": {"patterns": [{"exact": "x-auth-user"}]},
+                    "allowed_client_headers": {"patterns": [{"exact": "www-authenticate"}]}}}}})
+        host, p = authz.split(":")
+        d["static_resources"]["clusters"].append({
+            "name": "authz", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+                "cluster_name": "authz", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                    "socket_address": {"address": host, "port_value": int(p)}}}}]}]}})
+        return d
+
+    good, forged = mint(sub="alice"), mint(key=rsa_key("evil"))
+    grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+    cases = [("GET", "/api/a", [("authorization", "Bearer " + good), ("x-allow", "yes")], b""),
+             ("GET", "/api/b", [("authorization", "Bearer " + good), ("x-allow", "no")], b""),
+             ("GET", "/api/c", [("x-allow", "yes")], b""),
+             ("GET", "/api/d", [("authorization", "Bearer " + forged), ("x-allow", "yes")], b""),
+             ("POST", "/pkg.Svc/A", [("authorization", "Bearer " + good), ("x-allow", "no"), *grpc],
+              GRPC_EMPTY),
+             ("POST", "/pkg.Svc/B", [("x-allow", "yes"), *grpc], GRPC_EMPTY)]
+    skip = {"date", "x-envoy-upstream-service-time", "content-length"}
+
+    async def observe(port: int, app: Upstream) -> list:
+        async with H2Client(port) as c:
+            sids = [await c.start(m, path, h, body) for m, path, h, body in cases]
+            rs = [await c.response(sid) for sid in sids]
+        out = []
+        for r in rs:
+            local = r.status != 200 or r.get("grpc-status") is not None
+            out.append((r.status, sorted((k, v) for k, v in r.headers if k not in skip)
+                        if local else None, r.body if local else None, r.trailers))
+        up = {k.lower(): v for k, v in app.requests[-1].headers.items()}
+        return [out, len(app.requests), up.get("x-jwt-sub"), up.get("x-auth-user")]
+
+    async with Upstream() as app, Upstream(jwks_handler, name="idp") as idp, \
+            Upstream(HttpAuthz(), name="authz") as az:
+        jwks_port = int(idp.address.rsplit(":", 1)[1])
+        port = free_port()
+        envoy = EnvoyProcess(doc(port, jwks_port, app.address, az.address))
+        try:
+            await asyncio.to_thread(wait_for_port, port, 20)
+            theirs = await observe(port, app)
+            app.requests.clear()
+            async with running_proxy(doc(0, jwks_port, app.address, az.address), admin=False) as p:
+                ours = await observe(p.port(), app)
+        finally:
+            envoy.stop()
+    assert ours == theirs
+    statuses = [(st, dict(h or {}).get("grpc-status")) for st, h, _, _ in ours[0]]
+    assert statuses == [(200, None), (401, None), (401, None), (401, None), (200, "16"), (200, "16")]
+    assert ours[1:] == [1, "alice", "alice"]
+
+
+class EnvoyProcess:
+    """The ``envoy`` binary on a bootstrap written to a temporary file."""
+
+    def __init__(self, doc: dict):
+        self.dir = tempfile.mkdtemp(prefix="h2-features-envoy-")
+        path = os.path.join(self.dir, "envoy.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(doc, f)
+        self.proc = subprocess.Popen(["envoy", "-c", path, "--use-dynamic-base-id",
+                                      "--concurrency", "1", "--log-level", "error"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- header_to_metadata and a user python filter -----------------------------------------------------
