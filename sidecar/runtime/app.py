@@ -75,7 +75,7 @@ def check_compiled_parsers() -> None:
 
 def install_uvloop() -> bool:
     try:
-        import uvloop
+        import uvloop  # optional: the proxy runs on asyncio's loop without it
     except ImportError:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -199,7 +199,7 @@ class Supervisor:
 def _die_with_parent(supervisor: int) -> None:
     """Linux: SIGTERM (a drain) to this worker if the supervisor dies, e.g. SIGKILLed."""
     try:
-        import ctypes
+        import ctypes  # lazy: only worker processes use it, once, at fork
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
