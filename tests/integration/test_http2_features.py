@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from h2_helpers import H2Client, H2Response
+from h2_helpers import H2Client, H2Request, H2Response, H2Upstream
 from prometheus_client.parser import text_string_to_metric_families
 from resilience_helpers import metric, prometheus
 
@@ -484,6 +484,42 @@ async def test_header_to_metadata_and_user_filters_over_h2(via, tmp_path):
             assert denied.get("grpc-message") == "not you"
             assert len(app.requests) == 4
             assert all("x-tenant" not in seen(app, i) for i in range(len(app.requests)))
+
+
+async def test_h2_end_to_end_cookie_crumbs_and_response_metadata(tmp_path):
+    """HTTP/2 on both sides: a JWT in a cookie the client split into crumbs (RFC 9113 8.2.3)
+    is found; a response header of the HTTP/2 upstream becomes metadata (header_to_metadata
+    response rule) and is removed; the upstream's trailers still reach the client."""
+    show = tmp_path / "show.py"
+    show.write_text(SHOW)
+
+    async def handler(req: H2Request) -> tuple[int, list, bytes, list]:
+        return 200, [("content-type", "text/plain"), ("x-up", "v1")], \
+            f"hi {req.get('x-jwt-sub')} {req.get('cookie')}".encode(), [("x-trailer", "t")]
+
+    async with H2Upstream(handler) as up:
+        cfg = native_config(
+            clusters={"svc": {"endpoints": [up.address], "protocol": "http2"}},
+            filters=[{"python": {"module": str(show), "class": "Show"}},
+                     {"header_to_metadata": {"response_rules": [{
+                         "header": "x-up", "remove": True,
+                         "on_header_present": {"metadata_namespace": "resp", "key": "up"}}]}},
+                     {"jwt_authn": {"providers": {"idp": {
+                         "issuer": ISSUER, "audiences": [AUDIENCE],
+                         "jwks": jwks(public_jwk(rsa_key("a"), "k1")), "from": [{"cookie": "tk"}],
+                         "claims_to_headers": {"x-jwt-sub": "sub"}}},
+                         "rules": [{"match": {"prefix": "/"}, "requires": "idp"}]}}],
+            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
+        async with running_proxy(cfg, admin=False) as p:
+            async with H2Client(p.port()) as c:
+                r = await c.request("GET", "/x", [("cookie", "a=b"), ("cookie", "tk=" + mint(sub="ck")),
+                                                  ("te", "trailers")])
+                missing = await c.request("GET", "/x", [("cookie", "a=b"), ("cookie", "c=d")])
+        assert r.status == 200 and r.get("x-up") is None
+        assert json.loads(r.get("x-metadata")) == {"resp": {"up": "v1"}}
+        assert r.body.startswith(b"hi ck a=b; tk=") and r.trailers == [("x-trailer", "t")]
+        assert (missing.status, missing.body) == (401, b"Jwt is missing")
+        assert len(up.requests) == 1
 
 
 # ---- the global ratelimit filter against the real rate limit service --------------------------------
