@@ -14,6 +14,7 @@ import time
 
 from sidecar import __version__
 from sidecar.admin.config_dump import clusters_view, config_dump
+from sidecar.admin.dashboard import add_dashboard_routes
 from sidecar.runtime.local_http import LocalServer, Router, json_response, respond, text
 
 log = logging.getLogger("sidecar.admin")
@@ -77,12 +78,7 @@ def make_admin_app(app) -> Router:
     for path, handler in (("/healthcheck/fail", hc_fail), ("/healthcheck/ok", hc_ok),
                           ("/drain_listeners", drain), ("/quitquitquit", quit)):
         routes.post(path, handler)
-    try:
-        from sidecar.admin.dashboard import add_dashboard_routes
-    except ImportError:
-        add_dashboard_routes = None
-    if add_dashboard_routes is not None:
-        add_dashboard_routes(routes, app)
+    add_dashboard_routes(routes, app)
     return routes
 
 
