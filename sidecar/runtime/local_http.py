@@ -154,11 +154,10 @@ class _Owner:
 
     async def dispatch(self, req: Request) -> Response:
         body = req.body
-        if not isinstance(body, bytes):
-            body = await _read(body)
-            if body is None:
-                return text("request body too large", 413)
-        return await self.router.handle(LocalRequest(req, body))
+        data = body if isinstance(body, bytes) else await _read(body)
+        if data is None:
+            return text("request body too large", 413)
+        return await self.router.handle(LocalRequest(req, data))
 
 
 async def _read(source: BodySource) -> bytes | None:
@@ -182,7 +181,7 @@ class LocalServer:
         self._sweeper: asyncio.TimerHandle | None = None
 
     def _protocol(self) -> DownstreamConnection:
-        return DownstreamConnection(self.owner)  # type: ignore[arg-type]
+        return DownstreamConnection(self.owner)
 
     async def start_tcp(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

@@ -354,9 +354,9 @@ async def _start_admin(app, router: Router, rundir: str, n: int,
             # notes (a store down, the last-known-good config...): each worker's, once
             notes = "".join(f"note: worker 0: {line[6:]}\n"
                             for line in app.ready_notes_text().splitlines())
-            for wid, (_status, body) in sorted(answers.items()):
+            for wid, (_status, answer) in sorted(answers.items()):
                 notes += "".join(f"note: worker {wid}: {line[6:]}\n"
-                                for line in body.splitlines() if line.startswith("note: "))
+                                 for line in answer.splitlines() if line.startswith("note: "))
             return text_reply("LIVE\n" + notes)
         if method == "GET" and path == "/workers":
             rows = [{"worker": 0, "pid": os.getpid(), "ready": app.not_ready_reason() is None,
