@@ -684,8 +684,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bodies measured like base (wrk -c CONNECTIONS), e.g. 100B,10KB")
     p.add_argument("--features", action="store_true",
                    help="one scenario per feature on the bare router (bench.configs.FEATURES)")
-    p.add_argument("--soak", type=float, default=0, metavar="MINUTES",
-                   help="also run bench.soak for MINUTES at the end")
+    p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                   help="also run bench.soak for MINUTES at the end (--issue18: 10; 0: none)")
     p.add_argument("--compiled", action="store_true",
                    help="also run base and --keepalive-bodies with the hot modules compiled by "
                         "mypyc (target sidecar-mypyc; scripts/build_compiled)")
@@ -717,7 +717,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.issue18:
         a.keepalive_bodies = a.keepalive_bodies or parse_sizes("100B,10KB")
         a.features = a.compare_metrics = a.compiled = True
-        a.soak = a.soak or 10.0
+        a.soak = 10.0 if a.soak is None else a.soak
+    a.soak = a.soak or 0.0
     if a.quick:
         a.duration, a.warmup, a.ol_duration, a.ol_warmup = 3.0, 1.0, 3.0, 0.5
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
