@@ -4,9 +4,9 @@ limit service).
 A call is one HTTP/2 request sent by ``Cluster.send``, so the cluster's balancer, circuit
 breakers, health and outlier state, TLS and counters apply exactly as to routed traffic:
 ``POST /<service>/<method>`` with ``content-type: application/grpc``, ``te: trailers``,
-``grpc-timeout`` (the call's timeout), the service's ``initial_metadata``, Envoy's
-``x-envoy-internal`` / ``x-forwarded-for`` (unless ``skip_envoy_headers``) and one
-length-prefixed message. The answer is a ``GrpcReply``: the status from the trailers, or from
+``grpc-timeout`` and ``x-envoy-expected-rq-timeout-ms`` (the call's timeout), the service's
+``initial_metadata``, Envoy's ``x-envoy-internal`` / ``x-forwarded-for`` (unless
+``skip_envoy_headers``) and one length-prefixed message. The answer is a ``GrpcReply``: the status from the trailers, or from
 the headers of a trailers-only answer; what Envoy's client gives a call that failed on the way
 (no cluster or healthy endpoint, connect failure, breaker overflow: UNAVAILABLE; the timeout:
 DEADLINE_EXCEEDED; a non-200 answer: ``httpToGrpcStatus``; a reset or an unreadable answer:
@@ -85,6 +85,8 @@ class ClusterGrpcClient:
             path = self._path_cache[method] = "/" + method.lstrip("/")
         h: Headers = MultiDict(self._base_headers)
         h["grpc-timeout"] = grpc_timeout(timeout_s)
+        # Envoy's router announces the timeout it applies (skip_envoy_headers keeps it)
+        h["x-envoy-expected-rq-timeout-ms"] = str(int(timeout_s * 1000))
         for k, v in metadata:
             h.add(k, v)
         loop = asyncio.get_running_loop()

@@ -255,7 +255,8 @@ async def test_dashboard_in_headless_chromium(tmp_path):
 
 def dependencies_config(up, redis_address: str, closed_port: int) -> dict:
     return native_config(
-        clusters={"svc": [up.address], "rls": [f"127.0.0.1:{closed_port}"]},
+        clusters={"svc": [up.address], "rls": {"endpoints": [f"127.0.0.1:{closed_port}"],
+                                                "protocol": "http2"}},
         routes=[{"match": {"prefix": "/limited"}, "cluster": "svc",
                  "filters": {"local_ratelimit": {"max_tokens": 100, "fill_interval": "1h",
                                                  "store": "main"}}},
