@@ -83,8 +83,8 @@ async def test_unary_calls_through_the_cluster():
         assert md["(time_remaining)"] in ("2.0", "1.9")
         assert md["x-envoy-internal"] == "true" and "x-forwarded-for" in md
         # a non-OK status (grpcio answers it trailers-only) with its message
-        reply = await client.unary(f"{SERVICE}/Fail", "nope, 100%".encode(), 2.0)
-        assert (reply.status, reply.message, reply.payload) == (7, "nope, 100%", b"")
+        reply = await client.unary(f"{SERVICE}/Fail", "nope, 100% sûr".encode(), 2.0)
+        assert (reply.status, reply.message, reply.payload) == (7, "nope, 100% sûr", b"")
         # an unknown method: grpcio's UNIMPLEMENTED
         assert (await client.unary(f"{SERVICE}/Nope", b"", 2.0)).status == 12
         # the timeout: DEADLINE_EXCEEDED, and the call does not outlive it
