@@ -10,6 +10,7 @@ import asyncio
 import grpc
 import pytest
 
+from sidecar.cli.certs import DevCA
 from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.testing import FilterTestEnv, free_port
 
@@ -164,3 +165,35 @@ def test_a_cluster_that_does_not_speak_http2_is_refused():
             env.grpc_client(EnvoyGrpcService("h1"))
     finally:
         env.close()
+
+
+async def test_the_cluster_tls_applies(tmp_path):
+    """A TLS cluster: the call goes over TLS (ALPN h2) to a grpcio server with its own
+    certificate, verified against the cluster's CA and pinned SPIFFE identity; a cluster
+    pinning another identity cannot call it (UNAVAILABLE: the connection is refused)."""
+    ca = DevCA.create("cluster.local")
+    ca.write(str(tmp_path))
+    cert, key = ca.issue("shop", "authz", ips=["127.0.0.1"]).write(str(tmp_path), "authz")
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Say": grpc.unary_unary_rpc_method_handler(_reversed)}),))
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    ca_path = str(tmp_path / "ca.pem")
+    env = FilterTestEnv(clusters={
+        "authz": h2_cluster(port, tls={"ca": ca_path, "san": ["spiffe://cluster.local/ns/shop/sa/authz"]}),
+        "wrong": h2_cluster(port, tls={"ca": ca_path, "san": ["spiffe://cluster.local/ns/shop/sa/x"]})})
+    try:
+        reply = await env.grpc_client(EnvoyGrpcService("authz")).unary(f"{SERVICE}/Say", b"tls", 2.0)
+        assert (reply.status, reply.payload) == (0, b"slt")
+        reply = await env.grpc_client(EnvoyGrpcService("wrong")).unary(f"{SERVICE}/Say", b"x", 2.0)
+        assert reply.status == 14
+    finally:
+        await env.aclose()
+        await server.stop(0)
+
+
+async def _reversed(request: bytes, context) -> bytes:
+    return request[::-1]
