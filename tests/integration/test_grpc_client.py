@@ -9,9 +9,10 @@ import asyncio
 
 import grpc
 import pytest
+from h2_helpers import H2Request, H2Upstream
 
 from sidecar.cli.certs import DevCA
-from sidecar.core.grpc import EnvoyGrpcService
+from sidecar.core.grpc import EnvoyGrpcService, grpc_frame
 from sidecar.testing import FilterTestEnv, free_port
 
 SERVICE = "test.Echo"
@@ -197,3 +198,37 @@ async def test_the_cluster_tls_applies(tmp_path):
 
 async def _reversed(request: bytes, context) -> bytes:
     return request[::-1]
+
+
+async def test_authority_and_wire_shape():
+    """What the service receives, read on the wire by an ``h2`` server: ``:authority`` (the
+    cluster's name, or ``envoy_grpc.authority``), the gRPC headers and the framed message; a
+    trailers-only answer and a 503 are read as Envoy's client reads them."""
+    async def handler(req: H2Request) -> tuple[int, list, bytes, list]:
+        if req.path.endswith("/Unavailable"):
+            return 503, [("content-type", "text/plain")], b"busy", []
+        if req.path.endswith("/Denied"):
+            return 200, [("content-type", "application/grpc"), ("grpc-status", "7"),
+                         ("grpc-message", "no%20way")], b"", []
+        return 200, [("content-type", "application/grpc")], grpc_frame(b"pong"), \
+            [("grpc-status", "0")]
+
+    async with H2Upstream(handler) as up:
+        env = FilterTestEnv(clusters={"svc": h2_cluster(up.port)})
+        try:
+            plain = env.grpc_client(EnvoyGrpcService("svc"))
+            named = env.grpc_client(EnvoyGrpcService("svc", authority="authz.example"))
+            assert (await plain.unary(f"{SERVICE}/Ping", b"ping", 1.5)).payload == b"pong"
+            req = up.requests[-1]
+            assert (req.method, req.path, req.authority, req.body) == \
+                ("POST", f"/{SERVICE}/Ping", "svc", grpc_frame(b"ping"))
+            assert (req.get("content-type"), req.get("te"), req.get("grpc-timeout"),
+                    req.get("x-envoy-expected-rq-timeout-ms")) == \
+                ("application/grpc", "trailers", "1500m", "1500")
+            assert (await named.unary(f"{SERVICE}/Ping", b"", 1.0)).ok
+            assert up.requests[-1].authority == "authz.example"
+            denied = await plain.unary(f"{SERVICE}/Denied", b"", 1.0)
+            assert (denied.status, denied.message) == (7, "no way")
+            assert (await plain.unary(f"{SERVICE}/Unavailable", b"", 1.0)).status == 14
+        finally:
+            await env.aclose()
