@@ -199,7 +199,7 @@ def test_a_rotated_pair_is_served_from_the_next_check(ca, pki, tmp_path):
     assert served_identity(server, pki).endswith("/sa/v2")
 
 
-def test_a_half_rotated_pair_keeps_the_previous_certificate_until_consistent(ca, pki, tmp_path):
+def test_a_half_rotated_pair_keeps_the_previous_certificate_until_consistent(ca, pki, tmp_path, caplog):
     cert, key = ca.issue("shop", "v1", dns=["server.local"]).write(str(tmp_path), "srv")
     server = server_context(DownstreamTls(cert, key))
     old = server.current
@@ -208,7 +208,9 @@ def test_a_half_rotated_pair_keeps_the_previous_certificate_until_consistent(ca,
     assert server.reloader.force_check() is old
     assert server.reloader.reloads == 0 and server.reloader.failed_stamp is not None
     assert served_identity(server, pki).endswith("/sa/v1")
-    assert server.reloader.force_check() is old           # the same bad files are not retried
+    assert server.reloader.force_check() is old
+    refused = [r for r in caplog.records if "cannot be loaded" in r.getMessage()]
+    assert len(refused) == 1                              # the same bad files are not retried
     replace_file(key, new.key_pem)
     assert server.reloader.force_check() is not old
     assert server.reloader.reloads == 1 and server.reloader.failed_stamp is None
