@@ -21,7 +21,7 @@ from multidict import MultiDict
 from sidecar.codec.http2_common import goaway_frame
 from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import ConnectFailure, UpstreamReset
+from sidecar.core.errors import ConnectFailure, UpstreamReset, UpstreamTimeout
 from sidecar.core.message import Request
 from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
 from sidecar.upstream.http2_pool import Http2Pool
@@ -238,6 +238,68 @@ async def test_any_other_reset_is_marked_as_possibly_processed():
         await asyncio.wait_for(task, 1)
     assert (e.value.flag, e.value.sent) == ("UR", True)
     assert "INTERNAL_ERROR" in e.value.reason
+
+
+async def test_a_response_without_a_length_streams_with_its_trailers_and_credits_the_peer():
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
+                                                    initial_connection_window_size=65535))
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    for _ in range(3):
+        server.h2.send_data(sid, b"x" * 16000)
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    assert resp.status == 200 and resp.body_source() is not None      # streamed: not complete yet
+    assert server.h2.local_flow_control_window(sid) == 65535 - 48000  # not credited while unread
+    assert await resp.body.read() == b"x" * 48000
+    await asyncio.sleep(0)                  # the WINDOW_UPDATE is flushed on the next turn
+    server.pump()
+    assert server.h2.local_flow_control_window(sid) == 65535          # credited once read
+    server.h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+    server.pump()
+    assert await resp.body.read() == b""
+    assert resp.body.trailers is not None and resp.body.trailers["grpc-status"] == "0"
+    assert conn.used == 0
+
+
+async def test_a_passed_deadline_resets_the_stream_and_frees_its_slot():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time()))
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(task, 1)
+    await asyncio.sleep(0)
+    resets: list[int] = []
+    data = server.t.take()
+    for e in server.h2.receive_data(data):
+        if isinstance(e, h2.events.StreamReset):
+            resets.append(e.error_code)
+    assert resets == [ErrorCodes.CANCEL]
+    assert conn.used == 0 and conn.streams == {} and conn.has_room()
+
+
+async def test_discarding_a_streamed_response_resets_its_stream():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.send_headers(sid, [(b":status", b"200")])
+    server.h2.send_data(sid, b"partial")
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    resp.discard()                                   # a retried attempt, a client gone
+    await asyncio.sleep(0)
+    resets = [e.error_code for e in server.h2.receive_data(server.t.take())
+              if isinstance(e, h2.events.StreamReset)]
+    assert resets == [ErrorCodes.CANCEL] and conn.used == 0
 
 
 # ---- GOAWAY -------------------------------------------------------------------------------------
