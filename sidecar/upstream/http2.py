@@ -420,7 +420,10 @@ class Http2UpstreamConnection(asyncio.Protocol):
             s.sent_end = True
         else:
             s.pump = loop.create_task(self._send_body(s, body, trailers))
-        self._flush()
+        # one write per loop turn for every stream started in it (a write to a loopback peer
+        # costs as much as the rest of the request): requests dispatched from one downstream
+        # read share a syscall
+        self._schedule_flush()
         if deadline is not None:
             s.timer = loop.call_at(deadline, self._on_timeout, s)
         ctx = req.ctx
