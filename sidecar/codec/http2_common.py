@@ -24,7 +24,7 @@ import hpack
 import hpack.hpack
 from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from sidecar.core.body import BodyStream
 
@@ -90,8 +90,49 @@ class BoundedDecoder(hpack.Decoder):
         return headers
 
 
+class PlainEncoder(hpack.Encoder):
+    """HPACK encoding without Huffman coding of literals. What we send as a literal is mostly
+    a value unique to the message (request ids, see VOLATILE); Huffman coding it in Python costs
+    more CPU than the dozen bytes it saves on the wire (RFC 7541 makes Huffman optional)."""
+
+    def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[no-untyped-def]
+        return super().encode(headers, huffman=False)
+
+
 class H2Connection(h2.connection.H2Connection):
-    """``h2.connection.H2Connection`` that lets a graceful GOAWAY drain (module docstring)."""
+    """``h2.connection.H2Connection`` that lets a graceful GOAWAY drain (module docstring) and
+    does not format every frame it receives for a trace log nobody reads."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.encoder = PlainEncoder()
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        # h2 4.x's own, less its ``logger.trace("Received frame: %s", repr(frame))``: the repr
+        # is built for every frame even with the no-op logger (a few % of a request's CPU)
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
     def _receive_goaway_frame(self, frame: GoAwayFrame):
         if frame.error_code != 0:
@@ -101,6 +142,31 @@ class H2Connection(h2.connection.H2Connection):
         ev.last_stream_id = frame.last_stream_id
         ev.additional_data = frame.additional_data or None
         return [], [ev]
+
+
+class ClientH2Connection(H2Connection):
+    """The upstream side. Before opening a stream ``h2`` counts the open ones by scanning every
+    stream (and drops the closed ones as it goes): with a hundred streams multiplexed on a
+    pooled connection that scan is a cost per request that grows with the load. Here the count
+    is the number of streams ``h2`` still holds, an upper bound that is exact enough while it
+    is under the peer's limit (the scan runs only at the limit), and the upstream connection
+    drops each stream from ``h2`` as it releases it (``forget``), as the scan would."""
+
+    @property
+    def open_outbound_streams(self) -> int:
+        n = len(self.streams)
+        if n < self.remote_settings.max_concurrent_streams:
+            return n        # h2 checks n + 1 > limit: same answer as with the exact count
+        return self._open_streams(1)
+
+    def forget(self, stream_id: int) -> None:
+        """The stream is over for us: drop it from ``h2`` if ``h2`` has it closed (what
+        ``_open_streams`` does for every closed stream; a reset peer frame on it is still
+        recognised through ``_closed_streams``)."""
+        st = self.streams.get(stream_id)
+        if st is not None and st.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = st.closed_by
 
 
 def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:

@@ -29,9 +29,9 @@ from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
     BoundedDecoder,
+    ClientH2Connection,
     CreditedBody,
     ErrorCodes,
-    H2Connection,
     client_config,
     goaway_frame,
     header,
@@ -102,7 +102,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.options = pool.options
-        self.conn = H2Connection(client_config())
+        self.conn = ClientH2Connection(client_config())
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -360,6 +360,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if self.streams.pop(s.sid, None) is None or s.released:
             return
         s.released = True
+        self.conn.forget(s.sid)
         self.used -= 1
         self.idle_since = time.monotonic()
         if self.draining and not self.streams:
