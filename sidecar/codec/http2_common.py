@@ -186,8 +186,10 @@ def server_config() -> h2.config.H2Configuration:
 
 
 def client_config() -> h2.config.H2Configuration:
+    # inbound validation is the upstream connection's (``http2_request.response_from_headers``,
+    # one pass per header list; a malformed response resets its stream, RFC 9113 8.1.1)
     return h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                     validate_inbound_headers=True,
+                                     validate_inbound_headers=False,
                                      normalize_inbound_headers=False,
                                      validate_outbound_headers=False,
                                      normalize_outbound_headers=False)

@@ -36,6 +36,7 @@ from sidecar.codec.http2_common import (
     goaway_frame,
     header,
 )
+from sidecar.codec.http2_request import Malformed, response_from_headers, trailers_from_headers
 from sidecar.core.body import BodySource, Headers
 from sidecar.core.errors import (
     ConnectFailure,
@@ -214,14 +215,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     s.body.feed(event.data)
             elif isinstance(event, ev.ResponseReceived):
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.status, s.headers = _response_head(event.headers)
+                if s is not None and not s.reset:
+                    try:
+                        s.status, s.headers = response_from_headers(event.headers)
+                    except Malformed as m:
+                        self._malformed(s, m)
+                        continue
                     s.chunks = []
                     got.append(s)
             elif isinstance(event, ev.TrailersReceived):
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.trailers = _headers(event.headers)
+                if s is not None and not s.reset:
+                    try:
+                        s.trailers = trailers_from_headers(event.headers)
+                    except Malformed as m:
+                        self._malformed(s, m)
             elif isinstance(event, ev.StreamEnded):
                 s = streams.get(event.stream_id)
                 if s is not None:
@@ -259,7 +267,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
             elif isinstance(event, ev.ConnectionTerminated):
                 self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
         for s in got:
-            self._deliver(s)
+            if not s.reset:
+                self._deliver(s)
         self._flush()
 
     # ---- responses -------------------------------------------------------------------------------
@@ -294,6 +303,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
             fut.set_result(resp)
         else:
             resp.discard()
+
+    def _malformed(self, s: _Stream, m: Malformed) -> None:
+        """A malformed response (RFC 9113 8.1.1): a stream error, the connection lives."""
+        self._reset(s, ErrorCodes.PROTOCOL_ERROR,
+                    UpstreamProtocolError(f"upstream protocol error: malformed response ({m})"))
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
@@ -530,21 +544,3 @@ class Http2UpstreamConnection(asyncio.Protocol):
             t.close()
         self.closed = True
         self.pool.forget(self)
-
-
-def _headers(raw: list[tuple[bytes, bytes]]) -> Headers:
-    h: Headers = MultiDict()
-    for k, v in raw:
-        h.add(k.decode("latin-1"), v.decode("latin-1"))
-    return h
-
-
-def _response_head(raw: list[tuple[bytes, bytes]]) -> tuple[int, Headers]:
-    status = 0
-    h: Headers = MultiDict()
-    for k, v in raw:
-        if k == b":status":
-            status = int(v)
-        elif k[:1] != b":":
-            h.add(k.decode("latin-1"), v.decode("latin-1"))
-    return status, h
