@@ -39,10 +39,12 @@ from typing import cast
 import h2.events as ev
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 
 from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
+    VOLATILE,
     BoundedDecoder,
     CreditedBody,
     ErrorCodes,
@@ -498,10 +500,14 @@ class Http2Connection(asyncio.Protocol):
         conn_tokens = resp.headers.get("connection")
         if conn_tokens:
             drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+        append = out.append
         for k, v in resp.headers.items():
             if k in drop or k == "server" or k == "te":
                 continue
-            out.append(header(k.encode("latin-1"), v.encode("latin-1")))
+            kb = k.encode("latin-1")
+            # header() inlined: a call per field is a measurable part of the request
+            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+                   NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
         out.append((b"server", self.owner.server_name.encode("latin-1")))
         if "date" not in resp.headers:
             out.append(header(b"date", DATE.get().encode()))

@@ -124,10 +124,8 @@ def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] |
                 authority = v
             continue
         seen_regular = True
-        if _TOKEN.fullmatch(name) is None:
-            raise Malformed(f"header name {name!r}")
-        if name in CONNECTION_SPECIFIC:
-            raise Malformed(f"connection-specific header {name!r}")
+        if name not in _NAMES_OK:
+            _check_name(name)
         if _BAD_VALUE.search(value) is not None:
             raise Malformed(f"header value of {name!r}")
         if name == b"te" and value.strip().lower() != b"trailers":

@@ -23,18 +23,19 @@ from typing import TYPE_CHECKING, cast
 import h2.events as ev
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
+    VOLATILE,
     BoundedDecoder,
     ClientH2Connection,
     CreditedBody,
     ErrorCodes,
     client_config,
     goaway_frame,
-    header,
 )
 from sidecar.codec.http2_request import Malformed, response_from_headers, trailers_from_headers
 from sidecar.core.body import BodySource, Headers
@@ -63,16 +64,20 @@ def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[byt
     out = [(b":method", req.method.encode("latin-1")), (b":scheme", scheme.encode()),
            (b":authority", authority.encode("latin-1")), (b":path", url.encode("latin-1"))]
     te_trailers = False
+    append = out.append
     for k, v in headers.items():
         if k in drop:
             if k == "te" and not te_trailers and "trailers" in v.lower():
                 te_trailers = True
-                out.append((b"te", b"trailers"))
+                append((b"te", b"trailers"))
             continue
-        out.append(header(k.encode("latin-1"), v.encode("latin-1")))
+        kb = k.encode("latin-1")
+        # header() inlined: a call per field is a measurable part of the request
+        append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+               NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
-        out.append(header(b"content-length", cl.encode("latin-1")))
+        append((b"content-length", cl.encode("latin-1")))
     return out
 
 
