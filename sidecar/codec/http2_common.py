@@ -57,11 +57,12 @@ NO_LOG = NoLog()
 hpack.hpack.log = NO_LOG  # type: ignore[assignment]
 hpack.table.log = NO_LOG  # type: ignore[assignment]
 
-# Header values unique to each message (ids): kept out of the HPACK dynamic table (a literal,
-# never indexed) so they do not push out the values that repeat (date, content-length, ...),
-# which then go out as one-byte indexes and need no Huffman coding.
+# Header values unique to each message (ids, timings): kept out of the HPACK dynamic table (a
+# literal, never indexed) so they do not push out the values that repeat (date,
+# content-length, ...), which then go out as one-byte indexes.
 VOLATILE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid",
-                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id"})
+                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id",
+                      b"x-envoy-upstream-service-time"})
 
 
 def header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
@@ -100,10 +101,37 @@ class BoundedDecoder(hpack.Decoder):
         return headers
 
 
+# the encoder's dynamic table, at most (the peer's SETTINGS_HEADER_TABLE_SIZE caps it lower)
+ENCODER_TABLE = 1024
+
+
 class PlainEncoder(hpack.Encoder):
-    """HPACK encoding without Huffman coding of literals. What we send as a literal is mostly
-    a value unique to the message (request ids, see VOLATILE); Huffman coding it in Python costs
-    more CPU than the dozen bytes it saves on the wire (RFC 7541 makes Huffman optional)."""
+    """HPACK encoding, cheaper for a proxy's traffic (both choices are the encoder's by RFC
+    7541; a peer decodes them as any other):
+
+    * no Huffman coding of literals: what we send as a literal is mostly a value unique to the
+      message (request ids, see VOLATILE); Huffman coding it in Python costs more CPU than the
+      dozen bytes it saves on the wire;
+    * a dynamic table of at most ``ENCODER_TABLE`` bytes instead of 4096: ``hpack`` looks every
+      field up by scanning the whole table, which a long-lived connection fills with stale
+      values (a ``date`` per second, ...); the fields that repeat on every message of a
+      connection fit in 1 KiB and still go out as one-byte indexes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table_size = ENCODER_TABLE
+
+    @property
+    def header_table_size(self) -> int:
+        return int(self.header_table.maxsize)
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # h2 sets the peer's SETTINGS_HEADER_TABLE_SIZE here: we use no more than our cap
+        size = min(value, ENCODER_TABLE)
+        self.header_table.maxsize = size
+        if self.header_table.resized:
+            self.table_size_changes.append(size)
 
     def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[no-untyped-def]
         return super().encode(headers, huffman=False)
