@@ -88,9 +88,18 @@ def measure(tree: str, scenario: str, n: int, ports: dict[str, int], workdir: Pa
     if m is None:
         raise RuntimeError("no callgrind totals")
     if profile:
-        top = subprocess.run(["callgrind_annotate", "--inclusive=no", str(out)],
+        top = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(out)],
                              capture_output=True, text=True).stdout
-        print("\n".join(top.splitlines()[:60]))
+        by_object: dict[str, int] = {}
+        for line in top.splitlines():
+            m2 = re.match(r"\s*([\d,]+) \(.*\)\s+.*\[(.*)\]$", line)
+            if m2:
+                obj = os.path.basename(m2.group(2))
+                by_object[obj] = by_object.get(obj, 0) + int(m2.group(1).replace(",", ""))
+        print("\n".join(top.splitlines()[:40]))
+        total = sum(by_object.values()) or 1
+        for obj, ir in sorted(by_object.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"  {ir / total * 100:5.1f}%  {obj}")
     return int(m.group(1)) / n
 
 

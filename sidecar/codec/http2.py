@@ -693,6 +693,7 @@ class Http2Connection(asyncio.Protocol):
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
+        self.conn.forget(s.sid)
         self._discard_body(s)
         self.guard.stream_closed()
         self.last_active = time.monotonic()

@@ -40,6 +40,9 @@ CONNECTION_SPECIFIC_STR = frozenset({"connection", "keep-alive", "proxy-connecti
 
 MAX_LITERAL = 65536          # nghttp2: a longer header name or value is a compression error
 MAX_INFLATED = 64 * 1024 * 1024   # hpack's decoded-size accounting (table refs are cheap)
+# a block this short holds no field over MAX_LITERAL: Huffman codes are at least 5 bits per
+# octet, and a field from the dynamic table is smaller than the table (at most 64 KiB here)
+_SHORT_BLOCK = MAX_LITERAL * 5 // 8 - 16
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -95,9 +98,10 @@ class BoundedDecoder(hpack.Decoder):
             raise h2.exceptions.DenialOfServiceError(f"HPACK bomb: {e}") from e
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
             raise CompressionError(f"header block: {e}") from e
-        for name, value in headers:
-            if len(value) > MAX_LITERAL or len(name) > MAX_LITERAL:
-                raise CompressionError("header field longer than 64 KiB")
+        if len(data) > _SHORT_BLOCK:
+            for name, value in headers:
+                if len(value) > MAX_LITERAL or len(name) > MAX_LITERAL:
+                    raise CompressionError("header field longer than 64 KiB")
         return headers
 
 
@@ -145,6 +149,34 @@ class H2Connection(h2.connection.H2Connection):
         super().__init__(config)
         self.encoder = PlainEncoder()
 
+    # Before a new stream ``h2`` counts the open ones by scanning every stream it holds (and
+    # drops the closed ones as it goes): a cost per stream that grows with the streams in
+    # flight (a hundred multiplexed on a pooled upstream connection). Here the count is the
+    # number of streams ``h2`` holds, an upper bound that gives ``h2``'s check (count + 1 >
+    # limit) the same answer while under the limit; at the limit the exact scan runs (and
+    # prunes). The codec drops each stream it is done with (``forget``), as the scan would,
+    # so the bound stays tight; what it misses the scan prunes at the limit.
+    @property
+    def open_inbound_streams(self) -> int:
+        return self._count_open(0 if self.config.client_side else 1)
+
+    def _count_open(self, remainder: int) -> int:
+        n = len(self.streams)
+        limit = self.local_settings.max_concurrent_streams if remainder != \
+            int(self.config.client_side) else self.remote_settings.max_concurrent_streams
+        if n < limit:
+            return n
+        return self._open_streams(remainder)
+
+    def forget(self, stream_id: int) -> None:
+        """We are done with the stream: drop it from ``h2`` if ``h2`` has it closed (what
+        ``_open_streams`` does; a late frame on it is still recognised through
+        ``_closed_streams``)."""
+        st = self.streams.get(stream_id)
+        if st is not None and st.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = st.closed_by
+
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         # h2 4.x's own, less its ``logger.trace("Received frame: %s", repr(frame))``: the repr
         # is built for every frame even with the no-op logger (a few % of a request's CPU)
@@ -183,28 +215,11 @@ class H2Connection(h2.connection.H2Connection):
 
 
 class ClientH2Connection(H2Connection):
-    """The upstream side. Before opening a stream ``h2`` counts the open ones by scanning every
-    stream (and drops the closed ones as it goes): with a hundred streams multiplexed on a
-    pooled connection that scan is a cost per request that grows with the load. Here the count
-    is the number of streams ``h2`` still holds, an upper bound that is exact enough while it
-    is under the peer's limit (the scan runs only at the limit), and the upstream connection
-    drops each stream from ``h2`` as it releases it (``forget``), as the scan would."""
+    """The upstream side (see ``H2Connection`` for the stream count)."""
 
     @property
     def open_outbound_streams(self) -> int:
-        n = len(self.streams)
-        if n < self.remote_settings.max_concurrent_streams:
-            return n        # h2 checks n + 1 > limit: same answer as with the exact count
-        return self._open_streams(1)
-
-    def forget(self, stream_id: int) -> None:
-        """The stream is over for us: drop it from ``h2`` if ``h2`` has it closed (what
-        ``_open_streams`` does for every closed stream; a reset peer frame on it is still
-        recognised through ``_closed_streams``)."""
-        st = self.streams.get(stream_id)
-        if st is not None and st.closed:
-            del self.streams[stream_id]
-            self._closed_streams[stream_id] = st.closed_by
+        return self._count_open(1)
 
 
 def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:

@@ -14,8 +14,10 @@ import pytest
 from sidecar.codec.http2_common import (
     ENCODER_TABLE,
     ClientH2Connection,
+    H2Connection,
     PlainEncoder,
     client_config,
+    server_config,
 )
 from sidecar.codec.http2_request import Malformed, response_from_headers, trailers_from_headers
 
@@ -84,6 +86,34 @@ def test_client_stream_count_follows_the_streams_and_the_peer_limit():
     # a stream still open is kept by forget (h2's own scan drops it once closed)
     client.forget(sids[1])
     assert sids[1] in client.streams
+
+
+class _PastLimits(h2.connection.H2Connection):
+    open_outbound_streams = 0      # a client that ignores the server's stream limit
+
+
+def test_server_stream_limit_is_exact_at_the_limit():
+    client = _PastLimits(h2.config.H2Configuration(client_side=True))
+    server = H2Connection(server_config())
+    server.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    server.initiate_connection()
+    client.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())      # our SETTINGS acknowledged
+    client.send_headers(1, REQ, end_stream=True)
+    client.send_headers(3, REQ, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(b":status", b"200")], end_stream=True)   # stream 1 closed, not forgotten
+    # a third stream: under the limit once the closed one is pruned by h2's exact count
+    client.receive_data(server.data_to_send())
+    client.send_headers(5, REQ, end_stream=True)
+    server.receive_data(client.data_to_send())
+    assert server.open_inbound_streams == 2
+    client.send_headers(7, REQ, end_stream=True)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        server.receive_data(client.data_to_send())
 
 
 def test_response_checks():
