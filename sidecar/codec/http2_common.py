@@ -105,37 +105,11 @@ class BoundedDecoder(hpack.Decoder):
         return headers
 
 
-# the encoder's dynamic table, at most (the peer's SETTINGS_HEADER_TABLE_SIZE caps it lower)
-ENCODER_TABLE = 1024
-
-
 class PlainEncoder(hpack.Encoder):
-    """HPACK encoding, cheaper for a proxy's traffic (both choices are the encoder's by RFC
-    7541; a peer decodes them as any other):
-
-    * no Huffman coding of literals: what we send as a literal is mostly a value unique to the
-      message (request ids, see VOLATILE); Huffman coding it in Python costs more CPU than the
-      dozen bytes it saves on the wire;
-    * a dynamic table of at most ``ENCODER_TABLE`` bytes instead of 4096: ``hpack`` looks every
-      field up by scanning the whole table, which a long-lived connection fills with stale
-      values (a ``date`` per second, ...); the fields that repeat on every message of a
-      connection fit in 1 KiB and still go out as one-byte indexes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.header_table_size = ENCODER_TABLE
-
-    @property
-    def header_table_size(self) -> int:
-        return int(self.header_table.maxsize)
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        # h2 sets the peer's SETTINGS_HEADER_TABLE_SIZE here: we use no more than our cap
-        size = min(value, ENCODER_TABLE)
-        self.header_table.maxsize = size
-        if self.header_table.resized:
-            self.table_size_changes.append(size)
+    """HPACK encoding without Huffman coding of literals (RFC 7541 makes it the encoder's
+    choice; a peer decodes either). What we send as a literal is mostly a value unique to the
+    message (request ids, see VOLATILE); Huffman coding it in Python costs more CPU than the
+    few bytes it saves on the wire."""
 
     def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[no-untyped-def]
         return super().encode(headers, huffman=False)
