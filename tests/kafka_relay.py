@@ -1,5 +1,6 @@
-"""Test-only pieces for Kafka: librdkafka mock brokers, and an asyncio TCP relay that runs the
-Kafka broker filter between real clients and those brokers.
+"""Test-only pieces for Kafka: librdkafka mock brokers (``ControlledMockCluster``: brokers a
+test can take down and bring back), and an asyncio TCP relay that runs the Kafka broker filter
+between real clients and those brokers.
 
 The relay stands in for the TCP proxy (not built yet): one listening port per broker, each
 accepted connection paired with one to its broker, bytes of both directions fed through a
@@ -10,10 +11,14 @@ so blocking clients (confluent-kafka) and asyncio ones (aiokafka) can both use i
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import glob
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import confluent_kafka
 from confluent_kafka import Producer
 
 from sidecar.l4.kafka_broker import KafkaBrokerFilter
@@ -42,6 +47,93 @@ class MockCluster:
     def close(self) -> None:
         self._owner.flush(1)
         del self._owner
+
+
+def _librdkafka() -> ctypes.CDLL:
+    """The librdkafka inside the confluent-kafka wheel (the same file its extension loaded):
+    its mock cluster API (rdkafka_mock.h) is exported but not wrapped by confluent-kafka."""
+    libs = os.path.join(os.path.dirname(os.path.dirname(confluent_kafka.__file__)),
+                        "confluent_kafka.libs")
+    (path,) = glob.glob(os.path.join(libs, "librdkafka*.so*"))
+    lib = ctypes.CDLL(path)
+    lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+    lib.rd_kafka_conf_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+                                      ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_new.restype = ctypes.c_void_p
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
+    lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+    lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+    for name in ("rd_kafka_mock_broker_set_down", "rd_kafka_mock_broker_set_up"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
+    lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
+                                               ctypes.c_int]
+    lib.rd_kafka_mock_partition_set_leader.restype = ctypes.c_int
+    lib.rd_kafka_mock_partition_set_leader.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                                       ctypes.c_int32, ctypes.c_int32]
+    return lib
+
+
+class ControlledMockCluster:
+    """librdkafka mock brokers whose brokers can be taken down and brought back
+    (``rd_kafka_mock_broker_set_down`` / ``_set_up``): down, a broker drops its connections
+    and refuses new ones on the same port; partition leadership does not move. Made through
+    the C API, with a handle of its own, since confluent-kafka does not expose it."""
+
+    def __init__(self, brokers: int = 3) -> None:
+        lib = self._lib = _librdkafka()
+        err = ctypes.create_string_buffer(512)
+        conf = lib.rd_kafka_conf_new()
+        for k, v in ((b"log_level", b"2"), (b"bootstrap.servers", b"")):
+            if lib.rd_kafka_conf_set(conf, k, v, err, len(err)) != 0:
+                raise RuntimeError(err.value.decode())
+        self._rk = lib.rd_kafka_new(0, conf, err, len(err))     # 0: RD_KAFKA_PRODUCER
+        if not self._rk:
+            raise RuntimeError(err.value.decode())
+        self._mcluster = lib.rd_kafka_mock_cluster_new(self._rk, brokers)
+        if not self._mcluster:
+            lib.rd_kafka_destroy(self._rk)
+            raise RuntimeError("rd_kafka_mock_cluster_new failed")
+        # broker ids and addresses, as a client learns them
+        probe = Producer({"bootstrap.servers": self.bootstrap, "log_level": 2})
+        metadata = probe.list_topics(timeout=10)
+        self.brokers: dict[int, tuple[str, int]] = {
+            b.id: (b.host, b.port) for b in metadata.brokers.values()}
+        del probe
+
+    @property
+    def bootstrap(self) -> str:
+        return self._lib.rd_kafka_mock_cluster_bootstraps(self._mcluster).decode()
+
+    def create_topic(self, topic: str, leaders: dict[int, int]) -> None:
+        """A topic with ``{partition: leader broker id}`` (replicated on every broker; the
+        mock would otherwise pick leaders at random)."""
+        lib, name = self._lib, topic.encode()
+        if lib.rd_kafka_mock_topic_create(self._mcluster, name, len(leaders),
+                                          len(self.brokers)) != 0:
+            raise RuntimeError(f"{topic}: topic_create failed")
+        for partition, broker_id in leaders.items():
+            if lib.rd_kafka_mock_partition_set_leader(self._mcluster, name, partition,
+                                                      broker_id) != 0:
+                raise RuntimeError(f"{topic} [{partition}]: set_leader failed")
+
+    def set_down(self, broker_id: int) -> None:
+        if self._lib.rd_kafka_mock_broker_set_down(self._mcluster, broker_id) != 0:
+            raise RuntimeError(f"broker {broker_id}: set_down failed")
+
+    def set_up(self, broker_id: int) -> None:
+        if self._lib.rd_kafka_mock_broker_set_up(self._mcluster, broker_id) != 0:
+            raise RuntimeError(f"broker {broker_id}: set_up failed")
+
+    def close(self) -> None:
+        self._lib.rd_kafka_mock_cluster_destroy(self._mcluster)
+        self._lib.rd_kafka_destroy(self._rk)
 
 
 @dataclass

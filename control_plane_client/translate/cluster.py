@@ -3,6 +3,8 @@ outlier detection, health checks, upstream TLS, protocol options)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import replace
 
 from control_plane_client.translate.common import T_HTTP_OPTIONS, T_PEAK_EWMA, socket_address, typed
@@ -323,8 +325,6 @@ def circuit_breakers_from_envoy(d: dict, path: str) -> CircuitBreakers:
 
 def _payload(d: object, path: str) -> bytes:
     """A health check ``Payload``: ``{text: <hex>}`` or ``{binary: <base64>}``."""
-    import base64
-    import binascii
     w.check_keys(d, ("text", "binary"), path)
     assert isinstance(d, dict)
     kind = w.one_of(d, ("text", "binary"), path)

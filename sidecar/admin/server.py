@@ -15,6 +15,7 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.admin.config_dump import clusters_view, config_dump
+from sidecar.admin.dashboard import add_dashboard_routes
 
 log = logging.getLogger("sidecar.admin")
 
@@ -83,12 +84,7 @@ def make_admin_app(app) -> web.Application:
 
     web_app = web.Application()
     web_app.add_routes(routes)
-    try:
-        from sidecar.admin.dashboard import add_dashboard_routes
-    except ImportError:
-        add_dashboard_routes = None
-    if add_dashboard_routes is not None:
-        add_dashboard_routes(web_app, app)
+    add_dashboard_routes(web_app, app)
     return web_app
 
 

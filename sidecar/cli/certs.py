@@ -181,8 +181,9 @@ def describe(path: str) -> str:
         try:
             san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             for g in san:
-                kind = {x509.UniformResourceIdentifier: "URI", x509.DNSName: "DNS",
-                        x509.IPAddress: "IP"}.get(type(g), type(g).__name__)
+                kinds: dict[type, str] = {x509.UniformResourceIdentifier: "URI", x509.DNSName: "DNS",
+                                          x509.IPAddress: "IP"}
+                kind = kinds.get(type(g), type(g).__name__)
                 lines.append(f"san:       {kind}:{g.value}")
         except x509.ExtensionNotFound:
             pass

@@ -127,7 +127,11 @@ def tiny_to_native(doc: dict) -> tuple[dict, list[tuple[str, str]], list]:
             raise ConfigError(f"routes.{prefix}", "a route key is a path prefix starting with /")
         order.append(prefix)
     order.sort(key=len, reverse=True)          # longest prefix first: "/" never shadows "/api"
-    routes, clusters, pathmap, used, errors = [], [], [], set(), []
+    routes: list[dict] = []
+    clusters: list[dict] = []
+    pathmap: list[tuple[str, str]] = []
+    used: set[str] = set()
+    errors: list[ConfigError] = []
     for prefix in order:
         try:
             _tiny_route(prefix, routes_in[prefix], routes, clusters, pathmap, used)
@@ -299,7 +303,7 @@ class DevRunner:
         self.args = args
         self.path = args.config
         self.out = out
-        self.app = None
+        self.app: App | None = None        # set once the first good config is loaded
         self.good_version = 0
         self.good_at = ""
         self.colour = out.colour
@@ -314,6 +318,7 @@ class DevRunner:
         return snap
 
     def _set_log_colour(self, snap=None) -> None:
+        assert self.app is not None
         for lr in self.app.store.listeners.values():
             for lg in (lr.hcm.access_logs if lr.hcm is not None else ()):
                 if hasattr(lg, "colour"):
@@ -321,6 +326,7 @@ class DevRunner:
 
     def banner(self) -> None:
         app = self.app
+        assert app is not None
         for lr in app.store.listeners.values():
             cfg = lr.config
             scheme = "https" if cfg.tls else "http"
@@ -346,6 +352,7 @@ class DevRunner:
         self.out.info(f"    watching {self.path}: save to reload, Ctrl-C to stop")
 
     async def apply(self, snap) -> bool:
+        assert self.app is not None
         try:
             await self.app.store.apply(snap)
         except OSError as e:
@@ -391,20 +398,20 @@ class DevRunner:
                     await asyncio.sleep(POLL_INTERVAL_S)
                 await asyncio.sleep(0.05)
                 last = _stamp(self.path)
-        self.app = App(first, config_path=None, watch_config=False, admin=start_admin)
+        app = self.app = App(first, config_path=None, watch_config=False, admin=start_admin)
         try:
-            await self.app.start()
+            await app.start()
         except OSError as e:
             self.out.errors(f"cannot start: {e}", [])
             return 1
-        self.app.snapshot_listeners.append(self._set_log_colour)
+        app.snapshot_listeners.append(self._set_log_colour)
         self._set_log_colour()
         self.good_version, self.good_at = 1, time.strftime("%H:%M:%S")
         self.out.ok(f"loaded {self.path}")
         self.banner()
         task = asyncio.get_running_loop().create_task(self.watch())
-        self.app._tasks.append(task)
-        await self.app.run_until_stopped()
+        app._tasks.append(task)
+        await app.run_until_stopped()
         return 0
 
 

@@ -127,9 +127,9 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     except OSError as e:
         print(f"sidecar: cannot start: {e}", file=sys.stderr)
         return 1
-    ports = ", ".join(f"{lr.name}=http://{lr.config.host}:{lr.bound_port}"
-                      for lr in app.store.listeners.values())
-    log.info("sidecar %s serving (%s; event loop: %s); admin http://%s:%s/", __version__, ports,
+    serving = ", ".join(f"{lr.name}=http://{lr.config.host}:{lr.bound_port}"
+                        for lr in app.store.listeners.values())
+    log.info("sidecar %s serving (%s; event loop: %s); admin http://%s:%s/", __version__, serving,
              "uvloop" if uv else "asyncio", snap.admin.host, app.admin_port)
     if demo:
         print_banner(app)

@@ -13,6 +13,12 @@ the cluster: it is the only writer of cluster and endpoint counters.
 Breaker gauges, requests in flight per endpoint and the health board (active-check verdicts,
 ejections) live in ``sidecar.shared`` so that with several workers they are the sidecar's: a
 worker re-reads its endpoints' verdicts when the board's epoch moves (one read per pick).
+
+Why over 600 lines: being the only writer is the point of this module, so every path that
+touches cluster or endpoint counters lives here side by side (``send`` for HTTP/1.1, HTTP/2
+and tunnels, ``connect`` for TCP proxying, original-destination hosts, ``record`` and
+``set_health``); the mechanics they call (pools, breakers, balancers, outlier detection,
+health checks) are in their own modules.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from sidecar.core.body import BodyTooLarge, Headers
 from sidecar.core.context import RequestContext
 from sidecar.core.errors import UpstreamError
 from sidecar.core.message import Request
-from sidecar.core.metrics import NULL
+from sidecar.core.metrics import NULL, CounterChild
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool
@@ -218,7 +218,7 @@ async def tcp_probe(host: EndpointState, check: HealthCheck, ssl_ctx: ssl.SSLCon
 class _HostState:
     __slots__ = ("healthy", "ok", "fail", "checked", "edge")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.healthy = True
         self.ok = 0
         self.fail = 0
@@ -231,8 +231,9 @@ class _Stats:
 
     def __init__(self, m: Metrics, cst: ClusterStats, cluster: str):
         if not m.enabled:
-            self.outcome = {o: NULL for o in OUTCOMES}
-            self.to_healthy = self.to_unhealthy = NULL
+            self.outcome: dict[str, CounterChild] = {o: NULL for o in OUTCOMES}
+            self.to_healthy: CounterChild = NULL
+            self.to_unhealthy: CounterChild = NULL
             return
         fam = m.counter("sidecar_upstream_health_check_total", "Active health checks by result",
                         ("cluster", "result"))

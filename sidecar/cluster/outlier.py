@@ -46,7 +46,7 @@ from sidecar.cluster.cluster import ClusterState, OutcomeObserver
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.cluster import OutlierDetection
-from sidecar.core.metrics import NULL
+from sidecar.core.metrics import NULL, CounterChild
 from sidecar.observability.metrics import Metrics
 from sidecar.observability.stats import ClusterStats
 from sidecar.shared.api import Outcome, OutcomeTotals, Streak
@@ -64,8 +64,11 @@ class _Stats:
 
     def __init__(self, m: Metrics, cstats: ClusterStats, cluster: str):
         if not m.enabled:
-            self.detected = self.enforced = {r: NULL for r in REASONS}
-            self.overflow = self.unejected = self.enforced_total = NULL
+            nulls: dict[str, CounterChild] = {r: NULL for r in REASONS}
+            self.detected = self.enforced = nulls
+            self.overflow: CounterChild = NULL
+            self.unejected: CounterChild = NULL
+            self.enforced_total: CounterChild = NULL
             return
         det = m.counter("sidecar_upstream_outlier_ejections_detected_total",
                         "Outlier conditions detected (ejected or not), by reason",
@@ -125,7 +128,7 @@ class OutlierDetector(OutcomeObserver):
         if cfg != self.cfg:
             interval_changed = cfg.interval_s != self.cfg.interval_s
             self.cfg = cfg
-            if interval_changed and self._tick_handle is not None:
+            if interval_changed and self._tick_handle is not None and self._loop is not None:
                 self._tick_handle.cancel()
                 self._tick_handle = self._loop.call_later(cfg.interval_s, self._tick)
 

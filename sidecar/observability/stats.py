@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.core.metrics import NULL, CounterChild, CounterFamily
+from sidecar.core.metrics import NULL, CounterChild, CounterFamily, HistogramChild
 from sidecar.observability.flags import KNOWN_FLAGS
 from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 
@@ -43,7 +43,7 @@ class ClusterStats:
             for s in self.__slots__:
                 if not s.startswith("_"):
                     setattr(self, s, NULL)
-            self.rq_by_class = (NULL,) * 5
+            self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
             return
         # per response code, as Envoy's envoy_cluster_upstream_rq{envoy_response_code}: success
         # rate per code can be graphed (codes are bounded: 100..599)
@@ -127,8 +127,10 @@ class RouteStats:
         self._grpc: dict[str, Any] = {}
         self._labels = (listener, vhost, route)
         if not m.enabled:
-            self.rq_by_class = (NULL,) * 5
-            self.latency = self.bytes_in = self.bytes_out = NULL
+            self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
+            self.latency: HistogramChild = NULL
+            self.bytes_in: CounterChild = NULL
+            self.bytes_out: CounterChild = NULL
             self._flag_family = None
             self._grpc_family = None
             return

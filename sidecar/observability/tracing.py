@@ -470,6 +470,7 @@ class _CountingExporter:
         self._failed = failed
 
     def export(self, spans):
+        # lazy, as the SDK above: loaded only when a tracer is configured
         from opentelemetry.sdk.trace.export import SpanExportResult
         try:
             r = self.inner.export(spans)
@@ -552,6 +553,7 @@ class Tracing:
 
     @staticmethod
     def parent_context(inc: Incoming):
+        # lazy: the OpenTelemetry API is loaded only when a tracer is configured
         from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
         from opentelemetry.trace.span import TraceState
         ts = None

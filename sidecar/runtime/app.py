@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import http_parser
 
@@ -42,7 +43,13 @@ log = logging.getLogger("sidecar")
 
 LARGE_CONFIG_ROUTES = 1000
 
-AdminStarter = Callable[["App", str, int], Awaitable[tuple[object, int]]]
+class AdminServer(Protocol):
+    """What an admin starter returns: something the App stops at exit (an aiohttp runner)."""
+
+    async def cleanup(self) -> None: ...
+
+
+AdminStarter = Callable[["App", str, int], Awaitable[tuple[AdminServer, int]]]
 Companion = Callable[["App"], Awaitable[object]]
 """Starts the admin server for an app (``sidecar.admin.server.start_admin``): the admin sits
 above the runtime, so whoever makes the App hands it in."""
@@ -68,7 +75,7 @@ def check_compiled_parsers() -> None:
 
 def install_uvloop() -> bool:
     try:
-        import uvloop
+        import uvloop  # optional: the proxy runs on asyncio's loop without it
     except ImportError:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -128,7 +135,7 @@ class App:
         self.worker_id = worker_id
         self.workers = workers
         self.cache_dir = cache_dir
-        self.admin = None
+        self.admin: AdminServer | None = None
         self.admin_port: int | None = None
         self.healthy = True            # POST /healthcheck/fail flips this
         self.draining = False
@@ -146,7 +153,7 @@ class App:
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._config_mtime = 0.0
-        self._tracing = None
+        self._tracing: Tracing | None = None
         m = self.metrics
         if m.enabled:
             self._g_version = m.gauge("sidecar_config_info", "Config version in force (value 1)",
@@ -246,6 +253,9 @@ class App:
 
     async def reload(self, source: str = "file") -> bool:
         """Re-read the config file; an invalid file is refused and the old config serves on."""
+        if self.config_path is None:         # the embedded demo, or a snapshot handed in
+            log.info("reload: no config file to re-read")
+            return False
         try:
             snap = load_file(self.config_path)
         except ConfigErrors as e:
@@ -287,10 +297,12 @@ class App:
     async def _watch_file(self) -> None:
         """Poll the config file's mtime (cheap, and works on every filesystem and in
         Kubernetes ConfigMap symlink swaps)."""
+        path = self.config_path
+        assert path is not None          # started only for a config file
         while True:
             await asyncio.sleep(1.0)
             try:
-                mtime = os.stat(self.config_path).st_mtime
+                mtime = os.stat(path).st_mtime
             except OSError:
                 continue
             if mtime != self._config_mtime:
@@ -373,6 +385,7 @@ class App:
     async def run_until_stopped(self) -> None:
         if self._stop is None:
             self.install_signal_handlers()
+        assert self._stop is not None
         await self._stop.wait()
         await self.close()
 

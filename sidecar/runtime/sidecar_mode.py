@@ -88,6 +88,8 @@ class SidecarRuntime:
 
     async def probe_once(self) -> str | None:
         cfg = self.config
+        if cfg is None:
+            return None           # sidecar mode switched off meanwhile: nothing to probe
         where = f"{cfg.app_host}:{cfg.app_port}"
         try:
             async with asyncio.timeout(cfg.probe_timeout_s):
@@ -113,12 +115,13 @@ class SidecarRuntime:
         return None
 
     async def _probe_loop(self) -> None:
-        while True:
+        while self.config is not None:      # a new config cancels this task and starts another
+            interval = self.config.probe_interval_s
             reason = await self.probe_once()
             self._set(reason)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.probe_interval_s)
+                await asyncio.wait_for(self._wake.wait(), interval)
             except TimeoutError:
                 pass
 
@@ -128,14 +131,14 @@ class SidecarRuntime:
         self.app_up = up
         self.app_reason = reason or ""
         self.last_probe = time.monotonic()
-        if changed:
+        cfg = self.config
+        if changed and cfg is not None:
             if up:
-                log.info("app %s is up (%s:%s)", self.config.service, self.config.app_host,
-                         self.config.app_port)
+                log.info("app %s is up (%s:%s)", cfg.service, cfg.app_host, cfg.app_port)
             else:
-                log.warning("app %s is not ready: %s", self.config.service, reason)
+                log.warning("app %s is not ready: %s", cfg.service, reason)
             if self._gauge is not None:
-                self._gauge.labels(self.config.service).set(1 if up else 0)
+                self._gauge.labels(cfg.service).set(1 if up else 0)
         self._mark()
 
     def _mark(self) -> None:

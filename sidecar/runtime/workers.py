@@ -168,9 +168,9 @@ class Supervisor:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            wid = self.children.pop(pid, None)
-            if wid is None:
+            if pid not in self.children:
                 continue
+            wid = self.children.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 continue
@@ -199,7 +199,7 @@ class Supervisor:
 def _die_with_parent(supervisor: int) -> None:
     """Linux: SIGTERM (a drain) to this worker if the supervisor dies, e.g. SIGKILLed."""
     try:
-        import ctypes
+        import ctypes  # lazy: only worker processes use it, once, at fork
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -80,7 +80,8 @@ class OutcomeTotals:
 
 @dataclass(frozen=True, slots=True)
 class EndpointHealth:
-    """What the single health/outlier writer published for one endpoint."""
+    """What the health board holds for one endpoint (written by the prober and by whichever
+    worker ejects; see ``EndpointCounters``)."""
     healthy: bool = True          # active health checking verdict
     ejected_until: float = 0.0    # outlier ejection end, time.monotonic() seconds (0: none)
     ejections: int = 0            # times ejected so far

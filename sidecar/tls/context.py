@@ -38,8 +38,8 @@ class TlsLoadError(OSError):
 
 # ---- runtime ---------------------------------------------------------------------------------
 
-def _stamp(files: tuple[str, ...]) -> tuple:
-    out = []
+def _stamp(files: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    out: list[tuple[int, int, int] | None] = []
     for f in files:
         try:
             st = os.stat(f)      # follows symlinks: Kubernetes secret ..data swaps are seen
@@ -62,7 +62,7 @@ class _Reloader:
         self.stamp = _stamp(files)
         self.ctx = build()          # errors at start are the caller's to report
         self.next_check = time.monotonic() + RELOAD_CHECK_INTERVAL_S
-        self.failed_stamp = None
+        self.failed_stamp: tuple[tuple[int, int, int] | None, ...] | None = None
         self.lock = threading.Lock()
         self.reloads = 0
 

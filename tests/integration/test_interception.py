@@ -9,9 +9,13 @@ Needs root (``ip netns``, iptables in the namespace: CAP_SYS_ADMIN and CAP_NET_A
 namespaces and the nat table's REDIRECT target; skipped (saying which) otherwise. The CI
 machine runs as root with them installed (scripts/test installs iptables).
 
-The sidecar runs as root with the proxy *group* 1337 (the Python it runs lives under /root,
-which UID 1337 cannot read): the rules exclude the proxy's UID and GID alike, as Istio's do;
-the UID rule is exercised by a client run as UID 1337 with the system Python.
+The sidecar runs as Istio runs it, UID 1337 and GID 1337 with no supplementary groups, so
+its own upstream connections leave through the ``--uid-owner 1337`` RETURN rule (checked on
+that rule's packet counter). The interpreter that runs it lives under /root (mode 0700, which
+UID 1337 cannot search), so the process keeps exactly one capability, CAP_DAC_READ_SEARCH
+(read and search any file, write none), carried across exec as an ambient capability, with
+nothing else in its bounding set; the access log it writes is created for UID 1337 first. A
+client run as UID 1337 with the system Python also bypasses the redirect.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ PEER = str(REPO / "tests" / "netns_peer.py")
 POD_IP, PEER_IP = "198.18.0.1", "198.18.0.2"
 TOOLS = ("ip", "iptables", "iptables-restore", "iptables-save", "setpriv")
 SYSTEM_PYTHON = "/usr/bin/python3"
+PROXY_UID = 1337
+# the sidecar as the proxy user; CAP_DAC_READ_SEARCH only so it can read /root's Python
+AS_PROXY = ("setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            "--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search",
+            "--bounding-set=-all,+dac_read_search")
+CAP_DAC_READ_SEARCH = 1 << 2
 
 
 def _why_not() -> str | None:
@@ -175,10 +185,11 @@ def pod(tmp_path_factory):
         p.rules_twice = p.iptables_save()
         cfg = tmp / "sidecar.yaml"
         p.log = tmp / "access.log"
+        p.log.touch()
+        os.chown(p.log, PROXY_UID, PROXY_UID)              # the proxy user writes it
         cfg.write_text(yaml.safe_dump(sidecar_config(p.log)))
-        p.start(p.pod, "setpriv", "--regid=1337", "--clear-groups", sys.executable, "-m",
-                "sidecar", "run", "-c", str(cfg), "--concurrency", "1", name="sidecar",
-                wait_for="serving")
+        p.sidecar = p.start(p.pod, *AS_PROXY, sys.executable, "-m", "sidecar", "run", "-c",
+                            str(cfg), "--concurrency", "1", name="sidecar", wait_for="serving")
         yield p
     finally:
         p.close()
@@ -227,6 +238,40 @@ def test_excluded_outbound_port_and_the_proxy_uid_bypass_the_sidecar(pod):
         f"peer9000 sees {POD_IP}\nas proxy"
     time.sleep(0.5)
     assert len(log_lines(pod, 0)) == before              # the sidecar saw neither
+
+
+def owner_rule_packets(pod: Pod) -> dict[str, int]:
+    """Packets counted by the RETURN rules for the proxy's UID and GID (nat: one per
+    connection)."""
+    out = sh("ip", "netns", "exec", pod.pod, "iptables-save", "-c", "-t", "nat").stdout
+    counts = {}
+    for line in out.splitlines():
+        for match in (f"--uid-owner {PROXY_UID}", f"--gid-owner {PROXY_UID}"):
+            if line.endswith(f"-m owner {match} -j RETURN") and " ! " not in line and \
+                    "-o lo" not in line:
+                counts[match.split()[0]] = int(line[1:line.index(":")])
+    assert set(counts) == {"--uid-owner", "--gid-owner"}, out
+    return counts
+
+
+def test_the_sidecar_runs_as_the_proxy_uid_and_its_traffic_takes_the_uid_rule(pod):
+    status = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pod.sidecar.pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(PROXY_UID)] * 4
+    assert status["Gid"].split() == [str(PROXY_UID)] * 4
+    assert status["Groups"].strip() == ""
+    assert int(status["CapEff"], 16) == CAP_DAC_READ_SEARCH     # reads files; nothing else
+    logged = len(log_lines(pod, 0))
+    before = owner_rule_packets(pod)
+    assert pod.call(pod.pod, PEER_IP, 9000, "egress") == f"peer9000 sees {POD_IP}\negress"
+    after = owner_rule_packets(pod)
+    # it went through the sidecar (and the next test counts log lines from here)
+    assert f"outbound {PEER_IP}:9000 {PEER_IP}:9000" in log_lines(pod, logged + 1)[logged:]
+    # the sidecar's connection to the peer left through the UID rule (the GID rule comes
+    # after it, so it saw nothing); without it the connection would loop back into 15001
+    print("owner RETURN rule packets", before, after)
+    assert after["--uid-owner"] >= before["--uid-owner"] + 1, (before, after)
+    assert after["--gid-owner"] == before["--gid-owner"], (before, after)
 
 
 def test_inbound_is_intercepted_and_reaches_the_app(pod):

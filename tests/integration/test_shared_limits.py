@@ -102,6 +102,15 @@ async def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.text()
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample of the aggregated scrape (0 when absent)."""
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
 def test_default_is_one_worker_per_core():
     assert len(os.sched_getaffinity(0)) == WORKERS, "this suite assumes a 2-core machine"
 
@@ -200,6 +209,78 @@ async def test_crashed_worker_share_is_reclaimed_on_restart(sidecar_proc, ports)
             await asyncio.sleep(0.1)
         statuses = [(await get(sc.url(f"/after{i}")))[0] for i in range(6)]
         assert statuses == [200] * 6                          # the leaked slot is back
+
+
+
+@pytest.mark.parametrize("breaker", [
+    {"max_retries": 2},
+    # 10 % of at most ~20 active requests is 1 or less, so the floor decides: 2 at once
+    {"retry_budget": {"budget_percent": 10, "min_retry_concurrency": 2}},
+], ids=["max_retries", "retry_budget"])
+async def test_retry_limit_is_the_sidecars(sidecar_proc, ports, breaker):
+    """The retry breaker (``max_retries``, or a retry budget) limits the retries outstanding
+    in the whole sidecar, not in each worker. Every first attempt fails with 503 at once;
+    every retry is held at the upstream until all requests have decided, so the retries
+    admitted are the retries outstanding together. Sidecar-wide: at most 2. Per worker, each
+    worker would admit min(2, the requests it got), about 4 here."""
+    port, admin = ports
+    n = 16
+    held = 0
+    release = asyncio.Event()
+    seen: Counter[str] = Counter()
+
+    async def flaky(request: web.Request) -> web.Response:
+        nonlocal held
+        seen[request.path] += 1
+        if seen[request.path] == 1:
+            return web.Response(status=503, text="first attempt")
+        held += 1
+        await asyncio.wait_for(release.wait(), 20)
+        return web.Response(status=503, text="retry")
+
+    async with Upstream(flaky) as up:
+        cfg = config(port, admin, [{"name": "svc", "endpoints": [up.address],
+                                    "circuit_breakers": breaker}],
+                     [{"match": {"prefix": "/"}, "cluster": "svc", "timeout": "30s",
+                       "retry": {"retry_on": "5xx", "retries": 1, "backoff": "1ms",
+                                 "max_backoff": "2ms"}}])
+        sc = await _start(sidecar_proc(cfg), port, admin)
+        tasks = [asyncio.create_task(get(sc.url(f"/r{i}"))) for i in range(n)]
+        for _ in range(400):                   # every request reached its retry decision
+            if sum(t.done() for t in tasks) + held >= n:
+                break
+            await asyncio.sleep(0.05)
+        admitted = held
+        refused_early = sum(t.done() for t in tasks)
+        text = await sc.metrics()
+        active = metric_value(text, "sidecar_upstream_rq_retry_active", cluster="svc")
+        release.set()
+        results = await asyncio.gather(*tasks)
+        text = await sc.metrics()
+        per_worker = await sc.metrics(per_worker=True)
+    attempted = metric_value(text, "sidecar_upstream_rq_retry_total", cluster="svc",
+                             outcome="attempted")
+    overflow = metric_value(text, "sidecar_upstream_rq_retry_total", cluster="svc",
+                            outcome="overflow")
+    # what each worker decided, and what it alone would have admitted at 2 per worker
+    decided: Counter[str] = Counter()
+    for f in text_string_to_metric_families(per_worker):
+        for s in f.samples:
+            if s.name == "sidecar_upstream_rq_retry_total" and \
+                    s.labels.get("outcome") in ("attempted", "overflow"):
+                decided[s.labels["worker"]] += int(s.value)
+    per_worker_allowance = sum(min(2, d) for d in decided.values())
+    print(f"{breaker} with {WORKERS} workers: retries held together {admitted} (gauge "
+          f"{active}), attempted {attempted}, overflow {overflow}, decisions per worker "
+          f"{dict(decided)} (per-worker limits would admit {per_worker_allowance})")
+    assert len(decided) == WORKERS and per_worker_allowance > 2, decided   # both workers retried
+    assert refused_early + admitted == n
+    assert 1 <= admitted <= 2                  # the sidecar's limit (a race may refuse both)
+    assert active == admitted                  # the scrape-time gauge, sidecar-wide
+    assert (attempted, overflow) == (admitted, n - admitted)
+    assert all(r[0] == 503 for r in results)   # an overflowed retry answers the upstream's 503
+    assert sorted(r[2] for r in results) == ["first attempt"] * (n - admitted) + \
+        ["retry"] * admitted
 
 
 # ---- load balancing ---------------------------------------------------------------------------

@@ -171,6 +171,32 @@ def test_counter_table_full_then_rows_reused_after_every_worker_detaches():
     host.close()
 
 
+
+def test_health_board_has_no_single_writer_and_an_ejection_lands_once():
+    """docs/resilience.md: any worker may write the board (writes serialized by one mutex,
+    none refused); a host already ejected is not ejected again, whichever worker asks, so two
+    workers completing a streak at once eject it once."""
+    host = SharedHost.create(SMALL, 2)
+    w0, w1 = host.worker(0), host.worker(1)
+    e0, e1 = w0.endpoint("svc", "10.0.0.1:80"), w1.endpoint("svc", "10.0.0.1:80")
+    e1.set_healthy(False)                      # worker 1 writes: accepted, seen by worker 0
+    assert e0.health().healthy is False and w0.health_epoch() == 1
+    e0.set_healthy(True)                       # and worker 0 writes after it
+    assert e1.health().healthy is True and w1.health_epoch() == 2
+    h = e1.eject(40.0, 10.0, 300.0)            # worker 1's outcome completed a streak
+    assert h is not None and (h.ejected_until, h.ejections, h.multiplier) == (50.0, 1, 1)
+    assert e0.eject(41.0, 10.0, 300.0) is None     # worker 0's streak, same moment: refused
+    assert e0.health() == h and w0.health_epoch() == 3
+    h = e0.eject(60.0, 10.0, 300.0)            # once the ejection is over, any worker may
+    assert h is not None and (h.ejected_until, h.ejections, h.multiplier) == (80.0, 2, 2)
+    e0.decay_multiplier()                      # worker 0's interval work
+    e1.uneject()
+    h = e1.health()
+    assert (h.ejected_until, h.ejections, h.multiplier, h.epoch) == (0.0, 2, 1, 6)
+    assert w0.health_epoch() == w1.health_epoch() == 6
+    host.close()
+
+
 def test_names_reattach_to_their_counts_across_a_config_update():
     host = SharedHost.create(SMALL, 2)
     w0, w1 = host.worker(0), host.worker(1)
