@@ -111,7 +111,7 @@ class PlainEncoder(hpack.Encoder):
     message (request ids, see VOLATILE); Huffman coding it in Python costs more CPU than the
     few bytes it saves on the wire."""
 
-    def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[no-untyped-def]
+    def encode(self, headers, huffman: bool = True) -> bytes:
         return super().encode(headers, huffman=False)
 
 
