@@ -368,6 +368,7 @@ class Http2Connection(asyncio.Protocol):
         sid = e.stream_id
         if self._going_away and sid > self._last_accepted:
             self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         raw = e.headers
         size = 0
@@ -379,6 +380,7 @@ class Http2Connection(asyncio.Protocol):
             # connection lives
             owner.http2_abuse("headers_too_large")
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         try:
             req = request_from_headers(raw, owner.name, self.peer, owner.bound_port,
@@ -388,6 +390,7 @@ class Http2Connection(asyncio.Protocol):
             # stream (HTTP/1.1 gets a 400)
             owner.http2_abuse("underscore_header")
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         except Malformed as m:
             if log.isEnabledFor(logging.DEBUG):
@@ -395,6 +398,7 @@ class Http2Connection(asyncio.Protocol):
             if self.options.override_stream_error_on_invalid_http_message:
                 self.owner.http2_abuse("malformed_request")
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+                self.conn.forget(sid)     # never ours: h2 may drop it now
                 return None
             raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
