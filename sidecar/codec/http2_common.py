@@ -23,6 +23,7 @@ import h2.exceptions
 import hpack
 import hpack.hpack
 import hpack.table
+from h2.frame_buffer import FrameBuffer
 from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
@@ -115,6 +116,22 @@ class PlainEncoder(hpack.Encoder):
         return super().encode(headers, huffman=False)
 
 
+class BoundedFrameBuffer(FrameBuffer):
+    """``h2``'s frame buffer checks a frame's declared length against SETTINGS_MAX_FRAME_SIZE
+    only once the whole frame has arrived, so a peer that declares a 16 MiB frame makes it hold
+    16 MiB per connection (and an HTTP/1.1 answer on an HTTP/2 connection, read as a ~4.7 MB
+    frame, waits for the connect timeout). Here the length is checked from the 9-byte frame
+    header: FRAME_SIZE_ERROR before the body is buffered, as nghttp2 does."""
+
+    def __next__(self) -> Frame:
+        data = self._data
+        if len(data) >= 9:
+            length = (data[0] << 16) | (data[1] << 8) | data[2]
+            if length > self.max_frame_size:
+                self._validate_frame_length(length)        # raises FrameTooLargeError
+        return super().__next__()
+
+
 class H2Connection(h2.connection.H2Connection):
     """``h2.connection.H2Connection`` that lets a graceful GOAWAY drain (module docstring) and
     does not format every frame it receives for a trace log nobody reads."""
@@ -122,6 +139,9 @@ class H2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
         self.encoder = PlainEncoder()
+        bounded = BoundedFrameBuffer(server=not config.client_side)
+        bounded.max_frame_size = self.incoming_buffer.max_frame_size
+        self.incoming_buffer = bounded
 
     # Before a new stream ``h2`` counts the open ones by scanning every stream it holds (and
     # drops the closed ones as it goes): a cost per stream that grows with the streams in

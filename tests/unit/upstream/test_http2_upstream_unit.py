@@ -404,10 +404,6 @@ async def test_a_malformed_first_frame_fails_the_connect_step():
     assert conn.closed and t.closed and p.conns == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: h2 reads 'HTTP/1.1 400...' as a frame header "
-                   "declaring a ~4.7 MB frame and waits for its body instead of refusing it as "
-                   "larger than SETTINGS_MAX_FRAME_SIZE; the connect step ends in the connect "
-                   "timeout, not 'not speaking HTTP/2' (Envoy fails it at once, FRAME_SIZE_ERROR)")
 async def test_an_http1_answer_fails_the_connect_step_at_once():
     p = pool()
     conn, t = bare_connection(p)
