@@ -21,6 +21,7 @@ attributes documented in ``docs/filters.md``.
 
 **Provisional** (may change in a minor version, noted in the changelog): ``FilterSpec`` and its
 ``build`` signature (the built-in filter contract), ``FilterEnv``, ``UpstreamClient``,
+``GrpcClient``, ``GrpcReply``, ``EnvoyGrpcService``, ``envoy_grpc_service``,
 ``RequestContext`` fields not exposed by a helper, ``wire``, the matchers,
 ``TransformedBody``, ``PrefixedStream``, ``RouteInfo``.
 
@@ -39,6 +40,7 @@ from multidict import MultiDict
 
 from sidecar.config import wire
 from sidecar.config.errors import ConfigError
+from sidecar.config.grpc_service import envoy_grpc_service
 from sidecar.config.matchers import (
     HeaderMatcher,
     StringMatcher,
@@ -73,11 +75,13 @@ from sidecar.core.filter import (
     FilterEnv,
     FilterLike,
     FilterSpec,
+    GrpcClient,
     Handler,
     RawConfig,
     UpstreamClient,
     no_state,
 )
+from sidecar.core.grpc import EnvoyGrpcService, GrpcReply
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.core.metrics import (
     NULL,
@@ -95,6 +99,7 @@ __all__ = [
     # the contract
     "Filter", "Handler", "FilterLike", "UserFilter", "FilterSetup", "FilterSpec", "FilterEnv",
     "UpstreamClient", "RawConfig", "no_state",
+    "GrpcClient", "GrpcReply", "EnvoyGrpcService", "envoy_grpc_service",
     # config
     "ConfigError", "from_mapping", "parser_for", "Duration", "Range", "wire", "StringMatcher",
     "HeaderMatcher", "string_matcher_from_envoy", "string_matcher_from_native",

@@ -37,7 +37,8 @@ from sidecar.config.snapshot import Snapshot
 from sidecar.config.stores import StoresConfig
 from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
-from sidecar.core.filter import FilterSpec, UpstreamClient
+from sidecar.core.filter import FilterSpec, GrpcClient, UpstreamClient
+from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.core.limits import (
     NO_RATE_LIMITS,
     FailurePolicy,
@@ -466,8 +467,11 @@ class FilterTestEnv:
     def remote_buckets(self, store: str, policy: FailurePolicy) -> RemoteBuckets:
         return self._env.remote_buckets(store, policy)
 
-    def rate_limit_service(self, cluster: str) -> RateLimitService:
-        return self._env.rate_limit_service(cluster)
+    def grpc_client(self, service: EnvoyGrpcService) -> GrpcClient:
+        return self._env.grpc_client(service)
+
+    def rate_limit_service(self, service: EnvoyGrpcService) -> RateLimitService:
+        return self._env.rate_limit_service(service)
 
     def close(self) -> None:
         self.clusters.close()

@@ -188,6 +188,7 @@ class H2Request:
     headers: list[tuple[str, str]]
     body: bytes
     trailers: list[tuple[str, str]]
+    authority: str = ""
 
     def get(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -294,7 +295,7 @@ class _ServerProto(asyncio.Protocol):
         pseudo = {k: v for k, v in p["headers"] if k.startswith(":")}
         req = H2Request(pseudo.get(":method", ""), pseudo.get(":path", ""),
                         [(k, v) for k, v in p["headers"] if not k.startswith(":")], p["body"],
-                        p["trailers"])
+                        p["trailers"], pseudo.get(":authority", ""))
         self.up.requests.append(req)
         try:
             status, headers, body, trailers = await self.up.handler(req)

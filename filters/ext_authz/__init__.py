@@ -18,9 +18,11 @@ with ``failure_mode_allow`` (and ``x-envoy-auth-failure-mode-allowed: true`` ups
   ``allowed_client_headers`` (on denial; all but framing headers by default),
   ``allowed_client_headers_on_success`` and ``dynamic_metadata_from_headers`` pick what is
   copied from the service's answer.
-* ``grpc_service``: ``envoy.service.auth.v3.Authorization/Check`` over ``google_grpc``
-  (a direct channel to ``target_uri``, as Envoy's Google gRPC client). ``envoy_grpc`` (through a
-  cluster) is refused until clusters speak HTTP/2. ``CheckRequest`` carries the source and
+* ``grpc_service``: ``envoy.service.auth.v3.Authorization/Check`` through ``envoy_grpc``'s
+  cluster (``cluster_name``, which must speak HTTP/2: its balancer, breakers, health, TLS and
+  counters apply; a cluster not configured makes every call an error, as in Envoy) or over
+  ``google_grpc`` (a direct channel to ``target_uri``, as Envoy's Google gRPC client); ``timeout``
+  (200 ms) bounds each call and is sent as ``grpc-timeout``. ``CheckRequest`` carries the source and
   destination addresses, the peer's verified identity as ``principal``, the request's
   id, method, path, host, scheme, protocol, headers (or ``header_map`` with
   ``encode_raw_headers``), body, ``context_extensions`` (per route) and
@@ -227,8 +229,16 @@ def build(cfg: ExtAuthzConfig, per_route: ExtAuthzPerRoute | None, state: ExtAut
         authorizer = HttpAuthorizer(http, client, cfg.allowed_headers, cfg.disallowed_headers)
     else:
         assert grpc is not None
-        authorizer = GrpcAuthorizer(grpc, state.channels, "ext_authz.grpc_service",
-                                    cfg.encode_raw_headers)
+        path = "ext_authz.grpc_service"
+        if grpc.envoy is not None:
+            try:
+                grpc_client = env.grpc_client(grpc.envoy)
+            except ValueError as e:
+                raise ConfigError(f"{path}.envoy_grpc.cluster_name", str(e)) from None
+            authorizer = GrpcAuthorizer(grpc, path, cfg.encode_raw_headers, client=grpc_client)
+        else:
+            authorizer = GrpcAuthorizer(grpc, path, cfg.encode_raw_headers,
+                                        channels=state.channels)
     return ExtAuthzFilter(cfg, authorizer, body, extensions, state)
 
 

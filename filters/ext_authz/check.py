@@ -1,5 +1,6 @@
-"""The two ways of asking an authorization service: HTTP through a cluster, gRPC
-(``envoy.service.auth.v3.Authorization/Check``) to a ``google_grpc`` target.
+"""The ways of asking an authorization service: HTTP through a cluster, gRPC
+(``envoy.service.auth.v3.Authorization/Check``) through a cluster (``envoy_grpc``) or to a
+``google_grpc`` target.
 
 Both answer a ``Decision``: ``OK`` (with header changes for the upstream request and the
 client response, and dynamic metadata), ``DENIED`` (the response to send the client) or
@@ -12,6 +13,7 @@ import datetime
 import importlib
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from filters.ext_authz.config import GrpcServiceConfig, HttpServiceConfig
 from sidecar import sdk
@@ -176,6 +178,10 @@ class GrpcChannels:
         self.channels.clear()
 
 
+class GrpcCallFailed(Exception):
+    """The service answered a status other than OK, or could not be reached."""
+
+
 def _pairs_from_options(options: list[object], default_append: bool) -> tuple[Pairs, Pairs]:
     """HeaderValueOption list -> (set, append)."""
     set_: Pairs = []
@@ -192,16 +198,38 @@ def _pairs_from_options(options: list[object], default_append: bool) -> tuple[Pa
     return set_, append
 
 
-class GrpcAuthorizer:
-    __slots__ = ("cfg", "channel", "auth", "core", "pb", "encode_raw", "stub")
+CHECK_METHOD = "envoy.service.auth.v3.Authorization/Check"
 
-    def __init__(self, cfg: GrpcServiceConfig, channels: GrpcChannels, path: str,
-                 encode_raw: bool):
+
+class GrpcAuthorizer:
+    """``Authorization/Check`` through the service's cluster (``envoy_grpc``: ``client``) or
+    on a direct grpclib channel (``google_grpc``: ``channels``)."""
+
+    __slots__ = ("cfg", "auth", "core", "pb", "encode_raw", "stub", "client")
+
+    def __init__(self, cfg: GrpcServiceConfig, path: str, encode_raw: bool, *,
+                 channels: GrpcChannels | None = None, client: sdk.GrpcClient | None = None):
         self.cfg = cfg
         self.auth, self.core, self.pb, _ = _grpc_modules(path)
-        self.channel = channels.get(cfg.target, path)
-        self.stub = self.auth.AuthorizationAsyncStub(self.channel)  # type: ignore[attr-defined]
+        self.client = client
+        self.stub: Any = None
+        if client is None:
+            assert channels is not None
+            self.stub = self.auth.AuthorizationAsyncStub(  # type: ignore[attr-defined]
+                channels.get(cfg.target, path))
         self.encode_raw = encode_raw
+
+    async def _call(self, msg: object) -> object:
+        """The CheckResponse; raises on any failure (the caller's ERROR decision)."""
+        client = self.client
+        if client is None:
+            return await self.stub.check(
+                msg, timeout=self.cfg.timeout_s, metadata=list(self.cfg.initial_metadata) or None)
+        reply = await client.unary(CHECK_METHOD, bytes(msg),  # type: ignore[call-overload]
+                                   self.cfg.timeout_s)
+        if not reply.ok:
+            raise GrpcCallFailed(f"grpc-status {reply.status}: {reply.message}")
+        return self.auth.CheckResponse.parse(reply.payload)  # type: ignore[attr-defined]
 
     def _check_request(self, req: sdk.Request, facts: RequestFacts) -> object:
         a, core, pb = self.auth, self.core, self.pb
@@ -251,9 +279,8 @@ class GrpcAuthorizer:
     async def check(self, req: sdk.Request, facts: RequestFacts) -> Decision:
         msg = self._check_request(req, facts)
         try:
-            resp = await self.stub.check(msg, timeout=self.cfg.timeout_s,
-                                         metadata=list(self.cfg.initial_metadata) or None)
-        except Exception as e:    # GRPCError, a timeout, a refused or reset connection
+            resp: Any = await self._call(msg)
+        except Exception as e:    # a gRPC error status, a timeout, a refused or reset
             return Decision(Outcome.ERROR, reason=f"{type(e).__name__}: {e}")
         status = resp.status
         code = status.code if status is not None else 0

@@ -42,9 +42,10 @@ class HttpServiceConfig:
 
 @dataclass(frozen=True, slots=True)
 class GrpcServiceConfig:
-    target: str                         # google_grpc target_uri: host:port
+    target: str                         # google_grpc target_uri: host:port ("" : envoy_grpc)
     timeout_s: float
     initial_metadata: tuple[tuple[str, str], ...] = ()
+    envoy: sdk.EnvoyGrpcService | None = None     # envoy_grpc: through a cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +162,14 @@ def grpc_service(d: object, path: str) -> GrpcServiceConfig:
     if m.get("retry_policy"):
         raise ConfigError(wire.join(path, "retry_policy"), "is not supported")
     kind = wire.one_of(m, ("envoy_grpc", "google_grpc"), path)
+    timeout = wire.duration(m, "timeout", path, DEFAULT_TIMEOUT_S)
+    if timeout <= 0:
+        raise ConfigError(wire.join(path, "timeout"),
+                          "0 (no timeout) is not supported: every call to the service is bounded")
     if kind == "envoy_grpc":
-        raise ConfigError(wire.join(path, "envoy_grpc"),
-                          "gRPC through a cluster needs HTTP/2 upstream clusters, which this "
-                          "proxy does not have yet; use google_grpc (target_uri) or http_service")
+        envoy = sdk.envoy_grpc_service(m, path)
+        return GrpcServiceConfig(target="", timeout_s=timeout,
+                                 initial_metadata=envoy.initial_metadata, envoy=envoy)
     gp = wire.join(path, "google_grpc")
     g = wire.check_keys(m["google_grpc"], ("target_uri", "stat_prefix", "channel_credentials",
                                            "channel_credentials_plugin", "call_credentials",
@@ -182,7 +187,7 @@ def grpc_service(d: object, path: str) -> GrpcServiceConfig:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(wire.join(gp, "target_uri"), "must be host:port")
     return GrpcServiceConfig(
-        target=target, timeout_s=wire.duration(m, "timeout", path, DEFAULT_TIMEOUT_S),
+        target=target, timeout_s=timeout,
         initial_metadata=_header_values(wire.seq(m, "initial_metadata", path, []),
                                         wire.join(path, "initial_metadata")))
 

@@ -3,7 +3,8 @@ service) and of its per-route override, from Envoy v3 and from native YAML.
 
 Honoured (Envoy v3 ``RateLimit``): domain, stage, request_type, timeout (default 20ms; 0,
 Envoy's "no timeout", is refused: every call is bounded), failure_mode_deny,
-failure_mode_deny_percent, rate_limit_service (``envoy_grpc`` cluster, transport V3),
+failure_mode_deny_percent, rate_limit_service (``envoy_grpc``: cluster_name, authority,
+skip_envoy_headers, max_receive_message_length, with initial_metadata; transport V3),
 enable_x_ratelimit_headers, disable_x_envoy_ratelimited_header, rate_limited_status,
 status_on_error, rate_limited_as_resource_exhausted, response_headers_to_add (literal values),
 filter_enabled, filter_enforced, rate_limits, metadata_namespace, stat_prefix.
@@ -20,7 +21,9 @@ from typing import Any
 from filters.local_ratelimit.envoy import fraction
 from sidecar.config import wire as w
 from sidecar.config.errors import ConfigError
+from sidecar.config.grpc_service import envoy_grpc_service
 from sidecar.config.ratelimit import MAX_STAGE, rate_limits_from_wire
+from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.core.limits import RateLimitPolicy
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
@@ -59,8 +62,8 @@ class HeaderToAdd:
 @dataclass(frozen=True, slots=True)
 class RateLimitFilterConfig:
     domain: str
-    service_cluster: str                    # the cluster of the rate limit service (gRPC)
-    service_path: str = ""                  # where service_cluster was given (for errors)
+    service: EnvoyGrpcService               # the rate limit service (gRPC through a cluster)
+    service_path: str = ""                  # where its cluster was given (for errors)
     stage: int = 0
     request_type: RequestType = RequestType.BOTH
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -77,6 +80,10 @@ class RateLimitFilterConfig:
     rate_limits: tuple[RateLimitPolicy, ...] = ()    # set: route and virtual host ones ignored
     metadata_namespace: str = DEFAULT_NAMESPACE
     stat_prefix: str = ""
+
+    @property
+    def service_cluster(self) -> str:
+        return self.service.cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +139,7 @@ def headers_to_add(items: list[object], path: str) -> tuple[HeaderToAdd, ...]:
     return tuple(out)
 
 
-def _service_cluster(d: dict[str, Any], path: str) -> tuple[str, str]:
+def _service(d: dict[str, Any], path: str) -> tuple[EnvoyGrpcService, str]:
     sp = w.join(path, "rate_limit_service")
     svc = w.check_keys(w.mapping(d, "rate_limit_service", path),
                        ("grpc_service", "transport_api_version"), sp)
@@ -141,24 +148,19 @@ def _service_cluster(d: dict[str, Any], path: str) -> tuple[str, str]:
     grpc = w.check_keys(w.mapping(svc, "grpc_service", sp),
                         ("envoy_grpc", "google_grpc", "timeout", "initial_metadata",
                          "retry_policy"), gp)
-    for k in ("google_grpc", "initial_metadata", "retry_policy"):
+    for k in ("google_grpc", "retry_policy"):
         if grpc.get(k) is not None:
             raise ConfigError(w.join(gp, k), "is not supported; use envoy_grpc (a cluster)")
     if grpc.get("timeout") is not None:
         raise ConfigError(w.join(gp, "timeout"), "is not supported; use the filter's timeout")
-    ep = w.join(gp, "envoy_grpc")
-    eg = w.check_keys(w.mapping(grpc, "envoy_grpc", gp),
-                      ("cluster_name", "authority", "retry_policy", "max_receive_message_length",
-                       "skip_envoy_headers"), ep)
-    for k in ("authority", "retry_policy", "max_receive_message_length", "skip_envoy_headers"):
-        if eg.get(k) not in (None, "", False):
-            raise ConfigError(w.join(ep, k), "is not supported")
-    return w.string(eg, "cluster_name", ep, nonempty=True), w.join(ep, "cluster_name")
+    if grpc.get("envoy_grpc") is None:
+        raise ConfigError(w.join(gp, "envoy_grpc"), "is required")
+    return envoy_grpc_service(grpc, gp), w.join(gp, "envoy_grpc.cluster_name")
 
 
 def from_envoy(d: Any, path: str) -> RateLimitFilterConfig:
     w.check_keys(d, _FILTER_KEYS, path)
-    cluster, cluster_path = _service_cluster(d, path)
+    service, service_path = _service(d, path)
     timeout = w.duration(d, "timeout", path, DEFAULT_TIMEOUT_S)
     if timeout <= 0:
         raise ConfigError(w.join(path, "timeout"),
@@ -174,7 +176,7 @@ def from_envoy(d: Any, path: str) -> RateLimitFilterConfig:
         pcts[k] = 100.0 if d.get(k) is None else fraction(w.mapping(d, k, path), w.join(path, k))
     return RateLimitFilterConfig(
         domain=w.string(d, "domain", path, nonempty=True),
-        service_cluster=cluster, service_path=cluster_path,
+        service=service, service_path=service_path,
         stage=w.integer(d, "stage", path, 0, lo=0, hi=MAX_STAGE),
         request_type=RequestType(w.string(d, "request_type", path, "both",
                                           choices=("both", "internal", "external", "")) or "both"),
@@ -241,7 +243,7 @@ def from_native(raw: object, path: str) -> RateLimitFilterConfig:
         raise ConfigError(w.join(path, "timeout"), "must be positive")
     return RateLimitFilterConfig(
         domain=w.string(d, "domain", path, nonempty=True),
-        service_cluster=w.string(d, "cluster", path, nonempty=True),
+        service=EnvoyGrpcService(w.string(d, "cluster", path, nonempty=True)),
         service_path=w.join(path, "cluster"),
         stage=w.integer(d, "stage", path, 0, lo=0, hi=MAX_STAGE),
         request_type=RequestType(w.string(d, "request_type", path, "both",

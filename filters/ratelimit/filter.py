@@ -268,10 +268,10 @@ def build(config: RateLimitFilterConfig, per_route: RateLimitPerRoute | None, st
     if not policies:
         return None                      # nothing to ask about on this route
     try:
-        service = env.rate_limit_service(config.service_cluster)
-    except KeyError:
-        raise ConfigError(config.service_path or "ratelimit.cluster",
-                          f"no cluster named {config.service_cluster!r}") from None
+        # a cluster not configured (yet) is accepted, as by Envoy: every call is then an error
+        service = env.rate_limit_service(config.service)
+    except ValueError as e:                  # not HTTP/2
+        raise ConfigError(config.service_path or "ratelimit.cluster", str(e)) from None
     domain = per_route.domain if per_route is not None and per_route.domain else config.domain
     return RateLimitFilter(config, domain, policies, service, route, env.local_cluster,
                            env.metrics)

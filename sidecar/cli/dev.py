@@ -243,10 +243,7 @@ def dev_snapshot(text: str, name: str, port: int | None = None, admin_port: int 
         raise ConfigErrors(tiny_errors + _rewrite(e.errors, pathmap)) from None
     if tiny_errors:
         raise ConfigErrors(tiny_errors)
-    if pathmap:
-        # the tiny format always gets the dev request log
-        pass
-
+    if pathmap:              # the tiny format always gets the dev request log
         snap = replace(snap, listeners=tuple(
             replace(l, access_log=(AccessLogConfig(path="/dev/stdout", format="dev"),))
             for l in snap.listeners))

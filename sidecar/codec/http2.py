@@ -39,10 +39,12 @@ from typing import cast
 import h2.events as ev
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 
 from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
+    VOLATILE,
     BoundedDecoder,
     CreditedBody,
     ErrorCodes,
@@ -366,6 +368,7 @@ class Http2Connection(asyncio.Protocol):
         sid = e.stream_id
         if self._going_away and sid > self._last_accepted:
             self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         raw = e.headers
         size = 0
@@ -377,6 +380,7 @@ class Http2Connection(asyncio.Protocol):
             # connection lives
             owner.http2_abuse("headers_too_large")
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         try:
             req = request_from_headers(raw, owner.name, self.peer, owner.bound_port,
@@ -386,6 +390,7 @@ class Http2Connection(asyncio.Protocol):
             # stream (HTTP/1.1 gets a 400)
             owner.http2_abuse("underscore_header")
             self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            self.conn.forget(sid)     # never ours: h2 may drop it now
             return None
         except Malformed as m:
             if log.isEnabledFor(logging.DEBUG):
@@ -393,6 +398,7 @@ class Http2Connection(asyncio.Protocol):
             if self.options.override_stream_error_on_invalid_http_message:
                 self.owner.http2_abuse("malformed_request")
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+                self.conn.forget(sid)     # never ours: h2 may drop it now
                 return None
             raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
@@ -498,10 +504,14 @@ class Http2Connection(asyncio.Protocol):
         conn_tokens = resp.headers.get("connection")
         if conn_tokens:
             drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+        append = out.append
         for k, v in resp.headers.items():
             if k in drop or k == "server" or k == "te":
                 continue
-            out.append(header(k.encode("latin-1"), v.encode("latin-1")))
+            kb = k.encode("latin-1")
+            # header() inlined: a call per field is a measurable part of the request
+            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+                   NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
         out.append((b"server", self.owner.server_name.encode("latin-1")))
         if "date" not in resp.headers:
             out.append(header(b"date", DATE.get().encode()))
@@ -687,6 +697,7 @@ class Http2Connection(asyncio.Protocol):
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
+        self.conn.forget(s.sid)
         self._discard_body(s)
         self.guard.stream_closed()
         self.last_active = time.monotonic()

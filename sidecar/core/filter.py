@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from sidecar.core.context import RouteInfo
+from sidecar.core.grpc import EnvoyGrpcService, GrpcReply
 from sidecar.core.limits import (
     FailurePolicy,
     RateLimitService,
@@ -53,6 +54,21 @@ class UpstreamClient(Protocol):
     async def send(self, request: Request) -> Response: ...
 
 
+class GrpcClient(Protocol):
+    """Unary gRPC calls to one ``envoy_grpc`` service: each is a POST (``application/grpc``,
+    ``te: trailers``, ``grpc-timeout``, one length-prefixed message) through the service's
+    cluster's ``Cluster.send``. Never raises for a failed call: the reply's status says why."""
+
+    @property
+    def service(self) -> EnvoyGrpcService: ...
+
+    async def unary(self, method: str, message: bytes, timeout_s: float,
+                    metadata: tuple[tuple[str, str], ...] = ()) -> GrpcReply:
+        """Call ``method`` (``package.Service/Method``) with the serialized ``message``,
+        bounded by ``timeout_s``."""
+        ...
+
+
 class FilterEnv(Protocol):
     """The services the proxy offers a filter while it is built (typed, no string bags)."""
 
@@ -61,6 +77,12 @@ class FilterEnv(Protocol):
 
     def upstream(self, cluster: str) -> UpstreamClient:
         """A client for ``cluster`` (raises ``KeyError`` when no such cluster is configured)."""
+        ...
+
+    def grpc_client(self, service: EnvoyGrpcService) -> GrpcClient:
+        """A unary gRPC client of ``service`` through its cluster. A cluster not configured
+        (yet) is accepted, as by Envoy: calls fail UNAVAILABLE until it exists. Raises
+        ``ValueError`` when the cluster is configured and does not speak HTTP/2."""
         ...
 
     @property
@@ -88,9 +110,9 @@ class FilterEnv(Protocol):
         """Token buckets in the named store, shared by every replica. Raises ``KeyError``."""
         ...
 
-    def rate_limit_service(self, cluster: str) -> RateLimitService:
-        """Envoy's rate limit service behind ``cluster`` (gRPC). Raises ``KeyError`` when no
-        such cluster is configured."""
+    def rate_limit_service(self, service: EnvoyGrpcService) -> RateLimitService:
+        """Envoy's rate limit service (gRPC through ``service.cluster``); as ``grpc_client``
+        (``ValueError`` for a cluster that does not speak HTTP/2)."""
         ...
 
 

@@ -1,14 +1,16 @@
 """What the proxy offers filters while they are built (``sidecar.core.filter.FilterEnv``):
-clusters to call, and the limits that are the sidecar's (token buckets and the replay cache in
+clusters to call (HTTP, or unary gRPC through ``sidecar.cluster.grpc``), and the limits that are the sidecar's (token buckets and the replay cache in
 ``sidecar.shared``, shared by every worker) or every replica's (Redis stores, Envoy's rate
 limit service)."""
 
 from __future__ import annotations
 
 from sidecar.cluster.cluster import ClusterState
+from sidecar.cluster.grpc import ClusterGrpcClient, not_http2
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.stores import StoresConfig
-from sidecar.core.filter import UpstreamClient
+from sidecar.core.filter import GrpcClient, UpstreamClient
+from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.core.limits import (
     FailurePolicy,
     RateLimitService,
@@ -93,8 +95,12 @@ class ProxyFilterEnv:
             c = self._remote[key] = rs.RedisBuckets(st, policy)
         return c
 
-    def rate_limit_service(self, cluster: str) -> RateLimitService:
-        state = self._clusters.states.get(cluster)
-        if state is None or state.current is None:
-            raise KeyError(cluster)
-        return self._stores.rate_limit_service(state)
+    def grpc_client(self, service: EnvoyGrpcService) -> GrpcClient:
+        state = self._clusters.state(service.cluster)
+        why = not_http2(state)
+        if why is not None:
+            raise ValueError(why)
+        return ClusterGrpcClient(service, state)
+
+    def rate_limit_service(self, service: EnvoyGrpcService) -> RateLimitService:
+        return self._stores.rate_limit_service(self.grpc_client(service))

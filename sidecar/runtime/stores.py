@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from sidecar.cluster.cluster import ClusterState
 from sidecar.config.errors import ConfigError
 from sidecar.config.stores import DEFAULT_BACKOFF, StoresConfig
-from sidecar.core.limits import Descriptor, RlsResponse
+from sidecar.core.filter import GrpcClient
+from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.observability.metrics import Metrics
 from sidecar.shared.health import DependencyStatus, HealthTracker, Unavailable
 
 if TYPE_CHECKING:
     from sidecar.shared.redis_store import RedisStore
-    from sidecar.shared.rls import RateLimitClient
+    from sidecar.shared.rls import GrpcRateLimitService
 
 PROBE_EVERY_S = 0.5
 
@@ -42,69 +42,22 @@ def redis_module() -> ModuleType:
                                     f"'pysidecar[redis]' ({e})") from None
 
 
-def _rls_client() -> type[RateLimitClient]:
-    """``sidecar.shared.rls``: it needs the optional envoy-data-plane and grpclib
-    (``pysidecar[redis]``), imported when a rate limit filter is first built."""
+def _rls_module() -> ModuleType:
+    """``sidecar.shared.rls``: it needs the optional envoy-data-plane (``pysidecar[redis]``),
+    imported when a rate limit filter is first built."""
     try:
-        client: type[RateLimitClient] = importlib.import_module("sidecar.shared.rls").RateLimitClient
-        return client
+        return importlib.import_module("sidecar.shared.rls")
     except ImportError as e:
         raise ConfigError("envoy.filters.http.ratelimit", "the rate limit service client "
-                          f"needs envoy-data-plane and grpclib: pip install 'pysidecar[redis]' "
+                          f"needs envoy-data-plane: pip install 'pysidecar[redis]' "
                           f"({e})") from None
-
-
-class ClusterRateLimitService:
-    """``RateLimitService`` behind one cluster: each call goes to an endpoint the cluster's
-    balancer picks (its health and ejections apply), over gRPC (grpclib, one HTTP/2 channel
-    per endpoint). One health record for the service: a failure makes the next calls fail fast
-    until a probe succeeds (``sidecar.shared.health``)."""
-
-    def __init__(self, state: ClusterState, client: type[RateLimitClient]) -> None:
-        self.state = state
-        self._client = client
-        self.health = HealthTracker(f"ratelimit_service:{state.name}", f"cluster {state.name}",
-                                    0.0, DEFAULT_BACKOFF)
-        self._clients: dict[str, RateLimitClient] = {}
-
-    async def should_rate_limit(self, domain: str, descriptors: tuple[Descriptor, ...],
-                                hits_addend: int, timeout_s: float) -> RlsResponse:
-        c = self.state.current
-        host = c.pick(None) if c is not None else None
-        if host is None:
-            self.health.skipped += 1
-            raise Unavailable(f"cluster {self.state.name}: no endpoint")
-        client = self._clients.get(host.address)
-        if client is None:
-            for addr in [a for a in self._clients if a not in self.state.endpoints]:
-                self._clients.pop(addr).close()
-            ep = host.endpoint
-            client = self._clients[host.address] = self._client(
-                self.health.name, ep.host, ep.port, timeout_s, health=self.health)
-        self.health.timeout_s = timeout_s
-        return await client.should_rate_limit(domain, descriptors, hits_addend, timeout_s)
-
-    def count_failure_mode(self, denied: bool) -> None:
-        h = self.health
-        if denied:
-            h.fail_closed += 1
-        else:
-            h.fail_open += 1
-
-    def status(self) -> DependencyStatus:
-        return self.health.status()
-
-    def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
 
 
 class StoreRuntime:
     def __init__(self, config: StoresConfig, metrics: Metrics) -> None:
         self.config = config
         self._redis: dict[str, RedisStore] = {}
-        self._rls: dict[str, ClusterRateLimitService] = {}
+        self._rls: dict[EnvoyGrpcService, GrpcRateLimitService] = {}
         self._retired: list[RedisStore] = []
         self._prober: asyncio.Task[None] | None = None
         if metrics.enabled:
@@ -146,10 +99,17 @@ class StoreRuntime:
                     except Unavailable:
                         pass
 
-    def rate_limit_service(self, state: ClusterState) -> ClusterRateLimitService:
-        svc = self._rls.get(state.name)
-        if svc is None or svc.state is not state:
-            svc = self._rls[state.name] = ClusterRateLimitService(state, _rls_client())
+    def rate_limit_service(self, client: GrpcClient) -> GrpcRateLimitService:
+        """The rate limit service ``client`` calls (one per service config, kept across
+        reloads: its health record with it)."""
+        service = client.service
+        svc = self._rls.get(service)
+        if svc is None:
+            health = HealthTracker(f"ratelimit_service:{service.cluster}",
+                                   f"cluster {service.cluster}", 0.0, DEFAULT_BACKOFF)
+            svc = self._rls[service] = _rls_module().GrpcRateLimitService(client, health)
+        else:
+            svc.client = client         # bound to the cluster as it is now (kept by name)
         return svc
 
     def statuses(self) -> list[DependencyStatus]:
@@ -182,8 +142,7 @@ class StoreRuntime:
         self._retired.clear()
         if self._prober is not None:
             self._prober.cancel()
-        for svc in self._rls.values():
-            svc.close()
+        self._rls.clear()
 
 
 class DependencyCollector:

@@ -71,6 +71,11 @@ class HealthTracker:
         self.calls += 1
         return probe
 
+    def attempt(self) -> None:
+        """Before a call that is made whatever the state (a service behind a cluster: the
+        cluster's health checks and outlier detection decide, as in Envoy): counted only."""
+        self.calls += 1
+
     def end(self, probe: bool) -> None:
         if probe:
             self._probing = False

@@ -1,9 +1,9 @@
 """Client of Envoy's global rate limit service:
 ``envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`` over gRPC.
 
-Types and the async stub come from ``envoy-data-plane`` (betterproto2 messages, grpclib
-transport); this module turns them into frozen, typed results and keeps the service's health
-(``HealthTracker``: bounded calls, fail fast while down, probe and recover). What to do when
+The messages come from ``envoy-data-plane`` (betterproto2); the call goes through the
+service's cluster (``sidecar.core.filter.GrpcClient``). This module turns the messages into
+frozen, typed results and records the service's health (``HealthTracker``). What to do when
 the service cannot answer (``failure_mode_deny``) is the filter's decision: it gets
 ``Unavailable``.
 
@@ -15,8 +15,6 @@ followed by every descriptor's quota policy (``, 10;w=1;name="per-ip"``).
 
 from __future__ import annotations
 
-import asyncio
-
 from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
     RateLimitDescriptor,
     RateLimitDescriptorEntry,
@@ -24,15 +22,14 @@ from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
 from envoy_data_plane.envoy.service.ratelimit.v3 import (
     RateLimitRequest,
     RateLimitResponse,
-    RateLimitServiceAsyncStub,
 )
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from sidecar.config.stores import DEFAULT_BACKOFF, Backoff
+from sidecar.core.filter import GrpcClient
+from sidecar.core.grpc import GRPC_DEADLINE_EXCEEDED
 from sidecar.core.limits import (
     UNIT_SECONDS,
     Descriptor,
+    FailurePolicy,
     RlsCode,
     RlsDescriptorStatus,
     RlsLimit,
@@ -42,7 +39,7 @@ from sidecar.core.limits import (
 )
 from sidecar.shared.health import DependencyStatus, HealthTracker
 
-__all__ = ["RateLimitClient", "RlsCode", "RlsDescriptorStatus", "RlsLimit", "RlsResponse",
+__all__ = ["GrpcRateLimitService", "RlsCode", "RlsDescriptorStatus", "RlsLimit", "RlsResponse",
            "RlsUnit", "UNIT_SECONDS", "from_response", "to_request", "x_ratelimit_headers"]
 
 
@@ -77,44 +74,47 @@ def from_response(msg: RateLimitResponse) -> RlsResponse:
         else None)
 
 
-class RateLimitClient:
-    """One rate limit service at ``host:port`` (h2c). Every call is bounded by
-    ``timeout_s``; a failure raises ``Unavailable`` and marks the service down (then calls
-    fail fast until the backoff allows a probe)."""
+METHOD = "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 
-    def __init__(self, name: str, host: str, port: int, timeout_s: float,
-                 backoff: Backoff = DEFAULT_BACKOFF, health: HealthTracker | None = None) -> None:
-        self._channel = Channel(host, port)
-        self._stub = RateLimitServiceAsyncStub(self._channel)
-        self.timeout_s = timeout_s
-        # one tracker may stand for a whole service (several endpoints of one cluster)
-        self.health = health if health is not None else \
-            HealthTracker(name, f"grpc://{host}:{port}", timeout_s, backoff)
+
+class GrpcRateLimitService:
+    """``RateLimitService`` over a unary gRPC client (``sidecar.cluster.grpc``: through the
+    service's cluster, as Envoy's ``envoy_grpc``). Every call is made (the cluster's health
+    checks and outlier detection decide which endpoint, as in Envoy); a call that does not
+    answer OK within ``timeout_s`` raises ``Unavailable``. ``health`` records the calls and
+    the last error for ``/ready``, the metrics and the dashboard."""
+
+    def __init__(self, client: GrpcClient, health: HealthTracker) -> None:
+        self.client = client
+        self.health = health
+
+    async def should_rate_limit(self, domain: str, descriptors: tuple[Descriptor, ...],
+                                hits_addend: int, timeout_s: float) -> RlsResponse:
+        health = self.health
+        health.timeout_s = timeout_s
+        health.attempt()
+        reply = await self.client.unary(
+            METHOD, bytes(to_request(domain, descriptors, hits_addend)), timeout_s)
+        if not reply.ok:
+            raise health.failed(GrpcStatusError(reply.status, reply.message),
+                                reply.status == GRPC_DEADLINE_EXCEEDED)
+        try:
+            answer = from_response(RateLimitResponse.parse(reply.payload))
+        except Exception as e:     # noqa: BLE001 - any malformed message is the service's error
+            raise health.failed(e, False) from None
+        health.succeeded()
+        return answer
+
+    def count_failure_mode(self, denied: bool) -> None:
+        self.health.count_policy(FailurePolicy.FAIL_CLOSED if denied else FailurePolicy.FAIL_OPEN)
 
     def status(self) -> DependencyStatus:
         return self.health.status()
 
-    async def should_rate_limit(self, domain: str, descriptors: tuple[Descriptor, ...],
-                                hits_addend: int = 0, timeout_s: float | None = None
-                                ) -> RlsResponse:
-        health = self.health
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        probe = health.begin()
-        try:
-            msg = await asyncio.wait_for(
-                self._stub.should_rate_limit(to_request(domain, descriptors, hits_addend),
-                                             timeout=timeout),
-                timeout)
-        except TimeoutError:
-            raise health.failed(None, True) from None
-        except GRPCError as e:
-            raise health.failed(e, e.status.name == "DEADLINE_EXCEEDED") from None
-        except (OSError, StreamTerminatedError, ProtocolError) as e:
-            raise health.failed(e, False) from None
-        finally:
-            health.end(probe)
-        health.succeeded()
-        return from_response(msg)
 
-    def close(self) -> None:
-        self._channel.close()
+class GrpcStatusError(Exception):
+    """A call that ended with a gRPC status other than OK (its text is what /ready shows)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"grpc-status {status}: {message}" if message else f"grpc-status {status}")
+        self.status = status

@@ -23,19 +23,21 @@ from typing import TYPE_CHECKING, cast
 import h2.events as ev
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
+    VOLATILE,
     BoundedDecoder,
+    ClientH2Connection,
     CreditedBody,
     ErrorCodes,
-    H2Connection,
     client_config,
     goaway_frame,
-    header,
 )
+from sidecar.codec.http2_request import Malformed, response_from_headers, trailers_from_headers
 from sidecar.core.body import BodySource, Headers
 from sidecar.core.errors import (
     ConnectFailure,
@@ -62,16 +64,20 @@ def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[byt
     out = [(b":method", req.method.encode("latin-1")), (b":scheme", scheme.encode()),
            (b":authority", authority.encode("latin-1")), (b":path", url.encode("latin-1"))]
     te_trailers = False
+    append = out.append
     for k, v in headers.items():
         if k in drop:
             if k == "te" and not te_trailers and "trailers" in v.lower():
                 te_trailers = True
-                out.append((b"te", b"trailers"))
+                append((b"te", b"trailers"))
             continue
-        out.append(header(k.encode("latin-1"), v.encode("latin-1")))
+        kb = k.encode("latin-1")
+        # header() inlined: a call per field is a measurable part of the request
+        append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+               NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
-        out.append(header(b"content-length", cl.encode("latin-1")))
+        append((b"content-length", cl.encode("latin-1")))
     return out
 
 
@@ -102,7 +108,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.options = pool.options
-        self.conn = H2Connection(client_config())
+        self.conn = ClientH2Connection(client_config())
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -214,14 +220,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     s.body.feed(event.data)
             elif isinstance(event, ev.ResponseReceived):
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.status, s.headers = _response_head(event.headers)
+                if s is not None and not s.reset:
+                    try:
+                        s.status, s.headers = response_from_headers(event.headers)
+                    except Malformed as m:
+                        self._malformed(s, m)
+                        continue
                     s.chunks = []
                     got.append(s)
             elif isinstance(event, ev.TrailersReceived):
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.trailers = _headers(event.headers)
+                if s is not None and not s.reset:
+                    try:
+                        s.trailers = trailers_from_headers(event.headers)
+                    except Malformed as m:
+                        self._malformed(s, m)
             elif isinstance(event, ev.StreamEnded):
                 s = streams.get(event.stream_id)
                 if s is not None:
@@ -259,7 +272,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
             elif isinstance(event, ev.ConnectionTerminated):
                 self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
         for s in got:
-            self._deliver(s)
+            if not s.reset:
+                self._deliver(s)
         self._flush()
 
     # ---- responses -------------------------------------------------------------------------------
@@ -294,6 +308,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
             fut.set_result(resp)
         else:
             resp.discard()
+
+    def _malformed(self, s: _Stream, m: Malformed) -> None:
+        """A malformed response (RFC 9113 8.1.1): a stream error, the connection lives."""
+        self._reset(s, ErrorCodes.PROTOCOL_ERROR,
+                    UpstreamProtocolError(f"upstream protocol error: malformed response ({m})"))
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
@@ -360,6 +379,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if self.streams.pop(s.sid, None) is None or s.released:
             return
         s.released = True
+        self.conn.forget(s.sid)
         self.used -= 1
         self.idle_since = time.monotonic()
         if self.draining and not self.streams:
@@ -420,7 +440,10 @@ class Http2UpstreamConnection(asyncio.Protocol):
             s.sent_end = True
         else:
             s.pump = loop.create_task(self._send_body(s, body, trailers))
-        self._flush()
+        # one write per loop turn for every stream started in it (a write to a loopback peer
+        # costs as much as the rest of the request): requests dispatched from one downstream
+        # read share a syscall
+        self._schedule_flush()
         if deadline is not None:
             s.timer = loop.call_at(deadline, self._on_timeout, s)
         ctx = req.ctx
@@ -526,21 +549,3 @@ class Http2UpstreamConnection(asyncio.Protocol):
             t.close()
         self.closed = True
         self.pool.forget(self)
-
-
-def _headers(raw: list[tuple[bytes, bytes]]) -> Headers:
-    h: Headers = MultiDict()
-    for k, v in raw:
-        h.add(k.decode("latin-1"), v.decode("latin-1"))
-    return h
-
-
-def _response_head(raw: list[tuple[bytes, bytes]]) -> tuple[int, Headers]:
-    status = 0
-    h: Headers = MultiDict()
-    for k, v in raw:
-        if k == b":status":
-            status = int(v)
-        elif k[:1] != b":":
-            h.add(k.decode("latin-1"), v.decode("latin-1"))
-    return status, h

@@ -13,6 +13,7 @@ import zlib
 import aiohttp
 import pytest
 from aiohttp import web
+from h2_helpers import H2Client, H2Request, H2Upstream
 
 from sidecar.admin.dashboard import STATIC_DIR, quantile
 from sidecar.shared.testing import RedisServer, free_port
@@ -255,7 +256,8 @@ async def test_dashboard_in_headless_chromium(tmp_path):
 
 def dependencies_config(up, redis_address: str, closed_port: int) -> dict:
     return native_config(
-        clusters={"svc": [up.address], "rls": [f"127.0.0.1:{closed_port}"]},
+        clusters={"svc": [up.address], "rls": {"endpoints": [f"127.0.0.1:{closed_port}"],
+                                                "protocol": "http2"}},
         routes=[{"match": {"prefix": "/limited"}, "cluster": "svc",
                  "filters": {"local_ratelimit": {"max_tokens": 100, "fill_interval": "1h",
                                                  "store": "main"}}},
@@ -299,3 +301,38 @@ async def test_dependencies_in_the_feed_and_on_the_page():
     assert 'data-state="down"' in rows["ratelimit_service:rls"]
     assert re.search(r'dep-fail-open">1<', rows["ratelimit_service:rls"])
     assert re.search(r'dep-error">[^<]+', rows["ratelimit_service:rls"])
+
+
+async def test_dashboard_json_over_http2():
+    """The same feed when clients and upstreams speak HTTP/2: streams multiplexed on one client
+    connection, a cluster with ``protocol: http2``; every stream counts as one request."""
+    async def h2_handler(req: H2Request) -> tuple[int, list, bytes, list]:
+        if req.path.endswith("/fail"):
+            return 500, [("content-type", "text/plain")], b"fail", []
+        return 200, [("content-type", "text/plain")], b"ok", []
+
+    async with H2Upstream(h2_handler) as up:
+        cfg = native_config(
+            clusters={"orders": {"endpoints": [up.address], "protocol": "http2"}},
+            routes=[{"name": "orders", "match": {"prefix": "/orders"}, "cluster": "orders"}],
+            version="dash-h2")
+        async with running_proxy(cfg) as p, aiohttp.ClientSession() as s:
+            async with s.get(p.admin_url + "/dashboard.json") as r:   # starts the sampler
+                assert (await r.json())["totals"]["requests"] == 0
+            await asyncio.sleep(0.3)
+            async with H2Client(p.port()) as c:
+                # 20 concurrent streams on one connection, 2 of them failing upstream
+                sids = [await c.start("GET", "/orders/fail" if i % 10 == 0 else "/orders/1")
+                        for i in range(20)]
+                statuses = [(await c.response(sid)).status for sid in sids]
+            assert sorted(statuses) == [200] * 18 + [500] * 2
+            async with s.get(p.admin_url + "/dashboard.json") as r:
+                d = await r.json()
+    assert len(up.requests) == 20 and up.connections >= 1
+    o = {r["route"]: r for r in d["routes"]}["orders"]
+    assert o["requests"] == 20 and o["errors_5xx"] == 2 and o["success_rate"] == pytest.approx(0.9)
+    assert o["p50_ms"] is not None
+    oc = {c["name"]: c for c in d["clusters"]}["orders"]
+    assert oc["attempts"] == 20 and oc["errors"] == 2
+    assert [e["rq_total"] for e in oc["endpoints"]] == [20]
+    assert d["totals"]["requests"] == 20

@@ -264,3 +264,41 @@ async def test_grpc_service_native_and_envoy():
         async with running_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
             st, _, _ = await get(s, proxy.url("/"), {"x-allow": "yes"})
             assert st == 403
+
+
+async def test_grpc_service_through_a_cluster():
+    """``envoy_grpc``: the Check call goes through the ``authz`` cluster (HTTP/2), whose
+    counters count it; the per-route check settings still reach the service."""
+    az = await GrpcAuthz().start()
+    service = {"grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "1s",
+                                "initial_metadata": [{"key": "x-tenant", "value": "t1"}]}}
+    try:
+        async with Upstream() as app:
+            cfg = native_config(
+                clusters={"app": [app.address],
+                          "authz": {"endpoints": [f"127.0.0.1:{az.port}"], "protocol": "http2"}},
+                filters=[{"ext_authz": service}],
+                routes=[{"match": {"prefix": "/ext"}, "cluster": "app", "filters": {"ext_authz": {
+                    "check_settings": {"context_extensions": {"team": "payments"}}}}},
+                        {"match": {"prefix": "/"}, "cluster": "app"}])
+            async with running_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+                st, h, body = await get(s, proxy.url("/ext/a"), {"x-allow": "yes", "x-secret": "s"})
+                assert st == 200 and h["x-client-note"] == "grpc"
+                up = json.loads(body)["headers"]
+                assert up["x-auth-user"] == "alice" and "x-secret" not in up
+                assert az.seen[-1].attributes.context_extensions == {"team": "payments"}
+                st, h, body = await get(s, proxy.url("/other"))
+                assert (st, body, h["x-why"]) == (401, b"denied by grpc", "no")
+                async with s.get(proxy.admin_url + "/stats/prometheus") as r:
+                    metrics = await r.text()
+                assert 'sidecar_upstream_rq_total{cluster="authz",status_class="2xx"} 2.0' \
+                    in metrics
+    finally:
+        await az.stop()
+    # an HTTP/1.1 cluster cannot carry gRPC: refused with the field's path
+    cfg = native_config(clusters={"app": ["127.0.0.1:1"], "authz": ["127.0.0.1:2"]},
+                        filters=[{"ext_authz": service}],
+                        routes=[{"match": {"prefix": "/"}, "cluster": "app"}])
+    with pytest.raises(Exception, match="envoy_grpc.cluster_name: cluster 'authz' speaks http1"):
+        async with running_proxy(cfg):
+            pass

@@ -11,6 +11,9 @@ import gzip
 import json
 
 import aiohttp
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from aiohttp import web
 from h2_helpers import H2Client, H2Request, H2Upstream
@@ -217,6 +220,51 @@ async def test_http2_upstream_multiplexes_and_survives_goaway():
             assert [r.body for r in rs] == [f"/r{i}".encode() for i in range(20)]
             # the GOAWAY sent another connection's way the streams it did not cover
             assert up.connections >= 2
+
+
+class _MalformedOnBad(asyncio.Protocol):
+    """An HTTP/2 upstream (``h2`` with its outbound checks off) answering ``/bad`` with a
+    connection-specific header (RFC 9113 8.2.2: a malformed response), anything else well."""
+
+    connections = 0
+
+    def connection_made(self, transport) -> None:
+        type(self).connections += 1
+        self.t = transport
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
+        self.c.initiate_connection()
+        transport.write(self.c.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for e in self.c.receive_data(data):
+            if isinstance(e, h2.events.RequestReceived):
+                bad = dict(e.headers)[b":path"] == b"/bad"
+                head = [(b":status", b"200"), (b"content-length", b"2")]
+                self.c.send_headers(e.stream_id, head + [(b"connection", b"close")] if bad else head)
+                self.c.send_data(e.stream_id, b"ok", end_stream=True)
+        self.t.write(self.c.data_to_send())
+
+
+async def test_malformed_upstream_response_resets_only_its_stream():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_MalformedOnBad, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = native_config(clusters={"svc": {"endpoints": [f"127.0.0.1:{port}"],
+                                              "protocol": "http2"}},
+                            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
+        async with running_proxy(cfg, admin=False) as p, H2Client(p.port()) as c:
+            good1 = await c.request("GET", "/good")
+            bad = await c.request("GET", "/bad")
+            good2 = await c.request("GET", "/good")
+        assert (good1.status, good1.body) == (200, b"ok")
+        assert bad.status == 502       # upstream protocol error (UPE), as a malformed h1 answer
+        assert (good2.status, good2.body) == (200, b"ok")
+        # a stream error: the pooled connection stayed up for the next request
+        assert _MalformedOnBad.connections == 1
+    finally:
+        server.close()
 
 
 async def test_grpc_like_trailers_only_and_status_metrics():

@@ -559,7 +559,8 @@ async def test_global_ratelimit_over_h2(via, tmp_path, redis_server):
     try:
         async with Upstream() as app:
             cfg = native_config(
-                clusters={"app": [app.address], "rls": [f"127.0.0.1:{rls_port}"]},
+                clusters={"app": [app.address],
+                          "rls": {"endpoints": [f"127.0.0.1:{rls_port}"], "protocol": "http2"}},
                 filters=[{"ratelimit": {"domain": "edge", "cluster": "rls", "timeout": "2s",
                                         "failure_mode_deny": True}}],
                 routes=[{"match": {"prefix": "/"}, "cluster": "app", "rate_limits": [

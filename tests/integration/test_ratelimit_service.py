@@ -125,9 +125,11 @@ def sidecar_config(ports: dict[str, int], admin: int, upstream: str, rls: int, s
                      [{"match": {"prefix": "/"}, "cluster": "svc", "rate_limits": by_ip}]),
         ],
         "clusters": [{"name": "svc", "endpoints": [upstream]},
-                     {"name": "rls", "endpoints": [f"127.0.0.1:{rls}"]},
-                     {"name": "rls_slow", "endpoints": [f"127.0.0.1:{slow}"]},
-                     {"name": "rls_closed", "endpoints": [f"127.0.0.1:{closed}"]}],
+                     {"name": "rls", "endpoints": [f"127.0.0.1:{rls}"], "protocol": "http2"},
+                     {"name": "rls_slow", "endpoints": [f"127.0.0.1:{slow}"],
+                      "protocol": "http2"},
+                     {"name": "rls_closed", "endpoints": [f"127.0.0.1:{closed}"],
+                      "protocol": "http2"}],
     }
 
 

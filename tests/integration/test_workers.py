@@ -16,6 +16,7 @@ import time
 import aiohttp
 import pytest
 import yaml
+from h2_helpers import H2Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.observability.metrics import Metrics
@@ -309,3 +310,39 @@ async def test_workers_die_with_the_supervisor(daemon):
                 pass
         await asyncio.sleep(0.1)
     assert not alive, alive
+
+
+async def test_http2_clients_across_workers(daemon):
+    """HTTP/2 clients (prior knowledge) to the per-host daemon: each connection multiplexes
+    streams, routed by ``:authority`` to each local service (HTTP/1.1 upstreams), the
+    connections spread over the workers, the aggregated metrics exact."""
+    d = daemon
+
+    async def connection(authority: str, n: int) -> list[int]:
+        async with H2Client(d["port"], authority=authority) as c:
+            sids = [await c.start("GET", f"/h2/{i}") for i in range(n)]
+            return [(await c.response(sid)).status for sid in sids]
+
+    results = await asyncio.gather(*[connection("orders", 5) for _ in range(6)],
+                                   *[connection("web.local", 5) for _ in range(6)],
+                                   connection("unknown", 2))
+    assert results[:12] == [[200] * 5] * 12 and results[12] == [404, 404]
+    ups = d["ups"]
+    assert len(ups["orders"].requests) == 30 and len(ups["web"].requests) == 30
+    assert {r.path for r in ups["orders"].requests} == {f"/h2/{i}" for i in range(5)}
+    status, text = await get(d["admin"] + "/stats/prometheus")
+    by_vh: dict = {}
+    for k, v in samples(text, "sidecar_http_downstream_rq_total").items():
+        kd = dict(k)
+        if kd["status_class"] == "2xx":
+            by_vh[kd["virtual_host"]] = by_vh.get(kd["virtual_host"], 0) + v
+    assert {vh: n for vh, n in by_vh.items() if n} == {"orders": 30, "web": 30}
+    # the kernel spread the HTTP/2 connections over more than one worker
+    status, text = await get(d["admin"] + "/stats/prometheus?per_worker=1")
+    per: dict = {}
+    for k, v in samples(text, "sidecar_upstream_rq_total").items():
+        kd = dict(k)
+        if kd["cluster"] in ("orders", "web"):
+            per[kd["worker"]] = per.get(kd["worker"], 0) + v
+    assert sum(per.values()) == 60
+    assert sum(1 for v in per.values() if v > 0) >= 2, per

@@ -9,11 +9,8 @@ rate limit headers (``x-envoy-ratelimited``, ``x-ratelimit-limit``/``-remaining`
 response headers, and what the upstream saw (the service's request headers). Envoy is the
 reference: the assertions never special-case the sidecar.
 
-The rate limit service's cluster speaks HTTP/2 (gRPC), which Envoy needs said
-(``http2_protocol_options``). The sidecar's gRPC client always speaks HTTP/2; a sidecar whose
-cluster translation does not yet take ``http2_protocol_options`` (HTTP/2 upstreams come with
-another branch) gets the same config without that block (``for_sidecar``): the only
-difference.
+The rate limit service's cluster speaks HTTP/2 (``http2_protocol_options``): both proxies
+call the service through it (``envoy_grpc``) and read the identical config.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ import time
 import pytest
 import yaml
 
-from control_plane_client.translate.cluster import cluster as translate_cluster
-from sidecar.config.errors import ConfigError
 from sidecar.shared.testing import RateLimitServiceProcess, RedisServer
 from sidecar.testing import ProxyProcess, free_port, wait_for_port
 from tests.conformance.envoy.test_conformance_envoy import (
@@ -158,22 +153,6 @@ def envoy_config(main: int, deny: int, perconn: int, admin: int, upstream: int, 
                          static_cluster("closed", closed, http2=True)]}}
 
 
-def sidecar_takes_http2_clusters() -> bool:
-    try:
-        translate_cluster(static_cluster("x", 1, http2=True), "c")
-        return True
-    except ConfigError:
-        return False
-
-
-def for_sidecar(cfg: dict) -> dict:
-    out = copy.deepcopy(cfg)
-    if not sidecar_takes_http2_clusters():
-        for c in out["static_resources"]["clusters"]:
-            c.pop("typed_extension_protocol_options", None)
-    return out
-
-
 def wait_out_the_hour() -> None:
     """Counts are fixed one-hour windows: keep the test inside one."""
     left = 3600 - time.time() % 3600
@@ -199,7 +178,7 @@ def proxies(tmp_path_factory):
             main, deny, perconn, admin = free_port(), free_port(), free_port(), free_port()
             cfg = envoy_config(main, deny, perconn, admin, echo.port, rls.port, closed)
             path = d / "envoy.yaml"
-            path.write_text(yaml.safe_dump(cfg if side == "envoy" else for_sidecar(cfg)))
+            path.write_text(yaml.safe_dump(cfg))
             if side == "envoy":
                 p = EnvoyProcess(str(path), admin, str(d)).start()
                 started.append(p)

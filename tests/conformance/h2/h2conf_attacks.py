@@ -463,6 +463,18 @@ def zero_window_increment(port: int) -> RawH2:
     return a
 
 
+def oversized_frame(port: int, size: int = 1024 * 1024) -> RawH2:
+    """A DATA frame header declaring 16 MiB - 1 bytes (past SETTINGS_MAX_FRAME_SIZE, 16 KiB by
+    default), then a MiB of its body: refused from the header (FRAME_SIZE_ERROR), not
+    buffered until the declared length has arrived."""
+    a = RawH2(port)
+    sid = a.stream()
+    a.frames([a.headers(sid, a.block("/flow", "POST"), end_stream=False)])
+    a.send((2 ** 24 - 1).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big"))
+    a.send(b"d" * size)
+    return a
+
+
 def data_beyond_window(port: int, size: int = 256 * 1024) -> RawH2:
     """DATA past the stream and connection windows the server announced, sent at once,
     without waiting for WINDOW_UPDATE."""

@@ -46,6 +46,7 @@ ATTACKS: list[tuple[str, Callable, str, tuple[str, ...]]] = [
      ("FLOW_CONTROL_ERROR",)),
     ("window-update-zero-increment", A.zero_window_increment, "main", ("PROTOCOL_ERROR",)),
     ("data-beyond-flow-control-window", A.data_beyond_window, "limits", ()),
+    ("frame-larger-than-max-frame-size", A.oversized_frame, "main", ("FRAME_SIZE_ERROR",)),
 ]
 
 _COUNTER = re.compile(r"^(http2\.[a-z_]+|http\.[a-z_]+\.downstream_rq_too_many_premature_resets"

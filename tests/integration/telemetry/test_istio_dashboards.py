@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from sidecar.testing import free_port, stop_process
-from tests.integration.telemetry.mesh import NS, REVIEWS_HOST, Mesh
+from tests.integration.telemetry.mesh import NS, RATINGS_HOST, REVIEWS_HOST, Mesh
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus (Debian package) not installed")
@@ -73,6 +73,13 @@ PANELS = {
         'sum(irate(istio_tcp_received_bytes_total{reporter=~"$qrep", destination_service='
         '"$service"}[$__rate_interval]))',
 }
+
+# gRPC calls (ratings, behind its sidecar): Kiali's split of gRPC answers (its error filter:
+# a gRPC status 1-16 under a non-error HTTP code), per reporter and by grpc_response_status
+KIALI_GRPC = 'request_protocol="grpc",destination_service="$service",reporter="$qrep"'
+KIALI_GRPC_ERRORS = ('grpc_response_status=~"^[1-9]$|^1[0-6]$",'
+                     r'response_code!~"^0$|^[4-5]\\d\\d$"')
+GRPC_CALLS = {b"1": 4, b"9": 3}           # OK, NOT_FOUND (5)
 
 # the burst: path -> (requests, response code)
 BURST = {"/reviews/1": (6, "200"), "/missing": (2, "404"), "/fail": (1, "503")}
@@ -139,7 +146,8 @@ class Prometheus:
 @pytest.fixture
 async def world(tmp_path):
     mesh = await Mesh(str(tmp_path)).start()
-    prom = Prometheus(str(tmp_path), [mesh.client_metrics, mesh.server_metrics])
+    prom = Prometheus(str(tmp_path), [mesh.client_metrics, mesh.server_metrics,
+                                      mesh.grpc_metrics])
     try:
         yield mesh, prom
     finally:
@@ -245,3 +253,37 @@ async def test_istio_dashboard_panels_over_a_real_prometheus(world):
         for rep in ("destination", "source"):
             assert one(await ask("TCP Received Bytes", rep)) == \
                 pytest.approx(tcp / gap[rep], rel=1e-6)
+
+
+async def test_grpc_calls_on_the_dashboards(world):
+    """gRPC between two injected pods (productpage's grpcio client -> ratings' grpcio
+    service, HTTP/2 over mTLS between the sidecars): Prometheus shows the calls per reporter
+    as ``request_protocol="grpc"`` with their ``grpc_response_status``, and Kiali's gRPC error
+    filter counts the NOT_FOUND answers (HTTP 200 each)."""
+    mesh, prom = world
+    for rating, n in GRPC_CALLS.items():
+        for _ in range(n):
+            await mesh.grpc_call(rating)
+    total = sum(GRPC_CALLS.values())
+    async with aiohttp.ClientSession() as s:
+        await prom.ready(s)
+
+        async def ask(expr: str, qrep: str) -> list:
+            return await prom.query(s, expr.replace("$service", RATINGS_HOST)
+                                    .replace("$qrep", qrep))
+
+        for rep in ("source", "destination"):
+            by_status: dict = {}
+            for _ in range(100):            # until the calls are scraped
+                rows = await ask(f"sum(istio_requests_total{{{KIALI_GRPC}}}) "
+                                 "by (grpc_response_status, response_code, source_workload)", rep)
+                by_status = {(r["metric"]["grpc_response_status"], r["metric"]["response_code"],
+                              r["metric"]["source_workload"]): float(r["value"][1]) for r in rows}
+                if sum(by_status.values()) == total:
+                    break
+                await asyncio.sleep(0.2)
+            assert by_status == {("0", "200", "productpage-v1"): 4.0,
+                                 ("5", "200", "productpage-v1"): 3.0}, rep
+            errors = await ask(f"sum(istio_requests_total{{{KIALI_GRPC},{KIALI_GRPC_ERRORS}}})",
+                               rep)
+            assert [float(r["value"][1]) for r in errors] == [3.0], rep

@@ -13,6 +13,7 @@ from filters import buffer, compressor, cors, ext_authz
 from filters import header_to_metadata as h2m
 from filters.compressor.libraries import T_GZIP, T_ZSTD
 from filters.ext_authz import config as authz_config
+from sidecar import sdk
 from sidecar.core.body import BodyStream
 from sidecar.sdk import ConfigError, Response
 from sidecar.testing import FilterTestEnv, RecordingNext, build_filter, make_request
@@ -271,8 +272,25 @@ def test_ext_authz_refusals(extra, error):
 
 
 def test_ext_authz_services():
-    with pytest.raises(ConfigError, match="^a.grpc_service.envoy_grpc: gRPC through a cluster"):
-        authz_config.from_envoy({"grpc_service": {"envoy_grpc": {"cluster_name": "c"}}}, "a")
+    cfg = authz_config.from_envoy({"grpc_service": {
+        "envoy_grpc": {"cluster_name": "c", "authority": "authz.local",
+                       "max_receive_message_length": 1000, "skip_envoy_headers": True},
+        "timeout": "0.5s", "initial_metadata": [{"key": "X-Tenant", "value": "t1"}]}}, "a")
+    assert cfg.grpc.envoy == sdk.EnvoyGrpcService("c", "authz.local", (("x-tenant", "t1"),),
+                                                  True, 1000)
+    assert cfg.grpc.timeout_s == 0.5
+    for bad, error in (
+            ({"envoy_grpc": {"cluster_name": "c", "retry_policy": {"num_retries": 1}}},
+             "a.grpc_service.envoy_grpc.retry_policy: is not supported"),
+            ({"envoy_grpc": {"cluster_name": "c"}, "timeout": "0s"},
+             "a.grpc_service.timeout: 0 (no timeout) is not supported"),
+            ({"envoy_grpc": {"cluster_name": "c"}, "initial_metadata": [{"key": ":path"}]},
+             "a.grpc_service.initial_metadata[0].key: ':path' is set by the gRPC client"),
+            ({"envoy_grpc": {"cluster_name": "c", "nope": 1}},
+             "a.grpc_service.envoy_grpc.nope: unknown or unsupported field")):
+        with pytest.raises(ConfigError) as e:
+            authz_config.from_envoy({"grpc_service": bad}, "a")
+        assert str(e.value).startswith(error)
     with pytest.raises(ConfigError, match="^a: one of grpc_service, http_service is required"):
         authz_config.from_envoy({}, "a")
     with pytest.raises(ConfigError, match="channel_credentials: is not supported"):

@@ -25,6 +25,7 @@ from filters.ratelimit.filter import RateLimitFilter, RequestSource, policies_fo
 from sidecar.config.errors import ConfigError
 from sidecar.config.native.route import virtual_host_from_native
 from sidecar.config.ratelimit import rate_limits_from_wire
+from sidecar.core.grpc import EnvoyGrpcService
 from sidecar.core.limits import (
     DestinationClusterAction,
     GenericKeyAction,
@@ -294,6 +295,11 @@ def test_filter_config():
         (0.020, False, True, 429, 100.0, "envoy.filters.http.ratelimit")
     # Envoy: a rate limited status under 400 means 429
     assert cfg(rate_limited_status={"code": 200}).rate_limited_status == 429
+    s = from_envoy({**FILTER, "rate_limit_service": {"grpc_service": {
+        "envoy_grpc": {"cluster_name": "rls", "authority": "rls.local",
+                       "skip_envoy_headers": True, "max_receive_message_length": 4096},
+        "initial_metadata": [{"key": "x-tenant", "value": "a"}]}}}, "f")
+    assert s.service == EnvoyGrpcService("rls", "rls.local", (("x-tenant", "a"),), True, 4096)
     n = from_native({"domain": "edge", "cluster": "rls"}, "ratelimit")
     assert (n.service_cluster, n.x_ratelimit_headers, n.service_path) == \
         ("rls", True, "ratelimit.cluster")
@@ -311,8 +317,14 @@ def test_filter_config():
                                               "timeout": "1s"}}},
      "f.rate_limit_service.grpc_service.timeout"),
     ({"rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": "x",
-                                                             "authority": "a"}}}},
-     "f.rate_limit_service.grpc_service.envoy_grpc.authority"),
+                                                             "retry_policy": {}}}}},
+     "f.rate_limit_service.grpc_service.envoy_grpc.retry_policy"),
+    ({"rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": "x"},
+                                              "retry_policy": {}}}},
+     "f.rate_limit_service.grpc_service.retry_policy"),
+    ({"rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": "x"},
+                                              "initial_metadata": [{"key": "te"}]}}},
+     "f.rate_limit_service.grpc_service.initial_metadata[0].key"),
     ({"rate_limit_service": {"transport_api_version": "V2", "grpc_service": {}}},
      "f.rate_limit_service.transport_api_version"),
     ({"rate_limit_service": None}, "f.rate_limit_service"),
@@ -338,11 +350,20 @@ def test_per_route_refusals():
     assert e.value.path == "pr.vh_rate_limits"
 
 
-def test_unknown_service_cluster_is_refused_with_its_path():
+def test_service_cluster_must_speak_http2_but_may_not_exist_yet():
     route = FakeRoute(rate_limits=RouteRateLimits((P_ROUTE,)))
+    env = FilterTestEnv(clusters={"ratelimit": ["127.0.0.1:1"]})        # HTTP/1.1
     with pytest.raises(ConfigError) as e:
-        RL.SPEC.build(cfg(), None, None, FilterTestEnv(), route)
+        RL.SPEC.build(cfg(), None, None, env, route)
     assert e.value.path == "f.rate_limit_service.grpc_service.envoy_grpc.cluster_name"
+    assert "needs an HTTP/2 cluster" in str(e.value)
+    env.close()
+    # Envoy accepts a cluster it does not know (every call is then an error): so does the filter
+    assert RL.SPEC.build(cfg(), None, None, FilterTestEnv(), route) is not None
+    env = FilterTestEnv(clusters={"ratelimit": {"endpoints": ["127.0.0.1:1"],
+                                                "protocol": "http2"}})
+    assert RL.SPEC.build(cfg(), None, None, env, route) is not None
+    env.close()
     # a route with nothing to ask about gets no filter at all
     assert RL.SPEC.build(cfg(), None, None, FilterTestEnv(), FakeRoute()) is None
 

@@ -1,0 +1,466 @@
+"""The upstream HTTP/2 connection and its pool without sockets: an ``h2`` server (a real HTTP/2
+peer) exchanges bytes with ``Http2UpstreamConnection`` through an in-memory transport.
+
+Covers stream-slot accounting (capacity = min(peer SETTINGS, cluster limit), busiest first,
+slots back when both sides ended), GOAWAY bookkeeping (streams above last_stream_id fail as
+never sent, the others finish, the connection closes after its last stream), refused streams,
+the header translation for an HTTP/2 upstream, idle sweep and drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+from h2.errors import ErrorCodes
+from multidict import MultiDict
+
+from sidecar.codec.http2_common import goaway_frame
+from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
+from sidecar.core.context import RequestContext
+from sidecar.core.errors import ConnectFailure, UpstreamReset, UpstreamTimeout
+from sidecar.core.message import Request
+from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
+from sidecar.upstream.http2_pool import Http2Pool
+
+
+class MemoryTransport:
+    """What asyncio gives a protocol, writing into a buffer."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Server:
+    """An h2 server wired to one upstream connection."""
+
+    def __init__(self, conn: Http2UpstreamConnection, transport: MemoryTransport,
+                 max_streams: int | None = None) -> None:
+        self.conn = conn
+        self.t = transport
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        if max_streams is not None:
+            self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+        self.requests: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.bodies: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+
+    def pump(self) -> None:
+        """Move bytes both ways until neither side has anything to say."""
+        for _ in range(20):
+            moved = False
+            data = self.t.take()
+            if data:
+                moved = True
+                for e in self.h2.receive_data(data):
+                    if isinstance(e, h2.events.RequestReceived):
+                        self.requests[e.stream_id] = e.headers
+                    elif isinstance(e, h2.events.DataReceived):
+                        self.bodies[e.stream_id] = self.bodies.get(e.stream_id, b"") + e.data
+                        self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                    elif isinstance(e, h2.events.StreamEnded):
+                        self.ended.add(e.stream_id)
+            out = self.h2.data_to_send()
+            if out:
+                moved = True
+                self.conn.data_received(out)
+            if not moved:
+                return
+
+    def respond(self, sid: int, status: int = 200, body: bytes = b"ok") -> None:
+        self.h2.send_headers(sid, [(b":status", str(status).encode()),
+                                   (b"content-length", str(len(body)).encode())])
+        self.h2.send_data(sid, body, end_stream=True)
+        self.pump()
+
+    def raw(self, frame: bytes) -> None:
+        """A frame written beside h2 (h2 stops serving after its own GOAWAY)."""
+        self.conn.data_received(frame)
+
+
+def pool(max_streams: int = UPSTREAM_DEFAULTS.max_concurrent_streams, idle_timeout: float = 3600.0) -> Http2Pool:
+    return Http2Pool("127.0.0.1", 1, 1.0, Http2Options(max_concurrent_streams=max_streams),
+                     idle_timeout=idle_timeout)
+
+
+def connect(p: Http2Pool, peer_max: int | None = None) -> tuple[Http2UpstreamConnection, Server]:
+    """A connection as ``Http2Pool.connect`` makes one, its peer's SETTINGS exchanged."""
+    conn = Http2UpstreamConnection(p)
+    t = MemoryTransport()
+    conn.connection_made(t)
+    p.conns.append(conn)
+    server = Server(conn, t, peer_max)
+    server.pump()
+    return conn, server
+
+
+def request(method: str = "GET", path: str = "/items", query: str = "", headers=None,
+            body: bytes = b"") -> Request:
+    h = MultiDict(headers if headers is not None else {"host": "svc.local"})
+    return Request(method, path, query, h, body, RequestContext("l", ("10.0.0.1", 1), 0.0))
+
+
+async def settle() -> None:
+    """A few loop turns: writes are flushed once per turn (call_soon), after the sends in it."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def start(conn: Http2UpstreamConnection, req: Request | None = None) -> asyncio.Task:
+    task = asyncio.ensure_future(conn.send(req or request(), "svc.local", None))
+    await settle()               # the HEADERS go out
+    return task
+
+
+# ---- readiness and slots ------------------------------------------------------------------------
+
+async def test_a_connection_is_not_used_before_the_peers_settings():
+    p = pool()
+    conn = Http2UpstreamConnection(p)
+    t = MemoryTransport()
+    conn.connection_made(t)
+    p.conns.append(conn)
+    assert t.out.startswith(b"PRI * HTTP/2.0")         # our preface went out at once
+    assert p.acquire() is None and p.pending_room()
+    woken = asyncio.ensure_future(p.wait(asyncio.get_running_loop(), None))
+    await settle()
+    Server(conn, t, max_streams=2).pump()
+    assert conn.ready.done() and conn.peer_max == 2
+    await asyncio.wait_for(woken, 1)                    # the pool's waiter was woken
+    assert p.acquire() is conn and not p.pending_room()
+
+
+async def test_capacity_is_the_smaller_of_the_peers_limit_and_the_clusters():
+    p = pool(max_streams=3)
+    conn, _ = connect(p, peer_max=100)
+    assert conn.capacity == 3
+    assert [p.acquire() for _ in range(4)] == [conn, conn, conn, None]
+    assert conn.used == 3 and not conn.has_room()
+
+    p2 = pool(max_streams=100)
+    conn2, _ = connect(p2, peer_max=2)
+    assert conn2.capacity == 2
+    assert [p2.acquire() for _ in range(3)] == [conn2, conn2, None]
+
+
+async def test_acquire_prefers_the_busiest_connection_with_room():
+    p = pool(max_streams=4)
+    a, _ = connect(p)
+    b, _ = connect(p)
+    b.used = 2
+    assert p.acquire() is b and b.used == 3
+    b.used = 4                                          # full: the other one
+    assert p.acquire() is a
+    assert p.streams() == 5 and p.active == 2 and p.idle == ()
+
+
+async def test_a_peer_lowering_its_limit_is_honoured():
+    p = pool()
+    conn, server = connect(p, peer_max=10)
+    server.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    server.pump()
+    assert conn.peer_max == 1
+    assert p.acquire() is conn and p.acquire() is None
+
+
+# ---- an exchange --------------------------------------------------------------------------------
+
+async def test_a_request_goes_out_and_its_slot_comes_back_with_the_response():
+    p = pool()
+    conn, server = connect(p)
+    assert p.acquire() is conn
+    task = await start(conn, request("POST", "/orders", "id=7",
+                                     {"host": "svc.local", "x-trace": "t1", "content-length": "4"},
+                                     body=b"data"))
+    server.pump()
+    (sid, head), = server.requests.items()
+    assert head[:4] == [(b":method", b"POST"), (b":scheme", b"http"),
+                        (b":authority", b"svc.local"), (b":path", b"/orders?id=7")]
+    assert (b"host", b"svc.local") not in head and (b"x-trace", b"t1") in head
+    assert server.bodies[sid] == b"data" and sid in server.ended
+    assert conn.used == 1
+    server.respond(sid, 201, b"created")
+    resp = await asyncio.wait_for(task, 1)
+    assert (resp.status, resp.body, resp.headers["content-length"]) == (201, b"created", "7")
+    assert conn.used == 0 and conn.streams == {}
+    assert conn.has_room() and not conn.closed
+
+
+async def test_a_refused_stream_is_marked_as_never_sent():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+    server.pump()
+    with pytest.raises(UpstreamReset) as e:
+        await asyncio.wait_for(task, 1)
+    assert (e.value.flag, e.value.sent, e.value.reason) == ("UR", False, "refused stream")
+    assert conn.used == 0
+
+
+async def test_any_other_reset_is_marked_as_possibly_processed():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+    server.pump()
+    with pytest.raises(UpstreamReset) as e:
+        await asyncio.wait_for(task, 1)
+    assert (e.value.flag, e.value.sent) == ("UR", True)
+    assert "INTERNAL_ERROR" in e.value.reason
+
+
+async def test_a_response_without_a_length_streams_with_its_trailers_and_credits_the_peer():
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
+                                                    initial_connection_window_size=65535))
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    for _ in range(3):
+        server.h2.send_data(sid, b"x" * 16000)
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    assert resp.status == 200 and resp.body_source() is not None      # streamed: not complete yet
+    assert server.h2.local_flow_control_window(sid) == 65535 - 48000  # not credited while unread
+    assert await resp.body.read() == b"x" * 48000
+    await settle()                          # the WINDOW_UPDATE is flushed on a later turn
+    server.pump()
+    assert server.h2.local_flow_control_window(sid) == 65535          # credited once read
+    server.h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+    server.pump()
+    assert await resp.body.read() == b""
+    assert resp.body.trailers is not None and resp.body.trailers["grpc-status"] == "0"
+    assert conn.used == 0
+
+
+async def test_a_passed_deadline_resets_the_stream_and_frees_its_slot():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time()))
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(task, 1)
+    await settle()
+    resets: list[int] = []
+    data = server.t.take()
+    for e in server.h2.receive_data(data):
+        if isinstance(e, h2.events.StreamReset):
+            resets.append(e.error_code)
+    assert resets == [ErrorCodes.CANCEL]
+    assert conn.used == 0 and conn.streams == {} and conn.has_room()
+
+
+async def test_discarding_a_streamed_response_resets_its_stream():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    server.h2.send_headers(sid, [(b":status", b"200")])
+    server.h2.send_data(sid, b"partial")
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    resp.discard()                                   # a retried attempt, a client gone
+    await settle()
+    resets = [e.error_code for e in server.h2.receive_data(server.t.take())
+              if isinstance(e, h2.events.StreamReset)]
+    assert resets == [ErrorCodes.CANCEL] and conn.used == 0
+
+
+# ---- GOAWAY -------------------------------------------------------------------------------------
+
+async def test_goaway_fails_later_streams_as_unsent_finishes_covered_ones_then_closes():
+    p = pool()
+    freed: list[int] = []
+    p.on_free = lambda: freed.append(1)
+    conn, server = connect(p)
+    tasks = []
+    for _ in range(3):
+        assert p.acquire() is conn
+        tasks.append(await start(conn))
+    server.pump()
+    assert sorted(server.requests) == [1, 3, 5]
+    server.raw(goaway_frame(3))                       # streams 1 and 3 will be answered
+    await settle()
+    with pytest.raises(UpstreamReset) as e:
+        await tasks[2]
+    assert (e.value.flag, e.value.sent) == ("UR", False)      # safe to retry anywhere
+    assert conn.draining and not conn.has_room() and p.acquire() is None
+    assert conn.used == 2 and not conn.closed
+    server.respond(1, 200, b"one")
+    assert (await asyncio.wait_for(tasks[0], 1)).body == b"one"
+    assert not conn.closed                            # stream 3 still open
+    server.respond(3, 200, b"three")
+    assert (await asyncio.wait_for(tasks[1], 1)).body == b"three"
+    assert conn.closed and server.t.closed            # its last stream ended: closed
+    assert p.conns == [] and freed == [1]
+
+
+async def test_goaway_with_an_error_fails_every_stream_and_closes_at_once():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    t1 = await start(conn)
+    p.acquire()
+    t3 = await start(conn)
+    server.pump()
+    server.raw(goaway_frame(3, ErrorCodes.ENHANCE_YOUR_CALM))
+    await settle()
+    for t in (t1, t3):
+        with pytest.raises(UpstreamReset) as e:
+            await t
+        assert e.value.sent          # the peer may have processed them
+    assert conn.closed and conn.used == 0 and p.conns == []
+
+
+async def test_goaway_on_an_idle_connection_closes_it():
+    p = pool()
+    conn, server = connect(p)
+    server.raw(goaway_frame(0))
+    assert conn.closed and p.conns == []
+
+
+async def test_connection_lost_fails_open_streams_as_connection_termination():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    t1 = await start(conn)
+    server.pump()
+    conn.connection_lost(None)
+    with pytest.raises(UpstreamReset) as e:
+        await t1
+    assert (e.value.flag, e.value.sent) == ("UC", True)
+    assert p.conns == []
+
+
+async def test_connection_lost_before_settings_fails_the_connect_step():
+    p = pool()
+    conn = Http2UpstreamConnection(p)
+    conn.connection_made(MemoryTransport())
+    p.conns.append(conn)
+    conn.connection_lost(ConnectionResetError("reset by peer"))
+    with pytest.raises(ConnectFailure) as e:
+        conn.ready.result()
+    assert "before HTTP/2 SETTINGS" in e.value.reason and e.value.sent is False
+    assert p.conns == [] and not p.pending_room()
+
+
+def bare_connection(p: Http2Pool) -> tuple[Http2UpstreamConnection, MemoryTransport]:
+    conn = Http2UpstreamConnection(p)
+    t = MemoryTransport()
+    conn.connection_made(t)
+    p.conns.append(conn)
+    return conn, t
+
+
+async def test_a_malformed_first_frame_fails_the_connect_step():
+    p = pool()
+    conn, t = bare_connection(p)
+    conn.data_received(b"\x00\x00\x04\x07\x00\x00\x00\x00\x00abcd")   # a 4-byte GOAWAY
+    with pytest.raises(ConnectFailure) as e:
+        conn.ready.result()
+    assert "not speaking HTTP/2" in e.value.reason
+    assert conn.closed and t.closed and p.conns == []
+
+
+async def test_an_http1_answer_fails_the_connect_step_at_once():
+    p = pool()
+    conn, t = bare_connection(p)
+    conn.data_received(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    assert conn.ready.done()
+    with pytest.raises(ConnectFailure) as e:
+        conn.ready.result()
+    assert "not speaking HTTP/2" in e.value.reason
+
+
+# ---- sweep and drain ----------------------------------------------------------------------------
+
+async def test_sweep_closes_only_connections_idle_past_the_timeout():
+    p = pool(idle_timeout=60.0)
+    idle, _ = connect(p)
+    busy, busy_server = connect(p)
+    busy.used += 1
+    await start(busy)
+    busy_server.pump()
+    p.sweep(idle.idle_since + 30.0)
+    assert not idle.closed
+    p.sweep(max(idle.idle_since, busy.idle_since) + 61.0)
+    assert idle.closed and not busy.closed
+    assert p.conns == [busy]
+
+
+async def test_close_all_closes_idle_connections_and_drains_busy_ones():
+    p = pool()
+    busy, server = connect(p)
+    idle, _ = connect(p)
+    assert p.acquire() is busy            # equally idle: the first one
+    task = await start(busy)
+    server.pump()
+    p.close_all()
+    assert idle.closed and not busy.closed and busy.draining and not busy.has_room()
+    (sid,) = server.requests
+    server.respond(sid)
+    assert (await asyncio.wait_for(task, 1)).status == 200
+    assert busy.closed and p.conns == []
+
+
+# ---- header translation -------------------------------------------------------------------------
+
+def test_request_headers_drop_connection_specific_and_keep_te_trailers():
+    req = request("GET", "/a b", "", {
+        "host": "front.example", "connection": "keep-alive, x-hop", "keep-alive": "timeout=5",
+        "x-hop": "secret", "upgrade": "h2c", "transfer-encoding": "chunked",
+        "proxy-connection": "keep-alive", "te": "trailers, deflate", "x-app": "1"})
+    out = request_headers(req, "back.internal:8443", "https")
+    assert out[:4] == [(b":method", b"GET"), (b":scheme", b"https"),
+                       (b":authority", b"back.internal:8443"), (b":path", b"/a b")]
+    names = [k for k, _ in out[4:]]
+    assert names == [b"te", b"x-app"]
+    assert (b"te", b"trailers") in out
+
+
+def test_request_headers_drop_te_without_trailers_and_keep_repeated_values():
+    h = MultiDict([("host", "h"), ("te", "gzip"), ("x-v", "1"), ("x-v", "2")])
+    out = request_headers(request(headers=h), "h", "http")
+    assert [kv for kv in out[4:]] == [(b"x-v", b"1"), (b"x-v", b"2")]
