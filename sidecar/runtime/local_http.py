@@ -37,19 +37,20 @@ JSON = "application/json; charset=utf-8"
 
 
 class LocalRequest:
-    """What a handler sees of a request."""
+    """What a handler sees of a request (also made directly to call a router in memory)."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "tail")
 
-    def __init__(self, req: Request, body: bytes, tail: str = "") -> None:
-        self.method = req.method
-        self.path = req.path
+    def __init__(self, method: str, path: str, query: str = "",
+                 headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> None:
+        self.method = method
+        self.path = path
         self.query: dict[str, str] = {}
-        for k, v in parse_qsl(req.query, keep_blank_values=True):
+        for k, v in parse_qsl(query, keep_blank_values=True):
             self.query.setdefault(k, v)
-        self.headers = CIMultiDict(req.headers)    # case-insensitive, as handlers expect
+        self.headers: CIMultiDict[str] = CIMultiDict(headers)   # case-insensitive
         self.body = body
-        self.tail = tail                  # what a prefix route matched after its prefix
+        self.tail = ""                    # what a prefix route matched after its prefix
 
 
 Handler = Callable[[LocalRequest], Awaitable[Response]]
@@ -157,7 +158,8 @@ class _Owner:
         data = body if isinstance(body, bytes) else await _read(body)
         if data is None:
             return text("request body too large", 413)
-        return await self.router.handle(LocalRequest(req, data))
+        return await self.router.handle(LocalRequest(req.method, req.path, req.query,
+                                                     req.headers.items(), data))
 
 
 async def _read(source: BodySource) -> bytes | None:

@@ -1,6 +1,6 @@
 """The admin views from a built snapshot, without a server: ``config_dump`` and ``clusters_view``
 read a real ``App`` whose snapshot was applied with ``bind=False``, and the admin routes are
-resolved and called with aiohttp's in-memory requests (no socket)."""
+resolved and called in memory (``runtime.local_http``'s router, no socket)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import re
 import time
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 
 from sidecar.admin.config_dump import clusters_view, config_dump, to_jsonable
 from sidecar.admin.server import make_admin_app
 from sidecar.runtime.app import App
 from sidecar.runtime.loader import snapshot_from_doc
+from sidecar.runtime.local_http import LocalRequest
 
 DOC = {
     "version": "42",
@@ -121,12 +121,18 @@ async def test_clusters_view_shows_failed_health_checks_and_ejections(app):
 
 # ---- the admin routes, called in memory ------------------------------------------------------------
 
+class _Reply:
+    def __init__(self, status: int, body: bytes):
+        self.status, self.body, self.text = status, body, body.decode()
+
+
 async def call(app, method: str, path: str):
-    web_app = make_admin_app(app)
-    req = make_mocked_request(method, path, app=web_app)
-    match = await web_app.router.resolve(req)
-    assert match.http_exception is None, f"{method} {path} is not routed"
-    return await match.handler(req)
+    router = make_admin_app(app)
+    target, _, query = path.partition("?")
+    resp = await router.handle(LocalRequest(method, target, query))
+    assert resp.status not in (404, 405), f"{method} {path} is not routed"
+    assert isinstance(resp.body, bytes)
+    return _Reply(resp.status, resp.body)
 
 
 async def test_clusters_text_format_is_envoys(app):
