@@ -420,6 +420,8 @@ class Bench:
             for t in targets:
                 if t in ("envoy", "sidecar"):
                     self.run_target(t, "filters", configs.filters_config)
+            if a.baseline:
+                self.run_target("sidecar-base", "filters", configs.filters_config)
         if a.routes:
             print(f"scenario routes: 10 vs {a.routes} prefix routes, request matches the last")
             for t in targets:
@@ -701,7 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-off-flag", default="--no-metrics",
                    help="the `sidecar run` flag that switches metrics off (default --no-metrics)")
     p.add_argument("--baseline", metavar="TREE", default="",
-                   help="also run the base scenario with the sidecar of this source tree "
+                   help="also run the base (and, with --filters, the filters) scenario with the sidecar of this source tree "
                         "(target sidecar-base), e.g. a `git archive` of the commit before a change")
     p.add_argument("--sidecar-arg", action="append", default=[],
                    help="extra argument for `sidecar run` (repeatable)")
