@@ -133,7 +133,7 @@ async def _serve(args, snap, uv: bool, worker_id: int = 0, workers: int = 1,
     log.info("sidecar %s serving (%s; event loop: %s); admin http://%s:%s/", __version__, serving,
              "uvloop" if uv else "asyncio", snap.admin.host, app.admin_port)
     if demo:
-        from sidecar.cli.demo import print_banner   # lazy: the demo (and aiohttp) only when run
+        from sidecar.cli.demo import print_banner  # lazy: the demo (and aiohttp) only when run
         print_banner(app)
     await app.run_until_stopped()
     if demo_servers is not None:
