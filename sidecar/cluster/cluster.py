@@ -28,7 +28,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sidecar.cluster.balancers import make_balancer
 from sidecar.cluster.breakers import BreakerState
@@ -62,6 +62,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.cluster")
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+C = TypeVar("C", covariant=True)
+
+
+class _Connects(Protocol[C]):
+    """A pool that opens connections (HTTP/1.1 and HTTP/2 pools alike)."""
+
+    async def connect(self) -> C: ...
 
 # outcome kinds of a local failure (fed to outlier detection and the EWMA)
 CONNECT_FAILURE, TIMEOUT, RESET = "connect_failure", "timeout", "reset"
@@ -402,7 +409,7 @@ class Cluster:
                     raise PendingTimeout()
                 if not pool.pending_room():
                     if self.open_connections() < self.thresholds.max_connections:
-                        conn = await self._connect_h2(host, pool, deadline, loop, t0)
+                        conn = await self._connect(host, pool, deadline, loop, t0)
                         if conn.has_room():
                             conn.used += 1     # the new connection serves its opener first
                             return conn
@@ -417,32 +424,10 @@ class Cluster:
             breakers.end_pending()
             host.begin()
 
-    async def _connect_h2(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
-                          loop: asyncio.AbstractEventLoop, t0: float) -> Http2UpstreamConnection:
-        try:
-            if deadline is None:
-                conn = await pool.connect()
-            else:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        conn = await pool.connect()
-                except TimeoutError:
-                    raise UpstreamTimeout() from None
-        except UpstreamTimeout:
-            raise
-        except UpstreamError:
-            self.stats.cx_connect_fail.inc()
-            host.cx_connect_fail += 1
-            self.record(host, None, loop.time() - t0, CONNECT_FAILURE)
-            raise
-        self.stats.cx_total.inc()
-        self.open_connections()           # publish this worker's new count at once
-        return conn
-
-    async def _connect(self, host: EndpointState, pool: ConnectionPool, deadline: float | None,
-                       loop: asyncio.AbstractEventLoop, t0: float) -> UpstreamConnection:
-        """A new pooled connection: the cluster's connect timeout, cut short by the request's
-        deadline (UpstreamTimeout then)."""
+    async def _connect(self, host: EndpointState, pool: _Connects[C], deadline: float | None,
+                       loop: asyncio.AbstractEventLoop, t0: float) -> C:
+        """A new pooled connection (HTTP/1.1 or HTTP/2 pool): the cluster's connect timeout,
+        cut short by the request's deadline (UpstreamTimeout then)."""
         try:
             if deadline is None:
                 conn = await pool.connect()
