@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import functools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,18 @@ from sidecar.testing import stop_process
 from tests.paths import REPO
 
 PEER = str(REPO / "tests" / "netns_peer.py")
+
+
+@functools.cache
+def peer_for_any_uid() -> str:
+    """A copy of the peer script that UID 1337 can read wherever the checkout lives (a CI
+    clone in a 0700 temporary directory is not readable by it)."""
+    d = tempfile.mkdtemp(prefix="netns-peer-")
+    os.chmod(d, 0o755)
+    dst = os.path.join(d, "netns_peer.py")
+    shutil.copyfile(PEER, dst)
+    os.chmod(dst, 0o644)
+    return dst
 POD_IP, PEER_IP = "198.18.0.1", "198.18.0.2"
 TOOLS = ("ip", "iptables", "iptables-restore", "iptables-save", "setpriv")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -118,7 +132,7 @@ class Pod:
         cmd = [sys.executable, PEER, "call", host, str(port), text]
         if as_uid is not None:
             cmd = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups",
-                   SYSTEM_PYTHON, PEER, "call", host, str(port), text]
+                   SYSTEM_PYTHON, peer_for_any_uid(), "call", host, str(port), text]
         r = sh("ip", "netns", "exec", ns, *cmd, check=False)
         assert r.returncode == 0, f"call {host}:{port} failed: {r.stdout}{r.stderr}"
         return r.stdout
