@@ -20,10 +20,10 @@ client run as UID 1337 with the system Python also bypasses the redirect.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
-import functools
 import sys
 import tempfile
 import time
