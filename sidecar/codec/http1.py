@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -21,6 +20,7 @@ import httptools
 
 from sidecar.codec.http1_request import Refusal, new_parser, parse_head
 from sidecar.codec.http1_response import Head, local_head
+from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyAborted, BodyStream
@@ -115,12 +115,7 @@ class DownstreamConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             self._tls = True

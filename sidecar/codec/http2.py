@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -61,6 +60,7 @@ from sidecar.codec.http2_request import (
     request_from_headers,
     trailers_from_headers,
 )
+from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import Headers
@@ -205,12 +205,7 @@ class Http2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
         self.peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             self.tls = True

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import time
 import zlib
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from sidecar.cluster.cluster import Cluster, ClusterState
 from sidecar.cluster.endpoint import EndpointState
+from sidecar.codec.sockets import set_nodelay
 from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.l4 import TcpProxy
 from sidecar.core.connection import ConnectionContext
@@ -144,7 +144,7 @@ class TcpProxySession(asyncio.Protocol):
         transport.pause_reading()        # until the upstream is connected
         # uvloop starts reading a server connection after connection_made: pause again then
         asyncio.get_running_loop().call_soon(self._pause_until_connected)
-        _nodelay(transport)
+        set_nodelay(transport)
         ctx = self.ctx
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
@@ -201,7 +201,7 @@ class TcpProxySession(asyncio.Protocol):
                 self._finish()
                 return
             break
-        _nodelay(transport)
+        set_nodelay(transport)
         transport.set_write_buffer_limits(high=f.buffer_limit)
         self.up_tls = transport.get_extra_info("ssl_object") is not None
         local = transport.get_extra_info("sockname")
@@ -491,12 +491,3 @@ class UpstreamSide(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.s.upstream_resume_writing()
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass

@@ -8,7 +8,6 @@ llhttp cannot tell has no body) never corrupts the next one on the connection.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections import deque
@@ -19,6 +18,7 @@ import httptools
 from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
+from sidecar.codec.sockets import set_nodelay
 from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.errors import (
     ConnectFailure,
@@ -426,12 +426,7 @@ class ConnectionPool:
             raise ConnectFailure(f"TLS error: {e.reason or e}") from None
         finally:
             self.connecting -= 1
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(conn.transport)
         self.active += 1
         self.total_connects += 1
         return conn

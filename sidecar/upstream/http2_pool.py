@@ -4,11 +4,11 @@ is opened, how they drain (see ``sidecar.upstream.http2`` for one connection).""
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
 
+from sidecar.codec.sockets import set_nodelay
 from sidecar.config.http2 import Http2Options
 from sidecar.core.errors import ConnectFailure
 from sidecar.upstream.http2 import Http2UpstreamConnection
@@ -79,12 +79,7 @@ class Http2Pool:
                     server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None,
                     local_addr=self.local_addr)
                 conn = proto
-                sock = proto.transport.get_extra_info("socket") if proto.transport else None
-                if sock is not None:
-                    try:
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    except OSError:
-                        pass
+                set_nodelay(proto.transport)
                 self.conns.append(proto)
                 self.connecting -= 1
                 await proto.ready

@@ -10,7 +10,6 @@ either side closes. Any other answer is an ordinary response and the connection 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from typing import cast
 
@@ -18,6 +17,7 @@ import httptools
 from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
+from sidecar.codec.sockets import set_nodelay
 from sidecar.core.body import BodySource, BodyStream, Headers
 from sidecar.core.errors import (
     ConnectFailure,
@@ -183,12 +183,7 @@ async def open_tunnel(host: str, port: int, ssl_context: ssl.SSLContext | None,
     except ssl.SSLError as e:
         raise ConnectFailure(f"TLS error: {e.reason or e}") from None
     assert conn.transport is not None
-    sock = conn.transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    set_nodelay(conn.transport)
     conn.transport.write(encode_upgrade_request(req, host_header))
     try:
         if deadline is None:
