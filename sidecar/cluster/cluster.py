@@ -333,15 +333,20 @@ class Cluster:
                 conn = await self._connect(host, pool, deadline, loop, t0)
                 return await conn.send(req, host_header, deadline)
         except UpstreamError as e:
-            elapsed = loop.time() - t0
-            if e.flag == "UT":
-                if not isinstance(e, PendingTimeout):
-                    host.rq_timeout += 1
-                    self.record(host, None, elapsed, TIMEOUT)
-            elif e.flag not in ("UF", "UO"):
-                self.stats.rq_reset.inc()
-                self.record(host, None, elapsed, RESET)
+            self._exchange_failed(host, e, loop.time() - t0)
             raise
+
+    def _exchange_failed(self, host: EndpointState, e: UpstreamError, elapsed: float) -> None:
+        """Outcome of an exchange that failed after admission (HTTP/1.1 and HTTP/2 alike):
+        timeouts and resets are recorded here; connect failures (UF) and overflows (UO)
+        were recorded where they happened."""
+        if e.flag == "UT":
+            if not isinstance(e, PendingTimeout):
+                host.rq_timeout += 1
+                self.record(host, None, elapsed, TIMEOUT)
+        elif e.flag not in ("UF", "UO"):
+            self.stats.rq_reset.inc()
+            self.record(host, None, elapsed, RESET)
 
     async def _exchange_tunnel(self, req: Request, host: EndpointState, host_header: str | None,
                                deadline: float | None, loop: asyncio.AbstractEventLoop,
@@ -382,14 +387,7 @@ class Cluster:
             authority = host_header if host_header is not None else req.headers.get("host", "")
             return await conn.send(req, authority, deadline)
         except UpstreamError as e:
-            elapsed = loop.time() - t0
-            if e.flag == "UT":
-                if not isinstance(e, PendingTimeout):
-                    host.rq_timeout += 1
-                    self.record(host, None, elapsed, TIMEOUT)
-            elif e.flag not in ("UF", "UO"):
-                self.stats.rq_reset.inc()
-                self.record(host, None, elapsed, RESET)
+            self._exchange_failed(host, e, loop.time() - t0)
             raise
 
     async def _wait_for_stream(self, host: EndpointState, pool: Http2Pool, deadline: float | None,
