@@ -25,6 +25,18 @@ from sidecar.observability.metrics import STATUS_CLASSES, Metrics
 GRPC_STATUSES = frozenset([str(i) for i in range(17)] + ["none"])
 
 
+def _bound_child(cache: dict[str, Any], family: CounterFamily | None, labels: tuple[str, ...],
+                 value: str, known: frozenset[str] | set[str]) -> Any:
+    """The child of ``family`` for ``labels`` + ``value``, bound on first use and cached; a
+    value outside ``known`` is counted as "other" (labels stay bounded)."""
+    c = cache.get(value)
+    if c is None:
+        if family is None:
+            return NULL
+        c = cache[value] = family.labels(*labels, value if value in known else "other")
+    return c
+
+
 class ClusterStats:
     """Upstream event counters for one cluster (per attempt, not per downstream request)."""
 
@@ -154,25 +166,11 @@ class RouteStats:
 
     def grpc(self, status: str):
         """The counter for one gRPC status (bound on first use; 17 values at most)."""
-        c = self._grpc.get(status)
-        if c is None:
-            fam = self._grpc_family
-            if fam is None:
-                return NULL
-            label = status if status in GRPC_STATUSES else "other"
-            c = self._grpc[status] = fam.labels(*self._labels, label)
-        return c
+        return _bound_child(self._grpc, self._grpc_family, self._labels, status, GRPC_STATUSES)
 
     def flag(self, flag: str):
         """The counter for one response flag (bound on first use: flags are the rare path)."""
-        c = self._flags.get(flag)
-        if c is None:
-            fam = self._flag_family
-            if fam is None:
-                return NULL
-            label = flag if flag in KNOWN_FLAGS else "other"
-            c = self._flags[flag] = fam.labels(*self._labels, label)
-        return c
+        return _bound_child(self._flags, self._flag_family, self._labels, flag, KNOWN_FLAGS)
 
 
 class TcpStats:
