@@ -93,7 +93,7 @@ def parse_head(lr: HeadPolicy, p: httptools.HttpRequestParser, url_parts: list[b
     if hosts is not None and len(hosts) > 1:
         # RFC 9112 3.2: more than one Host is a 400 (Envoy joins them; refusing is safe)
         raise Refusal(400, "duplicate host")
-    if b"#" in raw:
+    if raw.find(b"#") != -1:      # (find: `in` on bytes raises and clears a TypeError first)
         raise Refusal(400, "fragment in the request target")
     url = raw.decode("latin-1")
     if raw[0] != 47:                     # not "/": asterisk, absolute or authority form

@@ -163,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         raise _Refusal(why)
 
     def on_status(self, reason: bytes) -> None:
-        if b"\x00" in reason:
+        if reason.find(b"\x00") != -1:   # find, not `in`: see codec/http1_request.py
             self._refuse("NUL in the reason phrase")
 
     def on_header(self, name: bytes, value: bytes) -> None:
