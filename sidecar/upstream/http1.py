@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable
+from itertools import starmap
+from time import monotonic
 from typing import Any
 
 import httptools
@@ -35,19 +36,28 @@ class _Refusal(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: one request at a time.
+
+    Per-response state is reset in ``send``; a field is reset there only if a reusable
+    connection can hold a stale value (fields set only on the way to closing the connection,
+    such as ``_refusal`` or ``_until_close``, keep theirs: a closed connection is never reused).
+    """
+
     __slots__ = ("pool", "transport", "parser", "_headers", "_status", "_future", "_stream",
                  "_chunks", "_complete", "_head_done", "_keep_alive", "_closed", "_timer",
-                 "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "requests",
-                 "_got_bytes", "_counted_gone", "_spare_parser", "_hsize", "_refusal",
-                 "_until_close", "_after_end", "_resp_headers")
+                 "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "_loop",
+                 "_got_bytes", "_counted_gone", "_hsize", "_count_size", "_refusal",
+                 "_until_close", "_resp_headers")
 
     def __init__(self, pool: "ConnectionPool"):
         self.pool = pool
         # Any, not asyncio.Transport: uvloop's transports are not its subclasses, and compiled
         # (mypyc) classes check declared attribute types at run time
         self.transport: Any = None
+        self._loop: Any = None
+        # llhttp resets itself after a complete message, so the parser is kept for the next
+        # response; None when a new one is needed (at first, and after a HEAD response)
         self.parser: Any = None
-        self._spare_parser: Any = None    # llhttp resets itself after a complete message: reuse it
         self._future: Any = None
         self._stream: BodyStream | None = None
         self._closed = False
@@ -55,25 +65,30 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused_writing = False
         self._drain_waiter: asyncio.Future | None = None
         self.idle_since = 0.0
-        self.requests = 0
         self._got_bytes = False
         self._counted_gone = False
-        self._complete = False
+        self._complete = True          # no request outstanding: any byte received is refused
         self._head_done = False
+        # the connection may carry another request after this response (False as well when
+        # bytes follow the end of the response)
         self._keep_alive = False
         self._no_body = False
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[str, str]] = []     # of the head being parsed, decoded
         self._chunks: list[bytes] = []
         self._status = 0
-        self._hsize = 0
         self._resp_headers: MultiDict[str] = MultiDict()
+        # The response head's size limit counts header names and values. A head read whole
+        # in one read no larger than the limit cannot exceed it, so each header is counted
+        # only when that is not so (``_count_size``; ``_hsize`` is the sum so far).
+        self._count_size = False
+        self._hsize = 0
         self._refusal: str | None = None
         self._until_close = False      # a close-delimited body (no length, not chunked)
-        self._after_end = False        # bytes came after a response that has no body
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc) -> None:
         self._closed = True
@@ -87,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete = True
             fut = self._future
             if fut is not None and not fut.done():
-                self._resolve()
+                self._resolve(fut)
             elif self._stream is not None:
                 self._stream.feed_eof()
                 self._stream = None
@@ -129,8 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamReset("UC", "upstream connection closed while sending the body")
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None:
+        if self._complete:
             # bytes with no request outstanding: the server is misbehaving
             self.close()
             return
@@ -142,8 +156,12 @@ class UpstreamConnection(asyncio.Protocol):
                                                  "before the status line"))
                 self.close()
                 return
+            if len(data) > self.pool.max_header_bytes:
+                self._count_head()
+        elif not self._head_done and not self._count_size:
+            self._count_head()       # the head spans reads
         try:
-            parser.feed_data(data)
+            self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             why = self._refusal or str(e)
             self._fail(UpstreamProtocolError(f"upstream protocol error: {why}"))
@@ -152,7 +170,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_done:
             fut = self._future
             if fut is not None and not fut.done():
-                self._resolve()
+                self._resolve(fut)
+
+    def _count_head(self) -> None:
+        """Count the size of each header from now on, starting from those already parsed."""
+        self._count_size = True
+        self._hsize = sum([len(n) + len(v) for n, v in self._headers])
 
     def eof_received(self):
         return False
@@ -169,37 +192,27 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
             if self._complete:
-                self._after_end = True
+                self._keep_alive = False    # a head after the end of the response
             return        # trailers are dropped (Envoy's enable_trailers is off), never merged
-        # the hot path: only the size, which bounds memory (and so the count), per line
-        self._headers.append((name, value))
-        self._hsize += len(name) + len(value)
-        if self._hsize > self.pool.max_header_bytes:
-            self._refuse("response headers too large")
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        if self._count_size:
+            self._hsize += len(name) + len(value)
+            if self._hsize > self.pool.max_header_bytes:
+                self._refuse("response headers too large")
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            self._keep_alive = False    # a second head in the bytes after the response
+            return
         parser = self.parser
-        if parser is None:
-            self._after_end = True      # a second head in the bytes after a HEAD response
-            return
         status = parser.get_status_code()
-        if status < 100:
-            self._refuse(f"status {status}")
-        if len(self._headers) > self.pool.max_headers_count:
-            self._refuse("too many response headers")
-        headers: MultiDict[str] = MultiDict()
-        add = headers.add
-        for name, value in self._headers:
-            add(name.decode("latin-1").lower(), value.decode("latin-1"))
-        has_cl = "content-length" in headers
-        if status < 200 and status != 101:
-            if has_cl:
-                self._refuse("Content-Length in a 1xx response")
-            # interim response: wait for the final one (its bytes start a new head)
-            self._headers = []
-            self._hsize = 0
-            self._got_bytes = False
+        fields = self._headers
+        if status < 200 and self._interim(status, fields):
             return
+        if len(fields) > self.pool.max_headers_count:
+            self._refuse("too many response headers")
+        headers: MultiDict[str] = MultiDict(fields)
+        has_cl = "content-length" in headers
         if status == 204 and has_cl:
             self._refuse("Content-Length in a 204 response")
         has_te = "transfer-encoding" in headers
@@ -213,18 +226,39 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = True
         self._keep_alive = parser.should_keep_alive()
         if self._no_body:
-            # HEAD: llhttp would wait for Content-Length bytes that never come
+            # HEAD: llhttp would wait for Content-Length bytes that never come, so this
+            # parser is not used again
             self._complete = True
             self.parser = None
-        elif not has_te and not has_cl and status != 204 and status != 304:
+        elif not has_cl and not has_te and status != 204 and status != 304:
             self._until_close = True
             self._keep_alive = False
+
+    def _interim(self, status: int, fields: list[tuple[str, str]]) -> bool:
+        """The checks of a head with a status below 200; True for an interim (1xx) response,
+        False for 101 (a final response)."""
+        if status < 100:
+            self._refuse(f"status {status}")
+        if len(fields) > self.pool.max_headers_count:
+            self._refuse("too many response headers")
+        if status == 101:
+            return False
+        for name, _ in fields:
+            if name == "content-length":
+                self._refuse("Content-Length in a 1xx response")
+        # wait for the final response: its bytes start a new head, and the rest of this read
+        # may hold part of it, so its headers are counted one by one
+        self._headers = []
+        self._count_size = True
+        self._hsize = 0
+        self._got_bytes = False
+        return True
 
     def on_body(self, body: bytes) -> None:
         if self._complete:
             # bytes after the end of the response (a body after a HEAD response, a second
             # response in the same read): never part of this response; never reuse
-            self._after_end = True
+            self._keep_alive = False
             return
         s = self._stream
         if s is not None:
@@ -233,25 +267,21 @@ class UpstreamConnection(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if not self._head_done or self._complete:
-            return               # end of an interim 1xx message, or bytes after the response
+        if self._complete or not self._head_done:
+            return               # bytes after the response, or the end of an interim 1xx
         self._complete = True
-        self._spare_parser = self.parser
-        self.parser = None
         s = self._stream
         if s is not None:
+            self._stream = None
             s.feed_eof()
             self._finish()
 
     # ---- request/response ------------------------------------------------------------------
-    def _resolve(self) -> None:
-        headers = self._resp_headers
+    def _resolve(self, fut: asyncio.Future) -> None:
+        self._future = None         # not kept: it holds the response until the next request
         if self._complete:
-            chunks = self._chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            resp = Response(self._status, headers, body)
-            self._future.set_result(resp)
-            self._future = None
+            # one chunk is joined as itself
+            fut.set_result(Response(self._status, self._resp_headers, b"".join(self._chunks)))
             self._finish()
         else:
             s = BodyStream(self.transport.pause_reading, self.transport.resume_reading,
@@ -260,10 +290,9 @@ class UpstreamConnection(asyncio.Protocol):
                 s.feed(c)
             self._chunks = []
             self._stream = s
-            resp = Response(self._status, headers, s)
+            resp = Response(self._status, self._resp_headers, s)
             resp.release = self._abandon
-            self._future.set_result(resp)
-            self._future = None
+            fut.set_result(resp)
 
     def _fail(self, exc: UpstreamError) -> None:
         fut = self._future
@@ -283,11 +312,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def _finish(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
             self._timer = None
-        self._stream = None
-        if self._keep_alive and not self._closed and not self._after_end:
+        if self._keep_alive and not self._closed:
             self.pool.release(self)
         else:
             self.close()
@@ -301,38 +330,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def send(self, req: Request, host_header: str | None,
                    deadline: float | None) -> Response:
-        """Encode ``req`` (``host_header`` replaces Host when set) and send it."""
+        """Encode ``req`` (``host_header`` replaces Host when set), send it and wait for the
+        response head (the body may still stream)."""
         head, chunked = encode_request(req, host_header)
-        return await self.request(head, req.body, chunked, req.method == "HEAD", deadline)
-
-    async def request(self, head: bytes, body, chunked: bool, no_body_response: bool,
-                      deadline: float | None) -> Response:
-        """Send one request and wait for the response head (body may still stream)."""
-        loop = asyncio.get_running_loop()
-        parser = self._spare_parser
-        if parser is None or no_body_response:
+        no_body = self._no_body = req.method == "HEAD"
+        if no_body or self.parser is None:
             # a fresh parser for HEAD: its response has no body for llhttp to consume
-            parser = httptools.HttpResponseParser(self)
-        self._spare_parser = None
-        self.parser = parser
+            self.parser = httptools.HttpResponseParser(self)
         self._headers = []
         self._chunks = []
-        self._status = 0
         self._head_done = False
         self._complete = False
-        self._keep_alive = False
-        self._no_body = no_body_response
-        self._stream = None
         self._got_bytes = False
-        self._hsize = 0
-        self._refusal = None
-        self._until_close = False
-        self._after_end = False
-        self.requests += 1
+        self._count_size = False
+        loop = self._loop
         fut = self._future = loop.create_future()
         if deadline is not None:
             self._timer = loop.call_at(deadline, self._on_timeout)
         t = self.transport
+        body = req.body
         try:
             if isinstance(body, bytes):
                 if chunked:
@@ -361,6 +377,7 @@ class UpstreamConnection(asyncio.Protocol):
             if fut.done() and not fut.cancelled():
                 fut.exception()        # retrieved: no "never retrieved" warning
             raise
+
 
 class ConnectionPool:
     """Idle keep-alive connections to one endpoint, most recently used first."""
@@ -399,7 +416,9 @@ class ConnectionPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn._closed and not conn.transport.is_closing():
+            # a closed connection has left ``idle`` (forget); one whose transport is closing
+            # (the peer closed it) waits for connection_lost
+            if not conn.transport.is_closing():
                 return conn
         return None
 
@@ -432,13 +451,15 @@ class ConnectionPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) >= self.max_idle:
+        idle = self.idle
+        if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
-        self.idle.append(conn)
-        if self.on_free is not None:
-            self.on_free()
+        conn.idle_since = monotonic()
+        idle.append(conn)
+        on_free = self.on_free
+        if on_free is not None:
+            on_free()
 
     def forget(self, conn: UpstreamConnection) -> None:
         if conn._counted_gone:
@@ -467,31 +488,41 @@ def encode_request(req: Request, host_header: str | None = None) -> tuple[bytes,
     """Request line + headers for an HTTP/1.1 upstream, with our own framing and no hop-by-hop
     headers (RFC 9110 7.6.1, plus those named in Connection). Returns (head, chunked)."""
     headers = req.headers
-    drop = connection_drop(NOT_FORWARDED, headers.get("connection"))
-    url = req.path + "?" + req.query if req.query else req.path
-    parts = [f"{req.method} {url} HTTP/1.1\r\n"]
-    for k, v in headers.items():
-        if k in drop:
-            if k != "te" or v.lower() != "trailers":
-                continue
-        if host_header is not None and k == "host":
-            v = host_header
-        parts.append(f"{k}: {v}\r\n")
+    if host_header is None and NOT_FORWARDED.isdisjoint(headers):
+        # the common case: every header goes as it is (no Connection header either, so no
+        # header it names), formatted without a Python-level loop
+        fields = "".join(starmap(_FIELD, headers.items()))
+    else:
+        drop = connection_drop(NOT_FORWARDED, headers.get("connection"))
+        lines = []
+        for k, v in headers.items():
+            if k in drop:
+                if k != "te" or v.lower() != "trailers":
+                    continue
+            if host_header is not None and k == "host":
+                v = host_header
+            lines.append(f"{k}: {v}\r\n")
+        fields = "".join(lines)
     body = req.body
     chunked = False
+    framing = ""
     if isinstance(body, bytes):
         if req.chunked:
             # keep the client's framing, as Envoy does (the connection frames the bytes)
-            parts.append("transfer-encoding: chunked\r\n")
+            framing = "transfer-encoding: chunked\r\n"
             chunked = True
         elif body or req.method in ("POST", "PUT", "PATCH"):
-            parts.append(f"content-length: {len(body)}\r\n")
+            framing = f"content-length: {len(body)}\r\n"
     else:
         cl = headers.get("content-length")
         if cl is not None:
-            parts.append(f"content-length: {cl}\r\n")
+            framing = f"content-length: {cl}\r\n"
         else:
-            parts.append("transfer-encoding: chunked\r\n")
+            framing = "transfer-encoding: chunked\r\n"
             chunked = True
-    parts.append("\r\n")
-    return "".join(parts).encode("latin-1"), chunked
+    query = req.query
+    target = f"{req.path}?{query}" if query else req.path
+    return f"{req.method} {target} HTTP/1.1\r\n{fields}{framing}\r\n".encode("latin-1"), chunked
+
+
+_FIELD = "{}: {}\r\n".format    # a header line; renders a value as an f-string would
