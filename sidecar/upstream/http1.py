@@ -11,7 +11,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from itertools import starmap
 from time import monotonic
 from typing import Any
 
@@ -30,6 +29,10 @@ from sidecar.core.errors import (
 )
 from sidecar.core.message import Request, Response
 
+# A timer may fire this much before its time (libuv counts milliseconds): its request is then
+# due, rather than armed again for a fraction of a millisecond.
+_TIMER_SLACK = 0.001
+
 
 class _Refusal(Exception):
     """Raised from an llhttp callback: the response is malformed (502, connection closed)."""
@@ -46,6 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "_headers", "_status", "_future", "_stream",
                  "_chunks", "_complete", "_head_done", "_keep_alive", "_closed", "_timer",
                  "_no_body", "_paused_writing", "_drain_waiter", "idle_since", "_loop",
+                 "_deadline", "_timer_at",
                  "_got_bytes", "_counted_gone", "_hsize", "_count_size", "_refusal",
                  "_until_close", "_resp_headers")
 
@@ -61,7 +65,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._future: Any = None
         self._stream: BodyStream | None = None
         self._closed = False
+        # The response timeout. A timer is made and cancelled per request no more: each costs
+        # a TimerHandle and two libuv calls, about 9k instructions, 5% of a proxied request.
+        # The pending timer (armed for ``_timer_at``) is kept across requests and, when it
+        # fires before the current request's ``_deadline``, armed again for it; None as the
+        # deadline means no request is waiting for a response.
         self._timer: Any = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None
         self._paused_writing = False
         self._drain_waiter: asyncio.Future | None = None
         self.idle_since = 0.0
@@ -301,8 +312,18 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._stream is not None:
             self._stream.feed_error(exc)
 
-    def _on_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return          # the request it was armed for is over; none with a deadline since
+        loop = self._loop
+        if deadline - loop.time() > _TIMER_SLACK:
+            # armed for an earlier request: this one's deadline is later
+            self._timer = loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        self._deadline = None
         self._fail(UpstreamTimeout())
         self.close()
 
@@ -312,10 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def _finish(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
+        self._deadline = None       # the timer stays armed for the next request (see __init__)
         if self._keep_alive and not self._closed:
             self.pool.release(self)
         else:
@@ -345,8 +363,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._count_size = False
         loop = self._loop
         fut = self._future = loop.create_future()
+        self._deadline = deadline
         if deadline is not None:
-            self._timer = loop.call_at(deadline, self._on_timeout)
+            timer = self._timer
+            if timer is None or deadline < self._timer_at:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._on_timer)
+                self._timer_at = deadline
         t = self.transport
         body = req.body
         try:
@@ -486,43 +510,38 @@ class ConnectionPool:
 
 def encode_request(req: Request, host_header: str | None = None) -> tuple[bytes, bool]:
     """Request line + headers for an HTTP/1.1 upstream, with our own framing and no hop-by-hop
-    headers (RFC 9110 7.6.1, plus those named in Connection). Returns (head, chunked)."""
+    headers (RFC 9110 7.6.1, plus those named in Connection). Returns (head, chunked).
+
+    One loop appending f-strings, joined once: measured faster than formatting the lines in C
+    (``starmap`` over ``str.format`` parses the format at each line) or a list comprehension
+    (a function call in 3.11), though those run fewer bytecodes."""
     headers = req.headers
-    if host_header is None and NOT_FORWARDED.isdisjoint(headers):
-        # the common case: every header goes as it is (no Connection header either, so no
-        # header it names), formatted without a Python-level loop
-        fields = "".join(starmap(_FIELD, headers.items()))
-    else:
-        drop = connection_drop(NOT_FORWARDED, headers.get("connection"))
-        lines = []
-        for k, v in headers.items():
-            if k in drop:
-                if k != "te" or v.lower() != "trailers":
-                    continue
-            if host_header is not None and k == "host":
-                v = host_header
-            lines.append(f"{k}: {v}\r\n")
-        fields = "".join(lines)
+    connection = headers.get("connection")
+    drop = NOT_FORWARDED if not connection else connection_drop(NOT_FORWARDED, connection)
+    url = req.path + "?" + req.query if req.query else req.path
+    parts = [f"{req.method} {url} HTTP/1.1\r\n"]
+    for k, v in headers.items():
+        if k in drop:
+            if k != "te" or v.lower() != "trailers":
+                continue
+        if host_header is not None and k == "host":
+            v = host_header
+        parts.append(f"{k}: {v}\r\n")
     body = req.body
     chunked = False
-    framing = ""
     if isinstance(body, bytes):
         if req.chunked:
             # keep the client's framing, as Envoy does (the connection frames the bytes)
-            framing = "transfer-encoding: chunked\r\n"
+            parts.append("transfer-encoding: chunked\r\n")
             chunked = True
         elif body or req.method in ("POST", "PUT", "PATCH"):
-            framing = f"content-length: {len(body)}\r\n"
+            parts.append(f"content-length: {len(body)}\r\n")
     else:
         cl = headers.get("content-length")
         if cl is not None:
-            framing = f"content-length: {cl}\r\n"
+            parts.append(f"content-length: {cl}\r\n")
         else:
-            framing = "transfer-encoding: chunked\r\n"
+            parts.append("transfer-encoding: chunked\r\n")
             chunked = True
-    query = req.query
-    target = f"{req.path}?{query}" if query else req.path
-    return f"{req.method} {target} HTTP/1.1\r\n{fields}{framing}\r\n".encode("latin-1"), chunked
-
-
-_FIELD = "{}: {}\r\n".format    # a header line; renders a value as an f-string would
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1"), chunked

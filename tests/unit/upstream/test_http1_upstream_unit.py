@@ -12,7 +12,7 @@ import pytest
 from multidict import MultiDict
 
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import UpstreamProtocolError
+from sidecar.core.errors import UpstreamProtocolError, UpstreamTimeout
 from sidecar.core.message import Request, Response
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection, encode_request
 
@@ -208,3 +208,36 @@ def test_encode_request_forwards_headers_in_order_without_hop_by_hop_ones() -> N
     assert encode_request(req)[0] == b"GET / HTTP/1.1\r\nhost: a\r\nx-n: 5\r\n\r\n"
     empty = Request("GET", "/", "", MultiDict(), b"", RequestContext("t", None, 0.0))
     assert encode_request(empty)[0] == b"GET / HTTP/1.1\r\n\r\n"
+
+
+async def test_response_timeout_per_request_with_the_timer_kept_across_requests() -> None:
+    # the timer armed for one request serves the next ones: each request still times out at
+    # its own deadline, later or earlier than the last one's, and one without a deadline never
+    loop = asyncio.get_running_loop()
+    p = pool()
+    conn, _ = connect(p)
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def send(deadline: float | None) -> asyncio.Task[Response]:
+        task = asyncio.ensure_future(conn.send(request(), None, deadline))
+        await asyncio.sleep(0)
+        return task
+
+    first = await send(loop.time() + 0.05)
+    conn.data_received(ok)
+    assert (await first).status == 200
+    later = await send(loop.time() + 30)            # its deadline is after the timer's
+    await asyncio.sleep(0.2)                         # the first request's deadline has passed
+    assert not later.done()
+    conn.data_received(ok)
+    assert (await later).status == 200
+    no_deadline = await send(None)
+    await asyncio.sleep(0.1)
+    assert not no_deadline.done()
+    conn.data_received(ok)
+    assert (await no_deadline).status == 200
+    assert p.take_idle() is conn
+    earlier = await send(loop.time() + 0.05)         # before the timer's time (30 s)
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(earlier, 10)
+    assert conn._closed
