@@ -45,15 +45,17 @@ class ClusterStats:
                  "cx_total", "cx_overflow", "rq_reset", "rq_per_try_timeout", "retry_limit_exceeded",
                  "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
                  "cx_connect_timeout", "cx_connect_time", "cx_rx_bytes", "cx_tx_bytes",
-                 "_codes", "_code_family", "_cluster")
+                 "enabled", "_codes", "_code_family", "_cluster")
 
     def __init__(self, m: Metrics, cluster: str):
         self._codes: dict[int, Any] = {}
         self._cluster = cluster
         self._code_family: Any = None
+        # the per-attempt path tests this once instead of calling NULL children
+        self.enabled: bool = m.enabled
         if not m.enabled:
             for s in self.__slots__:
-                if not s.startswith("_"):
+                if not s.startswith("_") and s != "enabled":
                     setattr(self, s, NULL)
             self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
             return
