@@ -272,7 +272,17 @@ class Cluster:
         ctx = req.ctx
         if ctx.attempts == 0:
             ctx.attempts = 1
-        host = self.pick(ctx)
+        if self._original_dst:
+            host = self.pick(ctx)
+        else:
+            # pick(ctx), written out for the balanced case (one call less per request)
+            if self._epoch() != self._epoch_seen:
+                self.sync_health()
+            tried = ctx.tried_hosts
+            host = self.lb.pick(ctx, tried)
+            if host is not None and host.ejected_until and not host.available:
+                self.rebuild()       # an ejection started or expired since the last rebuild
+                host = self.lb.pick(ctx, tried)
         if host is None:
             raise NoHealthyUpstream()
         breakers = self.state.breakers
