@@ -134,12 +134,14 @@ class RouteStats:
     """Downstream request stats for one route on one listener."""
 
     __slots__ = ("rq_by_class", "latency", "bytes_in", "bytes_out", "_flags", "_flag_family",
-                 "_labels", "_grpc", "_grpc_family")
+                 "_labels", "_grpc", "_grpc_family", "enabled")
 
     def __init__(self, m: Metrics, listener: str, vhost: str, route: str):
         self._flags: dict[str, Any] = {}
         self._grpc: dict[str, Any] = {}
         self._labels = (listener, vhost, route)
+        # a recorder may test this once instead of calling NULL children (metrics off)
+        self.enabled: bool = m.enabled
         if not m.enabled:
             self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
             self.latency: HistogramChild = NULL
