@@ -6,6 +6,7 @@ connection (``codec.http1``) writes what this returns and streams bodies itself.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from time import time
 
 from sidecar.codec.headers import DATE, HOP_BY_HOP, STATUS_LINES, status_line
 from sidecar.core.message import Request, Response
@@ -56,7 +57,8 @@ def _head_parts(req: Request, resp: Response, keep_alive: bool, server_header: s
         append(f"{k}: {v}\r\n")
     append(server_header)
     if "date" not in headers:
-        append(DATE.line())
+        date = DATE         # DATE.line(), without its call while the second has not changed
+        append(date.header_line if int(time()) == date.sec else date.line())
     duration = req.ctx.upstream_duration
     if duration is not None and not suppress_envoy_headers:
         append(f"x-envoy-upstream-service-time: {int(duration * 1000)}\r\n")
