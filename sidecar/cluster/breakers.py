@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
+from typing import cast
 
 from sidecar.config.cluster import Thresholds
-from sidecar.shared.api import BreakerCounters, BreakerSnapshot, Priority, Resource
+from sidecar.shared.api import (
+    BreakerCounters,
+    BreakerSnapshot,
+    EndpointCounters,
+    Priority,
+    Resource,
+)
+from sidecar.shared.local import LocalBreaker
 
 _D = Priority.DEFAULT            # routes here use the default priority (HIGH is refused)
 _NO_LIMIT = 1 << 62
@@ -29,16 +38,17 @@ class ConnectionWaiters:
     parks again at the front, so order is kept.
     """
 
-    __slots__ = ("_q",)
+    __slots__ = ("queue",)
 
     def __init__(self) -> None:
-        self._q: deque[asyncio.Future[None]] = deque()
+        # public so the per-request path can test ``if waiters.queue`` without a call
+        self.queue: deque[asyncio.Future[None]] = deque()
 
     def __len__(self) -> int:
-        return len(self._q)
+        return len(self.queue)
 
     def wake(self) -> None:
-        q = self._q
+        q = self.queue
         while q:
             f = q.popleft()
             if not f.done():
@@ -50,9 +60,9 @@ class ConnectionWaiters:
         """Park until woken or until loop time ``until`` (None: no bound)."""
         fut: asyncio.Future[None] = loop.create_future()
         if front:
-            self._q.appendleft(fut)
+            self.queue.appendleft(fut)
         else:
-            self._q.append(fut)
+            self.queue.append(fut)
         timer = loop.call_at(until, _resolve, fut) if until is not None else None
         try:
             await fut
@@ -62,7 +72,7 @@ class ConnectionWaiters:
             if not fut.done():
                 fut.cancel()
             try:
-                self._q.remove(fut)
+                self.queue.remove(fut)
             except ValueError:
                 pass
 
@@ -84,12 +94,25 @@ class BreakerState:
     Open connections are counted by each worker's pools and published as its share.
     """
 
-    __slots__ = ("counters", "overflow", "waiters", "poll_s")
+    __slots__ = ("counters", "overflow", "waiters", "poll_s", "admit", "release")
 
     def __init__(self, counters: BreakerCounters, workers: int = 1) -> None:
         self.counters = counters
         self.overflow = 0                # admissions refused (any threshold), this worker
         self.waiters = ConnectionWaiters()
+        # admit(max_requests, endpoint counters) -> bool / release(endpoint counters): one
+        # attempt's request slot and its endpoint's in-flight count, one call each way. The
+        # caller counts a refusal in ``overflow`` and wakes ``waiters`` after a release. The
+        # single-process counters do both inline; the shared ones take the generic calls.
+        self.admit: Callable[[int, EndpointCounters], bool]
+        self.release: Callable[[EndpointCounters], None]
+        if isinstance(counters, LocalBreaker):
+            # LocalState hands out LocalBreaker and LocalEndpoint together
+            self.admit = cast(Callable[[int, EndpointCounters], bool], counters.admit_request)
+            self.release = cast(Callable[[EndpointCounters], None], counters.release_request)
+        else:
+            self.admit = self._admit_shared
+            self.release = self._release_shared
         # another worker freeing a connection cannot wake this one's waiters: with several
         # workers a pending request also looks again every poll_s (overload only)
         self.poll_s = PENDING_POLL_S if workers > 1 else None
@@ -110,16 +133,15 @@ class BreakerState:
         """This worker's share of each gauge (per-worker metrics add up to the sidecar's)."""
         return self.counters.own(_D)
 
-    def admit_request(self, t: Thresholds) -> bool:
-        if not self.counters.try_acquire(_D, Resource.REQUESTS, t.max_requests):
-            self.overflow += 1
+    def _admit_shared(self, max_requests: int, endpoint: EndpointCounters) -> bool:
+        if not self.counters.try_acquire(_D, Resource.REQUESTS, max_requests):
             return False
+        endpoint.begin()
         return True
 
-    def release_request(self) -> None:
+    def _release_shared(self, endpoint: EndpointCounters) -> None:
+        endpoint.end()
         self.counters.release(_D, Resource.REQUESTS)
-        if self.waiters:
-            self.waiters.wake()       # this attempt's connection may have been freed
 
     def admit_pending(self, t: Thresholds) -> bool:
         """Turn an admitted request into a pending one (it waits for a connection)."""

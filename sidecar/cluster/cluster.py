@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sidecar.cluster.balancers import make_balancer
+from sidecar.cluster.balancers.base import LoadBalancer
 from sidecar.cluster.breakers import BreakerState
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.config.cluster import Cluster as ClusterConfig
@@ -115,7 +116,7 @@ class Cluster:
 
     __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "ssl_context_h2",
                  "thresholds", "stats", "warm", "_sni", "protocol", "_epoch", "_epoch_seen",
-                 "_uneject_timer")
+                 "_uneject_timer", "_original_dst", "_h1", "_max_requests", "_lb_record")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
@@ -135,6 +136,13 @@ class Cluster:
         self._uneject_timer: asyncio.TimerHandle | None = None
         self.hosts: list[EndpointState] = [self._endpoint_state(ep) for ep in endpoints]
         self.lb = make_balancer(config.lb)
+        # fixed by config, read per request
+        self._original_dst = config.type == "original_dst"
+        self._h1 = config.protocol == "http1"      # every request on the HTTP/1.1 pool
+        self._max_requests = self.thresholds.max_requests
+        # only latency-aware balancers learn from outcomes: the others cost no call
+        self._lb_record = self.lb.record \
+            if type(self.lb).record is not LoadBalancer.record else None
         self.rebuild()
 
     def _endpoint_state(self, ep: Endpoint) -> EndpointState:
@@ -233,7 +241,7 @@ class Cluster:
             self.sync_health()
 
     def pick(self, ctx: RequestContext | ConnectionContext | None) -> EndpointState | None:
-        if self.original_dst:
+        if self._original_dst:
             return self._original_dst_host(ctx) if isinstance(ctx, ConnectionContext) else None
         if self._epoch() != self._epoch_seen:
             self.sync_health()
@@ -257,29 +265,51 @@ class Cluster:
 
     # ---- the request --------------------------------------------------------------------------
     async def send(self, req: Request, auto_host: bool = False) -> Response:
-        """One attempt. Raises ``UpstreamError`` (with its response flag) on failure."""
+        """One attempt. Raises ``UpstreamError`` (with its response flag) on failure.
+
+        The common case (HTTP/1.1, an idle pooled connection) runs straight through here;
+        everything else (a new or awaited connection, HTTP/2, a tunnel) is ``_exchange``."""
         ctx = req.ctx
         if ctx.attempts == 0:
             ctx.attempts = 1
-        host = self.pick(ctx)
+        if self._original_dst:
+            host = self.pick(ctx)
+        else:
+            # pick(ctx), written out for the balanced case (one call less per request)
+            if self._epoch() != self._epoch_seen:
+                self.sync_health()
+            tried = ctx.tried_hosts
+            host = self.lb.pick(ctx, tried)
+            if host is not None and host.ejected_until and not host.available:
+                self.rebuild()       # an ejection started or expired since the last rebuild
+                host = self.lb.pick(ctx, tried)
         if host is None:
             raise NoHealthyUpstream()
         breakers = self.state.breakers
-        if not breakers.admit_request(self.thresholds):
+        # admission: the cluster's max_requests and the host's in-flight count, one call
+        if not breakers.admit(self._max_requests, host.counters):
+            breakers.overflow += 1
             self.stats.rq_overflow.inc()
             raise Overflow("max_requests")
         ctx.tried_hosts.append(host)
         ctx.upstream_host = host.address
         span = ctx.span
         client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
-        host.begin()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         ctx.upstream_start = t0
         deadline = ctx.attempt_deadline if ctx.attempt_deadline is not None else ctx.deadline
         host_header = (host.endpoint.hostname or host.endpoint.host) if auto_host else None
+        conn = host.pool.take_idle() if self._h1 and req.upgrade is None else None
         try:
-            resp = await self._exchange(req, host, host_header, deadline, loop, t0)
+            if conn is not None:
+                try:
+                    resp = await conn.send(req, host_header, deadline)
+                except UpstreamError as e:
+                    resp = await self._idle_send_failed(req, host, e, host_header, deadline,
+                                                        loop, t0)
+            else:
+                resp = await self._exchange(req, host, host_header, deadline, loop, t0)
         except UpstreamError as e:
             if client_span is not None:
                 client_span.end(None, e.flag)
@@ -290,17 +320,27 @@ class Cluster:
                 raise RouteTimeout() from None
             raise
         finally:
-            host.end()
-            breakers.release_request()
+            breakers.release(host.counters)
+            if breakers.waiters.queue:
+                breakers.waiters.wake()      # this attempt's connection may have been freed
         elapsed = loop.time() - t0
         ctx.upstream_duration = elapsed
         status = resp.status
         ctx.upstream_status = status
         stats = self.stats
-        stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
-        stats.rq_code(status).inc()
-        stats.latency.observe(elapsed)
-        self.record(host, status, elapsed, None)
+        if stats.enabled:
+            stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
+            stats.rq_code(status).inc()
+            stats.latency.observe(elapsed)
+        # record(host, status, elapsed, None), written out: this is every request's outcome
+        host.rq_total += 1
+        if status >= 500:
+            host.rq_error += 1
+        if self._lb_record is not None:
+            self._lb_record(host, status, elapsed, None)
+        outlier = self.state.outlier
+        if outlier is not None:
+            outlier.on_outcome(host, status, elapsed, None)
         if client_span is not None:
             client_span.end(status, None)
         return resp
@@ -308,32 +348,41 @@ class Cluster:
     async def _exchange(self, req: Request, host: EndpointState, host_header: str | None,
                         deadline: float | None, loop: asyncio.AbstractEventLoop,
                         t0: float) -> Response:
+        """An attempt ``send`` could not make on an idle HTTP/1.1 connection."""
         if req.upgrade is not None:
             return await self._exchange_tunnel(req, host, host_header, deadline, loop, t0)
         h2 = host.h2
         if h2 is not None and (self.protocol == "http2" or req.version == "2"):
             return await self._exchange_h2(req, host, h2, host_header, deadline, loop, t0)
         pool = host.pool
-        conn = pool.take_idle()
-        reused = conn is not None
         try:
+            conn = pool.take_idle()
+            if conn is None and self.open_connections() >= self.thresholds.max_connections:
+                conn = await self._wait_for_connection(host, pool, deadline, loop)
             if conn is None:
-                if self.open_connections() >= self.thresholds.max_connections:
-                    conn = await self._wait_for_connection(host, pool, deadline, loop)
-                    reused = conn is not None
-                if conn is None:
-                    conn = await self._connect(host, pool, deadline, loop, t0)
-            try:
-                return await conn.send(req, host_header, deadline)
-            except UpstreamError as e:
-                if not (reused and not e.sent and isinstance(req.body, bytes) and e.flag == "UC"):
-                    raise
-                # the server closed an idle keep-alive connection as we reused it: nothing
-                # was processed, so send once more on a fresh connection
                 conn = await self._connect(host, pool, deadline, loop, t0)
                 return await conn.send(req, host_header, deadline)
         except UpstreamError as e:
             self._exchange_failed(host, e, loop.time() - t0)
+            raise
+        try:
+            return await conn.send(req, host_header, deadline)
+        except UpstreamError as e:
+            return await self._idle_send_failed(req, host, e, host_header, deadline, loop, t0)
+
+    async def _idle_send_failed(self, req: Request, host: EndpointState, e: UpstreamError,
+                                host_header: str | None, deadline: float | None,
+                                loop: asyncio.AbstractEventLoop, t0: float) -> Response:
+        """A send on a reused idle connection failed with ``e``. If the server closed the
+        keep-alive connection as we reused it, nothing was processed: send once more on a
+        fresh connection. Otherwise (or if that fails too) record the failure and raise."""
+        try:
+            if e.sent or not isinstance(req.body, bytes) or e.flag != "UC":
+                raise e
+            conn = await self._connect(host, host.pool, deadline, loop, t0)
+            return await conn.send(req, host_header, deadline)
+        except UpstreamError as failed:
+            self._exchange_failed(host, failed, loop.time() - t0)
             raise
 
     def _exchange_failed(self, host: EndpointState, e: UpstreamError, elapsed: float) -> None:

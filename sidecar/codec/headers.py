@@ -32,29 +32,41 @@ def connection_drop(base: frozenset[str], connection: str | None) -> frozenset[s
     return base | {t.strip().lower() for t in connection.split(",")}
 
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 
 
 def status_line(status: int) -> str:
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n"
 
 
 class DateCache:
     """RFC 9110 Date, formatted once per second."""
 
-    __slots__ = ("sec", "value")
+    __slots__ = ("sec", "value", "header_line")
 
     def __init__(self) -> None:
         self.sec = 0
         self.value = ""
+        self.header_line = ""
 
     def get(self) -> str:
         now = int(time.time())
         if now != self.sec:
-            self.sec = now
-            self.value = formatdate(now, usegmt=True)
+            self._format(now)
         return self.value
+
+    def line(self) -> str:
+        """``date: ...\r\n`` (an HTTP/1.1 header line)."""
+        now = int(time.time())
+        if now != self.sec:
+            self._format(now)
+        return self.header_line
+
+    def _format(self, now: int) -> None:
+        self.sec = now
+        self.value = formatdate(now, usegmt=True)
+        self.header_line = f"date: {self.value}\r\n"
 
 
 DATE = DateCache()

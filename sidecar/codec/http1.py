@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from sidecar.codec.http1_request import Refusal, new_parser, parse_head
-from sidecar.codec.http1_response import Head, local_head
+from sidecar.codec.http1_response import local_head, streamed_head, whole_response
 from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
@@ -388,7 +388,11 @@ class DownstreamConnection(asyncio.Protocol):
             ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
             lr.finish(req, resp, 0)
             return False
-        lr.finish(req, resp, sent)
+        observer = ctx.observer
+        if observer is not None:
+            observer.stream_done(req, resp, sent)     # what lr.finish does, one call less
+        else:
+            lr.finish(req, resp, sent)
         return keep_alive and (isinstance(body, bytes) or sent >= 0)
 
     def _note_abort(self, ctx: RequestContext) -> None:
@@ -428,18 +432,19 @@ class DownstreamConnection(asyncio.Protocol):
 
     async def _write(self, req: Request, resp: Response, keep_alive: bool) -> int:
         lr = self.lr
-        head = Head(req, resp, keep_alive, lr.server_header, lr.suppress_envoy_headers)
         body = resp.body
         t = self.transport
         if isinstance(body, bytes):
-            t.write(head.whole(body, resp.status))
-            return 0 if head.head_only else len(body)
-        if head.head_only:
-            t.write(head.bodyless())
+            data, sent = whole_response(req, resp, body, keep_alive, lr.server_header,
+                                        lr.suppress_envoy_headers)
+            t.write(data)
+            return sent
+        data, head_only, chunked, stream_len = streamed_head(
+            req, resp, keep_alive, lr.server_header, lr.suppress_envoy_headers)
+        t.write(data)
+        if head_only:
             resp.discard()
             return 0
-        data, chunked = head.streaming()
-        t.write(data)
         self._responding = True
         sent = 0
         async for chunk in body:
@@ -455,7 +460,6 @@ class DownstreamConnection(asyncio.Protocol):
             if self._paused_writing:
                 self._drain_waiter = asyncio.get_running_loop().create_future()
                 await self._drain_waiter
-        stream_len = head.stream_len
         if chunked:
             t.write(b"0\r\n\r\n")
         elif stream_len is not None and stream_len.isdigit() and sent != int(stream_len):

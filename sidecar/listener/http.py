@@ -7,6 +7,8 @@ no route are answered 404 NR here and observed by the listener-level ``unmatched
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from multidict import MultiDict
 
 from sidecar.config.listener import Listener
@@ -64,6 +66,17 @@ class ListenerCounters:
         c.inc()
 
 
+async def ready(resp: Response) -> Response:
+    """A reply that needs no waiting, as the awaitable a dispatch returns."""
+    return resp
+
+
+async def _grpc_shaped(pending: Awaitable[Response]) -> Response:
+    """A gRPC client's local replies carry grpc-status (Envoy's gRPC-shaped local replies)."""
+    resp = await pending
+    return grpc_local_reply(resp) if resp.local else resp
+
+
 class HttpConnectionManager:
     """Routes and observers of one listener for one config snapshot."""
 
@@ -85,18 +98,21 @@ class HttpConnectionManager:
         self.path_policy = pp if pp.active else None
         self.upgrades = {u.upgrade_type: u.enabled for u in config.upgrades}
 
-    async def dispatch(self, req: Request) -> Response:
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        """The matched route's stack, returned unawaited (this adds no frame to a request's
+        await chain); a reply made here (refused upgrade, bad path, no route) comes ready."""
         ctx = req.ctx
         ctx.observer = self.unmatched          # until a route's observe layer takes over
-        ct = req.headers.get("content-type")
+        headers = req.headers
+        ct = headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             ctx.grpc = True
-            gt = req.headers.get("grpc-timeout")
+            gt = headers.get("grpc-timeout")
             if gt is not None:
                 ctx.grpc_timeout = parse_grpc_timeout(gt)
         apply_edge_policy(req, self.config, self.bound_port)
         if req.upgrade is not None and req.upgrade not in self.upgrades:
-            return upgrade_refused(req)      # before routing, as Envoy's connection manager
+            return ready(upgrade_refused(req))     # before routing, as Envoy's connection manager
         pp = self.path_policy
         if pp is not None:
             # before routing and every filter: RBAC, routes and the upstream see one path
@@ -105,27 +121,26 @@ class HttpConnectionManager:
                 if verdict == REJECT:
                     ctx.response_code_details = "path_normalization_failed"
                     req.keep_alive = False          # Envoy closes the connection too
-                    return local_reply(ctx, 400, "Bad Request", "DPE")
+                    return ready(local_reply(ctx, 400, "Bad Request", "DPE"))
                 loc: MultiDict[str] = MultiDict()
                 loc["location"] = path + "?" + req.query if req.query else path
-                return local_reply(ctx, 307, "", None, loc)
+                return ready(local_reply(ctx, 307, "", None, loc))
             req.path = path
         table = self.table
         vh = table.virtual_host(req.authority) if table is not None else None
-        route = vh.match(req.method, req.path, req.query, req.headers) if vh is not None else None
+        route = vh.match(req.method, req.path, req.query, headers) if vh is not None else None
         if route is None:
             ctx.flags.append("NR")
             ctx.response_code_details = "route_not_found"
             resp = Response(404)
             resp.local = True
-            return grpc_local_reply(resp) if ctx.grpc else resp
+            return ready(grpc_local_reply(resp) if ctx.grpc else resp)
         ctx.vhost_name = vh.name                # type: ignore[union-attr]
         if req.upgrade is not None and not self._upgrade_allowed(req, route.config.action):
-            return upgrade_refused(req)
-        resp = await route.handler(req)
-        if ctx.grpc and resp.local:
-            return grpc_local_reply(resp)
-        return resp
+            return ready(upgrade_refused(req))
+        if ctx.grpc:
+            return _grpc_shaped(route.handler(req))
+        return route.handler(req)
 
     def _upgrade_allowed(self, req: Request, action: object) -> bool:
         """Envoy's upgrade_configs: the listener lists the upgrade types it tunnels (enabled or

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from sidecar.codec.detect import server_protocol
 from sidecar.codec.stream_owner import ServedConnection
@@ -82,6 +82,9 @@ class ListenerRuntime:
         self.draining = False
         # swapped by the config store in one assignment; a stream reads it once, at dispatch
         self.hcm: HttpConnectionManager | None = None
+        # the codec's dispatch: the current manager's own (bound on swap, so a request costs
+        # no call through this object)
+        self.dispatch: Callable[[Request], Awaitable[Response]] = _no_routes
         self._limits(config)
         self._sweeper: asyncio.Task[None] | None = None
         self.bound_port = config.port
@@ -97,6 +100,7 @@ class ListenerRuntime:
         self.config = config
         self._limits(config)
         old, self.hcm = self.hcm, hcm
+        self.dispatch = hcm.dispatch
         return old
 
     def _limits(self, config: Listener) -> None:
@@ -148,13 +152,6 @@ class ListenerRuntime:
         """The codec for a connection just accepted (the listener's codec_type, read now)."""
         cfg = self.config
         return server_protocol(self, cfg.codec, cfg.http2, cfg.idle_timeout_s)
-
-    def dispatch(self, req: Request) -> Awaitable[Response]:
-        """The current manager's dispatch (its coroutine: no frame here)."""
-        hcm = self.hcm
-        if hcm is None:
-            return _no_routes(req)
-        return hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer

@@ -9,6 +9,7 @@ the chain they started with when a new snapshot swaps in.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,8 +68,8 @@ class HttpChain:
     def http2_abuse(self, kind: str) -> None:
         self.lr.http2_abuse(kind)
 
-    async def dispatch(self, req: Request) -> Response:
-        return await self.hcm.dispatch(req)
+    def dispatch(self, req: Request) -> Awaitable[Response]:
+        return self.hcm.dispatch(req)
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
         observer = req.ctx.observer

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
 from sidecar import __version__
+from sidecar.observability.local_metrics import LocalCounter, LocalHistogram
 
 # Sub-millisecond to tens of seconds (the range); 16 bounds keep observe() cheap.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -52,21 +53,27 @@ class Metrics:
                 pass
 
     # ---- family factories (idempotent by name) -------------------------------------------
-    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-        return self._family(Counter, name, doc, labels)
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> LocalCounter:
+        return self._family(LocalCounter, name, doc, labels)
 
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = (),
               multiprocess_mode: str = "") -> Gauge:
         return self._family(Gauge, name, doc, labels)
 
     def histogram(self, name: str, doc: str, labels: tuple[str, ...] = (),
-                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
-        return self._family(Histogram, name, doc, labels, buckets=buckets)
+                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> LocalHistogram:
+        return self._family(LocalHistogram, name, doc, labels, buckets=buckets)
 
     def _family(self, cls, name, doc, labels, **kw):
         fam = self._families.get(name)
         if fam is None:
-            fam = cls(name, doc, labelnames=labels, registry=self.registry, **kw)
+            if cls is Gauge:
+                fam = cls(name, doc, labelnames=labels, registry=self.registry, **kw)
+            else:
+                # counters and histograms: plain numbers on the loop, a collector at scrape
+                # time (sidecar.observability.local_metrics)
+                fam = cls(name, doc, labels, **kw)
+                self.registry.register(fam)
             self._families[name] = fam
         elif not isinstance(fam, cls):
             raise ValueError(f"metric {name} already registered as {type(fam).__name__}")

@@ -45,15 +45,17 @@ class ClusterStats:
                  "cx_total", "cx_overflow", "rq_reset", "rq_per_try_timeout", "retry_limit_exceeded",
                  "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
                  "cx_connect_timeout", "cx_connect_time", "cx_rx_bytes", "cx_tx_bytes",
-                 "_codes", "_code_family", "_cluster")
+                 "enabled", "_codes", "_code_family", "_cluster")
 
     def __init__(self, m: Metrics, cluster: str):
         self._codes: dict[int, Any] = {}
         self._cluster = cluster
         self._code_family: Any = None
+        # the per-attempt path tests this once instead of calling NULL children
+        self.enabled: bool = m.enabled
         if not m.enabled:
             for s in self.__slots__:
-                if not s.startswith("_"):
+                if not s.startswith("_") and s != "enabled":
                     setattr(self, s, NULL)
             self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
             return
@@ -132,12 +134,14 @@ class RouteStats:
     """Downstream request stats for one route on one listener."""
 
     __slots__ = ("rq_by_class", "latency", "bytes_in", "bytes_out", "_flags", "_flag_family",
-                 "_labels", "_grpc", "_grpc_family")
+                 "_labels", "_grpc", "_grpc_family", "enabled")
 
     def __init__(self, m: Metrics, listener: str, vhost: str, route: str):
         self._flags: dict[str, Any] = {}
         self._grpc: dict[str, Any] = {}
         self._labels = (listener, vhost, route)
+        # a recorder may test this once instead of calling NULL children (metrics off)
+        self.enabled: bool = m.enabled
         if not m.enabled:
             self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
             self.latency: HistogramChild = NULL

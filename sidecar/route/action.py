@@ -172,7 +172,7 @@ class RouteActionLayer:
     __slots__ = ("mutation", "choice", "stacks", "make_stack", "prefix_rewrite", "prefix_len",
                  "regex_rewrite", "host_rewrite", "hash_policy", "_header_stacks", "configured",
                  "single", "single_stack", "mutates_request", "mutates_response",
-                 "idle_timeout", "max_stream_duration", "suppress_envoy_headers")
+                 "idle_timeout", "max_stream_duration", "suppress_envoy_headers", "plain")
 
     MAX_HEADER_STACKS = 256     # cluster_header names are client-controlled: bound the cache
 
@@ -201,6 +201,12 @@ class RouteActionLayer:
         self.hash_policy = action.hash_policy
         self.idle_timeout = action.idle_timeout_s
         self.max_stream_duration = action.max_stream_duration_s
+        # nothing to do but hand the request to its one cluster (the common route)
+        self.plain = (self.single_stack is not None and not self.mutates_request
+                      and not self.mutates_response and self.prefix_rewrite is None
+                      and self.regex_rewrite is None and self.host_rewrite is None
+                      and not self.hash_policy and self.idle_timeout is None
+                      and self.max_stream_duration is None)
 
     def _stack_for(self, name: str) -> Handler:
         stack = self.stacks.get(name)
@@ -217,6 +223,12 @@ class RouteActionLayer:
 
     async def __call__(self, req: Request) -> Response:
         ctx = req.ctx
+        if self.plain:
+            ctx.cluster = self.single      # type: ignore[assignment]
+            try:
+                return await self.single_stack(req)     # type: ignore[misc]
+            except UpstreamError as e:
+                return local_reply_for_error(ctx, e, self.suppress_envoy_headers)
         headers = req.headers
         if self.idle_timeout is not None:
             ctx.stream_idle_timeout = self.idle_timeout      # enforced by the codec's sweep

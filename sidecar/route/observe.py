@@ -72,15 +72,16 @@ class RouteObserver:
             st = self.stats
         if self.no_route is not None and ctx.route is None:
             self.no_route.inc()
-        status = resp.status
-        st.rq_by_class[(1 if status < 100 else 5 if status >= 500 else status // 100) - 1].inc()
-        st.latency.observe(duration)
-        if body_bytes > 0:
-            st.bytes_out.inc(body_bytes)
-        if n:
-            st.bytes_in.inc(n)
-        for f in ctx.flags:
-            st.flag(f).inc()
+        if st.enabled:
+            status = resp.status
+            st.rq_by_class[(1 if status < 100 else 5 if status >= 500 else status // 100) - 1].inc()
+            st.latency.observe(duration)
+            if body_bytes > 0:
+                st.bytes_out.inc(body_bytes)
+            if n:
+                st.bytes_in.inc(n)
+            for f in ctx.flags:
+                st.flag(f).inc()
         span = ctx.span
         if isinstance(span, ServerSpan):
             span.finish(req, resp, duration)

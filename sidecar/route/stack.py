@@ -19,6 +19,7 @@ layers that have nothing to do on a route (no retry policy, no mirrors) are left
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from types import FunctionType, MethodType
 from typing import Protocol, TypeVar, cast
 
 from sidecar.cluster.cluster import ClusterState
@@ -105,11 +106,22 @@ Layer = Callable[[Handler], Handler]
 
 
 def compose(layers: list[Layer | None], innermost: Handler) -> Handler:
-    """``layers`` outermost first; ``None`` entries (nothing to do on this route) are skipped."""
-    handler = innermost
+    """``layers`` outermost first; ``None`` entries (nothing to do on this route) are skipped.
+    Each layer gets its next as a bound ``__call__``: calling a bound method is a fast call,
+    calling an object with ``__call__`` goes through the type's slot (slower, every request)."""
+    handler = _bound(innermost)
     for layer in reversed(layers):
         if layer is not None:
-            handler = layer(handler)
+            handler = _bound(layer(handler))
+    return handler
+
+
+def _bound(handler: Handler) -> Handler:
+    """A layer object's bound ``__call__``; functions and methods as they are."""
+    call = getattr(type(handler), "__call__", None)  # noqa: B004 - a __call__ written in Python?
+    if isinstance(call, FunctionType):
+        bound: Handler = MethodType(call, handler)
+        return bound
     return handler
 
 

@@ -31,7 +31,7 @@ class CompiledRoute:
     (``sidecar.route.stack.build_route_stack``)."""
 
     __slots__ = ("index", "config", "name", "match", "handler", "vhost", "cluster_names",
-                 "stat_name", "_m_simple", "choice", "rate_limits")
+                 "stat_name", "_m_simple", "choice", "rate_limits", "path_only")
 
     def __init__(self, index: int, config: Route, vhost: "CompiledVirtualHost"):
         self.index = index
@@ -46,6 +46,9 @@ class CompiledRoute:
         # path-only routes need no further check once the index picked them
         self._m_simple = not (m.headers or m.query_params or m.methods or m.cookies
                               or m.runtime_fraction is not None or m.grpc)
+        # a plain prefix or exact path: the index's hit is the whole match
+        self.path_only = (self._m_simple and m.regex is None
+                          and m.path_separated_prefix is None)
         action = config.action
         names = []
         for attr in ("cluster",):
@@ -130,7 +133,7 @@ def parse_cookies(values: Iterable[str]) -> dict[str, str]:
 
 class CompiledVirtualHost:
     __slots__ = ("name", "config", "routes", "_exact", "_prefix", "_prefix_ci", "_prefix_lens",
-                 "_prefix_ci_lens", "_scan", "_exact_ci")
+                 "_prefix_ci_lens", "_scan", "_exact_ci", "_has_ci")
 
     def __init__(self, config: VirtualHost):
         self.name = config.name
@@ -156,40 +159,51 @@ class CompiledVirtualHost:
                 self._scan.append(r.index)
         self._prefix_lens = sorted({len(p) for p in self._prefix})
         self._prefix_ci_lens = sorted({len(p) for p in self._prefix_ci})
+        self._has_ci = bool(self._exact_ci or self._prefix_ci)
 
     def match(self, method: str, path: str, query: str, headers: Headers) -> CompiledRoute | None:
-        cands: list[int] = []
-        exact = self._exact.get(path)
-        if exact:
-            cands.extend(exact)
+        # candidates in config order: one index hit is used as is (the common case); hits from
+        # several places are concatenated into a new list and sorted (index lists are shared)
+        cands = self._exact.get(path)
+        merged = False
         plen = len(path)
         pref = self._prefix
         for n in self._prefix_lens:
             if n > plen:
                 break
             hit = pref.get(path[:n])
-            if hit:
-                cands.extend(hit)
-        if self._exact_ci or self._prefix_ci:
+            if hit is not None:
+                if cands is None:
+                    cands = hit
+                else:
+                    cands = cands + hit
+                    merged = True
+        if self._has_ci:
             low = path.lower()
-            hit = self._exact_ci.get(low)
-            if hit:
-                cands.extend(hit)
-            for n in self._prefix_ci_lens:
-                if n > plen:
-                    break
-                hit = self._prefix_ci.get(low[:n])
-                if hit:
-                    cands.extend(hit)
+            ci_hits = [self._exact_ci.get(low)]
+            ci_hits += [self._prefix_ci.get(low[:n]) for n in self._prefix_ci_lens if n <= plen]
+            for hit in ci_hits:
+                if hit is not None:
+                    if cands is None:
+                        cands = hit
+                    else:
+                        cands = cands + hit
+                        merged = True
         if self._scan:
-            cands.extend(self._scan)
-        if not cands:
+            if cands is None:
+                cands = self._scan
+            else:
+                cands = cands + self._scan
+                merged = True
+        if cands is None:
             return None
-        if len(cands) > 1:
-            cands.sort()
+        if merged:
+            cands = sorted(cands)
         routes = self.routes
         for i in cands:
             r = routes[i]
+            if r.path_only:
+                return r
             psp = r.match.path_separated_prefix
             if psp is not None and len(path) > len(psp) and path[len(psp)] not in "/?#":
                 continue

@@ -28,12 +28,35 @@ from sidecar.shared.api import (
     retry_limit,
 )
 
+_REQUESTS = int(Resource.REQUESTS)     # a plain int indexes a list without the enum's lookups
+
 
 class LocalBreaker:
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "_default")
 
     def __init__(self) -> None:
         self._counts = [[0, 0, 0, 0], [0, 0, 0, 0]]      # [priority][resource]
+        self._default = self._counts[Priority.DEFAULT]
+
+    # ``Cluster.send``'s per-request pair: the breaker's max_requests and the endpoint's
+    # in-flight count in one call each way (the shared-memory counters take the generic
+    # try_acquire/begin and end/release path, see ``BreakerState``)
+    def admit_request(self, limit: int, endpoint: "LocalEndpoint") -> bool:
+        """``try_acquire(DEFAULT, REQUESTS, limit)``, then ``endpoint.begin()`` if admitted."""
+        c = self._default
+        if c[_REQUESTS] >= limit:
+            return False
+        c[_REQUESTS] += 1
+        endpoint._active += 1
+        return True
+
+    def release_request(self, endpoint: "LocalEndpoint") -> None:
+        """``endpoint.end()`` and ``release(DEFAULT, REQUESTS)``."""
+        c = self._default
+        if c[_REQUESTS] > 0:
+            c[_REQUESTS] -= 1
+        if endpoint._active > 0:
+            endpoint._active -= 1
 
     def try_acquire(self, priority: Priority, resource: Resource, limit: int) -> bool:
         c = self._counts[priority]

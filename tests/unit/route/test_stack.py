@@ -48,11 +48,15 @@ def build():
 
 
 def chain(handler):
+    """The layer objects of a stack, outermost first (each holds its next as a bound
+    ``__call__``)."""
+    handler = getattr(handler, "__self__", handler)
     out = [handler]
     while True:
         nxt = getattr(handler, "next", None)
         if nxt is None:
             return out
+        nxt = getattr(nxt, "__self__", nxt)
         out.append(nxt)
         handler = nxt
 
