@@ -199,6 +199,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._refusal = why
         raise _Refusal(why)
 
+    def on_message_begin(self) -> None:
+        # llhttp saw the first byte of a message. After the end of this response that is a
+        # response nobody asked for, even a partial one ("HTT"): the parser would carry it
+        # into the next request's response, so the connection is never reused.
+        if self._complete:
+            self._keep_alive = False
+        # the final head after a 1xx has begun: a later read starting with CR/LF is inside
+        # it, not an empty line before its status line
+        self._got_bytes = True
+
     def on_status(self, reason: bytes) -> None:
         if reason.find(b"\x00") != -1:   # find, not `in`: see codec/http1_request.py
             self._refuse("NUL in the reason phrase")
