@@ -132,6 +132,22 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
+def cpu_split_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds: user space and kernel apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0.0, 0.0
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[11]) / _CLK_TCK, int(rest[12]) / _CLK_TCK
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    parts = [cpu_split_seconds(p) for p in process_tree(pid)]
+    return sum(u for u, _ in parts), sum(k for _, k in parts)
+
+
 class RssSampler:
     """Samples the VmRSS of a process tree in a thread while a load runs."""
 

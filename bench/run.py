@@ -46,6 +46,7 @@ from bench.procs import (  # noqa: E402
     cpu_count,
     free_port,
     tree_cpu_seconds,
+    tree_cpu_split,
     tree_rss_kb,
     wait_http_ok,
     wait_port_free,
@@ -85,6 +86,8 @@ class Row:
     rss_idle_kb: int | None = None
     rss_load_kb: int | None = None
     cpu_s_per_1k: float | None = None
+    user_us: float | None = None          # per request: user-space CPU ...
+    kernel_us: float | None = None        # ... and kernel CPU (syscalls, loopback TCP)
     mb_per_s: float | None = None
     ready_s: float | None = None          # start until the first proxied 2xx
     background_pct: float | None = None   # other CPU use on the proxy's core(s) meanwhile
@@ -299,6 +302,7 @@ class Bench:
                 self.wrk(port, cfg.path, cfg.headers, a.warmup, conns, timeout_s)
             cores = self.proxy_cores if concurrency == 1 else self.all_cores
             cpu0 = tree_cpu_seconds(child.pid) if child else 0.0
+            split0 = tree_cpu_split(child.pid) if child else (0.0, 0.0)
             busy0, wall0 = cores_busy_seconds(cores), time.monotonic()
             lbusy0, lown0 = cores_busy_seconds(self.load_cores), self._load_core_own_cpu()
             if child:
@@ -309,6 +313,7 @@ class Bench:
             else:
                 res, cmd = self.wrk(port, cfg.path, cfg.headers, a.duration, conns, timeout_s)
             cpu1 = tree_cpu_seconds(child.pid) if child else 0.0
+            split1 = tree_cpu_split(child.pid) if child else (0.0, 0.0)
             busy1, wall1 = cores_busy_seconds(cores), time.monotonic()
             lbusy1, lown1 = cores_busy_seconds(self.load_cores), self._load_core_own_cpu()
             if cores and concurrency == 1:
@@ -320,6 +325,8 @@ class Bench:
             row.requests, row.errors, row.command = res["requests"], res["errors"], cmd
             if child and row.requests:
                 row.cpu_s_per_1k = (cpu1 - cpu0) / (row.requests / 1000.0)
+                row.user_us = (split1[0] - split0[0]) / row.requests * 1e6
+                row.kernel_us = (split1[1] - split0[1]) / row.requests * 1e6
             if body_size and row.requests and res["seconds"]:
                 row.mb_per_s = row.requests * body_size / res["seconds"] / 2**20
             for rate in rates:
@@ -569,6 +576,9 @@ def summary(rows: list[Row]) -> list[str]:
         out.append(f"sidecar/envoy CPU per request (base): {sc.cpu_s_per_1k / en.cpu_s_per_1k:.2f}"
                    "  (less sensitive to other load on the machine than req/s; < 0.67 is the "
                    "per-core equivalent of 1.5x)")
+        if sc.user_us is not None and en.user_us is not None:
+            out.append(f"CPU per request (base), user + kernel: sidecar {sc.user_us:.1f} + "
+                       f"{sc.kernel_us:.1f} us, envoy {en.user_us:.1f} + {en.kernel_us:.1f} us")
     if sc and di:
         out.append(f"sidecar/direct req/s (base): {sc.rps / di.rps:.2f}")
     sf, ef = get("sidecar", "filters"), get("envoy", "filters")

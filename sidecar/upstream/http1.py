@@ -177,6 +177,14 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
+            if self._complete and self._head_done:
+                # the response had ended before the bad bytes: it stands, and the
+                # connection, whose next bytes are garbage, closes (as Envoy does)
+                fut = self._future
+                if fut is not None and not fut.done():
+                    self._resolve(fut)
+                self.close()
+                return
             why = self._refusal or str(e)
             self._fail(UpstreamProtocolError(f"upstream protocol error: {why}"))
             self.close()
@@ -237,9 +245,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._refuse("too many response headers")
         headers: MultiDict[str] = MultiDict(fields)
         has_cl = "content-length" in headers
-        if status == 204 and has_cl:
-            self._refuse("Content-Length in a 204 response")
         has_te = "transfer-encoding" in headers
+        if status == 204 and (has_cl or has_te):
+            # RFC 9112 6.1 / 6.2: a 204 has no body and no framing (Envoy: 502)
+            self._refuse("Content-Length in a 204 response" if has_cl
+                         else "Transfer-Encoding in a 204 response")
         if has_te:
             # exactly one Transfer-Encoding line whose value is "chunked", as in Envoy
             te = headers.getall("transfer-encoding")

@@ -86,7 +86,6 @@ EXPECTED: dict[str, str] = {
     "resp.status.bare-lf-lines": "S-RESP-LENIENCY",
     "resp.chunk.size-trailing-space": "S-RESP-LENIENCY",
     "resp.chunk.data-longer": "S-RESP-LENIENCY",
-    "resp.nobody.304-with-body": "S-RESP-LENIENCY",
     "resp.hdr.obs-fold": "S-RESP-LENIENCY",
     "resp.hdr.value-bare-cr": "S-RESP-LENIENCY",
     # S-RESP-BROKEN-CHUNKED (stricter (safe)): Broken chunked response bodies
@@ -94,9 +93,6 @@ EXPECTED: dict[str, str] = {
     "resp.chunk.size-overflow": "S-RESP-BROKEN-CHUNKED",
     "resp.chunk.data-shorter": "S-RESP-BROKEN-CHUNKED",
     "resp.chunk.lf-only": "S-RESP-BROKEN-CHUNKED",
-    # S-RESP-EXTRA-BYTES (stricter (safe)): Bytes after a complete response
-    "resp.chunk.extra-bytes-after": "S-RESP-EXTRA-BYTES",
-    "resp.cl.body-longer": "S-RESP-EXTRA-BYTES",
     # S-RESP-UNSOLICITED-101 (stricter (safe)): 101 Switching Protocols nobody asked for
     "resp.interim.101-unsolicited": "S-RESP-UNSOLICITED-101",
 }

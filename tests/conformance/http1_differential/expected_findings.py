@@ -246,8 +246,7 @@ _F = [
             "Response syntax Envoy tolerates",
             "Forwards a 4-digit status, `HTTP/1.2`, a double space in the status line, bare CR in "
             "the reason, bare-LF lines, chunk sizes with trailing SP, chunk data longer than its "
-            "size, obs-fold and bare CR in header values, and a 304 with a body (then drops the "
-            "connection).",
+            "size, and obs-fold and bare CR in header values.",
             "502 and closes the upstream connection.",
             "A clean 502 for a malformed upstream message; nothing ambiguous reaches the client."),
     Finding("S-RESP-BROKEN-CHUNKED", STRICTER,
@@ -259,13 +258,6 @@ _F = [
             "usable.",
             "The client gets a clean error instead of a truncated message; both close the upstream "
             "connection. (A large streamed body would end like Envoy's.)"),
-    Finding("S-RESP-EXTRA-BYTES", STRICTER,
-            "Bytes after a complete response",
-            "Forwards the framed response and closes the upstream connection (the extra bytes, "
-            "even a whole second response, are discarded).",
-            "502 and closes the upstream connection.",
-            "Neither reuses the connection, so no response desync; the sidecar loses a response "
-            "that was complete. Matching Envoy (forward, then close) would be friendlier."),
     Finding("S-RESP-UNSOLICITED-101", STRICTER,
             "101 Switching Protocols nobody asked for",
             "Forwards the 101 head to the client, closes the upstream, then serves the next "

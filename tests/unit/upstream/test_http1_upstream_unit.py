@@ -167,6 +167,7 @@ async def test_head_response_then_next_request_on_the_same_connection() -> None:
             b"HTTP/1.1 200 OK\r\nx-a: b\r\ncontent-length: 0\r\n\r\n"),
     ("HEAD", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),      # a body after HEAD
     ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTT"),   # a partial one
+    ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE\r\n\r\n"),  # not HTTP
     ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"),
 ])
 async def test_bytes_after_the_response_close_the_connection(method: str, response: bytes) -> None:
