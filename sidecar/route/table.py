@@ -161,11 +161,27 @@ class CompiledVirtualHost:
         self._prefix_ci_lens = sorted({len(p) for p in self._prefix_ci})
         self._has_ci = bool(self._exact_ci or self._prefix_ci)
 
+    def _other_candidates(self, path: str, cands: list[int] | None,
+                          sources: int) -> tuple[list[int] | None, int]:
+        """``cands`` plus the case-insensitive index hits and the routes never indexed."""
+        more: list[list[int] | None] = []
+        if self._has_ci:
+            low = path.lower()
+            plen = len(path)
+            more.append(self._exact_ci.get(low))
+            more += [self._prefix_ci.get(low[:n]) for n in self._prefix_ci_lens if n <= plen]
+        more.append(self._scan or None)
+        for hit in more:
+            if hit is not None:
+                cands = hit if cands is None else cands + hit
+                sources += 1
+        return cands, sources
+
     def match(self, method: str, path: str, query: str, headers: Headers) -> CompiledRoute | None:
         # candidates in config order: one index hit is used as is (the common case); hits from
         # several places are concatenated into a new list and sorted (index lists are shared)
         cands = self._exact.get(path)
-        merged = False
+        sources = 0 if cands is None else 1
         plen = len(path)
         pref = self._prefix
         for n in self._prefix_lens:
@@ -173,31 +189,13 @@ class CompiledVirtualHost:
                 break
             hit = pref.get(path[:n])
             if hit is not None:
-                if cands is None:
-                    cands = hit
-                else:
-                    cands = cands + hit
-                    merged = True
-        if self._has_ci:
-            low = path.lower()
-            ci_hits = [self._exact_ci.get(low)]
-            ci_hits += [self._prefix_ci.get(low[:n]) for n in self._prefix_ci_lens if n <= plen]
-            for hit in ci_hits:
-                if hit is not None:
-                    if cands is None:
-                        cands = hit
-                    else:
-                        cands = cands + hit
-                        merged = True
-        if self._scan:
-            if cands is None:
-                cands = self._scan
-            else:
-                cands = cands + self._scan
-                merged = True
+                cands = hit if cands is None else cands + hit
+                sources += 1
+        if self._has_ci or self._scan:
+            cands, sources = self._other_candidates(path, cands, sources)
         if cands is None:
             return None
-        if merged:
+        if sources > 1:
             cands = sorted(cands)
         routes = self.routes
         for i in cands:

@@ -15,27 +15,7 @@ from sidecar.core.context import RequestContext
 from sidecar.core.errors import UpstreamProtocolError, UpstreamTimeout
 from sidecar.core.message import Request, Response
 from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection, encode_request
-
-
-class MemoryTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+from tests.unit.upstream.memory_transport import MemoryTransport
 
 
 def request(method: str = "GET", headers: list[tuple[str, str]] | None = None, body: bytes = b"",

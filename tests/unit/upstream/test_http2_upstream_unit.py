@@ -25,38 +25,7 @@ from sidecar.core.errors import ConnectFailure, UpstreamReset, UpstreamTimeout
 from sidecar.core.message import Request
 from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
 from sidecar.upstream.http2_pool import Http2Pool
-
-
-class MemoryTransport:
-    """What asyncio gives a protocol, writing into a buffer."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.out += data
-
-    def take(self) -> bytes:
-        data = bytes(self.out)
-        self.out.clear()
-        return data
-
-    def get_extra_info(self, name: str, default=None):
-        return default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+from tests.unit.upstream.memory_transport import MemoryTransport
 
 
 class Server:

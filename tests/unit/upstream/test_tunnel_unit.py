@@ -15,31 +15,7 @@ from sidecar.core.context import RequestContext
 from sidecar.core.errors import UpstreamProtocolError, UpstreamReset
 from sidecar.core.message import Request
 from sidecar.upstream.tunnel import TunnelConnection, encode_upgrade_request
-
-
-class MemoryTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def get_extra_info(self, name: str, default=None):
-        return default
+from tests.unit.upstream.memory_transport import MemoryTransport
 
 
 def upgrade_request(headers, query: str = "", body=b"") -> Request:
