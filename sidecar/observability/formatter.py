@@ -114,6 +114,12 @@ def _request_value(req: Request, name: str) -> str | None:
 
 def _http_req(arg: str) -> HttpGetter:
     names = header_names(arg)
+    if len(names) == 1 and names[0][0] != ":":
+        # the common case (one plain header): one lookup, no loop and no helper call
+        name = names[0]
+        return lambda req, resp, d: req.headers.get(name)
+    if names == (":method",):
+        return lambda req, resp, d: req.method
 
     def get(req: Request, resp: Response, d: float) -> Value:
         for n in names:
