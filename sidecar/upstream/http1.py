@@ -1,8 +1,10 @@
 """Upstream HTTP/1.1: a pooled keep-alive connection per request, llhttp (httptools) parsing.
 
 The response is parsed by llhttp and re-serialised downstream from its parts; raw upstream
-bytes are never passed through. A parser is made per response so that a HEAD response (which
-llhttp cannot tell has no body) never corrupts the next one on the connection.
+bytes are never passed through. The parser is kept from one response to the next (llhttp
+resets itself after a complete message); a HEAD response, which llhttp cannot tell has no body,
+gets a new one so it never corrupts the next response on the connection. Any byte after the end
+of a response (even the start of another) means the connection is never reused.
 """
 
 from __future__ import annotations
