@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
-from typing import cast
 
 from sidecar.config.cluster import Thresholds
 from sidecar.shared.api import (
     BreakerCounters,
     BreakerSnapshot,
-    EndpointCounters,
     Priority,
     Resource,
 )
-from sidecar.shared.local import LocalBreaker
 
 _D = Priority.DEFAULT            # routes here use the default priority (HIGH is refused)
 _NO_LIMIT = 1 << 62
@@ -100,19 +96,10 @@ class BreakerState:
         self.counters = counters
         self.overflow = 0                # admissions refused (any threshold), this worker
         self.waiters = ConnectionWaiters()
-        # admit(max_requests, endpoint counters) -> bool / release(endpoint counters): one
-        # attempt's request slot and its endpoint's in-flight count, one call each way. The
-        # caller counts a refusal in ``overflow`` and wakes ``waiters`` after a release. The
-        # single-process counters do both inline; the shared ones take the generic calls.
-        self.admit: Callable[[int, EndpointCounters], bool]
-        self.release: Callable[[EndpointCounters], None]
-        if isinstance(counters, LocalBreaker):
-            # LocalState hands out LocalBreaker and LocalEndpoint together
-            self.admit = cast(Callable[[int, EndpointCounters], bool], counters.admit_request)
-            self.release = cast(Callable[[EndpointCounters], None], counters.release_request)
-        else:
-            self.admit = self._admit_shared
-            self.release = self._release_shared
+        # one attempt's request slot and its endpoint's in-flight count, one call each way
+        # (the caller counts a refusal in ``overflow`` and wakes ``waiters`` after a release)
+        self.admit = counters.admit_request
+        self.release = counters.release_request
         # another worker freeing a connection cannot wake this one's waiters: with several
         # workers a pending request also looks again every poll_s (overload only)
         self.poll_s = PENDING_POLL_S if workers > 1 else None
@@ -132,16 +119,6 @@ class BreakerState:
     def own(self) -> BreakerSnapshot:
         """This worker's share of each gauge (per-worker metrics add up to the sidecar's)."""
         return self.counters.own(_D)
-
-    def _admit_shared(self, max_requests: int, endpoint: EndpointCounters) -> bool:
-        if not self.counters.try_acquire(_D, Resource.REQUESTS, max_requests):
-            return False
-        endpoint.begin()
-        return True
-
-    def _release_shared(self, endpoint: EndpointCounters) -> None:
-        endpoint.end()
-        self.counters.release(_D, Resource.REQUESTS)
 
     def admit_pending(self, t: Thresholds) -> bool:
         """Turn an admitted request into a pending one (it waits for a connection)."""

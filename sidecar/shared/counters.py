@@ -30,6 +30,7 @@ import struct
 
 from sidecar.shared.api import (
     BreakerSnapshot,
+    EndpointCounters,
     EndpointHealth,
     Outcome,
     OutcomeTotals,
@@ -121,6 +122,16 @@ class ShmBreaker(_Handle):
                 active += words[b + k] + words[b + k + 1]       # requests + pending
             limit = retry_limit(active, max_retries, budget_percent, min_retry_concurrency)
         return self.try_acquire(priority, Resource.RETRIES, limit)
+
+    def admit_request(self, limit: int, endpoint: EndpointCounters) -> bool:
+        if not self.try_acquire(Priority.DEFAULT, Resource.REQUESTS, limit):
+            return False
+        endpoint.begin()
+        return True
+
+    def release_request(self, endpoint: EndpointCounters) -> None:
+        endpoint.end()
+        self.release(Priority.DEFAULT, Resource.REQUESTS)
 
     def release(self, priority: Priority, resource: Resource) -> None:
         own = self._own + priority * 4 + resource

@@ -16,6 +16,7 @@ from sidecar.shared.api import (
     BreakerSnapshot,
     BucketDecision,
     BucketSpec,
+    EndpointCounters,
     EndpointHealth,
     Outcome,
     OutcomeTotals,
@@ -38,25 +39,22 @@ class LocalBreaker:
         self._counts = [[0, 0, 0, 0], [0, 0, 0, 0]]      # [priority][resource]
         self._default = self._counts[Priority.DEFAULT]
 
-    # ``Cluster.send``'s per-request pair: the breaker's max_requests and the endpoint's
-    # in-flight count in one call each way (the shared-memory counters take the generic
-    # try_acquire/begin and end/release path, see ``BreakerState``)
-    def admit_request(self, limit: int, endpoint: "LocalEndpoint") -> bool:
-        """``try_acquire(DEFAULT, REQUESTS, limit)``, then ``endpoint.begin()`` if admitted."""
+    # ``BreakerCounters``' per-attempt pair, written out: LocalState hands out its breakers and
+    # endpoints together, so the endpoint is always a LocalEndpoint
+    def admit_request(self, limit: int, endpoint: EndpointCounters) -> bool:
         c = self._default
         if c[_REQUESTS] >= limit:
             return False
         c[_REQUESTS] += 1
-        endpoint._active += 1
+        endpoint._active += 1          # type: ignore[attr-defined]
         return True
 
-    def release_request(self, endpoint: "LocalEndpoint") -> None:
-        """``endpoint.end()`` and ``release(DEFAULT, REQUESTS)``."""
+    def release_request(self, endpoint: EndpointCounters) -> None:
         c = self._default
         if c[_REQUESTS] > 0:
             c[_REQUESTS] -= 1
-        if endpoint._active > 0:
-            endpoint._active -= 1
+        if endpoint._active > 0:       # type: ignore[attr-defined]
+            endpoint._active -= 1      # type: ignore[attr-defined]
 
     def try_acquire(self, priority: Priority, resource: Resource, limit: int) -> bool:
         c = self._counts[priority]

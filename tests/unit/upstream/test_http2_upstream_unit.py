@@ -111,6 +111,18 @@ async def start(conn: Http2UpstreamConnection, req: Request | None = None) -> as
     return task
 
 
+async def one_stream(p: Http2Pool | None = None
+                     ) -> tuple[Http2Pool, Http2UpstreamConnection, Server, asyncio.Task, int]:
+    """A pool with one connection carrying one request whose HEADERS the peer has read."""
+    p = p or pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    return p, conn, server, task, sid
+
+
 # ---- readiness and slots ------------------------------------------------------------------------
 
 async def test_a_connection_is_not_used_before_the_peers_settings():
@@ -186,12 +198,7 @@ async def test_a_request_goes_out_and_its_slot_comes_back_with_the_response():
 
 
 async def test_a_refused_stream_is_marked_as_never_sent():
-    p = pool()
-    conn, server = connect(p)
-    p.acquire()
-    task = await start(conn)
-    server.pump()
-    (sid,) = server.requests
+    p, conn, server, task, sid = await one_stream()
     server.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
     server.pump()
     with pytest.raises(UpstreamReset) as e:
@@ -201,12 +208,7 @@ async def test_a_refused_stream_is_marked_as_never_sent():
 
 
 async def test_any_other_reset_is_marked_as_possibly_processed():
-    p = pool()
-    conn, server = connect(p)
-    p.acquire()
-    task = await start(conn)
-    server.pump()
-    (sid,) = server.requests
+    p, conn, server, task, sid = await one_stream()
     server.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
     server.pump()
     with pytest.raises(UpstreamReset) as e:
@@ -218,11 +220,7 @@ async def test_any_other_reset_is_marked_as_possibly_processed():
 async def test_a_response_without_a_length_streams_with_its_trailers_and_credits_the_peer():
     p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
                                                     initial_connection_window_size=65535))
-    conn, server = connect(p)
-    p.acquire()
-    task = await start(conn)
-    server.pump()
-    (sid,) = server.requests
+    p, conn, server, task, sid = await one_stream(p)
     server.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
     for _ in range(3):
         server.h2.send_data(sid, b"x" * 16000)
@@ -260,12 +258,7 @@ async def test_a_passed_deadline_resets_the_stream_and_frees_its_slot():
 
 
 async def test_discarding_a_streamed_response_resets_its_stream():
-    p = pool()
-    conn, server = connect(p)
-    p.acquire()
-    task = await start(conn)
-    server.pump()
-    (sid,) = server.requests
+    p, conn, server, task, sid = await one_stream()
     server.h2.send_headers(sid, [(b":status", b"200")])
     server.h2.send_data(sid, b"partial")
     server.pump()
