@@ -272,17 +272,7 @@ class Cluster:
         ctx = req.ctx
         if ctx.attempts == 0:
             ctx.attempts = 1
-        if self._original_dst:
-            host = self.pick(ctx)
-        else:
-            # pick(ctx), written out for the balanced case (one call less per request)
-            if self._epoch() != self._epoch_seen:
-                self.sync_health()
-            tried = ctx.tried_hosts
-            host = self.lb.pick(ctx, tried)
-            if host is not None and host.ejected_until and not host.available:
-                self.rebuild()       # an ejection started or expired since the last rebuild
-                host = self.lb.pick(ctx, tried)
+        host = self.pick(ctx)
         if host is None:
             raise NoHealthyUpstream()
         breakers = self.state.breakers
@@ -332,15 +322,7 @@ class Cluster:
             stats.rq_by_class[min(max(status // 100, 1), 5) - 1].inc()
             stats.rq_code(status).inc()
             stats.latency.observe(elapsed)
-        # record(host, status, elapsed, None), written out: this is every request's outcome
-        host.rq_total += 1
-        if status >= 500:
-            host.rq_error += 1
-        if self._lb_record is not None:
-            self._lb_record(host, status, elapsed, None)
-        outlier = self.state.outlier
-        if outlier is not None:
-            outlier.on_outcome(host, status, elapsed, None)
+        self.record(host, status, elapsed, None)
         if client_span is not None:
             client_span.end(status, None)
         return resp
@@ -665,7 +647,8 @@ class Cluster:
         host.rq_total += 1
         if local_error is not None or (status is not None and status >= 500):
             host.rq_error += 1
-        self.lb.record(host, status, latency, local_error)
+        if self._lb_record is not None:
+            self._lb_record(host, status, latency, local_error)
         outlier = self.state.outlier
         if outlier is not None:
             outlier.on_outcome(host, status, latency, local_error)

@@ -388,11 +388,7 @@ class DownstreamConnection(asyncio.Protocol):
             ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
             lr.finish(req, resp, 0)
             return False
-        observer = ctx.observer
-        if observer is not None:
-            observer.stream_done(req, resp, sent)     # what lr.finish does, one call less
-        else:
-            lr.finish(req, resp, sent)
+        lr.finish(req, resp, sent)
         return keep_alive and (isinstance(body, bytes) or sent >= 0)
 
     def _note_abort(self, ctx: RequestContext) -> None:

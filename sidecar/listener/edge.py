@@ -112,9 +112,7 @@ def apply_edge_policy(req: Request, cfg: Listener, bound_port: int) -> None:
     if cfg.generate_request_id:
         rid = headers.get("x-request-id")
         if not rid or (external and not cfg.preserve_external_request_id):
-            ids = _IDS          # new_request_id(), inline: this runs for every request
-            ids.n = n = (ids.n + 1) & 0xFFFFFFFF
-            rid = f"{ids.prefix}{n:08x}"
+            rid = new_request_id()
             headers["x-request-id"] = rid
         ctx.request_id = rid
     else:
