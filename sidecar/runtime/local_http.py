@@ -148,10 +148,10 @@ class _Owner:
         self.connections.discard(conn)
 
     def protocol_error(self, status: int) -> None:
-        pass
+        """Not counted: the admin and worker sockets have no listener metrics."""
 
     def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
-        pass
+        """Nothing to observe: admin requests are not proxied traffic."""
 
     async def dispatch(self, req: Request) -> Response:
         body = req.body
