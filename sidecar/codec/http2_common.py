@@ -23,6 +23,7 @@ import h2.exceptions
 import hpack
 import hpack.hpack
 import hpack.table
+import ngh2
 from h2.frame_buffer import FrameBuffer
 from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
@@ -242,6 +243,26 @@ def client_config() -> h2.config.H2Configuration:
                                      normalize_inbound_headers=False,
                                      validate_outbound_headers=False,
                                      normalize_outbound_headers=False)
+
+
+# libnghttp2 (``ngh2``) limits of the upstream connection. A response head over the header
+# list bounds is a connection error in nghttp2 (every stream on the connection fails), so they
+# are as generous as the ``h2`` decoder's were (a 1 MiB block); a request head up to the
+# largest a listener accepts (``max_request_headers_kb`` <= 8 MiB) can be sent.
+CLIENT_MAX_RESPONSE_HEADER_LIST = 1024 * 1024
+CLIENT_MAX_RESPONSE_HEADER_COUNT = 32 * 1024     # the list bound at RFC 9113's 32 octets/field
+CLIENT_MAX_REQUEST_HEADER_BLOCK = 8 * 1024 * 1024 + 64 * 1024
+
+
+def client_configuration() -> ngh2.Configuration:
+    """The ``ngh2`` configuration of an upstream (client) connection: the peer's windows are
+    credited as the response body is consumed (``acknowledge_received_data``), not on arrival,
+    so a slow reader holds at most a window per stream. nghttp2 validates responses itself
+    (RFC 9113 8.1.1, 8.2, 8.3.2: a malformed one resets its stream with PROTOCOL_ERROR)."""
+    return ngh2.Configuration(auto_window_update=False,
+                              max_inbound_header_list_size=CLIENT_MAX_RESPONSE_HEADER_LIST,
+                              max_inbound_header_count=CLIENT_MAX_RESPONSE_HEADER_COUNT,
+                              max_send_header_block_length=CLIENT_MAX_REQUEST_HEADER_BLOCK)
 
 
 class CreditedBody(BodyStream):

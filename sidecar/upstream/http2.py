@@ -1,43 +1,53 @@
-"""Upstream HTTP/2: a few connections per endpoint, requests multiplexed as streams (``h2``).
+"""Upstream HTTP/2: a few connections per endpoint, requests multiplexed as streams
+(libnghttp2 through ``ngh2``, the engine Envoy uses).
 
-``Http2Pool`` (``sidecar.upstream.http2_pool``) keeps the connections to one endpoint. A request takes a stream slot on a ready
-connection that has room (``acquire``); with none, it waits in the pool (the cluster counts it
-as *pending*, Envoy's accounting) while one request opens another connection, if the cluster's
-``max_connections`` allows. A connection's room is the smaller of the peer's
-SETTINGS_MAX_CONCURRENT_STREAMS and the cluster's ``max_concurrent_streams``; until the peer's
-SETTINGS arrive a connection is not used. A GOAWAY stops new streams on that connection; the
-streams it covers finish, the others fail as refused (safe to retry anywhere), and the
-connection closes when its last stream ends.
+``Http2Pool`` (``sidecar.upstream.http2_pool``) keeps the connections to one endpoint. A request
+takes a stream slot on a ready connection that has room (``acquire``); with none, it waits in the
+pool (the cluster counts it as *pending*, Envoy's accounting) while one request opens another
+connection, if the cluster's ``max_connections`` allows. A connection's room is the smaller of
+the peer's SETTINGS_MAX_CONCURRENT_STREAMS and the cluster's ``max_concurrent_streams``; until
+the peer's SETTINGS arrive a connection is not used. A GOAWAY stops new streams on that
+connection; the streams it covers finish, the others fail as refused (safe to retry anywhere),
+and the connection closes when its last stream ends.
 
-Request bodies are sent as the peer's windows allow (concurrently with the response, so
-bidirectional streams work); response bodies credit the peer's window as they are read.
+nghttp2 frames, compresses, validates responses (a malformed one resets its stream with
+PROTOCOL_ERROR: the request fails as a protocol error, the connection lives) and holds request
+body data until the peer's windows let it out; a request body is read from downstream only
+while little of it waits there (``_QUEUED_MAX``), concurrently with the response, so
+bidirectional streams work. Response bodies credit the peer's windows as they are read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-import h2.events as ev
-import h2.exceptions
-import h2.settings
-from hpack import NeverIndexedHeaderTuple
+import ngh2
 from multidict import MultiDict
+from ngh2 import (
+    ConnectionClosed,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    NeverIndexedHeader,
+    NGH2Error,
+    ResponseReceived,
+    Setting,
+    SettingsReceived,
+    StreamClosed,
+    StreamReset,
+    TrailersReceived,
+)
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
     VOLATILE,
-    BoundedDecoder,
-    ClientH2Connection,
     CreditedBody,
-    ErrorCodes,
-    client_config,
-    goaway_frame,
+    client_configuration,
 )
-from sidecar.codec.http2_request import Malformed, response_from_headers, trailers_from_headers
 from sidecar.core.body import BodySource, Headers
 from sidecar.core.errors import (
     ConnectFailure,
@@ -51,11 +61,20 @@ from sidecar.core.message import Request, Response
 if TYPE_CHECKING:
     from sidecar.upstream.http2_pool import Http2Pool
 
-S = h2.settings.SettingCodes
 _DROP = NOT_FORWARDED | {"host"} | CONNECTION_SPECIFIC_STR
+# request body bytes left waiting in nghttp2 (for the peer's window) before the pump stops
+# reading the downstream body: end-to-end flow control, with enough in hand to fill a window
+# update at once
+_QUEUED_MAX = 128 * 1024
+_CANCEL = ErrorCode.CANCEL
+_REFUSED = ErrorCode.REFUSED_STREAM
+_MAX_STREAMS = Setting.MAX_CONCURRENT_STREAMS
+_ERROR_NAMES = {int(c): c.name for c in ErrorCode}
+
+Header = tuple[bytes, bytes]
 
 
-def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[bytes, bytes]]:
+def request_headers(req: Request, authority: str, scheme: str) -> list[Header]:
     """The HEADERS of ``req`` for an HTTP/2 upstream: pseudo-headers from the request line and
     Host; no connection-specific headers (RFC 9113 8.2.2), ``te`` only as "trailers"."""
     headers = req.headers
@@ -72,18 +91,31 @@ def request_headers(req: Request, authority: str, scheme: str) -> list[tuple[byt
                 append((b"te", b"trailers"))
             continue
         kb = k.encode("latin-1")
-        # header() inlined: a call per field is a measurable part of the request
+        # a call per field is a measurable part of the request: built inline
         append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-               NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
+               NeverIndexedHeader(kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
         append((b"content-length", cl.encode("latin-1")))
     return out
 
 
+def _fields(raw: Sequence[Header]) -> Headers:
+    """A header list nghttp2 validated, as Headers (values as the latin-1 they came in)."""
+    out: Headers = MultiDict()
+    add = out.add       # faster than building the MultiDict from a list of pairs
+    for k, v in raw:
+        add(k.decode("latin-1"), v.decode("latin-1"))
+    return out
+
+
+def _reason(code: int) -> str:
+    return _ERROR_NAMES.get(code) or str(code)
+
+
 class _Stream:
     __slots__ = ("sid", "fut", "status", "headers", "chunks", "body", "trailers", "ended",
-                 "reset", "timer", "pump", "sent_end", "released", "whole_ok")
+                 "reset", "closed", "timer", "pump", "released", "whole_ok")
 
     def __init__(self, sid: int, fut: asyncio.Future[Response]) -> None:
         self.sid = sid
@@ -94,10 +126,10 @@ class _Stream:
         self.body: CreditedBody | None = None
         self.trailers: Headers | None = None
         self.ended = False            # the response is complete
-        self.reset = False
+        self.reset = False            # failed or reset (by either side)
+        self.closed = False           # nghttp2 closed it: both sides ended
         self.timer: asyncio.TimerHandle | None = None
         self.pump: asyncio.Task[None] | None = None
-        self.sent_end = False         # our request is complete
         self.released = False         # the stream slot went back to the pool
         # a response complete on arrival may be handed over as bytes (+ trailers) whatever its
         # length header says: the client speaks HTTP/2, whose framing needs no length
@@ -108,7 +140,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.options = pool.options
-        self.conn = ClientH2Connection(client_config())
+        self.conn = ngh2.Connection(ngh2.Role.CLIENT, client_configuration())
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -120,10 +152,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._waiting: set[_Stream] = set()
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, asyncio.Future[None]] = {}   # pumps waiting for the queue
         self._flush_handle: asyncio.Handle | None = None
-        self._max_frame = 16384
         self._goaway_last: int | None = None
 
     @property
@@ -139,17 +169,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
         o = self.options
         conn = self.conn
-        conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            S.ENABLE_PUSH: 0,
-            S.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
-            S.HEADER_TABLE_SIZE: o.hpack_table_size,
+        conn.initiate_connection({
+            Setting.ENABLE_PUSH: 0,
+            Setting.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
+            Setting.HEADER_TABLE_SIZE: o.hpack_table_size,
         })
-        conn.decoder = BoundedDecoder(1024 * 1024)
-        conn.decoder.max_allowed_table_size = o.hpack_table_size
-        conn.initiate_connection()
-        extra = o.initial_connection_window_size - 65535
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
+        if o.initial_connection_window_size > 65535:
+            conn.set_local_window_size(o.initial_connection_window_size)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -189,92 +215,131 @@ class Http2UpstreamConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            err = UpstreamProtocolError(f"upstream protocol error: {e}")
-            if not self.ready.done():
-                self.ready.set_exception(ConnectFailure(f"upstream is not speaking HTTP/2: {e}"))
-                self.ready.exception()
-            for st in list(self.streams.values()):
-                self._fail(st, err)
-            self._flush()
-            self.close()
+        if self.closed:
             return
+        try:
+            self.conn.receive_data(data)
+        except NGH2Error as e:
+            # a limit broken (DenialOfServiceError) or a connection nghttp2 already ended
+            self._connection_failed(f"{type(e).__name__}: {e}", str(e))
+            return
+        self._handle(self.conn.events())
+        self._flush()
+
+    # ---- events ----------------------------------------------------------------------------------
+    def _handle(self, events: list[ngh2.Event]) -> None:
         got: list[_Stream] = []
         streams = self.streams
-        s: _Stream | None
-        conn = self.conn
-        for event in events:
-            if isinstance(event, ev.DataReceived):
-                s = streams.get(event.stream_id)
+        # ``type(e) is``: no isinstance ladder, and mypy narrows it as well
+        for e in events:
+            if type(e) is DataReceived:
+                s = streams.get(e.stream_id)
+                data = e.data
                 if s is None or s.reset or (s.body is not None and s.body.discarding):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    if data:
+                        self._ack(len(data), e.stream_id)
                     continue
-                pad = event.flow_controlled_length - len(event.data)
-                if pad:
-                    conn.acknowledge_received_data(pad, event.stream_id)
                 if s.chunks is not None:
-                    s.chunks.append(event.data)
-                elif s.body is not None and event.data:
-                    s.body.feed(event.data)
-            elif isinstance(event, ev.ResponseReceived):
-                s = streams.get(event.stream_id)
+                    s.chunks.append(data)
+                elif s.body is not None and data:
+                    s.body.feed(data)
+                if e.end_stream:
+                    s.ended = True
+                    if s.body is not None:
+                        s.body.feed_eof(None)
+                        self._stream_done(s)
+            elif type(e) is ResponseReceived:
+                s = streams.get(e.stream_id)
                 if s is not None and not s.reset:
-                    try:
-                        s.status, s.headers = response_from_headers(event.headers)
-                    except Malformed as m:
-                        self._malformed(s, m)
-                        continue
+                    raw = e.headers
+                    # nghttp2 checked the head: one 3-digit :status, first (RFC 9113 8.3.2)
+                    s.status = int(raw[0][1])
+                    s.headers = _fields(raw[1:])
                     s.chunks = []
+                    s.ended = e.end_stream
                     got.append(s)
-            elif isinstance(event, ev.TrailersReceived):
-                s = streams.get(event.stream_id)
+            elif type(e) is StreamClosed:
+                self._on_closed(e)
+            elif type(e) is TrailersReceived:
+                s = streams.get(e.stream_id)
                 if s is not None and not s.reset:
-                    try:
-                        s.trailers = trailers_from_headers(event.headers)
-                    except Malformed as m:
-                        self._malformed(s, m)
-            elif isinstance(event, ev.StreamEnded):
-                s = streams.get(event.stream_id)
-                if s is not None:
+                    s.trailers = _fields(e.headers)
                     s.ended = True
                     if s.body is not None:
                         s.body.feed_eof(s.trailers)
                         self._stream_done(s)
-            elif isinstance(event, ev.StreamReset):
-                s = streams.get(event.stream_id)
-                if s is not None:
-                    if s.ended and event.error_code == ErrorCodes.NO_ERROR:
-                        self._stream_done(s)      # "stop sending": the response is complete
-                    else:
-                        refused = event.error_code == ErrorCodes.REFUSED_STREAM
-                        self._fail(s, UpstreamReset(
-                            "UR", "refused stream" if refused else
-                            f"upstream reset: {ErrorCodes(event.error_code).name}"
-                            if event.error_code in ErrorCodes._value2member_map_ else
-                            f"upstream reset: {event.error_code}", sent=not refused))
-            elif isinstance(event, ev.WindowUpdated):
-                self._wake(event.stream_id)
-            elif isinstance(event, ev.RemoteSettingsChanged):
-                changed = event.changed_settings
-                if S.MAX_CONCURRENT_STREAMS in changed:
-                    self.peer_max = changed[S.MAX_CONCURRENT_STREAMS].new_value
-                if S.MAX_FRAME_SIZE in changed:
-                    self._max_frame = self.conn.max_outbound_frame_size
-                if S.INITIAL_WINDOW_SIZE in changed:
-                    self._wake(0)
-                if not self.ready.done():
-                    self.ready.set_result(None)
-                    self.pool.connection_ready(self)
-                else:
-                    self.pool.room_changed()
-            elif isinstance(event, ev.ConnectionTerminated):
-                self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
+            else:
+                self._on_connection_event(e)
         for s in got:
             if not s.reset:
                 self._deliver(s)
-        self._flush()
+
+    def _on_closed(self, e: StreamClosed) -> None:
+        """nghttp2 is done with a stream: both sides ended, or it was reset (by the peer: a
+        StreamReset came first and failed it; here: a response nghttp2 found malformed, a
+        request it could not send, a stream a GOAWAY did not cover)."""
+        s = self.streams.get(e.stream_id)
+        if s is None or s.released:
+            return
+        s.closed = True
+        code = e.error_code
+        if code == 0:
+            if s.fut is None:            # delivered (a pending one is delivered after the batch)
+                self._stream_done(s)
+        elif e.local_error is not None:
+            self._fail(s, UpstreamProtocolError(f"cannot send the request: {e.local_error}"))
+        elif code == _REFUSED:
+            self._fail(s, UpstreamReset("UR", "refused stream", sent=False))
+        else:
+            self._fail(s, UpstreamProtocolError(
+                "upstream protocol error: malformed response" if code == ErrorCode.PROTOCOL_ERROR
+                else f"upstream protocol error: {_reason(code)}"))
+
+    def _on_connection_event(self, e: ngh2.Event) -> None:
+        """The events that are not about one response's data (rare)."""
+        if type(e) is StreamReset:
+            s = self.streams.get(e.stream_id)
+            if s is None:
+                return
+            code = e.error_code
+            if s.ended and code == 0:
+                s.closed = True           # "stop sending": the response is complete
+                self._stream_done(s)
+            else:
+                refused = code == _REFUSED
+                self._fail(s, UpstreamReset(
+                    "UR", "refused stream" if refused else f"upstream reset: {_reason(code)}",
+                    sent=not refused))
+        elif type(e) is SettingsReceived:
+            mcs = e.settings.get(_MAX_STREAMS)
+            if mcs is not None:
+                self.peer_max = mcs
+            if not self.ready.done():
+                self.ready.set_result(None)
+                self.pool.connection_ready(self)
+            else:
+                self.pool.room_changed()
+        elif type(e) is GoAwayReceived:
+            self._on_goaway(e.error_code, e.last_stream_id)
+        elif type(e) is ConnectionClosed:
+            if e.error_code == 0:
+                self.close()
+            else:
+                debug = e.debug_data.decode("latin-1")
+                self._connection_failed(f"{_reason(e.error_code)} {debug}".rstrip(),
+                                        debug or _reason(e.error_code))
+        # WindowUpdated: waiting body data goes out with the next write (nghttp2 holds it);
+        # SETTINGS/PING acknowledgements, 1xx heads: nothing to do
+
+    def _connection_failed(self, why: str, detail: str) -> None:
+        """nghttp2 ended the connection (a protocol error, a limit): every stream fails."""
+        if not self.ready.done():
+            self.ready.set_exception(ConnectFailure(f"upstream is not speaking HTTP/2: {detail}"))
+            self.ready.exception()
+        err = UpstreamProtocolError(f"upstream protocol error: {why}")
+        for st in list(self.streams.values()):
+            self._fail(st, err)
+        self.close()
 
     # ---- responses -------------------------------------------------------------------------------
     def _deliver(self, s: _Stream) -> None:
@@ -288,7 +353,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             # complete: a plain bytes body (an HTTP/1.1 client gets it with the length it had,
             # or chunked when it had none, so only HTTP/2 clients take it without one)
             if data:
-                self.conn.acknowledge_received_data(len(data), s.sid)
+                self._ack(len(data), s.sid)
             resp = Response(s.status, headers, data)
             resp.trailers = s.trailers
             self._stream_done(s)
@@ -309,24 +374,28 @@ class Http2UpstreamConnection(asyncio.Protocol):
         else:
             resp.discard()
 
-    def _malformed(self, s: _Stream, m: Malformed) -> None:
-        """A malformed response (RFC 9113 8.1.1): a stream error, the connection lives."""
-        self._reset(s, ErrorCodes.PROTOCOL_ERROR,
-                    UpstreamProtocolError(f"upstream protocol error: malformed response ({m})"))
+    def _ack(self, n: int, sid: int) -> None:
+        """Credit ``n`` bytes of ``sid``'s DATA back to the peer's windows."""
+        try:
+            self.conn.acknowledge_received_data(n, sid)
+        except (ValueError, NGH2Error):
+            pass        # the connection is ending: there is no window left to credit
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
             if not self.closed:
-                self.conn.acknowledge_received_data(n, sid)
+                self._ack(n, sid)
                 self._schedule_flush()
         return credit
 
     def _abandon(self, s: _Stream) -> None:
         """The consumer gave up on the response body: reset the stream."""
         if not s.ended:
-            self._reset(s, ErrorCodes.CANCEL)
+            self._reset(s, _CANCEL)
 
     def _fail(self, s: _Stream, err: UpstreamError) -> None:
+        """The stream is gone (the peer reset it, nghttp2 closed it, the connection ended):
+        whoever awaits its response gets ``err``."""
         s.reset = True
         fut = s.fut
         if fut is not None:
@@ -335,7 +404,16 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 fut.set_exception(err)
         elif s.body is not None and not s.ended:
             s.body.feed_error(err)
+            self._discard(s)
         self._stream_done(s)
+
+    def _discard(self, s: _Stream) -> None:
+        """Nobody will read the rest of the body: credit what it holds."""
+        body = s.body
+        if body is not None and not body.discarding:
+            n = body.discard()
+            if n and not self.closed:
+                self._ack(n, s.sid)
 
     def _reset(self, s: _Stream, code: int, err: UpstreamError | None = None) -> None:
         """Reset the stream (``code`` to the peer); whoever awaits its response gets ``err``."""
@@ -351,35 +429,32 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 fut.set_exception(err)
         elif s.body is not None and not s.ended:
             s.body.feed_error(err)
+        self._discard(s)
         if not self.closed:
             try:
                 self.conn.reset_stream(s.sid, code)
-            except h2.exceptions.StreamClosedError:
+            except NGH2Error:
                 pass
             self._schedule_flush()
-        if s.body is not None and not s.body.discarding:
-            n = s.body.discard()
-            if n and not self.closed:
-                self.conn.acknowledge_received_data(n, s.sid)
         self._stream_done(s)
 
     def _stream_done(self, s: _Stream) -> None:
-        """The response is complete (or the stream is gone): the slot goes back once our
-        request is complete too (a stream is open until both sides ended)."""
+        """The response is complete (or the stream is gone): the slot goes back once nghttp2
+        closed the stream (both sides ended) or it was reset."""
         if s.timer is not None and (s.reset or s.ended):
             s.timer.cancel()
             s.timer = None
-        if not (s.reset or (s.ended and s.sent_end)):
+        if not (s.reset or (s.ended and s.closed)):
             return
-        if s.pump is not None and not s.pump.done() and s.reset:
-            s.pump.cancel()
+        pump = s.pump
+        if pump is not None and not pump.done():
+            pump.cancel()                 # the stream is gone: nothing more can be sent
         w = self._waiters.pop(s.sid, None)
         if w is not None and not w.done():
             w.set_result(None)
         if self.streams.pop(s.sid, None) is None or s.released:
             return
         s.released = True
-        self.conn.forget(s.sid)
         self.used -= 1
         self.idle_since = time.monotonic()
         if self.draining and not self.streams:
@@ -389,7 +464,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def _on_timeout(self, s: _Stream) -> None:
         s.timer = None
-        self._reset(s, ErrorCodes.CANCEL, UpstreamTimeout())
+        self._reset(s, _CANCEL, UpstreamTimeout())
 
     def _on_goaway(self, code: int, last_stream_id: int) -> None:
         self.draining = True
@@ -399,7 +474,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 # never processed by the peer: safe to send again, anywhere
                 self._fail(s, UpstreamReset("UR", "refused stream (GOAWAY)", sent=False))
         if code != 0:
-            # h2 closed the connection: what is open cannot finish
+            # the peer is closing on an error: what is open cannot finish
             for s in list(self.streams.values()):
                 self._fail(s, UpstreamReset("UR", f"upstream GOAWAY {code}"))
         self.pool.room_changed()
@@ -412,34 +487,32 @@ class Http2UpstreamConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         conn = self.conn
         self.requests += 1
-        try:
-            sid = conn.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError:
-            self.draining = True
-            self.used -= 1
-            raise UpstreamReset("UR", "no stream ids left", sent=False) from None
-        fut: asyncio.Future[Response] = loop.create_future()
-        s = _Stream(sid, fut)
-        s.whole_ok = req.version == "2"
-        self.streams[sid] = s
         body = req.body
         trailers = req.trailers
         scheme = "https" if self.pool.ssl is not None else "http"
         block = request_headers(req, authority, scheme)
-        end_now = isinstance(body, bytes) and not body and not trailers
+        end_now = type(body) is bytes and not body and not trailers
         try:
-            conn.send_headers(sid, block, end_stream=end_now)
-        except h2.exceptions.ProtocolError as e:
-            self._fail(s, UpstreamProtocolError(f"cannot send the request: {e}"))
-            raise UpstreamProtocolError(f"cannot send the request: {e}") from None
-        if end_now:
-            s.sent_end = True
-        elif isinstance(body, bytes) and len(body) <= conn.local_flow_control_window(sid) \
-                and len(body) <= self._max_frame and not trailers:
-            conn.send_data(sid, body, end_stream=True)     # the common small body: no task
-            s.sent_end = True
-        else:
-            s.pump = loop.create_task(self._send_body(s, body, trailers))
+            sid = conn.send_request(block, end_stream=end_now)
+        except NGH2Error as e:
+            # no stream ids left, or the connection is ending: nothing was sent
+            self.draining = True
+            self.used -= 1
+            self.pool.room_changed()
+            raise UpstreamReset("UR", f"cannot open a stream: {e}", sent=False) from None
+        fut: asyncio.Future[Response] = loop.create_future()
+        s = _Stream(sid, fut)
+        s.whole_ok = req.version == "2"
+        self.streams[sid] = s
+        if not end_now:
+            if type(body) is bytes:
+                # in memory already: nghttp2 holds it until the peer's windows let it out
+                if body:
+                    conn.send_data(sid, body, end_stream=not trailers)
+                if trailers:
+                    conn.send_trailers(sid, _trailer_block(trailers))
+            else:
+                s.pump = loop.create_task(self._send_body(s, cast(BodySource, body), trailers))
         # one write per loop turn for every stream started in it (a write to a loopback peer
         # costs as much as the rest of the request): requests dispatched from one downstream
         # read share a syscall
@@ -447,82 +520,69 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if deadline is not None:
             s.timer = loop.call_at(deadline, self._on_timeout, s)
         ctx = req.ctx
-        ctx.abort = lambda: self._reset(s, ErrorCodes.CANCEL)
+        ctx.abort = lambda: self._reset(s, _CANCEL)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._reset(s, ErrorCodes.CANCEL)
+            self._reset(s, _CANCEL)
             raise
         finally:
             if ctx.abort is not None and s.reset:
                 ctx.abort = None
 
-    async def _send_body(self, s: _Stream, body: bytes | BodySource, trailers: Headers | None) -> None:
+    async def _send_body(self, s: _Stream, body: BodySource, trailers: Headers | None) -> None:
+        conn = self.conn
+        sid = s.sid
         try:
-            if isinstance(body, bytes):
-                await self._send_data(s, body)
-            else:
-                async for chunk in body:
-                    if s.reset:
-                        return
-                    if chunk:
-                        await self._send_data(s, chunk)
-                trailers = body.trailers or trailers
+            async for chunk in body:
+                if s.reset or self.closed:
+                    return
+                if chunk:
+                    conn.send_data(sid, chunk)
+                    self._schedule_flush()
+                    if conn.queued_body_size(sid) > _QUEUED_MAX or self._write_paused:
+                        await self._writable(s)
+            trailers = body.trailers or trailers
             if s.reset or self.closed:
                 return
             if trailers:
-                self.conn.send_headers(s.sid, [(k.encode("latin-1"), v.encode("latin-1"))
-                                               for k, v in trailers.items()
-                                               if k not in CONNECTION_SPECIFIC_STR],
-                                       end_stream=True)
+                conn.send_trailers(sid, _trailer_block(trailers))
             else:
-                self.conn.end_stream(s.sid)
-            s.sent_end = True
+                conn.end_stream(sid)
             self._schedule_flush()
-            if s.ended:
-                self._stream_done(s)
         except asyncio.CancelledError:
             pass
-        except h2.exceptions.StreamClosedError:
-            s.sent_end = True
-            self._stream_done(s)
+        except NGH2Error:
+            pass        # nghttp2 closed the stream (its StreamClosed says how)
         except Exception as e:     # the downstream body failed (client gone): reset upstream
-            self._reset(s, ErrorCodes.CANCEL, UpstreamReset("UR", f"request body: {e}"))
+            self._reset(s, _CANCEL, UpstreamReset("UR", f"request body: {e}"))
 
-    async def _send_data(self, s: _Stream, data: bytes) -> None:
-        conn = self.conn
-        view = memoryview(data)
-        pos, total = 0, len(data)
+    async def _writable(self, s: _Stream) -> None:
+        """Wait until the stream's queued body data went out (down to ``_QUEUED_MAX``) and the
+        transport takes more."""
         loop = asyncio.get_running_loop()
-        while pos < total:
-            if s.reset or self.closed:
-                raise h2.exceptions.StreamClosedError(s.sid)
-            window = conn.local_flow_control_window(s.sid)
-            if window <= 0:
-                w = self._waiters[s.sid] = loop.create_future()
-                await w
-                continue
-            n = min(window, total - pos, self._max_frame)
-            conn.send_data(s.sid, data if n == total else view[pos:pos + n])
-            pos += n
-            self._schedule_flush()
+        conn = self.conn
+        while not (s.reset or self.closed):
             if self._write_paused:
                 self._flush()
                 d = self._drain
                 if d is None or d.done():
                     d = self._drain = loop.create_future()
                 await d
+            elif conn.queued_body_size(s.sid) > _QUEUED_MAX:
+                w = self._waiters[s.sid] = loop.create_future()
+                await w
+            else:
+                return
 
-    def _wake(self, sid: int) -> None:
-        if sid == 0:
-            waiters = list(self._waiters.values())
-            self._waiters.clear()
-        else:
-            w = self._waiters.pop(sid, None)
-            waiters = [w] if w is not None else []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+    def _wake_writers(self) -> None:
+        """After a write: wake the pumps whose queued data went out."""
+        conn = self.conn
+        for sid, w in list(self._waiters.items()):
+            if conn.queued_body_size(sid) <= _QUEUED_MAX:
+                del self._waiters[sid]
+                if not w.done():
+                    w.set_result(None)
 
     # ---- output ----------------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
@@ -530,11 +590,24 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Write what nghttp2 has to send, then handle what sending it did (a reset stream is
+        closed, a GOAWAY ends the connection)."""
         self._flush_handle = None
-        data = self.conn.data_to_send()
+        if self.closed:
+            return
+        conn = self.conn
+        try:
+            data = conn.data_to_send()
+        except NGH2Error:
+            return
         t = self.transport
         if data and t is not None and not t.is_closing():
             t.write(data)
+        events = conn.events()
+        if events:
+            self._handle(events)
+        if self._waiters:
+            self._wake_writers()
 
     def close(self) -> None:
         """Close (gracefully when idle: a GOAWAY NO_ERROR first)."""
@@ -543,9 +616,20 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.draining = True
         t = self.transport
         if t is not None and not t.is_closing():
-            self._flush()
-            if not self.streams:
-                t.write(goaway_frame(0))
+            conn = self.conn
+            try:
+                if not self.streams:
+                    conn.terminate_connection(0)
+                data = conn.data_to_send()
+            except NGH2Error:
+                data = b""
+            if data:
+                t.write(data)
             t.close()
         self.closed = True
         self.pool.forget(self)
+
+
+def _trailer_block(trailers: Headers) -> list[Header]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
+            if k not in CONNECTION_SPECIFIC_STR]

@@ -1,10 +1,13 @@
 """The upstream HTTP/2 connection and its pool without sockets: an ``h2`` server (a real HTTP/2
-peer) exchanges bytes with ``Http2UpstreamConnection`` through an in-memory transport.
+peer, another implementation than the connection's nghttp2) exchanges bytes with
+``Http2UpstreamConnection`` through an in-memory transport.
 
 Covers stream-slot accounting (capacity = min(peer SETTINGS, cluster limit), busiest first,
 slots back when both sides ended), GOAWAY bookkeeping (streams above last_stream_id fail as
 never sent, the others finish, the connection closes after its last stream), refused streams,
-the header translation for an HTTP/2 upstream, idle sweep and drain."""
+malformed responses (nghttp2's checks: the stream fails, the connection lives), request bodies
+read from downstream only as the peer's windows let them out, flow-control credit, the header
+translation for an HTTP/2 upstream, idle sweep and drain."""
 
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ import h2.events
 import h2.settings
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from multidict import MultiDict
 
-from sidecar.codec.http2_common import goaway_frame
 from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
+from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import ConnectFailure, UpstreamReset, UpstreamTimeout
+from sidecar.core.errors import ConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from sidecar.core.message import Request
 from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
 from sidecar.upstream.http2_pool import Http2Pool
@@ -29,20 +33,24 @@ from tests.unit.upstream.memory_transport import MemoryTransport
 
 
 class Server:
-    """An h2 server wired to one upstream connection."""
+    """An h2 server wired to one upstream connection (it sends whatever head a test gives it:
+    no outbound validation)."""
 
     def __init__(self, conn: Http2UpstreamConnection, transport: MemoryTransport,
                  max_streams: int | None = None) -> None:
         self.conn = conn
         self.t = transport
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
         self.h2.initiate_connection()
         if max_streams is not None:
             self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
         self.requests: dict[int, list[tuple[bytes, bytes]]] = {}
         self.bodies: dict[int, bytes] = {}
         self.ended: set[int] = set()
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.resets: dict[int, int] = {}
 
     def pump(self) -> None:
         """Move bytes both ways until neither side has anything to say."""
@@ -59,6 +67,10 @@ class Server:
                         self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
                     elif isinstance(e, h2.events.StreamEnded):
                         self.ended.add(e.stream_id)
+                    elif isinstance(e, h2.events.TrailersReceived):
+                        self.trailers[e.stream_id] = e.headers
+                    elif isinstance(e, h2.events.StreamReset):
+                        self.resets[e.stream_id] = e.error_code
             out = self.h2.data_to_send()
             if out:
                 moved = True
@@ -75,6 +87,10 @@ class Server:
     def raw(self, frame: bytes) -> None:
         """A frame written beside h2 (h2 stops serving after its own GOAWAY)."""
         self.conn.data_received(frame)
+
+
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code).serialize()
 
 
 def pool(max_streams: int = UPSTREAM_DEFAULTS.max_concurrent_streams, idle_timeout: float = 3600.0) -> Http2Pool:
@@ -268,6 +284,125 @@ async def test_discarding_a_streamed_response_resets_its_stream():
     resets = [e.error_code for e in server.h2.receive_data(server.t.take())
               if isinstance(e, h2.events.StreamReset)]
     assert resets == [ErrorCodes.CANCEL] and conn.used == 0
+
+
+# ---- what nghttp2 checks, flow control -----------------------------------------------------------
+
+@pytest.mark.parametrize("head", [
+    [(b":status", b"200"), (b"X-Upper", b"1")],
+    [(b":status", b"200"), (b"connection", b"close")],
+    [(b":status", b"200"), (b"te", b"gzip")],
+    [(b":status", b"200"), (b"x-v", b"a\r\nb")],
+    [(b":status", b"200"), (b"x-v", b" padded")],
+    [(b"x-first", b"1"), (b":status", b"200")],
+    [(b":status", b"2000")],
+    [(b":status", b"200"), (b":path", b"/")],
+    [(b"x-no-status", b"1")],
+], ids=["upper-case", "connection-specific", "te", "crlf", "whitespace", "pseudo-after",
+        "status", "request-pseudo", "no-status"])
+async def test_a_malformed_response_resets_only_its_stream(head):
+    """RFC 9113 8.1.1: a stream error (RST_STREAM PROTOCOL_ERROR, the request fails as a protocol
+    error: 502 UPE); the connection serves the next request."""
+    p, conn, server, task, sid = await one_stream()
+    server.h2.send_headers(sid, head)
+    server.pump()
+    with pytest.raises(UpstreamProtocolError) as e:
+        await asyncio.wait_for(task, 1)
+    assert e.value.flag == "UPE" and "malformed response" in e.value.reason
+    assert server.resets == {sid: ErrorCodes.PROTOCOL_ERROR}
+    assert conn.used == 0 and not conn.closed
+    assert p.acquire() is conn
+    task2 = await start(conn)
+    server.pump()
+    server.respond(max(server.requests), 200, b"next")
+    assert (await asyncio.wait_for(task2, 1)).body == b"next"
+
+
+async def test_malformed_trailers_fail_the_streamed_body():
+    p, conn, server, task, sid = await one_stream()
+    server.h2.send_headers(sid, [(b":status", b"200")])
+    server.h2.send_data(sid, b"part")
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    server.h2.send_headers(sid, [(b":status", b"200")], end_stream=True)   # a pseudo-header
+    server.pump()
+    with pytest.raises(UpstreamProtocolError):
+        await resp.body.read_all(1 << 20)
+    assert conn.used == 0 and not conn.closed and conn.has_room()
+
+
+async def test_a_body_shorter_than_its_content_length_fails_only_its_stream():
+    p, conn, server, task, sid = await one_stream()
+    server.h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"10")])
+    server.h2.send_data(sid, b"short", end_stream=True)
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    with pytest.raises(UpstreamProtocolError):
+        await resp.body.read_all(1 << 20)
+    assert conn.used == 0 and not conn.closed and conn.has_room()
+
+
+async def test_a_request_body_is_read_from_downstream_only_as_the_peers_window_lets_it_out():
+    """HTTP/2 flow control end to end: while the peer reads nothing (its 65535-byte windows
+    stay closed) the connection stops reading the downstream body; it all goes out once the
+    peer reads."""
+    p = pool()
+    conn, server = connect(p)
+    src = BodyStream()
+    req = request("POST", "/up", headers={"host": "svc.local"})
+    req.body = src
+    p.acquire()
+    task = asyncio.ensure_future(conn.send(req, "svc.local", None))
+    chunk = bytes(range(256)) * 64                     # 16 KiB
+    for _ in range(40):                                # 640 KiB offered, the peer not reading
+        src.feed(chunk)
+        await settle()
+    assert src.buffered > 256 * 1024                   # most of it was left downstream
+    src.feed_eof()
+    for _ in range(200):
+        server.pump()
+        await settle()
+        if server.ended:
+            break
+    (sid,) = server.requests
+    assert server.bodies[sid] == chunk * 40 and sid in server.ended
+    server.respond(sid, 200, b"got it")
+    assert (await asyncio.wait_for(task, 1)).body == b"got it"
+    assert conn.used == 0
+
+
+async def test_request_trailers_follow_an_in_memory_body():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    req = request("POST", "/t", headers={"host": "svc.local", "te": "trailers"}, body=b"abc")
+    req.trailers = MultiDict({"x-checksum": "900150983cd2"})
+    task = await start(conn, req)
+    server.pump()
+    (sid,) = server.requests
+    assert server.bodies[sid] == b"abc"
+    assert server.trailers[sid] == [(b"x-checksum", b"900150983cd2")] and sid in server.ended
+    server.respond(sid)
+    assert (await asyncio.wait_for(task, 1)).status == 200
+
+
+async def test_a_discarded_body_is_credited_to_the_connection_window():
+    """Data a reset stream holds unread goes back to the peer's connection window (else the
+    window shrinks for every stream after it)."""
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
+                                                    initial_connection_window_size=65535))
+    p, conn, server, task, sid = await one_stream(p)
+    server.h2.send_headers(sid, [(b":status", b"200")])
+    for _ in range(3):
+        server.h2.send_data(sid, b"x" * 16000)
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    assert server.h2.outbound_flow_control_window == 65535 - 48000
+    resp.discard()
+    await settle()
+    server.pump()
+    assert server.resets == {sid: ErrorCodes.CANCEL}
+    assert server.h2.outbound_flow_control_window == 65535
 
 
 # ---- GOAWAY -------------------------------------------------------------------------------------
