@@ -363,11 +363,10 @@ class Http2UpstreamConnection(asyncio.Protocol):
             if data:
                 body.feed(data)
             resp = Response(s.status, headers, body)
+            resp.release = lambda: self._abandon(s)
             if s.ended:
                 body.feed_eof(s.trailers)
                 self._stream_done(s)
-            else:
-                resp.release = lambda: self._abandon(s)
         s.fut = None
         if fut is not None and not fut.done():
             fut.set_result(resp)
@@ -389,9 +388,12 @@ class Http2UpstreamConnection(asyncio.Protocol):
         return credit
 
     def _abandon(self, s: _Stream) -> None:
-        """The consumer gave up on the response body: reset the stream."""
+        """The consumer gave up on the response body: reset the stream if more is to come;
+        what arrived unread is credited either way (the connection window is shared)."""
         if not s.ended:
             self._reset(s, _CANCEL)
+        else:
+            self._discard(s)
 
     def _fail(self, s: _Stream, err: UpstreamError) -> None:
         """The stream is gone (the peer reset it, nghttp2 closed it, the connection ended):
@@ -414,6 +416,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             n = body.discard()
             if n and not self.closed:
                 self._ack(n, s.sid)
+                self._schedule_flush()
 
     def _reset(self, s: _Stream, code: int, err: UpstreamError | None = None) -> None:
         """Reset the stream (``code`` to the peer); whoever awaits its response gets ``err``."""

@@ -405,6 +405,22 @@ async def test_a_discarded_body_is_credited_to_the_connection_window():
     assert server.h2.outbound_flow_control_window == 65535
 
 
+async def test_a_complete_body_discarded_unread_is_credited_too():
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
+                                                    initial_connection_window_size=65535))
+    p, conn, server, task, sid = await one_stream(p)
+    server.h2.send_headers(sid, [(b":status", b"200")])      # no length: an HTTP/1.1 client
+    for i in range(3):                                          # gets it streamed
+        server.h2.send_data(sid, b"x" * 16000, end_stream=i == 2)
+    server.pump()
+    resp = await asyncio.wait_for(task, 1)
+    assert resp.body_source() is not None and conn.used == 0
+    resp.discard()                                    # a retry policy dropping it, say
+    await settle()
+    server.pump()
+    assert server.resets == {} and server.h2.outbound_flow_control_window == 65535
+
+
 # ---- GOAWAY -------------------------------------------------------------------------------------
 
 async def test_goaway_fails_later_streams_as_unsent_finishes_covered_ones_then_closes():
