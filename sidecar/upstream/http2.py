@@ -15,6 +15,9 @@ PROTOCOL_ERROR: the request fails as a protocol error, the connection lives) and
 body data until the peer's windows let it out; a request body is read from downstream only
 while little of it waits there (``_QUEUED_MAX``), concurrently with the response, so
 bidirectional streams work. Response bodies credit the peer's windows as they are read.
+
+(Over 600 lines: one connection's streams, their flow control and its GOAWAY handling share
+the state of the connection; the pool is apart, in ``http2_pool``.)
 """
 
 from __future__ import annotations
