@@ -527,6 +527,18 @@ async def test_an_http1_answer_fails_the_connect_step_at_once():
     assert "not speaking HTTP/2" in e.value.reason
 
 
+async def test_a_connection_error_fails_every_stream_as_a_protocol_error_and_closes():
+    p, conn, server, task, sid = await one_stream()
+    server.raw(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")       # DATA on stream 0
+    with pytest.raises(UpstreamProtocolError) as e:
+        await asyncio.wait_for(task, 1)
+    assert e.value.flag == "UPE" and "PROTOCOL_ERROR" in e.value.reason
+    goaway = [ev for ev in server.h2.receive_data(server.t.take())
+              if isinstance(ev, h2.events.ConnectionTerminated)]
+    assert [g.error_code for g in goaway] == [ErrorCodes.PROTOCOL_ERROR]
+    assert conn.closed and server.t.closed and p.conns == [] and conn.used == 0
+
+
 # ---- sweep and drain ----------------------------------------------------------------------------
 
 async def test_sweep_closes_only_connections_idle_past_the_timeout():
