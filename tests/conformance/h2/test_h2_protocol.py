@@ -211,6 +211,19 @@ def test_http1_on_auto_listener_still_works(h2_pair):
         p.port(), b"GET /h1/a HTTP/1.1\r\nHost: example.test\r\n\r\n")))
 
 
+def test_http2_upstream_body_shorter_than_its_content_length(h2_pair):
+    """An HTTP/2 upstream sends 5 bytes after ``content-length: 10`` (RFC 9113 8.1.1: a
+    malformed response, a stream error): what the client gets, and whether the pooled upstream
+    connection serves the next request."""
+    def run(p):
+        with H2Client(p.port()) as c:
+            before = c.request("GET", "/h2/before").echo["conn"]
+            bad = c.request("GET", "/h2/cl?body=short&hdr=content-length:10")
+            after = c.request("GET", "/h2/after").echo["conn"]
+        return {"response": response_view(bad), "same_upstream_connection": before == after}
+    h2_pair.same("upstream-content-length-mismatch", run)
+
+
 # ---- multiplexing, pooling, flow control --------------------------------------------------------
 
 def test_multiplexing_and_upstream_pool(h2_pair):
