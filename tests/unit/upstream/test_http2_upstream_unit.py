@@ -213,6 +213,29 @@ async def test_a_request_goes_out_and_its_slot_comes_back_with_the_response():
     assert conn.has_room() and not conn.closed
 
 
+async def test_streams_started_in_one_loop_turn_share_one_write():
+    p = pool()
+    conn, server = connect(p)
+    writes: list[int] = []
+    write = server.t.write
+
+    def counted(data: bytes) -> None:
+        writes.append(len(data))
+        write(data)
+    server.t.write = counted
+    tasks = []
+    for _ in range(3):
+        assert p.acquire() is conn
+        tasks.append(asyncio.ensure_future(conn.send(request(), "svc.local", None)))
+    await settle()
+    assert len(writes) == 1                         # three HEADERS, one syscall
+    server.pump()
+    assert sorted(server.requests) == [1, 3, 5]
+    for sid in (1, 3, 5):
+        server.respond(sid)
+    assert [r.status for r in await asyncio.gather(*tasks)] == [200] * 3
+
+
 async def test_a_refused_stream_is_marked_as_never_sent():
     p, conn, server, task, sid = await one_stream()
     server.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
