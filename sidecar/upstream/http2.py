@@ -407,19 +407,26 @@ class Http2UpstreamConnection(asyncio.Protocol):
             s.fut = None
             if not fut.done():
                 fut.set_exception(err)
+            self._discard(s)          # DATA that came with the head, in this same batch
         elif s.body is not None and not s.ended:
             s.body.feed_error(err)
             self._discard(s)
         self._stream_done(s)
 
     def _discard(self, s: _Stream) -> None:
-        """Nobody will read the rest of the body: credit what it holds."""
+        """Nobody will read the rest of the body: credit what it holds (the connection window
+        is shared: uncredited data would shrink it for every stream after)."""
+        n = 0
+        chunks = s.chunks
+        if chunks:
+            s.chunks = None
+            n = sum(map(len, chunks))
         body = s.body
         if body is not None and not body.discarding:
-            n = body.discard()
-            if n and not self.closed:
-                self._ack(n, s.sid)
-                self._schedule_flush()
+            n += body.discard()
+        if n and not self.closed:
+            self._ack(n, s.sid)
+            self._schedule_flush()
 
     def _reset(self, s: _Stream, code: int, err: UpstreamError | None = None) -> None:
         """Reset the stream (``code`` to the peer); whoever awaits its response gets ``err``."""

@@ -12,6 +12,7 @@ translation for an HTTP/2 upstream, idle sweep and drain."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import h2.config
 import h2.connection
@@ -21,11 +22,18 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 from multidict import MultiDict
+from ngh2 import DataReceived
 
 from sidecar.config.http2 import UPSTREAM_DEFAULTS, Http2Options
 from sidecar.core.body import BodyStream
 from sidecar.core.context import RequestContext
-from sidecar.core.errors import ConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from sidecar.core.errors import (
+    ConnectFailure,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
 from sidecar.core.message import Request
 from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
 from sidecar.upstream.http2_pool import Http2Pool
@@ -428,6 +436,24 @@ async def test_a_discarded_body_is_credited_to_the_connection_window():
     assert server.h2.outbound_flow_control_window == 65535
 
 
+async def test_data_that_came_with_a_head_and_a_reset_is_credited():
+    """HEADERS, DATA and RST_STREAM in one read: the stream fails before its response was
+    handed over; the DATA it held still goes back to the connection window."""
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
+                                                    initial_connection_window_size=65535))
+    p, conn, server, task, sid = await one_stream(p)
+    server.h2.send_headers(sid, [(b":status", b"200")])
+    for _ in range(3):
+        server.h2.send_data(sid, b"x" * 16000)
+    server.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+    server.pump()
+    with pytest.raises(UpstreamReset):
+        await asyncio.wait_for(task, 1)
+    await settle()
+    server.pump()
+    assert server.h2.outbound_flow_control_window == 65535 and conn.used == 0
+
+
 async def test_a_complete_body_discarded_unread_is_credited_too():
     p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(initial_stream_window_size=65535,
                                                     initial_connection_window_size=65535))
@@ -442,6 +468,101 @@ async def test_a_complete_body_discarded_unread_is_credited_too():
     await settle()
     server.pump()
     assert server.resets == {} and server.h2.outbound_flow_control_window == 65535
+
+
+async def _random_exchanges(seed: int, rounds: int) -> None:
+    """Many streams on one connection with small windows, the peer answering at random (whole,
+    streamed, with trailers, malformed, reset, given up for want of window), the consumer
+    reading or discarding at random, request bodies in memory or streamed."""
+    rnd = random.Random(seed)
+    p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(
+        max_concurrent_streams=20, initial_stream_window_size=65535,
+        initial_connection_window_size=65535))
+    conn, server = connect(p)
+    received = credited = 0
+    handle, ack = conn._handle, conn._ack
+
+    def counting_handle(events):
+        nonlocal received
+        received += sum(len(e.data) for e in events if type(e) is DataReceived)
+        handle(events)
+
+    def counting_ack(n: int, sid: int) -> None:
+        nonlocal credited
+        credited += n
+        ack(n, sid)
+    conn._handle, conn._ack = counting_handle, counting_ack   # type: ignore[method-assign]
+
+    async def consume(task: asyncio.Future, discard: bool) -> None:
+        try:
+            resp = await task
+            if discard:
+                resp.discard()
+            elif resp.body_source() is not None:
+                await resp.body.read_all(1 << 24)
+        except UpstreamError:
+            pass
+
+    async def feed(src: BodyStream, chunks: int) -> None:
+        for _ in range(chunks):
+            src.feed(b"y" * rnd.randint(1, 40000))
+            await asyncio.sleep(0)
+        src.feed_eof()
+
+    consumers, answered = [], set()
+    for _ in range(rounds):
+        while p.acquire() is not None:
+            if rnd.random() < 0.3:
+                req = request("POST", "/s")
+                req.body = src = BodyStream()
+                consumers.append(asyncio.ensure_future(feed(src, rnd.randint(0, 4))))
+            else:
+                req = request("POST", "/b", body=b"x" * rnd.choice([0, rnd.randint(1, 100000)]))
+            task = asyncio.ensure_future(conn.send(req, "svc.local", None))
+            consumers.append(asyncio.ensure_future(consume(task, rnd.random() < 0.3)))
+        await settle()
+        server.pump()
+        for sid in [s for s in server.requests if s not in answered and rnd.random() < 0.5]:
+            answered.add(sid)
+            h = server.h2
+            act = rnd.random()
+            if act < 0.1:
+                h.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            elif act < 0.2:
+                h.send_headers(sid, [(b":status", b"200"), (b"X-Bad", b"1")])
+            else:
+                n = rnd.randint(0, 60000)
+                length = [(b"content-length", str(n).encode())] if rnd.random() < 0.5 else []
+                h.send_headers(sid, [(b":status", b"200"), *length])
+                sent = 0
+                while sent < n and (room := min(h.local_flow_control_window(sid), 16000)) > 0:
+                    h.send_data(sid, b"z" * min(room, n - sent))
+                    sent += min(room, n - sent)
+                if sent < n:
+                    h.reset_stream(sid, ErrorCodes.CANCEL)
+                elif rnd.random() < 0.3:
+                    h.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                else:
+                    h.end_stream(sid)
+            server.pump()
+        await settle()
+        server.pump()
+    for sid in server.requests:
+        if sid not in answered:
+            server.h2.reset_stream(sid, ErrorCodes.CANCEL)
+    for _ in range(5):
+        server.pump()
+        await settle()
+    await asyncio.wait_for(asyncio.gather(*consumers), 5)
+    await settle()
+    server.pump()
+    assert conn.used == 0 and conn.streams == {} and not conn.closed and p.streams() == 0
+    assert received > 1_000_000 and credited == received      # every byte went back
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_random_exchanges_return_every_slot_and_every_byte_of_window(seed):
+    await _random_exchanges(seed, 120)
 
 
 # ---- GOAWAY -------------------------------------------------------------------------------------
