@@ -473,7 +473,8 @@ async def test_a_complete_body_discarded_unread_is_credited_too():
 async def _random_exchanges(seed: int, rounds: int) -> None:
     """Many streams on one connection with small windows, the peer answering at random (whole,
     streamed, with trailers, malformed, reset, given up for want of window), the consumer
-    reading or discarding at random, request bodies in memory or streamed."""
+    reading or discarding at random, the client resetting at random, request bodies in memory
+    or streamed."""
     rnd = random.Random(seed)
     p = Http2Pool("127.0.0.1", 1, 1.0, Http2Options(
         max_concurrent_streams=20, initial_stream_window_size=65535,
@@ -509,7 +510,7 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
             await asyncio.sleep(0)
         src.feed_eof()
 
-    consumers, answered = [], set()
+    consumers, answered, started = [], set(), []
     for _ in range(rounds):
         while p.acquire() is not None:
             if rnd.random() < 0.3:
@@ -520,9 +521,15 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
                 req = request("POST", "/b", body=b"x" * rnd.choice([0, rnd.randint(1, 100000)]))
             task = asyncio.ensure_future(conn.send(req, "svc.local", None))
             consumers.append(asyncio.ensure_future(consume(task, rnd.random() < 0.3)))
+            started.append(req)
         await settle()
+        if rnd.random() < 0.3:                  # a client gone, a timeout: our reset
+            abort = rnd.choice(started).ctx.abort
+            if abort is not None:
+                abort()
         server.pump()
-        for sid in [s for s in server.requests if s not in answered and rnd.random() < 0.5]:
+        for sid in [s for s in server.requests
+                    if s not in answered and s not in server.resets and rnd.random() < 0.5]:
             answered.add(sid)
             h = server.h2
             act = rnd.random()
@@ -548,7 +555,7 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
         await settle()
         server.pump()
     for sid in server.requests:
-        if sid not in answered:
+        if sid not in answered and sid not in server.resets:
             server.h2.reset_stream(sid, ErrorCodes.CANCEL)
     for _ in range(5):
         server.pump()
