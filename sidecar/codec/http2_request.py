@@ -29,6 +29,10 @@ class Refused(Exception):
     """A request the listener's limits refuse (its stream is reset, as Envoy's codec does)."""
 
 
+class TooLarge(Refused):
+    """Headers over ``max_request_headers_kb`` or ``max_headers_count``."""
+
+
 # RFC 9113 8.2.1: a field value with NUL, CR or LF, or starting or ending with SP or HTAB
 _BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 # field names already found valid (lower-case tokens, not connection-specific): a set lookup
@@ -166,4 +170,75 @@ def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] |
     req.scheme = scheme
     if target is None:
         req.reject = (400, "missing :authority")
+    return req
+
+
+def request_from_checked_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] | None,
+                                 port: int, tls: bool, peer_identity: str | None,
+                                 underscores: str, max_bytes: int, max_count: int) -> Request:
+    """The request, from a header list the HTTP/2 engine (nghttp2) has already checked as RFC
+    9113 8.2 and 8.3 ask (names lower-case tokens, no connection-specific field, ``te`` only
+    "trailers", values without NUL/CR/LF or surrounding whitespace, the request pseudo-headers
+    once each, first, ``:method``, ``:scheme`` and ``:path`` present, ``:authority`` or
+    ``host``): only Envoy's choices are left here. Raises ``TooLarge`` past the listener's
+    limits (Envoy counts a name and value per field, pseudo-headers included, the crumbled
+    cookies as the one header they are joined into), ``Refused`` for an underscore under
+    REJECT_REQUEST (DROP_HEADER drops the field), ``Malformed`` for CONNECT."""
+    method = path = scheme = authority = None
+    host = None
+    headers: Headers = MultiDict()
+    cookies: list[str] = []
+    size = 0
+    regular = False
+    for name, value in raw:
+        size += len(name) + len(value)
+        if name[0] == 58:          # b":"
+            v = value.decode("latin-1")
+            if name == b":method":
+                method = v
+            elif name == b":path":
+                path = v
+            elif name == b":scheme":
+                scheme = v
+            else:
+                authority = v
+            continue
+        if not regular:            # the pseudo-headers come first (nghttp2 checked)
+            regular = True
+            if authority is not None:
+                headers["host"] = authority    # :authority wins over a Host header (Envoy)
+        if underscores != "ALLOW" and b"_" in name:
+            if underscores == "DROP_HEADER":
+                continue
+            raise Refused(f"header name with an underscore {name!r}")
+        n = name.decode("latin-1")
+        v = value.decode("latin-1")
+        if n == "cookie":
+            cookies.append(v)      # joined below, as Envoy does for any upstream protocol
+        elif n == "host":
+            if host is not None:
+                raise Malformed("two host headers")
+            host = v
+        else:
+            headers.add(n, v)
+    if size > max_bytes or len(raw) - len(cookies) + (1 if cookies else 0) > max_count:
+        raise TooLarge("header list")
+    if method == "CONNECT" or method is None or path is None:
+        raise Malformed("CONNECT is not supported")
+    if cookies:
+        headers.add("cookie", "; ".join(cookies))
+    if authority is None:
+        if host is not None:           # Host first, as :authority would be
+            all_headers: Headers = MultiDict(host=host)
+            all_headers.extend(headers)
+            headers = all_headers
+    elif not regular:
+        headers["host"] = authority
+    ctx = RequestContext(listener, peer, time.perf_counter(), port)
+    ctx.tls = tls
+    ctx.peer_identity = peer_identity
+    ctx.protocol = "HTTP/2"
+    p, _, query = path.partition("?")
+    req = Request(method, p, query, headers, b"", ctx, "2")
+    req.scheme = scheme or "http"
     return req
