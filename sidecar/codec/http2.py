@@ -136,6 +136,7 @@ class Http2Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._going_away = False
         self._ended = False             # the engine is done (ConnectionClosed): close after output
+        self._failed = False            # ... on a connection error: close without the streams
         self._out: list[bytes] = []     # engine output taken early (before a reset), not written
         self._window_waiters: set[_Stream] = set()
         self._max_frame = 16384
@@ -400,10 +401,15 @@ class Http2Connection(asyncio.Protocol):
         if e.error_code and _TOO_MANY_STREAMS in e.debug_data:
             raise Abuse("too_many_streams", None)
         if e.error_code:
+            # a connection error: the engine's GOAWAY goes out and every stream ends with it
             self.owner.http2_abuse("protocol_error")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("HTTP/2 connection error from %s: %s %r", self.peer, e.error_code,
                           e.debug_data)
+            self._failed = True
+            gone = ConnectionResetError("HTTP/2 connection error")
+            for s in list(self.streams.values()):
+                self._on_reset(s, gone, by_peer=False)
         self._ended = True
         self._going_away = True
 
@@ -796,7 +802,7 @@ class Http2Connection(asyncio.Protocol):
         t = self.transport
         if data and t is not None and not t.is_closing():
             t.write(data)
-        if self._ended and not self.streams and not self._closing:
+        if self._ended and (self._failed or not self.streams) and not self._closing:
             self._closing = True
             if t is not None and not t.is_closing():
                 t.close()
