@@ -302,8 +302,8 @@ class Http2Connection(asyncio.Protocol):
         new: list[_Stream] | None = None
         streams = self.streams
         for e in events:
-            t = type(e)
-            if t is DataReceived:
+            # type(e) is X: one C call and a compare per branch (mypy narrows on it)
+            if type(e) is DataReceived:
                 sid = e.stream_id
                 s = streams.get(sid)
                 data = e.data
@@ -318,16 +318,16 @@ class Http2Connection(asyncio.Protocol):
                         s.body.feed(data)
                     if e.end_stream:
                         self._end_of_request(s)
-            elif t is RequestReceived:
+            elif type(e) is RequestReceived:
                 s = self._on_request(e)
                 if s is not None:
                     if new is None:
                         new = [s]
                     else:
                         new.append(s)
-            elif t is StreamClosed:
+            elif type(e) is StreamClosed:
                 self._on_closed(e)
-            elif t is TrailersReceived:
+            elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None:
                     try:
@@ -335,23 +335,23 @@ class Http2Connection(asyncio.Protocol):
                     except Malformed:
                         raise Abuse("malformed_trailers", ErrorCode.PROTOCOL_ERROR) from None
                     self._end_of_request(s)
-            elif t is WindowUpdated:
+            elif type(e) is WindowUpdated:
                 if self._window_waiters:
                     self._wake_writers(e.stream_id)
-            elif t is StreamReset:          # the peer's RST_STREAM
+            elif type(e) is StreamReset:          # the peer's RST_STREAM
                 sid = self._peer_reset = e.stream_id
                 s = streams.get(sid)
                 self.guard.reset_by_peer(s is not None and not s.done and
                                          time.monotonic() - s.started < 1.0)
                 if s is not None:
                     self._on_reset(s, ConnectionResetError("stream reset by the client"), True)
-            elif t is SettingsReceived:
+            elif type(e) is SettingsReceived:
                 settings = e.settings
                 if _SETTINGS_INITIAL_WINDOW_SIZE in settings and self._window_waiters:
                     self._wake_writers(0)
                 if _SETTINGS_MAX_FRAME_SIZE in settings:
                     self._max_frame = settings[_SETTINGS_MAX_FRAME_SIZE]
-            elif t is GoAwayReceived:
+            elif type(e) is GoAwayReceived:
                 # the client is going away: finish what is open (after a graceful GOAWAY),
                 # accept nothing new; a GOAWAY with an error ends everything now
                 self._going_away = True
@@ -360,9 +360,9 @@ class Http2Connection(asyncio.Protocol):
                     if self.transport is not None:
                         self.transport.close()
                     return
-            elif t is ConnectionClosed:
+            elif type(e) is ConnectionClosed:
                 self._on_engine_closed(e)
-            elif t is PingReceived:
+            elif type(e) is PingReceived:
                 pass            # answered by the engine, counted by the guard
         if new is not None:
             for s in new:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 
 from multidict import MultiDict
 
@@ -173,7 +174,7 @@ def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] |
     return req
 
 
-def request_from_checked_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] | None,
+def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: str, peer: tuple[str, int] | None,
                                  port: int, tls: bool, peer_identity: str | None,
                                  underscores: str, max_bytes: int, max_count: int) -> Request:
     """The request, from a header list the HTTP/2 engine (nghttp2) has already checked as RFC
