@@ -140,3 +140,53 @@ def test_bad_formats_are_refused_with_their_path(fmt, operators, error):
     with pytest.raises(ConfigError) as e:
         text_format(fmt, "listeners[0].access_log.text_format", operators)
     assert e.value.path == "listeners[0].access_log.text_format" and error in str(e.value)
+
+
+def _reference_line(fmt: str, args: tuple[object, ...], empty: str) -> str:
+    """What a line was before the generated function: each operator's getter, then Envoy's
+    text for the value (``-`` or ``""`` for a missing one)."""
+    from sidecar.config.log_format import Operator
+    from sidecar.observability.formatter import HTTP
+    out = []
+    for s in text_format(fmt, "f", HTTP_OPERATORS, empty == "").text or ():
+        if isinstance(s, str):
+            out.append(s)
+            continue
+        assert isinstance(s, Operator)
+        v = HTTP[s.name](s.arg)(*args)
+        if s.max_length is not None and isinstance(v, str):
+            v = v[:s.max_length]
+        out.append(empty if v is None or v == "" else str(v))
+    return "".join(out)
+
+
+def _exchanges() -> list[tuple[Request, Response, float]]:
+    plain = exchange()
+    bare_ctx = RequestContext("web", ("10.0.0.7", 1), 0.0, 8080)
+    bare = Request("GET", "/", "", MultiDict(), b"", bare_ctx, version="2")
+    rewritten = exchange()
+    rewritten[0].ctx.original_path = "/before"
+    rewritten[0].headers["x-envoy-original-path"] = ""        # present but empty
+    rewritten[0].ctx.upstream_host = ""
+    return [(*plain, 0.0123), (bare, Response(200), 0.0), (*rewritten, 1.5)]
+
+
+@pytest.mark.parametrize("omit", [False, True])
+def test_generated_line_is_the_operators_getters_line(omit):
+    """The generated line function (common operators inline) prints what each operator's
+    getter prints, for every HTTP operator, missing and empty values included."""
+    args = {"REQ": ["USER-AGENT", ":METHOD", ":PATH", ":AUTHORITY", ":SCHEME", ":PROTOCOL",
+                    "X-NONE?USER-AGENT", "X-ENVOY-ORIGINAL-PATH?:PATH", "X-NONE?X-NADA",
+                    "X-NONE?:AUTHORITY"],
+            "RESP": ["CONTENT-TYPE"], "TRAILER": ["GRPC-STATUS"], "START_TIME": [None],
+            "DYNAMIC_METADATA": ["ns:k"], "ENVIRONMENT": ["HOME"], "GRPC_STATUS": [""]}
+    ops = []
+    for name in sorted(HTTP_OPERATORS):
+        for arg in args.get(name, [""]):
+            if name == "START_TIME":
+                continue          # the clock moves between the two lines; pinned above
+            ops.append(f"%{name}({arg})%" if arg else f"%{name}%")
+    fmt = "<" + "|".join(ops) + "|%REQ(USER-AGENT):1%|%UPSTREAM_CLUSTER:2%>"
+    line = compile_http(text_format(fmt, "f", HTTP_OPERATORS, omit))
+    for req, resp, d in _exchanges():
+        assert line(req, resp, d) == _reference_line(fmt, (req, resp, d), "" if omit else "-")
