@@ -13,6 +13,7 @@ import h2.events
 import hpack
 import pytest
 from hyperframe.frame import (
+    ContinuationFrame,
     DataFrame,
     Frame,
     GoAwayFrame,
@@ -20,6 +21,7 @@ from hyperframe.frame import (
     PingFrame,
     PriorityFrame,
     RstStreamFrame,
+    SettingsFrame,
     WindowUpdateFrame,
 )
 from multidict import MultiDict
@@ -28,7 +30,7 @@ from sidecar.codec.http2 import Http2Connection
 from sidecar.codec.http2_common import PREFACE, BoundedDecoder, CompressionError, goaway_frame
 from sidecar.codec.http2_guard import Abuse, Http2Guard
 from sidecar.config.http2 import Http2Options
-from sidecar.core.body import BodyStream
+from sidecar.core.body import BodySource, BodyStream
 from sidecar.core.message import Request, Response
 
 
@@ -503,3 +505,154 @@ async def test_streams_of_a_connection_share_its_identity():
     q.send()
     await q.settle()
     assert q.owner.requests[0].ctx.connection is not a
+
+
+# ---- the guard reads frame headers before the engine; what the engine decides ------------------
+
+def test_guard_scan_counts_frames_split_anywhere_and_skips_payloads():
+    """The frame headers are read across reads (a header split in two, a payload spanning
+    many reads) and payloads are never taken for frame headers."""
+    from sidecar.codec.http2_guard import PREFACE_LENGTH
+
+    opts = Http2Options(max_inbound_priority_frames_per_stream=2)
+    # a DATA payload made of PRIORITY frame headers: skipped, not counted
+    fake = raw(*[PriorityFrame(1, depends_on=0, stream_weight=1) for _ in range(100)])
+    stream = (PREFACE + raw(HeadersFrame(1, b"\x82", flags=["END_HEADERS"]),
+                            DataFrame(1, fake)) +
+              raw(*[PriorityFrame(1, depends_on=0, stream_weight=1) for _ in range(4)]))
+    assert len(PREFACE) == PREFACE_LENGTH
+    for step in (1, 5, 9, 10, 1000, len(stream)):
+        g = Http2Guard(opts)
+        for i in range(0, len(stream), step):
+            g.scan(stream[i:i + step])
+        assert (g.priority_frames, g.streams_opened, g.last_stream_id) == (4, 1, 1), step
+        with pytest.raises(Abuse):     # 2 x (1 + 1 stream) = 4 allowed: the fifth is a flood
+            g.scan(raw(PriorityFrame(1, depends_on=0, stream_weight=1)))
+
+
+def test_guard_scan_empty_frames_and_acks():
+    g = Http2Guard(Http2Options(max_outbound_control_frames=2))
+    g.scan(PREFACE + raw(PingFrame(0, b"12345678", flags=["ACK"]),
+                         SettingsFrame(0, flags=["ACK"])))       # ACKs we get queue nothing
+    g.scan(raw(PingFrame(0, b"12345678"), SettingsFrame(0)))
+    with pytest.raises(Abuse) as e:
+        g.scan(raw(PingFrame(0, b"12345678")))
+    assert e.value.kind == "outbound_control_flood"
+    g = Http2Guard(Http2Options())
+    g.scan(PREFACE + raw(HeadersFrame(1, b"", flags=["END_STREAM"]),    # END_STREAM: not empty
+                         DataFrame(1, b""), DataFrame(1, b"x")))       # one empty, then data
+    with pytest.raises(Abuse) as e:
+        g.scan(raw(ContinuationFrame(1, b""), ContinuationFrame(1, b"")))
+    assert e.value.kind == "inbound_empty_frames_flood"
+
+
+async def test_too_many_streams_closes_without_a_goaway():
+    """Past an acknowledged SETTINGS_MAX_CONCURRENT_STREAMS nghttp2 would send GOAWAY
+    PROTOCOL_ERROR; Envoy closes without one, and so does the codec."""
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"")
+
+    p = Peer(Http2Options(max_concurrent_streams=2), handler=slow)
+    await p.settle()                                   # our SETTINGS acknowledged
+    p.t.take()
+    enc = hpack.Encoder()
+    p.codec.data_received(raw(*[HeadersFrame(sid, enc.encode(p.headers()),
+                                             flags=["END_HEADERS", "END_STREAM"])
+                                for sid in (1, 3, 5)]))
+    assert p.t.aborted and p.owner.abuse == ["too_many_streams"]
+    assert not [f for f in _frames(p.t.take()) if isinstance(f, GoAwayFrame)]
+    hold.set()
+
+
+async def test_connect_is_malformed():
+    p = Peer()
+    p.client.send_headers(1, [(":method", "CONNECT"), (":authority", "example.test:443")])
+    p.send()
+    assert p.t.closed and not p.owner.requests and p.owner.abuse == ["malformed_request"]
+
+
+async def test_a_connection_error_ends_the_open_streams():
+    """A WINDOW_UPDATE taking a stream's window past 2^31-1 while its request is being served:
+    GOAWAY FLOW_CONTROL_ERROR (nghttp2's), the request body fails, the connection closes."""
+    failed = []
+
+    async def reader(req):
+        try:
+            await req.body.read_all(1 << 20)
+        except ConnectionError as e:
+            failed.append(e)
+        return Response(200, MultiDict(), b"")
+
+    p = Peer(handler=reader)
+    p.client.send_headers(1, p.headers(method="POST"))
+    p.send()
+    await p.settle()
+    p.codec.data_received(raw(WindowUpdateFrame(1, 0x7FFFFFFF)))
+    goaway = [f for f in _frames(p.t.take()) if isinstance(f, GoAwayFrame)]
+    await p.settle()
+    assert p.t.closed and goaway and goaway[-1].error_code == 3    # FLOW_CONTROL_ERROR
+    assert failed and not p.codec.streams
+
+
+async def test_drain_finishes_open_streams_and_ignores_new_ones():
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"done")
+
+    p = Peer(handler=slow)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    p.codec.send_goaway()
+    p.pump()
+    assert p.of(h2.events.ConnectionTerminated)[0].last_stream_id == 1
+    p.t.take()
+    p.codec.data_received(raw(HeadersFrame(3, hpack.Encoder().encode(p.headers()),
+                                           flags=["END_HEADERS", "END_STREAM"])))
+    hold.set()
+    await p.settle()
+    assert len(p.owner.requests) == 1 and p.owner.finished[0][2] == 4   # stream 1 answered
+    p.codec.idle_check(time.monotonic(), 0, 0)
+    assert p.t.closed
+
+
+async def test_streamed_response_waits_for_the_client_window():
+    """A streamed body: the writer is held while what it queued does not fit the windows (the
+    engine holds at most the high-water mark), and resumes as the client opens them."""
+    produced = []
+
+    class Chunks(BodySource):
+        """40 chunks of 16 KiB, produced as they are read."""
+
+        total = 0
+        at_eof = False
+
+        async def read(self) -> bytes:
+            if len(produced) == 40:
+                return b""
+            produced.append(1)
+            return b"z" * 16384
+
+    async def handler(req):
+        return Response(200, MultiDict(), Chunks())
+
+    p = Peer(handler=handler)
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16384})
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    got = sum(len(e.data) for e in p.of(h2.events.DataReceived, 1))
+    assert got <= 16384 and len(produced) < 10          # held back, not buffered
+    for _ in range(60):
+        if p.of(h2.events.StreamEnded, 1):
+            break
+        p.client.increment_flow_control_window(65536)
+        p.client.increment_flow_control_window(65536, 1)
+        p.send()
+        await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 40 * 16384
