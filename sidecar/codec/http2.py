@@ -274,7 +274,7 @@ class Http2Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._ended:      # the engine is done: the last streams finish
             return
         self.last_active = time.monotonic()
         conn = self.conn
@@ -436,7 +436,7 @@ class Http2Connection(asyncio.Protocol):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
             if self._stream_errors:
-                self.owner.http2_abuse("malformed_request")
+                # counted when the engine reports the stream closed (``_on_closed``)
                 self.conn.reset_stream(sid, ErrorCode.PROTOCOL_ERROR)
                 return None
             raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR) from None
