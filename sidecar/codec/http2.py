@@ -746,13 +746,18 @@ class Http2Connection(asyncio.Protocol):
 
     def _discard_body(self, s: _Stream) -> None:
         body = s.body
+        chunks = s.chunks
+        n = 0
+        if chunks:                 # reset before its dispatch: what arrived is credited
+            s.chunks = None
+            n = sum(map(len, chunks))
         if body is not None and not body.discarding:
-            n = body.discard()
-            if n and not self._closing:
-                try:
-                    self.conn.acknowledge_received_data(n, s.sid)
-                except (NGH2Error, ValueError):
-                    pass
+            n += body.discard()
+        if n and not self._closing:
+            try:
+                self.conn.acknowledge_received_data(n, s.sid)
+            except (NGH2Error, ValueError):
+                pass
 
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
