@@ -378,15 +378,16 @@ class Http2Connection(asyncio.Protocol):
     def _on_closed(self, e: StreamClosed) -> None:
         """The engine closed a stream. Closed with PROTOCOL_ERROR by the engine itself (not a
         reset of the peer's, not ours): nghttp2 found the request malformed (RFC 9113 8.1.1,
-        8.2); without ``override_stream_error_on_invalid_http_message`` the connection goes,
-        as in Envoy."""
+        8.2). A malformed header block (the request's, or its trailers) closes the connection
+        without ``override_stream_error_on_invalid_http_message``, as in Envoy; a body that
+        does not match its content-length only resets its stream (Envoy too)."""
         sid = e.stream_id
         code = e.error_code
         if not code or sid == self._peer_reset:
             return
         s = self.streams.get(sid)
         if code == ErrorCode.PROTOCOL_ERROR and not self._stream_errors and \
-                (s is None or not s.reset):
+                (s is None or (not s.reset and sid in self.guard.trailer_streams)):
             raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR)
         if s is not None and not s.reset:
             if code == ErrorCode.PROTOCOL_ERROR:
@@ -763,7 +764,10 @@ class Http2Connection(asyncio.Protocol):
         if self.streams.pop(s.sid, None) is None:
             return
         self._discard_body(s)
-        self.guard.stream_closed()
+        guard = self.guard
+        guard.stream_closed()
+        if guard.trailer_streams:
+            guard.trailer_streams.discard(s.sid)
         self.last_active = time.monotonic()
         if not self.streams and (self._going_away or self._ended) and not self._closing:
             self._close()

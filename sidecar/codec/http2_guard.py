@@ -43,7 +43,8 @@ class Abuse(Exception):
 class Http2Guard:
     __slots__ = ("o", "streams_opened", "streams_closed", "premature_resets", "empty_frames",
                  "priority_frames", "window_updates", "data_frames_sent",
-                 "control_frames_queued", "frames_queued", "last_stream_id", "_skip", "_partial")
+                 "control_frames_queued", "frames_queued", "last_stream_id", "trailer_streams",
+                 "_skip", "_partial")
 
     def __init__(self, options: Http2Options) -> None:
         self.o = options
@@ -57,6 +58,7 @@ class Http2Guard:
         self.control_frames_queued = 0   # answers queued while the client is not reading
         self.frames_queued = 0           # any frame queued while the client is not reading
         self.last_stream_id = 0          # the highest stream a client HEADERS frame opened
+        self.trailer_streams: set[int] = set()   # streams that sent a second HEADERS (trailers)
         self._skip = PREFACE_LENGTH      # bytes before the next frame header
         self._partial = b""              # the start of a frame header split across reads
 
@@ -83,6 +85,8 @@ class Http2Guard:
                     if sid > self.last_stream_id:
                         self.last_stream_id = sid
                         self.stream_opened()
+                    else:
+                        self.trailer_streams.add(sid)
                 if length or (data[pos + 4] & _END_STREAM and ftype != _CONTINUATION):
                     self.empty_frames = 0
                 else:

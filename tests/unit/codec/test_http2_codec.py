@@ -656,3 +656,28 @@ async def test_streamed_response_waits_for_the_client_window():
         p.send()
         await p.settle()
     assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 40 * 16384
+
+
+async def test_body_not_matching_content_length_resets_only_its_stream():
+    """nghttp2 resets the stream (PROTOCOL_ERROR); Envoy keeps the connection for this one
+    (observed against Envoy 1.40), unlike a malformed header block."""
+    p = Peer()
+    p.client.send_headers(1, p.headers([("content-length", "10")], method="POST"))
+    p.client.send_data(1, b"abc", end_stream=True)
+    p.client.send_headers(3, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.of(h2.events.StreamReset, 1)[0].error_code == 1 and not p.t.closed
+    assert p.of(h2.events.ResponseReceived, 3)
+
+
+@pytest.mark.parametrize("trailer", [("x-upper", "a\r\nb"), (":path", "/"), ("connection", "x")])
+async def test_malformed_trailers_close_the_connection(trailer):
+    p = Peer()
+    p.client.send_headers(1, p.headers(method="POST"))
+    p.client.send_data(1, b"abc")
+    p.client.send_headers(1, [trailer], end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.t.closed and p.owner.abuse == ["malformed_request"]
+    assert p.of(h2.events.ConnectionTerminated)[0].error_code == 1     # PROTOCOL_ERROR
