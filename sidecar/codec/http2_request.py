@@ -88,8 +88,9 @@ def response_from_headers(raw: RawHeaders) -> tuple[int, Headers]:
 
 
 def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: str,
-                                 peer: tuple[str, int] | None, port: int, tls: bool, peer_identity: str | None,
-                                 underscores: str, max_bytes: int, max_count: int) -> Request:
+                                 peer: tuple[str, int] | None, port: int, tls: bool,
+                                 peer_identity: str | None, underscores: str, max_bytes: int,
+                                 max_count: int) -> Request:
     """The request, from a header list the HTTP/2 engine (nghttp2) has already checked as RFC
     9113 8.2 and 8.3 ask (names lower-case tokens, no connection-specific field, ``te`` only
     "trailers", values without NUL/CR/LF or surrounding whitespace, the request pseudo-headers
