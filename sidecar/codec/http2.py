@@ -663,12 +663,18 @@ class Http2Connection(asyncio.Protocol):
         self._count_frame(data=-(-len(data) // self._max_frame))
         s.last_io = time.monotonic()
         try:
+            flushed = False
             while True:
                 queued = conn.queued_body_size(sid)
                 if queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
                         queued <= conn.stream_remote_window_size(sid):
                     break
-                await self._wait(s, True)
+                if not flushed:
+                    self._flush()      # what the windows allow goes out now
+                    flushed = True
+                    continue
+                flushed = False
+                await self._wait(s, True)    # the rest waits for the client's WINDOW_UPDATE
         except NGH2Error:
             raise _StreamGone() from None
         if self._write_paused:

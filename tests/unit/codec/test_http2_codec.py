@@ -681,3 +681,19 @@ async def test_malformed_trailers_close_the_connection(trailer):
     await p.settle()
     assert p.t.closed and p.owner.abuse == ["malformed_request"]
     assert p.of(h2.events.ConnectionTerminated)[0].error_code == 1     # PROTOCOL_ERROR
+
+
+async def test_large_response_within_the_client_window_needs_no_window_update():
+    """A body larger than what the engine holds per stream, inside the client's windows: it
+    all goes out without the client sending a WINDOW_UPDATE."""
+    async def handler(req):
+        return Response(200, MultiDict(), b"w" * 1_000_000)
+
+    p = Peer(handler=handler)
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * 1024 * 1024})
+    p.client.increment_flow_control_window(16 * 1024 * 1024)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 1_000_000
+    assert p.of(h2.events.StreamEnded, 1) and p.owner.finished
