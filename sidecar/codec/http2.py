@@ -309,7 +309,7 @@ class Http2Connection(asyncio.Protocol):
                 data = e.data
                 if s is None or s.reset or (s.body is not None and s.body.discarding):
                     if data:
-                        self.conn.acknowledge_received_data(len(data), sid)
+                        self._credit(len(data), sid)
                 else:
                     s.last_io = self.last_active
                     if s.chunks is not None:
@@ -751,6 +751,13 @@ class Http2Connection(asyncio.Protocol):
         if s.task is None:
             self._stream_closed(s)   # never dispatched (reset in the batch that opened it)
 
+    def _credit(self, n: int, sid: int) -> None:
+        """Credit ``n`` bytes nobody will read (the stream may be gone: its connection window)."""
+        try:
+            self.conn.acknowledge_received_data(n, sid)
+        except (NGH2Error, ValueError):
+            pass
+
     def _discard_body(self, s: _Stream) -> None:
         body = s.body
         chunks = s.chunks
@@ -761,10 +768,7 @@ class Http2Connection(asyncio.Protocol):
         if body is not None and not body.discarding:
             n += body.discard()
         if n and not self._closing:
-            try:
-                self.conn.acknowledge_received_data(n, s.sid)
-            except (NGH2Error, ValueError):
-                pass
+            self._credit(n, s.sid)
 
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:

@@ -279,11 +279,14 @@ def latin1(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 
 # ---- ngh2 (libnghttp2), the engine the codecs move to ---------------------------------------------
 # A decoded header block the engine holds before the codec sees it: far above any listener's
-# ``max_request_headers_kb`` (the codec resets a stream over that, as Envoy), so the listener's
-# limit decides; the engine's bound only caps the memory of an HPACK bomb (a block referencing
-# one large indexed field many times), past which the engine closes the connection.
-NGH2_MAX_HEADER_LIST = 32 * 1024 * 1024
-NGH2_MAX_HEADER_COUNT = 100_000
+# ``max_request_headers_kb`` (the codec resets a stream over that, as Envoy does), so the
+# listener's limit decides. The engine keeps the whole decoded list (Envoy stops copying at its
+# limit in nghttp2's per-field callback; ngh2 has no such hook), so this bound is also the
+# memory an HPACK bomb (one large indexed field referenced many times) can hold per
+# connection: a bomb up to it resets its stream as in Envoy (the conformance suite's is 16 MB
+# decoded), a larger one closes the connection (the engine's DenialOfServiceError).
+NGH2_MAX_HEADER_LIST = 20 * 1024 * 1024
+NGH2_MAX_HEADER_COUNT = 10_000
 
 
 def ngh2_server_config(options: Http2Options) -> ngh2.Configuration:

@@ -697,3 +697,21 @@ async def test_large_response_within_the_client_window_needs_no_window_update():
     await p.settle()
     assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 1_000_000
     assert p.of(h2.events.StreamEnded, 1) and p.owner.finished
+
+
+@pytest.mark.parametrize("copies,alive", [(4000, True), (6000, False)])
+async def test_hpack_bomb_resets_the_stream_up_to_the_engine_bound(copies, alive):
+    """One 4 KB field indexed and referenced ``copies`` times (16 / 24 MB decoded): up to the
+    engine's bound (NGH2_MAX_HEADER_LIST) the stream is reset INTERNAL_ERROR and the connection
+    lives, as in Envoy; past it the engine gives up on the connection."""
+    p = Peer()
+    enc = hpack.Encoder()
+    block = enc.encode(p.headers() + [("x-bomb", "b" * 4000)] * copies)   # about 10 KB
+    assert len(block) < 16384
+    p.codec.data_received(raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"])))
+    out = _frames(p.t.take())       # the h2 client never opened stream 1: read the frames
+    assert not p.owner.requests and p.t.closed is not alive
+    if alive:
+        assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == \
+            [(1, 2)]                                    # INTERNAL_ERROR
+        assert p.owner.abuse == ["headers_too_large"]
