@@ -715,3 +715,28 @@ async def test_hpack_bomb_resets_the_stream_up_to_the_engine_bound(copies, alive
         assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == \
             [(1, 2)]                                    # INTERNAL_ERROR
         assert p.owner.abuse == ["headers_too_large"]
+
+
+async def test_too_many_streams_before_the_settings_ack_are_refused():
+    """Before the client acknowledged our SETTINGS a stream past the limit is refused
+    (REFUSED_STREAM) and the connection lives: nghttp2's rule, Envoy's behaviour."""
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"")
+
+    owner = Owner(slow)
+    codec = Http2Connection(owner, Http2Options(max_concurrent_streams=2))
+    t = FakeTransport()
+    codec.connection_made(t)
+    enc = hpack.Encoder()
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "a.test"), (":path", "/")]
+    codec.data_received(PREFACE + raw(SettingsFrame(0), *[
+        HeadersFrame(sid, enc.encode(headers), flags=["END_HEADERS", "END_STREAM"])
+        for sid in (1, 3, 5)]))
+    await asyncio.sleep(0)
+    resets = [(f.stream_id, f.error_code) for f in _frames(t.take()) if isinstance(f, RstStreamFrame)]
+    assert resets == [(5, 7)] and not t.closed and len(owner.requests) == 2
+    hold.set()
+    await asyncio.sleep(0)
