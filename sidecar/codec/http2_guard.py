@@ -126,15 +126,6 @@ class Http2Guard:
             raise Abuse("premature_resets", ErrorCodes.ENHANCE_YOUR_CALM)
 
     # ---- inbound frames ------------------------------------------------------------------------
-    def headers(self) -> None:
-        self.empty_frames = 0
-
-    def data(self, size: int, end_stream: bool) -> None:
-        if size or end_stream:
-            self.empty_frames = 0
-            return
-        self.empty_payload()
-
     def empty_payload(self) -> None:
         """A DATA, HEADERS or CONTINUATION frame with no payload and no END_STREAM."""
         self.empty_frames += 1
