@@ -1,4 +1,5 @@
-"""The downstream HTTP/2 codec: one connection, many concurrent streams, on hyper's ``h2``.
+"""The downstream HTTP/2 codec: one connection, many concurrent streams, on libnghttp2 (``ngh2``,
+the engine Envoy uses).
 
 Each stream becomes a ``Request`` handed to the connection's ``StreamOwner`` (the listener's
 HTTP connection manager), exactly as the HTTP/1.1 codec does, and its ``Response`` is written
@@ -6,25 +7,26 @@ back on the stream; routing, filters and clusters never know the wire protocol.
 
 * **Bodies.** A request whose DATA all arrived with its HEADERS (the common small request and
   gRPC unary call) is dispatched with a complete ``bytes`` body; others stream through a
-  ``CreditedBody`` that credits the client's window as the body is read (flow control end to
-  end). Response bodies are written as the peer's windows allow, and the transport's write
-  buffer is respected. Trailers pass both ways.
-* **Validation** (RFC 9113 8.2, with Envoy's choices): connection-specific headers, ``te`` other
-  than "trailers", upper-case or invalid names and bad pseudo-headers make the request
-  malformed; by default the whole connection is closed with GOAWAY PROTOCOL_ERROR (Envoy's
-  default closes it too), or only the stream is reset with
+  ``CreditedBody`` that credits the client's window as the body is read (the engine's
+  automatic WINDOW_UPDATE is off: flow control end to end). Response bodies are queued in the
+  engine, which sends them as the peer's windows allow; a writer waits while what it queued
+  does not fit the windows, and the transport's write buffer is respected. Trailers pass both
+  ways.
+* **Validation** (RFC 9113 8.2 and 8.3): nghttp2 checks every request's header list and resets
+  a malformed one's stream (PROTOCOL_ERROR); by default the whole connection is then closed with
+  GOAWAY PROTOCOL_ERROR (Envoy closes it too), or only the stream is reset with
   ``override_stream_error_on_invalid_http_message``. Headers larger than
   ``max_request_headers_kb`` reset the stream (INTERNAL_ERROR), keeping the connection.
 * **Abuse** (``Http2Guard``): rapid reset, floods of control, empty, PRIORITY and WINDOW_UPDATE
-  frames close the connection; ``h2`` itself bounds CONTINUATION frames and flow control.
+  frames close the connection (the guard reads each inbound frame header before the engine
+  gets the bytes); nghttp2 itself bounds CONTINUATION frames, HPACK and flow control.
 * **Drain**: a GOAWAY NO_ERROR naming the last stream accepted; streams already open finish.
 * **Stream timeouts** (the listener's sweep calls ``idle_check``): request, stream idle and
   max duration per stream, a route's own overriding the listener's, as the HTTP/1.1 codec.
 
-Over 600 lines on purpose: everything here reads or writes the one ``h2`` connection state
-(events, windows, the output buffer) of a connection; what does not (request validation,
-abuse counting, HPACK bounds, frames) lives in ``http2_request``, ``http2_guard`` and
-``http2_common``.
+Over 600 lines on purpose: everything here reads or writes the one engine state (events,
+windows, the output) of a connection; what does not (request validation, abuse counting, the
+engine's options) lives in ``http2_request``, ``http2_guard`` and ``http2_common``.
 """
 
 from __future__ import annotations
@@ -35,29 +37,36 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-import h2.events as ev
-import h2.exceptions
-import h2.settings
-from hpack import NeverIndexedHeaderTuple
+import ngh2
+from ngh2 import (
+    ConnectionClosed,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    NeverIndexedHeader,
+    NGH2Error,
+    PingReceived,
+    RequestReceived,
+    SettingsReceived,
+    StreamClosed,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
 
 from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
     CONNECTION_SPECIFIC_STR,
     VOLATILE,
-    BoundedDecoder,
     CreditedBody,
-    ErrorCodes,
-    H2Connection,
-    goaway_frame,
-    header,
-    server_config,
+    ngh2_server_config,
 )
 from sidecar.codec.http2_guard import Abuse, Http2Guard
 from sidecar.codec.http2_request import (
     Malformed,
     Refused,
-    header_count,
-    request_from_headers,
+    TooLarge,
+    request_from_checked_headers,
     trailers_from_headers,
 )
 from sidecar.codec.sockets import set_nodelay
@@ -71,8 +80,14 @@ from sidecar.tls.context import peer_uri_san
 
 log = logging.getLogger("sidecar.http2")
 
-S = h2.settings.SettingCodes
 _BODYLESS = (204, 304)
+_SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+_SETTINGS_MAX_FRAME_SIZE = 0x5
+# nghttp2's GOAWAY debug data for a client past an acknowledged SETTINGS_MAX_CONCURRENT_STREAMS:
+# Envoy closes that connection without a GOAWAY, and so does the codec
+_TOO_MANY_STREAMS = b"max concurrent streams"
+# a streamed response body queued in the engine beyond this waits for the peer's windows
+_QUEUE_HIGH = 64 * 1024
 
 
 class _Stream:
@@ -107,7 +122,7 @@ class Http2Connection(asyncio.Protocol):
         self.owner = owner
         self.options = options
         self.transport: asyncio.Transport | None = None
-        self.conn = H2Connection(server_config())
+        self.conn = ngh2.Connection(ngh2.Role.SERVER, ngh2_server_config(options))
         self.streams: dict[int, _Stream] = {}
         self.peer: tuple[str, int] | None = None
         self.tls = False
@@ -120,9 +135,13 @@ class Http2Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._going_away = False
-        self._last_accepted = 0
+        self._ended = False             # the engine is done (ConnectionClosed): close after output
+        self._failed = False            # ... on a connection error: close without the streams
+        self._out: list[bytes] = []     # engine output taken early (before a reset), not written
         self._window_waiters: set[_Stream] = set()
         self._max_frame = 16384
+        self._stream_errors = options.override_stream_error_on_invalid_http_message
+        self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
         self.conn_id = ConnectionId()         # this connection, for its streams' contexts
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
@@ -145,7 +164,7 @@ class Http2Connection(asyncio.Protocol):
         listener's)."""
         if self.owner.draining and not self._going_away:
             self.send_goaway()
-        if not self.streams and (self._going_away or
+        if not self.streams and (self._going_away or self._ended or
                                  (idle_timeout and now - self.last_active > idle_timeout)):
             self._close()
             return
@@ -176,7 +195,7 @@ class Http2Connection(asyncio.Protocol):
             return
         st.timed_out = t
         if st.responding:
-            self._reset(st, ErrorCodes.NO_ERROR)
+            self._reset(st, ErrorCode.NO_ERROR)
         task = st.task
         if task is not None and not task.done():
             task.cancel()
@@ -187,19 +206,22 @@ class Http2Connection(asyncio.Protocol):
             return
         if not self._going_away:
             self.send_goaway()
-        self._closing = True
         self._flush()
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def send_goaway(self, error: int = 0) -> None:
-        """Stop accepting streams after the highest one seen (graceful when ``error`` is 0)."""
+        """Stop accepting streams after the highest one seen (graceful when ``error`` is 0):
+        the engine ignores later streams and lets the open ones finish."""
         if self._going_away or self.transport is None:
             return
         self._going_away = True
-        self._last_accepted = self.conn.highest_inbound_stream_id
+        try:
+            self.conn.send_goaway(error, last_stream_id=self.guard.last_stream_id)
+        except NGH2Error:
+            pass
         self._flush()
-        self.transport.write(goaway_frame(self._last_accepted, error))
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,18 +234,14 @@ class Http2Connection(asyncio.Protocol):
             self.peer_identity = peer_uri_san(sslobj)
         o = self.options
         conn = self.conn
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            S.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
-            S.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
-            S.HEADER_TABLE_SIZE: o.hpack_table_size,
-            S.ENABLE_CONNECT_PROTOCOL: 0,
+        conn.initiate_connection({
+            ngh2.Setting.HEADER_TABLE_SIZE: o.hpack_table_size,
+            ngh2.Setting.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
+            ngh2.Setting.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
+            ngh2.Setting.ENABLE_CONNECT_PROTOCOL: 0,
         })
-        conn.decoder = BoundedDecoder(max(64 * 1024, 2 * self.owner.max_header_bytes))
-        conn.decoder.max_allowed_table_size = o.hpack_table_size
-        conn.initiate_connection()
-        extra = o.initial_connection_window_size - 65535
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
+        if o.initial_connection_window_size > 65535:
+            conn.set_local_window_size(o.initial_connection_window_size)
         self._flush()
         self.owner.connection_opened(self)
 
@@ -256,97 +274,84 @@ class Http2Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._ended:      # the engine is done: the last streams finish
             return
         self.last_active = time.monotonic()
+        conn = self.conn
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.TooManyStreamsError:
-            # a stream past max_concurrent_streams once our SETTINGS were acknowledged: close
-            # without a GOAWAY, as Envoy does
-            self.owner.http2_abuse("too_many_streams")
-            self._abort()
-            return
-        except h2.exceptions.ProtocolError as e:
-            self.owner.http2_abuse("protocol_error")
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("HTTP/2 protocol error from %s: %s", self.peer, e)
-            self._fail_connection()      # h2 queued the GOAWAY with the error's code
-            return
-        try:
-            self._events(events)
+            self.guard.scan(data)
+            conn.receive_data(data)
+            self._events(conn.events())
         except Abuse as e:
             self.owner.http2_abuse(e.kind)
             self._abort(e.goaway)
+            return
+        except NGH2Error as e:
+            # the engine gave up on the connection (a limit of its own, or used after its end)
+            self.owner.http2_abuse("protocol_error")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("HTTP/2 engine error from %s: %s", self.peer, e)
+            self._abort(None)
             return
         self._flush()
         if not self._write_paused:
             self.guard.flushed()
 
     # ---- events --------------------------------------------------------------------------------
-    def _events(self, events: list[ev.Event]) -> None:
-        new: list[_Stream] = []
-        guard = self.guard
+    def _events(self, events: list[ngh2.Event]) -> None:
+        new: list[_Stream] | None = None
         streams = self.streams
         for e in events:
-            if isinstance(e, ev.DataReceived):
-                s = streams.get(e.stream_id)
-                guard.data(len(e.data), e.stream_ended is not None)
-                pad = e.flow_controlled_length - len(e.data)
+            # type(e) is X: one C call and a compare per branch (mypy narrows on it)
+            if type(e) is DataReceived:
+                sid = e.stream_id
+                s = streams.get(sid)
+                data = e.data
                 if s is None or s.reset or (s.body is not None and s.body.discarding):
-                    self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-                    continue
-                if pad:
-                    self.conn.acknowledge_received_data(pad, e.stream_id)
-                s.last_io = self.last_active
-                if s.chunks is not None:
-                    s.chunks.append(e.data)
-                elif s.body is not None and e.data:
-                    s.body.feed(e.data)
-            elif isinstance(e, ev.RequestReceived):
-                guard.headers()
+                    if data:
+                        self._credit(len(data), sid)
+                else:
+                    s.last_io = self.last_active
+                    if s.chunks is not None:
+                        s.chunks.append(data)
+                    elif s.body is not None and data:
+                        s.body.feed(data)
+                    if e.end_stream:
+                        self._end_of_request(s)
+            elif type(e) is RequestReceived:
                 s = self._on_request(e)
                 if s is not None:
-                    new.append(s)
-            elif isinstance(e, ev.StreamEnded):
-                s = streams.get(e.stream_id)
-                if s is not None and not s.ended:
-                    s.ended = True
-                    if s.body is not None:
-                        s.body.feed_eof(s.trailers)
-            elif isinstance(e, ev.TrailersReceived):
-                guard.headers()
+                    if new is None:
+                        new = [s]
+                    else:
+                        new.append(s)
+            elif type(e) is StreamClosed:
+                self._on_closed(e)
+            elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None:
                     try:
-                        s.trailers = trailers_from_headers(e.headers)
+                        s.trailers = trailers_from_headers(list(e.headers))
                     except Malformed:
-                        raise Abuse("malformed_trailers", ErrorCodes.PROTOCOL_ERROR) from None
-            elif isinstance(e, ev.StreamReset):
-                s = streams.get(e.stream_id)
-                if e.remote_reset:
-                    guard.reset_by_peer(s is not None and not s.done and
-                                        time.monotonic() - s.started < 1.0)
-                elif e.error_code == ErrorCodes.FLOW_CONTROL_ERROR:
-                    # h2 made it a stream error; Envoy closes the connection (RFC 9113 allows it)
-                    raise Abuse("flow_control", ErrorCodes.FLOW_CONTROL_ERROR)
+                        raise Abuse("malformed_trailers", ErrorCode.PROTOCOL_ERROR) from None
+                    self._end_of_request(s)
+            elif type(e) is WindowUpdated:
+                if self._window_waiters:
+                    self._wake_writers(e.stream_id)
+            elif type(e) is StreamReset:          # the peer's RST_STREAM
+                sid = self._peer_reset = e.stream_id
+                s = streams.get(sid)
+                self.guard.reset_by_peer(s is not None and not s.done and
+                                         time.monotonic() - s.started < 1.0)
                 if s is not None:
                     self._on_reset(s, ConnectionResetError("stream reset by the client"), True)
-            elif isinstance(e, ev.WindowUpdated):
-                guard.window_update()
-                self._wake_writers(e.stream_id)
-            elif isinstance(e, ev.RemoteSettingsChanged):
-                guard.control_frame()
-                changed = e.changed_settings
-                if S.INITIAL_WINDOW_SIZE in changed:
+            elif type(e) is SettingsReceived:
+                settings = e.settings
+                if _SETTINGS_INITIAL_WINDOW_SIZE in settings and self._window_waiters:
                     self._wake_writers(0)
-                if S.MAX_FRAME_SIZE in changed:
-                    self._max_frame = self.conn.max_outbound_frame_size
-            elif isinstance(e, ev.PingReceived):
-                guard.control_frame()
-            elif isinstance(e, ev.PriorityUpdated):
-                guard.priority(len(streams))
-            elif isinstance(e, ev.ConnectionTerminated):
+                if _SETTINGS_MAX_FRAME_SIZE in settings:
+                    self._max_frame = settings[_SETTINGS_MAX_FRAME_SIZE]
+            elif type(e) is GoAwayReceived:
                 # the client is going away: finish what is open (after a graceful GOAWAY),
                 # accept nothing new; a GOAWAY with an error ends everything now
                 self._going_away = True
@@ -355,52 +360,91 @@ class Http2Connection(asyncio.Protocol):
                     if self.transport is not None:
                         self.transport.close()
                     return
-        for s in new:
-            if not s.reset:
-                self._dispatch(s)
+            elif type(e) is ConnectionClosed:
+                self._on_engine_closed(e)
+            elif type(e) is PingReceived:
+                pass            # answered by the engine, counted by the guard
+        if new is not None:
+            for s in new:
+                if not s.reset:
+                    self._dispatch(s)
 
-    def _on_request(self, e: ev.RequestReceived) -> _Stream | None:
+    def _end_of_request(self, s: _Stream) -> None:
+        if not s.ended:
+            s.ended = True
+            if s.body is not None:
+                s.body.feed_eof(s.trailers)
+
+    def _on_closed(self, e: StreamClosed) -> None:
+        """The engine closed a stream. Closed with PROTOCOL_ERROR by the engine itself (not a
+        reset of the peer's, not ours): nghttp2 found the request malformed (RFC 9113 8.1.1,
+        8.2). A malformed header block (the request's, or its trailers) closes the connection
+        without ``override_stream_error_on_invalid_http_message``, as in Envoy; a body that
+        does not match its content-length only resets its stream (Envoy too)."""
         sid = e.stream_id
-        if self._going_away and sid > self._last_accepted:
-            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            self.conn.forget(sid)     # never ours: h2 may drop it now
-            return None
-        raw = e.headers
-        size = 0
-        for name, value in raw:
-            size += len(name) + len(value)
+        code = e.error_code
+        if not code or sid == self._peer_reset:
+            return
+        s = self.streams.get(sid)
+        if code == ErrorCode.PROTOCOL_ERROR and not self._stream_errors and \
+                (s is None or (not s.reset and sid in self.guard.trailer_streams)):
+            raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR)
+        if s is not None and not s.reset:
+            if code == ErrorCode.PROTOCOL_ERROR:
+                self.owner.http2_abuse("malformed_request")
+            self._on_reset(s, ConnectionResetError("stream reset"), False)
+        elif s is None and code == ErrorCode.PROTOCOL_ERROR:
+            self.owner.http2_abuse("malformed_request")
+
+    def _on_engine_closed(self, e: ConnectionClosed) -> None:
+        """The engine ended the connection (a GOAWAY of its own is in the output, or ours after
+        the last stream). Past SETTINGS_MAX_CONCURRENT_STREAMS Envoy closes without a GOAWAY."""
+        if e.error_code and _TOO_MANY_STREAMS in e.debug_data:
+            raise Abuse("too_many_streams", None)
+        if e.error_code:
+            # a connection error: the engine's GOAWAY goes out and every stream ends with it
+            self.owner.http2_abuse("protocol_error")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("HTTP/2 connection error from %s: %s %r", self.peer, e.error_code,
+                          e.debug_data)
+            self._failed = True
+            gone = ConnectionResetError("HTTP/2 connection error")
+            for s in list(self.streams.values()):
+                self._on_reset(s, gone, by_peer=False)
+        self._ended = True
+        self._going_away = True
+
+    def _on_request(self, e: RequestReceived) -> _Stream | None:
+        sid = e.stream_id
         owner = self.owner
-        if size > owner.max_header_bytes or header_count(raw) > owner.max_headers_count:
+        try:
+            req = request_from_checked_headers(
+                e.headers, owner.name, self.peer, owner.bound_port, self.tls, self.peer_identity,
+                owner.headers_with_underscores, owner.max_header_bytes, owner.max_headers_count)
+        except TooLarge:
             # Envoy: header_list_size_too_large / too_many_headers reset the stream, the
             # connection lives
             owner.http2_abuse("headers_too_large")
-            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
-            self.conn.forget(sid)     # never ours: h2 may drop it now
+            self.conn.reset_stream(sid, ErrorCode.INTERNAL_ERROR)
             return None
-        try:
-            req = request_from_headers(raw, owner.name, self.peer, owner.bound_port,
-                                       self.tls, self.peer_identity, owner.headers_with_underscores)
         except Refused:
             # headers_with_underscores_action REJECT_REQUEST: Envoy's HTTP/2 codec resets the
             # stream (HTTP/1.1 gets a 400)
             owner.http2_abuse("underscore_header")
-            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
-            self.conn.forget(sid)     # never ours: h2 may drop it now
+            self.conn.reset_stream(sid, ErrorCode.INTERNAL_ERROR)
             return None
         except Malformed as m:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("malformed HTTP/2 request from %s: %s", self.peer, m)
-            if self.options.override_stream_error_on_invalid_http_message:
-                self.owner.http2_abuse("malformed_request")
-                self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
-                self.conn.forget(sid)     # never ours: h2 may drop it now
+            if self._stream_errors:
+                # counted when the engine reports the stream closed (``_on_closed``)
+                self.conn.reset_stream(sid, ErrorCode.PROTOCOL_ERROR)
                 return None
-            raise Abuse("malformed_request", ErrorCodes.PROTOCOL_ERROR) from None
+            raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
         s = _Stream(sid, req)
         self.streams[sid] = s
-        self.guard.stream_opened()
-        if e.stream_ended is not None:
+        if e.end_stream:
             s.ended = True
             s.chunks = None
         return s
@@ -425,16 +469,20 @@ class Http2Connection(asyncio.Protocol):
                 req.body = body
                 req.chunked = "content-length" not in req.headers
                 if req.headers.get("expect", "").lower() == "100-continue":
-                    self.conn.send_headers(s.sid, [(b":status", b"100")])
+                    self.conn.send_informational_response(s.sid, [(b":status", b"100")])
             s.chunks = None
-        req.headers.popall("expect", None)     # answered here, never forwarded
+        if "expect" in req.headers:
+            req.headers.popall("expect", None)     # answered here, never forwarded
         self.requests += 1
         s.task = asyncio.get_running_loop().create_task(self._serve(s))
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
             if not self._closing:
-                self.conn.acknowledge_received_data(n, sid)
+                try:
+                    self.conn.acknowledge_received_data(n, sid)
+                except (NGH2Error, ValueError):
+                    return          # the stream or the connection is gone
                 self._schedule_flush()
         return credit
 
@@ -476,7 +524,7 @@ class Http2Connection(asyncio.Protocol):
             except Exception as e:   # the upstream body failed mid-stream: reset this stream
                 resp.discard()
                 ctx.flags.append("UPE" if "protocol" in str(e) else "UR")
-                self._reset(s, ErrorCodes.INTERNAL_ERROR)
+                self._reset(s, ErrorCode.INTERNAL_ERROR)
         owner.finish(req, resp, sent)
         self._stream_closed(s)
 
@@ -493,8 +541,8 @@ class Http2Connection(asyncio.Protocol):
         resp = local_reply(ctx, status, text, flag or None)
         return grpc_local_reply(resp) if ctx.grpc else resp
 
-    def _response_headers(self, req: Request, resp: Response) -> list[tuple[bytes, bytes]]:
-        out = [(b":status", str(resp.status).encode())]
+    def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
+        out: list[ngh2.Header] = [(b":status", str(resp.status).encode())]
         drop = CONNECTION_SPECIFIC_STR
         conn_tokens = resp.headers.get("connection")
         if conn_tokens:
@@ -504,21 +552,20 @@ class Http2Connection(asyncio.Protocol):
             if k in drop or k == "server" or k == "te":
                 continue
             kb = k.encode("latin-1")
-            # header() inlined: a call per field is a measurable part of the request
+            # a helper call per field is a measurable part of the request: inlined
             append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeaderTuple(kb, v.encode("latin-1")))
+                   NeverIndexedHeader(kb, v.encode("latin-1")))
         out.append((b"server", self.owner.server_name.encode("latin-1")))
         if "date" not in resp.headers:
-            out.append(header(b"date", DATE.get().encode()))
+            out.append((b"date", DATE.get().encode()))
         ctx = req.ctx
         if ctx.upstream_duration is not None and not self.owner.suppress_envoy_headers:
-            out.append(header(b"x-envoy-upstream-service-time",
-                              str(int(ctx.upstream_duration * 1000)).encode()))
+            # unique per response: never indexed (it would churn the HPACK table)
+            out.append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
+                                          str(int(ctx.upstream_duration * 1000)).encode()))
         return out
 
     async def _respond(self, s: _Stream, req: Request, resp: Response) -> int:
-        conn = self.conn
-        sid = s.sid
         status = resp.status
         body = resp.body
         head = self._response_headers(req, resp)
@@ -529,7 +576,7 @@ class Http2Connection(asyncio.Protocol):
         if isinstance(body, bytes):
             trailers = resp.trailers
             if resp.local and body and "content-length" not in resp.headers:
-                head.append(header(b"content-length", str(len(body)).encode()))
+                head.append((b"content-length", str(len(body)).encode()))
             if not body and not trailers:
                 self._send_headers(s, head, True)    # gRPC trailers-only replies take this way
                 return 0
@@ -537,7 +584,7 @@ class Http2Connection(asyncio.Protocol):
             if body:
                 await self._send_data(s, body, not trailers)
             if trailers:
-                self._send_headers(s, _trailer_block(trailers), True)
+                self._send_trailers(s, _trailer_block(trailers))
             return len(body)
         self._send_headers(s, head, False)
         sent = 0
@@ -551,21 +598,23 @@ class Http2Connection(asyncio.Protocol):
         if s.reset:
             raise _StreamGone()
         if trailers:
-            self._send_headers(s, _trailer_block(trailers), True)
+            self._send_trailers(s, _trailer_block(trailers))
         else:
             try:
-                conn.end_stream(sid)
-            except h2.exceptions.StreamClosedError:
+                self.conn.end_stream(s.sid)
+            except NGH2Error:
                 raise _StreamGone() from None
+            self._count_frame()
             self._after_end(s)
             self._schedule_flush()
         return sent
 
-    def _count_frame(self, data: bool = False) -> None:
-        """A frame queued from a stream's task: over the outbound limit the connection goes."""
+    def _count_frame(self, data: int = 0) -> None:
+        """Frames queued from a stream's task (``data``: DATA frames, else one other): over the
+        outbound limit the connection goes."""
         try:
             if data:
-                self.guard.data_sent()
+                self.guard.data_sent(data)
             else:
                 self.guard.frame_queued()
         except Abuse as e:
@@ -573,12 +622,12 @@ class Http2Connection(asyncio.Protocol):
             self._abort(e.goaway)
             raise _StreamGone() from None
 
-    def _send_headers(self, s: _Stream, block: list[tuple[bytes, bytes]], end: bool) -> None:
+    def _send_headers(self, s: _Stream, block: list[ngh2.Header], end: bool) -> None:
         if s.reset:
             raise _StreamGone()
         try:
-            self.conn.send_headers(s.sid, block, end_stream=end)
-        except h2.exceptions.StreamClosedError:
+            self.conn.send_response(s.sid, block, end_stream=end)
+        except NGH2Error:
             raise _StreamGone() from None
         s.responding = True
         s.last_io = time.monotonic()
@@ -587,32 +636,50 @@ class Http2Connection(asyncio.Protocol):
             self._after_end(s)
         self._schedule_flush()
 
+    def _send_trailers(self, s: _Stream, block: list[ngh2.Header]) -> None:
+        if s.reset:
+            raise _StreamGone()
+        try:
+            self.conn.send_trailers(s.sid, block)
+        except NGH2Error:
+            raise _StreamGone() from None
+        s.last_io = time.monotonic()
+        self._count_frame()
+        self._after_end(s)
+        self._schedule_flush()
+
     async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
+        """Queue ``data`` in the engine (it sends as the windows allow). Return once what is
+        queued for the stream fits the peer's windows (so the next flush sends it all): a
+        slow reader holds back the writer, not the proxy's memory."""
+        if s.reset:
+            raise _StreamGone()
         conn = self.conn
         sid = s.sid
-        view = memoryview(data)
-        total = len(data)
-        pos = 0
-        while pos < total:
-            if s.reset:
-                raise _StreamGone()
-            window = conn.local_flow_control_window(sid)
-            if window <= 0:
-                await self._wait(s, True)
-                continue
-            n = min(window, total - pos, self._max_frame)
-            last = pos + n == total
-            try:
-                conn.send_data(sid, data if n == total else view[pos:pos + n],
-                               end_stream=end and last)
-            except h2.exceptions.StreamClosedError:
-                raise _StreamGone() from None
-            self._count_frame(data=True)
-            s.last_io = time.monotonic()
-            pos += n
-            if self._write_paused:
-                self._flush()
-                await self._wait(s, False)
+        try:
+            conn.send_data(sid, data, end_stream=end)
+        except NGH2Error:
+            raise _StreamGone() from None
+        self._count_frame(data=-(-len(data) // self._max_frame))
+        s.last_io = time.monotonic()
+        try:
+            flushed = False
+            while True:
+                queued = conn.queued_body_size(sid)
+                if queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
+                        queued <= conn.stream_remote_window_size(sid):
+                    break
+                if not flushed:
+                    self._flush()      # what the windows allow goes out now
+                    flushed = True
+                    continue
+                flushed = False
+                await self._wait(s, True)    # the rest waits for the client's WINDOW_UPDATE
+        except NGH2Error:
+            raise _StreamGone() from None
+        if self._write_paused:
+            self._flush()
+            await self._wait(s, False)
         if end:
             self._after_end(s)
         self._schedule_flush()
@@ -649,15 +716,17 @@ class Http2Connection(asyncio.Protocol):
     def _after_end(self, s: _Stream) -> None:
         s.done = True
         if not s.ended and not s.reset:
-            # answered before the client finished sending: stop its upload (as Envoy does)
-            self._reset(s, ErrorCodes.NO_ERROR)
+            # answered before the client finished sending: stop its upload (as Envoy does),
+            # after the response (taken from the engine first: a reset drops what it queued)
+            self._take_output()
+            self._reset(s, ErrorCode.NO_ERROR)
 
     def _reset(self, s: _Stream, code: int) -> None:
         if not s.reset:
             s.reset = True
             try:
                 self.conn.reset_stream(s.sid, code)
-            except h2.exceptions.ProtocolError:
+            except NGH2Error:
                 pass
             body = s.body
             if body is not None and not s.ended:
@@ -682,21 +751,35 @@ class Http2Connection(asyncio.Protocol):
         if s.task is None:
             self._stream_closed(s)   # never dispatched (reset in the batch that opened it)
 
+    def _credit(self, n: int, sid: int) -> None:
+        """Credit ``n`` bytes nobody will read (the stream may be gone: its connection window)."""
+        try:
+            self.conn.acknowledge_received_data(n, sid)
+        except (NGH2Error, ValueError):
+            pass
+
     def _discard_body(self, s: _Stream) -> None:
         body = s.body
+        chunks = s.chunks
+        n = 0
+        if chunks:                 # reset before its dispatch: what arrived is credited
+            s.chunks = None
+            n = sum(map(len, chunks))
         if body is not None and not body.discarding:
-            n = body.discard()
-            if n and not self._closing:
-                self.conn.acknowledge_received_data(n, s.sid)
+            n += body.discard()
+        if n and not self._closing:
+            self._credit(n, s.sid)
 
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
-        self.conn.forget(s.sid)
         self._discard_body(s)
-        self.guard.stream_closed()
+        guard = self.guard
+        guard.stream_closed()
+        if guard.trailer_streams:
+            guard.trailer_streams.discard(s.sid)
         self.last_active = time.monotonic()
-        if not self.streams and self._going_away and not self._closing:
+        if not self.streams and (self._going_away or self._ended) and not self._closing:
             self._close()
 
     # ---- output ----------------------------------------------------------------------------------
@@ -704,30 +787,62 @@ class Http2Connection(asyncio.Protocol):
         if self._flush_handle is None and not self._closing:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
+    def _take_output(self) -> None:
+        """Take what the engine has ready now (written with the next flush)."""
+        try:
+            data = self.conn.data_to_send()
+        except NGH2Error:
+            return
+        if data:
+            self._out.append(data)
+
     def _flush(self) -> None:
+        """One write of everything the engine has ready. What the engine reports on sending
+        (streams it closed, its own end) is handled first: a malformed request or a flood found
+        by the engine closes the connection without what was queued."""
         self._flush_handle = None
-        data = self.conn.data_to_send()
+        conn = self.conn
+        try:
+            data = conn.data_to_send()
+            events = conn.events()
+            if events:
+                self._events(events)
+        except Abuse as e:
+            self.owner.http2_abuse(e.kind)
+            self._abort(e.goaway)
+            return
+        except NGH2Error:
+            data = b""
+            self._ended = True
+        if self._out:
+            self._out.append(data)
+            data = b"".join(self._out)
+            self._out.clear()
         t = self.transport
         if data and t is not None and not t.is_closing():
             t.write(data)
-
-    def _fail_connection(self) -> None:
-        """h2 found a connection error and queued its GOAWAY: send it and close."""
-        self._going_away = True
-        self._flush()
-        self._abort(None)
+        if self._ended and (self._failed or not self.streams) and not self._closing:
+            self._closing = True
+            if t is not None and not t.is_closing():
+                t.close()
 
     def _abort(self, goaway: int | None = None) -> None:
         """Close now (abuse): with a GOAWAY of ``goaway``'s code, or silently."""
         if self._closing:
             return
         self._closing = True
+        self._out.clear()
         t = self.transport
         if t is None:
             return
         if goaway is not None:
-            self.conn.data_to_send()          # nothing else goes out
-            t.write(goaway_frame(self.conn.highest_inbound_stream_id, goaway))
+            conn = self.conn
+            try:
+                conn.data_to_send()          # nothing else goes out
+                conn.terminate_connection(goaway, last_stream_id=self.guard.last_stream_id)
+                t.write(conn.data_to_send())
+            except NGH2Error:
+                pass
             t.close()       # the GOAWAY is flushed before the socket closes
         else:
             t.abort()
@@ -741,6 +856,6 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _trailer_block(trailers: Headers) -> list[tuple[bytes, bytes]]:
+def _trailer_block(trailers: Headers) -> list[ngh2.Header]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
             if k not in CONNECTION_SPECIFIC_STR and k[:1] != ":"]

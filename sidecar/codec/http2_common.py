@@ -29,6 +29,7 @@ from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
+from sidecar.config.http2 import Http2Options
 from sidecar.core.body import BodyStream
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -294,3 +295,34 @@ class CreditedBody(BodyStream):
 def latin1(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Header values as the bytes they came from (codecs decode latin-1)."""
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+# ---- ngh2 (libnghttp2), the engine the codecs move to ---------------------------------------------
+# A decoded header block the engine holds before the codec sees it: far above any listener's
+# ``max_request_headers_kb`` (the codec resets a stream over that, as Envoy does), so the
+# listener's limit decides. The engine keeps the whole decoded list (Envoy stops copying at its
+# limit in nghttp2's per-field callback; ngh2 has no such hook), so this bound is also the
+# memory an HPACK bomb (one large indexed field referenced many times) can hold per
+# connection: a bomb up to it resets its stream as in Envoy (the conformance suite's is 16 MB
+# decoded), a larger one closes the connection (the engine's DenialOfServiceError).
+NGH2_MAX_HEADER_LIST = 20 * 1024 * 1024
+NGH2_MAX_HEADER_COUNT = 10_000
+
+
+def ngh2_server_config(options: Http2Options) -> ngh2.Configuration:
+    """The downstream engine's options. Where Envoy's ``http2_protocol_options`` and an nghttp2
+    limit overlap, ours decide (``Http2Guard`` counts before the engine sees the bytes):
+    ``max_outbound_ack`` at or above ``max_outbound_control_frames`` (Envoy's nghttp2 adapter
+    sets 10000); header list size and count far above ``max_request_headers_kb`` /
+    ``max_headers_count`` (the codec resets the stream, the engine would close the
+    connection). Windows are credited by the codec as bodies are read (``auto_window_update``
+    off, as Envoy). nghttp2's own defaults stay where Envoy keeps them: 8 CONTINUATION frames
+    per header block, the RST_STREAM rate limit (1000 burst, 33/s)."""
+    return ngh2.Configuration(
+        auto_window_update=False,
+        max_outbound_ack=max(10_000, options.max_outbound_control_frames),
+        max_inbound_header_list_size=NGH2_MAX_HEADER_LIST,
+        max_inbound_header_count=NGH2_MAX_HEADER_COUNT,
+        max_continuations=8,
+        stream_reset_rate_limit=(1000, 33),
+    )

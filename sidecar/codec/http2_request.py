@@ -1,11 +1,13 @@
-"""An HTTP/2 request's header list (as ``h2`` decoded it) made into a ``Request``, with the
-checks RFC 9113 8.2 and 8.3 ask for and Envoy's choices where the RFC leaves one (a ``host``
-header next to ``:authority`` is accepted and ``:authority`` wins; cookies are joined)."""
+"""HTTP/2 header lists made into messages: a downstream request (already checked by nghttp2 as
+RFC 9113 8.2 and 8.3 ask; Envoy's choices where the RFC leaves one: a ``host`` header next to
+``:authority`` is accepted and ``:authority`` wins, cookies are joined), an upstream response
+and trailers (checked here, one pass per list)."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 
 from multidict import MultiDict
 
@@ -15,8 +17,6 @@ from sidecar.core.context import RequestContext
 from sidecar.core.message import Request
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")     # a lower-case field name
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
-_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -27,6 +27,10 @@ class Malformed(Exception):
 
 class Refused(Exception):
     """A request the listener's limits refuse (its stream is reset, as Envoy's codec does)."""
+
+
+class TooLarge(Refused):
+    """Headers over ``max_request_headers_kb`` or ``max_headers_count``."""
 
 
 # RFC 9113 8.2.1: a field value with NUL, CR or LF, or starting or ending with SP or HTAB
@@ -83,53 +87,41 @@ def response_from_headers(raw: RawHeaders) -> tuple[int, Headers]:
     return status, headers
 
 
-def header_count(raw: RawHeaders) -> int:
-    """The fields Envoy counts against ``max_headers_count``: pseudo-headers included, the
-    crumbled cookies as the one header they are joined into."""
-    cookies = sum(1 for name, _ in raw if name == b"cookie")
-    return len(raw) - cookies + (1 if cookies else 0)
-
-
-def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] | None, port: int,
-                         tls: bool, peer_identity: str | None,
-                         underscores: str = "ALLOW") -> Request:
-    """The request; raises ``Malformed``, or ``Refused`` for a header name with an underscore
-    under ``underscores`` REJECT_REQUEST (DROP_HEADER drops it). Without ``:authority`` nor
-    ``host`` the request is answered 400 (``req.reject``)."""
+def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: str,
+                                 peer: tuple[str, int] | None, port: int, tls: bool,
+                                 peer_identity: str | None, underscores: str, max_bytes: int,
+                                 max_count: int) -> Request:
+    """The request, from a header list the HTTP/2 engine (nghttp2) has already checked as RFC
+    9113 8.2 and 8.3 ask (names lower-case tokens, no connection-specific field, ``te`` only
+    "trailers", values without NUL/CR/LF or surrounding whitespace, the request pseudo-headers
+    once each, first, ``:method``, ``:scheme`` and ``:path`` present, ``:authority`` or
+    ``host``): only Envoy's choices are left here. Raises ``TooLarge`` past the listener's
+    limits (Envoy counts a name and value per field, pseudo-headers included, the crumbled
+    cookies as the one header they are joined into), ``Refused`` for an underscore under
+    REJECT_REQUEST (DROP_HEADER drops the field), ``Malformed`` for CONNECT."""
     method = path = scheme = authority = None
     host = None
-    seen_regular = False
     headers: Headers = MultiDict()
     cookies: list[str] = []
+    size = 0
+    regular = False
     for name, value in raw:
-        if name[:1] == b":":
-            if seen_regular or name not in _PSEUDO:
-                raise Malformed(f"pseudo-header {name!r}")
+        size += len(name) + len(value)
+        if name[0] == 58:          # b":"
             v = value.decode("latin-1")
             if name == b":method":
-                if method is not None:
-                    raise Malformed("duplicate :method")
                 method = v
             elif name == b":path":
-                if path is not None:
-                    raise Malformed("duplicate :path")
                 path = v
             elif name == b":scheme":
-                if scheme is not None:
-                    raise Malformed("duplicate :scheme")
                 scheme = v
             else:
-                if authority is not None:
-                    raise Malformed("duplicate :authority")
                 authority = v
             continue
-        seen_regular = True
-        if name not in _NAMES_OK:
-            _check_name(name)
-        if _BAD_VALUE.search(value) is not None:
-            raise Malformed(f"header value of {name!r}")
-        if name == b"te" and value.strip().lower() != b"trailers":
-            raise Malformed("te other than trailers")
+        if not regular:            # the pseudo-headers come first (nghttp2 checked)
+            regular = True
+            if authority is not None:
+                headers["host"] = authority    # :authority wins over a Host header (Envoy)
         if underscores != "ALLOW" and b"_" in name:
             if underscores == "DROP_HEADER":
                 continue
@@ -144,26 +136,24 @@ def request_from_headers(raw: RawHeaders, listener: str, peer: tuple[str, int] |
             host = v
         else:
             headers.add(n, v)
-    if method is None:
-        raise Malformed("no :method")
-    if method == "CONNECT":
+    if size > max_bytes or len(raw) - len(cookies) + (1 if cookies else 0) > max_count:
+        raise TooLarge("header list")
+    if method == "CONNECT" or method is None or path is None:
         raise Malformed("CONNECT is not supported")
-    if not scheme or not path:
-        raise Malformed("no :scheme or :path")
     if cookies:
         headers.add("cookie", "; ".join(cookies))
+    if authority is None:
+        if host is not None:           # Host first, as :authority would be
+            all_headers: Headers = MultiDict(host=host)
+            all_headers.extend(headers)
+            headers = all_headers
+    elif not regular:
+        headers["host"] = authority
     ctx = RequestContext(listener, peer, time.perf_counter(), port)
     ctx.tls = tls
     ctx.peer_identity = peer_identity
     ctx.protocol = "HTTP/2"
-    target = authority if authority is not None else host
-    all_headers: Headers = MultiDict()
-    if target is not None:
-        all_headers["host"] = target       # :authority wins over a Host header (Envoy)
-    all_headers.extend(headers)
     p, _, query = path.partition("?")
-    req = Request(method, p, query, all_headers, b"", ctx, "2")
-    req.scheme = scheme
-    if target is None:
-        req.reject = (400, "missing :authority")
+    req = Request(method, p, query, headers, b"", ctx, "2")
+    req.scheme = scheme or "http"
     return req

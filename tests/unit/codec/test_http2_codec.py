@@ -13,6 +13,7 @@ import h2.events
 import hpack
 import pytest
 from hyperframe.frame import (
+    ContinuationFrame,
     DataFrame,
     Frame,
     GoAwayFrame,
@@ -20,6 +21,7 @@ from hyperframe.frame import (
     PingFrame,
     PriorityFrame,
     RstStreamFrame,
+    SettingsFrame,
     WindowUpdateFrame,
 )
 from multidict import MultiDict
@@ -28,7 +30,7 @@ from sidecar.codec.http2 import Http2Connection
 from sidecar.codec.http2_common import PREFACE, BoundedDecoder, CompressionError, goaway_frame
 from sidecar.codec.http2_guard import Abuse, Http2Guard
 from sidecar.config.http2 import Http2Options
-from sidecar.core.body import BodyStream
+from sidecar.core.body import BodySource, BodyStream
 from sidecar.core.message import Request, Response
 
 
@@ -503,3 +505,238 @@ async def test_streams_of_a_connection_share_its_identity():
     q.send()
     await q.settle()
     assert q.owner.requests[0].ctx.connection is not a
+
+
+# ---- the guard reads frame headers before the engine; what the engine decides ------------------
+
+def test_guard_scan_counts_frames_split_anywhere_and_skips_payloads():
+    """The frame headers are read across reads (a header split in two, a payload spanning
+    many reads) and payloads are never taken for frame headers."""
+    from sidecar.codec.http2_guard import PREFACE_LENGTH
+
+    opts = Http2Options(max_inbound_priority_frames_per_stream=2)
+    # a DATA payload made of PRIORITY frame headers: skipped, not counted
+    fake = raw(*[PriorityFrame(1, depends_on=0, stream_weight=1) for _ in range(100)])
+    stream = (PREFACE + raw(HeadersFrame(1, b"\x82", flags=["END_HEADERS"]),
+                            DataFrame(1, fake)) +
+              raw(*[PriorityFrame(1, depends_on=0, stream_weight=1) for _ in range(4)]))
+    assert len(PREFACE) == PREFACE_LENGTH
+    for step in (1, 5, 9, 10, 1000, len(stream)):
+        g = Http2Guard(opts)
+        for i in range(0, len(stream), step):
+            g.scan(stream[i:i + step])
+        assert (g.priority_frames, g.streams_opened, g.last_stream_id) == (4, 1, 1), step
+        with pytest.raises(Abuse):     # 2 x (1 + 1 stream) = 4 allowed: the fifth is a flood
+            g.scan(raw(PriorityFrame(1, depends_on=0, stream_weight=1)))
+
+
+def test_guard_scan_empty_frames_and_acks():
+    g = Http2Guard(Http2Options(max_outbound_control_frames=2))
+    g.scan(PREFACE + raw(PingFrame(0, b"12345678", flags=["ACK"]),
+                         SettingsFrame(0, flags=["ACK"])))       # ACKs we get queue nothing
+    g.scan(raw(PingFrame(0, b"12345678"), SettingsFrame(0)))
+    with pytest.raises(Abuse) as e:
+        g.scan(raw(PingFrame(0, b"12345678")))
+    assert e.value.kind == "outbound_control_flood"
+    g = Http2Guard(Http2Options())
+    g.scan(PREFACE + raw(HeadersFrame(1, b"", flags=["END_STREAM"]),    # END_STREAM: not empty
+                         DataFrame(1, b""), DataFrame(1, b"x")))       # one empty, then data
+    with pytest.raises(Abuse) as e:
+        g.scan(raw(ContinuationFrame(1, b""), ContinuationFrame(1, b"")))
+    assert e.value.kind == "inbound_empty_frames_flood"
+
+
+async def test_too_many_streams_closes_without_a_goaway():
+    """Past an acknowledged SETTINGS_MAX_CONCURRENT_STREAMS nghttp2 would send GOAWAY
+    PROTOCOL_ERROR; Envoy closes without one, and so does the codec."""
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"")
+
+    p = Peer(Http2Options(max_concurrent_streams=2), handler=slow)
+    await p.settle()                                   # our SETTINGS acknowledged
+    p.t.take()
+    enc = hpack.Encoder()
+    p.codec.data_received(raw(*[HeadersFrame(sid, enc.encode(p.headers()),
+                                             flags=["END_HEADERS", "END_STREAM"])
+                                for sid in (1, 3, 5)]))
+    assert p.t.aborted and p.owner.abuse == ["too_many_streams"]
+    assert not [f for f in _frames(p.t.take()) if isinstance(f, GoAwayFrame)]
+    hold.set()
+
+
+async def test_connect_is_malformed():
+    p = Peer()
+    p.client.send_headers(1, [(":method", "CONNECT"), (":authority", "example.test:443")])
+    p.send()
+    assert p.t.closed and not p.owner.requests and p.owner.abuse == ["malformed_request"]
+
+
+async def test_a_connection_error_ends_the_open_streams():
+    """A WINDOW_UPDATE taking a stream's window past 2^31-1 while its request is being served:
+    GOAWAY FLOW_CONTROL_ERROR (nghttp2's), the request body fails, the connection closes."""
+    failed = []
+
+    async def reader(req):
+        try:
+            await req.body.read_all(1 << 20)
+        except ConnectionError as e:
+            failed.append(e)
+        return Response(200, MultiDict(), b"")
+
+    p = Peer(handler=reader)
+    p.client.send_headers(1, p.headers(method="POST"))
+    p.send()
+    await p.settle()
+    p.codec.data_received(raw(WindowUpdateFrame(1, 0x7FFFFFFF)))
+    goaway = [f for f in _frames(p.t.take()) if isinstance(f, GoAwayFrame)]
+    await p.settle()
+    assert p.t.closed and goaway and goaway[-1].error_code == 3    # FLOW_CONTROL_ERROR
+    assert failed and not p.codec.streams
+
+
+async def test_drain_finishes_open_streams_and_ignores_new_ones():
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"done")
+
+    p = Peer(handler=slow)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    p.codec.send_goaway()
+    p.pump()
+    assert p.of(h2.events.ConnectionTerminated)[0].last_stream_id == 1
+    p.t.take()
+    p.codec.data_received(raw(HeadersFrame(3, hpack.Encoder().encode(p.headers()),
+                                           flags=["END_HEADERS", "END_STREAM"])))
+    hold.set()
+    await p.settle()
+    assert len(p.owner.requests) == 1 and p.owner.finished[0][2] == 4   # stream 1 answered
+    p.codec.idle_check(time.monotonic(), 0, 0)
+    assert p.t.closed
+
+
+async def test_streamed_response_waits_for_the_client_window():
+    """A streamed body: the writer is held while what it queued does not fit the windows (the
+    engine holds at most the high-water mark), and resumes as the client opens them."""
+    produced = []
+
+    class Chunks(BodySource):
+        """40 chunks of 16 KiB, produced as they are read."""
+
+        total = 0
+        at_eof = False
+
+        async def read(self) -> bytes:
+            if len(produced) == 40:
+                return b""
+            produced.append(1)
+            return b"z" * 16384
+
+    async def handler(req):
+        return Response(200, MultiDict(), Chunks())
+
+    p = Peer(handler=handler)
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16384})
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    got = sum(len(e.data) for e in p.of(h2.events.DataReceived, 1))
+    assert got <= 16384 and len(produced) < 10          # held back, not buffered
+    for _ in range(60):
+        if p.of(h2.events.StreamEnded, 1):
+            break
+        p.client.increment_flow_control_window(65536)
+        p.client.increment_flow_control_window(65536, 1)
+        p.send()
+        await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 40 * 16384
+
+
+async def test_body_not_matching_content_length_resets_only_its_stream():
+    """nghttp2 resets the stream (PROTOCOL_ERROR); Envoy keeps the connection for this one
+    (observed against Envoy 1.40), unlike a malformed header block."""
+    p = Peer()
+    p.client.send_headers(1, p.headers([("content-length", "10")], method="POST"))
+    p.client.send_data(1, b"abc", end_stream=True)
+    p.client.send_headers(3, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.of(h2.events.StreamReset, 1)[0].error_code == 1 and not p.t.closed
+    assert p.of(h2.events.ResponseReceived, 3)
+
+
+@pytest.mark.parametrize("trailer", [("x-upper", "a\r\nb"), (":path", "/"), ("connection", "x")])
+async def test_malformed_trailers_close_the_connection(trailer):
+    p = Peer()
+    p.client.send_headers(1, p.headers(method="POST"))
+    p.client.send_data(1, b"abc")
+    p.client.send_headers(1, [trailer], end_stream=True)
+    p.send()
+    await p.settle()
+    assert p.t.closed and p.owner.abuse == ["malformed_request"]
+    assert p.of(h2.events.ConnectionTerminated)[0].error_code == 1     # PROTOCOL_ERROR
+
+
+async def test_large_response_within_the_client_window_needs_no_window_update():
+    """A body larger than what the engine holds per stream, inside the client's windows: it
+    all goes out without the client sending a WINDOW_UPDATE."""
+    async def handler(req):
+        return Response(200, MultiDict(), b"w" * 1_000_000)
+
+    p = Peer(handler=handler)
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * 1024 * 1024})
+    p.client.increment_flow_control_window(16 * 1024 * 1024)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 1_000_000
+    assert p.of(h2.events.StreamEnded, 1) and p.owner.finished
+
+
+@pytest.mark.parametrize("copies,alive", [(4000, True), (6000, False)])
+async def test_hpack_bomb_resets_the_stream_up_to_the_engine_bound(copies, alive):
+    """One 4 KB field indexed and referenced ``copies`` times (16 / 24 MB decoded): up to the
+    engine's bound (NGH2_MAX_HEADER_LIST) the stream is reset INTERNAL_ERROR and the connection
+    lives, as in Envoy; past it the engine gives up on the connection."""
+    p = Peer()
+    enc = hpack.Encoder()
+    block = enc.encode(p.headers() + [("x-bomb", "b" * 4000)] * copies)   # about 10 KB
+    assert len(block) < 16384
+    p.codec.data_received(raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"])))
+    out = _frames(p.t.take())       # the h2 client never opened stream 1: read the frames
+    assert not p.owner.requests and p.t.closed is not alive
+    if alive:
+        assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == \
+            [(1, 2)]                                    # INTERNAL_ERROR
+        assert p.owner.abuse == ["headers_too_large"]
+
+
+async def test_too_many_streams_before_the_settings_ack_are_refused():
+    """Before the client acknowledged our SETTINGS a stream past the limit is refused
+    (REFUSED_STREAM) and the connection lives: nghttp2's rule, Envoy's behaviour."""
+    hold = asyncio.Event()
+
+    async def slow(req):
+        await hold.wait()
+        return Response(200, MultiDict(), b"")
+
+    owner = Owner(slow)
+    codec = Http2Connection(owner, Http2Options(max_concurrent_streams=2))
+    t = FakeTransport()
+    codec.connection_made(t)
+    enc = hpack.Encoder()
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "a.test"), (":path", "/")]
+    codec.data_received(PREFACE + raw(SettingsFrame(0), *[
+        HeadersFrame(sid, enc.encode(headers), flags=["END_HEADERS", "END_STREAM"])
+        for sid in (1, 3, 5)]))
+    await asyncio.sleep(0)
+    resets = [(f.stream_id, f.error_code) for f in _frames(t.take()) if isinstance(f, RstStreamFrame)]
+    assert resets == [(5, 7)] and not t.closed and len(owner.requests) == 2
+    hold.set()
+    await asyncio.sleep(0)
