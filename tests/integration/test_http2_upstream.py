@@ -67,8 +67,8 @@ async def test_a_response_body_nghttp2_refuses_fails_only_its_stream(path):
             good2 = await c.request("GET", "/good")
         assert (good1.status, good1.body) == (200, b"ok")
         # the head may have gone out already: then the client's stream is reset mid-body
-        # the head went on before the body proved bad: the client's stream is reset (as
-        # Envoy does: tests/conformance/h2 upstream-content-length-mismatch), never completed
+        # the head was handed on before the body proved bad: the client's stream is reset
+        # (as by Envoy: tests/conformance/h2 upstream-content-length-mismatch), never completed
         assert bad.reset is not None, bad
         assert (good2.status, good2.body) == (200, b"ok")
         assert _Peer.connections == 1        # a stream error: the connection stayed up

@@ -213,14 +213,18 @@ def test_http1_on_auto_listener_still_works(h2_pair):
 
 def test_http2_upstream_body_shorter_than_its_content_length(h2_pair):
     """An HTTP/2 upstream sends 5 bytes after ``content-length: 10`` (RFC 9113 8.1.1: a
-    malformed response, a stream error): what the client gets, and whether the pooled upstream
-    connection serves the next request."""
+    malformed response, a stream error): the client's stream is reset, and the pooled upstream
+    connection serves the next request. (Whether the 200 head reaches the client before the
+    reset depends on the upstream's HEADERS and DATA arriving in one read or two, so it is not
+    compared.)"""
     def run(p):
         with H2Client(p.port()) as c:
             before = c.request("GET", "/h2/before").echo["conn"]
             bad = c.request("GET", "/h2/cl?body=short&hdr=content-length:10")
             after = c.request("GET", "/h2/after").echo["conn"]
-        return {"response": response_view(bad), "same_upstream_connection": before == after}
+        view = response_view(bad)
+        return {"reset": view.get("reset"), "body": view["body"],
+                "same_upstream_connection": before == after}
     h2_pair.same("upstream-content-length-mismatch", run)
 
 
