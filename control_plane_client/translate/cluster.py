@@ -257,7 +257,8 @@ def protocol_options(d: dict, path: str) -> dict:
                            ("idle_timeout", "max_headers_count", "max_response_headers_kb"), cp)
         if "idle_timeout" in cho:
             out["idle_timeout_s"] = w.duration(cho, "idle_timeout", cp)
-        # response head limits (a 502 and the connection closed above them)
+        # response head limits (a 502 above them: HTTP/1.1 closes the connection, HTTP/2 resets
+        # just the stream)
         out["max_response_headers_count"] = w.integer(cho, "max_headers_count", cp, 100, lo=1)
         out["max_response_headers_kb"] = w.integer(cho, "max_response_headers_kb", cp, 80,
                                                    lo=1, hi=8192)

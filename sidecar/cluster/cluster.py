@@ -56,7 +56,7 @@ from sidecar.upstream.http1 import ConnectionPool, UpstreamConnection
 from sidecar.upstream.tunnel import open_tunnel
 
 if TYPE_CHECKING:
-    # The HTTP/2 upstream (h2, hpack: ~3 MB) is loaded only for clusters that speak HTTP/2.
+    # The HTTP/2 upstream (ngh2, libnghttp2) is loaded only for clusters that speak HTTP/2.
     from sidecar.upstream.http2 import Http2UpstreamConnection
     from sidecar.upstream.http2_pool import Http2Pool
 
@@ -160,9 +160,10 @@ class Cluster:
         elif st.endpoint != ep:
             st.endpoint = ep            # a weight or hostname change keeps the state
         if st.h2 is None and cfg.protocol != "http1":
-            from sidecar.upstream.http2_pool import Http2Pool  # lazy: h2 only when a cluster uses it
+            from sidecar.upstream.http2_pool import Http2Pool  # lazy: only when a cluster speaks HTTP/2
             st.h2 = Http2Pool(ep.host, ep.port, cfg.connect_timeout_s, cfg.http2,
-                              self.ssl_context_h2, self._sni, cfg.idle_timeout_s)
+                              self.ssl_context_h2, self._sni, cfg.idle_timeout_s,
+                              cfg.max_response_headers_count, cfg.max_response_headers_kb * 1024)
         return st
 
     def activate(self) -> None:
@@ -193,6 +194,8 @@ class Cluster:
             if h2 is not None:
                 h2.connect_timeout = cfg.connect_timeout_s
                 h2.idle_timeout = cfg.idle_timeout_s
+                h2.max_headers_count = p.max_headers_count
+                h2.max_header_bytes = p.max_header_bytes
                 h2.on_free = waiters.wake
                 h2.local_addr = p.local_addr
                 if h2.ssl is not self.ssl_context_h2 or h2.options != cfg.http2:

@@ -21,7 +21,7 @@ from sidecar.shared.api import EndpointCounters
 from sidecar.upstream.http1 import ConnectionPool
 
 if TYPE_CHECKING:
-    from sidecar.upstream.http2_pool import Http2Pool  # h2 is loaded only when a cluster speaks it
+    from sidecar.upstream.http2_pool import Http2Pool  # HTTP/2 (ngh2) is loaded only when a cluster speaks it
 
 
 class EndpointState:

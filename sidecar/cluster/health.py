@@ -47,7 +47,7 @@ from sidecar.observability.stats import ClusterStats
 from sidecar.upstream.http1 import ConnectionPool
 
 if TYPE_CHECKING:
-    from sidecar.upstream.http2_pool import Http2Pool  # h2 is loaded only for gRPC health checks
+    from sidecar.upstream.http2_pool import Http2Pool  # HTTP/2 (ngh2) is loaded only for gRPC health checks
 
 log = logging.getLogger("sidecar.health_check")
 
@@ -325,7 +325,7 @@ class ClusterChecker:
             ep = host.endpoint
             tls = c.config.tls if c is not None else None
             if self.checks[i].grpc_service is not None:
-                from sidecar.upstream.http2_pool import Http2Pool  # lazy: h2 only for gRPC checks
+                from sidecar.upstream.http2_pool import Http2Pool  # lazy: HTTP/2 only for gRPC checks
                 pool = self.pools[(i, host.address)] = Http2Pool(
                     ep.host, ep.port, c.config.connect_timeout_s if c is not None else 5.0,
                     c.config.http2 if c is not None else UPSTREAM_DEFAULTS,

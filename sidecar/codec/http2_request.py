@@ -1,7 +1,7 @@
 """HTTP/2 header lists made into messages: a downstream request (already checked by nghttp2 as
 RFC 9113 8.2 and 8.3 ask; Envoy's choices where the RFC leaves one: a ``host`` header next to
-``:authority`` is accepted and ``:authority`` wins, cookies are joined), an upstream response
-and trailers (checked here, one pass per list)."""
+``:authority`` is accepted and ``:authority`` wins, cookies are joined), and a request's
+trailers (checked here too, in one pass)."""
 
 from __future__ import annotations
 
@@ -66,25 +66,6 @@ def trailers_from_headers(raw: RawHeaders) -> Headers:
         _check_field(name, value)
         out.add(name.decode("latin-1"), value.decode("latin-1"))
     return out
-
-
-def response_from_headers(raw: RawHeaders) -> tuple[int, Headers]:
-    """An upstream's response head: the status and the fields, checked as RFC 9113 8.2 and
-    8.3.2 ask (what ``h2``'s inbound validation would check, in one pass instead of a chain of
-    generators per field); raises ``Malformed``."""
-    status = 0
-    headers: Headers = MultiDict()
-    for name, value in raw:
-        if name[:1] == b":":
-            if name != b":status" or status or headers or len(value) != 3 or not value.isdigit():
-                raise Malformed(f"pseudo-header {name!r}")
-            status = int(value)
-            continue
-        _check_field(name, value)
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    if not status:
-        raise Malformed("no :status")
-    return status, headers
 
 
 def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: str,

@@ -112,6 +112,19 @@ def _fields(raw: Sequence[Header]) -> Headers:
     return out
 
 
+def _fields_and_size(raw: Sequence[Header]) -> tuple[Headers, int]:
+    """A response head nghttp2 validated: its fields after ``:status`` as Headers, and the
+    head's size as Envoy counts it against ``max_response_headers_kb`` (names and values)."""
+    out: Headers = MultiDict()
+    add = out.add
+    size = 0
+    for k, v in raw:
+        size += len(k) + len(v)
+        if k[0] != 58:            # ":" (the one pseudo-header, :status)
+            add(k.decode("latin-1"), v.decode("latin-1"))
+    return out, size
+
+
 def _reason(code: int) -> str:
     return _ERROR_NAMES.get(code) or str(code)
 
@@ -256,8 +269,15 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 if s is not None and not s.reset:
                     raw = e.headers
                     # nghttp2 checked the head: one 3-digit :status, first (RFC 9113 8.3.2)
+                    headers, size = _fields_and_size(raw)
+                    pool = self.pool
+                    if len(headers) > pool.max_headers_count or size > pool.max_header_bytes:
+                        self._reset(s, ErrorCode.INTERNAL_ERROR, UpstreamProtocolError(
+                            "upstream protocol error: response headers over the cluster's "
+                            "max_response_headers_count / max_response_headers_kb"))
+                        continue
                     s.status = int(raw[0][1])
-                    s.headers = _fields(raw[1:])
+                    s.headers = headers
                     s.chunks = []
                     s.ended = e.end_stream
                     got.append(s)

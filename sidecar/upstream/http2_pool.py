@@ -18,12 +18,14 @@ class Http2Pool:
     """The HTTP/2 connections to one endpoint (see the module docstring)."""
 
     __slots__ = ("host", "port", "connect_timeout", "options", "ssl", "server_hostname",
-                 "idle_timeout", "conns", "connecting", "total_connects", "connect_failures",
+                 "idle_timeout", "max_headers_count", "max_header_bytes", "conns", "connecting",
+                 "total_connects", "connect_failures",
                  "on_free", "local_addr", "_waiters", "__weakref__")
 
     def __init__(self, host: str, port: int, connect_timeout: float, options: Http2Options,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str = "",
-                 idle_timeout: float = 3600.0) -> None:
+                 idle_timeout: float = 3600.0, max_headers_count: int = 100,
+                 max_header_bytes: int = 80 * 1024) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -31,6 +33,10 @@ class Http2Pool:
         self.ssl = ssl_context
         self.server_hostname = server_hostname
         self.idle_timeout = idle_timeout
+        # response head limits (the cluster's max_response_headers_count / _kb): a head over
+        # them fails its stream (502 UPE), as Envoy's HTTP/2 codec resets it
+        self.max_headers_count = max_headers_count
+        self.max_header_bytes = max_header_bytes
         self.conns: list[Http2UpstreamConnection] = []    # open (ready or not yet)
         self.connecting = 0
         self.total_connects = 0

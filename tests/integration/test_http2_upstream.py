@@ -12,7 +12,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from h2_helpers import H2Client
+from h2_helpers import H2Client, H2Request, H2Upstream
+from resilience_helpers import envoy_config, proxy
 
 from sidecar.testing import native_config, running_proxy
 
@@ -74,3 +75,48 @@ async def test_a_response_body_nghttp2_refuses_fails_only_its_stream(path):
         assert _Peer.connections == 1        # a stream error: the connection stayed up
     finally:
         server.close()
+
+
+async def _headers_by_path(req: H2Request) -> tuple[int, list, bytes, list]:
+    """``/count/N``: N extra response headers of ~10 bytes; ``/bytes/N``: one header of N
+    bytes."""
+    _, kind, n = req.path.split("/")
+    if kind == "count":
+        return 200, [(f"x-h{i}", "v") for i in range(int(n))], b"ok", []
+    return 200, [("x-big", "v" * int(n))], b"ok", []
+
+
+def _limited(up: H2Upstream, envoy: bool) -> dict:
+    """An HTTP/2 cluster whose response heads may carry at most 10 fields and 1 KiB, in the
+    Envoy v3 shape or the native one."""
+    if envoy:
+        return envoy_config(clusters={"app": {"endpoints": [up.address],
+                                              "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+                "common_http_protocol_options": {"max_headers_count": 10,
+                                                 "max_response_headers_kb": 1}}}}},
+            routes=[{"match": {"prefix": "/"}, "route": {"cluster": "app"}}])
+    return native_config(clusters={"app": {"endpoints": [up.address], "protocol": "http2",
+                                           "max_response_headers_count": 10,
+                                           "max_response_headers_kb": 1}},
+                         routes=[{"match": {"prefix": "/"}, "cluster": "app"}])
+
+
+@pytest.mark.parametrize("envoy", [False, True], ids=["native", "envoy"])
+async def test_cluster_response_head_limits_apply_to_http2_upstreams(envoy):
+    """``max_response_headers_count`` / ``max_response_headers_kb`` (Envoy's
+    ``common_http_protocol_options``) bound an HTTP/2 upstream's response heads as they bound
+    HTTP/1.1 ones: a head over either is a 502 (an upstream protocol error), and only its stream fails (the pooled
+    connection serves the next request)."""
+    async with H2Upstream(_headers_by_path) as up:
+        async with proxy(_limited(up, envoy)) as p, H2Client(p.port()) as c:
+            ok = await c.request("GET", "/count/9")
+            many = await c.request("GET", "/count/11")
+            big = await c.request("GET", "/bytes/1100")
+            again = await c.request("GET", "/bytes/900")
+        assert (ok.status, ok.body) == (200, b"ok")
+        assert many.status == 502 and big.status == 502
+        assert (again.status, again.body) == (200, b"ok")
+        assert up.connections == 1          # stream errors: the connection stayed up

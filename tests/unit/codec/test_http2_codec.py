@@ -27,7 +27,7 @@ from hyperframe.frame import (
 from multidict import MultiDict
 
 from sidecar.codec.http2 import Http2Connection
-from sidecar.codec.http2_common import PREFACE, BoundedDecoder, CompressionError, goaway_frame
+from sidecar.codec.http2_common import PREFACE
 from sidecar.codec.http2_guard import Abuse, Http2Guard
 from sidecar.config.http2 import Http2Options
 from sidecar.core.body import BodySource, BodyStream
@@ -349,29 +349,6 @@ def test_guard_limits():
     g.reset_by_peer(False)             # a late reset is not premature
     with pytest.raises(Abuse):
         g.reset_by_peer(True)
-
-
-def test_bounded_decoder():
-    enc = hpack.Encoder()
-    d = BoundedDecoder(max_block=200_000)
-    assert d.decode(enc.encode([("a", "b")]), raw=True) == [(b"a", b"b")]
-    with pytest.raises(CompressionError):
-        d.decode(hpack.Encoder().encode([("x", "v" * 70_000)]), raw=True)   # literal > 64 KiB
-    with pytest.raises(CompressionError):
-        BoundedDecoder(max_block=100).decode(b"\x00" * 101, raw=True)
-    big = hpack.Encoder()
-    big.header_table_size = 1 << 20                  # a table size update above the allowed one
-    with pytest.raises(CompressionError):
-        BoundedDecoder(max_block=1000).decode(big.encode([("a", "b")]), raw=True)
-    # an HPACK bomb decodes (the table stays in sync); the codec resets the stream
-    bomb = hpack.Encoder().encode([("x-bomb", "b" * 4000)] * 1000)
-    assert len(BoundedDecoder(max_block=200_000).decode(bomb, raw=True)) == 1000
-
-
-def test_goaway_frame():
-    f = _frames(goaway_frame(7, 11))[0]
-    assert isinstance(f, GoAwayFrame) and (f.last_stream_id, f.error_code) == (7, 11)
-    assert PREFACE.startswith(b"PRI * HTTP/2.0")
 
 
 async def test_ping_and_priority_and_window_frames_are_counted():
