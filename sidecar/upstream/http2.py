@@ -23,6 +23,7 @@ the state of the connection; the pool is apart, in ``http2_pool``.)
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
@@ -73,34 +74,64 @@ _CANCEL = ErrorCode.CANCEL
 _REFUSED = ErrorCode.REFUSED_STREAM
 _MAX_STREAMS = Setting.MAX_CONCURRENT_STREAMS
 _ERROR_NAMES = {int(c): c.name for c in ErrorCode}
+# the context a future's cancel callback runs in (it reads no context variable; passing one
+# saves copying the current context on every request)
+_NO_CONTEXT = contextvars.Context()
 
 Header = tuple[bytes, bytes]
+
+# encoded once: the pseudo-header fields that repeat, header names as they go out
+_METHODS: dict[str, Header] = {m: (b":method", m.encode()) for m in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")}
+_SCHEMES: dict[str, Header] = {sc: (b":scheme", sc.encode()) for sc in ("http", "https")}
+_NAMES: dict[str, bytes] = {}
+_NAMES_MAX = 4096
 
 
 def request_headers(req: Request, authority: str, scheme: str) -> list[Header]:
     """The HEADERS of ``req`` for an HTTP/2 upstream: pseudo-headers from the request line and
     Host; no connection-specific headers (RFC 9113 8.2.2), ``te`` only as "trailers"."""
+    return _request_headers(req, (b":authority", authority.encode("latin-1")),
+                            _SCHEMES.get(scheme) or (b":scheme", scheme.encode()))
+
+
+def _request_headers(req: Request, authority: Header, scheme: Header) -> list[Header]:
+    """``request_headers`` with the ``:authority`` and ``:scheme`` fields given (a connection
+    keeps them encoded: they seldom change)."""
     headers = req.headers
-    drop = connection_drop(_DROP, headers.get("connection"))
+    connection = headers.get("connection")
+    drop = connection_drop(_DROP, connection) if connection else _DROP
     url = req.path + "?" + req.query if req.query else req.path
-    out = [(b":method", req.method.encode("latin-1")), (b":scheme", scheme.encode()),
-           (b":authority", authority.encode("latin-1")), (b":path", url.encode("latin-1"))]
+    method = _METHODS.get(req.method) or (b":method", req.method.encode("latin-1"))
+    out = [method, scheme, authority, (b":path", url.encode("latin-1"))]
     te_trailers = False
     append = out.append
+    names = _NAMES
+    # one pass, inline: a call per field is a measurable part of the request
     for k, v in headers.items():
         if k in drop:
             if k == "te" and not te_trailers and "trailers" in v.lower():
                 te_trailers = True
                 append((b"te", b"trailers"))
             continue
-        kb = k.encode("latin-1")
-        # a call per field is a measurable part of the request: built inline
+        kb = names.get(k)
+        if kb is None:
+            kb = _encoded_name(k)
         append((kb, v.encode("latin-1")) if kb not in VOLATILE else
                NeverIndexedHeader(kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
         append((b"content-length", cl.encode("latin-1")))
     return out
+
+
+def _encoded_name(name: str) -> bytes:
+    """A header name as it goes out, remembered while the cache has room (names repeat; the
+    bound keeps a client sending ever new names from growing it)."""
+    kb = name.encode("latin-1")
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = kb
+    return kb
 
 
 def _fields(raw: Sequence[Header]) -> Headers:
@@ -130,10 +161,12 @@ def _reason(code: int) -> str:
 
 
 class _Stream:
-    __slots__ = ("sid", "fut", "status", "headers", "chunks", "body", "trailers", "ended",
-                 "reset", "closed", "timer", "pump", "released", "whole_ok")
+    __slots__ = ("conn", "sid", "fut", "status", "headers", "chunks", "body", "trailers",
+                 "ended", "reset", "closed", "timer", "pump", "released", "whole_ok")
 
-    def __init__(self, sid: int, fut: asyncio.Future[Response]) -> None:
+    def __init__(self, conn: Http2UpstreamConnection, sid: int,
+                 fut: asyncio.Future[Response]) -> None:
+        self.conn = conn
         self.sid = sid
         self.fut: asyncio.Future[Response] | None = fut
         self.status = 0
@@ -150,6 +183,17 @@ class _Stream:
         # a response complete on arrival may be handed over as bytes (+ trailers) whatever its
         # length header says: the client speaks HTTP/2, whose framing needs no length
         self.whole_ok = False
+
+    # bound methods rather than closures: no reference cycle to leave to the GC, and
+    # ``remove_done_callback(s.cancelled)`` finds the one added (bound methods compare equal)
+    def abort(self) -> None:
+        """The request is abandoned (``ctx.abort``: the downstream went away)."""
+        self.conn._reset(self, _CANCEL)
+
+    def cancelled(self, fut: asyncio.Future[Response]) -> None:
+        """The response future's done callback: removed before it is resolved, so it runs
+        only when the awaiting task was cancelled."""
+        self.conn._reset(self, _CANCEL)
 
 
 class Http2UpstreamConnection(asyncio.Protocol):
@@ -171,6 +215,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._waiters: dict[int, asyncio.Future[None]] = {}   # pumps waiting for the queue
         self._flush_handle: asyncio.Handle | None = None
         self._goaway_last: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._scheme: Header = _SCHEMES["https" if pool.ssl is not None else "http"]
+        self._authority: tuple[str, Header] = ("", (b":authority", b""))   # the last one sent
 
     @property
     def capacity(self) -> int:
@@ -392,6 +439,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 self._stream_done(s)
         s.fut = None
         if fut is not None and not fut.done():
+            fut.remove_done_callback(s.cancelled)     # not cancelled: no use for it
             fut.set_result(resp)
         else:
             resp.discard()
@@ -424,14 +472,22 @@ class Http2UpstreamConnection(asyncio.Protocol):
         s.reset = True
         fut = s.fut
         if fut is not None:
-            s.fut = None
-            if not fut.done():
-                fut.set_exception(err)
+            self._settle(s, fut, err)
             self._discard(s)          # DATA that came with the head, in this same batch
         elif s.body is not None and not s.ended:
             s.body.feed_error(err)
             self._discard(s)
         self._stream_done(s)
+
+    @staticmethod
+    def _settle(s: _Stream, fut: asyncio.Future[Response], err: UpstreamError) -> None:
+        """The stream failed before its response: its future gets ``err`` (unless it was
+        cancelled). (The request's ``ctx.abort`` may still point at the stream: a reset
+        stream ignores it.)"""
+        s.fut = None
+        if not fut.done():
+            fut.remove_done_callback(s.cancelled)
+            fut.set_exception(err)
 
     def _discard(self, s: _Stream) -> None:
         """Nobody will read the rest of the body: credit what it holds (the connection window
@@ -457,9 +513,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             err = UpstreamReset("UR", "stream reset (request abandoned)")
         fut = s.fut
         if fut is not None:
-            s.fut = None
-            if not fut.done():
-                fut.set_exception(err)
+            self._settle(s, fut, err)
         elif s.body is not None and not s.ended:
             s.body.feed_error(err)
         self._discard(s)
@@ -515,15 +569,20 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.close()
 
     # ---- requests --------------------------------------------------------------------------------
-    async def send(self, req: Request, authority: str, deadline: float | None) -> Response:
-        """Send ``req`` on a slot taken with ``Http2Pool.acquire``; the response head."""
-        loop = asyncio.get_running_loop()
+    def send(self, req: Request, authority: str, deadline: float | None
+             ) -> asyncio.Future[Response]:
+        """Send ``req`` on a slot taken with ``Http2Pool.acquire``; the response head, as a
+        future to await (no coroutine of its own: a frame less on every request). Cancelling
+        it (the awaiting task cancelled) resets the stream."""
+        loop = self._loop
         conn = self.conn
         self.requests += 1
         body = req.body
         trailers = req.trailers
-        scheme = "https" if self.pool.ssl is not None else "http"
-        block = request_headers(req, authority, scheme)
+        auth = self._authority
+        if auth[1] != authority:
+            auth = self._authority = (authority, (b":authority", authority.encode("latin-1")))
+        block = _request_headers(req, auth[1], self._scheme)
         end_now = type(body) is bytes and not body and not trailers
         try:
             sid = conn.send_request(block, end_stream=end_now)
@@ -534,7 +593,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.pool.room_changed()
             raise UpstreamReset("UR", f"cannot open a stream: {e}", sent=False) from None
         fut: asyncio.Future[Response] = loop.create_future()
-        s = _Stream(sid, fut)
+        s = _Stream(self, sid, fut)
         s.whole_ok = req.version == "2"
         self.streams[sid] = s
         if not end_now:
@@ -549,19 +608,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
         # one write per loop turn for every stream started in it (a write to a loopback peer
         # costs as much as the rest of the request): requests dispatched from one downstream
         # read share a syscall
-        self._schedule_flush()
+        if self._flush_handle is None and not self.closed:
+            self._flush_handle = loop.call_soon(self._flush)
         if deadline is not None:
             s.timer = loop.call_at(deadline, self._on_timeout, s)
-        ctx = req.ctx
-        ctx.abort = lambda: self._reset(s, _CANCEL)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self._reset(s, _CANCEL)
-            raise
-        finally:
-            if ctx.abort is not None and s.reset:
-                ctx.abort = None
+        req.ctx.abort = s.abort
+        fut.add_done_callback(s.cancelled, context=_NO_CONTEXT)
+        return fut
 
     async def _send_body(self, s: _Stream, body: BodySource, trailers: Headers | None) -> None:
         conn = self.conn
