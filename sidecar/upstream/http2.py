@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -216,6 +217,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._goaway_last: int | None = None
         self._loop = asyncio.get_running_loop()
+        self._deadlines: deque[tuple[float, int]] = deque()    # see ``_deadlines_due``
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._compact_at = 64
         self._scheme: Header = _SCHEMES["https" if pool.ssl is not None else "http"]
         self._authority: tuple[str, Header] = ("", (b":authority", b""))   # the last one sent
 
@@ -246,6 +250,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.draining = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        self._stop_deadlines()
         if not self.ready.done():
             self.ready.set_exception(ConnectFailure(
                 f"connection closed before HTTP/2 SETTINGS: {exc}" if exc else
@@ -553,6 +558,41 @@ class Http2UpstreamConnection(asyncio.Protocol):
         s.timer = None
         self._reset(s, _CANCEL, UpstreamTimeout())
 
+    # Deadlines: a timer per stream (create, cancel) is a measurable part of a request, and
+    # a route's streams mostly come with deadlines in the order they were sent (one timeout,
+    # a clock that moves forward). Those wait in ``_deadlines`` (deadline, stream id), behind
+    # one timer armed for the first; a stream that completes is not looked for there, it is
+    # skipped when its turn comes (the list is compacted when it outgrows the open streams).
+    # A deadline earlier than the last queued gets a timer of its own.
+    def _deadlines_due(self) -> None:
+        self._deadline_timer = None
+        if self.closed:
+            return
+        q = self._deadlines
+        streams = self.streams
+        # the loop's clock has millisecond steps: a timer may run up to one early
+        now = self._loop.time() + 0.001
+        while q:
+            deadline, sid = q[0]
+            s = streams.get(sid)
+            if s is None or s.ended or s.reset:
+                q.popleft()                    # complete: no deadline any more
+            elif deadline <= now:
+                q.popleft()
+                self._reset(s, _CANCEL, UpstreamTimeout())
+            else:
+                break
+        if q and not self.closed:
+            self._deadline_timer = self._loop.call_at(q[0][0], self._deadlines_due)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the deadlines of completed streams (memory stays bounded by the open ones)."""
+        streams = self.streams
+        live = [(d, sid) for d, sid in self._deadlines
+                if (s := streams.get(sid)) is not None and not (s.ended or s.reset)]
+        self._deadlines = deque(live)
+        self._compact_at = 2 * len(live) + 64
+
     def _on_goaway(self, code: int, last_stream_id: int) -> None:
         self.draining = True
         self._goaway_last = last_stream_id
@@ -611,7 +651,15 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if self._flush_handle is None and not self.closed:
             self._flush_handle = loop.call_soon(self._flush)
         if deadline is not None:
-            s.timer = loop.call_at(deadline, self._on_timeout, s)
+            q = self._deadlines
+            if q and deadline < q[-1][0]:
+                s.timer = loop.call_at(deadline, self._on_timeout, s)   # out of order: its own
+            else:
+                q.append((deadline, sid))
+                if self._deadline_timer is None:
+                    self._deadline_timer = loop.call_at(deadline, self._deadlines_due)
+                elif len(q) > self._compact_at:
+                    self._compact_deadlines()
         req.ctx.abort = s.abort
         fut.add_done_callback(s.cancelled, context=_NO_CONTEXT)
         return fut
@@ -713,7 +761,14 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 t.write(data)
             t.close()
         self.closed = True
+        self._stop_deadlines()
         self.pool.forget(self)
+
+    def _stop_deadlines(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
 
 
 def _trailer_block(trailers: Headers) -> list[Header]:
