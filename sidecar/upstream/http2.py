@@ -86,6 +86,7 @@ _METHODS: dict[str, Header] = {m: (b":method", m.encode()) for m in (
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")}
 _SCHEMES: dict[str, Header] = {sc: (b":scheme", sc.encode()) for sc in ("http", "https")}
 _NAMES: dict[str, bytes] = {}
+_DECODED: dict[bytes, str] = {}     # received header names, decoded once
 _NAMES_MAX = 4096
 
 
@@ -100,26 +101,39 @@ def _request_headers(req: Request, authority: Header, scheme: Header) -> list[He
     """``request_headers`` with the ``:authority`` and ``:scheme`` fields given (a connection
     keeps them encoded: they seldom change)."""
     headers = req.headers
-    connection = headers.get("connection")
-    drop = connection_drop(_DROP, connection) if connection else _DROP
     url = req.path + "?" + req.query if req.query else req.path
     method = _METHODS.get(req.method) or (b":method", req.method.encode("latin-1"))
     out = [method, scheme, authority, (b":path", url.encode("latin-1"))]
     te_trailers = False
     append = out.append
-    names = _NAMES
+    names = _NAMES      # names forwarded as they are (never one of _DROP)
+    connection = headers.get("connection")
     # one pass, inline: a call per field is a measurable part of the request
-    for k, v in headers.items():
-        if k in drop:
-            if k == "te" and not te_trailers and "trailers" in v.lower():
-                te_trailers = True
-                append((b"te", b"trailers"))
-            continue
-        kb = names.get(k)
-        if kb is None:
-            kb = _encoded_name(k)
-        append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-               NeverIndexedHeader(kb, v.encode("latin-1")))
+    if not connection:
+        for k, v in headers.items():
+            kb = names.get(k)
+            if kb is None:
+                if k in _DROP:
+                    if k == "te" and not te_trailers and "trailers" in v.lower():
+                        te_trailers = True
+                        append((b"te", b"trailers"))
+                    continue
+                kb = _encoded_name(k)
+            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+                   NeverIndexedHeader(kb, v.encode("latin-1")))
+    else:
+        drop = connection_drop(_DROP, connection)     # and the names Connection lists
+        for k, v in headers.items():
+            if k in drop:
+                if k == "te" and not te_trailers and "trailers" in v.lower():
+                    te_trailers = True
+                    append((b"te", b"trailers"))
+                continue
+            kb = names.get(k)
+            if kb is None:
+                kb = _encoded_name(k)
+            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
+                   NeverIndexedHeader(kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
         append((b"content-length", cl.encode("latin-1")))
@@ -127,8 +141,8 @@ def _request_headers(req: Request, authority: Header, scheme: Header) -> list[He
 
 
 def _encoded_name(name: str) -> bytes:
-    """A header name as it goes out, remembered while the cache has room (names repeat; the
-    bound keeps a client sending ever new names from growing it)."""
+    """A header name as it goes out (not one of ``_DROP``), remembered while the cache has
+    room (names repeat; the bound keeps a client sending ever new names from growing it)."""
     kb = name.encode("latin-1")
     if len(_NAMES) < _NAMES_MAX:
         _NAMES[name] = kb
@@ -139,8 +153,10 @@ def _fields(raw: Sequence[Header]) -> Headers:
     """A header list nghttp2 validated, as Headers (values as the latin-1 they came in)."""
     out: Headers = MultiDict()
     add = out.add       # faster than building the MultiDict from a list of pairs
+    names = _DECODED
     for k, v in raw:
-        add(k.decode("latin-1"), v.decode("latin-1"))
+        name = names.get(k)
+        add(name if name is not None else _decoded_name(k), v.decode("latin-1"))
     return out
 
 
@@ -149,12 +165,27 @@ def _fields_and_size(raw: Sequence[Header]) -> tuple[Headers, int]:
     head's size as Envoy counts it against ``max_response_headers_kb`` (names and values)."""
     out: Headers = MultiDict()
     add = out.add
+    names = _DECODED
     size = 0
     for k, v in raw:
         size += len(k) + len(v)
-        if k[0] != 58:            # ":" (the one pseudo-header, :status)
-            add(k.decode("latin-1"), v.decode("latin-1"))
+        name = names.get(k)
+        if name is None:
+            if k[0] == 58:        # ":" (the one pseudo-header, :status)
+                continue
+            name = _decoded_name(k)
+        add(name, v.decode("latin-1"))
     return out, size
+
+
+def _decoded_name(name: bytes) -> str:
+    """A received header name as str, remembered while the cache has room. nghttp2 let
+    through only lowercase token characters (RFC 9113 8.2.1: a name with any other byte
+    fails the stream), so latin-1 and ASCII read it alike."""
+    s = name.decode("latin-1")
+    if len(_DECODED) < _NAMES_MAX:
+        _DECODED[name] = s
+    return s
 
 
 def _reason(code: int) -> str:
@@ -207,6 +238,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.used = 0                 # stream slots taken (reserved or open)
         self.peer_max = 2**31 - 1     # the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+        # streams at once: the smaller of the peer's limit and the cluster's
+        self.capacity = min(self.peer_max, self.options.max_concurrent_streams)
         self.draining = False         # no new streams (GOAWAY, or closing)
         self.closed = False
         self.idle_since = time.monotonic()
@@ -223,13 +256,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._scheme: Header = _SCHEMES["https" if pool.ssl is not None else "http"]
         self._authority: tuple[str, Header] = ("", (b":authority", b""))   # the last one sent
 
-    @property
-    def capacity(self) -> int:
-        return min(self.peer_max, self.options.max_concurrent_streams)
-
     def has_room(self) -> bool:
-        return not self.draining and not self.closed and self.ready.done() and \
-            self.used < self.capacity
+        return self.used < self.capacity and not self.draining and not self.closed and \
+            self.ready.done()
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -389,6 +418,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             mcs = e.settings.get(_MAX_STREAMS)
             if mcs is not None:
                 self.peer_max = mcs
+                self.capacity = min(mcs, self.options.max_concurrent_streams)
             if not self.ready.done():
                 self.ready.set_result(None)
                 self.pool.connection_ready(self)
@@ -541,18 +571,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
         pump = s.pump
         if pump is not None and not pump.done():
             pump.cancel()                 # the stream is gone: nothing more can be sent
-        w = self._waiters.pop(s.sid, None)
-        if w is not None and not w.done():
-            w.set_result(None)
-        if self.streams.pop(s.sid, None) is None or s.released:
+        if self._waiters:
+            w = self._waiters.pop(s.sid, None)
+            if w is not None and not w.done():
+                w.set_result(None)
+        streams = self.streams
+        if streams.pop(s.sid, None) is None or s.released:
             return
         s.released = True
         self.used -= 1
-        self.idle_since = time.monotonic()
-        if self.draining and not self.streams:
-            self.close()
-        else:
-            self.pool.room_changed()
+        if not streams:
+            self.idle_since = time.monotonic()     # read only while there are no streams
+            if self.draining:
+                self.close()
+                return
+        self.pool.room_changed()
 
     def _on_timeout(self, s: _Stream) -> None:
         s.timer = None
