@@ -304,6 +304,87 @@ async def test_a_passed_deadline_resets_the_stream_and_frees_its_slot():
     assert conn.used == 0 and conn.streams == {} and conn.has_room()
 
 
+def sent_resets(server: Server) -> dict[int, int]:
+    """The RST_STREAMs the connection wrote since the peer last read (stream id -> code)."""
+    return {e.stream_id: e.error_code for e in server.h2.receive_data(server.t.take())
+            if isinstance(e, h2.events.StreamReset)}
+
+
+async def test_deadlines_in_order_share_a_timer_and_each_stream_gets_its_own():
+    """Streams sent with deadlines in order wait behind one timer: the one whose deadline
+    passes is reset, one answered before its deadline is not, a later one stays open."""
+    p = pool()
+    conn, server = connect(p)
+    loop = asyncio.get_running_loop()
+    soon = loop.time() + 0.05
+    p.acquire(), p.acquire(), p.acquire()
+    answered = asyncio.ensure_future(conn.send(request(), "svc.local", soon))
+    late = asyncio.ensure_future(conn.send(request(), "svc.local", soon))
+    later = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time() + 30))
+    await settle()
+    server.pump()
+    sid_answered, sid_late, sid_later = sorted(server.requests)
+    server.respond(sid_answered, 200, b"in time")
+    assert (await asyncio.wait_for(answered, 1)).body == b"in time"
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(late, 2)
+    await settle()
+    assert sent_resets(server) == {sid_late: ErrorCodes.CANCEL}
+    assert not later.done() and list(conn.streams) == [sid_later] and conn.used == 1
+    server.respond(sid_later, 200, b"slow but fine")
+    assert (await asyncio.wait_for(later, 1)).body == b"slow but fine"
+    assert conn.used == 0 and conn.streams == {}
+
+
+async def test_a_deadline_earlier_than_those_queued_still_fires_on_time():
+    p = pool()
+    conn, server = connect(p)
+    loop = asyncio.get_running_loop()
+    p.acquire(), p.acquire()
+    patient = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time() + 30))
+    hurried = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time() + 0.05))
+    await settle()
+    server.pump()
+    sid_patient, sid_hurried = sorted(server.requests)
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(hurried, 2)      # long before the first queued deadline
+    await settle()
+    assert sent_resets(server) == {sid_hurried: ErrorCodes.CANCEL}
+    assert not patient.done() and list(conn.streams) == [sid_patient]
+    server.respond(sid_patient)
+    assert (await asyncio.wait_for(patient, 1)).status == 200
+
+
+async def test_deadlines_of_completed_streams_are_not_kept():
+    """Many answered streams with a far deadline: what the connection remembers of their
+    deadlines stays bounded by the open streams, not by the requests sent."""
+    p = pool()
+    conn, server = connect(p)
+    loop = asyncio.get_running_loop()
+    for _ in range(500):
+        p.acquire()
+        task = asyncio.ensure_future(conn.send(request(), "svc.local", loop.time() + 30))
+        await settle()
+        server.pump()
+        server.respond(max(server.requests))
+        await asyncio.wait_for(task, 1)
+    assert len(conn._deadlines) <= 2 * len(conn.streams) + 65
+    assert conn.used == 0 and conn.streams == {}
+
+
+async def test_a_cancelled_request_resets_its_stream():
+    p = pool()
+    conn, server = connect(p)
+    p.acquire()
+    task = await start(conn)
+    server.pump()
+    (sid,) = server.requests
+    task.cancel()
+    await settle()
+    assert sent_resets(server) == {sid: ErrorCodes.CANCEL}
+    assert conn.used == 0 and conn.streams == {} and conn.has_room()
+
+
 async def test_discarding_a_streamed_response_resets_its_stream():
     p, conn, server, task, sid = await one_stream()
     server.h2.send_headers(sid, [(b":status", b"200")])
