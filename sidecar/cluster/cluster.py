@@ -294,6 +294,11 @@ class Cluster:
         deadline = ctx.attempt_deadline if ctx.attempt_deadline is not None else ctx.deadline
         host_header = (host.endpoint.hostname or host.endpoint.host) if auto_host else None
         conn = host.pool.take_idle() if self._h1 and req.upgrade is None else None
+        # HTTP/2 with a free stream slot: straight through too (``_exchange_h2`` without the
+        # two coroutine frames)
+        h2 = host.h2 if conn is None and req.upgrade is None else None
+        stream = h2.acquire() if h2 is not None and (
+            self.protocol == "http2" or req.version == "2") else None
         try:
             if conn is not None:
                 try:
@@ -301,6 +306,13 @@ class Cluster:
                 except UpstreamError as e:
                     resp = await self._idle_send_failed(req, host, e, host_header, deadline,
                                                         loop, t0)
+            elif stream is not None:
+                try:
+                    resp = await stream.send(req, host_header if host_header is not None
+                                             else req.headers.get("host", ""), deadline)
+                except UpstreamError as e:
+                    self._exchange_failed(host, e, loop.time() - t0)
+                    raise
             else:
                 resp = await self._exchange(req, host, host_header, deadline, loop, t0)
         except UpstreamError as e:
