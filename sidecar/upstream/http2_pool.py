@@ -63,7 +63,9 @@ class Http2Pool:
         out), or None."""
         best = None
         for c in self.conns:
-            if c.has_room() and (best is None or c.used > best.used):
+            # ``has_room()``, inline (once per request), cheapest test first
+            if c.used < c.capacity and not c.draining and not c.closed and c.ready.done() \
+                    and (best is None or c.used > best.used):
                 best = c
         if best is not None:
             best.used += 1
