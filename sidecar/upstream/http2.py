@@ -16,8 +16,12 @@ body data until the peer's windows let it out; a request body is read from downs
 while little of it waits there (``_QUEUED_MAX``), concurrently with the response, so
 bidirectional streams work. Response bodies credit the peer's windows as they are read.
 
-(Over 600 lines: one connection's streams, their flow control and its GOAWAY handling share
-the state of the connection; the pool is apart, in ``http2_pool``.)
+Per request the connection does as little as it can: ``send`` returns the response future
+itself (no coroutine frame), header names are encoded and decoded once (bounded caches), and
+deadlines given in order wait behind one timer per connection (``_deadlines_due``).
+
+(Over 600 lines: one connection's streams, their flow control, deadlines and GOAWAY handling
+share the state of the connection; the pool is apart, in ``http2_pool``.)
 """
 
 from __future__ import annotations
@@ -653,7 +657,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         body = req.body
         trailers = req.trailers
         auth = self._authority
-        if auth[1] != authority:
+        if auth[0] != authority:
             auth = self._authority = (authority, (b":authority", authority.encode("latin-1")))
         block = _request_headers(req, auth[1], self._scheme)
         end_now = type(body) is bytes and not body and not trailers
