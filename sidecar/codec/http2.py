@@ -72,7 +72,7 @@ from sidecar.codec.http2_request import (
 from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
-from sidecar.core.body import Headers
+from sidecar.core.body import BodySource, Headers
 from sidecar.core.context import ConnectionId
 from sidecar.core.grpc import grpc_local_reply, grpc_reply
 from sidecar.core.message import Request, Response, local_reply
@@ -143,6 +143,7 @@ class Http2Connection(asyncio.Protocol):
         self._stream_errors = options.override_stream_error_on_invalid_http_message
         self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
         self.conn_id = ConnectionId()         # this connection, for its streams' contexts
+        self._server = _server_field(owner.server_name)   # (name, its ``server`` field)
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
     @property
@@ -510,7 +511,13 @@ class Http2Connection(asyncio.Protocol):
             resp.discard()
         else:
             try:
-                sent = await self._respond(s, req, resp)
+                body = resp.body
+                if isinstance(body, bytes):
+                    sent = self._respond_whole(s, req, resp, body)
+                    if sent < 0:
+                        sent = await self._finish_whole(s, resp, body)
+                else:
+                    sent = await self._respond_stream(s, req, resp, body)
             except _StreamGone:
                 resp.discard()
                 sent = 0
@@ -542,50 +549,110 @@ class Http2Connection(asyncio.Protocol):
         return grpc_local_reply(resp) if ctx.grpc else resp
 
     def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
-        out: list[ngh2.Header] = [(b":status", str(resp.status).encode())]
-        drop = CONNECTION_SPECIFIC_STR
-        conn_tokens = resp.headers.get("connection")
+        headers = resp.headers
+        out: list[ngh2.Header] = [_STATUS.get(resp.status) or
+                                  (b":status", str(resp.status).encode())]
+        conn_tokens = headers.get("connection")
         if conn_tokens:
-            drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+            # ``keep-alive`` (nginx, on every response) and ``close`` come precomputed
+            drop = _CONNECTION_DROP.get(conn_tokens) or _connection_drop(conn_tokens)
+        else:
+            drop = _DROP_OUT
         append = out.append
-        for k, v in resp.headers.items():
-            if k in drop or k == "server" or k == "te":
+        names = _OUT_NAMES
+        for k, v in headers.items():
+            if k in drop:
                 continue
-            kb = k.encode("latin-1")
+            kb = names.get(k) or _out_name(k)
             # a helper call per field is a measurable part of the request: inlined
             append((kb, v.encode("latin-1")) if kb not in VOLATILE else
                    NeverIndexedHeader(kb, v.encode("latin-1")))
-        out.append((b"server", self.owner.server_name.encode("latin-1")))
-        if "date" not in resp.headers:
-            out.append((b"date", DATE.get().encode()))
-        ctx = req.ctx
-        if ctx.upstream_duration is not None and not self.owner.suppress_envoy_headers:
+        server = self._server
+        if server[0] is not self.owner.server_name:
+            server = self._server = _server_field(self.owner.server_name)
+        append(server[1])
+        if "date" not in headers:
+            append(_date_field())
+        duration = req.ctx.upstream_duration
+        if duration is not None and not self.owner.suppress_envoy_headers:
             # unique per response: never indexed (it would churn the HPACK table)
-            out.append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
-                                          str(int(ctx.upstream_duration * 1000)).encode()))
+            append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
+                                      str(int(duration * 1000)).encode()))
         return out
 
-    async def _respond(self, s: _Stream, req: Request, resp: Response) -> int:
+    def _head_only(self, s: _Stream, req: Request, resp: Response,
+                   head: list[ngh2.Header]) -> bool:
+        """A response without a body (HEAD, 1xx, 204, 304): its headers end the stream."""
         status = resp.status
-        body = resp.body
-        head = self._response_headers(req, resp)
         if req.method == "HEAD" or status in _BODYLESS or status < 200:
             self._send_headers(s, head, True)
             resp.discard()
+            return True
+        return False
+
+    def _respond_whole(self, s: _Stream, req: Request, resp: Response, body: bytes) -> int:
+        """A complete ``bytes`` body, without a coroutine: the headers and the body queued at
+        once (one frame count, one flush). The bytes sent, or -1 when what is queued does not
+        fit the peer's windows (or the transport is paused): the caller then awaits
+        ``_finish_whole``."""
+        head = self._response_headers(req, resp)
+        if self._head_only(s, req, resp, head):
             return 0
-        if isinstance(body, bytes):
-            trailers = resp.trailers
-            if resp.local and body and "content-length" not in resp.headers:
-                head.append((b"content-length", str(len(body)).encode()))
-            if not body and not trailers:
-                self._send_headers(s, head, True)    # gRPC trailers-only replies take this way
-                return 0
-            self._send_headers(s, head, False)
-            if body:
-                await self._send_data(s, body, not trailers)
+        trailers = resp.trailers
+        if not body:
+            self._send_headers(s, head, not trailers)  # gRPC trailers-only replies: no trailers
             if trailers:
                 self._send_trailers(s, _trailer_block(trailers))
-            return len(body)
+            return 0
+        if resp.local and "content-length" not in resp.headers:
+            head.append((b"content-length", str(len(body)).encode()))
+        if s.reset:
+            raise _StreamGone()
+        conn = self.conn
+        sid = s.sid
+        try:
+            conn.send_response(sid, head, end_stream=False)
+        except NGH2Error:
+            raise _StreamGone() from None
+        s.responding = True
+        end = not trailers
+        try:
+            conn.send_data(sid, body, end_stream=end)
+        except NGH2Error:
+            self._count_frame()
+            raise _StreamGone() from None
+        self._count_frame(data=-(-len(body) // self._max_frame), head=True)
+        s.last_io = time.monotonic()
+        try:
+            queued = conn.queued_body_size(sid)
+            if queued > _QUEUE_HIGH or queued > conn.remote_window_size or \
+                    queued > conn.stream_remote_window_size(sid) or self._write_paused:
+                return -1
+        except NGH2Error:
+            raise _StreamGone() from None
+        if end:
+            self._after_end(s)
+        self._schedule_flush()
+        if trailers:
+            self._send_trailers(s, _trailer_block(trailers))
+        return len(body)
+
+    async def _finish_whole(self, s: _Stream, resp: Response, body: bytes) -> int:
+        """The rest of ``_respond_whole`` once its body fits the windows."""
+        await self._data_fits(s)
+        trailers = resp.trailers
+        if not trailers:
+            self._after_end(s)
+        self._schedule_flush()
+        if trailers:
+            self._send_trailers(s, _trailer_block(trailers))
+        return len(body)
+
+    async def _respond_stream(self, s: _Stream, req: Request, resp: Response,
+                              body: BodySource) -> int:
+        head = self._response_headers(req, resp)
+        if self._head_only(s, req, resp, head):
+            return 0
         self._send_headers(s, head, False)
         sent = 0
         async for chunk in body:
@@ -609,12 +676,12 @@ class Http2Connection(asyncio.Protocol):
             self._schedule_flush()
         return sent
 
-    def _count_frame(self, data: int = 0) -> None:
-        """Frames queued from a stream's task (``data``: DATA frames, else one other): over the
-        outbound limit the connection goes."""
+    def _count_frame(self, data: int = 0, head: bool = False) -> None:
+        """Frames queued from a stream's task (``data``: DATA frames, ``head``: and a HEADERS
+        frame before them; else one other): over the outbound limit the connection goes."""
         try:
             if data:
-                self.guard.data_sent(data)
+                self.guard.data_sent(data, head)
             else:
                 self.guard.frame_queued()
         except Abuse as e:
@@ -648,10 +715,10 @@ class Http2Connection(asyncio.Protocol):
         self._after_end(s)
         self._schedule_flush()
 
-    async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
-        """Queue ``data`` in the engine (it sends as the windows allow). Return once what is
-        queued for the stream fits the peer's windows (so the next flush sends it all): a
-        slow reader holds back the writer, not the proxy's memory."""
+    def _queue_data(self, s: _Stream, data: bytes, end: bool) -> bool:
+        """Queue ``data`` in the engine (it sends as the windows allow); whether what is queued
+        for the stream fits the peer's windows (so the next flush sends it all) and the
+        transport is not paused: else the writer waits (``_data_fits``)."""
         if s.reset:
             raise _StreamGone()
         conn = self.conn
@@ -662,6 +729,27 @@ class Http2Connection(asyncio.Protocol):
             raise _StreamGone() from None
         self._count_frame(data=-(-len(data) // self._max_frame))
         s.last_io = time.monotonic()
+        try:
+            queued = conn.queued_body_size(sid)
+            return queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
+                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
+        except NGH2Error:
+            raise _StreamGone() from None
+
+    async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
+        """Queue ``data``; return once it fits the peer's windows: a slow reader holds back
+        the writer, not the proxy's memory."""
+        if not self._queue_data(s, data, end):
+            await self._data_fits(s)
+        if end:
+            self._after_end(s)
+        self._schedule_flush()
+
+    async def _data_fits(self, s: _Stream) -> None:
+        """Wait until what is queued for ``s`` fits the peer's windows (flushing what they
+        allow first), then for the transport to drain if it is paused."""
+        conn = self.conn
+        sid = s.sid
         try:
             flushed = False
             while True:
@@ -680,9 +768,6 @@ class Http2Connection(asyncio.Protocol):
         if self._write_paused:
             self._flush()
             await self._wait(s, False)
-        if end:
-            self._after_end(s)
-        self._schedule_flush()
 
     async def _wait(self, s: _Stream, for_window: bool) -> None:
         """Park a writer until the peer's window opens (or the transport drains)."""
@@ -854,6 +939,67 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
+
+
+# ---- response header fields, precomputed ---------------------------------------------------
+# names never sent in a response head (``server`` is the listener's, ``te`` is request-only)
+_DROP_OUT = CONNECTION_SPECIFIC_STR | {"server", "te"}
+
+
+def _connection_drop(connection: str) -> frozenset[str]:
+    """The names to drop for a response's ``connection`` header: its tokens too (RFC 9110
+    7.6.1); remembered for the values that repeat (bounded)."""
+    drop = _DROP_OUT | {t.strip().lower() for t in connection.split(",")}
+    if len(_CONNECTION_DROP) < 64:
+        _CONNECTION_DROP[connection] = drop
+    return drop
+
+
+_CONNECTION_DROP: dict[str, frozenset[str]] = {}
+for _value in ("keep-alive", "Keep-Alive", "close", "Close"):
+    _connection_drop(_value)
+
+# a response's field names, encoded once (bounded: names are few and repeat)
+_OUT_NAMES: dict[str, bytes] = {}
+_OUT_NAMES_MAX = 4096
+
+
+def _out_name(name: str) -> bytes:
+    encoded = name.encode("latin-1")
+    if len(_OUT_NAMES) < _OUT_NAMES_MAX:
+        _OUT_NAMES[name] = encoded
+    return encoded
+
+
+_STATUS: dict[int, tuple[bytes, bytes]] = {
+    code: (b":status", str(code).encode()) for code in (
+        100, 101, 200, 201, 202, 203, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403,
+        404, 405, 408, 409, 410, 412, 413, 415, 416, 421, 422, 426, 429, 431, 499, 500, 501,
+        502, 503, 504)}
+
+
+def _server_field(name: str) -> tuple[str, tuple[bytes, bytes]]:
+    return name, (b"server", name.encode("latin-1"))
+
+
+class _DateField:
+    """The ``date`` field of the current second, encoded once per second."""
+
+    __slots__ = ("value", "field")
+
+    def __init__(self) -> None:
+        self.value = ""
+        self.field = (b"date", b"")
+
+    def __call__(self) -> tuple[bytes, bytes]:
+        value = DATE.get()
+        if value is not self.value:
+            self.value = value
+            self.field = (b"date", value.encode())
+        return self.field
+
+
+_date_field = _DateField()
 
 
 def _trailer_block(trailers: Headers) -> list[ngh2.Header]:

@@ -163,10 +163,13 @@ class Http2Guard:
             raise Abuse("outbound_flood", None)
 
     # ---- outbound ------------------------------------------------------------------------------
-    def data_sent(self, frames: int = 1) -> None:
+    def data_sent(self, frames: int = 1, head: bool = False) -> None:
+        """``frames`` DATA frames queued (``head``: after the HEADERS frame of the same
+        response, counted with them: one check for both)."""
         self.data_frames_sent += frames
-        self.frames_queued += frames - 1
-        self.frame_queued()
+        self.frames_queued += frames + head
+        if self.frames_queued > self.o.max_outbound_frames:
+            raise Abuse("outbound_flood", None)
 
     def flushed(self) -> None:
         """What was queued reached the socket (the transport is not holding it back)."""
