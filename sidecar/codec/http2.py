@@ -35,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import NoReturn, cast
 
 import ngh2
 from ngh2 import (
@@ -144,6 +144,7 @@ class Http2Connection(asyncio.Protocol):
         self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
         self.conn_id = ConnectionId()         # this connection, for its streams' contexts
         self._server = _server_field(owner.server_name)   # (name, its ``server`` field)
+        self._loop: asyncio.AbstractEventLoop | None = None    # set with the transport
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
     @property
@@ -227,6 +228,7 @@ class Http2Connection(asyncio.Protocol):
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
+        self._loop = asyncio.get_running_loop()
         self.peer = transport.get_extra_info("peername")
         set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
@@ -327,7 +329,8 @@ class Http2Connection(asyncio.Protocol):
                     else:
                         new.append(s)
             elif type(e) is StreamClosed:
-                self._on_closed(e)
+                if e.error_code:            # closed normally: nothing to do
+                    self._on_closed(e)
             elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None:
@@ -475,7 +478,8 @@ class Http2Connection(asyncio.Protocol):
         if "expect" in req.headers:
             req.headers.popall("expect", None)     # answered here, never forwarded
         self.requests += 1
-        s.task = asyncio.get_running_loop().create_task(self._serve(s))
+        assert self._loop is not None
+        s.task = self._loop.create_task(self._serve(s))
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
@@ -580,23 +584,16 @@ class Http2Connection(asyncio.Protocol):
                                       str(int(duration * 1000)).encode()))
         return out
 
-    def _head_only(self, s: _Stream, req: Request, resp: Response,
-                   head: list[ngh2.Header]) -> bool:
-        """A response without a body (HEAD, 1xx, 204, 304): its headers end the stream."""
-        status = resp.status
-        if req.method == "HEAD" or status in _BODYLESS or status < 200:
-            self._send_headers(s, head, True)
-            resp.discard()
-            return True
-        return False
-
     def _respond_whole(self, s: _Stream, req: Request, resp: Response, body: bytes) -> int:
         """A complete ``bytes`` body, without a coroutine: the headers and the body queued at
         once (one frame count, one flush). The bytes sent, or -1 when what is queued does not
         fit the peer's windows (or the transport is paused): the caller then awaits
         ``_finish_whole``."""
         head = self._response_headers(req, resp)
-        if self._head_only(s, req, resp, head):
+        status = resp.status
+        if status < 200 or status in _BODYLESS or req.method == "HEAD":
+            self._send_headers(s, head, True)
+            resp.discard()
             return 0
         trailers = resp.trailers
         if not body:
@@ -621,7 +618,10 @@ class Http2Connection(asyncio.Protocol):
         except NGH2Error:
             self._count_frame()
             raise _StreamGone() from None
-        self._count_frame(data=-(-len(body) // self._max_frame), head=True)
+        try:
+            self.guard.data_sent(-(-len(body) // self._max_frame), True)
+        except Abuse as e:
+            self._outbound_abuse(e)
         s.last_io = time.monotonic()
         try:
             queued = conn.queued_body_size(sid)
@@ -631,8 +631,12 @@ class Http2Connection(asyncio.Protocol):
         except NGH2Error:
             raise _StreamGone() from None
         if end:
-            self._after_end(s)
-        self._schedule_flush()
+            s.done = True
+            if not s.ended and not s.reset:
+                self._after_end(s)
+        if self._flush_handle is None and not self._closing:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
         if trailers:
             self._send_trailers(s, _trailer_block(trailers))
         return len(body)
@@ -651,7 +655,10 @@ class Http2Connection(asyncio.Protocol):
     async def _respond_stream(self, s: _Stream, req: Request, resp: Response,
                               body: BodySource) -> int:
         head = self._response_headers(req, resp)
-        if self._head_only(s, req, resp, head):
+        status = resp.status
+        if req.method == "HEAD" or status in _BODYLESS or status < 200:
+            self._send_headers(s, head, True)
+            resp.discard()
             return 0
         self._send_headers(s, head, False)
         sent = 0
@@ -660,7 +667,10 @@ class Http2Connection(asyncio.Protocol):
                 raise _StreamGone()
             if chunk:
                 sent += len(chunk)
-                await self._send_data(s, chunk, False)
+                # _send_data without its coroutine frame per chunk
+                if not self._queue_data(s, chunk, False):
+                    await self._data_fits(s)
+                self._schedule_flush()
         trailers = body.trailers
         if s.reset:
             raise _StreamGone()
@@ -685,9 +695,13 @@ class Http2Connection(asyncio.Protocol):
             else:
                 self.guard.frame_queued()
         except Abuse as e:
-            self.owner.http2_abuse(e.kind)
-            self._abort(e.goaway)
-            raise _StreamGone() from None
+            self._outbound_abuse(e)
+
+    def _outbound_abuse(self, e: Abuse) -> NoReturn:
+        """A stream's task queued past an outbound limit: the connection goes."""
+        self.owner.http2_abuse(e.kind)
+        self._abort(e.goaway)
+        raise _StreamGone() from None
 
     def _send_headers(self, s: _Stream, block: list[ngh2.Header], end: bool) -> None:
         if s.reset:
@@ -858,7 +872,8 @@ class Http2Connection(asyncio.Protocol):
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
-        self._discard_body(s)
+        if s.chunks or s.body is not None:
+            self._discard_body(s)
         guard = self.guard
         guard.stream_closed()
         if guard.trailer_streams:
@@ -870,7 +885,8 @@ class Http2Connection(asyncio.Protocol):
     # ---- output ----------------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._closing:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _take_output(self) -> None:
         """Take what the engine has ready now (written with the next flush)."""

@@ -86,6 +86,7 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     cookies: list[str] = []
     size = 0
     regular = False
+    check_underscores = underscores != "ALLOW"
     for name, value in raw:
         size += len(name) + len(value)
         if name[0] == 58:          # b":"
@@ -103,7 +104,7 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
             regular = True
             if authority is not None:
                 headers["host"] = authority    # :authority wins over a Host header (Envoy)
-        if underscores != "ALLOW" and b"_" in name:
+        if check_underscores and b"_" in name:
             if underscores == "DROP_HEADER":
                 continue
             raise Refused(f"header name with an underscore {name!r}")
