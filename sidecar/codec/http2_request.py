@@ -39,6 +39,8 @@ _BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 # instead of a regex per field for the names every message repeats; bounded
 _NAMES_OK: set[bytes] = set()
 _NAMES_OK_MAX = 4096
+# the request pseudo-headers (RFC 9113 8.3.1; nghttp2 let no other through): their slot
+_PSEUDO = {b":method": 0, b":path": 1, b":scheme": 2, b":authority": 3}
 
 
 def _check_name(name: bytes) -> None:
@@ -80,45 +82,43 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     limits (Envoy counts a name and value per field, pseudo-headers included, the crumbled
     cookies as the one header they are joined into), ``Refused`` for an underscore under
     REJECT_REQUEST (DROP_HEADER drops the field), ``Malformed`` for CONNECT."""
-    method = path = scheme = authority = None
+    pseudo: list[str | None] = [None, None, None, None]    # method, path, scheme, authority
     host = None
     headers: Headers = MultiDict()
-    cookies: list[str] = []
+    cookies: list[str] | None = None
     size = 0
     regular = False
     check_underscores = underscores != "ALLOW"
+    pseudo_index = _PSEUDO.get
     for name, value in raw:
         size += len(name) + len(value)
-        if name[0] == 58:          # b":"
-            v = value.decode("latin-1")
-            if name == b":method":
-                method = v
-            elif name == b":path":
-                path = v
-            elif name == b":scheme":
-                scheme = v
-            else:
-                authority = v
-            continue
         if not regular:            # the pseudo-headers come first (nghttp2 checked)
+            i = pseudo_index(name)
+            if i is not None:
+                pseudo[i] = value.decode("latin-1")
+                continue
             regular = True
-            if authority is not None:
-                headers["host"] = authority    # :authority wins over a Host header (Envoy)
+            if pseudo[3] is not None:
+                headers.add("host", pseudo[3])   # :authority wins over a Host header (Envoy)
         if check_underscores and b"_" in name:
             if underscores == "DROP_HEADER":
                 continue
             raise Refused(f"header name with an underscore {name!r}")
         n = name.decode("latin-1")
-        v = value.decode("latin-1")
         if n == "cookie":
-            cookies.append(v)      # joined below, as Envoy does for any upstream protocol
+            # joined below, as Envoy does for any upstream protocol
+            if cookies is None:
+                cookies = [value.decode("latin-1")]
+            else:
+                cookies.append(value.decode("latin-1"))
         elif n == "host":
             if host is not None:
                 raise Malformed("two host headers")
-            host = v
+            host = value.decode("latin-1")
         else:
-            headers.add(n, v)
-    if size > max_bytes or len(raw) - len(cookies) + (1 if cookies else 0) > max_count:
+            headers.add(n, value.decode("latin-1"))
+    method, path, scheme, authority = pseudo
+    if size > max_bytes or len(raw) - (len(cookies) - 1 if cookies else 0) > max_count:
         raise TooLarge("header list")
     if method == "CONNECT" or method is None or path is None:
         raise Malformed("CONNECT is not supported")
@@ -130,7 +130,7 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
             all_headers.extend(headers)
             headers = all_headers
     elif not regular:
-        headers["host"] = authority
+        headers.add("host", authority)
     ctx = RequestContext(listener, peer, time.perf_counter(), port)
     ctx.tls = tls
     ctx.peer_identity = peer_identity
