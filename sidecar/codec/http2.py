@@ -619,26 +619,27 @@ class Http2Connection(asyncio.Protocol):
             self._count_frame()
             raise _StreamGone() from None
         try:
-            self.guard.data_sent(-(-len(body) // self._max_frame), True)
+            queued = conn.queued_body_size(sid)
+            fits = queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
+                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
+            if fits and trailers:        # all of it will go out: the trailers follow now
+                conn.send_trailers(sid, _trailer_block(trailers))
+        except NGH2Error:
+            raise _StreamGone() from None
+        try:
+            # the DATA frames, the HEADERS before them (and the trailers after): one check
+            self.guard.data_sent(-(-len(body) // self._max_frame), 2 if fits and trailers else 1)
         except Abuse as e:
             self._outbound_abuse(e)
         s.last_io = time.monotonic()
-        try:
-            queued = conn.queued_body_size(sid)
-            if queued > _QUEUE_HIGH or queued > conn.remote_window_size or \
-                    queued > conn.stream_remote_window_size(sid) or self._write_paused:
-                return -1
-        except NGH2Error:
-            raise _StreamGone() from None
-        if end:
-            s.done = True
-            if not s.ended and not s.reset:
-                self._after_end(s)
+        if not fits:
+            return -1
+        s.done = True
+        if not s.ended and not s.reset:
+            self._after_end(s)
         if self._flush_handle is None and not self._closing:
             assert self._loop is not None
             self._flush_handle = self._loop.call_soon(self._flush)
-        if trailers:
-            self._send_trailers(s, _trailer_block(trailers))
         return len(body)
 
     async def _finish_whole(self, s: _Stream, resp: Response, body: bytes) -> int:
@@ -686,12 +687,12 @@ class Http2Connection(asyncio.Protocol):
             self._schedule_flush()
         return sent
 
-    def _count_frame(self, data: int = 0, head: bool = False) -> None:
-        """Frames queued from a stream's task (``data``: DATA frames, ``head``: and a HEADERS
-        frame before them; else one other): over the outbound limit the connection goes."""
+    def _count_frame(self, data: int = 0) -> None:
+        """Frames queued from a stream's task (``data``: DATA frames, else one other): over the
+        outbound limit the connection goes."""
         try:
             if data:
-                self.guard.data_sent(data, head)
+                self.guard.data_sent(data)
             else:
                 self.guard.frame_queued()
         except Abuse as e:

@@ -163,11 +163,11 @@ class Http2Guard:
             raise Abuse("outbound_flood", None)
 
     # ---- outbound ------------------------------------------------------------------------------
-    def data_sent(self, frames: int = 1, head: bool = False) -> None:
-        """``frames`` DATA frames queued (``head``: after the HEADERS frame of the same
-        response, counted with them: one check for both)."""
+    def data_sent(self, frames: int = 1, others: int = 0) -> None:
+        """``frames`` DATA frames queued (and ``others`` frames of the same response, its
+        HEADERS and trailers, counted with them: one check for all)."""
         self.data_frames_sent += frames
-        self.frames_queued += frames + head
+        self.frames_queued += frames + others
         if self.frames_queued > self.o.max_outbound_frames:
             raise Abuse("outbound_flood", None)
 
