@@ -567,10 +567,8 @@ class Http2Connection(asyncio.Protocol):
         for k, v in headers.items():
             if k in drop:
                 continue
-            kb = names.get(k) or _out_name(k)
-            # a helper call per field is a measurable part of the request: inlined
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
+            kb = names.get(k)        # the names that repeat, encoded once (never a volatile one)
+            append((kb, v.encode("latin-1")) if kb is not None else _out_field(k, v))
         server = self._server
         if server[0] is not self.owner.server_name:
             server = self._server = _server_field(self.owner.server_name)
@@ -976,16 +974,21 @@ _CONNECTION_DROP: dict[str, frozenset[str]] = {}
 for _value in ("keep-alive", "Keep-Alive", "close", "Close"):
     _connection_drop(_value)
 
-# a response's field names, encoded once (bounded: names are few and repeat)
+# a response's field names, encoded once (bounded: names are few and repeat); the volatile ones
+# are never in it, so a name found here is sent as an ordinary (indexable) field
 _OUT_NAMES: dict[str, bytes] = {}
 _OUT_NAMES_MAX = 4096
 
 
-def _out_name(name: str) -> bytes:
-    encoded = name.encode("latin-1")
+def _out_field(name: str, value: str) -> ngh2.Header:
+    """A response field whose name is not in ``_OUT_NAMES`` yet (or is volatile)."""
+    kb = name.encode("latin-1")
+    vb = value.encode("latin-1")
+    if kb in VOLATILE:
+        return NeverIndexedHeader(kb, vb)
     if len(_OUT_NAMES) < _OUT_NAMES_MAX:
-        _OUT_NAMES[name] = encoded
-    return encoded
+        _OUT_NAMES[name] = kb
+    return kb, vb
 
 
 _STATUS: dict[int, tuple[bytes, bytes]] = {

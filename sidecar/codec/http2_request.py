@@ -132,8 +132,9 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     elif not regular:
         headers.add("host", authority)
     ctx = RequestContext(listener, peer, time.perf_counter(), port)
-    ctx.tls = tls
-    ctx.peer_identity = peer_identity
+    if tls:                        # the context's defaults otherwise
+        ctx.tls = True
+        ctx.peer_identity = peer_identity
     ctx.protocol = "HTTP/2"
     p, _, query = path.partition("?")
     req = Request(method, p, query, headers, b"", ctx, "2")

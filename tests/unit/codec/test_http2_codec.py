@@ -315,6 +315,36 @@ async def test_whole_response_counts_its_frames_once_and_ends_the_stream():
     assert not p.codec.streams
 
 
+@pytest.mark.parametrize("connection", ["keep-alive", "close", "Keep-Alive, X-Hop", "x-hop"])
+async def test_response_fields_dropped_encoded_and_never_indexed(connection):
+    """Connection-specific fields and those the ``connection`` header names are dropped; the
+    volatile ones (ids) are never indexed, the others may be; the same on a later stream
+    (the names are remembered)."""
+    async def handler(req):
+        return Response(200, MultiDict([("connection", connection), ("x-hop", "1"),
+                                        ("close", "2"), ("x-request-id", req.path),
+                                        ("x-cafe", "cr\u00e8me"), ("server", "up"),
+                                        ("te", "trailers")]), b"ok")
+
+    p = Peer(handler=handler)
+    named = {t.strip().lower() for t in connection.split(",")}
+    dropped = {"connection"} | (named & {"x-hop", "close"})
+    for sid in (1, 3):
+        p.client.send_headers(sid, p.headers(path=f"/{sid}"), end_stream=True)
+        p.send()
+        await p.settle()
+        fields = p.of(h2.events.ResponseReceived, sid)[0].headers
+        names = [k for k, _ in fields]
+        assert not dropped & set(names) and "te" not in names
+        assert ("server", "envoy") in fields and names.count("server") == 1
+        assert ("close", "2") in fields or "close" in dropped
+        assert ("x-hop", "1") in fields or "x-hop" in dropped
+        rid = next(f for f in fields if f[0] == "x-request-id")
+        assert rid == ("x-request-id", f"/{sid}") and isinstance(rid, hpack.NeverIndexedHeaderTuple)
+        cafe = next(f for f in fields if f[0] == "x-cafe")
+        assert cafe[1] == "cr\u00e8me" and not isinstance(cafe, hpack.NeverIndexedHeaderTuple)
+
+
 def raw(*frames: Frame) -> bytes:
     return b"".join(f.serialize() for f in frames)
 
