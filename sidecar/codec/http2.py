@@ -319,8 +319,10 @@ class Http2Connection(asyncio.Protocol):
                         s.chunks.append(data)
                     elif s.body is not None and data:
                         s.body.feed(data)
-                    if e.end_stream:
-                        self._end_of_request(s)
+                    if e.end_stream and not s.ended:    # _end_of_request, inlined
+                        s.ended = True
+                        if s.body is not None:
+                            s.body.feed_eof(s.trailers)
             elif type(e) is RequestReceived:
                 s = self._on_request(e)
                 if s is not None:
