@@ -94,7 +94,7 @@ class _Stream:
     __slots__ = ("sid", "req", "chunks", "body", "trailers", "ended", "reset", "done", "started",
                  "waiter", "task", "last_io", "responding", "timed_out")
 
-    def __init__(self, sid: int, req: Request) -> None:
+    def __init__(self, sid: int, req: Request, now: float) -> None:
         self.sid = sid
         self.req = req
         self.chunks: list[bytes] | None = []   # DATA of this batch, until dispatch
@@ -103,7 +103,7 @@ class _Stream:
         self.ended = False                     # the client finished sending
         self.reset = False                     # reset by either side: nothing more to write
         self.done = False                      # our response is complete
-        self.started = time.monotonic()
+        self.started = now                     # when its HEADERS were read (monotonic)
         self.waiter: asyncio.Future[None] | None = None    # window or drain
         self.task: asyncio.Task[None] | None = None
         self.last_io = self.started          # last frame of this stream, either way
@@ -448,7 +448,7 @@ class Http2Connection(asyncio.Protocol):
                 return None
             raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
-        s = _Stream(sid, req)
+        s = _Stream(sid, req, self.last_active)    # set as the frame was read
         self.streams[sid] = s
         if e.end_stream:
             s.ended = True
@@ -1025,5 +1025,10 @@ _date_field = _DateField()
 
 
 def _trailer_block(trailers: Headers) -> list[ngh2.Header]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
-            if k not in CONNECTION_SPECIFIC_STR and k[:1] != ":"]
+    out: list[ngh2.Header] = []
+    names = _OUT_NAMES
+    for k, v in trailers.items():
+        if k in CONNECTION_SPECIFIC_STR or k[:1] == ":":
+            continue
+        out.append((names.get(k) or k.encode("latin-1"), v.encode("latin-1")))
+    return out
