@@ -668,8 +668,7 @@ class Http2Connection(asyncio.Protocol):
                 raise _StreamGone()
             if chunk:
                 sent += len(chunk)
-                # _send_data without its coroutine frame per chunk
-                if not self._queue_data(s, chunk, False):
+                if not self._queue_data(s, chunk, False):   # a slow reader holds the writer
                     await self._data_fits(s)
                 self._schedule_flush()
         trailers = body.trailers
@@ -750,15 +749,6 @@ class Http2Connection(asyncio.Protocol):
                 queued <= conn.stream_remote_window_size(sid) and not self._write_paused
         except NGH2Error:
             raise _StreamGone() from None
-
-    async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
-        """Queue ``data``; return once it fits the peer's windows: a slow reader holds back
-        the writer, not the proxy's memory."""
-        if not self._queue_data(s, data, end):
-            await self._data_fits(s)
-        if end:
-            self._after_end(s)
-        self._schedule_flush()
 
     async def _data_fits(self, s: _Stream) -> None:
         """Wait until what is queued for ``s`` fits the peer's windows (flushing what they
@@ -959,6 +949,12 @@ def _uncancel() -> None:
 
 
 # ---- response header fields, precomputed ---------------------------------------------------
+# a response's field names, encoded once (bounded: names are few and repeat); the volatile ones
+# are never in it, so a name found here is sent as an ordinary (indexable) field
+_OUT_NAMES: dict[str, bytes] = {}
+_OUT_NAMES_MAX = 4096
+_CACHED_MAX = 64          # longer names or values are not remembered (bounded memory)
+
 # names never sent in a response head (``server`` is the listener's, ``te`` is request-only)
 _DROP_OUT = CONNECTION_SPECIFIC_STR | {"server", "te"}
 
@@ -967,7 +963,7 @@ def _connection_drop(connection: str) -> frozenset[str]:
     """The names to drop for a response's ``connection`` header: its tokens too (RFC 9110
     7.6.1); remembered for the values that repeat (bounded)."""
     drop = _DROP_OUT | {t.strip().lower() for t in connection.split(",")}
-    if len(_CONNECTION_DROP) < 64:
+    if len(_CONNECTION_DROP) < 64 and len(connection) <= _CACHED_MAX:
         _CONNECTION_DROP[connection] = drop
     return drop
 
@@ -976,11 +972,6 @@ _CONNECTION_DROP: dict[str, frozenset[str]] = {}
 for _value in ("keep-alive", "Keep-Alive", "close", "Close"):
     _connection_drop(_value)
 
-# a response's field names, encoded once (bounded: names are few and repeat); the volatile ones
-# are never in it, so a name found here is sent as an ordinary (indexable) field
-_OUT_NAMES: dict[str, bytes] = {}
-_OUT_NAMES_MAX = 4096
-
 
 def _out_field(name: str, value: str) -> ngh2.Header:
     """A response field whose name is not in ``_OUT_NAMES`` yet (or is volatile)."""
@@ -988,7 +979,7 @@ def _out_field(name: str, value: str) -> ngh2.Header:
     vb = value.encode("latin-1")
     if kb in VOLATILE:
         return NeverIndexedHeader(kb, vb)
-    if len(_OUT_NAMES) < _OUT_NAMES_MAX:
+    if len(_OUT_NAMES) < _OUT_NAMES_MAX and len(name) <= _CACHED_MAX:
         _OUT_NAMES[name] = kb
     return kb, vb
 

@@ -46,7 +46,7 @@ _PSEUDO = {b":method": 0, b":path": 1, b":scheme": 2, b":authority": 3}
 def _check_name(name: bytes) -> None:
     if _TOKEN.fullmatch(name) is None or name in CONNECTION_SPECIFIC:
         raise Malformed(f"header name {name!r}")
-    if len(_NAMES_OK) < _NAMES_OK_MAX:
+    if len(_NAMES_OK) < _NAMES_OK_MAX and len(name) <= 64:   # a client's long names: not kept
         _NAMES_OK.add(name)
 
 
