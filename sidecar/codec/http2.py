@@ -26,7 +26,8 @@ back on the stream; routing, filters and clusters never know the wire protocol.
 
 Over 600 lines on purpose: everything here reads or writes the one engine state (events,
 windows, the output) of a connection; what does not (request validation, abuse counting, the
-engine's options) lives in ``http2_request``, ``http2_guard`` and ``http2_common``.
+engine's options, the response fields precomputed) lives in ``http2_request``, ``http2_guard``,
+``http2_common`` and ``http2_response``.
 """
 
 from __future__ import annotations
@@ -54,10 +55,7 @@ from ngh2 import (
     WindowUpdated,
 )
 
-from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
-    CONNECTION_SPECIFIC_STR,
-    VOLATILE,
     CreditedBody,
     ngh2_server_config,
 )
@@ -68,6 +66,17 @@ from sidecar.codec.http2_request import (
     TooLarge,
     request_from_checked_headers,
     trailers_from_headers,
+)
+from sidecar.codec.http2_response import (
+    CONNECTION_DROP,
+    DROP_OUT,
+    OUT_NAMES,
+    STATUS,
+    connection_drop,
+    date_field,
+    out_field,
+    server_field,
+    trailer_block,
 )
 from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
@@ -143,7 +152,7 @@ class Http2Connection(asyncio.Protocol):
         self._stream_errors = options.override_stream_error_on_invalid_http_message
         self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
         self.conn_id = ConnectionId()         # this connection, for its streams' contexts
-        self._server = _server_field(owner.server_name)   # (name, its ``server`` field)
+        self._server = server_field(owner.server_name)   # (name, its ``server`` field)
         self._loop: asyncio.AbstractEventLoop | None = None    # set with the transport
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
@@ -556,27 +565,27 @@ class Http2Connection(asyncio.Protocol):
 
     def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
         headers = resp.headers
-        out: list[ngh2.Header] = [_STATUS.get(resp.status) or
+        out: list[ngh2.Header] = [STATUS.get(resp.status) or
                                   (b":status", str(resp.status).encode())]
         conn_tokens = headers.get("connection")
         if conn_tokens:
             # ``keep-alive`` (nginx, on every response) and ``close`` come precomputed
-            drop = _CONNECTION_DROP.get(conn_tokens) or _connection_drop(conn_tokens)
+            drop = CONNECTION_DROP.get(conn_tokens) or connection_drop(conn_tokens)
         else:
-            drop = _DROP_OUT
+            drop = DROP_OUT
         append = out.append
-        names = _OUT_NAMES
+        names = OUT_NAMES
         for k, v in headers.items():
             if k in drop:
                 continue
             kb = names.get(k)        # the names that repeat, encoded once (never a volatile one)
-            append((kb, v.encode("latin-1")) if kb is not None else _out_field(k, v))
+            append((kb, v.encode("latin-1")) if kb is not None else out_field(k, v))
         server = self._server
         if server[0] is not self.owner.server_name:
-            server = self._server = _server_field(self.owner.server_name)
+            server = self._server = server_field(self.owner.server_name)
         append(server[1])
         if "date" not in headers:
-            append(_date_field())
+            append(date_field())
         duration = req.ctx.upstream_duration
         if duration is not None and not self.owner.suppress_envoy_headers:
             # unique per response: never indexed (it would churn the HPACK table)
@@ -599,7 +608,7 @@ class Http2Connection(asyncio.Protocol):
         if not body:
             self._send_headers(s, head, not trailers)  # gRPC trailers-only replies: no trailers
             if trailers:
-                self._send_trailers(s, _trailer_block(trailers))
+                self._send_trailers(s, trailer_block(trailers))
             return 0
         if resp.local and "content-length" not in resp.headers:
             head.append((b"content-length", str(len(body)).encode()))
@@ -623,7 +632,7 @@ class Http2Connection(asyncio.Protocol):
             fits = queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
                 queued <= conn.stream_remote_window_size(sid) and not self._write_paused
             if fits and trailers:        # all of it will go out: the trailers follow now
-                conn.send_trailers(sid, _trailer_block(trailers))
+                conn.send_trailers(sid, trailer_block(trailers))
         except NGH2Error:
             raise _StreamGone() from None
         try:
@@ -650,7 +659,7 @@ class Http2Connection(asyncio.Protocol):
             self._after_end(s)
         self._schedule_flush()
         if trailers:
-            self._send_trailers(s, _trailer_block(trailers))
+            self._send_trailers(s, trailer_block(trailers))
         return len(body)
 
     async def _respond_stream(self, s: _Stream, req: Request, resp: Response,
@@ -675,7 +684,7 @@ class Http2Connection(asyncio.Protocol):
         if s.reset:
             raise _StreamGone()
         if trailers:
-            self._send_trailers(s, _trailer_block(trailers))
+            self._send_trailers(s, trailer_block(trailers))
         else:
             try:
                 self.conn.end_stream(s.sid)
@@ -946,80 +955,3 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-# ---- response header fields, precomputed ---------------------------------------------------
-# a response's field names, encoded once (bounded: names are few and repeat); the volatile ones
-# are never in it, so a name found here is sent as an ordinary (indexable) field
-_OUT_NAMES: dict[str, bytes] = {}
-_OUT_NAMES_MAX = 4096
-_CACHED_MAX = 64          # longer names or values are not remembered (bounded memory)
-
-# names never sent in a response head (``server`` is the listener's, ``te`` is request-only)
-_DROP_OUT = CONNECTION_SPECIFIC_STR | {"server", "te"}
-
-
-def _connection_drop(connection: str) -> frozenset[str]:
-    """The names to drop for a response's ``connection`` header: its tokens too (RFC 9110
-    7.6.1); remembered for the values that repeat (bounded)."""
-    drop = _DROP_OUT | {t.strip().lower() for t in connection.split(",")}
-    if len(_CONNECTION_DROP) < 64 and len(connection) <= _CACHED_MAX:
-        _CONNECTION_DROP[connection] = drop
-    return drop
-
-
-_CONNECTION_DROP: dict[str, frozenset[str]] = {}
-for _value in ("keep-alive", "Keep-Alive", "close", "Close"):
-    _connection_drop(_value)
-
-
-def _out_field(name: str, value: str) -> ngh2.Header:
-    """A response field whose name is not in ``_OUT_NAMES`` yet (or is volatile)."""
-    kb = name.encode("latin-1")
-    vb = value.encode("latin-1")
-    if kb in VOLATILE:
-        return NeverIndexedHeader(kb, vb)
-    if len(_OUT_NAMES) < _OUT_NAMES_MAX and len(name) <= _CACHED_MAX:
-        _OUT_NAMES[name] = kb
-    return kb, vb
-
-
-_STATUS: dict[int, tuple[bytes, bytes]] = {
-    code: (b":status", str(code).encode()) for code in (
-        100, 101, 200, 201, 202, 203, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403,
-        404, 405, 408, 409, 410, 412, 413, 415, 416, 421, 422, 426, 429, 431, 499, 500, 501,
-        502, 503, 504)}
-
-
-def _server_field(name: str) -> tuple[str, tuple[bytes, bytes]]:
-    return name, (b"server", name.encode("latin-1"))
-
-
-class _DateField:
-    """The ``date`` field of the current second, encoded once per second."""
-
-    __slots__ = ("value", "field")
-
-    def __init__(self) -> None:
-        self.value = ""
-        self.field = (b"date", b"")
-
-    def __call__(self) -> tuple[bytes, bytes]:
-        value = DATE.get()
-        if value is not self.value:
-            self.value = value
-            self.field = (b"date", value.encode())
-        return self.field
-
-
-_date_field = _DateField()
-
-
-def _trailer_block(trailers: Headers) -> list[ngh2.Header]:
-    out: list[ngh2.Header] = []
-    names = _OUT_NAMES
-    for k, v in trailers.items():
-        if k in CONNECTION_SPECIFIC_STR or k[:1] == ":":
-            continue
-        out.append((names.get(k) or k.encode("latin-1"), v.encode("latin-1")))
-    return out
