@@ -41,6 +41,16 @@ _NAMES_OK: set[bytes] = set()
 _NAMES_OK_MAX = 4096
 # the request pseudo-headers (RFC 9113 8.3.1; nghttp2 let no other through): their slot
 _PSEUDO = {b":method": 0, b":path": 1, b":scheme": 2, b":authority": 3}
+# request field names decoded once (a dict lookup costs less than a decode); bounded, short ones
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096
+
+
+def _name(name: bytes) -> str:
+    decoded = name.decode("latin-1")
+    if len(_NAMES) < _NAMES_MAX and len(name) <= 64:
+        _NAMES[name] = decoded
+    return decoded
 
 
 def _check_name(name: bytes) -> None:
@@ -90,6 +100,7 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     regular = False
     check_underscores = underscores != "ALLOW"
     pseudo_index = _PSEUDO.get
+    names = _NAMES
     for name, value in raw:
         size += len(name) + len(value)
         if not regular:            # the pseudo-headers come first (nghttp2 checked)
@@ -104,7 +115,7 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
             if underscores == "DROP_HEADER":
                 continue
             raise Refused(f"header name with an underscore {name!r}")
-        n = name.decode("latin-1")
+        n = names.get(name) or _name(name)
         if n == "cookie":
             # joined below, as Envoy does for any upstream protocol
             if cookies is None:
