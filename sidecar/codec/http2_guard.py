@@ -84,7 +84,7 @@ class Http2Guard:
                     sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
                     if sid > self.last_stream_id:
                         self.last_stream_id = sid
-                        self.stream_opened()
+                        self.streams_opened += 1      # stream_opened(), inlined
                     else:
                         self.trailer_streams.add(sid)
                 if length or (data[pos + 4] & _END_STREAM and ftype != _CONTINUATION):
