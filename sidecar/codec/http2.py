@@ -314,8 +314,19 @@ class Http2Connection(asyncio.Protocol):
         new: list[_Stream] | None = None
         streams = self.streams
         for e in events:
-            # type(e) is X: one C call and a compare per branch (mypy narrows on it)
-            if type(e) is DataReceived:
+            # type(e) is X: one C call and a compare per branch (mypy narrows on it); the events
+            # every stream has first
+            if type(e) is RequestReceived:
+                s = self._on_request(e)
+                if s is not None:
+                    if new is None:
+                        new = [s]
+                    else:
+                        new.append(s)
+            elif type(e) is StreamClosed:
+                if e.error_code:            # closed normally: nothing to do
+                    self._on_closed(e)
+            elif type(e) is DataReceived:
                 sid = e.stream_id
                 s = streams.get(sid)
                 data = e.data
@@ -332,16 +343,6 @@ class Http2Connection(asyncio.Protocol):
                         s.ended = True
                         if s.body is not None:
                             s.body.feed_eof(s.trailers)
-            elif type(e) is RequestReceived:
-                s = self._on_request(e)
-                if s is not None:
-                    if new is None:
-                        new = [s]
-                    else:
-                        new.append(s)
-            elif type(e) is StreamClosed:
-                if e.error_code:            # closed normally: nothing to do
-                    self._on_closed(e)
             elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None:
