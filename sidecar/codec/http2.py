@@ -26,7 +26,8 @@ back on the stream; routing, filters and clusters never know the wire protocol.
 
 Over 600 lines on purpose: everything here reads or writes the one engine state (events,
 windows, the output) of a connection; what does not (request validation, abuse counting, the
-engine's options) lives in ``http2_request``, ``http2_guard`` and ``http2_common``.
+engine's options, the response fields precomputed) lives in ``http2_request``, ``http2_guard``,
+``http2_common`` and ``http2_response``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import NoReturn, cast
 
 import ngh2
 from ngh2 import (
@@ -54,10 +55,7 @@ from ngh2 import (
     WindowUpdated,
 )
 
-from sidecar.codec.headers import DATE
 from sidecar.codec.http2_common import (
-    CONNECTION_SPECIFIC_STR,
-    VOLATILE,
     CreditedBody,
     ngh2_server_config,
 )
@@ -69,10 +67,21 @@ from sidecar.codec.http2_request import (
     request_from_checked_headers,
     trailers_from_headers,
 )
+from sidecar.codec.http2_response import (
+    CONNECTION_DROP,
+    DROP_OUT,
+    OUT_NAMES,
+    STATUS,
+    connection_drop,
+    date_field,
+    out_field,
+    server_field,
+    trailer_block,
+)
 from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
-from sidecar.core.body import Headers
+from sidecar.core.body import BodySource, Headers
 from sidecar.core.context import ConnectionId
 from sidecar.core.grpc import grpc_local_reply, grpc_reply
 from sidecar.core.message import Request, Response, local_reply
@@ -94,7 +103,7 @@ class _Stream:
     __slots__ = ("sid", "req", "chunks", "body", "trailers", "ended", "reset", "done", "started",
                  "waiter", "task", "last_io", "responding", "timed_out")
 
-    def __init__(self, sid: int, req: Request) -> None:
+    def __init__(self, sid: int, req: Request, now: float) -> None:
         self.sid = sid
         self.req = req
         self.chunks: list[bytes] | None = []   # DATA of this batch, until dispatch
@@ -103,7 +112,7 @@ class _Stream:
         self.ended = False                     # the client finished sending
         self.reset = False                     # reset by either side: nothing more to write
         self.done = False                      # our response is complete
-        self.started = time.monotonic()
+        self.started = now                     # when its HEADERS were read (monotonic)
         self.waiter: asyncio.Future[None] | None = None    # window or drain
         self.task: asyncio.Task[None] | None = None
         self.last_io = self.started          # last frame of this stream, either way
@@ -143,6 +152,8 @@ class Http2Connection(asyncio.Protocol):
         self._stream_errors = options.override_stream_error_on_invalid_http_message
         self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
         self.conn_id = ConnectionId()         # this connection, for its streams' contexts
+        self._server = server_field(owner.server_name)   # (name, its ``server`` field)
+        self._loop: asyncio.AbstractEventLoop | None = None    # set with the transport
 
     # ---- what the listener sees (as for HTTP/1.1 connections) -----------------------------------
     @property
@@ -226,6 +237,7 @@ class Http2Connection(asyncio.Protocol):
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
+        self._loop = asyncio.get_running_loop()
         self.peer = transport.get_extra_info("peername")
         set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
@@ -302,8 +314,19 @@ class Http2Connection(asyncio.Protocol):
         new: list[_Stream] | None = None
         streams = self.streams
         for e in events:
-            # type(e) is X: one C call and a compare per branch (mypy narrows on it)
-            if type(e) is DataReceived:
+            # type(e) is X: one C call and a compare per branch (mypy narrows on it); the events
+            # every stream has first
+            if type(e) is RequestReceived:
+                s = self._on_request(e)
+                if s is not None:
+                    if new is None:
+                        new = [s]
+                    else:
+                        new.append(s)
+            elif type(e) is StreamClosed:
+                if e.error_code:            # closed normally: nothing to do
+                    self._on_closed(e)
+            elif type(e) is DataReceived:
                 sid = e.stream_id
                 s = streams.get(sid)
                 data = e.data
@@ -316,17 +339,10 @@ class Http2Connection(asyncio.Protocol):
                         s.chunks.append(data)
                     elif s.body is not None and data:
                         s.body.feed(data)
-                    if e.end_stream:
-                        self._end_of_request(s)
-            elif type(e) is RequestReceived:
-                s = self._on_request(e)
-                if s is not None:
-                    if new is None:
-                        new = [s]
-                    else:
-                        new.append(s)
-            elif type(e) is StreamClosed:
-                self._on_closed(e)
+                    if e.end_stream and not s.ended:    # _end_of_request, inlined
+                        s.ended = True
+                        if s.body is not None:
+                            s.body.feed_eof(s.trailers)
             elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None:
@@ -442,7 +458,7 @@ class Http2Connection(asyncio.Protocol):
                 return None
             raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
-        s = _Stream(sid, req)
+        s = _Stream(sid, req, self.last_active)    # set as the frame was read
         self.streams[sid] = s
         if e.end_stream:
             s.ended = True
@@ -474,7 +490,8 @@ class Http2Connection(asyncio.Protocol):
         if "expect" in req.headers:
             req.headers.popall("expect", None)     # answered here, never forwarded
         self.requests += 1
-        s.task = asyncio.get_running_loop().create_task(self._serve(s))
+        assert self._loop is not None
+        s.task = self._loop.create_task(self._serve(s))
 
     def _credit_for(self, sid: int) -> Callable[[int], None]:
         def credit(n: int) -> None:
@@ -510,7 +527,13 @@ class Http2Connection(asyncio.Protocol):
             resp.discard()
         else:
             try:
-                sent = await self._respond(s, req, resp)
+                body = resp.body
+                if isinstance(body, bytes):
+                    sent = self._respond_whole(s, req, resp, body)
+                    if sent < 0:
+                        sent = await self._finish_whole(s, resp, body)
+                else:
+                    sent = await self._respond_stream(s, req, resp, body)
             except _StreamGone:
                 resp.discard()
                 sent = 0
@@ -542,50 +565,112 @@ class Http2Connection(asyncio.Protocol):
         return grpc_local_reply(resp) if ctx.grpc else resp
 
     def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
-        out: list[ngh2.Header] = [(b":status", str(resp.status).encode())]
-        drop = CONNECTION_SPECIFIC_STR
-        conn_tokens = resp.headers.get("connection")
+        headers = resp.headers
+        out: list[ngh2.Header] = [STATUS.get(resp.status) or
+                                  (b":status", str(resp.status).encode())]
+        conn_tokens = headers.get("connection")
         if conn_tokens:
-            drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+            # ``keep-alive`` (nginx, on every response) and ``close`` come precomputed
+            drop = CONNECTION_DROP.get(conn_tokens) or connection_drop(conn_tokens)
+        else:
+            drop = DROP_OUT
         append = out.append
-        for k, v in resp.headers.items():
-            if k in drop or k == "server" or k == "te":
+        names = OUT_NAMES
+        for k, v in headers.items():
+            if k in drop:
                 continue
-            kb = k.encode("latin-1")
-            # a helper call per field is a measurable part of the request: inlined
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
-        out.append((b"server", self.owner.server_name.encode("latin-1")))
-        if "date" not in resp.headers:
-            out.append((b"date", DATE.get().encode()))
-        ctx = req.ctx
-        if ctx.upstream_duration is not None and not self.owner.suppress_envoy_headers:
+            kb = names.get(k)        # the names that repeat, encoded once (never a volatile one)
+            append((kb, v.encode("latin-1")) if kb is not None else out_field(k, v))
+        server = self._server
+        if server[0] is not self.owner.server_name:
+            server = self._server = server_field(self.owner.server_name)
+        append(server[1])
+        if "date" not in headers:
+            append(date_field())
+        duration = req.ctx.upstream_duration
+        if duration is not None and not self.owner.suppress_envoy_headers:
             # unique per response: never indexed (it would churn the HPACK table)
-            out.append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
-                                          str(int(ctx.upstream_duration * 1000)).encode()))
+            append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
+                                      str(int(duration * 1000)).encode()))
         return out
 
-    async def _respond(self, s: _Stream, req: Request, resp: Response) -> int:
-        status = resp.status
-        body = resp.body
+    def _respond_whole(self, s: _Stream, req: Request, resp: Response, body: bytes) -> int:
+        """A complete ``bytes`` body, without a coroutine: the headers and the body queued at
+        once (one frame count, one flush). The bytes sent, or -1 when what is queued does not
+        fit the peer's windows (or the transport is paused): the caller then awaits
+        ``_finish_whole``."""
         head = self._response_headers(req, resp)
+        status = resp.status
+        if status < 200 or status in _BODYLESS or req.method == "HEAD":
+            self._send_headers(s, head, True)
+            resp.discard()
+            return 0
+        trailers = resp.trailers
+        if not body:
+            self._send_headers(s, head, not trailers)  # gRPC trailers-only replies: no trailers
+            if trailers:
+                self._send_trailers(s, trailer_block(trailers))
+            return 0
+        if resp.local and "content-length" not in resp.headers:
+            head.append((b"content-length", str(len(body)).encode()))
+        if s.reset:
+            raise _StreamGone()
+        conn = self.conn
+        sid = s.sid
+        try:
+            conn.send_response(sid, head, end_stream=False)
+        except NGH2Error:
+            raise _StreamGone() from None
+        s.responding = True
+        end = not trailers
+        try:
+            conn.send_data(sid, body, end_stream=end)
+        except NGH2Error:
+            self._count_frame()
+            raise _StreamGone() from None
+        try:
+            queued = conn.queued_body_size(sid)
+            fits = queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
+                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
+            if fits and trailers:        # all of it will go out: the trailers follow now
+                conn.send_trailers(sid, trailer_block(trailers))
+        except NGH2Error:
+            raise _StreamGone() from None
+        try:
+            # the DATA frames, the HEADERS before them (and the trailers after): one check
+            self.guard.data_sent(-(-len(body) // self._max_frame), 2 if fits and trailers else 1)
+        except Abuse as e:
+            self._outbound_abuse(e)
+        s.last_io = time.monotonic()
+        if not fits:
+            return -1
+        s.done = True
+        if not s.ended and not s.reset:
+            self._after_end(s)
+        if self._flush_handle is None and not self._closing:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
+        return len(body)
+
+    async def _finish_whole(self, s: _Stream, resp: Response, body: bytes) -> int:
+        """The rest of ``_respond_whole`` once its body fits the windows."""
+        await self._data_fits(s)
+        trailers = resp.trailers
+        if not trailers:
+            self._after_end(s)
+        self._schedule_flush()
+        if trailers:
+            self._send_trailers(s, trailer_block(trailers))
+        return len(body)
+
+    async def _respond_stream(self, s: _Stream, req: Request, resp: Response,
+                              body: BodySource) -> int:
+        head = self._response_headers(req, resp)
+        status = resp.status
         if req.method == "HEAD" or status in _BODYLESS or status < 200:
             self._send_headers(s, head, True)
             resp.discard()
             return 0
-        if isinstance(body, bytes):
-            trailers = resp.trailers
-            if resp.local and body and "content-length" not in resp.headers:
-                head.append((b"content-length", str(len(body)).encode()))
-            if not body and not trailers:
-                self._send_headers(s, head, True)    # gRPC trailers-only replies take this way
-                return 0
-            self._send_headers(s, head, False)
-            if body:
-                await self._send_data(s, body, not trailers)
-            if trailers:
-                self._send_trailers(s, _trailer_block(trailers))
-            return len(body)
         self._send_headers(s, head, False)
         sent = 0
         async for chunk in body:
@@ -593,12 +678,14 @@ class Http2Connection(asyncio.Protocol):
                 raise _StreamGone()
             if chunk:
                 sent += len(chunk)
-                await self._send_data(s, chunk, False)
+                if not self._queue_data(s, chunk, False):   # a slow reader holds the writer
+                    await self._data_fits(s)
+                self._schedule_flush()
         trailers = body.trailers
         if s.reset:
             raise _StreamGone()
         if trailers:
-            self._send_trailers(s, _trailer_block(trailers))
+            self._send_trailers(s, trailer_block(trailers))
         else:
             try:
                 self.conn.end_stream(s.sid)
@@ -618,9 +705,13 @@ class Http2Connection(asyncio.Protocol):
             else:
                 self.guard.frame_queued()
         except Abuse as e:
-            self.owner.http2_abuse(e.kind)
-            self._abort(e.goaway)
-            raise _StreamGone() from None
+            self._outbound_abuse(e)
+
+    def _outbound_abuse(self, e: Abuse) -> NoReturn:
+        """A stream's task queued past an outbound limit: the connection goes."""
+        self.owner.http2_abuse(e.kind)
+        self._abort(e.goaway)
+        raise _StreamGone() from None
 
     def _send_headers(self, s: _Stream, block: list[ngh2.Header], end: bool) -> None:
         if s.reset:
@@ -648,10 +739,10 @@ class Http2Connection(asyncio.Protocol):
         self._after_end(s)
         self._schedule_flush()
 
-    async def _send_data(self, s: _Stream, data: bytes, end: bool) -> None:
-        """Queue ``data`` in the engine (it sends as the windows allow). Return once what is
-        queued for the stream fits the peer's windows (so the next flush sends it all): a
-        slow reader holds back the writer, not the proxy's memory."""
+    def _queue_data(self, s: _Stream, data: bytes, end: bool) -> bool:
+        """Queue ``data`` in the engine (it sends as the windows allow); whether what is queued
+        for the stream fits the peer's windows (so the next flush sends it all) and the
+        transport is not paused: else the writer waits (``_data_fits``)."""
         if s.reset:
             raise _StreamGone()
         conn = self.conn
@@ -662,6 +753,18 @@ class Http2Connection(asyncio.Protocol):
             raise _StreamGone() from None
         self._count_frame(data=-(-len(data) // self._max_frame))
         s.last_io = time.monotonic()
+        try:
+            queued = conn.queued_body_size(sid)
+            return queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
+                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
+        except NGH2Error:
+            raise _StreamGone() from None
+
+    async def _data_fits(self, s: _Stream) -> None:
+        """Wait until what is queued for ``s`` fits the peer's windows (flushing what they
+        allow first), then for the transport to drain if it is paused."""
+        conn = self.conn
+        sid = s.sid
         try:
             flushed = False
             while True:
@@ -680,9 +783,6 @@ class Http2Connection(asyncio.Protocol):
         if self._write_paused:
             self._flush()
             await self._wait(s, False)
-        if end:
-            self._after_end(s)
-        self._schedule_flush()
 
     async def _wait(self, s: _Stream, for_window: bool) -> None:
         """Park a writer until the peer's window opens (or the transport drains)."""
@@ -773,7 +873,8 @@ class Http2Connection(asyncio.Protocol):
     def _stream_closed(self, s: _Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
-        self._discard_body(s)
+        if s.chunks or s.body is not None:
+            self._discard_body(s)
         guard = self.guard
         guard.stream_closed()
         if guard.trailer_streams:
@@ -785,7 +886,8 @@ class Http2Connection(asyncio.Protocol):
     # ---- output ----------------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._closing:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _take_output(self) -> None:
         """Take what the engine has ready now (written with the next flush)."""
@@ -854,8 +956,3 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-def _trailer_block(trailers: Headers) -> list[ngh2.Header]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
-            if k not in CONNECTION_SPECIFIC_STR and k[:1] != ":"]

@@ -84,7 +84,7 @@ class Http2Guard:
                     sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
                     if sid > self.last_stream_id:
                         self.last_stream_id = sid
-                        self.stream_opened()
+                        self.streams_opened += 1      # stream_opened(), inlined
                     else:
                         self.trailer_streams.add(sid)
                 if length or (data[pos + 4] & _END_STREAM and ftype != _CONTINUATION):
@@ -163,10 +163,13 @@ class Http2Guard:
             raise Abuse("outbound_flood", None)
 
     # ---- outbound ------------------------------------------------------------------------------
-    def data_sent(self, frames: int = 1) -> None:
+    def data_sent(self, frames: int = 1, others: int = 0) -> None:
+        """``frames`` DATA frames queued (and ``others`` frames of the same response, its
+        HEADERS and trailers, counted with them: one check for all)."""
         self.data_frames_sent += frames
-        self.frames_queued += frames - 1
-        self.frame_queued()
+        self.frames_queued += frames + others
+        if self.frames_queued > self.o.max_outbound_frames:
+            raise Abuse("outbound_flood", None)
 
     def flushed(self) -> None:
         """What was queued reached the socket (the transport is not holding it back)."""

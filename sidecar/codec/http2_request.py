@@ -39,12 +39,24 @@ _BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 # instead of a regex per field for the names every message repeats; bounded
 _NAMES_OK: set[bytes] = set()
 _NAMES_OK_MAX = 4096
+# the request pseudo-headers (RFC 9113 8.3.1; nghttp2 let no other through): their slot
+_PSEUDO = {b":method": 0, b":path": 1, b":scheme": 2, b":authority": 3}
+# request field names decoded once (a dict lookup costs less than a decode); bounded, short ones
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096
+
+
+def _name(name: bytes) -> str:
+    decoded = name.decode("latin-1")
+    if len(_NAMES) < _NAMES_MAX and len(name) <= 64:
+        _NAMES[name] = decoded
+    return decoded
 
 
 def _check_name(name: bytes) -> None:
     if _TOKEN.fullmatch(name) is None or name in CONNECTION_SPECIFIC:
         raise Malformed(f"header name {name!r}")
-    if len(_NAMES_OK) < _NAMES_OK_MAX:
+    if len(_NAMES_OK) < _NAMES_OK_MAX and len(name) <= 64:   # a client's long names: not kept
         _NAMES_OK.add(name)
 
 
@@ -80,44 +92,44 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     limits (Envoy counts a name and value per field, pseudo-headers included, the crumbled
     cookies as the one header they are joined into), ``Refused`` for an underscore under
     REJECT_REQUEST (DROP_HEADER drops the field), ``Malformed`` for CONNECT."""
-    method = path = scheme = authority = None
+    pseudo: list[str | None] = [None, None, None, None]    # method, path, scheme, authority
     host = None
     headers: Headers = MultiDict()
-    cookies: list[str] = []
+    cookies: list[str] | None = None
     size = 0
     regular = False
+    check_underscores = underscores != "ALLOW"
+    pseudo_index = _PSEUDO.get
+    names = _NAMES
     for name, value in raw:
         size += len(name) + len(value)
-        if name[0] == 58:          # b":"
-            v = value.decode("latin-1")
-            if name == b":method":
-                method = v
-            elif name == b":path":
-                path = v
-            elif name == b":scheme":
-                scheme = v
-            else:
-                authority = v
-            continue
         if not regular:            # the pseudo-headers come first (nghttp2 checked)
+            i = pseudo_index(name)
+            if i is not None:
+                pseudo[i] = value.decode("latin-1")
+                continue
             regular = True
-            if authority is not None:
-                headers["host"] = authority    # :authority wins over a Host header (Envoy)
-        if underscores != "ALLOW" and b"_" in name:
+            if pseudo[3] is not None:
+                headers.add("host", pseudo[3])   # :authority wins over a Host header (Envoy)
+        if check_underscores and b"_" in name:
             if underscores == "DROP_HEADER":
                 continue
             raise Refused(f"header name with an underscore {name!r}")
-        n = name.decode("latin-1")
-        v = value.decode("latin-1")
+        n = names.get(name) or _name(name)
         if n == "cookie":
-            cookies.append(v)      # joined below, as Envoy does for any upstream protocol
+            # joined below, as Envoy does for any upstream protocol
+            if cookies is None:
+                cookies = [value.decode("latin-1")]
+            else:
+                cookies.append(value.decode("latin-1"))
         elif n == "host":
             if host is not None:
                 raise Malformed("two host headers")
-            host = v
+            host = value.decode("latin-1")
         else:
-            headers.add(n, v)
-    if size > max_bytes or len(raw) - len(cookies) + (1 if cookies else 0) > max_count:
+            headers.add(n, value.decode("latin-1"))
+    method, path, scheme, authority = pseudo
+    if size > max_bytes or len(raw) - (len(cookies) - 1 if cookies else 0) > max_count:
         raise TooLarge("header list")
     if method == "CONNECT" or method is None or path is None:
         raise Malformed("CONNECT is not supported")
@@ -129,10 +141,11 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
             all_headers.extend(headers)
             headers = all_headers
     elif not regular:
-        headers["host"] = authority
+        headers.add("host", authority)
     ctx = RequestContext(listener, peer, time.perf_counter(), port)
-    ctx.tls = tls
-    ctx.peer_identity = peer_identity
+    if tls:                        # the context's defaults otherwise
+        ctx.tls = True
+        ctx.peer_identity = peer_identity
     ctx.protocol = "HTTP/2"
     p, _, query = path.partition("?")
     req = Request(method, p, query, headers, b"", ctx, "2")

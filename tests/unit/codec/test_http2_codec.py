@@ -273,6 +273,78 @@ async def test_response_respects_the_client_window():
     assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 300_000
 
 
+async def test_whole_response_with_trailers_waits_for_the_client_window():
+    """A complete body over the window: the trailers follow its last byte, never before."""
+    async def handler(req):
+        r = Response(200, MultiDict({"content-type": "application/grpc"}), b"z" * 5000)
+        r.trailers = MultiDict({"grpc-status": "0"})
+        return r
+
+    p = Peer(handler=handler)
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.send()
+    await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) <= 1000
+    assert not p.of(h2.events.TrailersReceived, 1)
+    p.client.increment_flow_control_window(10_000, 1)
+    p.send()
+    await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 5000
+    assert p.of(h2.events.TrailersReceived, 1)[0].headers == [("grpc-status", "0")]
+    assert p.of(h2.events.StreamEnded, 1) and p.owner.finished[0][2] == 5000
+
+
+async def test_whole_response_counts_its_frames_once_and_ends_the_stream():
+    """Headers, body and trailers within the windows go out together, counted as the
+    frames they are (an outbound flood is judged on them)."""
+    async def handler(req):
+        r = Response(200, MultiDict(), b"q" * 40_000)    # 3 DATA frames of 16 KiB at most
+        r.trailers = MultiDict({"x-t": "1"})
+        return r
+
+    p = Peer(handler=handler)
+    p.client.send_headers(1, p.headers(), end_stream=True)
+    p.codec.data_received(p.client.data_to_send())
+    await asyncio.sleep(0)           # the stream's task answers
+    g = p.codec.guard
+    assert (g.data_frames_sent, g.frames_queued) == (3, 5)
+    await p.settle()
+    assert sum(len(e.data) for e in p.of(h2.events.DataReceived, 1)) == 40_000
+    assert p.of(h2.events.TrailersReceived, 1)[0].headers == [("x-t", "1")]
+    assert not p.codec.streams
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close", "Keep-Alive, X-Hop", "x-hop"])
+async def test_response_fields_dropped_encoded_and_never_indexed(connection):
+    """Connection-specific fields and those the ``connection`` header names are dropped; the
+    volatile ones (ids) are never indexed, the others may be; the same on a later stream
+    (the names are remembered)."""
+    async def handler(req):
+        return Response(200, MultiDict([("connection", connection), ("x-hop", "1"),
+                                        ("close", "2"), ("x-request-id", req.path),
+                                        ("x-cafe", "cr\u00e8me"), ("server", "up"),
+                                        ("te", "trailers")]), b"ok")
+
+    p = Peer(handler=handler)
+    named = {t.strip().lower() for t in connection.split(",")}
+    dropped = {"connection"} | (named & {"x-hop", "close"})
+    for sid in (1, 3):
+        p.client.send_headers(sid, p.headers(path=f"/{sid}"), end_stream=True)
+        p.send()
+        await p.settle()
+        fields = p.of(h2.events.ResponseReceived, sid)[0].headers
+        names = [k for k, _ in fields]
+        assert not dropped & set(names) and "te" not in names
+        assert ("server", "envoy") in fields and names.count("server") == 1
+        assert ("close", "2") in fields or "close" in dropped
+        assert ("x-hop", "1") in fields or "x-hop" in dropped
+        rid = next(f for f in fields if f[0] == "x-request-id")
+        assert rid == ("x-request-id", f"/{sid}") and isinstance(rid, hpack.NeverIndexedHeaderTuple)
+        cafe = next(f for f in fields if f[0] == "x-cafe")
+        assert cafe[1] == "cr\u00e8me" and not isinstance(cafe, hpack.NeverIndexedHeaderTuple)
+
+
 def raw(*frames: Frame) -> bytes:
     return b"".join(f.serialize() for f in frames)
 
