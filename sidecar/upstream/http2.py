@@ -92,6 +92,7 @@ _SCHEMES: dict[str, Header] = {sc: (b":scheme", sc.encode()) for sc in ("http", 
 _NAMES: dict[str, bytes] = {}
 _DECODED: dict[bytes, str] = {}     # received header names, decoded once
 _NAMES_MAX = 4096
+_NAME_CACHED_MAX = 64    # longer names are not remembered: bounded memory whatever peers send
 
 
 def request_headers(req: Request, authority: str, scheme: str) -> list[Header]:
@@ -146,9 +147,10 @@ def _request_headers(req: Request, authority: Header, scheme: Header) -> list[He
 
 def _encoded_name(name: str) -> bytes:
     """A header name as it goes out (not one of ``_DROP``), remembered while the cache has
-    room (names repeat; the bound keeps a client sending ever new names from growing it)."""
+    room and if short (names repeat; the bounds keep a client sending ever new or long names
+    from growing it)."""
     kb = name.encode("latin-1")
-    if len(_NAMES) < _NAMES_MAX:
+    if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_CACHED_MAX:
         _NAMES[name] = kb
     return kb
 
@@ -187,7 +189,7 @@ def _decoded_name(name: bytes) -> str:
     through only lowercase token characters (RFC 9113 8.2.1: a name with any other byte
     fails the stream), so latin-1 and ASCII read it alike."""
     s = name.decode("latin-1")
-    if len(_DECODED) < _NAMES_MAX:
+    if len(_DECODED) < _NAMES_MAX and len(name) <= _NAME_CACHED_MAX:
         _DECODED[name] = s
     return s
 

@@ -385,6 +385,32 @@ async def test_a_cancelled_request_resets_its_stream():
     assert conn.used == 0 and conn.streams == {} and conn.has_room()
 
 
+def test_header_name_caches_are_bounded_and_keep_no_long_names():
+    """Names are encoded (request) and decoded (response) once, but a peer cannot grow the
+    caches: long names are never kept, and the count is capped."""
+    from sidecar.upstream import http2 as up
+    long_name = "x-" + "a" * 200
+    req = request(headers={"host": "svc.local", long_name: "1", "x-short": "2"})
+    head = request_headers(req, "svc.local", "http")
+    assert (long_name.encode(), b"1") in head and (b"x-short", b"2") in head
+    assert long_name not in up._NAMES and up._NAMES["x-short"] == b"x-short"
+    fields, _ = up._fields_and_size(((b":status", b"200"), (long_name.encode(), b"v"),
+                                     (b"x-back", b"w")))
+    assert list(fields.items()) == [(long_name, "v"), ("x-back", "w")]
+    assert long_name.encode() not in up._DECODED and up._DECODED[b"x-back"] == "x-back"
+    kept = dict(up._NAMES), dict(up._DECODED)
+    try:
+        for i in range(up._NAMES_MAX + 10):
+            up._encoded_name(f"x-n{i}")
+            up._decoded_name(f"x-n{i}".encode())
+        assert len(up._NAMES) == len(up._DECODED) == up._NAMES_MAX
+    finally:      # the caches are the module's: leave them as other tests expect
+        up._NAMES.clear()
+        up._NAMES.update(kept[0])
+        up._DECODED.clear()
+        up._DECODED.update(kept[1])
+
+
 async def test_discarding_a_streamed_response_resets_its_stream():
     p, conn, server, task, sid = await one_stream()
     server.h2.send_headers(sid, [(b":status", b"200")])
