@@ -321,3 +321,19 @@ class _ServerProto(asyncio.Protocol):
             if self.goaway_sent and not self.active and not self.pending and self.transport:
                 self.transport.close()
 
+
+class RawH2Server(asyncio.Protocol):
+    """An HTTP/2 upstream on ``h2`` with its outbound checks off, so a test can make it send
+    what a conforming server would not; subclasses answer in ``data_received``. ``connections``
+    counts the connections made to the subclass."""
+
+    connections = 0
+
+    def connection_made(self, transport) -> None:
+        type(self).connections += 1
+        self.t = transport
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
+        self.c.initiate_connection()
+        transport.write(self.c.data_to_send())
+

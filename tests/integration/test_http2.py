@@ -16,7 +16,7 @@ import h2.connection
 import h2.events
 import pytest
 from aiohttp import web
-from h2_helpers import H2Client, H2Request, H2Upstream
+from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server
 from resilience_helpers import metric, prometheus
 
 from sidecar.testing import Upstream, native_config, running_proxy
@@ -222,19 +222,9 @@ async def test_http2_upstream_multiplexes_and_survives_goaway():
             assert up.connections >= 2
 
 
-class _MalformedOnBad(asyncio.Protocol):
+class _MalformedOnBad(RawH2Server):
     """An HTTP/2 upstream (``h2`` with its outbound checks off) answering ``/bad`` with a
     connection-specific header (RFC 9113 8.2.2: a malformed response), anything else well."""
-
-    connections = 0
-
-    def connection_made(self, transport) -> None:
-        type(self).connections += 1
-        self.t = transport
-        self.c = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
-        self.c.initiate_connection()
-        transport.write(self.c.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         for e in self.c.receive_data(data):

@@ -12,25 +12,15 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from h2_helpers import H2Client, H2Request, H2Upstream
+from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server
 from resilience_helpers import envoy_config, proxy
 
 from sidecar.testing import native_config, running_proxy
 
 
-class _Peer(asyncio.Protocol):
+class _Peer(RawH2Server):
     """``/short``: ``content-length: 10`` and 5 bytes; ``/bad-trailers``: trailers carrying a
     pseudo-header; anything else: 200 "ok"."""
-
-    connections = 0
-
-    def connection_made(self, transport) -> None:
-        type(self).connections += 1
-        self.t = transport
-        self.c = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
-        self.c.initiate_connection()
-        transport.write(self.c.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         for e in self.c.receive_data(data):

@@ -373,12 +373,7 @@ async def test_deadlines_of_completed_streams_are_not_kept():
 
 
 async def test_a_cancelled_request_resets_its_stream():
-    p = pool()
-    conn, server = connect(p)
-    p.acquire()
-    task = await start(conn)
-    server.pump()
-    (sid,) = server.requests
+    p, conn, server, task, sid = await one_stream()
     task.cancel()
     await settle()
     assert sent_resets(server) == {sid: ErrorCodes.CANCEL}
