@@ -16,6 +16,8 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from sidecar.testing import native_config, running_proxy
+
 
 @dataclass
 class H2Response:
@@ -336,4 +338,20 @@ class RawH2Server(asyncio.Protocol):
             client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
         self.c.initiate_connection()
         transport.write(self.c.data_to_send())
+
+
+async def good_bad_good(peer: type[RawH2Server], bad_path: str) -> list[H2Response]:
+    """``/good``, ``bad_path``, ``/good`` on one client connection through a sidecar whose
+    HTTP/2 cluster is one ``peer`` server on loopback (its ``connections`` reset first)."""
+    peer.connections = 0
+    server = await asyncio.get_running_loop().create_server(peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = native_config(clusters={"svc": {"endpoints": [f"127.0.0.1:{port}"],
+                                              "protocol": "http2"}},
+                            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
+        async with running_proxy(cfg, admin=False) as p, H2Client(p.port()) as c:
+            return [await c.request("GET", path) for path in ("/good", bad_path, "/good")]
+    finally:
+        server.close()
 

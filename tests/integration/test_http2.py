@@ -16,7 +16,7 @@ import h2.connection
 import h2.events
 import pytest
 from aiohttp import web
-from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server
+from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server, good_bad_good
 from resilience_helpers import metric, prometheus
 
 from sidecar.testing import Upstream, native_config, running_proxy
@@ -237,24 +237,12 @@ class _MalformedOnBad(RawH2Server):
 
 
 async def test_malformed_upstream_response_resets_only_its_stream():
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_MalformedOnBad, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        cfg = native_config(clusters={"svc": {"endpoints": [f"127.0.0.1:{port}"],
-                                              "protocol": "http2"}},
-                            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
-        async with running_proxy(cfg, admin=False) as p, H2Client(p.port()) as c:
-            good1 = await c.request("GET", "/good")
-            bad = await c.request("GET", "/bad")
-            good2 = await c.request("GET", "/good")
-        assert (good1.status, good1.body) == (200, b"ok")
-        assert bad.status == 502       # upstream protocol error (UPE), as a malformed h1 answer
-        assert (good2.status, good2.body) == (200, b"ok")
-        # a stream error: the pooled connection stayed up for the next request
-        assert _MalformedOnBad.connections == 1
-    finally:
-        server.close()
+    good1, bad, good2 = await good_bad_good(_MalformedOnBad, "/bad")
+    assert (good1.status, good1.body) == (200, b"ok")
+    assert bad.status == 502       # upstream protocol error (UPE), as a malformed h1 answer
+    assert (good2.status, good2.body) == (200, b"ok")
+    # a stream error: the pooled connection stayed up for the next request
+    assert _MalformedOnBad.connections == 1
 
 
 async def test_grpc_like_trailers_only_and_status_metrics():

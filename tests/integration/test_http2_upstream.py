@@ -6,16 +6,14 @@ heads: ``test_http2.py``; the Envoy-differential cases: tests/conformance/h2."""
 
 from __future__ import annotations
 
-import asyncio
-
 import h2.config
 import h2.connection
 import h2.events
 import pytest
-from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server
+from h2_helpers import H2Client, H2Request, H2Upstream, RawH2Server, good_bad_good
 from resilience_helpers import envoy_config, proxy
 
-from sidecar.testing import native_config, running_proxy
+from sidecar.testing import native_config
 
 
 class _Peer(RawH2Server):
@@ -44,27 +42,13 @@ class _Peer(RawH2Server):
 
 @pytest.mark.parametrize("path", ["/short", "/bad-trailers"])
 async def test_a_response_body_nghttp2_refuses_fails_only_its_stream(path):
-    _Peer.connections = 0
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Peer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        cfg = native_config(clusters={"svc": {"endpoints": [f"127.0.0.1:{port}"],
-                                              "protocol": "http2"}},
-                            routes=[{"match": {"prefix": "/"}, "cluster": "svc"}])
-        async with running_proxy(cfg, admin=False) as p, H2Client(p.port()) as c:
-            good1 = await c.request("GET", "/good")
-            bad = await c.request("GET", path)
-            good2 = await c.request("GET", "/good")
-        assert (good1.status, good1.body) == (200, b"ok")
-        # the head may have gone out already: then the client's stream is reset mid-body
-        # the head was handed on before the body proved bad: the client's stream is reset
-        # (as by Envoy: tests/conformance/h2 upstream-content-length-mismatch), never completed
-        assert bad.reset is not None, bad
-        assert (good2.status, good2.body) == (200, b"ok")
-        assert _Peer.connections == 1        # a stream error: the connection stayed up
-    finally:
-        server.close()
+    good1, bad, good2 = await good_bad_good(_Peer, path)
+    assert (good1.status, good1.body) == (200, b"ok")
+    # the head was handed on before the body proved bad: the client's stream is reset
+    # (as by Envoy: tests/conformance/h2 upstream-content-length-mismatch), never completed
+    assert bad.reset is not None, bad
+    assert (good2.status, good2.body) == (200, b"ok")
+    assert _Peer.connections == 1        # a stream error: the connection stayed up
 
 
 async def _headers_by_path(req: H2Request) -> tuple[int, list, bytes, list]:
