@@ -17,11 +17,13 @@ while little of it waits there (``_QUEUED_MAX``), concurrently with the response
 bidirectional streams work. Response bodies credit the peer's windows as they are read.
 
 Per request the connection does as little as it can: ``send`` returns the response future
-itself (no coroutine frame), header names are encoded and decoded once (bounded caches), and
-deadlines given in order wait behind one timer per connection (``_deadlines_due``).
+itself (no coroutine frame), header names are encoded and decoded once (bounded caches, in
+``http2_headers`` with the rest of the header translation), and deadlines given in order wait
+behind one timer per connection (``_deadlines_due``).
 
 (Over 600 lines: one connection's streams, their flow control, deadlines and GOAWAY handling
-share the state of the connection; the pool is apart, in ``http2_pool``.)
+share the state of the connection; the pool is apart, in ``http2_pool``, and the header lists
+in ``http2_headers``.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import asyncio
 import contextvars
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import ngh2
@@ -40,7 +42,6 @@ from ngh2 import (
     DataReceived,
     ErrorCode,
     GoAwayReceived,
-    NeverIndexedHeader,
     NGH2Error,
     ResponseReceived,
     Setting,
@@ -50,10 +51,7 @@ from ngh2 import (
     TrailersReceived,
 )
 
-from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.http2_common import (
-    CONNECTION_SPECIFIC_STR,
-    VOLATILE,
     CreditedBody,
     client_configuration,
 )
@@ -66,11 +64,18 @@ from sidecar.core.errors import (
     UpstreamTimeout,
 )
 from sidecar.core.message import Request, Response
+from sidecar.upstream.http2_headers import (
+    SCHEMES,
+    Header,
+    fields,
+    fields_and_size,
+    request_headers_with,
+    trailer_block,
+)
 
 if TYPE_CHECKING:
     from sidecar.upstream.http2_pool import Http2Pool
 
-_DROP = NOT_FORWARDED | {"host"} | CONNECTION_SPECIFIC_STR
 # request body bytes left waiting in nghttp2 (for the peer's window) before the pump stops
 # reading the downstream body: end-to-end flow control, with enough in hand to fill a window
 # update at once
@@ -82,117 +87,6 @@ _ERROR_NAMES = {int(c): c.name for c in ErrorCode}
 # the context a future's cancel callback runs in (it reads no context variable; passing one
 # saves copying the current context on every request)
 _NO_CONTEXT = contextvars.Context()
-
-Header = tuple[bytes, bytes]
-
-# encoded once: the pseudo-header fields that repeat, header names as they go out
-_METHODS: dict[str, Header] = {m: (b":method", m.encode()) for m in (
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")}
-_SCHEMES: dict[str, Header] = {sc: (b":scheme", sc.encode()) for sc in ("http", "https")}
-_NAMES: dict[str, bytes] = {}
-_DECODED: dict[bytes, str] = {}     # received header names, decoded once
-_NAMES_MAX = 4096
-_NAME_CACHED_MAX = 64    # longer names are not remembered: bounded memory whatever peers send
-
-
-def request_headers(req: Request, authority: str, scheme: str) -> list[Header]:
-    """The HEADERS of ``req`` for an HTTP/2 upstream: pseudo-headers from the request line and
-    Host; no connection-specific headers (RFC 9113 8.2.2), ``te`` only as "trailers"."""
-    return _request_headers(req, (b":authority", authority.encode("latin-1")),
-                            _SCHEMES.get(scheme) or (b":scheme", scheme.encode()))
-
-
-def _request_headers(req: Request, authority: Header, scheme: Header) -> list[Header]:
-    """``request_headers`` with the ``:authority`` and ``:scheme`` fields given (a connection
-    keeps them encoded: they seldom change)."""
-    headers = req.headers
-    url = req.path + "?" + req.query if req.query else req.path
-    method = _METHODS.get(req.method) or (b":method", req.method.encode("latin-1"))
-    out = [method, scheme, authority, (b":path", url.encode("latin-1"))]
-    te_trailers = False
-    append = out.append
-    names = _NAMES      # names forwarded as they are (never one of _DROP)
-    connection = headers.get("connection")
-    # one pass, inline: a call per field is a measurable part of the request
-    if not connection:
-        for k, v in headers.items():
-            kb = names.get(k)
-            if kb is None:
-                if k in _DROP:
-                    if k == "te" and not te_trailers and "trailers" in v.lower():
-                        te_trailers = True
-                        append((b"te", b"trailers"))
-                    continue
-                kb = _encoded_name(k)
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
-    else:
-        drop = connection_drop(_DROP, connection)     # and the names Connection lists
-        for k, v in headers.items():
-            if k in drop:
-                if k == "te" and not te_trailers and "trailers" in v.lower():
-                    te_trailers = True
-                    append((b"te", b"trailers"))
-                continue
-            kb = names.get(k)
-            if kb is None:
-                kb = _encoded_name(k)
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
-    cl = headers.get("content-length")
-    if cl is not None:
-        append((b"content-length", cl.encode("latin-1")))
-    return out
-
-
-def _encoded_name(name: str) -> bytes:
-    """A header name as it goes out (not one of ``_DROP``), remembered while the cache has
-    room and if short (names repeat; the bounds keep a client sending ever new or long names
-    from growing it)."""
-    kb = name.encode("latin-1")
-    if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_CACHED_MAX:
-        _NAMES[name] = kb
-    return kb
-
-
-def _fields(raw: Sequence[Header]) -> Headers:
-    """A header list nghttp2 validated, as Headers (values as the latin-1 they came in)."""
-    out: Headers = MultiDict()
-    add = out.add       # faster than building the MultiDict from a list of pairs
-    names = _DECODED
-    for k, v in raw:
-        name = names.get(k)
-        add(name if name is not None else _decoded_name(k), v.decode("latin-1"))
-    return out
-
-
-def _fields_and_size(raw: Sequence[Header]) -> tuple[Headers, int]:
-    """A response head nghttp2 validated: its fields after ``:status`` as Headers, and the
-    head's size as Envoy counts it against ``max_response_headers_kb`` (names and values)."""
-    out: Headers = MultiDict()
-    add = out.add
-    names = _DECODED
-    size = 0
-    for k, v in raw:
-        size += len(k) + len(v)
-        name = names.get(k)
-        if name is None:
-            if k[0] == 58:        # ":" (the one pseudo-header, :status)
-                continue
-            name = _decoded_name(k)
-        add(name, v.decode("latin-1"))
-    return out, size
-
-
-def _decoded_name(name: bytes) -> str:
-    """A received header name as str, remembered while the cache has room. nghttp2 let
-    through only lowercase token characters (RFC 9113 8.2.1: a name with any other byte
-    fails the stream), so latin-1 and ASCII read it alike."""
-    s = name.decode("latin-1")
-    if len(_DECODED) < _NAMES_MAX and len(name) <= _NAME_CACHED_MAX:
-        _DECODED[name] = s
-    return s
-
 
 def _reason(code: int) -> str:
     return _ERROR_NAMES.get(code) or str(code)
@@ -259,7 +153,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._deadlines: deque[tuple[float, int]] = deque()    # see ``_deadlines_due``
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._compact_at = 64
-        self._scheme: Header = _SCHEMES["https" if pool.ssl is not None else "http"]
+        self._scheme: Header = SCHEMES["https" if pool.ssl is not None else "http"]
         self._authority: tuple[str, Header] = ("", (b":authority", b""))   # the last one sent
 
     def has_room(self) -> bool:
@@ -356,7 +250,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 if s is not None and not s.reset:
                     raw = e.headers
                     # nghttp2 checked the head: one 3-digit :status, first (RFC 9113 8.3.2)
-                    headers, size = _fields_and_size(raw)
+                    headers, size = fields_and_size(raw)
                     pool = self.pool
                     if len(headers) > pool.max_headers_count or size > pool.max_header_bytes:
                         self._reset(s, ErrorCode.INTERNAL_ERROR, UpstreamProtocolError(
@@ -373,7 +267,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             elif type(e) is TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.reset:
-                    s.trailers = _fields(e.headers)
+                    s.trailers = fields(e.headers)
                     s.ended = True
                     if s.body is not None:
                         s.body.feed_eof(s.trailers)
@@ -661,7 +555,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         auth = self._authority
         if auth[0] != authority:
             auth = self._authority = (authority, (b":authority", authority.encode("latin-1")))
-        block = _request_headers(req, auth[1], self._scheme)
+        block = request_headers_with(req, auth[1], self._scheme)
         end_now = type(body) is bytes and not body and not trailers
         try:
             sid = conn.send_request(block, end_stream=end_now)
@@ -681,7 +575,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 if body:
                     conn.send_data(sid, body, end_stream=not trailers)
                 if trailers:
-                    conn.send_trailers(sid, _trailer_block(trailers))
+                    conn.send_trailers(sid, trailer_block(trailers))
             else:
                 s.pump = loop.create_task(self._send_body(s, cast(BodySource, body), trailers))
         # one write per loop turn for every stream started in it (a write to a loopback peer
@@ -719,7 +613,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             if s.reset or self.closed:
                 return
             if trailers:
-                conn.send_trailers(sid, _trailer_block(trailers))
+                conn.send_trailers(sid, trailer_block(trailers))
             else:
                 conn.end_stream(sid)
             self._schedule_flush()
@@ -808,8 +702,3 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self._deadline_timer.cancel()
             self._deadline_timer = None
         self._deadlines.clear()
-
-
-def _trailer_block(trailers: Headers) -> list[Header]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.items()
-            if k not in CONNECTION_SPECIFIC_STR]

@@ -35,7 +35,8 @@ from sidecar.core.errors import (
     UpstreamTimeout,
 )
 from sidecar.core.message import Request
-from sidecar.upstream.http2 import Http2UpstreamConnection, request_headers
+from sidecar.upstream.http2 import Http2UpstreamConnection
+from sidecar.upstream.http2_headers import request_headers
 from sidecar.upstream.http2_pool import Http2Pool
 from tests.unit.upstream.memory_transport import MemoryTransport
 
@@ -383,13 +384,13 @@ async def test_a_cancelled_request_resets_its_stream():
 def test_header_name_caches_are_bounded_and_keep_no_long_names():
     """Names are encoded (request) and decoded (response) once, but a peer cannot grow the
     caches: long names are never kept, and the count is capped."""
-    from sidecar.upstream import http2 as up
+    from sidecar.upstream import http2_headers as up
     long_name = "x-" + "a" * 200
     req = request(headers={"host": "svc.local", long_name: "1", "x-short": "2"})
     head = request_headers(req, "svc.local", "http")
     assert (long_name.encode(), b"1") in head and (b"x-short", b"2") in head
     assert long_name not in up._NAMES and up._NAMES["x-short"] == b"x-short"
-    fields, _ = up._fields_and_size(((b":status", b"200"), (long_name.encode(), b"v"),
+    fields, _ = up.fields_and_size(((b":status", b"200"), (long_name.encode(), b"v"),
                                      (b"x-back", b"w")))
     assert list(fields.items()) == [(long_name, "v"), ("x-back", "w")]
     assert long_name.encode() not in up._DECODED and up._DECODED[b"x-back"] == "x-back"
