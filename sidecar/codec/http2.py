@@ -25,9 +25,11 @@ back on the stream; routing, filters and clusters never know the wire protocol.
   max duration per stream, a route's own overriding the listener's, as the HTTP/1.1 codec.
 
 Over 600 lines on purpose: everything here reads or writes the one engine state (events,
-windows, the output) of a connection; what does not (request validation, abuse counting, the
-engine's options, the response fields precomputed) lives in ``http2_request``, ``http2_guard``,
-``http2_common`` and ``http2_response``.
+streams, the output) of a connection. The response side (queueing heads, bodies and trailers
+as the windows allow) is its base class, ``http2_writer.ResponseWriter``; what touches no
+engine state (request validation, abuse counting, the engine's options, the response fields
+precomputed) lives in ``http2_request``, ``http2_guard``, ``http2_common`` and
+``http2_response``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import NoReturn, cast
+from typing import cast
 
 import ngh2
 from ngh2 import (
@@ -44,7 +46,6 @@ from ngh2 import (
     DataReceived,
     ErrorCode,
     GoAwayReceived,
-    NeverIndexedHeader,
     NGH2Error,
     PingReceived,
     RequestReceived,
@@ -68,63 +69,27 @@ from sidecar.codec.http2_request import (
     trailers_from_headers,
 )
 from sidecar.codec.http2_response import (
-    CONNECTION_DROP,
-    DROP_OUT,
-    OUT_NAMES,
-    STATUS,
-    connection_drop,
-    date_field,
-    out_field,
     server_field,
-    trailer_block,
 )
+from sidecar.codec.http2_writer import H2Stream, ResponseWriter, StreamGone
 from sidecar.codec.sockets import set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
-from sidecar.core.body import BodySource, Headers
 from sidecar.core.context import ConnectionId
 from sidecar.core.grpc import grpc_local_reply, grpc_reply
-from sidecar.core.message import Request, Response, local_reply
+from sidecar.core.message import Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
 log = logging.getLogger("sidecar.http2")
 
-_BODYLESS = (204, 304)
 _SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 _SETTINGS_MAX_FRAME_SIZE = 0x5
 # nghttp2's GOAWAY debug data for a client past an acknowledged SETTINGS_MAX_CONCURRENT_STREAMS:
 # Envoy closes that connection without a GOAWAY, and so does the codec
 _TOO_MANY_STREAMS = b"max concurrent streams"
-# a streamed response body queued in the engine beyond this waits for the peer's windows
-_QUEUE_HIGH = 64 * 1024
 
 
-class _Stream:
-    __slots__ = ("sid", "req", "chunks", "body", "trailers", "ended", "reset", "done", "started",
-                 "waiter", "task", "last_io", "responding", "timed_out")
-
-    def __init__(self, sid: int, req: Request, now: float) -> None:
-        self.sid = sid
-        self.req = req
-        self.chunks: list[bytes] | None = []   # DATA of this batch, until dispatch
-        self.body: CreditedBody | None = None
-        self.trailers: Headers | None = None
-        self.ended = False                     # the client finished sending
-        self.reset = False                     # reset by either side: nothing more to write
-        self.done = False                      # our response is complete
-        self.started = now                     # when its HEADERS were read (monotonic)
-        self.waiter: asyncio.Future[None] | None = None    # window or drain
-        self.task: asyncio.Task[None] | None = None
-        self.last_io = self.started          # last frame of this stream, either way
-        self.responding = False              # our response headers went out
-        self.timed_out: tuple[int, str, str] | None = None   # a stream timeout fired
-
-
-class _StreamGone(Exception):
-    pass
-
-
-class Http2Connection(asyncio.Protocol):
+class Http2Connection(ResponseWriter, asyncio.Protocol):
     """One downstream HTTP/2 connection (see the module docstring)."""
 
     def __init__(self, owner: StreamOwner, options: Http2Options) -> None:
@@ -132,7 +97,7 @@ class Http2Connection(asyncio.Protocol):
         self.options = options
         self.transport: asyncio.Transport | None = None
         self.conn = ngh2.Connection(ngh2.Role.SERVER, ngh2_server_config(options))
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, H2Stream] = {}
         self.peer: tuple[str, int] | None = None
         self.tls = False
         self.peer_identity: str | None = None
@@ -147,7 +112,7 @@ class Http2Connection(asyncio.Protocol):
         self._ended = False             # the engine is done (ConnectionClosed): close after output
         self._failed = False            # ... on a connection error: close without the streams
         self._out: list[bytes] = []     # engine output taken early (before a reset), not written
-        self._window_waiters: set[_Stream] = set()
+        self._window_waiters: set[H2Stream] = set()
         self._max_frame = 16384
         self._stream_errors = options.override_stream_error_on_invalid_http_message
         self._peer_reset = 0            # the stream of the last StreamReset (a peer's RST_STREAM)
@@ -184,7 +149,7 @@ class Http2Connection(asyncio.Protocol):
                 if st.timed_out is None and not st.reset and not st.done and st.task is not None:
                     self._stream_check(st, now, limits)
 
-    def _stream_check(self, st: _Stream, now: float, limits: StreamLimits) -> None:
+    def _stream_check(self, st: H2Stream, now: float, limits: StreamLimits) -> None:
         """Envoy's stream timeouts: before the response a local reply (504 once the request
         had all arrived, else 408), after it a reset of the stream."""
         ctx = st.req.ctx
@@ -231,7 +196,7 @@ class Http2Connection(asyncio.Protocol):
         try:
             self.conn.send_goaway(error, last_stream_id=self.guard.last_stream_id)
         except NGH2Error:
-            pass
+            pass        # the engine already ended the connection: its own GOAWAY went out
         self._flush()
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
@@ -311,7 +276,7 @@ class Http2Connection(asyncio.Protocol):
 
     # ---- events --------------------------------------------------------------------------------
     def _events(self, events: list[ngh2.Event]) -> None:
-        new: list[_Stream] | None = None
+        new: list[H2Stream] | None = None
         streams = self.streams
         for e in events:
             # type(e) is X: one C call and a compare per branch (mypy narrows on it); the events
@@ -385,7 +350,7 @@ class Http2Connection(asyncio.Protocol):
                 if not s.reset:
                     self._dispatch(s)
 
-    def _end_of_request(self, s: _Stream) -> None:
+    def _end_of_request(self, s: H2Stream) -> None:
         if not s.ended:
             s.ended = True
             if s.body is not None:
@@ -430,7 +395,7 @@ class Http2Connection(asyncio.Protocol):
         self._ended = True
         self._going_away = True
 
-    def _on_request(self, e: RequestReceived) -> _Stream | None:
+    def _on_request(self, e: RequestReceived) -> H2Stream | None:
         sid = e.stream_id
         owner = self.owner
         try:
@@ -458,14 +423,14 @@ class Http2Connection(asyncio.Protocol):
                 return None
             raise Abuse("malformed_request", ErrorCode.PROTOCOL_ERROR) from None
         req.ctx.connection = self.conn_id
-        s = _Stream(sid, req, self.last_active)    # set as the frame was read
+        s = H2Stream(sid, req, self.last_active)    # set as the frame was read
         self.streams[sid] = s
         if e.end_stream:
             s.ended = True
             s.chunks = None
         return s
 
-    def _dispatch(self, s: _Stream) -> None:
+    def _dispatch(self, s: H2Stream) -> None:
         req = s.req
         if s.chunks is not None:
             if s.ended:
@@ -504,7 +469,7 @@ class Http2Connection(asyncio.Protocol):
         return credit
 
     # ---- serving a stream ------------------------------------------------------------------------
-    async def _serve(self, s: _Stream) -> None:
+    async def _serve(self, s: H2Stream) -> None:
         req = s.req
         owner = self.owner
         ctx = req.ctx
@@ -534,7 +499,7 @@ class Http2Connection(asyncio.Protocol):
                         sent = await self._finish_whole(s, resp, body)
                 else:
                     sent = await self._respond_stream(s, req, resp, body)
-            except _StreamGone:
+            except StreamGone:
                 resp.discard()
                 sent = 0
             except asyncio.CancelledError:
@@ -551,7 +516,7 @@ class Http2Connection(asyncio.Protocol):
         owner.finish(req, resp, sent)
         self._stream_closed(s)
 
-    def _timeout_reply(self, s: _Stream) -> Response:
+    def _timeout_reply(self, s: H2Stream) -> Response:
         """The local reply of a stream timeout that fired before the response (gRPC-shaped
         for gRPC clients, DEADLINE_EXCEEDED for the duration timeout, as Envoy)."""
         _uncancel()
@@ -564,270 +529,13 @@ class Http2Connection(asyncio.Protocol):
         resp = local_reply(ctx, status, text, flag or None)
         return grpc_local_reply(resp) if ctx.grpc else resp
 
-    def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
-        headers = resp.headers
-        out: list[ngh2.Header] = [STATUS.get(resp.status) or
-                                  (b":status", str(resp.status).encode())]
-        conn_tokens = headers.get("connection")
-        if conn_tokens:
-            # ``keep-alive`` (nginx, on every response) and ``close`` come precomputed
-            drop = CONNECTION_DROP.get(conn_tokens) or connection_drop(conn_tokens)
-        else:
-            drop = DROP_OUT
-        append = out.append
-        names = OUT_NAMES
-        for k, v in headers.items():
-            if k in drop:
-                continue
-            kb = names.get(k)        # the names that repeat, encoded once (never a volatile one)
-            append((kb, v.encode("latin-1")) if kb is not None else out_field(k, v))
-        server = self._server
-        if server[0] is not self.owner.server_name:
-            server = self._server = server_field(self.owner.server_name)
-        append(server[1])
-        if "date" not in headers:
-            append(date_field())
-        duration = req.ctx.upstream_duration
-        if duration is not None and not self.owner.suppress_envoy_headers:
-            # unique per response: never indexed (it would churn the HPACK table)
-            append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
-                                      str(int(duration * 1000)).encode()))
-        return out
-
-    def _respond_whole(self, s: _Stream, req: Request, resp: Response, body: bytes) -> int:
-        """A complete ``bytes`` body, without a coroutine: the headers and the body queued at
-        once (one frame count, one flush). The bytes sent, or -1 when what is queued does not
-        fit the peer's windows (or the transport is paused): the caller then awaits
-        ``_finish_whole``."""
-        head = self._response_headers(req, resp)
-        status = resp.status
-        if status < 200 or status in _BODYLESS or req.method == "HEAD":
-            self._send_headers(s, head, True)
-            resp.discard()
-            return 0
-        trailers = resp.trailers
-        if not body:
-            self._send_headers(s, head, not trailers)  # gRPC trailers-only replies: no trailers
-            if trailers:
-                self._send_trailers(s, trailer_block(trailers))
-            return 0
-        if resp.local and "content-length" not in resp.headers:
-            head.append((b"content-length", str(len(body)).encode()))
-        if s.reset:
-            raise _StreamGone()
-        conn = self.conn
-        sid = s.sid
-        try:
-            conn.send_response(sid, head, end_stream=False)
-        except NGH2Error:
-            raise _StreamGone() from None
-        s.responding = True
-        end = not trailers
-        try:
-            conn.send_data(sid, body, end_stream=end)
-        except NGH2Error:
-            self._count_frame()
-            raise _StreamGone() from None
-        try:
-            queued = conn.queued_body_size(sid)
-            fits = queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
-                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
-            if fits and trailers:        # all of it will go out: the trailers follow now
-                conn.send_trailers(sid, trailer_block(trailers))
-        except NGH2Error:
-            raise _StreamGone() from None
-        try:
-            # the DATA frames, the HEADERS before them (and the trailers after): one check
-            self.guard.data_sent(-(-len(body) // self._max_frame), 2 if fits and trailers else 1)
-        except Abuse as e:
-            self._outbound_abuse(e)
-        s.last_io = time.monotonic()
-        if not fits:
-            return -1
-        s.done = True
-        if not s.ended and not s.reset:
-            self._after_end(s)
-        if self._flush_handle is None and not self._closing:
-            assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush)
-        return len(body)
-
-    async def _finish_whole(self, s: _Stream, resp: Response, body: bytes) -> int:
-        """The rest of ``_respond_whole`` once its body fits the windows."""
-        await self._data_fits(s)
-        trailers = resp.trailers
-        if not trailers:
-            self._after_end(s)
-        self._schedule_flush()
-        if trailers:
-            self._send_trailers(s, trailer_block(trailers))
-        return len(body)
-
-    async def _respond_stream(self, s: _Stream, req: Request, resp: Response,
-                              body: BodySource) -> int:
-        head = self._response_headers(req, resp)
-        status = resp.status
-        if req.method == "HEAD" or status in _BODYLESS or status < 200:
-            self._send_headers(s, head, True)
-            resp.discard()
-            return 0
-        self._send_headers(s, head, False)
-        sent = 0
-        async for chunk in body:
-            if s.reset:
-                raise _StreamGone()
-            if chunk:
-                sent += len(chunk)
-                if not self._queue_data(s, chunk, False):   # a slow reader holds the writer
-                    await self._data_fits(s)
-                self._schedule_flush()
-        trailers = body.trailers
-        if s.reset:
-            raise _StreamGone()
-        if trailers:
-            self._send_trailers(s, trailer_block(trailers))
-        else:
-            try:
-                self.conn.end_stream(s.sid)
-            except NGH2Error:
-                raise _StreamGone() from None
-            self._count_frame()
-            self._after_end(s)
-            self._schedule_flush()
-        return sent
-
-    def _count_frame(self, data: int = 0) -> None:
-        """Frames queued from a stream's task (``data``: DATA frames, else one other): over the
-        outbound limit the connection goes."""
-        try:
-            if data:
-                self.guard.data_sent(data)
-            else:
-                self.guard.frame_queued()
-        except Abuse as e:
-            self._outbound_abuse(e)
-
-    def _outbound_abuse(self, e: Abuse) -> NoReturn:
-        """A stream's task queued past an outbound limit: the connection goes."""
-        self.owner.http2_abuse(e.kind)
-        self._abort(e.goaway)
-        raise _StreamGone() from None
-
-    def _send_headers(self, s: _Stream, block: list[ngh2.Header], end: bool) -> None:
-        if s.reset:
-            raise _StreamGone()
-        try:
-            self.conn.send_response(s.sid, block, end_stream=end)
-        except NGH2Error:
-            raise _StreamGone() from None
-        s.responding = True
-        s.last_io = time.monotonic()
-        self._count_frame()
-        if end:
-            self._after_end(s)
-        self._schedule_flush()
-
-    def _send_trailers(self, s: _Stream, block: list[ngh2.Header]) -> None:
-        if s.reset:
-            raise _StreamGone()
-        try:
-            self.conn.send_trailers(s.sid, block)
-        except NGH2Error:
-            raise _StreamGone() from None
-        s.last_io = time.monotonic()
-        self._count_frame()
-        self._after_end(s)
-        self._schedule_flush()
-
-    def _queue_data(self, s: _Stream, data: bytes, end: bool) -> bool:
-        """Queue ``data`` in the engine (it sends as the windows allow); whether what is queued
-        for the stream fits the peer's windows (so the next flush sends it all) and the
-        transport is not paused: else the writer waits (``_data_fits``)."""
-        if s.reset:
-            raise _StreamGone()
-        conn = self.conn
-        sid = s.sid
-        try:
-            conn.send_data(sid, data, end_stream=end)
-        except NGH2Error:
-            raise _StreamGone() from None
-        self._count_frame(data=-(-len(data) // self._max_frame))
-        s.last_io = time.monotonic()
-        try:
-            queued = conn.queued_body_size(sid)
-            return queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
-                queued <= conn.stream_remote_window_size(sid) and not self._write_paused
-        except NGH2Error:
-            raise _StreamGone() from None
-
-    async def _data_fits(self, s: _Stream) -> None:
-        """Wait until what is queued for ``s`` fits the peer's windows (flushing what they
-        allow first), then for the transport to drain if it is paused."""
-        conn = self.conn
-        sid = s.sid
-        try:
-            flushed = False
-            while True:
-                queued = conn.queued_body_size(sid)
-                if queued <= _QUEUE_HIGH and queued <= conn.remote_window_size and \
-                        queued <= conn.stream_remote_window_size(sid):
-                    break
-                if not flushed:
-                    self._flush()      # what the windows allow goes out now
-                    flushed = True
-                    continue
-                flushed = False
-                await self._wait(s, True)    # the rest waits for the client's WINDOW_UPDATE
-        except NGH2Error:
-            raise _StreamGone() from None
-        if self._write_paused:
-            self._flush()
-            await self._wait(s, False)
-
-    async def _wait(self, s: _Stream, for_window: bool) -> None:
-        """Park a writer until the peer's window opens (or the transport drains)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None]
-        if for_window:
-            fut = s.waiter = loop.create_future()
-            self._window_waiters.add(s)
-            self._flush()
-        else:
-            drain = self._drain
-            if drain is None or drain.done():
-                drain = self._drain = loop.create_future()
-            fut = drain
-        try:
-            await fut
-        finally:
-            if for_window:
-                s.waiter = None
-                self._window_waiters.discard(s)
-        if s.reset or self._closing:
-            raise _StreamGone()
-
-    def _wake_writers(self, sid: int) -> None:
-        for s in list(self._window_waiters):
-            if sid == 0 or s.sid == sid:
-                w = s.waiter
-                if w is not None and not w.done():
-                    w.set_result(None)
-
-    def _after_end(self, s: _Stream) -> None:
-        s.done = True
-        if not s.ended and not s.reset:
-            # answered before the client finished sending: stop its upload (as Envoy does),
-            # after the response (taken from the engine first: a reset drops what it queued)
-            self._take_output()
-            self._reset(s, ErrorCode.NO_ERROR)
-
-    def _reset(self, s: _Stream, code: int) -> None:
+    def _reset(self, s: H2Stream, code: int) -> None:
         if not s.reset:
             s.reset = True
             try:
                 self.conn.reset_stream(s.sid, code)
             except NGH2Error:
-                pass
+                pass    # the engine has closed the stream already: nothing to reset
             body = s.body
             if body is not None and not s.ended:
                 # whoever still reads the request body (an upstream copying it) must stop
@@ -835,7 +543,7 @@ class Http2Connection(asyncio.Protocol):
             self._discard_body(s)
             self._schedule_flush()
 
-    def _on_reset(self, s: _Stream, exc: BaseException, by_peer: bool) -> None:
+    def _on_reset(self, s: H2Stream, exc: BaseException, by_peer: bool) -> None:
         s.reset = True
         body = s.body
         if body is not None and not s.ended:
@@ -856,9 +564,9 @@ class Http2Connection(asyncio.Protocol):
         try:
             self.conn.acknowledge_received_data(n, sid)
         except (NGH2Error, ValueError):
-            pass
+            pass        # the connection is ending: no window left to credit
 
-    def _discard_body(self, s: _Stream) -> None:
+    def _discard_body(self, s: H2Stream) -> None:
         body = s.body
         chunks = s.chunks
         n = 0
@@ -870,7 +578,7 @@ class Http2Connection(asyncio.Protocol):
         if n and not self._closing:
             self._credit(n, s.sid)
 
-    def _stream_closed(self, s: _Stream) -> None:
+    def _stream_closed(self, s: H2Stream) -> None:
         if self.streams.pop(s.sid, None) is None:
             return
         if s.chunks or s.body is not None:
@@ -884,20 +592,6 @@ class Http2Connection(asyncio.Protocol):
             self._close()
 
     # ---- output ----------------------------------------------------------------------------------
-    def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self._closing:
-            assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _take_output(self) -> None:
-        """Take what the engine has ready now (written with the next flush)."""
-        try:
-            data = self.conn.data_to_send()
-        except NGH2Error:
-            return
-        if data:
-            self._out.append(data)
-
     def _flush(self) -> None:
         """One write of everything the engine has ready. What the engine reports on sending
         (streams it closed, its own end) is handled first: a malformed request or a flood found
@@ -944,7 +638,7 @@ class Http2Connection(asyncio.Protocol):
                 conn.terminate_connection(goaway, last_stream_id=self.guard.last_stream_id)
                 t.write(conn.data_to_send())
             except NGH2Error:
-                pass
+                pass    # the engine ended first: the socket just closes
             t.close()       # the GOAWAY is flushed before the socket closes
         else:
             t.abort()

@@ -456,7 +456,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             try:
                 self.conn.reset_stream(s.sid, code)
             except NGH2Error:
-                pass
+                pass    # nghttp2 has closed the stream already: nothing to reset
             self._schedule_flush()
         self._stream_done(s)
 
@@ -618,7 +618,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 conn.end_stream(sid)
             self._schedule_flush()
         except asyncio.CancelledError:
-            pass
+            pass        # the stream ended (reset, or its response done): the pump stops
         except NGH2Error:
             pass        # nghttp2 closed the stream (its StreamClosed says how)
         except Exception as e:     # the downstream body failed (client gone): reset upstream

@@ -605,7 +605,7 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
             elif resp.body_source() is not None:
                 await resp.body.read_all(1 << 24)
         except UpstreamError:
-            pass
+            pass    # a failed exchange is one of the outcomes drawn; the credit check is below
 
     async def feed(src: BodyStream, chunks: int) -> None:
         for _ in range(chunks):
