@@ -4,8 +4,10 @@
     python -m bench.http2 --quick           # 3 s per measurement
     python -m bench.http2 --baseline-tree /work/main --http1   # + HTTP/1.1 against another checkout
     python -m bench.http2 --markdown --json results.json
+    python -m bench.http2 --targets envoy,sidecar,sidecar-mypyc   # + the mypyc-compiled build
 
-Scenarios (each proxy runs the same generated Envoy v3 bootstrap, one worker):
+Scenarios (each proxy runs the same generated Envoy v3 bootstrap, one worker; ``sidecar-mypyc``
+is this tree with the modules of scripts/compiled_modules compiled, scripts/build_compiled):
 
 * ``h2->h1`` / ``h2->h2``: ``h2load -c 10 -m 10`` (100 concurrent streams over 10
   connections) with HTTP/2 prior knowledge to the proxy, whose upstream is nginx over
@@ -48,9 +50,10 @@ from bench import configs  # noqa: E402
 from bench.procs import (  # noqa: E402
     ProcessGroup,
     StartError,
+    compiled_tree,
     cores_busy_seconds,
     free_port,
-    tree_cpu_seconds,
+    tree_cpu_split,
     wait_http_ok,
 )
 
@@ -72,6 +75,8 @@ class Result:
     ok: int = 0
     failed: int = 0
     cpu_s: float = math.nan
+    user_us: float = math.nan         # the proxy's user-space and kernel CPU per request
+    kernel_us: float = math.nan
     bg_cpu_pct: float = math.nan
     note: str = ""
 
@@ -212,7 +217,9 @@ class Bench:
                     "--disable-hot-restart"]
             env = None
         else:
-            tree = self.args.baseline_tree if target == "sidecar@baseline" else str(REPO)
+            tree = (self.args.baseline_tree if target == "sidecar@baseline" else
+                    str(compiled_tree(REPO, self.workdir)) if target == "sidecar-mypyc" else
+                    str(REPO))
             argv = [sys.executable, "-m", "sidecar", "run", "-c", str(cfg), "--concurrency", "1",
                     "--log-level", "warning"]
             env = dict(os.environ, PYTHONPATH=tree)
@@ -244,13 +251,14 @@ class Bench:
             else:
                 child, port = self.start_proxy(target, upstream, h2_up)
                 run(port, warm=True)            # warm up (connections, pools, caches)
-            cpu0 = tree_cpu_seconds(child.pid) if child else 0.0
+            user0, kernel0 = tree_cpu_split(child.pid) if child else (0.0, 0.0)
             bg0 = cores_busy_seconds(self.proxy_core)
             t0 = time.monotonic()
             out = run(port, warm=False)
             elapsed = time.monotonic() - t0
             if child is not None:
-                r.cpu_s = tree_cpu_seconds(child.pid) - cpu0
+                user1, kernel1 = tree_cpu_split(child.pid)
+                r.cpu_s = user1 - user0 + kernel1 - kernel0
                 busy = cores_busy_seconds(self.proxy_core) - bg0
                 r.bg_cpu_pct = max(0.0, (busy - r.cpu_s) / elapsed * 100) if self.proxy_core else math.nan
             r.rps, r.ok, r.failed = out["rps"], out["ok"], out.get("failed", 0)
@@ -261,6 +269,8 @@ class Bench:
                 r.p50_ms, r.p99_ms = out["p50"], out["p99"]
             if child is not None and r.cpu_s > 0:
                 r.per_core = r.ok / r.cpu_s
+                r.user_us = (user1 - user0) / max(r.ok, 1) * 1e6
+                r.kernel_us = (kernel1 - kernel0) / max(r.ok, 1) * 1e6
         except (StartError, RuntimeError, subprocess.TimeoutExpired) as e:
             r.note = str(e).splitlines()[0][:200]
         finally:
@@ -313,8 +323,8 @@ def fmt(v: float, digits: int = 1) -> str:
 
 
 def report(results: list[Result], markdown: bool) -> str:
-    cols = ("target", "scenario", "req/s", "req/s per core", "p50 ms", "p99 ms", "+p50 ms",
-            "+p99 ms", "failed", "bg CPU%", "vs envoy (req/s, per core)")
+    cols = ("target", "scenario", "req/s", "req/s per core", "user / kernel us per req", "p50 ms",
+            "p99 ms", "+p50 ms", "+p99 ms", "failed", "bg CPU%", "vs envoy (req/s, per core)")
     env = {(r.scenario): r for r in results if r.target == "envoy"}
     rows = []
     for r in results:
@@ -322,7 +332,8 @@ def report(results: list[Result], markdown: bool) -> str:
         ratio = "-"
         if e is not None and r.target != "envoy" and r.target != "direct" and e.rps == e.rps:
             ratio = f"{r.rps / e.rps:.2f}, {r.per_core / e.per_core:.2f}" if e.per_core else "-"
-        rows.append((r.target, r.scenario, fmt(r.rps, 0), fmt(r.per_core, 0), fmt(r.p50_ms, 2),
+        rows.append((r.target, r.scenario, fmt(r.rps, 0), fmt(r.per_core, 0),
+                     f"{fmt(r.user_us)} / {fmt(r.kernel_us)}", fmt(r.p50_ms, 2),
                      fmt(r.p99_ms, 2), fmt(r.added_p50_ms, 2), fmt(r.added_p99_ms, 2),
                      str(r.failed), fmt(r.bg_cpu_pct, 0), ratio + (f" ({r.note})" if r.note else "")))
     if markdown:

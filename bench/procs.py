@@ -289,3 +289,15 @@ def wait_port_free(port: int, timeout: float = 10.0) -> None:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def compiled_tree(repo: Path, workdir: Path) -> Path:
+    """``repo`` with the modules of scripts/compiled_modules compiled by mypyc
+    (scripts/build_compiled), in ``workdir``; built once per run."""
+    out = workdir / "compiled"
+    if not out.exists():
+        cp = subprocess.run([str(repo / "scripts" / "build_compiled"), str(out)],
+                            capture_output=True, text=True, cwd=repo)
+        if cp.returncode != 0:
+            raise StartError("scripts/build_compiled failed: " + (cp.stderr or cp.stdout)[-300:])
+    return out

@@ -42,6 +42,7 @@ from bench.procs import (  # noqa: E402
     ProcessGroup,
     RssSampler,
     StartError,
+    compiled_tree,
     cores_busy_seconds,
     cpu_count,
     free_port,
@@ -460,14 +461,7 @@ class Bench:
                     self.run_target(t, f"c={a.concurrency}", base, concurrency=a.concurrency)
 
     def compiled_tree(self) -> Path:
-        """This tree with scripts/compiled_modules compiled (built once per run)."""
-        out = self.workdir / "compiled"
-        if not out.exists():
-            cp = subprocess.run([str(REPO / "scripts" / "build_compiled"), str(out)],
-                                capture_output=True, text=True, cwd=REPO)
-            if cp.returncode != 0:
-                raise StartError("scripts/build_compiled failed: " + (cp.stderr or cp.stdout)[-300:])
-        return out
+        return compiled_tree(REPO, self.workdir)
 
     def soak(self) -> None:
         """bench.soak's run (its own upstream and sidecar), its lines kept for the report."""

@@ -116,7 +116,7 @@ class Cluster:
 
     __slots__ = ("name", "config", "state", "hosts", "lb", "ssl_context", "ssl_context_h2",
                  "thresholds", "stats", "warm", "_sni", "protocol", "_epoch", "_epoch_seen",
-                 "_uneject_timer", "_original_dst", "_h1", "_max_requests", "_lb_record")
+                 "_uneject_timer", "_original_dst", "_h1", "_max_requests", "_lb_record", "_loop")
 
     def __init__(self, config: ClusterConfig, state: ClusterState,
                  endpoints: tuple[Endpoint, ...], ssl_context: ssl.SSLContext | None,
@@ -143,6 +143,9 @@ class Cluster:
         # only latency-aware balancers learn from outcomes: the others cost no call
         self._lb_record = self.lb.record \
             if type(self.lb).record is not LoadBalancer.record else None
+        # the loop requests run on, kept: on Python 3.11 ``asyncio.get_running_loop()`` is a
+        # getpid() system call each time (its fork check)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.rebuild()
 
     def _endpoint_state(self, ep: Endpoint) -> EndpointState:
@@ -288,7 +291,9 @@ class Cluster:
         ctx.upstream_host = host.address
         span = ctx.span
         client_span = span.start_client(req, host, ctx.attempts) if span is not None else None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():    # a worker runs one loop (tests, several)
+            loop = self._loop = asyncio.get_running_loop()
         t0 = loop.time()
         ctx.upstream_start = t0
         deadline = ctx.attempt_deadline if ctx.attempt_deadline is not None else ctx.deadline

@@ -263,11 +263,11 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
             self.owner.http2_abuse(e.kind)
             self._abort(e.goaway)
             return
-        except NGH2Error as e:
+        except NGH2Error as err:     # (its own name: compiled, one name has one type)
             # the engine gave up on the connection (a limit of its own, or used after its end)
             self.owner.http2_abuse("protocol_error")
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("HTTP/2 engine error from %s: %s", self.peer, e)
+                log.debug("HTTP/2 engine error from %s: %s", self.peer, err)
             self._abort(None)
             return
         self._flush()

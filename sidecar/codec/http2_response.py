@@ -37,15 +37,18 @@ for _value in ("keep-alive", "Keep-Alive", "close", "Close"):
     connection_drop(_value)
 
 
-def out_field(name: str, value: str) -> ngh2.Header:
-    """A response field whose name is not in ``OUT_NAMES`` yet (or is volatile)."""
+def out_field(out: list[ngh2.Header], name: str, value: str) -> None:
+    """Appends a response field whose name is not in ``OUT_NAMES`` yet (or is volatile).
+    (Appended here, not returned: compiled by mypyc, a returned ``NeverIndexedHeader`` would
+    come back a plain tuple, and be indexed.)"""
     kb = name.encode("latin-1")
     vb = value.encode("latin-1")
     if kb in VOLATILE:
-        return NeverIndexedHeader(kb, vb)
+        out.append(NeverIndexedHeader(kb, vb))
+        return
     if len(OUT_NAMES) < OUT_NAMES_MAX and len(name) <= CACHED_MAX:
         OUT_NAMES[name] = kb
-    return kb, vb
+    out.append((kb, vb))
 
 
 STATUS: dict[int, tuple[bytes, bytes]] = {

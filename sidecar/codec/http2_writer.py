@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import NoReturn
 
 import ngh2
@@ -79,10 +78,16 @@ class ResponseWriter:
     _drain: asyncio.Future[None] | None
     _window_waiters: set[H2Stream]
     _out: list[bytes]
-    # the connection's steps this side calls
-    _reset: Callable[[H2Stream, int], None]
-    _flush: Callable[[], None]
-    _abort: Callable[[int | None], None]
+    # the connection's steps this side calls (methods, not attributes: a compiled class
+    # resolves them on the subclass)
+    def _reset(self, s: H2Stream, code: int) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _abort(self, goaway: int | None = None) -> None:
+        raise NotImplementedError
 
     def _response_headers(self, req: Request, resp: Response) -> list[ngh2.Header]:
         headers = resp.headers
@@ -100,7 +105,10 @@ class ResponseWriter:
             if k in drop:
                 continue
             kb = names.get(k)        # the names that repeat, encoded once (never a volatile one)
-            append((kb, v.encode("latin-1")) if kb is not None else out_field(k, v))
+            if kb is not None:
+                append((kb, v.encode("latin-1")))
+            else:
+                out_field(out, k, v)
         server = self._server
         if server[0] is not self.owner.server_name:
             server = self._server = server_field(self.owner.server_name)

@@ -59,8 +59,12 @@ def request_headers_with(req: Request, authority: Header, scheme: Header) -> lis
                         append((b"te", b"trailers"))
                     continue
                 kb = _encoded_name(k)
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
+            # a statement, not a conditional expression: compiled by mypyc, an expression
+            # of both kinds is typed a plain tuple and the NeverIndexedHeader would be lost
+            if kb in VOLATILE:
+                append(NeverIndexedHeader(kb, v.encode("latin-1")))
+            else:
+                append((kb, v.encode("latin-1")))
     else:
         drop = connection_drop(_DROP, connection)     # and the names Connection lists
         for k, v in headers.items():
@@ -72,8 +76,12 @@ def request_headers_with(req: Request, authority: Header, scheme: Header) -> lis
             kb = names.get(k)
             if kb is None:
                 kb = _encoded_name(k)
-            append((kb, v.encode("latin-1")) if kb not in VOLATILE else
-                   NeverIndexedHeader(kb, v.encode("latin-1")))
+            # a statement, not a conditional expression: compiled by mypyc, an expression
+            # of both kinds is typed a plain tuple and the NeverIndexedHeader would be lost
+            if kb in VOLATILE:
+                append(NeverIndexedHeader(kb, v.encode("latin-1")))
+            else:
+                append((kb, v.encode("latin-1")))
     cl = headers.get("content-length")
     if cl is not None:
         append((b"content-length", cl.encode("latin-1")))

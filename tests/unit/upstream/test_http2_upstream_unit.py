@@ -35,6 +35,7 @@ from sidecar.core.errors import (
     UpstreamTimeout,
 )
 from sidecar.core.message import Request
+from sidecar.upstream import http2 as http2_module
 from sidecar.upstream.http2 import Http2UpstreamConnection
 from sidecar.upstream.http2_headers import request_headers
 from sidecar.upstream.http2_pool import Http2Pool
@@ -583,19 +584,24 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
         max_concurrent_streams=20, initial_stream_window_size=65535,
         initial_connection_window_size=65535))
     conn, server = connect(p)
+    sent_total = 0        # DATA bytes the peer sent
     received = credited = 0
-    handle, ack = conn._handle, conn._ack
+    # the connection's own count of what it received and credited, where its methods can be
+    # wrapped (the interpreted form; a compiled class calls its methods directly)
+    counted = not http2_module.__file__.endswith(".so")
+    if counted:
+        handle, ack = conn._handle, conn._ack
 
-    def counting_handle(events):
-        nonlocal received
-        received += sum(len(e.data) for e in events if type(e) is DataReceived)
-        handle(events)
+        def counting_handle(events):
+            nonlocal received
+            received += sum(len(e.data) for e in events if type(e) is DataReceived)
+            handle(events)
 
-    def counting_ack(n: int, sid: int) -> None:
-        nonlocal credited
-        credited += n
-        ack(n, sid)
-    conn._handle, conn._ack = counting_handle, counting_ack   # type: ignore[method-assign]
+        def counting_ack(n: int, sid: int) -> None:
+            nonlocal credited
+            credited += n
+            ack(n, sid)
+        conn._handle, conn._ack = counting_handle, counting_ack   # type: ignore[method-assign]
 
     async def consume(task: asyncio.Future, discard: bool) -> None:
         try:
@@ -648,6 +654,7 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
                 while sent < n and (room := min(h.local_flow_control_window(sid), 16000)) > 0:
                     h.send_data(sid, b"z" * min(room, n - sent))
                     sent += min(room, n - sent)
+                sent_total += sent
                 if sent < n:
                     h.reset_stream(sid, ErrorCodes.CANCEL)
                 elif rnd.random() < 0.3:
@@ -667,7 +674,12 @@ async def _random_exchanges(seed: int, rounds: int) -> None:
     await settle()
     server.pump()
     assert conn.used == 0 and conn.streams == {} and not conn.closed and p.streams() == 0
-    assert received > 1_000_000 and credited == received      # every byte went back
+    assert sent_total > 1_000_000
+    if counted:
+        assert credited == received       # every byte delivered went back as window credit
+    # on the wire, both forms: what is not credited yet is only what nghttp2 holds back until
+    # half the window is consumed (DATA of streams already closed, consumed by the engine)
+    assert 65535 - server.h2.outbound_flow_control_window < 65535 // 2
 
 
 @pytest.mark.parametrize("seed", [1, 2])
