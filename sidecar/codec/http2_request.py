@@ -91,7 +91,8 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     ``host``): only Envoy's choices are left here. Raises ``TooLarge`` past the listener's
     limits (Envoy counts a name and value per field, pseudo-headers included, the crumbled
     cookies as the one header they are joined into), ``Refused`` for an underscore under
-    REJECT_REQUEST (DROP_HEADER drops the field), ``Malformed`` for CONNECT."""
+    REJECT_REQUEST (DROP_HEADER drops the field). A CONNECT comes back with ``reject`` set
+    (404)."""
     pseudo: list[str | None] = [None, None, None, None]    # method, path, scheme, authority
     host = None
     headers: Headers = MultiDict()
@@ -131,8 +132,8 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
     method, path, scheme, authority = pseudo
     if size > max_bytes or len(raw) - (len(cookies) - 1 if cookies else 0) > max_count:
         raise TooLarge("header list")
-    if method == "CONNECT" or method is None or path is None:
-        raise Malformed("CONNECT is not supported")
+    if method is None or (path is None and method != "CONNECT"):   # (nghttp2 checked)
+        raise Malformed("no :method or :path")
     if cookies:
         headers.add("cookie", "; ".join(cookies))
     if authority is None:
@@ -147,6 +148,12 @@ def request_from_checked_headers(raw: Sequence[tuple[bytes, bytes]], listener: s
         ctx.tls = True
         ctx.peer_identity = peer_identity
     ctx.protocol = "HTTP/2"
+    if path is None:
+        # CONNECT (RFC 9113 8.5: :authority, no :path): no route matches one (connect_matcher
+        # is refused), so it is answered 404 on its stream, the connection going on, as Envoy
+        req = Request(method, "", "", headers, b"", ctx, "2")
+        req.reject = (404, "")
+        return req
     p, _, query = path.partition("?")
     req = Request(method, p, query, headers, b"", ctx, "2")
     req.scheme = scheme or "http"

@@ -676,6 +676,14 @@ class H2Client:
             self._flush()
         return sid
 
+    def start_headers(self, hdrs: list[tuple[str, str]], end: bool = True) -> int:
+        """A stream opened with exactly these header fields (a CONNECT, say)."""
+        sid = self.conn.get_next_available_stream_id()
+        self.streams[sid] = H2Response(sid)
+        self.conn.send_headers(sid, hdrs, end_stream=end)
+        self._flush()
+        return sid
+
     def send_body(self, sid: int, body: bytes, end: bool = True) -> None:
         view = memoryview(body)
         while view:

@@ -157,6 +157,24 @@ def test_malformed_http2_request(h2_pair, name, headers):
     assert got["goaway"] in allowed, (ref, got)
 
 
+@pytest.mark.parametrize("end", [False, True], ids=["open", "ended"])
+def test_connect_where_no_route_has_a_connect_matcher(h2_pair, end):
+    """A CONNECT (RFC 9113 8.5: :method and :authority only), its stream left open or ended:
+    no route matches it, so 404 on that stream; the connection serves the next request."""
+    def run(p):
+        with H2Client(p.port()) as c:
+            r = c.wait(c.start_headers([(":method", "CONNECT"),
+                                        (":authority", "example.test:443")], end=end))
+            second: object = "connection closed"
+            if not c.closed:
+                again = c.request("GET", "/h1/a?body=ok")
+                second = (again.status, again.body)
+            return {"status": r.status, "reset": error_name(r.reset), "closed": c.closed,
+                    "second": second}
+    out = h2_pair.same(f"connect/{'ended' if end else 'open'}", run)
+    assert out["status"] == 404 and out["second"] == (200, b"ok")
+
+
 # ---- settings, codec_type HTTP2 --------------------------------------------------------------
 
 def _settings(port: int) -> dict:

@@ -616,11 +616,20 @@ async def test_too_many_streams_closes_without_a_goaway():
     hold.set()
 
 
-async def test_connect_is_malformed():
+async def test_connect_is_answered_404_and_the_connection_goes_on():
+    """No route matches a CONNECT (connect_matcher is refused): 404 on its stream, as Envoy;
+    the next request on the connection is served."""
     p = Peer()
     p.client.send_headers(1, [(":method", "CONNECT"), (":authority", "example.test:443")])
     p.send()
-    assert p.t.closed and not p.owner.requests and p.owner.abuse == ["malformed_request"]
+    await p.settle()
+    resp = p.of(h2.events.ResponseReceived, 1)[0]
+    assert dict(resp.headers)[":status"] == "404" and not p.owner.requests
+    assert not p.t.closed and p.owner.abuse == []
+    p.client.send_headers(3, p.headers(path="/next"), end_stream=True)
+    p.send()
+    await p.settle()
+    assert [r.path for r in p.owner.requests] == ["/next"]
 
 
 async def test_a_connection_error_ends_the_open_streams():
