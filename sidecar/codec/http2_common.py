@@ -71,15 +71,16 @@ def ngh2_server_config(options: Http2Options) -> ngh2.Configuration:
     sets 10000); header list size and count far above ``max_request_headers_kb`` /
     ``max_headers_count`` (the codec resets the stream, the engine would close the
     connection). Windows are credited by the codec as bodies are read (``auto_window_update``
-    off, as Envoy). nghttp2's own defaults stay where Envoy keeps them: 8 CONTINUATION frames
-    per header block, the RST_STREAM rate limit (1000 burst, 33/s)."""
+    off, as Envoy). The RST_STREAM rate limit is Envoy's ``stream_reset_burst`` /
+    ``stream_reset_rate`` (1000, 33/s by default), which Envoy also hands to nghttp2; 8
+    CONTINUATION frames per header block, as Envoy keeps it."""
     return ngh2.Configuration(
         auto_window_update=False,
         max_outbound_ack=max(10_000, options.max_outbound_control_frames),
         max_inbound_header_list_size=NGH2_MAX_HEADER_LIST,
         max_inbound_header_count=NGH2_MAX_HEADER_COUNT,
         max_continuations=8,
-        stream_reset_rate_limit=(1000, 33),
+        stream_reset_rate_limit=(options.stream_reset_burst, options.stream_reset_rate),
     )
 
 

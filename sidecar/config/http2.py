@@ -38,6 +38,11 @@ class Http2Options:
     max_inbound_window_update_frames_per_data_frame_sent: int = 10
     # a malformed request resets its stream instead of closing the connection
     override_stream_error_on_invalid_http_message: bool = False
+    # nghttp2's RST_STREAM token bucket (server side): a client's RST_STREAM takes a token,
+    # ``stream_reset_rate`` come back each second; none left: GOAWAY and close (Envoy's names
+    # and defaults, the engine's own rapid-reset limit)
+    stream_reset_burst: int = 1000
+    stream_reset_rate: int = 33
 
 
 DOWNSTREAM_DEFAULTS = Http2Options()
@@ -46,7 +51,8 @@ DOWNSTREAM_ONLY = ("max_outbound_frames", "max_outbound_control_frames",
                    "max_consecutive_inbound_frames_with_empty_payload",
                    "max_inbound_priority_frames_per_stream",
                    "max_inbound_window_update_frames_per_data_frame_sent",
-                   "override_stream_error_on_invalid_http_message")
+                   "override_stream_error_on_invalid_http_message", "stream_reset_burst",
+                   "stream_reset_rate")
 UPSTREAM_DEFAULTS = Http2Options(max_concurrent_streams=MAX_STREAMS)
 
 _INT_FIELDS = {
@@ -60,6 +66,8 @@ _INT_FIELDS = {
     "max_consecutive_inbound_frames_with_empty_payload": (0, 2**32 - 1),
     "max_inbound_priority_frames_per_stream": (0, 2**32 - 1),
     "max_inbound_window_update_frames_per_data_frame_sent": (1, 2**32 - 1),
+    "stream_reset_burst": (0, 2**63 - 1),     # UInt64Value (nghttp2 takes an int64)
+    "stream_reset_rate": (0, 2**63 - 1),
 }
 
 # Envoy fields refused by name: each changes behaviour this codec does not have
@@ -103,7 +111,8 @@ def http2_options_from_wire(d: object, path: str, defaults: Http2Options,
     if d.get("use_oghttp2_codec"):
         raise ConfigError(w.join(path, "use_oghttp2_codec"), "only the default codec is available")
     w.check_keys(d, (*_INT_FIELDS, *_REFUSED, "use_oghttp2_codec",
-                     "override_stream_error_on_invalid_http_message"), path)
+                     "override_stream_error_on_invalid_http_message", "stream_reset_burst",
+                   "stream_reset_rate"), path)
     kw: dict[str, object] = {}
     for key, (lo, hi) in _INT_FIELDS.items():
         if key in d:

@@ -53,12 +53,14 @@ def test_envoy_codec_type_and_http2_protocol_options():
     lc = envoy_listener(envoy_lst(codec_type="HTTP2", http2_protocol_options={
         "max_concurrent_streams": 7, "initial_stream_window_size": 65536,
         "initial_connection_window_size": {"value": 1048576},
-        "max_outbound_control_frames": 50, "override_stream_error_on_invalid_http_message": True}), "l")
+        "max_outbound_control_frames": 50, "override_stream_error_on_invalid_http_message": True,
+        "stream_reset_burst": {"value": 10}, "stream_reset_rate": 2}), "l")
     assert lc.codec == "http2"
     assert lc.http2 == Http2Options(max_concurrent_streams=7, initial_stream_window_size=65536,
                                     initial_connection_window_size=1048576,
                                     max_outbound_control_frames=50,
-                                    override_stream_error_on_invalid_http_message=True)
+                                    override_stream_error_on_invalid_http_message=True,
+                                    stream_reset_burst=10, stream_reset_rate=2)
     assert envoy_listener(envoy_lst(), "l").codec == "auto"
     assert envoy_listener(envoy_lst(), "l").http2 == Http2Options()    # Envoy's defaults
 
@@ -77,6 +79,8 @@ def test_envoy_codec_type_and_http2_protocol_options():
      "http2_protocol_options.initial_stream_window_size", ""),
     ({"http2_protocol_options": {"hpack_table_sizes": 1}}, "http2_protocol_options.hpack_table_sizes",
      "unknown"),
+    ({"http2_protocol_options": {"stream_reset_rate": -1}}, "http2_protocol_options.stream_reset_rate",
+     ""),
     ({"codec_type": "HTTP1", "http2_protocol_options": {}}, "http2_protocol_options",
      "never speaks HTTP/2"),
     ({"upgrade_configs": [{"upgrade_type": "websocket", "filters": [{"name": "x"}]}]},
@@ -141,6 +145,9 @@ OP = f"c.typed_extension_protocol_options.{OPTS_KEY}"
      "explicit_http_config.http3_protocol_options", "HTTP/3"),
     ({"explicit_http_config": {"http2_protocol_options": {"max_outbound_frames": 5}}},
      "explicit_http_config.http2_protocol_options.max_outbound_frames", "listeners only"),
+    # nghttp2's RST_STREAM limiter is a server's: on a cluster's connections it would do nothing
+    ({"explicit_http_config": {"http2_protocol_options": {"stream_reset_burst": 5}}},
+     "explicit_http_config.http2_protocol_options.stream_reset_burst", "listeners only"),
     ({"explicit_http_config": {"http_protocol_options": {"accept_http_10": True}}},
      "explicit_http_config.http_protocol_options.accept_http_10", "unknown"),
     ({"http_filters": [{}]}, "http_filters", "upstream HTTP filters"),
