@@ -1,6 +1,7 @@
 """Process lifecycle with the real CLI: SIGTERM drain, reloads (SIGHUP and file change)."""
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -9,7 +10,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from sidecar.testing import ProxyProcess, Upstream, free_port, wait_for_port
+from sidecar.runtime.app import GC_YOUNG_THRESHOLD
+from sidecar.testing import ProxyProcess, Upstream, free_port, running_proxy, wait_for_port
 
 
 def cfg(port, admin, up_addr, body_prefix=None, **route_extra):
@@ -169,3 +171,15 @@ async def test_admin_binds_loopback_by_default():
     from sidecar.runtime.loader import snapshot_from_doc as snapshot
     snap = snapshot({"listeners": [], "clusters": []})
     assert snap.admin.host == "127.0.0.1"
+
+
+async def test_start_sets_the_collectors_young_generation():
+    """A started proxy collects its young generation every GC_YOUNG_THRESHOLD allocations, not
+    CPython's 700 (docs/performance.md: the collector's share of an HTTP/2 request)."""
+    before = gc.get_threshold()
+    gc.set_threshold(700, before[1], before[2])
+    try:
+        async with Upstream() as up, running_proxy(cfg(free_port(), free_port(), up.address)):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
