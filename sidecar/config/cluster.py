@@ -149,7 +149,9 @@ class Cluster:
     respect_dns_ttl: bool = False
     dns_resolvers: tuple[str, ...] = ()
     eds_service_name: str = ""
-    max_idle_connections: int = 64       # per endpoint, idle pooled connections kept
+    # per endpoint, idle pooled connections kept: Envoy has no such cap (a connection stays
+    # pooled until its idle timeout, within max_connections), so its default is that breaker's
+    max_idle_connections: int = 1024
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
     # response head limits: over them the response is a 502 and the connection closes

@@ -436,7 +436,7 @@ class ConnectionPool:
                  "connect_failures", "on_free", "max_headers_count", "max_header_bytes",
                  "local_addr", "__weakref__")
 
-    def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 64,
+    def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 1024,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str = "",
                  max_headers_count: int = 100, max_header_bytes: int = 80 * 1024):
