@@ -14,7 +14,8 @@ from collections import OrderedDict
 from weakref import WeakKeyDictionary
 
 from filters.local_ratelimit.config import DescriptorConfig, LocalRateLimitConfig, TokenBucketConfig
-from sidecar.core.context import ConnectionId, RequestContext
+from sidecar.core.connection_id import ConnectionId
+from sidecar.core.context import RequestContext
 from sidecar.core.limits import (
     BucketDecision,
     BucketSpec,

@@ -20,11 +20,12 @@ import httptools
 
 from sidecar.codec.http1_request import Refusal, new_parser, parse_head
 from sidecar.codec.http1_response import local_head, streamed_head, whole_response
-from sidecar.codec.sockets import set_nodelay
+from sidecar.codec.sockets import peer_address, set_nodelay
 from sidecar.codec.stream_owner import StreamLimits
 from sidecar.codec.tunnel import serve_tunnel, tunnel_input
 from sidecar.core.body import BodyAborted, BodyStream
-from sidecar.core.context import ConnectionId, RequestContext
+from sidecar.core.connection_id import ConnectionId
+from sidecar.core.context import RequestContext
 from sidecar.core.message import Request, Response, local_reply
 from sidecar.tls.context import peer_uri_san
 
@@ -78,7 +79,7 @@ class DownstreamConnection(asyncio.Protocol):
         # (mypyc) classes check declared attribute types at run time
         self.transport: Any = None
         self.parser = new_parser(self)
-        self.peer: Any = None
+        self.peer: tuple[str, int] | None = None
         self._url: list[bytes] = []
         self._headers: list = []
         self._hsize = 0
@@ -97,7 +98,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_identity: str | None = None
         self.requests = 0
         self._h2c = False
-        self._idle_waiter: asyncio.Future | None = None
+        self._idle_waiter: asyncio.Future[Request | None] | None = None
         self.conn_id = ConnectionId()         # this connection, for its requests' contexts
         self._refusal: tuple[int, str] | None = None   # set by a callback that refused
         self._stopped = False          # no more parsing (a protocol error was answered/queued)
@@ -114,7 +115,7 @@ class DownstreamConnection(asyncio.Protocol):
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        self.peer = peer_address(transport)
         set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
@@ -316,10 +317,12 @@ class DownstreamConnection(asyncio.Protocol):
                 self._write_error(*err)
                 return
             self._busy = False
-            w = self._idle_waiter = loop.create_future()
-            req = await w
-            if req is None:
+            w: asyncio.Future[Request | None] = loop.create_future()
+            self._idle_waiter = w
+            next_req = await w
+            if next_req is None:
                 return          # the connection closed while idle
+            req = next_req
 
     async def _handle(self, req: Request) -> bool:
         lr = self.lr

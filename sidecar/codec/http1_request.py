@@ -12,7 +12,8 @@ from typing import Any, Protocol
 import httptools
 from multidict import MultiDict
 
-from sidecar.core.context import ConnectionId, RequestContext
+from sidecar.core.connection_id import ConnectionId
+from sidecar.core.context import RequestContext
 from sidecar.core.message import Request
 
 # Host / absolute-form authority: RFC 3986 reg-name, IP literal and port characters (nghttp2's

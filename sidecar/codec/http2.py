@@ -72,10 +72,10 @@ from sidecar.codec.http2_response import (
     server_field,
 )
 from sidecar.codec.http2_writer import H2Stream, ResponseWriter, StreamGone
-from sidecar.codec.sockets import set_nodelay
+from sidecar.codec.sockets import peer_address, set_nodelay
 from sidecar.codec.stream_owner import StreamLimits, StreamOwner
 from sidecar.config.http2 import Http2Options
-from sidecar.core.context import ConnectionId
+from sidecar.core.connection_id import ConnectionId
 from sidecar.core.grpc import grpc_local_reply, grpc_reply
 from sidecar.core.message import Response, local_reply
 from sidecar.tls.context import peer_uri_san
@@ -203,7 +203,7 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's is not a subclass
         self._loop = asyncio.get_running_loop()
-        self.peer = transport.get_extra_info("peername")
+        self.peer = peer_address(transport)
         set_nodelay(transport)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:

@@ -23,12 +23,12 @@ CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connectio
 CONNECTION_SPECIFIC_STR = frozenset({"connection", "keep-alive", "proxy-connection",
                                      "transfer-encoding", "upgrade", "http2-settings"})
 
-# Header values unique to each message (ids, timings): kept out of the HPACK dynamic table (a
-# literal, never indexed: ``ngh2.NeverIndexedHeader``) so they do not push out the values that
-# repeat (date, content-length, ...), which then go out as one-byte indexes.
+# Header values unique to each message (ids): kept out of the HPACK dynamic table (a literal,
+# never indexed: ``ngh2.NeverIndexedHeader``) so they do not push out the values that repeat
+# (date, content-length, ...), which then go out as one-byte indexes. Not
+# x-envoy-upstream-service-time: its whole milliseconds repeat (Envoy indexes it too).
 VOLATILE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid",
-                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id",
-                      b"x-envoy-upstream-service-time"})
+                      b"x-b3-spanid", b"x-b3-parentspanid", b"x-client-trace-id"})
 
 
 # ---- the upstream (client) engine --------------------------------------------------------------

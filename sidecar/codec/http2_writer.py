@@ -13,7 +13,7 @@ import time
 from typing import NoReturn
 
 import ngh2
-from ngh2 import ErrorCode, NeverIndexedHeader, NGH2Error
+from ngh2 import ErrorCode, NGH2Error
 
 from sidecar.codec.http2_common import CreditedBody
 from sidecar.codec.http2_guard import Abuse, Http2Guard
@@ -117,9 +117,10 @@ class ResponseWriter:
             append(date_field())
         duration = req.ctx.upstream_duration
         if duration is not None and not self.owner.suppress_envoy_headers:
-            # unique per response: never indexed (it would churn the HPACK table)
-            append(NeverIndexedHeader(b"x-envoy-upstream-service-time",
-                                      str(int(duration * 1000)).encode()))
+            # indexed, as Envoy's is: whole milliseconds repeat, so after the first few
+            # responses it is a one-byte index; never indexed, its 29-byte name went out
+            # literally in every response (the name never entered the table)
+            append((b"x-envoy-upstream-service-time", str(int(duration * 1000)).encode()))
         return out
 
     def _respond_whole(self, s: H2Stream, req: Request, resp: Response, body: bytes) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from sidecar.core.connection_id import ConnectionId
+
 if TYPE_CHECKING:
     from sidecar.core.limits import RouteRateLimits
     from sidecar.core.message import Request, Response
@@ -83,15 +85,6 @@ class StreamObserver(Protocol):
 
 JsonValue = object
 """A JSON-like value in dynamic metadata (str, int, float, bool, None, list, dict)."""
-
-
-class ConnectionId:
-    """The identity of one downstream connection: made by the codec when the connection
-    opens, shared by its requests, gone with it (weak-referenceable, so state kept per
-    connection, e.g. a per-connection rate limit bucket, goes when the connection does). It
-    refers to nothing, so a request holding it keeps no connection alive."""
-
-    __slots__ = ("__weakref__",)
 
 
 class RequestContext:

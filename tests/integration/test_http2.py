@@ -345,3 +345,24 @@ async def test_sdk_filters(via):
                     assert h["content-encoding"] == "gzip" and gzip.decompress(body) == big * n
             st, _, body = await fetch(via, p.port(), "POST", "/up", body=b"x" * 1001)
             assert (st, body) == (413, b"Payload Too Large")
+
+
+@pytest.mark.parametrize("via", VIA)
+async def test_ipv6_client(via):
+    """A client on an IPv6 listener: its peer is a 4-tuple (host, port, flowinfo, scope_id)
+    from the socket, which the codecs keep as (host, port); the upstream sees it in XFF."""
+    async with Upstream() as up:
+        cfg = native_config(clusters={"up": [up.address]},
+                            routes=[{"match": {"prefix": "/"}, "cluster": "up"}],
+                            listener={"address": "::1"})
+        async with running_proxy(cfg, admin=False) as p:
+            port = p.port()
+            if via == "h2":
+                async with H2Client(port, host="::1") as c:
+                    st = (await c.request("GET", "/v6")).status
+            else:
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"http://[::1]:{port}/v6") as r:
+                        st = r.status
+            assert st == 200
+            assert seen(up)["x-forwarded-for"] == "::1"

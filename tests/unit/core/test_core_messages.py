@@ -21,7 +21,8 @@ from sidecar.core.body import (
     TransformedBody,
     body_length,
 )
-from sidecar.core.context import ConnectionId, RequestContext
+from sidecar.core.connection_id import ConnectionId
+from sidecar.core.context import RequestContext
 from sidecar.core.errors import (
     ConnectFailure,
     NoCluster,

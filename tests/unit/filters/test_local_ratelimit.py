@@ -12,7 +12,7 @@ from filters import local_ratelimit as L
 from filters.local_ratelimit import filter as limiter
 from filters.local_ratelimit.envoy import fraction
 from sidecar.config.errors import ConfigError
-from sidecar.core.context import ConnectionId
+from sidecar.core.connection_id import ConnectionId
 from sidecar.testing import build_filter
 from tests.jwt_helpers import Next, RouteInfo, make_request, metric, runtime
 
