@@ -97,16 +97,17 @@ def test_stream_reset_rate_limit(dos_pair, streams):
     RST_STREAM token bucket, which both proxies hand these to. Eight client resets in a burst
     leave the connection alive; forty (below the premature-reset rule's 250) make the engine
     send GOAWAY INTERNAL_ERROR, as in Envoy; a well-behaved connection is served throughout.
-    (Envoy's connection is closed by then; the sidecar's may still answer the probe's PING:
-    nghttp2 ends the session once the GOAWAY is sent, and the codec closes on its next read.
-    docs/http2-grpc.md lists it under the differences.)"""
+    Whether the probe's PING after the attack still gets its ACK is timing, in both proxies
+    (each connection ends once the engine's GOAWAY is out; CI runs saw Envoy and the sidecar
+    each answer it once), so only the GOAWAY code is compared for the 40."""
     ref, got = dos_pair.observe(f"stream-reset-rate/{streams}", lambda p: _observe(
         p, lambda port: A.rapid_reset(port, streams=streams, batch=streams), "resets"))
     for who, o in (("envoy", ref), (dos_pair.subject.kind, got)):
         assert o["good_failures"] == [] and o["after_ok"], who
-    assert ref["connection"] == ("alive" if streams == 8 else "closed"), ref
     assert got["goaway"] == ref["goaway"], (ref, got)
     if streams == 8:
-        assert got["connection"] == "alive", got
+        assert ref["connection"] == got["connection"] == "alive", (ref, got)
+        assert ref["goaway"] is None, ref
     else:
-        assert ref["goaway"] == "INTERNAL_ERROR" and got["connection"] in ("closed", "alive"), got
+        assert ref["goaway"] == "INTERNAL_ERROR", ref
+        assert ref["connection"] in ("closed", "alive") and got["connection"] in ("closed", "alive")
