@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from kafka_relay import ControlledMockCluster, MockCluster
 
 from sidecar.cli.certs import DevCA
-from sidecar.testing import ProxyProcess, free_port
+from sidecar.testing import ProxyProcess, free_port, wait_for_port
 
 TD = "cluster.local"
 ORDERS = f"spiffe://{TD}/ns/shop/sa/orders"
@@ -95,6 +95,10 @@ def sidecar(brokers, pki, tmp_path):
                          args=("--log-level", "warning"))
         p.start(wait_port=ports[min(ports)], timeout=30)
         procs.append(p)
+        # every broker's listener, not only the first: a client may bootstrap from any (a CI
+        # run was refused on the last one, bound a moment after the first)
+        for port in ports.values():
+            wait_for_port(port, 30, p)
         return ports, admin
 
     yield start
