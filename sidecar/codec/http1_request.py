@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import httptools
 from multidict import MultiDict
@@ -67,10 +67,10 @@ def _underscores(action: str, raw: list[tuple[bytes, bytes]]) -> list[tuple[byte
 
 
 def parse_head(lr: HeadPolicy, p: httptools.HttpRequestParser, url_parts: list[bytes],
-               raw_headers: list[tuple[bytes, bytes]], peer: Any, tls: bool,
+               raw_headers: list[tuple[bytes, bytes]], peer: tuple[str, int] | None, tls: bool,
                peer_identity: str | None, conn_id: ConnectionId) -> tuple[Request, bool]:
-    """The request of a complete head (``peer``: the transport's peername, a tuple for TCP, a
-    string for a Unix socket), and whether a ``100 Continue`` is owed; raises
+    """The request of a complete head (``peer``: ``codec.sockets.peer_address``, None for a
+    Unix socket), and whether a ``100 Continue`` is owed; raises
     ``Refusal``. An upgrade the connection manager may allow sets ``req.upgrade``; an h2c
     offer (ignored, as Envoy does) is an upgrade parse with neither ``upgrade`` nor ``reject``."""
     if lr.headers_with_underscores != ALLOW:

@@ -48,6 +48,11 @@ class RetryBudget:
     min_retry_concurrency: int = 3
 
 
+# Idle pooled connections kept per endpoint: Envoy has no such cap (a connection stays pooled
+# until its idle timeout, within max_connections), so the default is that breaker's default.
+DEFAULT_MAX_IDLE_CONNECTIONS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     max_connections: int = 1024
@@ -149,9 +154,7 @@ class Cluster:
     respect_dns_ttl: bool = False
     dns_resolvers: tuple[str, ...] = ()
     eds_service_name: str = ""
-    # per endpoint, idle pooled connections kept: Envoy has no such cap (a connection stays
-    # pooled until its idle timeout, within max_connections), so its default is that breaker's
-    max_idle_connections: int = 1024
+    max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS   # per endpoint
     idle_timeout_s: float = 3600.0       # upstream pooled connection idle timeout (Envoy default 1h)
     per_connection_buffer_limit: int = 1024 * 1024
     # response head limits: over them the response is a 502 and the connection closes

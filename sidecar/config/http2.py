@@ -111,8 +111,7 @@ def http2_options_from_wire(d: object, path: str, defaults: Http2Options,
     if d.get("use_oghttp2_codec"):
         raise ConfigError(w.join(path, "use_oghttp2_codec"), "only the default codec is available")
     w.check_keys(d, (*_INT_FIELDS, *_REFUSED, "use_oghttp2_codec",
-                     "override_stream_error_on_invalid_http_message", "stream_reset_burst",
-                   "stream_reset_rate"), path)
+                     "override_stream_error_on_invalid_http_message"), path)
     kw: dict[str, object] = {}
     for key, (lo, hi) in _INT_FIELDS.items():
         if key in d:

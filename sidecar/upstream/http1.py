@@ -21,6 +21,7 @@ from multidict import MultiDict
 
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.sockets import set_nodelay
+from sidecar.config.cluster import DEFAULT_MAX_IDLE_CONNECTIONS
 from sidecar.core.body import BodyAborted, BodyStream
 from sidecar.core.errors import (
     ConnectFailure,
@@ -436,7 +437,8 @@ class ConnectionPool:
                  "connect_failures", "on_free", "max_headers_count", "max_header_bytes",
                  "local_addr", "__weakref__")
 
-    def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int = 1024,
+    def __init__(self, host: str, port: int, connect_timeout: float,
+                 max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS,
                  idle_timeout: float = 3600.0, buffer_limit: int = 1024 * 1024,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str = "",
                  max_headers_count: int = 100, max_header_bytes: int = 80 * 1024):

@@ -6,6 +6,7 @@ from typing import Any
 
 from sidecar.config import wire as w
 from sidecar.config.cluster import (
+    DEFAULT_MAX_IDLE_CONNECTIONS,
     DNS_LOOKUP_FAMILIES,
     LB_POLICIES,
     CircuitBreakers,
@@ -123,7 +124,8 @@ def cluster_from_native(d: Raw, path: str) -> Cluster:
                    max_response_headers_kb=w.integer(d, "max_response_headers_kb", path, 80,
                                                      lo=1, hi=8192),
                    lb=LbConfig(**lb_kw),
-                   max_idle_connections=w.integer(d, "max_idle_connections", path, 1024, lo=0),
+                   max_idle_connections=w.integer(d, "max_idle_connections", path,
+                                                    DEFAULT_MAX_IDLE_CONNECTIONS, lo=0),
                    idle_timeout_s=w.duration(d, "idle_timeout", path, 3600.0), source=d, **kw)
 
 
