@@ -75,15 +75,15 @@ class _Connects(Protocol[C]):
 CONNECT_FAILURE, TIMEOUT, RESET = "connect_failure", "timeout", "reset"
 
 
-class OutcomeObserver:
-    """Told the outcome of every attempt (outlier detection implements it)."""
+class OutcomeObserver(Protocol):
+    """Told the outcome of every attempt (outlier detection implements it). A protocol, not a
+    base class: this module is compiled (mypyc), and an interpreted class cannot subclass a
+    compiled one."""
 
     def on_outcome(self, host: EndpointState, status: int | None, latency: float,
-                   local_error: str | None) -> None:
-        raise NotImplementedError
+                   local_error: str | None) -> None: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None: ...
 
 
 class ClusterState:

@@ -42,7 +42,7 @@ import math
 import random
 import time
 
-from sidecar.cluster.cluster import ClusterState, OutcomeObserver
+from sidecar.cluster.cluster import ClusterState
 from sidecar.cluster.endpoint import EndpointState
 from sidecar.cluster.manager import ClusterManager
 from sidecar.config.cluster import OutlierDetection
@@ -86,8 +86,9 @@ class _Stats:
         self.enforced_total = cstats.ejections_enforced
 
 
-class OutlierDetector(OutcomeObserver):
-    """Outlier detection for one cluster (see the module docstring)."""
+class OutlierDetector:
+    """Outlier detection for one cluster (see the module docstring); the cluster's
+    ``OutcomeObserver``."""
 
     def __init__(self, state: ClusterState, cfg: OutlierDetection, metrics: Metrics,
                  main: bool = True):

@@ -270,9 +270,14 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
                 log.debug("HTTP/2 engine error from %s: %s", self.peer, err)
             self._abort(None)
             return
-        self._flush()
-        if not self._write_paused:
-            self.guard.flushed()
+        # what the engine answers is taken and handled now (a malformed request or a flood
+        # ends the connection at once); acknowledgements and resets are written with the next
+        # pass's flush, which the responses of the requests just read may share
+        if self._take_sent():
+            if self._ended:
+                self._write_out()
+            else:
+                self._schedule_flush()
 
     # ---- events --------------------------------------------------------------------------------
     def _events(self, events: list[ngh2.Event]) -> None:
@@ -597,6 +602,12 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
         (streams it closed, its own end) is handled first: a malformed request or a flood found
         by the engine closes the connection without what was queued."""
         self._flush_handle = None
+        if not self._closing and self._take_sent():     # (closing: its last write is done)
+            self._write_out()
+
+    def _take_sent(self) -> bool:
+        """Take what the engine has ready (into ``_out``) and handle what sending it did;
+        False if that aborted the connection."""
         conn = self.conn
         try:
             data = conn.data_to_send()
@@ -606,17 +617,25 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
         except Abuse as e:
             self.owner.http2_abuse(e.kind)
             self._abort(e.goaway)
-            return
+            return False
         except NGH2Error:
             data = b""
             self._ended = True
-        if self._out:
+        if data:
             self._out.append(data)
-            data = b"".join(self._out)
-            self._out.clear()
+        return True
+
+    def _write_out(self) -> None:
+        """One write of what was taken; the socket closes once the engine has ended."""
+        out = self._out
         t = self.transport
-        if data and t is not None and not t.is_closing():
-            t.write(data)
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if t is not None and not t.is_closing():
+                t.write(data)
+                if not self._write_paused:
+                    self.guard.flushed()        # the transport took it all
         if self._ended and (self._failed or not self.streams) and not self._closing:
             self._closing = True
             if t is not None and not t.is_closing():
@@ -628,6 +647,9 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
             return
         self._closing = True
         self._out.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         t = self.transport
         if t is None:
             return

@@ -178,7 +178,7 @@ class ResponseWriter:
             self._after_end(s)
         if self._flush_handle is None and not self._closing:
             assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._flush_handle = self._loop.call_soon(self._flush_after_next_batch)
         return len(body)
 
     async def _finish_whole(self, s: H2Stream, resp: Response, body: bytes) -> int:
@@ -349,6 +349,16 @@ class ResponseWriter:
             # after the response (taken from the engine first: a reset drops what it queued)
             self._take_output()
             self._reset(s, ErrorCode.NO_ERROR)
+
+    def _flush_after_next_batch(self) -> None:
+        """Flush consolidation: a whole response is written one loop pass later, once the
+        requests the loop read meanwhile have been served too, so responses completed by
+        consecutive upstream reads share a write. A write to a loopback peer wakes it, which
+        costs as much as a request's own work; the wait is one pass (microseconds when idle)."""
+        self._flush_handle = None
+        if not self._closing:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._closing:

@@ -98,6 +98,14 @@ class HttpConnectionManager:
         self.path_policy = pp if pp.active else None
         self.upgrades = {u.upgrade_type: u.enabled for u in config.upgrades}
 
+    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
+        """The stream is over: its observer records it (a request refused before dispatch, by
+        the codec, has none yet: the listener-level one)."""
+        observer = req.ctx.observer
+        if observer is None:
+            observer = self.unmatched
+        observer.stream_done(req, resp, body_bytes)
+
     def dispatch(self, req: Request) -> Awaitable[Response]:
         """The matched route's stack, returned unawaited (this adds no frame to a request's
         await chain); a reply made here (refused upgrade, bad path, no route) comes ready."""

@@ -45,6 +45,10 @@ def sweep_interval(cfg: Listener) -> float:
 async def _no_routes(req: Request) -> Response:
     return local_reply(req.ctx, 404, "", "NR")
 
+
+def _unobserved(req: Request, resp: Response, body_bytes: int) -> None:
+    """No routes yet: nothing observes the stream."""
+
 _SSL_HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -85,6 +89,7 @@ class ListenerRuntime:
         # the codec's dispatch: the current manager's own (bound on swap, so a request costs
         # no call through this object)
         self.dispatch: Callable[[Request], Awaitable[Response]] = _no_routes
+        self.finish: Callable[[Request, Response, int], None] = _unobserved
         self._limits(config)
         self._sweeper: asyncio.Task[None] | None = None
         self.bound_port = config.port
@@ -101,6 +106,7 @@ class ListenerRuntime:
         self._limits(config)
         old, self.hcm = self.hcm, hcm
         self.dispatch = hcm.dispatch
+        self.finish = hcm.finish
         return old
 
     def _limits(self, config: Listener) -> None:
@@ -152,15 +158,6 @@ class ListenerRuntime:
         """The codec for a connection just accepted (the listener's codec_type, read now)."""
         cfg = self.config
         return server_protocol(self, cfg.codec, cfg.http2, cfg.idle_timeout_s)
-
-    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
-        observer = req.ctx.observer
-        if observer is None:
-            hcm = self.hcm
-            if hcm is None:
-                return
-            observer = hcm.unmatched
-        observer.stream_done(req, resp, body_bytes)
 
     # ---- L4: connections handed to a chain ----------------------------------------------------
     def session_opened(self, session: TcpProxySession) -> None:

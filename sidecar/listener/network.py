@@ -9,7 +9,7 @@ the chain they started with when a new snapshot swaps in.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,12 +31,16 @@ class HttpChain:
 
     __slots__ = ("lr", "config", "hcm", "name", "max_header_bytes", "max_headers_count",
                  "headers_with_underscores", "server_header", "accept_http_10",
-                 "suppress_envoy_headers", "server_name", "stream_idle_timeout_s")
+                 "suppress_envoy_headers", "server_name", "stream_idle_timeout_s", "dispatch",
+                 "finish")
 
     def __init__(self, lr: ListenerRuntime, config: Listener, hcm: HttpConnectionManager):
         self.lr = lr
         self.config = config
         self.hcm = hcm
+        # the codec calls the manager's own (bound once: no call through this object)
+        self.dispatch: Callable[[Request], Awaitable[Response]] = hcm.dispatch
+        self.finish: Callable[[Request, Response, int], None] = hcm.finish
         self.name = config.name
         # what the codec reads on every request (as ListenerRuntime._limits)
         self.max_header_bytes = config.max_request_headers_kb * 1024
@@ -68,14 +72,6 @@ class HttpChain:
     def http2_abuse(self, kind: str) -> None:
         self.lr.http2_abuse(kind)
 
-    def dispatch(self, req: Request) -> Awaitable[Response]:
-        return self.hcm.dispatch(req)
-
-    def finish(self, req: Request, resp: Response, body_bytes: int) -> None:
-        observer = req.ctx.observer
-        if observer is None:
-            observer = self.hcm.unmatched
-        observer.stream_done(req, resp, body_bytes)
 
 
 @dataclass(slots=True)

@@ -46,6 +46,29 @@ class ClusterStats:
                  "rq_pending_overflow", "hc_success", "hc_failure", "ejections_enforced",
                  "cx_connect_timeout", "cx_connect_time", "cx_rx_bytes", "cx_tx_bytes",
                  "enabled", "_codes", "_code_family", "_cluster")
+    # declared as the metric interfaces, not the classes that implement them: with metrics off
+    # each is NULL, and a compiled caller checks the declared type
+    rq_total: CounterChild
+    cx_connect_fail: CounterChild
+    rq_timeout: CounterChild
+    rq_retry: CounterChild
+    rq_retry_success: CounterChild
+    rq_retry_overflow: CounterChild
+    rq_overflow: CounterChild
+    latency: HistogramChild
+    cx_total: CounterChild
+    cx_overflow: CounterChild
+    rq_reset: CounterChild
+    rq_per_try_timeout: CounterChild
+    retry_limit_exceeded: CounterChild
+    rq_pending_overflow: CounterChild
+    hc_success: CounterChild
+    hc_failure: CounterChild
+    ejections_enforced: CounterChild
+    cx_connect_timeout: CounterChild
+    cx_connect_time: HistogramChild
+    cx_rx_bytes: CounterChild
+    cx_tx_bytes: CounterChild
 
     def __init__(self, m: Metrics, cluster: str):
         self._codes: dict[int, Any] = {}
@@ -54,10 +77,14 @@ class ClusterStats:
         # the per-attempt path tests this once instead of calling NULL children
         self.enabled: bool = m.enabled
         if not m.enabled:
-            for s in self.__slots__:
-                if not s.startswith("_") and s != "enabled":
-                    setattr(self, s, NULL)
             self.rq_by_class: tuple[CounterChild, ...] = (NULL,) * 5
+            self.rq_total = self.cx_connect_fail = self.rq_timeout = self.rq_retry = NULL
+            self.rq_retry_success = self.rq_retry_overflow = self.rq_overflow = NULL
+            self.cx_total = self.cx_overflow = self.rq_reset = self.rq_per_try_timeout = NULL
+            self.retry_limit_exceeded = self.rq_pending_overflow = self.hc_success = NULL
+            self.hc_failure = self.ejections_enforced = self.cx_connect_timeout = NULL
+            self.cx_rx_bytes = self.cx_tx_bytes = NULL
+            self.latency = self.cx_connect_time = NULL
             return
         # per response code, as Envoy's envoy_cluster_upstream_rq{envoy_response_code}: success
         # rate per code can be graphed (codes are bounded: 100..599)
@@ -182,11 +209,23 @@ class TcpStats:
 
     __slots__ = ("cx_total", "no_route", "rx_bytes", "tx_bytes", "paused", "resumed",
                  "idle_timeout", "max_duration_reached", "attempts_exceeded", "duration")
+    cx_total: CounterChild          # (the interfaces: NULL with metrics off)
+    no_route: CounterChild
+    rx_bytes: CounterChild
+    tx_bytes: CounterChild
+    paused: CounterChild
+    resumed: CounterChild
+    idle_timeout: CounterChild
+    max_duration_reached: CounterChild
+    attempts_exceeded: CounterChild
+    duration: HistogramChild
 
     def __init__(self, m: Metrics, stat_prefix: str):
         if not m.enabled:
-            for s in self.__slots__:
-                setattr(self, s, NULL)
+            self.cx_total = self.no_route = self.rx_bytes = self.tx_bytes = NULL
+            self.paused = self.resumed = self.idle_timeout = self.max_duration_reached = NULL
+            self.attempts_exceeded = NULL
+            self.duration = NULL
             return
         lbl = ("stat_prefix",)
 

@@ -28,10 +28,10 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from multidict import MultiDict
 
-from sidecar.cluster.cluster import ClusterState
 from sidecar.codec.headers import HOP_BY_HOP, connection_drop
 from sidecar.config.route import MirrorPolicy
 from sidecar.core.body import BodySource, Headers
@@ -127,10 +127,22 @@ class MirrorStats:
         self.latency = latency.labels(cluster)                               # type: ignore[attr-defined]
 
 
+class MirrorCluster(Protocol):
+    """What a mirror sends to: a cluster by name (``ClusterState``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def current(self) -> object | None: ...
+
+    async def send(self, req: Request, auto_host: bool = False) -> Response: ...
+
+
 class Mirror:
     __slots__ = ("cluster", "fraction", "stats")
 
-    def __init__(self, cluster: ClusterState, percent: float, stats: MirrorStats):
+    def __init__(self, cluster: MirrorCluster, percent: float, stats: MirrorStats):
         self.cluster = cluster
         self.fraction = max(0.0, min(percent, 100.0)) / 100.0
         self.stats = stats
@@ -229,7 +241,7 @@ class ShadowLayer:
 
     __slots__ = ("next", "mirrors", "shared")
 
-    def __init__(self, mirrors: tuple[tuple[MirrorPolicy, ClusterState], ...], next: Handler,
+    def __init__(self, mirrors: tuple[tuple[MirrorPolicy, MirrorCluster], ...], next: Handler,
                  shared: ShadowState):
         self.next = next
         self.shared = shared

@@ -148,6 +148,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}   # pumps waiting for the queue
         self._flush_handle: asyncio.Handle | None = None
+        self._out: list[bytes] = []      # taken from nghttp2, written by the next flush
         self._goaway_last: int | None = None
         self._loop = asyncio.get_running_loop()
         self._deadlines: deque[tuple[float, int]] = deque()    # see ``_deadlines_due``
@@ -221,7 +222,12 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self._connection_failed(f"{type(e).__name__}: {e}", str(e))
             return
         self._handle(self.conn.events())
-        self._flush()
+        # what the engine answers (acknowledgements, a reset of a malformed response) is taken
+        # and handled now, and written with the next pass's flush, which the requests started
+        # meanwhile share
+        self._take_sent()
+        if not self.closed:
+            self._schedule_flush()
 
     # ---- events ----------------------------------------------------------------------------------
     def _handle(self, events: list[ngh2.Event]) -> None:
@@ -578,11 +584,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     conn.send_trailers(sid, trailer_block(trailers))
             else:
                 s.pump = loop.create_task(self._send_body(s, cast(BodySource, body), trailers))
-        # one write per loop turn for every stream started in it (a write to a loopback peer
-        # costs as much as the rest of the request): requests dispatched from one downstream
-        # read share a syscall
+        # one write for every stream started in this pass and the next (a write to a loopback
+        # peer wakes it, which costs as much as the rest of the request): requests dispatched
+        # from consecutive downstream reads share a syscall
         if self._flush_handle is None and not self.closed:
-            self._flush_handle = loop.call_soon(self._flush)
+            self._flush_handle = loop.call_soon(self._flush_after_next_batch)
         if deadline is not None:
             q = self._deadlines
             if q and deadline < q[-1][0]:
@@ -652,6 +658,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     w.set_result(None)
 
     # ---- output ----------------------------------------------------------------------------------
+    def _flush_after_next_batch(self) -> None:
+        """Flush consolidation (as the downstream side's): the flush runs one loop pass later,
+        after the streams the loop started meanwhile."""
+        self._flush_handle = None
+        if not self.closed:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self.closed:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
@@ -662,14 +675,25 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._flush_handle = None
         if self.closed:
             return
+        self._take_sent()
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(data)
+
+    def _take_sent(self) -> None:
+        """Take what nghttp2 has to send (into ``_out``, written by ``_flush``), then handle
+        what sending it did (a reset stream is closed, a GOAWAY ends the connection)."""
         conn = self.conn
         try:
             data = conn.data_to_send()
         except NGH2Error:
             return
-        t = self.transport
-        if data and t is not None and not t.is_closing():
-            t.write(data)
+        if data:
+            self._out.append(data)
         events = conn.events()
         if events:
             self._handle(events)
@@ -690,6 +714,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 data = conn.data_to_send()
             except NGH2Error:
                 data = b""
+            if self._out:                # taken before, not written yet: it goes first
+                data = b"".join(self._out) + data
+                self._out.clear()
             if data:
                 t.write(data)
             t.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from multidict import MultiDict
 
-from sidecar.cluster.cluster import ClusterState
-from sidecar.config.cluster import RetryBudget, Thresholds
+from sidecar.cluster.cluster import Cluster, ClusterState
+from sidecar.config.cluster import CircuitBreakers, RetryBudget, Thresholds
+from sidecar.config.cluster import Cluster as ClusterConfig
 from sidecar.config.route import MirrorPolicy, RetryPolicy, RouteAction, WeightedCluster
 from sidecar.core.context import RequestContext
 from sidecar.core.errors import (
@@ -71,12 +72,9 @@ def request(method: str = "GET", path: str = "/a/b", headers: dict[str, str] | N
 
 def cluster_state(thresholds: Thresholds = Thresholds()) -> ClusterState:
     state = ClusterState("svc", StatsCache(Metrics(enabled=False)).cluster("svc"))
-
-    class Current:          # what the retry layer asks of the cluster's current version
-        pass
-    current = Current()
-    current.thresholds = thresholds  # type: ignore[attr-defined]
-    state.current = current          # type: ignore[assignment]
+    # the retry layer asks the cluster's current version for its thresholds
+    config = ClusterConfig(name="svc", circuit_breakers=CircuitBreakers(default=thresholds))
+    state.current = Cluster(config, state, (), None)
     return state
 
 
@@ -254,13 +252,15 @@ def merged_mutation():
 
 async def test_shadow_copies_go_through_the_shadow_cluster_and_never_delay_the_primary():
     sent: list[Request] = []
-    shadow = ClusterState("mirror", StatsCache(Metrics(enabled=False)).cluster("mirror"))
 
-    class Current:
+    class MirrorCluster:        # stands in for the mirror's ClusterState (shadow.MirrorCluster)
+        name = "mirror"
+        current = object()
+
         async def send(self, req: Request, auto_host: bool = False) -> Response:
             sent.append(req)
             return Response(200)
-    shadow.current = Current()   # type: ignore[assignment]
+    shadow = MirrorCluster()
     nxt = Next(200)
     layer = ShadowLayer(((MirrorPolicy("mirror"), shadow),), nxt, ShadowState(Metrics(enabled=False)))
     req = request(headers={"host": "shop:8080"}, body=b"abc")

@@ -444,6 +444,8 @@ async def test_a_malformed_response_resets_only_its_stream(head):
     with pytest.raises(UpstreamProtocolError) as e:
         await asyncio.wait_for(task, 1)
     assert e.value.flag == "UPE" and "malformed response" in e.value.reason
+    await settle()                  # the reset is written by the next pass's flush
+    server.pump()
     assert server.resets == {sid: ErrorCodes.PROTOCOL_ERROR}
     assert conn.used == 0 and not conn.closed
     assert p.acquire() is conn
