@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from sidecar.codec.consolidate import READS
 from sidecar.codec.http1_request import Refusal, new_parser, parse_head
 from sidecar.codec.http1_response import local_head, streamed_head, whole_response
 from sidecar.codec.sockets import peer_address, set_nodelay
@@ -156,6 +157,7 @@ class DownstreamConnection(asyncio.Protocol):
                 w.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        READS.count += 1        # (an HTTP/2 upstream's flush waits while reads come)
         if self._stopped:
             return          # after a protocol error, or bytes after a request that closes
         self.last_active = self._last_io = time.monotonic()

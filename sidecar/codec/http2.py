@@ -56,6 +56,7 @@ from ngh2 import (
     WindowUpdated,
 )
 
+from sidecar.codec.consolidate import READS, Consolidation
 from sidecar.codec.http2_common import (
     CreditedBody,
     ngh2_server_config,
@@ -106,6 +107,7 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
         self.requests = 0
         self._closing = False
         self._flush_handle: asyncio.Handle | None = None
+        self._quiet = Consolidation()
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._going_away = False
@@ -251,6 +253,7 @@ class Http2Connection(ResponseWriter, asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        READS.count += 1
         if self._closing or self._ended:      # the engine is done: the last streams finish
             return
         self.last_active = time.monotonic()

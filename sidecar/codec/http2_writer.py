@@ -15,6 +15,7 @@ from typing import NoReturn
 import ngh2
 from ngh2 import ErrorCode, NGH2Error
 
+from sidecar.codec.consolidate import Consolidation
 from sidecar.codec.http2_common import CreditedBody
 from sidecar.codec.http2_guard import Abuse, Http2Guard
 from sidecar.codec.http2_response import (
@@ -74,6 +75,7 @@ class ResponseWriter:
     _write_paused: bool
     _closing: bool
     _flush_handle: asyncio.Handle | None
+    _quiet: Consolidation
     _loop: asyncio.AbstractEventLoop | None
     _drain: asyncio.Future[None] | None
     _window_waiters: set[H2Stream]
@@ -178,7 +180,8 @@ class ResponseWriter:
             self._after_end(s)
         if self._flush_handle is None and not self._closing:
             assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush_after_next_batch)
+            self._quiet.start()
+            self._flush_handle = self._loop.call_soon(self._flush_when_quiet)
         return len(body)
 
     async def _finish_whole(self, s: H2Stream, resp: Response, body: bytes) -> int:
@@ -350,15 +353,17 @@ class ResponseWriter:
             self._take_output()
             self._reset(s, ErrorCode.NO_ERROR)
 
-    def _flush_after_next_batch(self) -> None:
-        """Flush consolidation: a whole response is written one loop pass later, once the
-        requests the loop read meanwhile have been served too, so responses completed by
-        consecutive upstream reads share a write. A write to a loopback peer wakes it, which
-        costs as much as a request's own work; the wait is one pass (microseconds when idle)."""
+    def _flush_when_quiet(self) -> None:
+        """A whole response is written once the loop has gone a pass without reading, with
+        the responses completed meanwhile (``codec.consolidate``)."""
         self._flush_handle = None
-        if not self._closing:
+        if self._closing:
+            return
+        if self._quiet.wait_more():
             assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._flush_handle = self._loop.call_soon(self._flush_when_quiet)
+        else:
+            self._flush()
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._closing:

@@ -19,6 +19,7 @@ from typing import Any
 import httptools
 from multidict import MultiDict
 
+from sidecar.codec.consolidate import READS
 from sidecar.codec.headers import NOT_FORWARDED, connection_drop
 from sidecar.codec.sockets import set_nodelay
 from sidecar.config.cluster import DEFAULT_MAX_IDLE_CONNECTIONS
@@ -161,6 +162,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamReset("UC", "upstream connection closed while sending the body")
 
     def data_received(self, data: bytes) -> None:
+        READS.count += 1        # (an HTTP/2 downstream's flush waits while reads come)
         if self._complete:
             # bytes with no request outstanding: the server is misbehaving
             self.close()

@@ -51,6 +51,7 @@ from ngh2 import (
     TrailersReceived,
 )
 
+from sidecar.codec.consolidate import READS, Consolidation
 from sidecar.codec.http2_common import (
     CreditedBody,
     client_configuration,
@@ -148,6 +149,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}   # pumps waiting for the queue
         self._flush_handle: asyncio.Handle | None = None
+        self._quiet = Consolidation()
         self._out: list[bytes] = []      # taken from nghttp2, written by the next flush
         self._goaway_last: int | None = None
         self._loop = asyncio.get_running_loop()
@@ -213,6 +215,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        READS.count += 1
         if self.closed:
             return
         try:
@@ -584,11 +587,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     conn.send_trailers(sid, trailer_block(trailers))
             else:
                 s.pump = loop.create_task(self._send_body(s, cast(BodySource, body), trailers))
-        # one write for every stream started in this pass and the next (a write to a loopback
-        # peer wakes it, which costs as much as the rest of the request): requests dispatched
-        # from consecutive downstream reads share a syscall
+        # one write for the streams started while reads keep coming (``codec.consolidate``: a
+        # write to a loopback peer wakes it, which costs as much as the rest of the request)
         if self._flush_handle is None and not self.closed:
-            self._flush_handle = loop.call_soon(self._flush_after_next_batch)
+            self._quiet.start()
+            self._flush_handle = loop.call_soon(self._flush_when_quiet)
         if deadline is not None:
             q = self._deadlines
             if q and deadline < q[-1][0]:
@@ -658,12 +661,16 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     w.set_result(None)
 
     # ---- output ----------------------------------------------------------------------------------
-    def _flush_after_next_batch(self) -> None:
-        """Flush consolidation (as the downstream side's): the flush runs one loop pass later,
-        after the streams the loop started meanwhile."""
+    def _flush_when_quiet(self) -> None:
+        """New requests are written once the loop has gone a pass without reading, with the
+        requests started meanwhile (as the downstream side's responses)."""
         self._flush_handle = None
-        if not self.closed:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        if self.closed:
+            return
+        if self._quiet.wait_more():
+            self._flush_handle = self._loop.call_soon(self._flush_when_quiet)
+        else:
+            self._flush()
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self.closed:
