@@ -18,8 +18,9 @@ bidirectional streams work. Response bodies credit the peer's windows as they ar
 
 Per request the connection does as little as it can: ``send`` returns the response future
 itself (no coroutine frame), header names are encoded and decoded once (bounded caches, in
-``http2_headers`` with the rest of the header translation), and deadlines given in order wait
-behind one timer per connection (``_deadlines_due``).
+``http2_headers`` with the rest of the header translation), deadlines given in order wait
+behind one timer per connection (``_deadlines_due``), and new requests leave in one write once
+the loop goes quiet (``codec.consolidate``).
 
 (Over 600 lines: one connection's streams, their flow control, deadlines and GOAWAY handling
 share the state of the connection; the pool is apart, in ``http2_pool``, and the header lists
