@@ -45,15 +45,20 @@ class RequestIds:
     def reseed(self) -> None:
         h = "%024x" % ((random.getrandbits(96) & ~(0xF << 44) & ~(0xC << 28)) | (0x4 << 44) | (0x8 << 28))
         self.prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:24]}"
-        self.n = random.getrandbits(32)
-        self.head = f"{self.prefix}{self.n >> 8:06x}"
+        self.start_at(random.getrandbits(32))
+
+    def start_at(self, n: int) -> None:
+        """Set the counter (the next id is ``n + 1``) and the head that goes with it."""
+        self.n = n
+        self.head = f"{self.prefix}{n >> 8:06x}"
 
     def next(self) -> str:
-        self.n = n = (self.n + 1) & 0xFFFFFFFF
-        low = n & 0xFF
-        if low == 0:
-            self.head = f"{self.prefix}{n >> 8:06x}"
-        return self.head + _HEX_BYTE[low]
+        n = (self.n + 1) & 0xFFFFFFFF
+        if n & 0xFF == 0:
+            self.start_at(n)       # the low byte wrapped: carry into the head
+        else:
+            self.n = n
+        return self.head + _HEX_BYTE[n & 0xFF]
 
 
 _IDS = RequestIds()

@@ -9,8 +9,7 @@ from sidecar.listener.edge import RequestIds
 
 def _ids_from(start: int, count: int) -> list[str]:
     ids = RequestIds()
-    ids.n = start
-    ids.head = f"{ids.prefix}{start >> 8:06x}"
+    ids.start_at(start)
     return [ids.next() for _ in range(count)]
 
 
@@ -24,7 +23,7 @@ def test_ids_are_version_4_uuids():
 def test_counter_carries_across_the_low_byte_and_wraps_at_32_bits():
     ids = _ids_from(0xFFFFFEFD, 260)
     suffixes = [int(r[-8:], 16) for r in ids]
-    # counter values follow each other, the low byte's wrap carries into the table-free head
+    # counter values follow each other, the low byte's wrap carries into the head
     assert suffixes[:4] == [0xFFFFFEFE, 0xFFFFFEFF, 0xFFFFFF00, 0xFFFFFF01]
     assert suffixes[-3:] == [0xFFFFFFFF, 0x00000000, 0x00000001]
     assert len(set(ids)) == len(ids)
@@ -37,8 +36,10 @@ def test_forked_worker_draws_a_new_prefix():
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                   # child: report its first id, exit at once
-        os.write(w, edge.new_request_id().encode())
-        os._exit(0)
+        try:
+            os.write(w, edge.new_request_id().encode())
+        finally:
+            os._exit(0)
     os.close(w)
     child = os.read(r, 64).decode()
     os.close(r)
